@@ -1,0 +1,92 @@
+"""castore's exception tree. The CLI turns each into `Error: <message>` and its exit code."""
+
+from __future__ import annotations
+
+
+class CastoreError(Exception):
+    """Root of every error castore raises on purpose."""
+
+    exit_code: int = 1
+
+
+class InvalidObjectId(CastoreError, ValueError):
+    """A string that is not 64 lowercase hex chars was about to become a path."""
+
+    exit_code = 2
+
+
+class InvalidRefName(CastoreError, ValueError):
+    exit_code = 2
+
+
+class AmbiguousId(CastoreError, ValueError):
+    exit_code = 2
+
+
+class UnknownObject(CastoreError, KeyError):
+    exit_code = 1
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CorruptObject(CastoreError):
+    """An object's bytes do not hash to its id; it has been moved to quarantine/."""
+
+    def __init__(self, oid: str, quarantined_to: str | None = None) -> None:
+        self.oid = oid
+        self.quarantined_to = quarantined_to
+        where = f"; moved to {quarantined_to}" if quarantined_to else ""
+        super().__init__(f"object {oid} is corrupt (digest mismatch){where}")
+
+
+class NonCanonicalValue(CastoreError, TypeError):
+    """A value cannot be written as canonical JSON (NaN, a set, a non-str key...)."""
+
+
+class UnhashableParam(CastoreError, TypeError):
+    """A step parameter cannot be canonicalized, so it cannot enter a fingerprint."""
+
+
+class StoreError(CastoreError):
+    """The store cannot be used: not writable, full, wrong layout."""
+
+
+class StoreNotWritable(StoreError):
+    exit_code = 3
+
+
+class StoreFull(StoreError):
+    exit_code = 4
+
+
+class LayoutVersionError(StoreError):
+    exit_code = 5
+
+
+class StoreLocked(StoreError):
+    exit_code = 11
+
+
+class PipelineError(CastoreError):
+    """A pipeline cannot be built or run as defined."""
+
+
+class ConfigError(CastoreError):
+    """Bad user input: YAML, --param, target, run name."""
+
+    exit_code = 2
+
+
+class StepFailed(PipelineError):
+    """A batch raised after its retries and the step's on_error is 'fail'."""
+
+
+class RunInterrupted(CastoreError):
+    """The run stopped on Ctrl+C/SIGTERM; its finished batches are stored."""
+
+    exit_code = 130
+
+
+class NothingToResume(CastoreError):
+    pass

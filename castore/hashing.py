@@ -1,0 +1,132 @@
+"""Ids, canonical JSON and fingerprints: every hash castore computes goes through here.
+
+Ids are blake3 digests as 64 lowercase hex chars. Structured data is hashed as canonical
+JSON (sorted keys, compact separators, UTF-8, no NaN) so the same value gives the same id
+on every machine and Python version.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import math
+import re
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import blake3
+
+from castore.errors import InvalidObjectId, NonCanonicalValue
+
+ID_LEN = 64
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+_PREFIX_RE = re.compile(r"[0-9a-f]{1,64}")
+
+
+def validate_id(value: object) -> str:
+    """Return `value` if it is exactly 64 lowercase hex chars, else raise InvalidObjectId."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+        raise InvalidObjectId(f"invalid object id {shown}: expected 64 lowercase hex characters")
+    return value
+
+
+def is_id(value: object) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def validate_prefix(value: str, min_len: int = 8) -> str:
+    """A user-typed id prefix: lowercase hex, at least `min_len` chars."""
+    if not _PREFIX_RE.fullmatch(value) or len(value) < min_len:
+        raise InvalidObjectId(
+            f"invalid id prefix {value!r}: expected {min_len} to 64 lowercase hex characters"
+        )
+    return value
+
+
+def _check(value: Any, path: str) -> None:
+    if value is None or isinstance(value, (bool, str, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NonCanonicalValue(f"{path}: {value!r} is not allowed in canonical JSON")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise NonCanonicalValue(f"{path}: key {k!r} is not a string")
+            _check(v, f"{path}.{k}")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check(v, f"{path}[{i}]")
+        return
+    raise NonCanonicalValue(
+        f"{path}: {type(value).__name__} is not a JSON type (use str, int, float, bool, "
+        "None, list or dict)"
+    )
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical JSON bytes of `value`; raises NonCanonicalValue for NaN or non-JSON types."""
+    _check(value, "$")
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def hash_bytes(data: bytes | bytearray | memoryview) -> str:
+    # blake3's own threads pay off only above a few MiB (measured in benchmarks/bench_store.py).
+    threads = blake3.blake3.AUTO if len(data) > 1 << 22 else 1
+    return blake3.blake3(data, max_threads=threads).hexdigest()
+
+
+def hash_json(value: Any) -> str:
+    return blake3.blake3(canonical_json(value)).hexdigest()
+
+
+class Hasher:
+    """Incremental blake3 for streams: `update()` chunks, then `hexdigest()`."""
+
+    __slots__ = ("_h", "size")
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3()
+        self.size = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class _StripDocstrings(ast.NodeTransformer):
+    def _strip(self, node: Any) -> Any:
+        self.generic_visit(node)
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            if isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        if hasattr(node, "decorator_list"):
+            # Decorator arguments are params and are hashed as such.
+            node.decorator_list = []
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Module = _strip
+
+
+def code_digest(func: Callable[..., Any]) -> str:
+    """blake3 of `func`'s normalized AST: comments, docstrings and formatting do not count.
+
+    Raises OSError when the source is not available (e.g. defined in a REPL); callers
+    then require an explicit `cache_version`.
+    """
+    func = inspect.unwrap(func)
+    source = textwrap.dedent(inspect.getsource(func))
+    tree = _StripDocstrings().visit(ast.parse(source))
+    dumped = ast.dump(tree, annotate_fields=True, include_attributes=False)
+    return blake3.blake3(dumped.encode("utf-8")).hexdigest()

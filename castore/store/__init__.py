@@ -1,0 +1,16 @@
+"""The content-addressed store (DESIGN.md "On disk", "Writing")."""
+
+from castore.store.locks import FileLock, live_lock, read_lock
+from castore.store.models import ActionEntry, LockInfo
+from castore.store.store import Store, StoreStats, default_root
+
+__all__ = [
+    "ActionEntry",
+    "FileLock",
+    "LockInfo",
+    "Store",
+    "StoreStats",
+    "default_root",
+    "live_lock",
+    "read_lock",
+]

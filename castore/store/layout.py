@@ -1,0 +1,100 @@
+"""The one owner of the on-disk layout (DESIGN.md "On disk").
+
+Pure path arithmetic: no I/O. The joiner is passed in, so the local store and an fsspec
+remote (which joins with "/") share the same layout code.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from castore.errors import InvalidObjectId, InvalidRefName
+from castore.hashing import validate_id
+
+LAYOUT_VERSION = 1
+LAYOUT_FILE = "castore-layout.json"
+
+OBJECTS = "objects"
+ACTIONS = "actions"
+REFS = "refs"
+RUNS = "runs"
+TMP = "tmp"
+QUARANTINE = "quarantine"
+LOCKS = "locks"
+CONFIG = "config.yaml"
+
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_REST_RE = re.compile(r"[0-9a-f]{62}")
+
+
+def validate_name(name: object, what: str = "name") -> str:
+    """A pipeline/ref name safe to use as one path component."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRefName(f"invalid {what} {name!r}: must be a non-empty string")
+    if name in (".", "..") or ".." in name or _BAD_NAME.search(name) or name.startswith("."):
+        raise InvalidRefName(
+            f"invalid {what} {name!r}: no '/', '\\', '..', leading '.', NUL or control characters"
+        )
+    if len(name.encode("utf-8")) > 200:
+        raise InvalidRefName(f"invalid {what} {name[:40]!r}...: longer than 200 bytes")
+    return name
+
+
+def path_to_oid(shard: str, rest: str) -> str | None:
+    """Inverse of `Layout.object_path` for listing; None for strays (temp files, .DS_Store)."""
+    if _SHARD_RE.fullmatch(shard) and _REST_RE.fullmatch(rest):
+        return shard + rest
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: str
+    join: Callable[..., str] = posixpath.join
+
+    def _sharded(self, kind: str, oid: str) -> str:
+        validate_id(oid)
+        return self.join(self.root, kind, oid[:2], oid[2:])
+
+    def object_path(self, oid: str) -> str:
+        return self._sharded(OBJECTS, oid)
+
+    def action_path(self, key: str) -> str:
+        return self._sharded(ACTIONS, key)
+
+    def ref_dir(self, name: str | None = None) -> str:
+        if name is None:
+            return self.join(self.root, REFS, RUNS)
+        return self.join(self.root, REFS, RUNS, validate_name(name))
+
+    def ref_path(self, name: str, sig: str) -> str:
+        try:
+            validate_id(sig)
+        except InvalidObjectId as e:
+            raise InvalidRefName(f"invalid run signature {sig!r}: {e}") from None
+        return self.join(self.ref_dir(name), sig)
+
+    def run_dir(self, name: str, sig: str) -> str:
+        validate_id(sig)
+        return self.join(self.root, RUNS, validate_name(name), sig)
+
+    def dir(self, kind: str) -> str:
+        return self.join(self.root, kind)
+
+    def lock_path(self, lock_name: str) -> str:
+        return self.join(self.root, LOCKS, validate_name(lock_name, "lock name"))
+
+    def run_lock_path(self, run_id: str) -> str:
+        return self.join(self.root, LOCKS, "runs", validate_name(run_id, "run id"))
+
+    @property
+    def layout_file(self) -> str:
+        return self.join(self.root, LAYOUT_FILE)
+
+    @property
+    def config_file(self) -> str:
+        return self.join(self.root, CONFIG)

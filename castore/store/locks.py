@@ -1,0 +1,115 @@
+"""Small JSON lock files held with flock(2).
+
+The kernel releases a flock when its holder dies (kill -9 included), so a lock left by a
+killed process never blocks anything: the next `acquire` simply gets it. The JSON inside
+(pid, host, time, kind) is for people and for error messages only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+
+from castore.errors import StoreLocked
+from castore.store.models import LockInfo
+
+
+class FileLock:
+    """An exclusive lock on `path`; `acquire()` is non-blocking unless `timeout` is given."""
+
+    def __init__(self, path: str, kind: str, detail: dict | None = None) -> None:
+        self.path = path
+        self.kind = kind
+        self.detail = detail or {}
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float = 0.0, poll: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._try():
+                return
+            if time.monotonic() >= deadline:
+                holder = read_lock(self.path)
+                who = (
+                    f"pid {holder.pid} on {holder.host} since {holder.created:%Y-%m-%d %H:%M:%S}"
+                    if holder
+                    else "another process"
+                )
+                raise StoreLocked(f"{self.kind} lock {self.path} is held by {who}")
+            time.sleep(poll)
+
+    def _try(self) -> bool:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        # The previous holder may have unlinked the file between our open and flock;
+        # a lock on an unlinked inode protects nothing, so start over.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return self._try()
+        info = LockInfo(
+            kind=self.kind, pid=os.getpid(), host=socket.gethostname(), detail=self.detail
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.model_dump_json().encode(), 0)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_lock(path: str) -> LockInfo | None:
+    """The info of a lock file, or None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return LockInfo.model_validate_json(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def live_lock(path: str) -> LockInfo | None:
+    """The info of `path` if a live process holds it; None when free or stale."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return read_lock(path) or LockInfo(kind="unknown", pid=0, host="?")
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return None

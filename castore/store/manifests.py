@@ -1,0 +1,129 @@
+"""Step and run manifests: JSON objects in objects/ that tie a run to its batches.
+
+The graph gc, fsck, push/pull and Distiset walk: ref → run manifest → step manifests →
+batch objects (and the pipeline.yaml / pipeline.log objects).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from castore._version import __version__
+from castore.errors import StoreError
+from castore.store.models import Oid, now_utc
+
+if TYPE_CHECKING:
+    from castore.store.store import Store
+
+M = TypeVar("M", bound=BaseModel)
+RunStatus = Literal["running", "interrupted", "failed", "finished"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BatchRecord(_Model):
+    """One planned batch of a step, in plan order."""
+
+    key: Oid
+    outputs: list[Oid]
+    rows: list[int]
+    cached: bool
+    seconds: float = 0.0
+
+
+class StepManifest(_Model):
+    schema_version: Literal[1] = 1
+    kind: Literal["step"] = "step"
+    name: str
+    step_class: str
+    fingerprint: Oid
+    signature: Oid
+    complete: bool
+    batches: list[BatchRecord]
+    columns: list[tuple[str, str]] = Field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(sum(b.rows) for b in self.batches)
+
+
+class StepStats(_Model):
+    batches_total: int | None = None
+    batches_cached: int = 0
+    batches_computed: int = 0
+    batches_failed: int = 0
+    rows: int = 0
+    rows_cached: int = 0
+    rows_computed: int = 0
+    compute_seconds: float = 0.0
+
+
+class Target(_Model):
+    """What `cas resume` re-invokes: a file, a module attribute or a pipeline.yaml."""
+
+    kind: Literal["file", "module", "yaml", "api"]
+    path: str | None = None
+    attr: str | None = None
+    cwd: str | None = None
+
+
+class StepRef(_Model):
+    name: str
+    manifest: Oid
+
+
+class RunManifest(_Model):
+    schema_version: Literal[1] = 1
+    kind: Literal["run"] = "run"
+    run_id: str
+    name: str
+    signature: Oid
+    status: RunStatus
+    started: datetime
+    updated: datetime = Field(default_factory=now_utc)
+    ended: datetime | None = None
+    steps: list[StepRef]
+    edges: list[tuple[str, str]]
+    leaves: list[str]
+    parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    target: Target | None = None
+    use_cache: bool = True
+    pipeline_yaml: Oid | None = None
+    log: Oid | None = None
+    stats: dict[str, StepStats] = Field(default_factory=dict)
+    error: str | None = None
+    castore_version: str = __version__
+
+    def step_manifest_id(self, name: str) -> str:
+        for ref in self.steps:
+            if ref.name == name:
+                return ref.manifest
+        raise StoreError(f"run {self.run_id} has no step {name!r}")
+
+
+def load_model(store: Store, oid: str, model: type[M]) -> M:
+    """Read a JSON object (digest verified first) into `model`."""
+    raw = store.get_bytes(oid)
+    try:
+        return model.model_validate_json(raw)
+    except ValueError as e:
+        first = str(e).splitlines()[0]
+        raise StoreError(f"object {oid} is not a valid {model.__name__}: {first}") from None
+
+
+def run_closure(store: Store, run_oid: str) -> tuple[RunManifest, set[str]]:
+    """A run manifest and every object id it reaches (itself included)."""
+    run = load_model(store, run_oid, RunManifest)
+    reached = {run_oid}
+    reached.update(o for o in (run.pipeline_yaml, run.log) if o)
+    for ref in run.steps:
+        reached.add(ref.manifest)
+        step = load_model(store, ref.manifest, StepManifest)
+        for b in step.batches:
+            reached.update(b.outputs)
+    return run, reached

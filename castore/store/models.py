@@ -1,0 +1,49 @@
+"""Every JSON document the store writes is one of these frozen pydantic models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from castore._version import __version__
+from castore.hashing import validate_id
+
+Oid = Annotated[str, AfterValidator(validate_id)]
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LayoutInfo(_Model):
+    schema_version: Literal[1] = 1
+    layout_version: int
+    created: datetime = Field(default_factory=now_utc)
+    castore_version: str = __version__
+
+
+class ActionEntry(_Model):
+    """What one action key produced: output objects (in order) and their row counts."""
+
+    schema_version: Literal[1] = 1
+    outputs: list[Oid]
+    rows: list[int]
+    created: datetime = Field(default_factory=now_utc)
+    castore_version: str = __version__
+    # Free-form facts about the computation (seconds, step name, tokens): not part of identity.
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class LockInfo(_Model):
+    schema_version: Literal[1] = 1
+    kind: str
+    pid: int
+    host: str
+    created: datetime = Field(default_factory=now_utc)
+    detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,490 @@
+"""The local content-addressed store: objects, action entries, refs, locks.
+
+Invariants (DESIGN.md "Writing"), which every method below follows:
+
+- MUST: every file is staged in `tmp/` (same filesystem) and `os.replace`d into place, so a
+  reader sees a whole file or none; on any exception (Ctrl+C included) the stage is removed.
+- MUST: an object that already exists is never rewritten; objects are read-only (0444).
+- MUST: an action entry is written only after all its output objects exist.
+- MUST: reads verify the digest unless told not to; a mismatch quarantines the file and
+  raises `CorruptObject`, so callers treat the object as missing and recompute it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from castore.errors import (
+    AmbiguousId,
+    CorruptObject,
+    LayoutVersionError,
+    StoreError,
+    StoreFull,
+    StoreNotWritable,
+    UnknownObject,
+)
+from castore.hashing import Hasher, hash_bytes, validate_id, validate_prefix
+from castore.store import layout as L
+from castore.store.locks import FileLock
+from castore.store.models import ActionEntry, LayoutInfo
+from castore.store.parquet import read_parquet, write_parquet
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def default_root() -> Path:
+    """`$CASTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/castore`, else `~/.cache/castore`."""
+    env = os.environ.get("CASTORE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "castore"
+
+
+def translate_oserror(e: OSError, path: str | os.PathLike[str], root: Path) -> StoreError:
+    """A one-line, actionable StoreError for an OSError met while writing `path`."""
+    if e.errno in _FULL:
+        try:
+            free = shutil.disk_usage(root).free
+            space = f"; {free:,} bytes free on that filesystem"
+        except OSError:
+            space = ""
+        return StoreFull(f"no space left writing {path} ({os.strerror(e.errno)}){space}")
+    if e.errno in _DENIED:
+        return StoreNotWritable(
+            f"cannot write {path}: {os.strerror(e.errno)}; check the permissions of the cache "
+            "dir or pass --cache-dir"
+        )
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return StoreError(f"cannot write {path}: a file stands where a folder should be")
+    return StoreError(f"cannot write {path}: {e.strerror or e}")
+
+
+@dataclass
+class _Stage:
+    """An open temp file in tmp/ that hashes what passes through `write`."""
+
+    file: IO[bytes]
+    path: str
+    hasher: Hasher
+    oid: str | None = None  # set once the stage is committed as an object
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data)
+        self.hasher.update(mv)
+        return self.file.write(mv)
+
+    # pyarrow and shutil treat anything with these as a writable file.
+    def flush(self) -> None:
+        self.file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    def tell(self) -> int:
+        return self.hasher.size
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    root: str
+    layout_version: int
+    objects: int
+    object_bytes: int
+    actions: int
+    refs: int
+    bytes_on_disk: int
+
+
+class Store:
+    """A store rooted at `cache_dir` (see `default_root`); created on first use."""
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        fsync: bool | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.root = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
+        self.root = self.root.absolute()
+        self.layout = L.Layout(str(self.root), os.path.join)
+        self.fsync = fsync if fsync is not None else os.environ.get("CASTORE_FSYNC") == "1"
+        self.read_only = read_only
+        self._open()
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"cache dir {self.root} is a file, not a folder")
+        info_path = Path(self.layout.layout_file)
+        if info_path.exists():
+            self._check_layout(info_path)
+            return
+        if self.read_only:
+            raise StoreError(f"{self.root} is not a castore store (no {L.LAYOUT_FILE})")
+        if self.root.exists() and any(self.root.iterdir()):
+            raise StoreError(
+                f"{self.root} is not empty and is not a castore store (no {L.LAYOUT_FILE}); "
+                "choose an empty or new folder"
+            )
+        try:
+            for sub in (L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.RUNS, L.LOCKS):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise translate_oserror(e, self.root, self.root.parent) from None
+        info = LayoutInfo(layout_version=L.LAYOUT_VERSION)
+        self._write_file(self.layout.layout_file, info.model_dump_json(indent=2).encode())
+
+    def _check_layout(self, info_path: Path) -> None:
+        try:
+            info = LayoutInfo.model_validate_json(info_path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise LayoutVersionError(f"cannot read {info_path}: {e}") from None
+        if info.layout_version != L.LAYOUT_VERSION:
+            raise LayoutVersionError(
+                f"store {self.root} has layout version {info.layout_version}; this castore "
+                f"reads version {L.LAYOUT_VERSION}. Upgrade castore or use another --cache-dir"
+            )
+        for sub in (L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.LOCKS):
+            p = self.root / sub
+            if p.exists() and not p.is_dir():
+                raise StoreError(f"{p} is a file; the store expects a folder there")
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreNotWritable(f"store {self.root} was opened read-only")
+
+    # -- the one helper that writes every file ------------------------------------------
+
+    @contextlib.contextmanager
+    def _staged(self) -> Iterator[_Stage]:
+        self._writable()
+        tmp_dir = self.layout.dir(L.TMP)
+        try:
+            os.makedirs(tmp_dir, exist_ok=True)
+            fd, path = tempfile.mkstemp(dir=tmp_dir, prefix="stage-")
+        except OSError as e:
+            raise translate_oserror(e, tmp_dir, self.root) from None
+        stage = _Stage(os.fdopen(fd, "wb"), path, Hasher())
+        try:
+            yield stage
+        except OSError as e:
+            raise translate_oserror(e, path, self.root) from None
+        finally:
+            if not stage.file.closed:
+                # Closing flushes; on a full disk that raises again, and the stage goes anyway.
+                with contextlib.suppress(OSError):
+                    stage.file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stage.path)
+
+    def _commit(self, stage: _Stage, final: str, *, overwrite: bool, mode: int) -> bool:
+        """Move a stage into place; False when `final` exists and overwrite is False."""
+        try:
+            stage.file.flush()
+            if self.fsync:
+                os.fsync(stage.file.fileno())
+            stage.file.close()
+            if not overwrite and os.path.exists(final):
+                return False
+            os.chmod(stage.path, mode)
+            parent = os.path.dirname(final)
+            os.makedirs(parent, exist_ok=True)
+            os.replace(stage.path, final)
+            if self.fsync:
+                dfd = os.open(parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as e:
+            raise translate_oserror(e, final, self.root) from None
+        return True
+
+    def _write_file(self, final: str, data: bytes, mode: int = 0o644) -> None:
+        with self._staged() as stage:
+            stage.write(data)
+            self._commit(stage, final, overwrite=True, mode=mode)
+
+    # -- objects -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def atomic_writer(self) -> Iterator[_Stage]:
+        """Stage an object; on clean exit it is stored under its digest (`w.oid`)."""
+        with self._staged() as stage:
+            yield stage
+            oid = stage.hasher.hexdigest()
+            self._commit(stage, self.layout.object_path(oid), overwrite=False, mode=0o444)
+            stage.oid = oid
+
+    def put_bytes(self, data: bytes) -> str:
+        oid = hash_bytes(data)
+        if self.has(oid):
+            return oid
+        with self._staged() as stage:
+            stage.write(data)
+            self._commit(stage, self.layout.object_path(oid), overwrite=False, mode=0o444)
+        return oid
+
+    def put_file(self, path: str | os.PathLike[str]) -> str:
+        """Copy a file in, hashing while copying; returns its id."""
+        with open(path, "rb") as src, self.atomic_writer() as w:
+            shutil.copyfileobj(src, w, _CHUNK)  # type: ignore[misc]
+        assert w.oid is not None
+        return w.oid
+
+    def put_table(self, table: pa.Table) -> str:
+        """Store a table as Parquet with fixed options: same table, same bytes, same id."""
+        import pyarrow as pa
+
+        # Encoding into memory, then hashing the whole buffer, lets blake3 use its threads;
+        # streaming through a Python write() per page measured 10-15 % slower (bench_store).
+        sink = pa.BufferOutputStream()
+        write_parquet(table, sink)
+        buf = sink.getvalue()
+        oid = hash_bytes(memoryview(buf))
+        if self.has(oid):
+            return oid
+        with self._staged() as stage:
+            stage.file.write(memoryview(buf))
+            self._commit(stage, self.layout.object_path(oid), overwrite=False, mode=0o444)
+        return oid
+
+    def has(self, oid: str) -> bool:
+        return os.path.isfile(self.layout.object_path(oid))
+
+    def path_of(self, oid: str) -> str:
+        return self.layout.object_path(oid)
+
+    def size_of(self, oid: str) -> int:
+        return os.stat(self.layout.object_path(oid)).st_size
+
+    def _read_buffer(self, oid: str, verify: bool) -> Any:
+        import pyarrow as pa
+
+        path = self.layout.object_path(oid)
+        try:
+            buf = pa.memory_map(path, "r").read_buffer()
+        except FileNotFoundError:
+            raise UnknownObject(f"object {oid} is not in the store {self.root}") from None
+        if verify and hash_bytes(memoryview(buf)) != oid:
+            raise CorruptObject(oid, self.quarantine(oid))
+        return buf
+
+    def get_bytes(self, oid: str, *, verify: bool = True) -> bytes:
+        return self._read_buffer(oid, verify).to_pybytes()
+
+    def get_table(self, oid: str, *, verify: bool = True) -> pa.Table:
+        buf = self._read_buffer(oid, verify)
+        try:
+            return read_parquet(buf)
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-Parquet bytes
+            # Intact bytes that are not Parquet (a JSON manifest) are a caller error;
+            # bytes that fail the digest are corruption.
+            if verify or hash_bytes(memoryview(buf)) == oid:
+                raise StoreError(f"object {oid} is not a Parquet table: {e}") from None
+            raise CorruptObject(oid, self.quarantine(oid)) from None
+
+    def verify(self, oid: str) -> bool:
+        """True when the object's bytes hash to `oid` (streamed, not memory-mapped)."""
+        hasher = Hasher()
+        with open(self.layout.object_path(oid), "rb") as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+        return hasher.hexdigest() == oid
+
+    def quarantine(self, oid: str) -> str | None:
+        """Move a corrupt object out of objects/; returns where it went."""
+        src = self.layout.object_path(oid)
+        qdir = self.layout.dir(L.QUARANTINE)
+        dst = os.path.join(qdir, f"{oid}.{time.time_ns()}")
+        try:
+            os.makedirs(qdir, exist_ok=True)
+            os.replace(src, dst)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("could not quarantine %s: %s", oid, e)
+            return None
+        log.warning("object %s failed verification; moved to %s", oid, dst)
+        return dst
+
+    def delete_object(self, oid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.object_path(oid))
+
+    def iter_oids(self) -> Iterator[str]:
+        yield from self._iter_sharded(L.OBJECTS)
+
+    def _iter_sharded(self, kind: str) -> Iterator[str]:
+        base = self.layout.dir(kind)
+        try:
+            shards = sorted(os.scandir(base), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            if not shard.is_dir():
+                log.debug("skipping stray %s", shard.path)
+                continue
+            for entry in os.scandir(shard.path):
+                oid = L.path_to_oid(shard.name, entry.name)
+                if oid is None:
+                    log.debug("skipping stray %s", entry.path)
+                    continue
+                yield oid
+
+    def resolve(self, prefix: str, kind: str = L.OBJECTS) -> str:
+        """A full id from a unique prefix of >= 8 hex chars (or a full id)."""
+        validate_prefix(prefix)
+        if len(prefix) == 64:
+            return prefix
+        shard = os.path.join(self.layout.dir(kind), prefix[:2])
+        try:
+            names = os.listdir(shard)
+        except FileNotFoundError:
+            names = []
+        found = [prefix[:2] + n for n in names if (prefix[:2] + n).startswith(prefix)]
+        found = [f for f in found if L.path_to_oid(f[:2], f[2:])]
+        if not found:
+            raise UnknownObject(f"no object matches {prefix!r}")
+        if len(found) > 1:
+            raise AmbiguousId(f"{prefix!r} is ambiguous: matches {len(found)} ids; type more")
+        return found[0]
+
+    # -- action entries ------------------------------------------------------------------
+
+    def put_action(self, key: str, entry: ActionEntry) -> None:
+        validate_id(key)
+        missing = [oid for oid in entry.outputs if not self.has(oid)]
+        if missing:
+            raise StoreError(f"action {key}: output object {missing[0]} is not in the store")
+        self._write_file(self.layout.action_path(key), entry.model_dump_json().encode())
+
+    def get_action(self, key: str) -> ActionEntry | None:
+        """The entry for `key`, or None; an entry naming a missing object is dropped."""
+        path = self.layout.action_path(key)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            entry = ActionEntry.model_validate_json(raw)
+        except ValueError:
+            log.warning("action entry %s is unreadable; dropping it", key)
+            self.delete_action(key)
+            return None
+        if not all(self.has(oid) for oid in entry.outputs):
+            log.info("action entry %s names a missing object; dropping it", key)
+            self.delete_action(key)
+            return None
+        return entry
+
+    def delete_action(self, key: str) -> None:
+        if self.read_only:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.action_path(key))
+
+    def iter_actions(self) -> Iterator[str]:
+        yield from self._iter_sharded(L.ACTIONS)
+
+    # -- refs ----------------------------------------------------------------------------
+
+    def set_ref(self, name: str, sig: str, oid: str) -> None:
+        validate_id(oid)
+        self._write_file(self.layout.ref_path(name, sig), (oid + "\n").encode())
+
+    def get_ref(self, name: str, sig: str) -> str | None:
+        try:
+            with open(self.layout.ref_path(name, sig), encoding="utf-8") as f:
+                return validate_id(f.read().strip())
+        except FileNotFoundError:
+            return None
+
+    def delete_ref(self, name: str, sig: str) -> bool:
+        path = self.layout.ref_path(name, sig)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))  # only succeeds when empty
+        return True
+
+    def list_refs(self) -> list[tuple[str, str, str]]:
+        """(name, sig, run manifest id) for every ref; unreadable refs are skipped."""
+        out = []
+        base = self.layout.ref_dir()
+        try:
+            names = sorted(os.listdir(base))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            try:
+                sigs = sorted(os.listdir(os.path.join(base, name)))
+            except NotADirectoryError:
+                continue
+            for sig in sigs:
+                try:
+                    oid = self.get_ref(name, sig)
+                except (OSError, ValueError) as e:
+                    log.warning("skipping unreadable ref %s/%s: %s", name, sig, e)
+                    continue
+                if oid:
+                    out.append((name, sig, oid))
+        return out
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def run_lock(self, run_id: str, detail: dict | None = None) -> FileLock:
+        return FileLock(self.layout.run_lock_path(run_id), "run", detail)
+
+    def gc_lock(self) -> FileLock:
+        return FileLock(self.layout.lock_path("gc.lock"), "gc")
+
+    # -- facts ---------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        objects = object_bytes = 0
+        for oid in self.iter_oids():
+            objects += 1
+            object_bytes += self.size_of(oid)
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(dirpath, name))
+                    # Hard links under runs/ share their object's blocks: count once.
+                    if st.st_nlink == 1 or dirpath.startswith(self.layout.dir(L.OBJECTS)):
+                        total += st.st_size
+        return StoreStats(
+            root=str(self.root),
+            layout_version=L.LAYOUT_VERSION,
+            objects=objects,
+            object_bytes=object_bytes,
+            actions=sum(1 for _ in self.iter_actions()),
+            refs=len(self.list_refs()),
+            bytes_on_disk=total,
+        )

@@ -1,0 +1,130 @@
+"""The `cas` command. Each command lives in its own module and is a thin wrapper over the
+library; exceptions become exit codes in exactly one place, `main()`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from castore._version import __version__
+from castore.errors import CastoreError
+
+_state = {"debug": False}
+
+
+@dataclass
+class App:
+    """Lazily opened state shared by every command."""
+
+    cache_dir: str | None = None
+    quiet: bool = False
+    _store: Any = field(default=None, repr=False)
+
+    def store(self) -> Any:
+        if self._store is None:
+            from castore.store import Store
+
+            self._store = Store(self.cache_dir)
+        return self._store
+
+
+def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--cache-dir` and `--json` on every command (the group's --cache-dir also works)."""
+
+    def set_cache_dir(ctx: click.Context, _p: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(App).cache_dir = value
+
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(
+        f
+    )
+    f = click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False),
+        expose_value=False,
+        callback=set_cache_dir,
+        help="Store root [env var: CASTORE_CACHE_DIR; default ~/.cache/castore].",
+    )(f)
+    return f
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="castore")
+@click.option(
+    "--cache-dir",
+    envvar="CASTORE_CACHE_DIR",
+    type=click.Path(file_okay=False),
+    help="Store root [env var: CASTORE_CACHE_DIR; default ~/.cache/castore].",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
+@click.pass_context
+def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, debug: bool) -> None:
+    """castore: data pipelines whose every batch is kept in a content-addressed store.
+
+    Runs resume exactly after Ctrl+C or kill -9, finished pipelines re-run for free, and
+    work shared between pipelines is done once.
+    """
+    _state["debug"] = debug
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    app = ctx.ensure_object(App)
+    app.cache_dir = app.cache_dir or cache_dir
+    app.quiet = quiet
+
+
+def _register() -> None:
+    from castore.cli import cat, fsck, info
+
+    for mod in (info, fsck, cat):
+        cas.add_command(mod.command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `cas`: runs the group and maps exceptions to exit codes."""
+    try:
+        code = cas.main(args=argv, prog_name="cas", standalone_mode=False)
+    except CastoreError as e:
+        err(f"Error: {e}")
+        code = e.exit_code
+    except click.exceptions.Abort:
+        err("Aborted.")
+        code = 1
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err("interrupted")
+        code = 130
+    except BrokenPipeError:
+        # Python would print a traceback when flushing stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
+    except Exception as e:
+        if _state["debug"]:
+            raise
+        err(f"Error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)")
+        code = 70
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,3 @@
+from castore.cli import main
+
+main()

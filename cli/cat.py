@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from castore.cli import App, common_options
+
+from castore.store.parquet import PARQUET_MAGIC
+
+
+@click.command("cat")
+@click.argument("object_id")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=None, help="At most N rows of a Parquet object."
+)
+@common_options
+@click.pass_obj
+def command(app: App, object_id: str, limit: int | None, as_json: bool) -> None:
+    """Print an object: JSON as stored, a Parquet batch as JSON lines.
+
+    OBJECT_ID is a full id or a unique prefix of at least 8 hex characters.
+    """
+    store = app.store()
+    oid = store.resolve(object_id)
+    data = store.get_bytes(oid)
+    if data[:4] != PARQUET_MAGIC:
+        sys.stdout.buffer.write(data)
+        if not data.endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+        return
+    table = store.get_table(oid, verify=False)  # just verified by get_bytes
+    if limit is not None:
+        table = table.slice(0, limit)
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            click.echo(json.dumps(row, default=str, ensure_ascii=False))

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from castore.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolation(tmp_path_factory, monkeypatch):
+    """No test touches ~/.cache: the default store is a fresh tmp dir."""
+    cache = tmp_path_factory.mktemp("default-cache") / "castore"
+    monkeypatch.setenv("CASTORE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.delenv("CASTORE_FSYNC", raising=False)
+    monkeypatch.delenv("CASTORE_REMOTE", raising=False)
+    return cache
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    def make(name: str = "s", **kw) -> Store:
+        return Store(tmp_path / name, **kw)
+
+    return make
+
+
+class CasResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    def json(self):
+        return json.loads(self.stdout)
+
+    def __repr__(self) -> str:
+        out, err = self.stdout[-2000:], self.stderr[-2000:]
+        return f"<cas rc={self.returncode} stdout={out!r} stderr={err!r}>"
+
+
+def run_cas(
+    *args: str,
+    cache_dir: Path | str | None = None,
+    env: dict | None = None,
+    timeout: float = 120,
+    cwd: Path | str | None = None,
+) -> CasResult:
+    """`cas` as a real subprocess (python -m castore.cli)."""
+    cmd = [sys.executable, "-m", "castore.cli"]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
+    return CasResult(proc)
+
+
+@pytest.fixture
+def cas():
+    return run_cas
