@@ -1,0 +1,179 @@
+"""Running one planned batch: read its input slices, call `process`, store the output.
+
+Order (DESIGN.md "Running" 3): the output object is written first, then the action
+entry, so an action entry never names a missing object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from castore.errors import StepFailed
+from castore.pipeline.step import METADATA_COLUMN, _Step, normalize_output, to_table
+from castore.store.models import ActionEntry
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from castore.store import Store
+
+Slice = tuple[str, int, int]  # (object id, offset, length)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: list[str]
+    rows: list[int]
+    seconds: float
+    columns: list[tuple[str, str]]
+    skipped_error: str | None = None
+
+
+class TableCache:
+    """A few recently read input objects: a downstream batch often reads the same
+    upstream object as its neighbour when batch sizes differ."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._items: OrderedDict[str, pa.Table] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, store: Store, oid: str) -> pa.Table:
+        with self._lock:
+            if oid in self._items:
+                self._items.move_to_end(oid)
+                return self._items[oid]
+        table = store.get_table(oid)
+        with self._lock:
+            self._items[oid] = table
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return table
+
+
+def read_input(store: Store, slices: list[list[Slice]], cache: TableCache) -> pa.Table:
+    """The input rows of a batch: per predecessor its slices, then aligned row by row."""
+    import pyarrow as pa
+
+    per_pred = []
+    for pred_slices in slices:
+        parts = [cache.get(store, oid).slice(off, n) for oid, off, n in pred_slices]
+        parts = [p for p in parts if p.num_columns] or parts[:1]
+        per_pred.append(
+            pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
+        )
+    table = per_pred[0]
+    for other in per_pred[1:]:
+        # Later predecessors win on shared column names, as a dict merge would.
+        for name in other.column_names:
+            col = other.column(name)
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, col)
+            else:
+                table = table.append_column(name, col)
+    return table
+
+
+def call_process(step: _Step, arg: Any) -> Any:
+    """Call `process`, driving it to completion when it is async."""
+    result = step.process(arg)  # type: ignore[attr-defined]
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    if inspect.isasyncgen(result):
+        return asyncio.run(_collect(result))
+    return result
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+async def _collect(agen: Any) -> list[Any]:
+    return [chunk async for chunk in agen]
+
+
+def check_outputs(step: _Step, table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
+    missing = [c for c in step.outputs if c not in table.column_names]
+    if missing:
+        raise StepFailed(
+            f"step {step.name}: its output lacks declared column {missing[0]!r} "
+            f"(it returned {table.column_names})"
+        )
+
+
+def columns_of(table: pa.Table) -> list[tuple[str, str]]:
+    return [(f.name, str(f.type)) for f in table.schema]
+
+
+def store_batch(
+    store: Store, step: _Step, key: str, table: pa.Table, seconds: float, *, cache: bool
+) -> BatchResult:
+    oid = store.put_table(table)
+    if cache:
+        store.put_action(
+            key,
+            ActionEntry(
+                outputs=[oid],
+                rows=[table.num_rows],
+                info={"step": step.name, "seconds": round(seconds, 6)},
+            ),
+        )
+    return BatchResult([oid], [table.num_rows], seconds, columns_of(table))
+
+
+def execute_batch(
+    store: Store, step: _Step, key: str, slices: list[list[Slice]], cache: TableCache
+) -> BatchResult:
+    """Compute a batch and store it (object, then action entry)."""
+    t0 = time.perf_counter()
+    table = read_input(store, slices, cache)
+    rows = table.to_pylist()
+    out = to_table(normalize_output(call_process(step, rows)))
+    check_outputs(step, out)
+    return store_batch(store, step, key, out, time.perf_counter() - t0, cache=True)
+
+
+def skipped_batch(
+    store: Store, step: _Step, slices: list[list[Slice]], error: str, cache: TableCache
+) -> BatchResult:
+    """on_error='skip': the input rows with None outputs and the error in metadata.
+    No action entry is written, so the next run retries the batch."""
+    import pyarrow as pa
+
+    table = read_input(store, slices, cache)
+    n = table.num_rows
+    for col in step.outputs:
+        if col not in table.column_names:
+            table = table.append_column(col, pa.nulls(n))
+    meta = pa.array([{"error": error, "step": step.name}] * n)
+    if METADATA_COLUMN in table.column_names:
+        table = table.drop_columns([METADATA_COLUMN])
+    table = table.append_column(METADATA_COLUMN, meta)
+    oid = store.put_table(table)
+    return BatchResult([oid], [n], 0.0, columns_of(table), skipped_error=error)
+
+
+_process_store: dict[str, Store] = {}
+_process_cache = TableCache()
+
+
+def execute_in_process(root: str, step: _Step, key: str, slices: list[list[Slice]]) -> Any:
+    """Process-pool entry point: the same work as `execute_batch`, with a per-process
+    Store. Errors are returned as text, since exceptions from user code may not pickle."""
+    from castore.store import Store
+
+    store = _process_store.get(root)
+    if store is None:
+        store = _process_store[root] = Store(root)
+    try:
+        return execute_batch(store, step, key, slices, _process_cache)
+    except Exception as e:
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None

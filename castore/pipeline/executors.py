@@ -1,0 +1,68 @@
+"""Where batches run: daemon threads (default) or a process pool.
+
+Threads are daemons on purpose: a non-daemon pool (concurrent.futures) is joined at
+interpreter exit, which is how a second Ctrl+C ends up hanging on a stuck LLM call. Every
+task reports to one completion queue that the driver waits on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+Done = tuple[Any, Any, BaseException | None]  # (tag, result, error)
+
+
+class ThreadWorkers:
+    def __init__(self, n: int, done: queue.Queue[Done]) -> None:
+        self._tasks: queue.Queue[tuple[Any, Callable[[], Any]] | None] = queue.Queue()
+        self._done = done
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"castore-worker-{i}", daemon=True)
+            for i in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while (item := self._tasks.get()) is not None:
+            tag, fn = item
+            try:
+                self._done.put((tag, fn(), None))
+            except BaseException as e:  # the driver decides: retry, skip or fail
+                self._done.put((tag, None, e))
+
+    def submit(self, tag: Any, fn: Callable[[], Any]) -> None:
+        self._tasks.put((tag, fn))
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._tasks.put(None)
+
+
+class ProcessWorkers:
+    """A process pool for CPU-bound steps; results land on the same completion queue."""
+
+    def __init__(self, n: int, done: queue.Queue[Done]) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the child inherits the pipeline's modules, including a target loaded from
+        # a file, so step classes unpickle without being importable by path.
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self._pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(method))
+        self._done = done
+
+    def submit(self, tag: Any, fn: Callable[..., Any], *args: Any) -> None:
+        fut = self._pool.submit(fn, *args)
+
+        def report(f: Any) -> None:
+            err = f.exception()
+            self._done.put((tag, None if err else f.result(), err))
+
+        fut.add_done_callback(report)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

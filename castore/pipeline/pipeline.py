@@ -1,0 +1,348 @@
+"""Pipeline: the DAG of steps, its Merkle signatures, pipeline.yaml, and `run()`."""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from castore._version import __version__
+from castore.errors import ConfigError, PipelineError
+from castore.hashing import hash_json
+from castore.pipeline.step import GeneratorStep, GlobalStep, _Step
+from castore.store.layout import validate_name
+
+if TYPE_CHECKING:
+    from castore.distiset import Distiset
+    from castore.store.manifests import Target
+
+_current: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
+    "castore_pipeline", default=None
+)
+
+
+def current_pipeline() -> Pipeline | None:
+    return _current.get()
+
+
+class Pipeline:
+    """A named DAG of steps. Use as a context manager; steps made inside join it."""
+
+    def __init__(
+        self,
+        name: str,
+        description: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.name = validate_name(name, "pipeline name")
+        self.description = description
+        self.cache_dir = cache_dir
+        self.steps: dict[str, _Step] = {}
+        self.edges: list[tuple[str, str]] = []
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> Pipeline:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
+    def __repr__(self) -> str:
+        return f"Pipeline(name={self.name!r}, steps={list(self.steps)})"
+
+    # -- building ------------------------------------------------------------------------
+
+    def _add_step(self, step: _Step) -> None:
+        if step.name is None:
+            base = step.default_name()
+            name, i = base, 1
+            while name in self.steps:
+                name, i = f"{base}_{i}", i + 1
+            step.name = name
+        validate_name(step.name, "step name")
+        if step.name in self.steps:
+            raise PipelineError(f"pipeline {self.name}: two steps are named {step.name!r}")
+        self.steps[step.name] = step
+        step._pipeline = self
+
+    def connect(self, a: _Step, b: _Step) -> None:
+        for s in (a, b):
+            if s._pipeline is not self:
+                raise PipelineError(f"step {s.name} belongs to another pipeline")
+        if isinstance(b, GeneratorStep):
+            raise PipelineError(f"{a.name} >> {b.name}: a generator step takes no input")
+        edge = (a.name, b.name)
+        if edge not in self.edges:
+            self.edges.append(edge)  # type: ignore[arg-type]
+
+    def predecessors(self, name: str) -> list[str]:
+        return [a for a, b in self.edges if b == name]
+
+    def successors(self, name: str) -> list[str]:
+        return [b for a, b in self.edges if a == name]
+
+    def leaves(self) -> list[str]:
+        return [n for n in self.topological() if not self.successors(n)]
+
+    def topological(self) -> list[str]:
+        """Steps in dependency order (stable: insertion order among ready steps)."""
+        indeg = {n: len(self.predecessors(n)) for n in self.steps}
+        order: list[str] = []
+        ready = [n for n in self.steps if indeg[n] == 0]
+        while ready:
+            n = ready.pop(0)
+            order.append(n)
+            for s in self.successors(n):
+                indeg[s] -= 1
+                if indeg[s] == 0:
+                    ready.append(s)
+        if len(order) != len(self.steps):
+            cyc = sorted(n for n in self.steps if n not in order)
+            raise PipelineError(f"pipeline {self.name} has a cycle through {', '.join(cyc)}")
+        return order
+
+    def validate(self) -> None:
+        """Build-time checks: no cycle, inputs wired, declared input columns produced."""
+        if not self.steps:
+            raise PipelineError(f"pipeline {self.name} has no steps")
+        order = self.topological()
+        produced: dict[str, set[str] | None] = {}
+        for n in order:
+            step = self.steps[n]
+            preds = self.predecessors(n)
+            if isinstance(step, GeneratorStep):
+                produced[n] = None if not step.outputs else set(step.outputs)
+                continue
+            if not preds:
+                raise PipelineError(f"step {n} has no input: connect a step to it with >>")
+            available: set[str] | None = set()
+            for p in preds:
+                cols = produced[p]
+                available = None if cols is None or available is None else available | cols
+            if available is not None:
+                for col in step.inputs:
+                    if col not in available:
+                        raise PipelineError(
+                            f"step {n} needs input column {col!r}, which no predecessor "
+                            f"({', '.join(preds)}) produces"
+                        )
+            produced[n] = self._columns_after(step, available)
+
+    @staticmethod
+    def _columns_after(step: _Step, available: set[str] | None) -> set[str] | None:
+        hook = getattr(step, "output_columns", None)
+        if hook is not None:
+            return hook(available)
+        if available is None:
+            return None
+        return available | set(step.outputs)
+
+    # -- identity ------------------------------------------------------------------------
+
+    def signatures(self) -> dict[str, dict[str, str]]:
+        """Per step: fingerprint and Merkle signature (fingerprint + predecessors' sigs)."""
+        out: dict[str, dict[str, str]] = {}
+        for n in self.topological():
+            step = self.steps[n]
+            fp = step.fingerprint()
+            plan: dict[str, Any] = {
+                "fp": fp,
+                "preds": [out[p]["sig"] for p in self.predecessors(n)],
+            }
+            if not isinstance(step, (GeneratorStep, GlobalStep)):
+                plan["input_batch_size"] = step.input_batch_size
+            out[n] = {"fp": fp, "sig": hash_json(plan)}
+        return out
+
+    def signature(self, sigs: dict[str, dict[str, str]] | None = None) -> str:
+        sigs = sigs or self.signatures()
+        return hash_json(
+            {"steps": {n: s["sig"] for n, s in sigs.items()}, "edges": sorted(self.edges)}
+        )
+
+    # -- pipeline.yaml -------------------------------------------------------------------
+
+    def to_dict(self, sigs: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+        sigs = sigs or self.signatures()
+        steps = []
+        for n in self.topological():
+            step = self.steps[n]
+            cls = type(step)
+            module = sys.modules.get(cls.__module__)
+            entry: dict[str, Any] = {
+                "name": n,
+                "type": f"{cls.__module__}:{cls.__qualname__}",
+                "params": step.yaml_params(),
+                "fingerprint": sigs[n]["fp"],
+                "signature": sigs[n]["sig"],
+            }
+            source = getattr(module, "__castore_source__", None)
+            if source:
+                entry["file"] = source
+            steps.append(entry)
+        return {
+            "castore_version": __version__,
+            "pipeline": {
+                "name": self.name,
+                "description": self.description,
+                "signature": self.signature(sigs),
+                "steps": steps,
+                "connections": [{"from": n, "to": self.successors(n)} for n in self.topological()],
+            },
+        }
+
+    def to_yaml(self, sigs: dict[str, dict[str, str]] | None = None) -> str:
+        return yaml.safe_dump(self.to_dict(sigs), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike[str]) -> Pipeline:
+        """Rebuild a pipeline from pipeline.yaml; it has the same signature."""
+        text = str(path_or_text)
+        if "\n" not in text and Path(text).exists():
+            text = Path(text).read_text(encoding="utf-8")
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"malformed pipeline YAML{where}: {getattr(e, 'problem', e)}"
+            ) from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Pipeline:
+        try:
+            p = doc["pipeline"]
+            steps, conns = p["steps"], p.get("connections") or []
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"pipeline YAML lacks {e}: expected pipeline.name/steps") from None
+        pipeline = cls(name=p["name"], description=p.get("description"))
+        with pipeline:
+            for s in steps:
+                step_cls = load_step_class(s.get("type", ""), s.get("file"))
+                params = {k: v for k, v in (s.get("params") or {}).items() if v != "**********"}
+                try:
+                    step_cls(**params)
+                except ValueError as e:
+                    raise ConfigError(f"step {s.get('name')}: invalid params: {e}") from None
+        for c in conns:
+            for t in c.get("to") or []:
+                if c["from"] not in pipeline.steps or t not in pipeline.steps:
+                    raise ConfigError(f"connection {c['from']} -> {t} names an unknown step")
+                pipeline.connect(pipeline.steps[c["from"]], pipeline.steps[t])
+        return pipeline
+
+    # -- running -------------------------------------------------------------------------
+
+    def apply_parameters(self, parameters: dict[str, dict[str, Any]] | None) -> None:
+        """Set step fields by name; unknown steps or fields are a clear error."""
+        for sname, fields in (parameters or {}).items():
+            if sname not in self.steps:
+                raise ConfigError(
+                    f"parameters name unknown step {sname!r}; steps: {', '.join(self.steps)}"
+                )
+            step = self.steps[sname]
+            for fname, value in fields.items():
+                if fname not in type(step).model_fields or fname == "name":
+                    raise ConfigError(f"step {sname} has no parameter {fname!r}")
+                try:
+                    setattr(step, fname, value)
+                except ValueError as e:
+                    msg = str(e).splitlines()[-1].strip()
+                    raise ConfigError(f"--param {sname}.{fname}={value!r}: {msg}") from None
+
+    def run(
+        self,
+        parameters: dict[str, dict[str, Any]] | None = None,
+        *,
+        use_cache: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        executor: str = "threads",
+        quiet: bool = False,
+        target: Target | None = None,
+        stop_grace: float = 30.0,
+    ) -> Distiset:
+        """Run (or resume, or re-materialize) the pipeline; returns its Distiset.
+
+        Every batch whose action key is in the store is reused; only misses are computed.
+        Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
+        StepFailed when a batch fails with on_error='fail'.
+        """
+        from castore.pipeline.runner import Runner
+        from castore.store import Store
+
+        self.apply_parameters(parameters)
+        self.validate()
+        store = Store(cache_dir if cache_dir is not None else self.cache_dir)
+        runner = Runner(
+            self,
+            store,
+            parameters=parameters or {},
+            use_cache=use_cache,
+            executor=executor,
+            quiet=quiet,
+            target=target,
+            stop_grace=stop_grace,
+        )
+        return runner.run()
+
+
+def load_step_class(type_path: str, file: str | None = None) -> type[_Step]:
+    """Import `module:qualname`, loading `file` first when the module is a script."""
+    if ":" not in type_path:
+        raise ConfigError(f"unknown step type {type_path!r}: expected 'module:ClassName'")
+    module_name, qualname = type_path.split(":", 1)
+    try:
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+    except ImportError:
+        if not file:
+            raise ConfigError(
+                f"unknown step type {type_path!r}: cannot import {module_name}"
+            ) from None
+        module = load_file_module(file, module_name)
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, _Step)):
+        raise ConfigError(f"unknown step type {type_path!r}: not a castore step class")
+    return obj
+
+
+def load_file_module(path: str | os.PathLike[str], module_name: str | None = None) -> Any:
+    """Import a Python file as a module (its `if __name__ == '__main__'` block stays off)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    name = module_name or f"castore_target_{path.stem}_{hash_json(str(path))[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {path} as Python")
+    module = importlib.util.module_from_spec(spec)
+    module.__castore_source__ = str(path)  # type: ignore[attr-defined]
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def pipelines_in(module: Any) -> Iterator[tuple[str, Pipeline]]:
+    for attr, value in vars(module).items():
+        if isinstance(value, Pipeline):
+            yield attr, value

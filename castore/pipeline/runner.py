@@ -1,0 +1,680 @@
+"""The driver of one run: plans batches deterministically, looks up action keys, runs
+misses on an executor, seals manifests and moves the ref.
+
+Batch k of a step is rows [k*B, (k+1)*B) of the concatenation of its predecessor's
+outputs in batch order, whatever order work finished in (DESIGN.md "Running" 2). A batch
+is planned as soon as the contiguous prefix of its predecessors' done batches covers it,
+so downstream work starts early while memory holds only in-flight batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from castore.errors import CastoreError, PipelineError, RunInterrupted, StepFailed
+from castore.hashing import hash_json
+from castore.pipeline.batch import (
+    BatchResult,
+    Slice,
+    TableCache,
+    call_process,
+    check_outputs,
+    execute_batch,
+    execute_in_process,
+    skipped_batch,
+    store_batch,
+)
+from castore.pipeline.executors import ProcessWorkers, ThreadWorkers
+from castore.pipeline.step import GeneratorStep, GlobalStep, _Step, normalize_output, to_table
+from castore.store.manifests import (
+    BatchRecord,
+    RunManifest,
+    RunStatus,
+    StepManifest,
+    StepRef,
+    StepStats,
+    Target,
+)
+from castore.store.models import ActionEntry
+
+if TYPE_CHECKING:
+    from castore.distiset import Distiset
+    from castore.pipeline.pipeline import Pipeline
+    from castore.store import Store
+
+log = logging.getLogger("castore.run")
+
+SEAL_EVERY = 5.0  # seconds between periodic manifest seals and progress lines
+
+
+@dataclass
+class Planned:
+    step: str
+    index: int
+    key: str
+    slices: list[list[Slice]]
+    attempt: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class StepState:
+    name: str
+    step: _Step
+    fp: str
+    sig: str
+    preds: list[str]
+    done: dict[int, BatchRecord] = field(default_factory=dict)
+    planned: int = 0
+    inflight: int = 0
+    total: int | None = None  # batches, once known
+    prefix: int = 0  # contiguous done batches from 0
+    stream: list[tuple[str, int]] = field(default_factory=list)  # (oid, rows) of the prefix
+    starts: list[int] = field(default_factory=list)  # first row of each stream segment
+    rows: int = 0  # rows in the prefix
+    columns: list[tuple[str, str]] = field(default_factory=list)
+    stats: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("cached", "computed", "failed", "rows_cached", "rows_computed", "seconds"), 0
+        )
+    )
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.prefix >= self.total
+
+    def take(self, start: int, end: int) -> list[Slice]:
+        """Slices of the prefix stream covering rows [start, end)."""
+        out: list[Slice] = []
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while start < end and i < len(self.stream):
+            oid, n = self.stream[i]
+            seg_start = self.starts[i]
+            off = start - seg_start
+            if 0 <= off < n:
+                length = min(n - off, end - start)
+                out.append((oid, off, length))
+                start += length
+            i += 1
+        return out
+
+    def add(self, index: int, record: BatchRecord) -> None:
+        self.done[index] = record
+        while self.prefix in self.done:
+            rec = self.done[self.prefix]
+            for oid, n in zip(rec.outputs, rec.rows, strict=True):
+                self.starts.append(self.rows)
+                self.stream.append((oid, n))
+                self.rows += n
+            self.prefix += 1
+
+
+class Runner:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        store: Store,
+        *,
+        parameters: dict[str, dict[str, Any]],
+        use_cache: bool,
+        executor: str,
+        quiet: bool,
+        target: Target | None,
+        stop_grace: float,
+    ) -> None:
+        if executor not in ("threads", "processes"):
+            raise PipelineError(f"unknown executor {executor!r}: use 'threads' or 'processes'")
+        self.p = pipeline
+        self.store = store
+        self.parameters = parameters
+        self.use_cache = use_cache
+        self.executor_kind = executor
+        self.quiet = quiet
+        self.target = target or Target(kind="api")
+        self.stop_grace = stop_grace
+        self.sigs = pipeline.signatures()
+        self.sig = pipeline.signature(self.sigs)
+        self.run_id = uuid.uuid4().hex
+        self.started = datetime.now(UTC)
+        self.order = pipeline.topological()
+        self.states = {
+            n: StepState(
+                n,
+                pipeline.steps[n],
+                self.sigs[n]["fp"],
+                self.sigs[n]["sig"],
+                pipeline.predecessors(n),
+            )
+            for n in self.order
+        }
+        self.done_q: queue.Queue[Any] = queue.Queue()
+        self.pending: list[Planned] = []
+        self.cache = TableCache()
+        self.stop = threading.Event()
+        self.cancel = threading.Event()
+        self.error: str | None = None
+        self.run_dir = Path(store.layout.run_dir(pipeline.name, self.sig))
+        self.yaml_oid: str | None = None
+
+    # -- entry ---------------------------------------------------------------------------
+
+    def run(self) -> Distiset:
+        from castore.distiset import Distiset
+
+        handlers = self._start_logging()
+        lock = self.store.run_lock(self.run_id, {"name": self.p.name, "sig": self.sig})
+        lock.acquire()
+        restore = self._install_signals()
+        status: RunStatus = "failed"
+        try:
+            self._prepare()
+            status = self._drive()
+        except CastoreError as e:
+            self.error = str(e)
+            raise
+        except BaseException as e:
+            self.error = f"{type(e).__name__}: {e}"
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            raise
+        finally:
+            restore()
+            try:
+                manifest_oid = self._finish(status)
+            finally:
+                lock.release()
+                self._stop_logging(handlers)
+        if status == "interrupted":
+            raise RunInterrupted(
+                f"run {self.p.name} interrupted: {self._done_batches()} batches are stored; "
+                f"`cas resume {self.p.name}` (or running it again) continues"
+            )
+        return Distiset.from_manifest(self.store, manifest_oid)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = self.p.to_yaml(self.sigs)
+        (self.run_dir / "pipeline.yaml").write_text(text, encoding="utf-8")
+        self.yaml_oid = self.store.put_bytes(text.encode("utf-8"))
+        prev = self.store.get_ref(self.p.name, self.sig)
+        log.info(
+            "pipeline %s signature %s: %d steps; store %s",
+            self.p.name,
+            self.sig[:12],
+            len(self.order),
+            self.store.root,
+        )
+        if prev and self.use_cache:
+            log.info("found an earlier run of this pipeline: loading finished batches from cache")
+        elif not self.use_cache:
+            log.info("use_cache=False: recomputing every batch")
+        nworkers = sum(s.step.concurrency for s in self.states.values())
+        gen_threads = sum(isinstance(s.step, GeneratorStep) for s in self.states.values())
+        self.threads = ThreadWorkers(min(nworkers, 256) + gen_threads, self.done_q)
+        self.procs = (
+            ProcessWorkers(os.cpu_count() or 2, self.done_q)
+            if self.executor_kind == "processes"
+            else None
+        )
+        self._seal("running")
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _drive(self) -> RunStatus:
+        for st in self.states.values():
+            if isinstance(st.step, GeneratorStep):
+                self._start_generator(st)
+        last_seal = time.monotonic()
+        while not all(s.complete for s in self.states.values()):
+            if self.stop.is_set():
+                return self._drain()
+            self._plan_all()
+            self._submit_ready()
+            try:
+                item = self.done_q.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                self._handle(*item)
+                try:
+                    item = self.done_q.get_nowait()
+                except queue.Empty:
+                    item = None
+            if time.monotonic() - last_seal > SEAL_EVERY:
+                self._seal("running")
+                self._progress()
+                last_seal = time.monotonic()
+        return "finished"
+
+    def _drain(self) -> RunStatus:
+        inflight = sum(s.inflight for s in self.states.values())
+        log.warning(
+            "stopping: no new batches; waiting up to %.0fs for %d in flight (Ctrl+C again "
+            "to cancel them)",
+            self.stop_grace,
+            inflight,
+        )
+        deadline = time.monotonic() + self.stop_grace
+        while any(s.inflight for s in self.states.values()) and not self.cancel.is_set():
+            if time.monotonic() > deadline:
+                log.warning("grace period over: abandoning in-flight batches")
+                break
+            with contextlib.suppress(queue.Empty):
+                self._handle(*self.done_q.get(timeout=0.2), draining=True)
+        return "interrupted"
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _plan_all(self) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for name in self.order:
+                st = self.states[name]
+                if isinstance(st.step, GeneratorStep) or st.total is not None:
+                    continue
+                for planned in self._plan_step(st):
+                    progress = True
+                    self._lookup_or_queue(st, planned)
+
+    def _plan_step(self, st: StepState) -> list[Planned]:
+        preds = [self.states[p] for p in st.preds]
+        out: list[Planned] = []
+        if isinstance(st.step, GlobalStep):
+            if all(p.complete for p in preds):
+                total = self._aligned_total(st, preds)
+                out.append(self._planned(st, 0, [p.take(0, total) for p in preds]))
+                st.total = 1
+            return out
+        b = st.step.input_batch_size
+        while True:
+            start = st.planned * b
+            if all(p.complete for p in preds):
+                total = self._aligned_total(st, preds)
+                if start >= total:
+                    st.total = st.planned
+                    return out
+                end = min(start + b, total)
+            elif min(p.rows for p in preds) >= start + b:
+                end = start + b
+            else:
+                return out
+            out.append(self._planned(st, st.planned, [p.take(start, end) for p in preds]))
+
+    @staticmethod
+    def _aligned_total(st: StepState, preds: list[StepState]) -> int:
+        totals = {p.name: p.rows for p in preds}
+        if len(set(totals.values())) > 1:
+            shown = ", ".join(f"{k} ({v} rows)" for k, v in totals.items())
+            raise PipelineError(
+                f"step {st.name}: its predecessors differ in length: {shown}; rows are "
+                "aligned one to one"
+            )
+        return next(iter(totals.values()))
+
+    def _planned(self, st: StepState, index: int, slices: list[list[Slice]]) -> Planned:
+        st.planned = index + 1
+        desc = [[list(s) for s in pred] for pred in slices]
+        return Planned(st.name, index, hash_json({"fp": st.fp, "in": desc}), slices)
+
+    def _lookup_or_queue(self, st: StepState, planned: Planned) -> None:
+        entry = self.store.get_action(planned.key) if self.use_cache else None
+        if entry is not None:
+            self._record(st, planned.index, planned.key, entry.outputs, entry.rows, cached=True)
+        else:
+            self.pending.append(planned)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def _submit_ready(self) -> None:
+        now = time.monotonic()
+        keep: list[Planned] = []
+        for planned in self.pending:
+            st = self.states[planned.step]
+            if st.inflight >= st.step.concurrency or planned.not_before > now:
+                keep.append(planned)
+                continue
+            st.inflight += 1
+            tag = ("batch", planned)
+            if self.procs is not None:
+                self.procs.submit(
+                    tag,
+                    execute_in_process,
+                    str(self.store.root),
+                    st.step,
+                    planned.key,
+                    planned.slices,
+                )
+            else:
+                self.threads.submit(
+                    tag,
+                    lambda p=planned, s=st.step: execute_batch(
+                        self.store, s, p.key, p.slices, self.cache
+                    ),
+                )
+        self.pending = keep
+
+    def _handle(self, kind: Any, payload: Any, error: Any, *, draining: bool = False) -> None:
+        if kind == "gen-thread":  # the wrapper reports through its own messages
+            return
+        if kind == "gen-end":
+            st = self.states[payload[0]]
+            st.total = payload[1]
+            if error is not None:
+                self._fail(st, error)
+            return
+        if isinstance(kind, tuple) and kind[0] == "gen":
+            st = self.states[kind[1]]
+            index, key, res = payload
+            self._record(st, index, key, res.outputs, res.rows, cached=False, result=res)
+            return
+        planned: Planned = kind[1]
+        st = self.states[planned.step]
+        st.inflight -= 1
+        if error is None:
+            res: BatchResult = payload
+            self._record(
+                st, planned.index, planned.key, res.outputs, res.rows, cached=False, result=res
+            )
+            return
+        if isinstance(error, StepFailed):
+            self._fail(st, error)
+        if planned.attempt < st.step.max_retries and not draining:
+            delay = st.step.retry_backoff * (2**planned.attempt)
+            log.warning(
+                "step %s batch %d failed (%s); retry %d/%d in %.1fs",
+                st.name,
+                planned.index,
+                error,
+                planned.attempt + 1,
+                st.step.max_retries,
+                delay,
+            )
+            planned.attempt += 1
+            planned.not_before = time.monotonic() + delay
+            self.pending.append(planned)
+            return
+        if st.step.on_error == "skip":
+            msg = f"{type(error).__name__}: {error}"
+            log.warning(
+                "step %s batch %d failed: %s; rows kept with None outputs, not "
+                "cached (the next run retries it)",
+                st.name,
+                planned.index,
+                msg,
+            )
+            res = skipped_batch(self.store, st.step, planned.slices, msg, self.cache)
+            self._record(
+                st, planned.index, planned.key, res.outputs, res.rows, cached=False, result=res
+            )
+            return
+        self._fail(st, error)
+
+    def _fail(self, st: StepState, error: BaseException) -> None:
+        msg = str(error) if isinstance(error, StepFailed) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, StepFailed):
+            msg = f"step {st.name} failed: {msg}"
+        log.error("%s", msg)
+        raise StepFailed(msg)
+
+    def _record(
+        self,
+        st: StepState,
+        index: int,
+        key: str,
+        outputs: list[str],
+        rows: list[int],
+        *,
+        cached: bool,
+        result: BatchResult | None = None,
+    ) -> None:
+        failed = result is not None and result.skipped_error is not None
+        st.add(
+            index,
+            BatchRecord(
+                key=key,
+                outputs=outputs,
+                rows=rows,
+                cached=cached,
+                seconds=result.seconds if result else 0.0,
+            ),
+        )
+        n = sum(rows)
+        if cached:
+            st.stats["cached"] += 1
+            st.stats["rows_cached"] += n
+        else:
+            st.stats["failed" if failed else "computed"] += 1
+            st.stats["rows_computed"] += n
+            st.stats["seconds"] += result.seconds if result else 0.0
+        if result is not None and result.columns and not st.columns:
+            st.columns = result.columns
+
+    # -- generators ----------------------------------------------------------------------
+
+    def _gen_key(self, st: StepState, index: int) -> str:
+        return hash_json({"fp": st.fp, "batch": index})
+
+    def _start_generator(self, st: StepState) -> None:
+        end_key = hash_json({"fp": st.fp, "generator_end": True})
+        index = offset = 0
+        if self.use_cache:
+            end = self.store.get_action(end_key)
+            known = end.info.get("batches") if end else None
+            while True:
+                key = self._gen_key(st, index)
+                entry = self.store.get_action(key)
+                if entry is None:
+                    break
+                self._record(st, index, key, entry.outputs, entry.rows, cached=True)
+                offset += sum(entry.rows)
+                index += 1
+                if known is not None and index >= known:
+                    st.total = index
+                    return
+        step = st.step
+        assert isinstance(step, GeneratorStep)
+        stop = self.stop
+
+        def produce(first: int = index, row_offset: int = offset) -> int:
+            i = first
+            for chunk in normalize_output(call_process(step, row_offset)):
+                if stop.is_set():
+                    raise RunInterrupted("generator stopped")
+                t0 = time.perf_counter()
+                table = to_table([chunk])
+                check_outputs(step, table)
+                key = self._gen_key(st, i)
+                res = store_batch(
+                    self.store, step, key, table, time.perf_counter() - t0, cache=True
+                )
+                self.done_q.put((("gen", st.name), (i, key, res), None))
+                i += 1
+            self.store.put_action(end_key, ActionEntry(outputs=[], rows=[], info={"batches": i}))
+            return i
+
+        self.threads.submit("gen-thread", lambda: self._gen_wrapper(st, produce))
+
+    def _gen_wrapper(self, st: StepState, produce: Any) -> None:
+        try:
+            self.done_q.put(("gen-end", (st.name, produce()), None))
+        except RunInterrupted:
+            pass
+        except BaseException as e:
+            self.done_q.put(("gen-end", (st.name, None), e))
+
+    # -- sealing -------------------------------------------------------------------------
+
+    def _done_batches(self) -> int:
+        return sum(len(s.done) for s in self.states.values())
+
+    def _step_manifest(self, st: StepState) -> str:
+        man = StepManifest(
+            name=st.name,
+            step_class=f"{type(st.step).__module__}:{type(st.step).__qualname__}",
+            fingerprint=st.fp,
+            signature=st.sig,
+            complete=st.complete,
+            batches=[st.done[k] for k in sorted(st.done)],
+            columns=st.columns,
+        )
+        return self.store.put_bytes(man.model_dump_json().encode())
+
+    def _seal(self, status: RunStatus, log_oid: str | None = None) -> str:
+        stats = {
+            n: StepStats(
+                batches_total=st.total,
+                batches_cached=int(st.stats["cached"]),
+                batches_computed=int(st.stats["computed"]),
+                batches_failed=int(st.stats["failed"]),
+                rows=sum(sum(r.rows) for r in st.done.values()),
+                rows_cached=int(st.stats["rows_cached"]),
+                rows_computed=int(st.stats["rows_computed"]),
+                compute_seconds=round(st.stats["seconds"], 6),
+            )
+            for n, st in self.states.items()
+        }
+        run = RunManifest(
+            run_id=self.run_id,
+            name=self.p.name,
+            signature=self.sig,
+            status=status,
+            started=self.started,
+            ended=None if status == "running" else datetime.now(UTC),
+            steps=[
+                StepRef(name=n, manifest=self._step_manifest(self.states[n])) for n in self.order
+            ],
+            edges=list(self.p.edges),
+            leaves=self.p.leaves(),
+            parameters=self.parameters,
+            target=self.target,
+            use_cache=self.use_cache,
+            pipeline_yaml=self.yaml_oid,
+            log=log_oid,
+            stats=stats,
+            error=self.error,
+        )
+        oid = self.store.put_bytes(run.model_dump_json().encode())
+        self.store.set_ref(self.p.name, self.sig, oid)
+        return oid
+
+    def _finish(self, status: RunStatus) -> str:
+        for pool in (getattr(self, "threads", None), getattr(self, "procs", None)):
+            if pool is not None:
+                pool.shutdown()
+        self._summary(status)
+        self._materialize()
+        for h in log.handlers:
+            h.flush()
+        log_path = self.run_dir / "pipeline.log"
+        log_oid = self.store.put_file(log_path) if log_path.exists() else None
+        return self._seal(status, log_oid)
+
+    def _summary(self, status: RunStatus) -> None:
+        for n, st in self.states.items():
+            s = st.stats
+            log.info(
+                "step %s: %d batches (%d cached, %d computed, %d failed), %d rows, %.2fs compute",
+                n,
+                len(st.done),
+                s["cached"],
+                s["computed"],
+                s["failed"],
+                sum(sum(r.rows) for r in st.done.values()),
+                s["seconds"],
+            )
+        log.info("run %s %s; data in %s", self.p.name, status, self.run_dir / "data")
+
+    def _progress(self) -> None:
+        parts = []
+        for n, st in self.states.items():
+            rows = sum(sum(r.rows) for r in st.done.values())
+            total = f"/{st.total}" if st.total is not None else ""
+            parts.append(
+                f"{n} {len(st.done)}{total} batches ({rows} rows, {int(st.stats['cached'])} cached)"
+            )
+        log.info("progress: %s", "; ".join(parts))
+
+    def _materialize(self) -> None:
+        """runs/<name>/<sig>/data/<leaf>/NNNNN.parquet as hard links, built beside and
+        renamed into place so a reader never sees a half-built folder."""
+        tmp = self.run_dir / f"data.incomplete-{self.run_id[:8]}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for leaf in self.p.leaves():
+            st = self.states[leaf]
+            d = tmp / leaf
+            d.mkdir(parents=True, exist_ok=True)
+            i = 0
+            for k in sorted(st.done):
+                for oid in st.done[k].outputs:
+                    i += 1
+                    _link_or_copy(self.store.path_of(oid), d / f"{i:05d}.parquet")
+        final = self.run_dir / "data"
+        old = self.run_dir / f"data.old-{self.run_id[:8]}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    # -- signals and logging -------------------------------------------------------------
+
+    def _install_signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self.stop.is_set():
+                self.cancel.set()
+                log.warning("second interrupt: cancelling in-flight batches")
+            else:
+                self.stop.set()
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+    def _start_logging(self) -> list[logging.Handler]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        handlers: list[logging.Handler] = [
+            logging.FileHandler(self.run_dir / "pipeline.log", mode="w", encoding="utf-8")
+        ]
+        if not self.quiet:
+            handlers.append(logging.StreamHandler())
+        for h in handlers:
+            h.setFormatter(fmt)
+            log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        return handlers
+
+    def _stop_logging(self, handlers: list[logging.Handler]) -> None:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+def _link_or_copy(src: str, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        # Another filesystem, or one without hard links.
+        shutil.copyfile(src, dst)

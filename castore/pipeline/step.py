@@ -1,0 +1,279 @@
+"""Steps: pydantic models with a `process` method, and the `@step` decorator.
+
+A step's *fingerprint* is its own identity: class name, code version (explicit
+`cache_version`, else the AST digest of `process`), declared columns and every field that
+is not runtime-only. Runtime-only fields (name, batch sizes that the input descriptor
+already captures, concurrency, retries, secrets) never enter a hash.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+
+from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
+from castore.hashing import canonical_json, code_digest, hash_json
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from castore.pipeline.pipeline import Pipeline
+
+StepInput = list[dict[str, Any]]
+StepOutput = Iterator[list[dict[str, Any]]]
+StepKind = Literal["normal", "global", "generator"]
+
+RUNTIME: dict[str, Any] = {"castore_runtime": True}
+METADATA_COLUMN = "castore_metadata"
+
+
+def runtime_field(default: Any = None, **kw: Any) -> Any:
+    """A field that does not change outputs (e.g. concurrency): kept out of every hash."""
+    return Field(default, json_schema_extra=RUNTIME, **kw)
+
+
+def _snake(name: str) -> str:
+    s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()
+
+
+class _Step(BaseModel):
+    """Fields and wiring shared by every kind of step."""
+
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True, validate_assignment=True, extra="forbid"
+    )
+
+    kind: ClassVar[StepKind] = "normal"
+    inputs: ClassVar[list[str]] = []
+    outputs: ClassVar[list[str]] = []
+
+    name: str | None = runtime_field(None, description="Unique name in the pipeline.")
+    input_batch_size: int = runtime_field(50, ge=1, description="Rows per input batch.")
+    concurrency: int = runtime_field(1, ge=1, description="Batches of this step in flight.")
+    max_retries: int = runtime_field(0, ge=0, description="Retries of a failing batch.")
+    retry_backoff: float = runtime_field(0.5, ge=0, description="First retry delay (s).")
+    on_error: Literal["fail", "skip"] = runtime_field(
+        "fail", description="'skip': failed rows get None outputs and are retried next run."
+    )
+    cache_version: str | None = Field(
+        None, description="Set to pin the code version instead of hashing `process`."
+    )
+
+    _pipeline: Pipeline | None = PrivateAttr(None)
+
+    def model_post_init(self, context: Any, /) -> None:
+        from castore.pipeline.pipeline import current_pipeline
+
+        pipeline = current_pipeline()
+        if pipeline is not None:
+            pipeline._add_step(self)
+
+    # -- wiring: a >> b, a >> [b, c], [b, c] >> d ---------------------------------------
+
+    def __rshift__(self, other: _Step | list[_Step]) -> Any:
+        targets = other if isinstance(other, list) else [other]
+        for t in targets:
+            self._require_pipeline().connect(self, t)
+        return other
+
+    def __rrshift__(self, other: list[_Step]) -> _Step:
+        for s in other:
+            self._require_pipeline().connect(s, self)
+        return self
+
+    def _require_pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise PipelineError(f"step {self.name or type(self).__name__} is not in a Pipeline")
+        return self._pipeline
+
+    # -- identity ------------------------------------------------------------------------
+
+    @classmethod
+    def default_name(cls) -> str:
+        return _snake(cls.__name__)
+
+    @classmethod
+    def runtime_fields(cls) -> set[str]:
+        out = set()
+        for fname, f in cls.model_fields.items():
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            if extra.get("castore_runtime") or _is_secret(f.annotation):
+                out.add(fname)
+        return out
+
+    def cache_params(self) -> dict[str, Any]:
+        """The fields that enter the fingerprint, as canonical-JSON-able values."""
+        out: dict[str, Any] = {}
+        skip = self.runtime_fields() | {"cache_version"}
+        for fname in type(self).model_fields:
+            if fname in skip:
+                continue
+            try:
+                value = self.model_dump(mode="json", include={fname})[fname]
+                canonical_json(value)
+            except (NonCanonicalValue, ValueError, TypeError) as e:
+                raise UnhashableParam(
+                    f"step {self.name}: parameter {fname!r} cannot be hashed ({e}); use JSON "
+                    "values, or mark the field runtime-only if it does not change outputs"
+                ) from None
+            out[fname] = value
+        return out
+
+    def code_version(self) -> str:
+        if self.cache_version is not None:
+            return f"v:{self.cache_version}"
+        try:
+            return code_digest(self._code_target())
+        except (OSError, TypeError):
+            raise PipelineError(
+                f"step {self.name}: the source of its process() is not available (defined "
+                "in a REPL?); pass cache_version='...' to name its code version"
+            ) from None
+
+    def _code_target(self) -> Callable[..., Any]:
+        return type(self).process  # type: ignore[attr-defined]
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "class": type(self).__qualname__,
+            "kind": self.kind,
+            "code": self.code_version(),
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "params": self.cache_params(),
+            "extra": self.extra_identity(),
+        }
+
+    def extra_identity(self) -> Any:
+        """Hook for steps whose outputs depend on more than params (e.g. file contents)."""
+        return None
+
+    def fingerprint(self) -> str:
+        return hash_json(self.identity())
+
+    def yaml_params(self) -> dict[str, Any]:
+        """Every field for pipeline.yaml, secrets redacted."""
+        out = {}
+        for fname, f in type(self).model_fields.items():
+            if _is_secret(f.annotation):
+                out[fname] = None if getattr(self, fname) is None else "**********"
+                continue
+            out[fname] = self.model_dump(mode="json", include={fname}).get(fname)
+        return out
+
+
+def _is_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    args = getattr(annotation, "__args__", ()) or ()
+    return any(a is SecretStr for a in args)
+
+
+class Step(_Step):
+    """Takes a batch of rows, returns rows: a generator of row lists, a list or a Table."""
+
+    kind: ClassVar[StepKind] = "normal"
+
+    def process(self, inputs: StepInput) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GlobalStep(Step):
+    """Gets all of its input as one batch (dedupe, sorting, global statistics)."""
+
+    kind: ClassVar[StepKind] = "global"
+
+
+class GeneratorStep(_Step):
+    """Produces batches; `process(offset)` yields row lists starting at row `offset`."""
+
+    kind: ClassVar[StepKind] = "generator"
+    batch_size: int = Field(50, ge=1, description="Rows per produced batch.")
+
+    def process(self, offset: int = 0) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def normalize_output(result: Any) -> Iterable[Any]:
+    """What `process` returned, as an iterable of chunks (row lists or Tables)."""
+    if result is None:
+        return []
+    if isinstance(result, list) or _is_table(result):
+        return [result]
+    return result
+
+
+def _is_table(obj: Any) -> bool:
+    return type(obj).__name__ == "Table" and type(obj).__module__.startswith("pyarrow")
+
+
+def to_table(chunks: Iterable[Any]) -> pa.Table:
+    import pyarrow as pa
+
+    tables = []
+    for chunk in chunks:
+        if _is_table(chunk):
+            tables.append(chunk)
+        elif chunk:
+            tables.append(pa.Table.from_pylist(list(chunk)))
+    if not tables:
+        return pa.table({})
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+_KINDS: dict[str, type[_Step]] = {"normal": Step, "global": GlobalStep, "generator": GeneratorStep}
+
+
+def step(
+    inputs: list[str] | None = None,
+    outputs: list[str] | None = None,
+    step_type: StepKind = "normal",
+) -> Callable[[Callable[..., Any]], type[_Step]]:
+    """Make a step class from a function.
+
+    The function receives the input rows (or, for generators, the row offset) and the
+    step's params as keyword arguments; its AST digest is the step's code version.
+    """
+    if step_type not in _KINDS:
+        raise PipelineError(f"step_type must be one of {sorted(_KINDS)}, not {step_type!r}")
+    base = _KINDS[step_type]
+
+    def decorate(func: Callable[..., Any]) -> type[_Step]:
+        sig = inspect.signature(func)
+        extra_params = list(sig.parameters)[1:]
+        annotations: dict[str, Any] = {}
+        namespace: dict[str, Any] = {
+            "__module__": func.__module__,
+            "__qualname__": func.__qualname__,
+            "__doc__": func.__doc__,
+            "inputs": list(inputs or []),
+            "outputs": list(outputs or []),
+            "_func": staticmethod(func),
+        }
+        for pname in extra_params:
+            p = sig.parameters[pname]
+            ann = p.annotation if p.annotation is not inspect.Parameter.empty else Any
+            annotations[pname] = ann
+            namespace[pname] = None if p.default is inspect.Parameter.empty else p.default
+        namespace["__annotations__"] = annotations
+
+        def process(self: _Step, first: Any = 0) -> Any:
+            kwargs = {p: getattr(self, p) for p in extra_params}
+            return func(first, **kwargs)
+
+        def _code_target(self: _Step) -> Callable[..., Any]:
+            return func
+
+        namespace["process"] = process
+        namespace["_code_target"] = _code_target
+        cls = type(func.__name__, (base,), namespace)
+        return cls
+
+    return decorate

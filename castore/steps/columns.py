@@ -1,0 +1,141 @@
+"""Column and row operations for cleaning and curating data."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import Field
+
+from castore.errors import PipelineError
+from castore.hashing import code_digest
+from castore.pipeline.step import GlobalStep, Step, StepInput, runtime_field
+
+
+class KeepColumns(Step):
+    """Keep only `columns`, in that order."""
+
+    columns: list[str]
+
+    def process(self, inputs: StepInput) -> list[dict[str, Any]]:
+        return [{c: row.get(c) for c in self.columns} for row in inputs]
+
+    def output_columns(self, available: set[str] | None) -> set[str]:
+        if available is not None:
+            missing = [c for c in self.columns if c not in available]
+            if missing:
+                raise PipelineError(f"step {self.name}: no predecessor produces {missing[0]!r}")
+        return set(self.columns)
+
+
+class RenameColumns(Step):
+    """Rename columns: `mapping` old name -> new name."""
+
+    mapping: dict[str, str]
+
+    def process(self, inputs: StepInput) -> list[dict[str, Any]]:
+        return [{self.mapping.get(k, k): v for k, v in row.items()} for row in inputs]
+
+    def output_columns(self, available: set[str] | None) -> set[str] | None:
+        if available is None:
+            return None
+        return {self.mapping.get(c, c) for c in available}
+
+
+class ExpandColumns(Step):
+    """One row per element of list columns (zipped when several are named)."""
+
+    columns: list[str]
+
+    def process(self, inputs: StepInput) -> list[dict[str, Any]]:
+        out = []
+        for row in inputs:
+            lists = [row.get(c) or [] for c in self.columns]
+            for values in zip(*lists, strict=False):
+                out.append({**row, **dict(zip(self.columns, values, strict=True))})
+        return out
+
+
+class CombineOutputs(Step):
+    """Merge several predecessors row by row (`[a, b] >> combine`)."""
+
+    def process(self, inputs: StepInput) -> StepInput:
+        return inputs
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "in": lambda a, b: a in b,
+    "not_in": lambda a, b: a not in b,
+    "contains": lambda a, b: a is not None and b in a,
+    "min_length": lambda a, b: a is not None and len(a) >= b,
+    "max_length": lambda a, b: a is not None and len(a) <= b,
+    "is_null": lambda a, _b: a is None,
+    "not_null": lambda a, _b: a is not None,
+}
+
+
+class FilterRows(Step):
+    """Keep rows where `column op value` holds, or where `predicate(row)` is true.
+
+    A predicate's code (its normalized AST) enters the fingerprint like `process` does."""
+
+    column: str | None = None
+    op: Literal[
+        "==",
+        "!=",
+        "<",
+        "<=",
+        ">",
+        ">=",
+        "in",
+        "not_in",
+        "contains",
+        "min_length",
+        "max_length",
+        "is_null",
+        "not_null",
+    ] = "=="
+    value: Any = None
+    predicate: Callable[[dict[str, Any]], bool] | None = runtime_field(None, exclude=True)
+
+    def model_post_init(self, context: Any, /) -> None:
+        if (self.column is None) == (self.predicate is None):
+            raise PipelineError("FilterRows needs either column/op/value or predicate")
+        super().model_post_init(context)
+
+    def extra_identity(self) -> Any:
+        if self.predicate is None:
+            return None
+        return {"predicate": f"{self.predicate.__qualname__}@{code_digest(self.predicate)}"}
+
+    def process(self, inputs: StepInput) -> StepInput:
+        if self.predicate is not None:
+            return [row for row in inputs if self.predicate(row)]
+        test = _OPS[self.op]
+        return [row for row in inputs if test(row.get(self.column), self.value)]  # type: ignore[arg-type]
+
+
+class DeduplicateRows(GlobalStep):
+    """Exact dedupe on `columns` (all columns when empty); the first occurrence stays."""
+
+    columns: list[str] = Field(default_factory=list)
+
+    def process(self, inputs: StepInput) -> StepInput:
+        import json
+
+        seen: set[str] = set()
+        out = []
+        for row in inputs:
+            key_src = {c: row.get(c) for c in self.columns} if self.columns else row
+            key = json.dumps(key_src, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                out.append(row)
+        return out
