@@ -22,6 +22,7 @@ class Distiset(dict):
     pipeline_yaml: str | None = None
     log: str | None = None
     run: RunManifest | None = None
+    run_oid: str | None = None
 
     def __repr__(self) -> str:
         inner = ",\n".join(f"    {name}: " + _indent(repr(dd), 4) for name, dd in self.items())
@@ -43,6 +44,7 @@ class Distiset(dict):
             out[leaf] = datasets.DatasetDict({"train": datasets.Dataset(table)})
         out.partial = run.status != "finished"
         out.run = run
+        out.run_oid = run_oid
         out.pipeline_yaml = (
             store.get_bytes(run.pipeline_yaml).decode() if run.pipeline_yaml else None
         )

@@ -86,6 +86,7 @@ class RunInterrupted(CastoreError):
     """The run stopped on Ctrl+C/SIGTERM; its finished batches are stored."""
 
     exit_code = 130
+    run_oid: str | None = None  # the sealed run manifest, when there is one
 
 
 class NothingToResume(CastoreError):

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import textwrap
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -126,7 +127,16 @@ def code_digest(func: Callable[..., Any]) -> str:
     then require an explicit `cache_version`.
     """
     func = inspect.unwrap(func)
+    if getattr(func, "__name__", "") == "<lambda>":
+        # getsource returns the whole line, which may hold several lambdas: use the
+        # compiled code instead (stable for one Python version, which is what runs).
+        return blake3.blake3(_code_repr(func.__code__).encode()).hexdigest()
     source = textwrap.dedent(inspect.getsource(func))
     tree = _StripDocstrings().visit(ast.parse(source))
     dumped = ast.dump(tree, annotate_fields=True, include_attributes=False)
     return blake3.blake3(dumped.encode("utf-8")).hexdigest()
+
+
+def _code_repr(code: types.CodeType) -> str:
+    consts = [_code_repr(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return repr((code.co_code, consts, code.co_names, code.co_varnames))

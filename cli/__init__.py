@@ -92,10 +92,18 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
 
 
 def _register() -> None:
-    from castore.cli import cat, fsck, info
+    from castore.cli import cat, fsck, info, run, runs
 
     for mod in (info, fsck, cat):
         cas.add_command(mod.command)
+    for command in (
+        run.run_command,
+        run.resume_command,
+        runs.ls_command,
+        runs.show_command,
+        runs.log_command,
+    ):
+        cas.add_command(command)
 
 
 _register()

@@ -121,7 +121,9 @@ class Pipeline:
             step = self.steps[n]
             preds = self.predecessors(n)
             if isinstance(step, GeneratorStep):
-                produced[n] = None if not step.outputs else set(step.outputs)
+                produced[n] = self._columns_after(step, None) or (
+                    set(step.outputs) if step.outputs else None
+                )
                 continue
             if not preds:
                 raise PipelineError(f"step {n} has no input: connect a step to it with >>")

@@ -197,10 +197,12 @@ class Runner:
                 lock.release()
                 self._stop_logging(handlers)
         if status == "interrupted":
-            raise RunInterrupted(
+            err = RunInterrupted(
                 f"run {self.p.name} interrupted: {self._done_batches()} batches are stored; "
                 f"`cas resume {self.p.name}` (or running it again) continues"
             )
+            err.run_oid = manifest_oid
+            raise err
         return Distiset.from_manifest(self.store, manifest_oid)
 
     # -- setup ---------------------------------------------------------------------------

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+import yaml
+from castore.cli import App, common_options, echo_json, err
+
+from castore.errors import CastoreError, ConfigError, RunInterrupted
+from castore.store.manifests import RunManifest, Target
+
+
+def parse_params(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`step.field=value` pairs; values are YAML scalars/lists (`0.7`, `true`, `[a, b]`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        lhs, eq, raw = item.partition("=")
+        step_name, dot, field = lhs.partition(".")
+        if not eq or not dot or not step_name or not field:
+            raise ConfigError(f"--param {item!r}: expected STEP.FIELD=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(step_name, {})[field] = value
+    return out
+
+
+def summary(app: App, run_oid: str) -> dict[str, Any]:
+    from castore.store.manifests import load_model
+
+    store = app.store()
+    run = load_model(store, run_oid, RunManifest)
+    seconds = ((run.ended or run.updated) - run.started).total_seconds()
+    return {
+        "run_id": run_oid,
+        "name": run.name,
+        "signature": run.signature,
+        "status": run.status,
+        "rows": {leaf: run.stats[leaf].rows for leaf in run.leaves},
+        "steps": {
+            n: {
+                "batches_cached": s.batches_cached,
+                "batches_computed": s.batches_computed,
+                "batches_failed": s.batches_failed,
+                "rows": s.rows,
+            }
+            for n, s in run.stats.items()
+        },
+        "seconds": round(seconds, 3),
+        "data_dir": str(store.layout.run_dir(run.name, run.signature)) + os.sep + "data",
+    }
+
+
+def execute(
+    app: App,
+    target: Target,
+    params: dict,
+    *,
+    use_cache: bool,
+    executor: str,
+    as_json: bool,
+    grace: float,
+) -> None:
+    """Load the target's pipeline, run it, print the summary (also when interrupted)."""
+    from castore.runs import load_target
+
+    try:
+        pipeline = load_target(target)
+    except CastoreError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot load {target.path}: {type(e).__name__}: {e}") from None
+    try:
+        ds = pipeline.run(
+            params,
+            use_cache=use_cache,
+            cache_dir=app.store().root,
+            executor=executor,
+            quiet=app.quiet or as_json,
+            target=target,
+            stop_grace=grace,
+        )
+    except RunInterrupted as e:
+        if as_json and e.run_oid:
+            echo_json(summary(app, e.run_oid))
+        raise
+    doc = summary(app, ds.run_oid)
+    if as_json:
+        echo_json(doc)
+        return
+    err(
+        f"run {doc['name']} {doc['status']} in {doc['seconds']:.1f}s; "
+        f"rows: {', '.join(f'{k}={v}' for k, v in doc['rows'].items())}"
+    )
+    err(f"data: {doc['data_dir']}")
+    err(f"run again (free: every batch is cached): cas run {target.path}")
+
+
+def run_options(f: Any) -> Any:
+    f = click.option(
+        "--grace",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Seconds to wait for in-flight batches after Ctrl+C.",
+    )(f)
+    f = click.option(
+        "--executor",
+        type=click.Choice(["threads", "processes"]),
+        default="threads",
+        show_default=True,
+        help="threads for I/O-bound steps (LLM calls), processes for CPU-bound.",
+    )(f)
+    return f
+
+
+@click.command("run")
+@click.argument("target")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="STEP.FIELD=VALUE",
+    help="Set a step parameter (repeatable); VALUE is parsed as YAML.",
+)
+@click.option("--no-cache", is_flag=True, help="Recompute every batch (results are still stored).")
+@run_options
+@common_options
+@click.pass_obj
+def run_command(
+    app: App,
+    target: str,
+    params: tuple[str, ...],
+    no_cache: bool,
+    executor: str,
+    grace: float,
+    as_json: bool,
+) -> None:
+    """Run a pipeline; finished batches are reused, so this also resumes and re-runs.
+
+    TARGET is a Python file (the Pipeline it defines, or FILE.py:NAME), a
+    package.module:NAME, or a pipeline.yaml. Ctrl+C stops cleanly (exit 130);
+    `cas resume` continues.
+    """
+    from castore.runs import parse_target
+
+    execute(
+        app,
+        parse_target(target),
+        parse_params(params),
+        use_cache=not no_cache,
+        executor=executor,
+        as_json=as_json,
+        grace=grace,
+    )
+
+
+@click.command("resume")
+@click.argument("name", required=False)
+@run_options
+@common_options
+@click.pass_obj
+def resume_command(app: App, name: str | None, executor: str, grace: float, as_json: bool) -> None:
+    """Continue the latest interrupted or failed run (of NAME, or of any pipeline).
+
+    Re-invokes the target recorded in the run, with the same parameters; every batch
+    that finished before is reused.
+    """
+    from castore.runs import latest_resumable
+
+    info = latest_resumable(app.store(), name)
+    man = info.manifest
+    target = man.target or Target(kind="api")
+    if not as_json:
+        err(
+            f"resuming {info.name} ({info.sig[:12]}, {info.status}) from "
+            f"{target.path or 'its stored pipeline.yaml'}"
+        )
+    if target.kind == "api":
+        _run_stored(app, info, executor=executor, as_json=as_json, grace=grace)
+        return
+    if target.cwd and os.path.isdir(target.cwd):
+        os.chdir(target.cwd)
+    execute(
+        app, target, man.parameters, use_cache=True, executor=executor, as_json=as_json, grace=grace
+    )
+
+
+def _run_stored(app: App, info: Any, **kw: Any) -> None:
+    from castore.runs import load_target
+
+    pipeline = load_target(Target(kind="api"), app.store(), info.manifest)
+    ds = pipeline.run(
+        info.manifest.parameters,
+        cache_dir=app.store().root,
+        executor=kw["executor"],
+        quiet=app.quiet or kw["as_json"],
+        stop_grace=kw["grace"],
+    )
+    doc = summary(app, ds.run_oid)
+    if kw["as_json"]:
+        echo_json(doc)
+    else:
+        err(f"run {doc['name']} {doc['status']}; data: {doc['data_dir']}")

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import click
+from castore.cli import App, common_options, echo_json
+
+
+def _duration(info) -> float:
+    m = info.manifest
+    return ((m.ended or m.updated) - m.started).total_seconds()
+
+
+@click.command("ls")
+@common_options
+@click.pass_obj
+def ls_command(app: App, as_json: bool) -> None:
+    """List runs: name, short signature, status, rows, started, duration."""
+    from castore.runs import list_runs
+
+    runs = list_runs(app.store())
+    rows = [
+        {
+            "name": r.name,
+            "signature": r.sig,
+            "run_id": r.oid,
+            "status": r.status,
+            "rows": sum(
+                r.manifest.stats[leaf].rows
+                for leaf in r.manifest.leaves
+                if leaf in r.manifest.stats
+            ),
+            "started": r.manifest.started.isoformat(timespec="seconds"),
+            "seconds": round(_duration(r), 3),
+        }
+        for r in runs
+    ]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("no runs", err=True)
+        return
+    click.echo(f"{'NAME':24} {'SIGNATURE':12} {'STATUS':11} {'ROWS':>9} {'STARTED':20} SECONDS")
+    for r in rows:
+        click.echo(
+            f"{r['name'][:24]:24} {r['signature'][:12]} {r['status']:11} "
+            f"{r['rows']:>9} {r['started'][:19]:20} {r['seconds']:.1f}"
+        )
+
+
+@click.command("show")
+@click.argument("run")
+@common_options
+@click.pass_obj
+def show_command(app: App, run: str, as_json: bool) -> None:
+    """Per step: batches done/total, cached/computed, rows, columns.
+
+    RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
+    """
+    from castore.runs import resolve_run
+    from castore.store.manifests import StepManifest, load_model
+
+    store = app.store()
+    info = resolve_run(store, run)
+    steps = []
+    for ref in info.manifest.steps:
+        sm = load_model(store, ref.manifest, StepManifest)
+        st = info.manifest.stats.get(ref.name)
+        steps.append(
+            {
+                "name": ref.name,
+                "class": sm.step_class,
+                "batches_done": len(sm.batches),
+                "batches_total": st.batches_total if st else None,
+                "batches_cached": st.batches_cached if st else 0,
+                "batches_computed": st.batches_computed if st else 0,
+                "batches_failed": st.batches_failed if st else 0,
+                "rows": sm.rows,
+                "columns": [c for c, _ in sm.columns],
+                "complete": sm.complete,
+            }
+        )
+    doc = {
+        "name": info.name,
+        "signature": info.sig,
+        "run_id": info.oid,
+        "status": info.status,
+        "steps": steps,
+        "error": info.manifest.error,
+    }
+    if as_json:
+        echo_json(doc)
+        return
+    click.echo(f"{info.name} {info.sig[:12]} {info.status} (run {info.oid[:12]})")
+    if info.manifest.error:
+        click.echo(f"error: {info.manifest.error}")
+    for s in steps:
+        total = s["batches_total"] if s["batches_total"] is not None else "?"
+        click.echo(
+            f"  {s['name']}: {s['batches_done']}/{total} batches "
+            f"({s['batches_cached']} cached, {s['batches_computed']} computed, "
+            f"{s['batches_failed']} failed), {s['rows']} rows; "
+            f"columns: {', '.join(s['columns'])}"
+        )
+
+
+@click.command("log")
+@click.argument("run")
+@common_options
+@click.pass_obj
+def log_command(app: App, run: str, as_json: bool) -> None:
+    """Print a run's pipeline.log."""
+    import os
+
+    from castore.runs import resolve_run
+
+    store = app.store()
+    info = resolve_run(store, run)
+    if info.manifest.log:
+        text = store.get_bytes(info.manifest.log).decode(errors="replace")
+    else:  # a run killed before its final seal: the live log file in its folder
+        path = os.path.join(store.layout.run_dir(info.name, info.sig), "pipeline.log")
+        text = open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""
+    if as_json:
+        echo_json({"run_id": info.oid, "log": text})
+    else:
+        click.echo(text, nl=False)

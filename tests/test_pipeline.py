@@ -1,0 +1,405 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import SecretStr
+
+from castore import GlobalStep, Pipeline, Step, StepInput, StepOutput, step
+from castore.distiset import Distiset
+from castore.errors import ConfigError, PipelineError, StepFailed
+from castore.pipeline.pipeline import load_file_module
+from castore.steps import (
+    CombineOutputs,
+    DeduplicateRows,
+    FilterRows,
+    KeepColumns,
+    LoadDataFromDicts,
+    LoadDataFromFileSystem,
+    LoadDataFromHub,
+    RenameColumns,
+)
+
+ROWS = [{"instruction": f"q{i}", "n": i} for i in range(230)]
+
+
+@step(inputs=["instruction"], outputs=["response"])
+def Upper(inputs: StepInput) -> StepOutput:
+    yield [{**row, "response": row["instruction"].upper()} for row in inputs]
+
+
+@step(inputs=["n"], outputs=["score"])
+def Score(inputs: StepInput, factor: int = 2) -> StepOutput:
+    yield [{**row, "score": row["n"] * factor} for row in inputs]
+
+
+def rows(ds: Distiset, leaf: str) -> list[dict]:
+    return ds[leaf]["train"].to_list()
+
+
+def counts(ds: Distiset, name: str) -> tuple[int, int]:
+    s = ds.run.stats[name]
+    return s.batches_cached, s.batches_computed
+
+
+def build(name="p", factor=2, batch=40, data=ROWS, concurrency=1) -> Pipeline:
+    with Pipeline(name=name) as p:
+        load = LoadDataFromDicts(data=data, batch_size=25)
+        up = Upper(input_batch_size=batch, concurrency=concurrency)
+        score = Score(factor=factor, input_batch_size=30)
+        keep = KeepColumns(columns=["instruction", "response", "score"])
+        load >> up >> score >> keep
+    return p
+
+
+def test_run_returns_distiset_and_rerun_is_all_cached(store):
+    ds = build().run(cache_dir=store.root)
+    expected = [
+        {"instruction": r["instruction"], "response": r["instruction"].upper(), "score": r["n"] * 2}
+        for r in ROWS
+    ]
+    assert rows(ds, "keep_columns") == expected
+    assert not ds.partial and ds.run.status == "finished"
+    assert "Distiset({" in repr(ds) and "num_rows: 230" in repr(ds)
+    again = build().run(cache_dir=store.root)
+    for s in ("load_data_from_dicts", "upper", "score", "keep_columns"):
+        assert counts(again, s)[1] == 0, s
+    assert rows(again, "keep_columns") == expected
+
+
+def test_downstream_param_change_recomputes_only_descendants(store):
+    first = build(factor=2).run(cache_dir=store.root)
+    second = build(factor=3).run(cache_dir=store.root)
+    n_up = first.run.stats["upper"].batches_computed
+    assert counts(second, "load_data_from_dicts") == (10, 0)
+    assert counts(second, "upper") == (n_up, 0)
+    assert counts(second, "score")[0] == 0 and counts(second, "score")[1] > 0
+    assert counts(second, "keep_columns")[0] == 0
+    assert rows(second, "keep_columns")[5]["score"] == 15
+
+
+def test_concurrency_does_not_change_keys_or_data(store):
+    a = build(concurrency=1).run(cache_dir=store.root)
+    b = build(concurrency=8).run(cache_dir=store.root)
+    assert b.run.signature == a.run.signature
+    assert all(counts(b, s)[1] == 0 for s in b.run.stats)
+    assert rows(a, "keep_columns") == rows(b, "keep_columns")
+
+
+def test_use_cache_false_recomputes(store):
+    build().run(cache_dir=store.root)
+    ds = build().run(cache_dir=store.root, use_cache=False)
+    assert all(counts(ds, s)[0] == 0 for s in ds.run.stats)
+
+
+def test_shared_first_step_is_deduped_across_pipelines(store):
+    build(name="first").run(cache_dir=store.root)
+    other = build(name="second", factor=5).run(cache_dir=store.root)
+    assert counts(other, "load_data_from_dicts")[1] == 0
+    assert counts(other, "upper")[1] == 0
+    assert counts(other, "score")[0] == 0
+
+
+STEP_SRC = textwrap.dedent(
+    """
+    from castore import Pipeline, StepInput, StepOutput, step
+    from castore.steps import LoadDataFromDicts
+
+    @step(inputs=["x"], outputs=["y"])
+    def Twice(inputs: StepInput) -> StepOutput:
+        # BODY
+        yield [{**r, "y": r["x"] * 2} for r in inputs]
+
+    with Pipeline(name="edit") as pipeline:
+        LoadDataFromDicts(data=[{"x": i} for i in range(20)], batch_size=5) >> Twice()
+    """
+)
+
+
+def _load_variant(tmp_path, n: int, src: str):
+    path = tmp_path / f"variant{n}.py"
+    path.write_text(src)
+    return load_file_module(path, f"edit_variant_{n}").pipeline
+
+
+def test_code_edit_invalidates_comment_edit_does_not(store, tmp_path):
+    base = _load_variant(tmp_path, 0, STEP_SRC).run(cache_dir=store.root)
+    comment = STEP_SRC.replace("# BODY", "# a new comment\n        # and another")
+    ds = _load_variant(tmp_path, 1, comment).run(cache_dir=store.root)
+    assert counts(ds, "twice") == (1, 0)
+    edited = STEP_SRC.replace('r["x"] * 2', 'r["x"] * 3')
+    ds = _load_variant(tmp_path, 2, edited).run(cache_dir=store.root)
+    assert counts(ds, "twice") == (0, 1)
+    assert counts(ds, "load_data_from_dicts") == (4, 0)
+    assert rows(ds, "twice")[3]["y"] == 9 and rows(base, "twice")[3]["y"] == 6
+
+
+def test_cache_version_pins_code(store):
+    @step(outputs=["y"])
+    def Pinned(inputs: StepInput) -> StepOutput:
+        yield [{**r, "y": 1} for r in inputs]
+
+    with Pipeline(name="pin") as p:
+        LoadDataFromDicts(data=[{"x": 1}]) >> Pinned(cache_version="1")
+    fp1 = p.signatures()["pinned"]["fp"]
+    p.steps["pinned"].cache_version = "2"
+    assert p.signatures()["pinned"]["fp"] != fp1
+
+
+def test_multi_predecessor_aligned_and_combined(store):
+    with Pipeline(name="multi") as p:
+        a = LoadDataFromDicts(data=[{"a": i} for i in range(50)], batch_size=7, name="a")
+        b = LoadDataFromDicts(data=[{"b": -i} for i in range(50)], batch_size=11, name="b")
+        c = CombineOutputs(input_batch_size=9)
+        [a, b] >> c
+    ds = p.run(cache_dir=store.root)
+    assert rows(ds, "combine_outputs") == [{"a": i, "b": -i} for i in range(50)]
+
+
+def test_multi_predecessor_length_mismatch_is_clear(store):
+    with Pipeline(name="mismatch") as p:
+        a = LoadDataFromDicts(data=[{"a": i} for i in range(10)], name="a")
+        b = LoadDataFromDicts(data=[{"b": i} for i in range(12)], name="b")
+        [a, b] >> CombineOutputs()
+    with pytest.raises(PipelineError, match=r"a \(10 rows\), b \(12 rows\)"):
+        p.run(cache_dir=store.root)
+
+
+def test_global_filter_dedupe_rename(store):
+    data = [{"t": f"x{i % 7}", "k": i} for i in range(40)]
+    with Pipeline(name="curate") as p:
+        load = LoadDataFromDicts(data=data, batch_size=6)
+        f = FilterRows(column="k", op=">=", value=5, input_batch_size=4)
+        d = DeduplicateRows(columns=["t"])
+        r = RenameColumns(mapping={"t": "text"})
+        load >> f >> d >> r
+    ds = p.run(cache_dir=store.root)
+    got = rows(ds, "rename_columns")
+    assert got == [{"text": f"x{i % 7}", "k": i} for i in range(5, 12)]
+    assert ds.run.stats["deduplicate_rows"].batches_computed == 1
+
+
+def test_filter_predicate_code_enters_fingerprint(store):
+    def fp_of(pred):
+        with Pipeline(name="pred") as p:
+            LoadDataFromDicts(data=[{"k": 1}]) >> FilterRows(predicate=pred)
+        return p.signatures()["filter_rows"]["fp"]
+
+    assert fp_of(lambda r: r["k"] > 0) != fp_of(lambda r: r["k"] > 1)
+
+
+class Flaky(Step):
+    inputs = ["n"]
+    outputs = ["ok"]
+    fail_times: int = 0
+    calls: ClassVar[dict] = {}
+
+    def process(self, inputs: StepInput):
+        key = inputs[0]["n"]
+        seen = Flaky.calls.get(key, 0)
+        Flaky.calls[key] = seen + 1
+        if seen < self.fail_times:
+            raise RuntimeError(f"flaky {key}")
+        return [{**r, "ok": True} for r in inputs]
+
+
+def test_retries_then_success(store):
+    Flaky.calls.clear()
+    with Pipeline(name="retry") as p:
+        LoadDataFromDicts(data=[{"n": i} for i in range(6)], batch_size=2) >> Flaky(
+            fail_times=2, max_retries=2, retry_backoff=0.01, input_batch_size=2
+        )
+    ds = p.run(cache_dir=store.root)
+    assert all(r["ok"] for r in rows(ds, "flaky"))
+    assert Flaky.calls == {0: 3, 2: 3, 4: 3}
+
+
+def test_fail_fails_the_run_and_is_recorded(store):
+    Flaky.calls.clear()
+    with Pipeline(name="fail") as p:
+        LoadDataFromDicts(data=[{"n": i} for i in range(4)], batch_size=2) >> Flaky(
+            fail_times=5, input_batch_size=2
+        )
+    with pytest.raises(StepFailed, match="flaky"):
+        p.run(cache_dir=store.root)
+    from castore.runs import resolve_run
+
+    info = resolve_run(store, "fail")
+    assert info.status == "failed" and "flaky" in info.manifest.error
+
+
+def test_skip_batches_are_not_cached_and_retried(store):
+    Flaky.calls.clear()
+
+    def make(fail_times):
+        with Pipeline(name="skip") as p:
+            LoadDataFromDicts(data=[{"n": i} for i in range(6)], batch_size=2) >> Flaky(
+                fail_times=fail_times, on_error="skip", input_batch_size=2
+            )
+        return p
+
+    ds = make(1).run(cache_dir=store.root, quiet=True)
+    got = ds.__class__.from_manifest(store, ds.run_oid, enable_metadata=True)
+    first = rows(got, "flaky")
+    assert [r["ok"] for r in first] == [None] * 6
+    assert "flaky 0" in first[0]["castore_metadata"]["error"]
+    assert ds.run.stats["flaky"].batches_failed == 3
+    # Same fingerprint (fail_times=1 again): the skipped batches were not cached.
+    again = make(1).run(cache_dir=store.root)
+    assert counts(again, "flaky") == (0, 3)
+    assert all(r["ok"] for r in rows(again, "flaky"))
+    assert "castore_metadata" not in again["flaky"]["train"].column_names
+
+
+def test_missing_declared_output_column(store):
+    @step(outputs=["answer"])
+    def Forgets(inputs: StepInput) -> StepOutput:
+        yield [{**r, "nope": 1} for r in inputs]
+
+    with Pipeline(name="forget") as p:
+        LoadDataFromDicts(data=[{"x": 1}]) >> Forgets()
+    with pytest.raises(StepFailed, match="lacks declared column 'answer'"):
+        p.run(cache_dir=store.root)
+
+
+def test_build_time_column_check(store):
+    with Pipeline(name="cols") as p:
+        LoadDataFromDicts(data=[{"prompt": "x"}]) >> Upper()
+    with pytest.raises(PipelineError, match="step upper needs input column 'instruction'"):
+        p.run(cache_dir=store.root)
+
+
+def test_cycle_is_refused():
+    with Pipeline(name="cyc") as p:
+        a = Upper(name="a")
+        b = Upper(name="b")
+        a >> b >> a
+    with pytest.raises(PipelineError, match="cycle"):
+        p.validate()
+
+
+def test_async_and_table_returning_steps(store):
+    @step(outputs=["z"])
+    async def AsyncStep(inputs: StepInput):
+        await asyncio.sleep(0.001)
+        return [{**r, "z": r["x"] + 1} for r in inputs]
+
+    class TableStep(GlobalStep):
+        outputs = ["w"]
+
+        def process(self, inputs):
+            return pa.table({"x": [r["x"] for r in inputs], "w": [r["z"] * 10 for r in inputs]})
+
+    with Pipeline(name="async") as p:
+        (
+            LoadDataFromDicts(data=[{"x": i} for i in range(9)], batch_size=4)
+            >> AsyncStep(input_batch_size=3)
+            >> TableStep()
+        )
+    ds = p.run(cache_dir=store.root)
+    assert rows(ds, "table_step") == [{"x": i, "w": (i + 1) * 10} for i in range(9)]
+
+
+class WithSecret(Step):
+    outputs = ["y"]
+    api_key: SecretStr | None = None
+    model: str = "m"
+
+    def process(self, inputs):
+        assert self.api_key.get_secret_value() == "sk-very-secret-123"
+        return [{**r, "y": 1} for r in inputs]
+
+
+def test_secrets_never_hashed_or_written(store):
+    def make(key):
+        with Pipeline(name="secret") as p:
+            LoadDataFromDicts(data=[{"x": 1}]) >> WithSecret(api_key=key)
+        return p
+
+    p = make("sk-very-secret-123")
+    assert p.signature() == make("sk-other").signature()
+    p.run(cache_dir=store.root)
+    for path in store.root.rglob("*"):
+        if path.is_file():
+            assert b"sk-very-secret-123" not in path.read_bytes(), path
+
+
+def test_yaml_round_trip_same_signature(store, tmp_path):
+    p = build(factor=7)
+    text = p.to_yaml()
+    again = Pipeline.from_yaml(text)
+    assert again.signature() == p.signature()
+    (tmp_path / "pipeline.yaml").write_text(text)
+    assert Pipeline.from_yaml(tmp_path / "pipeline.yaml").signature() == p.signature()
+
+
+def test_run_folder_layout(store):
+    ds = build().run(cache_dir=store.root)
+    run_dir = store.root / "runs" / "p" / ds.run.signature
+    files = sorted((run_dir / "data" / "keep_columns").iterdir())
+    assert [f.name for f in files][:2] == ["00001.parquet", "00002.parquet"]
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    assert table.to_pylist() == rows(ds, "keep_columns")
+    assert (run_dir / "pipeline.yaml").exists() and (run_dir / "pipeline.log").exists()
+    log = (run_dir / "pipeline.log").read_text()
+    assert "signature" in log and "step upper" in log
+
+
+def test_file_loader_invalidates_on_edit(store, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"i{i}"}) + "\n" for i in range(30)))
+
+    def make():
+        with Pipeline(name="files") as p:
+            LoadDataFromFileSystem(data_files=str(data), batch_size=10) >> Upper()
+        return p
+
+    first = make().run(cache_dir=store.root)
+    same = make().run(cache_dir=store.root)
+    assert counts(same, "load_data_from_file_system") == (3, 0)
+    data.write_text(data.read_text().replace("i29", "changed"))
+    edited = make().run(cache_dir=store.root)
+    assert counts(edited, "load_data_from_file_system") == (0, 3)
+    assert rows(edited, "upper")[-1]["response"] == "CHANGED"
+    assert rows(first, "upper")[-1]["response"] == "I29"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "json"])
+def test_file_loader_formats(store, tmp_path, fmt):
+    table = pa.table({"instruction": [f"i{i}" for i in range(12)]})
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        path.write_text("instruction\n" + "\n".join(f"i{i}" for i in range(12)) + "\n")
+    elif fmt == "parquet":
+        pq.write_table(table, path)
+    else:
+        path.write_text(json.dumps(table.to_pylist()))
+    with Pipeline(name=f"fmt-{fmt}") as p:
+        LoadDataFromFileSystem(data_files=str(path), batch_size=5) >> Upper()
+    ds = p.run(cache_dir=store.root)
+    assert [r["response"] for r in rows(ds, "upper")] == [f"I{i}" for i in range(12)]
+
+
+def test_hub_loader_offline_on_local_folder(store, tmp_path):
+    folder = tmp_path / "local_ds"
+    folder.mkdir()
+    pq.write_table(pa.table({"instruction": [f"h{i}" for i in range(8)]}), folder / "train.parquet")
+    with Pipeline(name="hub") as p:
+        LoadDataFromHub(repo_id=str(folder), batch_size=3) >> Upper()
+    ds = p.run(cache_dir=store.root)
+    assert sorted(r["response"] for r in rows(ds, "upper")) == sorted(f"H{i}" for i in range(8))
+
+
+def test_parameters_apply_and_unknowns_are_clear(store):
+    ds = build().run({"score": {"factor": 10}}, cache_dir=store.root)
+    assert rows(ds, "keep_columns")[2]["score"] == 20
+    with pytest.raises(ConfigError, match="unknown step 'nope'"):
+        build().run({"nope": {"x": 1}}, cache_dir=store.root)
+    with pytest.raises(ConfigError, match="has no parameter 'bogus'"):
+        build().run({"score": {"bogus": 1}}, cache_dir=store.root)
+    assert ds.run.parameters == {"score": {"factor": 10}}
