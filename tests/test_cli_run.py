@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO, run_cas
+
+SLOW = REPO / "tests" / "pipelines" / "slow.py"
+FAST = textwrap.dedent(
+    """
+    from castore import Pipeline, StepInput, StepOutput, step
+    from castore.steps import LoadDataFromDicts
+
+    @step(inputs=["x"], outputs=["y"])
+    def AddOne(inputs: StepInput, by: int = 1) -> StepOutput:
+        yield [{**r, "y": r["x"] + by} for r in inputs]
+
+    with Pipeline(name="fast") as pipeline:
+        LoadDataFromDicts(data=[{"x": i} for i in range(30)], batch_size=10) >> AddOne()
+    """
+)
+
+
+@pytest.fixture
+def fast(tmp_path):
+    path = tmp_path / "fast.py"
+    path.write_text(FAST)
+    return path
+
+
+def one_error_line(r, *needles: str) -> None:
+    assert r.returncode != 0, r
+    assert "Traceback" not in r.stderr, r
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, r
+    for n in needles:
+        assert n in lines[0], r
+
+
+def test_run_json_ls_show_log(fast, tmp_path):
+    cache = tmp_path / "c"
+    r = run_cas("run", str(fast), "--json", "--param", "add_one.by=5", cache_dir=cache)
+    assert r.returncode == 0, r
+    doc = r.json()
+    assert doc["status"] == "finished" and doc["rows"] == {"add_one": 30}
+    assert doc["steps"]["add_one"]["batches_computed"] == 1
+    ls = run_cas("ls", "--json", cache_dir=cache).json()
+    assert [(x["name"], x["status"], x["rows"]) for x in ls] == [("fast", "finished", 30)]
+    for spec in ("fast", doc["signature"][:10], doc["run_id"][:10]):
+        show = run_cas("show", spec, "--json", cache_dir=cache)
+        assert show.returncode == 0, show
+        steps = {s["name"]: s for s in show.json()["steps"]}
+        assert steps["add_one"]["columns"] == ["x", "y"] and steps["add_one"]["rows"] == 30
+    log = run_cas("log", "fast", cache_dir=cache)
+    assert "step add_one" in log.stdout and doc["signature"][:12] in log.stdout
+
+
+def test_run_pipeline_yaml_same_signature(fast, tmp_path):
+    cache = tmp_path / "c"
+    first = run_cas("run", str(fast), "--json", cache_dir=cache).json()
+    yaml_path = cache / "runs" / "fast" / first["signature"] / "pipeline.yaml"
+    copy = tmp_path / "copy.yaml"
+    shutil.copy(yaml_path, copy)
+    r = run_cas("run", str(copy), "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    assert r.json()["signature"] == first["signature"]
+    assert all(s["batches_computed"] == 0 for s in r.json()["steps"].values())
+
+
+def test_resume_nothing(fast, tmp_path):
+    cache = tmp_path / "c"
+    one_error_line(run_cas("resume", cache_dir=cache), "nothing to resume")
+    run_cas("run", str(fast), cache_dir=cache)
+    one_error_line(run_cas("resume", "fast", cache_dir=cache), "nothing to resume")
+    one_error_line(run_cas("resume", "other", cache_dir=cache), "no run of pipeline 'other'")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("pipeline: [unclosed", "malformed pipeline YAML"),
+        (
+            "pipeline:\n  name: x\n  steps:\n    - name: a\n      type: nowhere.mod:Nope\n",
+            "unknown step type 'nowhere.mod:Nope'",
+        ),
+        (
+            "pipeline:\n  name: x\n  steps:\n    - name: a\n      type: castore.steps:Nope\n",
+            "unknown step type",
+        ),
+        ("- just\n- a list\n", "pipeline YAML lacks"),
+    ],
+)
+def test_bad_yaml(tmp_path, content, needle):
+    path = tmp_path / "p.yaml"
+    path.write_text(content)
+    one_error_line(run_cas("run", str(path), cache_dir=tmp_path / "c"), needle)
+
+
+def test_bad_targets_and_params(fast, tmp_path):
+    cache = tmp_path / "c"
+    one_error_line(run_cas("run", str(tmp_path / "missing.py"), cache_dir=cache), "does not exist")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    one_error_line(run_cas("run", str(empty), cache_dir=cache), "defines 0 pipelines")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def oops(:\n")
+    one_error_line(run_cas("run", str(broken), cache_dir=cache), "SyntaxError")
+    one_error_line(run_cas("run", f"{fast}:nope", cache_dir=cache), "no Pipeline named 'nope'")
+    one_error_line(run_cas("run", "no_such_module:p", cache_dir=cache), "cannot import")
+    one_error_line(
+        run_cas("run", str(fast), "--param", "ghost.x=1", cache_dir=cache), "unknown step 'ghost'"
+    )
+    one_error_line(
+        run_cas("run", str(fast), "--param", "add_one.nope=1", cache_dir=cache),
+        "has no parameter 'nope'",
+    )
+    one_error_line(
+        run_cas("run", str(fast), "--param", "add_one.by=abc", cache_dir=cache), "add_one.by"
+    )
+    one_error_line(
+        run_cas("run", str(fast), "--param", "garbage", cache_dir=cache),
+        "expected STEP.FIELD=VALUE",
+    )
+
+
+def test_cycle_via_cli(tmp_path):
+    path = tmp_path / "cyc.py"
+    path.write_text(
+        FAST.replace(
+            'LoadDataFromDicts(data=[{"x": i} for i in range(30)], batch_size=10) >> AddOne()',
+            "a = AddOne(name='a'); b = AddOne(name='b'); a >> b >> a",
+        )
+    )
+    one_error_line(run_cas("run", str(path), cache_dir=tmp_path / "c"), "cycle")
+
+
+def test_resume_target_gone(fast, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "c"
+    slow_copy = tmp_path / "slow_copy.py"
+    shutil.copy(SLOW, slow_copy)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(slow_copy)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (cache / "refs" / "runs" / "slow").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    os.unlink(slow_copy)
+    one_error_line(run_cas("resume", cache_dir=cache), "is gone")
+
+
+def test_show_unknown_run(tmp_path):
+    one_error_line(run_cas("show", "nope", cache_dir=tmp_path / "c"), "no run named")

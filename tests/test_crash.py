@@ -1,0 +1,156 @@
+"""Real SIGINT and SIGKILL at several moments of a `cas run`, then resume: the final
+dataset equals the uninterrupted run's, row for row, and paid work is not repeated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, run_cas
+
+PIPELINE = REPO / "tests" / "pipelines" / "slow.py"
+SLOW_BATCHES = 40  # 600 rows / 15
+pytestmark = pytest.mark.slow
+
+
+def dataset(cache: Path, sig: str) -> list[dict]:
+    data = cache / "runs" / "slow" / sig / "data" / "keep_columns"
+    files = sorted(data.iterdir())
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("reference")
+    r = run_cas("run", str(PIPELINE), "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    doc = r.json()
+    return doc, dataset(cache, doc["signature"])
+
+
+def _actions(cache: Path) -> int:
+    base = cache / "actions"
+    return sum(len(os.listdir(base / d)) for d in os.listdir(base)) if base.exists() else 0
+
+
+def _has_ref(cache: Path) -> bool:
+    return (cache / "refs" / "runs" / "slow").exists()
+
+
+def start(cache: Path, calls: Path) -> subprocess.Popen:
+    env = {**os.environ, "CASTORE_TEST_CALLS": str(calls)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(PIPELINE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for(cache: Path, actions: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _has_ref(cache) and _actions(cache) >= actions:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the moment: {proc.communicate()}")
+        time.sleep(0.01)
+    pytest.fail("moment never came")
+
+
+MOMENTS = [0, 5, 31, 50, 75]  # action entries present when the signal is sent
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, reference, sig, moment):
+    ref_doc, ref_rows = reference
+    cache, calls = tmp_path / "cache", tmp_path / "calls.txt"
+    proc = start(cache, calls)
+    wait_for(cache, moment, proc)
+    proc.send_signal(getattr(signal, sig))
+    out, errtext = proc.communicate(timeout=60)
+    if sig == "SIGINT":
+        assert proc.returncode == 130, errtext
+        assert "cas resume slow" in errtext
+        assert "Traceback" not in errtext
+    else:
+        assert proc.returncode == -signal.SIGKILL
+
+    ls = run_cas("ls", "--json", cache_dir=cache).json()
+    assert ls[0]["status"] == "interrupted"
+
+    env = {"CASTORE_TEST_CALLS": str(calls)}
+    r = run_cas("resume", "slow", "--json", cache_dir=cache, env=env)
+    assert r.returncode == 0, r
+    doc = r.json()
+    assert doc["status"] == "finished" and doc["signature"] == ref_doc["signature"]
+    assert dataset(cache, doc["signature"]) == ref_rows
+    # Paid work: each batch once, plus at most the batches in flight at the kill
+    # (concurrency 2).
+    computed = len(calls.read_text().splitlines())
+    assert SLOW_BATCHES <= computed <= SLOW_BATCHES + 2, computed
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
+
+    again = run_cas("run", str(PIPELINE), "--json", cache_dir=cache, env=env)
+    assert all(s["batches_computed"] == 0 for s in again.json()["steps"].values())
+    assert len(calls.read_text().splitlines()) == computed
+
+
+def test_second_ctrl_c_cancels_at_once(tmp_path):
+    cache, calls = tmp_path / "cache", tmp_path / "calls.txt"
+    proc = start(cache, calls)
+    wait_for(cache, 10, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, errtext = proc.communicate(timeout=30)
+    assert proc.returncode == 130, errtext
+    assert time.monotonic() - t0 < 10
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
+    r = run_cas("resume", "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+
+
+def test_runtime_param_survives_resume(tmp_path):
+    """distilabel 1.5.3 reverts a runtime param to its default on resume; castore
+    records the parameters in the run and re-applies them."""
+    cache, calls = tmp_path / "cache", tmp_path / "calls.txt"
+    env = {**os.environ, "CASTORE_TEST_CALLS": str(calls)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "castore.cli",
+            "--cache-dir",
+            str(cache),
+            "run",
+            str(PIPELINE),
+            "--param",
+            "slow.delay=0.05",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    wait_for(cache, 45, proc)  # 31 generator entries, then some of `slow`
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    r = run_cas("resume", "--json", cache_dir=cache, env={"CASTORE_TEST_CALLS": str(calls)})
+    assert r.returncode == 0, r
+    show = run_cas("show", "slow", "--json", cache_dir=cache).json()
+    slow = next(s for s in show["steps"] if s["name"] == "slow")
+    # Resumed with delay=0.05: the batches done before the kill were reused.
+    assert slow["batches_cached"] > 0 and slow["batches_done"] == SLOW_BATCHES
+    assert len(calls.read_text().splitlines()) <= SLOW_BATCHES + 2
