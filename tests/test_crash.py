@@ -78,7 +78,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, reference, sig, mo
     proc = start(cache, calls)
     wait_for(cache, moment, proc)
     proc.send_signal(getattr(signal, sig))
-    out, errtext = proc.communicate(timeout=60)
+    _, errtext = proc.communicate(timeout=60)
     if sig == "SIGINT":
         assert proc.returncode == 130, errtext
         assert "cas resume slow" in errtext

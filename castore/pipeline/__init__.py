@@ -8,6 +8,7 @@ from castore.pipeline.step import (
     StepInput,
     StepOutput,
     runtime_field,
+    sample_n_steps,
     step,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "StepInput",
     "StepOutput",
     "runtime_field",
+    "sample_n_steps",
     "step",
 ]

@@ -52,7 +52,9 @@ class ProcessWorkers:
         # fork: the child inherits the pipeline's modules, including a target loaded from
         # a file, so step classes unpickle without being importable by path.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        self._pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context(method))
+        self._pool = ProcessPoolExecutor(
+            max_workers=n, mp_context=mp.get_context(method), initializer=_ignore_sigint
+        )
         self._done = done
 
     def submit(self, tag: Any, fn: Callable[..., Any], *args: Any) -> None:
@@ -66,3 +68,10 @@ class ProcessWorkers:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl+C reaches the whole process group; only the driver decides what it means.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -46,6 +46,8 @@ class Pipeline:
         self.cache_dir = cache_dir
         self.steps: dict[str, _Step] = {}
         self.edges: list[tuple[str, str]] = []
+        # step -> (n, successors): each of its batches goes to n of those successors.
+        self.routes: dict[str, tuple[int, list[str]]] = {}
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> Pipeline:
@@ -84,6 +86,16 @@ class Pipeline:
         edge = (a.name, b.name)
         if edge not in self.edges:
             self.edges.append(edge)  # type: ignore[arg-type]
+
+    def route(self, source: _Step, targets: list[_Step], n: int) -> None:
+        """Send each batch of `source` to `n` of `targets`, chosen from its action key."""
+        if n < 1 or n > len(targets):
+            raise PipelineError(
+                f"routing from {source.name}: n={n} must be between 1 and {len(targets)}"
+            )
+        for t in targets:
+            self.connect(source, t)
+        self.routes[source.name] = (n, sorted(t.name for t in targets))  # type: ignore[misc]
 
     def predecessors(self, name: str) -> list[str]:
         return [a for a, b in self.edges if b == name]
@@ -157,10 +169,11 @@ class Pipeline:
         for n in self.topological():
             step = self.steps[n]
             fp = step.fingerprint()
-            plan: dict[str, Any] = {
-                "fp": fp,
-                "preds": [out[p]["sig"] for p in self.predecessors(n)],
-            }
+            preds = self.predecessors(n)
+            plan: dict[str, Any] = {"fp": fp, "preds": [out[p]["sig"] for p in preds]}
+            routes = {p: list(self.routes[p]) for p in preds if p in self.routes}
+            if routes:
+                plan["routes"] = routes
             if not isinstance(step, (GeneratorStep, GlobalStep)):
                 plan["input_batch_size"] = step.input_batch_size
             out[n] = {"fp": fp, "sig": hash_json(plan)}
@@ -168,9 +181,13 @@ class Pipeline:
 
     def signature(self, sigs: dict[str, dict[str, str]] | None = None) -> str:
         sigs = sigs or self.signatures()
-        return hash_json(
-            {"steps": {n: s["sig"] for n, s in sigs.items()}, "edges": sorted(self.edges)}
-        )
+        doc: dict[str, Any] = {
+            "steps": {n: s["sig"] for n, s in sigs.items()},
+            "edges": sorted(self.edges),
+        }
+        if self.routes:
+            doc["routes"] = {k: list(v) for k, v in sorted(self.routes.items())}
+        return hash_json(doc)
 
     # -- pipeline.yaml -------------------------------------------------------------------
 
@@ -200,6 +217,10 @@ class Pipeline:
                 "signature": self.signature(sigs),
                 "steps": steps,
                 "connections": [{"from": n, "to": self.successors(n)} for n in self.topological()],
+                "routing": [
+                    {"from": src, "sample": k, "to": targets}
+                    for src, (k, targets) in self.routes.items()
+                ],
             },
         }
 
@@ -243,6 +264,12 @@ class Pipeline:
                 if c["from"] not in pipeline.steps or t not in pipeline.steps:
                     raise ConfigError(f"connection {c['from']} -> {t} names an unknown step")
                 pipeline.connect(pipeline.steps[c["from"]], pipeline.steps[t])
+        for r in p.get("routing") or []:
+            try:
+                targets = [pipeline.steps[t] for t in r["to"]]
+                pipeline.route(pipeline.steps[r["from"]], targets, int(r["sample"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"bad routing entry {r!r}: {e}") from None
         return pipeline
 
     # -- running -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import shutil
 import signal
 import threading
@@ -38,6 +39,7 @@ from castore.pipeline.batch import (
     store_batch,
 )
 from castore.pipeline.executors import ProcessWorkers, ThreadWorkers
+from castore.pipeline.progress import Progress
 from castore.pipeline.step import GeneratorStep, GlobalStep, _Step, normalize_output, to_table
 from castore.store.manifests import (
     BatchRecord,
@@ -70,6 +72,40 @@ class Planned:
     not_before: float = 0.0
 
 
+class Stream:
+    """The rows a step has produced, as (object, rows) segments of its done prefix."""
+
+    def __init__(self) -> None:
+        self.segs: list[tuple[str, int]] = []
+        self.starts: list[int] = []  # first row of each segment
+        self.rows = 0
+
+    def append(self, oid: str, n: int) -> None:
+        self.starts.append(self.rows)
+        self.segs.append((oid, n))
+        self.rows += n
+
+    def take(self, start: int, end: int) -> list[Slice]:
+        """Slices covering rows [start, end)."""
+        out: list[Slice] = []
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while start < end and i < len(self.segs):
+            oid, n = self.segs[i]
+            off = start - self.starts[i]
+            if 0 <= off < n:
+                length = min(n - off, end - start)
+                out.append((oid, off, length))
+                start += length
+            i += 1
+        return out
+
+
+def route_choice(key: str, n: int, targets: list[str]) -> list[str]:
+    """The successors a batch goes to: seeded from its action key, so deterministic."""
+    rng = random.Random(int(key[:16], 16))
+    return rng.sample(sorted(targets), min(n, len(targets)))
+
+
 @dataclass
 class StepState:
     name: str
@@ -77,14 +113,14 @@ class StepState:
     fp: str
     sig: str
     preds: list[str]
+    route: tuple[int, list[str]] | None = None  # (n, targets) when batches are routed
     done: dict[int, BatchRecord] = field(default_factory=dict)
     planned: int = 0
     inflight: int = 0
     total: int | None = None  # batches, once known
     prefix: int = 0  # contiguous done batches from 0
-    stream: list[tuple[str, int]] = field(default_factory=list)  # (oid, rows) of the prefix
-    starts: list[int] = field(default_factory=list)  # first row of each stream segment
-    rows: int = 0  # rows in the prefix
+    out: Stream = field(default_factory=Stream)
+    routed: dict[str, Stream] = field(default_factory=dict)
     columns: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
@@ -96,29 +132,20 @@ class StepState:
     def complete(self) -> bool:
         return self.total is not None and self.prefix >= self.total
 
-    def take(self, start: int, end: int) -> list[Slice]:
-        """Slices of the prefix stream covering rows [start, end)."""
-        out: list[Slice] = []
-        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
-        while start < end and i < len(self.stream):
-            oid, n = self.stream[i]
-            seg_start = self.starts[i]
-            off = start - seg_start
-            if 0 <= off < n:
-                length = min(n - off, end - start)
-                out.append((oid, off, length))
-                start += length
-            i += 1
-        return out
+    def stream_for(self, successor: str) -> Stream:
+        if self.route is None:
+            return self.out
+        return self.routed.setdefault(successor, Stream())
 
     def add(self, index: int, record: BatchRecord) -> None:
         self.done[index] = record
         while self.prefix in self.done:
             rec = self.done[self.prefix]
+            chosen = route_choice(rec.key, *self.route) if self.route else []
             for oid, n in zip(rec.outputs, rec.rows, strict=True):
-                self.starts.append(self.rows)
-                self.stream.append((oid, n))
-                self.rows += n
+                self.out.append(oid, n)
+                for target in chosen:
+                    self.stream_for(target).append(oid, n)
             self.prefix += 1
 
 
@@ -157,6 +184,7 @@ class Runner:
                 self.sigs[n]["fp"],
                 self.sigs[n]["sig"],
                 pipeline.predecessors(n),
+                route=pipeline.routes.get(n),
             )
             for n in self.order
         }
@@ -212,7 +240,6 @@ class Runner:
         text = self.p.to_yaml(self.sigs)
         (self.run_dir / "pipeline.yaml").write_text(text, encoding="utf-8")
         self.yaml_oid = self.store.put_bytes(text.encode("utf-8"))
-        prev = self.store.get_ref(self.p.name, self.sig)
         log.info(
             "pipeline %s signature %s: %d steps; store %s",
             self.p.name,
@@ -220,12 +247,13 @@ class Runner:
             len(self.order),
             self.store.root,
         )
-        if prev and self.use_cache:
-            log.info("found an earlier run of this pipeline: loading finished batches from cache")
-        elif not self.use_cache:
+        if self.use_cache:
+            self._log_earlier_run()
+        else:
             log.info("use_cache=False: recomputing every batch")
         nworkers = sum(s.step.concurrency for s in self.states.values())
         gen_threads = sum(isinstance(s.step, GeneratorStep) for s in self.states.values())
+        self.progress = Progress(self.order, enabled=not self.quiet)
         self.threads = ThreadWorkers(min(nworkers, 256) + gen_threads, self.done_q)
         self.procs = (
             ProcessWorkers(os.cpu_count() or 2, self.done_q)
@@ -233,6 +261,30 @@ class Runner:
             else None
         )
         self._seal("running")
+
+    def _log_earlier_run(self) -> None:
+        from castore.store.manifests import load_model
+
+        prev = self.store.get_ref(self.p.name, self.sig)
+        if prev is None:
+            return
+        try:
+            run = load_model(self.store, prev, RunManifest)
+        except CastoreError:
+            return
+        log.info(
+            "loading from cache: an earlier run (%s, %s) of this pipeline exists",
+            run.status,
+            run.started.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        for name, st in run.stats.items():
+            total = f"/{st.batches_total}" if st.batches_total is not None else ""
+            log.info(
+                "  step %s: %d%s batches done earlier (reused when still in the store)",
+                name,
+                st.batches_cached + st.batches_computed,
+                total,
+            )
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -258,7 +310,8 @@ class Runner:
                     item = None
             if time.monotonic() - last_seal > SEAL_EVERY:
                 self._seal("running")
-                self._progress()
+                if not self.progress.live:
+                    self._progress()
                 last_seal = time.monotonic()
         return "finished"
 
@@ -295,31 +348,33 @@ class Runner:
 
     def _plan_step(self, st: StepState) -> list[Planned]:
         preds = [self.states[p] for p in st.preds]
+        streams = [p.stream_for(st.name) for p in preds]
+        ready = all(p.complete for p in preds)
         out: list[Planned] = []
         if isinstance(st.step, GlobalStep):
-            if all(p.complete for p in preds):
-                total = self._aligned_total(st, preds)
-                out.append(self._planned(st, 0, [p.take(0, total) for p in preds]))
+            if ready:
+                total = self._aligned_total(st, preds, streams)
+                out.append(self._planned(st, 0, [s.take(0, total) for s in streams]))
                 st.total = 1
             return out
         b = st.step.input_batch_size
         while True:
             start = st.planned * b
-            if all(p.complete for p in preds):
-                total = self._aligned_total(st, preds)
+            if ready:
+                total = self._aligned_total(st, preds, streams)
                 if start >= total:
                     st.total = st.planned
                     return out
                 end = min(start + b, total)
-            elif min(p.rows for p in preds) >= start + b:
+            elif min(s.rows for s in streams) >= start + b:
                 end = start + b
             else:
                 return out
-            out.append(self._planned(st, st.planned, [p.take(start, end) for p in preds]))
+            out.append(self._planned(st, st.planned, [s.take(start, end) for s in streams]))
 
     @staticmethod
-    def _aligned_total(st: StepState, preds: list[StepState]) -> int:
-        totals = {p.name: p.rows for p in preds}
+    def _aligned_total(st: StepState, preds: list[StepState], streams: list[Stream]) -> int:
+        totals = {p.name: s.rows for p, s in zip(preds, streams, strict=True)}
         if len(set(totals.values())) > 1:
             shown = ", ".join(f"{k} ({v} rows)" for k, v in totals.items())
             raise PipelineError(
@@ -463,8 +518,24 @@ class Runner:
             st.stats["failed" if failed else "computed"] += 1
             st.stats["rows_computed"] += n
             st.stats["seconds"] += result.seconds if result else 0.0
-        if result is not None and result.columns and not st.columns:
-            st.columns = result.columns
+        if not st.columns and outputs:
+            st.columns = result.columns if result is not None else self._columns_of(outputs[0])
+        self.progress.update(
+            st.name,
+            len(st.done),
+            st.total,
+            sum(sum(r.rows) for r in st.done.values()),
+            int(st.stats["cached"]),
+        )
+
+    def _columns_of(self, oid: str) -> list[tuple[str, str]]:
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(self.store.path_of(oid))
+        except (OSError, ValueError):
+            return []
+        return [(f.name, str(f.type)) for f in schema]
 
     # -- generators ----------------------------------------------------------------------
 
@@ -575,6 +646,8 @@ class Runner:
         return oid
 
     def _finish(self, status: RunStatus) -> str:
+        if hasattr(self, "progress"):
+            self.progress.close()
         for pool in (getattr(self, "threads", None), getattr(self, "procs", None)):
             if pool is not None:
                 pool.shutdown()

@@ -75,7 +75,9 @@ class _Step(BaseModel):
 
     # -- wiring: a >> b, a >> [b, c], [b, c] >> d ---------------------------------------
 
-    def __rshift__(self, other: _Step | list[_Step]) -> Any:
+    def __rshift__(self, other: _Step | list[_Step] | sample_n_steps) -> Any:
+        if isinstance(other, sample_n_steps):
+            return other._bind(self)
         targets = other if isinstance(other, list) else [other]
         for t in targets:
             self._require_pipeline().connect(self, t)
@@ -165,6 +167,28 @@ class _Step(BaseModel):
                 continue
             out[fname] = self.model_dump(mode="json", include={fname}).get(fname)
         return out
+
+
+class sample_n_steps:
+    """Routing: `a >> sample_n_steps(1) >> [b, c]` sends each batch of `a` to one of
+    b, c, chosen at random seeded from the batch's action key (so reruns choose alike)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._source: _Step | None = None
+
+    def _bind(self, source: _Step) -> sample_n_steps:
+        bound = sample_n_steps(self.n)
+        bound._source = source
+        return bound
+
+    def __rshift__(self, targets: list[_Step]) -> list[_Step]:
+        if self._source is None:
+            raise PipelineError("use routing as: step >> sample_n_steps(n) >> [a, b]")
+        if not isinstance(targets, list) or not targets:
+            raise PipelineError("sample_n_steps(n) routes to a list of steps")
+        self._source._require_pipeline().route(self._source, targets, self.n)
+        return targets
 
 
 def _is_secret(annotation: Any) -> bool:
