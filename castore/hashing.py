@@ -70,12 +70,29 @@ def _check(value: Any, path: str) -> None:
     )
 
 
+def _refuse(obj: Any) -> Any:
+    raise TypeError(type(obj).__name__)
+
+
 def canonical_json(value: Any) -> bytes:
     """Canonical JSON bytes of `value`; raises NonCanonicalValue for NaN or non-JSON types."""
-    _check(value, "$")
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    try:
+        text = json.dumps(
+            value,
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_refuse,
+        )
+    except (TypeError, ValueError) as e:
+        _check(value, "$")  # finds and names the offending value
+        raise NonCanonicalValue(f"$: {e}") from None
+    # json.dumps turns int/bool/None keys into strings silently; a round trip that does
+    # not compare equal (rare: also tuples) gets the full walk, which names the problem.
+    if json.loads(text) != value:
+        _check(value, "$")
+    return text.encode("utf-8")
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,6 +122,8 @@ class StepState:
     prefix: int = 0  # contiguous done batches from 0
     out: Stream = field(default_factory=Stream)
     routed: dict[str, Stream] = field(default_factory=dict)
+    pending: deque[Planned] = field(default_factory=deque)  # planned, not yet submitted
+    rows_done: int = 0
     columns: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
@@ -139,6 +142,7 @@ class StepState:
 
     def add(self, index: int, record: BatchRecord) -> None:
         self.done[index] = record
+        self.rows_done += sum(record.rows)
         while self.prefix in self.done:
             rec = self.done[self.prefix]
             chosen = route_choice(rec.key, *self.route) if self.route else []
@@ -189,7 +193,6 @@ class Runner:
             for n in self.order
         }
         self.done_q: queue.Queue[Any] = queue.Queue()
-        self.pending: list[Planned] = []
         self.cache = TableCache()
         self.stop = threading.Event()
         self.cancel = threading.Event()
@@ -298,6 +301,8 @@ class Runner:
                 return self._drain()
             self._plan_all()
             self._submit_ready()
+            if all(s.complete for s in self.states.values()):
+                break  # everything was a cache hit: no reason to wait
             try:
                 item = self.done_q.get(timeout=0.2)
             except queue.Empty:
@@ -393,37 +398,39 @@ class Runner:
         if entry is not None:
             self._record(st, planned.index, planned.key, entry.outputs, entry.rows, cached=True)
         else:
-            self.pending.append(planned)
+            st.pending.append(planned)
 
     # -- execution -----------------------------------------------------------------------
 
     def _submit_ready(self) -> None:
         now = time.monotonic()
-        keep: list[Planned] = []
-        for planned in self.pending:
-            st = self.states[planned.step]
-            if st.inflight >= st.step.concurrency or planned.not_before > now:
-                keep.append(planned)
-                continue
-            st.inflight += 1
-            tag = ("batch", planned)
-            if self.procs is not None:
-                self.procs.submit(
-                    tag,
-                    execute_in_process,
-                    str(self.store.root),
-                    st.step,
-                    planned.key,
-                    planned.slices,
-                )
-            else:
-                self.threads.submit(
-                    tag,
-                    lambda p=planned, s=st.step: execute_batch(
-                        self.store, s, p.key, p.slices, self.cache
-                    ),
-                )
-        self.pending = keep
+        for st in self.states.values():
+            # Plan order within a step; a retry waiting for its backoff holds the queue
+            # only for its own step.
+            while st.pending and st.inflight < st.step.concurrency:
+                if st.pending[0].not_before > now:
+                    break
+                self._submit(st, st.pending.popleft())
+
+    def _submit(self, st: StepState, planned: Planned) -> None:
+        st.inflight += 1
+        tag = ("batch", planned)
+        if self.procs is not None:
+            self.procs.submit(
+                tag,
+                execute_in_process,
+                str(self.store.root),
+                st.step,
+                planned.key,
+                planned.slices,
+            )
+        else:
+            self.threads.submit(
+                tag,
+                lambda p=planned, s=st.step: execute_batch(
+                    self.store, s, p.key, p.slices, self.cache
+                ),
+            )
 
     def _handle(self, kind: Any, payload: Any, error: Any, *, draining: bool = False) -> None:
         if kind == "gen-thread":  # the wrapper reports through its own messages
@@ -463,7 +470,7 @@ class Runner:
             )
             planned.attempt += 1
             planned.not_before = time.monotonic() + delay
-            self.pending.append(planned)
+            st.pending.append(planned)
             return
         if st.step.on_error == "skip":
             msg = f"{type(error).__name__}: {error}"
@@ -524,7 +531,7 @@ class Runner:
             st.name,
             len(st.done),
             st.total,
-            sum(sum(r.rows) for r in st.done.values()),
+            st.rows_done,
             int(st.stats["cached"]),
         )
 
@@ -614,7 +621,7 @@ class Runner:
                 batches_cached=int(st.stats["cached"]),
                 batches_computed=int(st.stats["computed"]),
                 batches_failed=int(st.stats["failed"]),
-                rows=sum(sum(r.rows) for r in st.done.values()),
+                rows=st.rows_done,
                 rows_cached=int(st.stats["rows_cached"]),
                 rows_computed=int(st.stats["rows_computed"]),
                 compute_seconds=round(st.stats["seconds"], 6),
@@ -669,7 +676,7 @@ class Runner:
                 s["cached"],
                 s["computed"],
                 s["failed"],
-                sum(sum(r.rows) for r in st.done.values()),
+                st.rows_done,
                 s["seconds"],
             )
         log.info("run %s %s; data in %s", self.p.name, status, self.run_dir / "data")
@@ -677,7 +684,7 @@ class Runner:
     def _progress(self) -> None:
         parts = []
         for n, st in self.states.items():
-            rows = sum(sum(r.rows) for r in st.done.values())
+            rows = st.rows_done
             total = f"/{st.total}" if st.total is not None else ""
             parts.append(
                 f"{n} {len(st.done)}{total} batches ({rows} rows, {int(st.stats['cached'])} cached)"

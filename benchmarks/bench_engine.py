@@ -1,0 +1,168 @@
+"""Engine overhead, I/O-bound throughput, re-run cost and memory, as ratios against
+floors measured in the same run.
+
+    python benchmarks/bench_engine.py            # all
+    python benchmarks/bench_engine.py --memory-child ROWS   # (internal) one memory run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import datasets  # noqa: F401 - imported up front: its ~0.5 s import is not engine overhead
+from _util import peak_rss_mib, report
+
+from castore import GeneratorStep, Pipeline, StepInput, StepOutput, step
+from castore.steps import LoadDataFromDicts
+
+
+@step(inputs=["x"], outputs=["y"])
+def Trivial(inputs: StepInput) -> StepOutput:
+    yield [{**r, "y": r["x"] + 1} for r in inputs]
+
+
+@step(inputs=["x"], outputs=["y"])
+def Sleepy(inputs: StepInput, delay: float = 0.02) -> StepOutput:
+    time.sleep(delay)  # one simulated LLM call per batch
+    yield [{**r, "y": r["x"] + 1} for r in inputs]
+
+
+class Counter(GeneratorStep):
+    """Rows made on the fly, so a million-row run holds no input list in memory."""
+
+    n_rows: int
+
+    def process(self, offset: int = 0):
+        for start in range(offset, self.n_rows, self.batch_size):
+            end = min(start + self.batch_size, self.n_rows)
+            yield pa.table({"x": pa.array(range(start, end), pa.int64())})
+
+
+def overhead(work: Path) -> list[tuple[str, str]]:
+    rows, batch = 20_000, 50
+    data = [{"x": i} for i in range(rows)]
+
+    def floor() -> None:
+        out = []
+        for start in range(0, rows, batch):
+            out.extend({**r, "y": r["x"] + 1} for r in data[start : start + batch])
+        pq.write_table(pa.Table.from_pylist(out), work / "floor.parquet")
+
+    t0 = time.perf_counter()
+    floor()
+    t_floor = time.perf_counter() - t0
+    with Pipeline(name="overhead") as p:
+        LoadDataFromDicts(data=data, batch_size=batch) >> Trivial(input_batch_size=batch)
+    t0 = time.perf_counter()
+    p.run(cache_dir=work / "overhead", quiet=True)
+    t_cas = time.perf_counter() - t0
+    batches = rows // batch
+    per_batch = (t_cas - t_floor) / batches * 1e3
+    return [
+        ("overhead: floor (loop + one Parquet)", f"{t_floor * 1e3:.0f} ms"),
+        ("overhead: castore (400 gen + 400 step batches)", f"{t_cas * 1e3:.0f} ms"),
+        ("overhead: per step batch", f"{per_batch:.2f} ms (target <= 2 ms)"),
+    ]
+
+
+def io_bound(work: Path) -> tuple[list[tuple[str, str]], float]:
+    rows, batch, conc, delay = 2_000, 10, 8, 0.02
+    data = [{"x": i} for i in range(rows)]
+
+    def make() -> Pipeline:
+        with Pipeline(name="io") as p:
+            LoadDataFromDicts(data=data, batch_size=100) >> Sleepy(
+                input_batch_size=batch, concurrency=conc, delay=delay
+            )
+        return p
+
+    t0 = time.perf_counter()
+    make().run(cache_dir=work / "io", quiet=True)
+    t_cold = time.perf_counter() - t0
+    ideal = (rows / batch) * delay / conc
+    t0 = time.perf_counter()
+    ds = make().run(cache_dir=work / "io", quiet=True)
+    t_warm = time.perf_counter() - t0
+    computed = sum(s.batches_computed for s in ds.run.stats.values())
+    return [
+        ("io-bound: ideal (200 x 20 ms / 8)", f"{ideal * 1e3:.0f} ms"),
+        (
+            "io-bound: castore cold run",
+            f"{t_cold * 1e3:.0f} ms  ratio {ideal / t_cold:.2f} (target >= 0.8)",
+        ),
+        (
+            "re-run of the finished pipeline",
+            f"{t_warm * 1e3:.1f} ms = "
+            f"{t_warm / t_cold * 100:.1f} % of cold (target <= 2 %), {computed} batches computed",
+        ),
+    ], t_cold
+
+
+def memory_child(rows: int, work: Path) -> None:
+    with Pipeline(name=f"mem{rows}") as p:
+        Counter(n_rows=rows, batch_size=500) >> Trivial(input_batch_size=500)
+    p.run(cache_dir=work, quiet=True)
+    print(json.dumps({"rows": rows, "peak_rss_mib": peak_rss_mib()}))
+
+
+def memory(work: Path) -> list[tuple[str, str]]:
+    peaks = {}
+    for rows in (100_000, 1_000_000):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                str(rows),
+                "--work",
+                str(work / f"mem{rows}"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        peaks[rows] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    ratio = peaks[1_000_000] / peaks[100_000]
+    return [
+        ("memory: peak RSS 100k rows", f"{peaks[100_000]:.0f} MiB"),
+        (
+            "memory: peak RSS 1M rows",
+            f"{peaks[1_000_000]:.0f} MiB  ratio {ratio:.2f} (target <= 1.5)",
+        ),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory-child", type=int)
+    ap.add_argument("--work")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, Path(args.work))
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    try:
+        rows = overhead(work)
+        io_rows, _ = io_bound(work)
+        rows += io_rows
+        if not args.skip_memory:
+            rows += memory(work)
+        report(rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
