@@ -97,7 +97,8 @@ def io_bound(work: Path) -> list[tuple[str, str]]:
     def make(n_rows: int, concurrency: int) -> Pipeline:
         with Pipeline(name=f"io{n_rows}-{concurrency}") as p:
             LoadDataFromDicts(data=data[:n_rows], batch_size=100) >> Sleepy(
-                input_batch_size=batch, concurrency=concurrency, delay=delay)
+                input_batch_size=batch, concurrency=concurrency, delay=delay
+            )
         return p
 
     make(300, 1).run(cache_dir=work / "io1", quiet=True)
@@ -112,14 +113,25 @@ def io_bound(work: Path) -> list[tuple[str, str]]:
     t_warm = time.perf_counter() - t0
     computed = sum(s.batches_computed for s in ds.run.stats.values())
     return [
-        ("io-bound: single-batch rate (concurrency 1)", f"{single:.1f} batches/s "
-         f"(pure sleep would be {1 / delay:.0f})"),
-        ("io-bound: steady rate at concurrency 8", f"{steady:.1f} batches/s  ratio "
-         f"{steady / (conc * single):.2f} of 8 x single (target >= 0.8)"),
-        ("io-bound: whole run incl. start-up/finish", f"{t_cold * 1e3:.0f} ms vs ideal "
-         f"{ideal_wall * 1e3:.0f} ms: ratio {ideal_wall / t_cold:.2f}"),
-        ("re-run of the finished pipeline", f"{t_warm * 1e3:.1f} ms = "
-         f"{t_warm / t_cold * 100:.1f} % of cold (target <= 2 %), {computed} batches computed"),
+        (
+            "io-bound: single-batch rate (concurrency 1)",
+            f"{single:.1f} batches/s (pure sleep would be {1 / delay:.0f})",
+        ),
+        (
+            "io-bound: steady rate at concurrency 8",
+            f"{steady:.1f} batches/s  ratio "
+            f"{steady / (conc * single):.2f} of 8 x single (target >= 0.8)",
+        ),
+        (
+            "io-bound: whole run incl. start-up/finish",
+            f"{t_cold * 1e3:.0f} ms vs ideal "
+            f"{ideal_wall * 1e3:.0f} ms: ratio {ideal_wall / t_cold:.2f}",
+        ),
+        (
+            "re-run of the finished pipeline",
+            f"{t_warm * 1e3:.1f} ms = "
+            f"{t_warm / t_cold * 100:.1f} % of cold (target <= 2 %), {computed} batches computed",
+        ),
     ]
 
 

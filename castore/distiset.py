@@ -1,32 +1,84 @@
 """Distiset: the datasets a run produced, one `datasets.DatasetDict` per leaf step,
-materialized by walking the leaf step manifests (DESIGN.md "Distiset")."""
+materialized by walking the leaf step manifests (DESIGN.md "Distiset").
+
+A run's leaf is materialized once as an Arrow IPC file (a content-addressed object keyed
+by the list of its batch objects) and opened memory-mapped, so a million-row leaf costs
+no Python rows and re-opening a finished run is instant. `create_distiset(path)` reads a
+folder of Parquet files instead: castore's run folders, the seed's `data/<leaf>/` layout
+and distilabel 1.5 cache folders alike.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from castore.errors import CastoreError
+from castore.hashing import hash_json
 from castore.pipeline.step import METADATA_COLUMN
 from castore.store.manifests import RunManifest, StepManifest, load_model
+from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
+    import datasets
     import pyarrow as pa
 
     from castore.store import Store
 
+log = logging.getLogger(__name__)
+
+METADATA_COLUMNS = (METADATA_COLUMN, "distilabel_metadata")
+PIPELINE_YAML = "pipeline.yaml"
+PIPELINE_LOG = "pipeline.log"
+CARD = "README.md"
+
+
+class DistisetError(CastoreError):
+    exit_code = 2
+
 
 class Distiset(dict):
-    """leaf step name -> DatasetDict({"train": Dataset}); `.partial` when the run did not
-    finish; `.pipeline_yaml` / `.log` hold the recipe and the log text."""
+    """leaf step name -> `DatasetDict({"train": Dataset})`.
+
+    `pipeline_yaml` / `log` hold the recipe and the log text (when known), and
+    `pipeline_path` / `log_filename_path` where they were found; `partial` is True when
+    the run did not finish (the rows of every finished batch, in plan order)."""
 
     partial: bool = False
     pipeline_yaml: str | None = None
     log: str | None = None
+    pipeline_path: Path | None = None
+    log_filename_path: Path | None = None
     run: RunManifest | None = None
     run_oid: str | None = None
 
     def __repr__(self) -> str:
-        inner = ",\n".join(f"    {name}: " + _indent(repr(dd), 4) for name, dd in self.items())
+        inner = ",\n".join(
+            f"    {name}: " + repr(dd).replace("\n", "\n    ") for name, dd in self.items()
+        )
         return "Distiset({\n" + inner + "\n})"
+
+    # -- from the store ------------------------------------------------------------------
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str,
+        cache_dir: str | os.PathLike[str] | None = None,
+        *,
+        enable_metadata: bool = False,
+    ) -> Distiset:
+        """The Distiset of a run given by pipeline name (its latest run), signature
+        prefix or run id prefix."""
+        from castore.runs import resolve_run
+        from castore.store import Store
+
+        store = Store(cache_dir)
+        info = resolve_run(store, run)
+        return cls.from_manifest(store, info.oid, enable_metadata=enable_metadata)
 
     @classmethod
     def from_manifest(
@@ -36,33 +88,323 @@ class Distiset(dict):
 
         run = load_model(store, run_oid, RunManifest)
         out = cls()
+        run_dir = Path(store.layout.run_dir(run.name, run.signature))
         for leaf in run.leaves:
             step = load_model(store, run.step_manifest_id(leaf), StepManifest)
-            table = leaf_table(store, step)
-            if not enable_metadata and METADATA_COLUMN in table.column_names:
-                table = table.drop_columns([METADATA_COLUMN])
-            out[leaf] = datasets.DatasetDict({"train": datasets.Dataset(table)})
+            path = leaf_arrow(store, step, run_dir / ".arrow")
+            ds = datasets.Dataset.from_file(str(path)) if path else _empty_dataset()
+            out[leaf] = datasets.DatasetDict({"train": _metadata(ds, enable_metadata)})
         out.partial = run.status != "finished"
-        out.run = run
-        out.run_oid = run_oid
-        out.pipeline_yaml = (
-            store.get_bytes(run.pipeline_yaml).decode() if run.pipeline_yaml else None
-        )
-        out.log = store.get_bytes(run.log).decode(errors="replace") if run.log else None
+        out.run, out.run_oid = run, run_oid
+        if run.pipeline_yaml:
+            out.pipeline_yaml = store.get_bytes(run.pipeline_yaml).decode()
+            out.pipeline_path = run_dir / PIPELINE_YAML
+        if run.log:
+            out.log = store.get_bytes(run.log).decode(errors="replace")
+            out.log_filename_path = run_dir / PIPELINE_LOG
         return out
 
+    # -- saving and loading --------------------------------------------------------------
 
-def leaf_table(store: Store, step: StepManifest) -> pa.Table:
-    """All batches of a step manifest, in plan order, as one Arrow table."""
+    def save_to_disk(
+        self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        """Every leaf as a `datasets` folder, plus pipeline.yaml, pipeline.log and a
+        dataset card. `path` may be an fsspec URL (`memory://`, `s3://`, …)."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+        for leaf, dd in self.items():
+            dd.save_to_disk(_join(str(path), leaf), storage_options=storage_options)
+        for name, text in (
+            (PIPELINE_YAML, self.pipeline_yaml),
+            (PIPELINE_LOG, self.log),
+            (CARD, self.card()),
+        ):
+            if text is not None:
+                with fs.open(_join(root, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+        with fs.open(_join(root, "distiset.json"), "w", encoding="utf-8") as f:
+            json.dump({"leaves": list(self), "partial": self.partial}, f)
+
+    @classmethod
+    def load_from_disk(
+        cls, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+    ) -> Distiset:
+        import datasets
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+        try:
+            with fs.open(_join(root, "distiset.json"), "r", encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise DistisetError(f"{path} is not a saved Distiset (no distiset.json)") from None
+        out = cls()
+        for leaf in meta["leaves"]:
+            out[leaf] = datasets.load_from_disk(
+                _join(str(path), leaf), storage_options=storage_options
+            )
+        out.partial = bool(meta.get("partial"))
+        for attr, name in (("pipeline_yaml", PIPELINE_YAML), ("log", PIPELINE_LOG)):
+            if fs.exists(_join(root, name)):
+                with fs.open(_join(root, name), "r", encoding="utf-8") as f:
+                    setattr(out, attr, f.read())
+        return out
+
+    def card(self) -> str:
+        """A dataset card: what produced the data and how to reproduce it."""
+        lines = [
+            "---",
+            "tags:",
+            "- castore",
+            "- synthetic",
+            "---",
+            "",
+            "# Dataset made with castore",
+            "",
+        ]
+        if self.run is not None:
+            lines += [
+                f"Pipeline `{self.run.name}`, signature `{self.run.signature}`, "
+                f"status `{self.run.status}`.",
+                "",
+            ]
+        lines += ["| subset | rows | columns |", "|---|---|---|"]
+        for leaf, dd in self.items():
+            ds = dd["train"]
+            lines.append(f"| {leaf} | {ds.num_rows} | {', '.join(ds.column_names)} |")
+        lines += [
+            "",
+            "## Reproduce",
+            "",
+            "The `pipeline.yaml` next to this card fully describes the pipeline:",
+            "",
+            "```bash",
+            "pip install castore",
+            "cas run pipeline.yaml",
+            "```",
+            "",
+        ]
+        if self.pipeline_yaml:
+            lines += ["## pipeline.yaml", "", "```yaml", self.pipeline_yaml.rstrip(), "```", ""]
+        return "\n".join(lines)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+    ) -> None:
+        """Upload each leaf as a config of `repo_id`, then the yaml, log and card."""
+        from huggingface_hub import HfApi
+
+        for leaf, dd in self.items():
+            dd.push_to_hub(
+                repo_id,
+                config_name=leaf,
+                private=private,
+                token=token,
+                commit_message=commit_message,
+            )
+        api = HfApi(token=token)
+        for name, text in self.hub_files().items():
+            api.upload_file(
+                path_or_fileobj=text.encode("utf-8"),
+                path_in_repo=name,
+                repo_id=repo_id,
+                repo_type="dataset",
+                commit_message=commit_message or f"Upload {name}",
+            )
+
+    def hub_files(self) -> dict[str, str]:
+        """The files `push_to_hub` uploads beside the data."""
+        files = {CARD: self.card()}
+        if self.pipeline_yaml:
+            files[PIPELINE_YAML] = self.pipeline_yaml
+        if self.log:
+            files[PIPELINE_LOG] = self.log
+        return files
+
+
+# -- materializing a leaf from the store ------------------------------------------------
+
+
+def leaf_arrow(store: Store, step: StepManifest, link_dir: Path) -> Path | None:
+    """An Arrow IPC file with all batches of `step` in plan order, memory-mappable.
+
+    It is an object keyed by the batch list, so a finished run is materialized once; the
+    returned path is a hard link outside objects/, since `datasets` writes its own cache
+    files next to the file it opened."""
+    oids = [oid for b in step.batches for oid in b.outputs]
+    if not oids:
+        return None
+    key = hash_json({"leaf_arrow": oids})
+    entry = store.get_action(key)
+    if entry is None:
+        arrow_oid = _write_leaf_arrow(store, oids)
+        store.put_action(
+            key,
+            ActionEntry(
+                outputs=[arrow_oid],
+                rows=[step.rows],
+                info={"kind": "leaf-arrow", "step": step.name},
+            ),
+        )
+    else:
+        arrow_oid = entry.outputs[0]
+    link_dir.mkdir(parents=True, exist_ok=True)
+    path = link_dir / f"{step.name}-{arrow_oid[:16]}.arrow"
+    if not path.exists():
+        tmp = link_dir / f".{path.name}.{os.getpid()}"
+        try:
+            os.link(store.path_of(arrow_oid), tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(store.path_of(arrow_oid), tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def _write_leaf_arrow(store: Store, oids: list[str]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(store.path_of(o)) for o in oids]
+    schema = unify(schemas)
+    with store.atomic_writer() as w:
+        sink = pa.PythonFile(w, mode="w")
+        with pa.ipc.new_stream(sink, schema) as writer:
+            for oid in oids:
+                table = store.get_table(oid)
+                if table.num_rows:
+                    writer.write_table(conform(table, schema))
+    assert w.oid is not None
+    return w.oid
+
+
+def unify(schemas: list[pa.Schema]) -> pa.Schema:
     import pyarrow as pa
 
-    tables = [store.get_table(oid) for b in step.batches for oid in b.outputs]
-    tables = [t for t in tables if t.num_columns]
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables, promote_options="permissive")
+    schemas = [s for s in schemas if len(s)] or schemas[:1]
+    unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    return unified
 
 
-def _indent(text: str, n: int) -> str:
-    pad = " " * n
-    return text.replace("\n", "\n" + pad)
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in order; missing ones null-filled."""
+    import pyarrow as pa
+
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            cols.append(col if col.type == field.type else col.cast(field.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _metadata(ds: datasets.Dataset, keep: bool) -> datasets.Dataset:
+    drop = [c for c in METADATA_COLUMNS if c in ds.column_names]
+    return ds if keep or not drop else ds.remove_columns(drop)
+
+
+def _empty_dataset() -> datasets.Dataset:
+    import datasets
+    import pyarrow as pa
+
+    return datasets.Dataset(pa.table({}))
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+# -- create_distiset from a folder ------------------------------------------------------
+
+
+def create_distiset(
+    data_dir: str | os.PathLike[str],
+    pipeline_path: str | os.PathLike[str] | None = None,
+    log_filename_path: str | os.PathLike[str] | None = None,
+    enable_metadata: bool = False,
+) -> Distiset:
+    """A Distiset from a `data/` folder with one sub-folder of Parquet files per leaf.
+
+    Reads castore's `runs/<name>/<sig>/data`, the seed's `data/<leaf>/00001.parquet` and a
+    distilabel 1.5 cache folder (`…/data/steps_outputs/<leaf>/…`) alike. pipeline.yaml and
+    pipeline.log are looked for next to `data_dir` when not given; their absence is fine.
+    Raises DistisetError naming the path for a missing folder, no Parquet files, leaf
+    files whose schemas disagree, or a corrupt file."""
+    import datasets
+
+    data = Path(data_dir).expanduser()
+    if not data.is_dir():
+        raise DistisetError(f"{data} is not a folder")
+    leaves = _leaf_dirs(data)
+    out = Distiset()
+    for name, folder in leaves:
+        files = sorted(folder.glob("*.parquet"))
+        if not files:
+            log.warning("skipping empty leaf folder %s", folder)
+            continue
+        table = _read_leaf(files)
+        out[name] = datasets.DatasetDict(
+            {"train": _metadata(datasets.Dataset(table), enable_metadata)}
+        )
+    if not out:
+        raise DistisetError(f"no Parquet files under {data}")
+    parent = data.parent
+    for attr, path_attr, given, default in (
+        ("pipeline_yaml", "pipeline_path", pipeline_path, PIPELINE_YAML),
+        ("log", "log_filename_path", log_filename_path, PIPELINE_LOG),
+    ):
+        path = Path(given) if given else parent / default
+        if path.is_file():
+            setattr(out, attr, path.read_text(encoding="utf-8", errors="replace"))
+            setattr(out, path_attr, path)
+        elif given:
+            raise DistisetError(f"{path} does not exist")
+    return out
+
+
+def _leaf_dirs(data: Path) -> list[tuple[str, Path]]:
+    # distilabel 1.5 puts the leaves one level deeper, under steps_outputs/.
+    base = data / "steps_outputs" if (data / "steps_outputs").is_dir() else data
+    dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise DistisetError(f"{data} has no leaf folders (expected data/<leaf>/*.parquet)")
+    return [(p.name, p) for p in dirs]
+
+
+def _read_leaf(files: list[Path]) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DistisetError(f"{f} is not a readable Parquet file: {e}") from None
+    try:
+        schema = unify([t.schema for t in tables])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DistisetError(
+            f"the Parquet files in {files[0].parent} disagree on their schema: {e}"
+        ) from None
+    try:
+        return pa.concat_tables(
+            [conform(t, schema) for t in tables if t.num_rows or len(tables) == 1]
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise DistisetError(
+            f"the Parquet files in {files[0].parent} disagree on their schema: {e}"
+        ) from None
+
+
+__all__ = ["Distiset", "DistisetError", "create_distiset"]

@@ -23,6 +23,7 @@ def _blocks():
 def test_doc_code_block_runs(code, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(code)
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
+    p = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert p.returncode == 0, p.stderr[-3000:]

@@ -441,3 +441,23 @@ def test_processes_executor_same_keys_and_data(store, tmp_path):
 def test_unknown_executor(store):
     with pytest.raises(PipelineError, match="unknown executor"):
         build().run(cache_dir=store.root, executor="gpu")
+
+
+def test_rerun_after_a_lost_object_recomputes_only_that_batch(store):
+    first = build().run(cache_dir=store.root)
+    from castore.store.manifests import StepManifest, load_model
+
+    upper = load_model(store, first.run.step_manifest_id("upper"), StepManifest)
+    store.delete_object(upper.batches[2].outputs[0])
+    again = build().run(cache_dir=store.root)
+    assert counts(again, "upper") == (len(upper.batches) - 1, 1)
+    # Same content, same object id: everything downstream is still a hit.
+    assert counts(again, "score")[1] == 0 and counts(again, "keep_columns")[1] == 0
+    assert rows(again, "keep_columns") == rows(first, "keep_columns")
+
+
+def test_finished_rerun_logs_no_step_work(store):
+    build().run(cache_dir=store.root)
+    ds = build().run(cache_dir=store.root)
+    assert "no step work to do" in ds.log
+    assert all(counts(ds, s)[1] == 0 for s in ds.run.stats)

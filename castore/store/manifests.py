@@ -34,6 +34,7 @@ class BatchRecord(_Model):
     rows: list[int]
     cached: bool
     seconds: float = 0.0
+    failed: bool = False  # kept with on_error="skip": not cached, recomputed next run
 
 
 class StepManifest(_Model):
