@@ -152,6 +152,44 @@ class Distiset(dict):
                     setattr(out, attr, f.read())
         return out
 
+    def export(self, path: str | os.PathLike[str], fmt: str = "parquet") -> Path:
+        """Write each leaf as `<path>/<leaf>/train.<fmt>` (parquet, jsonl) or a datasets
+        folder (arrow), plus pipeline.yaml, pipeline.log and README.md. Built in a
+        sibling folder and renamed into place: a failure leaves nothing at `path`."""
+        import shutil
+
+        out = Path(path)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DistisetError(f"{out} exists and is not an empty folder; choose a new one")
+        tmp = out.with_name(f".{out.name}.incomplete-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for leaf, dd in self.items():
+                ds = dd["train"]
+                if fmt == "arrow":
+                    dd.save_to_disk(str(tmp / leaf))
+                    continue
+                (tmp / leaf).mkdir(parents=True)
+                if fmt == "parquet":
+                    ds.to_parquet(str(tmp / leaf / "train.parquet"))
+                elif fmt == "jsonl":
+                    ds.to_json(str(tmp / leaf / "train.jsonl"), lines=True)
+                else:
+                    raise DistisetError(f"unknown format {fmt!r}: use parquet, jsonl or arrow")
+            for name, text in (
+                (PIPELINE_YAML, self.pipeline_yaml),
+                (PIPELINE_LOG, self.log),
+                (CARD, self.card()),
+            ):
+                if text is not None:
+                    (tmp / name).write_text(text, encoding="utf-8")
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
     def card(self) -> str:
         """A dataset card: what produced the data and how to reproduce it."""
         lines = [
@@ -345,7 +383,8 @@ def create_distiset(
     data = Path(data_dir).expanduser()
     if not data.is_dir():
         raise DistisetError(f"{data} is not a folder")
-    leaves = _leaf_dirs(data)
+    base, meta_dir = _locate(data)
+    leaves = _leaf_dirs(base)
     out = Distiset()
     for name, folder in leaves:
         files = sorted(folder.glob("*.parquet"))
@@ -358,12 +397,11 @@ def create_distiset(
         )
     if not out:
         raise DistisetError(f"no Parquet files under {data}")
-    parent = data.parent
     for attr, path_attr, given, default in (
         ("pipeline_yaml", "pipeline_path", pipeline_path, PIPELINE_YAML),
         ("log", "log_filename_path", log_filename_path, PIPELINE_LOG),
     ):
-        path = Path(given) if given else parent / default
+        path = Path(given) if given else meta_dir / default
         if path.is_file():
             setattr(out, attr, path.read_text(encoding="utf-8", errors="replace"))
             setattr(out, path_attr, path)
@@ -372,12 +410,25 @@ def create_distiset(
     return out
 
 
-def _leaf_dirs(data: Path) -> list[tuple[str, Path]]:
-    # distilabel 1.5 puts the leaves one level deeper, under steps_outputs/.
-    base = data / "steps_outputs" if (data / "steps_outputs").is_dir() else data
+def _locate(data: Path) -> tuple[Path, Path]:
+    """(folder holding the leaf folders, folder holding pipeline.yaml/log).
+
+    castore and the seed: `<run>/data/<leaf>/`, yaml in `<run>/`. distilabel 1.5:
+    `<…>/executions/<hash>/data/steps_outputs/<leaf>/`, yaml in `executions/<hash>/`.
+    A run or execution folder itself, or the steps_outputs folder, is accepted too."""
+    if (data / "steps_outputs").is_dir():
+        return data / "steps_outputs", data.parent
+    if data.name == "steps_outputs":
+        return data, data.parent.parent
+    if (data / "data").is_dir() and not any(data.glob("*/*.parquet")):
+        return _locate(data / "data")
+    return data, data.parent
+
+
+def _leaf_dirs(base: Path) -> list[tuple[str, Path]]:
     dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
-        raise DistisetError(f"{data} has no leaf folders (expected data/<leaf>/*.parquet)")
+        raise DistisetError(f"{base} has no leaf folders (expected data/<leaf>/*.parquet)")
     return [(p.name, p) for p in dirs]
 
 

@@ -92,9 +92,9 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
 
 
 def _register() -> None:
-    from castore.cli import cat, fsck, info, run, runs
+    from castore.cli import cat, distiset, fsck, info, run, runs
 
-    for mod in (info, fsck, cat):
+    for mod in (info, fsck, cat, distiset):
         cas.add_command(mod.command)
     for command in (
         run.run_command,
