@@ -22,8 +22,8 @@ from _util import peak_rss_mib, report
 
 def child(mode: str, work: Path, rows: int, batch: int) -> None:
     import datasets
-
     from bench_engine import Counter
+
     from castore import Pipeline
     from castore.distiset import Distiset
 
