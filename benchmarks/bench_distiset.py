@@ -54,14 +54,36 @@ def child(mode: str, work: Path, rows: int, batch: int) -> None:
         ds = datasets.Dataset.from_parquet(files, cache_dir=str(work / f"hf-{time.time_ns()}"))
     n = ds.num_rows
     total = sum(ds.data.column("x").to_numpy())  # touch every row
-    print(json.dumps({"seconds": time.perf_counter() - t0, "rows": n, "sum": int(total),
-                      "peak_rss_mib": peak_rss_mib()}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t0,
+                "rows": n,
+                "sum": int(total),
+                "peak_rss_mib": peak_rss_mib(),
+            }
+        )
+    )
 
 
 def run_child(mode: str, work: Path, rows: int, batch: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--work", str(work),
-                          "--rows", str(rows), "--batch", str(batch)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--work",
+            str(work),
+            "--rows",
+            str(rows),
+            "--batch",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -83,17 +105,27 @@ def main() -> None:
         floor = run_child("from_parquet", work, args.rows, args.batch)
         assert first["sum"] == floor["sum"] == again["sum"] and first["rows"] == args.rows
         batches = args.rows // args.batch
-        report([
-            ("leaf", f"{args.rows:,} rows in {batches:,} batch objects"),
-            ("datasets.Dataset.from_parquet", f"{floor['seconds']:.2f} s, peak RSS "
-             f"{floor['peak_rss_mib']:.0f} MiB"),
-            ("Distiset.from_run, first", f"{first['seconds']:.2f} s  ratio "
-             f"{floor['seconds'] / first['seconds']:.2f} (target >= 1.0), peak RSS "
-             f"{first['peak_rss_mib']:.0f} MiB"),
-            ("Distiset.from_run, again", f"{again['seconds']:.3f} s  ratio "
-             f"{floor['seconds'] / again['seconds']:.1f}, peak RSS "
-             f"{again['peak_rss_mib']:.0f} MiB"),
-        ])
+        report(
+            [
+                ("leaf", f"{args.rows:,} rows in {batches:,} batch objects"),
+                (
+                    "datasets.Dataset.from_parquet",
+                    f"{floor['seconds']:.2f} s, peak RSS {floor['peak_rss_mib']:.0f} MiB",
+                ),
+                (
+                    "Distiset.from_run, first",
+                    f"{first['seconds']:.2f} s  ratio "
+                    f"{floor['seconds'] / first['seconds']:.2f} (target >= 1.0), peak RSS "
+                    f"{first['peak_rss_mib']:.0f} MiB",
+                ),
+                (
+                    "Distiset.from_run, again",
+                    f"{again['seconds']:.3f} s  ratio "
+                    f"{floor['seconds'] / again['seconds']:.1f}, peak RSS "
+                    f"{again['peak_rss_mib']:.0f} MiB",
+                ),
+            ]
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

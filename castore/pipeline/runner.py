@@ -43,6 +43,7 @@ from castore.pipeline.batch import (
 from castore.pipeline.executors import ProcessWorkers, ThreadWorkers
 from castore.pipeline.progress import Progress
 from castore.pipeline.step import GeneratorStep, GlobalStep, _Step, normalize_output, to_table
+from castore.store.locks import FileLock
 from castore.store.manifests import (
     BatchRecord,
     RunManifest,
@@ -72,6 +73,7 @@ class Planned:
     slices: list[list[Slice]]
     attempt: int = 0
     not_before: float = 0.0
+    lease: FileLock | None = None
 
 
 class Stream:
@@ -124,6 +126,7 @@ class StepState:
     out: Stream = field(default_factory=Stream)
     routed: dict[str, Stream] = field(default_factory=dict)
     pending: deque[Planned] = field(default_factory=deque)  # planned, not yet submitted
+    waiting: list[Planned] = field(default_factory=list)  # leased by another run
     rows_done: int = 0
     columns: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(
@@ -339,6 +342,7 @@ class Runner:
             if self.stop.is_set():
                 return self._drain()
             self._plan_all()
+            self._check_waiting()
             self._submit_ready()
             if all(s.complete for s in self.states.values()):
                 break  # everything was a cache hit: no reason to wait
@@ -432,12 +436,31 @@ class Runner:
         desc = [[list(s) for s in pred] for pred in slices]
         return Planned(st.name, index, hash_json({"fp": st.fp, "in": desc}), slices)
 
-    def _lookup_or_queue(self, st: StepState, planned: Planned) -> None:
+    def _lookup(self, st: StepState, planned: Planned) -> bool:
+        """Record a cache hit; the outputs are freshened so a concurrent gc keeps them."""
         entry = self.store.get_action(planned.key) if self.use_cache else None
-        if entry is not None:
-            self._record(st, planned.index, planned.key, entry.outputs, entry.rows, cached=True)
-        else:
+        if entry is None or not all(self.store.freshen(o) for o in entry.outputs):
+            return False
+        self._record(st, planned.index, planned.key, entry.outputs, entry.rows, cached=True)
+        return True
+
+    def _lookup_or_queue(self, st: StepState, planned: Planned) -> None:
+        if not self._lookup(st, planned):
             st.pending.append(planned)
+
+    def _check_waiting(self) -> None:
+        """Batches another run is computing: take the entry once it lands, or the lease
+        once its holder finished without one (failed) or died."""
+        for st in self.states.values():
+            still = []
+            for planned in st.waiting:
+                if self._lookup(st, planned):
+                    continue
+                if planned.lease is not None and planned.lease.try_acquire():
+                    st.pending.appendleft(planned)
+                else:
+                    still.append(planned)
+            st.waiting = still
 
     # -- execution -----------------------------------------------------------------------
 
@@ -449,9 +472,32 @@ class Runner:
             while st.pending and st.inflight < st.step.concurrency:
                 if st.pending[0].not_before > now:
                     break
-                self._submit(st, st.pending.popleft())
+                planned = st.pending.popleft()
+                if self._take_lease(planned):
+                    self._submit(st, planned)
+                else:
+                    st.waiting.append(planned)
+
+    def _take_lease(self, planned: Planned) -> bool:
+        """A lease on the action key, so two runs never pay for the same batch at once.
+        Without the cache there is nothing to share, so no lease."""
+        if not self.use_cache:
+            return True
+        if planned.lease is None:
+            planned.lease = self.store.lease(
+                planned.key, {"run": self.run_id, "step": planned.step, "batch": planned.index}
+            )
+        if planned.lease.try_acquire():
+            # The holder before us may have finished while we queued.
+            if self._lookup(self.states[planned.step], planned):
+                planned.lease.release()
+                return True  # recorded as a hit; nothing to submit
+            return True
+        return False
 
     def _submit(self, st: StepState, planned: Planned) -> None:
+        if planned.index in st.done:
+            return  # became a hit while taking the lease
         st.inflight += 1
         tag = ("batch", planned)
         if self.procs is not None:
@@ -488,6 +534,8 @@ class Runner:
         planned: Planned = kind[1]
         st = self.states[planned.step]
         st.inflight -= 1
+        if planned.lease is not None:
+            planned.lease.release()  # the entry (if any) is written: waiters can go on
         if error is None:
             res: BatchResult = payload
             self._record(

@@ -88,6 +88,10 @@ class Layout:
     def lock_path(self, lock_name: str) -> str:
         return self.join(self.root, LOCKS, validate_name(lock_name, "lock name"))
 
+    def lease_path(self, key: str) -> str:
+        validate_id(key)
+        return self.join(self.root, LOCKS, "leases", key)
+
     def run_lock_path(self, run_id: str) -> str:
         return self.join(self.root, LOCKS, "runs", validate_name(run_id, "run id"))
 

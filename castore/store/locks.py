@@ -42,6 +42,10 @@ class FileLock:
                 raise StoreLocked(f"{self.kind} lock {self.path} is held by {who}")
             time.sleep(poll)
 
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (or its holder died); never waits."""
+        return self._fd is not None or self._try()
+
     def _try(self) -> bool:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -218,6 +218,7 @@ class Store:
                 os.fsync(stage.file.fileno())
             stage.file.close()
             if not overwrite and os.path.exists(final):
+                self.freshen(os.path.basename(os.path.dirname(final)) + os.path.basename(final))
                 return False
             parent = os.path.dirname(final)
             try:
@@ -253,7 +254,7 @@ class Store:
 
     def put_bytes(self, data: bytes) -> str:
         oid = hash_bytes(data)
-        if self.has(oid):
+        if self.freshen(oid):
             return oid
         with self._staged(0o444) as stage:
             stage.write(data)
@@ -277,7 +278,7 @@ class Store:
         write_parquet(table, sink)
         buf = sink.getvalue()
         oid = hash_bytes(memoryview(buf))
-        if self.has(oid):
+        if self.freshen(oid):
             return oid
         with self._staged(0o444) as stage:
             stage.file.write(memoryview(buf))
@@ -473,6 +474,22 @@ class Store:
 
     def run_lock(self, run_id: str, detail: dict | None = None) -> FileLock:
         return FileLock(self.layout.run_lock_path(run_id), "run", detail)
+
+    def lease(self, key: str, detail: dict | None = None) -> FileLock:
+        """A short lease on an action key, taken while its batch is computed, so another
+        run that needs the same key waits for the entry instead of paying again."""
+        return FileLock(self.layout.lease_path(key), "lease", detail)
+
+    def freshen(self, oid: str) -> bool:
+        """Touch an object that is being reused, so gc's grace period protects it like a
+        new one (git's "freshen"); False when it is gone."""
+        try:
+            os.utime(self.layout.object_path(oid))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            pass  # a read-only store cannot be collected either
+        return True
 
     def gc_lock(self) -> FileLock:
         return FileLock(self.layout.lock_path("gc.lock"), "gc")
