@@ -92,11 +92,14 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
 
 
 def _register() -> None:
-    from castore.cli import cat, distiset, fsck, info, run, runs
+    from castore.cli import cat, distiset, fsck, gc, info, run, runs
 
     for mod in (info, fsck, cat, distiset):
         cas.add_command(mod.command)
     for command in (
+        gc.gc_command,
+        gc.rm_command,
+        gc.du_command,
         run.run_command,
         run.resume_command,
         runs.ls_command,

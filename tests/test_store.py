@@ -224,3 +224,21 @@ def test_fsync_option_writes_the_same(tmp_path):
     s = Store(tmp_path / "s", fsync=True)
     oid = s.put_table(table())
     assert s.get_table(oid).equals(table())
+
+
+def _open_new(root: str, barrier) -> str:
+    barrier.wait()
+    return Store(root).put_bytes(b"first object")
+
+
+def test_two_processes_create_the_store_at_once(tmp_path):
+    root = str(tmp_path / "fresh")
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as m:
+        barrier = m.Barrier(4)
+        with ctx.Pool(4) as pool:
+            oids = pool.starmap(_open_new, [(root, barrier)] * 4)
+    assert len(set(oids)) == 1
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir() if p.is_file()) == [
+        "castore-layout.json"
+    ]

@@ -211,7 +211,8 @@ class Runner:
 
         handlers = self._start_logging()
         lock = self.store.run_lock(self.run_id, {"name": self.p.name, "sig": self.sig})
-        lock.acquire()
+        # A gc probing lock files holds a shared lock for an instant: wait it out.
+        lock.acquire(timeout=10)
         restore = self._install_signals()
         status: RunStatus = "failed"
         try:

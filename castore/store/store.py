@@ -144,18 +144,36 @@ class Store:
             return
         if self.read_only:
             raise StoreError(f"{self.root} is not a castore store (no {L.LAYOUT_FILE})")
-        if self.root.exists() and any(self.root.iterdir()):
+        ours = {L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.RUNS, L.LOCKS, L.QUARANTINE}
+        if self.root.exists() and any(
+            p.name not in ours and not p.name.startswith(".castore-layout")
+            for p in self.root.iterdir()
+        ):
             raise StoreError(
                 f"{self.root} is not empty and is not a castore store (no {L.LAYOUT_FILE}); "
                 "choose an empty or new folder"
             )
         try:
-            for sub in (L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.RUNS, L.LOCKS):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._create()
         except OSError as e:
             raise translate_oserror(e, self.root, self.root.parent) from None
-        info = LayoutInfo(layout_version=L.LAYOUT_VERSION)
-        self._write_file(self.layout.layout_file, info.model_dump_json(indent=2).encode())
+        self._check_layout(info_path)
+
+    def _create(self) -> None:
+        """Create a new store; safe when several processes do it at the same moment."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        info = LayoutInfo(layout_version=L.LAYOUT_VERSION).model_dump_json(indent=2).encode()
+        stage = self.root / f".castore-layout.{os.getpid()}.{next(_STAGE_IDS)}"
+        stage.write_bytes(info)
+        try:
+            # link() never replaces: exactly one creator wins, the others read its file.
+            os.link(stage, self.layout.layout_file)
+        except FileExistsError:
+            pass
+        finally:
+            stage.unlink()
+        for sub in (L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.RUNS, L.LOCKS):
+            (self.root / sub).mkdir(exist_ok=True)
 
     def _check_layout(self, info_path: Path) -> None:
         try:

@@ -1,0 +1,78 @@
+"""`cas du`: bytes per pipeline name and run, and what dedupe saved."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from castore.errors import CastoreError
+from castore.runs import list_runs
+from castore.store import Store
+from castore.store.manifests import run_closure
+
+
+@dataclass
+class Usage:
+    logical: int = 0  # bytes of every object its manifests reference
+    unique: int = 0  # bytes of the objects nothing else references
+
+
+@dataclass
+class DuReport:
+    runs: dict[str, dict] = field(default_factory=dict)  # "name/sig12" -> facts
+    names: dict[str, Usage] = field(default_factory=dict)
+    physical: int = 0  # every object in objects/
+    physical_referenced: int = 0  # objects some run references
+    logical_sum: int = 0
+
+    @property
+    def saved_by_dedupe(self) -> int:
+        return self.logical_sum - self.physical_referenced
+
+
+def usage(store: Store) -> DuReport:
+    """Account every object once: sizes are stat-ed once, closures walked per run."""
+    report = DuReport()
+    sizes: dict[str, int] = {}
+    for oid in store.iter_oids():
+        try:
+            sizes[oid] = os.stat(store.path_of(oid)).st_size
+        except FileNotFoundError:
+            continue
+    report.physical = sum(sizes.values())
+    closures: dict[str, set[str]] = {}
+    names: dict[str, str] = {}
+    for r in list_runs(store):
+        label = f"{r.name}/{r.sig[:12]}"
+        try:
+            _, reached = run_closure(store, r.oid)
+        except CastoreError:
+            reached = {r.oid}
+        closures[label] = {o for o in reached if o in sizes}
+        names[label] = r.name
+    by_run = Counter(o for c in closures.values() for o in c)
+    by_name = Counter(
+        o
+        for n in set(names.values())
+        for o in set().union(*(c for k, c in closures.items() if names[k] == n))
+    )
+    for label, objs in closures.items():
+        logical = sum(sizes[o] for o in objs)
+        unique = sum(sizes[o] for o in objs if by_run[o] == 1)
+        report.runs[label] = {
+            "name": names[label],
+            "logical": logical,
+            "unique": unique,
+            "objects": len(objs),
+        }
+        report.logical_sum += logical
+    for name in sorted(set(names.values())):
+        objs = set().union(*(c for k, c in closures.items() if names[k] == name))
+        report.names[name] = Usage(
+            logical=sum(sizes[o] for o in objs),
+            unique=sum(sizes[o] for o in objs if by_name[o] == 1),
+        )
+    referenced = set().union(*closures.values()) if closures else set()
+    report.physical_referenced = sum(sizes[o] for o in referenced)
+    return report

@@ -1,0 +1,281 @@
+"""Garbage collection: mark from the roots, sweep the rest (DESIGN.md "Garbage collection").
+
+Roots are the refs that the policies keep, and the runs in progress (found by their live
+lock files). Marked: every object a kept run reaches (run manifest, step manifests,
+batches, pipeline.yaml, pipeline.log), and every object an action entry younger than
+`cache_ttl` names.
+
+Decision on action entries no ref reaches: they are what makes dedupe work across
+pipelines after a ref is removed, so they (and their objects) are kept for `cache_ttl`
+(default 7 days) after they were written; after that they go with their objects, and
+`cache_ttl=0` drops them at once. An entry is dropped whenever one of its objects goes.
+
+Nothing younger than `grace` (default 1 hour) is swept, and nothing a live run has
+touched since it started (reused objects are freshened on every cache hit), so a run
+writing right now is never robbed.
+
+Sweep order (MUST), so that a gc killed at any moment leaves a store fsck calls clean:
+refs removed by policy → action entries whose objects will go → objects → tmp/ leftovers
+→ run folders of removed runs → stale lock files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from castore.errors import CastoreError, ConfigError
+from castore.runs import RunInfo, list_runs
+from castore.store import Store, live_lock, read_lock
+from castore.store import layout as L
+from castore.store.manifests import run_closure
+from castore.store.models import ActionEntry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 3600.0
+DEFAULT_CACHE_TTL = 7 * 86400.0
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '1h', '30d', '2w' or plain seconds → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 30m, 1h, 30d, 2w")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+@dataclass
+class GcPlan:
+    refs_removed: list[tuple[str, str]] = field(default_factory=list)  # (name, sig)
+    actions_dropped: list[str] = field(default_factory=list)
+    objects_removed: list[str] = field(default_factory=list)
+    object_bytes: int = 0
+    tmp_removed: list[str] = field(default_factory=list)
+    tmp_bytes: int = 0
+    run_dirs_removed: list[str] = field(default_factory=list)
+    objects_kept: int = 0
+    live_runs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GcResult:
+    plan: GcPlan
+    dry_run: bool
+    seconds: float
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.plan.object_bytes + self.plan.tmp_bytes
+
+
+def _policy(
+    runs: list[RunInfo], keep_last: int | None, older_than: float | None, now: float
+) -> list[RunInfo]:
+    """The runs the policies remove; a live run is never removed."""
+    drop: dict[str, RunInfo] = {}
+    if keep_last is not None:
+        by_name: dict[str, list[RunInfo]] = {}
+        for r in runs:  # newest first
+            by_name.setdefault(r.name, []).append(r)
+        for group in by_name.values():
+            for r in group[keep_last:]:
+                drop[r.oid] = r
+    if older_than is not None:
+        for r in runs:
+            if now - r.manifest.updated.timestamp() > older_than:
+                drop[r.oid] = r
+    return [r for r in drop.values() if not r.live]
+
+
+def _live_runs(store: Store) -> list[tuple[str, float, tuple[str, str] | None]]:
+    """(run id, start time, (name, sig)) of every run a live process holds the lock of."""
+    base = os.path.join(store.layout.dir(L.LOCKS), "runs")
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for run_id in os.listdir(base):
+            info = live_lock(os.path.join(base, run_id))
+            if info is not None:
+                d = info.detail
+                where = (d["name"], d["sig"]) if "name" in d and "sig" in d else None
+                out.append((run_id, info.created.timestamp(), where))
+    return out
+
+
+def plan_gc(
+    store: Store,
+    *,
+    keep_last: int | None = None,
+    older_than: float | None = None,
+    grace: float = DEFAULT_GRACE,
+    cache_ttl: float = DEFAULT_CACHE_TTL,
+    now: float | None = None,
+) -> GcPlan:
+    """What a collection would remove, computed without changing anything."""
+    now = time.time() if now is None else now
+    plan = GcPlan()
+    runs = list_runs(store)
+    removed = _policy(runs, keep_last, older_than, now)
+    plan.refs_removed = [(r.name, r.sig) for r in removed]
+    removed_oids = {r.oid for r in removed}
+    live = _live_runs(store)
+    plan.live_runs = [run_id for run_id, _, _ in live]
+    # A live run may hold objects that no sealed manifest names yet: protect what it
+    # touched since it started (minus a minute of clock slack).
+    protect_since = min((start for _, start, _ in live), default=None)
+    if protect_since is not None:
+        protect_since -= 60
+
+    marked: set[str] = set()
+    for r in runs:
+        if r.oid in removed_oids:
+            continue
+        try:
+            _, reached = run_closure(store, r.oid)
+        except CastoreError as e:
+            # A damaged run keeps what it still names; fsck reports the damage.
+            log.warning("run %s/%s: %s", r.name, r.sig[:12], e)
+            reached = {r.oid}
+        marked |= reached
+
+    entries: dict[str, ActionEntry | None] = {}
+    for key in store.iter_actions():
+        entry = _read_entry(store, key)
+        entries[key] = entry
+        if entry is None:
+            continue
+        if now - entry.created.timestamp() < cache_ttl:
+            marked.update(entry.outputs)
+
+    for oid in store.iter_oids():
+        if oid in marked:
+            plan.objects_kept += 1
+            continue
+        try:
+            st = os.stat(store.path_of(oid))
+        except FileNotFoundError:
+            continue
+        young = now - st.st_mtime < grace
+        touched_by_live_run = protect_since is not None and st.st_mtime >= protect_since
+        if young or touched_by_live_run:
+            plan.objects_kept += 1
+            continue
+        plan.objects_removed.append(oid)
+        plan.object_bytes += st.st_size
+
+    going = set(plan.objects_removed)
+    for key, entry in entries.items():
+        if entry is None or any(o in going or not store.has(o) for o in entry.outputs):
+            plan.actions_dropped.append(key)
+
+    tmp = store.layout.dir(L.TMP)
+    with contextlib.suppress(FileNotFoundError):
+        for e in os.scandir(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                st = e.stat(follow_symlinks=False)
+                if now - st.st_mtime >= grace:
+                    plan.tmp_removed.append(e.name)
+                    plan.tmp_bytes += st.st_size
+
+    kept = {(r.name, r.sig) for r in runs if r.oid not in removed_oids}
+    kept |= {where for _, _, where in live if where}
+    plan.run_dirs_removed = _orphan_run_dirs(store, kept)
+    return plan
+
+
+def _read_entry(store: Store, key: str) -> ActionEntry | None:
+    try:
+        with open(store.layout.action_path(key), "rb") as f:
+            return ActionEntry.model_validate_json(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _orphan_run_dirs(store: Store, kept: set[tuple[str, str]]) -> list[str]:
+    base = store.layout.dir(L.RUNS)
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(base)):
+            ndir = os.path.join(base, name)
+            if not os.path.isdir(ndir):
+                continue
+            for sig in sorted(os.listdir(ndir)):
+                if (name, sig) not in kept and store.get_ref(name, sig) is None:
+                    out.append(f"{name}/{sig}")
+    return out
+
+
+def collect(
+    store: Store,
+    *,
+    dry_run: bool = False,
+    keep_last: int | None = None,
+    older_than: float | None = None,
+    grace: float = DEFAULT_GRACE,
+    cache_ttl: float = DEFAULT_CACHE_TTL,
+    progress: Callable[[str, int], None] | None = None,
+) -> GcResult:
+    """Plan and (unless `dry_run`) carry out a collection. Raises StoreLocked when
+    another gc holds the store's gc lock."""
+    t0 = time.perf_counter()
+    lock = store.gc_lock()
+    lock.acquire()
+    try:
+        plan = plan_gc(
+            store, keep_last=keep_last, older_than=older_than, grace=grace, cache_ttl=cache_ttl
+        )
+        if not dry_run:
+            _sweep(store, plan, progress)
+    finally:
+        lock.release()
+    return GcResult(plan, dry_run, time.perf_counter() - t0)
+
+
+def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | None) -> None:
+    for name, sig in plan.refs_removed:
+        store.delete_ref(name, sig)
+    for key in plan.actions_dropped:
+        store.delete_action(key)
+    for i, oid in enumerate(plan.objects_removed, start=1):
+        store.delete_object(oid)
+        if progress and i % 1000 == 0:
+            progress("objects", i)
+    _remove_empty_shards(store)
+    tmp = store.layout.dir(L.TMP)
+    for name in plan.tmp_removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(tmp, name))
+    for rel in plan.run_dirs_removed:
+        shutil.rmtree(os.path.join(store.layout.dir(L.RUNS), rel), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(os.path.join(store.layout.dir(L.RUNS), rel)))
+    _remove_stale_locks(store)
+
+
+def _remove_empty_shards(store: Store) -> None:
+    for kind in (L.OBJECTS, L.ACTIONS):
+        base = store.layout.dir(kind)
+        with contextlib.suppress(FileNotFoundError):
+            for shard in os.listdir(base):
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(base, shard))  # only when empty
+
+
+def _remove_stale_locks(store: Store) -> None:
+    """Lock files whose holder is gone (leases and run locks of killed processes)."""
+    base = store.layout.dir(L.LOCKS)
+    for sub in ("runs", "leases"):
+        d = os.path.join(base, sub)
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(d):
+                path = os.path.join(d, name)
+                if live_lock(path) is None and read_lock(path) is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+from castore.cli import App, common_options, echo_json, err
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.command("gc")
+@click.option("--dry-run", "-n", is_flag=True, help="Print what would go; change nothing.")
+@click.option(
+    "--keep-last", type=click.IntRange(min=0), help="Keep the N newest runs per pipeline name."
+)
+@click.option("--older-than", metavar="DURATION", help="Drop runs not used since, e.g. 30d.")
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    default="1h",
+    show_default=True,
+    help="Never sweep anything younger than this.",
+)
+@click.option(
+    "--cache-ttl",
+    metavar="DURATION",
+    default="7d",
+    show_default=True,
+    help="Keep batches no run references for this long after they were made "
+    "(they let other pipelines reuse them).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before removing runs by policy.")
+@common_options
+@click.pass_obj
+def gc_command(
+    app: App,
+    dry_run: bool,
+    keep_last: int | None,
+    older_than: str | None,
+    grace: str,
+    cache_ttl: str,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Remove what no run needs: unreachable objects, dangling action entries, tmp/
+    leftovers and folders of removed runs.
+
+    Roots are the refs (minus those --keep-last / --older-than drop) and runs in
+    progress. Safe to run while pipelines run.
+    """
+    from castore import gc
+
+    store = app.store()
+    kw = {
+        "keep_last": keep_last,
+        "older_than": gc.parse_duration(older_than) if older_than else None,
+        "grace": gc.parse_duration(grace),
+        "cache_ttl": gc.parse_duration(cache_ttl),
+    }
+    if not dry_run and not yes and not as_json and (keep_last is not None or older_than):
+        plan = gc.plan_gc(store, **kw)
+        if plan.refs_removed:
+            for name, sig in plan.refs_removed:
+                err(f"would remove run {name}/{sig[:12]}")
+            click.confirm(f"remove {len(plan.refs_removed)} run(s)?", abort=True, err=True)
+    result = gc.collect(store, dry_run=dry_run, **kw)
+    p = result.plan
+    if as_json:
+        echo_json(
+            {
+                **asdict(p),
+                "dry_run": dry_run,
+                "bytes_freed": result.bytes_freed,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for name, sig in p.refs_removed:
+        click.echo(f"{verb} run {name}/{sig[:12]}")
+    for oid in p.objects_removed if dry_run else []:
+        click.echo(f"{verb} object {oid}")
+    err(
+        f"{verb} {len(p.refs_removed)} runs, {len(p.objects_removed)} objects, "
+        f"{len(p.actions_dropped)} action entries, {len(p.tmp_removed)} tmp files, "
+        f"{len(p.run_dirs_removed)} run folders: {_human(result.bytes_freed)} "
+        f"({result.bytes_freed:,} bytes); kept {p.objects_kept} objects"
+        + (f"; {len(p.live_runs)} run(s) in progress protected" if p.live_runs else "")
+    )
+
+
+@click.command("rm")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--all", "all_", is_flag=True, help="RUN names a pipeline: remove all its runs.")
+@common_options
+@click.pass_obj
+def rm_command(app: App, runs: tuple[str, ...], all_: bool, as_json: bool) -> None:
+    """Remove runs (their refs); `cas gc` then frees what nothing else uses.
+
+    RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
+    """
+    from castore.errors import ConfigError
+    from castore.runs import list_runs, resolve_run
+
+    store = app.store()
+    removed = []
+    for spec in runs:
+        targets = (
+            [r for r in list_runs(store) if r.name == spec] if all_ else [resolve_run(store, spec)]
+        )
+        if not targets:
+            raise ConfigError(f"no runs of pipeline {spec!r}")
+        for r in targets:
+            if store.delete_ref(r.name, r.sig):
+                removed.append(f"{r.name}/{r.sig}")
+    if as_json:
+        echo_json({"removed": removed})
+    else:
+        for r in removed:
+            click.echo(f"removed {r}")
+        err("objects stay until `cas gc` (or later: they may be reused by other runs)")
+
+
+@click.command("du")
+@common_options
+@click.pass_obj
+def du_command(app: App, as_json: bool) -> None:
+    """Bytes per pipeline name and run (logical and unique), physical bytes, and what
+    dedupe saved."""
+    from castore.du import usage
+
+    rep = usage(app.store())
+    doc = {
+        "names": {k: asdict(v) for k, v in rep.names.items()},
+        "runs": rep.runs,
+        "physical": rep.physical,
+        "physical_referenced": rep.physical_referenced,
+        "logical_sum": rep.logical_sum,
+        "saved_by_dedupe": rep.saved_by_dedupe,
+    }
+    if as_json:
+        echo_json(doc)
+        return
+    click.echo(f"{'PIPELINE / RUN':40} {'LOGICAL':>12} {'UNIQUE':>12}")
+    for name, u in rep.names.items():
+        click.echo(f"{name:40} {_human(u.logical):>12} {_human(u.unique):>12}")
+        for label, r in rep.runs.items():
+            if r["name"] == name:
+                click.echo(f"  {label:38} {_human(r['logical']):>12} {_human(r['unique']):>12}")
+    click.echo(
+        f"physical: {_human(rep.physical)} ({_human(rep.physical_referenced)} "
+        f"referenced); saved by dedupe: {_human(rep.saved_by_dedupe)}"
+    )

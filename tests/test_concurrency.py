@@ -1,0 +1,160 @@
+"""Real processes at the same time: gc during a run, two runs of one pipeline, two
+pipelines sharing a step, kill -9 of gc mid-sweep, and locks of killed processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from castore.hashing import hash_bytes
+from castore.store import Store
+from tests.conftest import REPO, run_cas
+from tests.test_crash import PIPELINE, SLOW_BATCHES, dataset, reference, wait_for  # noqa: F401
+
+SHARED = REPO / "tests" / "pipelines" / "shared.py"
+EMBED_BATCHES = 40  # 400 rows / 10
+pytestmark = pytest.mark.slow
+
+
+def cas_popen(cache: Path, *args: str, calls: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ}
+    if calls is not None:
+        env["CASTORE_TEST_CALLS"] = str(calls)
+    return subprocess.Popen(
+        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_gc_while_a_run_writes(tmp_path, reference):
+    _, ref_rows = reference
+    cache = tmp_path / "c"
+    run = cas_popen(cache, "run", str(PIPELINE), "--json")
+    wait_for(cache, 35, run)
+    sweeps = 0
+    while run.poll() is None:
+        r = run_cas("gc", "--grace", "0", "--cache-ttl", "0", "--json", cache_dir=cache)
+        assert r.returncode == 0, r
+        sweeps += 1
+    out, errtext = run.communicate()
+    assert run.returncode == 0, errtext
+    assert sweeps >= 1
+    import json
+
+    sig = json.loads(out)["signature"]
+    assert dataset(cache, sig) == ref_rows
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
+    # And what gc left is enough: a re-run does no step work.
+    again = run_cas("run", str(PIPELINE), "--json", cache_dir=cache).json()
+    assert all(s["batches_computed"] == 0 for s in again["steps"].values())
+
+
+def test_two_runs_of_one_pipeline_share_the_work(tmp_path, reference):
+    _, ref_rows = reference
+    cache, calls = tmp_path / "c", tmp_path / "calls"
+    a = cas_popen(cache, "run", str(PIPELINE), "--json", calls=calls)
+    b = cas_popen(cache, "run", str(PIPELINE), "--json", calls=calls)
+    for p in (a, b):
+        _, errtext = p.communicate(timeout=120)
+        assert p.returncode == 0, errtext
+    import json
+
+    sig = json.loads(run_cas("ls", "--json", cache_dir=cache).stdout)[0]["signature"]
+    assert dataset(cache, sig) == ref_rows
+    computed = len(calls.read_text().splitlines())
+    assert computed == SLOW_BATCHES, f"{computed - SLOW_BATCHES} batches computed twice"
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
+
+
+def test_two_pipelines_sharing_a_step_compute_each_batch_once(tmp_path):
+    cache, calls = tmp_path / "c", tmp_path / "calls"
+    a = cas_popen(cache, "run", f"{SHARED}:pipeline_a", "--json", calls=calls)
+    b = cas_popen(cache, "run", f"{SHARED}:pipeline_b", "--json", calls=calls)
+    docs = []
+    for p in (a, b):
+        out, errtext = p.communicate(timeout=120)
+        assert p.returncode == 0, errtext
+        import json
+
+        docs.append(json.loads(out))
+    lines = calls.read_text().splitlines()
+    batches = [line.split()[1] for line in lines]
+    twice = len(batches) - len(set(batches))
+    assert twice == 0, f"{twice} shared batches computed twice"
+    assert len(set(batches)) == EMBED_BATCHES
+    assert {d["rows"]["label"] for d in docs} == {400}
+    assert len({line.split()[0] for line in lines}) >= 1
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
+
+
+def _fill_garbage(store: Store, n: int) -> list[str]:
+    """n unreachable objects, written straight into objects/ (as put_bytes would, only
+    faster): a sweep long enough to be killed in the middle."""
+    oids = []
+    for i in range(n):
+        data = f"garbage {i}".encode()
+        oid = hash_bytes(data)
+        d = store.root / "objects" / oid[:2]
+        d.mkdir(exist_ok=True)
+        (d / oid[2:]).write_bytes(data)
+        oids.append(oid)
+    return oids
+
+
+def test_kill_9_of_gc_mid_sweep_leaves_a_clean_store(tmp_path, reference):
+    _, ref_rows = reference
+    cache = tmp_path / "c"
+    r = run_cas("run", str(PIPELINE), "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    store = Store(cache)
+    # Make the run's batches unreachable too, so entries must be dropped before objects.
+    run_cas("rm", "slow", cache_dir=cache)
+    garbage = _fill_garbage(store, 20_000)
+    gcp = cas_popen(cache, "gc", "--grace", "0", "--cache-ttl", "0")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and gcp.poll() is None:
+        if sum(not os.path.exists(store.path_of(o)) for o in garbage[::500]) >= 3:
+            break
+        time.sleep(0.005)
+    gcp.send_signal(signal.SIGKILL)
+    gcp.communicate()
+    remaining = sum(os.path.exists(store.path_of(o)) for o in garbage)
+    assert 0 < remaining < len(garbage), "the kill did not land mid-sweep"
+    r = run_cas("fsck", "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    r = run_cas("run", str(PIPELINE), "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    assert dataset(cache, r.json()["signature"]) == ref_rows
+    # A second gc finishes the job despite the first one's lock file.
+    assert run_cas("gc", "--grace", "0", "--cache-ttl", "0", cache_dir=cache).returncode == 0
+    assert not any(os.path.exists(store.path_of(o)) for o in garbage)
+
+
+def test_locks_of_killed_processes_block_nothing(tmp_path):
+    cache, calls = tmp_path / "c", tmp_path / "calls"
+    run = cas_popen(cache, "run", str(PIPELINE), calls=calls)
+    wait_for(cache, 40, run)
+    run.send_signal(signal.SIGKILL)
+    run.communicate()
+    locks = cache / "locks"
+    stale = [p for p in locks.rglob("*") if p.is_file()]
+    assert stale, "a killed run leaves its lock files behind"
+    t0 = time.monotonic()
+    r = run_cas("gc", "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    assert r.json()["live_runs"] == []
+    r = run_cas("resume", "--json", cache_dir=cache, env={"CASTORE_TEST_CALLS": str(calls)})
+    assert r.returncode == 0, r
+    assert time.monotonic() - t0 < 60
+    assert len(calls.read_text().splitlines()) <= SLOW_BATCHES + 2
+    run_cas("gc", cache_dir=cache)
+    assert not [p for p in (locks / "leases").rglob("*") if p.is_file()]

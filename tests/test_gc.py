@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from castore import gc
+from castore.du import usage
+from castore.errors import ConfigError, StoreLocked
+from castore.runs import list_runs
+from castore.store.manifests import run_closure
+from tests.conftest import REPO, run_cas
+from tests.pipelines.shared import make
+from tests.test_pipeline import build, counts
+
+SHARED = REPO / "tests" / "pipelines" / "shared.py"
+
+
+def closure_of_refs(store) -> set[str]:
+    out: set[str] = set()
+    for _, _, oid in store.list_refs():
+        out |= run_closure(store, oid)[1]
+    return out
+
+
+def populate(store):
+    """Three pipelines: a and b share their first steps; p is separate."""
+    for p in (make("shared-a", "a"), make("shared-b", "b"), build()):
+        p.run(cache_dir=store.root, quiet=True)
+
+
+def test_gc_keeps_exactly_the_reachable(store):
+    populate(store)
+    b = next(r for r in list_runs(store) if r.name == "shared-b")
+    store.delete_ref(b.name, b.sig)
+    stray = store.put_bytes(b"nobody references me")
+    (store.root / "tmp" / "stage-leftover").write_bytes(b"half an object")
+    expected = closure_of_refs(store)
+    result = gc.collect(store, grace=0, cache_ttl=0)
+    assert set(store.iter_oids()) == expected
+    assert stray in result.plan.objects_removed
+    for key in store.iter_actions():  # every surviving entry is whole
+        assert all(store.has(o) for o in store.get_action(key).outputs)
+    assert os.listdir(store.root / "tmp") == []
+    assert not (store.root / "runs" / "shared-b").exists()
+    assert run_cas("fsck", cache_dir=store.root).returncode == 0
+
+
+def test_grace_and_cache_ttl_protect(store):
+    populate(store)
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)
+    before = set(store.iter_oids())
+    assert gc.collect(store).plan.objects_removed == []  # all younger than 1 h
+    kept = gc.collect(store, grace=0).plan  # entries younger than 7 d keep their objects
+    entry_objects = {o for k in store.iter_actions() for o in store.get_action(k).outputs}
+    assert entry_objects and entry_objects <= set(store.iter_oids())
+    assert set(kept.objects_removed) == before - entry_objects
+
+
+def test_rerun_after_gc(store):
+    populate(store)
+    b = next(r for r in list_runs(store) if r.name == "shared-b")
+    p = next(r for r in list_runs(store) if r.name == "p")
+    store.delete_ref(b.name, b.sig)
+    store.delete_ref(p.name, p.sig)
+    gc.collect(store, grace=0, cache_ttl=0)
+    kept = make("shared-a", "a").run(cache_dir=store.root, quiet=True)
+    assert all(counts(kept, s)[1] == 0 for s in kept.run.stats)
+    # shared-b's first two steps are shared with the kept shared-a: only label is redone.
+    again = make("shared-b", "b").run(cache_dir=store.root, quiet=True)
+    assert counts(again, "embed")[1] == 0 and counts(again, "load_data_from_dicts")[1] == 0
+    assert counts(again, "label")[0] == 0 and counts(again, "label")[1] > 0
+    redo = build().run(cache_dir=store.root, quiet=True)
+    assert all(counts(redo, s)[0] == 0 for s in redo.run.stats)
+
+
+def test_keep_last_and_older_than(store):
+    for prefix in ("x", "y", "z"):
+        make("many", prefix).run(cache_dir=store.root, quiet=True)
+        time.sleep(0.01)
+    newest = list_runs(store)[0]
+    plan = gc.plan_gc(store, keep_last=1)
+    assert len(plan.refs_removed) == 2 and (newest.name, newest.sig) not in plan.refs_removed
+    assert gc.plan_gc(store, older_than=3600).refs_removed == []
+    future = time.time() + 7200
+    assert len(gc.plan_gc(store, older_than=3600, now=future).refs_removed) == 3
+    r = run_cas("gc", "--keep-last", "1", "--yes", "--grace", "0", "--json", cache_dir=store.root)
+    assert r.returncode == 0, r
+    assert len(r.json()["refs_removed"]) == 2
+    assert [x.sig for x in list_runs(store)] == [newest.sig]
+    r = run_cas("gc", "--older-than", "0s", "--json", cache_dir=store.root)
+    assert r.returncode == 0 and len(r.json()["refs_removed"]) == 1
+    assert list_runs(store) == []
+
+
+def test_dry_run_changes_nothing_and_reports_bytes(store):
+    populate(store)
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)
+    before = sorted(store.iter_oids())
+    r = run_cas(
+        "gc", "--dry-run", "--grace", "0", "--cache-ttl", "0", "--json", cache_dir=store.root
+    )
+    assert r.returncode == 0, r
+    doc = r.json()
+    assert sorted(store.iter_oids()) == before
+    assert set(doc["objects_removed"]) == set(before)
+    assert doc["bytes_freed"] == sum(store.size_of(o) for o in before)
+    r = run_cas("gc", "--grace", "0", "--cache-ttl", "0", cache_dir=store.root)
+    assert r.returncode == 0 and "removed" in r.stderr
+    assert list(store.iter_oids()) == []
+
+
+def test_rm_and_rm_all(store):
+    for prefix in ("x", "y"):
+        make("many", prefix).run(cache_dir=store.root, quiet=True)
+    build().run(cache_dir=store.root, quiet=True)
+    r = run_cas("rm", "p", "--json", cache_dir=store.root)
+    assert r.returncode == 0 and len(r.json()["removed"]) == 1
+    r = run_cas("rm", "many", "--all", cache_dir=store.root)
+    assert r.returncode == 0 and r.stdout.count("removed") == 2
+    assert store.list_refs() == []
+    r = run_cas("rm", "ghost", cache_dir=store.root)
+    assert r.returncode != 0 and "no run named" in r.stderr
+
+
+def test_du_matches_a_recount(store):
+    populate(store)
+    rep = usage(store)
+    sizes = {o: os.path.getsize(store.path_of(o)) for o in store.iter_oids()}
+    assert rep.physical == sum(sizes.values())
+    closures = {}
+    for name, sig, oid in store.list_refs():
+        closures[f"{name}/{sig[:12]}"] = run_closure(store, oid)[1]
+    for label, objs in closures.items():
+        assert rep.runs[label]["logical"] == sum(sizes[o] for o in objs)
+        others = set().union(*(c for k, c in closures.items() if k != label))
+        assert rep.runs[label]["unique"] == sum(sizes[o] for o in objs - others)
+    logical = sum(sum(sizes[o] for o in c) for c in closures.values())
+    referenced = sum(sizes[o] for o in set().union(*closures.values()))
+    assert rep.saved_by_dedupe == logical - referenced > 0  # a and b share batches
+    r = run_cas("du", "--json", cache_dir=store.root)
+    assert r.returncode == 0 and r.json()["saved_by_dedupe"] == rep.saved_by_dedupe
+
+
+def test_gc_refuses_while_another_gc_holds_the_lock(store):
+    lock = store.gc_lock()
+    lock.acquire()
+    try:
+        with pytest.raises(StoreLocked, match="held by pid"):
+            gc.collect(store)
+        r = run_cas("gc", cache_dir=store.root)
+        assert r.returncode == 11 and "gc lock" in r.stderr
+    finally:
+        lock.release()
+
+
+def test_parse_duration():
+    assert gc.parse_duration("90s") == 90 and gc.parse_duration("2h") == 7200
+    assert gc.parse_duration("30d") == 30 * 86400 and gc.parse_duration("5") == 5
+    with pytest.raises(ConfigError):
+        gc.parse_duration("soon")
