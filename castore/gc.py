@@ -122,38 +122,55 @@ def plan_gc(
     now = time.time() if now is None else now
     plan = GcPlan()
     runs = list_runs(store)
-    removed = _policy(runs, keep_last, older_than, now)
-    plan.refs_removed = [(r.name, r.sig) for r in removed]
-    removed_oids = {r.oid for r in removed}
+    removed = {r.oid for r in _policy(runs, keep_last, older_than, now)}
+    plan.refs_removed = [(r.name, r.sig) for r in runs if r.oid in removed]
+    kept_runs = [r for r in runs if r.oid not in removed]
     live = _live_runs(store)
     plan.live_runs = [run_id for run_id, _, _ in live]
-    # A live run may hold objects that no sealed manifest names yet: protect what it
-    # touched since it started (minus a minute of clock slack).
-    protect_since = min((start for _, start, _ in live), default=None)
-    if protect_since is not None:
-        protect_since -= 60
+    entries = {key: _read_entry(store, key) for key in store.iter_actions()}
+    marked = _mark(store, kept_runs, entries, cache_ttl, now)
+    # A live run may hold objects no sealed manifest names yet: protect what it touched
+    # since it started (minus a minute of clock slack).
+    starts = [start for _, start, _ in live]
+    protect_since = min(starts) - 60 if starts else None
+    _plan_objects(store, plan, marked, now - grace, protect_since)
+    going = set(plan.objects_removed)
+    plan.actions_dropped = [
+        key
+        for key, entry in entries.items()
+        if entry is None or any(o in going or not store.has(o) for o in entry.outputs)
+    ]
+    _plan_tmp(store, plan, now - grace)
+    kept = {(r.name, r.sig) for r in kept_runs} | {where for _, _, where in live if where}
+    plan.run_dirs_removed = _orphan_run_dirs(store, kept)
+    return plan
 
+
+def _mark(
+    store: Store,
+    runs: list[RunInfo],
+    entries: dict[str, ActionEntry | None],
+    cache_ttl: float,
+    now: float,
+) -> set[str]:
+    """Objects the kept runs reach, and those of action entries younger than the ttl."""
     marked: set[str] = set()
     for r in runs:
-        if r.oid in removed_oids:
-            continue
         try:
-            _, reached = run_closure(store, r.oid)
+            marked |= run_closure(store, r.oid)[1]
         except CastoreError as e:
             # A damaged run keeps what it still names; fsck reports the damage.
             log.warning("run %s/%s: %s", r.name, r.sig[:12], e)
-            reached = {r.oid}
-        marked |= reached
-
-    entries: dict[str, ActionEntry | None] = {}
-    for key in store.iter_actions():
-        entry = _read_entry(store, key)
-        entries[key] = entry
-        if entry is None:
-            continue
-        if now - entry.created.timestamp() < cache_ttl:
+            marked.add(r.oid)
+    for entry in entries.values():
+        if entry is not None and now - entry.created.timestamp() < cache_ttl:
             marked.update(entry.outputs)
+    return marked
 
+
+def _plan_objects(
+    store: Store, plan: GcPlan, marked: set[str], cutoff: float, protect_since: float | None
+) -> None:
     for oid in store.iter_oids():
         if oid in marked:
             plan.objects_kept += 1
@@ -162,32 +179,21 @@ def plan_gc(
             st = os.stat(store.path_of(oid))
         except FileNotFoundError:
             continue
-        young = now - st.st_mtime < grace
-        touched_by_live_run = protect_since is not None and st.st_mtime >= protect_since
-        if young or touched_by_live_run:
+        if st.st_mtime > cutoff or (protect_since is not None and st.st_mtime >= protect_since):
             plan.objects_kept += 1
             continue
         plan.objects_removed.append(oid)
         plan.object_bytes += st.st_size
 
-    going = set(plan.objects_removed)
-    for key, entry in entries.items():
-        if entry is None or any(o in going or not store.has(o) for o in entry.outputs):
-            plan.actions_dropped.append(key)
 
-    tmp = store.layout.dir(L.TMP)
+def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
     with contextlib.suppress(FileNotFoundError):
-        for e in os.scandir(tmp):
+        for e in os.scandir(store.layout.dir(L.TMP)):
             with contextlib.suppress(FileNotFoundError):
                 st = e.stat(follow_symlinks=False)
-                if now - st.st_mtime >= grace:
+                if st.st_mtime <= cutoff:
                     plan.tmp_removed.append(e.name)
                     plan.tmp_bytes += st.st_size
-
-    kept = {(r.name, r.sig) for r in runs if r.oid not in removed_oids}
-    kept |= {where for _, _, where in live if where}
-    plan.run_dirs_removed = _orphan_run_dirs(store, kept)
-    return plan
 
 
 def _read_entry(store: Store, key: str) -> ActionEntry | None:

@@ -73,3 +73,15 @@ def run_cas(
 @pytest.fixture
 def cas():
     return run_cas
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The slow pipeline run once without interruption: (json summary, rows)."""
+    from tests.scenario import PIPELINE, dataset
+
+    cache = tmp_path_factory.mktemp("reference")
+    r = run_cas("run", str(PIPELINE), "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    doc = r.json()
+    return doc, dataset(cache, doc["signature"])

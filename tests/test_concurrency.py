@@ -15,7 +15,7 @@ import pytest
 from castore.hashing import hash_bytes
 from castore.store import Store
 from tests.conftest import REPO, run_cas
-from tests.test_crash import PIPELINE, SLOW_BATCHES, dataset, reference, wait_for  # noqa: F401
+from tests.scenario import PIPELINE, SLOW_BATCHES, dataset, wait_for
 
 SHARED = REPO / "tests" / "pipelines" / "shared.py"
 EMBED_BATCHES = 40  # 400 rows / 10

@@ -1,0 +1,55 @@
+"""The slow pipeline scenario shared by the crash and concurrency tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+
+PIPELINE = REPO / "tests" / "pipelines" / "slow.py"
+SLOW_BATCHES = 40  # 600 rows / 15
+
+
+def dataset(cache: Path, sig: str) -> list[dict]:
+    data = cache / "runs" / "slow" / sig / "data" / "keep_columns"
+    files = sorted(data.iterdir())
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+
+
+def _actions(cache: Path) -> int:
+    base = cache / "actions"
+    return sum(len(os.listdir(base / d)) for d in os.listdir(base)) if base.exists() else 0
+
+
+def _has_ref(cache: Path) -> bool:
+    return (cache / "refs" / "runs" / "slow").exists()
+
+
+def start(cache: Path, calls: Path) -> subprocess.Popen:
+    env = {**os.environ, "CASTORE_TEST_CALLS": str(calls)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(PIPELINE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for(cache: Path, actions: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _has_ref(cache) and _actions(cache) >= actions:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the moment: {proc.communicate()}")
+        time.sleep(0.01)
+    pytest.fail("moment never came")
