@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from castore.errors import CastoreError, ConfigError
+from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
 from castore.store import Store, live_lock, read_lock
 from castore.store import layout as L
@@ -249,10 +250,7 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
         store.delete_ref(name, sig)
     for key in plan.actions_dropped:
         store.delete_action(key)
-    for i, oid in enumerate(plan.objects_removed, start=1):
-        store.delete_object(oid)
-        if progress and i % 1000 == 0:
-            progress("objects", i)
+    _delete_objects(store, plan.objects_removed, progress)
     _remove_empty_shards(store)
     tmp = store.layout.dir(L.TMP)
     for name in plan.tmp_removed:
@@ -263,6 +261,32 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(os.path.join(store.layout.dir(L.RUNS), rel)))
     _remove_stale_locks(store)
+
+
+def _delete_objects(
+    store: Store, oids: list[str], progress: Callable[[str, int], None] | None
+) -> None:
+    """Unlink by shard through a directory fd: the kernel resolves one name instead of a
+    five-component path, ~2x faster per object here (bench_gc; threads did not help)."""
+    by_shard: dict[str, list[str]] = {}
+    for oid in oids:
+        by_shard.setdefault(oid[:2], []).append(validate_id(oid)[2:])
+    base = store.layout.dir(L.OBJECTS)
+    done = 0
+    for shard, names in sorted(by_shard.items()):
+        try:
+            fd = os.open(os.path.join(base, shard), os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+        done += len(names)
+        if progress:
+            progress("objects", done)
 
 
 def _remove_empty_shards(store: Store) -> None:
