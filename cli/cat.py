@@ -4,7 +4,7 @@ import json
 import sys
 
 import click
-from castore.cli import App, common_options
+from castore.cli import App, common_options, echo_json
 
 from castore.store.parquet import PARQUET_MAGIC
 
@@ -17,7 +17,8 @@ from castore.store.parquet import PARQUET_MAGIC
 @common_options
 @click.pass_obj
 def command(app: App, object_id: str, limit: int | None, as_json: bool) -> None:
-    """Print an object: JSON as stored, a Parquet batch as JSON lines.
+    """Print an object: JSON as stored, a Parquet batch as JSON lines (with --json, one
+    JSON document: the parsed manifest, or the list of rows).
 
     OBJECT_ID is a full id or a unique prefix of at least 8 hex characters.
     """
@@ -25,6 +26,12 @@ def command(app: App, object_id: str, limit: int | None, as_json: bool) -> None:
     oid = store.resolve(object_id)
     data = store.get_bytes(oid)
     if data[:4] != PARQUET_MAGIC:
+        if as_json:
+            try:
+                echo_json(json.loads(data))
+                return
+            except ValueError:
+                pass  # not JSON: the raw bytes below
         sys.stdout.buffer.write(data)
         if not data.endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
@@ -32,6 +39,9 @@ def command(app: App, object_id: str, limit: int | None, as_json: bool) -> None:
     table = store.get_table(oid, verify=False)  # just verified by get_bytes
     if limit is not None:
         table = table.slice(0, limit)
+    if as_json:
+        echo_json(table.to_pylist())
+        return
     for batch in table.to_batches(max_chunksize=1024):
         for row in batch.to_pylist():
             click.echo(json.dumps(row, default=str, ensure_ascii=False))

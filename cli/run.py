@@ -100,6 +100,13 @@ def execute(
 
 def run_options(f: Any) -> Any:
     f = click.option(
+        "--quiet",
+        "-q",
+        "quiet",
+        is_flag=True,
+        help="No log lines or progress on the console (pipeline.log still gets them).",
+    )(f)
+    f = click.option(
         "--grace",
         type=float,
         default=30.0,
@@ -136,6 +143,7 @@ def run_command(
     no_cache: bool,
     executor: str,
     grace: float,
+    quiet: bool,
     as_json: bool,
 ) -> None:
     """Run a pipeline; finished batches are reused, so this also resumes and re-runs.
@@ -146,6 +154,7 @@ def run_command(
     """
     from castore.runs import parse_target
 
+    app.quiet = app.quiet or quiet
     execute(
         app,
         parse_target(target),
@@ -162,7 +171,9 @@ def run_command(
 @run_options
 @common_options
 @click.pass_obj
-def resume_command(app: App, name: str | None, executor: str, grace: float, as_json: bool) -> None:
+def resume_command(
+    app: App, name: str | None, executor: str, grace: float, quiet: bool, as_json: bool
+) -> None:
     """Continue the latest interrupted or failed run (of NAME, or of any pipeline).
 
     Re-invokes the target recorded in the run, with the same parameters; every batch
@@ -170,6 +181,7 @@ def resume_command(app: App, name: str | None, executor: str, grace: float, as_j
     """
     from castore.runs import latest_resumable
 
+    app.quiet = app.quiet or quiet
     info = latest_resumable(app.store(), name)
     man = info.manifest
     target = man.target or Target(kind="api")

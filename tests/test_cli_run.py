@@ -162,3 +162,38 @@ def test_resume_target_gone(fast, tmp_path):
 
 def test_show_unknown_run(tmp_path):
     one_error_line(run_cas("show", "nope", cache_dir=tmp_path / "c"), "no run named")
+
+
+def test_downstream_param_change_via_cli_counts(fast, tmp_path):
+    cache = tmp_path / "c"
+    first = run_cas("run", str(fast), "--json", "--quiet", cache_dir=cache).json()
+    assert first["steps"]["add_one"]["batches_computed"] == 1
+    second = run_cas("run", str(fast), "--json", "--param", "add_one.by=3", cache_dir=cache)
+    doc = second.json()
+    assert doc["steps"]["load_data_from_dicts"] == {
+        "batches_cached": 3,
+        "batches_computed": 0,
+        "batches_failed": 0,
+        "rows": 30,
+    }
+    assert doc["steps"]["add_one"]["batches_cached"] == 0
+    assert doc["steps"]["add_one"]["batches_computed"] == 1
+    assert doc["signature"] != first["signature"]
+
+
+def test_quiet_run_prints_only_the_summary(fast, tmp_path):
+    r = run_cas("run", str(fast), "--quiet", cache_dir=tmp_path / "c")
+    assert r.returncode == 0, r
+    assert "INFO" not in r.stderr and "data:" in r.stderr
+
+
+def test_cat_json(fast, tmp_path):
+    cache = tmp_path / "c"
+    doc = run_cas("run", str(fast), "--json", cache_dir=cache).json()
+    man = run_cas("cat", doc["run_id"][:12], "--json", cache_dir=cache)
+    assert man.returncode == 0 and man.json()["kind"] == "run"
+    step_id = man.json()["steps"][1]["manifest"]
+    step = run_cas("cat", step_id, "--json", cache_dir=cache).json()
+    batch = step["batches"][0]["outputs"][0]
+    rows = run_cas("cat", batch, "--json", cache_dir=cache).json()
+    assert rows[:2] == [{"x": 0, "y": 1}, {"x": 1, "y": 2}]

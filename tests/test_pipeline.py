@@ -461,3 +461,15 @@ def test_finished_rerun_logs_no_step_work(store):
     ds = build().run(cache_dir=store.root)
     assert "no step work to do" in ds.log
     assert all(counts(ds, s)[1] == 0 for s in ds.run.stats)
+
+
+def test_file_loader_reads_fsspec_urls(store):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/castore-test/in.jsonl", "w") as f:
+        f.write("".join(json.dumps({"instruction": f"m{i}"}) + "\n" for i in range(7)))
+    with Pipeline(name="fsspec") as p:
+        LoadDataFromFileSystem(data_files="memory://castore-test/in.jsonl", batch_size=3) >> Upper()
+    ds = p.run(cache_dir=store.root)
+    assert [r["response"] for r in rows(ds, "upper")] == [f"M{i}" for i in range(7)]
