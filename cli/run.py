@@ -62,6 +62,7 @@ def execute(
     executor: str,
     as_json: bool,
     grace: float,
+    hint: str | None = None,
 ) -> None:
     """Load the target's pipeline, run it, print the summary (also when interrupted)."""
     from castore.runs import load_target
@@ -95,7 +96,7 @@ def execute(
         f"rows: {', '.join(f'{k}={v}' for k, v in doc['rows'].items())}"
     )
     err(f"data: {doc['data_dir']}")
-    err(f"run again (free: every batch is cached): cas run {target.path}")
+    err(f"run again (free: every batch is cached): cas run {hint or target.path}")
 
 
 def run_options(f: Any) -> Any:
@@ -163,6 +164,7 @@ def run_command(
         executor=executor,
         as_json=as_json,
         grace=grace,
+        hint=target,
     )
 
 

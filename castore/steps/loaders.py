@@ -11,7 +11,7 @@ from pydantic import Field
 
 from castore.errors import ConfigError
 from castore.hashing import Hasher
-from castore.pipeline.step import GeneratorStep
+from castore.pipeline.step import GeneratorStep, runtime_field
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,7 +42,9 @@ class LoadDataFromFileSystem(GeneratorStep):
     """jsonl, json, csv or parquet from a local path, glob or fsspec URL. The files'
     contents enter the fingerprint: an edited file invalidates, an untouched one does not."""
 
-    data_files: str = Field(description="A path, a glob, or an fsspec URL.")
+    # The path is not hashed (the files' contents are): the same data under another home
+    # directory or on another machine keeps its cache.
+    data_files: str = runtime_field(..., description="A path, a glob, or an fsspec URL.")
     format: FileFormat = "auto"
 
     def _paths(self) -> list[str]:
@@ -124,7 +126,7 @@ class LoadDataFromHub(GeneratorStep):
     """`datasets.load_dataset(repo_id, name=config, split=split)`; a local dataset folder
     works offline, and its files' contents enter the fingerprint."""
 
-    repo_id: str
+    repo_id: str = runtime_field(..., description="Hub id or local dataset folder.")
     split: str = "train"
     config: str | None = None
     revision: str | None = None
@@ -140,7 +142,7 @@ class LoadDataFromHub(GeneratorStep):
                         h.update(chunk)
                 digests.append([os.path.relpath(p, self.repo_id), h.hexdigest()])
             return {"local": digests}
-        return {"hub": self.repo_id, "revision": self.revision}
+        return {"hub": self.repo_id, "revision": self.revision}  # repo_id is hashed here
 
     def process(self, offset: int = 0) -> Iterator[pa.Table]:
         import datasets
