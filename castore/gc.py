@@ -64,6 +64,7 @@ class GcPlan:
     run_dirs_removed: list[str] = field(default_factory=list)
     objects_kept: int = 0
     live_runs: list[str] = field(default_factory=list)
+    cutoff: float = 0.0  # objects touched after this are never swept
 
 
 @dataclass
@@ -122,11 +123,15 @@ def plan_gc(
     """What a collection would remove, computed without changing anything."""
     now = time.time() if now is None else now
     plan = GcPlan()
+    # MUST come before reading the refs: a run seals its final manifest and moves its
+    # ref before it releases its lock, so a run not live now has its last ref in place,
+    # and a run live now is protected by what it touched. Reading refs first would miss
+    # a run that finished in between.
+    live = _live_runs(store)
     runs = list_runs(store)
     removed = {r.oid for r in _policy(runs, keep_last, older_than, now)}
     plan.refs_removed = [(r.name, r.sig) for r in runs if r.oid in removed]
     kept_runs = [r for r in runs if r.oid not in removed]
-    live = _live_runs(store)
     plan.live_runs = [run_id for run_id, _, _ in live]
     entries = {key: _read_entry(store, key) for key in store.iter_actions()}
     marked = _mark(store, kept_runs, entries, cache_ttl, now)
@@ -134,7 +139,8 @@ def plan_gc(
     # since it started (minus a minute of clock slack).
     starts = [start for _, start, _ in live]
     protect_since = min(starts) - 60 if starts else None
-    _plan_objects(store, plan, marked, now - grace, protect_since)
+    plan.cutoff = now - grace
+    _plan_objects(store, plan, marked, plan.cutoff, protect_since)
     going = set(plan.objects_removed)
     plan.actions_dropped = [
         key
@@ -250,7 +256,7 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
         store.delete_ref(name, sig)
     for key in plan.actions_dropped:
         store.delete_action(key)
-    _delete_objects(store, plan.objects_removed, progress)
+    _delete_objects(store, plan.objects_removed, plan.cutoff, progress)
     _remove_empty_shards(store)
     tmp = store.layout.dir(L.TMP)
     for name in plan.tmp_removed:
@@ -264,10 +270,13 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
 
 
 def _delete_objects(
-    store: Store, oids: list[str], progress: Callable[[str, int], None] | None
+    store: Store, oids: list[str], cutoff: float, progress: Callable[[str, int], None] | None
 ) -> None:
     """Unlink by shard through a directory fd: the kernel resolves one name instead of a
-    five-component path, ~2x faster per object here (bench_gc; threads did not help)."""
+    five-component path (bench_gc; threads did not help).
+
+    Each object is stat-ed again right before it goes: a run that reused it from the
+    cache since the plan was made has freshened it, and it stays."""
     by_shard: dict[str, list[str]] = {}
     for oid in oids:
         by_shard.setdefault(oid[:2], []).append(validate_id(oid)[2:])
@@ -281,7 +290,8 @@ def _delete_objects(
         try:
             for name in names:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=fd)
+                    if os.stat(name, dir_fd=fd).st_mtime <= cutoff:
+                        os.unlink(name, dir_fd=fd)
         finally:
             os.close(fd)
         done += len(names)

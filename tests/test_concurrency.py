@@ -27,7 +27,7 @@ def cas_popen(cache: Path, *args: str, calls: Path | None = None) -> subprocess.
     if calls is not None:
         env["CASTORE_TEST_CALLS"] = str(calls)
     return subprocess.Popen(
-        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), *args],
+        [sys.executable, "-m", "castore.cli", "--debug", "--cache-dir", str(cache), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

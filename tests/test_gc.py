@@ -162,3 +162,18 @@ def test_parse_duration():
     assert gc.parse_duration("30d") == 30 * 86400 and gc.parse_duration("5") == 5
     with pytest.raises(ConfigError):
         gc.parse_duration("soon")
+
+
+def test_object_freshened_after_the_plan_is_not_swept(store):
+    populate(store)
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)
+    old = time.time() - 7200
+    for oid in store.iter_oids():
+        os.utime(store.path_of(oid), (old, old))
+    plan = gc.plan_gc(store, grace=3600, cache_ttl=0)
+    reused = plan.objects_removed[0]
+    assert store.freshen(reused)  # a run hits the cache between plan and sweep
+    gc._sweep(store, plan, None)
+    assert store.has(reused)
+    assert not store.has(plan.objects_removed[1])

@@ -215,6 +215,7 @@ class Runner:
         lock.acquire(timeout=10)
         restore = self._install_signals()
         status: RunStatus = "failed"
+        distiset: Distiset | None = None
         try:
             self._prepare()
             status = self._drive()
@@ -229,6 +230,10 @@ class Runner:
             restore()
             try:
                 manifest_oid = self._finish(status)
+                if status == "finished":
+                    # Under the run lock: a concurrent gc protects what a live run touches,
+                    # including the leaf Arrow objects this writes.
+                    distiset = Distiset.from_manifest(self.store, manifest_oid)
             finally:
                 lock.release()
                 self._stop_logging(handlers)
@@ -239,7 +244,8 @@ class Runner:
             )
             err.run_oid = manifest_oid
             raise err
-        return Distiset.from_manifest(self.store, manifest_oid)
+        assert distiset is not None
+        return distiset
 
     # -- setup ---------------------------------------------------------------------------
 

@@ -1,0 +1,13 @@
+"""Pipelines that scenario tests run through `cas` as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+
+
+def record_call(batch_id: object) -> None:
+    """Append `<pid> <batch_id>` to $CASTORE_TEST_CALLS: the tests count paid work."""
+    calls = os.environ.get("CASTORE_TEST_CALLS")
+    if calls:
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()} {batch_id}\n")

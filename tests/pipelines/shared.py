@@ -4,21 +4,24 @@ concurrency tests. Every computed batch of `embed` appends a line to $CASTORE_TE
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 from castore import Pipeline, StepInput, StepOutput, step
 from castore.steps import LoadDataFromDicts
 
 DELAY = float(os.environ.get("CASTORE_TEST_DELAY", "0.05"))
 
+# `cas run` loads this file by path; the repo root makes the shared test helper importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.pipelines import record_call  # noqa: E402
+
 
 @step(inputs=["i"], outputs=["emb"])
 def Embed(inputs: StepInput, delay: float = 0.05) -> StepOutput:
     time.sleep(delay)
-    calls = os.environ.get("CASTORE_TEST_CALLS")
-    if calls:
-        with open(calls, "a") as f:
-            f.write(f"{os.getpid()} {inputs[0]['i']}\n")
+    record_call(inputs[0]["i"])
     yield [{**r, "emb": [r["i"], r["i"] * 2]} for r in inputs]
 
 

@@ -3,20 +3,22 @@ appends a line to $CASTORE_TEST_CALLS, so tests can count paid work."""
 
 from __future__ import annotations
 
-import os
+import sys
 import time
+from pathlib import Path
 
 from castore import Pipeline, StepInput, StepOutput, step
 from castore.steps import KeepColumns, LoadDataFromDicts
+
+# `cas run` loads this file by path; the repo root makes the shared test helper importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.pipelines import record_call
 
 
 @step(inputs=["i"], outputs=["slow"])
 def Slow(inputs: StepInput, delay: float = 0.1) -> StepOutput:
     time.sleep(delay)
-    calls = os.environ.get("CASTORE_TEST_CALLS")
-    if calls:
-        with open(calls, "a") as f:
-            f.write(f"{inputs[0]['i']}\n")
+    record_call(inputs[0]["i"])
     yield [{**r, "slow": r["i"] * 3} for r in inputs]
 
 
