@@ -86,17 +86,24 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
         logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        # aiohttp (under s3fs) reports a dropped connection as an unretrieved task error;
+        # castore already says the remote is unavailable, in one line.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     app = ctx.ensure_object(App)
     app.cache_dir = app.cache_dir or cache_dir
     app.quiet = quiet
 
 
 def _register() -> None:
-    from castore.cli import cat, distiset, fsck, gc, info, run, runs
+    from castore.cli import cat, distiset, fsck, gc, info, remote, run, runs
 
     for mod in (info, fsck, cat, distiset):
         cas.add_command(mod.command)
     for command in (
+        remote.remote_group,
+        remote.push_command,
+        remote.pull_command,
         gc.gc_command,
         gc.rm_command,
         gc.du_command,

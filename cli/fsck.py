@@ -10,18 +10,27 @@ from castore import fsck
 
 @click.command("fsck")
 @click.option(
+    "--remote",
+    "remote",
+    metavar="NAME",
+    help="Check a remote instead: download and verify every object.",
+)
+@click.option(
     "--repair",
     is_flag=True,
     help="Quarantine corrupt objects; drop dangling action entries and refs.",
 )
 @common_options
 @click.pass_obj
-def command(app: App, repair: bool, as_json: bool) -> None:
+def command(app: App, repair: bool, remote: str | None, as_json: bool) -> None:
     """Verify every object digest, action entry and ref; exit 1 on any problem.
 
     With --repair the store is made consistent again: corrupt objects move to
     quarantine/ and whatever pointed at them is dropped, so the next run recomputes it.
     """
+    if remote is not None:
+        _remote(app, remote, as_json)
+        return
     report = fsck.check(app.store(), repair=repair)
     if as_json:
         echo_json({**asdict(report), "clean": report.clean})
@@ -36,4 +45,23 @@ def command(app: App, repair: bool, as_json: bool) -> None:
         )
     unrepaired = [p for p in report.problems if not p.repaired]
     if unrepaired or (report.problems and not repair):
+        raise SystemExit(1)
+
+
+def _remote(app: App, name: str, as_json: bool) -> None:
+    from castore.config import remote_url
+    from castore.remote import Remote, fsck_remote
+
+    r = Remote(remote_url(app.store(), name))
+    problems = fsck_remote(r)
+    if as_json:
+        echo_json({"remote": r.url, "problems": problems, "clean": not problems})
+    else:
+        for p in problems:
+            click.echo(p)
+        click.echo(
+            f"remote {r.url}: " + ("clean" if not problems else f"{len(problems)} problem(s)"),
+            err=True,
+        )
+    if problems:
         raise SystemExit(1)

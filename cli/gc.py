@@ -36,6 +36,12 @@ def _human(n: float) -> str:
     "(they let other pipelines reuse them).",
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before removing runs by policy.")
+@click.option(
+    "--remote",
+    "remote",
+    metavar="NAME",
+    help="Collect on a remote (refused while another writer holds its lock).",
+)
 @common_options
 @click.pass_obj
 def gc_command(
@@ -46,6 +52,7 @@ def gc_command(
     grace: str,
     cache_ttl: str,
     yes: bool,
+    remote: str | None,
     as_json: bool,
 ) -> None:
     """Remove what no run needs: unreachable objects, dangling action entries, tmp/
@@ -56,6 +63,11 @@ def gc_command(
     """
     from castore import gc
 
+    if remote is not None:
+        _remote_gc(
+            app, remote, dry_run, gc.parse_duration(grace), gc.parse_duration(cache_ttl), as_json
+        )
+        return
     store = app.store()
     kw = {
         "keep_last": keep_last,
@@ -156,4 +168,23 @@ def du_command(app: App, as_json: bool) -> None:
     click.echo(
         f"physical: {_human(rep.physical)} ({_human(rep.physical_referenced)} "
         f"referenced); saved by dedupe: {_human(rep.saved_by_dedupe)}"
+    )
+
+
+def _remote_gc(
+    app: App, name: str, dry_run: bool, grace: float, cache_ttl: float, as_json: bool
+) -> None:
+    from castore.config import remote_url
+    from castore.remote import Remote, collect_remote
+
+    r = Remote(remote_url(app.store(), name))
+    res = collect_remote(r, grace=grace, cache_ttl=cache_ttl, dry_run=dry_run)
+    if as_json:
+        echo_json({**asdict(res), "remote": r.url})
+        return
+    verb = "would remove" if dry_run else "removed"
+    err(
+        f"remote {r.url}: {verb} {len(res.objects_removed)} objects "
+        f"({_human(res.bytes_freed)}), {len(res.actions_dropped)} action entries; kept "
+        f"{res.objects_kept} objects"
     )

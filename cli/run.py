@@ -63,6 +63,8 @@ def execute(
     as_json: bool,
     grace: float,
     hint: str | None = None,
+    remote: str | None = None,
+    push: bool = False,
 ) -> None:
     """Load the target's pipeline, run it, print the summary (also when interrupted)."""
     from castore.runs import load_target
@@ -82,6 +84,8 @@ def execute(
             quiet=app.quiet or as_json,
             target=target,
             stop_grace=grace,
+            remote=remote,
+            push=push,
         )
     except RunInterrupted as e:
         if as_json and e.run_oid:
@@ -100,6 +104,18 @@ def execute(
 
 
 def run_options(f: Any) -> Any:
+    f = click.option(
+        "--push",
+        is_flag=True,
+        help="Write through: upload each new batch to the remote as it is made.",
+    )(f)
+    f = click.option(
+        "--remote",
+        "remote",
+        metavar="NAME",
+        help="Read-through cache: a local miss asks this remote (a configured "
+        "name or a URL; default $CASTORE_REMOTE with --push).",
+    )(f)
     f = click.option(
         "--quiet",
         "-q",
@@ -145,6 +161,8 @@ def run_command(
     executor: str,
     grace: float,
     quiet: bool,
+    remote: str | None,
+    push: bool,
     as_json: bool,
 ) -> None:
     """Run a pipeline; finished batches are reused, so this also resumes and re-runs.
@@ -165,6 +183,8 @@ def run_command(
         as_json=as_json,
         grace=grace,
         hint=target,
+        remote=remote,
+        push=push,
     )
 
 
@@ -174,7 +194,14 @@ def run_command(
 @common_options
 @click.pass_obj
 def resume_command(
-    app: App, name: str | None, executor: str, grace: float, quiet: bool, as_json: bool
+    app: App,
+    name: str | None,
+    executor: str,
+    grace: float,
+    quiet: bool,
+    remote: str | None,
+    push: bool,
+    as_json: bool,
 ) -> None:
     """Continue the latest interrupted or failed run (of NAME, or of any pipeline).
 
@@ -193,12 +220,22 @@ def resume_command(
             f"{target.path or 'its stored pipeline.yaml'}"
         )
     if target.kind == "api":
-        _run_stored(app, info, executor=executor, as_json=as_json, grace=grace)
+        _run_stored(
+            app, info, executor=executor, as_json=as_json, grace=grace, remote=remote, push=push
+        )
         return
     if target.cwd and os.path.isdir(target.cwd):
         os.chdir(target.cwd)
     execute(
-        app, target, man.parameters, use_cache=True, executor=executor, as_json=as_json, grace=grace
+        app,
+        target,
+        man.parameters,
+        use_cache=True,
+        executor=executor,
+        as_json=as_json,
+        grace=grace,
+        remote=remote,
+        push=push,
     )
 
 
@@ -212,6 +249,8 @@ def _run_stored(app: App, info: Any, **kw: Any) -> None:
         executor=kw["executor"],
         quiet=app.quiet or kw["as_json"],
         stop_grace=kw["grace"],
+        remote=kw["remote"],
+        push=kw["push"],
     )
     doc = summary(app, ds.run_oid)
     if kw["as_json"]:

@@ -317,10 +317,14 @@ class Pipeline:
         quiet: bool = False,
         target: Target | None = None,
         stop_grace: float = 30.0,
+        remote: str | None = None,
+        push: bool = False,
     ) -> Distiset:
         """Run (or resume, or re-materialize) the pipeline; returns its Distiset.
 
         Every batch whose action key is in the store is reused; only misses are computed.
+        With `remote` (a configured name, URL or path), a local miss is looked up on the
+        remote (read-through); with `push`, new batches are uploaded as they are made.
         Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
         StepFailed when a batch fails with on_error='fail'.
         """
@@ -330,6 +334,12 @@ class Pipeline:
         self.apply_parameters(parameters)
         self.validate()
         store = Store(cache_dir if cache_dir is not None else self.cache_dir)
+        remote_obj = None
+        if remote is not None or push:
+            from castore.config import remote_url
+            from castore.remote import Remote
+
+            remote_obj = Remote(remote_url(store, remote))
         runner = Runner(
             self,
             store,
@@ -339,6 +349,8 @@ class Pipeline:
             quiet=quiet,
             target=target,
             stop_grace=stop_grace,
+            remote=remote_obj,
+            push=push,
         )
         return runner.run()
 

@@ -42,6 +42,7 @@ from castore.pipeline.batch import (
 )
 from castore.pipeline.executors import ProcessWorkers, ThreadWorkers
 from castore.pipeline.progress import Progress
+from castore.pipeline.remote_cache import RemoteCache
 from castore.pipeline.step import GeneratorStep, GlobalStep, _Step, normalize_output, to_table
 from castore.store.locks import FileLock
 from castore.store.manifests import (
@@ -169,6 +170,8 @@ class Runner:
         quiet: bool,
         target: Target | None,
         stop_grace: float,
+        remote: Any = None,
+        push: bool = False,
     ) -> None:
         if executor not in ("threads", "processes"):
             raise PipelineError(f"unknown executor {executor!r}: use 'threads' or 'processes'")
@@ -203,6 +206,9 @@ class Runner:
         self.error: str | None = None
         self.run_dir = Path(store.layout.run_dir(pipeline.name, self.sig))
         self.yaml_oid: str | None = None
+        self.remote = remote
+        self.push = push
+        self.rcache: RemoteCache | None = None
 
     # -- entry ---------------------------------------------------------------------------
 
@@ -268,6 +274,8 @@ class Runner:
         else:
             log.info("use_cache=False: recomputing every batch")
         self.progress = Progress(self.order, enabled=not self.quiet)
+        if self.remote is not None:
+            self.rcache = RemoteCache(self.store, self.remote, push=self.push)
         self.replayed = self.use_cache and self._replay()
         if self.replayed:
             return  # no workers, no "running" seal: the final seal follows at once
@@ -443,9 +451,18 @@ class Runner:
         desc = [[list(s) for s in pred] for pred in slices]
         return Planned(st.name, index, hash_json({"fp": st.fp, "in": desc}), slices)
 
+    def _entry(self, key: str) -> ActionEntry | None:
+        """The local action entry, else (read-through) the remote's."""
+        if not self.use_cache:
+            return None
+        entry = self.store.get_action(key)
+        if entry is None and self.rcache is not None:
+            entry = self.rcache.lookup(key)
+        return entry
+
     def _lookup(self, st: StepState, planned: Planned) -> bool:
         """Record a cache hit; the outputs are freshened so a concurrent gc keeps them."""
-        entry = self.store.get_action(planned.key) if self.use_cache else None
+        entry = self._entry(planned.key)
         if entry is None or not all(self.store.freshen(o) for o in entry.outputs):
             return False
         self._record(st, planned.index, planned.key, entry.outputs, entry.rows, cached=True)
@@ -530,6 +547,8 @@ class Runner:
         if kind == "gen-end":
             st = self.states[payload[0]]
             st.total = payload[1]
+            if self.rcache is not None and error is None:
+                self.rcache.upload(hash_json({"fp": st.fp, "generator_end": True}), [])
             if error is not None:
                 self._fail(st, error)
             return
@@ -613,6 +632,8 @@ class Runner:
             ),
         )
         n = sum(rows)
+        if self.rcache is not None and not cached and not failed:
+            self.rcache.upload(key, outputs)
         if cached:
             st.stats["cached"] += 1
             st.stats["rows_cached"] += n
@@ -648,11 +669,11 @@ class Runner:
         end_key = hash_json({"fp": st.fp, "generator_end": True})
         index = offset = 0
         if self.use_cache:
-            end = self.store.get_action(end_key)
+            end = self._entry(end_key)
             known = end.info.get("batches") if end else None
             while True:
                 key = self._gen_key(st, index)
-                entry = self.store.get_action(key)
+                entry = self._entry(key)
                 if entry is None:
                     break
                 self._record(st, index, key, entry.outputs, entry.rows, cached=True)
@@ -759,7 +780,10 @@ class Runner:
             h.flush()
         log_path = self.run_dir / "pipeline.log"
         log_oid = self.store.put_file(log_path) if log_path.exists() else None
-        return self._seal(status, log_oid)
+        oid = self._seal(status, log_oid)
+        if self.rcache is not None:
+            self.rcache.finish(self.sig)
+        return oid
 
     def _summary(self, status: RunStatus) -> None:
         for n, st in self.states.items():
@@ -843,8 +867,10 @@ class Runner:
         handlers: list[logging.Handler] = [
             logging.FileHandler(self.run_dir / "pipeline.log", mode="w", encoding="utf-8")
         ]
-        if not self.quiet:
-            handlers.append(logging.StreamHandler())
+        console = logging.StreamHandler()
+        # Quiet hides progress and info lines, never warnings (a remote gone, a retry).
+        console.setLevel(logging.WARNING if self.quiet else logging.INFO)
+        handlers.append(console)
         for h in handlers:
             h.setFormatter(fmt)
             log.addHandler(h)

@@ -1,0 +1,587 @@
+"""Remotes: another store with the same layout, reached through fsspec (DESIGN.md "Remotes").
+
+Everything read from a remote is untrusted: ids and ref names are validated like user
+input before they become paths, JSON is parsed into pydantic models, and every object's
+blake3 digest is verified before it enters the local store.
+
+Push order (MUST): batch objects → manifests → action entries → refs, so a remote never
+holds an action entry or a ref that names a missing object. Pull is the reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from castore.errors import CastoreError, ConfigError, CorruptObject
+from castore.hashing import hash_bytes, hash_json, validate_id
+from castore.store import Store
+from castore.store import layout as L
+from castore.store.manifests import RunManifest, StepManifest
+from castore.store.models import ActionEntry
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (objects done, bytes done)
+
+
+class RemoteError(CastoreError):
+    exit_code = 6
+
+
+class RemoteUnavailable(RemoteError):
+    """The remote cannot be reached (network, credentials, missing bucket)."""
+
+
+@dataclass
+class TransferResult:
+    objects: int = 0
+    bytes: int = 0
+    actions: int = 0
+    refs: list[str] = field(default_factory=list)
+    skipped: int = 0  # already there
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
+class Remote:
+    """A store reached through fsspec: a folder, s3://, gs://, hf://, memory://, …"""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        check_url(url)
+        self.url = url
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as e:
+            raise RemoteError(f"cannot use remote {url}: {e}") from None
+        self.root = root.rstrip("/") or "/"
+        self.layout = L.Layout(self.root, posixpath.join)
+        self.local = type(self.fs).__name__ == "LocalFileSystem"
+
+    def __repr__(self) -> str:
+        return f"Remote({self.url!r})"
+
+    # -- objects ---------------------------------------------------------------------
+
+    def list_oids(self) -> set[str]:
+        """Every object id on the remote (strays and malformed names skipped)."""
+        base = self.layout.dir(L.OBJECTS)
+        self.fs.invalidate_cache()  # listings must be fresh: others write here too
+        try:
+            paths = self.fs.find(base)
+        except FileNotFoundError:
+            return set()
+        except OSError as e:
+            raise RemoteUnavailable(f"cannot list {self.url}: {e}") from None
+        out = set()
+        for p in paths:
+            parts = p.rstrip("/").split("/")
+            if len(parts) >= 2:
+                oid = L.path_to_oid(parts[-2], parts[-1])
+                if oid:
+                    out.add(oid)
+        return out
+
+    def has(self, oid: str) -> bool:
+        return bool(self.fs.exists(self.layout.object_path(oid)))
+
+    def get_object(self, oid: str) -> bytes:
+        """The verified bytes of `oid`; CorruptObject when they do not hash to it."""
+        try:
+            data = self.fs.cat_file(self.layout.object_path(oid))
+        except FileNotFoundError:
+            raise RemoteError(f"object {oid} is not on remote {self.url}") from None
+        if hash_bytes(data) != oid:
+            raise CorruptObject(oid, None)
+        return data
+
+    def put_object(self, store: Store, oid: str) -> int:
+        """Upload a local object (verified first); returns its size."""
+        data = store.get_bytes(oid)
+        self._write(self.layout.object_path(oid), data)
+        return len(data)
+
+    def _write(self, path: str, data: bytes) -> None:
+        """Whole-or-nothing: object stores put atomically; a folder gets tmp + rename."""
+        parent = posixpath.dirname(path)
+        if self.local:
+            tmp = self.layout.join(self.layout.dir(L.TMP), f"up-{uuid.uuid4().hex}")
+            self.fs.makedirs(self.layout.dir(L.TMP), exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.makedirs(parent, exist_ok=True)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def delete_object(self, oid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.layout.object_path(oid))
+
+    # -- action entries and refs -----------------------------------------------------
+
+    def get_action(self, key: str) -> ActionEntry | None:
+        try:
+            raw = self.fs.cat_file(self.layout.action_path(key))
+        except FileNotFoundError:
+            return None
+        try:
+            return ActionEntry.model_validate_json(raw)
+        except ValueError:
+            log.warning("remote %s: action entry %s is malformed; ignored", self.url, key)
+            return None
+
+    def put_action(self, key: str, entry: ActionEntry) -> None:
+        self._write(self.layout.action_path(key), entry.model_dump_json().encode())
+
+    def list_actions(self) -> set[str]:
+        self.fs.invalidate_cache()
+        try:
+            paths = self.fs.find(self.layout.dir(L.ACTIONS))
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for p in paths:
+            parts = p.rstrip("/").split("/")
+            key = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+            if key:
+                out.add(key)
+        return out
+
+    def list_refs(self) -> list[tuple[str, str, str]]:
+        """(name, sig, run manifest id); names, sigs and ids are validated, bad ones
+        skipped with a warning (a remote cannot make us write outside the store)."""
+        base = self.layout.ref_dir()
+        self.fs.invalidate_cache()
+        try:
+            paths = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise RemoteUnavailable(f"cannot list refs of {self.url}: {e}") from None
+        out = []
+        for p in sorted(paths):
+            rel = p[len(base.rstrip("/")) + 1 :] if p.startswith(base) else p
+            parts = rel.split("/")
+            if len(parts) != 2:
+                continue
+            name, sig = parts
+            try:
+                L.validate_name(name)
+                validate_id(sig)
+                oid = validate_id(self.fs.cat_file(p).decode().strip())
+            except (CastoreError, UnicodeDecodeError, OSError) as e:
+                log.warning("remote %s: skipping ref %s: %s", self.url, rel, e)
+                continue
+            out.append((name, sig, oid))
+        return out
+
+    def set_ref(self, name: str, sig: str, oid: str) -> None:
+        self._write(self.layout.ref_path(name, sig), (validate_id(oid) + "\n").encode())
+
+    def delete_ref(self, name: str, sig: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.layout.ref_path(name, sig))
+
+    def load_json(self, oid: str, model: type[Any]) -> Any:
+        data = self.get_object(oid)
+        try:
+            return model.model_validate_json(data)
+        except ValueError as e:
+            raise RemoteError(f"remote object {oid} is not a valid {model.__name__}") from e
+
+    # -- writer lock -----------------------------------------------------------------
+
+    LOCK_TTL = 600.0  # a writer lock older than this is stale (the writer died)
+
+    def writers(self) -> list[dict[str, Any]]:
+        """Live writer locks (push, gc) on the remote."""
+        import json
+
+        base = self.layout.dir(L.LOCKS)
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for p in self.fs.ls(base, detail=False):
+                try:
+                    info = json.loads(self.fs.cat_file(p))
+                except (OSError, ValueError):
+                    continue
+                if time.time() - float(info.get("time", 0)) < self.LOCK_TTL:
+                    out.append({**info, "path": p})
+        return out
+
+    @contextlib.contextmanager
+    def writer_lock(self, kind: str, exclusive: bool) -> Any:
+        """A lock object under locks/ while pushing or collecting. gc (exclusive) refuses
+        when any other writer is live; a push refuses while a gc runs."""
+        import json
+        import os
+        import socket
+
+        from castore.errors import StoreLocked
+
+        others = self.writers()
+        blocking = others if exclusive else [w for w in others if w.get("kind") == "gc"]
+        if blocking:
+            w = blocking[0]
+            raise StoreLocked(
+                f"remote {self.url} is locked by {w.get('kind')} (pid {w.get('pid')} on "
+                f"{w.get('host')}); try again later"
+            )
+        path = self.layout.join(self.layout.dir(L.LOCKS), f"{kind}-{uuid.uuid4().hex}.json")
+        info = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        self.fs.makedirs(self.layout.dir(L.LOCKS), exist_ok=True)
+        self.fs.pipe_file(path, json.dumps(info).encode())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(path)
+
+
+def check_url(url: str) -> str:
+    """Refuse URLs that carry credentials: they would end up in config.yaml and logs."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password or (parts.username and parts.scheme not in ("", "file")):
+        raise ConfigError(
+            f"remote URL {parts.scheme}://…@{parts.hostname} carries credentials; give "
+            "them through the environment or fsspec's configuration instead"
+        )
+    return url
+
+
+# -- what a set of runs reaches -----------------------------------------------------------
+
+
+@dataclass
+class Closure:
+    batches: set[str] = field(default_factory=set)
+    manifests: list[str] = field(default_factory=list)  # step manifests, then run manifests
+    keys: set[str] = field(default_factory=set)  # action keys of those batches
+    refs: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure:
+    from castore.store.manifests import load_model
+
+    c = Closure()
+    steps: list[str] = []
+    runs: list[str] = []
+    for name, sig, oid in refs:
+        run = load_model(store, oid, RunManifest)
+        c.refs.append((name, sig, oid))
+        runs.append(oid)
+        c.batches.update(o for o in (run.pipeline_yaml, run.log) if o)
+        for ref in run.steps:
+            steps.append(ref.manifest)
+            step = load_model(store, ref.manifest, StepManifest)
+            c.keys.add(hash_json({"fp": step.fingerprint, "generator_end": True}))
+            for b in step.batches:
+                c.batches.update(b.outputs)
+                if not b.failed:
+                    c.keys.add(b.key)
+    c.manifests = list(dict.fromkeys(steps + runs))
+    return c
+
+
+def select_refs(
+    refs: list[tuple[str, str, str]], specs: tuple[str, ...] | list[str]
+) -> list[tuple[str, str, str]]:
+    """Refs matching run specs (pipeline name, signature prefix or run id prefix)."""
+    if not specs:
+        return refs
+    out = []
+    for spec in specs:
+        hits = [r for r in refs if r[0] == spec or r[1].startswith(spec) or r[2].startswith(spec)]
+        if not hits:
+            raise ConfigError(f"no run named or matching {spec!r}")
+        out.extend(h for h in hits if h not in out)
+    return out
+
+
+def _parallel(
+    fn: Callable[[str], int],
+    items: list[str],
+    jobs: int,
+    progress: Progress | None,
+    result: TransferResult,
+) -> None:
+    def one(oid: str) -> tuple[str, int | None, str | None]:
+        try:
+            return oid, fn(oid), None
+        except Exception as e:  # report every failure; the caller decides the exit code
+            return oid, None, f"{oid}: {type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for _oid, size, err in pool.map(one, items):
+            if err is not None:
+                result.failed.append(err)
+                continue
+            result.objects += 1
+            result.bytes += size or 0
+            if progress:
+                progress(result.objects, result.bytes)
+
+
+# -- push and pull ----------------------------------------------------------------------
+
+
+def push(
+    store: Store,
+    remote: Remote,
+    runs: tuple[str, ...] | list[str] = (),
+    *,
+    jobs: int = 8,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """Upload what the chosen runs (default: all refs) reach and the remote lacks."""
+    t0 = time.perf_counter()
+    result = TransferResult()
+    chosen = select_refs(store.list_refs(), runs)
+    c = local_closure(store, chosen)
+    with remote.writer_lock("push", exclusive=False):
+        present = remote.list_oids()
+        batches = sorted(o for o in c.batches - present if store.has(o))
+        manifests = [o for o in c.manifests if o not in present]
+        result.skipped = len(c.batches & present) + len(c.manifests) - len(manifests)
+        _parallel(lambda o: remote.put_object(store, o), batches, jobs, progress, result)
+        if result.failed:
+            raise RemoteError(
+                f"push to {remote.url}: {len(result.failed)} object(s) failed, "
+                f"e.g. {result.failed[0]}; run it again to resume"
+            )
+        # Step manifests before run manifests (their order in the closure).
+        for oid in manifests:
+            result.bytes += remote.put_object(store, oid)
+            result.objects += 1
+        have = remote.list_actions()
+        for key in sorted(c.keys - have):
+            entry = store.get_action(key)
+            if entry is not None:
+                remote.put_action(key, entry)
+                result.actions += 1
+        for name, sig, oid in chosen:
+            remote.set_ref(name, sig, oid)
+            result.refs.append(f"{name}/{sig}")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def fetch_object(store: Store, remote: Remote, oid: str) -> int:
+    """Download, verify, store. A mismatch raises CorruptObject naming `oid` and stores
+    nothing."""
+    data = remote.get_object(oid)
+    stored = store.put_bytes(data)
+    if stored != oid:  # cannot happen after get_object's check; kept as the invariant
+        raise CorruptObject(oid, None)
+    return len(data)
+
+
+def pull(
+    store: Store,
+    remote: Remote,
+    runs: tuple[str, ...] | list[str] = (),
+    *,
+    jobs: int = 8,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """Download what the chosen remote runs reach, verifying every object."""
+    t0 = time.perf_counter()
+    result = TransferResult()
+    chosen = select_refs(remote.list_refs(), runs)
+    for name, sig, run_oid in chosen:
+        run = remote.load_json(run_oid, RunManifest)
+        if run.name != name or run.signature != sig:
+            raise RemoteError(
+                f"remote ref {name}/{sig[:12]} names a manifest of {run.name}/{run.signature[:12]}"
+            )
+        steps = [(ref.manifest, remote.load_json(ref.manifest, StepManifest)) for ref in run.steps]
+        wanted = {o for o in (run.pipeline_yaml, run.log) if o}
+        for _, step in steps:
+            for b in step.batches:
+                wanted.update(b.outputs)
+        missing = sorted(o for o in wanted if not store.has(o))
+        result.skipped += len(wanted) - len(missing)
+        _parallel(lambda o: fetch_object(store, remote, o), missing, jobs, progress, result)
+        if result.failed:
+            raise RemoteError(
+                f"pull from {remote.url}: {len(result.failed)} object(s) "
+                f"failed verification or transfer, e.g. {result.failed[0]}; "
+                "nothing unverified was stored"
+            )
+        for oid, _step in steps:
+            result.bytes += fetch_object(store, remote, oid)
+        for _, step in steps:
+            keys = [b.key for b in step.batches if not b.failed]
+            keys.append(hash_json({"fp": step.fingerprint, "generator_end": True}))
+            for key in keys:
+                if store.get_action(key) is None:
+                    entry = remote.get_action(key)
+                    if entry is not None and all(store.has(o) for o in entry.outputs):
+                        store.put_action(key, entry)
+                        result.actions += 1
+        result.bytes += fetch_object(store, remote, run_oid)
+        store.set_ref(name, sig, run_oid)
+        result.refs.append(f"{name}/{sig}")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def fsck_remote(remote: Remote, *, jobs: int = 8) -> list[str]:
+    """Problems on a remote: corrupt objects, entries or refs naming missing objects."""
+    problems: list[str] = []
+    oids = remote.list_oids()
+
+    def check(oid: str) -> int:
+        remote.get_object(oid)
+        return 0
+
+    res = TransferResult()
+    _parallel(check, sorted(oids), jobs, None, res)
+    problems += [f"corrupt-object {f}" for f in res.failed]
+    for key in sorted(remote.list_actions()):
+        entry = remote.get_action(key)
+        if entry is None:
+            problems.append(f"bad-action {key}")
+        elif any(o not in oids for o in entry.outputs):
+            problems.append(f"dangling-action {key}")
+    for name, sig, oid in remote.list_refs():
+        if oid not in oids:
+            problems.append(f"dangling-ref {name}/{sig[:12]}")
+            continue
+        try:
+            run = remote.load_json(oid, RunManifest)
+            for ref in run.steps:
+                if ref.manifest not in oids:
+                    problems.append(f"missing-object {name}/{sig[:12]}: {ref.manifest}")
+                    continue
+                step = remote.load_json(ref.manifest, StepManifest)
+                gone = [o for b in step.batches for o in b.outputs if o not in oids]
+                if gone:
+                    problems.append(f"missing-object {name}/{sig[:12]}: {gone[0]}")
+        except CastoreError as e:
+            problems.append(f"bad-manifest {name}/{sig[:12]}: {e}")
+    return problems
+
+
+__all__ = [
+    "Remote",
+    "RemoteError",
+    "RemoteUnavailable",
+    "TransferResult",
+    "collect_remote",
+    "fsck_remote",
+    "pull",
+    "push",
+]
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time from an fsspec info dict (local: mtime; s3: LastModified)."""
+    import datetime as dt
+
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, dt.datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    return time.time()  # unknown: treat as new, so it is never swept by mistake
+
+
+@dataclass
+class RemoteGcResult:
+    objects_removed: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    actions_dropped: list[str] = field(default_factory=list)
+    objects_kept: int = 0
+    dry_run: bool = False
+
+
+def collect_remote(
+    remote: Remote, *, grace: float = 3600.0, cache_ttl: float = 7 * 86400.0, dry_run: bool = False
+) -> RemoteGcResult:
+    """gc on a remote with the same roots logic as the local one; refuses while another
+    writer (a push, another gc) holds the remote's lock."""
+    now = time.time()
+    result = RemoteGcResult(dry_run=dry_run)
+    with remote.writer_lock("gc", exclusive=True):
+        entries = {key: remote.get_action(key) for key in remote.list_actions()}
+        marked = _remote_marked(remote, entries, now - cache_ttl)
+        try:
+            infos = remote.fs.find(remote.layout.dir(L.OBJECTS), detail=True)
+        except FileNotFoundError:
+            infos = {}
+        going: dict[str, int] = {}
+        for path, info in infos.items():
+            parts = path.rstrip("/").split("/")
+            oid = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+            if oid is None:
+                continue
+            if oid in marked or now - _mtime(info) < grace:
+                result.objects_kept += 1
+            else:
+                going[oid] = int(info.get("size") or 0)
+        present = infos_oids(infos)
+        result.actions_dropped = sorted(
+            k
+            for k, e in entries.items()
+            if e is None or any(o in going or o not in present for o in e.outputs)
+        )
+        result.objects_removed = sorted(going)
+        result.bytes_freed = sum(going.values())
+        if not dry_run:
+            # Entries before objects: a gc killed in between leaves only garbage.
+            for key in result.actions_dropped:
+                with contextlib.suppress(FileNotFoundError):
+                    remote.fs.rm_file(remote.layout.action_path(key))
+            for oid in result.objects_removed:
+                remote.delete_object(oid)
+    return result
+
+
+def _remote_marked(
+    remote: Remote, entries: dict[str, ActionEntry | None], entries_since: float
+) -> set[str]:
+    """What the remote's refs reach, and the objects of entries newer than the ttl."""
+    marked: set[str] = set()
+    for _name, _sig, oid in remote.list_refs():
+        marked.add(oid)
+        run = remote.load_json(oid, RunManifest)
+        marked.update(o for o in (run.pipeline_yaml, run.log) if o)
+        for ref in run.steps:
+            marked.add(ref.manifest)
+            step = remote.load_json(ref.manifest, StepManifest)
+            for b in step.batches:
+                marked.update(b.outputs)
+    for entry in entries.values():
+        if entry is not None and entry.created.timestamp() > entries_since:
+            marked.update(entry.outputs)
+    return marked
+
+
+def infos_oids(infos: dict[str, Any]) -> set[str]:
+    out = set()
+    for path in infos:
+        parts = path.rstrip("/").split("/")
+        oid = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+        if oid:
+            out.add(oid)
+    return out

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import click
+from castore.cli import App, common_options, echo_json, err
+
+
+@click.group("remote")
+def remote_group() -> None:
+    """Named remotes: other stores reached through fsspec (a folder, s3://, gs://, …).
+
+    Credentials come from the environment or fsspec's configuration, never from here.
+    """
+
+
+@remote_group.command("add")
+@click.argument("name")
+@click.argument("url")
+@common_options
+@click.pass_obj
+def add(app: App, name: str, url: str, as_json: bool) -> None:
+    """Add a remote NAME at URL (stored in the store's config.yaml)."""
+    from castore.config import add_remote
+
+    add_remote(app.store(), name, url)
+    echo_json({"added": name, "url": url}) if as_json else err(f"added remote {name}: {url}")
+
+
+@remote_group.command("list")
+@common_options
+@click.pass_obj
+def list_(app: App, as_json: bool) -> None:
+    """List remotes."""
+    from castore.config import load_config
+
+    remotes = load_config(app.store()).remotes
+    if as_json:
+        echo_json(remotes)
+        return
+    for name, url in sorted(remotes.items()):
+        click.echo(f"{name}\t{url}")
+
+
+@remote_group.command("remove")
+@click.argument("name")
+@common_options
+@click.pass_obj
+def remove(app: App, name: str, as_json: bool) -> None:
+    """Remove a remote (nothing on it is touched)."""
+    from castore.config import remove_remote
+
+    remove_remote(app.store(), name)
+    echo_json({"removed": name}) if as_json else err(f"removed remote {name}")
+
+
+class _Progress:
+    """objects, bytes and rate on stderr, at most every 0.5 s; silent when not a TTY."""
+
+    def __init__(self, verb: str, enabled: bool) -> None:
+        self.verb = verb
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, objects: int, nbytes: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.5:
+            return
+        self.last = now
+        rate = nbytes / max(now - self.t0, 1e-9) / 1e6
+        click.echo(
+            f"\r{self.verb}: {objects} objects, {nbytes / 1e6:.1f} MB, {rate:.1f} MB/s",
+            err=True,
+            nl=False,
+        )
+
+
+def _split(app: App, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    from castore.config import is_remote_name
+
+    if args and is_remote_name(app.store(), args[0]):
+        return args[0], args[1:]
+    return None, args
+
+
+def _transfer(app: App, verb: str, args: tuple[str, ...], jobs: int, as_json: bool) -> None:
+    from castore.config import remote_url
+    from castore.remote import Remote, pull, push
+
+    name, runs = _split(app, args)
+    remote = Remote(remote_url(app.store(), name))
+    fn = push if verb == "push" else pull
+    progress = _Progress(verb, not as_json and not app.quiet)
+    result = fn(app.store(), remote, runs, jobs=jobs, progress=progress)
+    if progress.enabled:
+        click.echo("", err=True)
+    doc: dict[str, Any] = {
+        **asdict(result),
+        "remote": remote.url,
+        "rate_mb_s": round(result.rate / 1e6, 2),
+    }
+    if as_json:
+        echo_json(doc)
+        return
+    err(
+        f"{verb}: {result.objects} objects ({result.bytes / 1e6:.1f} MB, "
+        f"{result.rate / 1e6:.1f} MB/s), {result.actions} action entries, "
+        f"{len(result.refs)} runs; {result.skipped} already there"
+    )
+
+
+@click.command("push")
+@click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
+@click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
+@common_options
+@click.pass_obj
+def push_command(app: App, args: tuple[str, ...], jobs: int, as_json: bool) -> None:
+    """Upload runs (default: all) to a remote: the objects it lacks, then manifests,
+    action entries and refs. Idempotent; an interrupted push resumes.
+
+    REMOTE defaults to $CASTORE_REMOTE or the only configured remote.
+    """
+    _transfer(app, "push", args, jobs, as_json)
+
+
+@click.command("pull")
+@click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
+@click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
+@common_options
+@click.pass_obj
+def pull_command(app: App, args: tuple[str, ...], jobs: int, as_json: bool) -> None:
+    """Download runs (default: all) from a remote; every object is verified before it
+    enters the store, and a mismatch names the object and stores nothing."""
+    _transfer(app, "pull", args, jobs, as_json)

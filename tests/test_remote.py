@@ -1,0 +1,270 @@
+"""Remotes against a local folder and a real S3-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from castore.distiset import Distiset
+from castore.errors import ConfigError
+from castore.remote import Remote, collect_remote, fsck_remote, pull, push
+from tests.conftest import run_cas
+from tests.remote_server import S3Server
+from tests.test_pipeline import build, counts, rows
+
+
+@pytest.fixture(scope="module")
+def s3():
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError:
+        pytest.fail("moto[server] and s3fs are part of the test extra")
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["folder", "s3"])
+def remote_url(request, tmp_path, monkeypatch):
+    if request.param == "folder":
+        return str(tmp_path / "remote")
+    server = request.getfixturevalue("s3")
+    use_server(server, monkeypatch)
+    return server.new_bucket()
+
+
+def use_server(server: S3Server, monkeypatch) -> None:
+    """Point s3:// at the local server: the environment for `cas` subprocesses, fsspec's
+    config for this process (it read the environment when it was imported)."""
+    import fsspec.config
+
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": server.endpoint})
+
+
+def as_rows(ds):
+    return {leaf: dd["train"].to_list() for leaf, dd in ds.items()}
+
+
+def test_second_machine(make_store, remote_url):
+    a, b, c = make_store("a"), make_store("b"), make_store("c")
+    first = build().run(cache_dir=a.root, quiet=True)
+    remote = Remote(remote_url)
+    res = push(a, remote)
+    assert res.objects > 0 and not res.failed and len(res.refs) == 1
+    assert fsck_remote(remote) == []
+    again = push(a, remote)
+    assert again.objects == 0 and again.skipped > 0  # idempotent
+
+    got = pull(b, remote)
+    assert got.objects > 0 and got.refs == res.refs
+    ds_b = build().run(cache_dir=b.root, quiet=True)
+    assert all(counts(ds_b, s)[1] == 0 for s in ds_b.run.stats)
+    assert as_rows(ds_b) == as_rows(first)
+
+    ds_c = build().run(cache_dir=c.root, quiet=True, remote=remote_url)
+    assert all(counts(ds_c, s)[1] == 0 for s in ds_c.run.stats)
+    assert as_rows(ds_c) == as_rows(first)
+    # Read-through fetched the batches it needed, not the other run's manifests.
+    batch_objects = {o for s in first.run.steps for o in _outputs(a, s.manifest)}
+    assert batch_objects <= set(c.iter_oids())
+    assert first.run_oid not in set(c.iter_oids())
+
+
+def _outputs(store, step_oid):
+    from castore.store.manifests import StepManifest, load_model
+
+    return [o for b in load_model(store, step_oid, StepManifest).batches for o in b.outputs]
+
+
+def test_write_through(make_store, remote_url):
+    a, b = make_store("a"), make_store("b")
+    first = build().run(cache_dir=a.root, quiet=True, remote=remote_url, push=True)
+    remote = Remote(remote_url)
+    assert [r[1] for r in remote.list_refs()] == [first.run.signature]
+    assert fsck_remote(remote) == []
+    pull(b, remote)
+    ds = build().run(cache_dir=b.root, quiet=True)
+    assert all(counts(ds, s)[1] == 0 for s in ds.run.stats)
+
+
+def _tamper(remote: Remote, oid: str) -> None:
+    path = remote.layout.object_path(oid)
+    data = bytearray(remote.fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    if remote.local:
+        os.chmod(path, 0o644)
+    remote.fs.pipe_file(path, bytes(data))
+
+
+def test_tampered_object_rejected_by_pull_and_read_through(make_store, remote_url):
+    a, b, c = make_store("a"), make_store("b"), make_store("c")
+    first = build().run(cache_dir=a.root, quiet=True)
+    remote = Remote(remote_url)
+    push(a, remote)
+    victim = _outputs(a, first.run.step_manifest_id("upper"))[1]
+    _tamper(remote, victim)
+    assert any(victim in p for p in fsck_remote(remote))
+    r = run_cas("pull", remote_url, cache_dir=b.root)
+    assert r.returncode != 0 and victim in r.stderr and "Traceback" not in r.stderr
+    assert not b.has(victim)
+    assert all(b.verify(o) for o in b.iter_oids())
+    ds = build().run(cache_dir=c.root, quiet=True, remote=remote_url)
+    assert counts(ds, "upper")[1] == 1  # that batch was recomputed here
+    assert as_rows(ds) == as_rows(first)
+    assert c.verify(victim)
+
+
+def test_partial_push_then_push_completes(make_store, tmp_path):
+    """kill -9 of `cas push` mid-way; a second push sends only the rest."""
+    a = make_store("a")
+    from castore import Pipeline
+    from castore.steps import LoadDataFromDicts
+
+    with Pipeline(name="many") as p:
+        LoadDataFromDicts(data=[{"x": "y" * 2000, "i": i} for i in range(6000)], batch_size=3)
+    p.run(cache_dir=a.root, quiet=True)
+    url = str(tmp_path / "remote")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "castore.cli",
+            "--cache-dir",
+            str(a.root),
+            "push",
+            url,
+            "--jobs",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    objects = Path(url) / "objects"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        n = (
+            sum(len(os.listdir(objects / d)) for d in os.listdir(objects))
+            if objects.exists()
+            else 0
+        )
+        if n >= 200:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    remote = Remote(url)
+    arrived = len(remote.list_oids())
+    assert 0 < arrived < 2000, "the kill did not land mid-push"
+    assert remote.list_refs() == []  # no ref before all its objects
+    r = run_cas("push", url, "--json", cache_dir=a.root)
+    assert r.returncode == 0, r
+    assert r.json()["skipped"] >= arrived - 1
+    assert run_cas("fsck", "--remote", url, cache_dir=a.root).returncode == 0
+
+
+def test_remote_stopped_mid_run_degrades_to_local(make_store, tmp_path, monkeypatch):
+    server = S3Server()
+    server.start()
+    use_server(server, monkeypatch)
+    url = server.new_bucket()
+    a = make_store("a")
+    pipeline = Path(__file__).parent / "pipelines" / "slow.py"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "castore.cli",
+            "--cache-dir",
+            str(a.root),
+            "run",
+            str(pipeline),
+            "--remote",
+            url,
+            "--push",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (a.root / "refs" / "runs" / "slow").exists():
+        time.sleep(0.02)
+    time.sleep(0.5)
+    server.stop()
+    out, errtext = proc.communicate(timeout=180)
+    assert proc.returncode == 0, errtext
+    assert "unavailable" in errtext or "write-through failed" in errtext
+    import json
+
+    assert json.loads(out)["status"] == "finished"
+
+
+def test_remote_config_cli(tmp_path):
+    cache = tmp_path / "c"
+    url = str(tmp_path / "remote")
+    assert run_cas("remote", "add", "team", url, cache_dir=cache).returncode == 0
+    r = run_cas("remote", "list", "--json", cache_dir=cache)
+    assert r.json() == {"team": url}
+    r = run_cas("remote", "add", "leak", "s3://AKIA:secret@bucket/x", cache_dir=cache)
+    assert r.returncode != 0 and "credentials" in r.stderr
+    assert "secret" not in (cache / "config.yaml").read_text()
+    r = run_cas("push", "--json", cache_dir=cache)  # the only remote is the default
+    assert r.returncode == 0, r
+    assert run_cas("remote", "remove", "team", cache_dir=cache).returncode == 0
+    r = run_cas("push", cache_dir=cache)
+    assert r.returncode != 0 and "no remote given" in r.stderr
+
+
+def test_untrusted_refs_and_ids_are_skipped(make_store, tmp_path):
+    a, b = make_store("a"), make_store("b")
+    build().run(cache_dir=a.root, quiet=True)
+    url = tmp_path / "remote"
+    remote = Remote(str(url))
+    push(a, remote)
+    refs = url / "refs" / "runs"
+    (refs / "..evil").mkdir()
+    (refs / "..evil" / ("0" * 64)).write_text("0" * 64)
+    (refs / "p" / "not-a-sig").write_text("../../../../etc/passwd")
+    (refs / "p" / ("1" * 64)).write_text("../../etc/passwd\n")
+    assert [r[0] for r in remote.list_refs()] == ["p"]
+    got = pull(b, remote)
+    assert len(got.refs) == 1
+    assert not (tmp_path / "etc").exists()
+
+
+def test_gc_remote_and_writer_lock(make_store, tmp_path):
+    a = make_store("a")
+    build().run(cache_dir=a.root, quiet=True)
+    build(factor=9).run(cache_dir=a.root, quiet=True)
+    url = str(tmp_path / "remote")
+    remote = Remote(url)
+    push(a, remote)
+    name, sig, _ = remote.list_refs()[0]
+    remote.delete_ref(name, sig)
+    with remote.writer_lock("push", exclusive=False):
+        r = run_cas("gc", "--remote", url, cache_dir=a.root)
+        assert r.returncode == 11 and "locked" in r.stderr
+    res = collect_remote(remote, grace=0, cache_ttl=0)
+    assert res.objects_removed and fsck_remote(remote) == []
+    b = make_store("b")
+    pull(b, remote)
+    ds = Distiset.from_run("p", b.root)
+    assert rows(ds, "keep_columns")
+
+
+def test_bad_remote_url(tmp_path):
+    with pytest.raises(ConfigError, match="credentials"):
+        Remote("https://user:pw@example.invalid/store")
+    r = run_cas("pull", "nope", cache_dir=tmp_path / "c")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
