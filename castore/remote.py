@@ -337,6 +337,14 @@ def _parallel(
                 progress(result.objects, result.bytes)
 
 
+def _parallel_count(fn: Callable[[str], object], items: list[str], jobs: int) -> int:
+    """Small transfers (action entries) in parallel; returns how many were done."""
+    if not items:
+        return 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return sum(1 for _ in pool.map(fn, items))
+
+
 # -- push and pull ----------------------------------------------------------------------
 
 
@@ -369,11 +377,10 @@ def push(
             result.bytes += remote.put_object(store, oid)
             result.objects += 1
         have = remote.list_actions()
-        for key in sorted(c.keys - have):
-            entry = store.get_action(key)
-            if entry is not None:
-                remote.put_action(key, entry)
-                result.actions += 1
+        entries = {k: e for k in sorted(c.keys - have) if (e := store.get_action(k))}
+        result.actions = _parallel_count(
+            lambda k: remote.put_action(k, entries[k]), list(entries), jobs
+        )
         for name, sig, oid in chosen:
             remote.set_ref(name, sig, oid)
             result.refs.append(f"{name}/{sig}")
@@ -425,15 +432,18 @@ def pull(
             )
         for oid, _step in steps:
             result.bytes += fetch_object(store, remote, oid)
-        for _, step in steps:
-            keys = [b.key for b in step.batches if not b.failed]
-            keys.append(hash_json({"fp": step.fingerprint, "generator_end": True}))
-            for key in keys:
-                if store.get_action(key) is None:
-                    entry = remote.get_action(key)
-                    if entry is not None and all(store.has(o) for o in entry.outputs):
-                        store.put_action(key, entry)
-                        result.actions += 1
+        remote_keys = remote.list_actions()
+        keys = [b.key for _, step in steps for b in step.batches if not b.failed]
+        keys += [hash_json({"fp": step.fingerprint, "generator_end": True}) for _, step in steps]
+        wanted_keys = [k for k in dict.fromkeys(keys)
+                       if k in remote_keys and store.get_action(k) is None]
+
+        def fetch_entry(key: str) -> None:
+            entry = remote.get_action(key)
+            if entry is not None and all(store.has(o) for o in entry.outputs):
+                store.put_action(key, entry)
+
+        result.actions += _parallel_count(fetch_entry, wanted_keys, jobs)
         result.bytes += fetch_object(store, remote, run_oid)
         store.set_ref(name, sig, run_oid)
         result.refs.append(f"{name}/{sig}")
