@@ -28,15 +28,30 @@ from tests.remote_server import S3Server
 
 def build(store: Store, n: int, size: int) -> list[str]:
     oids = [store.put_bytes(os.urandom(size)) for _ in range(n)]
-    records = [BatchRecord(key=hash_json(i), outputs=[o], rows=[1], cached=False)
-               for i, o in enumerate(oids)]
-    step = StepManifest(name="s", step_class="m:S", fingerprint=hash_json("fp"),
-                        signature=hash_json("sig"), complete=True, batches=records)
+    records = [
+        BatchRecord(key=hash_json(i), outputs=[o], rows=[1], cached=False)
+        for i, o in enumerate(oids)
+    ]
+    step = StepManifest(
+        name="s",
+        step_class="m:S",
+        fingerprint=hash_json("fp"),
+        signature=hash_json("sig"),
+        complete=True,
+        batches=records,
+    )
     sid = store.put_bytes(step.model_dump_json().encode())
     sig = hash_json("run")
-    run = RunManifest(run_id="r", name="bench", signature=sig, status="finished",
-                      started=now_utc(), steps=[StepRef(name="s", manifest=sid)], edges=[],
-                      leaves=["s"])
+    run = RunManifest(
+        run_id="r",
+        name="bench",
+        signature=sig,
+        status="finished",
+        started=now_utc(),
+        steps=[StepRef(name="s", manifest=sid)],
+        edges=[],
+        leaves=["s"],
+    )
     store.set_ref("bench", sig, store.put_bytes(run.model_dump_json().encode()))
     return oids
 
@@ -84,16 +99,24 @@ def main() -> None:
         got = pull(b, remote, jobs=args.jobs)
         t_pull = time.perf_counter() - t0
         assert res.objects >= args.objects and noop.objects == 0 and got.objects >= args.objects
-        report([
-            ("objects", f"{args.objects:,} x {args.size:,} B = {mb:.0f} MB, {args.jobs} jobs"),
-            ("floor fsspec put", f"{t_put:.2f} s ({mb / t_put:.0f} MB/s)"),
-            ("cas push", f"{t_push:.2f} s ({mb / t_push:.0f} MB/s)  ratio {t_put / t_push:.2f} "
-             "(target >= 0.8)"),
-            ("floor fsspec get", f"{t_get:.2f} s ({mb / t_get:.0f} MB/s)"),
-            ("cas pull (verified)", f"{t_pull:.2f} s ({mb / t_pull:.0f} MB/s)  ratio "
-             f"{t_get / t_pull:.2f} (target >= 0.8)"),
-            ("no-op push", f"{t_noop:.2f} s (target <= 5 s)"),
-        ])
+        report(
+            [
+                ("objects", f"{args.objects:,} x {args.size:,} B = {mb:.0f} MB, {args.jobs} jobs"),
+                ("floor fsspec put", f"{t_put:.2f} s ({mb / t_put:.0f} MB/s)"),
+                (
+                    "cas push",
+                    f"{t_push:.2f} s ({mb / t_push:.0f} MB/s)  ratio {t_put / t_push:.2f} "
+                    "(target >= 0.8)",
+                ),
+                ("floor fsspec get", f"{t_get:.2f} s ({mb / t_get:.0f} MB/s)"),
+                (
+                    "cas pull (verified)",
+                    f"{t_pull:.2f} s ({mb / t_pull:.0f} MB/s)  ratio "
+                    f"{t_get / t_pull:.2f} (target >= 0.8)",
+                ),
+                ("no-op push", f"{t_noop:.2f} s (target <= 5 s)"),
+            ]
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         server.stop()

@@ -63,6 +63,10 @@ def run_cas(
     cmd = [sys.executable, "-m", "castore.cli"]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
+    # Group options (-v, -q, --debug) go before the command.
+    while args and args[0] in ("-v", "-vv", "-q", "--debug"):
+        cmd.append(args[0])
+        args = args[1:]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
         cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd

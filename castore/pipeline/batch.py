@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
-from castore.pipeline.step import METADATA_COLUMN, _Step, normalize_output, to_table
+from castore.pipeline.step import (
+    METADATA_COLUMN,
+    BatchIncomplete,
+    _Step,
+    normalize_output,
+    to_table,
+)
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
@@ -136,7 +142,15 @@ def execute_batch(
     t0 = time.perf_counter()
     table = read_input(store, slices, cache)
     rows = table.to_pylist()
-    out = to_table(normalize_output(call_process(step, rows)))
+    try:
+        out = to_table(normalize_output(call_process(step, rows)))
+    except BatchIncomplete as e:
+        if step.on_error != "skip":
+            raise
+        # Keep the rows that succeeded (paid for), but write no action entry.
+        out = to_table(normalize_output(e.rows))
+        res = store_batch(store, step, key, out, time.perf_counter() - t0, cache=False)
+        return BatchResult(res.outputs, res.rows, res.seconds, res.columns, skipped_error=str(e))
     check_outputs(step, out)
     return store_batch(store, step, key, out, time.perf_counter() - t0, cache=True)
 

@@ -564,6 +564,13 @@ class Runner:
             planned.lease.release()  # the entry (if any) is written: waiters can go on
         if error is None:
             res: BatchResult = payload
+            if res.skipped_error:
+                log.warning(
+                    "step %s batch %d: %s; rows kept, batch not cached (the next run retries it)",
+                    st.name,
+                    planned.index,
+                    res.skipped_error,
+                )
             self._record(
                 st, planned.index, planned.key, res.outputs, res.rows, cached=False, result=res
             )

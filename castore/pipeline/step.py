@@ -116,7 +116,12 @@ class _Step(BaseModel):
             if fname in skip:
                 continue
             try:
-                value = self.model_dump(mode="json", include={fname})[fname]
+                attr = getattr(self, fname)
+                if isinstance(attr, BaseModel) and hasattr(attr, "cache_identity"):
+                    # Nested configs (an LLM client) say themselves what is identity.
+                    value = attr.cache_identity()
+                else:
+                    value = self.model_dump(mode="json", include={fname})[fname]
                 canonical_json(value)
             except (NonCanonicalValue, ValueError, TypeError) as e:
                 raise UnhashableParam(
@@ -221,6 +226,17 @@ class GeneratorStep(_Step):
 
     def process(self, offset: int = 0) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class BatchIncomplete(Exception):
+    """Raised by `process` when some rows failed (an LLM call that kept failing): the
+    rows are kept, but the batch must not be cached, so the next run retries it. With
+    on_error="fail" the batch fails instead."""
+
+    def __init__(self, rows: Any, errors: list[str]) -> None:
+        self.rows = rows
+        self.errors = errors
+        super().__init__(f"{len(errors)} row(s) failed, e.g. {errors[0] if errors else '?'}")
 
 
 def normalize_output(result: Any) -> Iterable[Any]:

@@ -8,9 +8,11 @@ from castore.steps.columns import (
     KeepColumns,
     RenameColumns,
 )
+from castore.steps.llm import ChatGeneration, TextGeneration
 from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
 
 __all__ = [
+    "ChatGeneration",
     "CombineOutputs",
     "DeduplicateRows",
     "ExpandColumns",
@@ -20,4 +22,5 @@ __all__ = [
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
     "RenameColumns",
+    "TextGeneration",
 ]

@@ -1,0 +1,200 @@
+"""An async client for any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM,
+llama.cpp server, Ollama, TGI, …), built on httpx.
+
+All requests of a process go through one event loop in a daemon thread, so the cap on
+concurrent requests holds across every batch in flight and connections are pooled.
+Retries: 429, 5xx, timeouts, connection errors and malformed responses, with exponential
+backoff and full jitter, honouring `Retry-After`.
+
+The API key is a `SecretStr`, read from `api_key_env` (default OPENAI_API_KEY) when not
+given; it is excluded from every dump, so it never reaches a hash, pipeline.yaml or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from castore.errors import CastoreError
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class LLMError(CastoreError):
+    """A request failed after its retries (or cannot succeed: 4xx, no API key)."""
+
+
+class Generation(BaseModel):
+    """One completion: the text, the raw response and the token usage."""
+
+    text: str | None
+    raw: dict[str, Any]
+    usage: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 1
+
+
+class OpenAILLM(BaseModel):
+    """Chat completions at `base_url` (…/v1). `cache_identity()` is what enters a step's
+    fingerprint: the model, the generation kwargs and the server (a different server may
+    serve a different model under the same name), never the key or the timeouts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = Field(default=None, exclude=True)
+    api_key_env: str = "OPENAI_API_KEY"
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = 120.0
+    max_retries: int = 6
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_concurrent_requests: int = 32
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "base_url": self.base_url.rstrip("/"),
+            "generation_kwargs": self.generation_kwargs,
+        }
+
+    def key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return os.environ.get(self.api_key_env)
+
+    # -- synchronous entry points (called from batch worker threads) -------------------
+
+    def generate(self, conversations: list[list[dict[str, Any]]]) -> list[Generation | Exception]:
+        """One result per conversation, in order: a Generation, or the exception that
+        ended its retries. Requests run concurrently up to `max_concurrent_requests`."""
+        return _LOOP.run(self._generate_all(conversations))
+
+    async def _generate_all(
+        self, conversations: list[list[dict[str, Any]]]
+    ) -> list[Generation | Exception]:
+        client = _LOOP.client()
+        sem = _LOOP.semaphore(self)
+        return await asyncio.gather(
+            *(self._one(client, sem, messages) for messages in conversations),
+            return_exceptions=True,
+        )
+
+    async def _one(
+        self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, Any]]
+    ) -> Generation:
+        import httpx
+
+        headers = {"Content-Type": "application/json"}
+        key = self.key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
+        url = self.base_url.rstrip("/") + "/chat/completions"
+        last = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            wait: float | None = None
+            async with sem:
+                try:
+                    resp = await client.post(url, json=body, headers=headers, timeout=self.timeout)
+                except (httpx.TimeoutException, httpx.TransportError) as e:
+                    last = f"{type(e).__name__}: {e}"
+                else:
+                    if resp.status_code == 200:
+                        gen = _parse(resp)
+                        if gen is not None:
+                            gen.attempts = attempt + 1
+                            return gen
+                        last = "malformed response (not chat-completion JSON)"
+                    elif resp.status_code in RETRY_STATUS:
+                        last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                        wait = _retry_after(resp.headers.get("retry-after"))
+                    else:
+                        raise LLMError(f"HTTP {resp.status_code} from {url}: {resp.text[:300]}")
+            if attempt == self.max_retries:
+                break
+            backoff = min(self.max_backoff, self.backoff * 2**attempt)
+            delay = wait if wait is not None else random.uniform(0, backoff)  # full jitter
+            log.debug("retry %d/%d in %.2fs: %s", attempt + 1, self.max_retries, delay, last)
+            await asyncio.sleep(delay)
+        raise LLMError(f"{self.max_retries + 1} attempts failed; last: {last}")
+
+
+def _parse(resp: Any) -> Generation | None:
+    try:
+        raw = resp.json()
+        choice = raw["choices"][0]
+        text = choice["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if text is not None and not isinstance(text, str):
+        return None
+    return Generation(text=text, raw=raw, usage=raw.get("usage") or {})
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    when = email.utils.parsedate_to_datetime(value) if value else None
+    return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+class _EventLoop:
+    """One asyncio loop in a daemon thread for every request of the process."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._sems: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._pid = 0
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            # A forked worker (process executor) inherits the loop object, not its thread.
+            if self._loop is None or self._pid != os.getpid() or not self._loop.is_running():
+                self._pid = os.getpid()
+                loop = asyncio.new_event_loop()
+                t = threading.Thread(target=loop.run_forever, daemon=True, name="castore-llm-loop")
+                t.start()
+                self._loop = loop
+                self._client = None
+                self._sems = {}
+            return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._ensure()).result()
+
+    def client(self) -> Any:
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            )
+        return self._client
+
+    def semaphore(self, llm: OpenAILLM) -> asyncio.Semaphore:
+        key = (llm.base_url, llm.model)
+        if key not in self._sems:
+            self._sems[key] = asyncio.Semaphore(llm.max_concurrent_requests)
+        return self._sems[key]
+
+
+_LOOP = _EventLoop()

@@ -1,0 +1,96 @@
+"""LLM tasks: every row is one chat-completion request, and every cached batch is money
+not spent again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from castore.errors import PipelineError
+from castore.llms import Generation, OpenAILLM
+from castore.pipeline.step import METADATA_COLUMN, BatchIncomplete, Step, StepInput
+
+
+class _LLMTask(Step):
+    """Shared by the tasks: send one conversation per row, write the generation, the
+    model name and per-row metadata (raw response, usage, error)."""
+
+    outputs = ["generation", "model_name"]
+
+    llm: OpenAILLM
+    input_batch_size: int = Field(default=32, ge=1)
+
+    def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def process(self, inputs: StepInput) -> list[dict[str, Any]]:
+        conversations = [self.conversation(row) for row in inputs]
+        results = self.llm.generate(conversations)
+        out, errors = [], []
+        for row, res in zip(inputs, results, strict=True):
+            meta = dict(row.get(METADATA_COLUMN) or {})
+            if isinstance(res, Generation):
+                meta[self.name or "llm"] = {
+                    "raw_output": res.text,
+                    "usage": res.usage,
+                    "attempts": res.attempts,
+                    "error": None,
+                }
+                out.append(
+                    {
+                        **row,
+                        "generation": res.text,
+                        "model_name": self.llm.model,
+                        METADATA_COLUMN: meta,
+                    }
+                )
+            else:
+                msg = f"{type(res).__name__}: {res}"
+                errors.append(msg)
+                meta[self.name or "llm"] = {
+                    "raw_output": None,
+                    "usage": {},
+                    "attempts": 0,
+                    "error": msg,
+                }
+                out.append(
+                    {**row, "generation": None, "model_name": self.llm.model, METADATA_COLUMN: meta}
+                )
+        if errors:
+            raise BatchIncomplete(out, errors)
+        return out
+
+
+class TextGeneration(_LLMTask):
+    """`template` (str.format over the row's columns; default "{instruction}") as the
+    user message, with an optional `system_prompt`."""
+
+    inputs = ["instruction"]
+
+    system_prompt: str | None = None
+    template: str = "{instruction}"
+
+    def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            content = self.template.format(**row)
+        except (KeyError, IndexError) as e:
+            raise PipelineError(f"step {self.name}: template needs column {e}") from None
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*messages, {"role": "user", "content": content}]
+
+
+class ChatGeneration(_LLMTask):
+    """A `messages` column (a list of {role, content}) is the conversation."""
+
+    inputs = ["messages"]
+
+    def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise PipelineError(
+                f"step {self.name}: 'messages' must be a list of {{role, content}} dicts"
+            )
+        return [{"role": m["role"], "content": m["content"]} for m in messages]

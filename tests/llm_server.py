@@ -1,0 +1,108 @@
+"""An OpenAI-compatible chat-completions server on 127.0.0.1 for tests and benchmarks:
+deterministic answers, request counting, and failures on demand (429 with Retry-After,
+500, slow responses, malformed JSON)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class LLMServer:
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.by_prompt: Counter[str] = Counter()
+        self.auth_headers: set[str] = set()
+        self.fail_429 = 0  # the next N requests get 429 with Retry-After
+        self.fail_500 = 0
+        self.malformed = 0
+        self.slow = 0  # the next N requests take `slow_seconds`
+        self.slow_seconds = 5.0
+        self.always_fail = "\x00never"  # prompts containing this always get 500
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> LLMServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _take(self, name: str) -> bool:
+        with self.lock:
+            n = getattr(self, name)
+            if n > 0:
+                setattr(self, name, n - 1)
+                return True
+            return False
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                req = json.loads(self.rfile.read(length))
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, b'{"error":"not found"}')
+                prompt = req["messages"][-1]["content"]
+                with server.lock:
+                    server.requests += 1
+                    server.by_prompt[prompt] += 1
+                    server.auth_headers.add(self.headers.get("Authorization", ""))
+                if server.latency:
+                    time.sleep(server.latency)
+                if server._take("slow"):
+                    time.sleep(server.slow_seconds)
+                if server._take("fail_429"):
+                    return self._send(429, b'{"error":"rate limited"}', {"Retry-After": "0.05"})
+                if server._take("fail_500") or server.always_fail in prompt:
+                    return self._send(500, b'{"error":"boom"}')
+                if server._take("malformed"):
+                    return self._send(200, b'{"choices": [ not json')
+                text = f"answer({req['model']}): {prompt[::-1]}"
+                words = len(prompt.split())
+                body = {
+                    "id": "cmpl-test",
+                    "object": "chat.completion",
+                    "model": req["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": text},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": words,
+                        "completion_tokens": words + 2,
+                        "total_tokens": 2 * words + 2,
+                    },
+                }
+                return self._send(200, json.dumps(body).encode())
+
+        return Handler

@@ -1,0 +1,204 @@
+"""LLM steps against a real OpenAI-compatible HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from pydantic import SecretStr
+
+from castore import Pipeline
+from castore.distiset import Distiset
+from castore.errors import StepFailed
+from castore.llms import LLMError, OpenAILLM
+from castore.steps import ChatGeneration, LoadDataFromDicts, TextGeneration
+from tests.conftest import REPO, run_cas
+from tests.llm_server import LLMServer
+
+GENERATE = REPO / "tests" / "pipelines" / "generate.py"
+SECRET = "sk-test-NEVER-WRITE-ME-4242"
+
+
+@pytest.fixture
+def server():
+    s = LLMServer().start()
+    yield s
+    s.stop()
+
+
+def llm(server: LLMServer, **kw) -> OpenAILLM:
+    base = dict(
+        model="test-model",
+        base_url=server.base_url,
+        backoff=0.01,
+        timeout=5.0,
+        max_concurrent_requests=8,
+    )
+    return OpenAILLM(**{**base, **kw})
+
+
+def gen_pipeline(server, n=40, name="gen", **task_kw) -> Pipeline:
+    with Pipeline(name=name) as p:
+        LoadDataFromDicts(
+            data=[{"instruction": f"q {i}"} for i in range(n)], batch_size=20
+        ) >> TextGeneration(llm=llm(server), input_batch_size=10, **task_kw)
+    return p
+
+
+def test_generation_rows_metadata_and_zero_requests_on_rerun(store, server):
+    ds = gen_pipeline(server, system_prompt="Be brief.").run(cache_dir=store.root, quiet=True)
+    assert server.requests == 40
+    rows = ds["text_generation"]["train"].to_list()
+    assert rows[3]["generation"] == "answer(test-model): 3 q"
+    assert rows[3]["model_name"] == "test-model"
+    meta = Distiset.from_run("gen", store.root, enable_metadata=True)
+    m = meta["text_generation"]["train"][3]["castore_metadata"]["text_generation"]
+    assert m["usage"]["total_tokens"] == 6 and m["error"] is None
+    again = gen_pipeline(server, system_prompt="Be brief.").run(cache_dir=store.root, quiet=True)
+    assert server.requests == 40  # not one more request
+    assert again["text_generation"]["train"].to_list() == rows
+
+
+def test_fingerprint_has_model_kwargs_prompt_not_key(server, monkeypatch):
+    def sig(**kw):
+        with Pipeline(name="fp") as p:
+            LoadDataFromDicts(data=[{"instruction": "x"}]) >> TextGeneration(
+                llm=llm(server, **kw.pop("llm", {})), **kw
+            )
+        return p.signatures()["text_generation"]["fp"]
+
+    base = sig()
+    assert sig(llm={"api_key": SecretStr("sk-1")}) == sig(llm={"api_key": SecretStr("sk-2")})
+    assert sig(llm={"timeout": 99.0, "max_concurrent_requests": 1}) == base
+    assert sig(llm={"model": "other"}) != base
+    assert sig(llm={"generation_kwargs": {"temperature": 0.9}}) != base
+    assert sig(system_prompt="hi") != base
+    assert sig(template="Q: {instruction}") != base
+    assert sig(llm={"base_url": "http://127.0.0.1:1/v1"}) != base
+
+
+def test_retries_429_with_retry_after_and_500(store, server):
+    server.fail_429 = 3
+    server.fail_500 = 3
+    server.malformed = 2
+    ds = gen_pipeline(server, n=20).run(cache_dir=store.root, quiet=True)
+    assert all(r["generation"] for r in ds["text_generation"]["train"].to_list())
+    assert server.requests == 20 + 3 + 3 + 2
+
+
+def test_timeouts_are_retried(store, server):
+    server.slow = 2
+    server.slow_seconds = 1.0
+    with Pipeline(name="slowllm") as p:
+        LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(6)]) >> TextGeneration(
+            llm=llm(server, timeout=0.3)
+        )
+    ds = p.run(cache_dir=store.root, quiet=True)
+    assert all(r["generation"] for r in ds["text_generation"]["train"].to_list())
+
+
+def test_failing_row_is_none_and_only_its_batch_is_retried(store, server):
+    server.always_fail = "q 13"
+    with Pipeline(name="gen") as p:
+        LoadDataFromDicts(
+            data=[{"instruction": f"q {i}"} for i in range(40)], batch_size=20
+        ) >> TextGeneration(llm=llm(server, max_retries=2), input_batch_size=10, on_error="skip")
+    ds = p.run(cache_dir=store.root, quiet=True)
+    rows = Distiset.from_run("gen", store.root, enable_metadata=True)["text_generation"][
+        "train"
+    ].to_list()
+    bad = rows[13]
+    assert bad["generation"] is None
+    assert "3 attempts failed" in bad["castore_metadata"]["text_generation"]["error"]
+    assert rows[12]["generation"] and rows[14]["generation"]
+    assert ds.run.stats["text_generation"].batches_failed == 1
+    before = server.requests
+    server.always_fail = "\x00never"
+    again = gen_pipeline(server).run(cache_dir=store.root, quiet=True)
+    assert server.requests - before == 10  # only the batch with the failed row
+    assert again["text_generation"]["train"][13]["generation"] == "answer(test-model): 31 q"
+
+
+def test_on_error_fail_fails_the_run(store, server):
+    server.always_fail = "q 3"
+    with Pipeline(name="failing") as p:
+        LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(10)]) >> TextGeneration(
+            llm=llm(server, max_retries=1)
+        )
+    with pytest.raises(StepFailed, match="attempts failed"):
+        p.run(cache_dir=store.root, quiet=True)
+
+
+def test_client_errors_are_not_retried(server):
+    with pytest.raises(LLMError, match="HTTP 404"):
+        res = OpenAILLM(model="m", base_url=server.base_url + "/nowhere").generate(
+            [[{"role": "user", "content": "x"}]]
+        )
+        raise res[0]
+
+
+def test_chat_generation(store, server):
+    data = [
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": f"hello {i}"},
+            ]
+        }
+        for i in range(5)
+    ]
+    with Pipeline(name="chat") as p:
+        LoadDataFromDicts(data=data) >> ChatGeneration(llm=llm(server))
+    ds = p.run(cache_dir=store.root, quiet=True)
+    assert ds["chat_generation"]["train"][2]["generation"] == "answer(test-model): 2 olleh"
+
+
+def test_api_key_never_written(tmp_path, server):
+    cache = tmp_path / "c"
+    env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
+    r = run_cas("-vv", "run", str(GENERATE), cache_dir=cache, env=env)
+    assert r.returncode == 0, r
+    assert server.auth_headers == {f"Bearer {SECRET}"}  # it was used…
+    assert SECRET not in r.stdout + r.stderr  # …but never logged…
+    for path in cache.rglob("*"):  # …nor written anywhere in the store
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_kill_9_mid_generation_then_resume(tmp_path):
+    server = LLMServer(latency=0.03).start()
+    try:
+        ref_cache, cache = tmp_path / "ref", tmp_path / "c"
+        env = {**os.environ, "CASTORE_TEST_LLM_URL": server.base_url}
+        r = run_cas("run", str(GENERATE), "--json", cache_dir=ref_cache, env=env)
+        assert r.returncode == 0, r
+        ref_rows = Distiset.from_run("generate", ref_cache)["keep_columns"]["train"].to_list()
+        assert server.requests == 200
+        server.requests = 0
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(GENERATE)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 60
+        while server.requests < 80 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        first = server.requests
+        assert 0 < first < 200
+        r = run_cas("resume", "--json", cache_dir=cache, env=env)
+        assert r.returncode == 0, r
+        in_flight_rows = 2 * 10  # concurrency 2 x input_batch_size 10
+        assert server.requests <= 200 + in_flight_rows, server.requests
+        got = Distiset.from_run("generate", cache)["keep_columns"]["train"].to_list()
+        assert got == ref_rows
+        assert json.loads(r.stdout)["status"] == "finished"
+    finally:
+        server.stop()
