@@ -24,6 +24,9 @@ class LLMServer:
         self.slow = 0  # the next N requests take `slow_seconds`
         self.slow_seconds = 5.0
         self.always_fail = "\x00never"  # prompts containing this always get 500
+        # The default listen backlog (5) drops a burst of 32 new connections into SYN
+        # retransmits of a second.
+        ThreadingHTTPServer.request_queue_size = 256
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -51,6 +54,9 @@ class LLMServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, the second waits for a
+            # delayed ACK (40 ms), which would double a 50 ms latency.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -202,3 +202,45 @@ def test_kill_9_mid_generation_then_resume(tmp_path):
         assert json.loads(r.stdout)["status"] == "finished"
     finally:
         server.stop()
+
+
+def test_example_generate_with_openai(tmp_path, server):
+    env = {"CASTORE_LLM_BASE_URL": server.base_url, "CASTORE_LLM_MODEL": "m"}
+    r = run_cas(
+        "run",
+        str(REPO / "examples" / "generate_with_openai.py"),
+        "--json",
+        cache_dir=tmp_path / "c",
+        env=env,
+    )
+    assert r.returncode == 0, r
+    assert r.json()["rows"] == {"keep_columns": 40} and server.requests == 40
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "generate_with_openai.py"),
+            "--base-url",
+            server.base_url,
+            "--model",
+            "m",
+            "--rows",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CASTORE_CACHE_DIR": str(tmp_path / "c2")},
+    )
+    assert p.returncode == 0, p.stderr
+    assert "num_rows: 8" in p.stdout
+
+
+def test_template_columns_checked_before_any_request(store, server):
+    with Pipeline(name="tmpl") as p:
+        LoadDataFromDicts(data=[{"topic": "x"}]) >> TextGeneration(
+            llm=llm(server), template="Explain {topic} to {audience}"
+        )
+    from castore.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="'audience'"):
+        p.run(cache_dir=store.root, quiet=True)
+    assert server.requests == 0

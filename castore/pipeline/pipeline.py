@@ -145,7 +145,7 @@ class Pipeline:
                 cols = produced[p]
                 available = None if cols is None or available is None else available | cols
             if available is not None:
-                for col in step.inputs:
+                for col in step.required_columns():
                     if col not in available:
                         raise PipelineError(
                             f"step {n} needs input column {col!r}, which no predecessor "

@@ -156,6 +156,10 @@ class _Step(BaseModel):
             "extra": self.extra_identity(),
         }
 
+    def required_columns(self) -> list[str]:
+        """The input columns checked before any work (the declared `inputs` by default)."""
+        return list(self.inputs)
+
     def extra_identity(self) -> Any:
         """Hook for steps whose outputs depend on more than params (e.g. file contents)."""
         return None

@@ -71,6 +71,13 @@ class TextGeneration(_LLMTask):
     system_prompt: str | None = None
     template: str = "{instruction}"
 
+    def required_columns(self) -> list[str]:
+        """The columns the template names."""
+        import string
+
+        fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+        return list(dict.fromkeys(f.split(".")[0].split("[")[0] for f in fields))
+
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             content = self.template.format(**row)
