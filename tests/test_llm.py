@@ -59,6 +59,8 @@ def test_generation_rows_metadata_and_zero_requests_on_rerun(store, server):
     meta = Distiset.from_run("gen", store.root, enable_metadata=True)
     m = meta["text_generation"]["train"][3]["castore_metadata"]["text_generation"]
     assert m["usage"]["total_tokens"] == 6 and m["error"] is None
+    raw = json.loads(m["raw_response"])
+    assert raw["choices"][0]["message"]["content"] == rows[3]["generation"]
     again = gen_pipeline(server, system_prompt="Be brief.").run(cache_dir=store.root, quiet=True)
     assert server.requests == 40  # not one more request
     assert again["text_generation"]["train"].to_list() == rows
@@ -179,6 +181,8 @@ def test_kill_9_mid_generation_then_resume(tmp_path):
         assert r.returncode == 0, r
         ref_rows = Distiset.from_run("generate", ref_cache)["keep_columns"]["train"].to_list()
         assert server.requests == 200
+        r = run_cas("run", str(GENERATE), "--json", cache_dir=ref_cache, env=env)
+        assert r.returncode == 0 and server.requests == 200  # a finished re-run: 0 requests
         server.requests = 0
         proc = subprocess.Popen(
             [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(GENERATE)],

@@ -3,6 +3,7 @@ not spent again."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import Field
@@ -29,37 +30,30 @@ class _LLMTask(Step):
         results = self.llm.generate(conversations)
         out, errors = [], []
         for row, res in zip(inputs, results, strict=True):
-            meta = dict(row.get(METADATA_COLUMN) or {})
             if isinstance(res, Generation):
-                meta[self.name or "llm"] = {
-                    "raw_output": res.text,
-                    "usage": res.usage,
-                    "attempts": res.attempts,
-                    "error": None,
-                }
-                out.append(
-                    {
-                        **row,
-                        "generation": res.text,
-                        "model_name": self.llm.model,
-                        METADATA_COLUMN: meta,
-                    }
-                )
+                out.append(self._row(row, res.text, res, None))
             else:
-                msg = f"{type(res).__name__}: {res}"
-                errors.append(msg)
-                meta[self.name or "llm"] = {
-                    "raw_output": None,
-                    "usage": {},
-                    "attempts": 0,
-                    "error": msg,
-                }
-                out.append(
-                    {**row, "generation": None, "model_name": self.llm.model, METADATA_COLUMN: meta}
-                )
+                errors.append(f"{type(res).__name__}: {res}")
+                out.append(self._row(row, None, None, errors[-1]))
         if errors:
             raise BatchIncomplete(out, errors)
         return out
+
+    def _row(
+        self, row: dict[str, Any], text: str | None, res: Generation | None, error: str | None
+    ) -> dict[str, Any]:
+        """The output row, with this step's entry in the metadata column."""
+        meta = dict(row.get(METADATA_COLUMN) or {})
+        meta[self.name or "llm"] = {
+            "raw_output": text,
+            # The whole response as JSON text: its shape varies between servers, and a
+            # string keeps the column's Arrow type stable.
+            "raw_response": json.dumps(res.raw, ensure_ascii=False) if res else None,
+            "usage": res.usage if res else {},
+            "attempts": res.attempts if res else 0,
+            "error": error,
+        }
+        return {**row, "generation": text, "model_name": self.llm.model, METADATA_COLUMN: meta}
 
 
 class TextGeneration(_LLMTask):
