@@ -65,12 +65,14 @@ def execute(
     hint: str | None = None,
     remote: str | None = None,
     push: bool = False,
+    manifest: RunManifest | None = None,
 ) -> None:
-    """Load the target's pipeline, run it, print the summary (also when interrupted)."""
+    """Load the target's pipeline, run it, print the summary (also when interrupted).
+    A run started from Python (`api` target) is rebuilt from its stored pipeline.yaml."""
     from castore.runs import load_target
 
     try:
-        pipeline = load_target(target)
+        pipeline = load_target(target, app.store(), manifest)
     except CastoreError:
         raise
     except Exception as e:
@@ -100,7 +102,8 @@ def execute(
         f"rows: {', '.join(f'{k}={v}' for k, v in doc['rows'].items())}"
     )
     err(f"data: {doc['data_dir']}")
-    err(f"run again (free: every batch is cached): cas run {hint or target.path}")
+    if hint or target.path:
+        err(f"run again (free: every batch is cached): cas run {hint or target.path}")
 
 
 def run_options(f: Any) -> Any:
@@ -219,11 +222,6 @@ def resume_command(
             f"resuming {info.name} ({info.sig[:12]}, {info.status}) from "
             f"{target.path or 'its stored pipeline.yaml'}"
         )
-    if target.kind == "api":
-        _run_stored(
-            app, info, executor=executor, as_json=as_json, grace=grace, remote=remote, push=push
-        )
-        return
     if target.cwd and os.path.isdir(target.cwd):
         os.chdir(target.cwd)
     execute(
@@ -236,24 +234,5 @@ def resume_command(
         grace=grace,
         remote=remote,
         push=push,
+        manifest=man,
     )
-
-
-def _run_stored(app: App, info: Any, **kw: Any) -> None:
-    from castore.runs import load_target
-
-    pipeline = load_target(Target(kind="api"), app.store(), info.manifest)
-    ds = pipeline.run(
-        info.manifest.parameters,
-        cache_dir=app.store().root,
-        executor=kw["executor"],
-        quiet=app.quiet or kw["as_json"],
-        stop_grace=kw["grace"],
-        remote=kw["remote"],
-        push=kw["push"],
-    )
-    doc = summary(app, ds.run_oid)
-    if kw["as_json"]:
-        echo_json(doc)
-    else:
-        err(f"run {doc['name']} {doc['status']}; data: {doc['data_dir']}")

@@ -197,3 +197,25 @@ def test_cat_json(fast, tmp_path):
     batch = step["batches"][0]["outputs"][0]
     rows = run_cas("cat", batch, "--json", cache_dir=cache).json()
     assert rows[:2] == [{"x": 0, "y": 1}, {"x": 1, "y": 2}]
+
+
+def test_resume_a_run_started_from_python(tmp_path, monkeypatch):
+    from castore import Pipeline
+    from castore.errors import StepFailed
+    from castore.steps import LoadDataFromDicts
+    from tests.pipelines.api_steps import FailIfEnv
+
+    cache = tmp_path / "c"
+    monkeypatch.setenv("CASTORE_TEST_FAIL", "1")
+    with Pipeline(name="api-run") as p:
+        LoadDataFromDicts(data=[{"x": i} for i in range(30)], batch_size=10) >> FailIfEnv(
+            input_batch_size=10
+        )
+    with pytest.raises(StepFailed):
+        p.run(cache_dir=cache, quiet=True)
+    monkeypatch.delenv("CASTORE_TEST_FAIL")
+    r = run_cas("resume", "api-run", "--json", cache_dir=cache, cwd=REPO)
+    assert r.returncode == 0, r
+    doc = r.json()
+    assert doc["status"] == "finished" and doc["rows"] == {"fail_if_env": 30}
+    assert doc["steps"]["load_data_from_dicts"]["batches_cached"] == 3
