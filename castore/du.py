@@ -25,6 +25,7 @@ class DuReport:
     physical: int = 0  # every object in objects/
     physical_referenced: int = 0  # objects some run references
     logical_sum: int = 0
+    tokens_stored: int = 0  # LLM tokens whose results the action entries keep
 
     @property
     def saved_by_dedupe(self) -> int:
@@ -73,6 +74,11 @@ def usage(store: Store) -> DuReport:
             logical=sum(sizes[o] for o in objs),
             unique=sum(sizes[o] for o in objs if by_name[o] == 1),
         )
+    for key in store.iter_actions():
+        entry = store.get_action(key)
+        tokens = entry.info.get("tokens") if entry else None
+        if isinstance(tokens, int) and entry.info.get("kind") != "leaf-arrow":
+            report.tokens_stored += tokens
     referenced = set().union(*closures.values()) if closures else set()
     report.physical_referenced = sum(sizes[o] for o in referenced)
     return report

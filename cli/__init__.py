@@ -96,11 +96,13 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
 
 
 def _register() -> None:
-    from castore.cli import cat, distiset, fsck, gc, info, remote, run, runs
+    from castore.cli import cat, distiset, explain, fsck, gc, info, remote, run, runs
 
     for mod in (info, fsck, cat, distiset):
         cas.add_command(mod.command)
     for command in (
+        explain.explain_command,
+        explain.diff_command,
         remote.remote_group,
         remote.push_command,
         remote.pull_command,

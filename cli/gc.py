@@ -155,6 +155,7 @@ def du_command(app: App, as_json: bool) -> None:
         "physical_referenced": rep.physical_referenced,
         "logical_sum": rep.logical_sum,
         "saved_by_dedupe": rep.saved_by_dedupe,
+        "tokens_stored": rep.tokens_stored,
     }
     if as_json:
         echo_json(doc)
@@ -167,7 +168,8 @@ def du_command(app: App, as_json: bool) -> None:
                 click.echo(f"  {label:38} {_human(r['logical']):>12} {_human(r['unique']):>12}")
     click.echo(
         f"physical: {_human(rep.physical)} ({_human(rep.physical_referenced)} "
-        f"referenced); saved by dedupe: {_human(rep.saved_by_dedupe)}"
+        f"referenced); saved by dedupe: {_human(rep.saved_by_dedupe)}; "
+        f"tokens stored: {rep.tokens_stored:,}"
     )
 
 

@@ -77,14 +77,27 @@ def show_command(app: App, run: str, as_json: bool) -> None:
                 "rows": sm.rows,
                 "columns": [c for c, _ in sm.columns],
                 "complete": sm.complete,
+                "rows_cached": st.rows_cached if st else 0,
+                "compute_seconds": st.compute_seconds if st else 0.0,
+                "seconds_saved": st.seconds_saved if st else 0.0,
+                "tokens_spent": st.tokens_spent if st else 0,
+                "tokens_saved": st.tokens_saved if st else 0,
             }
         )
+    saved = {
+        "batches": sum(s["batches_cached"] for s in steps),
+        "rows": sum(s["rows_cached"] for s in steps),
+        "tokens": sum(s["tokens_saved"] for s in steps),
+        "seconds": round(sum(s["seconds_saved"] for s in steps), 6),
+    }
     doc = {
         "name": info.name,
         "signature": info.sig,
         "run_id": info.oid,
         "status": info.status,
         "steps": steps,
+        "saved": saved,
+        "tokens_spent": sum(s["tokens_spent"] for s in steps),
         "error": info.manifest.error,
     }
     if as_json:
@@ -100,7 +113,15 @@ def show_command(app: App, run: str, as_json: bool) -> None:
             f"({s['batches_cached']} cached, {s['batches_computed']} computed, "
             f"{s['batches_failed']} failed), {s['rows']} rows; "
             f"columns: {', '.join(s['columns'])}"
+            + (
+                f"; tokens {s['tokens_spent']} spent, {s['tokens_saved']} saved"
+                if s["tokens_spent"] or s["tokens_saved"]
+                else ""
+            )
         )
+    from castore.pipeline.runner import saved_line
+
+    click.echo(saved_line(saved["batches"], saved["rows"], saved["tokens"], saved["seconds"]))
 
 
 @click.command("log")

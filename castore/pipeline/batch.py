@@ -39,6 +39,7 @@ class BatchResult:
     seconds: float
     columns: list[tuple[str, str]]
     skipped_error: str | None = None
+    tokens: int = 0
 
 
 class TableCache:
@@ -123,16 +124,31 @@ def store_batch(
     store: Store, step: _Step, key: str, table: pa.Table, seconds: float, *, cache: bool
 ) -> BatchResult:
     oid = store.put_table(table)
+    tokens = count_tokens(table)
     if cache:
         store.put_action(
             key,
             ActionEntry(
                 outputs=[oid],
                 rows=[table.num_rows],
-                info={"step": step.name, "seconds": round(seconds, 6)},
+                info={"step": step.name, "seconds": round(seconds, 6), "tokens": tokens},
             ),
         )
-    return BatchResult([oid], [table.num_rows], seconds, columns_of(table))
+    return BatchResult([oid], [table.num_rows], seconds, columns_of(table), tokens=tokens)
+
+
+def count_tokens(table: pa.Table) -> int:
+    """Tokens spent on a batch: `usage.total_tokens` of every step entry in the metadata
+    column (LLM steps write one per row)."""
+    if METADATA_COLUMN not in table.column_names:
+        return 0
+    total = 0
+    for meta in table.column(METADATA_COLUMN).to_pylist():
+        for entry in (meta or {}).values():
+            usage = entry.get("usage") if isinstance(entry, dict) else None
+            if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+                total += usage["total_tokens"]
+    return total
 
 
 def execute_batch(
@@ -150,7 +166,9 @@ def execute_batch(
         # Keep the rows that succeeded (paid for), but write no action entry.
         out = to_table(normalize_output(e.rows))
         res = store_batch(store, step, key, out, time.perf_counter() - t0, cache=False)
-        return BatchResult(res.outputs, res.rows, res.seconds, res.columns, skipped_error=str(e))
+        return BatchResult(
+            res.outputs, res.rows, res.seconds, res.columns, skipped_error=str(e), tokens=res.tokens
+        )
     check_outputs(step, out)
     return store_batch(store, step, key, out, time.perf_counter() - t0, cache=True)
 

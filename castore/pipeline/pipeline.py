@@ -205,6 +205,10 @@ class Pipeline:
                 "params": step.yaml_params(),
                 "fingerprint": sigs[n]["fp"],
                 "signature": sigs[n]["sig"],
+                # What `cas explain` compares: the code version and what else the step
+                # hashes (file contents), apart from params.
+                "code": step.code_version(),
+                "extra": hash_json(step.extra_identity()),
             }
             source = getattr(module, "__castore_source__", None)
             if source:

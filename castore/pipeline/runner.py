@@ -132,7 +132,18 @@ class StepState:
     columns: list[tuple[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
-            ("cached", "computed", "failed", "rows_cached", "rows_computed", "seconds"), 0
+            (
+                "cached",
+                "computed",
+                "failed",
+                "rows_cached",
+                "rows_computed",
+                "seconds",
+                "seconds_saved",
+                "tokens_spent",
+                "tokens_saved",
+            ),
+            0,
         )
     )
 
@@ -340,7 +351,9 @@ class Runner:
         for name, man in steps.items():
             st = self.states[name]
             for i, b in enumerate(man.batches):
-                self._record(st, i, b.key, b.outputs, b.rows, cached=True)
+                self._record(
+                    st, i, b.key, b.outputs, b.rows, cached=True, cost=(b.seconds, b.tokens)
+                )
             st.total = len(man.batches)
             st.columns = man.columns
         log.info("every batch of this pipeline is in the store: no step work to do")
@@ -465,7 +478,15 @@ class Runner:
         entry = self._entry(planned.key)
         if entry is None or not all(self.store.freshen(o) for o in entry.outputs):
             return False
-        self._record(st, planned.index, planned.key, entry.outputs, entry.rows, cached=True)
+        self._record(
+            st,
+            planned.index,
+            planned.key,
+            entry.outputs,
+            entry.rows,
+            cached=True,
+            cost=_cost(entry),
+        )
         return True
 
     def _lookup_or_queue(self, st: StepState, planned: Planned) -> None:
@@ -625,8 +646,12 @@ class Runner:
         *,
         cached: bool,
         result: BatchResult | None = None,
+        cost: tuple[float, int] = (0.0, 0),
     ) -> None:
+        """A batch is done: `result` when computed now; for a hit, `cost` is (seconds,
+        tokens) that computing it took once, i.e. what the cache saved."""
         failed = result is not None and result.skipped_error is not None
+        seconds, tokens = (result.seconds, result.tokens) if result else cost
         st.add(
             index,
             BatchRecord(
@@ -634,7 +659,8 @@ class Runner:
                 outputs=outputs,
                 rows=rows,
                 cached=cached,
-                seconds=result.seconds if result else 0.0,
+                seconds=round(seconds, 6),
+                tokens=tokens,
                 failed=failed,
             ),
         )
@@ -644,10 +670,13 @@ class Runner:
         if cached:
             st.stats["cached"] += 1
             st.stats["rows_cached"] += n
+            st.stats["seconds_saved"] += seconds
+            st.stats["tokens_saved"] += tokens
         else:
             st.stats["failed" if failed else "computed"] += 1
             st.stats["rows_computed"] += n
-            st.stats["seconds"] += result.seconds if result else 0.0
+            st.stats["seconds"] += seconds
+            st.stats["tokens_spent"] += tokens
         if not st.columns and outputs:
             st.columns = result.columns if result is not None else self._columns_of(outputs[0])
         self.progress.update(
@@ -683,7 +712,9 @@ class Runner:
                 entry = self._entry(key)
                 if entry is None:
                     break
-                self._record(st, index, key, entry.outputs, entry.rows, cached=True)
+                self._record(
+                    st, index, key, entry.outputs, entry.rows, cached=True, cost=_cost(entry)
+                )
                 offset += sum(entry.rows)
                 index += 1
                 if known is not None and index >= known:
@@ -748,6 +779,9 @@ class Runner:
                 rows_cached=int(st.stats["rows_cached"]),
                 rows_computed=int(st.stats["rows_computed"]),
                 compute_seconds=round(st.stats["seconds"], 6),
+                seconds_saved=round(st.stats["seconds_saved"], 6),
+                tokens_spent=int(st.stats["tokens_spent"]),
+                tokens_saved=int(st.stats["tokens_saved"]),
             )
             for n, st in self.states.items()
         }
@@ -770,6 +804,7 @@ class Runner:
             log=log_oid,
             stats=stats,
             error=self.error,
+            previous=getattr(self, "prev_oid", None),
         )
         oid = self.store.put_bytes(run.model_dump_json().encode())
         self.store.set_ref(self.p.name, self.sig, oid)
@@ -805,6 +840,15 @@ class Runner:
                 st.rows_done,
                 s["seconds"],
             )
+        log.info(
+            "%s",
+            saved_line(
+                sum(int(st.stats["cached"]) for st in self.states.values()),
+                sum(int(st.stats["rows_cached"]) for st in self.states.values()),
+                sum(int(st.stats["tokens_saved"]) for st in self.states.values()),
+                sum(st.stats["seconds_saved"] for st in self.states.values()),
+            ),
+        )
         log.info("run %s %s; data in %s", self.p.name, status, self.run_dir / "data")
 
     def _progress(self) -> None:
@@ -889,6 +933,21 @@ class Runner:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+
+
+def saved_line(batches: int, rows: int, tokens: int, seconds: float) -> str:
+    return (
+        f"saved: {batches} batches, {rows} rows, {tokens} tokens, {seconds:.1f} seconds of compute"
+    )
+
+
+def _cost(entry: ActionEntry) -> tuple[float, int]:
+    """(seconds, tokens) that computing an entry's batch took."""
+    seconds, tokens = entry.info.get("seconds", 0.0), entry.info.get("tokens", 0)
+    return (
+        float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+        int(tokens) if isinstance(tokens, int) else 0,
+    )
 
 
 def _link_or_copy(src: str, dst: Path) -> None:

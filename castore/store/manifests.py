@@ -33,7 +33,10 @@ class BatchRecord(_Model):
     outputs: list[Oid]
     rows: list[int]
     cached: bool
+    # What computing this batch cost when it was computed (also on a hit: then it is
+    # what the cache saved).
     seconds: float = 0.0
+    tokens: int = 0
     failed: bool = False  # kept with on_error="skip": not cached, recomputed next run
 
 
@@ -62,6 +65,9 @@ class StepStats(_Model):
     rows_cached: int = 0
     rows_computed: int = 0
     compute_seconds: float = 0.0
+    seconds_saved: float = 0.0
+    tokens_spent: int = 0
+    tokens_saved: int = 0
 
 
 class Target(_Model):
@@ -98,6 +104,9 @@ class RunManifest(_Model):
     log: Oid | None = None
     stats: dict[str, StepStats] = Field(default_factory=dict)
     error: str | None = None
+    # The run manifest this pipeline's ref named before this run (for `cas explain`);
+    # not part of the run's closure, so gc does not keep old runs alive through it.
+    previous: Oid | None = None
     castore_version: str = __version__
 
     def step_manifest_id(self, name: str) -> str:
