@@ -66,6 +66,7 @@ def execute(
     remote: str | None = None,
     push: bool = False,
     manifest: RunManifest | None = None,
+    ray_address: str | None = None,
 ) -> None:
     """Load the target's pipeline, run it, print the summary (also when interrupted).
     A run started from Python (`api` target) is rebuilt from its stored pipeline.yaml."""
@@ -88,6 +89,7 @@ def execute(
             stop_grace=grace,
             remote=remote,
             push=push,
+            ray_address=ray_address,
         )
     except RunInterrupted as e:
         if as_json and e.run_oid:
@@ -134,8 +136,13 @@ def run_options(f: Any) -> Any:
         help="Seconds to wait for in-flight batches after Ctrl+C.",
     )(f)
     f = click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to use with --executor ray (default: a local one).",
+    )(f)
+    f = click.option(
         "--executor",
-        type=click.Choice(["threads", "processes"]),
+        type=click.Choice(["threads", "processes", "ray"]),
         default="threads",
         show_default=True,
         help="threads for I/O-bound steps (LLM calls), processes for CPU-bound.",
@@ -166,6 +173,7 @@ def run_command(
     quiet: bool,
     remote: str | None,
     push: bool,
+    ray_address: str | None,
     as_json: bool,
 ) -> None:
     """Run a pipeline; finished batches are reused, so this also resumes and re-runs.
@@ -188,6 +196,7 @@ def run_command(
         hint=target,
         remote=remote,
         push=push,
+        ray_address=ray_address,
     )
 
 
@@ -204,6 +213,7 @@ def resume_command(
     quiet: bool,
     remote: str | None,
     push: bool,
+    ray_address: str | None,
     as_json: bool,
 ) -> None:
     """Continue the latest interrupted or failed run (of NAME, or of any pipeline).
@@ -235,4 +245,5 @@ def resume_command(
         remote=remote,
         push=push,
         manifest=man,
+        ray_address=ray_address,
     )

@@ -60,7 +60,8 @@ def test_code_edit_is_named(store, tmp_path):
 
     _load_variant(tmp_path, 10, STEP_SRC).run(cache_dir=store.root, quiet=True)
     _load_variant(tmp_path, 11, STEP_SRC.replace('r["x"] * 2', 'r["x"] * 5')).run(
-        cache_dir=store.root, quiet=True)
+        cache_dir=store.root, quiet=True
+    )
     rep = by_step(castore.explain("edit", cache_dir=store.root))
     assert rep["twice"].reasons == ["code of `process` changed"]
     assert rep["load_data_from_dicts"].status == "cached"
@@ -75,7 +76,8 @@ def test_missing_object_is_named(store):
     rep = by_step(castore.explain("p", cache_dir=store.root))
     assert rep["upper"].status == "mixed"
     assert rep["upper"].reasons == [
-        "an object it needed was missing or corrupt, so it was recomputed (1 batch)"]
+        "an object it needed was missing or corrupt, so it was recomputed (1 batch)"
+    ]
 
 
 def test_no_cache_and_first_run(store):
@@ -90,8 +92,9 @@ def test_no_cache_and_first_run(store):
 def test_diff_reports_removed_rows_exactly(store):
     def make(value):
         with Pipeline(name=f"filter-{value}") as p:
-            LoadDataFromDicts(data=[{"k": i, "t": f"r{i}"} for i in range(50)],
-                              batch_size=10) >> FilterRows(column="k", op=">=", value=value)
+            LoadDataFromDicts(
+                data=[{"k": i, "t": f"r{i}"} for i in range(50)], batch_size=10
+            ) >> FilterRows(column="k", op=">=", value=value)
         return p
 
     a = make(5).run(cache_dir=store.root, quiet=True)
@@ -111,11 +114,14 @@ def test_diff_reports_removed_rows_exactly(store):
 def test_token_accounting_matches_the_server(store):
     server = LLMServer().start()
     try:
+
         def make():
             with Pipeline(name="tokens") as p:
-                LoadDataFromDicts(data=[{"instruction": f"say {i} words please"}
-                                        for i in range(24)], batch_size=8) >> TextGeneration(
-                    llm=OpenAILLM(model="m", base_url=server.base_url), input_batch_size=8)
+                LoadDataFromDicts(
+                    data=[{"instruction": f"say {i} words please"} for i in range(24)], batch_size=8
+                ) >> TextGeneration(
+                    llm=OpenAILLM(model="m", base_url=server.base_url), input_batch_size=8
+                )
             return p
 
         first = make().run(cache_dir=store.root, quiet=True)

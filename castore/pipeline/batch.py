@@ -40,6 +40,7 @@ class BatchResult:
     columns: list[tuple[str, str]]
     skipped_error: str | None = None
     tokens: int = 0
+    entry_written: bool = True  # False from Ray workers: the driver writes the entry
 
 
 class TableCache:
@@ -152,9 +153,15 @@ def count_tokens(table: pa.Table) -> int:
 
 
 def execute_batch(
-    store: Store, step: _Step, key: str, slices: list[list[Slice]], cache: TableCache
+    store: Store,
+    step: _Step,
+    key: str,
+    slices: list[list[Slice]],
+    cache: TableCache,
+    *,
+    write_entry: bool = True,
 ) -> BatchResult:
-    """Compute a batch and store it (object, then action entry)."""
+    """Compute a batch and store it (object, then action entry unless the driver will)."""
     t0 = time.perf_counter()
     table = read_input(store, slices, cache)
     rows = table.to_pylist()
@@ -170,7 +177,12 @@ def execute_batch(
             res.outputs, res.rows, res.seconds, res.columns, skipped_error=str(e), tokens=res.tokens
         )
     check_outputs(step, out)
-    return store_batch(store, step, key, out, time.perf_counter() - t0, cache=True)
+    res = store_batch(store, step, key, out, time.perf_counter() - t0, cache=write_entry)
+    if not write_entry:
+        res = BatchResult(
+            res.outputs, res.rows, res.seconds, res.columns, tokens=res.tokens, entry_written=False
+        )
+    return res
 
 
 def skipped_batch(
@@ -207,5 +219,18 @@ def execute_in_process(root: str, step: _Step, key: str, slices: list[list[Slice
         store = _process_store[root] = Store(root)
     try:
         return execute_batch(store, step, key, slices, _process_cache)
+    except Exception as e:
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+
+
+def execute_for_ray(root: str, step: _Step, key: str, slices: list[list[Slice]]) -> Any:
+    """Ray task: compute a batch and write its object; the driver writes the entry."""
+    from castore.store import Store
+
+    store = _process_store.get(root)
+    if store is None:
+        store = _process_store[root] = Store(root)
+    try:
+        return execute_batch(store, step, key, slices, _process_cache, write_entry=False)
     except Exception as e:
         raise RuntimeError(f"{type(e).__name__}: {e}") from None

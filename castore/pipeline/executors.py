@@ -75,3 +75,70 @@ def _ignore_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class RayWorkers:
+    """Batches as Ray tasks, on a local Ray instance or the cluster at `address`.
+
+    Workers compute a batch and write its output object into the store (a filesystem all
+    nodes see); the driver writes the action entry when the result arrives, so the
+    crash-safety order (object, then entry, then manifests) holds. A thread waits on the
+    task refs and reports to the same completion queue as the other executors."""
+
+    def __init__(
+        self, done: queue.Queue[Done], *, address: str | None, num_cpus: int | None = None
+    ) -> None:
+        import ray
+
+        self._ray = ray
+        self._owned = not ray.is_initialized()
+        if self._owned:
+            ray.init(
+                address=address,
+                num_cpus=num_cpus if address is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+            )
+        from castore.pipeline.batch import execute_for_ray
+
+        self._fn = ray.remote(execute_for_ray)
+        self._done = done
+        self._pending: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._waiter = threading.Thread(
+            target=self._wait_loop, daemon=True, name="castore-ray-wait"
+        )
+        self._waiter.start()
+
+    def submit(self, tag: Any, *args: Any, resources: dict[str, float] | None = None) -> None:
+        opts: dict[str, Any] = {}
+        for key in ("num_cpus", "num_gpus"):
+            if resources and key in resources:
+                opts[key] = resources[key]
+        fn = self._fn.options(**opts) if opts else self._fn
+        ref = fn.remote(*args)
+        with self._lock:
+            self._pending[ref] = tag
+
+    def _wait_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                refs = list(self._pending)
+            if not refs:
+                self._stop.wait(0.02)
+                continue
+            ready, _ = self._ray.wait(refs, num_returns=1, timeout=0.2)
+            for ref in ready:
+                with self._lock:
+                    tag = self._pending.pop(ref)
+                try:
+                    self._done.put((tag, self._ray.get(ref), None))
+                except Exception as e:  # a task error: the driver retries, skips or fails
+                    self._done.put((tag, None, e))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._owned:
+            self._ray.shutdown()

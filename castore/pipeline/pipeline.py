@@ -323,6 +323,7 @@ class Pipeline:
         stop_grace: float = 30.0,
         remote: str | None = None,
         push: bool = False,
+        ray_address: str | None = None,
     ) -> Distiset:
         """Run (or resume, or re-materialize) the pipeline; returns its Distiset.
 
@@ -355,6 +356,7 @@ class Pipeline:
             stop_grace=stop_grace,
             remote=remote_obj,
             push=push,
+            ray_address=ray_address,
         )
         return runner.run()
 

@@ -183,9 +183,12 @@ class Runner:
         stop_grace: float,
         remote: Any = None,
         push: bool = False,
+        ray_address: str | None = None,
     ) -> None:
-        if executor not in ("threads", "processes"):
-            raise PipelineError(f"unknown executor {executor!r}: use 'threads' or 'processes'")
+        if executor not in ("threads", "processes", "ray"):
+            raise PipelineError(
+                f"unknown executor {executor!r}: use 'threads', 'processes' or 'ray'"
+            )
         self.p = pipeline
         self.store = store
         self.parameters = parameters
@@ -219,6 +222,8 @@ class Runner:
         self.yaml_oid: str | None = None
         self.remote = remote
         self.push = push
+        self.ray_address = ray_address
+        self.ray: Any = None
         self.rcache: RemoteCache | None = None
 
     # -- entry ---------------------------------------------------------------------------
@@ -230,11 +235,13 @@ class Runner:
         lock = self.store.run_lock(self.run_id, {"name": self.p.name, "sig": self.sig})
         # A gc probing lock files holds a shared lock for an instant: wait it out.
         lock.acquire(timeout=10)
-        restore = self._install_signals()
+        restore: Any = lambda: None  # noqa: E731
         status: RunStatus = "failed"
         distiset: Distiset | None = None
         try:
             self._prepare()
+            # After _prepare: ray.init installs handlers of its own.
+            restore = self._install_signals()
             status = self._drive()
         except CastoreError as e:
             self.error = str(e)
@@ -298,6 +305,11 @@ class Runner:
             if self.executor_kind == "processes"
             else None
         )
+        if self.executor_kind == "ray":
+            from castore.pipeline.executors import RayWorkers
+
+            _pickle_steps_by_value(self.p)
+            self.ray = RayWorkers(self.done_q, address=self.ray_address)
         self._seal("running")
 
     def _log_earlier_run(self) -> None:
@@ -545,7 +557,16 @@ class Runner:
             return  # became a hit while taking the lease
         st.inflight += 1
         tag = ("batch", planned)
-        if self.procs is not None:
+        if self.ray is not None:
+            self.ray.submit(
+                tag,
+                str(self.store.root),
+                st.step,
+                planned.key,
+                planned.slices,
+                resources=st.step.resources,
+            )
+        elif self.procs is not None:
             self.procs.submit(
                 tag,
                 execute_in_process,
@@ -584,17 +605,7 @@ class Runner:
         if planned.lease is not None:
             planned.lease.release()  # the entry (if any) is written: waiters can go on
         if error is None:
-            res: BatchResult = payload
-            if res.skipped_error:
-                log.warning(
-                    "step %s batch %d: %s; rows kept, batch not cached (the next run retries it)",
-                    st.name,
-                    planned.index,
-                    res.skipped_error,
-                )
-            self._record(
-                st, planned.index, planned.key, res.outputs, res.rows, cached=False, result=res
-            )
+            self._handle_done(st, planned, payload)
             return
         if isinstance(error, StepFailed):
             self._fail(st, error)
@@ -628,6 +639,24 @@ class Runner:
             )
             return
         self._fail(st, error)
+
+    def _handle_done(self, st: StepState, planned: Planned, res: BatchResult) -> None:
+        if not res.entry_written and res.skipped_error is None:
+            # Ray workers write objects; the driver alone writes action entries.
+            info = {"step": st.name, "seconds": round(res.seconds, 6), "tokens": res.tokens}
+            self.store.put_action(
+                planned.key, ActionEntry(outputs=res.outputs, rows=res.rows, info=info)
+            )
+        if res.skipped_error:
+            log.warning(
+                "step %s batch %d: %s; rows kept, batch not cached (the next run retries it)",
+                st.name,
+                planned.index,
+                res.skipped_error,
+            )
+        self._record(
+            st, planned.index, planned.key, res.outputs, res.rows, cached=False, result=res
+        )
 
     def _fail(self, st: StepState, error: BaseException) -> None:
         msg = str(error) if isinstance(error, StepFailed) else f"{type(error).__name__}: {error}"
@@ -813,7 +842,7 @@ class Runner:
     def _finish(self, status: RunStatus) -> str:
         if hasattr(self, "progress"):
             self.progress.close()
-        for pool in (getattr(self, "threads", None), getattr(self, "procs", None)):
+        for pool in (getattr(self, "threads", None), getattr(self, "procs", None), self.ray):
             if pool is not None:
                 pool.shutdown()
         self._summary(status)
@@ -933,6 +962,20 @@ class Runner:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+
+
+def _pickle_steps_by_value(pipeline: Pipeline) -> None:
+    """Ray workers do not import the user's pipeline file: ship its step classes by
+    value (cloudpickle), as Ray does for __main__."""
+    import sys
+
+    from ray import cloudpickle  # Ray ships its own copy
+
+    for step in pipeline.steps.values():
+        module = sys.modules.get(type(step).__module__)
+        if module is not None and not module.__name__.startswith("castore."):
+            with contextlib.suppress(ValueError):
+                cloudpickle.register_pickle_by_value(module)
 
 
 def saved_line(batches: int, rows: int, tokens: int, seconds: float) -> str:

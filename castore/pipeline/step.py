@@ -60,6 +60,9 @@ class _Step(BaseModel):
     on_error: Literal["fail", "skip"] = runtime_field(
         "fail", description="'skip': failed rows get None outputs and are retried next run."
     )
+    resources: dict[str, float] | None = runtime_field(
+        None, description="Per-batch Ray resources, e.g. {'num_cpus': 1, 'num_gpus': 1}."
+    )
     cache_version: str | None = Field(
         None, description="Set to pin the code version instead of hashing `process`."
     )

@@ -1,0 +1,78 @@
+"""The Ray executor on a local Ray instance (2 CPUs): same signature, action keys and
+dataset as threads and processes; an interrupted run resumes on another executor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from castore.distiset import Distiset
+from castore.pipeline.pipeline import load_file_module
+from castore.store import Store
+from castore.store.manifests import StepManifest, load_model
+from tests.conftest import REPO, run_cas
+
+CPU = REPO / "tests" / "pipelines" / "cpu.py"
+BATCHES = 20  # 400 rows / 20
+pytestmark = pytest.mark.slow
+
+
+def keys(store: Store, ds: Distiset) -> dict[str, list[str]]:
+    return {r.name: [b.key for b in load_model(store, r.manifest, StepManifest).batches]
+            for r in ds.run.steps}
+
+
+def test_threads_processes_ray_agree(tmp_path):
+    pytest.importorskip("ray")
+    pipeline = load_file_module(CPU, "castore_test_cpu").pipeline
+    results = {}
+    for executor in ("threads", "processes", "ray"):
+        store = Store(tmp_path / executor)
+        ds = pipeline.run(cache_dir=store.root, executor=executor, quiet=True)
+        results[executor] = (ds.run.signature, keys(store, ds),
+                             ds["keep_columns"]["train"].to_list())
+    assert results["threads"] == results["processes"] == results["ray"]
+
+
+def _wait_entries(cache, n, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        base = cache / "actions"
+        count = sum(len(os.listdir(base / d)) for d in os.listdir(base)) if base.exists() else 0
+        if count >= n and (cache / "refs" / "runs" / "cpu").exists():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.communicate()}")
+        time.sleep(0.02)
+    pytest.fail("moment never came")
+
+
+@pytest.mark.parametrize(("first", "then"), [("threads", "ray"), ("ray", "threads")])
+def test_interrupted_resumes_on_another_executor(tmp_path, first, then):
+    pytest.importorskip("ray")
+    ref = run_cas("run", str(CPU), "--json", cache_dir=tmp_path / "ref")
+    assert ref.returncode == 0, ref
+    expected = Distiset.from_run("cpu", tmp_path / "ref")["keep_columns"]["train"].to_list()
+    cache = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "castore.cli", "--cache-dir", str(cache),
+                             "run", str(CPU), "--executor", first],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_entries(cache, 8 + 1 + 5, proc)  # generator batches and end entry, then some
+    proc.send_signal(signal.SIGINT)
+    _, errtext = proc.communicate(timeout=120)
+    assert proc.returncode == 130, errtext
+    assert "Traceback" not in errtext
+    r = run_cas("resume", "cpu", "--executor", then, "--json", cache_dir=cache, timeout=300)
+    assert r.returncode == 0, r
+    doc = r.json()
+    assert doc["signature"] == ref.json()["signature"]
+    assert doc["steps"]["digest"]["batches_cached"] >= 5
+    assert doc["steps"]["digest"]["batches_cached"] + doc["steps"]["digest"][
+        "batches_computed"] == BATCHES
+    got = Distiset.from_run("cpu", cache)["keep_columns"]["train"].to_list()
+    assert got == expected
