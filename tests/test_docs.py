@@ -27,3 +27,17 @@ def test_doc_code_block_runs(code, tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_troubleshooting_quotes_real_messages():
+    """Each message the troubleshooting page quotes is raised somewhere in castore."""
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    quoted = re.findall(r"^\| `([^`]+)`", page, re.M)
+    source = "\n".join(p.read_text() for p in (REPO / "castore").rglob("*.py"))
+    source += "\n".join(p.read_text() for p in (REPO / "cli").rglob("*.py"))
+    assert len(quoted) >= 20
+    for message in quoted:
+        for part in re.split(r" … |…| / ", message):
+            part = part.strip().strip("`")
+            if part:
+                assert part in source, f"{part!r} is not a castore message"
