@@ -56,7 +56,8 @@ def floor(rows: int, rounds: int) -> float:
 def run(executor: str, rows: int, rounds: int, work: Path) -> float:
     with Pipeline(name=f"cpu-{executor}") as p:
         Texts(n_rows=rows, batch_size=5000) >> HashRows(
-            rounds=rounds, input_batch_size=5000, concurrency=2)
+            rounds=rounds, input_batch_size=5000, concurrency=2
+        )
     t0 = time.perf_counter()
     p.run(cache_dir=work / executor, executor=executor, quiet=True)
     return time.perf_counter() - t0

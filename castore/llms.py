@@ -17,6 +17,8 @@ given; it is excluded from every dump, so it never reaches a hash, pipeline.yaml
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import email.utils
 import json
 import logging
@@ -188,6 +190,19 @@ class _EventLoop:
                 self._sems = {}
             return self._loop
 
+    def close(self) -> None:
+        """Close the sessions at exit (aiohttp warns about unclosed ones otherwise)."""
+        loop, clients = self._loop, list(self._clients.values())
+        if loop is None or not loop.is_running() or self._pid != os.getpid() or not clients:
+            return
+
+        async def close_all() -> None:
+            for c in clients:
+                await c.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=2)
+
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._ensure()).result()
 
@@ -210,3 +225,4 @@ class _EventLoop:
 
 
 _LOOP = _EventLoop()
+atexit.register(_LOOP.close)

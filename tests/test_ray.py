@@ -23,8 +23,10 @@ pytestmark = pytest.mark.slow
 
 
 def keys(store: Store, ds: Distiset) -> dict[str, list[str]]:
-    return {r.name: [b.key for b in load_model(store, r.manifest, StepManifest).batches]
-            for r in ds.run.steps}
+    return {
+        r.name: [b.key for b in load_model(store, r.manifest, StepManifest).batches]
+        for r in ds.run.steps
+    }
 
 
 def test_threads_processes_ray_agree(tmp_path):
@@ -34,8 +36,11 @@ def test_threads_processes_ray_agree(tmp_path):
     for executor in ("threads", "processes", "ray"):
         store = Store(tmp_path / executor)
         ds = pipeline.run(cache_dir=store.root, executor=executor, quiet=True)
-        results[executor] = (ds.run.signature, keys(store, ds),
-                             ds["keep_columns"]["train"].to_list())
+        results[executor] = (
+            ds.run.signature,
+            keys(store, ds),
+            ds["keep_columns"]["train"].to_list(),
+        )
     assert results["threads"] == results["processes"] == results["ray"]
 
 
@@ -59,9 +64,22 @@ def test_interrupted_resumes_on_another_executor(tmp_path, first, then):
     assert ref.returncode == 0, ref
     expected = Distiset.from_run("cpu", tmp_path / "ref")["keep_columns"]["train"].to_list()
     cache = tmp_path / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "castore.cli", "--cache-dir", str(cache),
-                             "run", str(CPU), "--executor", first],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "castore.cli",
+            "--cache-dir",
+            str(cache),
+            "run",
+            str(CPU),
+            "--executor",
+            first,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_entries(cache, 8 + 1 + 5, proc)  # generator batches and end entry, then some
     proc.send_signal(signal.SIGINT)
     _, errtext = proc.communicate(timeout=120)
@@ -72,7 +90,9 @@ def test_interrupted_resumes_on_another_executor(tmp_path, first, then):
     doc = r.json()
     assert doc["signature"] == ref.json()["signature"]
     assert doc["steps"]["digest"]["batches_cached"] >= 5
-    assert doc["steps"]["digest"]["batches_cached"] + doc["steps"]["digest"][
-        "batches_computed"] == BATCHES
+    assert (
+        doc["steps"]["digest"]["batches_cached"] + doc["steps"]["digest"]["batches_computed"]
+        == BATCHES
+    )
     got = Distiset.from_run("cpu", cache)["keep_columns"]["train"].to_list()
     assert got == expected

@@ -26,8 +26,9 @@ def Digest(inputs: StepInput, rounds: int = 200, delay: float = 0.05) -> StepOut
 
 
 with Pipeline(name="cpu") as pipeline:
-    load = LoadDataFromDicts(data=[{"i": i, "text": f"row {i}"} for i in range(ROWS)],
-                             batch_size=50)
+    load = LoadDataFromDicts(
+        data=[{"i": i, "text": f"row {i}"} for i in range(ROWS)], batch_size=50
+    )
     digest = Digest(input_batch_size=20, concurrency=2)
     keep = KeepColumns(columns=["i", "digest"])
     load >> digest >> keep
