@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from castore._version import __version__
-from castore.errors import CastoreError
+from castore.errors import CastoreError, RunInterrupted
 
 _state = {"debug": False}
 
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `cas`: runs the group and maps exceptions to exit codes."""
     try:
         code = cas.main(args=argv, prog_name="cas", standalone_mode=False)
+    except RunInterrupted as e:
+        err(str(e))  # not an error: the user asked, and `cas resume` continues
+        code = e.exit_code
     except CastoreError as e:
         err(f"Error: {e}")
         code = e.exit_code
