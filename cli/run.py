@@ -67,6 +67,7 @@ def execute(
     push: bool = False,
     manifest: RunManifest | None = None,
     ray_address: str | None = None,
+    ray_storage: str = "store",
 ) -> None:
     """Load the target's pipeline, run it, print the summary (also when interrupted).
     A run started from Python (`api` target) is rebuilt from its stored pipeline.yaml."""
@@ -90,6 +91,7 @@ def execute(
             remote=remote,
             push=push,
             ray_address=ray_address,
+            ray_storage=ray_storage,
         )
     except RunInterrupted as e:
         if as_json and e.run_oid:
@@ -136,6 +138,14 @@ def run_options(f: Any) -> Any:
         help="Seconds to wait for in-flight batches after Ctrl+C.",
     )(f)
     f = click.option(
+        "--ray-storage",
+        type=click.Choice(["store", "remote"]),
+        default="store",
+        show_default=True,
+        help="Where Ray workers write batches: the store (a filesystem all nodes see) or "
+        "the --remote, which the driver reads through.",
+    )(f)
+    f = click.option(
         "--ray-address",
         metavar="ADDR",
         help="Ray cluster to use with --executor ray (default: a local one).",
@@ -174,6 +184,7 @@ def run_command(
     remote: str | None,
     push: bool,
     ray_address: str | None,
+    ray_storage: str,
     as_json: bool,
 ) -> None:
     """Run a pipeline; finished batches are reused, so this also resumes and re-runs.
@@ -197,6 +208,7 @@ def run_command(
         remote=remote,
         push=push,
         ray_address=ray_address,
+        ray_storage=ray_storage,
     )
 
 
@@ -214,6 +226,7 @@ def resume_command(
     remote: str | None,
     push: bool,
     ray_address: str | None,
+    ray_storage: str,
     as_json: bool,
 ) -> None:
     """Continue the latest interrupted or failed run (of NAME, or of any pipeline).
@@ -246,4 +259,5 @@ def resume_command(
         push=push,
         manifest=man,
         ray_address=ray_address,
+        ray_storage=ray_storage,
     )

@@ -96,3 +96,35 @@ def test_interrupted_resumes_on_another_executor(tmp_path, first, then):
     )
     got = Distiset.from_run("cpu", cache)["keep_columns"]["train"].to_list()
     assert got == expected
+
+
+def test_ray_workers_write_to_a_remote_the_driver_reads_through(tmp_path):
+    """For clusters whose nodes do not share the store: inputs go to the workers with the
+    task, outputs come back through the remote, verified."""
+    pytest.importorskip("ray")
+    from castore.remote import Remote
+
+    pipeline = load_file_module(CPU, "castore_test_cpu_remote").pipeline
+    threads = pipeline.run(cache_dir=tmp_path / "threads", quiet=True)
+    url = str(tmp_path / "remote")
+    store = Store(tmp_path / "driver")
+    ds = pipeline.run(
+        cache_dir=store.root, executor="ray", remote=url, ray_storage="remote", quiet=True
+    )
+    assert ds["keep_columns"]["train"].to_list() == threads["keep_columns"]["train"].to_list()
+    on_remote = Remote(url).list_oids()
+    digest = load_model(store, ds.run.step_manifest_id("digest"), StepManifest)
+    outputs = {o for b in digest.batches for o in b.outputs}
+    assert outputs <= on_remote  # written by the workers…
+    assert all(store.verify(o) for o in outputs)  # …read through, verified
+    assert all(store.get_action(b.key) for b in digest.batches)  # entries by the driver
+    r = run_cas(
+        "run",
+        str(CPU),
+        "--executor",
+        "threads",
+        "--ray-storage",
+        "remote",
+        cache_dir=tmp_path / "x",
+    )
+    assert r.returncode != 0 and "needs executor='ray' and a remote" in r.stderr

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
+from castore.hashing import hash_bytes
 from castore.pipeline.step import (
     METADATA_COLUMN,
     BatchIncomplete,
@@ -152,6 +153,20 @@ def count_tokens(table: pa.Table) -> int:
     return total
 
 
+def compute(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None]:
+    """Run `process` on a batch: (output table, error when some rows failed and the
+    step keeps them with on_error="skip")."""
+    try:
+        out = to_table(normalize_output(call_process(step, table.to_pylist())))
+    except BatchIncomplete as e:
+        if step.on_error != "skip":
+            raise
+        # Keep the rows that succeeded (paid for), but the batch is not cached.
+        return to_table(normalize_output(e.rows)), str(e)
+    check_outputs(step, out)
+    return out, None
+
+
 def execute_batch(
     store: Store,
     step: _Step,
@@ -163,26 +178,19 @@ def execute_batch(
 ) -> BatchResult:
     """Compute a batch and store it (object, then action entry unless the driver will)."""
     t0 = time.perf_counter()
-    table = read_input(store, slices, cache)
-    rows = table.to_pylist()
-    try:
-        out = to_table(normalize_output(call_process(step, rows)))
-    except BatchIncomplete as e:
-        if step.on_error != "skip":
-            raise
-        # Keep the rows that succeeded (paid for), but write no action entry.
-        out = to_table(normalize_output(e.rows))
-        res = store_batch(store, step, key, out, time.perf_counter() - t0, cache=False)
-        return BatchResult(
-            res.outputs, res.rows, res.seconds, res.columns, skipped_error=str(e), tokens=res.tokens
-        )
-    check_outputs(step, out)
-    res = store_batch(store, step, key, out, time.perf_counter() - t0, cache=write_entry)
-    if not write_entry:
-        res = BatchResult(
-            res.outputs, res.rows, res.seconds, res.columns, tokens=res.tokens, entry_written=False
-        )
-    return res
+    out, skipped = compute(step, read_input(store, slices, cache))
+    res = store_batch(
+        store, step, key, out, time.perf_counter() - t0, cache=write_entry and skipped is None
+    )
+    return BatchResult(
+        res.outputs,
+        res.rows,
+        res.seconds,
+        res.columns,
+        skipped_error=skipped,
+        tokens=res.tokens,
+        entry_written=write_entry or skipped is not None,
+    )
 
 
 def skipped_batch(
@@ -234,3 +242,35 @@ def execute_for_ray(root: str, step: _Step, key: str, slices: list[list[Slice]])
         return execute_batch(store, step, key, slices, _process_cache, write_entry=False)
     except Exception as e:
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
+
+
+def execute_for_ray_remote(remote_url: str, step: _Step, table: pa.Table) -> Any:
+    """Ray task for nodes that do not see the store: the driver sends the input rows,
+    the worker writes the output object to the remote (verified by its digest) and the
+    driver reads it through."""
+    import pyarrow as pa
+
+    from castore.remote import Remote
+    from castore.store.parquet import write_parquet
+
+    t0 = time.perf_counter()
+    try:
+        out, skipped = compute(step, table)
+    except Exception as e:
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+    sink = pa.BufferOutputStream()
+    write_parquet(out, sink)
+    data = sink.getvalue().to_pybytes()
+    oid = hash_bytes(data)
+    remote = Remote(remote_url)
+    if not remote.has(oid):
+        remote._write(remote.layout.object_path(oid), data)
+    return BatchResult(
+        [oid],
+        [out.num_rows],
+        time.perf_counter() - t0,
+        columns_of(out),
+        skipped_error=skipped,
+        tokens=count_tokens(out),
+        entry_written=False,
+    )

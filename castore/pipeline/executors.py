@@ -100,9 +100,10 @@ class RayWorkers:
                 log_to_driver=False,
                 ignore_reinit_error=True,
             )
-        from castore.pipeline.batch import execute_for_ray
+        from castore.pipeline.batch import execute_for_ray, execute_for_ray_remote
 
         self._fn = ray.remote(execute_for_ray)
+        self._fn_remote = ray.remote(execute_for_ray_remote)
         self._done = done
         self._pending: dict[Any, Any] = {}
         self._lock = threading.Lock()
@@ -112,12 +113,21 @@ class RayWorkers:
         )
         self._waiter.start()
 
-    def submit(self, tag: Any, *args: Any, resources: dict[str, float] | None = None) -> None:
+    def submit(
+        self,
+        tag: Any,
+        *args: Any,
+        resources: dict[str, float] | None = None,
+        via_remote: bool = False,
+    ) -> None:
+        """`via_remote`: args are (remote url, step, input table) for nodes that do not
+        see the store; else (store root, step, key, slices)."""
         opts: dict[str, Any] = {}
         for key in ("num_cpus", "num_gpus"):
             if resources and key in resources:
                 opts[key] = resources[key]
-        fn = self._fn.options(**opts) if opts else self._fn
+        base = self._fn_remote if via_remote else self._fn
+        fn = base.options(**opts) if opts else base
         ref = fn.remote(*args)
         with self._lock:
             self._pending[ref] = tag

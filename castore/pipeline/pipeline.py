@@ -324,12 +324,16 @@ class Pipeline:
         remote: str | None = None,
         push: bool = False,
         ray_address: str | None = None,
+        ray_storage: str = "store",
     ) -> Distiset:
         """Run (or resume, or re-materialize) the pipeline; returns its Distiset.
 
         Every batch whose action key is in the store is reused; only misses are computed.
         With `remote` (a configured name, URL or path), a local miss is looked up on the
         remote (read-through); with `push`, new batches are uploaded as they are made.
+        With executor="ray" and ray_storage="remote", Ray workers get their input rows
+        from the driver and write outputs to the remote, which the driver reads through:
+        for clusters whose nodes do not share the store's filesystem.
         Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
         StepFailed when a batch fails with on_error='fail'.
         """
@@ -357,6 +361,7 @@ class Pipeline:
             remote=remote_obj,
             push=push,
             ray_address=ray_address,
+            ray_storage=ray_storage,
         )
         return runner.run()
 

@@ -37,6 +37,7 @@ from castore.pipeline.batch import (
     check_outputs,
     execute_batch,
     execute_in_process,
+    read_input,
     skipped_batch,
     store_batch,
 )
@@ -184,6 +185,7 @@ class Runner:
         remote: Any = None,
         push: bool = False,
         ray_address: str | None = None,
+        ray_storage: str = "store",
     ) -> None:
         if executor not in ("threads", "processes", "ray"):
             raise PipelineError(
@@ -224,6 +226,11 @@ class Runner:
         self.push = push
         self.ray_address = ray_address
         self.ray: Any = None
+        if ray_storage not in ("store", "remote"):
+            raise PipelineError(f"ray_storage must be 'store' or 'remote', not {ray_storage!r}")
+        if ray_storage == "remote" and (executor != "ray" or remote is None):
+            raise PipelineError("ray_storage='remote' needs executor='ray' and a remote")
+        self.ray_storage = ray_storage
         self.rcache: RemoteCache | None = None
 
     # -- entry ---------------------------------------------------------------------------
@@ -557,7 +564,12 @@ class Runner:
             return  # became a hit while taking the lease
         st.inflight += 1
         tag = ("batch", planned)
-        if self.ray is not None:
+        if self.ray is not None and self.ray_storage == "remote":
+            table = read_input(self.store, planned.slices, self.cache)
+            self.ray.submit(
+                tag, self.remote.url, st.step, table, resources=st.step.resources, via_remote=True
+            )
+        elif self.ray is not None:
             self.ray.submit(
                 tag,
                 str(self.store.root),
@@ -566,6 +578,7 @@ class Runner:
                 planned.slices,
                 resources=st.step.resources,
             )
+
         elif self.procs is not None:
             self.procs.submit(
                 tag,
@@ -641,6 +654,13 @@ class Runner:
         self._fail(st, error)
 
     def _handle_done(self, st: StepState, planned: Planned, res: BatchResult) -> None:
+        if self.ray_storage == "remote":
+            from castore.remote import fetch_object
+
+            # Read through: the worker wrote to the remote; verified on the way in.
+            for oid in res.outputs:
+                if not self.store.has(oid):
+                    fetch_object(self.store, self.remote, oid)
         if not res.entry_written and res.skipped_error is None:
             # Ray workers write objects; the driver alone writes action entries.
             info = {"step": st.name, "seconds": round(res.seconds, 6), "tokens": res.tokens}
