@@ -17,14 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import report
+from _util import fake_run, report
 
 from castore import gc
 from castore.du import usage
-from castore.hashing import hash_bytes, hash_json
+from castore.hashing import hash_bytes
 from castore.store import Store
-from castore.store.manifests import BatchRecord, RunManifest, StepManifest, StepRef
-from castore.store.models import now_utc
 
 
 def put_raw(store: Store, data: bytes) -> str:
@@ -47,33 +45,8 @@ def build(store: Store, n: int) -> None:
     per_run = half // 10
     old = time.time() - 7200
     for r in range(10):
-        records = []
-        for i in range(per_run):
-            oid = put_raw(store, base + f"{r}-{i}".encode())
-            records.append(
-                BatchRecord(key=hash_json([r, i]), outputs=[oid], rows=[1], cached=False)
-            )
-        step = StepManifest(
-            name="s",
-            step_class="m:S",
-            fingerprint=hash_json(r),
-            signature=hash_json([r]),
-            complete=True,
-            batches=records,
-        )
-        sid = store.put_bytes(step.model_dump_json().encode())
-        sig = hash_json(["run", r])
-        run = RunManifest(
-            run_id=f"r{r}",
-            name=f"p{r % 3}",
-            signature=sig,
-            status="finished",
-            started=now_utc(),
-            steps=[StepRef(name="s", manifest=sid)],
-            edges=[],
-            leaves=["s"],
-        )
-        store.set_ref(f"p{r % 3}", sig, store.put_bytes(run.model_dump_json().encode()))
+        oids = [put_raw(store, base + f"{r}-{i}".encode()) for i in range(per_run)]
+        fake_run(store, f"p{r % 3}", r, oids)
     for i in range(n - half):
         put_raw(store, b"garbage " + str(i).encode())
     for dirpath, _, files in os.walk(store.root / "objects"):

@@ -16,43 +16,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _util import report
+from _util import fake_run, report
 
-from castore.hashing import hash_json
 from castore.remote import Remote, pull, push
 from castore.store import Store
-from castore.store.manifests import BatchRecord, RunManifest, StepManifest, StepRef
-from castore.store.models import now_utc
 from tests.remote_server import S3Server
 
 
 def build(store: Store, n: int, size: int) -> list[str]:
     oids = [store.put_bytes(os.urandom(size)) for _ in range(n)]
-    records = [
-        BatchRecord(key=hash_json(i), outputs=[o], rows=[1], cached=False)
-        for i, o in enumerate(oids)
-    ]
-    step = StepManifest(
-        name="s",
-        step_class="m:S",
-        fingerprint=hash_json("fp"),
-        signature=hash_json("sig"),
-        complete=True,
-        batches=records,
-    )
-    sid = store.put_bytes(step.model_dump_json().encode())
-    sig = hash_json("run")
-    run = RunManifest(
-        run_id="r",
-        name="bench",
-        signature=sig,
-        status="finished",
-        started=now_utc(),
-        steps=[StepRef(name="s", manifest=sid)],
-        edges=[],
-        leaves=["s"],
-    )
-    store.set_ref("bench", sig, store.put_bytes(run.model_dump_json().encode()))
+    fake_run(store, "bench", "bench", oids)
     return oids
 
 
