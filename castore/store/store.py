@@ -144,7 +144,18 @@ class Store:
             return
         if self.read_only:
             raise StoreError(f"{self.root} is not a castore store (no {L.LAYOUT_FILE})")
-        ours = {L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.RUNS, L.LOCKS, L.QUARANTINE}
+        # Another process may be creating the store right now: its names are fine here.
+        ours = {
+            L.OBJECTS,
+            L.ACTIONS,
+            L.TMP,
+            L.REFS,
+            L.RUNS,
+            L.LOCKS,
+            L.QUARANTINE,
+            L.LAYOUT_FILE,
+            L.CONFIG,
+        }
         if self.root.exists() and any(
             p.name not in ours and not p.name.startswith(".castore-layout")
             for p in self.root.iterdir()
