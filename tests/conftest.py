@@ -52,14 +52,8 @@ class CasResult:
         return f"<cas rc={self.returncode} stdout={out!r} stderr={err!r}>"
 
 
-def run_cas(
-    *args: str,
-    cache_dir: Path | str | None = None,
-    env: dict | None = None,
-    timeout: float = 120,
-    cwd: Path | str | None = None,
-) -> CasResult:
-    """`cas` as a real subprocess (python -m castore.cli)."""
+def cas_command(args: tuple[str, ...], cache_dir: Path | str | None) -> list[str]:
+    """python -m castore.cli [--cache-dir D] [group options] COMMAND ARGS."""
     cmd = [sys.executable, "-m", "castore.cli"]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
@@ -67,11 +61,39 @@ def run_cas(
     while args and args[0] in ("-v", "-vv", "-q", "--debug"):
         cmd.append(args[0])
         args = args[1:]
-    full_env = {**os.environ, **(env or {})}
+    return cmd + list(args)
+
+
+def run_cas(
+    *args: str,
+    cache_dir: Path | str | None = None,
+    env: dict | None = None,
+    timeout: float = 120,
+    cwd: Path | str | None = None,
+) -> CasResult:
+    """`cas` as a real subprocess (python -m castore.cli), waited for."""
     proc = subprocess.run(
-        cmd + list(args), capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+        cas_command(args, cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     return CasResult(proc)
+
+
+def start_cas(
+    *args: str, cache_dir: Path | str | None = None, env: dict | None = None
+) -> subprocess.Popen:
+    """`cas` as a real subprocess left running, for signals and concurrency tests."""
+    return subprocess.Popen(
+        cas_command(args, cache_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, start_cas
 
 PIPELINE = REPO / "tests" / "pipelines" / "slow.py"
 SLOW_BATCHES = 40  # 600 rows / 15
@@ -34,14 +33,7 @@ def _has_ref(cache: Path) -> bool:
 
 
 def start(cache: Path, calls: Path) -> subprocess.Popen:
-    env = {**os.environ, "CASTORE_TEST_CALLS": str(calls)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(PIPELINE)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return start_cas("run", str(PIPELINE), cache_dir=cache, env={"CASTORE_TEST_CALLS": str(calls)})
 
 
 def wait_for(cache: Path, actions: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO, run_cas
+from tests.conftest import REPO, run_cas, start_cas
 
 SLOW = REPO / "tests" / "pipelines" / "slow.py"
 FAST = textwrap.dedent(
@@ -139,18 +139,12 @@ def test_cycle_via_cli(tmp_path):
 def test_resume_target_gone(fast, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     cache = tmp_path / "c"
     slow_copy = tmp_path / "slow_copy.py"
     shutil.copy(SLOW, slow_copy)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(slow_copy)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cas("run", str(slow_copy), cache_dir=cache)
     deadline = time.monotonic() + 30
     while not (cache / "refs" / "runs" / "slow").exists() and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from castore.hashing import hash_bytes
 from castore.store import Store
-from tests.conftest import REPO, run_cas
+from tests.conftest import REPO, run_cas, start_cas
 from tests.scenario import PIPELINE, SLOW_BATCHES, dataset, wait_for
 
 SHARED = REPO / "tests" / "pipelines" / "shared.py"
@@ -23,16 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def cas_popen(cache: Path, *args: str, calls: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ}
-    if calls is not None:
-        env["CASTORE_TEST_CALLS"] = str(calls)
-    return subprocess.Popen(
-        [sys.executable, "-m", "castore.cli", "--debug", "--cache-dir", str(cache), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    env = {"CASTORE_TEST_CALLS": str(calls)} if calls is not None else None
+    return start_cas("--debug", *args, cache_dir=cache, env=env)
 
 
 def test_gc_while_a_run_writes(tmp_path, reference):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import run_cas
+from tests.conftest import run_cas, start_cas
 from tests.scenario import PIPELINE, SLOW_BATCHES, dataset, start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -77,23 +75,7 @@ def test_runtime_param_survives_resume(tmp_path):
     records the parameters in the run and re-applies them."""
     cache, calls = tmp_path / "cache", tmp_path / "calls.txt"
     env = {**os.environ, "CASTORE_TEST_CALLS": str(calls)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "castore.cli",
-            "--cache-dir",
-            str(cache),
-            "run",
-            str(PIPELINE),
-            "--param",
-            "slow.delay=0.05",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start_cas("run", str(PIPELINE), "--param", "slow.delay=0.05", cache_dir=cache, env=env)
     wait_for(cache, 45, proc)  # 31 generator entries, then some of `slow`
     proc.send_signal(signal.SIGKILL)
     proc.communicate()

@@ -17,7 +17,7 @@ from castore.distiset import Distiset
 from castore.errors import StepFailed
 from castore.llms import LLMError, OpenAILLM
 from castore.steps import ChatGeneration, LoadDataFromDicts, TextGeneration
-from tests.conftest import REPO, run_cas
+from tests.conftest import REPO, run_cas, start_cas
 from tests.llm_server import LLMServer
 
 GENERATE = REPO / "tests" / "pipelines" / "generate.py"
@@ -184,12 +184,7 @@ def test_kill_9_mid_generation_then_resume(tmp_path):
         r = run_cas("run", str(GENERATE), "--json", cache_dir=ref_cache, env=env)
         assert r.returncode == 0 and server.requests == 200  # a finished re-run: 0 requests
         server.requests = 0
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(GENERATE)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = start_cas("run", str(GENERATE), cache_dir=cache, env=env)
         deadline = time.monotonic() + 60
         while server.requests < 80 and time.monotonic() < deadline:
             time.sleep(0.005)

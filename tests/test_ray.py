@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ from castore.distiset import Distiset
 from castore.pipeline.pipeline import load_file_module
 from castore.store import Store
 from castore.store.manifests import StepManifest, load_model
-from tests.conftest import REPO, run_cas
+from tests.conftest import REPO, run_cas, start_cas
 
 CPU = REPO / "tests" / "pipelines" / "cpu.py"
 BATCHES = 20  # 400 rows / 20
@@ -64,22 +62,7 @@ def test_interrupted_resumes_on_another_executor(tmp_path, first, then):
     assert ref.returncode == 0, ref
     expected = Distiset.from_run("cpu", tmp_path / "ref")["keep_columns"]["train"].to_list()
     cache = tmp_path / "c"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "castore.cli",
-            "--cache-dir",
-            str(cache),
-            "run",
-            str(CPU),
-            "--executor",
-            first,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cas("run", str(CPU), "--executor", first, cache_dir=cache)
     _wait_entries(cache, 8 + 1 + 5, proc)  # generator batches and end entry, then some
     proc.send_signal(signal.SIGINT)
     _, errtext = proc.communicate(timeout=120)

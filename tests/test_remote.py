@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 from castore.distiset import Distiset
 from castore.errors import ConfigError
 from castore.remote import Remote, collect_remote, fsck_remote, pull, push
-from tests.conftest import run_cas
+from tests.conftest import run_cas, start_cas
 from tests.remote_server import S3Server
 from tests.test_pipeline import build, counts, rows
 
@@ -134,21 +132,7 @@ def test_partial_push_then_push_completes(make_store, tmp_path):
         LoadDataFromDicts(data=[{"x": "y" * 2000, "i": i} for i in range(6000)], batch_size=3)
     p.run(cache_dir=a.root, quiet=True)
     url = str(tmp_path / "remote")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "castore.cli",
-            "--cache-dir",
-            str(a.root),
-            "push",
-            url,
-            "--jobs",
-            "2",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cas("push", url, "--jobs", "2", cache_dir=a.root)
     objects = Path(url) / "objects"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -179,24 +163,7 @@ def test_remote_stopped_mid_run_degrades_to_local(make_store, tmp_path, monkeypa
     url = server.new_bucket()
     a = make_store("a")
     pipeline = Path(__file__).parent / "pipelines" / "slow.py"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "castore.cli",
-            "--cache-dir",
-            str(a.root),
-            "run",
-            str(pipeline),
-            "--remote",
-            url,
-            "--push",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cas("run", str(pipeline), "--remote", url, "--push", "--json", cache_dir=a.root)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (a.root / "refs" / "runs" / "slow").exists():
         time.sleep(0.02)
