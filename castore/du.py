@@ -53,11 +53,10 @@ def usage(store: Store) -> DuReport:
         closures[label] = {o for o in reached if o in sizes}
         names[label] = r.name
     by_run = Counter(o for c in closures.values() for o in c)
-    by_name = Counter(
-        o
-        for n in set(names.values())
-        for o in set().union(*(c for k, c in closures.items() if names[k] == n))
-    )
+    by_name_closure: dict[str, set[str]] = {}
+    for label, objs in closures.items():
+        by_name_closure.setdefault(names[label], set()).update(objs)
+    by_name = Counter(o for objs in by_name_closure.values() for o in objs)
     for label, objs in closures.items():
         logical = sum(sizes[o] for o in objs)
         unique = sum(sizes[o] for o in objs if by_run[o] == 1)
@@ -68,8 +67,8 @@ def usage(store: Store) -> DuReport:
             "objects": len(objs),
         }
         report.logical_sum += logical
-    for name in sorted(set(names.values())):
-        objs = set().union(*(c for k, c in closures.items() if names[k] == name))
+    for name in sorted(by_name_closure):
+        objs = by_name_closure[name]
         report.names[name] = Usage(
             logical=sum(sizes[o] for o in objs),
             unique=sum(sizes[o] for o in objs if by_name[o] == 1),

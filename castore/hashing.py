@@ -34,10 +34,6 @@ def validate_id(value: object) -> str:
     return value
 
 
-def is_id(value: object) -> bool:
-    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
-
-
 def validate_prefix(value: str, min_len: int = 8) -> str:
     """A user-typed id prefix: lowercase hex, at least `min_len` chars."""
     if not _PREFIX_RE.fullmatch(value) or len(value) < min_len:

@@ -25,7 +25,7 @@ from castore.errors import CastoreError, ConfigError, CorruptObject
 from castore.hashing import hash_bytes, hash_json, validate_id
 from castore.store import Store
 from castore.store import layout as L
-from castore.store.manifests import RunManifest, StepManifest
+from castore.store.manifests import RunManifest, StepManifest, manifest_closure
 from castore.store.models import ActionEntry
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,6 @@ class Closure:
     batches: set[str] = field(default_factory=set)
     manifests: list[str] = field(default_factory=list)  # step manifests, then run manifests
     keys: set[str] = field(default_factory=set)  # action keys of those batches
-    refs: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure:
@@ -281,9 +280,8 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
     c = Closure()
     steps: list[str] = []
     runs: list[str] = []
-    for name, sig, oid in refs:
+    for _name, _sig, oid in refs:
         run = load_model(store, oid, RunManifest)
-        c.refs.append((name, sig, oid))
         runs.append(oid)
         c.batches.update(o for o in (run.pipeline_yaml, run.log) if o)
         for ref in run.steps:
@@ -651,14 +649,7 @@ def _remote_marked(
     """What the remote's refs reach, and the objects of entries newer than the ttl."""
     marked: set[str] = set()
     for _name, _sig, oid in remote.list_refs():
-        marked.add(oid)
-        run = remote.load_json(oid, RunManifest)
-        marked.update(o for o in (run.pipeline_yaml, run.log) if o)
-        for ref in run.steps:
-            marked.add(ref.manifest)
-            step = remote.load_json(ref.manifest, StepManifest)
-            for b in step.batches:
-                marked.update(b.outputs)
+        marked |= manifest_closure(remote.load_json, oid)[1]
     for entry in entries.values():
         if entry is not None and entry.created.timestamp() > entries_since:
             marked.update(entry.outputs)

@@ -6,6 +6,7 @@ batch objects (and the pipeline.yaml / pipeline.log objects).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -126,14 +127,22 @@ def load_model(store: Store, oid: str, model: type[M]) -> M:
         raise StoreError(f"object {oid} is not a valid {model.__name__}: {first}") from None
 
 
-def run_closure(store: Store, run_oid: str) -> tuple[RunManifest, set[str]]:
-    """A run manifest and every object id it reaches (itself included)."""
-    run = load_model(store, run_oid, RunManifest)
+def manifest_closure(
+    load: Callable[[str, type[M]], M], run_oid: str
+) -> tuple[RunManifest, set[str]]:
+    """A run manifest and every object id it reaches (itself included), reading
+    manifests through `load` (a local store's or a remote's)."""
+    run = load(run_oid, RunManifest)
     reached = {run_oid}
     reached.update(o for o in (run.pipeline_yaml, run.log) if o)
     for ref in run.steps:
         reached.add(ref.manifest)
-        step = load_model(store, ref.manifest, StepManifest)
+        step = load(ref.manifest, StepManifest)
         for b in step.batches:
             reached.update(b.outputs)
     return run, reached
+
+
+def run_closure(store: Store, run_oid: str) -> tuple[RunManifest, set[str]]:
+    """`manifest_closure` of a run in a local store."""
+    return manifest_closure(lambda oid, model: load_model(store, oid, model), run_oid)
