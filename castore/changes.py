@@ -12,7 +12,6 @@ import json
 from collections import Counter
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field
 
 from castore.errors import CastoreError, ConfigError
@@ -20,6 +19,7 @@ from castore.hashing import canonical_json, hash_json
 from castore.runs import RunInfo, list_runs, resolve_run
 from castore.store import Store
 from castore.store.manifests import RunManifest, StepManifest, load_model
+from castore.yamlio import load_yaml
 
 
 class StepExplanation(BaseModel):
@@ -65,7 +65,8 @@ class _Run:
         self.oid = oid
         self.m = load_model(store, oid, RunManifest)
         self.steps = {r.name: load_model(store, r.manifest, StepManifest) for r in self.m.steps}
-        doc = yaml.safe_load(store.get_bytes(self.m.pipeline_yaml)) if self.m.pipeline_yaml else {}
+        raw = store.get_bytes(self.m.pipeline_yaml) if self.m.pipeline_yaml else b""
+        doc = load_yaml(raw, "stored pipeline.yaml") if raw else {}
         self.yaml = {s["name"]: s for s in (doc or {}).get("pipeline", {}).get("steps", [])}
 
     @property

@@ -7,11 +7,12 @@ import os
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from castore.errors import ConfigError
+from castore.errors import ConfigError, one_line
 from castore.store import Store
 from castore.store.layout import validate_name
+from castore.yamlio import load_yaml
 
 
 class StoreConfig(BaseModel):
@@ -26,11 +27,11 @@ def load_config(store: Store) -> StoreConfig:
     if not os.path.exists(path):
         return StoreConfig()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, "rb") as f:
+            data = load_yaml(f.read(), str(path)) or {}
         return StoreConfig.model_validate(data)
-    except (yaml.YAMLError, ValueError) as e:
-        raise ConfigError(f"{path} is not a valid castore config: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{path} is not a valid castore config: {one_line(e)}") from None
 
 
 def save_config(store: Store, config: StoreConfig) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import CastoreError
 from castore.hashing import hash_json
 from castore.pipeline.step import METADATA_COLUMN
+from castore.store.exports import Placer, is_link_to
 from castore.store.manifests import RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
 
@@ -281,6 +282,8 @@ def leaf_arrow(store: Store, step: StepManifest, link_dir: Path) -> Path | None:
         return None
     key = hash_json({"leaf_arrow": oids})
     entry = store.get_action(key)
+    if entry is not None and not all(store.reuse(o) for o in entry.outputs):
+        entry = None  # the Arrow object failed verification (quarantined): build it again
     if entry is None:
         arrow_oid = _write_leaf_arrow(store, oids)
         store.put_action(
@@ -295,15 +298,9 @@ def leaf_arrow(store: Store, step: StepManifest, link_dir: Path) -> Path | None:
         arrow_oid = entry.outputs[0]
     link_dir.mkdir(parents=True, exist_ok=True)
     path = link_dir / f"{step.name}-{arrow_oid[:16]}.arrow"
-    if not path.exists():
-        tmp = link_dir / f".{path.name}.{os.getpid()}"
-        try:
-            os.link(store.path_of(arrow_oid), tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(store.path_of(arrow_oid), tmp)
-        os.replace(tmp, path)
+    # A link left from before the object was quarantined and rebuilt has another inode.
+    if not is_link_to(str(path), store.path_of(arrow_oid)):
+        Placer().place(store.path_of(arrow_oid), str(path))
     return path
 
 

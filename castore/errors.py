@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CastoreError(Exception):
     """Root of every error castore raises on purpose."""
@@ -91,3 +93,18 @@ class RunInterrupted(CastoreError):
 
 class NothingToResume(CastoreError):
     pass
+
+
+def one_line(error: Any) -> str:
+    """A pydantic ValidationError as one line: the first problem's location and message,
+    and how many more there are (pydantic's own text spans lines and ends in a URL)."""
+    errors = error.errors(include_url=False)
+    if not errors:
+        return str(error).splitlines()[0]
+    first = errors[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    got = first.get("input")
+    shown = repr(got) if got is not None and len(repr(got)) <= 60 else None
+    value = f", got {shown}" if shown is not None and first.get("type") != "missing" else ""
+    return f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid')}{value}{more}"

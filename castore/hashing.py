@@ -11,6 +11,7 @@ import ast
 import inspect
 import json
 import math
+import os
 import re
 import textwrap
 import types
@@ -44,11 +45,22 @@ def validate_prefix(value: str, min_len: int = 8) -> str:
 
 
 def _check(value: Any, path: str) -> None:
-    if value is None or isinstance(value, (bool, str, int)):
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NonCanonicalValue(
+                f"{path}: a string with a lone surrogate is not UTF-8"
+            ) from None
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise NonCanonicalValue(f"{path}: {value!r} is not allowed in canonical JSON")
+            raise NonCanonicalValue(
+                f"{path}: {value!r} has no canonical JSON form (NaN and Inf would hash like "
+                "None); use None for a missing value"
+            )
         return
     if isinstance(value, dict):
         for k, v in value.items():
@@ -56,10 +68,13 @@ def _check(value: Any, path: str) -> None:
                 raise NonCanonicalValue(f"{path}: key {k!r} is not a string")
             _check(v, f"{path}.{k}")
         return
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         for i, v in enumerate(value):
             _check(v, f"{path}[{i}]")
         return
+    if isinstance(value, tuple):
+        # A tuple would encode like the list with the same items: two values, one hash.
+        raise NonCanonicalValue(f"{path}: a tuple is not a JSON type (use a list)")
     raise NonCanonicalValue(
         f"{path}: {type(value).__name__} is not a JSON type (use str, int, float, bool, "
         "None, list or dict)"
@@ -71,7 +86,12 @@ def _refuse(obj: Any) -> Any:
 
 
 def canonical_json(value: Any) -> bytes:
-    """Canonical JSON bytes of `value`; raises NonCanonicalValue for NaN or non-JSON types."""
+    """Canonical JSON bytes of `value`; raises NonCanonicalValue for NaN, Inf, tuples, bytes,
+    sets, non-str keys and every other value whose encoding could collide with another's.
+
+    Distinct values never share an encoding: ints and floats keep their JSON forms (`1` vs
+    `1.0`, `-0.0`), bools are `true`/`false`, and every type JSON cannot tell apart from
+    another (tuple vs list, bytes vs str, NaN vs None) is refused rather than coerced."""
     try:
         text = json.dumps(
             value,
@@ -88,13 +108,27 @@ def canonical_json(value: Any) -> bytes:
     # not compare equal (rare: also tuples) gets the full walk, which names the problem.
     if json.loads(text) != value:
         _check(value, "$")
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        _check(value, "$")
+        raise
 
 
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
     # blake3's own threads pay off only above a few MiB (measured in benchmarks/bench_store.py).
     threads = blake3.blake3.AUTO if len(data) > 1 << 22 else 1
     return blake3.blake3(data, max_threads=threads).hexdigest()
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """blake3 of a file's bytes, memory-mapped (no copy through Python), with blake3's
+    threads above a few MiB. Raises FileNotFoundError when it is gone."""
+    size = os.stat(path).st_size
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO if size > 1 << 22 else 1)
+    if size:
+        h.update_mmap(path)
+    return h.hexdigest()
 
 
 def hash_json(value: Any) -> str:

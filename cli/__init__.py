@@ -3,6 +3,7 @@ library; exceptions become exit codes in exactly one place, `main()`."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,7 +17,15 @@ import click
 from castore._version import __version__
 from castore.errors import CastoreError, RunInterrupted
 
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "cache_dir": None}
+_MAPPED_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+}
 
 
 @dataclass
@@ -93,6 +102,7 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
     app = ctx.ensure_object(App)
     app.cache_dir = app.cache_dir or cache_dir
     app.quiet = quiet
+    _state["cache_dir"] = app.cache_dir
 
 
 def _register() -> None:
@@ -121,6 +131,19 @@ def _register() -> None:
 _register()
 
 
+def _store_oserror(e: OSError) -> CastoreError | None:
+    """A full disk or an unwritable folder met outside the store's own writers (a log file,
+    a run folder, a lock) gets the same exit code and message as inside them."""
+    from pathlib import Path
+
+    from castore.store.store import default_root, translate_oserror
+
+    if e.errno not in _MAPPED_ERRNOS:
+        return None
+    root = Path(_state.get("cache_dir") or default_root())
+    return translate_oserror(e, e.filename or "the store", root)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cas`: runs the group and maps exceptions to exit codes."""
     try:
@@ -145,6 +168,16 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 141
+    except OSError as e:
+        if _state["debug"]:
+            raise
+        mapped = _store_oserror(e)
+        if mapped is None:
+            err(f"Error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)")
+            code = 70
+        else:
+            err(f"Error: {mapped}")
+            code = mapped.exit_code
     except Exception as e:
         if _state["debug"]:
             raise

@@ -4,11 +4,11 @@ import os
 from typing import Any
 
 import click
-import yaml
 from castore.cli import App, common_options, echo_json, err
 
 from castore.errors import CastoreError, ConfigError, RunInterrupted
 from castore.store.manifests import RunManifest, Target
+from castore.yamlio import YamlSyntaxError, load_yaml
 
 
 def parse_params(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -20,9 +20,9 @@ def parse_params(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         if not eq or not dot or not step_name or not field:
             raise ConfigError(f"--param {item!r}: expected STEP.FIELD=VALUE")
         try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
+            value = load_yaml(raw, f"--param {lhs}", max_bytes=1 << 20) if raw else ""
+        except YamlSyntaxError:
+            value = raw  # not YAML: the text as typed
         out.setdefault(step_name, {})[field] = value
     return out
 

@@ -80,7 +80,7 @@ def test_resume_nothing(fast, tmp_path):
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        ("pipeline: [unclosed", "malformed pipeline YAML"),
+        ("pipeline: [unclosed", "malformed YAML in pipeline YAML"),
         (
             "pipeline:\n  name: x\n  steps:\n    - name: a\n      type: nowhere.mod:Nope\n",
             "unknown step type 'nowhere.mod:Nope'",

@@ -7,6 +7,7 @@ task reports to one completion queue that the driver waits on.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -53,7 +54,10 @@ class ProcessWorkers:
         # a file, so step classes unpickle without being importable by path.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self._pool = ProcessPoolExecutor(
-            max_workers=n, mp_context=mp.get_context(method), initializer=_ignore_sigint
+            max_workers=n,
+            mp_context=mp.get_context(method),
+            initializer=_worker_init,
+            initargs=(os.getpid(),),
         )
         self._done = done
 
@@ -70,11 +74,39 @@ class ProcessWorkers:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _ignore_sigint() -> None:
-    # Ctrl+C reaches the whole process group; only the driver decides what it means.
+def _worker_init(driver_pid: int) -> None:
+    """A pool worker lives and dies with its driver."""
     import signal
 
+    # Ctrl+C reaches the whole process group; only the driver decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _set_parent_death_signal(signal.SIGKILL) and os.getppid() == driver_pid:
+        return
+    # No prctl (not Linux), or the driver already died: watch for being orphaned.
+    threading.Thread(target=_watch_parent, args=(driver_pid,), daemon=True).start()
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """Linux: the kernel sends `sig` when the parent dies (kill -9 included)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(driver_pid: int) -> None:
+    import time
+
+    while os.getppid() == driver_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 class RayWorkers:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import ValidationError
 
 from castore._version import __version__
-from castore.errors import ConfigError, PipelineError
+from castore.errors import ConfigError, PipelineError, one_line
 from castore.hashing import hash_json
 from castore.pipeline.step import GeneratorStep, GlobalStep, _Step
 from castore.store.layout import validate_name
@@ -184,7 +185,7 @@ class Pipeline:
         sigs = sigs or self.signatures()
         doc: dict[str, Any] = {
             "steps": {n: s["sig"] for n, s in sigs.items()},
-            "edges": sorted(self.edges),
+            "edges": [list(e) for e in sorted(self.edges)],
         }
         if self.routes:
             doc["routes"] = {k: list(v) for k, v in sorted(self.routes.items())}
@@ -253,15 +254,9 @@ class Pipeline:
         text = str(path_or_text)
         if "\n" not in text and Path(text).exists():
             text = Path(text).read_text(encoding="utf-8")
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"malformed pipeline YAML{where}: {getattr(e, 'problem', e)}"
-            ) from None
-        return cls.from_dict(doc)
+        from castore.yamlio import load_yaml
+
+        return cls.from_dict(load_yaml(text, "pipeline YAML"))
 
     @classmethod
     def from_dict(cls, doc: Any) -> Pipeline:
@@ -277,6 +272,8 @@ class Pipeline:
                 params = {k: v for k, v in (s.get("params") or {}).items() if v != "**********"}
                 try:
                     step_cls(**params)
+                except ValidationError as e:
+                    raise ConfigError(f"step {s.get('name')}: {one_line(e)}") from None
                 except ValueError as e:
                     raise ConfigError(f"step {s.get('name')}: invalid params: {e}") from None
         for c in conns:
@@ -307,9 +304,10 @@ class Pipeline:
                     raise ConfigError(f"step {sname} has no parameter {fname!r}")
                 try:
                     setattr(step, fname, value)
+                except ValidationError as e:
+                    raise ConfigError(f"--param {sname}.{fname}: {one_line(e)}") from None
                 except ValueError as e:
-                    msg = str(e).splitlines()[-1].strip()
-                    raise ConfigError(f"--param {sname}.{fname}={value!r}: {msg}") from None
+                    raise ConfigError(f"--param {sname}.{fname}: {e}") from None
 
     def run(
         self,

@@ -45,6 +45,7 @@ from castore.pipeline.executors import ProcessWorkers, ThreadWorkers
 from castore.pipeline.progress import Progress
 from castore.pipeline.remote_cache import RemoteCache
 from castore.pipeline.step import GeneratorStep, GlobalStep, _Step, normalize_output, to_table
+from castore.store.exports import Placer, is_link_to, stamp
 from castore.store.locks import FileLock
 from castore.store.manifests import (
     BatchRecord,
@@ -363,7 +364,7 @@ class Runner:
         if set(steps) != set(self.states) or not all(
             m.complete
             and m.signature == self.states[n].sig
-            and all(not b.failed and all(map(self.store.has, b.outputs)) for b in m.batches)
+            and all(not b.failed and all(map(self.store.reuse, b.outputs)) for b in m.batches)
             for n, m in steps.items()
         ):
             return False
@@ -492,10 +493,23 @@ class Runner:
             entry = self.rcache.lookup(key)
         return entry
 
+    def _reusable(self, key: str) -> ActionEntry | None:
+        """The entry for `key` when every output it names is intact (verified, then
+        freshened so a concurrent gc keeps it); a corrupt output is quarantined and its
+        entry dropped, so only this batch is recomputed."""
+        entry = self._entry(key)
+        if entry is None:
+            return None
+        if all(self.store.reuse(o) for o in entry.outputs):
+            return entry
+        log.warning("an output of cached batch %s failed verification; recomputing it", key[:12])
+        self.store.delete_action(key)
+        return None
+
     def _lookup(self, st: StepState, planned: Planned) -> bool:
         """Record a cache hit; the outputs are freshened so a concurrent gc keeps them."""
-        entry = self._entry(planned.key)
-        if entry is None or not all(self.store.freshen(o) for o in entry.outputs):
+        entry = self._reusable(planned.key)
+        if entry is None:
             return False
         self._record(
             st,
@@ -758,7 +772,7 @@ class Runner:
             known = end.info.get("batches") if end else None
             while True:
                 key = self._gen_key(st, index)
-                entry = self._entry(key)
+                entry = self._reusable(key)
                 if entry is None:
                     break
                 self._record(
@@ -911,34 +925,59 @@ class Runner:
         log.info("progress: %s", "; ".join(parts))
 
     def _materialize(self) -> None:
-        """runs/<name>/<sig>/data/<leaf>/NNNNN.parquet as hard links, built beside and
-        renamed into place so a reader never sees a half-built folder."""
+        """runs/<name>/<sig>/data/<leaf>/NNNNN.parquet, one file per leaf batch object
+        (reflinked, hard-linked or copied: castore/store/exports.py), built beside and
+        renamed into place so a reader never sees a half-built folder. The stamp file
+        lists the objects and how each file was placed; a folder whose files are all
+        still those objects is kept as it is."""
         leaves = {
             leaf: [
                 o for k in sorted(self.states[leaf].done) for o in self.states[leaf].done[k].outputs
             ]
             for leaf in self.p.leaves()
         }
-        stamp = self.run_dir / "data" / ".castore-batches.json"
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(stamp.read_text()) == leaves and all(
-                len(os.listdir(stamp.parent / leaf)) == len(oids) for leaf, oids in leaves.items()
-            ):
-                return  # the folder already holds exactly these batches
+        final = self.run_dir / "data"
+        stamp_path = final / ".castore-batches.json"
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            doc = json.loads(stamp_path.read_text())
+            if doc["leaves"] == leaves and self._placed_intact(final, leaves, doc["files"]):
+                return
         tmp = self.run_dir / f"data.incomplete-{self.run_id[:8]}"
         shutil.rmtree(tmp, ignore_errors=True)
+        placer = Placer()
+        files: dict[str, list[int]] = {}
         for leaf, oids in leaves.items():
             d = tmp / leaf
             d.mkdir(parents=True, exist_ok=True)
             for i, oid in enumerate(oids, start=1):
-                _link_or_copy(self.store.path_of(oid), d / f"{i:05d}.parquet")
-        (tmp / ".castore-batches.json").write_text(json.dumps(leaves))
-        final = self.run_dir / "data"
+                rel = f"{leaf}/{i:05d}.parquet"
+                src = self.store.path_of(oid)
+                placer.place(src, str(tmp / rel))
+                # A hard link is checked by inode (freshening the object moves its mtime);
+                # a clone or copy by its own stamp.
+                files[rel] = [] if is_link_to(str(tmp / rel), src) else list(stamp(str(tmp / rel)))
+        (tmp / ".castore-batches.json").write_text(json.dumps({"leaves": leaves, "files": files}))
         old = self.run_dir / f"data.old-{self.run_id[:8]}"
         if final.exists():
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _placed_intact(
+        self, final: Path, leaves: dict[str, list[str]], files: dict[str, list[int]]
+    ) -> bool:
+        for leaf, oids in leaves.items():
+            for i, oid in enumerate(oids, start=1):
+                rel = f"{leaf}/{i:05d}.parquet"
+                path = str(final / rel)
+                recorded = files[rel]
+                if recorded == [] and not is_link_to(path, self.store.path_of(oid)):
+                    return False
+                if recorded and list(stamp(path)) != recorded:
+                    return False
+            if len(os.listdir(final / leaf)) != len(oids):
+                return False
+        return True
 
     # -- signals and logging -------------------------------------------------------------
 
@@ -1011,11 +1050,3 @@ def _cost(entry: ActionEntry) -> tuple[float, int]:
         float(seconds) if isinstance(seconds, (int, float)) else 0.0,
         int(tokens) if isinstance(tokens, int) else 0,
     )
-
-
-def _link_or_copy(src: str, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        # Another filesystem, or one without hard links.
-        shutil.copyfile(src, dst)

@@ -44,8 +44,13 @@ def _snake(name: str) -> str:
 class _Step(BaseModel):
     """Fields and wiring shared by every kind of step."""
 
+    # NaN/Inf are kept as floats in JSON dumps (pydantic's default writes null), so hashing
+    # refuses them instead of hashing them like None.
     model_config = ConfigDict(
-        arbitrary_types_allowed=True, validate_assignment=True, extra="forbid"
+        arbitrary_types_allowed=True,
+        validate_assignment=True,
+        extra="forbid",
+        ser_json_inf_nan="constants",
     )
 
     kind: ClassVar[StepKind] = "normal"

@@ -17,6 +17,22 @@ import time
 from castore.errors import StoreLocked
 from castore.store.models import LockInfo
 
+# Descriptors of the locks this process holds. A forked child (a process-pool worker)
+# inherits them, and a flock lives as long as any copy of its descriptor: a worker that
+# outlives a kill -9'ed driver would keep the run "running". Children close their copies
+# (closing, unlike LOCK_UN, leaves the parent's lock in place).
+_HELD: set[int] = set()
+
+
+def _close_inherited() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
 
 class FileLock:
     """An exclusive lock on `path`; `acquire()` is non-blocking unless `timeout` is given."""
@@ -71,6 +87,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.model_dump_json().encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
         return True
 
     def release(self) -> None:
@@ -78,6 +95,7 @@ class FileLock:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        _HELD.discard(self._fd)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

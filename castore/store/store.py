@@ -33,7 +33,7 @@ from castore.errors import (
     StoreNotWritable,
     UnknownObject,
 )
-from castore.hashing import Hasher, hash_bytes, validate_id, validate_prefix
+from castore.hashing import Hasher, hash_bytes, hash_file, validate_id, validate_prefix
 from castore.store import layout as L
 from castore.store.locks import FileLock
 from castore.store.models import ActionEntry, LayoutInfo
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _STAGE_IDS = itertools.count()
+_SHARD_RETRIES = 50
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -60,15 +61,22 @@ def default_root() -> Path:
     return base / "castore"
 
 
-def translate_oserror(e: OSError, path: str | os.PathLike[str], root: Path) -> StoreError:
-    """A one-line, actionable StoreError for an OSError met while writing `path`."""
+def translate_oserror(
+    e: OSError, path: str | os.PathLike[str], root: Path, needed: int | None = None
+) -> StoreError:
+    """A one-line, actionable StoreError for an OSError met while writing `path`;
+    `needed` is the size of what was being written, when known."""
     if e.errno in _FULL:
+        need = f"; needs {needed:,} bytes" if needed else ""
         try:
             free = shutil.disk_usage(root).free
             space = f"; {free:,} bytes free on that filesystem"
         except OSError:
             space = ""
-        return StoreFull(f"no space left writing {path} ({os.strerror(e.errno)}){space}")
+        return StoreFull(
+            f"no space left writing {path} ({os.strerror(e.errno)}){need}{space}; free some "
+            "space (`cas gc`) or pass --cache-dir"
+        )
     if e.errno in _DENIED:
         return StoreNotWritable(
             f"cannot write {path}: {os.strerror(e.errno)}; check the permissions of the cache "
@@ -79,6 +87,21 @@ def translate_oserror(e: OSError, path: str | os.PathLike[str], root: Path) -> S
     return StoreError(f"cannot write {path}: {e.strerror or e}")
 
 
+def _replace_into_shard(src: str, final: str) -> None:
+    """os.replace into a shard folder that may not exist yet, or that gc's sweep of empty
+    shards may remove between our mkdir and our rename: retry until it lands (bounded;
+    gc removes a shard only while it is empty, so a retry after mkdir wins in practice)."""
+    for _ in range(_SHARD_RETRIES):
+        try:
+            os.replace(src, final)
+            return
+        except FileNotFoundError:
+            if not os.path.exists(src):
+                raise
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.replace(src, final)
+
+
 @dataclass
 class _Stage:
     """An open temp file in tmp/ that hashes what passes through `write`."""
@@ -87,6 +110,7 @@ class _Stage:
     path: str
     hasher: Hasher
     oid: str | None = None  # set once the stage is committed as an object
+    needed: int = 0  # bytes the caller is about to write, for a full-disk message
 
     def write(self, data: Any) -> int:
         mv = memoryview(data)
@@ -230,7 +254,8 @@ class Store:
         try:
             yield stage
         except OSError as e:
-            raise translate_oserror(e, path, self.root) from None
+            needed = max(stage.needed, stage.hasher.size)
+            raise translate_oserror(e, path, self.root, needed) from None
         finally:
             if not stage.file.closed:
                 # Closing flushes; on a full disk that raises again, and the stage goes anyway.
@@ -250,11 +275,7 @@ class Store:
                 self.freshen(os.path.basename(os.path.dirname(final)) + os.path.basename(final))
                 return False
             parent = os.path.dirname(final)
-            try:
-                os.replace(stage.path, final)
-            except FileNotFoundError:  # first object in this shard
-                os.makedirs(parent, exist_ok=True)
-                os.replace(stage.path, final)
+            _replace_into_shard(stage.path, final)
             if self.fsync:
                 dfd = os.open(parent, os.O_RDONLY)
                 try:
@@ -262,11 +283,12 @@ class Store:
                 finally:
                     os.close(dfd)
         except OSError as e:
-            raise translate_oserror(e, final, self.root) from None
+            raise translate_oserror(e, final, self.root, stage.needed) from None
         return True
 
     def _write_file(self, final: str, data: bytes) -> None:
         with self._staged() as stage:
+            stage.needed = len(data)
             stage.write(data)
             self._commit(stage, final, overwrite=True)
 
@@ -286,6 +308,7 @@ class Store:
         if self.freshen(oid):
             return oid
         with self._staged(0o444) as stage:
+            stage.needed = len(data)
             stage.write(data)
             self._commit(stage, self.layout.object_path(oid), overwrite=False)
         return oid
@@ -310,6 +333,7 @@ class Store:
         if self.freshen(oid):
             return oid
         with self._staged(0o444) as stage:
+            stage.needed = buf.size
             stage.file.write(memoryview(buf))
             self._commit(stage, self.layout.object_path(oid), overwrite=False)
         return oid
@@ -334,11 +358,7 @@ class Store:
                 raise CorruptObject(oid, None)
             final = self.layout.object_path(oid)
             os.chmod(path, 0o444)
-            try:
-                os.replace(path, final)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.replace(path, final)
+            _replace_into_shard(path, final)
         except OSError as e:
             raise translate_oserror(e, path, self.root) from None
         finally:
@@ -381,12 +401,8 @@ class Store:
             raise CorruptObject(oid, self.quarantine(oid)) from None
 
     def verify(self, oid: str) -> bool:
-        """True when the object's bytes hash to `oid` (streamed, not memory-mapped)."""
-        hasher = Hasher()
-        with open(self.layout.object_path(oid), "rb") as f:
-            while chunk := f.read(_CHUNK):
-                hasher.update(chunk)
-        return hasher.hexdigest() == oid
+        """True when the object's bytes hash to `oid`."""
+        return hash_file(self.layout.object_path(oid)) == oid
 
     def quarantine(self, oid: str) -> str | None:
         """Move a corrupt object out of objects/; returns where it went."""
@@ -539,6 +555,21 @@ class Store:
         """A short lease on an action key, taken while its batch is computed, so another
         run that needs the same key waits for the entry instead of paying again."""
         return FileLock(self.layout.lease_path(key), "lease", detail)
+
+    def reuse(self, oid: str) -> bool:
+        """An object about to be served again (a cache hit): True when it is present and
+        its bytes still hash to `oid`, and then freshened for gc's grace period. A corrupt
+        object is quarantined and False is returned, so the caller recomputes it: a cache
+        hit never serves bytes that are not the object's. Costs one blake3 pass over the
+        file (memory-mapped, multi-threaded above a few MiB; see benchmarks/bench_verify.py)."""
+        try:
+            digest = hash_file(self.layout.object_path(oid))
+        except FileNotFoundError:
+            return False
+        if digest != oid:
+            self.quarantine(oid)
+            return False
+        return self.freshen(oid)
 
     def freshen(self, oid: str) -> bool:
         """Touch an object that is being reused, so gc's grace period protects it like a
