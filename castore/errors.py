@@ -54,6 +54,12 @@ class StoreError(CastoreError):
     """The store cannot be used: not writable, full, wrong layout."""
 
 
+class DamagedRef(StoreError):
+    """A ref file whose content is not a run manifest id (garbage, truncated, a path)."""
+
+    exit_code = 1
+
+
 class StoreNotWritable(StoreError):
     exit_code = 3
 

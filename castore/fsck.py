@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from castore.errors import CastoreError
+from castore.hashing import validate_id
 from castore.store import Store
+from castore.store import layout as L
 from castore.store.manifests import run_closure
 from castore.store.models import ActionEntry
 
@@ -85,29 +91,110 @@ def _check_actions(store: Store, report: FsckReport, corrupt: set[str], repair: 
 
 
 def _check_refs(store: Store, report: FsckReport, corrupt: set[str], repair: bool) -> None:
-    for name, sig, oid in store.list_refs():
-        report.refs_checked += 1
-        ref = f"{name}/{sig[:12]}"
-        if oid in corrupt or not store.has(oid):
+    """Every file under refs/runs/: its name, its content (one run manifest id), its
+    target (present, intact, a run manifest of that very name and signature) and what
+    the run reaches. --repair rewinds a bad ref to the newest intact run manifest of the
+    same name and signature, else removes it."""
+    base = store.layout.ref_dir()
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return
+    candidates: dict[tuple[str, str], str] | None = None
+    for name in names:
+        name_dir = os.path.join(base, name)
+        try:
+            L.validate_name(name)
+            sigs = sorted(os.listdir(name_dir))
+        except (CastoreError, NotADirectoryError) as e:
+            report.refs_checked += 1
             if repair:
-                store.delete_ref(name, sig)
-            report.problems.append(
-                Problem("dangling-ref", ref, f"run manifest {oid} is missing", repair)
-            )
+                _remove_path(name_dir)
+            report.problems.append(Problem("bad-ref", name, str(e).split(":")[0], repair))
+            continue
+        for sig in sigs:
+            report.refs_checked += 1
+            ref = f"{name}/{sig[:12]}"
+            problem = _ref_problem(store, name, sig, corrupt)
+            if problem is None:
+                continue
+            kind, message = problem
+            repaired = False
+            if repair and kind != "missing-object":
+                if candidates is None:
+                    candidates = _good_runs(store, corrupt)
+                good = candidates.get((name, sig))
+                if good is not None:
+                    store.set_ref(name, sig, good)
+                    message += f"; rewound to run manifest {good[:12]}"
+                else:
+                    _remove_path(os.path.join(name_dir, sig))
+                    message += "; removed (no intact run of it is left)"
+                repaired = True
+            report.problems.append(Problem(kind, ref, message, repaired))
+        if repair:
+            with contextlib.suppress(OSError):
+                os.rmdir(name_dir)  # only when empty
+
+
+def _ref_problem(  # noqa: PLR0911 - one return per way a ref can be wrong
+    store: Store, name: str, sig: str, corrupt: set[str]
+) -> tuple[str, str] | None:
+    try:
+        validate_id(sig)
+    except CastoreError:
+        return "bad-ref", "the file name is not a pipeline signature"
+    try:
+        oid = store.get_ref(name, sig)
+    except CastoreError as e:
+        return "bad-ref", str(e).split("; run `cas fsck")[0]
+    if oid is None:
+        return None
+    if oid in corrupt or not store.has(oid):
+        return "dangling-ref", f"run manifest {oid} is missing"
+    try:
+        run, reached = run_closure(store, oid)
+    except CastoreError as e:
+        return "bad-manifest", str(e)
+    if run.name != name or run.signature != sig:
+        return "bad-ref", f"names a run of {run.name}/{run.signature[:12]}, not of this pipeline"
+    missing = sorted(o for o in reached if o in corrupt or not store.has(o))
+    if missing:
+        # Not repairable by deleting: the next run of the pipeline recomputes them.
+        return (
+            "missing-object",
+            f"{len(missing)} object(s) the run references are missing, e.g. "
+            f"{missing[0]}; re-running the pipeline recomputes them",
+        )
+    return None
+
+
+def _good_runs(store: Store, corrupt: set[str]) -> dict[tuple[str, str], str]:
+    """(name, signature) -> the newest run manifest whose closure is intact. Scans the
+    JSON objects of the store: only --repair of a bad ref pays for it."""
+    best: dict[tuple[str, str], tuple[Any, str]] = {}
+    for oid in store.iter_oids():
+        if oid in corrupt:
             continue
         try:
-            _run, reached = run_closure(store, oid)
-        except CastoreError as e:
-            report.problems.append(Problem("bad-manifest", ref, str(e)))
+            with open(store.path_of(oid), "rb") as f:
+                if f.read(1) != b"{" or store.size_of(oid) > 64 << 20:
+                    continue
+            run, reached = run_closure(store, oid)
+        except (OSError, CastoreError):
             continue
-        missing = sorted(o for o in reached if o in corrupt or not store.has(o))
-        if missing:
-            # Not repairable by deleting: the next run of the pipeline recomputes them.
-            report.problems.append(
-                Problem(
-                    "missing-object",
-                    ref,
-                    f"{len(missing)} object(s) the run references are missing, e.g. "
-                    f"{missing[0]}; re-running the pipeline recomputes them",
-                )
-            )
+        if any(o in corrupt or not store.has(o) for o in reached):
+            continue
+        when = run.ended or run.updated
+        key = (run.name, run.signature)
+        if key not in best or when > best[key][0]:
+            best[key] = (when, oid)
+    return {k: v[1] for k, v in best.items()}
+
+
+def _remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

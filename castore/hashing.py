@@ -135,6 +135,21 @@ def hash_json(value: Any) -> str:
     return blake3.blake3(canonical_json(value)).hexdigest()
 
 
+SIGNING_CONTEXT = "castore 2026 remote action entry signing v1"
+
+
+def signing_key(material: str) -> bytes:
+    """A 32-byte blake3 key derived from a team secret of any length."""
+    return blake3.blake3(material.encode("utf-8"), derive_key_context=SIGNING_CONTEXT).digest()
+
+
+def sign_entry(key: bytes, action_key: str, outputs: list[str], rows: list[int]) -> str:
+    """Keyed blake3 (a MAC) over what an entry claims: only a holder of the team key can
+    make a remote entry that signed readers accept."""
+    doc = {"key": action_key, "outputs": outputs, "rows": rows}
+    return blake3.blake3(canonical_json(doc), key=key).hexdigest()
+
+
 class Hasher:
     """Incremental blake3 for streams: `update()` chunks, then `hexdigest()`."""
 

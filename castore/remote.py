@@ -11,6 +11,7 @@ holds an action entry or a ref that names a missing object. Pull is the reverse.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import posixpath
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from castore.errors import CastoreError, ConfigError, CorruptObject
-from castore.hashing import hash_bytes, hash_json, validate_id
+from castore.hashing import hash_bytes, hash_json, sign_entry, signing_key, validate_id
 from castore.store import Store
 from castore.store import layout as L
 from castore.store.manifests import RunManifest, StepManifest, manifest_closure
@@ -31,6 +32,7 @@ from castore.store.models import ActionEntry
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (objects done, bytes done)
+SIGNING_ENV = "CASTORE_SIGNING_KEY"
 
 
 class RemoteError(CastoreError):
@@ -71,6 +73,9 @@ class Remote:
         self.root = root.rstrip("/") or "/"
         self.layout = L.Layout(self.root, posixpath.join)
         self.local = type(self.fs).__name__ == "LocalFileSystem"
+        # The team key lives in the environment only: never in config.yaml, a log or a hash.
+        material = os.environ.get(SIGNING_ENV)
+        self.signing_key: bytes | None = signing_key(material) if material else None
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r})"
@@ -134,18 +139,55 @@ class Remote:
     # -- action entries and refs -----------------------------------------------------
 
     def get_action(self, key: str) -> ActionEntry | None:
+        """The entry for `key`, or None when it is absent, malformed or (with a team key)
+        not signed by it; a rejected entry is logged once."""
+        entry, problem = self.check_action(key)
+        if problem is not None and problem[0] != "missing":
+            log.warning("remote %s: action entry %s %s; ignored", self.url, key[:12], problem[1])
+        return entry
+
+    def check_action(self, key: str) -> tuple[ActionEntry | None, tuple[str, str] | None]:
+        """(entry, None) when it can be trusted, else (None, (kind, reason))."""
         try:
             raw = self.fs.cat_file(self.layout.action_path(key))
         except FileNotFoundError:
-            return None
+            return None, ("missing", "is not on the remote")
         try:
-            return ActionEntry.model_validate_json(raw)
+            entry = ActionEntry.model_validate_json(raw)
         except ValueError:
-            log.warning("remote %s: action entry %s is malformed; ignored", self.url, key)
-            return None
+            return None, ("bad-action", "is malformed")
+        if self.signing_key is not None:
+            expected = sign_entry(self.signing_key, key, list(entry.outputs), list(entry.rows))
+            if entry.signature is None:
+                return None, ("unsigned-action", f"is not signed ({SIGNING_ENV} is set)")
+            if not hmac.compare_digest(entry.signature, expected):
+                return None, ("bad-signature", "has a signature the team key did not make")
+        return entry, None
 
     def put_action(self, key: str, entry: ActionEntry) -> None:
+        if self.signing_key is not None:
+            sig = sign_entry(self.signing_key, key, list(entry.outputs), list(entry.rows))
+            entry = entry.model_copy(update={"signature": sig})
+        elif entry.signature is not None:
+            entry = entry.model_copy(update={"signature": None})  # not ours to vouch for
         self._write(self.layout.action_path(key), entry.model_dump_json().encode())
+
+    def manifest_index(self) -> dict[str, tuple[list[str], list[int]]]:
+        """Action key -> (outputs, rows) as the remote's step manifests record them, over
+        every run its refs name. Manifests are content-addressed and verified on read, so
+        an action entry that disagrees with them was not written by the run that made it."""
+        index: dict[str, tuple[list[str], list[int]]] = {}
+        for _name, _sig, run_oid in self.list_refs():
+            try:
+                run = self.load_json(run_oid, RunManifest)
+                for ref in run.steps:
+                    step = self.load_json(ref.manifest, StepManifest)
+                    for b in step.batches:
+                        if not b.failed:
+                            index[b.key] = (list(b.outputs), list(b.rows))
+            except (CastoreError, OSError) as e:
+                log.warning("remote %s: skipping run %s: %s", self.url, run_oid[:12], e)
+        return index
 
     def list_actions(self) -> set[str]:
         self.fs.invalidate_cache()
@@ -161,9 +203,10 @@ class Remote:
                 out.add(key)
         return out
 
-    def list_refs(self) -> list[tuple[str, str, str]]:
+    def list_refs(self, problems: list[str] | None = None) -> list[tuple[str, str, str]]:
         """(name, sig, run manifest id); names, sigs and ids are validated, bad ones
-        skipped with a warning (a remote cannot make us write outside the store)."""
+        skipped with a warning (a remote cannot make us write outside the store) and
+        added to `problems` when given."""
         base = self.layout.ref_dir()
         self.fs.invalidate_cache()
         try:
@@ -185,6 +228,8 @@ class Remote:
                 oid = validate_id(self.fs.cat_file(p).decode().strip())
             except (CastoreError, UnicodeDecodeError, OSError) as e:
                 log.warning("remote %s: skipping ref %s: %s", self.url, rel, e)
+                if problems is not None:
+                    problems.append(f"bad-ref {rel[:80]}: {str(e)[:120]}")
                 continue
             out.append((name, sig, oid))
         return out
@@ -375,7 +420,12 @@ def push(
             result.bytes += remote.put_object(store, oid)
             result.objects += 1
         have = remote.list_actions()
-        entries = {k: e for k in sorted(c.keys - have) if (e := store.get_action(k))}
+        todo = c.keys - have
+        if remote.signing_key is not None:
+            # Entries pushed before the team key was set (or by someone without it) are
+            # ignored by signed readers: sign ours again.
+            todo |= {k for k in c.keys & have if remote.check_action(k)[1] is not None}
+        entries = {k: e for k in sorted(todo) if (e := store.get_action(k))}
         result.actions = _parallel_count(
             lambda k: remote.put_action(k, entries[k]), list(entries), jobs
         )
@@ -484,6 +534,7 @@ def pull(
     """Download what the chosen remote runs reach, verifying every object."""
     t0 = time.perf_counter()
     result = TransferResult()
+    rejected: list[str] = []
     chosen = select_refs(remote.list_refs(), runs)
     for name, sig, run_oid in chosen:
         run = remote.load_json(run_oid, RunManifest)
@@ -514,16 +565,34 @@ def pull(
             k for k in dict.fromkeys(keys) if k in remote_keys and store.get_action(k) is None
         ]
 
-        def fetch_entry(key: str) -> None:
+        recorded = {
+            b.key: (list(b.outputs), list(b.rows))
+            for _, step in steps
+            for b in step.batches
+            if not b.failed
+        }
+
+        def fetch_entry(key: str, recorded: dict[str, Any] = recorded) -> None:
             entry = remote.get_action(key)
-            if entry is not None and all(store.has(o) for o in entry.outputs):
-                store.put_action(key, entry)
+            if entry is None or not all(store.has(o) for o in entry.outputs):
+                return
+            if key in recorded and (list(entry.outputs), list(entry.rows)) != recorded[key]:
+                rejected.append(key)
+                return
+            store.put_action(key, entry)
 
         result.actions += _parallel_count(fetch_entry, wanted_keys, jobs)
         result.bytes += fetch_object(store, remote, run_oid)
         store.set_ref(name, sig, run_oid)
         result.refs.append(f"{name}/{sig}")
     result.seconds = time.perf_counter() - t0
+    if rejected:
+        raise RemoteError(
+            f"pull from {remote.url}: {len(rejected)} action entr"
+            f"{'y' if len(rejected) == 1 else 'ies'} disagree with the step manifests that "
+            f"reference them (e.g. {rejected[0]}) and were not stored; everything else was "
+            "pulled and verified; `cas fsck --remote` lists them"
+        )
     return result
 
 
@@ -539,26 +608,21 @@ def fsck_remote(remote: Remote, *, jobs: int = 8) -> list[str]:
     res = TransferResult()
     _parallel(check, sorted(oids), jobs, None, res)
     problems += [f"corrupt-object {f}" for f in res.failed]
+    entries: dict[str, ActionEntry] = {}
     for key in sorted(remote.list_actions()):
-        entry = remote.get_action(key)
+        entry, problem = remote.check_action(key)
         if entry is None:
-            problems.append(f"bad-action {key}")
+            problems.append(f"{problem[0] if problem else 'bad-action'} {key}")
         elif any(o not in oids for o in entry.outputs):
             problems.append(f"dangling-action {key}")
-    for name, sig, oid in remote.list_refs():
+        else:
+            entries[key] = entry
+    for name, sig, oid in remote.list_refs(problems):
         if oid not in oids:
             problems.append(f"dangling-ref {name}/{sig[:12]}")
             continue
         try:
-            run = remote.load_json(oid, RunManifest)
-            for ref in run.steps:
-                if ref.manifest not in oids:
-                    problems.append(f"missing-object {name}/{sig[:12]}: {ref.manifest}")
-                    continue
-                step = remote.load_json(ref.manifest, StepManifest)
-                gone = [o for b in step.batches for o in b.outputs if o not in oids]
-                if gone:
-                    problems.append(f"missing-object {name}/{sig[:12]}: {gone[0]}")
+            problems += _fsck_remote_run(remote, name, sig, oid, oids=oids, entries=entries)
         except CastoreError as e:
             problems.append(f"bad-manifest {name}/{sig[:12]}: {e}")
     return problems
@@ -574,6 +638,39 @@ __all__ = [
     "pull",
     "push",
 ]
+
+
+def _fsck_remote_run(
+    remote: Remote,
+    name: str,
+    sig: str,
+    oid: str,
+    *,
+    oids: set[str],
+    entries: dict[str, ActionEntry],
+) -> list[str]:
+    """Problems of one remote run: a ref naming another pipeline's run, missing objects,
+    action entries that disagree with the step manifests."""
+    ref = f"{name}/{sig[:12]}"
+    run = remote.load_json(oid, RunManifest)
+    if run.name != name or run.signature != sig:
+        return [f"bad-ref {ref}: names a run of {run.name}/{run.signature[:12]}"]
+    problems = []
+    for step_ref in run.steps:
+        if step_ref.manifest not in oids:
+            problems.append(f"missing-object {ref}: {step_ref.manifest}")
+            continue
+        step = remote.load_json(step_ref.manifest, StepManifest)
+        gone = [o for b in step.batches for o in b.outputs if o not in oids]
+        if gone:
+            problems.append(f"missing-object {ref}: {gone[0]}")
+        for b in step.batches:
+            e = entries.get(b.key)
+            if e is not None and not b.failed and (e.outputs, e.rows) != (b.outputs, b.rows):
+                problems.append(
+                    f"mismatched-action {b.key}: differs from step {step.name} of {ref}"
+                )
+    return problems
 
 
 def _mtime(info: dict[str, Any]) -> float:

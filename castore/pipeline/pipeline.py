@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.hashing import hash_json
-from castore.pipeline.step import GeneratorStep, GlobalStep, _Step
+from castore.pipeline.step import GeneratorStep, GlobalStep, _is_secret, _Step
 from castore.store.layout import validate_name
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ class Pipeline:
         with pipeline:
             for s in steps:
                 step_cls = load_step_class(s.get("type", ""), s.get("file"))
-                params = {k: v for k, v in (s.get("params") or {}).items() if v != "**********"}
+                params = strip_redacted(s.get("params") or {})
                 try:
                     step_cls(**params)
                 except ValidationError as e:
@@ -292,8 +293,10 @@ class Pipeline:
     # -- running -------------------------------------------------------------------------
 
     def apply_parameters(self, parameters: dict[str, dict[str, Any]] | None) -> None:
-        """Set step fields by name; unknown steps or fields are a clear error."""
-        for sname, fields in (parameters or {}).items():
+        """Set step fields by name; unknown steps or fields are a clear error. Values
+        recorded as redacted (a secret, on resume) are left out: the step reads its
+        secret from the environment again."""
+        for sname, fields in (strip_redacted(parameters) or {}).items():
             if sname not in self.steps:
                 raise ConfigError(
                     f"parameters name unknown step {sname!r}; steps: {', '.join(self.steps)}"
@@ -350,7 +353,7 @@ class Pipeline:
         runner = Runner(
             self,
             store,
-            parameters=parameters or {},
+            parameters=redact_parameters(self, parameters or {}),
             use_cache=use_cache,
             executor=executor,
             quiet=quiet,
@@ -362,6 +365,61 @@ class Pipeline:
             ray_storage=ray_storage,
         )
         return runner.run()
+
+
+REDACTED = "**********"
+# Keys redacted wherever they appear in parameters, declared secret or not: a key passed
+# as `--param "gen.llm={api_key: ...}"` must not reach a run manifest.
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|auth)", re.I)
+
+
+def redact_parameters(
+    pipeline: Pipeline, parameters: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Parameters as recorded in a run manifest: every secret field (SecretStr, also
+    inside nested models such as an LLM client) and every secret-looking key replaced by
+    REDACTED, however the value was given (API, --param, pipeline.yaml)."""
+    out: dict[str, dict[str, Any]] = {}
+    for sname, fields in parameters.items():
+        step = pipeline.steps.get(sname)
+        out[sname] = _redact(fields, type(step) if step is not None else None)
+    return out
+
+
+def _redact(value: Any, model: Any) -> Any:
+    from pydantic import BaseModel
+
+    if isinstance(value, dict):
+        fields = (
+            model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        )
+        out = {}
+        for k, v in value.items():
+            f = fields.get(k)
+            if _SECRET_KEY.search(str(k)) or (f is not None and _is_secret(f.annotation)):
+                out[k] = REDACTED if v is not None else None
+            else:
+                out[k] = _redact(v, _model_of(f.annotation) if f is not None else None)
+        return out
+    if isinstance(value, list):
+        return [_redact(v, None) for v in value]
+    return value
+
+
+def _model_of(annotation: Any) -> Any:
+    from pydantic import BaseModel
+
+    for a in (annotation, *(getattr(annotation, "__args__", ()) or ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def strip_redacted(value: Any) -> Any:
+    """`value` without the entries that were redacted when it was recorded."""
+    if isinstance(value, dict):
+        return {k: strip_redacted(v) for k, v in value.items() if v != REDACTED}
+    return value
 
 
 def load_step_class(type_path: str, file: str | None = None) -> type[_Step]:

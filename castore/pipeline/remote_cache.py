@@ -31,6 +31,11 @@ class RemoteCache:
         self.hits = 0
         self.uploaded = 0
         self.keys: set[str] = self._call(remote.list_actions, "list action entries") or set()
+        # What the remote's own (content-addressed) step manifests say each key produced:
+        # an entry rewritten to name other objects disagrees with them and is not used.
+        self.recorded: dict[str, tuple[list[str], list[int]]] = (
+            (self._call(remote.manifest_index, "read run manifests") or {}) if self.keys else {}
+        )
         self._uploads: queue.Queue[tuple[str, list[str]] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
         if push and self.active:
@@ -89,6 +94,14 @@ class RemoteCache:
 
         entry = self._call(lambda: self.remote.get_action(key), "read an action entry")
         if entry is None:
+            return None
+        if key in self.recorded and (list(entry.outputs), list(entry.rows)) != self.recorded[key]:
+            log.warning(
+                "remote %s: action entry %s disagrees with the step manifest that references "
+                "it (tampered?); computing the batch here instead",
+                self.remote.url,
+                key[:12],
+            )
             return None
         try:
             for oid in entry.outputs:

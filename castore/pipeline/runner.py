@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError, PipelineError, RunInterrupted, StepFailed
+from castore.errors import CastoreError, DamagedRef, PipelineError, RunInterrupted, StepFailed
 from castore.hashing import hash_json
 from castore.pipeline.batch import (
     BatchResult,
@@ -251,6 +251,11 @@ class Runner:
             # After _prepare: ray.init installs handlers of its own.
             restore = self._install_signals()
             status = self._drive()
+            if status == "finished" and self.stop.is_set():
+                log.warning(
+                    "the interrupt came after the last batch was done: ignored, the run "
+                    "finished complete"
+                )
         except CastoreError as e:
             self.error = str(e)
             raise
@@ -283,7 +288,12 @@ class Runner:
 
     def _prepare(self) -> None:
         # Read before the first seal moves the ref to this run.
-        self.prev_oid = self.store.get_ref(self.p.name, self.sig)
+        try:
+            self.prev_oid = self.store.get_ref(self.p.name, self.sig)
+        except DamagedRef as e:
+            # This run's first seal writes a good ref over it; nothing is lost.
+            log.warning("%s; this run replaces it", e)
+            self.prev_oid = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = self.p.to_yaml(self.sigs)
         (self.run_dir / "pipeline.yaml").write_text(text, encoding="utf-8")

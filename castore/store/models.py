@@ -39,6 +39,9 @@ class ActionEntry(_Model):
     castore_version: str = __version__
     # Free-form facts about the computation (seconds, step name, tokens): not part of identity.
     info: dict[str, Any] = Field(default_factory=dict)
+    # On a remote with a team key (CASTORE_SIGNING_KEY): keyed blake3 over the action key,
+    # outputs and rows (castore.hashing.sign_entry). Local entries carry none.
+    signature: str | None = None
 
 
 class LockInfo(_Model):

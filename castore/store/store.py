@@ -27,6 +27,8 @@ from typing import IO, TYPE_CHECKING, Any
 from castore.errors import (
     AmbiguousId,
     CorruptObject,
+    DamagedRef,
+    InvalidObjectId,
     LayoutVersionError,
     StoreError,
     StoreFull,
@@ -507,11 +509,24 @@ class Store:
         self._write_file(self.layout.ref_path(name, sig), (oid + "\n").encode())
 
     def get_ref(self, name: str, sig: str) -> str | None:
+        """The run manifest id a ref names; None when there is no ref; DamagedRef when the
+        file holds anything but one id (`cas fsck --repair` rewinds or removes it)."""
+        path = self.layout.ref_path(name, sig)
         try:
-            with open(self.layout.ref_path(name, sig), encoding="utf-8") as f:
-                return validate_id(f.read().strip())
+            with open(path, "rb") as f:
+                raw = f.read(200)
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raw = b""
+        try:
+            return validate_id(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, InvalidObjectId):
+            shown = raw[:20].decode("ascii", "replace").strip() or "nothing"
+            raise DamagedRef(
+                f"ref {name}/{sig[:12]} is damaged (holds {shown!r}, not a run manifest id); "
+                "run `cas fsck --repair`"
+            ) from None
 
     def delete_ref(self, name: str, sig: str) -> bool:
         path = self.layout.ref_path(name, sig)
@@ -539,8 +554,8 @@ class Store:
             for sig in sigs:
                 try:
                     oid = self.get_ref(name, sig)
-                except (OSError, ValueError) as e:
-                    log.warning("skipping unreadable ref %s/%s: %s", name, sig, e)
+                except (OSError, ValueError, DamagedRef) as e:
+                    log.warning("skipping ref %s/%s: %s", name, sig[:12], e)
                     continue
                 if oid:
                     out.append((name, sig, oid))
