@@ -104,10 +104,29 @@ def own_changes(a: dict[str, Any] | None, b: dict[str, Any]) -> tuple[list[str],
             params[k] = [_short(pa.get(k)), _short(pb.get(k))]
             reasons.append(f"param {k}: {params[k][0]!r} → {params[k][1]!r}")
     if a.get("code") != b.get("code") and "cache_version" not in params:
-        reasons.append("code of `process` changed")
+        reasons.extend(_code_changes(a.get("code_parts"), b.get("code_parts")))
     if a.get("extra") != b.get("extra"):
         reasons.append("its input changed (the contents of the files it reads)")
     return reasons, params
+
+
+def _code_changes(a: Any, b: Any) -> list[str]:
+    """Which part of a step's code changed: `process`, or a helper, class, constant or
+    package it reaches (pipeline.yaml's code_parts)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return ["code of `process` changed"]
+    out = []
+    for label in sorted(set(a) | set(b)):
+        if a.get(label) == b.get(label):
+            continue
+        what = "`process`" if label == "process" else label
+        if label not in a:
+            out.append(f"code: now reaches {what}")
+        elif label not in b:
+            out.append(f"code: no longer reaches {what}")
+        else:
+            out.append(f"code of {what} changed")
+    return out or ["code of `process` changed"]
 
 
 def _previous(store: Store, run: _Run, against: str | None) -> _Run | None:

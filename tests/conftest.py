@@ -111,3 +111,21 @@ def reference(tmp_path_factory):
     assert r.returncode == 0, r
     doc = r.json()
     return doc, dataset(cache, doc["signature"])
+
+
+def cas_inproc(*args: str, cache_dir: Path | str | None = None, env: dict | None = None):
+    """`cas` in this process through click's CliRunner (for tests that need no signal):
+    the real entry point, so exit codes and messages are the ones users see."""
+    from castore.cli import main
+    from click.testing import CliRunner
+
+    argv = cas_command(args, cache_dir)[3:]  # drop "python -m castore.cli"
+    runner = CliRunner(catch_exceptions=False)
+    with runner.isolation(env=env) as (out, err, _):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return CasResult(subprocess.CompletedProcess(argv, code, stdout, stderr))

@@ -212,6 +212,13 @@ class Pipeline:
                 "code": step.code_version(),
                 "extra": hash_json(step.extra_identity()),
             }
+            if step.cache_version is None:
+                # What `cas explain` names when the code version changes: `process` itself
+                # and each helper, class, constant or package it reaches.
+                root, parts = step.code_parts()
+                entry["code_parts"] = {"process": root[:16]} | {
+                    k: v[:16] for k, v in parts.items()
+                }
             source = getattr(module, "__castore_source__", None)
             if source:
                 entry["file"] = source
@@ -271,6 +278,8 @@ class Pipeline:
             for s in steps:
                 step_cls = load_step_class(s.get("type", ""), s.get("file"))
                 params = strip_redacted(s.get("params") or {})
+                if s.get("name") and not params.get("name"):
+                    params["name"] = s["name"]  # the entry's name when params leave it out
                 try:
                     step_cls(**params)
                 except ValidationError as e:

@@ -220,6 +220,7 @@ class Runner:
         self.cache = TableCache()
         self.stop = threading.Event()
         self.cancel = threading.Event()
+        self._told_late = False
         self.error: str | None = None
         self.run_dir = Path(store.layout.run_dir(pipeline.name, self.sig))
         self.yaml_oid: str | None = None
@@ -251,11 +252,7 @@ class Runner:
             # After _prepare: ray.init installs handlers of its own.
             restore = self._install_signals()
             status = self._drive()
-            if status == "finished" and self.stop.is_set():
-                log.warning(
-                    "the interrupt came after the last batch was done: ignored, the run "
-                    "finished complete"
-                )
+            self._late_interrupt(status)
         except CastoreError as e:
             self.error = str(e)
             raise
@@ -264,14 +261,16 @@ class Runner:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             raise
         finally:
-            restore()
             try:
                 manifest_oid = self._finish(status)
                 if status == "finished":
                     # Under the run lock: a concurrent gc protects what a live run touches,
                     # including the leaf Arrow objects this writes.
                     distiset = Distiset.from_manifest(self.store, manifest_oid)
+                    self._late_interrupt(status)
             finally:
+                # Only now: a Ctrl+C while the manifest is sealed must not cut it short.
+                restore()
                 lock.release()
                 self._stop_logging(handlers)
         if status == "interrupted":
@@ -283,6 +282,14 @@ class Runner:
             raise err
         assert distiset is not None
         return distiset
+
+    def _late_interrupt(self, status: RunStatus) -> None:
+        if status == "finished" and self.stop.is_set() and not self._told_late:
+            self._told_late = True
+            log.warning(
+                "interrupt received after the last batch was done: ignored, the run is "
+                "complete"
+            )
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -1014,7 +1021,7 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
         handlers: list[logging.Handler] = [
-            logging.FileHandler(self.run_dir / "pipeline.log", mode="w", encoding="utf-8")
+            _RunLogFile(self.run_dir / "pipeline.log", mode="w", encoding="utf-8")
         ]
         console = logging.StreamHandler()
         # Quiet hides progress and info lines, never warnings (a remote gone, a retry).
@@ -1031,6 +1038,16 @@ class Runner:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+
+
+class _RunLogFile(logging.FileHandler):
+    """pipeline.log. On a full disk or a vanished folder it stops writing instead of
+    printing logging's traceback for every later line: the console still has them, and the
+    run's error says what happened to the store."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.close()
+        self.setLevel(logging.CRITICAL + 1)
 
 
 def _pickle_steps_by_value(pipeline: Pipeline) -> None:

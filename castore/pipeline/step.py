@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
-from castore.hashing import canonical_json, code_digest, hash_json
+from castore.fingerprint import code_parts, code_version
+from castore.hashing import canonical_json, hash_json
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -56,6 +57,9 @@ class _Step(BaseModel):
     kind: ClassVar[StepKind] = "normal"
     inputs: ClassVar[list[str]] = []
     outputs: ClassVar[list[str]] = []
+    # Installed packages whose versions enter the code version (third-party code is not
+    # followed otherwise: an upgrade must not silently re-pay LLM work).
+    code_packages: ClassVar[list[str]] = []
 
     name: str | None = runtime_field(None, description="Unique name in the pipeline.")
     input_batch_size: int = runtime_field(50, ge=1, description="Rows per input batch.")
@@ -140,10 +144,19 @@ class _Step(BaseModel):
         return out
 
     def code_version(self) -> str:
+        """`cache_version` when set, else the digest of `process` and of what it reaches
+        in the user's own code (castore/fingerprint.py)."""
         if self.cache_version is not None:
             return f"v:{self.cache_version}"
+        root, parts = self.code_parts()
+        return code_version(root, parts)
+
+    def code_parts(self) -> tuple[str, dict[str, str]]:
+        """(digest of `process`, {"function mod.helper": digest, "constant X": ...})."""
+        target = self._code_target()
+        owner = None if getattr(type(self), "_func", None) is not None else type(self)
         try:
-            return code_digest(self._code_target())
+            return code_parts(target, owner=owner, packages=self.code_packages)
         except (OSError, TypeError):
             raise PipelineError(
                 f"step {self.name}: the source of its process() is not available (defined "
@@ -287,11 +300,13 @@ def step(
     inputs: list[str] | None = None,
     outputs: list[str] | None = None,
     step_type: StepKind = "normal",
+    code_packages: list[str] | None = None,
 ) -> Callable[[Callable[..., Any]], type[_Step]]:
     """Make a step class from a function.
 
     The function receives the input rows (or, for generators, the row offset) and the
-    step's params as keyword arguments; its AST digest is the step's code version.
+    step's params as keyword arguments; its AST digest, with what it reaches in your own
+    code and the versions of `code_packages`, is the step's code version.
     """
     if step_type not in _KINDS:
         raise PipelineError(f"step_type must be one of {sorted(_KINDS)}, not {step_type!r}")
@@ -307,6 +322,7 @@ def step(
             "__doc__": func.__doc__,
             "inputs": list(inputs or []),
             "outputs": list(outputs or []),
+            "code_packages": list(code_packages or []),
             "_func": staticmethod(func),
         }
         for pname in extra_params:

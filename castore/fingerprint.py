@@ -1,0 +1,315 @@
+"""Code versions that follow the code: what a step's `process` reaches in the user's own
+code, not only its own text.
+
+From `process` (or a `@step` function) the walk follows, through the bytecode's global and
+attribute loads (so local variables never count):
+
+- functions and classes defined in the user's own modules, transitively, each by the
+  digest of its normalized AST (comments, docstrings and formatting do not count);
+- methods reached as `self.name` from a method of a user class;
+- module-level constants they read (numbers, strings, bytes, None and containers of
+  them), by value;
+- attributes of the user's own modules reached as `module.name`, and a whole user module
+  referenced as a value, by its normalized source;
+- installed versions of the packages a step names in `code_packages`.
+
+"The user's own code" is every module that is not in the standard library, not in
+site-packages and not castore itself. Third-party packages are not followed: upgrading a
+library must not silently re-pay LLM work (name it in `code_packages` to opt in).
+
+What cannot be followed (documented in docs/caching.md next to `cache_version`): calls
+through `getattr` with a computed name or other dynamic dispatch, objects passed in at run
+time, data read from files outside a loader, mutable globals changed while running, and
+code without source (a REPL, C extensions).
+
+A step whose `process` reaches nothing beyond itself keeps the plain AST digest of
+`process`, so adding this walk invalidated no cache of such steps.
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import functools
+import importlib.metadata
+import inspect
+import os
+import site
+import sys
+import sysconfig
+import textwrap
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from castore.hashing import canonical_json, code_digest, hash_bytes, hash_json
+
+# Followed items of one step: "kind name" -> digest, e.g. "function helpers.clean".
+Parts = dict[str, str]
+
+_LOAD_GLOBAL = {"LOAD_GLOBAL", "LOAD_NAME"}
+_LOAD_ATTR = {"LOAD_ATTR", "LOAD_METHOD"}
+_MAX_ITEMS = 2000  # a walk that reaches more than this is a sign of following a library
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    paths = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        with_default = sysconfig.get_paths().get(key)
+        if with_default:
+            paths.add(os.path.realpath(with_default))
+    for p in [*site.getsitepackages(), site.getusersitepackages(), sys.base_prefix]:
+        if p:
+            paths.add(os.path.realpath(p))
+    if sys.prefix != sys.base_prefix:
+        paths.add(os.path.realpath(sys.prefix))
+    return tuple(sorted(paths))
+
+
+@functools.cache
+def _is_user_file(path: str) -> bool:
+    real = os.path.realpath(path)
+    return not any(real == r or real.startswith(r + os.sep) for r in _library_roots())
+
+
+def is_user_module(module: types.ModuleType | None) -> bool:
+    """A module of the user's own code: has a source file outside the standard library and
+    site-packages, and is not castore."""
+    if module is None:
+        return False
+    name = module.__name__
+    if name == "castore" or name.startswith("castore."):
+        return False
+    path = getattr(module, "__file__", None)
+    return bool(path) and str(path).endswith(".py") and _is_user_file(str(path))
+
+
+def _module_of(obj: Any) -> types.ModuleType | None:
+    return sys.modules.get(getattr(obj, "__module__", None) or "")
+
+
+def _const_digest(value: Any) -> str | None:
+    """A stable digest of a constant's value, or None for values that are not data."""
+    try:
+        return hash_json(_plain(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """A constant as canonical-JSON-able data that keeps types apart."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return {"float": value.hex()}  # NaN and Inf too, with no collision with None
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_plain(v) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        items = sorted((_plain(v) for v in value), key=lambda v: canonical_json(v))
+        return {"set": items}
+    if isinstance(value, dict):
+        return {"dict": sorted(([_plain(k), _plain(v)] for k, v in value.items()), key=str)}
+    raise TypeError(type(value).__name__)
+
+
+def _source_digest(obj: Any) -> str:
+    """Normalized-AST digest of a class's or module's source."""
+    source = textwrap.dedent(inspect.getsource(obj))
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+    return hash_bytes(ast.dump(tree, include_attributes=False).encode("utf-8"))
+
+
+def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
+    """(global chains, self attributes): `mod.helper.x` as ["mod", "helper", "x"], and the
+    names read as `self.name` (self = the first argument)."""
+    chains: list[list[str]] = []
+    self_attrs: list[str] = []
+    first_arg = func.__code__.co_varnames[0] if func.__code__.co_argcount else None
+    for code in _code_objects(func.__code__):
+        chain: list[str] | None = None
+        on_self = False
+        for ins in dis.get_instructions(code):
+            if ins.opname in _LOAD_GLOBAL:
+                chain = [str(ins.argval)]
+                chains.append(chain)
+                on_self = False
+            elif ins.opname in _LOAD_ATTR and chain is not None:
+                chain.append(str(ins.argval))
+            elif ins.opname in _LOAD_ATTR and on_self:
+                self_attrs.append(str(ins.argval))
+                on_self = False
+            else:
+                chain = None
+                on_self = (
+                    code is func.__code__
+                    and ins.opname == "LOAD_FAST"
+                    and first_arg is not None
+                    and ins.argval == first_arg
+                )
+    return chains, self_attrs
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.found: dict[str, set[str]] = {}
+        self.seen: set[int] = set()
+        self.todo: list[tuple[Any, type | None]] = []
+
+    def add(self, label: str, digest: str | None) -> None:
+        # Labels leave out the module (a script is `__main__` under python and another name
+        # under `cas run`, and must keep its keys); two items with one label are both kept.
+        if digest is not None:
+            self.found.setdefault(label, set()).add(digest)
+
+    @property
+    def parts(self) -> Parts:
+        return {
+            label: next(iter(ds)) if len(ds) == 1 else hash_json(sorted(ds))
+            for label, ds in sorted(self.found.items())
+        }
+
+    def visit(self, obj: Any, owner: type | None = None) -> None:
+        if id(obj) in self.seen or len(self.seen) > _MAX_ITEMS:
+            return
+        self.seen.add(id(obj))
+        self.todo.append((obj, owner))
+
+    def run(self, root: types.FunctionType, owner: type | None) -> None:
+        self.seen.add(id(root))
+        self._function_refs(root, owner)
+        while self.todo:
+            obj, owner = self.todo.pop()
+            if isinstance(obj, types.FunctionType):
+                self.add(f"function {_qualname(obj)}", _function_digest(obj))
+                self._function_refs(obj, owner)
+            elif isinstance(obj, type):
+                self._class(obj)
+
+    def _class(self, cls: type) -> None:
+        try:
+            self.add(f"class {_qualname(cls)}", _source_digest(cls))
+        except (OSError, TypeError):
+            return
+        for value in vars(cls).values():
+            func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if isinstance(func, property):
+                func = func.fget
+            if isinstance(func, types.FunctionType):
+                self.seen.add(id(func))  # its text is in the class digest already
+                self._function_refs(func, cls)
+
+    def _function_refs(self, func: types.FunctionType, owner: type | None) -> None:
+        chains, self_attrs = _references(func)
+        for chain in chains:
+            self._resolve(func.__globals__, chain)
+        for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
+            try:
+                self._value(name, cell.cell_contents, ())
+            except ValueError:  # an empty cell
+                continue
+        if owner is not None and is_user_module(_module_of(owner)):
+            for name in self_attrs:
+                attr = inspect.getattr_static(owner, name, None)
+                if isinstance(attr, (staticmethod, classmethod)):
+                    attr = attr.__func__
+                if isinstance(attr, property):
+                    attr = attr.fget
+                if isinstance(attr, types.FunctionType) and is_user_module(_module_of(attr)):
+                    self.visit(attr, owner)
+
+    def _resolve(self, namespace: dict[str, Any], chain: list[str]) -> None:
+        if chain[0] not in namespace:
+            return  # a builtin, or a global that does not exist (yet)
+        self._value(chain[0], namespace[chain[0]], chain[1:])
+
+    def _value(self, label: str, value: Any, rest: Iterable[str]) -> None:
+        rest = list(rest)
+        if isinstance(value, types.ModuleType):
+            if not is_user_module(value):
+                return
+            if rest and rest[0] in vars(value):
+                self._value(f"{value.__name__}.{rest[0]}", vars(value)[rest[0]], rest[1:])
+            elif id(value) not in self.seen:
+                self.seen.add(id(value))
+                try:
+                    self.add(f"module {value.__name__}", _source_digest(value))
+                except (OSError, TypeError):
+                    pass
+            return
+        if isinstance(value, (types.FunctionType, type)):
+            if is_user_module(_module_of(value)):
+                self.visit(value, value if isinstance(value, type) else None)
+            return
+        if callable(value) or isinstance(value, types.ModuleType):
+            return  # library objects (and instances with __call__) are not followed
+        digest = _const_digest(value)
+        if digest is not None:
+            self.add(f"constant {label}", digest)
+
+
+def _qualname(obj: Any) -> str:
+    return str(getattr(obj, "__qualname__", getattr(obj, "__name__", "?")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _function_digest_cached(code: types.CodeType, func: types.FunctionType) -> str:
+    return code_digest(func)
+
+
+def _function_digest(func: types.FunctionType) -> str | None:
+    try:
+        return _function_digest_cached(func.__code__, func)
+    except (OSError, TypeError):
+        return None
+
+
+def package_versions(packages: Iterable[str]) -> Parts:
+    """'package NAME' -> installed version (or 'not installed')."""
+    out: Parts = {}
+    for name in sorted(set(packages)):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        out[f"package {name}"] = version
+    return out
+
+
+def code_parts(
+    func: Callable[..., Any], owner: type | None = None, packages: Iterable[str] = ()
+) -> tuple[str, Parts]:
+    """(digest of `func` itself, what it reaches in the user's own code)."""
+    func = inspect.unwrap(func)
+    root = code_digest(func)  # raises OSError without source, as before
+    walk = _Walk()
+    if isinstance(func, types.FunctionType) and is_user_module(_module_of(func)):
+        walk.run(func, owner)
+    return root, {**walk.parts, **package_versions(packages)}
+
+
+def code_version(root: str, parts: Parts) -> str:
+    """The code version a fingerprint hashes: the plain digest when nothing is followed
+    (so those steps keep their keys), else a digest over the root and every part."""
+    if not parts:
+        return root
+    return hash_json({"process": root, "reaches": dict(sorted(parts.items()))})
