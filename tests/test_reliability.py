@@ -706,3 +706,62 @@ def test_float_nan_constant_and_none_constant_differ():
     assert _const_digest((1, 2)) != _const_digest([1, 2])
     assert _const_digest(1) != _const_digest(1.0)
     assert math.isnan(float("nan"))
+
+
+# -- 7. process-pool workers die with their driver --------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_kill_9_of_a_process_pool_driver_leaves_no_worker_and_no_lock(tmp_path):
+    from tests.conftest import REPO, run_cas, start_cas
+    from tests.scenario import _actions
+
+    cache = tmp_path / "c"
+    env = {"CASTORE_TEST_ROWS": "2000"}
+    proc = start_cas(
+        "run",
+        str(REPO / "tests/pipelines/cpu.py"),
+        "--executor",
+        "processes",
+        cache_dir=cache,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while _actions(cache) < 8 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    workers = _children(proc.pid)
+    assert workers, "no pool worker was started"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, workers)), "a pool worker outlived its driver"
+    ls = run_cas("ls", "--json", cache_dir=cache).json()
+    assert ls[0]["status"] != "running", ls
+    r = run_cas("resume", "cpu", "--json", cache_dir=cache, env=env)
+    assert r.returncode == 0, r
+    assert r.json()["status"] == "finished"

@@ -216,9 +216,7 @@ class Pipeline:
                 # What `cas explain` names when the code version changes: `process` itself
                 # and each helper, class, constant or package it reaches.
                 root, parts = step.code_parts()
-                entry["code_parts"] = {"process": root[:16]} | {
-                    k: v[:16] for k, v in parts.items()
-                }
+                entry["code_parts"] = {"process": root[:16]} | {k: v[:16] for k, v in parts.items()}
             source = getattr(module, "__castore_source__", None)
             if source:
                 entry["file"] = source

@@ -287,8 +287,7 @@ class Runner:
         if status == "finished" and self.stop.is_set() and not self._told_late:
             self._told_late = True
             log.warning(
-                "interrupt received after the last batch was done: ignored, the run is "
-                "complete"
+                "interrupt received after the last batch was done: ignored, the run is complete"
             )
 
     # -- setup ---------------------------------------------------------------------------
@@ -518,8 +517,13 @@ class Runner:
         if entry is None:
             return None
         if all(self.store.reuse(o) for o in entry.outputs):
-            return entry
-        log.warning("an output of cached batch %s failed verification; recomputing it", key[:12])
+            if self.store.rows_match(entry.outputs, entry.rows):
+                return entry
+            log.warning(
+                "cached batch %s: its entry's row counts are wrong; recomputing it", key[:12]
+            )
+        else:
+            log.warning("cached batch %s: an output failed verification; recomputing it", key[:12])
         self.store.delete_action(key)
         return None
 
@@ -1045,7 +1049,7 @@ class _RunLogFile(logging.FileHandler):
     printing logging's traceback for every later line: the console still has them, and the
     run's error says what happened to the store."""
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+    def handleError(self, record: logging.LogRecord) -> None:
         self.close()
         self.setLevel(logging.CRITICAL + 1)
 

@@ -586,6 +586,21 @@ class Store:
             return False
         return self.freshen(oid)
 
+    def rows_match(self, oids: list[str], rows: list[int]) -> bool:
+        """An entry's row counts against its (verified) Parquet objects' footers: a damaged
+        count would shift every downstream slice."""
+        import pyarrow.parquet as pq
+
+        if len(oids) != len(rows):
+            return False
+        for oid, n in zip(oids, rows, strict=True):
+            try:
+                if pq.read_metadata(self.layout.object_path(oid)).num_rows != n:
+                    return False
+            except (OSError, ValueError):
+                return False
+        return True
+
     def freshen(self, oid: str) -> bool:
         """Touch an object that is being reused, so gc's grace period protects it like a
         new one (git's "freshen"); False when it is gone."""
