@@ -31,7 +31,7 @@ def load_config(store: Store) -> StoreConfig:
             data = load_yaml(f.read(), str(path)) or {}
         return StoreConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{path} is not a valid castore config: {one_line(e)}") from None
+        raise ConfigError(f"{path} is not a valid castore config: {one_line(e)}") from e
 
 
 def save_config(store: Store, config: StoreConfig) -> None:

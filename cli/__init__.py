@@ -144,6 +144,28 @@ def _store_oserror(e: OSError) -> CastoreError | None:
     return translate_oserror(e, e.filename or "the store", root)
 
 
+def _failed(e: CastoreError) -> int:
+    if _state["debug"]:
+        # The whole story: the traceback and what the one line summarized (pydantic's full
+        # validation report is the chained cause).
+        import traceback
+
+        traceback.print_exception(e)
+    err(f"Error: {e}")
+    return e.exit_code
+
+
+def _unexpected(e: Exception) -> int:
+    """A full disk or an unwritable folder keeps its documented code; anything else is 70."""
+    mapped = _store_oserror(e) if isinstance(e, OSError) else None
+    if mapped is not None:
+        return _failed(mapped)
+    if _state["debug"]:
+        raise e
+    err(f"Error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)")
+    return 70
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cas`: runs the group and maps exceptions to exit codes."""
     try:
@@ -152,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         err(str(e))  # not an error: the user asked, and `cas resume` continues
         code = e.exit_code
     except CastoreError as e:
-        err(f"Error: {e}")
-        code = e.exit_code
+        code = _failed(e)
     except click.exceptions.Abort:
         err("Aborted.")
         code = 1
@@ -168,19 +189,6 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 141
-    except OSError as e:
-        if _state["debug"]:
-            raise
-        mapped = _store_oserror(e)
-        if mapped is None:
-            err(f"Error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)")
-            code = 70
-        else:
-            err(f"Error: {mapped}")
-            code = mapped.exit_code
     except Exception as e:
-        if _state["debug"]:
-            raise
-        err(f"Error: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)")
-        code = 70
+        code = _unexpected(e)
     sys.exit(code if isinstance(code, int) else 0)

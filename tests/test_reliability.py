@@ -765,3 +765,12 @@ def test_kill_9_of_a_process_pool_driver_leaves_no_worker_and_no_lock(tmp_path):
     r = run_cas("resume", "cpu", "--json", cache_dir=cache, env=env)
     assert r.returncode == 0, r
     assert r.json()["status"] == "finished"
+
+
+def test_debug_shows_what_the_one_line_summarized(tmp_path):
+    yaml_file = tmp_path / "p.yaml"
+    yaml_file.write_text(build().to_yaml())
+    r = cas_inproc("--debug", "run", str(yaml_file), "--param", "upper.input_batch_size=zero")
+    assert r.returncode == 2
+    assert "ValidationError" in r.stderr and "Traceback" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: --param upper.input_batch_size")

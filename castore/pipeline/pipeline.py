@@ -281,7 +281,7 @@ class Pipeline:
                 try:
                     step_cls(**params)
                 except ValidationError as e:
-                    raise ConfigError(f"step {s.get('name')}: {one_line(e)}") from None
+                    raise ConfigError(f"step {s.get('name')}: {one_line(e)}") from e
                 except ValueError as e:
                     raise ConfigError(f"step {s.get('name')}: invalid params: {e}") from None
         for c in conns:
@@ -315,7 +315,7 @@ class Pipeline:
                 try:
                     setattr(step, fname, value)
                 except ValidationError as e:
-                    raise ConfigError(f"--param {sname}.{fname}: {one_line(e)}") from None
+                    raise ConfigError(f"--param {sname}.{fname}: {one_line(e)}") from e
                 except ValueError as e:
                     raise ConfigError(f"--param {sname}.{fname}: {e}") from None
 
