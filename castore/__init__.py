@@ -15,6 +15,7 @@ from castore.pipeline import (
     runtime_field,
     step,
 )
+from castore.pipeline.record import RunSummary
 from castore.store import Store
 
 
@@ -36,6 +37,7 @@ __all__ = [
     "GeneratorStep",
     "GlobalStep",
     "Pipeline",
+    "RunSummary",
     "Step",
     "StepInput",
     "StepOutput",

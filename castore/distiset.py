@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
-from castore.hashing import hash_json
+from castore.hashing import leaf_arrow_key
 from castore.pipeline.step import METADATA_COLUMN
 from castore.store.exports import Placer, is_link_to
 from castore.store.manifests import RunManifest, StepManifest, load_model
@@ -280,7 +280,7 @@ def leaf_arrow(store: Store, step: StepManifest, link_dir: Path) -> Path | None:
     oids = [oid for b in step.batches for oid in b.outputs]
     if not oids:
         return None
-    key = hash_json({"leaf_arrow": oids})
+    key = leaf_arrow_key(oids)
     entry = store.get_action(key)
     if entry is not None and not all(store.reuse(o) for o in entry.outputs):
         entry = None  # the Arrow object failed verification (quarantined): build it again

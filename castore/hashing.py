@@ -15,7 +15,7 @@ import os
 import re
 import textwrap
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import blake3
@@ -133,6 +133,31 @@ def hash_file(path: str | os.PathLike[str]) -> str:
 
 def hash_json(value: Any) -> str:
     return blake3.blake3(canonical_json(value)).hexdigest()
+
+
+# -- key recipes: every action key castore computes is one of these ----------------------
+
+
+def action_key(fingerprint: str, slices: Sequence[Sequence[Sequence[Any]]]) -> str:
+    """A normal or global step's batch: its fingerprint and, per predecessor, the
+    (object id, offset, length) slices it reads."""
+    desc = [[list(s) for s in pred] for pred in slices]
+    return hash_json({"fp": fingerprint, "in": desc})
+
+
+def generator_key(fingerprint: str, index: int) -> str:
+    """Batch `index` of a generator step."""
+    return hash_json({"fp": fingerprint, "batch": index})
+
+
+def generator_end_key(fingerprint: str) -> str:
+    """The entry saying how many batches a generator made (its info["batches"])."""
+    return hash_json({"fp": fingerprint, "generator_end": True})
+
+
+def leaf_arrow_key(oids: Sequence[str]) -> str:
+    """The memory-mappable Arrow object of a leaf made of these batch objects."""
+    return hash_json({"leaf_arrow": list(oids)})
 
 
 SIGNING_CONTEXT = "castore 2026 remote action entry signing v1"

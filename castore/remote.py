@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from castore.errors import CastoreError, ConfigError, CorruptObject
-from castore.hashing import hash_bytes, hash_json, sign_entry, signing_key, validate_id
+from castore.hashing import (
+    generator_end_key,
+    hash_bytes,
+    sign_entry,
+    signing_key,
+    validate_id,
+)
 from castore.store import Store
 from castore.store import layout as L
 from castore.store.manifests import RunManifest, StepManifest, manifest_closure
@@ -332,7 +338,7 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
         for ref in run.steps:
             steps.append(ref.manifest)
             step = load_model(store, ref.manifest, StepManifest)
-            c.keys.add(hash_json({"fp": step.fingerprint, "generator_end": True}))
+            c.keys.add(generator_end_key(step.fingerprint))
             for b in step.batches:
                 c.batches.update(b.outputs)
                 if not b.failed:
@@ -560,7 +566,7 @@ def pull(
             result.bytes += fetch_object(store, remote, oid)
         remote_keys = remote.list_actions()
         keys = [b.key for _, step in steps for b in step.batches if not b.failed]
-        keys += [hash_json({"fp": step.fingerprint, "generator_end": True}) for _, step in steps]
+        keys += [generator_end_key(step.fingerprint) for _, step in steps]
         wanted_keys = [
             k for k in dict.fromkeys(keys) if k in remote_keys and store.get_action(k) is None
         ]

@@ -28,29 +28,9 @@ def parse_params(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 
 def summary(app: App, run_oid: str) -> dict[str, Any]:
-    from castore.store.manifests import load_model
+    from castore.pipeline.record import RunSummary
 
-    store = app.store()
-    run = load_model(store, run_oid, RunManifest)
-    seconds = ((run.ended or run.updated) - run.started).total_seconds()
-    return {
-        "run_id": run_oid,
-        "name": run.name,
-        "signature": run.signature,
-        "status": run.status,
-        "rows": {leaf: run.stats[leaf].rows for leaf in run.leaves},
-        "steps": {
-            n: {
-                "batches_cached": s.batches_cached,
-                "batches_computed": s.batches_computed,
-                "batches_failed": s.batches_failed,
-                "rows": s.rows,
-            }
-            for n, s in run.stats.items()
-        },
-        "seconds": round(seconds, 3),
-        "data_dir": str(store.layout.run_dir(run.name, run.signature)) + os.sep + "data",
-    }
+    return RunSummary.load(app.store(), run_oid).model_dump()
 
 
 def execute(
@@ -80,7 +60,7 @@ def execute(
     except Exception as e:
         raise ConfigError(f"cannot load {target.path}: {type(e).__name__}: {e}") from None
     try:
-        ds = pipeline.run(
+        run_oid = pipeline.execute(
             params,
             use_cache=use_cache,
             cache_dir=app.store().root,
@@ -97,7 +77,7 @@ def execute(
         if as_json and e.run_oid:
             echo_json(summary(app, e.run_oid))
         raise
-    doc = summary(app, ds.run_oid)
+    doc = summary(app, run_oid)
     if as_json:
         echo_json(doc)
         return

@@ -56,6 +56,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 
     RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
     """
+    from castore.pipeline.record import Saved
     from castore.runs import resolve_run
     from castore.store.manifests import StepManifest, load_model
 
@@ -119,9 +120,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
                 else ""
             )
         )
-    from castore.pipeline.runner import saved_line
-
-    click.echo(saved_line(saved["batches"], saved["rows"], saved["tokens"], saved["seconds"]))
+    click.echo(Saved(**saved).line())
 
 
 @click.command("log")

@@ -1,8 +1,9 @@
-"""Where batches run: daemon threads (default) or a process pool.
+"""Where batches run, behind one protocol: `submit(task)`, and a typed event on the
+completion queue when it is done. Threads (default), a process pool, Ray tasks writing
+into the store, or Ray tasks writing to a remote the driver reads through.
 
 Threads are daemons on purpose: a non-daemon pool (concurrent.futures) is joined at
-interpreter exit, which is how a second Ctrl+C ends up hanging on a stuck LLM call. Every
-task reports to one completion queue that the driver waits on.
+interpreter exit, which is how a second Ctrl+C ends up hanging on a stuck LLM call.
 """
 
 from __future__ import annotations
@@ -11,15 +12,81 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-Done = tuple[Any, Any, BaseException | None]  # (tag, result, error)
+from castore.pipeline.batch import (
+    BatchResult,
+    TableCache,
+    execute_batch,
+    execute_in_process,
+    read_input,
+)
+from castore.pipeline.plan import PlannedBatch
+
+if TYPE_CHECKING:
+    from castore.pipeline.step import _Step
+    from castore.store import Store
+
+
+@dataclass(frozen=True)
+class Task:
+    """A batch to compute; `ticket` comes back in its event (the scheduler's own record)."""
+
+    batch: PlannedBatch
+    step: _Step
+    ticket: Any
+
+
+# -- events on the completion queue ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    task: Task
+    result: BatchResult
+
+
+@dataclass(frozen=True)
+class BatchFailed:
+    task: Task
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class GeneratorBatch:
+    step: str
+    index: int
+    key: str
+    result: BatchResult
+
+
+@dataclass(frozen=True)
+class GeneratorEnd:
+    step: str
+    batches: int | None  # None when it failed
+    error: BaseException | None = None
+
+
+Event = BatchDone | BatchFailed | GeneratorBatch | GeneratorEnd
+Events = queue.Queue[Event]
+
+
+class Executor(Protocol):
+    def submit(self, task: Task) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# -- threads -----------------------------------------------------------------------------
 
 
 class ThreadWorkers:
-    def __init__(self, n: int, done: queue.Queue[Done]) -> None:
-        self._tasks: queue.Queue[tuple[Any, Callable[[], Any]] | None] = queue.Queue()
-        self._done = done
+    """Daemon threads running callables; the generic pool under ThreadExecutor and the
+    generator threads."""
+
+    def __init__(self, n: int) -> None:
+        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._loop, name=f"castore-worker-{i}", daemon=True)
             for i in range(n)
@@ -28,25 +95,45 @@ class ThreadWorkers:
             t.start()
 
     def _loop(self) -> None:
-        while (item := self._tasks.get()) is not None:
-            tag, fn = item
-            try:
-                self._done.put((tag, fn(), None))
-            except BaseException as e:  # the driver decides: retry, skip or fail
-                self._done.put((tag, None, e))
+        while (fn := self._tasks.get()) is not None:
+            fn()
 
-    def submit(self, tag: Any, fn: Callable[[], Any]) -> None:
-        self._tasks.put((tag, fn))
+    def run(self, fn: Callable[[], None]) -> None:
+        self._tasks.put(fn)
 
     def shutdown(self) -> None:
         for _ in self._threads:
             self._tasks.put(None)
 
 
-class ProcessWorkers:
-    """A process pool for CPU-bound steps; results land on the same completion queue."""
+class ThreadExecutor:
+    def __init__(self, store: Store, cache: TableCache, events: Events, n: int) -> None:
+        self._store, self._cache, self._events = store, cache, events
+        self._pool = ThreadWorkers(n)
 
-    def __init__(self, n: int, done: queue.Queue[Done]) -> None:
+    def submit(self, task: Task) -> None:
+        def work() -> None:
+            b = task.batch
+            try:
+                res = execute_batch(self._store, task.step, b.key, b.slice_lists(), self._cache)
+            except BaseException as e:  # the scheduler decides: retry, skip or fail
+                self._events.put(BatchFailed(task, e))
+                return
+            self._events.put(BatchDone(task, res))
+
+        self._pool.run(work)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown()
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+class ProcessExecutor:
+    """A process pool for CPU-bound steps; workers live and die with the driver."""
+
+    def __init__(self, store: Store, events: Events, n: int) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -59,14 +146,16 @@ class ProcessWorkers:
             initializer=_worker_init,
             initargs=(os.getpid(),),
         )
-        self._done = done
+        self._root = str(store.root)
+        self._events = events
 
-    def submit(self, tag: Any, fn: Callable[..., Any], *args: Any) -> None:
-        fut = self._pool.submit(fn, *args)
+    def submit(self, task: Task) -> None:
+        b = task.batch
+        fut = self._pool.submit(execute_in_process, self._root, task.step, b.key, b.slice_lists())
 
         def report(f: Any) -> None:
             err = f.exception()
-            self._done.put((tag, None if err else f.result(), err))
+            self._events.put(BatchFailed(task, err) if err else BatchDone(task, f.result()))
 
         fut.add_done_callback(report)
 
@@ -96,7 +185,7 @@ def _set_parent_death_signal(sig: int) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+        return bool(libc.prctl(1, int(sig), 0, 0, 0) == 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return False
 
@@ -109,16 +198,27 @@ def _watch_parent(driver_pid: int) -> None:
     os._exit(1)
 
 
-class RayWorkers:
+# -- Ray ---------------------------------------------------------------------------------
+
+
+class RayExecutor:
     """Batches as Ray tasks, on a local Ray instance or the cluster at `address`.
 
-    Workers compute a batch and write its output object into the store (a filesystem all
-    nodes see); the driver writes the action entry when the result arrives, so the
+    Workers compute a batch and write its output object: into the store (a filesystem
+    all nodes see), or with `remote` to that remote, which the driver then reads through
+    (verified). The driver alone writes action entries when results arrive, so the
     crash-safety order (object, then entry, then manifests) holds. A thread waits on the
     task refs and reports to the same completion queue as the other executors."""
 
     def __init__(
-        self, done: queue.Queue[Done], *, address: str | None, num_cpus: int | None = None
+        self,
+        store: Store,
+        events: Events,
+        *,
+        address: str | None,
+        remote: Any = None,
+        cache: TableCache | None = None,
+        num_cpus: int | None = None,
     ) -> None:
         import ray
 
@@ -134,10 +234,10 @@ class RayWorkers:
             )
         from castore.pipeline.batch import execute_for_ray, execute_for_ray_remote
 
-        self._fn = ray.remote(execute_for_ray)
-        self._fn_remote = ray.remote(execute_for_ray_remote)
-        self._done = done
-        self._pending: dict[Any, Any] = {}
+        self._fn = ray.remote(execute_for_ray_remote if remote is not None else execute_for_ray)
+        self._store, self._remote, self._cache = store, remote, cache or TableCache()
+        self._events = events
+        self._pending: dict[Any, Task] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._waiter = threading.Thread(
@@ -145,24 +245,19 @@ class RayWorkers:
         )
         self._waiter.start()
 
-    def submit(
-        self,
-        tag: Any,
-        *args: Any,
-        resources: dict[str, float] | None = None,
-        via_remote: bool = False,
-    ) -> None:
-        """`via_remote`: args are (remote url, step, input table) for nodes that do not
-        see the store; else (store root, step, key, slices)."""
-        opts: dict[str, Any] = {}
-        for key in ("num_cpus", "num_gpus"):
-            if resources and key in resources:
-                opts[key] = resources[key]
-        base = self._fn_remote if via_remote else self._fn
-        fn = base.options(**opts) if opts else base
-        ref = fn.remote(*args)
+    def submit(self, task: Task) -> None:
+        resources = task.step.resources or {}
+        opts = {k: resources[k] for k in ("num_cpus", "num_gpus") if k in resources}
+        fn = self._fn.options(**opts) if opts else self._fn
+        b = task.batch
+        if self._remote is not None:
+            # Nodes without the store get their input rows with the task.
+            table = read_input(self._store, b.slice_lists(), self._cache)
+            ref = fn.remote(self._remote.url, task.step, table)
+        else:
+            ref = fn.remote(str(self._store.root), task.step, b.key, b.slice_lists())
         with self._lock:
-            self._pending[ref] = tag
+            self._pending[ref] = task
 
     def _wait_loop(self) -> None:
         while not self._stop.is_set():
@@ -174,13 +269,57 @@ class RayWorkers:
             ready, _ = self._ray.wait(refs, num_returns=1, timeout=0.2)
             for ref in ready:
                 with self._lock:
-                    tag = self._pending.pop(ref)
+                    task = self._pending.pop(ref)
                 try:
-                    self._done.put((tag, self._ray.get(ref), None))
-                except Exception as e:  # a task error: the driver retries, skips or fails
-                    self._done.put((tag, None, e))
+                    res = self._ray.get(ref)
+                    if self._remote is not None:
+                        self._read_through(res)
+                except Exception as e:  # a task error: the scheduler retries, skips or fails
+                    self._events.put(BatchFailed(task, e))
+                    continue
+                self._events.put(BatchDone(task, res))
+
+    def _read_through(self, res: BatchResult) -> None:
+        from castore.remote import fetch_object
+
+        for oid in res.outputs:
+            if not self._store.has(oid):
+                fetch_object(self._store, self._remote, oid)  # verified on the way in
 
     def shutdown(self) -> None:
         self._stop.set()
         if self._owned:
             self._ray.shutdown()
+
+
+def pickle_steps_by_value(pipeline: Any) -> None:
+    """Ray workers do not import the user's pipeline file: ship its step classes by
+    value (cloudpickle), as Ray does for __main__."""
+    import contextlib
+    import sys
+
+    from ray import cloudpickle  # Ray ships its own copy
+
+    for step in pipeline.steps.values():
+        module = sys.modules.get(type(step).__module__)
+        if module is not None and not module.__name__.startswith("castore."):
+            with contextlib.suppress(ValueError):
+                cloudpickle.register_pickle_by_value(module)
+
+
+def make_executor(
+    kind: str,
+    store: Store,
+    events: Events,
+    *,
+    threads: int,
+    cache: TableCache,
+    ray_address: str | None = None,
+    ray_remote: Any = None,
+) -> Executor:
+    """The executor named by `kind` ('threads', 'processes' or 'ray')."""
+    if kind == "processes":
+        return ProcessExecutor(store, events, os.cpu_count() or 2)
+    if kind == "ray":
+        return RayExecutor(store, events, address=ray_address, remote=ray_remote, cache=cache)
+    return ThreadExecutor(store, cache, events, threads)

@@ -345,6 +345,68 @@ class Pipeline:
         Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
         StepFailed when a batch fails with on_error='fail'.
         """
+        _, ds = self._runner(
+            parameters,
+            use_cache,
+            cache_dir,
+            executor,
+            quiet,
+            target,
+            stop_grace,
+            remote,
+            push,
+            ray_address,
+            ray_storage,
+        ).run(distiset=True)
+        assert ds is not None
+        return ds
+
+    def execute(
+        self,
+        parameters: dict[str, dict[str, Any]] | None = None,
+        *,
+        use_cache: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        executor: str = "threads",
+        quiet: bool = False,
+        target: Target | None = None,
+        stop_grace: float = 30.0,
+        remote: str | None = None,
+        push: bool = False,
+        ray_address: str | None = None,
+        ray_storage: str = "store",
+    ) -> str:
+        """`run` without building a Distiset (nor importing `datasets`): returns the id
+        of the run manifest (`castore.RunSummary.load(store, id)` summarizes it)."""
+        oid, _ = self._runner(
+            parameters,
+            use_cache,
+            cache_dir,
+            executor,
+            quiet,
+            target,
+            stop_grace,
+            remote,
+            push,
+            ray_address,
+            ray_storage,
+        ).run(distiset=False)
+        return oid
+
+    def _runner(  # noqa: PLR0917 - the options of run() and execute(), in their order
+        self,
+        parameters: dict[str, dict[str, Any]] | None,
+        use_cache: bool,
+        cache_dir: str | os.PathLike[str] | None,
+        executor: str,
+        quiet: bool,
+        target: Target | None,
+        stop_grace: float,
+        remote: str | None,
+        push: bool,
+        ray_address: str | None,
+        ray_storage: str,
+    ) -> Any:
         from castore.pipeline.runner import Runner
         from castore.store import Store
 
@@ -357,7 +419,7 @@ class Pipeline:
             from castore.remote import Remote
 
             remote_obj = Remote(remote_url(store, remote))
-        runner = Runner(
+        return Runner(
             self,
             store,
             parameters=redact_parameters(self, parameters or {}),
@@ -371,7 +433,6 @@ class Pipeline:
             ray_address=ray_address,
             ray_storage=ray_storage,
         )
-        return runner.run()
 
 
 REDACTED = "**********"

@@ -25,6 +25,12 @@ TMP = "tmp"
 QUARANTINE = "quarantine"
 LOCKS = "locks"
 CONFIG = "config.yaml"
+LEASES = "leases"
+RUN_LOCKS = "runs"
+# What a run folder holds: the run's pipeline.yaml and log, its leaf batches (data/, with
+# the stamp file data/.castore-batches.json) and the Distiset's memory-mapped leaves.
+RUN_FILES = ("pipeline.yaml", "pipeline.log", "data", ".arrow")
+DATA_STAMP = ".castore-batches.json"
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
@@ -82,6 +88,12 @@ class Layout:
         validate_id(sig)
         return self.join(self.root, RUNS, validate_name(name), sig)
 
+    def run_file(self, name: str, sig: str, what: str) -> str:
+        """A path in a run folder: one of RUN_FILES."""
+        if what not in RUN_FILES:
+            raise ValueError(f"not a run folder entry: {what!r}")
+        return self.join(self.run_dir(name, sig), what)
+
     def dir(self, kind: str) -> str:
         return self.join(self.root, kind)
 
@@ -90,10 +102,14 @@ class Layout:
 
     def lease_path(self, key: str) -> str:
         validate_id(key)
-        return self.join(self.root, LOCKS, "leases", key)
+        return self.join(self.root, LOCKS, LEASES, key)
 
     def run_lock_path(self, run_id: str) -> str:
-        return self.join(self.root, LOCKS, "runs", validate_name(run_id, "run id"))
+        return self.join(self.root, LOCKS, RUN_LOCKS, validate_name(run_id, "run id"))
+
+    def dirs(self) -> list[str]:
+        """Every top-level folder of a store, in the order they are created."""
+        return [self.dir(k) for k in (OBJECTS, ACTIONS, REFS, RUNS, TMP, QUARANTINE, LOCKS)]
 
     @property
     def layout_file(self) -> str:

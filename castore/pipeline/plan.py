@@ -1,0 +1,180 @@
+"""Batch planning, pure: no store, no disk, no threads (DESIGN.md "Running" 2).
+
+Batch k of a step is rows [k*B, (k+1)*B) of the concatenation of its predecessors'
+outputs in batch order, whatever order work finished in. A batch is planned as soon as
+the contiguous prefix of its predecessors' done batches covers it, so downstream work
+starts early while memory holds only in-flight batches. Every planned batch carries its
+action key (castore.hashing.action_key), so the same input content gives the same key in
+any pipeline and on any machine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from castore.errors import PipelineError
+from castore.hashing import action_key
+from castore.store.manifests import BatchRecord
+
+Slice = tuple[str, int, int]  # (object id, offset, length)
+Kind = Literal["normal", "global", "generator"]
+
+
+class Stream:
+    """The rows a step has produced, as (object, rows) segments of its done prefix."""
+
+    def __init__(self) -> None:
+        self.segs: list[tuple[str, int]] = []
+        self.starts: list[int] = []  # first row of each segment
+        self.rows = 0
+
+    def append(self, oid: str, n: int) -> None:
+        self.starts.append(self.rows)
+        self.segs.append((oid, n))
+        self.rows += n
+
+    def take(self, start: int, end: int) -> list[Slice]:
+        """Slices covering rows [start, end)."""
+        out: list[Slice] = []
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while start < end and i < len(self.segs):
+            oid, n = self.segs[i]
+            off = start - self.starts[i]
+            if 0 <= off < n:
+                length = min(n - off, end - start)
+                out.append((oid, off, length))
+                start += length
+            i += 1
+        return out
+
+
+def route_choice(key: str, n: int, targets: list[str]) -> list[str]:
+    """The successors a batch goes to: seeded from its action key, so deterministic."""
+    rng = random.Random(int(key[:16], 16))
+    return rng.sample(sorted(targets), min(n, len(targets)))
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch to look up or compute: which rows of which objects it reads, and its key."""
+
+    step: str
+    index: int
+    key: str
+    slices: tuple[tuple[Slice, ...], ...]
+
+    def slice_lists(self) -> list[list[Slice]]:
+        return [list(pred) for pred in self.slices]
+
+
+@dataclass
+class StepPlan:
+    """What planning knows of one step: its done batches and the streams they form."""
+
+    name: str
+    fp: str
+    kind: Kind
+    batch_size: int  # input rows per batch (normal steps)
+    preds: list[str]
+    route: tuple[int, list[str]] | None = None  # (n, targets) when its batches are routed
+    done: dict[int, BatchRecord] = field(default_factory=dict)
+    planned: int = 0
+    total: int | None = None  # batches, once known
+    prefix: int = 0  # contiguous done batches from 0
+    rows_done: int = 0
+    out: Stream = field(default_factory=Stream)
+    routed: dict[str, Stream] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.prefix >= self.total
+
+    def stream_for(self, successor: str) -> Stream:
+        if self.route is None:
+            return self.out
+        return self.routed.setdefault(successor, Stream())
+
+    def add(self, index: int, record: BatchRecord) -> None:
+        """Batch `index` is done; the done prefix (and so the streams) may grow."""
+        self.done[index] = record
+        self.rows_done += sum(record.rows)
+        while self.prefix in self.done:
+            rec = self.done[self.prefix]
+            chosen = route_choice(rec.key, *self.route) if self.route else []
+            for oid, n in zip(rec.outputs, rec.rows, strict=True):
+                self.out.append(oid, n)
+                for target in chosen:
+                    self.stream_for(target).append(oid, n)
+            self.prefix += 1
+
+    def records(self) -> list[BatchRecord]:
+        """Done batches in plan order."""
+        return [self.done[k] for k in sorted(self.done)]
+
+
+class Planner:
+    """Plans every step of a pipeline from the done batches of its predecessors."""
+
+    def __init__(self, plans: dict[str, StepPlan], order: list[str]) -> None:
+        self.plans = plans
+        self.order = order
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.plans.values())
+
+    def next_batches(self) -> list[PlannedBatch]:
+        """Every batch whose input the done prefixes now cover, in step order. Call again
+        after recording hits: each can make more batches plannable."""
+        out: list[PlannedBatch] = []
+        for name in self.order:
+            st = self.plans[name]
+            if st.kind == "generator" or st.total is not None:
+                continue
+            out.extend(self._plan_step(st))
+        return out
+
+    def _plan_step(self, st: StepPlan) -> list[PlannedBatch]:
+        preds = [self.plans[p] for p in st.preds]
+        streams = [p.stream_for(st.name) for p in preds]
+        ready = all(p.complete for p in preds)
+        out: list[PlannedBatch] = []
+        if st.kind == "global":
+            if ready:
+                total = aligned_total(st.name, preds, streams)
+                out.append(_planned(st, 0, [s.take(0, total) for s in streams]))
+                st.total = 1
+            return out
+        b = st.batch_size
+        while True:
+            start = st.planned * b
+            if ready:
+                total = aligned_total(st.name, preds, streams)
+                if start >= total:
+                    st.total = st.planned
+                    return out
+                end = min(start + b, total)
+            elif min(s.rows for s in streams) >= start + b:
+                end = start + b
+            else:
+                return out
+            out.append(_planned(st, st.planned, [s.take(start, end) for s in streams]))
+
+
+def aligned_total(name: str, preds: list[StepPlan], streams: list[Stream]) -> int:
+    """Rows every predecessor produced; they must agree (rows are aligned one to one)."""
+    totals = {p.name: s.rows for p, s in zip(preds, streams, strict=True)}
+    if len(set(totals.values())) > 1:
+        shown = ", ".join(f"{k} ({v} rows)" for k, v in totals.items())
+        raise PipelineError(
+            f"step {name}: its predecessors differ in length: {shown}; rows are aligned one to one"
+        )
+    return next(iter(totals.values()))
+
+
+def _planned(st: StepPlan, index: int, slices: list[list[Slice]]) -> PlannedBatch:
+    st.planned = index + 1
+    return PlannedBatch(st.name, index, action_key(st.fp, slices), tuple(map(tuple, slices)))

@@ -1,0 +1,290 @@
+"""What a run records: batch records, typed per-step tallies, step and run manifests and
+the ref. `Recorder` is the only code that writes manifests and moves the ref during a run
+(write order, MUST: objects and entries first, then step manifests, then the run
+manifest, then the ref). `RunSummary` is the one summary of a run, printed by the run
+log, `cas run` and `cas show`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from castore.pipeline.plan import StepPlan
+from castore.store.manifests import (
+    BatchRecord,
+    RunManifest,
+    RunStatus,
+    StepManifest,
+    StepRef,
+    StepStats,
+    Target,
+)
+
+if TYPE_CHECKING:
+    from castore.pipeline.batch import BatchResult
+    from castore.pipeline.step import _Step
+    from castore.store import Store
+
+
+@dataclass
+class StepTally:
+    """Counts of one step in one run."""
+
+    cached: int = 0
+    computed: int = 0
+    failed: int = 0
+    rows_cached: int = 0
+    rows_computed: int = 0
+    seconds: float = 0.0  # compute spent in this run
+    seconds_saved: float = 0.0
+    tokens_spent: int = 0
+    tokens_saved: int = 0
+
+    def add(self, rows: int, *, cached: bool, failed: bool, seconds: float, tokens: int) -> None:
+        if cached:
+            self.cached += 1
+            self.rows_cached += rows
+            self.seconds_saved += seconds
+            self.tokens_saved += tokens
+        else:
+            if failed:
+                self.failed += 1
+            else:
+                self.computed += 1
+            self.rows_computed += rows
+            self.seconds += seconds
+            self.tokens_spent += tokens
+
+    def stats(self, plan: StepPlan) -> StepStats:
+        return StepStats(
+            batches_total=plan.total,
+            batches_cached=self.cached,
+            batches_computed=self.computed,
+            batches_failed=self.failed,
+            rows=plan.rows_done,
+            rows_cached=self.rows_cached,
+            rows_computed=self.rows_computed,
+            compute_seconds=round(self.seconds, 6),
+            seconds_saved=round(self.seconds_saved, 6),
+            tokens_spent=self.tokens_spent,
+            tokens_saved=self.tokens_saved,
+        )
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The facts of a run that do not change while it runs."""
+
+    name: str
+    signature: str
+    run_id: str
+    started: datetime
+    edges: list[tuple[str, str]]
+    leaves: list[str]
+    parameters: dict[str, dict[str, Any]]
+    target: Target
+    use_cache: bool
+    previous: str | None
+
+
+class Recorder:
+    def __init__(
+        self,
+        store: Store,
+        info: RunInfo,
+        plans: dict[str, StepPlan],
+        steps: dict[str, _Step],
+        signatures: dict[str, dict[str, str]],
+    ) -> None:
+        self.store = store
+        self.info = info
+        self.plans = plans
+        self.steps = steps
+        self.signatures = signatures
+        self.tallies = {name: StepTally() for name in plans}
+        self.columns: dict[str, list[tuple[str, str]]] = {name: [] for name in plans}
+        self.pipeline_yaml: str | None = None
+        self.error: str | None = None
+
+    def record(
+        self,
+        step: str,
+        index: int,
+        key: str,
+        outputs: list[str],
+        rows: list[int],
+        *,
+        cached: bool,
+        result: BatchResult | None = None,
+        cost: tuple[float, int] = (0.0, 0),
+    ) -> None:
+        """A batch is done: `result` when computed now; for a hit, `cost` is (seconds,
+        tokens) that computing it took once, i.e. what the cache saved."""
+        failed = result is not None and result.skipped_error is not None
+        seconds, tokens = (result.seconds, result.tokens) if result else cost
+        self.plans[step].add(
+            index,
+            BatchRecord(
+                key=key,
+                outputs=outputs,
+                rows=rows,
+                cached=cached,
+                seconds=round(seconds, 6),
+                tokens=tokens,
+                failed=failed,
+            ),
+        )
+        self.tallies[step].add(
+            sum(rows), cached=cached, failed=failed, seconds=seconds, tokens=tokens
+        )
+        if not self.columns[step] and outputs:
+            self.columns[step] = result.columns if result is not None else self._columns(outputs)
+
+    def set_columns(self, step: str, columns: list[tuple[str, str]]) -> None:
+        self.columns[step] = columns
+
+    def _columns(self, outputs: list[str]) -> list[tuple[str, str]]:
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(self.store.path_of(outputs[0]))
+        except (OSError, ValueError):
+            return []
+        return [(f.name, str(f.type)) for f in schema]
+
+    def done_batches(self) -> int:
+        return sum(len(p.done) for p in self.plans.values())
+
+    def _step_manifest(self, name: str) -> str:
+        plan, step = self.plans[name], self.steps[name]
+        man = StepManifest(
+            name=name,
+            step_class=f"{type(step).__module__}:{type(step).__qualname__}",
+            fingerprint=plan.fp,
+            signature=self.signatures[name]["sig"],
+            complete=plan.complete,
+            batches=plan.records(),
+            columns=self.columns[name],
+        )
+        return self.store.put_bytes(man.model_dump_json().encode())
+
+    def seal(self, status: RunStatus, log_oid: str | None = None) -> str:
+        """Step manifests, then the run manifest, then the ref: returns the run manifest."""
+        info = self.info
+        run = RunManifest(
+            run_id=info.run_id,
+            name=info.name,
+            signature=info.signature,
+            status=status,
+            started=info.started,
+            ended=None if status == "running" else datetime.now(UTC),
+            steps=[StepRef(name=n, manifest=self._step_manifest(n)) for n in self.plans],
+            edges=info.edges,
+            leaves=info.leaves,
+            parameters=info.parameters,
+            target=info.target,
+            use_cache=info.use_cache,
+            pipeline_yaml=self.pipeline_yaml,
+            log=log_oid,
+            stats={n: self.tallies[n].stats(p) for n, p in self.plans.items()},
+            error=self.error,
+            previous=info.previous,
+        )
+        oid = self.store.put_bytes(run.model_dump_json().encode())
+        self.store.set_ref(info.name, info.signature, oid)
+        return oid
+
+
+# -- the one summary of a run ------------------------------------------------------------
+
+
+class StepSummary(BaseModel):
+    batches_cached: int
+    batches_computed: int
+    batches_failed: int
+    rows: int
+
+
+class Saved(BaseModel):
+    batches: int
+    rows: int
+    tokens: int
+    seconds: float
+
+    @classmethod
+    def of(cls, stats: dict[str, StepStats]) -> Saved:
+        return cls(
+            batches=sum(s.batches_cached for s in stats.values()),
+            rows=sum(s.rows_cached for s in stats.values()),
+            tokens=sum(s.tokens_saved for s in stats.values()),
+            seconds=round(sum(s.seconds_saved for s in stats.values()), 6),
+        )
+
+    def line(self) -> str:
+        return (
+            f"saved: {self.batches} batches, {self.rows} rows, {self.tokens} tokens, "
+            f"{self.seconds:.1f} seconds of compute"
+        )
+
+
+class RunSummary(BaseModel):
+    """A run as `cas run --json` prints it; the run log and `cas show` use it too."""
+
+    run_id: str
+    name: str
+    signature: str
+    status: str
+    rows: dict[str, int]
+    steps: dict[str, StepSummary]
+    seconds: float
+    data_dir: str
+    saved: Saved
+    tokens_spent: int
+    error: str | None = None
+
+    @classmethod
+    def of(cls, run: RunManifest, run_oid: str, data_dir: str) -> RunSummary:
+        stats = run.stats
+        return cls(
+            run_id=run_oid,
+            name=run.name,
+            signature=run.signature,
+            status=run.status,
+            rows={leaf: stats[leaf].rows for leaf in run.leaves if leaf in stats},
+            steps={
+                n: StepSummary(
+                    batches_cached=s.batches_cached,
+                    batches_computed=s.batches_computed,
+                    batches_failed=s.batches_failed,
+                    rows=s.rows,
+                )
+                for n, s in stats.items()
+            },
+            seconds=round(((run.ended or run.updated) - run.started).total_seconds(), 3),
+            data_dir=data_dir,
+            saved=Saved.of(stats),
+            tokens_spent=sum(s.tokens_spent for s in stats.values()),
+            error=run.error,
+        )
+
+    @classmethod
+    def load(cls, store: Store, run_oid: str) -> RunSummary:
+        from castore.pipeline.runfolder import RunFolder
+        from castore.store.manifests import load_model
+
+        run = load_model(store, run_oid, RunManifest)
+        return cls.of(run, run_oid, str(RunFolder(store, run.name, run.signature).data))
+
+
+def step_lines(stats: dict[str, StepStats]) -> list[str]:
+    """One line per step, as the run log ends."""
+    return [
+        f"step {n}: {s.batches_cached + s.batches_computed + s.batches_failed} batches "
+        f"({s.batches_cached} cached, {s.batches_computed} computed, {s.batches_failed} "
+        f"failed), {s.rows} rows, {s.compute_seconds:.2f}s compute"
+        for n, s in stats.items()
+    ]

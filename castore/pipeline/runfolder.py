@@ -1,0 +1,82 @@
+"""Everything under runs/<name>/<sig>/: pipeline.yaml, pipeline.log, data/ (the leaf
+batches as files) and .arrow/ (the Distiset's memory-mapped leaves). Every path comes
+from the store's Layout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from castore.store import layout as L
+from castore.store.exports import Placer, is_link_to, stamp
+
+if TYPE_CHECKING:
+    from castore.store import Store
+
+
+class RunFolder:
+    def __init__(self, store: Store, name: str, sig: str) -> None:
+        self.store = store
+        self.root = Path(store.layout.run_dir(name, sig))
+        self.pipeline_yaml = Path(store.layout.run_file(name, sig, "pipeline.yaml"))
+        self.log = Path(store.layout.run_file(name, sig, "pipeline.log"))
+        self.data = Path(store.layout.run_file(name, sig, "data"))
+        self.arrow = Path(store.layout.run_file(name, sig, ".arrow"))
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def materialize(self, leaves: dict[str, list[str]], run_id: str) -> None:
+        """data/<leaf>/NNNNN.parquet, one file per leaf batch object (reflinked,
+        hard-linked or copied: castore/store/exports.py), built beside and renamed into
+        place so a reader never sees a half-built folder. The stamp file lists the objects
+        and how each file was placed; a folder whose files are all still those objects is
+        kept as it is."""
+        stamp_path = self.data / L.DATA_STAMP
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            doc = json.loads(stamp_path.read_text())
+            if doc["leaves"] == leaves and self._intact(leaves, doc["files"]):
+                return
+        tmp = self.root / f"data.incomplete-{run_id[:8]}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        placer = Placer()
+        files: dict[str, list[int]] = {}
+        for leaf, oids in leaves.items():
+            (tmp / leaf).mkdir(parents=True, exist_ok=True)
+            for i, oid in enumerate(oids, start=1):
+                rel = f"{leaf}/{i:05d}.parquet"
+                src, dst = self.store.path_of(oid), str(tmp / rel)
+                placer.place(src, dst)
+                # A hard link is checked by inode (freshening the object moves its mtime);
+                # a clone or copy by its own stamp.
+                files[rel] = [] if is_link_to(dst, src) else list(stamp(dst))
+        (tmp / L.DATA_STAMP).write_text(json.dumps({"leaves": leaves, "files": files}))
+        old = self.root / f"data.old-{run_id[:8]}"
+        if self.data.exists():
+            self.data.rename(old)
+        tmp.rename(self.data)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _intact(self, leaves: dict[str, list[str]], files: dict[str, list[int]]) -> bool:
+        for leaf, oids in leaves.items():
+            for i, oid in enumerate(oids, start=1):
+                rel = f"{leaf}/{i:05d}.parquet"
+                path, recorded = str(self.data / rel), files[rel]
+                if recorded == [] and not is_link_to(path, self.store.path_of(oid)):
+                    return False
+                if recorded and list(stamp(path)) != recorded:
+                    return False
+            if len(os.listdir(self.data / leaf)) != len(oids):
+                return False
+        return True
+
+    def read_log(self) -> str:
+        """The live log of a run killed before its final seal stored it."""
+        try:
+            return self.log.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""

@@ -1,0 +1,402 @@
+"""Which batches run when: lookups (local, then the remote cache), leases, pending /
+waiting / in-flight batches per step, retry with backoff and the on_error policy,
+generators, and the replay of a finished run. It consumes the executors' typed events.
+
+A cache hit is verified before it is trusted (Store.reuse): a corrupt output is
+quarantined, its entry dropped, and only that batch is computed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from castore.errors import CastoreError, RunInterrupted, StepFailed
+from castore.hashing import generator_end_key, generator_key
+from castore.pipeline.batch import (
+    BatchResult,
+    TableCache,
+    call_process,
+    check_outputs,
+    skipped_batch,
+    store_batch,
+)
+from castore.pipeline.executors import (
+    BatchDone,
+    Event,
+    Events,
+    Executor,
+    GeneratorBatch,
+    GeneratorEnd,
+    Task,
+    ThreadWorkers,
+)
+from castore.pipeline.plan import PlannedBatch, Planner
+from castore.pipeline.step import GeneratorStep, _Step, normalize_output, to_table
+from castore.store.manifests import RunManifest, StepManifest, load_model
+from castore.store.models import ActionEntry
+
+if TYPE_CHECKING:
+    from castore.pipeline.progress import Progress
+    from castore.pipeline.record import Recorder
+    from castore.pipeline.remote_cache import RemoteCache
+    from castore.store import FileLock, Store
+
+log = logging.getLogger("castore.run")
+
+
+@dataclass
+class Pending:
+    """A planned batch on its way: attempts so far, when it may run again, its lease."""
+
+    batch: PlannedBatch
+    attempt: int = 0
+    not_before: float = 0.0
+    lease: FileLock | None = None
+
+
+@dataclass
+class Queues:
+    pending: deque[Pending] = field(default_factory=deque)  # planned, not yet submitted
+    waiting: list[Pending] = field(default_factory=list)  # leased by another run
+    inflight: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        planner: Planner,
+        steps: dict[str, _Step],
+        recorder: Recorder,
+        *,
+        use_cache: bool,
+        run_id: str,
+        progress: Progress,
+        rcache: RemoteCache | None,
+        stop: threading.Event,
+    ) -> None:
+        self.store = store
+        self.planner = planner
+        self.plans = planner.plans
+        self.steps = steps
+        self.recorder = recorder
+        self.use_cache = use_cache
+        self.run_id = run_id
+        self.progress = progress
+        self.rcache = rcache
+        self.stop = stop
+        self.queues = {name: Queues() for name in self.plans}
+        self.events: Events = Events()
+        self.cache = TableCache()
+        self.executor: Executor | None = None
+        self.gen_threads: ThreadWorkers | None = None
+
+    @property
+    def inflight(self) -> int:
+        return sum(q.inflight for q in self.queues.values())
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _record(
+        self,
+        step: str,
+        index: int,
+        key: str,
+        outputs: list[str],
+        rows: list[int],
+        *,
+        cached: bool,
+        result: BatchResult | None = None,
+        cost: tuple[float, int] = (0.0, 0),
+    ) -> None:
+        self.recorder.record(
+            step, index, key, outputs, rows, cached=cached, result=result, cost=cost
+        )
+        failed = result is not None and result.skipped_error is not None
+        if self.rcache is not None and not cached and not failed:
+            self.rcache.upload(key, outputs)
+        plan, tally = self.plans[step], self.recorder.tallies[step]
+        self.progress.update(step, len(plan.done), plan.total, plan.rows_done, tally.cached)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _entry(self, key: str) -> ActionEntry | None:
+        """The local action entry, else (read-through) the remote's."""
+        if not self.use_cache:
+            return None
+        entry = self.store.get_action(key)
+        if entry is None and self.rcache is not None:
+            entry = self.rcache.lookup(key)
+        return entry
+
+    def reusable(self, key: str) -> ActionEntry | None:
+        """The entry for `key` when every output it names is intact (verified, then
+        freshened so a concurrent gc keeps it) and its row counts are the objects'; else
+        the entry is dropped and None returned, so only this batch is recomputed."""
+        entry = self._entry(key)
+        if entry is None:
+            return None
+        if all(self.store.reuse(o) for o in entry.outputs):
+            if self.store.rows_match(entry.outputs, entry.rows):
+                return entry
+            log.warning(
+                "cached batch %s: its entry's row counts are wrong; recomputing it", key[:12]
+            )
+        else:
+            log.warning("cached batch %s: an output failed verification; recomputing it", key[:12])
+        self.store.delete_action(key)
+        return None
+
+    def _lookup(self, batch: PlannedBatch) -> bool:
+        entry = self.reusable(batch.key)
+        if entry is None:
+            return False
+        self._record(
+            batch.step,
+            batch.index,
+            batch.key,
+            entry.outputs,
+            entry.rows,
+            cached=True,
+            cost=entry_cost(entry),
+        )
+        return True
+
+    def plan_all(self) -> None:
+        """Plan what the done prefixes cover; hits are recorded at once (and can make more
+        batches plannable), misses queued."""
+        while batches := self.planner.next_batches():
+            for batch in batches:
+                if not self._lookup(batch):
+                    self.queues[batch.step].pending.append(Pending(batch))
+
+    def check_waiting(self) -> None:
+        """Batches another run is computing: take the entry once it lands, or the lease
+        once its holder finished without one (failed) or died."""
+        for q in self.queues.values():
+            still = []
+            for p in q.waiting:
+                if self._lookup(p.batch):
+                    continue
+                if p.lease is not None and p.lease.try_acquire():
+                    q.pending.appendleft(p)
+                else:
+                    still.append(p)
+            q.waiting = still
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def submit_ready(self) -> None:
+        assert self.executor is not None
+        now = time.monotonic()
+        for name, q in self.queues.items():
+            # Plan order within a step; a retry waiting for its backoff holds the queue
+            # only for its own step.
+            while q.pending and q.inflight < self.steps[name].concurrency:
+                if q.pending[0].not_before > now:
+                    break
+                p = q.pending.popleft()
+                if not self._take_lease(p):
+                    q.waiting.append(p)
+                elif p.batch.index not in self.plans[name].done:  # not a hit meanwhile
+                    q.inflight += 1
+                    self.executor.submit(Task(p.batch, self.steps[name], p))
+
+    def _take_lease(self, p: Pending) -> bool:
+        """A lease on the action key, so two runs never pay for the same batch at once.
+        Without the cache there is nothing to share, so no lease."""
+        if not self.use_cache:
+            return True
+        b = p.batch
+        if p.lease is None:
+            p.lease = self.store.lease(
+                b.key, {"run": self.run_id, "step": b.step, "batch": b.index}
+            )
+        if not p.lease.try_acquire():
+            return False
+        # The holder before us may have finished while we queued.
+        if self._lookup(b):
+            p.lease.release()
+        return True
+
+    # -- events --------------------------------------------------------------------------
+
+    def handle(self, event: Event, *, draining: bool = False) -> None:
+        if isinstance(event, GeneratorBatch):
+            r = event.result
+            self._record(
+                event.step, event.index, event.key, r.outputs, r.rows, cached=False, result=r
+            )
+        elif isinstance(event, GeneratorEnd):
+            self._generator_end(event)
+        elif isinstance(event, BatchDone):
+            self._done(event.task, event.result)
+        else:
+            self._failed(event.task, event.error, draining)
+
+    def _generator_end(self, event: GeneratorEnd) -> None:
+        plan = self.plans[event.step]
+        if event.error is not None:
+            fail(event.step, event.error)
+        plan.total = event.batches
+        if self.rcache is not None:
+            self.rcache.upload(generator_end_key(plan.fp), [])
+
+    def _settle(self, task: Task) -> Pending:
+        p: Pending = task.ticket
+        self.queues[p.batch.step].inflight -= 1
+        if p.lease is not None:
+            p.lease.release()  # the entry (if any) is written: waiters can go on
+        return p
+
+    def _done(self, task: Task, res: BatchResult) -> None:
+        p = self._settle(task)
+        b = p.batch
+        if not res.entry_written and res.skipped_error is None:
+            # Ray workers write objects; the driver alone writes action entries.
+            info = {"step": b.step, "seconds": round(res.seconds, 6), "tokens": res.tokens}
+            self.store.put_action(b.key, ActionEntry(outputs=res.outputs, rows=res.rows, info=info))
+        if res.skipped_error:
+            log.warning(
+                "step %s batch %d: %s; rows kept, batch not cached (the next run retries it)",
+                b.step,
+                b.index,
+                res.skipped_error,
+            )
+        self._record(b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res)
+
+    def _failed(self, task: Task, error: BaseException, draining: bool) -> None:
+        """Retry with exponential backoff, then on_error: 'skip' keeps the rows with None
+        outputs (not cached), 'fail' fails the run."""
+        p = self._settle(task)
+        b, step = p.batch, task.step
+        if isinstance(error, StepFailed):
+            fail(b.step, error)
+        if p.attempt < step.max_retries and not draining:
+            delay = step.retry_backoff * (2**p.attempt)
+            log.warning(
+                "step %s batch %d failed (%s); retry %d/%d in %.1fs",
+                b.step,
+                b.index,
+                error,
+                p.attempt + 1,
+                step.max_retries,
+                delay,
+            )
+            p.attempt += 1
+            p.not_before = time.monotonic() + delay
+            self.queues[b.step].pending.append(p)
+            return
+        if step.on_error != "skip":
+            fail(b.step, error)
+        msg = f"{type(error).__name__}: {error}"
+        log.warning(
+            "step %s batch %d failed: %s; rows kept with None outputs, not cached (the next "
+            "run retries it)",
+            b.step,
+            b.index,
+            msg,
+        )
+        res = skipped_batch(self.store, step, b.slice_lists(), msg, self.cache)
+        self._record(b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res)
+
+    # -- generators ----------------------------------------------------------------------
+
+    def start_generator(self, name: str) -> None:
+        """Reuse the generator's stored batches from the first, then (unless its end is
+        known) produce the rest on a thread from the row where they stop."""
+        plan, step = self.plans[name], self.steps[name]
+        assert isinstance(step, GeneratorStep) and self.gen_threads is not None
+        end_key = generator_end_key(plan.fp)
+        index = offset = 0
+        if self.use_cache:
+            end = self._entry(end_key)
+            known = end.info.get("batches") if end else None
+            while (entry := self.reusable(key := generator_key(plan.fp, index))) is not None:
+                self._record(
+                    name, index, key, entry.outputs, entry.rows, cached=True, cost=entry_cost(entry)
+                )
+                offset += sum(entry.rows)
+                index += 1
+                if known is not None and index >= known:
+                    plan.total = index
+                    return
+        store, events, stop = self.store, self.events, self.stop
+
+        def produce() -> None:
+            i = index
+            try:
+                for chunk in normalize_output(call_process(step, offset)):
+                    if stop.is_set():
+                        return
+                    t0 = time.perf_counter()
+                    table = to_table([chunk])
+                    check_outputs(step, table)
+                    key = generator_key(plan.fp, i)
+                    res = store_batch(store, step, key, table, time.perf_counter() - t0, cache=True)
+                    events.put(GeneratorBatch(name, i, key, res))
+                    i += 1
+                store.put_action(end_key, ActionEntry(outputs=[], rows=[], info={"batches": i}))
+            except RunInterrupted:
+                return
+            except BaseException as e:
+                events.put(GeneratorEnd(name, None, e))
+                return
+            events.put(GeneratorEnd(name, i))
+
+        self.gen_threads.run(produce)
+
+    # -- replay --------------------------------------------------------------------------
+
+    def replay(self, prev_oid: str | None) -> bool:
+        """A finished earlier run of this exact pipeline whose objects are all present
+        and intact is reused whole: no planning and no lookups."""
+        if prev_oid is None:
+            return False
+        try:
+            run = load_model(self.store, prev_oid, RunManifest)
+            if run.status != "finished":
+                return False
+            mans = {r.name: load_model(self.store, r.manifest, StepManifest) for r in run.steps}
+        except CastoreError:
+            return False
+        sigs = self.recorder.signatures
+        if set(mans) != set(self.plans) or not all(
+            m.complete
+            and m.signature == sigs[n]["sig"]
+            and all(not b.failed and all(map(self.store.reuse, b.outputs)) for b in m.batches)
+            for n, m in mans.items()
+        ):
+            return False
+        for name, man in mans.items():
+            for i, b in enumerate(man.batches):
+                self._record(
+                    name, i, b.key, b.outputs, b.rows, cached=True, cost=(b.seconds, b.tokens)
+                )
+            self.plans[name].total = len(man.batches)
+            self.recorder.set_columns(name, man.columns)
+        log.info("every batch of this pipeline is in the store: no step work to do")
+        return True
+
+
+def fail(step: str, error: BaseException) -> None:
+    """Fail the run with one line naming the step."""
+    msg = str(error) if isinstance(error, StepFailed) else f"{type(error).__name__}: {error}"
+    if not isinstance(error, StepFailed):
+        msg = f"step {step} failed: {msg}"
+    log.error("%s", msg)
+    raise StepFailed(msg)
+
+
+def entry_cost(entry: ActionEntry) -> tuple[float, int]:
+    """(seconds, tokens) that computing an entry's batch took."""
+    seconds, tokens = entry.info.get("seconds", 0.0), entry.info.get("tokens", 0)
+    return (
+        float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+        int(tokens) if isinstance(tokens, int) else 0,
+    )
