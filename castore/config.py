@@ -36,7 +36,7 @@ def load_config(store: Store) -> StoreConfig:
 
 def save_config(store: Store, config: StoreConfig) -> None:
     text = yaml.safe_dump(config.model_dump(), sort_keys=True)
-    store._write_file(store.layout.config_file, text.encode("utf-8"))
+    store.write_file(store.layout.config_file, text.encode("utf-8"))
 
 
 def add_remote(store: Store, name: str, url: str) -> None:

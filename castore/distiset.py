@@ -16,12 +16,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError
+from castore.errors import DistisetError
 from castore.hashing import leaf_arrow_key
-from castore.pipeline.step import METADATA_COLUMN
 from castore.store.exports import Placer, is_link_to
 from castore.store.manifests import RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
+from castore.store.parquet import METADATA_COLUMN
 
 if TYPE_CHECKING:
     import datasets
@@ -35,10 +35,6 @@ METADATA_COLUMNS = (METADATA_COLUMN, "distilabel_metadata")
 PIPELINE_YAML = "pipeline.yaml"
 PIPELINE_LOG = "pipeline.log"
 CARD = "README.md"
-
-
-class DistisetError(CastoreError):
-    exit_code = 2
 
 
 class Distiset(dict):

@@ -101,6 +101,33 @@ class NothingToResume(CastoreError):
     pass
 
 
+class RemoteError(CastoreError):
+    """A remote cannot be used: a failed transfer, entries that disagree with their
+    manifests, a malformed remote object."""
+
+    exit_code = 6
+
+
+class RemoteUnavailable(RemoteError):
+    """The remote cannot be reached (network, credentials, missing bucket)."""
+
+
+class DistisetError(CastoreError):
+    """A dataset cannot be built or exported as asked."""
+
+    exit_code = 2
+
+
+class LLMError(CastoreError):
+    """A request failed after its retries (or cannot succeed: 4xx, no API key)."""
+
+
+class ProblemsFound(CastoreError):
+    """A check (`cas fsck`) found problems; they were printed above."""
+
+    exit_code = 1
+
+
 def one_line(error: Any) -> str:
     """A pydantic ValidationError as one line: the first problem's location and message,
     and how many more there are (pydantic's own text spans lines and ends in a URL)."""

@@ -31,15 +31,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from castore.errors import CastoreError
+from castore.errors import LLMError
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class LLMError(CastoreError):
-    """A request failed after its retries (or cannot succeed: 4xx, no API key)."""
 
 
 class Generation(BaseModel):

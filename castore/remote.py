@@ -22,7 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from castore.errors import CastoreError, ConfigError, CorruptObject
+from castore.errors import (
+    CastoreError,
+    ConfigError,
+    CorruptObject,
+    RemoteError,
+    RemoteUnavailable,
+)
 from castore.hashing import (
     generator_end_key,
     hash_bytes,
@@ -30,6 +36,7 @@ from castore.hashing import (
     signing_key,
     validate_id,
 )
+from castore.runs import select_refs
 from castore.store import Store
 from castore.store import layout as L
 from castore.store.manifests import RunManifest, StepManifest, manifest_closure
@@ -39,14 +46,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (objects done, bytes done)
 SIGNING_ENV = "CASTORE_SIGNING_KEY"
-
-
-class RemoteError(CastoreError):
-    exit_code = 6
-
-
-class RemoteUnavailable(RemoteError):
-    """The remote cannot be reached (network, credentials, missing bucket)."""
 
 
 @dataclass
@@ -123,10 +122,10 @@ class Remote:
     def put_object(self, store: Store, oid: str) -> int:
         """Upload a local object (verified first); returns its size."""
         data = store.get_bytes(oid)
-        self._write(self.layout.object_path(oid), data)
+        self.write(self.layout.object_path(oid), data)
         return len(data)
 
-    def _write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: bytes) -> None:
         """Whole-or-nothing: object stores put atomically; a folder gets tmp + rename."""
         parent = posixpath.dirname(path)
         if self.local:
@@ -176,7 +175,7 @@ class Remote:
             entry = entry.model_copy(update={"signature": sig})
         elif entry.signature is not None:
             entry = entry.model_copy(update={"signature": None})  # not ours to vouch for
-        self._write(self.layout.action_path(key), entry.model_dump_json().encode())
+        self.write(self.layout.action_path(key), entry.model_dump_json().encode())
 
     def manifest_index(self) -> dict[str, tuple[list[str], list[int]]]:
         """Action key -> (outputs, rows) as the remote's step manifests record them, over
@@ -241,7 +240,7 @@ class Remote:
         return out
 
     def set_ref(self, name: str, sig: str, oid: str) -> None:
-        self._write(self.layout.ref_path(name, sig), (validate_id(oid) + "\n").encode())
+        self.write(self.layout.ref_path(name, sig), (validate_id(oid) + "\n").encode())
 
     def delete_ref(self, name: str, sig: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -347,21 +346,6 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
     return c
 
 
-def select_refs(
-    refs: list[tuple[str, str, str]], specs: tuple[str, ...] | list[str]
-) -> list[tuple[str, str, str]]:
-    """Refs matching run specs (pipeline name, signature prefix or run id prefix)."""
-    if not specs:
-        return refs
-    out = []
-    for spec in specs:
-        hits = [r for r in refs if r[0] == spec or r[1].startswith(spec) or r[2].startswith(spec)]
-        if not hits:
-            raise ConfigError(f"no run named or matching {spec!r}")
-        out.extend(h for h in hits if h not in out)
-    return out
-
-
 def _parallel(
     fn: Callable[[str], int],
     items: list[str],
@@ -408,7 +392,7 @@ def push(
     """Upload what the chosen runs (default: all refs) reach and the remote lacks."""
     t0 = time.perf_counter()
     result = TransferResult()
-    chosen = select_refs(store.list_refs(), runs)
+    chosen = select_refs(store.list_refs(), runs, lambda o: _updated(store, o))
     c = local_closure(store, chosen)
     with remote.writer_lock("push", exclusive=False):
         present = remote.list_oids()
@@ -440,6 +424,12 @@ def push(
             result.refs.append(f"{name}/{sig}")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _updated(store: Store, oid: str) -> Any:
+    from castore.store.manifests import load_model
+
+    return load_model(store, oid, RunManifest).updated
 
 
 def fetch_object(store: Store, remote: Remote, oid: str) -> int:
@@ -541,7 +531,9 @@ def pull(
     t0 = time.perf_counter()
     result = TransferResult()
     rejected: list[str] = []
-    chosen = select_refs(remote.list_refs(), runs)
+    chosen = select_refs(
+        remote.list_refs(), runs, lambda o: remote.load_json(o, RunManifest).updated
+    )
     for name, sig, run_oid in chosen:
         run = remote.load_json(run_oid, RunManifest)
         if run.name != name or run.signature != sig:

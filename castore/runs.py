@@ -1,19 +1,15 @@
-"""Finding runs (by name, signature prefix or run-manifest id prefix) and rebuilding the
-pipeline a run was made from, for `cas resume`."""
+"""Finding runs: by pipeline name, signature prefix or run-manifest id prefix, with one
+rule for every command. (Rebuilding a run's pipeline is castore.pipeline.targets.)"""
 
 from __future__ import annotations
 
-import importlib
-import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import datetime
 
 from castore.errors import CastoreError, ConfigError, NothingToResume
 from castore.store import Store, live_lock
-from castore.store.manifests import RunManifest, Target, load_model
-
-if TYPE_CHECKING:
-    from castore.pipeline.pipeline import Pipeline
+from castore.store.manifests import RunManifest, load_model
 
 
 @dataclass(frozen=True)
@@ -47,20 +43,48 @@ def list_runs(store: Store) -> list[RunInfo]:
     return out
 
 
+Ref = tuple[str, str, str]  # (pipeline name, signature, run manifest id)
+
+
+def select_refs(
+    refs: list[Ref], specs: Sequence[str], updated: Callable[[str], datetime]
+) -> list[Ref]:
+    """The one rule every command resolves runs by. A spec is a pipeline name (its newest
+    run), or a hex prefix (at least 4 characters) of exactly one run's signature or run
+    manifest id. No specs: every ref. `updated` gives a run manifest's time, and is only
+    asked when a name has several runs."""
+    if not specs:
+        return list(refs)
+    out: list[Ref] = []
+    for spec in specs:
+        by_name = [r for r in refs if r[0] == spec]
+        if by_name:
+            hit = max(by_name, key=lambda r: updated(r[2])) if len(by_name) > 1 else by_name[0]
+        elif len(spec) >= 4 and all(c in "0123456789abcdef" for c in spec):
+            hits = {r for r in refs if r[1].startswith(spec) or r[2].startswith(spec)}
+            if len(hits) > 1:
+                raise ConfigError(f"run {spec!r} is ambiguous: {len(hits)} runs match; type more")
+            if not hits:
+                raise _unknown(spec, refs)
+            hit = hits.pop()
+        else:
+            raise _unknown(spec, refs)
+        if hit not in out:
+            out.append(hit)
+    return out
+
+
+def _unknown(spec: str, refs: list[Ref]) -> ConfigError:
+    known = ", ".join(sorted({r[0] for r in refs})) or "none"
+    return ConfigError(f"no run named or matching {spec!r} (pipelines: {known})")
+
+
 def resolve_run(store: Store, spec: str) -> RunInfo:
-    """A run by pipeline name (its latest run), signature prefix or manifest id prefix."""
-    runs = list_runs(store)
-    by_name = [r for r in runs if r.name == spec]
-    if by_name:
-        return by_name[0]
-    if len(spec) >= 4 and all(c in "0123456789abcdef" for c in spec):
-        hits = {r.oid: r for r in runs if r.sig.startswith(spec) or r.oid.startswith(spec)}
-        if len(hits) == 1:
-            return next(iter(hits.values()))
-        if len(hits) > 1:
-            raise ConfigError(f"run {spec!r} is ambiguous: {len(hits)} runs match; type more")
-    known = ", ".join(sorted({r.name for r in runs})) or "none"
-    raise ConfigError(f"no run named or matching {spec!r} (pipelines in this store: {known})")
+    """A run by pipeline name (its newest run), signature prefix or run id prefix."""
+    runs = {r.oid: r for r in list_runs(store)}
+    refs = [(r.name, r.sig, r.oid) for r in runs.values()]
+    ((_, _, oid),) = select_refs(refs, [spec], lambda o: runs[o].manifest.updated)
+    return runs[oid]
 
 
 def latest_resumable(store: Store, name: str | None = None) -> RunInfo:
@@ -72,55 +96,3 @@ def latest_resumable(store: Store, name: str | None = None) -> RunInfo:
             return r
     what = f"pipeline {name!r}" if name else "any pipeline"
     raise NothingToResume(f"nothing to resume: no interrupted or failed run of {what}")
-
-
-def load_target(
-    target: Target, store: Store | None = None, manifest: RunManifest | None = None
-) -> Pipeline:
-    """The Pipeline a target names: a file (optionally `:attr`), a module attribute, a
-    pipeline.yaml, or, for library runs, the pipeline.yaml stored with the run."""
-    from castore.pipeline.pipeline import Pipeline, load_file_module, pipelines_in
-
-    if target.kind == "yaml":
-        if not target.path or not os.path.exists(target.path):
-            raise ConfigError(f"the run's pipeline.yaml {target.path} is gone")
-        return Pipeline.from_yaml(target.path)
-    if target.kind == "api":
-        if store is None or manifest is None or manifest.pipeline_yaml is None:
-            raise ConfigError("the run was started from Python and has no stored pipeline.yaml")
-        return Pipeline.from_yaml(store.get_bytes(manifest.pipeline_yaml).decode())
-    if target.kind == "file":
-        if not target.path or not os.path.exists(target.path):
-            raise ConfigError(f"the run's target file {target.path} is gone")
-        module = load_file_module(target.path)
-    else:
-        try:
-            module = importlib.import_module(target.path or "")
-        except ImportError as e:
-            raise ConfigError(f"cannot import {target.path}: {e}") from None
-    if target.attr:
-        obj = getattr(module, target.attr, None)
-        if not isinstance(obj, Pipeline):
-            raise ConfigError(f"{target.path} has no Pipeline named {target.attr!r}")
-        return obj
-    found = list(pipelines_in(module))
-    if len(found) != 1:
-        names = ", ".join(n for n, _ in found) or "none"
-        raise ConfigError(
-            f"{target.path} defines {len(found)} pipelines ({names}); name one as FILE:NAME"
-        )
-    return found[0][1]
-
-
-def parse_target(spec: str) -> Target:
-    """`file.py`, `file.py:name`, `package.module:name` or `pipeline.yaml`."""
-    path, _, attr = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
-    if path.endswith((".yaml", ".yml")):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path} does not exist")
-        return Target(kind="yaml", path=os.path.abspath(path), cwd=os.getcwd())
-    if path.endswith(".py") or os.sep in path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path} does not exist")
-        return Target(kind="file", path=os.path.abspath(path), attr=attr or None, cwd=os.getcwd())
-    return Target(kind="module", path=path, attr=attr or None, cwd=os.getcwd())

@@ -6,6 +6,7 @@ import click
 from castore.cli import App, common_options, echo_json
 
 from castore import fsck
+from castore.errors import ProblemsFound
 
 
 @click.command("fsck")
@@ -45,7 +46,10 @@ def command(app: App, repair: bool, remote: str | None, as_json: bool) -> None:
         )
     unrepaired = [p for p in report.problems if not p.repaired]
     if unrepaired or (report.problems and not repair):
-        raise SystemExit(1)
+        raise ProblemsFound(
+            f"{len(unrepaired)} problem(s) left"
+            + ("; `cas fsck --repair` fixes what it can" if not repair else "")
+        )
 
 
 def _remote(app: App, name: str, as_json: bool) -> None:
@@ -64,4 +68,4 @@ def _remote(app: App, name: str, as_json: bool) -> None:
             err=True,
         )
     if problems:
-        raise SystemExit(1)
+        raise ProblemsFound(f"{len(problems)} problem(s) on remote {r.url}")

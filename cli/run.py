@@ -51,7 +51,7 @@ def execute(
 ) -> None:
     """Load the target's pipeline, run it, print the summary (also when interrupted).
     A run started from Python (`api` target) is rebuilt from its stored pipeline.yaml."""
-    from castore.runs import load_target
+    from castore.pipeline.targets import load_target
 
     try:
         pipeline = load_target(target, app.store(), manifest)
@@ -173,7 +173,7 @@ def run_command(
     package.module:NAME, or a pipeline.yaml. Ctrl+C stops cleanly (exit 130);
     `cas resume` continues.
     """
-    from castore.runs import parse_target
+    from castore.pipeline.targets import parse_target
 
     app.quiet = app.quiet or quiet
     execute(

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
 from castore.pipeline.step import (
-    METADATA_COLUMN,
     BatchIncomplete,
     _Step,
     normalize_output,
     to_table,
 )
 from castore.store.models import ActionEntry
+from castore.store.parquet import METADATA_COLUMN
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -264,7 +264,7 @@ def execute_for_ray_remote(remote_url: str, step: _Step, table: pa.Table) -> Any
     oid = hash_bytes(data)
     remote = Remote(remote_url)
     if not remote.has(oid):
-        remote._write(remote.layout.object_path(oid), data)
+        remote.write(remote.layout.object_path(oid), data)
     return BatchResult(
         [oid],
         [out.num_rows],

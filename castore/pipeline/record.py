@@ -76,7 +76,7 @@ class StepTally:
 
 
 @dataclass(frozen=True)
-class RunInfo:
+class RunFacts:
     """The facts of a run that do not change while it runs."""
 
     name: str
@@ -95,7 +95,7 @@ class Recorder:
     def __init__(
         self,
         store: Store,
-        info: RunInfo,
+        info: RunFacts,
         plans: dict[str, StepPlan],
         steps: dict[str, _Step],
         signatures: dict[str, dict[str, str]],

@@ -18,7 +18,7 @@ from castore.errors import CastoreError, DamagedRef, PipelineError, RunInterrupt
 from castore.pipeline.executors import ThreadWorkers, make_executor, pickle_steps_by_value
 from castore.pipeline.plan import Planner, StepPlan
 from castore.pipeline.progress import Progress
-from castore.pipeline.record import Recorder, RunInfo, Saved, step_lines
+from castore.pipeline.record import Recorder, RunFacts, Saved, step_lines
 from castore.pipeline.runfolder import RunFolder
 from castore.pipeline.runlog import log, log_earlier_run, progress_line, start_logging, stop_logging
 from castore.pipeline.schedule import Scheduler
@@ -81,7 +81,7 @@ class Runner:
             )
             for n in self.order
         }
-        self.info = RunInfo(
+        self.info = RunFacts(
             name=pipeline.name,
             signature=self.sig,
             run_id=uuid.uuid4().hex,

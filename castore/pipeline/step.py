@@ -29,7 +29,6 @@ StepOutput = Iterator[list[dict[str, Any]]]
 StepKind = Literal["normal", "global", "generator"]
 
 RUNTIME: dict[str, Any] = {"castore_runtime": True}
-METADATA_COLUMN = "castore_metadata"
 
 
 def runtime_field(default: Any = None, **kw: Any) -> Any:

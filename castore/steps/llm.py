@@ -10,7 +10,8 @@ from pydantic import Field
 
 from castore.errors import PipelineError
 from castore.llms import Generation, OpenAILLM
-from castore.pipeline.step import METADATA_COLUMN, BatchIncomplete, Step, StepInput
+from castore.pipeline.step import BatchIncomplete, Step, StepInput
+from castore.store.parquet import METADATA_COLUMN
 
 
 class _LLMTask(Step):

@@ -8,6 +8,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 PARQUET_MAGIC = b"PAR1"
+# The column of a batch table where steps keep per-row facts (LLM raw output, usage,
+# errors); Distisets drop it unless asked.
+METADATA_COLUMN = "castore_metadata"
 
 # Fixed options: the same table and pyarrow version give the same bytes. zstd level 1 is
 # within a few % of snappy's write speed and smaller; statistics help predicate pushdown.

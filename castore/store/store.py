@@ -288,7 +288,8 @@ class Store:
             raise translate_oserror(e, final, self.root, stage.needed) from None
         return True
 
-    def _write_file(self, final: str, data: bytes) -> None:
+    def write_file(self, final: str, data: bytes) -> None:
+        """A small file that is not an object (an entry, a ref, config.yaml), atomically."""
         with self._staged() as stage:
             stage.needed = len(data)
             stage.write(data)
@@ -471,7 +472,7 @@ class Store:
         missing = [oid for oid in entry.outputs if not self.has(oid)]
         if missing:
             raise StoreError(f"action {key}: output object {missing[0]} is not in the store")
-        self._write_file(self.layout.action_path(key), entry.model_dump_json().encode())
+        self.write_file(self.layout.action_path(key), entry.model_dump_json().encode())
 
     def get_action(self, key: str) -> ActionEntry | None:
         """The entry for `key`, or None; an entry naming a missing object is dropped."""
@@ -506,7 +507,7 @@ class Store:
 
     def set_ref(self, name: str, sig: str, oid: str) -> None:
         validate_id(oid)
-        self._write_file(self.layout.ref_path(name, sig), (oid + "\n").encode())
+        self.write_file(self.layout.ref_path(name, sig), (oid + "\n").encode())
 
     def get_ref(self, name: str, sig: str) -> str | None:
         """The run manifest id a ref names; None when there is no ref; DamagedRef when the
