@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _util import fake_run, report
 
-from castore.remote import Remote, pull, push
+from castore.remote import Remote
 from castore.store import Store
+from castore.transfer import pull, push
 from tests.remote_server import S3Server
 
 

@@ -77,7 +77,8 @@ def main() -> None:
         files = [store.path_of(o) for o in store.iter_oids()]
         size = sum(os.path.getsize(f) for f in files)
 
-        from castore.remote import Remote, push
+        from castore.remote import Remote
+        from castore.transfer import push
 
         push(store, Remote(str(remote)))
 

@@ -8,14 +8,17 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
 from castore.hashing import validate_id
 from castore.store import Store
 from castore.store import layout as L
-from castore.store.manifests import run_closure
+from castore.store.manifests import RunManifest, StepManifest, run_closure
 from castore.store.models import ActionEntry
+
+if TYPE_CHECKING:
+    from castore.remote import Remote
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,8 @@ class Problem:
 
     def line(self) -> str:
         fixed = " (repaired)" if self.repaired else ""
-        return f"{self.kind} {self.id}: {self.message}{fixed}"
+        said = f": {self.message}" if self.message else ""
+        return f"{self.kind} {self.id}{said}{fixed}"
 
 
 @dataclass
@@ -198,3 +202,84 @@ def _remove_path(path: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+# -- on a remote ------------------------------------------------------------------------
+
+
+def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
+    """`check` for a remote (read-only): every object downloaded and verified, entries
+    (present outputs, agreement with the step manifests, signatures with a team key) and
+    refs (name, target, the run's objects). Same report type as `check`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems: list[str] = []
+    oids = remote.list_oids()
+
+    def corrupt(oid: str) -> str | None:
+        try:
+            remote.get_object(oid)
+        except Exception as e:  # every failure is reported, none stops the check
+            return f"corrupt-object {oid}: {type(e).__name__}: {e}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        problems += [p for p in pool.map(corrupt, sorted(oids)) if p]
+    entries: dict[str, ActionEntry] = {}
+    for key in sorted(remote.list_actions()):
+        entry, problem = remote.check_action(key)
+        if entry is None:
+            problems.append(f"{problem[0] if problem else 'bad-action'} {key}")
+        elif any(o not in oids for o in entry.outputs):
+            problems.append(f"dangling-action {key}")
+        else:
+            entries[key] = entry
+    for name, sig, oid in remote.list_refs(problems):
+        if oid not in oids:
+            problems.append(f"dangling-ref {name}/{sig[:12]}")
+            continue
+        try:
+            problems += _fsck_remote_run(remote, name, sig, oid, oids=oids, entries=entries)
+        except CastoreError as e:
+            problems.append(f"bad-manifest {name}/{sig[:12]}: {e}")
+    actions = len(entries) + sum(p.split(" ", 1)[0].endswith("-action") for p in problems)
+    report = FsckReport(objects_checked=len(oids), actions_checked=actions)
+    report.refs_checked = sum(1 for _ in remote.list_refs())
+    for line in problems:
+        kind, _, rest = line.partition(" ")
+        ident, _, message = rest.partition(": ")
+        report.problems.append(Problem(kind, ident, message))
+    return report
+
+
+def _fsck_remote_run(
+    remote: Remote,
+    name: str,
+    sig: str,
+    oid: str,
+    *,
+    oids: set[str],
+    entries: dict[str, ActionEntry],
+) -> list[str]:
+    """Problems of one remote run: a ref naming another pipeline's run, missing objects,
+    action entries that disagree with the step manifests."""
+    ref = f"{name}/{sig[:12]}"
+    run = remote.load_json(oid, RunManifest)
+    if run.name != name or run.signature != sig:
+        return [f"bad-ref {ref}: names a run of {run.name}/{run.signature[:12]}"]
+    problems = []
+    for step_ref in run.steps:
+        if step_ref.manifest not in oids:
+            problems.append(f"missing-object {ref}: {step_ref.manifest}")
+            continue
+        step = remote.load_json(step_ref.manifest, StepManifest)
+        gone = [o for b in step.batches for o in b.outputs if o not in oids]
+        if gone:
+            problems.append(f"missing-object {ref}: {gone[0]}")
+        for b in step.batches:
+            e = entries.get(b.key)
+            if e is not None and not b.failed and (e.outputs, e.rows) != (b.outputs, b.rows):
+                problems.append(
+                    f"mismatched-action {b.key}: differs from step {step.name} of {ref}"
+                )
+    return problems

@@ -29,14 +29,18 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, ConfigError
 from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
 from castore.store import Store, live_lock, read_lock
 from castore.store import layout as L
-from castore.store.manifests import run_closure
+from castore.store.manifests import manifest_closure, run_closure
 from castore.store.models import ActionEntry
+
+if TYPE_CHECKING:
+    from castore.remote import Remote
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ def parse_duration(text: str) -> float:
 @dataclass
 class GcPlan:
     refs_removed: list[tuple[str, str]] = field(default_factory=list)  # (name, sig)
+    # The run manifest each removed ref named when planned: a ref that moved since (a new
+    # run of that pipeline) is not removed by sweeping an older plan.
+    ref_targets: dict[str, str] = field(default_factory=dict)
     actions_dropped: list[str] = field(default_factory=list)
     objects_removed: list[str] = field(default_factory=list)
     object_bytes: int = 0
@@ -131,6 +138,7 @@ def plan_gc(
     runs = list_runs(store)
     removed = {r.oid for r in _policy(runs, keep_last, older_than, now)}
     plan.refs_removed = [(r.name, r.sig) for r in runs if r.oid in removed]
+    plan.ref_targets = {f"{r.name}/{r.sig}": r.oid for r in runs if r.oid in removed}
     kept_runs = [r for r in runs if r.oid not in removed]
     plan.live_runs = [run_id for run_id, _, _ in live]
     entries = {key: _read_entry(store, key) for key in store.iter_actions()}
@@ -234,16 +242,20 @@ def collect(
     grace: float = DEFAULT_GRACE,
     cache_ttl: float = DEFAULT_CACHE_TTL,
     progress: Callable[[str, int], None] | None = None,
+    plan: GcPlan | None = None,
 ) -> GcResult:
-    """Plan and (unless `dry_run`) carry out a collection. Raises StoreLocked when
-    another gc holds the store's gc lock."""
+    """Plan and (unless `dry_run`) carry out a collection; with `plan`, carry out that
+    plan (the one a user confirmed) instead of making a new one. Sweeping re-checks what
+    changed since: an object touched after the plan's cutoff stays, and a ref that moved
+    stays. Raises StoreLocked when another gc holds the store's gc lock."""
     t0 = time.perf_counter()
     lock = store.gc_lock()
     lock.acquire()
     try:
-        plan = plan_gc(
-            store, keep_last=keep_last, older_than=older_than, grace=grace, cache_ttl=cache_ttl
-        )
+        if plan is None:
+            plan = plan_gc(
+                store, keep_last=keep_last, older_than=older_than, grace=grace, cache_ttl=cache_ttl
+            )
         if not dry_run:
             _sweep(store, plan, progress)
     finally:
@@ -253,6 +265,10 @@ def collect(
 
 def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | None) -> None:
     for name, sig in plan.refs_removed:
+        planned = plan.ref_targets.get(f"{name}/{sig}")
+        with contextlib.suppress(CastoreError):
+            if planned is not None and store.get_ref(name, sig) != planned:
+                continue  # a newer run of this pipeline owns the ref now
         store.delete_ref(name, sig)
     for key in plan.actions_dropped:
         store.delete_action(key)
@@ -319,3 +335,92 @@ def _remove_stale_locks(store: Store) -> None:
                 if live_lock(path) is None and read_lock(path) is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
+
+
+# -- on a remote ------------------------------------------------------------------------
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time from an fsspec info dict (local: mtime; s3: LastModified)."""
+    import datetime as dt
+
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, dt.datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    return time.time()  # unknown: treat as new, so it is never swept by mistake
+
+
+def collect_remote(
+    remote: Remote,
+    *,
+    grace: float = DEFAULT_GRACE,
+    cache_ttl: float = DEFAULT_CACHE_TTL,
+    dry_run: bool = False,
+) -> GcResult:
+    """gc on a remote with the same roots logic as the local one, and the same result
+    shape; refuses while another writer (a push, another gc) holds the remote's lock."""
+    t0 = time.perf_counter()
+    now = time.time()
+    result = GcPlan(cutoff=now - grace)
+    with remote.writer_lock("gc", exclusive=True):
+        entries = {key: remote.get_action(key) for key in remote.list_actions()}
+        marked = _remote_marked(remote, entries, now - cache_ttl)
+        try:
+            infos = remote.fs.find(remote.layout.dir(L.OBJECTS), detail=True)
+        except FileNotFoundError:
+            infos = {}
+        going: dict[str, int] = {}
+        for path, info in infos.items():
+            parts = path.rstrip("/").split("/")
+            oid = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+            if oid is None:
+                continue
+            if oid in marked or now - _mtime(info) < grace:
+                result.objects_kept += 1
+            else:
+                going[oid] = int(info.get("size") or 0)
+        present = _infos_oids(infos)
+        result.actions_dropped = sorted(
+            k
+            for k, e in entries.items()
+            if e is None or any(o in going or o not in present for o in e.outputs)
+        )
+        result.objects_removed = sorted(going)
+        result.object_bytes = sum(going.values())
+        if not dry_run:
+            # Entries before objects: a gc killed in between leaves only garbage.
+            for key in result.actions_dropped:
+                with contextlib.suppress(FileNotFoundError):
+                    remote.fs.rm_file(remote.layout.action_path(key))
+            for oid in result.objects_removed:
+                remote.delete_object(oid)
+    return GcResult(result, dry_run, time.perf_counter() - t0)
+
+
+def _remote_marked(
+    remote: Remote, entries: dict[str, ActionEntry | None], entries_since: float
+) -> set[str]:
+    """What the remote's refs reach, and the objects of entries newer than the ttl."""
+    marked: set[str] = set()
+    for _name, _sig, oid in remote.list_refs():
+        marked |= manifest_closure(remote.load_json, oid)[1]
+    for entry in entries.values():
+        if entry is not None and entry.created.timestamp() > entries_since:
+            marked.update(entry.outputs)
+    return marked
+
+
+def _infos_oids(infos: dict[str, Any]) -> set[str]:
+    out = set()
+    for path in infos:
+        parts = path.rstrip("/").split("/")
+        oid = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+        if oid:
+            out.add(oid)
+    return out

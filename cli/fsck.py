@@ -54,18 +54,19 @@ def command(app: App, repair: bool, remote: str | None, as_json: bool) -> None:
 
 def _remote(app: App, name: str, as_json: bool) -> None:
     from castore.config import remote_url
-    from castore.remote import Remote, fsck_remote
+    from castore.remote import Remote
 
     r = Remote(remote_url(app.store(), name))
-    problems = fsck_remote(r)
+    report = fsck.check_remote(r)
     if as_json:
-        echo_json({"remote": r.url, "problems": problems, "clean": not problems})
+        echo_json({**asdict(report), "remote": r.url, "clean": report.clean})
     else:
-        for p in problems:
-            click.echo(p)
+        for p in report.problems:
+            click.echo(p.line())
         click.echo(
-            f"remote {r.url}: " + ("clean" if not problems else f"{len(problems)} problem(s)"),
+            f"remote {r.url}: "
+            + ("clean" if report.clean else f"{len(report.problems)} problem(s)"),
             err=True,
         )
-    if problems:
-        raise ProblemsFound(f"{len(problems)} problem(s) on remote {r.url}")
+    if not report.clean:
+        raise ProblemsFound(f"{len(report.problems)} problem(s) on remote {r.url}")

@@ -75,13 +75,15 @@ def gc_command(
         "grace": gc.parse_duration(grace),
         "cache_ttl": gc.parse_duration(cache_ttl),
     }
+    confirmed = None
     if not dry_run and not yes and not as_json and (keep_last is not None or older_than):
-        plan = gc.plan_gc(store, **kw)
-        if plan.refs_removed:
-            for name, sig in plan.refs_removed:
+        confirmed = gc.plan_gc(store, **kw)
+        if confirmed.refs_removed:
+            for name, sig in confirmed.refs_removed:
                 err(f"would remove run {name}/{sig[:12]}")
-            click.confirm(f"remove {len(plan.refs_removed)} run(s)?", abort=True, err=True)
-    result = gc.collect(store, dry_run=dry_run, **kw)
+            click.confirm(f"remove {len(confirmed.refs_removed)} run(s)?", abort=True, err=True)
+    # What was confirmed is what is swept (not a plan made again after the prompt).
+    result = gc.collect(store, dry_run=dry_run, plan=confirmed, **kw)
     p = result.plan
     if as_json:
         echo_json(
@@ -177,16 +179,20 @@ def _remote_gc(
     app: App, name: str, dry_run: bool, grace: float, cache_ttl: float, as_json: bool
 ) -> None:
     from castore.config import remote_url
-    from castore.remote import Remote, collect_remote
+    from castore.gc import collect_remote
+    from castore.remote import Remote
 
     r = Remote(remote_url(app.store(), name))
     res = collect_remote(r, grace=grace, cache_ttl=cache_ttl, dry_run=dry_run)
+    p = res.plan
     if as_json:
-        echo_json({**asdict(res), "remote": r.url})
+        echo_json(
+            {**asdict(p), "dry_run": dry_run, "bytes_freed": res.bytes_freed, "remote": r.url}
+        )
         return
     verb = "would remove" if dry_run else "removed"
     err(
-        f"remote {r.url}: {verb} {len(res.objects_removed)} objects "
-        f"({_human(res.bytes_freed)}), {len(res.actions_dropped)} action entries; kept "
-        f"{res.objects_kept} objects"
+        f"remote {r.url}: {verb} {len(p.objects_removed)} objects "
+        f"({_human(res.bytes_freed)}), {len(p.actions_dropped)} action entries; kept "
+        f"{p.objects_kept} objects"
     )

@@ -86,19 +86,26 @@ def _split(app: App, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]
     return None, args
 
 
-def _transfer(app: App, verb: str, args: tuple[str, ...], jobs: int, as_json: bool) -> None:
+def _transfer(
+    app: App, verb: str, args: tuple[str, ...], jobs: int, as_json: bool, dry_run: bool
+) -> None:
     from castore.config import remote_url
-    from castore.remote import Remote, pull, push
+    from castore.remote import Remote
+    from castore.transfer import pull, push
 
     name, runs = _split(app, args)
     remote = Remote(remote_url(app.store(), name))
     fn = push if verb == "push" else pull
-    progress = _Progress(verb, not as_json and not app.quiet)
-    result = fn(app.store(), remote, runs, jobs=jobs, progress=progress)
+    progress = _Progress(verb, not as_json and not app.quiet and not dry_run)
+    result = fn(app.store(), remote, runs, jobs=jobs, progress=progress, dry_run=dry_run)
     if progress.enabled:
         click.echo("", err=True)
+    if dry_run:
+        assert result.plan is not None
+        _print_plan(result.plan.summary(), as_json)
+        return
     doc: dict[str, Any] = {
-        **asdict(result),
+        **{k: v for k, v in asdict(result).items() if k != "plan"},
         "remote": remote.url,
         "rate_mb_s": round(result.rate / 1e6, 2),
     }
@@ -112,26 +119,46 @@ def _transfer(app: App, verb: str, args: tuple[str, ...], jobs: int, as_json: bo
     )
 
 
+def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json({**plan, "dry_run": True})
+        return
+    verb = "upload" if plan["direction"] == "push" else "download"
+    size = f" ({plan['bytes'] / 1e6:.1f} MB)" if plan["bytes"] is not None else ""
+    for run in plan["runs"]:
+        click.echo(f"would {plan['direction']} run {run}")
+    err(
+        f"{plan['direction']} --dry-run: would {verb} {plan['objects']} objects{size}, "
+        f"{plan['manifests']} manifests and {plan['action_entries']} action entries for "
+        f"{len(plan['runs'])} run(s); {plan['already_there']} objects already there; "
+        "nothing was transferred"
+    )
+
+
 @click.command("push")
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
 @click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be uploaded.")
 @common_options
 @click.pass_obj
-def push_command(app: App, args: tuple[str, ...], jobs: int, as_json: bool) -> None:
+def push_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_json: bool) -> None:
     """Upload runs (default: all) to a remote: the objects it lacks, then manifests,
     action entries and refs. Idempotent; an interrupted push resumes.
 
     REMOTE defaults to $CASTORE_REMOTE or the only configured remote.
     """
-    _transfer(app, "push", args, jobs, as_json)
+    _transfer(app, "push", args, jobs, as_json, dry_run)
 
 
 @click.command("pull")
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
 @click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
+@click.option(
+    "--dry-run", is_flag=True, help="Only say what would be downloaded (reads manifests)."
+)
 @common_options
 @click.pass_obj
-def pull_command(app: App, args: tuple[str, ...], jobs: int, as_json: bool) -> None:
+def pull_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_json: bool) -> None:
     """Download runs (default: all) from a remote; every object is verified before it
     enters the store, and a mismatch names the object and stores nothing."""
-    _transfer(app, "pull", args, jobs, as_json)
+    _transfer(app, "pull", args, jobs, as_json, dry_run)

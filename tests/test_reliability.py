@@ -18,11 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from castore import Pipeline
-from castore.errors import CastoreError, NonCanonicalValue, UnhashableParam
+from castore.errors import CastoreError, NonCanonicalValue, RemoteError, UnhashableParam
+from castore.fsck import check_remote
 from castore.hashing import canonical_json, hash_file
-from castore.remote import Remote, RemoteError, fsck_remote, pull, push
+from castore.remote import Remote
 from castore.steps import LoadDataFromDicts
 from castore.store import Store
+from castore.transfer import pull, push
 from tests.conftest import cas_inproc
 from tests.test_cli_store import _can_mount, _tmpfs
 from tests.test_pipeline import build, counts, rows
@@ -298,7 +300,7 @@ def test_tampered_remote_entry_is_never_served(make_store, tmp_path):
     push(a, Remote(str(remote_root)))
     key = _tamper_entry(remote_root, a, first)
     # fsck --remote names it
-    problems = fsck_remote(Remote(str(remote_root)))
+    problems = remote_problems(Remote(str(remote_root)))
     assert any(p.startswith(f"mismatched-action {key}") for p in problems), problems
     r = cas_inproc("fsck", "--remote", str(remote_root), cache_dir=c.root)
     assert r.returncode == 1 and "mismatched-action" in r.stdout
@@ -319,17 +321,17 @@ def test_signed_entries(make_store, tmp_path, monkeypatch):
     remote_root = tmp_path / "remote"
     push(a, Remote(str(remote_root)))  # no team key yet: unsigned entries
     monkeypatch.setenv("CASTORE_SIGNING_KEY", "team-secret-1")
-    problems = fsck_remote(Remote(str(remote_root)))
+    problems = remote_problems(Remote(str(remote_root)))
     assert problems and all(p.startswith("unsigned-action") for p in problems), problems
     ds = build().run(cache_dir=b.root, quiet=True, remote=str(remote_root))
     assert counts(ds, "upper")[1] > 0  # nothing unsigned was trusted
     push(a, Remote(str(remote_root)))  # signs them
-    assert fsck_remote(Remote(str(remote_root))) == []
+    assert remote_problems(Remote(str(remote_root))) == []
     ds = build().run(cache_dir=c.root, quiet=True, remote=str(remote_root))
     assert all(counts(ds, s)[1] == 0 for s in STEPS)
     assert rows(ds, "keep_columns") == rows(first, "keep_columns")
     monkeypatch.setenv("CASTORE_SIGNING_KEY", "another-key")
-    problems = fsck_remote(Remote(str(remote_root)))
+    problems = remote_problems(Remote(str(remote_root)))
     assert problems and all(p.startswith("bad-signature") for p in problems)
     for path in remote_root.rglob("*"):
         if path.is_file():
@@ -774,3 +776,7 @@ def test_debug_shows_what_the_one_line_summarized(tmp_path):
     assert r.returncode == 2
     assert "ValidationError" in r.stderr and "Traceback" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: --param upper.input_batch_size")
+
+
+def remote_problems(remote) -> list[str]:
+    return [p.line() for p in check_remote(remote).problems]

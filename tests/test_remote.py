@@ -11,7 +11,10 @@ import pytest
 
 from castore.distiset import Distiset
 from castore.errors import ConfigError
-from castore.remote import Remote, collect_remote, fsck_remote, pull, push
+from castore.fsck import check_remote
+from castore.gc import collect_remote
+from castore.remote import Remote
+from castore.transfer import pull, push
 from tests.conftest import run_cas, start_cas
 from tests.remote_server import S3Server
 from tests.test_pipeline import build, counts, rows
@@ -59,7 +62,7 @@ def test_second_machine(make_store, remote_url):
     remote = Remote(remote_url)
     res = push(a, remote)
     assert res.objects > 0 and not res.failed and len(res.refs) == 1
-    assert fsck_remote(remote) == []
+    assert remote_problems(remote) == []
     again = push(a, remote)
     assert again.objects == 0 and again.skipped > 0  # idempotent
 
@@ -89,7 +92,7 @@ def test_write_through(make_store, remote_url):
     first = build().run(cache_dir=a.root, quiet=True, remote=remote_url, push=True)
     remote = Remote(remote_url)
     assert [r[1] for r in remote.list_refs()] == [first.run.signature]
-    assert fsck_remote(remote) == []
+    assert remote_problems(remote) == []
     pull(b, remote)
     ds = build().run(cache_dir=b.root, quiet=True)
     assert all(counts(ds, s)[1] == 0 for s in ds.run.stats)
@@ -111,7 +114,7 @@ def test_tampered_object_rejected_by_pull_and_read_through(make_store, remote_ur
     push(a, remote)
     victim = _outputs(a, first.run.step_manifest_id("upper"))[1]
     _tamper(remote, victim)
-    assert any(victim in p for p in fsck_remote(remote))
+    assert any(victim in p for p in remote_problems(remote))
     r = run_cas("pull", remote_url, cache_dir=b.root)
     assert r.returncode != 0 and victim in r.stderr and "Traceback" not in r.stderr
     assert not b.has(victim)
@@ -223,7 +226,7 @@ def test_gc_remote_and_writer_lock(make_store, tmp_path):
         r = run_cas("gc", "--remote", url, cache_dir=a.root)
         assert r.returncode == 11 and "locked" in r.stderr
     res = collect_remote(remote, grace=0, cache_ttl=0)
-    assert res.objects_removed and fsck_remote(remote) == []
+    assert res.plan.objects_removed and remote_problems(remote) == []
     b = make_store("b")
     pull(b, remote)
     ds = Distiset.from_run("p", b.root)
@@ -235,3 +238,28 @@ def test_bad_remote_url(tmp_path):
         Remote("https://user:pw@example.invalid/store")
     r = run_cas("pull", "nope", cache_dir=tmp_path / "c")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def remote_problems(remote) -> list[str]:
+    return [p.line() for p in check_remote(remote).problems]
+
+
+def test_push_and_pull_dry_run_transfer_nothing(make_store, tmp_path):
+    from tests.conftest import cas_inproc
+
+    a, b = make_store("a"), make_store("b")
+    build().run(cache_dir=a.root, quiet=True)
+    remote_root = tmp_path / "remote"
+    r = cas_inproc("push", str(remote_root), "--dry-run", "--json", cache_dir=a.root)
+    assert r.returncode == 0, r
+    plan = r.json()
+    assert plan["dry_run"] and plan["objects"] > 0 and plan["action_entries"] > 0
+    assert not remote_root.exists() or not any(remote_root.rglob("objects/*/*"))
+    r = cas_inproc("push", str(remote_root), "--json", cache_dir=a.root)
+    assert r.returncode == 0 and r.json()["objects"] == plan["objects"] + plan["manifests"]
+    r = cas_inproc("push", str(remote_root), "--dry-run", cache_dir=a.root)
+    assert "would upload 0 objects" in r.stderr, r
+    r = cas_inproc("pull", str(remote_root), "--dry-run", "--json", cache_dir=b.root)
+    pulled = r.json()
+    assert r.returncode == 0 and pulled["objects"] == plan["objects"]
+    assert sum(1 for _ in b.iter_oids()) == 0  # nothing arrived

@@ -148,7 +148,7 @@ class RemoteCache:
         self._uploader.join(self.timeout * 4)
         if not self.active:
             return
-        from castore.remote import push
+        from castore.transfer import push
 
         result = self._call(lambda: push(self.store, self.remote, [sig]), "push the run")
         if result is not None:
