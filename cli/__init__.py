@@ -4,15 +4,13 @@ library; exceptions become exit codes in exactly one place, `main()`."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
+from castore.cli.common import App, err
 
 from castore._version import __version__
 from castore.errors import CastoreError, RunInterrupted
@@ -26,50 +24,6 @@ _MAPPED_ERRNOS = {
     errno.EPERM,
     errno.EROFS,
 }
-
-
-@dataclass
-class App:
-    """Lazily opened state shared by every command."""
-
-    cache_dir: str | None = None
-    quiet: bool = False
-    _store: Any = field(default=None, repr=False)
-
-    def store(self) -> Any:
-        if self._store is None:
-            from castore.store import Store
-
-            self._store = Store(self.cache_dir)
-        return self._store
-
-
-def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--cache-dir` and `--json` on every command (the group's --cache-dir also works)."""
-
-    def set_cache_dir(ctx: click.Context, _p: click.Parameter, value: str | None) -> None:
-        if value is not None:
-            ctx.ensure_object(App).cache_dir = value
-
-    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(
-        f
-    )
-    f = click.option(
-        "--cache-dir",
-        type=click.Path(file_okay=False),
-        expose_value=False,
-        callback=set_cache_dir,
-        help="Store root [env var: CASTORE_CACHE_DIR; default ~/.cache/castore].",
-    )(f)
-    return f
-
-
-def echo_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
-
-
-def err(msg: str) -> None:
-    click.echo(msg, err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,7 +90,7 @@ def _store_oserror(e: OSError) -> CastoreError | None:
     a run folder, a lock) gets the same exit code and message as inside them."""
     from pathlib import Path
 
-    from castore.store.store import default_root, translate_oserror
+    from castore.store.files import default_root, translate_oserror
 
     if e.errno not in _MAPPED_ERRNOS:
         return None

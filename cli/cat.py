@@ -4,7 +4,7 @@ import json
 import sys
 
 import click
-from castore.cli import App, common_options, echo_json
+from castore.cli.common import App, common_options, echo_json
 
 from castore.store.parquet import PARQUET_MAGIC
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import click
-from castore.cli import App, common_options, echo_json
+from castore.cli.common import App, common_options, echo_json
 
 
 @click.command("info")

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli import App, common_options, echo_json, err
+from castore.cli.common import App, common_options, echo_json, err
 
 
 @click.group("remote")

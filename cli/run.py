@@ -4,7 +4,7 @@ import os
 from typing import Any
 
 import click
-from castore.cli import App, common_options, echo_json, err
+from castore.cli.common import App, common_options, echo_json, err
 
 from castore.errors import CastoreError, ConfigError, RunInterrupted
 from castore.store.manifests import RunManifest, Target

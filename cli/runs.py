@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import click
-from castore.cli import App, common_options, echo_json
+from castore.cli.common import App, common_options, echo_json
 
 
 def _duration(info) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import importlib.util
 import json
@@ -19,20 +18,12 @@ from pydantic import ValidationError
 from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.hashing import hash_json
-from castore.pipeline.step import GeneratorStep, GlobalStep, _is_secret, _Step
+from castore.pipeline.step import GeneratorStep, GlobalStep, _current, _is_secret, _Step
 from castore.store.layout import validate_name
 
 if TYPE_CHECKING:
     from castore.distiset import Distiset
     from castore.store.manifests import Target
-
-_current: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
-    "castore_pipeline", default=None
-)
-
-
-def current_pipeline() -> Pipeline | None:
-    return _current.get()
 
 
 class Pipeline:
@@ -51,7 +42,7 @@ class Pipeline:
         self.edges: list[tuple[str, str]] = []
         # step -> (n, successors): each of its batches goes to n of those successors.
         self.routes: dict[str, tuple[int, list[str]]] = {}
-        self._token: contextvars.Token | None = None
+        self._token: Any = None
 
     def __enter__(self) -> Pipeline:
         self._token = _current.set(self)

@@ -8,6 +8,7 @@ already captures, concurrency, retries, secrets) never enter a hash.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,17 @@ StepOutput = Iterator[list[dict[str, Any]]]
 StepKind = Literal["normal", "global", "generator"]
 
 RUNTIME: dict[str, Any] = {"castore_runtime": True}
+
+
+# The pipeline whose `with` block is open: steps created inside it join it. Kept here, not
+# in pipeline.py, so that steps do not import the pipeline module.
+_current: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
+    "castore_pipeline", default=None
+)
+
+
+def current_pipeline() -> Pipeline | None:
+    return _current.get()
 
 
 def runtime_field(default: Any = None, **kw: Any) -> Any:
@@ -78,8 +90,6 @@ class _Step(BaseModel):
     _pipeline: Pipeline | None = PrivateAttr(None)
 
     def model_post_init(self, context: Any, /) -> None:
-        from castore.pipeline.pipeline import current_pipeline
-
         pipeline = current_pipeline()
         if pipeline is not None:
             pipeline._add_step(self)

@@ -13,7 +13,6 @@ Invariants (DESIGN.md "Writing"), which every method below follows:
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -22,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from castore.errors import (
     AmbiguousId,
@@ -31,12 +30,12 @@ from castore.errors import (
     InvalidObjectId,
     LayoutVersionError,
     StoreError,
-    StoreFull,
     StoreNotWritable,
     UnknownObject,
 )
 from castore.hashing import Hasher, hash_bytes, hash_file, validate_id, validate_prefix
 from castore.store import layout as L
+from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
 from castore.store.locks import FileLock
 from castore.store.models import ActionEntry, LayoutInfo
 from castore.store.parquet import read_parquet, write_parquet
@@ -48,87 +47,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _STAGE_IDS = itertools.count()
-_SHARD_RETRIES = 50
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def default_root() -> Path:
-    """`$CASTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/castore`, else `~/.cache/castore`."""
-    env = os.environ.get("CASTORE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "castore"
-
-
-def translate_oserror(
-    e: OSError, path: str | os.PathLike[str], root: Path, needed: int | None = None
-) -> StoreError:
-    """A one-line, actionable StoreError for an OSError met while writing `path`;
-    `needed` is the size of what was being written, when known."""
-    if e.errno in _FULL:
-        need = f"; needs {needed:,} bytes" if needed else ""
-        try:
-            free = shutil.disk_usage(root).free
-            space = f"; {free:,} bytes free on that filesystem"
-        except OSError:
-            space = ""
-        return StoreFull(
-            f"no space left writing {path} ({os.strerror(e.errno)}){need}{space}; free some "
-            "space (`cas gc`) or pass --cache-dir"
-        )
-    if e.errno in _DENIED:
-        return StoreNotWritable(
-            f"cannot write {path}: {os.strerror(e.errno)}; check the permissions of the cache "
-            "dir or pass --cache-dir"
-        )
-    if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        return StoreError(f"cannot write {path}: a file stands where a folder should be")
-    return StoreError(f"cannot write {path}: {e.strerror or e}")
-
-
-def _replace_into_shard(src: str, final: str) -> None:
-    """os.replace into a shard folder that may not exist yet, or that gc's sweep of empty
-    shards may remove between our mkdir and our rename: retry until it lands (bounded;
-    gc removes a shard only while it is empty, so a retry after mkdir wins in practice)."""
-    for _ in range(_SHARD_RETRIES):
-        try:
-            os.replace(src, final)
-            return
-        except FileNotFoundError:
-            if not os.path.exists(src):
-                raise
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.replace(src, final)
-
-
-@dataclass
-class _Stage:
-    """An open temp file in tmp/ that hashes what passes through `write`."""
-
-    file: IO[bytes]
-    path: str
-    hasher: Hasher
-    oid: str | None = None  # set once the stage is committed as an object
-    needed: int = 0  # bytes the caller is about to write, for a full-disk message
-
-    def write(self, data: Any) -> int:
-        mv = memoryview(data)
-        self.hasher.update(mv)
-        return self.file.write(mv)
-
-    # pyarrow and shutil treat anything with these as a writable file.
-    def flush(self) -> None:
-        self.file.flush()
-
-    @property
-    def closed(self) -> bool:
-        return self.file.closed
-
-    def tell(self) -> int:
-        return self.hasher.size
 
 
 @dataclass(frozen=True)
@@ -234,7 +152,7 @@ class Store:
     # -- the one helper that writes every file ------------------------------------------
 
     @contextlib.contextmanager
-    def _staged(self, mode: int = 0o644) -> Iterator[_Stage]:
+    def _staged(self, mode: int = 0o644) -> Iterator[Stage]:
         """A temp file in tmp/, created with its final `mode` (writing through the open
         descriptor works even for 0444, which saves a chmod per object)."""
         self._writable()
@@ -252,7 +170,7 @@ class Store:
                 raise translate_oserror(e, tmp_dir, self.root) from None
         except OSError as e:
             raise translate_oserror(e, tmp_dir, self.root) from None
-        stage = _Stage(os.fdopen(fd, "wb"), path, Hasher())
+        stage = Stage(os.fdopen(fd, "wb"), path, Hasher())
         try:
             yield stage
         except OSError as e:
@@ -266,7 +184,7 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stage.path)
 
-    def _commit(self, stage: _Stage, final: str, *, overwrite: bool) -> bool:
+    def _commit(self, stage: Stage, final: str, *, overwrite: bool) -> bool:
         """Move a stage into place; False when `final` exists and overwrite is False."""
         try:
             stage.file.flush()
@@ -277,7 +195,7 @@ class Store:
                 self.freshen(os.path.basename(os.path.dirname(final)) + os.path.basename(final))
                 return False
             parent = os.path.dirname(final)
-            _replace_into_shard(stage.path, final)
+            replace_into_shard(stage.path, final)
             if self.fsync:
                 dfd = os.open(parent, os.O_RDONLY)
                 try:
@@ -298,7 +216,7 @@ class Store:
     # -- objects -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def atomic_writer(self) -> Iterator[_Stage]:
+    def atomic_writer(self) -> Iterator[Stage]:
         """Stage an object; on clean exit it is stored under its digest (`w.oid`)."""
         with self._staged(0o444) as stage:
             yield stage
@@ -361,7 +279,7 @@ class Store:
                 raise CorruptObject(oid, None)
             final = self.layout.object_path(oid)
             os.chmod(path, 0o444)
-            _replace_into_shard(path, final)
+            replace_into_shard(path, final)
         except OSError as e:
             raise translate_oserror(e, path, self.root) from None
         finally:
