@@ -75,7 +75,9 @@ def usage(store: Store) -> DuReport:
         )
     for key in store.iter_actions():
         entry = store.get_action(key)
-        tokens = entry.info.get("tokens") if entry else None
+        if entry is None:
+            continue
+        tokens = entry.info.get("tokens")
         if isinstance(tokens, int) and entry.info.get("kind") != "leaf-arrow":
             report.tokens_stored += tokens
     referenced = set().union(*closures.values()) if closures else set()

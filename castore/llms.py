@@ -79,14 +79,16 @@ class OpenAILLM(BaseModel):
 
     # -- synchronous entry points (called from batch worker threads) -------------------
 
-    def generate(self, conversations: list[list[dict[str, Any]]]) -> list[Generation | Exception]:
+    def generate(
+        self, conversations: list[list[dict[str, Any]]]
+    ) -> list[Generation | BaseException]:
         """One result per conversation, in order: a Generation, or the exception that
         ended its retries. Requests run concurrently up to `max_concurrent_requests`."""
         return _LOOP.run(self._generate_all(conversations))
 
     async def _generate_all(
         self, conversations: list[list[dict[str, Any]]]
-    ) -> list[Generation | Exception]:
+    ) -> list[Generation | BaseException]:
         client = _LOOP.client(self)
         sem = _LOOP.semaphore(self)
         return await asyncio.gather(

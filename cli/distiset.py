@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from castore.cli.common import App, common_options, echo_json, err
 
@@ -58,9 +60,10 @@ def command(
     if from_dir is not None:
         ds = create_distiset(from_dir, enable_metadata=metadata)
     else:
+        assert run is not None
         ds = Distiset.from_run(run, app.store().root, enable_metadata=metadata)
     path = ds.export(output, fmt)
-    doc = {
+    doc: dict[str, Any] = {
         "output": str(path),
         "format": fmt,
         "partial": ds.partial,

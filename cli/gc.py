@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import click
 from castore.cli.common import App, common_options, echo_json, err
@@ -69,7 +70,7 @@ def gc_command(
         )
         return
     store = app.store()
-    kw = {
+    kw: dict[str, Any] = {
         "keep_last": keep_last,
         "older_than": gc.parse_duration(older_than) if older_than else None,
         "grace": gc.parse_duration(grace),
@@ -136,8 +137,8 @@ def rm_command(app: App, runs: tuple[str, ...], all_: bool, as_json: bool) -> No
     if as_json:
         echo_json({"removed": removed})
     else:
-        for r in removed:
-            click.echo(f"removed {r}")
+        for line in removed:
+            click.echo(f"removed {line}")
         err("objects stay until `cas gc` (or later: they may be reused by other runs)")
 
 

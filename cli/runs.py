@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from castore.cli.common import App, common_options, echo_json
 
@@ -17,7 +19,7 @@ def ls_command(app: App, as_json: bool) -> None:
     from castore.runs import list_runs
 
     runs = list_runs(app.store())
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": r.name,
             "signature": r.sig,
@@ -62,7 +64,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 
     store = app.store()
     info = resolve_run(store, run)
-    steps = []
+    steps: list[dict[str, Any]] = []
     for ref in info.manifest.steps:
         sm = load_model(store, ref.manifest, StepManifest)
         st = info.manifest.stats.get(ref.name)

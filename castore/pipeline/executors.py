@@ -234,7 +234,10 @@ class RayExecutor:
             )
         from castore.pipeline.batch import execute_for_ray, execute_for_ray_remote
 
-        self._fn = ray.remote(execute_for_ray_remote if remote is not None else execute_for_ray)
+        # Typed Any: two task signatures behind one attribute (Ray types each separately).
+        self._fn: Any = ray.remote(
+            execute_for_ray_remote if remote is not None else execute_for_ray
+        )
         self._store, self._remote, self._cache = store, remote, cache or TableCache()
         self._events = events
         self._pending: dict[Any, Task] = {}
@@ -305,6 +308,21 @@ def pickle_steps_by_value(pipeline: Any) -> None:
         if module is not None and not module.__name__.startswith("castore."):
             with contextlib.suppress(ValueError):
                 cloudpickle.register_pickle_by_value(module)
+
+
+EXECUTORS = ("threads", "processes", "ray")
+
+
+def check_executor(kind: str, ray_storage: str, remote: Any) -> None:
+    """Refuse an executor setup that cannot work, before anything runs."""
+    from castore.errors import PipelineError
+
+    if kind not in EXECUTORS:
+        raise PipelineError(f"unknown executor {kind!r}: use {', '.join(EXECUTORS)}")
+    if ray_storage not in ("store", "remote"):
+        raise PipelineError(f"ray_storage must be 'store' or 'remote', not {ray_storage!r}")
+    if ray_storage == "remote" and (kind != "ray" or remote is None):
+        raise PipelineError("ray_storage='remote' needs executor='ray' and a remote")
 
 
 def make_executor(

@@ -89,7 +89,8 @@ class Pipeline:
             )
         for t in targets:
             self.connect(source, t)
-        self.routes[source.name] = (n, sorted(t.name for t in targets))  # type: ignore[misc]
+        assert source.name is not None  # named when it joined the pipeline
+        self.routes[source.name] = (n, sorted(str(t.name) for t in targets))
 
     def predecessors(self, name: str) -> list[str]:
         return [a for a, b in self.edges if b == name]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from castore.errors import PipelineError
 from castore.hashing import action_key
@@ -121,6 +121,24 @@ class Planner:
     def __init__(self, plans: dict[str, StepPlan], order: list[str]) -> None:
         self.plans = plans
         self.order = order
+
+    @classmethod
+    def for_pipeline(
+        cls, pipeline: Any, signatures: dict[str, dict[str, str]], order: list[str]
+    ) -> Planner:
+        """A planner for a Pipeline's steps (read, not kept: planning stays pure)."""
+        plans = {}
+        for n in order:
+            step = pipeline.steps[n]
+            plans[n] = StepPlan(
+                n,
+                signatures[n]["fp"],
+                step.kind,
+                step.input_batch_size,
+                pipeline.predecessors(n),
+                route=pipeline.routes.get(n),
+            )
+        return cls(plans, order)
 
     @property
     def complete(self) -> bool:

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from castore.errors import CorruptObject
@@ -107,7 +108,7 @@ class RemoteCache:
             for oid in entry.outputs:
                 if not self.store.has(oid):
                     self._call(
-                        lambda o=oid: fetch_object(self.store, self.remote, o), "fetch an object"
+                        partial(fetch_object, self.store, self.remote, oid), "fetch an object"
                     )
         except CorruptObject as e:
             log.warning("remote %s: %s; computing the batch here instead", self.remote.url, e)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from castore.pipeline.plan import StepPlan
     from castore.pipeline.record import StepTally
     from castore.store import Store
+    from castore.store.manifests import StepStats
 
 log = logging.getLogger("castore.run")
 
@@ -78,3 +79,15 @@ def progress_line(plans: dict[str, StepPlan], tallies: dict[str, StepTally]) -> 
             f"{tallies[n].cached} cached)"
         )
     log.info("progress: %s", "; ".join(parts))
+
+
+def log_summary(stats: dict[str, StepStats], name: str, status: str, data: Path) -> None:
+    """The lines a run's log ends with (the same RunSummary that `cas run` prints)."""
+    from castore.pipeline.record import Saved, step_lines
+
+    for line in step_lines(stats):
+        log.info("%s", line)
+    log.info("%s", Saved.of(stats).line())
+    log.info("run %s %s; data in %s", name, status, data)
+    for h in log.handlers:
+        h.flush()

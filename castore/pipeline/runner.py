@@ -14,15 +14,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError, DamagedRef, PipelineError, RunInterrupted
-from castore.pipeline.executors import ThreadWorkers, make_executor, pickle_steps_by_value
-from castore.pipeline.plan import Planner, StepPlan
+from castore.errors import CastoreError, DamagedRef, RunInterrupted
+from castore.pipeline import runlog
+from castore.pipeline.executors import check_executor
+from castore.pipeline.plan import Planner
 from castore.pipeline.progress import Progress
-from castore.pipeline.record import Recorder, RunFacts, Saved, step_lines
+from castore.pipeline.record import Recorder, RunFacts
 from castore.pipeline.runfolder import RunFolder
-from castore.pipeline.runlog import log, log_earlier_run, progress_line, start_logging, stop_logging
+from castore.pipeline.runlog import log
 from castore.pipeline.schedule import Scheduler
-from castore.pipeline.step import GeneratorStep
 from castore.store.manifests import RunStatus, Target
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from castore.store import Store
 
 SEAL_EVERY = 5.0  # seconds between periodic manifest seals and progress lines
-EXECUTORS = ("threads", "processes", "ray")
 
 
 class Runner:
@@ -51,12 +50,7 @@ class Runner:
         ray_address: str | None = None,
         ray_storage: str = "store",
     ) -> None:
-        if executor not in EXECUTORS:
-            raise PipelineError(f"unknown executor {executor!r}: use {', '.join(EXECUTORS)}")
-        if ray_storage not in ("store", "remote"):
-            raise PipelineError(f"ray_storage must be 'store' or 'remote', not {ray_storage!r}")
-        if ray_storage == "remote" and (executor != "ray" or remote is None):
-            raise PipelineError("ray_storage='remote' needs executor='ray' and a remote")
+        check_executor(executor, ray_storage, remote)
         self.p, self.store, self.quiet, self.stop_grace = pipeline, store, quiet, stop_grace
         self.executor_kind, self.ray_address, self.ray_storage = executor, ray_address, ray_storage
         self.remote, self.push, self.use_cache = remote, push, use_cache
@@ -69,18 +63,7 @@ class Runner:
         self._damaged_ref: str | None = None
         self.sched: Scheduler | None = None
         self.progress = Progress(self.order, enabled=not quiet)
-        steps = {n: pipeline.steps[n] for n in self.order}
-        plans = {
-            n: StepPlan(
-                n,
-                self.sigs[n]["fp"],
-                steps[n].kind,
-                steps[n].input_batch_size,
-                pipeline.predecessors(n),
-                route=pipeline.routes.get(n),
-            )
-            for n in self.order
-        }
+        self.planner = Planner.for_pipeline(pipeline, self.sigs, self.order)
         self.info = RunFacts(
             name=pipeline.name,
             signature=self.sig,
@@ -93,8 +76,8 @@ class Runner:
             use_cache=use_cache,
             previous=self._previous_ref(),
         )
-        self.recorder = Recorder(store, self.info, plans, steps, self.sigs)
-        self.planner = Planner(plans, self.order)
+        steps = {n: pipeline.steps[n] for n in self.order}
+        self.recorder = Recorder(store, self.info, self.planner.plans, steps, self.sigs)
 
     def _previous_ref(self) -> str | None:
         try:
@@ -110,7 +93,7 @@ class Runner:
         the run lock: a concurrent gc protects what a live run touches, including the
         leaf Arrow objects it writes)."""
         self.folder.create()
-        handlers = start_logging(self.folder.log, quiet=self.quiet)
+        handlers = runlog.start_logging(self.folder.log, quiet=self.quiet)
         lock = self.store.run_lock(self.info.run_id, {"name": self.p.name, "sig": self.sig})
         lock.acquire(timeout=10)  # a gc probing lock files holds one for an instant
         restore: Any = lambda: None  # noqa: E731
@@ -141,7 +124,7 @@ class Runner:
             finally:
                 restore()  # only now: a Ctrl+C while sealing must not cut the seal short
                 lock.release()
-                stop_logging(handlers)
+                runlog.stop_logging(handlers)
         if status == "interrupted":
             err = RunInterrupted(
                 f"run {self.p.name} interrupted: {self.recorder.done_batches()} batches are "
@@ -166,17 +149,12 @@ class Runner:
         text = self.p.to_yaml(self.sigs)
         self.folder.pipeline_yaml.write_text(text, encoding="utf-8")
         self.recorder.pipeline_yaml = self.store.put_bytes(text.encode("utf-8"))
-        log.info(
-            "pipeline %s signature %s: %d steps; store %s",
-            self.p.name,
-            self.sig[:12],
-            len(self.order),
-            self.store.root,
-        )
+        what = (self.p.name, self.sig[:12], len(self.order), self.store.root)
+        log.info("pipeline %s signature %s: %d steps; store %s", *what)
         if not self.use_cache:
             log.info("use_cache=False: recomputing every batch")
         elif self.info.previous is not None:
-            log_earlier_run(self.store, self.info.previous)
+            runlog.log_earlier_run(self.store, self.info.previous)
         rcache = RemoteCache(self.store, self.remote, push=self.push) if self.remote else None
         self.sched = sched = Scheduler(
             self.store,
@@ -191,19 +169,8 @@ class Runner:
         )
         if self.use_cache and sched.replay(self.info.previous):
             return  # no workers, no "running" seal: the final seal follows at once
-        steps = self.recorder.steps.values()
-        sched.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))
-        if self.executor_kind == "ray":
-            pickle_steps_by_value(self.p)
-        sched.executor = make_executor(
-            self.executor_kind,
-            self.store,
-            sched.events,
-            threads=min(sum(s.concurrency for s in steps), 256),
-            cache=sched.cache,
-            ray_address=self.ray_address,
-            ray_remote=self.remote if self.ray_storage == "remote" else None,
-        )
+        ray_remote = self.remote if self.ray_storage == "remote" else None
+        sched.start_workers(self.executor_kind, self.p, self.ray_address, ray_remote)
         self.recorder.seal("running")
 
     # -- the loop ------------------------------------------------------------------------
@@ -213,13 +180,12 @@ class Runner:
         assert sched is not None
         if self.planner.complete:
             return "finished"  # replayed
-        for name, step in self.recorder.steps.items():
-            if isinstance(step, GeneratorStep):
-                sched.start_generator(name)
+        sched.start_generators()
         last_seal = time.monotonic()
         while not self.planner.complete:
             if self.stop.is_set():
-                return self._drain()
+                sched.drain(self.stop_grace, self.cancel)
+                return "interrupted"
             sched.plan_all()
             sched.check_waiting()
             sched.submit_ready()
@@ -232,27 +198,9 @@ class Runner:
             if time.monotonic() - last_seal > SEAL_EVERY:
                 self.recorder.seal("running")
                 if not self.progress.live:
-                    progress_line(self.planner.plans, self.recorder.tallies)
+                    runlog.progress_line(self.planner.plans, self.recorder.tallies)
                 last_seal = time.monotonic()
         return "finished"
-
-    def _drain(self) -> RunStatus:
-        sched = self.sched
-        assert sched is not None
-        log.warning(
-            "stopping: no new batches; waiting up to %.0fs for %d in flight (Ctrl+C again "
-            "to cancel them)",
-            self.stop_grace,
-            sched.inflight,
-        )
-        deadline = time.monotonic() + self.stop_grace
-        while sched.inflight and not self.cancel.is_set():
-            if time.monotonic() > deadline:
-                log.warning("grace period over: abandoning in-flight batches")
-                break
-            with contextlib.suppress(queue.Empty):
-                sched.handle(sched.events.get(timeout=0.2), draining=True)
-        return "interrupted"
 
     # -- the end -------------------------------------------------------------------------
 
@@ -260,19 +208,12 @@ class Runner:
         sched = self.sched
         self.progress.close()
         if sched is not None:
-            for pool in (sched.gen_threads, sched.executor):
-                if pool is not None:
-                    pool.shutdown()
+            sched.stop_workers()
         plans = self.planner.plans
         leaves = {x: [o for r in plans[x].records() for o in r.outputs] for x in self.info.leaves}
         self.folder.materialize(leaves, self.info.run_id)
         stats = {n: t.stats(plans[n]) for n, t in self.recorder.tallies.items()}
-        for line in step_lines(stats):
-            log.info("%s", line)
-        log.info("%s", Saved.of(stats).line())
-        log.info("run %s %s; data in %s", self.p.name, status, self.folder.data)
-        for h in log.handlers:
-            h.flush()
+        runlog.log_summary(stats, self.p.name, status, self.folder.data)
         log_oid = self.store.put_file(self.folder.log) if self.folder.log.exists() else None
         oid = self.recorder.seal(status, log_oid)
         if sched is not None and sched.rcache is not None:
@@ -299,6 +240,3 @@ class Runner:
                 signal.signal(s, h)
 
         return restore
-
-
-__all__ = ["EXECUTORS", "Runner"]

@@ -8,12 +8,14 @@ quarantined, its entry dropped, and only that batch is computed again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, RunInterrupted, StepFailed
 from castore.hashing import generator_end_key, generator_key
@@ -34,6 +36,8 @@ from castore.pipeline.executors import (
     GeneratorEnd,
     Task,
     ThreadWorkers,
+    make_executor,
+    pickle_steps_by_value,
 )
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.step import GeneratorStep, _Step, normalize_output, to_table
@@ -304,6 +308,51 @@ class Scheduler:
         )
         res = skipped_batch(self.store, step, b.slice_lists(), msg, self.cache)
         self._record(b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res)
+
+    def start_workers(
+        self, kind: str, pipeline: Any, ray_address: str | None, ray_remote: Any
+    ) -> None:
+        """Generator threads and the executor for batches ('threads', 'processes', 'ray')."""
+        steps = self.steps.values()
+        self.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))
+        if kind == "ray":
+            pickle_steps_by_value(pipeline)
+        self.executor = make_executor(
+            kind,
+            self.store,
+            self.events,
+            threads=min(sum(s.concurrency for s in steps), 256),
+            cache=self.cache,
+            ray_address=ray_address,
+            ray_remote=ray_remote,
+        )
+
+    def stop_workers(self) -> None:
+        for pool in (self.gen_threads, self.executor):
+            if pool is not None:
+                pool.shutdown()
+
+    def start_generators(self) -> None:
+        for name, step in self.steps.items():
+            if isinstance(step, GeneratorStep):
+                self.start_generator(name)
+
+    def drain(self, grace: float, cancel: threading.Event) -> None:
+        """After Ctrl+C: no new batches; wait up to `grace` seconds for those in flight
+        (a second Ctrl+C sets `cancel` and abandons them)."""
+        log.warning(
+            "stopping: no new batches; waiting up to %.0fs for %d in flight (Ctrl+C again "
+            "to cancel them)",
+            grace,
+            self.inflight,
+        )
+        deadline = time.monotonic() + grace
+        while self.inflight and not cancel.is_set():
+            if time.monotonic() > deadline:
+                log.warning("grace period over: abandoning in-flight batches")
+                break
+            with contextlib.suppress(queue.Empty):
+                self.handle(self.events.get(timeout=0.2), draining=True)
 
     # -- generators ----------------------------------------------------------------------
 

@@ -6,9 +6,8 @@ batch objects (and the pipeline.yaml / pipeline.log objects).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -127,9 +126,13 @@ def load_model(store: Store, oid: str, model: type[M]) -> M:
         raise StoreError(f"object {oid} is not a valid {model.__name__}: {first}") from None
 
 
-def manifest_closure(
-    load: Callable[[str, type[M]], M], run_oid: str
-) -> tuple[RunManifest, set[str]]:
+class ManifestLoader(Protocol):
+    """Reads a JSON object as a model: a local store's load_model or Remote.load_json."""
+
+    def __call__(self, oid: str, model: type[M], /) -> M: ...
+
+
+def manifest_closure(load: ManifestLoader, run_oid: str) -> tuple[RunManifest, set[str]]:
     """A run manifest and every object id it reaches (itself included), reading
     manifests through `load` (a local store's or a remote's)."""
     run = load(run_oid, RunManifest)

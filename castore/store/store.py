@@ -237,7 +237,7 @@ class Store:
     def put_file(self, path: str | os.PathLike[str]) -> str:
         """Copy a file in, hashing while copying; returns its id."""
         with open(path, "rb") as src, self.atomic_writer() as w:
-            shutil.copyfileobj(src, w, _CHUNK)  # type: ignore[misc]
+            shutil.copyfileobj(src, w, _CHUNK)
         assert w.oid is not None
         return w.oid
 
