@@ -22,6 +22,7 @@ from castore.store.exports import Placer, is_link_to
 from castore.store.manifests import RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
 from castore.store.parquet import METADATA_COLUMN
+from castore.store.runfolder import RunFolder
 
 if TYPE_CHECKING:
     import datasets
@@ -85,20 +86,20 @@ class Distiset(dict):
 
         run = load_model(store, run_oid, RunManifest)
         out = cls()
-        run_dir = Path(store.layout.run_dir(run.name, run.signature))
+        folder = RunFolder(store, run.name, run.signature)
         for leaf in run.leaves:
             step = load_model(store, run.step_manifest_id(leaf), StepManifest)
-            path = leaf_arrow(store, step, run_dir / ".arrow")
+            path = leaf_arrow(store, step, folder.arrow)
             ds = datasets.Dataset.from_file(str(path)) if path else _empty_dataset()
             out[leaf] = datasets.DatasetDict({"train": _metadata(ds, enable_metadata)})
         out.partial = run.status != "finished"
         out.run, out.run_oid = run, run_oid
         if run.pipeline_yaml:
             out.pipeline_yaml = store.get_bytes(run.pipeline_yaml).decode()
-            out.pipeline_path = run_dir / PIPELINE_YAML
+            out.pipeline_path = folder.pipeline_yaml
         if run.log:
             out.log = store.get_bytes(run.log).decode(errors="replace")
-            out.log_filename_path = run_dir / PIPELINE_LOG
+            out.log_filename_path = folder.log
         return out
 
     # -- saving and loading --------------------------------------------------------------

@@ -106,7 +106,7 @@ def _policy(
 
 def _live_runs(store: Store) -> list[tuple[str, float, tuple[str, str] | None]]:
     """(run id, start time, (name, sig)) of every run a live process holds the lock of."""
-    base = os.path.join(store.layout.dir(L.LOCKS), "runs")
+    base = store.layout.run_locks_dir()
     out = []
     with contextlib.suppress(FileNotFoundError):
         for run_id in os.listdir(base):
@@ -326,9 +326,7 @@ def _remove_empty_shards(store: Store) -> None:
 
 def _remove_stale_locks(store: Store) -> None:
     """Lock files whose holder is gone (leases and run locks of killed processes)."""
-    base = store.layout.dir(L.LOCKS)
-    for sub in ("runs", "leases"):
-        d = os.path.join(base, sub)
+    for d in (store.layout.run_locks_dir(), store.layout.leases_dir()):
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(d):
                 path = os.path.join(d, name)

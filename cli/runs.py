@@ -131,17 +131,15 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 @click.pass_obj
 def log_command(app: App, run: str, as_json: bool) -> None:
     """Print a run's pipeline.log."""
-    import os
-
     from castore.runs import resolve_run
+    from castore.store.runfolder import RunFolder
 
     store = app.store()
     info = resolve_run(store, run)
     if info.manifest.log:
         text = store.get_bytes(info.manifest.log).decode(errors="replace")
     else:  # a run killed before its final seal: the live log file in its folder
-        path = os.path.join(store.layout.run_dir(info.name, info.sig), "pipeline.log")
-        text = open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""
+        text = RunFolder(store, info.name, info.sig).read_log()
     if as_json:
         echo_json({"run_id": info.oid, "log": text})
     else:

@@ -273,8 +273,8 @@ class RunSummary(BaseModel):
 
     @classmethod
     def load(cls, store: Store, run_oid: str) -> RunSummary:
-        from castore.pipeline.runfolder import RunFolder
         from castore.store.manifests import load_model
+        from castore.store.runfolder import RunFolder
 
         run = load_model(store, run_oid, RunManifest)
         return cls.of(run, run_oid, str(RunFolder(store, run.name, run.signature).data))

@@ -20,10 +20,10 @@ from castore.pipeline.executors import check_executor
 from castore.pipeline.plan import Planner
 from castore.pipeline.progress import Progress
 from castore.pipeline.record import Recorder, RunFacts
-from castore.pipeline.runfolder import RunFolder
 from castore.pipeline.runlog import log
 from castore.pipeline.schedule import Scheduler
 from castore.store.manifests import RunStatus, Target
+from castore.store.runfolder import RunFolder
 
 if TYPE_CHECKING:
     from castore.distiset import Distiset

@@ -108,8 +108,14 @@ class Layout:
         return self.join(self.root, LOCKS, RUN_LOCKS, validate_name(run_id, "run id"))
 
     def dirs(self) -> list[str]:
-        """Every top-level folder of a store, in the order they are created."""
-        return [self.dir(k) for k in (OBJECTS, ACTIONS, REFS, RUNS, TMP, QUARANTINE, LOCKS)]
+        """Every top-level folder a store creates (quarantine/ appears when needed)."""
+        return [self.dir(k) for k in (OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS)]
+
+    def run_locks_dir(self) -> str:
+        return self.join(self.root, LOCKS, RUN_LOCKS)
+
+    def leases_dir(self) -> str:
+        return self.join(self.root, LOCKS, LEASES)
 
     @property
     def layout_file(self) -> str:

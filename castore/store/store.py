@@ -127,8 +127,8 @@ class Store:
             pass
         finally:
             stage.unlink()
-        for sub in (L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.RUNS, L.LOCKS):
-            (self.root / sub).mkdir(exist_ok=True)
+        for d in self.layout.dirs():
+            os.makedirs(d, exist_ok=True)
 
     def _check_layout(self, info_path: Path) -> None:
         try:
@@ -140,10 +140,9 @@ class Store:
                 f"store {self.root} has layout version {info.layout_version}; this castore "
                 f"reads version {L.LAYOUT_VERSION}. Upgrade castore or use another --cache-dir"
             )
-        for sub in (L.OBJECTS, L.ACTIONS, L.TMP, L.REFS, L.LOCKS):
-            p = self.root / sub
-            if p.exists() and not p.is_dir():
-                raise StoreError(f"{p} is a file; the store expects a folder there")
+        for d in self.layout.dirs():
+            if os.path.exists(d) and not os.path.isdir(d):
+                raise StoreError(f"{d} is a file; the store expects a folder there")
 
     def _writable(self) -> None:
         if self.read_only:
