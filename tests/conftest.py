@@ -113,19 +113,34 @@ def reference(tmp_path_factory):
     return doc, dataset(cache, doc["signature"])
 
 
-def cas_inproc(*args: str, cache_dir: Path | str | None = None, env: dict | None = None):
+def cas_inproc(
+    *args: str,
+    cache_dir: Path | str | None = None,
+    env: dict | None = None,
+    cwd: Path | str | None = None,
+    timeout: float | None = None,  # accepted for symmetry with run_cas; nothing to time out
+) -> CasResult:
     """`cas` in this process through click's CliRunner (for tests that need no signal):
-    the real entry point, so exit codes and messages are the ones users see."""
+    the real entry point, so exit codes and messages are the ones users see. Like a new
+    process, it loads pipeline files afresh and leaves the working directory as it was."""
     from castore.cli import main
     from click.testing import CliRunner
 
     argv = cas_command(args, cache_dir)[3:]  # drop "python -m castore.cli"
+    for name in [m for m in sys.modules if m.startswith("castore_target_")]:
+        del sys.modules[name]
     runner = CliRunner(catch_exceptions=False)
-    with runner.isolation(env=env) as (out, err, _):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    old_cwd = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with runner.isolation(env=env) as (out, err, _):
+            try:
+                main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        os.chdir(old_cwd)
     return CasResult(subprocess.CompletedProcess(argv, code, stdout, stderr))

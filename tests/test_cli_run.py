@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import REPO, run_cas, start_cas
+from tests.conftest import REPO, cas_inproc, start_cas
 
 SLOW = REPO / "tests" / "pipelines" / "slow.py"
 FAST = textwrap.dedent(
@@ -41,29 +41,29 @@ def one_error_line(r, *needles: str) -> None:
 
 def test_run_json_ls_show_log(fast, tmp_path):
     cache = tmp_path / "c"
-    r = run_cas("run", str(fast), "--json", "--param", "add_one.by=5", cache_dir=cache)
+    r = cas_inproc("run", str(fast), "--json", "--param", "add_one.by=5", cache_dir=cache)
     assert r.returncode == 0, r
     doc = r.json()
     assert doc["status"] == "finished" and doc["rows"] == {"add_one": 30}
     assert doc["steps"]["add_one"]["batches_computed"] == 1
-    ls = run_cas("ls", "--json", cache_dir=cache).json()
+    ls = cas_inproc("ls", "--json", cache_dir=cache).json()
     assert [(x["name"], x["status"], x["rows"]) for x in ls] == [("fast", "finished", 30)]
     for spec in ("fast", doc["signature"][:10], doc["run_id"][:10]):
-        show = run_cas("show", spec, "--json", cache_dir=cache)
+        show = cas_inproc("show", spec, "--json", cache_dir=cache)
         assert show.returncode == 0, show
         steps = {s["name"]: s for s in show.json()["steps"]}
         assert steps["add_one"]["columns"] == ["x", "y"] and steps["add_one"]["rows"] == 30
-    log = run_cas("log", "fast", cache_dir=cache)
+    log = cas_inproc("log", "fast", cache_dir=cache)
     assert "step add_one" in log.stdout and doc["signature"][:12] in log.stdout
 
 
 def test_run_pipeline_yaml_same_signature(fast, tmp_path):
     cache = tmp_path / "c"
-    first = run_cas("run", str(fast), "--json", cache_dir=cache).json()
+    first = cas_inproc("run", str(fast), "--json", cache_dir=cache).json()
     yaml_path = cache / "runs" / "fast" / first["signature"] / "pipeline.yaml"
     copy = tmp_path / "copy.yaml"
     shutil.copy(yaml_path, copy)
-    r = run_cas("run", str(copy), "--json", cache_dir=cache)
+    r = cas_inproc("run", str(copy), "--json", cache_dir=cache)
     assert r.returncode == 0, r
     assert r.json()["signature"] == first["signature"]
     assert all(s["batches_computed"] == 0 for s in r.json()["steps"].values())
@@ -71,10 +71,10 @@ def test_run_pipeline_yaml_same_signature(fast, tmp_path):
 
 def test_resume_nothing(fast, tmp_path):
     cache = tmp_path / "c"
-    one_error_line(run_cas("resume", cache_dir=cache), "nothing to resume")
-    run_cas("run", str(fast), cache_dir=cache)
-    one_error_line(run_cas("resume", "fast", cache_dir=cache), "nothing to resume")
-    one_error_line(run_cas("resume", "other", cache_dir=cache), "no run of pipeline 'other'")
+    one_error_line(cas_inproc("resume", cache_dir=cache), "nothing to resume")
+    cas_inproc("run", str(fast), cache_dir=cache)
+    one_error_line(cas_inproc("resume", "fast", cache_dir=cache), "nothing to resume")
+    one_error_line(cas_inproc("resume", "other", cache_dir=cache), "no run of pipeline 'other'")
 
 
 @pytest.mark.parametrize(
@@ -95,32 +95,35 @@ def test_resume_nothing(fast, tmp_path):
 def test_bad_yaml(tmp_path, content, needle):
     path = tmp_path / "p.yaml"
     path.write_text(content)
-    one_error_line(run_cas("run", str(path), cache_dir=tmp_path / "c"), needle)
+    one_error_line(cas_inproc("run", str(path), cache_dir=tmp_path / "c"), needle)
 
 
 def test_bad_targets_and_params(fast, tmp_path):
     cache = tmp_path / "c"
-    one_error_line(run_cas("run", str(tmp_path / "missing.py"), cache_dir=cache), "does not exist")
+    one_error_line(
+        cas_inproc("run", str(tmp_path / "missing.py"), cache_dir=cache), "does not exist"
+    )
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
-    one_error_line(run_cas("run", str(empty), cache_dir=cache), "defines 0 pipelines")
+    one_error_line(cas_inproc("run", str(empty), cache_dir=cache), "defines 0 pipelines")
     broken = tmp_path / "broken.py"
     broken.write_text("def oops(:\n")
-    one_error_line(run_cas("run", str(broken), cache_dir=cache), "SyntaxError")
-    one_error_line(run_cas("run", f"{fast}:nope", cache_dir=cache), "no Pipeline named 'nope'")
-    one_error_line(run_cas("run", "no_such_module:p", cache_dir=cache), "cannot import")
+    one_error_line(cas_inproc("run", str(broken), cache_dir=cache), "SyntaxError")
+    one_error_line(cas_inproc("run", f"{fast}:nope", cache_dir=cache), "no Pipeline named 'nope'")
+    one_error_line(cas_inproc("run", "no_such_module:p", cache_dir=cache), "cannot import")
     one_error_line(
-        run_cas("run", str(fast), "--param", "ghost.x=1", cache_dir=cache), "unknown step 'ghost'"
+        cas_inproc("run", str(fast), "--param", "ghost.x=1", cache_dir=cache),
+        "unknown step 'ghost'",
     )
     one_error_line(
-        run_cas("run", str(fast), "--param", "add_one.nope=1", cache_dir=cache),
+        cas_inproc("run", str(fast), "--param", "add_one.nope=1", cache_dir=cache),
         "has no parameter 'nope'",
     )
     one_error_line(
-        run_cas("run", str(fast), "--param", "add_one.by=abc", cache_dir=cache), "add_one.by"
+        cas_inproc("run", str(fast), "--param", "add_one.by=abc", cache_dir=cache), "add_one.by"
     )
     one_error_line(
-        run_cas("run", str(fast), "--param", "garbage", cache_dir=cache),
+        cas_inproc("run", str(fast), "--param", "garbage", cache_dir=cache),
         "expected STEP.FIELD=VALUE",
     )
 
@@ -133,7 +136,7 @@ def test_cycle_via_cli(tmp_path):
             "a = AddOne(name='a'); b = AddOne(name='b'); a >> b >> a",
         )
     )
-    one_error_line(run_cas("run", str(path), cache_dir=tmp_path / "c"), "cycle")
+    one_error_line(cas_inproc("run", str(path), cache_dir=tmp_path / "c"), "cycle")
 
 
 def test_resume_target_gone(fast, tmp_path):
@@ -151,18 +154,18 @@ def test_resume_target_gone(fast, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     os.unlink(slow_copy)
-    one_error_line(run_cas("resume", cache_dir=cache), "is gone")
+    one_error_line(cas_inproc("resume", cache_dir=cache), "is gone")
 
 
 def test_show_unknown_run(tmp_path):
-    one_error_line(run_cas("show", "nope", cache_dir=tmp_path / "c"), "no run named")
+    one_error_line(cas_inproc("show", "nope", cache_dir=tmp_path / "c"), "no run named")
 
 
 def test_downstream_param_change_via_cli_counts(fast, tmp_path):
     cache = tmp_path / "c"
-    first = run_cas("run", str(fast), "--json", "--quiet", cache_dir=cache).json()
+    first = cas_inproc("run", str(fast), "--json", "--quiet", cache_dir=cache).json()
     assert first["steps"]["add_one"]["batches_computed"] == 1
-    second = run_cas("run", str(fast), "--json", "--param", "add_one.by=3", cache_dir=cache)
+    second = cas_inproc("run", str(fast), "--json", "--param", "add_one.by=3", cache_dir=cache)
     doc = second.json()
     assert doc["steps"]["load_data_from_dicts"] == {
         "batches_cached": 3,
@@ -176,20 +179,20 @@ def test_downstream_param_change_via_cli_counts(fast, tmp_path):
 
 
 def test_quiet_run_prints_only_the_summary(fast, tmp_path):
-    r = run_cas("run", str(fast), "--quiet", cache_dir=tmp_path / "c")
+    r = cas_inproc("run", str(fast), "--quiet", cache_dir=tmp_path / "c")
     assert r.returncode == 0, r
     assert "INFO" not in r.stderr and "data:" in r.stderr
 
 
 def test_cat_json(fast, tmp_path):
     cache = tmp_path / "c"
-    doc = run_cas("run", str(fast), "--json", cache_dir=cache).json()
-    man = run_cas("cat", doc["run_id"][:12], "--json", cache_dir=cache)
+    doc = cas_inproc("run", str(fast), "--json", cache_dir=cache).json()
+    man = cas_inproc("cat", doc["run_id"][:12], "--json", cache_dir=cache)
     assert man.returncode == 0 and man.json()["kind"] == "run"
     step_id = man.json()["steps"][1]["manifest"]
-    step = run_cas("cat", step_id, "--json", cache_dir=cache).json()
+    step = cas_inproc("cat", step_id, "--json", cache_dir=cache).json()
     batch = step["batches"][0]["outputs"][0]
-    rows = run_cas("cat", batch, "--json", cache_dir=cache).json()
+    rows = cas_inproc("cat", batch, "--json", cache_dir=cache).json()
     assert rows[:2] == [{"x": 0, "y": 1}, {"x": 1, "y": 2}]
 
 
@@ -208,7 +211,7 @@ def test_resume_a_run_started_from_python(tmp_path, monkeypatch):
     with pytest.raises(StepFailed):
         p.run(cache_dir=cache, quiet=True)
     monkeypatch.delenv("CASTORE_TEST_FAIL")
-    r = run_cas("resume", "api-run", "--json", cache_dir=cache, cwd=REPO)
+    r = cas_inproc("resume", "api-run", "--json", cache_dir=cache, cwd=REPO)
     assert r.returncode == 0, r
     doc = r.json()
     assert doc["status"] == "finished" and doc["rows"] == {"fail_if_env": 30}

@@ -12,7 +12,7 @@ import pytest
 from castore.store import ActionEntry, Store
 from castore.store.manifests import BatchRecord, RunManifest, StepManifest, StepRef
 from castore.store.models import now_utc
-from tests.conftest import run_cas
+from tests.conftest import cas_inproc
 
 
 def _fill(store: Store) -> tuple[str, str, str]:
@@ -46,7 +46,7 @@ def _fill(store: Store) -> tuple[str, str, str]:
 
 def test_info_json(store):
     _fill(store)
-    r = run_cas("info", "--json", cache_dir=store.root)
+    r = cas_inproc("info", "--json", cache_dir=store.root)
     assert r.returncode == 0, r
     doc = r.json()
     assert doc["objects"] == 3 and doc["actions"] == 1 and doc["refs"] == 1
@@ -55,14 +55,14 @@ def test_info_json(store):
 
 
 def test_info_uses_env_cache_dir(tmp_path):
-    r = run_cas("info", "--json", env={"CASTORE_CACHE_DIR": str(tmp_path / "envstore")})
+    r = cas_inproc("info", "--json", env={"CASTORE_CACHE_DIR": str(tmp_path / "envstore")})
     assert r.returncode == 0, r
     assert r.json()["root"] == str(tmp_path / "envstore")
 
 
 def test_fsck_clean(store):
     _fill(store)
-    r = run_cas("fsck", "--json", cache_dir=store.root)
+    r = cas_inproc("fsck", "--json", cache_dir=store.root)
     assert r.returncode == 0, r
     assert r.json()["clean"] is True and r.json()["objects_checked"] == 3
 
@@ -79,39 +79,39 @@ def test_fsck_finds_and_repairs_corruption(store, how):
         del data[len(data) // 3 :]
     open(path, "wb").write(bytes(data))
 
-    r = run_cas("fsck", cache_dir=store.root)
+    r = cas_inproc("fsck", cache_dir=store.root)
     assert r.returncode == 1, r
     assert oid in r.stdout and "corrupt-object" in r.stdout
     assert key in r.stdout and "dangling-action" in r.stdout
 
-    r = run_cas("fsck", "--repair", "--json", cache_dir=store.root)
+    r = cas_inproc("fsck", "--repair", "--json", cache_dir=store.root)
     kinds = {p["kind"]: p for p in r.json()["problems"]}
     assert kinds["corrupt-object"]["repaired"] and kinds["dangling-action"]["repaired"]
     assert not store.has(oid) and store.get_action(key) is None
     # The run that used the batch still names it: reported (not deletable), and the
     # next run of the pipeline recomputes it.
     assert not kinds["missing-object"]["repaired"] and r.returncode == 1
-    r = run_cas("fsck", "--json", cache_dir=store.root)
+    r = cas_inproc("fsck", "--json", cache_dir=store.root)
     assert [p["kind"] for p in r.json()["problems"]] == ["missing-object"]
     store.put_table(pa.table({"x": list(range(1000)), "y": [f"v{i}" for i in range(1000)]}))
-    assert run_cas("fsck", cache_dir=store.root).returncode == 0
+    assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
 
 
 def test_fsck_dangling_ref(store):
     _, _, man = _fill(store)
     store.delete_object(man)
-    r = run_cas("fsck", cache_dir=store.root)
+    r = cas_inproc("fsck", cache_dir=store.root)
     assert r.returncode == 1 and "dangling-ref" in r.stdout
-    assert run_cas("fsck", "--repair", cache_dir=store.root).returncode == 0
+    assert cas_inproc("fsck", "--repair", cache_dir=store.root).returncode == 0
     assert store.list_refs() == []
 
 
 def test_cat_json_and_parquet(store):
     oid, _, man = _fill(store)
-    r = run_cas("cat", man[:8], cache_dir=store.root)
+    r = cas_inproc("cat", man[:8], cache_dir=store.root)
     assert r.returncode == 0, r
     assert r.stdout.strip() == store.get_bytes(man).decode()
-    r = run_cas("cat", oid[:10], "--limit", "3", cache_dir=store.root)
+    r = cas_inproc("cat", oid[:10], "--limit", "3", cache_dir=store.root)
     assert r.returncode == 0, r
     lines = r.stdout.splitlines()
     assert lines == ['{"x": 0, "y": "v0"}', '{"x": 1, "y": "v1"}', '{"x": 2, "y": "v2"}']
@@ -128,7 +128,7 @@ def test_cat_json_and_parquet(store):
     ],
 )
 def test_cat_bad_ids_one_line(store, arg, msg):
-    r = run_cas("cat", arg, cache_dir=store.root)
+    r = cas_inproc("cat", arg, cache_dir=store.root)
     assert r.returncode != 0
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -141,14 +141,14 @@ def test_ambiguous_prefix(store):
         shard = store.root / "objects" / "ab"
         shard.mkdir(exist_ok=True)
         (shard / ("cdef0123" + tail)).write_bytes(b"x")
-    r = run_cas("cat", "abcdef01", cache_dir=store.root)
+    r = cas_inproc("cat", "abcdef01", cache_dir=store.root)
     assert r.returncode != 0 and "ambiguous" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cache_dir_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    r = run_cas("info", cache_dir=f)
+    r = cas_inproc("info", cache_dir=f)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("Error:") or "Error" in r.stderr
 
@@ -216,7 +216,7 @@ def test_full_disk_clear_error_and_clean_store(tmp_path, how):
         assert p.returncode == 3, p.stderr
         assert p.stdout.startswith("StoreFull no space left writing"), p.stdout
         assert os.listdir(root / "tmp") == []
-        r = run_cas("fsck", "--json", cache_dir=root)
+        r = cas_inproc("fsck", "--json", cache_dir=root)
         assert r.returncode == 0, r
         assert r.json()["objects_checked"] == 1
 
@@ -243,5 +243,5 @@ def _assert_read_only_errors(root) -> None:
     p = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True)
     assert p.returncode == 3, p.stderr
     assert p.stdout.startswith("StoreNotWritable cannot write"), p.stdout
-    r = run_cas("fsck", cache_dir=root)
+    r = cas_inproc("fsck", cache_dir=root)
     assert r.returncode == 0, r

@@ -11,7 +11,7 @@ from castore import Pipeline, Step, StepInput
 from castore.distiset import Distiset, DistisetError, create_distiset
 from castore.errors import StepFailed
 from castore.steps import LoadDataFromDicts
-from tests.conftest import run_cas
+from tests.conftest import cas_inproc
 from tests.test_pipeline import build
 
 
@@ -171,7 +171,7 @@ def test_push_to_hub_sends_data_yaml_log_and_card(store, monkeypatch):
 def test_cli_export_run_and_dir(store, tmp_path, fmt):
     ds = build().run(cache_dir=store.root)
     out = tmp_path / f"out-{fmt}"
-    r = run_cas(
+    r = cas_inproc(
         "distiset", "p", "--output", str(out), "--format", fmt, "--json", cache_dir=store.root
     )
     assert r.returncode == 0, r
@@ -182,7 +182,7 @@ def test_cli_export_run_and_dir(store, tmp_path, fmt):
         assert [json.loads(x) for x in lines] == ds["keep_columns"]["train"].to_list()
     run_dir = store.root / "runs" / "p" / ds.run.signature
     out2 = tmp_path / f"dir-{fmt}"
-    r = run_cas(
+    r = cas_inproc(
         "distiset",
         "--from-dir",
         str(run_dir / "data"),
@@ -222,7 +222,9 @@ def _bad(tmp_path, kind):
 def test_cli_bad_folders(tmp_path, kind, needle):
     data = _bad(tmp_path, kind)
     out = tmp_path / "out"
-    r = run_cas("distiset", "--from-dir", str(data), "--output", str(out), cache_dir=tmp_path / "c")
+    r = cas_inproc(
+        "distiset", "--from-dir", str(data), "--output", str(out), cache_dir=tmp_path / "c"
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     err = [x for x in r.stderr.splitlines() if x.startswith("Error")]
     assert len(err) == 1 and needle in err[0], r
@@ -234,6 +236,6 @@ def test_cli_export_refuses_non_empty_output(store, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = run_cas("distiset", "p", "-o", str(out), cache_dir=store.root)
+    r = cas_inproc("distiset", "p", "-o", str(out), cache_dir=store.root)
     assert r.returncode != 0 and "not an empty folder" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"

@@ -13,7 +13,7 @@ from castore.steps import (
     TextGeneration,
 )
 from castore.store.manifests import StepManifest, load_model
-from tests.conftest import run_cas
+from tests.conftest import cas_inproc
 from tests.llm_server import LLMServer
 from tests.test_pipeline import _load_variant, build, counts
 
@@ -33,9 +33,9 @@ def test_middle_param_change_is_named_and_propagates(store):
     assert rep["score"].reasons == ["param factor: 2 → 3"]
     assert rep["keep_columns"].status == "computed"
     assert rep["keep_columns"].reasons == ["upstream step score's output changed"]
-    r = run_cas("explain", "p", "--json", cache_dir=store.root)
+    r = cas_inproc("explain", "p", "--json", cache_dir=store.root)
     assert r.returncode == 0 and r.json()["steps"][2]["changed_params"] == {"factor": [2, 3]}
-    text = run_cas("explain", "p", cache_dir=store.root).stdout
+    text = cas_inproc("explain", "p", cache_dir=store.root).stdout
     assert "param factor: 2 → 3" in text
 
 
@@ -107,7 +107,7 @@ def test_diff_reports_removed_rows_exactly(store):
     assert sorted(r["k"] for r in leaf.removed) == list(range(5, 20))
     same = castore.diff(a.run.signature[:10], a.run.signature[:10], cache_dir=store.root)
     assert same.leaves[0].identical and same.steps_changed == {}
-    r = run_cas("diff", a.run.signature[:10], b.run.signature[:10], cache_dir=store.root)
+    r = cas_inproc("diff", a.run.signature[:10], b.run.signature[:10], cache_dir=store.root)
     assert r.returncode == 0 and "45 → 30 rows (+0 / -15)" in r.stdout
 
 
@@ -131,9 +131,9 @@ def test_token_accounting_matches_the_server(store):
         st = again.run.stats["text_generation"]
         assert st.tokens_saved == served and st.tokens_spent == 0
         assert f"{served} tokens" in again.log
-        show = run_cas("show", "tokens", "--json", cache_dir=store.root).json()
+        show = cas_inproc("show", "tokens", "--json", cache_dir=store.root).json()
         assert show["saved"]["tokens"] == served and show["saved"]["batches"] >= 3
-        du = run_cas("du", "--json", cache_dir=store.root).json()
+        du = cas_inproc("du", "--json", cache_dir=store.root).json()
         assert du["tokens_stored"] == served
     finally:
         server.stop()
@@ -141,6 +141,6 @@ def test_token_accounting_matches_the_server(store):
 
 def test_explain_unknown_step(store):
     build().run(cache_dir=store.root, quiet=True)
-    r = run_cas("explain", "p", "nope", cache_dir=store.root)
+    r = cas_inproc("explain", "p", "nope", cache_dir=store.root)
     assert r.returncode != 0 and "has no step 'nope'" in r.stderr
     assert textwrap.dedent(r.stderr).count("Error") == 1

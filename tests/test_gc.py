@@ -10,7 +10,7 @@ from castore.du import usage
 from castore.errors import ConfigError, StoreLocked
 from castore.runs import list_runs
 from castore.store.manifests import run_closure
-from tests.conftest import REPO, run_cas
+from tests.conftest import REPO, cas_inproc
 from tests.pipelines.shared import make
 from tests.test_pipeline import build, counts
 
@@ -44,7 +44,7 @@ def test_gc_keeps_exactly_the_reachable(store):
         assert all(store.has(o) for o in store.get_action(key).outputs)
     assert os.listdir(store.root / "tmp") == []
     assert not (store.root / "runs" / "shared-b").exists()
-    assert run_cas("fsck", cache_dir=store.root).returncode == 0
+    assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
 
 
 def test_grace_and_cache_ttl_protect(store):
@@ -86,11 +86,13 @@ def test_keep_last_and_older_than(store):
     assert gc.plan_gc(store, older_than=3600).refs_removed == []
     future = time.time() + 7200
     assert len(gc.plan_gc(store, older_than=3600, now=future).refs_removed) == 3
-    r = run_cas("gc", "--keep-last", "1", "--yes", "--grace", "0", "--json", cache_dir=store.root)
+    r = cas_inproc(
+        "gc", "--keep-last", "1", "--yes", "--grace", "0", "--json", cache_dir=store.root
+    )
     assert r.returncode == 0, r
     assert len(r.json()["refs_removed"]) == 2
     assert [x.sig for x in list_runs(store)] == [newest.sig]
-    r = run_cas("gc", "--older-than", "0s", "--json", cache_dir=store.root)
+    r = cas_inproc("gc", "--older-than", "0s", "--json", cache_dir=store.root)
     assert r.returncode == 0 and len(r.json()["refs_removed"]) == 1
     assert list_runs(store) == []
 
@@ -100,7 +102,7 @@ def test_dry_run_changes_nothing_and_reports_bytes(store):
     for name, sig, _ in store.list_refs():
         store.delete_ref(name, sig)
     before = sorted(store.iter_oids())
-    r = run_cas(
+    r = cas_inproc(
         "gc", "--dry-run", "--grace", "0", "--cache-ttl", "0", "--json", cache_dir=store.root
     )
     assert r.returncode == 0, r
@@ -108,7 +110,7 @@ def test_dry_run_changes_nothing_and_reports_bytes(store):
     assert sorted(store.iter_oids()) == before
     assert set(doc["objects_removed"]) == set(before)
     assert doc["bytes_freed"] == sum(store.size_of(o) for o in before)
-    r = run_cas("gc", "--grace", "0", "--cache-ttl", "0", cache_dir=store.root)
+    r = cas_inproc("gc", "--grace", "0", "--cache-ttl", "0", cache_dir=store.root)
     assert r.returncode == 0 and "removed" in r.stderr
     assert list(store.iter_oids()) == []
 
@@ -117,12 +119,12 @@ def test_rm_and_rm_all(store):
     for prefix in ("x", "y"):
         make("many", prefix).run(cache_dir=store.root, quiet=True)
     build().run(cache_dir=store.root, quiet=True)
-    r = run_cas("rm", "p", "--json", cache_dir=store.root)
+    r = cas_inproc("rm", "p", "--json", cache_dir=store.root)
     assert r.returncode == 0 and len(r.json()["removed"]) == 1
-    r = run_cas("rm", "many", "--all", cache_dir=store.root)
+    r = cas_inproc("rm", "many", "--all", cache_dir=store.root)
     assert r.returncode == 0 and r.stdout.count("removed") == 2
     assert store.list_refs() == []
-    r = run_cas("rm", "ghost", cache_dir=store.root)
+    r = cas_inproc("rm", "ghost", cache_dir=store.root)
     assert r.returncode != 0 and "no run named" in r.stderr
 
 
@@ -141,7 +143,7 @@ def test_du_matches_a_recount(store):
     logical = sum(sum(sizes[o] for o in c) for c in closures.values())
     referenced = sum(sizes[o] for o in set().union(*closures.values()))
     assert rep.saved_by_dedupe == logical - referenced > 0  # a and b share batches
-    r = run_cas("du", "--json", cache_dir=store.root)
+    r = cas_inproc("du", "--json", cache_dir=store.root)
     assert r.returncode == 0 and r.json()["saved_by_dedupe"] == rep.saved_by_dedupe
 
 
@@ -151,7 +153,7 @@ def test_gc_refuses_while_another_gc_holds_the_lock(store):
     try:
         with pytest.raises(StoreLocked, match="held by pid"):
             gc.collect(store)
-        r = run_cas("gc", cache_dir=store.root)
+        r = cas_inproc("gc", cache_dir=store.root)
         assert r.returncode == 11 and "gc lock" in r.stderr
     finally:
         lock.release()

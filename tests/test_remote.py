@@ -15,7 +15,7 @@ from castore.fsck import check_remote
 from castore.gc import collect_remote
 from castore.remote import Remote
 from castore.transfer import pull, push
-from tests.conftest import run_cas, start_cas
+from tests.conftest import cas_inproc, start_cas
 from tests.remote_server import S3Server
 from tests.test_pipeline import build, counts, rows
 
@@ -115,7 +115,7 @@ def test_tampered_object_rejected_by_pull_and_read_through(make_store, remote_ur
     victim = _outputs(a, first.run.step_manifest_id("upper"))[1]
     _tamper(remote, victim)
     assert any(victim in p for p in remote_problems(remote))
-    r = run_cas("pull", remote_url, cache_dir=b.root)
+    r = cas_inproc("pull", remote_url, cache_dir=b.root)
     assert r.returncode != 0 and victim in r.stderr and "Traceback" not in r.stderr
     assert not b.has(victim)
     assert all(b.verify(o) for o in b.iter_oids())
@@ -153,10 +153,10 @@ def test_partial_push_then_push_completes(make_store, tmp_path):
     arrived = len(remote.list_oids())
     assert 0 < arrived < 2000, "the kill did not land mid-push"
     assert remote.list_refs() == []  # no ref before all its objects
-    r = run_cas("push", url, "--json", cache_dir=a.root)
+    r = cas_inproc("push", url, "--json", cache_dir=a.root)
     assert r.returncode == 0, r
     assert r.json()["skipped"] >= arrived - 1
-    assert run_cas("fsck", "--remote", url, cache_dir=a.root).returncode == 0
+    assert cas_inproc("fsck", "--remote", url, cache_dir=a.root).returncode == 0
 
 
 def test_remote_stopped_mid_run_degrades_to_local(make_store, tmp_path, monkeypatch):
@@ -183,16 +183,16 @@ def test_remote_stopped_mid_run_degrades_to_local(make_store, tmp_path, monkeypa
 def test_remote_config_cli(tmp_path):
     cache = tmp_path / "c"
     url = str(tmp_path / "remote")
-    assert run_cas("remote", "add", "team", url, cache_dir=cache).returncode == 0
-    r = run_cas("remote", "list", "--json", cache_dir=cache)
+    assert cas_inproc("remote", "add", "team", url, cache_dir=cache).returncode == 0
+    r = cas_inproc("remote", "list", "--json", cache_dir=cache)
     assert r.json() == {"team": url}
-    r = run_cas("remote", "add", "leak", "s3://AKIA:secret@bucket/x", cache_dir=cache)
+    r = cas_inproc("remote", "add", "leak", "s3://AKIA:secret@bucket/x", cache_dir=cache)
     assert r.returncode != 0 and "credentials" in r.stderr
     assert "secret" not in (cache / "config.yaml").read_text()
-    r = run_cas("push", "--json", cache_dir=cache)  # the only remote is the default
+    r = cas_inproc("push", "--json", cache_dir=cache)  # the only remote is the default
     assert r.returncode == 0, r
-    assert run_cas("remote", "remove", "team", cache_dir=cache).returncode == 0
-    r = run_cas("push", cache_dir=cache)
+    assert cas_inproc("remote", "remove", "team", cache_dir=cache).returncode == 0
+    r = cas_inproc("push", cache_dir=cache)
     assert r.returncode != 0 and "no remote given" in r.stderr
 
 
@@ -223,7 +223,7 @@ def test_gc_remote_and_writer_lock(make_store, tmp_path):
     name, sig, _ = remote.list_refs()[0]
     remote.delete_ref(name, sig)
     with remote.writer_lock("push", exclusive=False):
-        r = run_cas("gc", "--remote", url, cache_dir=a.root)
+        r = cas_inproc("gc", "--remote", url, cache_dir=a.root)
         assert r.returncode == 11 and "locked" in r.stderr
     res = collect_remote(remote, grace=0, cache_ttl=0)
     assert res.plan.objects_removed and remote_problems(remote) == []
@@ -236,7 +236,7 @@ def test_gc_remote_and_writer_lock(make_store, tmp_path):
 def test_bad_remote_url(tmp_path):
     with pytest.raises(ConfigError, match="credentials"):
         Remote("https://user:pw@example.invalid/store")
-    r = run_cas("pull", "nope", cache_dir=tmp_path / "c")
+    r = cas_inproc("pull", "nope", cache_dir=tmp_path / "c")
     assert r.returncode != 0 and "Traceback" not in r.stderr
 
 
