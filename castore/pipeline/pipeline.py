@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.hashing import hash_json
-from castore.pipeline.step import GeneratorStep, GlobalStep, _current, _is_secret, _Step
+from castore.pipeline.step import CURRENT_PIPELINE, GeneratorStep, GlobalStep, _Step, is_secret
 from castore.store.layout import validate_name
 
 if TYPE_CHECKING:
@@ -45,12 +45,12 @@ class Pipeline:
         self._token: Any = None
 
     def __enter__(self) -> Pipeline:
-        self._token = _current.set(self)
+        self._token = CURRENT_PIPELINE.set(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._token is not None:
-            _current.reset(self._token)
+            CURRENT_PIPELINE.reset(self._token)
             self._token = None
 
     def __repr__(self) -> str:
@@ -58,7 +58,8 @@ class Pipeline:
 
     # -- building ------------------------------------------------------------------------
 
-    def _add_step(self, step: _Step) -> None:
+    def add_step(self, step: _Step) -> None:
+        """Join `step` to this pipeline (steps call it when created in its `with` block)."""
         if step.name is None:
             base = step.default_name()
             name, i = base, 1
@@ -456,7 +457,7 @@ def _redact(value: Any, model: Any) -> Any:
         out = {}
         for k, v in value.items():
             f = fields.get(k)
-            if _SECRET_KEY.search(str(k)) or (f is not None and _is_secret(f.annotation)):
+            if _SECRET_KEY.search(str(k)) or (f is not None and is_secret(f.annotation)):
                 out[k] = REDACTED if v is not None else None
             else:
                 out[k] = _redact(v, _model_of(f.annotation) if f is not None else None)

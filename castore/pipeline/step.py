@@ -34,13 +34,13 @@ RUNTIME: dict[str, Any] = {"castore_runtime": True}
 
 # The pipeline whose `with` block is open: steps created inside it join it. Kept here, not
 # in pipeline.py, so that steps do not import the pipeline module.
-_current: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
+CURRENT_PIPELINE: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
     "castore_pipeline", default=None
 )
 
 
 def current_pipeline() -> Pipeline | None:
-    return _current.get()
+    return CURRENT_PIPELINE.get()
 
 
 def runtime_field(default: Any = None, **kw: Any) -> Any:
@@ -92,7 +92,7 @@ class _Step(BaseModel):
     def model_post_init(self, context: Any, /) -> None:
         pipeline = current_pipeline()
         if pipeline is not None:
-            pipeline._add_step(self)
+            pipeline.add_step(self)
 
     # -- wiring: a >> b, a >> [b, c], [b, c] >> d ---------------------------------------
 
@@ -125,7 +125,7 @@ class _Step(BaseModel):
         out = set()
         for fname, f in cls.model_fields.items():
             extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
-            if extra.get("castore_runtime") or _is_secret(f.annotation):
+            if extra.get("castore_runtime") or is_secret(f.annotation):
                 out.add(fname)
         return out
 
@@ -201,7 +201,7 @@ class _Step(BaseModel):
         """Every field for pipeline.yaml, secrets redacted."""
         out = {}
         for fname, f in type(self).model_fields.items():
-            if _is_secret(f.annotation):
+            if is_secret(f.annotation):
                 out[fname] = None if getattr(self, fname) is None else "**********"
                 continue
             out[fname] = self.model_dump(mode="json", include={fname}).get(fname)
@@ -230,7 +230,7 @@ class sample_n_steps:
         return targets
 
 
-def _is_secret(annotation: Any) -> bool:
+def is_secret(annotation: Any) -> bool:
     if annotation is SecretStr:
         return True
     args = getattr(annotation, "__args__", ()) or ()
