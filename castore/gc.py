@@ -375,15 +375,14 @@ def collect_remote(
             infos = {}
         going: dict[str, int] = {}
         for path, info in infos.items():
-            parts = path.rstrip("/").split("/")
-            oid = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+            oid = L.oid_from_path(path)
             if oid is None:
                 continue
             if oid in marked or now - _mtime(info) < grace:
                 result.objects_kept += 1
             else:
                 going[oid] = int(info.get("size") or 0)
-        present = _infos_oids(infos)
+        present = {oid for p in infos if (oid := L.oid_from_path(p))}
         result.actions_dropped = sorted(
             k
             for k, e in entries.items()
@@ -412,13 +411,3 @@ def _remote_marked(
         if entry is not None and entry.created.timestamp() > entries_since:
             marked.update(entry.outputs)
     return marked
-
-
-def _infos_oids(infos: dict[str, Any]) -> set[str]:
-    out = set()
-    for path in infos:
-        parts = path.rstrip("/").split("/")
-        oid = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
-        if oid:
-            out.add(oid)
-    return out

@@ -79,14 +79,7 @@ class Remote:
             return set()
         except OSError as e:
             raise RemoteUnavailable(f"cannot list {self.url}: {e}") from None
-        out = set()
-        for p in paths:
-            parts = p.rstrip("/").split("/")
-            if len(parts) >= 2:
-                oid = L.path_to_oid(parts[-2], parts[-1])
-                if oid:
-                    out.add(oid)
-        return out
+        return {oid for p in paths if (oid := L.oid_from_path(p))}
 
     def has(self, oid: str) -> bool:
         return bool(self.fs.exists(self.layout.object_path(oid)))
@@ -182,13 +175,7 @@ class Remote:
             paths = self.fs.find(self.layout.dir(L.ACTIONS))
         except FileNotFoundError:
             return set()
-        out = set()
-        for p in paths:
-            parts = p.rstrip("/").split("/")
-            key = L.path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
-            if key:
-                out.add(key)
-        return out
+        return {key for p in paths if (key := L.oid_from_path(p))}
 
     def list_refs(self, problems: list[str] | None = None) -> list[tuple[str, str, str]]:
         """(name, sig, run manifest id); names, sigs and ids are validated, bad ones

@@ -10,7 +10,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import yaml
 from pydantic import ValidationError
@@ -313,23 +313,13 @@ class Pipeline:
                     raise ConfigError(f"--param {sname}.{fname}: {e}") from None
 
     def run(
-        self,
-        parameters: dict[str, dict[str, Any]] | None = None,
-        *,
-        use_cache: bool = True,
-        cache_dir: str | os.PathLike[str] | None = None,
-        executor: str = "threads",
-        quiet: bool = False,
-        target: Target | None = None,
-        stop_grace: float = 30.0,
-        remote: str | None = None,
-        push: bool = False,
-        ray_address: str | None = None,
-        ray_storage: str = "store",
+        self, parameters: dict[str, dict[str, Any]] | None = None, **options: Unpack[RunOptions]
     ) -> Distiset:
         """Run (or resume, or re-materialize) the pipeline; returns its Distiset.
 
         Every batch whose action key is in the store is reused; only misses are computed.
+        `options` are RunOptions: use_cache, cache_dir, executor ("threads", "processes",
+        "ray"), quiet, target, stop_grace, remote, push, ray_address, ray_storage.
         With `remote` (a configured name, URL or path), a local miss is looked up on the
         remote (read-through); with `push`, new batches are uploaded as they are made.
         With executor="ray" and ray_storage="remote", Ray workers get their input rows
@@ -338,74 +328,30 @@ class Pipeline:
         Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
         StepFailed when a batch fails with on_error='fail'.
         """
-        _, ds = self._runner(
-            parameters,
-            use_cache,
-            cache_dir,
-            executor,
-            quiet,
-            target,
-            stop_grace,
-            remote,
-            push,
-            ray_address,
-            ray_storage,
-        ).run(distiset=True)
+        _, ds = self._runner(parameters, options).run(distiset=True)
         assert ds is not None
         return ds
 
     def execute(
-        self,
-        parameters: dict[str, dict[str, Any]] | None = None,
-        *,
-        use_cache: bool = True,
-        cache_dir: str | os.PathLike[str] | None = None,
-        executor: str = "threads",
-        quiet: bool = False,
-        target: Target | None = None,
-        stop_grace: float = 30.0,
-        remote: str | None = None,
-        push: bool = False,
-        ray_address: str | None = None,
-        ray_storage: str = "store",
+        self, parameters: dict[str, dict[str, Any]] | None = None, **options: Unpack[RunOptions]
     ) -> str:
         """`run` without building a Distiset (nor importing `datasets`): returns the id
         of the run manifest (`castore.RunSummary.load(store, id)` summarizes it)."""
-        oid, _ = self._runner(
-            parameters,
-            use_cache,
-            cache_dir,
-            executor,
-            quiet,
-            target,
-            stop_grace,
-            remote,
-            push,
-            ray_address,
-            ray_storage,
-        ).run(distiset=False)
+        oid, _ = self._runner(parameters, options).run(distiset=False)
         return oid
 
-    def _runner(  # noqa: PLR0917 - the options of run() and execute(), in their order
-        self,
-        parameters: dict[str, dict[str, Any]] | None,
-        use_cache: bool,
-        cache_dir: str | os.PathLike[str] | None,
-        executor: str,
-        quiet: bool,
-        target: Target | None,
-        stop_grace: float,
-        remote: str | None,
-        push: bool,
-        ray_address: str | None,
-        ray_storage: str,
-    ) -> Any:
+    def _runner(self, parameters: dict[str, dict[str, Any]] | None, o: RunOptions) -> Any:
         from castore.pipeline.runner import Runner
         from castore.store import Store
 
+        unknown = sorted(set(o) - set(RunOptions.__annotations__))
+        if unknown:  # an option silently ignored would be a run that is not the one asked
+            raise TypeError(f"unknown run option(s): {', '.join(unknown)}")
         self.apply_parameters(parameters)
         self.validate()
+        cache_dir = o.get("cache_dir")
         store = Store(cache_dir if cache_dir is not None else self.cache_dir)
+        remote, push = o.get("remote"), o.get("push", False)
         remote_obj = None
         if remote is not None or push:
             from castore.config import remote_url
@@ -416,16 +362,31 @@ class Pipeline:
             self,
             store,
             parameters=redact_parameters(self, parameters or {}),
-            use_cache=use_cache,
-            executor=executor,
-            quiet=quiet,
-            target=target,
-            stop_grace=stop_grace,
+            use_cache=o.get("use_cache", True),
+            executor=o.get("executor", "threads"),
+            quiet=o.get("quiet", False),
+            target=o.get("target"),
+            stop_grace=o.get("stop_grace", 30.0),
             remote=remote_obj,
             push=push,
-            ray_address=ray_address,
-            ray_storage=ray_storage,
+            ray_address=o.get("ray_address"),
+            ray_storage=o.get("ray_storage", "store"),
         )
+
+
+class RunOptions(TypedDict, total=False):
+    """Keyword options of Pipeline.run and Pipeline.execute (defaults in brackets)."""
+
+    use_cache: bool  # reuse stored batches [True]
+    cache_dir: str | os.PathLike[str] | None  # the store [the pipeline's, else default]
+    executor: str  # "threads" | "processes" | "ray" ["threads"]
+    quiet: bool  # no console log or progress [False]
+    target: Target | None  # what `cas resume` re-invokes [the stored pipeline.yaml]
+    stop_grace: float  # seconds to wait for in-flight batches after Ctrl+C [30]
+    remote: str | None  # read-through remote: a name, URL or path [None]
+    push: bool  # write-through to the remote [False]
+    ray_address: str | None  # Ray cluster [a local one]
+    ray_storage: str  # "store" | "remote": where Ray workers write ["store"]
 
 
 REDACTED = "**********"

@@ -7,6 +7,7 @@ log, `cas run` and `cas show`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,8 @@ class Recorder:
         self.columns: dict[str, list[tuple[str, str]]] = {name: [] for name in plans}
         self.pipeline_yaml: str | None = None
         self.error: str | None = None
+        # Called after each recorded batch: (step, key, outputs, cached, failed).
+        self.on_record: Callable[[str, str, list[str], bool, bool], None] | None = None
 
     def record(
         self,
@@ -143,6 +146,8 @@ class Recorder:
         )
         if not self.columns[step] and outputs:
             self.columns[step] = result.columns if result is not None else self._columns(outputs)
+        if self.on_record is not None:
+            self.on_record(step, key, outputs, cached, failed)
 
     def set_columns(self, step: str, columns: list[tuple[str, str]]) -> None:
         self.columns[step] = columns

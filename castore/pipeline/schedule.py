@@ -99,6 +99,7 @@ class Scheduler:
         self.cache = TableCache()
         self.executor: Executor | None = None
         self.gen_threads: ThreadWorkers | None = None
+        recorder.on_record = self._after_record
 
     @property
     def inflight(self) -> int:
@@ -106,22 +107,10 @@ class Scheduler:
 
     # -- recording -----------------------------------------------------------------------
 
-    def _record(
-        self,
-        step: str,
-        index: int,
-        key: str,
-        outputs: list[str],
-        rows: list[int],
-        *,
-        cached: bool,
-        result: BatchResult | None = None,
-        cost: tuple[float, int] = (0.0, 0),
+    def _after_record(
+        self, step: str, key: str, outputs: list[str], cached: bool, failed: bool
     ) -> None:
-        self.recorder.record(
-            step, index, key, outputs, rows, cached=cached, result=result, cost=cost
-        )
-        failed = result is not None and result.skipped_error is not None
+        """Write-through of a new batch, and the progress display."""
         if self.rcache is not None and not cached and not failed:
             self.rcache.upload(key, outputs)
         plan, tally = self.plans[step], self.recorder.tallies[step]
@@ -160,7 +149,7 @@ class Scheduler:
         entry = self.reusable(batch.key)
         if entry is None:
             return False
-        self._record(
+        self.recorder.record(
             batch.step,
             batch.index,
             batch.key,
@@ -233,7 +222,7 @@ class Scheduler:
     def handle(self, event: Event, *, draining: bool = False) -> None:
         if isinstance(event, GeneratorBatch):
             r = event.result
-            self._record(
+            self.recorder.record(
                 event.step, event.index, event.key, r.outputs, r.rows, cached=False, result=r
             )
         elif isinstance(event, GeneratorEnd):
@@ -272,7 +261,14 @@ class Scheduler:
                 b.index,
                 res.skipped_error,
             )
-        self._record(b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res)
+        self.recorder.record(
+            b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res
+        )
+
+    def _computed(self, b: PlannedBatch, res: BatchResult) -> None:
+        self.recorder.record(
+            b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res
+        )
 
     def _failed(self, task: Task, error: BaseException, draining: bool) -> None:
         """Retry with exponential backoff, then on_error: 'skip' keeps the rows with None
@@ -307,7 +303,9 @@ class Scheduler:
             msg,
         )
         res = skipped_batch(self.store, step, b.slice_lists(), msg, self.cache)
-        self._record(b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res)
+        self.recorder.record(
+            b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res
+        )
 
     def start_workers(
         self, kind: str, pipeline: Any, ray_address: str | None, ray_remote: Any
@@ -367,7 +365,7 @@ class Scheduler:
             end = self._entry(end_key)
             known = end.info.get("batches") if end else None
             while (entry := self.reusable(key := generator_key(plan.fp, index))) is not None:
-                self._record(
+                self.recorder.record(
                     name, index, key, entry.outputs, entry.rows, cached=True, cost=entry_cost(entry)
                 )
                 offset += sum(entry.rows)
@@ -424,7 +422,7 @@ class Scheduler:
             return False
         for name, man in mans.items():
             for i, b in enumerate(man.batches):
-                self._record(
+                self.recorder.record(
                     name, i, b.key, b.outputs, b.rows, cached=True, cost=(b.seconds, b.tokens)
                 )
             self.plans[name].total = len(man.batches)

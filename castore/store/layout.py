@@ -57,6 +57,12 @@ def path_to_oid(shard: str, rest: str) -> str | None:
     return None
 
 
+def oid_from_path(path: str) -> str | None:
+    """The id a sharded path (".../ab/cdef...", any separator "/") names, or None."""
+    parts = path.rstrip("/").rsplit("/", 2)
+    return path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
+
+
 @dataclass(frozen=True)
 class Layout:
     root: str
