@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pyarrow as pa
 import pytest
@@ -245,3 +246,22 @@ def _assert_read_only_errors(root) -> None:
     assert p.stdout.startswith("StoreNotWritable cannot write"), p.stdout
     r = cas_inproc("fsck", cache_dir=root)
     assert r.returncode == 0, r
+
+
+def test_one_run_spec_rule_for_show_push_and_rm(tmp_path):
+    """A pipeline name means its newest run in every command."""
+    from tests.conftest import cas_inproc
+    from tests.test_pipeline import build
+
+    cache, remote = tmp_path / "c", tmp_path / "remote"
+    build(factor=2).run(cache_dir=cache, quiet=True)
+    time.sleep(0.01)
+    newest = build(factor=3).run(cache_dir=cache, quiet=True)
+    show = cas_inproc("show", "p", "--json", cache_dir=cache).json()
+    assert show["signature"] == newest.run.signature
+    pushed = cas_inproc("push", str(remote), "p", "--json", cache_dir=cache).json()
+    assert pushed["refs"] == [f"p/{newest.run.signature}"]
+    removed = cas_inproc("rm", "p", "--json", cache_dir=cache).json()
+    assert removed["removed"] == [f"p/{newest.run.signature}"]
+    r = cas_inproc("show", "ab", cache_dir=cache)
+    assert r.returncode == 2 and "no run named or matching 'ab'" in r.stderr

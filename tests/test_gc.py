@@ -179,3 +179,26 @@ def test_object_freshened_after_the_plan_is_not_swept(store):
     gc._sweep(store, plan, None)
     assert store.has(reused)
     assert not store.has(plan.objects_removed[1])
+
+
+def test_collect_sweeps_the_confirmed_plan_and_spares_a_moved_ref(store):
+    """`cas gc --keep-last` asks, then sweeps what was confirmed: a run made after the
+    question is not dropped, and a ref that a newer run moved meanwhile stays."""
+    for prefix in ("x", "y"):
+        make("many", prefix).run(cache_dir=store.root, quiet=True)
+        time.sleep(0.01)
+    plan = gc.plan_gc(store, keep_last=1)
+    ((name, sig),) = plan.refs_removed
+    old = next(r for r in list_runs(store) if r.sig == sig)
+    # After the prompt: the dropped pipeline runs again (its ref moves to a new manifest)
+    # and a third run appears; a fresh plan would now drop other runs.
+    again = make("many", "x")
+    assert again.signature() == sig  # the older run, which the plan drops
+    again.run(cache_dir=store.root, quiet=True)
+    make("many", "z").run(cache_dir=store.root, quiet=True)
+    moved = store.get_ref(name, sig)
+    assert moved != old.oid
+    result = gc.collect(store, plan=plan, grace=0)
+    assert result.plan is plan
+    assert store.get_ref(name, sig) == moved  # the moved ref was not removed
+    assert len(list_runs(store)) == 3

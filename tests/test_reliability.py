@@ -780,3 +780,15 @@ def test_debug_shows_what_the_one_line_summarized(tmp_path):
 
 def remote_problems(remote) -> list[str]:
     return [p.line() for p in check_remote(remote).problems]
+
+
+def test_fsck_reports_and_repairs_a_bad_ref_name(store):
+    build().run(cache_dir=store.root, quiet=True)
+    bad = Path(store.layout.ref_dir()) / ".hidden"
+    bad.mkdir()
+    (bad / ("0" * 64)).write_text("x")
+    r = cas_inproc("fsck", "--json", cache_dir=store.root)
+    assert r.returncode == 1 and [p["kind"] for p in r.json()["problems"]] == ["bad-ref"]
+    cas_inproc("fsck", "--repair", cache_dir=store.root)
+    assert not bad.exists()
+    assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
