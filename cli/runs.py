@@ -58,7 +58,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 
     RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
     """
-    from castore.pipeline.record import Saved
+    from castore.pipeline.record import RunSummary
     from castore.runs import resolve_run
     from castore.store.manifests import StepManifest, load_model
 
@@ -87,20 +87,15 @@ def show_command(app: App, run: str, as_json: bool) -> None:
                 "tokens_saved": st.tokens_saved if st else 0,
             }
         )
-    saved = {
-        "batches": sum(s["batches_cached"] for s in steps),
-        "rows": sum(s["rows_cached"] for s in steps),
-        "tokens": sum(s["tokens_saved"] for s in steps),
-        "seconds": round(sum(s["seconds_saved"] for s in steps), 6),
-    }
+    summary = RunSummary.load(store, info.oid)  # the totals every command prints
     doc = {
         "name": info.name,
         "signature": info.sig,
         "run_id": info.oid,
         "status": info.status,
         "steps": steps,
-        "saved": saved,
-        "tokens_spent": sum(s["tokens_spent"] for s in steps),
+        "saved": summary.saved.model_dump(),
+        "tokens_spent": summary.tokens_spent,
         "error": info.manifest.error,
     }
     if as_json:
@@ -122,7 +117,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
                 else ""
             )
         )
-    click.echo(Saved(**saved).line())
+    click.echo(summary.saved.line())
 
 
 @click.command("log")

@@ -792,3 +792,18 @@ def test_fsck_reports_and_repairs_a_bad_ref_name(store):
     cas_inproc("fsck", "--repair", cache_dir=store.root)
     assert not bad.exists()
     assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
+
+
+def test_a_corrupt_object_is_replaced_when_the_same_bytes_are_written_again(store):
+    """pipeline.yaml, manifests and outputs are often written again with the same bytes:
+    a corrupt copy under that id must not be taken for the new one."""
+    oid = store.put_bytes(b"pipeline: same bytes every run\n")
+    flip_byte(Path(store.path_of(oid)), at=3)
+    assert store.put_bytes(b"pipeline: same bytes every run\n") == oid
+    assert store.verify(oid)
+    first = build().run(cache_dir=store.root, quiet=True)
+    yaml_oid = first.run.pipeline_yaml
+    flip_byte(Path(store.path_of(yaml_oid)), at=5)
+    again = build().run(cache_dir=store.root, quiet=True)
+    assert again.run.pipeline_yaml == yaml_oid and store.verify(yaml_oid)
+    assert cas_inproc("fsck", cache_dir=store.root).returncode == 0

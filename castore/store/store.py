@@ -183,15 +183,15 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stage.path)
 
-    def _commit(self, stage: Stage, final: str, *, overwrite: bool) -> bool:
-        """Move a stage into place; False when `final` exists and overwrite is False."""
+    def _commit(self, stage: Stage, final: str, *, oid: str | None = None) -> bool:
+        """Move a stage into place. An object (`oid` given) is never rewritten while
+        intact: False when an intact copy is already there; a corrupt one is replaced."""
         try:
             stage.file.flush()
             if self.fsync:
                 os.fsync(stage.file.fileno())
             stage.file.close()
-            if not overwrite and os.path.exists(final):
-                self.freshen(os.path.basename(os.path.dirname(final)) + os.path.basename(final))
+            if oid is not None and self.reuse(oid):
                 return False
             parent = os.path.dirname(final)
             replace_into_shard(stage.path, final)
@@ -210,7 +210,7 @@ class Store:
         with self._staged() as stage:
             stage.needed = len(data)
             stage.write(data)
-            self._commit(stage, final, overwrite=True)
+            self._commit(stage, final)
 
     # -- objects -------------------------------------------------------------------------
 
@@ -220,17 +220,17 @@ class Store:
         with self._staged(0o444) as stage:
             yield stage
             oid = stage.hasher.hexdigest()
-            self._commit(stage, self.layout.object_path(oid), overwrite=False)
+            self._commit(stage, self.layout.object_path(oid), oid=oid)
             stage.oid = oid
 
     def put_bytes(self, data: bytes) -> str:
         oid = hash_bytes(data)
-        if self.freshen(oid):
+        if self.reuse(oid):  # present and intact; a corrupt copy is replaced below
             return oid
         with self._staged(0o444) as stage:
             stage.needed = len(data)
             stage.write(data)
-            self._commit(stage, self.layout.object_path(oid), overwrite=False)
+            self._commit(stage, self.layout.object_path(oid), oid=oid)
         return oid
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
@@ -250,12 +250,12 @@ class Store:
         write_parquet(table, sink)
         buf = sink.getvalue()
         oid = hash_bytes(memoryview(buf))
-        if self.freshen(oid):
+        if self.reuse(oid):  # present and intact; a corrupt copy is replaced below
             return oid
         with self._staged(0o444) as stage:
             stage.needed = buf.size
             stage.file.write(memoryview(buf))
-            self._commit(stage, self.layout.object_path(oid), overwrite=False)
+            self._commit(stage, self.layout.object_path(oid), oid=oid)
         return oid
 
     def staging_path(self, label: str) -> str:
