@@ -42,7 +42,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from castore.hashing import canonical_json, code_digest, hash_bytes, hash_json
+from castore.hashing import code_digest, hash_bytes, hash_json, tagged
 
 # Followed items of one step: "kind name" -> digest, e.g. "function helpers.clean".
 Parts = dict[str, str]
@@ -92,27 +92,9 @@ def _module_of(obj: Any) -> types.ModuleType | None:
 def _const_digest(value: Any) -> str | None:
     """A stable digest of a constant's value, or None for values that are not data."""
     try:
-        return hash_json(_plain(value))
+        return hash_json(tagged(value))
     except (TypeError, ValueError):
         return None
-
-
-def _plain(value: Any) -> Any:
-    """A constant as canonical-JSON-able data that keeps types apart."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return {"float": value.hex()}  # NaN and Inf too, with no collision with None
-    if isinstance(value, bytes):
-        return {"bytes": value.hex()}
-    if isinstance(value, (list, tuple)):
-        return {type(value).__name__: [_plain(v) for v in value]}
-    if isinstance(value, (set, frozenset)):
-        items = sorted((_plain(v) for v in value), key=lambda v: canonical_json(v))
-        return {"set": items}
-    if isinstance(value, dict):
-        return {"dict": sorted(([_plain(k), _plain(v)] for k, v in value.items()), key=str)}
-    raise TypeError(type(value).__name__)
 
 
 def _source_digest(obj: Any) -> str:

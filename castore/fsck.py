@@ -71,6 +71,13 @@ def check(
             )
     _check_actions(store, report, corrupt, repair)
     _check_refs(store, report, corrupt, repair)
+    for fp, seg in store.iter_row_segments():
+        if seg in corrupt or not store.has(seg):
+            if repair:
+                store.drop_row_segment(fp, seg)
+            report.problems.append(
+                Problem("dangling-index", f"{fp[:12]}/{seg[:12]}", "segment is missing", repair)
+            )
     return report
 
 

@@ -180,6 +180,9 @@ def _mark(
     for entry in entries.values():
         if entry is not None and now - entry.created.timestamp() < cache_ttl:
             marked.update(entry.outputs)
+            seg = entry.info.get("row_index")
+            if isinstance(seg, str):
+                marked.add(seg)  # its row keys live as long as its rows
     return marked
 
 
@@ -273,6 +276,9 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
     for key in plan.actions_dropped:
         store.delete_action(key)
     _delete_objects(store, plan.objects_removed, plan.cutoff, progress)
+    for fp, seg in store.iter_row_segments():
+        if not store.has(seg):
+            store.drop_row_segment(fp, seg)  # its segment (and so its rows) went
     _remove_empty_shards(store)
     tmp = store.layout.dir(L.TMP)
     for name in plan.tmp_removed:

@@ -135,7 +135,54 @@ def hash_json(value: Any) -> str:
     return blake3.blake3(canonical_json(value)).hexdigest()
 
 
+def tagged(value: Any, *, any_type: bool = False) -> Any:  # noqa: PLR0911 - one per type
+    """`value` as canonical-JSON-able data that keeps types apart: floats by their hex
+    form (NaN and Inf included, never confused with None or an int), bytes, tuples, sets
+    and dicts with any keys tagged. Other types raise TypeError, unless `any_type`: then
+    they are tagged with their type and repr (dates, decimals in row values)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return {"float": value.hex()}
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [tagged(v, any_type=any_type) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        items = [tagged(v, any_type=any_type) for v in value]
+        return {"set": sorted(items, key=canonical_json)}
+    if isinstance(value, dict):
+        pairs = [
+            [tagged(k, any_type=any_type), tagged(v, any_type=any_type)] for k, v in value.items()
+        ]
+        return {"dict": sorted(pairs, key=canonical_json)}
+    if any_type:
+        return {"repr": f"{type(value).__module__}.{type(value).__qualname__}:{value!r}"}
+    raise TypeError(type(value).__name__)
+
+
 # -- key recipes: every action key castore computes is one of these ----------------------
+
+
+def row_keys(
+    fingerprint: str, columns: Sequence[Sequence[Any]], seen: dict[bytes, int]
+) -> list[bytes]:
+    """Row keys of a row-wise step: per input row, blake3 of the step's fingerprint and
+    the tagged values of its declared input columns (in declared order), and, for the
+    n-th row with the same values in the step's input stream (n > 0), that n: identical
+    prompts sampled twice are two requests, not one answer copied. Not the row's
+    position, batch, pipeline or other columns. `seen` counts values across batches, in
+    stream order; `columns` are the input columns' values."""
+    prefix = canonical_json(fingerprint)
+    out = []
+    for values in zip(*columns, strict=True):
+        h = blake3.blake3(prefix)
+        h.update(canonical_json([tagged(v, any_type=True) for v in values]))
+        base = h.digest()
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append(base if n == 0 else blake3.blake3(base + n.to_bytes(8, "big")).digest())
+    return out
 
 
 def action_key(fingerprint: str, slices: Sequence[Sequence[Sequence[Any]]]) -> str:

@@ -41,6 +41,8 @@ class TransferPlan:
     bytes: int | None  # known for a push (local sizes)
     # pull: what the step manifests say each key produced (the entries' cross-check)
     recorded: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict, repr=False)
+    # pull: (fingerprint, segment) of row-wise batches, announced once they arrived
+    segments: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,8 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
             c.keys.add(generator_end_key(step.fingerprint))
             for b in step.batches:
                 c.batches.update(b.outputs)
+                if b.row_index:
+                    c.batches.add(b.row_index)
                 if not b.failed:
                     c.keys.add(b.key)
     c.manifests = list(dict.fromkeys(steps + runs))
@@ -213,6 +217,7 @@ def plan_pull(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
     manifests: list[str] = []
     keys: list[str] = []
     recorded: dict[str, tuple[list[str], list[int]]] = {}
+    segments: list[tuple[str, str]] = []
     for name, sig, run_oid in chosen:
         run = remote.load_json(run_oid, RunManifest)
         if run.name != name or run.signature != sig:
@@ -226,6 +231,9 @@ def plan_pull(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
             keys.append(generator_end_key(step.fingerprint))
             for b in step.batches:
                 wanted.update(b.outputs)
+                if b.row_index:
+                    wanted.add(b.row_index)
+                    segments.append((step.fingerprint, b.row_index))
                 if not b.failed:
                     keys.append(b.key)
                     recorded[b.key] = (list(b.outputs), list(b.rows))
@@ -243,6 +251,7 @@ def plan_pull(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
         skipped=len(wanted) - len(missing),
         bytes=None,
         recorded=recorded,
+        segments=segments,
     )
 
 
@@ -269,6 +278,8 @@ def pull(
         )
     for oid in plan.manifests:  # step manifests, then the run manifest
         result.bytes += fetch_object(store, remote, oid)
+    for fp, seg in plan.segments:
+        store.add_row_segment(fp, seg)  # rows pulled are reusable by row key here
     rejected: list[str] = []
 
     def fetch_entry(key: str) -> None:

@@ -172,6 +172,8 @@ def test_downstream_param_change_via_cli_counts(fast, tmp_path):
         "batches_computed": 0,
         "batches_failed": 0,
         "rows": 30,
+        "rows_computed": 0,
+        "rows_reused": 0,
     }
     assert doc["steps"]["add_one"]["batches_cached"] == 0
     assert doc["steps"]["add_one"]["batches_computed"] == 1

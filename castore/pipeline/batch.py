@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
+from castore.pipeline.rows import RowPlan, compute_rows, write_segment
 from castore.pipeline.step import (
     BatchIncomplete,
     _Step,
@@ -42,6 +43,9 @@ class BatchResult:
     skipped_error: str | None = None
     tokens: int = 0
     entry_written: bool = True  # False from Ray workers: the driver writes the entry
+    row_index: str | None = None  # row-wise steps: the batch's row-key segment
+    rows_reused: int = 0  # rows taken from earlier results by row key
+    tokens_reused: int = 0  # what those rows cost when they were made
 
 
 class TableCache:
@@ -175,21 +179,39 @@ def execute_batch(
     cache: TableCache,
     *,
     write_entry: bool = True,
+    rows: RowPlan | None = None,
 ) -> BatchResult:
-    """Compute a batch and store it (object, then action entry unless the driver will)."""
+    """Compute a batch and store it: the object, then (row-wise steps, given `rows`) its
+    row-key segment, then the action entry unless the driver writes it."""
     t0 = time.perf_counter()
-    out, skipped = compute(step, read_input(store, slices, cache))
-    res = store_batch(
-        store, step, key, out, time.perf_counter() - t0, cache=write_entry and skipped is None
-    )
+    table = read_input(store, slices, cache)
+    if rows is None:
+        out, skipped = compute(step, table)
+        reused = None
+    else:
+        out, skipped, reused = compute_rows(store, step, table, rows, compute)
+    seconds = time.perf_counter() - t0
+    oid = store.put_table(out)
+    segment = write_segment(store, rows, oid) if rows is not None and skipped is None else None
+    tokens = count_tokens(out)
+    tokens_reused = count_tokens(reused) if reused is not None else 0
+    if write_entry and skipped is None:
+        info: dict[str, Any] = {"step": step.name, "seconds": round(seconds, 6)}
+        info["tokens"] = tokens - tokens_reused
+        if segment is not None:
+            info["row_index"] = segment
+        store.put_action(key, ActionEntry(outputs=[oid], rows=[out.num_rows], info=info))
     return BatchResult(
-        res.outputs,
-        res.rows,
-        res.seconds,
-        res.columns,
+        [oid],
+        [out.num_rows],
+        seconds,
+        columns_of(out),
         skipped_error=skipped,
-        tokens=res.tokens,
+        tokens=tokens - tokens_reused,
         entry_written=write_entry or skipped is not None,
+        row_index=segment,
+        rows_reused=rows.reused if rows is not None else 0,
+        tokens_reused=tokens_reused,
     )
 
 
@@ -217,7 +239,9 @@ _process_store: dict[str, Store] = {}
 _process_cache = TableCache()
 
 
-def execute_in_process(root: str, step: _Step, key: str, slices: list[list[Slice]]) -> Any:
+def execute_in_process(
+    root: str, step: _Step, key: str, slices: list[list[Slice]], rows: RowPlan | None = None
+) -> Any:
     """Process-pool entry point: the same work as `execute_batch`, with a per-process
     Store. Errors are returned as text, since exceptions from user code may not pickle."""
     from castore.store import Store
@@ -226,12 +250,14 @@ def execute_in_process(root: str, step: _Step, key: str, slices: list[list[Slice
     if store is None:
         store = _process_store[root] = Store(root)
     try:
-        return execute_batch(store, step, key, slices, _process_cache)
+        return execute_batch(store, step, key, slices, _process_cache, rows=rows)
     except Exception as e:
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
 
 
-def execute_for_ray(root: str, step: _Step, key: str, slices: list[list[Slice]]) -> Any:
+def execute_for_ray(
+    root: str, step: _Step, key: str, slices: list[list[Slice]], rows: RowPlan | None = None
+) -> Any:
     """Ray task: compute a batch and write its object; the driver writes the entry."""
     from castore.store import Store
 
@@ -239,7 +265,7 @@ def execute_for_ray(root: str, step: _Step, key: str, slices: list[list[Slice]])
     if store is None:
         store = _process_store[root] = Store(root)
     try:
-        return execute_batch(store, step, key, slices, _process_cache, write_entry=False)
+        return execute_batch(store, step, key, slices, _process_cache, write_entry=False, rows=rows)
     except Exception as e:
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
 

@@ -23,6 +23,7 @@ from castore.pipeline.batch import (
     read_input,
 )
 from castore.pipeline.plan import PlannedBatch
+from castore.pipeline.rows import RowPlan
 
 if TYPE_CHECKING:
     from castore.pipeline.step import _Step
@@ -36,6 +37,7 @@ class Task:
     batch: PlannedBatch
     step: _Step
     ticket: Any
+    rows: RowPlan | None = None  # row-wise steps: what earlier results were found
 
 
 # -- events on the completion queue ------------------------------------------------------
@@ -115,7 +117,9 @@ class ThreadExecutor:
         def work() -> None:
             b = task.batch
             try:
-                res = execute_batch(self._store, task.step, b.key, b.slice_lists(), self._cache)
+                res = execute_batch(
+                    self._store, task.step, b.key, b.slice_lists(), self._cache, rows=task.rows
+                )
             except BaseException as e:  # the scheduler decides: retry, skip or fail
                 self._events.put(BatchFailed(task, e))
                 return
@@ -151,7 +155,9 @@ class ProcessExecutor:
 
     def submit(self, task: Task) -> None:
         b = task.batch
-        fut = self._pool.submit(execute_in_process, self._root, task.step, b.key, b.slice_lists())
+        fut = self._pool.submit(
+            execute_in_process, self._root, task.step, b.key, b.slice_lists(), task.rows
+        )
 
         def report(f: Any) -> None:
             err = f.exception()
@@ -258,7 +264,7 @@ class RayExecutor:
             table = read_input(self._store, b.slice_lists(), self._cache)
             ref = fn.remote(self._remote.url, task.step, table)
         else:
-            ref = fn.remote(str(self._store.root), task.step, b.key, b.slice_lists())
+            ref = fn.remote(str(self._store.root), task.step, b.key, b.slice_lists(), task.rows)
         with self._lock:
             self._pending[ref] = task
 

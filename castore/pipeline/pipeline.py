@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.hashing import hash_json
+from castore.pipeline.rows import check_row_wise
 from castore.pipeline.step import CURRENT_PIPELINE, GeneratorStep, GlobalStep, _Step, is_secret
 from castore.store.layout import validate_name
 
@@ -127,6 +128,7 @@ class Pipeline:
         produced: dict[str, set[str] | None] = {}
         for n in order:
             step = self.steps[n]
+            check_row_wise(step)
             preds = self.predecessors(n)
             if isinstance(step, GeneratorStep):
                 produced[n] = self._columns_after(step, None) or (

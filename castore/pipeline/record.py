@@ -44,6 +44,7 @@ class StepTally:
     seconds_saved: float = 0.0
     tokens_spent: int = 0
     tokens_saved: int = 0
+    rows_reused: int = 0  # rows of computed batches found by row key
 
     def add(self, rows: int, *, cached: bool, failed: bool, seconds: float, tokens: int) -> None:
         if cached:
@@ -73,6 +74,7 @@ class StepTally:
             seconds_saved=round(self.seconds_saved, 6),
             tokens_spent=self.tokens_spent,
             tokens_saved=self.tokens_saved,
+            rows_reused=self.rows_reused,
         )
 
 
@@ -124,11 +126,16 @@ class Recorder:
         cached: bool,
         result: BatchResult | None = None,
         cost: tuple[float, int] = (0.0, 0),
+        row_index: str | None = None,
     ) -> None:
         """A batch is done: `result` when computed now; for a hit, `cost` is (seconds,
-        tokens) that computing it took once, i.e. what the cache saved."""
+        tokens) that computing it took once, i.e. what the cache saved, and `row_index`
+        its row-key segment (row-wise steps)."""
         failed = result is not None and result.skipped_error is not None
         seconds, tokens = (result.seconds, result.tokens) if result else cost
+        reused = result.rows_reused if result else 0
+        if result is not None:
+            row_index = result.row_index
         self.plans[step].add(
             index,
             BatchRecord(
@@ -139,11 +146,16 @@ class Recorder:
                 seconds=round(seconds, 6),
                 tokens=tokens,
                 failed=failed,
+                row_index=row_index,
+                rows_reused=reused,
             ),
         )
-        self.tallies[step].add(
-            sum(rows), cached=cached, failed=failed, seconds=seconds, tokens=tokens
-        )
+        tally = self.tallies[step]
+        tally.add(sum(rows), cached=cached, failed=failed, seconds=seconds, tokens=tokens)
+        if result is not None and reused:
+            tally.rows_reused += reused
+            tally.rows_computed -= reused
+            tally.tokens_saved += result.tokens_reused
         if not self.columns[step] and outputs:
             self.columns[step] = result.columns if result is not None else self._columns(outputs)
         if self.on_record is not None:
@@ -212,26 +224,31 @@ class StepSummary(BaseModel):
     batches_computed: int
     batches_failed: int
     rows: int
+    rows_computed: int = 0
+    rows_reused: int = 0  # rows of computed batches found by row key
 
 
 class Saved(BaseModel):
     batches: int
-    rows: int
+    rows: int  # rows of cached batches plus rows found by row key
     tokens: int
     seconds: float
+    rows_by_key: int = 0
 
     @classmethod
     def of(cls, stats: dict[str, StepStats]) -> Saved:
         return cls(
             batches=sum(s.batches_cached for s in stats.values()),
-            rows=sum(s.rows_cached for s in stats.values()),
+            rows=sum(s.rows_cached + s.rows_reused for s in stats.values()),
+            rows_by_key=sum(s.rows_reused for s in stats.values()),
             tokens=sum(s.tokens_saved for s in stats.values()),
             seconds=round(sum(s.seconds_saved for s in stats.values()), 6),
         )
 
     def line(self) -> str:
+        by_key = f" ({self.rows_by_key} by row key)" if self.rows_by_key else ""
         return (
-            f"saved: {self.batches} batches, {self.rows} rows, {self.tokens} tokens, "
+            f"saved: {self.batches} batches, {self.rows} rows{by_key}, {self.tokens} tokens, "
             f"{self.seconds:.1f} seconds of compute"
         )
 
@@ -266,6 +283,8 @@ class RunSummary(BaseModel):
                     batches_computed=s.batches_computed,
                     batches_failed=s.batches_failed,
                     rows=s.rows,
+                    rows_computed=s.rows_computed,
+                    rows_reused=s.rows_reused,
                 )
                 for n, s in stats.items()
             },
@@ -290,6 +309,8 @@ def step_lines(stats: dict[str, StepStats]) -> list[str]:
     return [
         f"step {n}: {s.batches_cached + s.batches_computed + s.batches_failed} batches "
         f"({s.batches_cached} cached, {s.batches_computed} computed, {s.batches_failed} "
-        f"failed), {s.rows} rows, {s.compute_seconds:.2f}s compute"
+        f"failed), {s.rows} rows"
+        + (f" ({s.rows_reused} reused by row key)" if s.rows_reused else "")
+        + f", {s.compute_seconds:.2f}s compute"
         for n, s in stats.items()
     ]

@@ -24,6 +24,7 @@ from castore.pipeline.batch import (
     TableCache,
     call_process,
     check_outputs,
+    read_input,
     skipped_batch,
     store_batch,
 )
@@ -40,8 +41,9 @@ from castore.pipeline.executors import (
     pickle_steps_by_value,
 )
 from castore.pipeline.plan import PlannedBatch, Planner
+from castore.pipeline.rows import RowIndex, RowPlan, segment_of, write_segment
 from castore.pipeline.step import GeneratorStep, _Step, normalize_output, to_table
-from castore.store.manifests import RunManifest, StepManifest, load_model
+from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class Pending:
     attempt: int = 0
     not_before: float = 0.0
     lease: FileLock | None = None
+    rows: RowPlan | None = None  # row-wise steps: earlier results found by row key
 
 
 @dataclass
@@ -100,6 +103,8 @@ class Scheduler:
         self.executor: Executor | None = None
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
+        # Row-wise steps' row-key indexes, loaded on their first batch miss.
+        self.row_indexes: dict[str, RowIndex] = {}
 
     @property
     def inflight(self) -> int:
@@ -145,10 +150,15 @@ class Scheduler:
         self.store.delete_action(key)
         return None
 
-    def _lookup(self, batch: PlannedBatch) -> bool:
+    def _lookup(self, batch: PlannedBatch, keys: RowPlan | None = None) -> bool:
+        """Record a hit; a row-wise hit whose row-key segment is gone or damaged gets it
+        written again from `keys` (same bytes, same id), so its rows stay findable."""
         entry = self.reusable(batch.key)
         if entry is None:
             return False
+        segment = segment_of(entry.info)
+        if segment is not None and not self.store.reuse(segment):
+            segment = write_segment(self.store, keys, entry.outputs[0]) if keys else None
         self.recorder.record(
             batch.step,
             batch.index,
@@ -157,16 +167,21 @@ class Scheduler:
             entry.rows,
             cached=True,
             cost=entry_cost(entry),
+            row_index=segment,
         )
         return True
 
     def plan_all(self) -> None:
         """Plan what the done prefixes cover; hits are recorded at once (and can make more
-        batches plannable), misses queued."""
+        batches plannable), misses queued. Row-wise steps get their row keys here, in
+        stream order (a hit counts its rows too: the n-th equal row has its own key)."""
         while batches := self.planner.next_batches():
             for batch in batches:
-                if not self._lookup(batch):
-                    self.queues[batch.step].pending.append(Pending(batch))
+                keys = self._row_plan(batch, lookup=False)
+                if self._lookup(batch, keys):
+                    continue
+                rows = self._row_plan(batch, lookup=True, keys=keys)
+                self.queues[batch.step].pending.append(Pending(batch, rows=rows))
 
     def check_waiting(self) -> None:
         """Batches another run is computing: take the entry once it lands, or the lease
@@ -198,7 +213,25 @@ class Scheduler:
                     q.waiting.append(p)
                 elif p.batch.index not in self.plans[name].done:  # not a hit meanwhile
                     q.inflight += 1
-                    self.executor.submit(Task(p.batch, self.steps[name], p))
+                    self.executor.submit(Task(p.batch, self.steps[name], p, p.rows))
+
+    def _row_plan(
+        self, batch: PlannedBatch, *, lookup: bool, keys: RowPlan | None = None
+    ) -> RowPlan | None:
+        """For a row-wise step's batch: its row keys (in stream order) and, with `lookup`
+        (a batch miss), the rows already made."""
+        step = self.steps[batch.step]
+        if not step.row_wise or not self.use_cache:
+            return None
+        index = self.row_indexes.get(batch.step)
+        if index is None:
+            index = RowIndex.load(self.store, self.plans[batch.step].fp)
+            self.row_indexes[batch.step] = index
+        if keys is not None:
+            found = index.find(keys.keys) if lookup else keys.found
+            return index.verified(RowPlan(keys.fingerprint, keys.keys, found))
+        table = read_input(self.store, batch.slice_lists(), self.cache)
+        return index.plan(step, table, lookup=lookup)
 
     def _take_lease(self, p: Pending) -> bool:
         """A lease on the action key, so two runs never pay for the same batch at once.
@@ -250,9 +283,18 @@ class Scheduler:
     def _done(self, task: Task, res: BatchResult) -> None:
         p = self._settle(task)
         b = p.batch
+        index = self.row_indexes.get(b.step)
+        if index is not None and p.rows is not None and res.row_index is not None:
+            index.add(p.rows.keys, res.outputs[0])  # later batches of this run reuse them
         if not res.entry_written and res.skipped_error is None:
             # Ray workers write objects; the driver alone writes action entries.
-            info = {"step": b.step, "seconds": round(res.seconds, 6), "tokens": res.tokens}
+            info: dict[str, Any] = {
+                "step": b.step,
+                "seconds": round(res.seconds, 6),
+                "tokens": res.tokens,
+            }
+            if res.row_index is not None:
+                info["row_index"] = res.row_index
             self.store.put_action(b.key, ActionEntry(outputs=res.outputs, rows=res.rows, info=info))
         if res.skipped_error:
             log.warning(
@@ -416,19 +458,35 @@ class Scheduler:
         if set(mans) != set(self.plans) or not all(
             m.complete
             and m.signature == sigs[n]["sig"]
-            and all(not b.failed and all(map(self.store.reuse, b.outputs)) for b in m.batches)
+            and all(_intact(self.store, b) for b in m.batches)
             for n, m in mans.items()
         ):
             return False
         for name, man in mans.items():
             for i, b in enumerate(man.batches):
                 self.recorder.record(
-                    name, i, b.key, b.outputs, b.rows, cached=True, cost=(b.seconds, b.tokens)
+                    name,
+                    i,
+                    b.key,
+                    b.outputs,
+                    b.rows,
+                    cached=True,
+                    cost=(b.seconds, b.tokens),
+                    row_index=b.row_index,
                 )
             self.plans[name].total = len(man.batches)
             self.recorder.set_columns(name, man.columns)
         log.info("every batch of this pipeline is in the store: no step work to do")
         return True
+
+
+def _intact(store: Store, b: BatchRecord) -> bool:
+    """A batch a replay may serve: not failed, outputs (and row-key segment) verified."""
+    return (
+        not b.failed
+        and all(map(store.reuse, b.outputs))
+        and (b.row_index is None or store.reuse(b.row_index))
+    )
 
 
 def fail(step: str, error: BaseException) -> None:

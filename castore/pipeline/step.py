@@ -71,6 +71,9 @@ class _Step(BaseModel):
     # Installed packages whose versions enter the code version (third-party code is not
     # followed otherwise: an upgrade must not silently re-pay LLM work).
     code_packages: ClassVar[list[str]] = []
+    # Row-wise (castore/pipeline/rows.py): each output row depends only on its own input
+    # row's row_key_columns() and is that row plus `outputs`; rows are reused by row key.
+    row_wise: ClassVar[bool] = False
 
     name: str | None = runtime_field(None, description="Unique name in the pipeline.")
     input_batch_size: int = runtime_field(50, ge=1, description="Rows per input batch.")
@@ -189,6 +192,10 @@ class _Step(BaseModel):
     def required_columns(self) -> list[str]:
         """The input columns checked before any work (the declared `inputs` by default)."""
         return list(self.inputs)
+
+    def row_key_columns(self) -> list[str]:
+        """The columns a row-wise step reads: its row keys are made of their values."""
+        return self.required_columns()
 
     def extra_identity(self) -> Any:
         """Hook for steps whose outputs depend on more than params (e.g. file contents)."""
@@ -310,6 +317,7 @@ def step(
     outputs: list[str] | None = None,
     step_type: StepKind = "normal",
     code_packages: list[str] | None = None,
+    row_wise: bool = False,
 ) -> Callable[[Callable[..., Any]], type[_Step]]:
     """Make a step class from a function.
 
@@ -332,6 +340,7 @@ def step(
             "inputs": list(inputs or []),
             "outputs": list(outputs or []),
             "code_packages": list(code_packages or []),
+            "row_wise": row_wise,
             "_func": staticmethod(func),
         }
         for pname in extra_params:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import Field
-
 from castore.errors import PipelineError
 from castore.llms import Generation, OpenAILLM
-from castore.pipeline.step import BatchIncomplete, Step, StepInput
+from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
 from castore.store.parquet import METADATA_COLUMN
 
 
@@ -19,9 +17,12 @@ class _LLMTask(Step):
     model name and per-row metadata (raw response, usage, error)."""
 
     outputs = ["generation", "model_name"]
+    row_wise = True  # one request per row: a row answered once is never paid again
 
     llm: OpenAILLM
-    input_batch_size: int = Field(default=32, ge=1)
+    # Runtime-only like every step's batch size (the signature already has it): a batch
+    # size in the fingerprint would change every row key of the step with it.
+    input_batch_size: int = runtime_field(32, ge=1, description="Rows per input batch.")
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:  # pragma: no cover
         raise NotImplementedError

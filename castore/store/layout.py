@@ -25,6 +25,7 @@ TMP = "tmp"
 QUARANTINE = "quarantine"
 LOCKS = "locks"
 CONFIG = "config.yaml"
+INDEX = "index"  # index/<fingerprint>/<segment id>: the row-key segments of a row-wise step
 LEASES = "leases"
 RUN_LOCKS = "runs"
 # What a run folder holds: the run's pipeline.yaml and log, its leaf batches (data/, with
@@ -116,6 +117,14 @@ class Layout:
     def dirs(self) -> list[str]:
         """Every top-level folder a store creates (quarantine/ appears when needed)."""
         return [self.dir(k) for k in (OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS)]
+
+    def index_dir(self, fingerprint: str) -> str:
+        validate_id(fingerprint)
+        return self.join(self.root, INDEX, fingerprint)
+
+    def index_path(self, fingerprint: str, segment: str) -> str:
+        validate_id(segment)
+        return self.join(self.index_dir(fingerprint), segment)
 
     def run_locks_dir(self) -> str:
         return self.join(self.root, LOCKS, RUN_LOCKS)

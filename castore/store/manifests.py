@@ -38,6 +38,10 @@ class BatchRecord(_Model):
     seconds: float = 0.0
     tokens: int = 0
     failed: bool = False  # kept with on_error="skip": not cached, recomputed next run
+    # Row-wise steps: the segment object mapping each output row's row key to it, and
+    # how many of the rows were taken from earlier results by row key.
+    row_index: Oid | None = None
+    rows_reused: int = 0
 
 
 class StepManifest(_Model):
@@ -68,6 +72,7 @@ class StepStats(_Model):
     seconds_saved: float = 0.0
     tokens_spent: int = 0
     tokens_saved: int = 0
+    rows_reused: int = 0  # rows of computed batches taken from earlier results by row key
 
 
 class Target(_Model):
@@ -143,6 +148,8 @@ def manifest_closure(load: ManifestLoader, run_oid: str) -> tuple[RunManifest, s
         step = load(ref.manifest, StepManifest)
         for b in step.batches:
             reached.update(b.outputs)
+            if b.row_index:
+                reached.add(b.row_index)
     return run, reached
 
 

@@ -420,6 +420,40 @@ class Store:
     def iter_actions(self) -> Iterator[str]:
         yield from self._iter_sharded(L.ACTIONS)
 
+    # -- row-key index segments -----------------------------------------------------------
+
+    def add_row_segment(self, fingerprint: str, segment: str) -> None:
+        """Announce a row-key segment object of a row-wise step (an empty marker file,
+        written after the segment object exists)."""
+        if not self.has(segment):
+            raise StoreError(f"row segment {segment} is not in the store")
+        self.write_file(self.layout.index_path(fingerprint, segment), b"")
+
+    def row_segments(self, fingerprint: str) -> list[str]:
+        """The segment ids announced for a step fingerprint (markers of vanished segments
+        are skipped; gc and fsck --repair remove them)."""
+        try:
+            names = os.listdir(self.layout.index_dir(fingerprint))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if L.path_to_oid(n[:2], n[2:]) and self.has(n))
+
+    def drop_row_segment(self, fingerprint: str, segment: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.index_path(fingerprint, segment))
+
+    def iter_row_segments(self) -> Iterator[tuple[str, str]]:
+        """(fingerprint, segment id) of every marker, for gc and fsck."""
+        base = self.layout.dir(L.INDEX)
+        with contextlib.suppress(FileNotFoundError):
+            for fp in sorted(os.listdir(base)):
+                if not L.path_to_oid(fp[:2], fp[2:]):
+                    continue
+                with contextlib.suppress(NotADirectoryError, FileNotFoundError):
+                    for seg in sorted(os.listdir(os.path.join(base, fp))):
+                        if L.path_to_oid(seg[:2], seg[2:]):
+                            yield fp, seg
+
     # -- refs ----------------------------------------------------------------------------
 
     def set_ref(self, name: str, sig: str, oid: str) -> None:

@@ -1,0 +1,208 @@
+"""Row-level reuse: a row-wise step never computes a row it has computed before under the
+same fingerprint, whatever moved around it. Each scenario counts the expensive step's
+calls and compares the dataset with a fresh --no-cache run in another store."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from castore import Pipeline, StepInput, step
+from castore.errors import PipelineError
+from castore.remote import Remote
+from castore.steps import FilterRows, KeepColumns, LoadDataFromFileSystem
+from castore.store import Store
+from castore.transfer import pull, push
+from tests.conftest import cas_inproc
+
+CALLS: list[str] = []
+_LOCK = threading.Lock()
+
+
+@step(inputs=["text"], outputs=["label"], row_wise=True)
+def Label(inputs: StepInput, suffix: str = "!"):
+    with _LOCK:
+        CALLS.extend(r["text"] for r in inputs)
+    return [{**r, "label": r["text"].upper() + suffix} for r in inputs]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def base_rows(n: int = 120) -> list[dict]:
+    return [{"id": i, "text": f"review number {i} " + "x" * (i % 17)} for i in range(n)]
+
+
+def build(
+    data: Path,
+    *,
+    name: str = "rows",
+    min_len: int = 0,
+    batch: int = 16,
+    load_batch: int = 25,
+    suffix: str = "!",
+) -> Pipeline:
+    with Pipeline(name=name) as p:
+        load = LoadDataFromFileSystem(data_files=str(data), batch_size=load_batch)
+        keep_long = FilterRows(column="id", op=">=", value=min_len)
+        label = Label(input_batch_size=batch, suffix=suffix)
+        load >> keep_long >> label >> KeepColumns(columns=["id", "text", "label"])
+    return p
+
+
+def run(p: Pipeline, cache: Path, **kw) -> tuple[list[dict], int, dict]:
+    CALLS.clear()
+    ds = p.run(cache_dir=cache, quiet=True, **kw)
+    stats = ds.run.stats["label"]
+    return ds["keep_columns"]["train"].to_list(), len(CALLS), stats.model_dump()
+
+
+def fresh(p: Pipeline, tmp_path: Path) -> list[dict]:
+    """The same configuration computed from nothing, in another store."""
+    d = tmp_path / f"fresh-{random.random()}"
+    return run(p, d, use_cache=False)[0]
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "reviews.jsonl"
+    write_rows(path, base_rows())
+    return path
+
+
+def test_append_rows_computes_only_them(tmp_path, data):
+    cache = tmp_path / "c"
+    assert run(build(data), cache)[1] == 120
+    write_rows(data, [*base_rows(), *[{"id": 1000 + i, "text": f"new {i}"} for i in range(5)]])
+    rows, computed, stats = run(build(data), cache)
+    assert computed == 5 and sorted(CALLS) == [f"new {i}" for i in range(5)]
+    assert stats["rows_reused"] + stats["rows_cached"] == 120 and stats["rows_computed"] == 5
+    assert rows == fresh(build(data), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"min_len": 30},  # a tighter upstream filter
+        {"batch": 7},  # another input_batch_size
+        {"load_batch": 9, "name": "other-name"},  # another pipeline, other loader batches
+    ],
+)
+def test_moves_that_compute_nothing(tmp_path, data, change):
+    cache = tmp_path / "c"
+    run(build(data), cache)
+    rows, computed, stats = run(build(data, **change), cache)
+    assert computed == 0, CALLS[:5]
+    assert stats["rows_reused"] + stats["rows_cached"] == stats["rows"]
+    assert rows == fresh(build(data, **change), tmp_path)
+
+
+def test_shuffled_input_and_an_unread_column_compute_nothing(tmp_path, data):
+    cache = tmp_path / "c"
+    run(build(data), cache)
+    rows = base_rows()
+    random.Random(7).shuffle(rows)
+    write_rows(data, [{**r, "lang": "en"} for r in rows])
+    got, computed, _ = run(build(data), cache)
+    assert computed == 0
+    assert got == fresh(build(data), tmp_path)
+
+
+def test_equal_rows_are_separate_requests_and_stay_so(tmp_path):
+    """Two rows with the same input are two samples (an LLM at temperature > 0), not
+    one answer copied; a re-run with another batch size reuses both."""
+    path = tmp_path / "dup.jsonl"
+    write_rows(path, [{"id": i, "text": "same prompt"} for i in range(6)])
+    cache = tmp_path / "c"
+    assert run(build(path), cache)[1] == 6
+    assert run(build(path, batch=4), cache)[1] == 0
+    write_rows(path, [{"id": i, "text": "same prompt"} for i in range(8)])
+    assert run(build(path, batch=4), cache)[1] == 2  # the 7th and 8th samples
+
+
+def test_a_changed_param_computes_everything(tmp_path, data):
+    cache = tmp_path / "c"
+    run(build(data), cache)
+    assert run(build(data, suffix="?"), cache)[1] == 120
+
+
+def test_row_reuse_survives_gc_and_travels_with_push_pull(tmp_path, data):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(build(data), a)
+    r = cas_inproc("gc", "--grace", "0", "--cache-ttl", "0", cache_dir=a)
+    assert r.returncode == 0, r
+    assert run(build(data, batch=5), a)[1] == 0  # the ref kept its rows and their keys
+    assert cas_inproc("fsck", cache_dir=a).returncode == 0
+    remote = tmp_path / "remote"
+    push(Store(a), Remote(str(remote)))
+    pull(Store(b), Remote(str(remote)))
+    rows, computed, _ = run(build(data, batch=11), b)
+    assert computed == 0 and rows == fresh(build(data, batch=11), tmp_path)
+
+
+def test_a_damaged_segment_is_reported_and_its_rows_recomputed(tmp_path, data):
+    cache = tmp_path / "c"
+    run(build(data), cache)
+    store = Store(cache)
+    _, seg = next(store.iter_row_segments())
+    path = Path(store.path_of(seg))
+    path.chmod(0o644)
+    path.write_bytes(b"not a segment")
+    rows, computed, _ = run(build(data, batch=9), cache)
+    assert 0 < computed < 120  # only the rows that segment named
+    assert rows == fresh(build(data, batch=9), tmp_path)
+    # The first configuration's run names the quarantined segment: running it again
+    # writes the segment anew from the row keys (its batches are all cache hits).
+    assert run(build(data), cache)[1] == 0
+    assert cas_inproc("fsck", cache_dir=cache).returncode == 0
+
+
+def test_row_wise_needs_declared_columns(tmp_path):
+    @step(row_wise=True)
+    def Nothing(inputs: StepInput):
+        return inputs
+
+    with Pipeline("bad") as p:
+        Nothing()
+    with pytest.raises(PipelineError, match="row-wise step declares"):
+        p.validate()
+
+
+def test_text_generation_requests_only_new_rows(tmp_path):
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+    from tests.llm_server import LLMServer
+
+    server = LLMServer().start()
+    try:
+
+        def gen(n: int, batch: int) -> Pipeline:
+            with Pipeline(name="gen-rows") as p:
+                LoadDataFromDicts(
+                    data=[{"instruction": f"q {i}"} for i in range(n)], batch_size=20
+                ) >> TextGeneration(
+                    llm=OpenAILLM(model="m", base_url=server.base_url, backoff=0.01),
+                    input_batch_size=batch,
+                )
+            return p
+
+        cache = tmp_path / "c"
+        gen(65, 10).run(cache_dir=cache, quiet=True)
+        assert server.requests == 65
+        gen(65, 7).run(cache_dir=cache, quiet=True)  # another batch size: nothing sent
+        assert server.requests == 65
+        ds = gen(70, 7).run(cache_dir=cache, quiet=True)  # 5 rows appended
+        assert server.requests == 70
+        rows = ds["text_generation"]["train"].to_list()
+        assert [r["generation"] for r in rows] == [
+            f"answer(m): {f'q {i}'[::-1]}" for i in range(70)
+        ]
+        st = ds.run.stats["text_generation"]
+        assert st.rows_reused + st.rows_cached == 65 and st.rows_computed == 5
+    finally:
+        server.stop()
