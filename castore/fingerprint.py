@@ -222,15 +222,19 @@ class _Walk:
     def _resolve(self, namespace: dict[str, Any], chain: list[str]) -> None:
         if chain[0] not in namespace:
             return  # a builtin, or a global that does not exist (yet)
-        self._value(chain[0], namespace[chain[0]], chain[1:])
+        module = sys.modules.get(str(namespace.get("__name__")))
+        self._value(chain[0], namespace[chain[0]], chain[1:], module)
 
-    def _value(self, label: str, value: Any, rest: Iterable[str]) -> None:
+    def _value(
+        self, label: str, value: Any, rest: Iterable[str], module: types.ModuleType | None = None
+    ) -> None:
         rest = list(rest)
         if isinstance(value, types.ModuleType):
             if not is_user_module(value):
                 return
             if rest and rest[0] in vars(value):
-                self._value(f"{value.__name__}.{rest[0]}", vars(value)[rest[0]], rest[1:])
+                attr = vars(value)[rest[0]]
+                self._value(f"{value.__name__}.{rest[0]}", attr, rest[1:], value)
             elif id(value) not in self.seen:
                 self.seen.add(id(value))
                 try:
@@ -244,9 +248,40 @@ class _Walk:
             return
         if callable(value) or isinstance(value, types.ModuleType):
             return  # library objects (and instances with __call__) are not followed
-        digest = _const_digest(value)
+        if isinstance(value, (list, dict, set)):
+            # A mutable global may be a registry or a counter the run itself changes: its
+            # code, not its value at this moment, is what the step depends on.
+            name = label.rsplit(".", 1)[-1]
+            digest = _assignment_digest(module, name) if module is not None else None
+        else:
+            digest = _const_digest(value)
         if digest is not None:
             self.add(f"constant {label}", digest)
+
+
+def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
+    """Normalized AST of the module-level statements that assign `name`, or None."""
+    try:
+        tree = _module_tree(module)
+    except (OSError, TypeError, SyntaxError):
+        return None
+    found = []
+    for node in tree.body:
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+            else []
+        )
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            found.append(ast.dump(node, include_attributes=False))
+    return hash_json(found) if found else None
+
+
+@functools.lru_cache(maxsize=256)
+def _module_tree(module: types.ModuleType) -> ast.Module:
+    return ast.parse(inspect.getsource(module))
 
 
 def _qualname(obj: Any) -> str:

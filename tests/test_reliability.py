@@ -807,3 +807,35 @@ def test_a_corrupt_object_is_replaced_when_the_same_bytes_are_written_again(stor
     again = build().run(cache_dir=store.root, quiet=True)
     assert again.run.pipeline_yaml == yaml_oid and store.verify(yaml_oid)
     assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
+
+
+def test_a_mutable_global_counts_by_its_code_not_its_value(tmp_path, monkeypatch):
+    """A module-level list a step appends to (a counter, a registry) must not change the
+    step's fingerprint as the run changes it; editing the list's literal must."""
+    import importlib
+    import sys
+
+    def load(literal: str):
+        (tmp_path / "mutmod.py").write_text(
+            "from castore import step\n"
+            f"SEEN = {literal}\n\n\n"
+            "@step(inputs=['a'], outputs=['b'])\n"
+            "def Use(rows):\n"
+            "    SEEN.append(len(rows))\n"
+            "    return [{**r, 'b': len(SEEN)} for r in rows]\n"
+        )
+        sys.modules.pop("mutmod", None)
+        return importlib.import_module("mutmod")
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = load("[]")
+    with Pipeline("mut"):
+        s = mod.Use()
+    before = s.code_version()
+    mod.SEEN.extend([1, 2, 3])
+    assert s.code_version() == before
+    mod2 = load("[0]")
+    with Pipeline("mut2"):
+        s2 = mod2.Use()
+    assert s2.code_version() != before
+    sys.modules.pop("mutmod", None)

@@ -206,3 +206,76 @@ def test_text_generation_requests_only_new_rows(tmp_path):
         assert st.rows_reused + st.rows_cached == 65 and st.rows_computed == 5
     finally:
         server.stop()
+
+
+def test_after_a_partial_failure_only_failed_rows_are_requested_again(tmp_path):
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+    from tests.llm_server import LLMServer
+
+    server = LLMServer().start()
+    try:
+
+        def gen() -> Pipeline:
+            with Pipeline(name="partial") as p:
+                LoadDataFromDicts(
+                    data=[{"instruction": f"q {i}"} for i in range(30)], batch_size=30
+                ) >> TextGeneration(
+                    llm=OpenAILLM(model="m", base_url=server.base_url, backoff=0.01, max_retries=1),
+                    input_batch_size=10,
+                    on_error="skip",
+                )
+            return p
+
+        cache = tmp_path / "c"
+        server.always_fail = "q 1"  # every prompt containing "q 1": q 1, q 10..q 19
+        first = gen().run(cache_dir=cache, quiet=True)
+        failing = [f"q {i}" for i in range(30) if "q 1" in f"q {i}"]
+        rows = first["text_generation"]["train"].to_list()
+        assert sum(r["generation"] is None for r in rows) == len(failing)
+        server.always_fail = "\x00never"
+        before = server.requests
+        again = gen().run(cache_dir=cache, quiet=True)
+        assert server.requests - before == len(failing)  # only the failed rows
+        assert all(r["generation"] for r in again["text_generation"]["train"].to_list())
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_kill_9_mixing_reused_and_new_rows_then_resume(tmp_path):
+    """300 rows done; 300 appended; kill -9 mid-run; resume: the dataset equals a fresh
+    run's, and no row was computed twice beyond the batches in flight at the kill."""
+    import os
+    import signal
+    import time
+
+    from tests.conftest import REPO, run_cas, start_cas
+
+    pipeline = REPO / "tests" / "pipelines" / "rowwise.py"
+    data, calls, cache = tmp_path / "data.jsonl", tmp_path / "calls.txt", tmp_path / "c"
+    rows = [{"id": i, "text": f"row {i}"} for i in range(600)]
+    write_rows(data, rows[:300])
+    env = {"CASTORE_TEST_DATA": str(data), "CASTORE_TEST_CALLS": str(calls)}
+    assert run_cas("run", str(pipeline), cache_dir=cache, env=env).returncode == 0
+    write_rows(data, rows)
+    calls.write_text("")
+    proc = start_cas("run", str(pipeline), cache_dir=cache, env=env)
+    deadline = time.monotonic() + 60
+    while len(calls.read_text().splitlines()) < 60 and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = run_cas("resume", "rowwise", "--json", cache_dir=cache, env=env)
+    assert r.returncode == 0, r
+    computed = [line.split(" ", 1)[1] for line in calls.read_text().splitlines()]
+    assert set(computed) == {f"row {i}" for i in range(300, 600)}  # never an old row
+    assert len(computed) <= 300 + 2 * 15  # repeats only from the two batches in flight
+    fresh_cache = tmp_path / "fresh"
+    f = run_cas("run", str(pipeline), "--no-cache", "--json", cache_dir=fresh_cache, env=env)
+    from castore.distiset import Distiset
+
+    got = Distiset.from_run("rowwise", cache)["keep_columns"]["train"].to_list()
+    want = Distiset.from_run("rowwise", fresh_cache)["keep_columns"]["train"].to_list()
+    assert f.returncode == 0 and got == want

@@ -160,15 +160,21 @@ def count_tokens(table: pa.Table) -> int:
 def compute(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None]:
     """Run `process` on a batch: (output table, error when some rows failed and the
     step keeps them with on_error="skip")."""
+    out, skipped, _ = compute_detailed(step, table)
+    return out, skipped
+
+
+def compute_detailed(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None, list[int]]:
+    """`compute`, and the positions of the rows that failed (when the step says)."""
     try:
         out = to_table(normalize_output(call_process(step, table.to_pylist())))
     except BatchIncomplete as e:
         if step.on_error != "skip":
             raise
         # Keep the rows that succeeded (paid for), but the batch is not cached.
-        return to_table(normalize_output(e.rows)), str(e)
+        return to_table(normalize_output(e.rows)), str(e), list(e.failed or [])
     check_outputs(step, out)
-    return out, None
+    return out, None, []
 
 
 def execute_batch(
@@ -189,10 +195,15 @@ def execute_batch(
         out, skipped = compute(step, table)
         reused = None
     else:
-        out, skipped, reused = compute_rows(store, step, table, rows, compute)
+        out, skipped, reused, failed = compute_rows(store, step, table, rows, compute_detailed)
+        if skipped is not None and failed is not None:
+            # The rows that succeeded stay findable by row key; the failed ones do not.
+            rows = rows.without(failed)
+        elif skipped is not None:
+            rows = None  # which rows failed is unknown: keep none as row results
     seconds = time.perf_counter() - t0
     oid = store.put_table(out)
-    segment = write_segment(store, rows, oid) if rows is not None and skipped is None else None
+    segment = write_segment(store, rows, oid) if rows is not None else None
     tokens = count_tokens(out)
     tokens_reused = count_tokens(reused) if reused is not None else 0
     if write_entry and skipped is None:

@@ -284,7 +284,7 @@ class Scheduler:
         p = self._settle(task)
         b = p.batch
         index = self.row_indexes.get(b.step)
-        if index is not None and p.rows is not None and res.row_index is not None:
+        if index is not None and p.rows is not None and res.row_index and not res.skipped_error:
             index.add(p.rows.keys, res.outputs[0])  # later batches of this run reuse them
         if not res.entry_written and res.skipped_error is None:
             # Ray workers write objects; the driver alone writes action entries.

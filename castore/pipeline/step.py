@@ -272,11 +272,13 @@ class GeneratorStep(_Step):
 class BatchIncomplete(Exception):
     """Raised by `process` when some rows failed (an LLM call that kept failing): the
     rows are kept, but the batch must not be cached, so the next run retries it. With
-    on_error="fail" the batch fails instead."""
+    on_error="fail" the batch fails instead. `failed` (row positions) lets a row-wise
+    step keep the rows that succeeded as row results: the retry pays only for the rest."""
 
-    def __init__(self, rows: Any, errors: list[str]) -> None:
+    def __init__(self, rows: Any, errors: list[str], failed: list[int] | None = None) -> None:
         self.rows = rows
         self.errors = errors
+        self.failed = failed
         super().__init__(f"{len(errors)} row(s) failed, e.g. {errors[0] if errors else '?'}")
 
 

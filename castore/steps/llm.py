@@ -30,15 +30,16 @@ class _LLMTask(Step):
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         conversations = [self.conversation(row) for row in inputs]
         results = self.llm.generate(conversations)
-        out, errors = [], []
-        for row, res in zip(inputs, results, strict=True):
+        out, errors, failed = [], [], []
+        for i, (row, res) in enumerate(zip(inputs, results, strict=True)):
             if isinstance(res, Generation):
                 out.append(self._row(row, res.text, res, None))
             else:
                 errors.append(f"{type(res).__name__}: {res}")
+                failed.append(i)
                 out.append(self._row(row, None, None, errors[-1]))
         if errors:
-            raise BatchIncomplete(out, errors)
+            raise BatchIncomplete(out, errors, failed)
         return out
 
     def _row(
