@@ -28,6 +28,8 @@ class StepExplanation(BaseModel):
     batches_cached: int
     batches_computed: int
     batches_failed: int
+    rows_computed: int = 0
+    rows_reused: int = 0  # rows of computed batches found by row key (row-wise steps)
     reasons: list[str] = Field(default_factory=list)
     changed_params: dict[str, list[Any]] = Field(default_factory=dict)  # name -> [old, new]
 
@@ -180,6 +182,8 @@ def explain(
                     batches_cached=cached,
                     batches_computed=computed,
                     batches_failed=failed,
+                    rows_computed=st.rows_computed if st else 0,
+                    rows_reused=st.rows_reused if st else 0,
                     reasons=reasons,
                     changed_params=params,
                 )

@@ -32,7 +32,13 @@ def explain_command(
     for s in report.steps:
         click.echo(
             f"  {s.step}: {s.status} ({s.batches_cached} cached, "
-            f"{s.batches_computed} computed, {s.batches_failed} failed)"
+            f"{s.batches_computed} computed, {s.batches_failed} failed"
+            + (
+                f"; rows: {s.rows_computed} computed, {s.rows_reused} reused by row key"
+                if s.rows_reused
+                else ""
+            )
+            + ")"
         )
         for r in s.reasons:
             click.echo(f"    - {r}")

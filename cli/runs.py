@@ -81,6 +81,8 @@ def show_command(app: App, run: str, as_json: bool) -> None:
                 "columns": [c for c, _ in sm.columns],
                 "complete": sm.complete,
                 "rows_cached": st.rows_cached if st else 0,
+                "rows_computed": st.rows_computed if st else 0,
+                "rows_reused": st.rows_reused if st else 0,
                 "compute_seconds": st.compute_seconds if st else 0.0,
                 "seconds_saved": st.seconds_saved if st else 0.0,
                 "tokens_spent": st.tokens_spent if st else 0,
@@ -109,7 +111,9 @@ def show_command(app: App, run: str, as_json: bool) -> None:
         click.echo(
             f"  {s['name']}: {s['batches_done']}/{total} batches "
             f"({s['batches_cached']} cached, {s['batches_computed']} computed, "
-            f"{s['batches_failed']} failed), {s['rows']} rows; "
+            f"{s['batches_failed']} failed), {s['rows']} rows"
+            + (f" ({s['rows_reused']} reused by row key)" if s["rows_reused"] else "")
+            + "; "
             f"columns: {', '.join(s['columns'])}"
             + (
                 f"; tokens {s['tokens_spent']} spent, {s['tokens_saved']} saved"

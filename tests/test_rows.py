@@ -83,6 +83,14 @@ def test_append_rows_computes_only_them(tmp_path, data):
     assert computed == 5 and sorted(CALLS) == [f"new {i}" for i in range(5)]
     assert stats["rows_reused"] + stats["rows_cached"] == 120 and stats["rows_computed"] == 5
     assert rows == fresh(build(data), tmp_path)
+    show = cas_inproc("show", "rows", "--json", cache_dir=cache).json()
+    label = next(s for s in show["steps"] if s["name"] == "label")
+    assert label["rows_reused"] == stats["rows_reused"] > 0 and label["rows_computed"] == 5
+    assert show["saved"]["rows_by_key"] == stats["rows_reused"]
+    explained = cas_inproc("explain", "rows", "label", "--json", cache_dir=cache).json()
+    assert explained["steps"][0]["rows_reused"] == stats["rows_reused"]
+    text = cas_inproc("explain", "rows", "label", cache_dir=cache).stdout
+    assert "reused by row key" in text
 
 
 @pytest.mark.parametrize(
