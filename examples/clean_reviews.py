@@ -31,7 +31,7 @@ def NormalizeText(inputs: StepInput) -> StepOutput:
     yield inputs
 
 
-@step(inputs=["text_clean", "stars"], outputs=["sentiment", "label_source"])
+@step(inputs=["text_clean", "stars"], outputs=["sentiment", "label_source"], row_wise=True)
 def LabelSentiment(inputs: StepInput, seconds_per_row: float = 0.01) -> StepOutput:
     """Stands in for an LLM call per row: slow, and deterministic for the same input."""
     out = []
