@@ -152,11 +152,15 @@ class Remote:
             entry = entry.model_copy(update={"signature": None})  # not ours to vouch for
         self.write(self.layout.action_path(key), entry.model_dump_json().encode())
 
-    def manifest_index(self) -> dict[str, tuple[list[str], list[int]]]:
-        """Action key -> (outputs, rows) as the remote's step manifests record them, over
-        every run its refs name. Manifests are content-addressed and verified on read, so
-        an action entry that disagrees with them was not written by the run that made it."""
+    def manifest_index(
+        self,
+    ) -> tuple[dict[str, tuple[list[str], list[int]]], dict[str, list[str]]]:
+        """From the step manifests of every run the remote's refs name: action key ->
+        (outputs, rows), and step fingerprint -> its row-key segments. Manifests are
+        content-addressed and verified on read, so an action entry that disagrees with
+        them was not written by the run that made it."""
         index: dict[str, tuple[list[str], list[int]]] = {}
+        segments: dict[str, list[str]] = {}
         for _name, _sig, run_oid in self.list_refs():
             try:
                 run = self.load_json(run_oid, RunManifest)
@@ -165,9 +169,11 @@ class Remote:
                     for b in step.batches:
                         if not b.failed:
                             index[b.key] = (list(b.outputs), list(b.rows))
+                        if b.row_index:
+                            segments.setdefault(step.fingerprint, []).append(b.row_index)
             except (CastoreError, OSError) as e:
                 log.warning("remote %s: skipping run %s: %s", self.url, run_oid[:12], e)
-        return index
+        return index, segments
 
     def list_actions(self) -> set[str]:
         self.fs.invalidate_cache()

@@ -287,3 +287,15 @@ def test_kill_9_mixing_reused_and_new_rows_then_resume(tmp_path):
     got = Distiset.from_run("rowwise", cache)["keep_columns"]["train"].to_list()
     want = Distiset.from_run("rowwise", fresh_cache)["keep_columns"]["train"].to_list()
     assert f.returncode == 0 and got == want
+
+
+def test_rows_are_read_through_from_a_remote(tmp_path, data):
+    """A second machine with only read-through (no pull) reuses rows by key: the step's
+    segments and the objects its rows are in come from the remote, verified."""
+    a, c, remote = tmp_path / "a", tmp_path / "c", tmp_path / "remote"
+    run(build(data), a)
+    push(Store(a), Remote(str(remote)))
+    rows, computed, stats = run(build(data, batch=13), c, remote=str(remote))
+    assert computed == 0 and stats["rows_reused"] == stats["rows"]
+    assert rows == fresh(build(data, batch=13), tmp_path)
+    assert cas_inproc("fsck", cache_dir=c).returncode == 0

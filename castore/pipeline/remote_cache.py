@@ -34,9 +34,12 @@ class RemoteCache:
         self.keys: set[str] = self._call(remote.list_actions, "list action entries") or set()
         # What the remote's own (content-addressed) step manifests say each key produced:
         # an entry rewritten to name other objects disagrees with them and is not used.
-        self.recorded: dict[str, tuple[list[str], list[int]]] = (
-            (self._call(remote.manifest_index, "read run manifests") or {}) if self.keys else {}
-        )
+        self.recorded: dict[str, tuple[list[str], list[int]]] = {}
+        self.segments: dict[str, list[str]] = {}  # step fingerprint -> row-key segments
+        if self.keys:
+            found = self._call(remote.manifest_index, "read run manifests")
+            if found is not None:
+                self.recorded, self.segments = found
         self._uploads: queue.Queue[tuple[str, list[str]] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
         if push and self.active:
@@ -118,6 +121,26 @@ class RemoteCache:
         self.store.put_action(key, entry)
         self.hits += 1
         return entry
+
+    def fetch(self, oid: str) -> bool:
+        """Read an object through (verified on the way in); False when it cannot be had."""
+        from castore.remote import fetch_object
+
+        if self.store.has(oid):
+            return True
+        try:
+            self._call(partial(fetch_object, self.store, self.remote, oid), "fetch an object")
+        except CorruptObject as e:
+            log.warning("remote %s: %s", self.remote.url, e)
+            return False
+        return self.store.has(oid)
+
+    def fetch_segments(self, fingerprint: str) -> None:
+        """The remote's row-key segments of a step, fetched and announced locally, so its
+        rows are found by row key (their objects are fetched when used)."""
+        for seg in self.segments.get(fingerprint, []):
+            if self.active and not self.store.has(seg) and self.fetch(seg):
+                self.store.add_row_segment(fingerprint, seg)
 
     def upload(self, key: str, outputs: list[str]) -> None:
         if self._uploader is not None and self.active:

@@ -85,6 +85,8 @@ class RowIndex:
         self._loc = np.zeros(0, np.int64)  # oid index << 32 | row
         self._new: dict[bytes, tuple[int, int]] = {}
         self._lock = threading.Lock()
+        # Read-through: brings a found row's object from the remote when it is not here.
+        self.fetch: Callable[[str], bool] | None = None
 
     @classmethod
     def load(cls, store: Store, fingerprint: str) -> RowIndex:
@@ -168,6 +170,10 @@ class RowIndex:
     def verified(self, plan: RowPlan) -> RowPlan:
         """`plan` without the rows whose objects fail verification (quarantined)."""
         found = plan.found
+        if self.fetch is not None:
+            for oid in {f[0] for f in found if f is not None}:
+                if not self.store.has(oid):
+                    self.fetch(oid)
         bad = {f[0] for f in found if f is not None and not self.store.reuse(f[0])}
         if bad:
             found = [None if f is not None and f[0] in bad else f for f in found]

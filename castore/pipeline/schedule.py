@@ -225,7 +225,11 @@ class Scheduler:
             return None
         index = self.row_indexes.get(batch.step)
         if index is None:
-            index = RowIndex.load(self.store, self.plans[batch.step].fp)
+            fp = self.plans[batch.step].fp
+            if self.rcache is not None:
+                self.rcache.fetch_segments(fp)  # read-through of rows made elsewhere
+            index = RowIndex.load(self.store, fp)
+            index.fetch = self.rcache.fetch if self.rcache is not None else None
             self.row_indexes[batch.step] = index
         if keys is not None:
             found = index.find(keys.keys) if lookup else keys.found
