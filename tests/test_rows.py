@@ -299,3 +299,13 @@ def test_rows_are_read_through_from_a_remote(tmp_path, data):
     assert computed == 0 and stats["rows_reused"] == stats["rows"]
     assert rows == fresh(build(data, batch=13), tmp_path)
     assert cas_inproc("fsck", cache_dir=c).returncode == 0
+
+
+def test_row_reuse_with_the_process_executor(tmp_path, data):
+    """Workers in other processes get the row plan and read found rows themselves."""
+    cache = tmp_path / "c"
+    run(build(data), cache, executor="processes")
+    write_rows(data, [*base_rows(), *[{"id": 2000 + i, "text": f"late {i}"} for i in range(3)]])
+    rows, _, stats = run(build(data, batch=9), cache, executor="processes")
+    assert stats["rows_computed"] == 3 and stats["rows_reused"] + stats["rows_cached"] == 120
+    assert rows == fresh(build(data, batch=9), tmp_path)
