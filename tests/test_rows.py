@@ -309,3 +309,9 @@ def test_row_reuse_with_the_process_executor(tmp_path, data):
     rows, _, stats = run(build(data, batch=9), cache, executor="processes")
     assert stats["rows_computed"] == 3 and stats["rows_reused"] + stats["rows_cached"] == 120
     assert rows == fresh(build(data, batch=9), tmp_path)
+
+
+def test_rows_computed_without_the_cache_are_reused_later(tmp_path, data):
+    cache = tmp_path / "c"
+    assert run(build(data), cache, use_cache=False)[1] == 120
+    assert run(build(data, batch=6), cache)[1] == 0

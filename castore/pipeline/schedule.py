@@ -221,8 +221,10 @@ class Scheduler:
         """For a row-wise step's batch: its row keys (in stream order) and, with `lookup`
         (a batch miss), the rows already made."""
         step = self.steps[batch.step]
-        if not step.row_wise or not self.use_cache:
+        if not step.row_wise:
             return None
+        # --no-cache finds nothing, but still writes the row keys of what it computes.
+        lookup = lookup and self.use_cache
         index = self.row_indexes.get(batch.step)
         if index is None:
             fp = self.plans[batch.step].fp
