@@ -2,18 +2,20 @@
 
 A row-wise step's output row depends only on the values of its declared input columns
 in its own input row, and is that input row plus its declared output columns. Its row
-key is blake3(fingerprint, tagged input values) (castore.hashing.row_keys): not the
-row's position, batch, pipeline or other columns.
+key is blake3(fingerprint, tagged input values), and for the n-th equal row of the
+step's input also n (castore.hashing.row_keys): not the row's position, batch, pipeline
+or other columns.
 
 Every computed batch of a row-wise step writes, after its output object, a *segment*:
 an immutable Parquet object with one 32-byte row key per output row, in row order, whose
 schema metadata names the output object. A marker file index/<fingerprint>/<segment id>
 announces it (castore.store.Store.add_row_segment). The batch record and the action entry
 name the segment, so gc keeps it exactly while it keeps the batch, push and pull move
-it, and fsck checks it. The in-memory index of a step is built from its segments at run
-start: a dict from the key's first 128 bits to (output object, row), O(1) per row.
+it, and fsck checks it. The in-memory index of a step is built from its segments on its
+first batch: sorted arrays of the keys' first 128 bits and where each row is.
 
-On a batch miss, the driver computes the batch's row keys, finds the rows already
+The driver computes every batch's row keys in stream order; on a batch miss it finds the
+rows already
 produced under the same fingerprint (any pipeline, batch size or run), verifies their
 objects, and sends the worker a RowPlan; the worker calls `process` only on the missing
 rows and assembles the batch in input order: the current input columns, plus the step's
@@ -22,7 +24,6 @@ output columns (and metadata) from the stored rows or the new ones.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,7 +72,7 @@ class RowIndex:
     Loaded segments become three sorted numpy arrays (the key's first and second 64 bits,
     and where the row is), so a million keys load in well under a second and take ~24
     bytes each; lookups are a vectorized binary search per batch. Rows made during this
-    run go to a small dict on top."""
+    run are not added: within a run every key is new (equal rows get their own keys)."""
 
     def __init__(self, store: Store, fingerprint: str) -> None:
         import numpy as np
@@ -83,8 +84,6 @@ class RowIndex:
         self._hi = np.zeros(0, np.uint64)
         self._lo = np.zeros(0, np.uint64)
         self._loc = np.zeros(0, np.int64)  # oid index << 32 | row
-        self._new: dict[bytes, tuple[int, int]] = {}
-        self._lock = threading.Lock()
         # Read-through: brings a found row's object from the remote when it is not here.
         self.fetch: Callable[[str], bool] | None = None
 
@@ -117,15 +116,7 @@ class RowIndex:
         return index
 
     def __len__(self) -> int:
-        return len(self._hi) + len(self._new)
-
-    def add(self, keys: list[bytes], oid: str) -> None:
-        with self._lock:
-            self._oids.append(oid)
-            n = len(self._oids) - 1
-            for row, key in enumerate(keys):
-                if key != NO_KEY:
-                    self._new.setdefault(key[:16], (n, row))
+        return len(self._hi)
 
     def find(self, keys: list[bytes]) -> list[Found | None]:
         import numpy as np
@@ -149,32 +140,29 @@ class RowIndex:
                         out[i] = (self._oids[loc >> 32], loc & 0xFFFFFFFF)
                         break
                     j += 1
-        if self._new:
-            for k, key in enumerate(keys):
-                if out[k] is None and (new := self._new.get(key[:16])) is not None:
-                    out[k] = (self._oids[new[0]], new[1])
         return out
 
-    def plan(self, step: _Step, table: pa.Table, *, lookup: bool = True) -> RowPlan:
-        """Row keys of `table` (a batch's input, batches given in stream order) and, with
-        `lookup`, the earlier results found, every object they are in verified (a
-        corrupt one is quarantined, its rows computed again)."""
+    def keys(self, step: _Step, table: pa.Table) -> RowPlan:
+        """The row keys of `table`, a batch's input (batches must come in stream order:
+        equal rows are counted across them), nothing found yet."""
         cols = step.row_key_columns()
         missing = [c for c in cols if c not in table.column_names]
         if missing:
             raise StepFailed(f"step {step.name}: its input lacks column {missing[0]!r}")
         keys = row_keys(self.fingerprint, [table.column(c).to_pylist() for c in cols], self.seen)
-        plan = RowPlan(self.fingerprint, keys, [None] * len(keys))
-        return self.verified(RowPlan(self.fingerprint, keys, self.find(keys))) if lookup else plan
+        return RowPlan(self.fingerprint, keys, [None] * len(keys))
 
-    def verified(self, plan: RowPlan) -> RowPlan:
-        """`plan` without the rows whose objects fail verification (quarantined)."""
-        found = plan.found
+    def found(self, plan: RowPlan) -> RowPlan:
+        """`plan` with the earlier results of its rows, each object they are in read
+        through (when there is a remote) and verified once; a corrupt one is quarantined
+        and its rows are computed again."""
+        found = self.find(plan.keys)
+        oids = {f[0] for f in found if f is not None}
         if self.fetch is not None:
-            for oid in {f[0] for f in found if f is not None}:
+            for oid in oids:
                 if not self.store.has(oid):
                     self.fetch(oid)
-        bad = {f[0] for f in found if f is not None and not self.store.reuse(f[0])}
+        bad = {oid for oid in oids if not self.store.reuse(oid)}
         if bad:
             found = [None if f is not None and f[0] in bad else f for f in found]
         return RowPlan(plan.fingerprint, plan.keys, found)

@@ -177,10 +177,10 @@ class Scheduler:
         stream order (a hit counts its rows too: the n-th equal row has its own key)."""
         while batches := self.planner.next_batches():
             for batch in batches:
-                keys = self._row_plan(batch, lookup=False)
+                keys = self._row_keys(batch)
                 if self._lookup(batch, keys):
                     continue
-                rows = self._row_plan(batch, lookup=True, keys=keys)
+                rows = self._row_results(batch.step, keys)
                 self.queues[batch.step].pending.append(Pending(batch, rows=rows))
 
     def check_waiting(self) -> None:
@@ -189,7 +189,7 @@ class Scheduler:
         for q in self.queues.values():
             still = []
             for p in q.waiting:
-                if self._lookup(p.batch):
+                if self._lookup(p.batch, p.rows):
                     continue
                 if p.lease is not None and p.lease.try_acquire():
                     q.pending.appendleft(p)
@@ -215,16 +215,12 @@ class Scheduler:
                     q.inflight += 1
                     self.executor.submit(Task(p.batch, self.steps[name], p, p.rows))
 
-    def _row_plan(
-        self, batch: PlannedBatch, *, lookup: bool, keys: RowPlan | None = None
-    ) -> RowPlan | None:
-        """For a row-wise step's batch: its row keys (in stream order) and, with `lookup`
-        (a batch miss), the rows already made."""
+    def _row_keys(self, batch: PlannedBatch) -> RowPlan | None:
+        """A row-wise step's batch: its row keys, computed in stream order (a hit counts
+        its rows too, so the n-th equal row keeps its own key)."""
         step = self.steps[batch.step]
         if not step.row_wise:
             return None
-        # --no-cache finds nothing, but still writes the row keys of what it computes.
-        lookup = lookup and self.use_cache
         index = self.row_indexes.get(batch.step)
         if index is None:
             fp = self.plans[batch.step].fp
@@ -233,11 +229,14 @@ class Scheduler:
             index = RowIndex.load(self.store, fp)
             index.fetch = self.rcache.fetch if self.rcache is not None else None
             self.row_indexes[batch.step] = index
-        if keys is not None:
-            found = index.find(keys.keys) if lookup else keys.found
-            return index.verified(RowPlan(keys.fingerprint, keys.keys, found))
-        table = read_input(self.store, batch.slice_lists(), self.cache)
-        return index.plan(step, table, lookup=lookup)
+        return index.keys(step, read_input(self.store, batch.slice_lists(), self.cache))
+
+    def _row_results(self, step: str, keys: RowPlan | None) -> RowPlan | None:
+        """A batch miss: the rows made before. --no-cache finds none, but still writes the
+        row keys of what it computes."""
+        if keys is None or not self.use_cache:
+            return keys
+        return self.row_indexes[step].found(keys)
 
     def _take_lease(self, p: Pending) -> bool:
         """A lease on the action key, so two runs never pay for the same batch at once.
@@ -252,7 +251,7 @@ class Scheduler:
         if not p.lease.try_acquire():
             return False
         # The holder before us may have finished while we queued.
-        if self._lookup(b):
+        if self._lookup(b, p.rows):
             p.lease.release()
         return True
 
@@ -289,9 +288,6 @@ class Scheduler:
     def _done(self, task: Task, res: BatchResult) -> None:
         p = self._settle(task)
         b = p.batch
-        index = self.row_indexes.get(b.step)
-        if index is not None and p.rows is not None and res.row_index and not res.skipped_error:
-            index.add(p.rows.keys, res.outputs[0])  # later batches of this run reuse them
         if not res.entry_written and res.skipped_error is None:
             # Ray workers write objects; the driver alone writes action entries.
             info: dict[str, Any] = {
@@ -309,9 +305,7 @@ class Scheduler:
                 b.index,
                 res.skipped_error,
             )
-        self.recorder.record(
-            b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res
-        )
+        self._computed(b, res)
 
     def _computed(self, b: PlannedBatch, res: BatchResult) -> None:
         self.recorder.record(
@@ -351,9 +345,7 @@ class Scheduler:
             msg,
         )
         res = skipped_batch(self.store, step, b.slice_lists(), msg, self.cache)
-        self.recorder.record(
-            b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res
-        )
+        self._computed(b, res)
 
     def start_workers(
         self, kind: str, pipeline: Any, ray_address: str | None, ray_remote: Any
