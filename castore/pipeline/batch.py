@@ -7,6 +7,7 @@ entry, so an action entry never names a missing object.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import threading
 import time
@@ -127,20 +128,37 @@ def columns_of(table: pa.Table) -> list[tuple[str, str]]:
 
 
 def store_batch(
-    store: Store, step: _Step, key: str, table: pa.Table, seconds: float, *, cache: bool
+    store: Store,
+    step: _Step,
+    key: str,
+    table: pa.Table,
+    seconds: float,
+    *,
+    cache: bool,
+    rows: RowPlan | None = None,
+    tokens_reused: int = 0,
 ) -> BatchResult:
+    """The object, then (row-wise steps, given `rows`) its row-key segment, then (with
+    `cache`) the action entry: an entry never names what is not yet stored. Tokens are
+    those spent now, i.e. without `tokens_reused` (rows taken by row key)."""
     oid = store.put_table(table)
-    tokens = count_tokens(table)
+    segment = write_segment(store, rows, oid) if rows is not None else None
+    tokens = count_tokens(table) - tokens_reused
     if cache:
-        store.put_action(
-            key,
-            ActionEntry(
-                outputs=[oid],
-                rows=[table.num_rows],
-                info={"step": step.name, "seconds": round(seconds, 6), "tokens": tokens},
-            ),
-        )
-    return BatchResult([oid], [table.num_rows], seconds, columns_of(table), tokens=tokens)
+        info: dict[str, Any] = {"step": step.name, "seconds": round(seconds, 6), "tokens": tokens}
+        if segment is not None:
+            info["row_index"] = segment
+        store.put_action(key, ActionEntry(outputs=[oid], rows=[table.num_rows], info=info))
+    return BatchResult(
+        [oid],
+        [table.num_rows],
+        seconds,
+        columns_of(table),
+        tokens=tokens,
+        row_index=segment,
+        rows_reused=rows.reused if rows is not None else 0,
+        tokens_reused=tokens_reused,
+    )
 
 
 def count_tokens(table: pa.Table) -> int:
@@ -201,28 +219,18 @@ def execute_batch(
             rows = rows.without(failed)
         elif skipped is not None:
             rows = None  # which rows failed is unknown: keep none as row results
-    seconds = time.perf_counter() - t0
-    oid = store.put_table(out)
-    segment = write_segment(store, rows, oid) if rows is not None else None
-    tokens = count_tokens(out)
-    tokens_reused = count_tokens(reused) if reused is not None else 0
-    if write_entry and skipped is None:
-        info: dict[str, Any] = {"step": step.name, "seconds": round(seconds, 6)}
-        info["tokens"] = tokens - tokens_reused
-        if segment is not None:
-            info["row_index"] = segment
-        store.put_action(key, ActionEntry(outputs=[oid], rows=[out.num_rows], info=info))
-    return BatchResult(
-        [oid],
-        [out.num_rows],
-        seconds,
-        columns_of(out),
-        skipped_error=skipped,
-        tokens=tokens - tokens_reused,
-        entry_written=write_entry or skipped is not None,
-        row_index=segment,
-        rows_reused=rows.reused if rows is not None else 0,
-        tokens_reused=tokens_reused,
+    res = store_batch(
+        store,
+        step,
+        key,
+        out,
+        time.perf_counter() - t0,
+        cache=write_entry and skipped is None,
+        rows=rows,
+        tokens_reused=count_tokens(reused) if reused is not None else 0,
+    )
+    return dataclasses.replace(
+        res, skipped_error=skipped, entry_written=write_entry or skipped is not None
     )
 
 
