@@ -46,7 +46,19 @@ class StepTally:
     tokens_saved: int = 0
     rows_reused: int = 0  # rows of computed batches found by row key
 
-    def add(self, rows: int, *, cached: bool, failed: bool, seconds: float, tokens: int) -> None:
+    def add(
+        self,
+        rows: int,
+        *,
+        cached: bool,
+        failed: bool,
+        seconds: float,
+        tokens: int,
+        reused: int = 0,
+        tokens_reused: int = 0,
+    ) -> None:
+        """One batch: `reused` of its `rows` (computed batches of row-wise steps) were
+        taken by row key, and `tokens_reused` is what they cost when they were made."""
         if cached:
             self.cached += 1
             self.rows_cached += rows
@@ -57,9 +69,11 @@ class StepTally:
                 self.failed += 1
             else:
                 self.computed += 1
-            self.rows_computed += rows
+            self.rows_computed += rows - reused
+            self.rows_reused += reused
             self.seconds += seconds
             self.tokens_spent += tokens
+            self.tokens_saved += tokens_reused
 
     def stats(self, plan: StepPlan) -> StepStats:
         return StepStats(
@@ -150,12 +164,15 @@ class Recorder:
                 rows_reused=reused,
             ),
         )
-        tally = self.tallies[step]
-        tally.add(sum(rows), cached=cached, failed=failed, seconds=seconds, tokens=tokens)
-        if result is not None and reused:
-            tally.rows_reused += reused
-            tally.rows_computed -= reused
-            tally.tokens_saved += result.tokens_reused
+        self.tallies[step].add(
+            sum(rows),
+            cached=cached,
+            failed=failed,
+            seconds=seconds,
+            tokens=tokens,
+            reused=reused,
+            tokens_reused=result.tokens_reused if result else 0,
+        )
         if not self.columns[step] and outputs:
             self.columns[step] = result.columns if result is not None else self._columns(outputs)
         if self.on_record is not None:
