@@ -94,8 +94,6 @@ class RemoteCache:
         """An entry from the remote, its objects fetched and verified into the store."""
         if not self.active or key not in self.keys:
             return None
-        from castore.remote import fetch_object
-
         entry = self._call(lambda: self.remote.get_action(key), "read an action entry")
         if entry is None:
             return None
@@ -107,23 +105,15 @@ class RemoteCache:
                 key[:12],
             )
             return None
-        try:
-            for oid in entry.outputs:
-                if not self.store.has(oid):
-                    self._call(
-                        partial(fetch_object, self.store, self.remote, oid), "fetch an object"
-                    )
-        except CorruptObject as e:
-            log.warning("remote %s: %s; computing the batch here instead", self.remote.url, e)
-            return None
-        if not self.active or not all(self.store.has(o) for o in entry.outputs):
-            return None
+        if not all(self.fetch(o) for o in entry.outputs) or not self.active:
+            return None  # a corrupt or unreachable output: the batch is computed here
         self.store.put_action(key, entry)
         self.hits += 1
         return entry
 
     def fetch(self, oid: str) -> bool:
-        """Read an object through (verified on the way in); False when it cannot be had."""
+        """Read an object through (verified on the way in); False when it cannot be had
+        (a corrupt download is named in a warning and stored nowhere)."""
         from castore.remote import fetch_object
 
         if self.store.has(oid):
@@ -131,7 +121,7 @@ class RemoteCache:
         try:
             self._call(partial(fetch_object, self.store, self.remote, oid), "fetch an object")
         except CorruptObject as e:
-            log.warning("remote %s: %s", self.remote.url, e)
+            log.warning("remote %s: %s; computing here instead", self.remote.url, e)
             return False
         return self.store.has(oid)
 
