@@ -220,73 +220,69 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
     refs (name, target, the run's objects). Same report type as `check`."""
     from concurrent.futures import ThreadPoolExecutor
 
-    problems: list[str] = []
     oids = remote.list_oids()
 
-    def corrupt(oid: str) -> str | None:
+    def corrupt(oid: str) -> Problem | None:
         try:
             remote.get_object(oid)
         except Exception as e:  # every failure is reported, none stops the check
-            return f"corrupt-object {oid}: {type(e).__name__}: {e}"
+            return Problem("corrupt-object", oid, f"{type(e).__name__}: {e}")
         return None
 
+    report = FsckReport(objects_checked=len(oids))
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        problems += [p for p in pool.map(corrupt, sorted(oids)) if p]
+        report.problems += [p for p in pool.map(corrupt, sorted(oids)) if p]
     entries: dict[str, ActionEntry] = {}
     for key in sorted(remote.list_actions()):
+        report.actions_checked += 1
         entry, problem = remote.check_action(key)
         if entry is None:
-            problems.append(f"{problem[0] if problem else 'bad-action'} {key}")
+            report.problems.append(Problem(problem[0] if problem else "bad-action", key, ""))
         elif any(o not in oids for o in entry.outputs):
-            problems.append(f"dangling-action {key}")
+            report.problems.append(Problem("dangling-action", key, ""))
         else:
             entries[key] = entry
-    for name, sig, oid in remote.list_refs(problems):
+    bad_refs: list[tuple[str, str]] = []
+    refs = remote.list_refs(bad_refs)
+    report.refs_checked = len(refs)
+    report.problems += [Problem("bad-ref", ref, reason) for ref, reason in bad_refs]
+    for name, sig, oid in refs:
+        ref = f"{name}/{sig[:12]}"
         if oid not in oids:
-            problems.append(f"dangling-ref {name}/{sig[:12]}")
+            report.problems.append(Problem("dangling-ref", ref, ""))
             continue
         try:
-            problems += _fsck_remote_run(remote, name, sig, oid, oids=oids, entries=entries)
+            report.problems += _check_remote_run(remote, ref, (name, sig, oid), oids, entries)
         except CastoreError as e:
-            problems.append(f"bad-manifest {name}/{sig[:12]}: {e}")
-    actions = len(entries) + sum(p.split(" ", 1)[0].endswith("-action") for p in problems)
-    report = FsckReport(objects_checked=len(oids), actions_checked=actions)
-    report.refs_checked = sum(1 for _ in remote.list_refs())
-    for line in problems:
-        kind, _, rest = line.partition(" ")
-        ident, _, message = rest.partition(": ")
-        report.problems.append(Problem(kind, ident, message))
+            report.problems.append(Problem("bad-manifest", ref, str(e)))
     return report
 
 
-def _fsck_remote_run(
+def _check_remote_run(
     remote: Remote,
-    name: str,
-    sig: str,
-    oid: str,
-    *,
+    ref: str,
+    target: tuple[str, str, str],
     oids: set[str],
     entries: dict[str, ActionEntry],
-) -> list[str]:
+) -> list[Problem]:
     """Problems of one remote run: a ref naming another pipeline's run, missing objects,
     action entries that disagree with the step manifests."""
-    ref = f"{name}/{sig[:12]}"
+    name, sig, oid = target
     run = remote.load_json(oid, RunManifest)
     if run.name != name or run.signature != sig:
-        return [f"bad-ref {ref}: names a run of {run.name}/{run.signature[:12]}"]
+        return [Problem("bad-ref", ref, f"names a run of {run.name}/{run.signature[:12]}")]
     problems = []
     for step_ref in run.steps:
         if step_ref.manifest not in oids:
-            problems.append(f"missing-object {ref}: {step_ref.manifest}")
+            problems.append(Problem("missing-object", ref, step_ref.manifest))
             continue
         step = remote.load_json(step_ref.manifest, StepManifest)
         gone = [o for b in step.batches for o in b.outputs if o not in oids]
         if gone:
-            problems.append(f"missing-object {ref}: {gone[0]}")
+            problems.append(Problem("missing-object", ref, gone[0]))
         for b in step.batches:
             e = entries.get(b.key)
             if e is not None and not b.failed and (e.outputs, e.rows) != (b.outputs, b.rows):
-                problems.append(
-                    f"mismatched-action {b.key}: differs from step {step.name} of {ref}"
-                )
+                msg = f"differs from step {step.name} of {ref}"
+                problems.append(Problem("mismatched-action", b.key, msg))
     return problems

@@ -183,10 +183,12 @@ class Remote:
             return set()
         return {key for p in paths if (key := L.oid_from_path(p))}
 
-    def list_refs(self, problems: list[str] | None = None) -> list[tuple[str, str, str]]:
+    def list_refs(
+        self, problems: list[tuple[str, str]] | None = None
+    ) -> list[tuple[str, str, str]]:
         """(name, sig, run manifest id); names, sigs and ids are validated, bad ones
         skipped with a warning (a remote cannot make us write outside the store) and
-        added to `problems` when given."""
+        added to `problems` as (ref, reason) when given."""
         base = self.layout.ref_dir()
         self.fs.invalidate_cache()
         try:
@@ -209,7 +211,7 @@ class Remote:
             except (CastoreError, UnicodeDecodeError, OSError) as e:
                 log.warning("remote %s: skipping ref %s: %s", self.url, rel, e)
                 if problems is not None:
-                    problems.append(f"bad-ref {rel[:80]}: {str(e)[:120]}")
+                    problems.append((rel[:80], str(e)[:120]))
                 continue
             out.append((name, sig, oid))
         return out
