@@ -180,8 +180,7 @@ def _mark(
     for entry in entries.values():
         if entry is not None and now - entry.created.timestamp() < cache_ttl:
             marked.update(entry.outputs)
-            seg = entry.info.get("row_index")
-            if isinstance(seg, str):
+            if (seg := entry.row_segment()) is not None:
                 marked.add(seg)  # its row keys live as long as its rows
     return marked
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from castore.errors import CastoreError, PipelineError, StepFailed
 from castore.hashing import row_keys
@@ -250,8 +250,3 @@ def write_segment(store: Store, plan: RowPlan, output: str) -> str:
     seg = store.put_table(table)
     store.add_row_segment(plan.fingerprint, seg)
     return seg
-
-
-def segment_of(entry_info: dict[str, Any]) -> str | None:
-    seg = entry_info.get("row_index")
-    return seg if isinstance(seg, str) and len(seg) == 64 else None

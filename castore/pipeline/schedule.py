@@ -41,7 +41,7 @@ from castore.pipeline.executors import (
     pickle_steps_by_value,
 )
 from castore.pipeline.plan import PlannedBatch, Planner
-from castore.pipeline.rows import RowIndex, RowPlan, segment_of, write_segment
+from castore.pipeline.rows import RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step, normalize_output, to_table
 from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
@@ -156,7 +156,7 @@ class Scheduler:
         entry = self.reusable(batch.key)
         if entry is None:
             return False
-        segment = segment_of(entry.info)
+        segment = entry.row_segment()
         if segment is not None and not self.store.reuse(segment):
             segment = write_segment(self.store, keys, entry.outputs[0]) if keys else None
         self.recorder.record(

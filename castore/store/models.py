@@ -43,6 +43,11 @@ class ActionEntry(_Model):
     # outputs and rows (castore.hashing.sign_entry). Local entries carry none.
     signature: str | None = None
 
+    def row_segment(self) -> str | None:
+        """A row-wise step's batch: the id of its row-key segment (kept in `info`)."""
+        seg = self.info.get("row_index")
+        return seg if isinstance(seg, str) and len(seg) == 64 else None
+
 
 class LockInfo(_Model):
     schema_version: Literal[1] = 1
