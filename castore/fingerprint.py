@@ -37,12 +37,11 @@ import os
 import site
 import sys
 import sysconfig
-import textwrap
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from castore.hashing import code_digest, hash_bytes, hash_json, tagged
+from castore.hashing import code_digest, hash_json, source_digest, tagged
 
 # Followed items of one step: "kind name" -> digest, e.g. "function helpers.clean".
 Parts = dict[str, str]
@@ -98,20 +97,8 @@ def _const_digest(value: Any) -> str | None:
 
 
 def _source_digest(obj: Any) -> str:
-    """Normalized-AST digest of a class's or module's source."""
-    source = textwrap.dedent(inspect.getsource(obj))
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (
-            isinstance(body, list)
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
-    return hash_bytes(ast.dump(tree, include_attributes=False).encode("utf-8"))
+    """Normalized-AST digest of a class's or module's source (its decorators count)."""
+    return source_digest(inspect.getsource(obj), keep_decorators=True)
 
 
 def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
@@ -193,10 +180,8 @@ class _Walk:
         except (OSError, TypeError):
             return
         for value in vars(cls).values():
-            func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-            if isinstance(func, property):
-                func = func.fget
-            if isinstance(func, types.FunctionType):
+            func = _as_function(value)
+            if func is not None:
                 self.seen.add(id(func))  # its text is in the class digest already
                 self._function_refs(func, cls)
 
@@ -211,13 +196,9 @@ class _Walk:
                 continue
         if owner is not None and is_user_module(_module_of(owner)):
             for name in self_attrs:
-                attr = inspect.getattr_static(owner, name, None)
-                if isinstance(attr, (staticmethod, classmethod)):
-                    attr = attr.__func__
-                if isinstance(attr, property):
-                    attr = attr.fget
-                if isinstance(attr, types.FunctionType) and is_user_module(_module_of(attr)):
-                    self.visit(attr, owner)
+                method = _as_function(inspect.getattr_static(owner, name, None))
+                if method is not None and is_user_module(_module_of(method)):
+                    self.visit(method, owner)
 
     def _resolve(self, namespace: dict[str, Any], chain: list[str]) -> None:
         if chain[0] not in namespace:
@@ -246,7 +227,7 @@ class _Walk:
             if is_user_module(_module_of(value)):
                 self.visit(value, value if isinstance(value, type) else None)
             return
-        if callable(value) or isinstance(value, types.ModuleType):
+        if callable(value):
             return  # library objects (and instances with __call__) are not followed
         if isinstance(value, (list, dict, set)):
             # A mutable global may be a registry or a counter the run itself changes: its
@@ -262,7 +243,7 @@ class _Walk:
 def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
     """Normalized AST of the module-level statements that assign `name`, or None."""
     try:
-        tree = _module_tree(module)
+        tree = _parse(inspect.getsource(module))  # fresh source: a reload is seen
     except (OSError, TypeError, SyntaxError):
         return None
     found = []
@@ -279,9 +260,19 @@ def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
     return hash_json(found) if found else None
 
 
-@functools.lru_cache(maxsize=256)
-def _module_tree(module: types.ModuleType) -> ast.Module:
-    return ast.parse(inspect.getsource(module))
+@functools.lru_cache(maxsize=64)
+def _parse(source: str) -> ast.Module:
+    return ast.parse(source)
+
+
+def _as_function(attr: Any) -> types.FunctionType | None:
+    """The function behind a class attribute: a method, static or class method, or a
+    property's getter."""
+    if isinstance(attr, (staticmethod, classmethod)):
+        attr = attr.__func__
+    if isinstance(attr, property):
+        attr = attr.fget
+    return attr if isinstance(attr, types.FunctionType) else None
 
 
 def _qualname(obj: Any) -> str:

@@ -240,14 +240,17 @@ class Hasher:
 
 
 class _StripDocstrings(ast.NodeTransformer):
+    def __init__(self, *, keep_decorators: bool = False) -> None:
+        self.keep_decorators = keep_decorators
+
     def _strip(self, node: Any) -> Any:
         self.generic_visit(node)
         body = node.body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
             if isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
-        if hasattr(node, "decorator_list"):
-            # Decorator arguments are params and are hashed as such.
+        if hasattr(node, "decorator_list") and not self.keep_decorators:
+            # A step's decorator arguments are params and are hashed as such.
             node.decorator_list = []
         return node
 
@@ -265,8 +268,15 @@ def code_digest(func: Callable[..., Any]) -> str:
         # getsource returns the whole line, which may hold several lambdas: use the
         # compiled code instead (stable for one Python version, which is what runs).
         return blake3.blake3(_code_repr(func.__code__).encode()).hexdigest()
-    source = textwrap.dedent(inspect.getsource(func))
-    tree = _StripDocstrings().visit(ast.parse(source))
+    return source_digest(inspect.getsource(func))
+
+
+def source_digest(source: str, *, keep_decorators: bool = False) -> str:
+    """blake3 of the normalized AST of `source` (docstrings, comments and formatting do
+    not count; decorators only with `keep_decorators`, as for a helper class)."""
+    tree = _StripDocstrings(keep_decorators=keep_decorators).visit(
+        ast.parse(textwrap.dedent(source))
+    )
     dumped = ast.dump(tree, annotate_fields=True, include_attributes=False)
     return blake3.blake3(dumped.encode("utf-8")).hexdigest()
 
