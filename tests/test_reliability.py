@@ -839,3 +839,26 @@ def test_a_mutable_global_counts_by_its_code_not_its_value(tmp_path, monkeypatch
         s2 = mod2.Use()
     assert s2.code_version() != before
     sys.modules.pop("mutmod", None)
+
+
+def test_redaction_takes_secrets_not_parameters_that_look_alike():
+    """`max_tokens` or `author` must survive into the run manifest: a resume that lost
+    them would silently run another configuration."""
+    from castore.pipeline.pipeline import redact_parameters
+    from castore.pipeline.step import REDACTED
+
+    with Pipeline("redact") as p:
+        LoadDataFromDicts(name="load", data=[{"a": 1}])
+    params = {
+        "load": {
+            "llm": {
+                "api_key": "sk-1",
+                "hf_token": "hf-1",
+                "generation_kwargs": {"max_tokens": 64, "author": "me"},
+            },
+            "client_secret": "s",
+        }
+    }
+    got = redact_parameters(p, params)["load"]
+    assert got["llm"]["api_key"] == got["llm"]["hf_token"] == got["client_secret"] == REDACTED
+    assert got["llm"]["generation_kwargs"] == {"max_tokens": 64, "author": "me"}

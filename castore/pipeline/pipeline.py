@@ -19,7 +19,14 @@ from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.hashing import hash_json
 from castore.pipeline.rows import check_row_wise
-from castore.pipeline.step import CURRENT_PIPELINE, GeneratorStep, GlobalStep, _Step, is_secret
+from castore.pipeline.step import (
+    CURRENT_PIPELINE,
+    REDACTED,
+    GeneratorStep,
+    GlobalStep,
+    _Step,
+    is_secret,
+)
 from castore.store.layout import validate_name
 
 if TYPE_CHECKING:
@@ -391,10 +398,15 @@ class RunOptions(TypedDict, total=False):
     ray_storage: str  # "store" | "remote": where Ray workers write ["store"]
 
 
-REDACTED = "**********"
 # Keys redacted wherever they appear in parameters, declared secret or not: a key passed
-# as `--param "gen.llm={api_key: ...}"` must not reach a run manifest.
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|auth)", re.I)
+# as `--param "gen.llm={api_key: ...}"` must not reach a run manifest. Whole names only
+# (with a prefix like `hf_`): `max_tokens` or `author` are parameters that a resume must
+# get back, not secrets.
+_SECRET_KEY = re.compile(
+    r"^(.*[_-])?(api[_-]?key|(access|auth|bearer)?[_-]?token|secret([_-]?key)?|"
+    r"passw(or)?d|credentials?|auth(orization)?)$",
+    re.I,
+)
 
 
 def redact_parameters(

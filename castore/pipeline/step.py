@@ -30,6 +30,7 @@ StepOutput = Iterator[list[dict[str, Any]]]
 StepKind = Literal["normal", "global", "generator"]
 
 RUNTIME: dict[str, Any] = {"castore_runtime": True}
+REDACTED = "**********"  # a secret's value wherever it is recorded
 
 
 # The pipeline whose `with` block is open: steps created inside it join it. Kept here, not
@@ -209,7 +210,7 @@ class _Step(BaseModel):
         out = {}
         for fname, f in type(self).model_fields.items():
             if is_secret(f.annotation):
-                out[fname] = None if getattr(self, fname) is None else "**********"
+                out[fname] = None if getattr(self, fname) is None else REDACTED
                 continue
             out[fname] = self.model_dump(mode="json", include={fname}).get(fname)
         return out
