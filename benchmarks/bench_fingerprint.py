@@ -88,6 +88,7 @@ def main() -> None:
 
     def cold() -> float:
         fp._function_digest_cached.cache_clear()
+        fp._module_assignments.cache_clear()
         linecache.clearcache()
         t0 = time.perf_counter()
         s.code_version()

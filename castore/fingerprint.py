@@ -243,11 +243,23 @@ class _Walk:
 def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
     """Normalized AST of the module-level statements that assign `name`, or None."""
     try:
-        tree = _parse(inspect.getsource(module))  # fresh source: a reload is seen
+        path = str(module.__file__)
+        st = os.stat(path)
+        found = _module_assignments(module, path, st.st_mtime_ns, st.st_size).get(name)
     except (OSError, TypeError, SyntaxError):
         return None
-    found = []
-    for node in tree.body:
+    return hash_json(found) if found else None
+
+
+@functools.lru_cache(maxsize=64)
+def _module_assignments(
+    module: types.ModuleType, path: str, mtime_ns: int, size: int
+) -> dict[str, list[str]]:
+    """Name -> the dumped module-level statements that assign it, read once per version
+    of the file (its path, mtime and size are the cache key: an edited and reloaded module
+    is read again)."""
+    out: dict[str, list[str]] = {}
+    for node in ast.parse(inspect.getsource(module)).body:
         targets = (
             node.targets
             if isinstance(node, ast.Assign)
@@ -255,14 +267,10 @@ def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
             if isinstance(node, (ast.AnnAssign, ast.AugAssign))
             else []
         )
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            found.append(ast.dump(node, include_attributes=False))
-    return hash_json(found) if found else None
-
-
-@functools.lru_cache(maxsize=64)
-def _parse(source: str) -> ast.Module:
-    return ast.parse(source)
+        for t in targets:
+            if isinstance(t, ast.Name):
+                out.setdefault(t.id, []).append(ast.dump(node, include_attributes=False))
+    return out
 
 
 def _as_function(attr: Any) -> types.FunctionType | None:
