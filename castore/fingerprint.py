@@ -8,7 +8,7 @@ attribute loads (so local variables never count):
   digest of its normalized AST (comments, docstrings and formatting do not count);
 - methods reached as `self.name` from a method of a user class;
 - module-level constants they read (numbers, strings, bytes, None and containers of
-  them), by value;
+  them), by value; lists, dicts and sets by the code that assigns them;
 - attributes of the user's own modules reached as `module.name`, and a whole user module
   referenced as a value, by its normalized source;
 - installed versions of the packages a step names in `code_packages`.
