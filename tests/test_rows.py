@@ -315,3 +315,16 @@ def test_rows_computed_without_the_cache_are_reused_later(tmp_path, data):
     cache = tmp_path / "c"
     assert run(build(data), cache, use_cache=False)[1] == 120
     assert run(build(data, batch=6), cache)[1] == 0
+
+
+def test_a_row_wise_step_that_reorders_its_rows_fails_in_one_line(tmp_path, data):
+    @step(inputs=["text"], outputs=["label"], row_wise=True)
+    def Reversed(inputs: StepInput):
+        return [{**r, "label": "x"} for r in reversed(inputs)]
+
+    from castore.errors import StepFailed
+
+    with Pipeline("reorder") as p:
+        LoadDataFromFileSystem(data_files=str(data), batch_size=25) >> Reversed(input_batch_size=8)
+    with pytest.raises(StepFailed, match="do not keep the order and values of input column"):
+        p.run(cache_dir=tmp_path / "c", quiet=True)

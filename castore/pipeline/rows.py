@@ -204,6 +204,15 @@ def compute_rows(
                 f"step {step.name} is row-wise but returned {out.num_rows} rows for "
                 f"{len(missing)}; a row-wise step returns one row per input row"
             )
+        for col in step.row_key_columns():
+            # Its outputs are placed by position: a reordered or rewritten input row would
+            # give another row's answer.
+            if col in out.column_names and out[col].to_pylist() != sub[col].to_pylist():
+                raise StepFailed(
+                    f"step {step.name} is row-wise but its output rows do not keep the order "
+                    f"and values of input column {col!r}; return one row per input row, in "
+                    "order, or drop row_wise"
+                )
         parts.append(_own_columns(out, own).append_column(POS, pa.array(missing, pa.int64())))
     reused = _reused_rows(store, plan, own)
     if reused is not None:
