@@ -1,7 +1,11 @@
 """Row-level reuse (issue 14): 100,000 rows through a cheap row-wise step. Appending 1 %
 of rows must compute exactly those rows, in at most 2x the time of a fully cached re-run
-of the same pipeline (the floor, measured in the same run). Also: row-key cost per row,
-and loading an index of 1,000,000 row keys (time and memory, in a child process).
+of the same pipeline (the floor, measured in the same run), both as `cas run` runs them
+(Pipeline.execute) and with a Distiset (Pipeline.run). Also: row-key cost per row (bulk
+and by the reference definition), index lookups, loading an index of 1,000,000 row keys
+from segments and from a pack (time and memory, in a child process), and the cache of
+the 20,000-row, 3-step anchor pipeline with its middle step batch-keyed vs row-wise (and
+what storing only a row-wise step's own columns would weigh).
 
     python benchmarks/bench_rows.py [--rows 100000] [--repeat 5]
 """
@@ -21,10 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: F401 - imported up front: its import is not what this measures
+import pyarrow as pa
 from _util import report
 
 from castore import Pipeline, StepInput, step
-from castore.steps import LoadDataFromFileSystem
+from castore.steps import LoadDataFromDicts, LoadDataFromFileSystem
 from castore.store import Store
 
 COMPUTED: list[int] = []
@@ -56,10 +61,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def mm(v: list[float], unit: str = "s", fmt: str = ".3f") -> str:
+    return f"min {min(v):{fmt}} {unit}  median {statistics.median(v):{fmt}} {unit}"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    med = statistics.median(a) / statistics.median(b)
+    return f"min/min {min(a) / min(b):.2f}  median/median {med:.2f}"
+
+
 INDEX_CHILD = """
 import os, sys, time
-import pyarrow as pa
-from castore.store import Store
+import numpy, pyarrow as pa, pyarrow.ipc, pyarrow.parquet  # a run has them imported already
+from castore.store import Store, rowpack
+from castore.pipeline import rows
 from castore.pipeline.rows import RowIndex, OUTPUT_META
 store = Store(sys.argv[1])
 fp = "ab" * 32
@@ -70,17 +85,146 @@ if not store.row_segments(fp):
         t = pa.table({"row_key": pa.array(keys, pa.binary(32))}).replace_schema_metadata(
             {OUTPUT_META: out.encode()})
         store.add_row_segment(fp, store.put_table(t))
+    RowIndex.load(store, fp)  # writes the pack
     print("built")
     sys.exit(0)
+packed = sys.argv[2] == "pack"
+pointer = rowpack.pointer_path(store, fp)
+if not packed:
+    os.rename(pointer, pointer + ".off")
+    rows.PACK_AFTER = 10**9  # measure loading the segments, not writing a pack
 def rss_kib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 base = rss_kib()
 t0 = time.perf_counter()
 index = RowIndex.load(store, fp)
+n = len(index)
 dt = time.perf_counter() - t0
-print(len(index), round(dt, 3), round((rss_kib() - base) / 1024, 1))
+if not packed:
+    os.rename(pointer + ".off", pointer)
+print(n, round(dt, 4), round((rss_kib() - base) / 1024, 1))
 """
+
+
+def index_load(work: Path, repeat: int) -> dict[str, list[tuple[int, float, float]]]:
+    idx_store = work / "index-store"
+    subprocess.run([sys.executable, "-c", INDEX_CHILD, str(idx_store), "build"], check=True)
+    out: dict[str, list[tuple[int, float, float]]] = {"segments": [], "pack": []}
+    for _ in range(repeat):
+        for kind in out:
+            res = subprocess.run(
+                [sys.executable, "-c", INDEX_CHILD, str(idx_store), kind],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            out[kind].append((int(res[0]), float(res[1]), float(res[2])))
+    return out
+
+
+@step(inputs=["prompt"], outputs=["generation"])
+def Generate(inputs: StepInput):
+    return [{**r, "generation": r["prompt"][::-1] + " answered"} for r in inputs]
+
+
+@step(inputs=["prompt"], outputs=["generation"], row_wise=True)
+def GenerateRows(inputs: StepInput):
+    return [{**r, "generation": r["prompt"][::-1] + " answered"} for r in inputs]
+
+
+@step(inputs=["generation"], outputs=["length"])
+def Post(inputs: StepInput):
+    return [{**r, "length": len(r["generation"])} for r in inputs]
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def anchor(work: Path) -> list[tuple[str, str]]:
+    """The 20,000-row, 3-step anchor (batch 50): the cache with the middle step
+    batch-keyed vs row-wise, and the row-wise step's objects with only its own columns."""
+    import pyarrow.parquet as pq
+
+    from castore.store.parquet import METADATA_COLUMN, write_parquet
+
+    rows = [{"id": i, "prompt": f"prompt {i}: " + "word " * (10 + i % 20)} for i in range(20_000)]
+    out = []
+    for label, mid in (("batch-keyed", Generate), ("row-wise", GenerateRows)):
+        cache = work / f"anchor-{label}"
+        with Pipeline(name="anchor") as p:
+            (
+                LoadDataFromDicts(data=rows, batch_size=50)
+                >> mid(name="generate", input_batch_size=50)
+                >> Post(name="post", input_batch_size=50)
+            )
+        p.execute(cache_dir=cache, quiet=True)
+        objects = tree_size(cache / "objects")
+        whole = tree_size(cache)
+        out.append(
+            (
+                f"anchor cache, {label}",
+                f"{whole[0] / 1e6:.2f} MB in {whole[1]:,} files (objects {objects[0] / 1e6:.2f} MB"
+                f" in {objects[1]:,})",
+            )
+        )
+        if label == "row-wise":
+            store = Store(cache)
+            manifest = next(s for s in p_steps(store, "anchor") if s.name == "generate")
+            full = own = 0
+            for b in manifest.batches:
+                for oid in b.outputs:
+                    full += store.size_of(oid)
+                    t = store.get_table(oid)
+                    sink = pa.BufferOutputStream()
+                    keep = [c for c in ("generation", METADATA_COLUMN) if c in t.column_names]
+                    write_parquet(t.select(keep), sink)
+                    own += len(sink.getvalue())
+            final = pq.read_table(next((cache / "runs" / "anchor").glob("*/data/post")))
+            sink = pa.BufferOutputStream()
+            write_parquet(final, sink)
+            out.append(
+                (
+                    "row-wise step's objects",
+                    f"{full / 1e6:.2f} MB with every column; {own / 1e6:.2f} MB with only its "
+                    f"own columns ({own / full:.0%}); final data as one Parquet "
+                    f"{len(sink.getvalue()) / 1e6:.2f} MB",
+                )
+            )
+    return out
+
+
+def p_steps(store: Store, name: str):
+    from castore.runs import list_runs
+    from castore.store.manifests import StepManifest, load_model
+
+    run = next(r for r in list_runs(store) if r.name == name)
+    return [load_model(store, ref.manifest, StepManifest) for ref in run.manifest.steps]
+
+
+def append_runs(work: Path, rows: int, repeat: int, method: str) -> dict[str, list[float]]:
+    """Per repetition, from the same starting cache: a fully cached re-run (the floor),
+    then the run with 1 % of rows appended."""
+    data, more, cache = work / "data.jsonl", work / "more.jsonl", work / f"cache-{method}"
+    getattr(pipeline(data), method)(cache_dir=cache, quiet=True)
+    getattr(pipeline(data), method)(cache_dir=cache, quiet=True)  # leaves it warm
+    base = work / f"base-{method}"
+    shutil.copytree(cache, base)
+    out: dict[str, list[float]] = {"rerun": [], "append": [], "computed": []}
+    for _ in range(repeat):
+        out["rerun"].append(
+            timed(lambda: getattr(pipeline(data), method)(cache_dir=cache, quiet=True))
+        )
+        COMPUTED.clear()
+        out["append"].append(
+            timed(lambda: getattr(pipeline(more), method)(cache_dir=cache, quiet=True))
+        )
+        out["computed"].append(sum(COMPUTED))
+        shutil.rmtree(cache)
+        shutil.copytree(base, cache)
+    return out
 
 
 def main() -> None:
@@ -90,77 +234,57 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="castore-bench-rows-"))
     try:
-        data, cache = work / "data.jsonl", work / "cache"
-        write(data, args.rows)
-        t_cold = timed(lambda: pipeline(data).run(cache_dir=cache, quiet=True))
         extra = args.rows // 100
+        write(work / "data.jsonl", args.rows)
         write(work / "more.jsonl", args.rows + extra)
-        base = work / "base"
-        shutil.copytree(cache, base)
-        rerun, append, computed = [], [], []
-        for _ in range(args.repeat):
-            rerun.append(timed(lambda: pipeline(data).run(cache_dir=cache, quiet=True)))
-            shutil.rmtree(cache)
-            shutil.copytree(base, cache)
-            COMPUTED.clear()
-            append.append(
-                timed(lambda: pipeline(work / "more.jsonl").run(cache_dir=cache, quiet=True))
-            )
-            computed.append(sum(COMPUTED))
-            shutil.rmtree(cache)
-            shutil.copytree(base, cache)
+        t_cold = timed(
+            lambda: pipeline(work / "data.jsonl").execute(cache_dir=work / "cold", quiet=True)
+        )
+        runs = {m: append_runs(work, args.rows, args.repeat, m) for m in ("execute", "run")}
 
-        from castore.hashing import row_keys
+        from castore.hashing import base_row_keys, row_keys
         from castore.pipeline.rows import RowIndex
 
         texts = [f"row {i} " + "x" * (i % 50) for i in range(args.rows)]
-        fp = pipeline(data).signatures()["cheap"]["fp"]
-        t_keys = min(timed(lambda: row_keys(fp, [texts], {})) for _ in range(3))
-        index = RowIndex.load(Store(base), fp)
-        keys = row_keys(fp, [texts], {})
+        arrow_texts = pa.array(texts)
+        fp = pipeline(work / "data.jsonl").signatures()["cheap"]["fp"]
+        t_ref = min(timed(lambda: row_keys(fp, [texts], {})) for _ in range(3))
+        t_bulk = min(timed(lambda: base_row_keys(fp, [arrow_texts])) for _ in range(3))
+        index = RowIndex.load(Store(work / "cold"), fp)
+        keys = base_row_keys(fp, [arrow_texts])
+        assert keys == row_keys(fp, [texts], {}), "bulk keys are the reference keys"
         assert all(f is not None for f in index.find(keys)), "every row is in the index"
         t_find = min(timed(lambda: index.find(keys)) for _ in range(3))
+        loads = index_load(work, args.repeat)
 
-        idx_store = work / "index-store"
-        env = {**os.environ}
-        subprocess.run([sys.executable, "-c", INDEX_CHILD, str(idx_store)], check=True, env=env)
-        loads = []
-        for _ in range(args.repeat):
-            out = subprocess.run(
-                [sys.executable, "-c", INDEX_CHILD, str(idx_store)],
-                check=True,
-                capture_output=True,
-                text=True,
-                env=env,
-            ).stdout.split()
-            loads.append((int(out[0]), float(out[1]), float(out[2])))
-
-        def mm(v: list[float], unit: str = "s", scale: float = 1.0) -> str:
-            return (
-                f"min {min(v) * scale:.3f} {unit}  median {statistics.median(v) * scale:.3f} {unit}"
-            )
-
-        ratio = [a / r for a, r in zip(append, rerun, strict=True)]
-        report(
-            [
-                ("rows", f"{args.rows:,} (+{extra:,} appended), cold run {t_cold:.2f} s"),
-                ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
-                ("floor: fully cached re-run", mm(rerun)),
-                ("append 1 %: run", mm(append)),
+        lines = [
+            ("rows", f"{args.rows:,} (+{extra:,} appended), cold run {t_cold:.2f} s"),
+            ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+        ]
+        for method, label in (("execute", "cas run (execute)"), ("run", "with a Distiset (run)")):
+            r = runs[method]
+            lines += [
+                (f"{label}: floor, fully cached re-run", mm(r["rerun"])),
+                (f"{label}: append 1 %", mm(r["append"])),
+                (f"{label}: append / re-run", ratio(r["append"], r["rerun"]) + " (target <= 2)"),
+                (f"{label}: rows computed", f"{sorted(set(r['computed']))} (new rows: {extra})"),
+            ]
+        lines += [
+            ("row keys, bulk (engine)", f"{t_bulk / args.rows * 1e6:.2f} us per row"),
+            ("row keys, reference definition", f"{t_ref / args.rows * 1e6:.2f} us per row"),
+            ("index lookup", f"{t_find / args.rows * 1e6:.2f} us per row"),
+        ]
+        for kind in ("segments", "pack"):
+            v = loads[kind]
+            lines += [
+                (f"index load, 1,000,000 keys, {kind}", mm([x[1] for x in v]) + " (target <= 1 s)"),
                 (
-                    "append 1 %: ratio to the re-run",
-                    f"min {min(ratio):.2f}  median {statistics.median(ratio):.2f} (target <= 2)",
-                ),
-                ("append 1 %: rows computed", f"{sorted(set(computed))} (new rows: {extra})"),
-                ("row keys", f"{t_keys / args.rows * 1e6:.2f} us per row"),
-                ("index lookup", f"{t_find / args.rows * 1e6:.2f} us per row"),
-                ("index load, 1,000,000 keys", mm([x[1] for x in loads]) + " (target <= 1 s)"),
-                (
-                    "index memory, 1,000,000 keys",
-                    mm([x[2] for x in loads], "MiB") + " (target <= 200)",
+                    f"index memory, 1,000,000 keys, {kind}",
+                    mm([x[2] for x in v], "MiB", ".1f") + " (target <= 200)",
                 ),
             ]
-        )
+        lines += anchor(work)
+        report(lines)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

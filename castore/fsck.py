@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
 from castore.hashing import validate_id
-from castore.store import Store
+from castore.store import Store, rowpack
 from castore.store import layout as L
 from castore.store.manifests import RunManifest, StepManifest, run_closure
 from castore.store.models import ActionEntry
@@ -78,6 +78,12 @@ def check(
             report.problems.append(
                 Problem("dangling-index", f"{fp[:12]}/{seg[:12]}", "segment is missing", repair)
             )
+    for fp, pack in rowpack.iter_pointers(store):
+        if pack is None or pack in corrupt or not store.has(pack):
+            if repair:
+                rowpack.drop(store, fp)  # a pack is derived: the next run writes another
+            what = "pack pointer is malformed" if pack is None else "pack is missing or damaged"
+            report.problems.append(Problem("dangling-index", f"{fp[:12]}.pack", what, repair))
     return report
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import CastoreError, ConfigError
 from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
-from castore.store import Store, live_lock, read_lock
+from castore.store import Store, live_lock, read_lock, rowpack
 from castore.store import layout as L
 from castore.store.manifests import manifest_closure, run_closure
 from castore.store.models import ActionEntry
@@ -182,6 +182,11 @@ def _mark(
             marked.update(entry.outputs)
             if (seg := entry.row_segment()) is not None:
                 marked.add(seg)  # its row keys live as long as its rows
+    for _fp, pack in rowpack.iter_pointers(store):
+        # A pack is kept while every segment it covers is; a stale one ages out.
+        covers = rowpack.covered(store, pack) if pack is not None else None
+        if pack is not None and covers is not None and all(s in marked for s in covers):
+            marked.add(pack)
     return marked
 
 
@@ -278,6 +283,9 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
     for fp, seg in store.iter_row_segments():
         if not store.has(seg):
             store.drop_row_segment(fp, seg)  # its segment (and so its rows) went
+    for fp, pack in rowpack.iter_pointers(store):
+        if pack is None or not store.has(pack):
+            rowpack.drop(store, fp)
     _remove_empty_shards(store)
     tmp = store.layout.dir(L.TMP)
     for name in plan.tmp_removed:

@@ -15,12 +15,15 @@ import os
 import re
 import textwrap
 import types
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from castore.errors import InvalidObjectId, NonCanonicalValue
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ID_LEN = 64
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -167,12 +170,13 @@ def tagged(value: Any, *, any_type: bool = False) -> Any:  # noqa: PLR0911 - one
 def row_keys(
     fingerprint: str, columns: Sequence[Sequence[Any]], seen: dict[bytes, int]
 ) -> list[bytes]:
-    """Row keys of a row-wise step: per input row, blake3 of the step's fingerprint and
-    the tagged values of its declared input columns (in declared order), and, for the
-    n-th row with the same values in the step's input stream (n > 0), that n: identical
-    prompts sampled twice are two requests, not one answer copied. Not the row's
-    position, batch, pipeline or other columns. `seen` counts values across batches, in
-    stream order; `columns` are the input columns' values."""
+    """Row keys of a row-wise step, by definition: per input row, blake3 of the step's
+    fingerprint and the tagged values of its declared input columns (in declared order),
+    and, for the n-th row with the same values in the step's input stream (n > 0), that
+    n: identical prompts sampled twice are two requests, not one answer copied. Not the
+    row's position, batch, pipeline or other columns. `seen` counts values across batches,
+    in stream order; `columns` are the input columns' values. The engine computes the
+    same keys in bulk from Arrow columns (base_row_keys, occurrence_key)."""
     prefix = canonical_json(fingerprint)
     out = []
     for values in zip(*columns, strict=True):
@@ -181,8 +185,54 @@ def row_keys(
         base = h.digest()
         n = seen.get(base, 0)
         seen[base] = n + 1
-        out.append(base if n == 0 else blake3.blake3(base + n.to_bytes(8, "big")).digest())
+        out.append(occurrence_key(base, n))
     return out
+
+
+def occurrence_key(base: bytes, n: int) -> bytes:
+    """The key of the n-th row (from 0) of a stream whose values have base key `base`."""
+    return base if n == 0 else blake3.blake3(base + n.to_bytes(8, "big")).digest()
+
+
+def base_row_keys(fingerprint: str, columns: Sequence[pa.Array | pa.ChunkedArray]) -> list[bytes]:
+    """The keys row_keys gives rows seen for the first time, from Arrow columns in bulk:
+    each value's canonical JSON text is made per column (strings, integers, booleans and
+    floats without a Python call per value), then one blake3 per row."""
+    texts = [_value_texts(col) for col in columns]
+    prefix = canonical_json(fingerprint)
+    b3 = blake3.blake3
+    if len(texts) == 1:
+        rows: Iterable[str] = texts[0]
+        return [b3(prefix + f"[{t}]".encode()).digest() for t in rows]
+    joined = (",".join(parts) for parts in zip(*texts, strict=True))
+    return [b3(prefix + f"[{t}]".encode()).digest() for t in joined]
+
+
+def _value_texts(col: pa.Array | pa.ChunkedArray) -> list[str]:
+    """canonical_json(tagged(v, any_type=True)) of each value, as text."""
+    import pyarrow as pa
+    import pyarrow.types as pat
+
+    t = col.type
+    values = col.to_pylist()
+    has_null = col.null_count > 0
+    if pat.is_string(t) or pat.is_large_string(t):
+        # Arrow strings are valid UTF-8, so the escaping is json's own (ensure_ascii off).
+        enc = json.encoder.encode_basestring
+        if not has_null:
+            return list(map(enc, values))
+        return ["null" if v is None else enc(v) for v in values]
+    if pat.is_integer(t):
+        return (
+            ["null" if v is None else str(v) for v in values]
+            if has_null
+            else list(map(str, values))
+        )
+    if pat.is_boolean(t):
+        return ["null" if v is None else ("true" if v else "false") for v in values]
+    if pat.is_floating(t) and t != pa.float16():
+        return ["null" if v is None else f'{{"float":"{v.hex()}"}}' for v in values]
+    return [canonical_json(tagged(v, any_type=True)).decode() for v in values]
 
 
 def action_key(fingerprint: str, slices: Sequence[Sequence[Sequence[Any]]]) -> str:

@@ -24,12 +24,14 @@ output columns (and metadata) from the stored rows or the new ones.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from castore.errors import CastoreError, PipelineError, StepFailed
-from castore.hashing import row_keys
+from castore.hashing import base_row_keys, occurrence_key
+from castore.store import rowpack
 from castore.store.parquet import METADATA_COLUMN
 
 if TYPE_CHECKING:
@@ -42,6 +44,11 @@ OUTPUT_META = b"castore_output"
 FP_META = b"castore_fingerprint"
 POS = "__castore_pos"
 NO_KEY = bytes(32)  # a row with no result to reuse (it failed), in a segment
+# Segments outside the pack that make a load write a new pack (each costs ~0.6 ms to load
+# on its own; a pack of a million keys loads in a few ms).
+PACK_AFTER = 16
+
+log = logging.getLogger(__name__)
 
 Found = tuple[str, int]  # (output object, row in it)
 
@@ -67,60 +74,158 @@ class RowPlan:
 
 
 class RowIndex:
-    """row key -> (output object, row) for one step fingerprint.
+    """row key -> (output object, row) for one step fingerprint, and the keys of the
+    step's input stream so far in this run.
 
     Loaded segments become three sorted numpy arrays (the key's first and second 64 bits,
     and where the row is), so a million keys load in well under a second and take ~24
-    bytes each; lookups are a vectorized binary search per batch. Rows made during this
-    run are not added: within a run every key is new (equal rows get their own keys)."""
+    bytes each; lookups are a vectorized binary search per batch. They are loaded on the
+    step's first batch miss: a run whose batches all hit never reads them. Rows made
+    during this run are not added: within a run every key is new (equal rows get their
+    own keys)."""
 
-    def __init__(self, store: Store, fingerprint: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        fingerprint: str,
+        *,
+        fetch_segments: Callable[[str], object] | None = None,
+        fetch: Callable[[str], bool] | None = None,
+    ) -> None:
         import numpy as np
 
         self.store = store
         self.fingerprint = fingerprint
-        self.seen: dict[bytes, int] = {}  # values so far, in stream order (row_keys)
+        # Keys of the rows of the step's input stream so far: the n-th equal row's key is
+        # the first occurrence_key not among them.
+        self.prior: set[bytes] = set()
+        # Segments of batch hits whose keys are not read yet (see keys()).
+        self._deferred: list[str] = []
+        self._loaded = False
+        self._segments: set[str] = set()  # the segments in the arrays
         self._oids: list[str] = []
         self._hi = np.zeros(0, np.uint64)
         self._lo = np.zeros(0, np.uint64)
         self._loc = np.zeros(0, np.int64)  # oid index << 32 | row
-        # Read-through: brings a found row's object from the remote when it is not here.
-        self.fetch: Callable[[str], bool] | None = None
+        # Read-through: the remote's segments of this step before loading, and a found
+        # row's object when it is not here.
+        self._fetch_segments = fetch_segments
+        self.fetch = fetch
 
     @classmethod
     def load(cls, store: Store, fingerprint: str) -> RowIndex:
+        index = cls(store, fingerprint)
+        index._load()
+        return index
+
+    def _load(self) -> None:
+        """The step's pack (castore.store.rowpack), minus the rows of segments whose
+        markers are gone, plus the segments it does not cover; a new pack is written when
+        those are many (or the pack is mostly stale), so the next load reads one object."""
         import numpy as np
 
-        index = cls(store, fingerprint)
+        if self._loaded:
+            return
+        self._loaded = True
+        if self._fetch_segments is not None:
+            self._fetch_segments(self.fingerprint)
+        live = self.store.row_segments(self.fingerprint)
+        alive = set(live)
+        pack_id = rowpack.current(self.store, self.fingerprint)
+        pack = rowpack.read(self.store, pack_id) if pack_id is not None else None
         his, los, locs = [], [], []
-        for seg in store.row_segments(fingerprint):
+        stale = 0
+        if pack is not None:
+            self._oids, segs = list(pack.outputs), list(pack.segments)
+            keep = np.array([s in alive for s in segs], bool)[pack.loc >> 32]
+            stale = int(len(keep) - keep.sum())
+            if stale:
+                his, los, locs = [pack.hi[keep]], [pack.lo[keep]], [pack.loc[keep]]
+            else:  # the memory-mapped arrays themselves
+                his, los, locs = [pack.hi], [pack.lo], [pack.loc]
+        else:
+            segs = []
+        packed = set(segs)
+        fresh = [seg for seg in live if seg not in packed]
+        for seg in fresh:
             try:
-                table = store.get_table(seg)  # verified: a corrupt segment is skipped
+                table = self.store.get_table(seg)  # verified: a corrupt segment is skipped
                 out = (table.schema.metadata or {})[OUTPUT_META].decode()
                 col = table.column("row_key").combine_chunks()
             except (CastoreError, KeyError):
-                store.drop_row_segment(fingerprint, seg)
+                self.store.drop_row_segment(self.fingerprint, seg)
                 continue
             words = np.frombuffer(col.buffers()[1], ">u8", count=len(col) * 4).reshape(-1, 4)
-            index._oids.append(out)
-            his.append(words[:, 0].astype(np.uint64))
-            los.append(words[:, 1].astype(np.uint64))
+            hi, lo = words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
             rows = np.arange(len(col), dtype=np.int64)
-            locs.append(((len(index._oids) - 1) << 32) | rows)
-        if his:
-            hi, lo, loc = np.concatenate(his), np.concatenate(los), np.concatenate(locs)
             keep = (hi != 0) | (lo != 0)  # NO_KEY: a row that failed
-            hi, lo, loc = hi[keep], lo[keep], loc[keep]
-            order = np.lexsort((lo, hi))  # stable: the first segment's row wins a tie
-            index._hi, index._lo, index._loc = hi[order], lo[order], loc[order]
-        return index
+            segs.append(seg)
+            self._oids.append(out)
+            his.append(hi[keep])
+            los.append(lo[keep])
+            locs.append(((len(segs) - 1) << 32) | rows[keep])
+        self._segments = {s for s in segs if s in alive}
+        if pack is not None and len(his) == 1:  # already sorted
+            self._hi, self._lo, self._loc = his[0], los[0], locs[0]
+        elif his:
+            hi, lo, loc = np.concatenate(his), np.concatenate(los), np.concatenate(locs)
+            # Stable: the pack's (older) row wins a tie. Sorted by the first 64 bits only
+            # (find() scans equal ones); the pack is one sorted run, so this is a merge.
+            order = np.argsort(hi, kind="stable")
+            self._hi, self._lo, self._loc = hi[order], lo[order], loc[order]
+        if len(fresh) >= PACK_AFTER or (stale and stale * 4 > len(self._hi)):
+            self._write_pack(segs, alive)
+        # A deferred hit's keys must be in the arrays (keys() relies on it): a segment
+        # without a marker, or made since, is read now.
+        self._read_deferred([s for s in self._deferred if s not in self._segments])
+
+    def _write_pack(self, segs: list[str], alive: set[str]) -> None:
+        """A pack of what is loaded, without segments whose markers are gone."""
+        import numpy as np
+
+        kept = [i for i, s in enumerate(segs) if s in alive]
+        renumber = np.full(max(len(segs), 1), -1, np.int64)
+        renumber[kept] = np.arange(len(kept), dtype=np.int64)
+        loc = (renumber[self._loc >> 32] << 32) | (self._loc & 0xFFFFFFFF)
+        pack = rowpack.Pack(
+            [segs[i] for i in kept], [self._oids[i] for i in kept], self._hi, self._lo, loc
+        )
+        try:
+            rowpack.write(self.store, self.fingerprint, pack)
+        except (OSError, CastoreError) as e:  # a cache of the segments: runs go on without
+            log.warning("row-key pack of %s not written: %s", self.fingerprint[:12], e)
 
     def __len__(self) -> int:
+        self._load()
         return len(self._hi)
+
+    def hit(self, segment: str) -> None:
+        """A batch hit at this point of the stream: its rows' keys are those of its
+        (verified) segment, read only if a later miss has a row that might equal one."""
+        if self._loaded and segment not in self._segments:
+            self._read_deferred([segment])
+        else:
+            self._deferred.append(segment)
+
+    def _read_deferred(self, segments: list[str] | None = None) -> None:
+        """Add the keys of `segments` (default: every deferred one) to the stream's."""
+        todo = list(self._deferred) if segments is None else segments
+        for seg in todo:
+            try:
+                col = self.store.get_table(seg).column("row_key")
+            except CastoreError as e:
+                raise PipelineError(
+                    f"the row-key segment {seg[:12]} of a cached batch went missing during "
+                    f"the run ({e}); run again"
+                ) from None
+            self.prior.update(col.to_pylist())
+        done = set(todo)
+        self._deferred = [s for s in self._deferred if s not in done]
 
     def find(self, keys: list[bytes]) -> list[Found | None]:
         import numpy as np
 
+        self._load()
         out: list[Found | None] = [None] * len(keys)
         n = len(self._hi)
         if n and keys:
@@ -144,12 +249,30 @@ class RowIndex:
 
     def keys(self, step: _Step, table: pa.Table) -> RowPlan:
         """The row keys of `table`, a batch's input (batches must come in stream order:
-        equal rows are counted across them), nothing found yet."""
+        equal rows are counted across them), nothing found yet.
+
+        Hits before it in the stream were not keyed: their keys are in their segments,
+        which are read only when some row here has values already in the index or in
+        this stream (an earlier equal row could be among them). An appended row, new
+        everywhere, reads nothing."""
         cols = step.row_key_columns()
         missing = [c for c in cols if c not in table.column_names]
         if missing:
             raise StepFailed(f"step {step.name}: its input lacks column {missing[0]!r}")
-        keys = row_keys(self.fingerprint, [table.column(c).to_pylist() for c in cols], self.seen)
+        base = base_row_keys(self.fingerprint, [table.column(c) for c in cols])
+        prior = self.prior
+        if self._deferred and (
+            any(b in prior for b in base) or any(f is not None for f in self.find(base))
+        ):
+            self._read_deferred()
+        keys = []
+        for b in base:
+            k, n = b, 0
+            while k in prior:
+                n += 1
+                k = occurrence_key(b, n)
+            prior.add(k)
+            keys.append(k)
         return RowPlan(self.fingerprint, keys, [None] * len(keys))
 
     def found(self, plan: RowPlan) -> RowPlan:

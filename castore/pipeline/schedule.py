@@ -103,7 +103,7 @@ class Scheduler:
         self.executor: Executor | None = None
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
-        # Row-wise steps' row-key indexes, loaded on their first batch miss.
+        # Row-wise steps' row-key indexes (loaded on their first batch miss).
         self.row_indexes: dict[str, RowIndex] = {}
 
     @property
@@ -151,13 +151,22 @@ class Scheduler:
         return None
 
     def _lookup(self, batch: PlannedBatch, keys: RowPlan | None = None) -> bool:
-        """Record a hit; a row-wise hit whose row-key segment is gone or damaged gets it
-        written again from `keys` (same bytes, same id), so its rows stay findable."""
+        """Record a hit. A row-wise hit at planning (`keys` None) adds its rows to the
+        step's stream by its segment, unread; one whose segment is gone or damaged gets
+        its keys computed and the segment written again (same bytes, same id in the same
+        stream), so its rows stay findable."""
         entry = self.reusable(batch.key)
         if entry is None:
             return False
         segment = entry.row_segment()
-        if segment is not None and not self.store.reuse(segment):
+        intact = segment is not None and self.store.reuse(segment)
+        if keys is None and self.steps[batch.step].row_wise:
+            if intact:
+                assert segment is not None
+                self._index(batch.step).hit(segment)
+            else:
+                keys = self._row_keys(batch)
+        if segment is not None and not intact:
             segment = write_segment(self.store, keys, entry.outputs[0]) if keys else None
         self.recorder.record(
             batch.step,
@@ -173,13 +182,13 @@ class Scheduler:
 
     def plan_all(self) -> None:
         """Plan what the done prefixes cover; hits are recorded at once (and can make more
-        batches plannable), misses queued. Row-wise steps get their row keys here, in
-        stream order (a hit counts its rows too: the n-th equal row has its own key)."""
+        batches plannable), misses queued with their row keys (row-wise steps), computed
+        here in stream order: the n-th equal row of a step's input has its own key."""
         while batches := self.planner.next_batches():
             for batch in batches:
-                keys = self._row_keys(batch)
-                if self._lookup(batch, keys):
+                if self._lookup(batch):
                     continue
+                keys = self._row_keys(batch)
                 rows = self._row_results(batch.step, keys)
                 self.queues[batch.step].pending.append(Pending(batch, rows=rows))
 
@@ -215,21 +224,34 @@ class Scheduler:
                     q.inflight += 1
                     self.executor.submit(Task(p.batch, self.steps[name], p, p.rows))
 
+    def _index(self, step: str) -> RowIndex:
+        index = self.row_indexes.get(step)
+        if index is None:
+            rc = self.rcache
+            index = RowIndex(
+                self.store,
+                self.plans[step].fp,
+                fetch_segments=rc.fetch_segments if rc is not None else None,
+                fetch=rc.fetch if rc is not None else None,
+            )
+            self.row_indexes[step] = index
+        return index
+
+    def pack_row_indexes(self) -> None:
+        """After computing row-wise batches: merge the step's segments into a pack when
+        many are outside it (castore.store.rowpack), so the next run's first miss reads
+        one object instead of a segment per batch."""
+        for name, index in self.row_indexes.items():
+            if self.recorder.tallies[name].computed:
+                RowIndex.load(self.store, index.fingerprint)
+
     def _row_keys(self, batch: PlannedBatch) -> RowPlan | None:
-        """A row-wise step's batch: its row keys, computed in stream order (a hit counts
-        its rows too, so the n-th equal row keeps its own key)."""
+        """A row-wise step's batch: its row keys, in stream order."""
         step = self.steps[batch.step]
         if not step.row_wise:
             return None
-        index = self.row_indexes.get(batch.step)
-        if index is None:
-            fp = self.plans[batch.step].fp
-            if self.rcache is not None:
-                self.rcache.fetch_segments(fp)  # read-through of rows made elsewhere
-            index = RowIndex.load(self.store, fp)
-            index.fetch = self.rcache.fetch if self.rcache is not None else None
-            self.row_indexes[batch.step] = index
-        return index.keys(step, read_input(self.store, batch.slice_lists(), self.cache))
+        table = read_input(self.store, batch.slice_lists(), self.cache)
+        return self._index(batch.step).keys(step, table)
 
     def _row_results(self, step: str, keys: RowPlan | None) -> RowPlan | None:
         """A batch miss: the rows made before. --no-cache finds none, but still writes the
