@@ -41,7 +41,7 @@ from castore.pipeline.executors import (
     pickle_steps_by_value,
 )
 from castore.pipeline.plan import PlannedBatch, Planner
-from castore.pipeline.rows import RowIndex, RowPlan, write_segment
+from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step, normalize_output, to_table
 from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
@@ -242,7 +242,8 @@ class Scheduler:
         many are outside it (castore.store.rowpack), so the next run's first miss reads
         one object instead of a segment per batch."""
         for name, index in self.row_indexes.items():
-            if self.recorder.tallies[name].computed:
+            # Fewer new segments are packed by a later load, once they add up.
+            if self.recorder.tallies[name].computed >= PACK_AFTER:
                 RowIndex.load(self.store, index.fingerprint)
 
     def _row_keys(self, batch: PlannedBatch) -> RowPlan | None:
