@@ -1,39 +1,93 @@
-"""castore: data pipelines over a content-addressed store."""
+"""castore: data pipelines over a content-addressed store.
 
-from castore import changes as _changes
+The public names are imported on first use (PEP 562), so `import castore`, and every
+`cas` command, loads only the modules it needs: a finished re-run or `cas ls` does not
+pay for pydantic step models, pyarrow or the Distiset's `datasets`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from castore._version import __version__
-from castore.changes import DiffReport, ExplainReport
-from castore.distiset import Distiset
-from castore.errors import CastoreError
-from castore.pipeline import (
-    GeneratorStep,
-    GlobalStep,
-    Pipeline,
-    Step,
-    StepInput,
-    StepOutput,
-    runtime_field,
-    step,
-)
-from castore.pipeline.record import RunSummary
-from castore.store import Store
+
+if TYPE_CHECKING:
+    from castore.changes import DiffReport, ExplainReport
+    from castore.distiset import Distiset
+    from castore.errors import CastoreError
+    from castore.pipeline.pipeline import Pipeline
+    from castore.pipeline.step import (
+        GeneratorStep,
+        GlobalStep,
+        Step,
+        StepInput,
+        StepOutput,
+        runtime_field,
+        step,
+    )
+    from castore.store import Store
+    from castore.summary import RunSummary
+
+_LAZY = {
+    "CastoreError": "castore.errors",
+    "DiffReport": "castore.changes",
+    "Distiset": "castore.distiset",
+    "ExplainReport": "castore.changes",
+    "GeneratorStep": "castore.pipeline",
+    "GlobalStep": "castore.pipeline",
+    "Pipeline": "castore.pipeline.pipeline",
+    "RunSummary": "castore.summary",
+    "Step": "castore.pipeline",
+    "StepInput": "castore.pipeline",
+    "StepOutput": "castore.pipeline",
+    "Store": "castore.store",
+    "runtime_field": "castore.pipeline",
+    "step": "castore.pipeline",
+}
+
+
+def lazy_attribute(module: str, table: dict[str, str], name: str) -> Any:
+    """`name` of a package whose public names are imported on first use (PEP 562)."""
+    where = table.get(name)
+    if where is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(where), name)
+
+
+def __getattr__(name: str) -> Any:
+    value = lazy_attribute(__name__, _LAZY, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 def explain(
     run: str, step: str | None = None, *, against: str | None = None, cache_dir: str | None = None
 ) -> ExplainReport:
     """Why each step of a run was cached or computed (see castore.changes.explain)."""
-    return _changes.explain(Store(cache_dir), run, step, against)
+    from castore import changes
+    from castore.store import Store
+
+    return changes.explain(Store(cache_dir), run, step, against)
 
 
 def diff(a: str, b: str, *, cache_dir: str | None = None) -> DiffReport:
     """What changed between two runs (see castore.changes.diff)."""
-    return _changes.diff(Store(cache_dir), a, b)
+    from castore import changes
+    from castore.store import Store
+
+    return changes.diff(Store(cache_dir), a, b)
 
 
 __all__ = [
     "CastoreError",
+    "DiffReport",
     "Distiset",
+    "ExplainReport",
     "GeneratorStep",
     "GlobalStep",
     "Pipeline",

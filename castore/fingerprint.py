@@ -29,6 +29,8 @@ A step whose `process` reaches nothing beyond itself keeps the plain AST digest 
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import dis
 import functools
 import importlib.metadata
@@ -38,7 +40,7 @@ import site
 import sys
 import sysconfig
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from castore.hashing import code_digest, hash_json, source_digest, tagged
@@ -311,10 +313,40 @@ def package_versions(packages: Iterable[str]) -> Parts:
     return out
 
 
+_MEMO: contextvars.ContextVar[dict[Any, tuple[str, Parts]] | None] = contextvars.ContextVar(
+    "castore_code_parts", default=None
+)
+
+
+@contextlib.contextmanager
+def one_code_version() -> Iterator[None]:
+    """Within the block, each function's code parts are computed once: a run needs them
+    for its signatures and again for pipeline.yaml. Outside, every call reads the code as
+    it is now (a long-lived process may have edited or reloaded it)."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
 def code_parts(
     func: Callable[..., Any], owner: type | None = None, packages: Iterable[str] = ()
 ) -> tuple[str, Parts]:
     """(digest of `func` itself, what it reaches in the user's own code)."""
+    memo = _MEMO.get()
+    key = (func, owner, tuple(packages))
+    if memo is not None and key in memo:
+        return memo[key]
+    result = _code_parts(func, owner, key[2])
+    if memo is not None:
+        memo[key] = result
+    return result
+
+
+def _code_parts(
+    func: Callable[..., Any], owner: type | None, packages: Iterable[str]
+) -> tuple[str, Parts]:
     func = inspect.unwrap(func)
     root = code_digest(func)  # raises OSError without source, as before
     walk = _Walk()

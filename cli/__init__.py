@@ -4,13 +4,14 @@ library; exceptions become exit codes in exactly one place, `main()`."""
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import sys
 from typing import Any
 
 import click
-from castore.cli.common import App, err
+from castore.cli.common import SHORT_HELP, App, err
 
 from castore._version import __version__
 from castore.errors import CastoreError, RunInterrupted
@@ -26,7 +27,49 @@ _MAPPED_ERRNOS = {
 }
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# name: (module under castore.cli, attribute). Commands are imported when used, so
+# `cas --help` and `cas ls` do not import every command's library code; the listing in
+# `cas --help` comes from cli/common.py's SHORT_HELP, which each command also uses.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "run_command"),
+    "resume": ("run", "resume_command"),
+    "ls": ("runs", "ls_command"),
+    "show": ("runs", "show_command"),
+    "log": ("runs", "log_command"),
+    "explain": ("explain", "explain_command"),
+    "diff": ("explain", "diff_command"),
+    "distiset": ("distiset", "command"),
+    "cat": ("cat", "command"),
+    "info": ("info", "command"),
+    "du": ("gc", "du_command"),
+    "gc": ("gc", "gc_command"),
+    "rm": ("gc", "rm_command"),
+    "fsck": ("fsck", "command"),
+    "remote": ("remote", "remote_group"),
+    "push": ("remote", "push_command"),
+    "pull": ("remote", "pull_command"),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use (click's documented pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = COMMANDS.get(cmd_name)
+        if spec is None:
+            return None
+        command: click.Command = getattr(importlib.import_module(f"castore.cli.{spec[0]}"), spec[1])
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, SHORT_HELP[n]) for n in self.list_commands(ctx)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="castore")
 @click.option(
     "--cache-dir",
@@ -57,32 +100,6 @@ def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, de
     app.cache_dir = app.cache_dir or cache_dir
     app.quiet = quiet
     _state["cache_dir"] = app.cache_dir
-
-
-def _register() -> None:
-    from castore.cli import cat, distiset, explain, fsck, gc, info, remote, run, runs
-
-    for mod in (info, fsck, cat, distiset):
-        cas.add_command(mod.command)
-    for command in (
-        explain.explain_command,
-        explain.diff_command,
-        remote.remote_group,
-        remote.push_command,
-        remote.pull_command,
-        gc.gc_command,
-        gc.rm_command,
-        gc.du_command,
-        run.run_command,
-        run.resume_command,
-        runs.ls_command,
-        runs.show_command,
-        runs.log_command,
-    ):
-        cas.add_command(command)
-
-
-_register()
 
 
 def _store_oserror(e: OSError) -> CastoreError | None:

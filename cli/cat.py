@@ -4,12 +4,12 @@ import json
 import sys
 
 import click
-from castore.cli.common import App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 
 from castore.store.parquet import PARQUET_MAGIC
 
 
-@click.command("cat")
+@click.command("cat", short_help=SHORT_HELP["cat"])
 @click.argument("object_id")
 @click.option(
     "--limit", type=click.IntRange(min=0), default=None, help="At most N rows of a Parquet object."

@@ -9,6 +9,28 @@ from typing import Any
 
 import click
 
+# The line `cas --help` shows for each command (the command uses it too): cas --help
+# lists them without importing the commands.
+SHORT_HELP = {
+    "cat": "Print an object (JSON as stored, a Parquet batch as JSON lines).",
+    "diff": "Two runs side by side: steps changed, rows added and removed.",
+    "distiset": "Export the datasets of a run (or of a data folder).",
+    "du": "Bytes per pipeline and run, and what dedupe saved.",
+    "explain": "Why each step of a run was cached or computed.",
+    "fsck": "Verify every object, action entry and ref (exit 1 on a problem).",
+    "gc": "Remove what no run needs (dry run with --dry-run).",
+    "info": "Show the store root, layout version, counts and bytes on disk.",
+    "log": "Print a run's pipeline.log.",
+    "ls": "List runs: name, signature, status, rows, started, duration.",
+    "pull": "Download runs from a remote, every object verified.",
+    "push": "Upload runs to a remote: what it lacks, then entries and refs.",
+    "remote": "Named remotes: other stores reached through fsspec.",
+    "resume": "Continue the latest interrupted or failed run.",
+    "rm": "Remove runs (their refs); `cas gc` then frees their data.",
+    "run": "Run a pipeline; finished batches are reused (resume, re-run).",
+    "show": "Per step: batches done/total, cached/computed, rows, columns.",
+}
+
 
 @dataclass
 class App:

@@ -3,10 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from castore.cli.common import App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
 
 
-@click.command("distiset")
+@click.command("distiset", short_help=SHORT_HELP["distiset"])
 @click.argument("run", required=False)
 @click.option(
     "--from-dir",

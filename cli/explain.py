@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import click
-from castore.cli.common import App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 
 
-@click.command("explain")
+@click.command("explain", short_help=SHORT_HELP["explain"])
 @click.argument("run")
 @click.argument("step", required=False)
 @click.option(
@@ -44,7 +44,7 @@ def explain_command(
             click.echo(f"    - {r}")
 
 
-@click.command("diff")
+@click.command("diff", short_help=SHORT_HELP["diff"])
 @click.argument("run_a")
 @click.argument("run_b")
 @common_options

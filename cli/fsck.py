@@ -3,13 +3,13 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import click
-from castore.cli.common import App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 
 from castore import fsck
 from castore.errors import ProblemsFound
 
 
-@click.command("fsck")
+@click.command("fsck", short_help=SHORT_HELP["fsck"])
 @click.option(
     "--remote",
     "remote",

@@ -4,7 +4,7 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli.common import App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
 
 
 def _human(n: float) -> str:
@@ -15,7 +15,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@click.command("gc")
+@click.command("gc", short_help=SHORT_HELP["gc"])
 @click.option("--dry-run", "-n", is_flag=True, help="Print what would go; change nothing.")
 @click.option(
     "--keep-last", type=click.IntRange(min=0), help="Keep the N newest runs per pipeline name."
@@ -110,7 +110,7 @@ def gc_command(
     )
 
 
-@click.command("rm")
+@click.command("rm", short_help=SHORT_HELP["rm"])
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--all", "all_", is_flag=True, help="RUN names a pipeline: remove all its runs.")
 @common_options
@@ -142,7 +142,7 @@ def rm_command(app: App, runs: tuple[str, ...], all_: bool, as_json: bool) -> No
         err("objects stay until `cas gc` (or later: they may be reused by other runs)")
 
 
-@click.command("du")
+@click.command("du", short_help=SHORT_HELP["du"])
 @common_options
 @click.pass_obj
 def du_command(app: App, as_json: bool) -> None:

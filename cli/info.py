@@ -3,10 +3,10 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import click
-from castore.cli.common import App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 
 
-@click.command("info")
+@click.command("info", short_help=SHORT_HELP["info"])
 @common_options
 @click.pass_obj
 def command(app: App, as_json: bool) -> None:

@@ -6,10 +6,10 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli.common import App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
 
 
-@click.group("remote")
+@click.group("remote", short_help=SHORT_HELP["remote"])
 def remote_group() -> None:
     """Named remotes: other stores reached through fsspec (a folder, s3://, gs://, …).
 
@@ -135,7 +135,7 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
     )
 
 
-@click.command("push")
+@click.command("push", short_help=SHORT_HELP["push"])
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
 @click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be uploaded.")
@@ -150,7 +150,7 @@ def push_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_j
     _transfer(app, "push", args, jobs, as_json, dry_run)
 
 
-@click.command("pull")
+@click.command("pull", short_help=SHORT_HELP["pull"])
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
 @click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
 @click.option(

@@ -4,7 +4,7 @@ import os
 from typing import Any
 
 import click
-from castore.cli.common import App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
 
 from castore.errors import CastoreError, ConfigError, RunInterrupted
 from castore.store.manifests import RunManifest, Target
@@ -28,7 +28,7 @@ def parse_params(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 
 def summary(app: App, run_oid: str) -> dict[str, Any]:
-    from castore.pipeline.record import RunSummary
+    from castore.summary import RunSummary
 
     return RunSummary.load(app.store(), run_oid).model_dump()
 
@@ -140,7 +140,7 @@ def run_options(f: Any) -> Any:
     return f
 
 
-@click.command("run")
+@click.command("run", short_help=SHORT_HELP["run"])
 @click.argument("target")
 @click.option(
     "--param",
@@ -192,7 +192,7 @@ def run_command(
     )
 
 
-@click.command("resume")
+@click.command("resume", short_help=SHORT_HELP["resume"])
 @click.argument("name", required=False)
 @run_options
 @common_options

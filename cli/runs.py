@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from castore.cli.common import App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 
 
 def _duration(info) -> float:
@@ -11,7 +11,7 @@ def _duration(info) -> float:
     return ((m.ended or m.updated) - m.started).total_seconds()
 
 
-@click.command("ls")
+@click.command("ls", short_help=SHORT_HELP["ls"])
 @common_options
 @click.pass_obj
 def ls_command(app: App, as_json: bool) -> None:
@@ -49,7 +49,7 @@ def ls_command(app: App, as_json: bool) -> None:
         )
 
 
-@click.command("show")
+@click.command("show", short_help=SHORT_HELP["show"])
 @click.argument("run")
 @common_options
 @click.pass_obj
@@ -58,9 +58,9 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 
     RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
     """
-    from castore.pipeline.record import RunSummary
     from castore.runs import resolve_run
     from castore.store.manifests import StepManifest, load_model
+    from castore.summary import RunSummary
 
     store = app.store()
     info = resolve_run(store, run)
@@ -124,7 +124,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
     click.echo(summary.saved.line())
 
 
-@click.command("log")
+@click.command("log", short_help=SHORT_HELP["log"])
 @click.argument("run")
 @common_options
 @click.pass_obj

@@ -6,7 +6,6 @@ entry, so an action entry never names a missing object.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import threading
@@ -97,11 +96,13 @@ def read_input(store: Store, slices: list[list[Slice]], cache: TableCache) -> pa
 def call_process(step: _Step, arg: Any) -> Any:
     """Call `process`, driving it to completion when it is async."""
     result = step.process(arg)  # type: ignore[attr-defined]
+    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+        return result
+    import asyncio  # only async steps pay its import
+
     if inspect.isawaitable(result):
         return asyncio.run(_await(result))
-    if inspect.isasyncgen(result):
-        return asyncio.run(_collect(result))
-    return result
+    return asyncio.run(_collect(result))
 
 
 async def _await(aw: Any) -> Any:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
+from castore.fingerprint import one_code_version
 from castore.hashing import hash_json
 from castore.pipeline.rows import check_row_wise
 from castore.pipeline.step import (
@@ -337,7 +338,8 @@ class Pipeline:
         Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
         StepFailed when a batch fails with on_error='fail'.
         """
-        _, ds = self._runner(parameters, options).run(distiset=True)
+        with one_code_version():
+            _, ds = self._runner(parameters, options).run(distiset=True)
         assert ds is not None
         return ds
 
@@ -346,7 +348,8 @@ class Pipeline:
     ) -> str:
         """`run` without building a Distiset (nor importing `datasets`): returns the id
         of the run manifest (`castore.RunSummary.load(store, id)` summarizes it)."""
-        oid, _ = self._runner(parameters, options).run(distiset=False)
+        with one_code_version():
+            oid, _ = self._runner(parameters, options).run(distiset=False)
         return oid
 
     def _runner(self, parameters: dict[str, dict[str, Any]] | None, o: RunOptions) -> Any:

@@ -1,8 +1,7 @@
 """What a run records: batch records, typed per-step tallies, step and run manifests and
 the ref. `Recorder` is the only code that writes manifests and moves the ref during a run
 (write order, MUST: objects and entries first, then step manifests, then the run
-manifest, then the ref). `RunSummary` is the one summary of a run, printed by the run
-log, `cas run` and `cas show`.
+manifest, then the ref). The summary of a run is castore.summary.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel
 
 from castore.pipeline.plan import StepPlan
 from castore.store.manifests import (
@@ -231,103 +228,3 @@ class Recorder:
         oid = self.store.put_bytes(run.model_dump_json().encode())
         self.store.set_ref(info.name, info.signature, oid)
         return oid
-
-
-# -- the one summary of a run ------------------------------------------------------------
-
-
-class StepSummary(BaseModel):
-    batches_cached: int
-    batches_computed: int
-    batches_failed: int
-    rows: int
-    rows_computed: int = 0
-    rows_reused: int = 0  # rows of computed batches found by row key
-
-
-class Saved(BaseModel):
-    batches: int
-    rows: int  # rows of cached batches plus rows found by row key
-    tokens: int
-    seconds: float
-    rows_by_key: int = 0
-
-    @classmethod
-    def of(cls, stats: dict[str, StepStats]) -> Saved:
-        return cls(
-            batches=sum(s.batches_cached for s in stats.values()),
-            rows=sum(s.rows_cached + s.rows_reused for s in stats.values()),
-            rows_by_key=sum(s.rows_reused for s in stats.values()),
-            tokens=sum(s.tokens_saved for s in stats.values()),
-            seconds=round(sum(s.seconds_saved for s in stats.values()), 6),
-        )
-
-    def line(self) -> str:
-        by_key = f" ({self.rows_by_key} by row key)" if self.rows_by_key else ""
-        return (
-            f"saved: {self.batches} batches, {self.rows} rows{by_key}, {self.tokens} tokens, "
-            f"{self.seconds:.1f} seconds of compute"
-        )
-
-
-class RunSummary(BaseModel):
-    """A run as `cas run --json` prints it; the run log and `cas show` use it too."""
-
-    run_id: str
-    name: str
-    signature: str
-    status: str
-    rows: dict[str, int]
-    steps: dict[str, StepSummary]
-    seconds: float
-    data_dir: str
-    saved: Saved
-    tokens_spent: int
-    error: str | None = None
-
-    @classmethod
-    def of(cls, run: RunManifest, run_oid: str, data_dir: str) -> RunSummary:
-        stats = run.stats
-        return cls(
-            run_id=run_oid,
-            name=run.name,
-            signature=run.signature,
-            status=run.status,
-            rows={leaf: stats[leaf].rows for leaf in run.leaves if leaf in stats},
-            steps={
-                n: StepSummary(
-                    batches_cached=s.batches_cached,
-                    batches_computed=s.batches_computed,
-                    batches_failed=s.batches_failed,
-                    rows=s.rows,
-                    rows_computed=s.rows_computed,
-                    rows_reused=s.rows_reused,
-                )
-                for n, s in stats.items()
-            },
-            seconds=round(((run.ended or run.updated) - run.started).total_seconds(), 3),
-            data_dir=data_dir,
-            saved=Saved.of(stats),
-            tokens_spent=sum(s.tokens_spent for s in stats.values()),
-            error=run.error,
-        )
-
-    @classmethod
-    def load(cls, store: Store, run_oid: str) -> RunSummary:
-        from castore.store.manifests import load_model
-        from castore.store.runfolder import RunFolder
-
-        run = load_model(store, run_oid, RunManifest)
-        return cls.of(run, run_oid, str(RunFolder(store, run.name, run.signature).data))
-
-
-def step_lines(stats: dict[str, StepStats]) -> list[str]:
-    """One line per step, as the run log ends."""
-    return [
-        f"step {n}: {s.batches_cached + s.batches_computed + s.batches_failed} batches "
-        f"({s.batches_cached} cached, {s.batches_computed} computed, {s.batches_failed} "
-        f"failed), {s.rows} rows"
-        + (f" ({s.rows_reused} reused by row key)" if s.rows_reused else "")
-        + f", {s.compute_seconds:.2f}s compute"
-        for n, s in stats.items()
-    ]

@@ -83,7 +83,7 @@ def progress_line(plans: dict[str, StepPlan], tallies: dict[str, StepTally]) -> 
 
 def log_summary(stats: dict[str, StepStats], name: str, status: str, data: Path) -> None:
     """The lines a run's log ends with (the same RunSummary that `cas run` prints)."""
-    from castore.pipeline.record import Saved, step_lines
+    from castore.summary import Saved, step_lines
 
     for line in step_lines(stats):
         log.info("%s", line)

@@ -484,6 +484,7 @@ class Scheduler:
         ):
             return False
         for name, man in mans.items():
+            self.recorder.set_columns(name, man.columns)  # first: record() reads no schema
             for i, b in enumerate(man.batches):
                 self.recorder.record(
                     name,
@@ -496,7 +497,6 @@ class Scheduler:
                     row_index=b.row_index,
                 )
             self.plans[name].total = len(man.batches)
-            self.recorder.set_columns(name, man.columns)
         log.info("every batch of this pipeline is in the store: no step work to do")
         return True
 

@@ -1,15 +1,49 @@
-"""Built-in steps."""
+"""Built-in steps, each module imported on first use: a pipeline that loads a file does
+not import the LLM client (asyncio, aiohttp)."""
 
-from castore.steps.columns import (
-    CombineOutputs,
-    DeduplicateRows,
-    ExpandColumns,
-    FilterRows,
-    KeepColumns,
-    RenameColumns,
-)
-from castore.steps.llm import ChatGeneration, TextGeneration
-from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from castore import lazy_attribute
+
+if TYPE_CHECKING:
+    from castore.steps.columns import (
+        CombineOutputs,
+        DeduplicateRows,
+        ExpandColumns,
+        FilterRows,
+        KeepColumns,
+        RenameColumns,
+    )
+    from castore.steps.llm import ChatGeneration, TextGeneration
+    from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
+
+_COLUMNS, _LLM, _LOADERS = "castore.steps.columns", "castore.steps.llm", "castore.steps.loaders"
+_LAZY = {
+    "ChatGeneration": _LLM,
+    "CombineOutputs": _COLUMNS,
+    "DeduplicateRows": _COLUMNS,
+    "ExpandColumns": _COLUMNS,
+    "FilterRows": _COLUMNS,
+    "KeepColumns": _COLUMNS,
+    "LoadDataFromDicts": _LOADERS,
+    "LoadDataFromFileSystem": _LOADERS,
+    "LoadDataFromHub": _LOADERS,
+    "RenameColumns": _COLUMNS,
+    "TextGeneration": _LLM,
+}
+
+
+def __getattr__(name: str) -> Any:
+    value = lazy_attribute(__name__, _LAZY, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "ChatGeneration",

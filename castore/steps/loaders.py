@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from castore.errors import ConfigError
-from castore.hashing import Hasher
+from castore.hashing import Hasher, hash_file
 from castore.pipeline.step import GeneratorStep, runtime_field
 
 if TYPE_CHECKING:
@@ -76,10 +76,13 @@ class LoadDataFromFileSystem(GeneratorStep):
         return fmt
 
     def extra_identity(self) -> Any:
-        import fsspec
-
         out = []
         for path in self._paths():
+            if "://" not in path:
+                out.append(hash_file(path))  # memory-mapped; no fsspec import
+                continue
+            import fsspec
+
             h = Hasher()
             with fsspec.open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
