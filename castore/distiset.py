@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METADATA_COLUMNS = (METADATA_COLUMN, "distilabel_metadata")
+_PENDING = object()  # a leaf not made yet
 PIPELINE_YAML = "pipeline.yaml"
 PIPELINE_LOG = "pipeline.log"
 CARD = "README.md"
@@ -52,6 +54,60 @@ class Distiset(dict):
     log_filename_path: Path | None = None
     run: RunManifest | None = None
     run_oid: str | None = None
+    # A run's leaves are made on first use (castore.Pipeline.run returns at once, and
+    # only code that reads the data imports `datasets`): leaf -> its DatasetDict.
+    _make: Callable[[str], Any] | None = None
+
+    def _load(self) -> None:
+        make, self._make = self._make, None
+        if make is not None:
+            for leaf in list(dict.keys(self)):
+                if dict.__getitem__(self, leaf) is _PENDING:
+                    dict.__setitem__(self, leaf, make(leaf))
+
+    # Every way to reach a value makes the leaves first; keys, len and `in` do not.
+    def __getitem__(self, key: str) -> Any:
+        self._load()
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._load()
+        return dict.get(self, key, default)
+
+    def items(self) -> Any:
+        self._load()
+        return dict.items(self)
+
+    def values(self) -> Any:
+        self._load()
+        return dict.values(self)
+
+    def __iter__(self) -> Iterator[str]:
+        # Not dict's own iterator: dict(ds) and {**ds} then go through __getitem__.
+        return iter(list(dict.keys(self)))
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._load()
+        return dict.pop(self, key, *default)
+
+    def copy(self) -> dict[str, Any]:
+        self._load()
+        return dict(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._load()
+        if isinstance(other, Distiset):
+            other._load()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self._load()
+        return super().__reduce_ex__(protocol)
 
     def __repr__(self) -> str:
         inner = ",\n".join(
@@ -82,16 +138,21 @@ class Distiset(dict):
     def from_manifest(
         cls, store: Store, run_oid: str, *, enable_metadata: bool = False
     ) -> Distiset:
-        import datasets
-
         run = load_model(store, run_oid, RunManifest)
         out = cls()
         folder = RunFolder(store, run.name, run.signature)
-        for leaf in run.leaves:
+
+        def make(leaf: str) -> Any:
+            import datasets
+
             step = load_model(store, run.step_manifest_id(leaf), StepManifest)
             path = leaf_arrow(store, step, folder.arrow)
             ds = datasets.Dataset.from_file(str(path)) if path else _empty_dataset()
-            out[leaf] = datasets.DatasetDict({"train": _metadata(ds, enable_metadata)})
+            return datasets.DatasetDict({"train": _metadata(ds, enable_metadata)})
+
+        for leaf in run.leaves:
+            dict.__setitem__(out, leaf, _PENDING)
+        out._make = make
         out.partial = run.status != "finished"
         out.run, out.run_oid = run, run_oid
         if run.pipeline_yaml:

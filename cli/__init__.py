@@ -140,7 +140,8 @@ def _unexpected(e: Exception) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `cas`: runs the group and maps exceptions to exit codes."""
     try:
-        code = cas.main(args=argv, prog_name="cas", standalone_mode=False)
+        args = list(sys.argv[1:] if argv is None else argv)
+        code = cas.main(args=args, prog_name="cas", standalone_mode=False, obj=App(argv=args))
     except RunInterrupted as e:
         err(str(e))  # not an error: the user asked, and `cas resume` continues
         code = e.exit_code

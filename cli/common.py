@@ -38,6 +38,7 @@ class App:
 
     cache_dir: str | None = None
     quiet: bool = False
+    argv: list[str] = field(default_factory=list)  # as typed, after `cas`
     _store: Any = field(default=None, repr=False)
 
     def store(self) -> Any:

@@ -86,8 +86,46 @@ def execute(
         f"rows: {', '.join(f'{k}={v}' for k, v in doc['rows'].items())}"
     )
     err(f"data: {doc['data_dir']}")
-    if hint or target.path:
-        err(f"run again (free: every batch is cached): cas run {hint or target.path}")
+    if hint:
+        err(f"run again (free: every batch is cached): {hint}")
+
+
+def rerun_hint(argv: list[str], command: str, target: Target, params: dict) -> str | None:
+    """The `cas run` line that repeats this run for free: the user's own line for `cas
+    run` (without --no-cache, which would not be free); for `cas resume`, a `cas run` of
+    the recorded target with the recorded parameters (redacted secrets come from the
+    environment again), after the same global options."""
+    import shlex
+
+    from castore.pipeline.step import REDACTED
+
+    if command not in argv:
+        return None
+    at = argv.index(command)
+    if command == "run":
+        return shlex.join(["cas", *(a for a in argv if a != "--no-cache")])
+    if not target.path:
+        return None
+    words = ["cas", *argv[:at], "run", target.path]
+    for step_name, fields in sorted(params.items()):
+        for fname, value in sorted(fields.items()):
+            if value != REDACTED:
+                words += ["--param", f"{step_name}.{fname}={dump_param(value)}"]
+    return shlex.join(words)
+
+
+def dump_param(value: Any) -> str:
+    """A parameter value as --param reads it back: a string as typed when YAML reads it
+    as that string, else JSON (which YAML reads)."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            if load_yaml(value, "--param") == value:
+                return value
+        except YamlSyntaxError:
+            return value  # --param keeps text that is not YAML as typed
+    return json.dumps(value, ensure_ascii=False)
 
 
 def run_options(f: Any) -> Any:
@@ -184,7 +222,7 @@ def run_command(
         executor=executor,
         as_json=as_json,
         grace=grace,
-        hint=target,
+        hint=rerun_hint(app.argv, "run", Target(kind="api"), {}),
         remote=remote,
         push=push,
         ray_address=ray_address,
@@ -235,6 +273,7 @@ def resume_command(
         executor=executor,
         as_json=as_json,
         grace=grace,
+        hint=rerun_hint(app.argv, "resume", target, man.parameters),
         remote=remote,
         push=push,
         manifest=man,

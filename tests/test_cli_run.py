@@ -218,3 +218,58 @@ def test_resume_a_run_started_from_python(tmp_path, monkeypatch):
     doc = r.json()
     assert doc["status"] == "finished" and doc["rows"] == {"fail_if_env": 30}
     assert doc["steps"]["load_data_from_dicts"]["batches_cached"] == 3
+
+
+FLAKY = textwrap.dedent(
+    """
+    import os
+    from castore import Pipeline, StepInput, StepOutput, step
+    from castore.steps import LoadDataFromDicts
+
+    @step(inputs=["x"], outputs=["y"])
+    def AddOne(inputs: StepInput, by: int = 1, label: str = "a b") -> StepOutput:
+        if os.environ.get("FLAKY_FAIL") == "1" and inputs[0]["x"] >= 10:
+            raise RuntimeError("flaky")
+        yield [{**r, "y": r["x"] + by} for r in inputs]
+
+    with Pipeline(name="flaky") as pipeline:
+        LoadDataFromDicts(data=[{"x": i} for i in range(30)], batch_size=10) >> AddOne(
+            input_batch_size=10)
+    """
+)
+
+
+def _hint(r) -> list[str]:
+    import shlex
+
+    line = next(x for x in r.stderr.splitlines() if x.startswith("run again"))
+    return shlex.split(line.split("cached): ", 1)[1])
+
+
+def test_the_run_again_hint_repeats_the_command_and_is_free(tmp_path, monkeypatch):
+    """The hint is the user's own line (options, --param, --cache-dir; not --no-cache),
+    and after `cas resume` the `cas run` line with the recorded parameters: following
+    either computes nothing."""
+    path = tmp_path / "flaky.py"
+    path.write_text(FLAKY)
+    cache = tmp_path / "c"
+    params = ("--param", "add_one.by=3", "--param", "add_one.label=two words")
+    r = cas_inproc("--cache-dir", str(cache), "run", str(path), "--no-cache", *params)
+    assert r.returncode == 0, r
+    hint = _hint(r)
+    assert hint == ["cas", "--cache-dir", str(cache), "run", str(path), *params]
+    again = cas_inproc(*hint[1:], "--json")
+    assert again.returncode == 0, again
+    assert all(s["batches_computed"] == 0 for s in again.json()["steps"].values())
+
+    monkeypatch.setenv("FLAKY_FAIL", "1")
+    failed = cas_inproc("--cache-dir", str(cache), "run", str(path), "--param", "add_one.by=7")
+    assert failed.returncode != 0
+    monkeypatch.delenv("FLAKY_FAIL")
+    resumed = cas_inproc("--cache-dir", str(cache), "resume", "flaky")
+    assert resumed.returncode == 0, resumed
+    hint = _hint(resumed)
+    assert hint[:5] == ["cas", "--cache-dir", str(cache), "run", str(path)]
+    assert "add_one.by=7" in hint
+    again = cas_inproc(*hint[1:], "--json")
+    assert all(s["batches_computed"] == 0 for s in again.json()["steps"].values())
