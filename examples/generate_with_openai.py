@@ -50,7 +50,7 @@ def build(base_url: str, model: str, rows: int = 40) -> Pipeline:
                 max_concurrent_requests=16,
             ),
             system_prompt="You are a patient teacher.",
-            template="Explain {topic} to {level} in three sentences.",
+            template="Explain {{ topic }} to {{ level }} in three sentences.",
             input_batch_size=8,
             on_error="skip",
         )

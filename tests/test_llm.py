@@ -80,7 +80,7 @@ def test_fingerprint_has_model_kwargs_prompt_not_key(server, monkeypatch):
     assert sig(llm={"model": "other"}) != base
     assert sig(llm={"generation_kwargs": {"temperature": 0.9}}) != base
     assert sig(system_prompt="hi") != base
-    assert sig(template="Q: {instruction}") != base
+    assert sig(template="Q: {{ instruction }}") != base
     assert sig(llm={"base_url": "http://127.0.0.1:1/v1"}) != base
 
 
@@ -237,7 +237,7 @@ def test_example_generate_with_openai(tmp_path, server):
 def test_template_columns_checked_before_any_request(store, server):
     with Pipeline(name="tmpl") as p:
         LoadDataFromDicts(data=[{"topic": "x"}]) >> TextGeneration(
-            llm=llm(server), template="Explain {topic} to {audience}"
+            llm=llm(server), template="Explain {{ topic }} to {{ audience }}"
         )
     from castore.errors import PipelineError
 

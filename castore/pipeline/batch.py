@@ -82,15 +82,40 @@ def read_input(store: Store, slices: list[list[Slice]], cache: TableCache) -> pa
             pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
         )
     table = per_pred[0]
-    for other in per_pred[1:]:
-        # Later predecessors win on shared column names, as a dict merge would.
+    for i, other in enumerate(per_pred[1:], start=2):
         for name in other.column_names:
             col = other.column(name)
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, col)
-            else:
+            if name not in table.column_names:
                 table = table.append_column(name, col)
+            elif name == METADATA_COLUMN:
+                # Per-step entries: each branch adds its own steps' (as distilabel merges).
+                at = table.column_names.index(name)
+                table = table.set_column(at, name, _merge_metadata(table.column(name), col))
+            elif not _same(table.column(name), col):
+                # The build-time check (Pipeline.validate) names the steps; this catches
+                # columns no step declared. One silently overwriting the other would be a
+                # wrong dataset.
+                raise StepFailed(
+                    f"its predecessors disagree on column {name!r} (predecessor {i} differs "
+                    "from an earlier one): rename it on one side (RenameColumns)"
+                )
     return table
+
+
+def _merge_metadata(a: Any, b: Any) -> Any:
+    import pyarrow as pa
+
+    rows = [
+        {**(x or {}), **(y or {})} or None
+        for x, y in zip(a.to_pylist(), b.to_pylist(), strict=True)
+    ]
+    return pa.array(rows)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values (a column passed through both branches), whatever Arrow type each
+    branch inferred."""
+    return bool(a.equals(b)) or a.to_pylist() == b.to_pylist()
 
 
 def call_process(step: _Step, arg: Any) -> Any:

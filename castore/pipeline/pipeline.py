@@ -134,6 +134,8 @@ class Pipeline:
             raise PipelineError(f"pipeline {self.name} has no steps")
         order = self.topological()
         produced: dict[str, set[str] | None] = {}
+        # column -> the step that wrote it, per step, where the columns are known
+        origins: dict[str, dict[str, str] | None] = {}
         for n in order:
             step = self.steps[n]
             check_row_wise(step)
@@ -142,6 +144,7 @@ class Pipeline:
                 produced[n] = self._columns_after(step, None) or (
                     set(step.outputs) if step.outputs else None
                 )
+                origins[n] = dict.fromkeys(produced[n] or (), n) if produced[n] else None
                 continue
             if not preds:
                 raise PipelineError(f"step {n} has no input: connect a step to it with >>")
@@ -157,6 +160,7 @@ class Pipeline:
                             f"({', '.join(preds)}) produces"
                         )
             produced[n] = self._columns_after(step, available)
+            origins[n] = _origins(n, step, preds, origins, produced[n])
 
     @staticmethod
     def _columns_after(step: _Step, available: set[str] | None) -> set[str] | None:
@@ -509,3 +513,37 @@ def pipelines_in(module: Any) -> Iterator[tuple[str, Pipeline]]:
     for attr, value in vars(module).items():
         if isinstance(value, Pipeline):
             yield attr, value
+
+
+def _origins(
+    name: str,
+    step: _Step,
+    preds: list[str],
+    origins: dict[str, dict[str, str] | None],
+    columns: set[str] | None,
+) -> dict[str, str] | None:
+    """Which step wrote each of `name`'s output columns. Fan-in merges rows by column
+    name, so two predecessors carrying a column written by different steps would have
+    one overwrite the other: refused here, at build time (a column passed through both
+    branches from one step is the same values, and fine)."""
+    seen: dict[str, tuple[str, str]] = {}  # column -> (predecessor, origin)
+    merged: dict[str, str] = {}
+    for p in preds:
+        known = origins[p]
+        if known is None:
+            return None
+        for col, origin in sorted(known.items()):
+            if col in seen and seen[col][1] != origin:
+                other = seen[col][0]
+                raise PipelineError(
+                    f"step {name}: its predecessors {other} and {p} both produce column "
+                    f"{col!r} (written by {seen[col][1]} and {origin}); merged by name, one "
+                    f"would overwrite the other: rename it on one side, e.g. {p} >> "
+                    f"RenameColumns(mapping={{{col!r}: '{col}_{p}'}}) >> {name}"
+                )
+            seen[col] = (p, origin)
+            merged[col] = origin
+    if columns is None:
+        return None
+    own = set(step.outputs)
+    return {c: name if c in own or c not in merged else merged[c] for c in columns}

@@ -10,6 +10,7 @@ from castore.errors import PipelineError
 from castore.llms import Generation, OpenAILLM
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
 from castore.store.parquet import METADATA_COLUMN
+from castore.templates import render, template_columns
 
 
 class _LLMTask(Step):
@@ -60,26 +61,26 @@ class _LLMTask(Step):
 
 
 class TextGeneration(_LLMTask):
-    """`template` (str.format over the row's columns; default "{instruction}") as the
-    user message, with an optional `system_prompt`."""
+    """`template` (Jinja2 over the row's columns, as distilabel's; default
+    "{{ instruction }}") as the user message, with an optional `system_prompt`."""
 
     inputs = ["instruction"]
 
     system_prompt: str | None = None
-    template: str = "{instruction}"
+    template: str = "{{ instruction }}"
 
     def required_columns(self) -> list[str]:
-        """The columns the template names."""
-        import string
-
-        fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
-        return list(dict.fromkeys(f.split(".")[0].split("[")[0] for f in fields))
+        """The columns the template reads (checked at build time, and the row keys)."""
+        try:
+            return template_columns(self.template)
+        except PipelineError as e:
+            raise PipelineError(f"step {self.name}: {e}") from None
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            content = self.template.format(**row)
-        except (KeyError, IndexError) as e:
-            raise PipelineError(f"step {self.name}: template needs column {e}") from None
+            content = render(self.template, row)
+        except PipelineError as e:
+            raise PipelineError(f"step {self.name}: {e}") from None
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*messages, {"role": "user", "content": content}]
 
