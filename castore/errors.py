@@ -54,6 +54,10 @@ class StoreError(CastoreError):
     """The store cannot be used: not writable, full, wrong layout."""
 
 
+class StoreNotFound(StoreError):
+    """A command that only reads met a folder with no store (it never creates one)."""
+
+
 class DamagedRef(StoreError):
     """A ref file whose content is not a run manifest id (garbage, truncated, a path)."""
 

@@ -50,10 +50,13 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '1h', '30d', '2w' or plain seconds → seconds."""
+    """'90s', '30m', '1h', '30d', '2w' → seconds. A unit is required (is `3` three
+    seconds or three days? a gc must not guess), except for 0."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
-    if not m:
-        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 30m, 1h, 30d, 2w")
+    if not m or (not m.group(2) and float(m.group(1)) != 0):
+        raise ConfigError(
+            f"invalid duration {text!r}: give a number and a unit, e.g. 90s, 30m, 1h, 30d, 2w"
+        )
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 

@@ -56,7 +56,8 @@ class Remote:
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as e:
-            raise RemoteError(f"cannot use remote {url}: {e}") from None
+            extra = " (pip install 'castore[s3]')" if url.startswith(("s3://", "s3a://")) else ""
+            raise RemoteError(f"cannot use remote {url}: {e}{extra}") from None
         self.root = root.rstrip("/") or "/"
         self.layout = L.Layout(self.root, posixpath.join)
         self.local = type(self.fs).__name__ == "LocalFileSystem"

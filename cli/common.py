@@ -39,13 +39,16 @@ class App:
     cache_dir: str | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)  # as typed, after `cas`
+    # Commands that write (run, resume, pull, remote add) create a missing store; the
+    # others never do, and say there is none.
+    creates: bool = False
     _store: Any = field(default=None, repr=False)
 
     def store(self) -> Any:
         if self._store is None:
             from castore.store import Store
 
-            self._store = Store(self.cache_dir)
+            self._store = Store(self.cache_dir, create=self.creates)
         return self._store
 
 

@@ -26,6 +26,7 @@ def add(app: App, name: str, url: str, as_json: bool) -> None:
     """Add a remote NAME at URL (stored in the store's config.yaml)."""
     from castore.config import add_remote
 
+    app.creates = True  # a remote can be named before the first run
     add_remote(app.store(), name, url)
     echo_json({"added": name, "url": url}) if as_json else err(f"added remote {name}: {url}")
 
@@ -161,4 +162,5 @@ def push_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_j
 def pull_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_json: bool) -> None:
     """Download runs (default: all) from a remote; every object is verified before it
     enters the store, and a mismatch names the object and stores nothing."""
+    app.creates = not dry_run  # pulling into a new folder makes the store
     _transfer(app, "pull", args, jobs, as_json, dry_run)

@@ -214,6 +214,7 @@ def run_command(
     from castore.pipeline.targets import parse_target
 
     app.quiet = app.quiet or quiet
+    app.creates = True
     execute(
         app,
         parse_target(target),
@@ -252,10 +253,15 @@ def resume_command(
     Re-invokes the target recorded in the run, with the same parameters; every batch
     that finished before is reused.
     """
+    from castore.errors import NothingToResume, StoreNotFound
     from castore.runs import latest_resumable
 
     app.quiet = app.quiet or quiet
-    info = latest_resumable(app.store(), name)
+    try:
+        store = app.store()
+    except StoreNotFound as e:
+        raise NothingToResume(f"nothing to resume: {e}") from None
+    info = latest_resumable(store, name)
     man = info.manifest
     target = man.target or Target(kind="api")
     if not as_json:

@@ -16,9 +16,16 @@ def _duration(info) -> float:
 @click.pass_obj
 def ls_command(app: App, as_json: bool) -> None:
     """List runs: name, short signature, status, rows, started, duration."""
+    from castore.errors import StoreNotFound
     from castore.runs import list_runs
 
-    runs = list_runs(app.store())
+    try:
+        runs = list_runs(app.store())
+    except StoreNotFound as e:
+        runs = []  # no store yet: no runs, and nothing created
+        if not as_json:
+            click.echo(f"no runs: {e}", err=True)
+            return
     rows: list[dict[str, Any]] = [
         {
             "name": r.name,

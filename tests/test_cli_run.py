@@ -158,6 +158,10 @@ def test_resume_target_gone(fast, tmp_path):
 
 
 def test_show_unknown_run(tmp_path):
+    one_error_line(cas_inproc("show", "nope", cache_dir=tmp_path / "c"), "no castore store at")
+    from castore.store import Store
+
+    Store(tmp_path / "c")
     one_error_line(cas_inproc("show", "nope", cache_dir=tmp_path / "c"), "no run named")
 
 
@@ -273,3 +277,15 @@ def test_the_run_again_hint_repeats_the_command_and_is_free(tmp_path, monkeypatc
     assert "add_one.by=7" in hint
     again = cas_inproc(*hint[1:], "--json")
     assert all(s["batches_computed"] == 0 for s in again.json()["steps"].values())
+
+
+def test_a_missing_optional_dependency_names_its_extra(fast, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    r = cas_inproc("run", str(fast), "--executor", "ray", cache_dir=tmp_path / "c")
+    assert r.returncode == 2 and "pip install 'castore[ray]'" in r.stderr, r
+    assert "Traceback" not in r.stderr

@@ -56,9 +56,40 @@ def test_info_json(store):
 
 
 def test_info_uses_env_cache_dir(tmp_path):
+    Store(tmp_path / "envstore")
     r = cas_inproc("info", "--json", env={"CASTORE_CACHE_DIR": str(tmp_path / "envstore")})
     assert r.returncode == 0, r
     assert r.json()["root"] == str(tmp_path / "envstore")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ls"],
+        ["ls", "--json"],
+        ["show", "x"],
+        ["log", "x"],
+        ["info"],
+        ["fsck"],
+        ["du"],
+        ["gc", "--dry-run"],
+        ["gc"],
+        ["rm", "x"],
+        ["explain", "x"],
+        ["cat", "ab" * 32],
+        ["remote", "list"],
+        ["pull", "--dry-run", "somewhere"],
+    ],
+)
+def test_commands_that_only_read_never_create_a_store(tmp_path, argv):
+    """A mistyped --cache-dir must not leave a new store behind."""
+    where = tmp_path / "typo"
+    r = cas_inproc(*argv, cache_dir=where)
+    assert not where.exists(), argv
+    if argv[0] == "ls":
+        assert r.returncode == 0 and (r.stdout.strip() == "[]" or "no runs" in r.stderr)
+    else:
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r
 
 
 def test_fsck_clean(store):

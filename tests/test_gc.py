@@ -161,7 +161,9 @@ def test_gc_refuses_while_another_gc_holds_the_lock(store):
 
 def test_parse_duration():
     assert gc.parse_duration("90s") == 90 and gc.parse_duration("2h") == 7200
-    assert gc.parse_duration("30d") == 30 * 86400 and gc.parse_duration("5") == 5
+    assert gc.parse_duration("30d") == 30 * 86400 and gc.parse_duration("0") == 0
+    with pytest.raises(ConfigError, match="give a number and a unit"):
+        gc.parse_duration("3")  # seconds or days? never guessed
     with pytest.raises(ConfigError):
         gc.parse_duration("soon")
 

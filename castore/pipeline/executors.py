@@ -329,6 +329,15 @@ def check_executor(kind: str, ray_storage: str, remote: Any) -> None:
         raise PipelineError(f"ray_storage must be 'store' or 'remote', not {ray_storage!r}")
     if ray_storage == "remote" and (kind != "ray" or remote is None):
         raise PipelineError("ray_storage='remote' needs executor='ray' and a remote")
+    if kind == "ray":
+        import importlib.util
+
+        from castore.errors import ConfigError
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError(
+                "executor 'ray' needs Ray, which is not installed: pip install 'castore[ray]'"
+            )
 
 
 def make_executor(

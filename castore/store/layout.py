@@ -64,6 +64,12 @@ def oid_from_path(path: str) -> str | None:
     return path_to_oid(parts[-2], parts[-1]) if len(parts) >= 2 else None
 
 
+# Every name a store has at its root (a folder holding anything else is not a store).
+STORE_NAMES = frozenset(
+    {OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS, QUARANTINE, LAYOUT_FILE, CONFIG, INDEX}
+)
+
+
 @dataclass(frozen=True)
 class Layout:
     root: str

@@ -30,6 +30,7 @@ from castore.errors import (
     InvalidObjectId,
     LayoutVersionError,
     StoreError,
+    StoreNotFound,
     StoreNotWritable,
     UnknownObject,
 )
@@ -69,39 +70,32 @@ class Store:
         *,
         fsync: bool | None = None,
         read_only: bool = False,
+        create: bool = True,
     ) -> None:
         self.root = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
         self.root = self.root.absolute()
         self.layout = L.Layout(str(self.root), os.path.join)
         self.fsync = fsync if fsync is not None else os.environ.get("CASTORE_FSYNC") == "1"
         self.read_only = read_only
-        self._open()
+        self._open(create and not read_only)
 
     # -- opening -------------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self, create: bool) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"cache dir {self.root} is a file, not a folder")
         info_path = Path(self.layout.layout_file)
         if info_path.exists():
             self._check_layout(info_path)
             return
-        if self.read_only:
-            raise StoreError(f"{self.root} is not a castore store (no {L.LAYOUT_FILE})")
+        if not create:
+            raise StoreNotFound(
+                f"no castore store at {self.root} (nothing has run with this cache dir; "
+                "`cas run` creates it)"
+            )
         # Another process may be creating the store right now: its names are fine here.
-        ours = {
-            L.OBJECTS,
-            L.ACTIONS,
-            L.TMP,
-            L.REFS,
-            L.RUNS,
-            L.LOCKS,
-            L.QUARANTINE,
-            L.LAYOUT_FILE,
-            L.CONFIG,
-        }
         if self.root.exists() and any(
-            p.name not in ours and not p.name.startswith(".castore-layout")
+            p.name not in L.STORE_NAMES and not p.name.startswith(".castore-layout")
             for p in self.root.iterdir()
         ):
             raise StoreError(
