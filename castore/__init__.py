@@ -8,6 +8,7 @@ pay for pydantic step models, pyarrow or the Distiset's `datasets`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from castore._version import __version__
@@ -47,22 +48,27 @@ _LAZY = {
 }
 
 
-def lazy_attribute(module: str, table: dict[str, str], name: str) -> Any:
-    """`name` of a package whose public names are imported on first use (PEP 562)."""
-    where = table.get(name)
-    if where is None:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(where), name)
+def lazy_module(
+    module: str, table: dict[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """`__getattr__` and `__dir__` for a package whose public names (`table`: name ->
+    the module defining it) are imported on first use (PEP 562)."""
+
+    def getattr_(name: str) -> Any:
+        where = table.get(name)
+        if where is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(where), name)
+        namespace[name] = value
+        return value
+
+    def dir_() -> list[str]:
+        return sorted([*namespace, *table])
+
+    return getattr_, dir_
 
 
-def __getattr__(name: str) -> Any:
-    value = lazy_attribute(__name__, _LAZY, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_module(__name__, _LAZY, globals())
 
 
 def explain(

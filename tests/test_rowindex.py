@@ -158,16 +158,23 @@ def test_a_pack_finds_what_the_segments_find_and_nothing_stale(tmp_path, monkeyp
     assert rowpack.current(store, fp) == first  # 10 of 300 stale: not worth a new pack
 
 
-def test_a_missing_or_damaged_pack_is_rebuilt_from_the_segments(tmp_path):
+def packed(tmp_path: Path) -> tuple[Path, Path, Store, str, str]:
+    """200 rows through the row-wise step in 20 batches: the run packs their segments.
+    (data file, cache, store, step fingerprint, pack id)"""
     data = tmp_path / "d.jsonl"
     write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(200)])
     cache = tmp_path / "c"
     run(build(data, batch=10), cache)
     store = Store(cache)
     fp, _ = next(store.iter_row_segments())
-    keys = keys_of(cache, run_segments(cache))
     pack = rowpack.current(store, fp)
     assert pack is not None
+    return data, cache, store, fp, pack
+
+
+def test_a_missing_or_damaged_pack_is_rebuilt_from_the_segments(tmp_path):
+    _, cache, store, fp, pack = packed(tmp_path)
+    keys = keys_of(cache, run_segments(cache))
     obj = Path(store.path_of(pack))
     obj.chmod(0o644)
     obj.write_bytes(obj.read_bytes()[:-9] + b"corrupted")
@@ -181,14 +188,7 @@ def test_a_missing_or_damaged_pack_is_rebuilt_from_the_segments(tmp_path):
 
 
 def test_gc_keeps_a_pack_while_it_keeps_its_segments_and_fsck_checks_it(tmp_path):
-    data = tmp_path / "d.jsonl"
-    write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(200)])
-    cache = tmp_path / "c"
-    run(build(data, batch=10), cache)
-    store = Store(cache)
-    fp, _ = next(store.iter_row_segments())
-    pack = rowpack.current(store, fp)
-    assert pack is not None
+    data, cache, store, fp, pack = packed(tmp_path)
     gc = ("gc", "--grace", "0", "--cache-ttl", "0")
     assert cas_inproc(*gc, cache_dir=cache).returncode == 0
     assert store.has(pack) and rowpack.current(store, fp) == pack  # the ref keeps it all

@@ -8,9 +8,9 @@ the module, which a lazy name would then never replace."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from castore import lazy_attribute
+from castore import lazy_module
 from castore.pipeline.step import (
     GeneratorStep,
     GlobalStep,
@@ -28,15 +28,7 @@ if TYPE_CHECKING:
 _LAZY = {"Pipeline": "castore.pipeline.pipeline"}
 
 
-def __getattr__(name: str) -> Any:
-    value = lazy_attribute(__name__, _LAZY, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_module(__name__, _LAZY, globals())
 
 __all__ = [
     "GeneratorStep",

@@ -3,9 +3,9 @@ not import the LLM client (asyncio, aiohttp)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from castore import lazy_attribute
+from castore import lazy_module
 
 if TYPE_CHECKING:
     from castore.steps.columns import (
@@ -35,15 +35,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    value = lazy_attribute(__name__, _LAZY, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_module(__name__, _LAZY, globals())
 
 __all__ = [
     "ChatGeneration",
