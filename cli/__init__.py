@@ -33,6 +33,7 @@ _MAPPED_ERRNOS = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "run_command"),
     "resume": ("run", "resume_command"),
+    "status": ("status", "status_command"),
     "ls": ("runs", "ls_command"),
     "show": ("runs", "show_command"),
     "log": ("runs", "log_command"),

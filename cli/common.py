@@ -29,6 +29,7 @@ SHORT_HELP = {
     "rm": "Remove runs (their refs); `cas gc` then frees their data.",
     "run": "Run a pipeline; finished batches are reused (resume, re-run).",
     "show": "Per step: batches done/total, cached/computed, rows, columns.",
+    "status": "What `cas run` would compute and reuse, before running (writes nothing).",
 }
 
 

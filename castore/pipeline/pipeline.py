@@ -356,6 +356,30 @@ class Pipeline:
             oid, _ = self._runner(parameters, options).run(distiset=False)
         return oid
 
+    def plan(
+        self,
+        parameters: dict[str, dict[str, Any]] | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        read_inputs: bool = False,
+    ) -> Any:
+        """What `run` would do, without running or writing anything: per step, batches
+        cached, to compute, or waiting on upstream work, rows found by row key, and
+        estimates from the latest run (castore.pipeline.status.PlanStatus). With
+        `read_inputs`, loaders whose input changed are run in memory (writing nothing)
+        so the steps after them can be planned too."""
+        from castore.errors import StoreNotFound
+        from castore.pipeline.status import plan_status
+        from castore.store import Store
+
+        self.apply_parameters(parameters)
+        try:
+            store = Store(cache_dir, create=False)
+        except StoreNotFound:
+            store = None  # nothing is cached anywhere yet
+        with one_code_version():
+            return plan_status(self, store, read_inputs=read_inputs)
+
     def _runner(self, parameters: dict[str, dict[str, Any]] | None, o: RunOptions) -> Any:
         from castore.pipeline.runner import Runner
         from castore.store import Store

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, PipelineError, StepFailed
 from castore.hashing import base_row_keys, occurrence_key
@@ -91,6 +91,7 @@ class RowIndex:
         *,
         fetch_segments: Callable[[str], object] | None = None,
         fetch: Callable[[str], bool] | None = None,
+        writes: bool = True,
     ) -> None:
         import numpy as np
 
@@ -111,6 +112,7 @@ class RowIndex:
         # row's object when it is not here.
         self._fetch_segments = fetch_segments
         self.fetch = fetch
+        self.writes = writes  # False: cas status (drops no segment, writes no pack)
 
     @classmethod
     def load(cls, store: Store, fingerprint: str) -> RowIndex:
@@ -132,7 +134,7 @@ class RowIndex:
         live = self.store.row_segments(self.fingerprint)
         alive = set(live)
         pack_id = rowpack.current(self.store, self.fingerprint)
-        pack = rowpack.read(self.store, pack_id) if pack_id is not None else None
+        pack = rowpack.read(self.store, pack_id, self.writes) if pack_id is not None else None
         his, los, locs = [], [], []
         stale = 0
         if pack is not None:
@@ -148,22 +150,15 @@ class RowIndex:
         packed = set(segs)
         fresh = [seg for seg in live if seg not in packed]
         for seg in fresh:
-            try:
-                table = self.store.get_table(seg)  # verified: a corrupt segment is skipped
-                out = (table.schema.metadata or {})[OUTPUT_META].decode()
-                col = table.column("row_key").combine_chunks()
-            except (CastoreError, KeyError):
-                self.store.drop_row_segment(self.fingerprint, seg)
+            part = self._read_segment(seg)
+            if part is None:
                 continue
-            words = np.frombuffer(col.buffers()[1], ">u8", count=len(col) * 4).reshape(-1, 4)
-            hi, lo = words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
-            rows = np.arange(len(col), dtype=np.int64)
-            keep = (hi != 0) | (lo != 0)  # NO_KEY: a row that failed
+            out, hi, lo, rows = part
             segs.append(seg)
             self._oids.append(out)
-            his.append(hi[keep])
-            los.append(lo[keep])
-            locs.append(((len(segs) - 1) << 32) | rows[keep])
+            his.append(hi)
+            los.append(lo)
+            locs.append(((len(segs) - 1) << 32) | rows)
         self._segments = {s for s in segs if s in alive}
         if pack is not None and len(his) == 1:  # already sorted
             self._hi, self._lo, self._loc = his[0], los[0], locs[0]
@@ -173,11 +168,30 @@ class RowIndex:
             # (find() scans equal ones); the pack is one sorted run, so this is a merge.
             order = np.argsort(hi, kind="stable")
             self._hi, self._lo, self._loc = hi[order], lo[order], loc[order]
-        if len(fresh) >= PACK_AFTER or (stale and stale * 4 > len(self._hi)):
+        if self.writes and (len(fresh) >= PACK_AFTER or (stale and stale * 4 > len(self._hi))):
             self._write_pack(segs, alive)
         # A deferred hit's keys must be in the arrays (keys() relies on it): a segment
         # without a marker, or made since, is read now.
         self._read_deferred([s for s in self._deferred if s not in self._segments])
+
+    def _read_segment(self, seg: str) -> tuple[str, Any, Any, Any] | None:
+        """(output object, key words hi and lo, rows) of a segment's answered rows; None
+        when it cannot be read (verified: a corrupt one is quarantined and its marker
+        dropped, except in a preview, which writes nothing)."""
+        import numpy as np
+
+        try:
+            table = self.store.get_table(seg, verify=self.writes)
+            out = (table.schema.metadata or {})[OUTPUT_META].decode()
+            col = table.column("row_key").combine_chunks()
+        except (CastoreError, KeyError):
+            if self.writes:
+                self.store.drop_row_segment(self.fingerprint, seg)
+            return None
+        words = np.frombuffer(col.buffers()[1], ">u8", count=len(col) * 4).reshape(-1, 4)
+        hi, lo = words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
+        keep = (hi != 0) | (lo != 0)  # NO_KEY: a row that failed
+        return out, hi[keep], lo[keep], np.arange(len(col), dtype=np.int64)[keep]
 
     def _write_pack(self, segs: list[str], alive: set[str]) -> None:
         """A pack of what is loaded, without segments whose markers are gone."""
@@ -274,6 +288,11 @@ class RowIndex:
             prior.add(k)
             keys.append(k)
         return RowPlan(self.fingerprint, keys, [None] * len(keys))
+
+    def locate(self, plan: RowPlan) -> list[Found | None]:
+        """Where the plan's rows were produced, without verifying or fetching (a
+        preview: `found` checks each object before a run uses it)."""
+        return [f if f is not None and self.store.has(f[0]) else None for f in self.find(plan.keys)]
 
     def found(self, plan: RowPlan) -> RowPlan:
         """`plan` with the earlier results of its rows, each object they are in read

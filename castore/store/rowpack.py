@@ -74,12 +74,13 @@ def write(store: Store, fingerprint: str, pack: Pack) -> str:
     return oid
 
 
-def read(store: Store, oid: str) -> Pack | None:
-    """The pack `oid`, verified and freshened; None when it is missing or damaged."""
+def read(store: Store, oid: str, verify: bool = True) -> Pack | None:
+    """The pack `oid`, verified and freshened (unless not `verify`: a preview that must
+    write nothing); None when it is missing or damaged."""
     import numpy as np
     import pyarrow as pa
 
-    if not store.reuse(oid):
+    if not (store.reuse(oid) if verify else store.has(oid)):
         return None
     try:
         # Memory-mapped, zero-copy: objects are never rewritten (an unlinked file stays

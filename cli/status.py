@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+
+from castore.errors import CastoreError, ConfigError
+
+
+@click.command("status", short_help=SHORT_HELP["status"])
+@click.argument("target")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="STEP.FIELD=VALUE",
+    help="Set a step parameter as `cas run` would (repeatable); VALUE is parsed as YAML.",
+)
+@click.option(
+    "--read-inputs",
+    is_flag=True,
+    help="Run the loaders whose input changed, in memory (nothing is written), so the "
+    "steps after them can be planned too.",
+)
+@common_options
+@click.pass_obj
+def status_command(
+    app: App, target: str, params: tuple[str, ...], read_inputs: bool, as_json: bool
+) -> None:
+    """What `cas run TARGET` would do, before paying for it: per step, the batches in
+    the store, the batches to compute (and their rows found by row key, which cost
+    nothing), and the steps that wait for those; estimates of seconds and tokens come
+    from the pipeline's latest run. Runs no step and writes nothing.
+
+    TARGET is what `cas run` takes: a Python file, package.module:NAME or pipeline.yaml.
+    """
+    from castore.cli.run import parse_params
+
+    from castore.pipeline.targets import load_target, parse_target
+
+    try:
+        pipeline = load_target(parse_target(target))
+    except CastoreError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot load {target}: {type(e).__name__}: {e}") from None
+    report = pipeline.plan(parse_params(params), cache_dir=app.cache_dir, read_inputs=read_inputs)
+    if as_json:
+        doc = report.model_dump()
+        for st, out in zip(report.steps, doc["steps"], strict=True):
+            out["rows_to_compute"] = st.rows_to_compute
+        doc["free"] = report.free
+        echo_json(doc)
+        return
+    _print(report)
+
+
+def _print(report: Any) -> None:
+    click.echo(f"pipeline {report.name}, signature {report.signature[:12]}")
+    click.echo(f"{'STEP':24} {'CACHED':>9} {'COMPUTE':>8} {'ROWS BY KEY':>11} {'TO COMPUTE':>10}")
+    for s in report.steps:
+        total = "?" if s.batches_total is None else str(s.batches_total)
+        if s.waits_on:
+            click.echo(
+                f"{s.name[:24]:24} {'-':>9} {'-':>8} {'-':>11} after {', '.join(s.waits_on)}"
+            )
+            continue
+        rows = f"{s.rows_to_compute} rows" if s.batches_to_compute else "0"
+        click.echo(
+            f"{s.name[:24]:24} {f'{s.batches_cached}/{total}':>9} {s.batches_to_compute:>8} "
+            f"{s.rows_by_key:>11} {rows:>10}"
+        )
+    if report.free:
+        err("nothing to compute: `cas run` reuses every batch")
+        return
+    loaders = [s.name for s in report.steps if s.batches_total is None and not s.waits_on]
+    if loaders and any(s.waits_on for s in report.steps):
+        err(
+            f"{', '.join(loaders)} must produce its batches again (its input changed); "
+            "`cas status --read-inputs` reads them in memory to plan the steps after it"
+        )
+    secs = [s.seconds_estimate for s in report.steps if s.seconds_estimate is not None]
+    toks = [s.tokens_estimate for s in report.steps if s.tokens_estimate is not None]
+    if secs or toks:
+        err(
+            f"estimate from the latest run, for the steps that can be planned now: "
+            f"~{sum(secs):.1f} s of compute, ~{sum(toks)} tokens"
+        )

@@ -1,0 +1,95 @@
+"""`cas status` / `Pipeline.plan()`: what a run would do, before it runs, writing
+nothing; and the run that follows does what the preview said."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.conftest import cas_inproc
+from tests.test_rows import base_rows, build, run, write_rows
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under the store with its size and mtime: a preview changes none."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.stat(p)
+            out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def steps(report) -> dict:
+    return {s.name: s for s in report.steps}
+
+
+def test_a_finished_pipeline_is_free_and_nothing_is_written(tmp_path):
+    data, cache = tmp_path / "d.jsonl", tmp_path / "c"
+    write_rows(data, base_rows())
+    run(build(data), cache)
+    before = snapshot(cache)
+    report = build(data).plan(cache_dir=cache)
+    assert report.free and report.finished_run is not None
+    assert all(
+        s.batches_to_compute == 0 and s.batches_cached == s.batches_total for s in report.steps
+    )
+    assert snapshot(cache) == before
+
+
+def test_a_new_batch_size_on_a_row_wise_step_costs_no_row(tmp_path):
+    data, cache = tmp_path / "d.jsonl", tmp_path / "c"
+    write_rows(data, base_rows())
+    run(build(data), cache)
+    before = snapshot(cache)
+    label = steps(build(data, batch=7).plan(cache_dir=cache))["label"]
+    assert snapshot(cache) == before
+    assert label.batches_to_compute > 0 and label.rows_in_misses == 120
+    assert label.rows_by_key == 120 and label.rows_to_compute == 0
+    _, computed, _ = run(build(data, batch=7), cache)
+    assert computed == label.rows_to_compute == 0  # the run did what the preview said
+
+
+def test_appended_rows_with_read_inputs(tmp_path):
+    """The loader's input changed: without --read-inputs every step waits on it; with
+    it, the unchanged batches are known to be cached and only the new rows are work."""
+    data, cache = tmp_path / "d.jsonl", tmp_path / "c"
+    write_rows(data, base_rows())
+    run(build(data, load_batch=25), cache)
+    write_rows(data, [*base_rows(), *[{"id": 500 + i, "text": f"new {i}"} for i in range(5)]])
+    before = snapshot(cache)
+    plain = steps(build(data, load_batch=25).plan(cache_dir=cache))
+    assert plain["filter_rows"].waits_on == ["load_data_from_file_system"]
+    assert plain["load_data_from_file_system"].batches_total is None
+    read = steps(build(data, load_batch=25).plan(cache_dir=cache, read_inputs=True))
+    assert snapshot(cache) == before
+    load = read["load_data_from_file_system"]
+    assert (load.batches_cached, load.batches_to_compute, load.batches_total) == (4, 1, 5)
+    assert load.rows_to_compute == 25  # rows 100-124: the last batch changed
+    f = read["filter_rows"]  # batches of 50: rows 0-99 unchanged, then 100-124
+    assert (f.batches_cached, f.batches_to_compute, f.rows_to_compute) == (2, 1, 25)
+    assert not f.waits_on
+    assert read["label"].waits_on == ["filter_rows"]
+
+
+def test_cli_status_json_and_text(tmp_path):
+    data, cache = tmp_path / "d.jsonl", tmp_path / "c"
+    write_rows(data, base_rows())
+    path = tmp_path / "p.py"
+    path.write_text(
+        "from tests.test_rows import build\n"
+        f"pipeline = build(__import__('pathlib').Path({str(data)!r}))\n"
+    )
+    r = cas_inproc("status", str(path), "--json", cache_dir=cache)
+    assert r.returncode == 0, r
+    assert not cache.exists()  # a preview never creates a store
+    doc = r.json()
+    assert doc["free"] is False
+    assert doc["steps"][0]["name"] == "load_data_from_file_system"
+    assert all(s["batches_cached"] == 0 for s in doc["steps"])
+    assert cas_inproc("run", str(path), cache_dir=cache).returncode == 0
+    r = cas_inproc("status", str(path), "--param", "label.input_batch_size=9", cache_dir=cache)
+    assert r.returncode == 0, r
+    line = next(x for x in r.stdout.splitlines() if x.startswith("label"))
+    assert line.split()[-2:] == ["0", "rows"] and " 120 " in line
