@@ -164,4 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         code = 141
     except Exception as e:
         code = _unexpected(e)
+    # The interpreter's final garbage collection walks every object the command made
+    # (pydantic models, Arrow tables): ~25-30 ms of a 0.25 s no-op run. Frozen objects
+    # are skipped; atexit handlers and stream flushes still run.
+    import gc
+
+    gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)

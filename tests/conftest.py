@@ -143,4 +143,7 @@ def cas_inproc(
             stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     finally:
         os.chdir(old_cwd)
+        import gc
+
+        gc.unfreeze()  # main() freezes the heap for a fast process exit; not this one
     return CasResult(subprocess.CompletedProcess(argv, code, stdout, stderr))
