@@ -200,22 +200,42 @@ def _why(
         return ["no earlier run of this pipeline to reuse"]
     if changes:
         return list(changes)
+    # An earlier run that stopped (Ctrl+C, kill, a failure) left its steps unfinished:
+    # the batches after where it stopped are new work, not a change upstream.
+    stopped = prev.m.status != "finished"
+
+    def unfinished(step: str) -> bool:
+        m = prev.steps.get(step)
+        return stopped and (m is None or not m.complete)
+
     reasons = []
     for p in cur.preds(name):
-        if cur.outputs(p) != prev.outputs(p):
-            root = _root_cause(cur, p, own)
-            because = f" (because {root} changed)" if root and root != p else ""
-            reasons.append(f"upstream step {p}'s output changed{because}")
+        old, new = prev.outputs(p), cur.outputs(p)
+        if new == old or (unfinished(p) and new[: len(old)] == old):
+            continue
+        root = _root_cause(cur, p, own)
+        because = f" (because {root} changed)" if root and root != p else ""
+        reasons.append(f"upstream step {p}'s output changed{because}")
     if reasons:
         return reasons
+    return _batch_reasons(cur, prev, name, unfinished(name))
+
+
+def _batch_reasons(cur: _Run, prev: _Run, name: str, unfinished: bool) -> list[str]:
+    """Why each computed batch of `name` was not a hit, counted by reason."""
     before = {b.key: b for b in prev.steps[name].batches} if name in prev.steps else {}
+    not_reached = (
+        f"not reached by the earlier run, which stopped ({prev.m.status}) before this step finished"
+    )
     counts: Counter[str] = Counter()
     for b in cur.steps[name].batches:
         if b.cached:
             continue
         old = before.get(b.key)
         if old is None:
-            counts["its input batches are new (not computed before)"] += 1
+            counts[
+                not_reached if unfinished else "its input batches are new (not computed before)"
+            ] += 1
         elif old.failed:
             counts["a batch that failed before was retried"] += 1
         else:

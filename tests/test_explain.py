@@ -144,3 +144,46 @@ def test_explain_unknown_step(store):
     r = cas_inproc("explain", "p", "nope", cache_dir=store.root)
     assert r.returncode != 0 and "has no step 'nope'" in r.stderr
     assert textwrap.dedent(r.stderr).count("Error") == 1
+
+
+def test_after_a_stopped_run_explain_says_not_reached_not_changed(store, monkeypatch):
+    """A run that failed half way, then the same pipeline again: the batches after the
+    stop are new work, and nothing upstream changed (it used to say so)."""
+    import os
+
+    from castore import StepInput, step
+    from castore.errors import StepFailed
+
+    @step(inputs=["x"], outputs=["y"])
+    def Flaky(inputs: StepInput):
+        if os.environ.get("FLAKY_STOP") == "1" and inputs[0]["x"] >= 20:
+            raise RuntimeError("stopped here")
+        return [{**r, "y": r["x"] * 2} for r in inputs]
+
+    def make() -> Pipeline:
+        with Pipeline(name="stopped") as p:
+            load = LoadDataFromDicts(data=[{"x": i} for i in range(50)], batch_size=10)
+            (
+                load
+                >> Flaky(name="flaky", input_batch_size=10)
+                >> KeepColumns(columns=["y"], input_batch_size=10)
+            )
+        return p
+
+    monkeypatch.setenv("FLAKY_STOP", "1")
+    try:
+        make().run(cache_dir=store.root, quiet=True)
+    except StepFailed:
+        pass
+    monkeypatch.delenv("FLAKY_STOP")
+    make().run(cache_dir=store.root, quiet=True)
+    rep = by_step(castore.explain("stopped", cache_dir=store.root))
+    for name in ("flaky", "keep_columns"):
+        assert rep[name].status == "mixed", rep[name]
+        assert len(rep[name].reasons) == 1
+        assert (
+            rep[name]
+            .reasons[0]
+            .startswith("not reached by the earlier run, which stopped (failed)")
+        )
+    assert not any("changed" in r for s in rep.values() for r in s.reasons)
