@@ -73,6 +73,11 @@ class GcPlan:
     tmp_bytes: int = 0
     run_dirs_removed: list[str] = field(default_factory=list)
     objects_kept: int = 0
+    # Why objects were kept: named by a kept run, by an action entry younger than the
+    # cache-ttl (and by no run), or younger than the grace period (and named by neither).
+    kept_by_runs: int = 0
+    kept_by_cache_ttl: int = 0
+    kept_by_grace: int = 0
     live_runs: list[str] = field(default_factory=list)
     cutoff: float = 0.0  # objects touched after this are never swept
 
@@ -145,13 +150,13 @@ def plan_gc(
     kept_runs = [r for r in runs if r.oid not in removed]
     plan.live_runs = [run_id for run_id, _, _ in live]
     entries = {key: _read_entry(store, key) for key in store.iter_actions()}
-    marked = _mark(store, kept_runs, entries, cache_ttl, now)
+    by_runs, marked = _mark(store, kept_runs, entries, cache_ttl, now)
     # A live run may hold objects no sealed manifest names yet: protect what it touched
     # since it started (minus a minute of clock slack).
     starts = [start for _, start, _ in live]
     protect_since = min(starts) - 60 if starts else None
     plan.cutoff = now - grace
-    _plan_objects(store, plan, marked, plan.cutoff, protect_since)
+    _plan_objects(store, plan, by_runs, marked, cutoff=plan.cutoff, protect_since=protect_since)
     going = set(plan.objects_removed)
     plan.actions_dropped = [
         key
@@ -170,8 +175,9 @@ def _mark(
     entries: dict[str, ActionEntry | None],
     cache_ttl: float,
     now: float,
-) -> set[str]:
-    """Objects the kept runs reach, and those of action entries younger than the ttl."""
+) -> tuple[set[str], set[str]]:
+    """(objects the kept runs reach, those plus what action entries younger than the
+    ttl name)."""
     marked: set[str] = set()
     for r in runs:
         try:
@@ -180,6 +186,7 @@ def _mark(
             # A damaged run keeps what it still names; fsck reports the damage.
             log.warning("run %s/%s: %s", r.name, r.sig[:12], e)
             marked.add(r.oid)
+    by_runs = set(marked)
     for entry in entries.values():
         if entry is not None and now - entry.created.timestamp() < cache_ttl:
             marked.update(entry.outputs)
@@ -190,15 +197,25 @@ def _mark(
         covers = rowpack.covered(store, pack) if pack is not None else None
         if pack is not None and covers is not None and all(s in marked for s in covers):
             marked.add(pack)
-    return marked
+    return by_runs, marked
 
 
 def _plan_objects(
-    store: Store, plan: GcPlan, marked: set[str], cutoff: float, protect_since: float | None
+    store: Store,
+    plan: GcPlan,
+    by_runs: set[str],
+    marked: set[str],
+    *,
+    cutoff: float,
+    protect_since: float | None,
 ) -> None:
     for oid in store.iter_oids():
         if oid in marked:
             plan.objects_kept += 1
+            if oid in by_runs:
+                plan.kept_by_runs += 1
+            else:
+                plan.kept_by_cache_ttl += 1
             continue
         try:
             st = os.stat(store.path_of(oid))
@@ -206,6 +223,7 @@ def _plan_objects(
             continue
         if st.st_mtime > cutoff or (protect_since is not None and st.st_mtime >= protect_since):
             plan.objects_kept += 1
+            plan.kept_by_grace += 1
             continue
         plan.objects_removed.append(oid)
         plan.object_bytes += st.st_size

@@ -108,6 +108,13 @@ def gc_command(
         f"({result.bytes_freed:,} bytes); kept {p.objects_kept} objects"
         + (f"; {len(p.live_runs)} run(s) in progress protected" if p.live_runs else "")
     )
+    if p.kept_by_cache_ttl or p.kept_by_grace:
+        err(
+            f"kept {p.kept_by_runs} objects that runs name, {p.kept_by_cache_ttl} that only "
+            f"cached batches younger than --cache-ttl {cache_ttl} name (other pipelines can "
+            f"reuse them) and {p.kept_by_grace} younger than --grace {grace}; to free those "
+            "now: cas gc --cache-ttl 0 --grace 0"
+        )
 
 
 @click.command("rm", short_help=SHORT_HELP["rm"])

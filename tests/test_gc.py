@@ -204,3 +204,24 @@ def test_collect_sweeps_the_confirmed_plan_and_spares_a_moved_ref(store):
     assert result.plan is plan
     assert store.get_ref(name, sig) == moved  # the moved ref was not removed
     assert len(list_runs(store)) == 3
+
+
+def test_gc_says_what_it_kept_and_why(store):
+    """A removed run whose objects are young frees nothing: gc says why and how to free
+    them now, and the counts add up."""
+    populate(store)
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)
+    total = len(list(store.iter_oids()))
+    r = cas_inproc("gc", "--dry-run", "--json", cache_dir=store.root)
+    doc = r.json()
+    assert doc["objects_removed"] == [] and doc["kept_by_runs"] == 0
+    assert doc["kept_by_cache_ttl"] + doc["kept_by_grace"] == doc["objects_kept"] == total
+    assert doc["kept_by_cache_ttl"] > 0 and doc["kept_by_grace"] > 0
+    r = cas_inproc("gc", cache_dir=store.root)
+    assert "younger than --cache-ttl 7d" in r.stderr and "younger than --grace 1h" in r.stderr
+    assert "cas gc --cache-ttl 0 --grace 0" in r.stderr
+    assert len(list(store.iter_oids())) == total
+    populate(store)  # a kept run: its objects are named by runs
+    doc = cas_inproc("gc", "--dry-run", "--json", cache_dir=store.root).json()
+    assert doc["kept_by_runs"] > 0
