@@ -80,11 +80,49 @@ def _unknown(spec: str, refs: list[Ref]) -> ConfigError:
 
 
 def resolve_run(store: Store, spec: str) -> RunInfo:
-    """A run by pipeline name (its newest run), signature prefix or run id prefix."""
+    """A run by pipeline name (its newest run), signature prefix or run id prefix; for
+    reading commands also any earlier run by its id (at least 8 hex characters), such as
+    the attempts before a resume that `cas explain` names."""
     runs = {r.oid: r for r in list_runs(store)}
     refs = [(r.name, r.sig, r.oid) for r in runs.values()]
-    ((_, _, oid),) = select_refs(refs, [spec], lambda o: runs[o].manifest.updated)
+    try:
+        ((_, _, oid),) = select_refs(refs, [spec], lambda o: runs[o].manifest.updated)
+    except ConfigError:
+        earlier = _any_run(store, spec)
+        if earlier is None:
+            raise
+        return earlier
     return runs[oid]
+
+
+def _any_run(store: Store, spec: str) -> RunInfo | None:
+    """A run manifest in the store by id prefix, whether or not a ref names it."""
+    if len(spec) < 8 or any(c not in "0123456789abcdef" for c in spec):
+        return None
+    try:
+        oid = store.resolve(spec)
+        man = load_model(store, oid, RunManifest)
+    except CastoreError:
+        return None
+    live = live_lock(store.layout.run_lock_path(man.run_id)) is not None
+    return RunInfo(man.name, man.signature, oid, man, live)
+
+
+def attempts(store: Store, info: RunInfo) -> list[RunInfo]:
+    """The attempts of a run, oldest first: the run and, before it, each earlier run of
+    the same pipeline signature that stopped (interrupted or failed) and was resumed."""
+    out = [info]
+    prev = info.manifest.previous
+    while prev is not None and store.has(prev):
+        try:
+            man = load_model(store, prev, RunManifest)
+        except CastoreError:
+            break
+        if man.signature != info.sig or man.status == "finished":
+            break
+        out.append(RunInfo(man.name, man.signature, prev, man, False))
+        prev = man.previous
+    return out[::-1]
 
 
 def latest_resumable(store: Store, name: str | None = None) -> RunInfo:

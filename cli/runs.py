@@ -136,17 +136,38 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 @common_options
 @click.pass_obj
 def log_command(app: App, run: str, as_json: bool) -> None:
-    """Print a run's pipeline.log."""
-    from castore.runs import resolve_run
+    """Print a run's pipeline.log: every attempt of it (a run stopped by Ctrl+C, a kill
+    or a failure, then resumed), oldest first, each under a header. RUN may also be the
+    id of one earlier attempt (as `cas explain` prints it)."""
+    from castore.runs import attempts, resolve_run
     from castore.store.runfolder import RunFolder
 
     store = app.store()
     info = resolve_run(store, run)
-    if info.manifest.log:
-        text = store.get_bytes(info.manifest.log).decode(errors="replace")
-    else:  # a run killed before its final seal: the live log file in its folder
-        text = RunFolder(store, info.name, info.sig).read_log()
+    shown = attempts(store, info)
+    logs = []
+    for a in shown:
+        if a.manifest.log:
+            text = store.get_bytes(a.manifest.log).decode(errors="replace")
+        elif a is info:  # a run killed before its final seal: the live log in its folder
+            text = RunFolder(store, info.name, info.sig).read_log()
+        else:
+            text = ""
+        logs.append(text)
     if as_json:
-        echo_json({"run_id": info.oid, "log": text})
-    else:
-        click.echo(text, nl=False)
+        echo_json(
+            {
+                "run_id": info.oid,
+                "log": logs[-1],
+                "attempts": [
+                    {"run_id": a.oid, "status": a.status, "log": t}
+                    for a, t in zip(shown, logs, strict=True)
+                ],
+            }
+        )
+        return
+    for i, (a, text) in enumerate(zip(shown, logs, strict=True), start=1):
+        if len(shown) > 1:
+            started = a.manifest.started.isoformat(timespec="seconds")
+            click.echo(f"== attempt {i} of {len(shown)}: run {a.oid[:12]}, {a.status}, {started}")
+        click.echo(text or "(no log stored)\n", nl=False)

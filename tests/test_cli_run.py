@@ -289,3 +289,27 @@ def test_a_missing_optional_dependency_names_its_extra(fast, tmp_path, monkeypat
     r = cas_inproc("run", str(fast), "--executor", "ray", cache_dir=tmp_path / "c")
     assert r.returncode == 2 and "pip install 'castore[ray]'" in r.stderr, r
     assert "Traceback" not in r.stderr
+
+
+def test_log_shows_every_attempt_and_every_printed_run_id_opens(tmp_path, monkeypatch):
+    path = tmp_path / "flaky.py"
+    path.write_text(FLAKY)
+    cache = tmp_path / "c"
+    monkeypatch.setenv("FLAKY_FAIL", "1")
+    assert cas_inproc("run", str(path), cache_dir=cache).returncode != 0
+    monkeypatch.delenv("FLAKY_FAIL")
+    assert cas_inproc("resume", "flaky", cache_dir=cache).returncode == 0
+    log = cas_inproc("log", "flaky", cache_dir=cache)
+    assert log.returncode == 0, log
+    heads = [line for line in log.stdout.splitlines() if line.startswith("== attempt")]
+    assert len(heads) == 2 and "failed" in heads[0] and "finished" in heads[1]
+    assert "run flaky failed" in log.stdout and "run flaky finished" in log.stdout
+    doc = cas_inproc("log", "flaky", "--json", cache_dir=cache).json()
+    assert [a["status"] for a in doc["attempts"]] == ["failed", "finished"]
+    old = doc["attempts"][0]["run_id"]
+    explained = cas_inproc("explain", "flaky", cache_dir=cache).stdout
+    assert f"(run {old[:12]})" in explained  # explain names the earlier attempt ...
+    show = cas_inproc("show", old[:12], cache_dir=cache)  # ... and it opens
+    assert show.returncode == 0 and "failed" in show.stdout.splitlines()[0], show
+    one = cas_inproc("log", old[:12], "--json", cache_dir=cache).json()
+    assert [a["run_id"] for a in one["attempts"]] == [old]
