@@ -149,3 +149,22 @@ def test_a_lazy_distiset_is_a_plain_dict_of_its_leaves(tmp_path):
     assert again != {} and again == {k: v for k, v in again.items()}
     assert again["b"]["train"]["y"] == ds["b"]["train"]["y"] == list(range(20))
     assert "b:" in repr(again)
+
+
+def test_without_fcntl_import_works_and_the_store_says_posix_only(tmp_path):
+    """Windows has no fcntl: importing castore must work, and the first store operation
+    says what is supported, in one line (exit 1), not a traceback."""
+    script = (
+        "import sys; sys.modules['fcntl'] = None\n"
+        "import castore\n"
+        "from castore import Pipeline\n"
+        "from castore.cli import main\n"
+        f"main(['--cache-dir', {str(tmp_path / 's')!r}, 'ls'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: castore's store needs Linux or macOS (its locks are POSIX flock(2) locks); "
+        "on Windows, use WSL"
+    ]

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+
+try:
+    import fcntl
+except ImportError:  # Windows: Store() refuses first, in one line (store.require_posix)
+    fcntl = None  # type: ignore[assignment]
 import os
 import shutil
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+
+try:
+    import fcntl
+except ImportError:  # Windows: Store() refuses first, in one line (store.require_posix)
+    fcntl = None  # type: ignore[assignment]
 import os
 import socket
 import time
 
-from castore.errors import StoreLocked
+from castore.errors import StoreError, StoreLocked
 from castore.store.models import LockInfo
 
 # Descriptors of the locks this process holds. A forked child (a process-pool worker)
@@ -135,3 +139,13 @@ def live_lock(path: str) -> LockInfo | None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
     return None
+
+
+def require_posix() -> None:
+    """A store needs flock(2); on Windows say so at the first store operation, in one
+    line, instead of failing at import."""
+    if fcntl is None:
+        raise StoreError(
+            "castore's store needs Linux or macOS (its locks are POSIX flock(2) locks); "
+            "on Windows, use WSL"
+        )

@@ -37,7 +37,7 @@ from castore.errors import (
 from castore.hashing import Hasher, hash_bytes, hash_file, validate_id, validate_prefix
 from castore.store import layout as L
 from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
-from castore.store.locks import FileLock
+from castore.store.locks import FileLock, require_posix
 from castore.store.models import ActionEntry, LayoutInfo
 from castore.store.parquet import read_parquet, write_parquet
 
@@ -72,6 +72,7 @@ class Store:
         read_only: bool = False,
         create: bool = True,
     ) -> None:
+        require_posix()
         self.root = Path(cache_dir).expanduser() if cache_dir is not None else default_root()
         self.root = self.root.absolute()
         self.layout = L.Layout(str(self.root), os.path.join)
