@@ -4,7 +4,7 @@ materialized by walking the leaf step manifests (DESIGN.md "Distiset").
 A run's leaf is materialized once as an Arrow IPC file (a content-addressed object keyed
 by the list of its batch objects) and opened memory-mapped, so a million-row leaf costs
 no Python rows and re-opening a finished run is instant. `create_distiset(path)` reads a
-folder of Parquet files instead: castore's run folders, the seed's `data/<leaf>/` layout
+folder of Parquet files instead: castore's run folders, any `data/<leaf>/` folder
 and distilabel 1.5 cache folders alike.
 """
 
@@ -428,7 +428,7 @@ def create_distiset(
 ) -> Distiset:
     """A Distiset from a `data/` folder with one sub-folder of Parquet files per leaf.
 
-    Reads castore's `runs/<name>/<sig>/data`, the seed's `data/<leaf>/00001.parquet` and a
+    Reads castore's `runs/<name>/<sig>/data`, any `data/<leaf>/00001.parquet` folder and a
     distilabel 1.5 cache folder (`…/data/steps_outputs/<leaf>/…`) alike. pipeline.yaml and
     pipeline.log are looked for next to `data_dir` when not given; their absence is fine.
     Raises DistisetError naming the path for a missing folder, no Parquet files, leaf
@@ -468,7 +468,7 @@ def create_distiset(
 def _locate(data: Path) -> tuple[Path, Path]:
     """(folder holding the leaf folders, folder holding pipeline.yaml/log).
 
-    castore and the seed: `<run>/data/<leaf>/`, yaml in `<run>/`. distilabel 1.5:
+    castore and plain folders: `<run>/data/<leaf>/`, yaml in `<run>/`. distilabel 1.5:
     `<…>/executions/<hash>/data/steps_outputs/<leaf>/`, yaml in `executions/<hash>/`.
     A run or execution folder itself, or the steps_outputs folder, is accepted too."""
     if (data / "steps_outputs").is_dir():

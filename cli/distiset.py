@@ -12,8 +12,8 @@ from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
     "--from-dir",
     "from_dir",
     type=click.Path(),
-    help="Build from a data/ folder (castore run folder, seed layout or a "
-    "distilabel 1.5 cache folder) instead of a run.",
+    help="Build from a data/ folder (a castore run folder, <sig>/data/<leaf>/*.parquet "
+    "or a distilabel 1.5 cache folder) instead of a run.",
 )
 @click.option(
     "--output",
@@ -52,8 +52,12 @@ def command(
     Writes <OUTPUT>/<leaf>/train.<format>, pipeline.yaml, pipeline.log and a README.md
     dataset card; a failure leaves nothing at OUTPUT.
     """
+    import datasets
+
     from castore.distiset import Distiset, create_distiset
     from castore.errors import ConfigError
+
+    datasets.disable_progress_bars()  # its per-file bars would clutter the command's output
 
     if (run is None) == (from_dir is None):
         raise ConfigError("give either RUN or --from-dir DATA_DIR")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from castore.errors import CastoreError
+from castore.pipeline import progress
 from castore.store.manifests import RunManifest, load_model
 
 if TYPE_CHECKING:
@@ -29,9 +30,23 @@ class _RunLogFile(logging.FileHandler):
         self.setLevel(logging.CRITICAL + 1)
 
 
+class _Console(logging.StreamHandler):
+    """stderr, through the progress bars while they are live (never printed over them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        write = progress.console_write
+        if write is None:
+            super().emit(record)
+            return
+        try:
+            write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
 def start_logging(path: Path, *, quiet: bool) -> list[logging.Handler]:
     fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler()
+    console = _Console()
     # Quiet hides progress and info lines, never warnings (a remote gone, a retry).
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     handlers: list[logging.Handler] = [_RunLogFile(path, mode="w", encoding="utf-8"), console]
