@@ -29,6 +29,9 @@ def test_docs_build_strict(tmp_path):
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "site" / "index.html").exists()
+    cli = (tmp_path / "site" / "cli" / "index.html").read_text()
+    assert "<code>cas status</code>" in cli or "cas status" in cli
+    assert "UNSET" not in cli  # click's no-default sentinel is shown as "none"
 
 
 def _has_module(name: str) -> bool:
