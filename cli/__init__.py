@@ -76,7 +76,8 @@ class LazyGroup(click.Group):
     "--cache-dir",
     envvar="CASTORE_CACHE_DIR",
     type=click.Path(file_okay=False),
-    help="Store root [env var: CASTORE_CACHE_DIR; default ~/.cache/castore].",
+    help="Store root [env var: CASTORE_CACHE_DIR; default $XDG_CACHE_HOME/castore, else "
+    "~/.cache/castore].",
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")

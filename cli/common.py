@@ -68,7 +68,8 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Path(file_okay=False),
         expose_value=False,
         callback=set_cache_dir,
-        help="Store root [env var: CASTORE_CACHE_DIR; default ~/.cache/castore].",
+        help="Store root [env var: CASTORE_CACHE_DIR; default $XDG_CACHE_HOME/castore, else "
+        "~/.cache/castore].",
     )(f)
     return f
 
