@@ -80,3 +80,23 @@ def echo_json(doc: Any) -> None:
 
 def err(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+def complete_runs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of run names (and signature prefixes) from the store that
+    --cache-dir or CASTORE_CACHE_DIR names; nothing when there is no store."""
+    from click.shell_completion import CompletionItem
+
+    from castore.errors import CastoreError
+    from castore.store import Store
+
+    root = ctx.find_root().params.get("cache_dir") or ctx.params.get("cache_dir")
+    try:
+        refs = Store(root, create=False).list_refs()
+    except (CastoreError, OSError):
+        return []
+    names = sorted({name for name, _, _ in refs if name.startswith(incomplete)})
+    sigs = sorted({sig[:12] for _, sig, _ in refs if sig.startswith(incomplete)})
+    return [CompletionItem(n, help="pipeline") for n in names] + [
+        CompletionItem(s, help="signature") for s in sigs if incomplete
+    ]

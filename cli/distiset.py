@@ -3,11 +3,11 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json, err
 
 
 @click.command("distiset", short_help=SHORT_HELP["distiset"])
-@click.argument("run", required=False)
+@click.argument("run", required=False, shell_complete=complete_runs)
 @click.option(
     "--from-dir",
     "from_dir",

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json
 
 
 @click.command("explain", short_help=SHORT_HELP["explain"])
-@click.argument("run")
+@click.argument("run", shell_complete=complete_runs)
 @click.argument("step", required=False)
 @click.option(
     "--against",
@@ -45,8 +45,8 @@ def explain_command(
 
 
 @click.command("diff", short_help=SHORT_HELP["diff"])
-@click.argument("run_a")
-@click.argument("run_b")
+@click.argument("run_a", shell_complete=complete_runs)
+@click.argument("run_b", shell_complete=complete_runs)
 @common_options
 @click.pass_obj
 def diff_command(app: App, run_a: str, run_b: str, as_json: bool) -> None:

@@ -4,7 +4,7 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json, err
 
 
 def _human(n: float) -> str:
@@ -118,7 +118,7 @@ def gc_command(
 
 
 @click.command("rm", short_help=SHORT_HELP["rm"])
-@click.argument("runs", nargs=-1, required=True)
+@click.argument("runs", nargs=-1, required=True, shell_complete=complete_runs)
 @click.option("--all", "all_", is_flag=True, help="RUN names a pipeline: remove all its runs.")
 @common_options
 @click.pass_obj

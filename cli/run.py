@@ -4,7 +4,7 @@ import os
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json, err
 
 from castore.errors import CastoreError, ConfigError, RunInterrupted
 from castore.store.manifests import RunManifest, Target
@@ -232,7 +232,7 @@ def run_command(
 
 
 @click.command("resume", short_help=SHORT_HELP["resume"])
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=complete_runs)
 @run_options
 @common_options
 @click.pass_obj

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json
 
 
 def _duration(info) -> float:
@@ -57,7 +57,7 @@ def ls_command(app: App, as_json: bool) -> None:
 
 
 @click.command("show", short_help=SHORT_HELP["show"])
-@click.argument("run")
+@click.argument("run", shell_complete=complete_runs)
 @common_options
 @click.pass_obj
 def show_command(app: App, run: str, as_json: bool) -> None:
@@ -132,7 +132,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
 
 
 @click.command("log", short_help=SHORT_HELP["log"])
-@click.argument("run")
+@click.argument("run", shell_complete=complete_runs)
 @common_options
 @click.pass_obj
 def log_command(app: App, run: str, as_json: bool) -> None:

@@ -313,3 +313,22 @@ def test_log_shows_every_attempt_and_every_printed_run_id_opens(tmp_path, monkey
     assert show.returncode == 0 and "failed" in show.stdout.splitlines()[0], show
     one = cas_inproc("log", old[:12], "--json", cache_dir=cache).json()
     assert [a["run_id"] for a in one["attempts"]] == [old]
+
+
+def test_shell_completion_of_run_names(fast, tmp_path):
+    from castore.cli import cas
+    from click.shell_completion import BashComplete
+
+    cache = tmp_path / "c"
+    assert cas_inproc("run", str(fast), cache_dir=cache).returncode == 0
+
+    def complete(*args: str, incomplete: str) -> list[str]:
+        comp = BashComplete(cas, {}, "cas", "_CAS_COMPLETE")
+        return [c.value for c in comp.get_completions(list(args), incomplete)]
+
+    for command in ("show", "log", "explain", "rm", "resume", "distiset"):
+        assert complete("--cache-dir", str(cache), command, incomplete="fa") == ["fast"]
+    sig = cas_inproc("ls", "--json", cache_dir=cache).json()[0]["signature"]
+    assert complete("--cache-dir", str(cache), "show", incomplete=sig[:3]) == [sig[:12]]
+    assert complete("--cache-dir", str(tmp_path / "none"), "show", incomplete="") == []
+    assert not (tmp_path / "none").exists()

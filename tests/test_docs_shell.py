@@ -163,7 +163,14 @@ def test_doc_shell_block_runs(code, prepared, tmp_path):
                 )
                 ray_started = True
             r = subprocess.run(
-                cmd, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=300
+                cmd,
+                shell=True,
+                executable=shutil.which("bash") or "/bin/sh",  # the blocks are ```bash
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     finally:
