@@ -178,15 +178,19 @@ def run_options(f: Any) -> Any:
     return f
 
 
-@click.command("run", short_help=SHORT_HELP["run"])
-@click.argument("target")
-@click.option(
+# `cas run` and `cas status` take the same target and parameters.
+param_option = click.option(
     "--param",
     "params",
     multiple=True,
     metavar="STEP.FIELD=VALUE",
     help="Set a step parameter (repeatable); VALUE is parsed as YAML.",
 )
+
+
+@click.command("run", short_help=SHORT_HELP["run"])
+@click.argument("target")
+@param_option
 @click.option("--no-cache", is_flag=True, help="Recompute every batch (results are still stored).")
 @run_options
 @common_options

@@ -4,19 +4,14 @@ from typing import Any
 
 import click
 from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+from castore.cli.run import param_option, parse_params
 
 from castore.errors import CastoreError, ConfigError
 
 
 @click.command("status", short_help=SHORT_HELP["status"])
 @click.argument("target")
-@click.option(
-    "--param",
-    "params",
-    multiple=True,
-    metavar="STEP.FIELD=VALUE",
-    help="Set a step parameter as `cas run` would (repeatable); VALUE is parsed as YAML.",
-)
+@param_option
 @click.option(
     "--read-inputs",
     is_flag=True,
@@ -35,7 +30,6 @@ def status_command(
 
     TARGET is what `cas run` takes: a Python file, package.module:NAME or pipeline.yaml.
     """
-    from castore.cli.run import parse_params
 
     from castore.pipeline.targets import load_target, parse_target
 
