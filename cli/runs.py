@@ -58,9 +58,10 @@ def ls_command(app: App, as_json: bool) -> None:
 
 @click.command("show", short_help=SHORT_HELP["show"])
 @click.argument("run", shell_complete=complete_runs)
+@click.option("--dag", is_flag=True, help="Draw the steps as a graph, with their counts.")
 @common_options
 @click.pass_obj
-def show_command(app: App, run: str, as_json: bool) -> None:
+def show_command(app: App, run: str, dag: bool, as_json: bool) -> None:
     """Per step: batches done/total, cached/computed, rows, columns.
 
     RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
@@ -106,6 +107,7 @@ def show_command(app: App, run: str, as_json: bool) -> None:
         "saved": summary.saved.model_dump(),
         "tokens_spent": summary.tokens_spent,
         "error": info.manifest.error,
+        "edges": [list(e) for e in info.manifest.edges],
     }
     if as_json:
         echo_json(doc)
@@ -113,6 +115,11 @@ def show_command(app: App, run: str, as_json: bool) -> None:
     click.echo(f"{info.name} {info.sig[:12]} {info.status} (run {info.oid[:12]})")
     if info.manifest.error:
         click.echo(f"error: {info.manifest.error}")
+    if dag:
+        for line in dag_lines(steps, info.manifest.edges):
+            click.echo(line)
+        click.echo(summary.saved.line())
+        return
     for s in steps:
         total = s["batches_total"] if s["batches_total"] is not None else "?"
         click.echo(
@@ -129,6 +136,30 @@ def show_command(app: App, run: str, as_json: bool) -> None:
             )
         )
     click.echo(summary.saved.line())
+
+
+def dag_lines(steps: list[dict[str, Any]], edges: list[tuple[str, str]]) -> list[str]:
+    """The steps in run order, each indented by its depth under the steps it reads
+    from; a step that reads from another than the line above (a fan-in, a branch) names
+    them with "<-"."""
+    preds: dict[str, list[str]] = {}
+    for a, b in edges:
+        preds.setdefault(b, []).append(a)
+    depth: dict[str, int] = {}
+    out: list[str] = []
+    above = None
+    for s in steps:
+        name, ps = s["name"], preds.get(s["name"], [])
+        depth[name] = 1 + max((depth.get(p, 0) for p in ps), default=-1)
+        counts = f"{s['batches_cached']} cached, {s['batches_computed']} computed"
+        if s["batches_failed"]:
+            counts += f", {s['batches_failed']} failed"
+        reused = f", {s['rows_reused']} by row key" if s["rows_reused"] else ""
+        head = "  " * depth[name] + ("└─ " if ps else "● ")
+        via = f"  <- {', '.join(ps)}" if ps and ps != [above] else ""
+        out.append(f"{head}{name}  [{counts}; {s['rows']} rows{reused}]{via}")
+        above = name
+    return out
 
 
 @click.command("log", short_help=SHORT_HELP["log"])

@@ -332,3 +332,24 @@ def test_shell_completion_of_run_names(fast, tmp_path):
     assert complete("--cache-dir", str(cache), "show", incomplete=sig[:3]) == [sig[:12]]
     assert complete("--cache-dir", str(tmp_path / "none"), "show", incomplete="") == []
     assert not (tmp_path / "none").exists()
+
+
+def test_show_dag_draws_fan_out_and_fan_in(tmp_path):
+    from castore import Pipeline
+    from castore.steps import CombineOutputs, KeepColumns, LoadDataFromDicts, RenameColumns
+
+    with Pipeline(name="shape") as p:
+        load = LoadDataFromDicts(data=[{"x": i} for i in range(20)], batch_size=5)
+        a = RenameColumns(name="a", mapping={"x": "xa"})
+        b = KeepColumns(name="b", columns=["x"])
+        load >> [a, b] >> CombineOutputs(name="both")
+    p.execute(cache_dir=tmp_path / "c", quiet=True)
+    r = cas_inproc("show", "shape", "--dag", cache_dir=tmp_path / "c")
+    assert r.returncode == 0, r
+    lines = r.stdout.splitlines()[1:-1]
+    assert lines[0].startswith("● load_data_from_dicts  [0 cached, 4 computed; 20 rows]")
+    assert lines[1].startswith("  └─ a  [") and "<-" not in lines[1]
+    assert lines[2].startswith("  └─ b  [") and lines[2].endswith("<- load_data_from_dicts")
+    assert lines[3].startswith("    └─ both  [") and lines[3].endswith("<- a, b")
+    doc = cas_inproc("show", "shape", "--json", cache_dir=tmp_path / "c").json()
+    assert ["a", "both"] in doc["edges"] and ["b", "both"] in doc["edges"]
