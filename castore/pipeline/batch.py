@@ -169,22 +169,28 @@ def store_batch(
     those spent now, i.e. without `tokens_reused` (rows taken by row key)."""
     oid = store.put_table(table)
     segment = write_segment(store, rows, oid) if rows is not None else None
-    tokens = count_tokens(table) - tokens_reused
-    if cache:
-        info: dict[str, Any] = {"step": step.name, "seconds": round(seconds, 6), "tokens": tokens}
-        if segment is not None:
-            info["row_index"] = segment
-        store.put_action(key, ActionEntry(outputs=[oid], rows=[table.num_rows], info=info))
-    return BatchResult(
+    res = BatchResult(
         [oid],
         [table.num_rows],
         seconds,
         columns_of(table),
-        tokens=tokens,
+        tokens=count_tokens(table) - tokens_reused,
         row_index=segment,
         rows_reused=rows.reused if rows is not None else 0,
         tokens_reused=tokens_reused,
     )
+    if cache:
+        store.put_action(key, entry_of(step.name, res))
+    return res
+
+
+def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
+    """The action entry of a computed batch (written by the worker that stored it, or by
+    the driver for Ray workers)."""
+    info: dict[str, Any] = {"step": step, "seconds": round(res.seconds, 6), "tokens": res.tokens}
+    if res.row_index is not None:
+        info["row_index"] = res.row_index
+    return ActionEntry(outputs=res.outputs, rows=res.rows, info=info)
 
 
 def count_tokens(table: pa.Table) -> int:
@@ -319,19 +325,15 @@ def execute_for_ray_remote(remote_url: str, step: _Step, table: pa.Table) -> Any
     """Ray task for nodes that do not see the store: the driver sends the input rows,
     the worker writes the output object to the remote (verified by its digest) and the
     driver reads it through."""
-    import pyarrow as pa
-
     from castore.remote import Remote
-    from castore.store.parquet import write_parquet
+    from castore.store.parquet import encode_parquet
 
     t0 = time.perf_counter()
     try:
         out, skipped = compute(step, table)
     except Exception as e:
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
-    sink = pa.BufferOutputStream()
-    write_parquet(out, sink)
-    data = sink.getvalue().to_pybytes()
+    data = encode_parquet(out).to_pybytes()  # the bytes Store.put_table would store
     oid = hash_bytes(data)
     remote = Remote(remote_url)
     if not remote.has(oid):

@@ -11,15 +11,16 @@ an immutable Parquet object with one 32-byte row key per output row, in row orde
 schema metadata names the output object. A marker file index/<fingerprint>/<segment id>
 announces it (castore.store.Store.add_row_segment). The batch record and the action entry
 name the segment, so gc keeps it exactly while it keeps the batch, push and pull move
-it, and fsck checks it. The in-memory index of a step is built from its segments on its
-first batch: sorted arrays of the keys' first 128 bits and where each row is.
+it, and fsck checks it. The in-memory index of a step is built on its first batch miss,
+from its pack (castore.store.rowpack) and the segments the pack does not cover: sorted
+arrays of the keys' first 128 bits and where each row is.
 
-The driver computes every batch's row keys in stream order; on a batch miss it finds the
-rows already
-produced under the same fingerprint (any pipeline, batch size or run), verifies their
-objects, and sends the worker a RowPlan; the worker calls `process` only on the missing
-rows and assembles the batch in input order: the current input columns, plus the step's
-output columns (and metadata) from the stored rows or the new ones.
+The driver keys each batch miss in stream order (a cached batch's keys are in its
+segment, read only when a later miss needs them); it finds the rows already produced
+under the same fingerprint (any pipeline, batch size or run), verifies their objects,
+and sends the worker a RowPlan; the worker calls `process` only on the missing rows and
+assembles the batch in input order: the current input columns, plus the step's output
+columns (and metadata) from the stored rows or the new ones.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ class RowIndex:
         todo = list(self._deferred) if segments is None else segments
         for seg in todo:
             try:
-                col = self.store.get_table(seg).column("row_key")
+                # Verified, except in a preview (cas status), which quarantines nothing.
+                col = self.store.get_table(seg, verify=self.writes).column("row_key")
             except CastoreError as e:
                 raise PipelineError(
                     f"the row-key segment {seg[:12]} of a cached batch went missing during "
@@ -385,7 +387,7 @@ def _reused_rows(store: Store, plan: RowPlan, own: list[str]) -> pa.Table | None
         return None
     parts = []
     for oid, (rows, positions) in by_oid.items():
-        # The driver verified these objects when it made the plan (RowIndex.plan).
+        # The driver verified these objects when it made the plan (RowIndex.found).
         taken = _own_columns(store.get_table(oid, verify=False), own).take(pa.array(rows))
         parts.append(taken.append_column(POS, pa.array(positions, pa.int64())))
     return pa.concat_tables(parts, promote_options="permissive")

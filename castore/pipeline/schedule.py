@@ -24,6 +24,7 @@ from castore.pipeline.batch import (
     TableCache,
     call_process,
     check_outputs,
+    entry_of,
     read_input,
     skipped_batch,
     store_batch,
@@ -313,14 +314,7 @@ class Scheduler:
         b = p.batch
         if not res.entry_written and res.skipped_error is None:
             # Ray workers write objects; the driver alone writes action entries.
-            info: dict[str, Any] = {
-                "step": b.step,
-                "seconds": round(res.seconds, 6),
-                "tokens": res.tokens,
-            }
-            if res.row_index is not None:
-                info["row_index"] = res.row_index
-            self.store.put_action(b.key, ActionEntry(outputs=res.outputs, rows=res.rows, info=info))
+            self.store.put_action(b.key, entry_of(b.step, res))
         if res.skipped_error:
             log.warning(
                 "step %s batch %d: %s; rows kept, batch not cached (the next run retries it)",

@@ -82,7 +82,6 @@ class _Walk:
     indexes: dict[str, RowIndex] = field(default_factory=dict)
     cache: _Pinned = field(default_factory=_Pinned)
     missed: set[str] = field(default_factory=set)
-    loaded: set[str] = field(default_factory=set)  # loaders read in memory
 
     def entry(self, key: str) -> Any:
         if self.store is None:
@@ -115,12 +114,10 @@ class _Walk:
         """A loader's remaining batches, produced in memory and identified as a run
         would store them (the same Parquet bytes, so the same ids), so the steps after
         it can be planned. Nothing is written."""
-        import pyarrow as pa
-
         from castore.hashing import hash_bytes
         from castore.pipeline.batch import check_outputs
         from castore.pipeline.step import normalize_output, to_table
-        from castore.store.parquet import write_parquet
+        from castore.store.parquet import encode_parquet
 
         plan, step, st = self.planner.plans[name], self.pipeline.steps[name], self.out[name]
         offset = sum(sum(r.rows) for r in plan.records())
@@ -128,9 +125,7 @@ class _Walk:
         for chunk in normalize_output(call_process(step, offset)):
             table = to_table([chunk])
             check_outputs(step, table)
-            sink = pa.BufferOutputStream()
-            write_parquet(table, sink)
-            oid = hash_bytes(memoryview(sink.getvalue()))
+            oid = hash_bytes(memoryview(encode_parquet(table)))
             self.cache.pinned[oid] = table
             key = generator_key(plan.fp, index)
             record = BatchRecord(key=key, outputs=[oid], rows=[table.num_rows], cached=False)
@@ -143,7 +138,6 @@ class _Walk:
                 st.rows_in_misses += table.num_rows
             index += 1
         plan.total = index
-        self.loaded.add(name)
 
     def hit(self, step: str, index: int, key: str, entry: Any) -> None:
         record = BatchRecord(key=key, outputs=entry.outputs, rows=entry.rows, cached=True)

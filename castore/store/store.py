@@ -39,7 +39,7 @@ from castore.store import layout as L
 from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
 from castore.store.locks import FileLock, require_posix
 from castore.store.models import ActionEntry, LayoutInfo
-from castore.store.parquet import read_parquet, write_parquet
+from castore.store.parquet import encode_parquet, read_parquet
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -237,13 +237,7 @@ class Store:
 
     def put_table(self, table: pa.Table) -> str:
         """Store a table as Parquet with fixed options: same table, same bytes, same id."""
-        import pyarrow as pa
-
-        # Encoding into memory, then hashing the whole buffer, lets blake3 use its threads;
-        # streaming through a Python write() per page measured 10-15 % slower (bench_store).
-        sink = pa.BufferOutputStream()
-        write_parquet(table, sink)
-        buf = sink.getvalue()
+        buf = encode_parquet(table)
         oid = hash_bytes(memoryview(buf))
         if self.reuse(oid):  # present and intact; a corrupt copy is replaced below
             return oid
