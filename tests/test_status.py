@@ -93,3 +93,27 @@ def test_cli_status_json_and_text(tmp_path):
     assert r.returncode == 0, r
     line = next(x for x in r.stdout.splitlines() if x.startswith("label"))
     assert line.split()[-2:] == ["0", "rows"] and " 120 " in line
+
+
+def test_a_corrupt_segment_is_not_repaired_by_a_preview(tmp_path):
+    """The preview skips a damaged segment (its rows are not counted as found) and
+    leaves it where it is: quarantine and repair are for runs and fsck."""
+    from castore.store import Store
+
+    data, cache = tmp_path / "d.jsonl", tmp_path / "c"
+    write_rows(data, base_rows())
+    run(build(data), cache)
+    store = Store(cache)
+    fp, seg = next(store.iter_row_segments())
+    from castore.store import rowpack
+
+    assert rowpack.current(store, fp) is None  # 8 batches: below a pack; segments are read
+    path = Path(store.path_of(seg))
+    path.chmod(0o644)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    before = snapshot(cache)
+    label = steps(build(data, batch=7).plan(cache_dir=cache))["label"]
+    assert snapshot(cache) == before
+    assert 0 < label.rows_by_key < 120

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError, PipelineError, StepFailed
+from castore.errors import CastoreError, CorruptObject, PipelineError, StepFailed, UnknownObject
 from castore.hashing import base_row_keys, occurrence_key
 from castore.store import rowpack
 from castore.store.parquet import METADATA_COLUMN
@@ -182,7 +182,7 @@ class RowIndex:
         import numpy as np
 
         try:
-            table = self.store.get_table(seg, verify=self.writes)
+            table = self._segment(seg)
             out = (table.schema.metadata or {})[OUTPUT_META].decode()
             col = table.column("row_key").combine_chunks()
         except (CastoreError, KeyError):
@@ -193,6 +193,19 @@ class RowIndex:
         hi, lo = words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
         keep = (hi != 0) | (lo != 0)  # NO_KEY: a row that failed
         return out, hi[keep], lo[keep], np.arange(len(col), dtype=np.int64)[keep]
+
+    def _segment(self, seg: str) -> pa.Table:
+        """A segment, verified: a corrupt one is quarantined, except in a preview (cas
+        status), which only checks it and writes nothing."""
+        if self.writes:
+            return self.store.get_table(seg)
+        try:
+            intact = self.store.verify(seg)
+        except FileNotFoundError:
+            raise UnknownObject(f"object {seg} is not in the store") from None
+        if not intact:
+            raise CorruptObject(seg)
+        return self.store.get_table(seg, verify=False)
 
     def _write_pack(self, segs: list[str], alive: set[str]) -> None:
         """A pack of what is loaded, without segments whose markers are gone."""
@@ -227,8 +240,7 @@ class RowIndex:
         todo = list(self._deferred) if segments is None else segments
         for seg in todo:
             try:
-                # Verified, except in a preview (cas status), which quarantines nothing.
-                col = self.store.get_table(seg, verify=self.writes).column("row_key")
+                col = self._segment(seg).column("row_key")
             except CastoreError as e:
                 raise PipelineError(
                     f"the row-key segment {seg[:12]} of a cached batch went missing during "
