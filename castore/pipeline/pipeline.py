@@ -144,7 +144,8 @@ class Pipeline:
                 produced[n] = self._columns_after(step, None) or (
                     set(step.outputs) if step.outputs else None
                 )
-                origins[n] = dict.fromkeys(produced[n] or (), n) if produced[n] else None
+                cols = produced[n]
+                origins[n] = dict.fromkeys(cols, n) if cols else None
                 continue
             if not preds:
                 raise PipelineError(f"step {n} has no input: connect a step to it with >>")
@@ -551,7 +552,6 @@ def _origins(
     one overwrite the other: refused here, at build time (a column passed through both
     branches from one step is the same values, and fine)."""
     seen: dict[str, tuple[str, str]] = {}  # column -> (predecessor, origin)
-    merged: dict[str, str] = {}
     for p in preds:
         known = origins[p]
         if known is None:
@@ -566,8 +566,7 @@ def _origins(
                     f"RenameColumns(mapping={{{col!r}: '{col}_{p}'}}) >> {name}"
                 )
             seen[col] = (p, origin)
-            merged[col] = origin
     if columns is None:
         return None
     own = set(step.outputs)
-    return {c: name if c in own or c not in merged else merged[c] for c in columns}
+    return {c: name if c in own or c not in seen else seen[c][1] for c in columns}
