@@ -90,9 +90,25 @@ class Distiset(dict):
         self._load()
         return dict.pop(self, key, *default)
 
+    def popitem(self) -> tuple[str, Any]:
+        self._load()
+        return dict.popitem(self)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._load()
+        return dict.setdefault(self, key, default)
+
     def copy(self) -> dict[str, Any]:
         self._load()
         return dict(self)
+
+    def __or__(self, other: Any) -> Any:
+        self._load()
+        return dict.__or__(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        self._load()
+        return dict.__ror__(self, other)
 
     def __eq__(self, other: object) -> bool:
         self._load()

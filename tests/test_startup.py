@@ -143,6 +143,7 @@ def test_a_lazy_distiset_is_a_plain_dict_of_its_leaves(tmp_path):
         load >> KeepColumns(name="b", columns=["y"])
     ds = p.run(cache_dir=tmp_path / "c", quiet=True)
     assert sorted(ds) == ["a", "b"] and len(ds) == 2 and "a" in ds
+    assert (ds | {})["a"]["train"].num_rows == 20 and ({} | ds)["b"]["train"].num_rows == 20
     plain = dict(ds)
     assert plain["a"]["train"].column_names == ["x"] and {**ds}.keys() == plain.keys()
     again = Distiset.from_run("lazy", tmp_path / "c")
