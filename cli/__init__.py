@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, err
+from castore.cli.common import CACHE_DIR_HELP, SHORT_HELP, App, err
 
 from castore._version import __version__
 from castore.errors import CastoreError, RunInterrupted
@@ -76,8 +76,7 @@ class LazyGroup(click.Group):
     "--cache-dir",
     envvar="CASTORE_CACHE_DIR",
     type=click.Path(file_okay=False),
-    help="Store root [env var: CASTORE_CACHE_DIR; default $XDG_CACHE_HOME/castore, else "
-    "~/.cache/castore].",
+    help=CACHE_DIR_HELP,
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")

@@ -9,6 +9,12 @@ from typing import Any
 
 import click
 
+# --cache-dir, on the group and on every command.
+CACHE_DIR_HELP = (
+    "Store root [env var: CASTORE_CACHE_DIR; default $XDG_CACHE_HOME/castore, else "
+    "~/.cache/castore]."
+)
+
 # The line `cas --help` shows for each command (the command uses it too): cas --help
 # lists them without importing the commands.
 SHORT_HELP = {
@@ -40,8 +46,8 @@ class App:
     cache_dir: str | None = None
     quiet: bool = False
     argv: list[str] = field(default_factory=list)  # as typed, after `cas`
-    # Commands that write (run, resume, pull, remote add) create a missing store; the
-    # others never do, and say there is none.
+    # Commands that write (run, pull, remote add) create a missing store; the others
+    # never do, and say there is none.
     creates: bool = False
     _store: Any = field(default=None, repr=False)
 
@@ -68,8 +74,7 @@ def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Path(file_okay=False),
         expose_value=False,
         callback=set_cache_dir,
-        help="Store root [env var: CASTORE_CACHE_DIR; default $XDG_CACHE_HOME/castore, else "
-        "~/.cache/castore].",
+        help=CACHE_DIR_HELP,
     )(f)
     return f
 
