@@ -3,6 +3,7 @@ pipelines sharing a step, kill -9 of gc mid-sweep, and locks of killed processes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,29 @@ def test_two_runs_of_one_pipeline_share_the_work(tmp_path, reference):
     computed = len(calls.read_text().splitlines())
     assert computed == SLOW_BATCHES, f"{computed - SLOW_BATCHES} batches computed twice"
     assert run_cas("fsck", cache_dir=cache).returncode == 0
+
+
+def test_a_run_that_starts_alone_leases_once_another_arrives(tmp_path, reference):
+    """The first run takes no leases while alone; when the second arrives mid-run, the
+    first leases its batches in flight and the second waits for that: still no batch is
+    computed twice."""
+    _, ref_rows = reference
+    cache, calls = tmp_path / "c", tmp_path / "calls"
+    a = cas_popen(cache, "run", str(PIPELINE), "--json", calls=calls)
+    wait_for(cache, 12, a)
+    assert not [p for p in (cache / "locks" / "leases").rglob("*") if p.is_file()]
+    b = cas_popen(cache, "run", str(PIPELINE), "--json", calls=calls)
+    outs = []
+    for p in (a, b):
+        out, errtext = p.communicate(timeout=120)
+        assert p.returncode == 0, errtext
+        outs.append(json.loads(out))
+    first_log = run_cas("log", outs[0]["run_id"], cache_dir=cache).stdout
+    assert "another run shares this store" in first_log
+    computed = len(calls.read_text().splitlines())
+    assert computed == SLOW_BATCHES, f"{computed - SLOW_BATCHES} batches computed twice"
+    sig = json.loads(run_cas("ls", "--json", cache_dir=cache).stdout)[0]["signature"]
+    assert dataset(cache, sig) == ref_rows
 
 
 def test_two_pipelines_sharing_a_step_compute_each_batch_once(tmp_path):

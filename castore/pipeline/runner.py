@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import CastoreError, DamagedRef, RunInterrupted
 from castore.pipeline import runlog
 from castore.pipeline.executors import check_executor
+from castore.pipeline.neighbours import Neighbours
 from castore.pipeline.plan import Planner
 from castore.pipeline.progress import Progress
 from castore.pipeline.record import Recorder, RunFacts
@@ -28,7 +29,7 @@ from castore.store.runfolder import RunFolder
 if TYPE_CHECKING:
     from castore.distiset import Distiset
     from castore.pipeline.pipeline import Pipeline
-    from castore.store import Store
+    from castore.store import FileLock, Store
 
 SEAL_EVERY = 5.0  # seconds between periodic manifest seals and progress lines
 
@@ -62,6 +63,7 @@ class Runner:
         self._told_late = False
         self._damaged_ref: str | None = None
         self.sched: Scheduler | None = None
+        self.lock: FileLock | None = None
         self.progress = Progress(self.order, enabled=not quiet)
         self.planner = Planner.for_pipeline(pipeline, self.sigs, self.order)
         self.info = RunFacts(
@@ -96,6 +98,7 @@ class Runner:
         handlers = runlog.start_logging(self.folder.log, quiet=self.quiet)
         lock = self.store.run_lock(self.info.run_id, {"name": self.p.name, "sig": self.sig})
         lock.acquire(timeout=10)  # a gc probing lock files holds one for an instant
+        self.lock = lock
         restore: Any = lambda: None  # noqa: E731
         status: RunStatus = "failed"
         out: Distiset | None = None
@@ -167,6 +170,9 @@ class Runner:
             rcache=rcache,
             stop=self.stop,
         )
+        if self.use_cache:  # before any lookup: a run that finished wrote its entries first
+            assert self.lock is not None
+            sched.neighbours = Neighbours(self.store, self.lock)
         if self.use_cache and sched.replay(self.info.previous):
             return  # no workers, no "running" seal: the final seal follows at once
         ray_remote = self.remote if self.ray_storage == "remote" else None

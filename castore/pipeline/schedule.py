@@ -48,6 +48,7 @@ from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
+    from castore.pipeline.neighbours import Neighbours
     from castore.pipeline.progress import Progress
     from castore.pipeline.record import Recorder
     from castore.pipeline.remote_cache import RemoteCache
@@ -102,6 +103,10 @@ class Scheduler:
         self.events: Events = Events()
         self.cache = TableCache()
         self.executor: Executor | None = None
+        # Other live runs on this store (None: --no-cache, which leases nothing), and the
+        # batches in flight, leased or not, by id of their Pending.
+        self.neighbours: Neighbours | None = None
+        self.running: dict[int, Pending] = {}
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
         # Row-wise steps' row-key indexes (loaded on their first batch miss).
@@ -211,6 +216,8 @@ class Scheduler:
 
     def submit_ready(self) -> None:
         assert self.executor is not None
+        if self.neighbours is not None and not self.neighbours.may_compute():
+            return
         now = time.monotonic()
         for name, q in self.queues.items():
             # Plan order within a step; a retry waiting for its backoff holds the queue
@@ -223,6 +230,7 @@ class Scheduler:
                     q.waiting.append(p)
                 elif p.batch.index not in self.plans[name].done:  # not a hit meanwhile
                     q.inflight += 1
+                    self.running[id(p)] = p
                     self.executor.submit(Task(p.batch, self.steps[name], p, p.rows))
 
     def _index(self, step: str) -> RowIndex:
@@ -264,20 +272,34 @@ class Scheduler:
 
     def _take_lease(self, p: Pending) -> bool:
         """A lease on the action key, so two runs never pay for the same batch at once.
-        Without the cache there is nothing to share, so no lease."""
+        Without the cache there is nothing to share, and a run alone on its store has no
+        one to share with: no lease (neighbours.py)."""
         if not self.use_cache:
+            return True
+        if self.neighbours is not None and not self.neighbours.need_leases(self._lease_running):
             return True
         b = p.batch
         if p.lease is None:
-            p.lease = self.store.lease(
-                b.key, {"run": self.run_id, "step": b.step, "batch": b.index}
-            )
+            p.lease = self._lease(b)
         if not p.lease.try_acquire():
             return False
         # The holder before us may have finished while we queued.
         if self._lookup(b, p.rows):
             p.lease.release()
         return True
+
+    def _lease_running(self) -> None:
+        """Another run appeared: lease every batch in flight before telling it so."""
+        for p in self.running.values():
+            if p.lease is not None:
+                continue
+            b = p.batch
+            p.lease = self._lease(b)
+            if not p.lease.try_acquire():  # cannot happen: newcomers wait for this run
+                log.warning("step %s batch %d: its lease is held by another run", b.step, b.index)
+
+    def _lease(self, b: PlannedBatch) -> FileLock:
+        return self.store.lease(b.key, {"run": self.run_id, "step": b.step, "batch": b.index})
 
     # -- events --------------------------------------------------------------------------
 
@@ -305,6 +327,7 @@ class Scheduler:
     def _settle(self, task: Task) -> Pending:
         p: Pending = task.ticket
         self.queues[p.batch.step].inflight -= 1
+        self.running.pop(id(p), None)
         if p.lease is not None:
             p.lease.release()  # the entry (if any) is written: waiters can go on
         return p
@@ -386,6 +409,8 @@ class Scheduler:
         for pool in (self.gen_threads, self.executor):
             if pool is not None:
                 pool.shutdown()
+        if self.neighbours is not None:
+            self.neighbours.done()  # no run needs to wait for this one any more
 
     def start_generators(self) -> None:
         for name, step in self.steps.items():

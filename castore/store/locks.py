@@ -46,6 +46,7 @@ class FileLock:
         self.kind = kind
         self.detail = detail or {}
         self._fd: int | None = None
+        self._info: LockInfo | None = None
 
     def acquire(self, timeout: float = 0.0, poll: float = 0.1) -> None:
         deadline = time.monotonic() + timeout
@@ -85,14 +86,27 @@ class FileLock:
         if not same:
             os.close(fd)
             return self._try()
-        info = LockInfo(
-            kind=self.kind, pid=os.getpid(), host=socket.gethostname(), detail=self.detail
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.model_dump_json().encode(), 0)
         self._fd = fd
         _HELD.add(fd)
+        self._info = LockInfo(
+            kind=self.kind, pid=os.getpid(), host=socket.gethostname(), detail=self.detail
+        )
+        self._write()
         return True
+
+    def _write(self) -> None:
+        assert self._fd is not None and self._info is not None
+        info = self._info.model_copy(update={"detail": self.detail})
+        # In place: the flock is on this inode, so the file cannot be replaced. A reader
+        # between the two calls sees no valid JSON and asks again (read_lock gives None).
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, info.model_dump_json().encode(), 0)
+
+    def update_detail(self, **detail: object) -> None:
+        """Say more about a held lock (a run's lease mode): rewrites its JSON."""
+        self.detail = {**self.detail, **detail}
+        if self._fd is not None:
+            self._write()
 
     def release(self) -> None:
         if self._fd is None:

@@ -1,0 +1,181 @@
+"""Per-batch overhead and I/O-bound concurrency (issue 16), each against a floor measured
+in the same repetition, interleaved, min / median of --repeat:
+
+- anchor at 0 ms of work: 20,000 rows, LoadDataFromDicts -> a step that adds a column ->
+  a cheap post step, batch 50 (400 batches per step, 1,200 in all); floor: a plain loop
+  doing the same work and writing one Parquet file.
+- I/O-bound: 2,000 rows, batch 10, a step sleeping 20 ms per batch with concurrency 8;
+  floor: the same 200 sleeps on a plain thread pool of 8.
+- leases taken (a run alone on its store should take none) and the store's bytes and
+  files per batch and step after the anchor run.
+
+    python benchmarks/bench_overhead.py [--repeat 5]
+
+To measure an older castore with this same file: PYTHONPATH=<its checkout> python ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import datasets  # noqa: F401 - imported up front: its import is not what this measures
+import pyarrow as pa
+import pyarrow.parquet as pq
+from _util import report
+
+import castore
+from castore import Pipeline, StepInput, step
+from castore.steps import LoadDataFromDicts
+from castore.store import Store
+
+ROWS, BATCH = 20_000, 50
+IO_ROWS, IO_BATCH, IO_CONC, IO_DELAY = 2_000, 10, 8, 0.02
+
+
+@step(inputs=["prompt"], outputs=["generation"])
+def Generate(inputs: StepInput):
+    return [{**r, "generation": r["prompt"][::-1]} for r in inputs]
+
+
+@step(inputs=["generation"], outputs=["length"])
+def Post(inputs: StepInput):
+    return [{**r, "length": len(r["generation"])} for r in inputs]
+
+
+@step(inputs=["x"], outputs=["y"])
+def Sleepy(inputs: StepInput):
+    time.sleep(IO_DELAY)  # one simulated LLM call per batch
+    return [{**r, "y": r["x"] + 1} for r in inputs]
+
+
+def anchor_rows() -> list[dict]:
+    return [{"id": i, "prompt": f"prompt {i}: " + "word " * (10 + i % 20)} for i in range(ROWS)]
+
+
+def anchor_floor(rows: list[dict], out: Path) -> None:
+    done = []
+    for start in range(0, len(rows), BATCH):
+        gen = [{**r, "generation": r["prompt"][::-1]} for r in rows[start : start + BATCH]]
+        done.extend({**r, "length": len(r["generation"])} for r in gen)
+    pq.write_table(pa.Table.from_pylist(done), out)
+
+
+def anchor(rows: list[dict], cache: Path) -> None:
+    with Pipeline(name="anchor") as p:
+        (
+            LoadDataFromDicts(data=rows, batch_size=BATCH)
+            >> Generate(name="generate", input_batch_size=BATCH)
+            >> Post(name="post", input_batch_size=BATCH)
+        )
+    p.execute(cache_dir=cache, quiet=True)
+
+
+def io_floor() -> None:
+    with ThreadPoolExecutor(IO_CONC) as pool:
+        list(pool.map(lambda _: time.sleep(IO_DELAY), range(IO_ROWS // IO_BATCH)))
+
+
+def io_run(cache: Path) -> None:
+    with Pipeline(name="io") as p:
+        LoadDataFromDicts(data=[{"x": i} for i in range(IO_ROWS)], batch_size=100) >> Sleepy(
+            name="sleepy", input_batch_size=IO_BATCH, concurrency=IO_CONC
+        )
+    p.execute(cache_dir=cache, quiet=True)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def mm(v: list[float]) -> str:
+    return f"min {min(v):.3f} s  median {statistics.median(v):.3f} s"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    med = statistics.median(a) / statistics.median(b)
+    return f"min/min {min(a) / min(b):.2f}  median/median {med:.2f}"
+
+
+def tree(root: Path) -> tuple[int, int, int]:
+    """(bytes, bytes on disk, paths): a hard link is a path but no more bytes."""
+    paths = [p for p in root.rglob("*") if p.is_file()]
+    inodes = {(s.st_dev, s.st_ino): s for s in (p.stat() for p in paths)}
+    return (
+        sum(s.st_size for s in inodes.values()),
+        sum(s.st_blocks * 512 for s in inodes.values()),
+        len(paths),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="castore-bench-overhead-"))
+    leases = [0]
+    real_lease = Store.lease
+
+    def counting_lease(self, *a, **k):
+        leases[0] += 1
+        return real_lease(self, *a, **k)
+
+    Store.lease = counting_lease  # type: ignore[method-assign]
+    try:
+        rows = anchor_rows()
+        r: dict[str, list[float]] = {k: [] for k in ("floor", "cas", "io_floor", "io")}
+        for i in range(args.repeat):
+            r["floor"].append(timed(lambda: anchor_floor(rows, work / "floor.parquet")))
+            leases[0] = 0
+            r["cas"].append(timed(lambda i=i: anchor(rows, work / f"anchor-{i}")))
+            anchor_leases = leases[0]
+            r["io_floor"].append(timed(io_floor))
+            r["io"].append(timed(lambda i=i: io_run(work / f"io-{i}")))
+        batch_steps = 3 * ROWS // BATCH
+        size, disk, files = tree(work / "anchor-0")
+        per_batch = [(c - f) / batch_steps * 1e3 for c, f in zip(r["cas"], r["floor"], strict=True)]
+        report(
+            [
+                ("castore", f"{castore.__file__}"),
+                ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+                ("anchor 0 ms: floor (loop + one Parquet)", mm(r["floor"])),
+                ("anchor 0 ms: castore (1,200 batch-steps)", mm(r["cas"])),
+                ("anchor 0 ms: castore / floor", ratio(r["cas"], r["floor"]) + " (target <= 2.5)"),
+                (
+                    "anchor 0 ms: per batch and step",
+                    f"min {min(per_batch):.2f} ms  median {statistics.median(per_batch):.2f} ms"
+                    " (target <= 1)",
+                ),
+                ("anchor 0 ms: leases taken (run alone)", str(anchor_leases)),
+                (
+                    "anchor store",
+                    f"{size / 1e6:.2f} MB ({disk / 1e6:.2f} MB on disk), {files:,} paths = "
+                    f"{files / batch_steps:.2f} per batch and step (target <= 1.1)",
+                ),
+                ("io-bound: floor (thread pool of 8)", mm(r["io_floor"])),
+                ("io-bound: castore, concurrency 8", mm(r["io"])),
+                (
+                    "io-bound: floor / castore",
+                    f"min/min {min(r['io_floor']) / min(r['io']):.2f}  median/median "
+                    f"{statistics.median(r['io_floor']) / statistics.median(r['io']):.2f}"
+                    " (target >= 0.9)",
+                ),
+            ]
+        )
+    finally:
+        Store.lease = real_lease  # type: ignore[method-assign]
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

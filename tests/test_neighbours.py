@@ -1,0 +1,101 @@
+"""Leases only while another live run shares the store (castore/pipeline/neighbours.py):
+a run alone takes none; a newcomer waits until the runs already there lease what they
+compute; a run that finds a newcomer leases its batches in flight first."""
+
+from __future__ import annotations
+
+from castore import Pipeline, StepInput, step
+from castore.pipeline import neighbours as nb
+from castore.pipeline.neighbours import Neighbours
+from castore.steps import LoadDataFromDicts
+from castore.store import Store
+from castore.store.locks import read_lock
+
+
+@step(inputs=["x"], outputs=["y"])
+def AddOne(inputs: StepInput):
+    return [{**r, "y": r["x"] + 1} for r in inputs]
+
+
+def pipe() -> Pipeline:
+    with Pipeline(name="alone") as p:
+        LoadDataFromDicts(data=[{"x": i} for i in range(40)], batch_size=10) >> AddOne(
+            name="add", input_batch_size=5
+        )
+    return p
+
+
+def test_a_run_alone_takes_no_lease(tmp_path, monkeypatch):
+    taken = []
+    real = Store.lease
+    monkeypatch.setattr(
+        Store, "lease", lambda self, *a, **k: taken.append(a) or real(self, *a, **k)
+    )
+    pipe().execute(cache_dir=tmp_path / "c", quiet=True)
+    assert taken == []
+    ds = pipe().run(cache_dir=tmp_path / "d", quiet=True)
+    assert ds["add"]["train"]["y"] == [i + 1 for i in range(40)]
+
+
+def _run_lock(store: Store, run_id: str, **detail):
+    lock = store.run_lock(run_id, detail)
+    lock.acquire()
+    return lock
+
+
+def test_a_newcomer_waits_until_the_others_lease(tmp_path):
+    store = Store(tmp_path / "c")
+    first = _run_lock(store, "first")
+    Neighbours(store, first)  # alone when it looked
+    assert read_lock(first.path).detail["leases"] == nb.ALONE
+    second = _run_lock(store, "second")
+    newcomer = Neighbours(store, second)
+    assert newcomer.shared and read_lock(second.path).detail["leases"] == nb.SHARED
+    assert not newcomer.may_compute()  # first is alone: it may be computing unleased
+    first.update_detail(leases=nb.SHARED)
+    assert newcomer.may_compute()
+    first.release()
+    second.release()
+
+
+def test_done_and_older_castores_are_not_waited_for(tmp_path):
+    store = Store(tmp_path / "c")
+    finishing = _run_lock(store, "finishing", leases=nb.DONE)
+    older = _run_lock(store, "older")  # no `leases`: a castore that always leases
+    newcomer = Neighbours(store, _run_lock(store, "new"))
+    assert newcomer.shared and newcomer.may_compute()
+    finishing.release()
+    older.release()
+
+
+def test_a_lone_run_leases_its_batches_in_flight_when_one_arrives(tmp_path, monkeypatch):
+    store = Store(tmp_path / "c")
+    lone = _run_lock(store, "lone")
+    n = Neighbours(store, lone)
+    taken: list[str] = []
+    assert n.need_leases(lambda: taken.append("x")) is False
+    arrival = _run_lock(store, "arrival")
+    # The folder changed, so the next turn looks (no need to wait RESCAN_EVERY).
+    assert n.need_leases(lambda: taken.append("in flight")) is True
+    assert taken == ["in flight"]
+    assert read_lock(lone.path).detail["leases"] == nb.SHARED
+    arrival.release()
+    # Once shared, stays shared: a newcomer may have read "shared" already.
+    assert n.need_leases(lambda: taken.append("again")) is True and taken == ["in flight"]
+    lone.release()
+
+
+def test_a_dead_runs_lock_file_is_not_a_neighbour(tmp_path):
+    store = Store(tmp_path / "c")
+    dead = _run_lock(store, "dead")
+    path = dead.path
+    # Released without unlinking: what a kill -9 leaves.
+    import fcntl
+    import os
+
+    fcntl.flock(dead._fd, fcntl.LOCK_UN)
+    os.close(dead._fd)
+    dead._fd = None
+    assert os.path.exists(path)
+    n = Neighbours(store, _run_lock(store, "live"))
+    assert not n.shared and n.may_compute()
