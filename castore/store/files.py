@@ -78,6 +78,7 @@ class Stage:
     hasher: Hasher
     oid: str | None = None  # set once the stage is committed as an object
     needed: int = 0  # bytes the caller is about to write, for a full-disk message
+    placed: bool = False  # moved into place: nothing left in tmp/ to remove
 
     def write(self, data: Any) -> int:
         mv = memoryview(data)

@@ -175,21 +175,27 @@ class Store:
                 # Closing flushes; on a full disk that raises again, and the stage goes anyway.
                 with contextlib.suppress(OSError):
                     stage.file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stage.path)
+            if not stage.placed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stage.path)
 
-    def _commit(self, stage: Stage, final: str, *, oid: str | None = None) -> bool:
+    def _commit(
+        self, stage: Stage, final: str, *, oid: str | None = None, checked: bool = False
+    ) -> bool:
         """Move a stage into place. An object (`oid` given) is never rewritten while
-        intact: False when an intact copy is already there; a corrupt one is replaced."""
+        intact: False when an intact copy is already there; a corrupt one is replaced.
+        `checked`: the caller found it absent just before staging (a copy landing since
+        is the same bytes, so replacing it is harmless and the second look is saved)."""
         try:
             stage.file.flush()
             if self.fsync:
                 os.fsync(stage.file.fileno())
             stage.file.close()
-            if oid is not None and self.reuse(oid):
+            if oid is not None and not checked and self.reuse(oid):
                 return False
             parent = os.path.dirname(final)
             replace_into_shard(stage.path, final)
+            stage.placed = True
             if self.fsync:
                 dfd = os.open(parent, os.O_RDONLY)
                 try:
@@ -225,7 +231,7 @@ class Store:
         with self._staged(0o444) as stage:
             stage.needed = len(data)
             stage.write(data)
-            self._commit(stage, self.layout.object_path(oid), oid=oid)
+            self._commit(stage, self.layout.object_path(oid), oid=oid, checked=True)
         return oid
 
     def put_file(self, path: str | os.PathLike[str]) -> str:
@@ -244,7 +250,7 @@ class Store:
         with self._staged(0o444) as stage:
             stage.needed = buf.size
             stage.file.write(memoryview(buf))
-            self._commit(stage, self.layout.object_path(oid), oid=oid)
+            self._commit(stage, self.layout.object_path(oid), oid=oid, checked=True)
         return oid
 
     def staging_path(self, label: str) -> str:
