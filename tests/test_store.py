@@ -242,3 +242,24 @@ def test_two_processes_create_the_store_at_once(tmp_path):
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir() if p.is_file()) == [
         "castore-layout.json"
     ]
+
+
+def test_run_folder_pipeline_yaml_is_the_stored_object_not_a_second_copy(store, tmp_path):
+    """Inline rows can make pipeline.yaml megabytes: the run folder places the stored
+    object (reflink, else hard link, else copy), as it does the data files."""
+    from castore.store.exports import Placer
+    from castore.store.runfolder import RunFolder
+
+    folder = RunFolder(store, "p", "ab" * 32)
+    folder.create()
+    text = "pipeline:\n  name: p\n  steps: []\n"
+    oid = folder.place_pipeline_yaml(text)
+    assert folder.pipeline_yaml.read_text() == text == store.get_bytes(oid).decode()
+    probe = Placer()
+    (tmp_path / "src").write_bytes(b"x")
+    probe.place(str(tmp_path / "src"), str(tmp_path / "dst"))
+    if probe.methods["link"]:  # this filesystem links rather than clones
+        assert os.path.samefile(folder.pipeline_yaml, store.path_of(oid))
+    # A second attempt of the run replaces it in place.
+    oid2 = folder.place_pipeline_yaml(text + "# again\n")
+    assert folder.pipeline_yaml.read_text().endswith("# again\n") and oid2 != oid

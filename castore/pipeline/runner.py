@@ -150,8 +150,7 @@ class Runner:
         if self._damaged_ref:
             log.warning("%s; this run replaces it", self._damaged_ref)
         text = self.p.to_yaml(self.sigs)
-        self.folder.pipeline_yaml.write_text(text, encoding="utf-8")
-        self.recorder.pipeline_yaml = self.store.put_bytes(text.encode("utf-8"))
+        self.recorder.pipeline_yaml = self.folder.place_pipeline_yaml(text)
         what = (self.p.name, self.sig[:12], len(self.order), self.store.root)
         log.info("pipeline %s signature %s: %d steps; store %s", *what)
         if not self.use_cache:
@@ -221,7 +220,8 @@ class Runner:
         leaves = {x: [o for r in plans[x].records() for o in r.outputs] for x in self.info.leaves}
         self.folder.materialize(leaves, self.info.run_id)
         stats = {n: t.stats(plans[n]) for n, t in self.recorder.tallies.items()}
-        runlog.log_summary(stats, self.p.name, status, self.folder.data)
+        if sched is not None:  # else it failed before planning: no summary to give
+            runlog.log_summary(stats, self.p.name, status, self.folder.data)
         log_oid = self.store.put_file(self.folder.log) if self.folder.log.exists() else None
         oid = self.recorder.seal(status, log_oid)
         if sched is not None and sched.rcache is not None:

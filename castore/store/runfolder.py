@@ -30,6 +30,13 @@ class RunFolder:
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def place_pipeline_yaml(self, text: str) -> str:
+        """Store the recipe as an object and place it as pipeline.yaml (a link to it where
+        the filesystem allows: inline rows can make it megabytes, so not twice)."""
+        oid = self.store.put_bytes(text.encode("utf-8"))
+        Placer().place(self.store.path_of(oid), str(self.pipeline_yaml))
+        return oid
+
     def materialize(self, leaves: dict[str, list[str]], run_id: str) -> None:
         """data/<leaf>/NNNNN.parquet, one file per leaf batch object (reflinked,
         hard-linked or copied: castore/store/exports.py), built beside and renamed into
