@@ -38,6 +38,7 @@ _PENDING = object()  # a leaf not made yet
 PIPELINE_YAML = "pipeline.yaml"
 PIPELINE_LOG = "pipeline.log"
 CARD = "README.md"
+DEFAULT_LEAF = "default"
 
 
 class Distiset(dict):
@@ -68,11 +69,18 @@ class Distiset(dict):
     # Every way to reach a value makes the leaves first; keys, len and `in` do not.
     def __getitem__(self, key: str) -> Any:
         self._load()
-        return dict.__getitem__(self, key)
+        return dict.__getitem__(self, self._alias(key))
 
     def get(self, key: str, default: Any = None) -> Any:
         self._load()
-        return dict.get(self, key, default)
+        return dict.get(self, self._alias(key), default)
+
+    def _alias(self, key: str) -> str:
+        """distilabel names a pipeline's only leaf "default": so does castore, besides
+        the leaf's own name."""
+        if key == DEFAULT_LEAF and not dict.__contains__(self, key) and dict.__len__(self) == 1:
+            return next(iter(dict.keys(self)))
+        return key
 
     def items(self) -> Any:
         self._load()
@@ -152,8 +160,9 @@ class Distiset(dict):
 
     @classmethod
     def from_manifest(
-        cls, store: Store, run_oid: str, *, enable_metadata: bool = False
+        cls, store: Store, run_oid: str, *, enable_metadata: bool | str = False
     ) -> Distiset:
+        """`enable_metadata`: keep the metadata column (a string: under that name)."""
         run = load_model(store, run_oid, RunManifest)
         out = cls()
         folder = RunFolder(store, run.name, run.signature)
@@ -417,9 +426,16 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _metadata(ds: datasets.Dataset, keep: bool) -> datasets.Dataset:
+def _metadata(ds: datasets.Dataset, keep: bool | str) -> datasets.Dataset:
+    """Without the metadata column, or (`keep`) with it, named `keep` when a string."""
     drop = [c for c in METADATA_COLUMNS if c in ds.column_names]
-    return ds if keep or not drop else ds.remove_columns(drop)
+    if not keep:
+        return ds.remove_columns(drop) if drop else ds
+    if isinstance(keep, str) and METADATA_COLUMN in ds.column_names and keep != METADATA_COLUMN:
+        if keep in ds.column_names:
+            raise ValueError(f"the metadata column cannot be named {keep!r}: that is a column")
+        return ds.rename_column(METADATA_COLUMN, keep)
+    return ds
 
 
 def _empty_dataset() -> datasets.Dataset:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from castore.errors import LLMError
 
@@ -52,7 +52,7 @@ class OpenAILLM(BaseModel):
     fingerprint: the model, the generation kwargs and the server (a different server may
     serve a different model under the same name), never the key or the timeouts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str
     base_url: str = "https://api.openai.com/v1"
@@ -64,6 +64,19 @@ class OpenAILLM(BaseModel):
     backoff: float = 0.5
     max_backoff: float = 30.0
     max_concurrent_requests: int = 32
+
+    @field_validator("generation_kwargs")
+    @classmethod
+    def _openai_names(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """distilabel's `max_new_tokens` is the API's `max_tokens`: renamed here, so both
+        spellings send (and cache) the same request."""
+        if "max_new_tokens" not in kwargs:
+            return kwargs
+        if "max_tokens" in kwargs:
+            raise ValueError("generation_kwargs has max_new_tokens and max_tokens: keep one")
+        out = dict(kwargs)
+        out["max_tokens"] = out.pop("max_new_tokens")
+        return out
 
     def cache_identity(self) -> dict[str, Any]:
         return {

@@ -12,18 +12,25 @@ from castore.yamlio import YamlSyntaxError, load_yaml
 
 
 def parse_params(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """`step.field=value` pairs; values are YAML scalars/lists (`0.7`, `true`, `[a, b]`)."""
+    """`step.field=value` pairs; values are YAML scalars/lists (`0.7`, `true`, `[a, b]`).
+    A longer path sets a nested value: `gen.llm.generation_kwargs.temperature=0.2`."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         lhs, eq, raw = item.partition("=")
-        step_name, dot, field = lhs.partition(".")
-        if not eq or not dot or not step_name or not field:
+        path = lhs.split(".")
+        if not eq or len(path) < 2 or not all(path):
             raise ConfigError(f"--param {item!r}: expected STEP.FIELD=VALUE")
         try:
             value = load_yaml(raw, f"--param {lhs}", max_bytes=1 << 20) if raw else ""
         except YamlSyntaxError:
             value = raw  # not YAML: the text as typed
-        out.setdefault(step_name, {})[field] = value
+        node = out.setdefault(path[0], {})
+        for key in path[1:-1]:
+            nxt = node.setdefault(key, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--param {item!r}: {key} is already set to a value")
+            node = nxt
+        node[path[-1]] = value
     return out
 
 

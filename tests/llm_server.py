@@ -17,6 +17,7 @@ class LLMServer:
         self.lock = threading.Lock()
         self.requests = 0
         self.by_prompt: Counter[str] = Counter()
+        self.bodies: list[dict] = []  # every request body, as received
         self.auth_headers: set[str] = set()
         self.fail_429 = 0  # the next N requests get 429 with Retry-After
         self.fail_500 = 0
@@ -80,6 +81,7 @@ class LLMServer:
                 with server.lock:
                     server.requests += 1
                     server.by_prompt[prompt] += 1
+                    server.bodies.append(req)
                     server.auth_headers.add(self.headers.get("Authorization", ""))
                 if server.latency:
                     time.sleep(server.latency)

@@ -473,3 +473,41 @@ def test_file_loader_reads_fsspec_urls(store):
         LoadDataFromFileSystem(data_files="memory://castore-test/in.jsonl", batch_size=3) >> Upper()
     ds = p.run(cache_dir=store.root)
     assert [r["response"] for r in rows(ds, "upper")] == [f"M{i}" for i in range(7)]
+
+
+def test_input_and_output_mappings_rename_at_the_step_and_never_overwrite(tmp_path):
+    """distilabel's mappings, on every castore step: the input column `body` is read as
+    the step's `text`, its output `n` written as `length`; a mapping onto a column the
+    output already has is an error, not an overwrite. Row-wise reuse follows the mapped
+    column (a re-run under another loader batch size computes nothing)."""
+    from castore import Pipeline, StepInput, step
+    from castore.errors import CastoreError
+    from castore.steps import LoadDataFromDicts
+
+    calls = []
+
+    @step(inputs=["text"], outputs=["n"], row_wise=True)
+    def Count(inputs: StepInput):
+        calls.append(len(inputs))
+        return [{**r, "n": len(r["text"])} for r in inputs]
+
+    rows = [{"body": "x" * i, "text_id": i} for i in range(10)]
+
+    def build(batch: int, out: str = "length") -> Pipeline:
+        with Pipeline(name="mapped") as p:
+            LoadDataFromDicts(data=rows, batch_size=batch) >> Count(
+                name="count", input_mappings={"text": "body"}, output_mappings={"n": out}
+            )
+        return p
+
+    train = build(4).run(cache_dir=tmp_path / "c", quiet=True)["default"]["train"]
+    assert train.column_names[:3] == ["body", "text_id", "length"]
+    assert train["length"] == list(range(10))
+    assert sum(calls) == 10
+    build(3).run(cache_dir=tmp_path / "c", quiet=True)
+    assert sum(calls) == 10  # found by row key through the mapping
+    with pytest.raises(CastoreError, match="already has"):
+        build(4, out="text_id").run(cache_dir=tmp_path / "c", quiet=True)
+    # Unmapped steps keep the keys they had before mappings existed.
+    plain = Count(name="plain")
+    assert "input_mappings" not in plain.cache_params()

@@ -138,10 +138,53 @@ async def _collect(agen: Any) -> list[Any]:
     return [chunk async for chunk in agen]
 
 
+def map_input(step: _Step, table: pa.Table) -> pa.Table:
+    """The input as `process` sees it: `input_mappings` applied (VALUE read as KEY)."""
+    if not step.input_mappings:
+        return table
+    names = table.column_names
+    for logical, actual in step.input_mappings.items():
+        if actual != logical and logical in names and actual in names:
+            raise StepFailed(
+                f"step {step.name}: input_mappings reads column {actual!r} as {logical!r}, "
+                f"but the input has a column {logical!r} too; rename one of them first"
+            )
+    back = {a: lo for lo, a in step.input_mappings.items()}
+    return table.rename_columns([back.get(c, c) for c in names])
+
+
+def map_output(step: _Step, table: pa.Table) -> pa.Table:
+    """What `process` returned, renamed back: input columns to their names in the input,
+    then `output_mappings` (KEY written as VALUE). A rename onto an existing column is an
+    error: one would overwrite the other."""
+    if not step.input_mappings and not step.output_mappings:
+        return table
+    mapping = {**step.input_mappings, **step.output_mappings}
+    names = [mapping.get(c, c) for c in table.column_names]
+    dup = next((c for c in names if names.count(c) > 1), None)
+    if dup is not None:
+        raise StepFailed(
+            f"step {step.name}: output_mappings writes column {dup!r}, which its output "
+            "already has; one would overwrite the other: map it to another name"
+        )
+    return table.rename_columns(names)
+
+
+def generator_table(step: _Step, chunk: Any) -> pa.Table:
+    """One chunk a generator yielded, as the table a run stores (mapped, checked).
+    distilabel's generators yield `(rows, last_batch)`: the flag is not needed here (the
+    generator's end is), so the rows are taken."""
+    if isinstance(chunk, tuple) and len(chunk) == 2 and isinstance(chunk[1], bool):
+        chunk = chunk[0]
+    table = map_output(step, to_table([chunk]))
+    check_outputs(step, table)
+    return table
+
+
 def check_outputs(step: _Step, table: pa.Table) -> None:
     if table.num_rows == 0:
         return
-    missing = [c for c in step.outputs if c not in table.column_names]
+    missing = [c for c in step.output_columns_named() if c not in table.column_names]
     if missing:
         raise StepFailed(
             f"step {step.name}: its output lacks declared column {missing[0]!r} "
@@ -217,12 +260,14 @@ def compute(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None]:
 def compute_detailed(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None, list[int]]:
     """`compute`, and the positions of the rows that failed (when the step says)."""
     try:
-        out = to_table(normalize_output(call_process(step, table.to_pylist())))
+        rows = map_input(step, table).to_pylist()
+        out = map_output(step, to_table(normalize_output(call_process(step, rows))))
     except BatchIncomplete as e:
         if step.on_error != "skip":
             raise
         # Keep the rows that succeeded (paid for), but the batch is not cached.
-        return to_table(normalize_output(e.rows)), str(e), list(e.failed or [])
+        out = map_output(step, to_table(normalize_output(e.rows)))
+        return out, str(e), list(e.failed or [])
     check_outputs(step, out)
     return out, None, []
 
@@ -275,7 +320,7 @@ def skipped_batch(
 
     table = read_input(store, slices, cache)
     n = table.num_rows
-    for col in step.outputs:
+    for col in step.output_columns_named():
         if col not in table.column_names:
             table = table.append_column(col, pa.nulls(n))
     meta = pa.array([{"error": error, "step": step.name}] * n)

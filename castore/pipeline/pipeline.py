@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
@@ -142,7 +142,7 @@ class Pipeline:
             preds = self.predecessors(n)
             if isinstance(step, GeneratorStep):
                 produced[n] = self._columns_after(step, None) or (
-                    set(step.outputs) if step.outputs else None
+                    set(step.output_columns_named()) if step.outputs else None
                 )
                 cols = produced[n]
                 origins[n] = dict.fromkeys(cols, n) if cols else None
@@ -154,7 +154,7 @@ class Pipeline:
                 cols = produced[p]
                 available = None if cols is None or available is None else available | cols
             if available is not None:
-                for col in step.required_columns():
+                for col in step.input_columns():
                     if col not in available:
                         raise PipelineError(
                             f"step {n} needs input column {col!r}, which no predecessor "
@@ -167,10 +167,13 @@ class Pipeline:
     def _columns_after(step: _Step, available: set[str] | None) -> set[str] | None:
         hook = getattr(step, "output_columns", None)
         if hook is not None:
-            return hook(available)
+            cols = hook(available)
+            if cols is None or not step.output_mappings:
+                return cols
+            return {step.output_mappings.get(c, c) for c in cols}
         if available is None:
             return None
-        return available | set(step.outputs)
+        return available | set(step.output_columns_named())
 
     # -- identity ------------------------------------------------------------------------
 
@@ -321,6 +324,9 @@ class Pipeline:
                 if fname not in type(step).model_fields or fname == "name":
                     raise ConfigError(f"step {sname} has no parameter {fname!r}")
                 try:
+                    current = getattr(step, fname)
+                    if isinstance(current, BaseModel) and isinstance(value, dict):
+                        value = merged_model(current, value, f"{sname}.{fname}")
                     setattr(step, fname, value)
                 except ValidationError as e:
                     raise ConfigError(f"--param {sname}.{fname}: {one_line(e)}") from e
@@ -439,6 +445,20 @@ _SECRET_KEY = re.compile(
     r"passw(or)?d|credentials?|auth(orization)?)$",
     re.I,
 )
+
+
+def merged_model(model: BaseModel, changes: dict[str, Any], where: str) -> BaseModel:
+    """`model` with some fields changed, nested models merged the same way (distilabel's
+    nested runtime parameters: {"llm": {"generation_kwargs": {...}}} keeps the model)."""
+    fields = type(model).model_fields
+    values = {f: getattr(model, f) for f in fields}
+    for key, value in changes.items():
+        if key not in fields:
+            raise ConfigError(f"{where} has no parameter {key!r}; it has {', '.join(fields)}")
+        if isinstance(values[key], BaseModel) and isinstance(value, dict):
+            value = merged_model(values[key], value, f"{where}.{key}")
+        values[key] = value
+    return type(model).model_validate(values)
 
 
 def redact_parameters(
@@ -568,5 +588,5 @@ def _origins(
             seen[col] = (p, origin)
     if columns is None:
         return None
-    own = set(step.outputs)
+    own = set(step.output_columns_named())
     return {c: name if c in own or c not in seen else seen[c][1] for c in columns}

@@ -346,7 +346,7 @@ def compute_rows(
     own columns, positions of the rows that failed when the step says which)."""
     import pyarrow as pa
 
-    own = [*step.outputs, METADATA_COLUMN]
+    own = [*step.output_columns_named(), METADATA_COLUMN]
     missing = [i for i, f in enumerate(plan.found) if f is None]
     parts: list[pa.Table] = []
     skipped = None

@@ -23,8 +23,8 @@ from castore.pipeline.batch import (
     BatchResult,
     TableCache,
     call_process,
-    check_outputs,
     entry_of,
+    generator_table,
     read_input,
     skipped_batch,
     store_batch,
@@ -43,7 +43,7 @@ from castore.pipeline.executors import (
 )
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
-from castore.pipeline.step import GeneratorStep, _Step, normalize_output, to_table
+from castore.pipeline.step import GeneratorStep, _Step, normalize_output
 from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
 
@@ -464,8 +464,7 @@ class Scheduler:
                     if stop.is_set():
                         return
                     t0 = time.perf_counter()
-                    table = to_table([chunk])
-                    check_outputs(step, table)
+                    table = generator_table(step, chunk)
                     key = generator_key(plan.fp, i)
                     res = store_batch(store, step, key, table, time.perf_counter() - t0, cache=True)
                     events.put(GeneratorBatch(name, i, key, res))

@@ -115,16 +115,15 @@ class _Walk:
         would store them (the same Parquet bytes, so the same ids), so the steps after
         it can be planned. Nothing is written."""
         from castore.hashing import hash_bytes
-        from castore.pipeline.batch import check_outputs
-        from castore.pipeline.step import normalize_output, to_table
+        from castore.pipeline.batch import generator_table
+        from castore.pipeline.step import normalize_output
         from castore.store.parquet import encode_parquet
 
         plan, step, st = self.planner.plans[name], self.pipeline.steps[name], self.out[name]
         offset = sum(sum(r.rows) for r in plan.records())
         index = start
         for chunk in normalize_output(call_process(step, offset)):
-            table = to_table([chunk])
-            check_outputs(step, table)
+            table = generator_table(step, chunk)
             oid = hash_bytes(memoryview(encode_parquet(table)))
             self.cache.pinned[oid] = table
             key = generator_key(plan.fp, index)

@@ -49,6 +49,11 @@ def runtime_field(default: Any = None, **kw: Any) -> Any:
     return Field(default, json_schema_extra=RUNTIME, **kw)
 
 
+# Fields that are identity only when set: unset, they change nothing, so the keys stay
+# those of castore versions without them (no mapping; every row of a loader).
+_ONLY_WHEN_SET = ("input_mappings", "output_mappings", "num_examples")
+
+
 def _snake(name: str) -> str:
     s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()
@@ -89,6 +94,17 @@ class _Step(BaseModel):
     )
     cache_version: str | None = Field(
         None, description="Set to pin the code version instead of hashing `process`."
+    )
+    # distilabel's mappings: they change which columns are read and written, so they are
+    # identity (in the fingerprint), not runtime fields.
+    input_mappings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Read input column VALUE as this step's input KEY, e.g. "
+        "{'instruction': 'prompt'}.",
+    )
+    output_mappings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Write this step's output column KEY as VALUE, e.g. {'generation': 'answer'}.",
     )
 
     _pipeline: Pipeline | None = PrivateAttr(None)
@@ -138,7 +154,7 @@ class _Step(BaseModel):
         out: dict[str, Any] = {}
         skip = self.runtime_fields() | {"cache_version"}
         for fname in type(self).model_fields:
-            if fname in skip:
+            if fname in skip or (fname in _ONLY_WHEN_SET and getattr(self, fname) in (None, {})):
                 continue
             try:
                 attr = getattr(self, fname)
@@ -191,12 +207,21 @@ class _Step(BaseModel):
         }
 
     def required_columns(self) -> list[str]:
-        """The input columns checked before any work (the declared `inputs` by default)."""
+        """The input columns checked before any work (the declared `inputs` by default),
+        as `process` sees them."""
         return list(self.inputs)
 
+    def input_columns(self) -> list[str]:
+        """`required_columns` as they are named in the input (after `input_mappings`)."""
+        return [self.input_mappings.get(c, c) for c in self.required_columns()]
+
+    def output_columns_named(self) -> list[str]:
+        """The declared `outputs` as they are written (after `output_mappings`)."""
+        return [self.output_mappings.get(c, c) for c in self.outputs]
+
     def row_key_columns(self) -> list[str]:
-        """The columns a row-wise step reads: its row keys are made of their values."""
-        return self.required_columns()
+        """The input columns a row-wise step reads: its row keys are made of their values."""
+        return self.input_columns()
 
     def extra_identity(self) -> Any:
         """Hook for steps whose outputs depend on more than params (e.g. file contents)."""

@@ -17,9 +17,28 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
-def _slices(table: pa.Table, offset: int, size: int) -> Iterator[pa.Table]:
+def _slices(
+    table: pa.Table, offset: int, size: int, limit: int | None = None
+) -> Iterator[pa.Table]:
+    if limit is not None:
+        table = table.slice(0, limit)
     for start in range(offset, table.num_rows, size):
         yield table.slice(start, size)
+
+
+def _required(step: GeneratorStep, field: str) -> Any:
+    """A field that may be set at run time (as distilabel allows), but must be by then."""
+    value = getattr(step, field)
+    if value is None:
+        raise ConfigError(
+            f"step {step.name}: {field} is not set; pass it to the step, in "
+            f"run(parameters={{{step.name!r}: {{{field!r}: ...}}}}) or as "
+            f"--param {step.name}.{field}=..."
+        )
+    return value
+
+
+_NUM_EXAMPLES = "At most this many rows (the first ones)."
 
 
 class LoadDataFromDicts(GeneratorStep):
@@ -44,16 +63,18 @@ class LoadDataFromFileSystem(GeneratorStep):
 
     # The path is not hashed (the files' contents are): the same data under another home
     # directory or on another machine keeps its cache.
-    data_files: str = runtime_field(..., description="A path, a glob, or an fsspec URL.")
+    data_files: str | None = runtime_field(None, description="A path, a glob, or an fsspec URL.")
     format: FileFormat = "auto"
+    num_examples: int | None = Field(None, ge=0, description=_NUM_EXAMPLES)
 
     def _paths(self) -> list[str]:
-        if "://" in self.data_files:
+        data_files: str = _required(self, "data_files")
+        if "://" in data_files:
             import fsspec
 
-            fs, _, paths = fsspec.get_fs_token_paths(self.data_files)
+            fs, _, paths = fsspec.get_fs_token_paths(data_files)
             return [fs.unstrip_protocol(p) for p in sorted(paths)]
-        path = os.path.expanduser(self.data_files)
+        path = os.path.expanduser(data_files)
         paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
         if not paths or not all(os.path.isfile(p) for p in paths):
             raise ConfigError(f"step {self.name}: no data file at {self.data_files}")
@@ -122,30 +143,32 @@ class LoadDataFromFileSystem(GeneratorStep):
             except (pa.ArrowInvalid, ValueError) as e:
                 raise ConfigError(f"step {self.name}: cannot read {path}: {e}") from None
         table = pa.concat_tables(tables, promote_options="permissive")
-        yield from _slices(table, offset, self.batch_size)
+        yield from _slices(table, offset, self.batch_size, self.num_examples)
 
 
 class LoadDataFromHub(GeneratorStep):
     """`datasets.load_dataset(repo_id, name=config, split=split)`; a local dataset folder
     works offline, and its files' contents enter the fingerprint."""
 
-    repo_id: str = runtime_field(..., description="Hub id or local dataset folder.")
+    repo_id: str | None = runtime_field(None, description="Hub id or local dataset folder.")
     split: str = "train"
     config: str | None = None
     revision: str | None = None
+    num_examples: int | None = Field(None, ge=0, description=_NUM_EXAMPLES)
 
     def extra_identity(self) -> Any:
-        if os.path.isdir(self.repo_id):
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(self.repo_id) for f in fs)
+        repo_id: str = _required(self, "repo_id")
+        if os.path.isdir(repo_id):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(repo_id) for f in fs)
             digests = []
             for p in files:
                 h = Hasher()
                 with open(p, "rb") as f:
                     while chunk := f.read(1 << 20):
                         h.update(chunk)
-                digests.append([os.path.relpath(p, self.repo_id), h.hexdigest()])
+                digests.append([os.path.relpath(p, repo_id), h.hexdigest()])
             return {"local": digests}
-        return {"hub": self.repo_id, "revision": self.revision}  # repo_id is hashed here
+        return {"hub": repo_id, "revision": self.revision}  # repo_id is hashed here
 
     def process(self, offset: int = 0) -> Iterator[pa.Table]:
         import datasets
@@ -153,4 +176,4 @@ class LoadDataFromHub(GeneratorStep):
         ds = datasets.load_dataset(
             self.repo_id, name=self.config, split=self.split, revision=self.revision
         )
-        yield from _slices(ds.data.table, offset, self.batch_size)
+        yield from _slices(ds.data.table, offset, self.batch_size, self.num_examples)

@@ -1,0 +1,68 @@
+"""Names distilabel has and castore does not: each gets an ImportError that says what to
+use instead, instead of Python's bare "cannot import name"."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+OPENAI_SERVER = (
+    "castore speaks the OpenAI-compatible API: use OpenAILLM(model=..., base_url=...) "
+    "pointed at the server that serves it"
+)
+# distilabel name -> what to do instead (per module, looked up by the name alone).
+INSTEAD: dict[str, str] = {
+    "InferenceEndpointsLLM": OPENAI_SERVER
+    + " (TGI and Inference Endpoints serve /v1/chat/completions)",
+    "vLLM": OPENAI_SERVER + " (run `vllm serve MODEL` and use base_url=http://HOST:8000/v1)",
+    "ClientvLLM": OPENAI_SERVER + " (base_url=http://HOST:8000/v1)",
+    "LlamaCppLLM": OPENAI_SERVER + " (llama.cpp's `llama-server` serves /v1)",
+    "OllamaLLM": OPENAI_SERVER + " (Ollama serves /v1 at http://localhost:11434/v1)",
+    "TransformersLLM": OPENAI_SERVER + " (e.g. vLLM or TGI serving the model)",
+    "HuggingFaceHubLLM": OPENAI_SERVER,
+    "AnthropicLLM": "not supported yet: castore speaks the OpenAI-compatible API",
+    "AzureOpenAILLM": "use OpenAILLM(base_url=<your deployment's /openai/v1 URL>)",
+    "GroqLLM": OPENAI_SERVER + " (https://api.groq.com/openai/v1)",
+    "MistralLLM": OPENAI_SERVER + " (https://api.mistral.ai/v1)",
+    "TogetherLLM": OPENAI_SERVER + " (https://api.together.xyz/v1)",
+    "AnyscaleLLM": OPENAI_SERVER,
+    "LiteLLM": "not supported yet: castore speaks the OpenAI-compatible API",
+    "VertexAILLM": "not supported yet: castore speaks the OpenAI-compatible API",
+    "CohereLLM": "not supported yet: castore speaks the OpenAI-compatible API",
+    "MlxLLM": OPENAI_SERVER,
+    "UltraFeedback": "not in castore yet (issue 17's task library)",
+    "EvolInstruct": "not in castore yet (issue 17's task library)",
+    "EvolQuality": "not in castore yet (issue 17's task library)",
+    "SelfInstruct": "not in castore yet (issue 17's task library)",
+    "Magpie": "not in castore yet (issue 17's task library)",
+    "ComplexityScorer": "not in castore yet (issue 17's task library)",
+    "QualityScorer": "not in castore yet (issue 17's task library)",
+    "PrometheusEval": "not in castore yet (issue 17's task library)",
+    "GenerateEmbeddings": "not in castore yet (issue 17's task library)",
+    "FormatTextGenerationDPO": "not in castore yet (issue 17's task library)",
+    "FormatTextGenerationSFT": "not in castore yet (issue 17's task library)",
+    "FormatChatGenerationDPO": "not in castore yet (issue 17's task library)",
+    "GroupColumns": "not in castore yet; CombineOutputs merges the branches' rows by position",
+    "MergeColumns": "not in castore yet",
+    "LoadDataFromDisk": "not in castore yet; LoadDataFromFileSystem reads jsonl/csv/parquet",
+    "StepResources": "castore steps take concurrency= (batches in flight) and, on Ray, "
+    "resources={'num_gpus': ...}",
+    "RayPipeline": "use castore.distilabel.pipeline.Pipeline and run(executor='ray')",
+}
+
+
+def unknown(module: str) -> Callable[[str], Any]:
+    """A module `__getattr__` for names distilabel has and this module lacks."""
+
+    def getattr_(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        hint = INSTEAD.get(name)
+        if hint is None:
+            raise ImportError(
+                f"{module}.{name}: distilabel's {name} is not provided by castore "
+                "(docs/migrating.md lists what is)"
+            )
+        raise ImportError(f"{module}.{name}: {hint}")
+
+    return getattr_

@@ -1,0 +1,9 @@
+"""`distilabel.llms` (the pre-1.5 path) on castore."""
+
+from __future__ import annotations
+
+from castore.distilabel._compat import unknown
+from castore.distilabel.models import OpenAILLM
+
+__all__ = ["OpenAILLM"]
+__getattr__ = unknown(__name__)

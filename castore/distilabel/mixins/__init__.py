@@ -1,0 +1,1 @@
+"""`distilabel.mixins` on castore."""

@@ -1,0 +1,88 @@
+"""`distilabel.steps` on castore: the step base classes, `@step`, the loaders and the
+column steps. Unnamed steps get distilabel's names (`keep_columns_0`) in a
+castore.distilabel Pipeline."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from castore.distilabel._compat import unknown
+from castore.distilabel.typing import GeneratorStepOutput, StepColumns
+from castore.pipeline.step import GeneratorStep, GlobalStep, Step, StepInput, StepOutput, _Step
+from castore.pipeline.step import step as _step
+from castore.steps.columns import (
+    CombineOutputs,
+    DeduplicateRows,
+    ExpandColumns,
+    FilterRows,
+    KeepColumns,
+    RenameColumns,
+)
+from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
+
+
+def _names(columns: StepColumns | None) -> list[str]:
+    """distilabel's columns: a list, or {column: required?} (optional ones not checked)."""
+    if isinstance(columns, dict):
+        return [c for c, required in columns.items() if required]
+    return list(columns or [])
+
+
+def step(
+    inputs: StepColumns | None = None,
+    outputs: StepColumns | None = None,
+    step_type: str = "normal",
+) -> Callable[[Callable[..., Any]], type[_Step]]:
+    """distilabel's `@step`. Its generator functions take only their parameters (no
+    offset) and may yield `(rows, last_batch)`: castore resumes a generator at a row
+    offset, so the rows before it are skipped here."""
+    make = _step(_names(inputs), _names(outputs), step_type)  # type: ignore[arg-type]
+
+    def decorate(func: Callable[..., Any]) -> type[_Step]:
+        sig = inspect.signature(func)
+        if step_type != "generator" or next(iter(sig.parameters), None) == "offset":
+            return make(func)
+
+        def generate(offset: int = 0, **params: Any) -> Iterator[list[dict[str, Any]]]:
+            seen = 0
+            for chunk in func(**params):
+                rows = chunk[0] if isinstance(chunk, tuple) else chunk
+                rows = list(rows)
+                start, seen = max(0, offset - seen), seen + len(rows)
+                if rows[start:]:
+                    yield rows[start:]
+
+        offset = inspect.Parameter("offset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=0)
+        generate.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[offset, *sig.parameters.values()]
+        )
+        for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+            setattr(generate, attr, getattr(func, attr))
+        cls = make(generate)
+        cls._code_target = lambda self: func  # type: ignore[method-assign]  # its code version
+        return cls
+
+    return decorate
+
+
+__all__ = [
+    "CombineOutputs",
+    "DeduplicateRows",
+    "ExpandColumns",
+    "FilterRows",
+    "GeneratorStep",
+    "GeneratorStepOutput",
+    "GlobalStep",
+    "KeepColumns",
+    "LoadDataFromDicts",
+    "LoadDataFromFileSystem",
+    "LoadDataFromHub",
+    "RenameColumns",
+    "Step",
+    "StepInput",
+    "StepOutput",
+    "step",
+]
+__getattr__ = unknown(__name__)

@@ -1,0 +1,175 @@
+"""distilabel pipelines from distilabel's own docs, with only `distilabel` ->
+`castore.distilabel` (and the LLM pointed at the local OpenAI-compatible test server):
+they build, run, render their Jinja prompts exactly, and keep distilabel's names."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from castore.errors import CastoreError
+from tests.llm_server import LLMServer
+
+HERE = Path(__file__).resolve().parent / "pipelines"
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    s = LLMServer().start()
+    monkeypatch.setenv("OPENAI_BASE_URL", s.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("CASTORE_CACHE_DIR", str(tmp_path / "cache"))
+    yield s
+    s.stop()
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"compat_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+INSTRUCTIONS = [{"instruction": f"Write a haiku about the number {i}."} for i in range(7)]
+
+
+def test_quickstart_runs_a_dataset_with_distilabels_names(server):
+    m = load("quickstart")
+    distiset = m.pipeline.run(dataset=datasets.Dataset.from_list(INSTRUCTIONS))
+    train = distiset["default"]["train"]  # the single leaf, as distilabel names it
+    assert list(distiset) == ["text_generation_0"]  # distilabel's default step name
+    assert train["instruction"] == [r["instruction"] for r in INSTRUCTIONS]
+    assert train["model_name"] == ["meta-llama/Meta-Llama-3.1-8B-Instruct"] * 7
+    assert all(g.startswith("answer(") for g in train["generation"])
+    assert server.requests == 7
+    # max_new_tokens is sent as the API's max_tokens.
+    assert {b.get("max_tokens") for b in server.bodies} == {512}
+    assert not any("max_new_tokens" in b for b in server.bodies)
+    # A re-run pays nothing.
+    m.pipeline.run(dataset=datasets.Dataset.from_list(INSTRUCTIONS))
+    assert server.requests == 7
+
+
+def test_custom_template_renders_exactly_and_process_is_a_generator(server):
+    m = load("custom_template")
+    row = {"document": "The Eiffel Tower is in Paris.", "question": "Where is it?"}
+    result = next(m.text_gen.process([row]))
+    assert result[0]["generation"].startswith("answer(")
+    body = server.bodies[-1]
+    assert body["messages"][0] == {"role": "system", "content": m.text_gen.system_prompt}
+    expected = m.CUSTOM_TEMPLATE.replace("{{ document }}", row["document"]).replace(
+        "{{ question }}", row["question"]
+    )
+    assert body["messages"][1] == {"role": "user", "content": expected}
+    meta = result[0]["castore_metadata"]
+    assert meta[f"raw_input_{m.text_gen.name}"] == body["messages"]
+    assert meta[f"raw_output_{m.text_gen.name}"] == result[0]["generation"]
+
+
+def test_several_llms_with_output_mappings_and_nested_runtime_parameters(server, tmp_path):
+    folder = tmp_path / "instruction-dataset-mini"
+    folder.mkdir()
+    prompts = [{"prompt": f"Explain topic {i}."} for i in range(9)]
+    datasets.Dataset.from_list(prompts).to_json(folder / "test.jsonl")
+    m = load("several_llms")
+    gen_kwargs = {"llm": {"generation_kwargs": {"temperature": 0.7, "max_new_tokens": 64}}}
+    names = [
+        "text_generation_with_gpt-4-0125-preview",
+        "text_generation_with_mistral-large-2402",
+        "text_generation_with_gemini-1-5-pro",
+    ]
+    distiset = m.pipeline.run(
+        parameters={
+            "load_dataset": {"repo_id": str(folder), "split": "test"},
+            **{n: gen_kwargs for n in names},
+        },
+    )
+    assert sorted(distiset) == sorted(names)
+    models = ("gpt-4-0125-preview", "mistral-large-2402", "gemini-1.5-pro")
+    for n, model in zip(names, models, strict=True):
+        train = distiset[n]["train"]
+        assert train["instruction"] == [p["prompt"] for p in prompts]  # output_mappings
+        assert "prompt" not in train.column_names
+        assert set(train["model_name"]) == {model}
+    assert server.requests == 27
+    assert {(b["temperature"], b["max_tokens"]) for b in server.bodies} == {(0.7, 64)}
+    # The same parameters from the CLI spelling, nested by dots.
+    from castore.cli.run import parse_params
+
+    assert parse_params(("g.llm.generation_kwargs.temperature=0.2",)) == {
+        "g": {"llm": {"generation_kwargs": {"temperature": 0.2}}}
+    }
+
+
+def test_step_decorator_examples_generator_tuples_and_runtime_parameters(server):
+    m = load("step_decorator")
+    distiset = m.pipeline.run(
+        parameters={
+            "generation_step_0": {"dummy_generation": "hello"},
+            "generator_step_0": {"num_rows": 12},
+        }
+    )
+    train = distiset["default"]["train"]
+    assert train["instruction"] == [f"instruction {i}" for i in range(12)]
+    assert train["generation"] == ["hello"] * 12
+
+
+def test_enable_metadata_keeps_distilabel_metadata(server):
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextGeneration
+
+    with Pipeline(name="with-metadata", enable_metadata=True) as p:
+        LoadDataFromDicts(data=INSTRUCTIONS[:3]) >> TextGeneration(llm=OpenAILLM(model="m"))
+    train = p.run()["default"]["train"]
+    assert "distilabel_metadata" in train.column_names
+    assert "castore_metadata" not in train.column_names
+    assert "raw_output_text_generation_0" in train["distilabel_metadata"][0]
+
+
+def test_what_castore_does_not_do_is_an_error_not_a_silent_default(server):
+    with pytest.raises(ImportError, match="base_url"):
+        from castore.distilabel.models import InferenceEndpointsLLM  # noqa: F401
+    with pytest.raises(ImportError, match="task library"):
+        from castore.distilabel.steps.tasks import UltraFeedback  # noqa: F401
+    with pytest.raises(ImportError, match="not provided by castore"):
+        from castore.distilabel.steps import NoSuchStep  # noqa: F401
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextGeneration
+
+    with pytest.raises(ValueError, match="num_generations"):
+        TextGeneration(llm=OpenAILLM(model="m"), num_generations=2)
+    with pytest.raises(ValueError, match="structured output"):
+        OpenAILLM(model="m", structured_output={"schema": {}})
+    with Pipeline(requirements=["castore-no-such-package>=1"]) as p:
+        LoadDataFromDicts(data=INSTRUCTIONS[:2]) >> TextGeneration(llm=OpenAILLM(model="m"))
+    with pytest.raises(CastoreError, match="requirements are not met"):
+        p.run()
+    with pytest.raises(CastoreError, match="storage_parameters"):
+        p.run(storage_parameters={"path": "x"})
+    # A template variable outside `columns` fails at build time, naming it.
+    with Pipeline(name="cols") as p2:
+        LoadDataFromDicts(data=[{"a": 1, "b": 2}]) >> TextGeneration(
+            llm=OpenAILLM(model="m"), template="{{ a }} {{ b }}", columns=["a"]
+        )
+    with pytest.raises(CastoreError, match="'b'"):
+        p2.run()
+    assert server.requests == 0
+
+
+def test_loader_repo_id_set_at_run_time_or_a_clear_error(server):
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromHub
+
+    with Pipeline(name="no-repo") as p:
+        LoadDataFromHub(name="load")
+    with pytest.raises(CastoreError, match="repo_id is not set"):
+        p.run()
