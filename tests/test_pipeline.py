@@ -480,7 +480,7 @@ def test_input_and_output_mappings_rename_at_the_step_and_never_overwrite(tmp_pa
     the step's `text`, its output `n` written as `length`; a mapping onto a column the
     output already has is an error, not an overwrite. Row-wise reuse follows the mapped
     column (a re-run under another loader batch size computes nothing)."""
-    from castore import Pipeline, StepInput, step
+    from castore import Pipeline, step
     from castore.errors import CastoreError
     from castore.steps import LoadDataFromDicts
 
