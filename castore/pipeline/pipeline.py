@@ -277,6 +277,7 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, doc: Any) -> Pipeline:
+        _refuse_distilabel_yaml(doc)
         try:
             p = doc["pipeline"]
             steps, conns = p["steps"], p.get("connections") or []
@@ -445,6 +446,31 @@ _SECRET_KEY = re.compile(
     r"passw(or)?d|credentials?|auth(orization)?)$",
     re.I,
 )
+
+
+def _refuse_distilabel_yaml(doc: Any) -> None:
+    """distilabel's pipeline.yaml has another shape (and names distilabel's classes):
+    say what it is and what to run instead, rather than a KeyError about its fields."""
+    if not isinstance(doc, dict):
+        return
+    info = (
+        (doc.get("pipeline") or {}).get("type_info")
+        if isinstance(doc.get("pipeline"), dict)
+        else None
+    )
+    if "distilabel" in doc or (
+        isinstance(info, dict) and str(info.get("module", "")).startswith("distilabel")
+    ):
+        version = (
+            (doc.get("distilabel") or {}).get("version", "?")
+            if isinstance(doc.get("distilabel"), dict)
+            else "?"
+        )
+        raise ConfigError(
+            f"this is a distilabel pipeline.yaml (distilabel {version}); castore does not "
+            "load distilabel's serialized pipelines: run the script that built it with its "
+            "imports changed to castore.distilabel (`cas run script.py`), see docs/migrating.md"
+        )
 
 
 def merged_model(model: BaseModel, changes: dict[str, Any], where: str) -> BaseModel:

@@ -109,10 +109,27 @@ class _Step(BaseModel):
 
     _pipeline: Pipeline | None = PrivateAttr(None)
 
+    def __init__(self, /, **data: Any) -> None:
+        # distilabel's `Step(pipeline=p)`: join `p` without a `with` block.
+        pipeline = data.pop("pipeline", None)
+        super().__init__(**data)
+        if pipeline is not None and self._pipeline is None:
+            pipeline.add_step(self)
+
     def model_post_init(self, context: Any, /) -> None:
         pipeline = current_pipeline()
         if pipeline is not None:
             pipeline.add_step(self)
+
+    def connect(self, *steps: _Step, routing_batch_function: Any = None) -> None:
+        """distilabel's spelling of `self >> [steps]`."""
+        if routing_batch_function is not None:
+            raise PipelineError(
+                f"step {self.name}: route with `step >> sample_n_steps(n) >> [a, b]`, not "
+                "connect(routing_batch_function=...)"
+            )
+        for other in steps:
+            self._require_pipeline().connect(self, other)
 
     # -- wiring: a >> b, a >> [b, c], [b, c] >> d ---------------------------------------
 

@@ -173,3 +173,87 @@ def test_loader_repo_id_set_at_run_time_or_a_clear_error(server):
         LoadDataFromHub(name="load")
     with pytest.raises(CastoreError, match="repo_id is not set"):
         p.run()
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_distilabel_script_then_running_it_again(tmp_path):
+    """`python script.py`, killed with SIGKILL mid-generation, then run again: the saved
+    dataset equals an uninterrupted run's, and no row is requested twice beyond the batch
+    in flight."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import datasets as hf
+
+    script = HERE / "resumable.py"
+    server = LLMServer(latency=0.03).start()
+    try:
+
+        def env(cache: Path) -> dict[str, str]:
+            return {
+                **os.environ,
+                "OPENAI_BASE_URL": server.base_url,
+                "CASTORE_CACHE_DIR": str(cache),
+            }
+
+        def run(cache: Path, out: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, str(script), str(out)],
+                env=env(cache),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        r = run(tmp_path / "ref", tmp_path / "ref-out")
+        assert r.returncode == 0, r.stderr
+        assert server.requests == 200
+        ref = hf.load_from_disk(str(tmp_path / "ref-out" / "keep_columns_0"))["train"].to_list()
+        server.requests = 0
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "out")],
+            env=env(tmp_path / "c"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while server.requests < 80 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = server.requests
+        assert 0 < first < 200, first
+        r = run(tmp_path / "c", tmp_path / "out")
+        assert r.returncode == 0, r.stderr
+        assert server.requests <= 200 + 10, server.requests  # one batch of 10 in flight
+        got = hf.load_from_disk(str(tmp_path / "out" / "keep_columns_0"))["train"].to_list()
+        assert got == ref
+    finally:
+        server.stop()
+
+
+def test_a_distilabel_pipeline_yaml_says_what_it_is(tmp_path):
+    """A pipeline.yaml written by distilabel 1.5.3 (`Pipeline.save`, kept in
+    tests/golden) given to `cas run`: one line naming it and what to run instead."""
+    from tests.conftest import REPO, cas_inproc
+
+    path = REPO / "tests" / "golden" / "distilabel_1_5_3_pipeline.yaml"
+    r = cas_inproc("run", str(path), cache_dir=tmp_path / "c")
+    assert r.returncode != 0
+    assert "distilabel pipeline.yaml (distilabel 1.5.3)" in r.stderr, r.stderr
+    assert "castore.distilabel" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pipeline_keyword_and_connect_build_without_a_with_block(server):
+    """distilabel's other way to build: `Step(pipeline=p)` and `a.connect(b)`."""
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import KeepColumns, LoadDataFromDicts
+
+    p = Pipeline(name="no-with")
+    load = LoadDataFromDicts(data=[{"a": 1, "b": 2}], pipeline=p)
+    keep = KeepColumns(columns=["a"], pipeline=p)
+    load.connect(keep)
+    assert p.edges == [("load_data_from_dicts_0", "keep_columns_0")]
+    assert p.run()["default"]["train"].to_list() == [{"a": 1}]
