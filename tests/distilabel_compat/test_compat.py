@@ -81,7 +81,7 @@ def test_several_llms_with_output_mappings_and_nested_runtime_parameters(server,
     names = [
         "text_generation_with_gpt-4-0125-preview",
         "text_generation_with_mistral-large-2402",
-        "text_generation_with_gemini-1-5-pro",
+        "text_generation_with_gemini-pro",
     ]
     distiset = m.pipeline.run(
         parameters={
@@ -90,7 +90,7 @@ def test_several_llms_with_output_mappings_and_nested_runtime_parameters(server,
         },
     )
     assert sorted(distiset) == sorted(names)
-    models = ("gpt-4-0125-preview", "mistral-large-2402", "gemini-1.5-pro")
+    models = ("gpt-4-0125-preview", "mistral-large-2402", "gemini-pro")
     for n, model in zip(names, models, strict=True):
         train = distiset[n]["train"]
         assert train["instruction"] == [p["prompt"] for p in prompts]  # output_mappings

@@ -17,10 +17,10 @@ with Pipeline("pipe-name", description="My first pipe") as pipeline:
     for llm in (
         OpenAILLM(model="gpt-4-0125-preview"),
         OpenAILLM(model="mistral-large-2402"),
-        OpenAILLM(model="gemini-1.5-pro"),
+        OpenAILLM(model="gemini-pro"),
     ):
         task = TextGeneration(
-            name=f"text_generation_with_{llm.model_name.replace('.', '-')}",
+            name=f"text_generation_with_{llm.model_name}",
             llm=llm,
             input_batch_size=5,
         )
