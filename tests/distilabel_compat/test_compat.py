@@ -146,7 +146,7 @@ def test_what_castore_does_not_do_is_an_error_not_a_silent_default(server):
     from castore.distilabel.steps.tasks import TextGeneration
 
     with pytest.raises(ValueError, match="num_generations"):
-        TextGeneration(llm=OpenAILLM(model="m"), num_generations=2)
+        TextGeneration(llm=OpenAILLM(model="m"), num_generations=0)
     with pytest.raises(ValueError, match="structured output"):
         OpenAILLM(model="m", structured_output={"schema": {}})
     with Pipeline(requirements=["castore-no-such-package>=1"]) as p:
@@ -257,3 +257,36 @@ def test_pipeline_keyword_and_connect_build_without_a_with_block(server):
     load.connect(keep)
     assert p.edges == [("load_data_from_dicts_0", "keep_columns_0")]
     assert p.run()["default"]["train"].to_list() == [{"a": 1}]
+
+
+def test_num_generations_grouped_and_as_rows(server):
+    """num_generations=3: three requests per row; grouped, one row with a list of three
+    (row-wise: another batch size re-sends nothing); not grouped, three rows per input
+    (as distilabel), keyed by batch."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextGeneration
+
+    def build(group: bool, batch: int) -> Pipeline:
+        with Pipeline(name=f"gens-{group}", enable_metadata=True) as p:
+            LoadDataFromDicts(data=INSTRUCTIONS[:4]) >> TextGeneration(
+                llm=OpenAILLM(model="m"),
+                num_generations=3,
+                group_generations=group,
+                input_batch_size=batch,
+            )
+        return p
+
+    train = build(True, 2).run()["default"]["train"]
+    assert server.requests == 12
+    assert [len(g) for g in train["generation"]] == [3, 3, 3, 3]
+    assert train["instruction"] == [r["instruction"] for r in INSTRUCTIONS[:4]]
+    meta = train["distilabel_metadata"][0]["text_generation_0"]
+    assert meta["usage"]["total_tokens"] > 0 and len(meta["raw_output"]) == 3
+    build(True, 3).run()
+    assert server.requests == 12  # found by row key under another batch size
+    train = build(False, 2).run()["default"]["train"]
+    assert server.requests == 24
+    assert len(train) == 12
+    assert train["instruction"][:3] == [INSTRUCTIONS[0]["instruction"]] * 3

@@ -11,6 +11,7 @@ from pydantic import model_validator
 
 from castore.distilabel._compat import unknown
 from castore.errors import PipelineError
+from castore.pipeline.step import BatchIncomplete
 from castore.steps.llm import ChatGeneration as _ChatGeneration
 from castore.steps.llm import TextGeneration as _TextGeneration
 from castore.steps.llm import _LLMTask
@@ -18,7 +19,8 @@ from castore.store.parquet import METADATA_COLUMN
 
 
 class _Compat(_LLMTask):
-    """Fields distilabel's tasks have; the values castore cannot honour are refused."""
+    """Fields distilabel's tasks have: num_generations (grouped into lists with
+    group_generations), add_raw_output / add_raw_input, load() / unload()."""
 
     num_generations: int = 1
     group_generations: bool = False
@@ -27,12 +29,16 @@ class _Compat(_LLMTask):
 
     @model_validator(mode="after")
     def _supported(self) -> Any:
-        if self.num_generations != 1 or self.group_generations:
-            raise ValueError(
-                "num_generations > 1 / group_generations are not supported yet: add one "
-                "task per generation and combine them (CombineOutputs)"
-            )
+        if self.num_generations < 1:
+            raise ValueError("num_generations must be at least 1")
         return self
+
+    @property
+    def row_wise(self) -> bool:  # type: ignore[override]
+        """One output row per input row (row keys reuse answers) unless the generations
+        become rows of their own (num_generations > 1 without group_generations): then
+        the step is keyed by batch."""
+        return self.num_generations == 1 or self.group_generations
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -47,7 +53,45 @@ class _Compat(_LLMTask):
 
     def process(self, inputs: Any) -> Any:
         # A generator, as distilabel's: `next(task.process(rows))` works standalone.
-        yield super().process(inputs)
+        n = self.num_generations
+        if n == 1:
+            yield super().process(inputs)
+            return
+        # n requests per row (one per generation); grouped, each input row gets its n
+        # generations as a list, in request order.
+        expanded = [row for row in inputs for _ in range(n)]
+        try:
+            rows = super().process(expanded)
+        except BatchIncomplete as e:
+            failed = sorted({i // n for i in e.failed or []})
+            raise BatchIncomplete(self._grouped(e.rows, n), e.errors, failed) from None
+        yield self._grouped(rows, n)
+
+    def _grouped(self, rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+        if not self.group_generations:
+            return rows
+        out = []
+        for start in range(0, len(rows), n):
+            part = rows[start : start + n]
+            first = dict(part[0])
+            first["generation"] = [r["generation"] for r in part]
+            meta = dict(first[METADATA_COLUMN])
+            entries = [r[METADATA_COLUMN][self.name] for r in part]
+            entry = dict(entries[0])
+            for key in ("raw_output", "raw_response", "error"):
+                entry[key] = [e.get(key) for e in entries]
+            usage: dict[str, int] = {}  # summed: the tokens of all n requests were paid
+            for e in entries:
+                for k, v in (e.get("usage") or {}).items():
+                    if isinstance(v, int):
+                        usage[k] = usage.get(k, 0) + v
+            entry["usage"] = usage
+            meta[self.name] = entry
+            if f"raw_output_{self.name}" in meta:
+                meta[f"raw_output_{self.name}"] = first["generation"]
+            first[METADATA_COLUMN] = meta
+            out.append(first)
+        return out
 
     def _row(self, row: dict[str, Any], text: Any, res: Any, error: Any) -> dict[str, Any]:
         out = super()._row(row, text, res, error)
