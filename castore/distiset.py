@@ -39,6 +39,7 @@ PIPELINE_YAML = "pipeline.yaml"
 PIPELINE_LOG = "pipeline.log"
 CARD = "README.md"
 DEFAULT_LEAF = "default"
+DISTILABEL_CONFIGS = "distiset_configs"  # where distilabel's save_to_disk puts yaml and log
 
 
 class Distiset(dict):
@@ -191,21 +192,37 @@ class Distiset(dict):
     # -- saving and loading --------------------------------------------------------------
 
     def save_to_disk(
-        self, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_shard_size: str | int | None = None,
+        num_shards: int | None = None,
+        num_proc: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        save_card: bool = True,
+        save_pipeline_config: bool = True,
+        save_pipeline_log: bool = True,
     ) -> None:
         """Every leaf as a `datasets` folder, plus pipeline.yaml, pipeline.log and a
-        dataset card. `path` may be an fsspec URL (`memory://`, `s3://`, …)."""
+        dataset card (each can be left out, as in distilabel). `path` may be an fsspec
+        URL (`memory://`, `s3://`, …); the sharding arguments go to `datasets`."""
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
         for leaf, dd in self.items():
-            dd.save_to_disk(_join(str(path), leaf), storage_options=storage_options)
-        for name, text in (
-            (PIPELINE_YAML, self.pipeline_yaml),
-            (PIPELINE_LOG, self.log),
-            (CARD, self.card()),
+            dd.save_to_disk(
+                _join(str(path), leaf),
+                max_shard_size=max_shard_size,
+                num_shards=dict.fromkeys(dd, num_shards) if num_shards else None,
+                num_proc=num_proc,
+                storage_options=storage_options,
+            )
+        for name, text, keep in (
+            (PIPELINE_YAML, self.pipeline_yaml, save_pipeline_config),
+            (PIPELINE_LOG, self.log, save_pipeline_log),
+            (CARD, self.card() if save_card else None, save_card),
         ):
-            if text is not None:
+            if text is not None and keep:
                 with fs.open(_join(root, name), "w", encoding="utf-8") as f:
                     f.write(text)
         with fs.open(_join(root, "distiset.json"), "w", encoding="utf-8") as f:
@@ -213,8 +230,14 @@ class Distiset(dict):
 
     @classmethod
     def load_from_disk(
-        cls, path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        keep_in_memory: bool | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> Distiset:
+        """A Distiset saved by castore's `save_to_disk`, or by distilabel 1.5's (its leaf
+        folders, with pipeline.yaml and pipeline.log under distiset_configs/)."""
         import datasets
         import fsspec
 
@@ -222,19 +245,48 @@ class Distiset(dict):
         try:
             with fs.open(_join(root, "distiset.json"), "r", encoding="utf-8") as f:
                 meta = json.load(f)
+            leaves, extras = meta["leaves"], root
         except FileNotFoundError:
-            raise DistisetError(f"{path} is not a saved Distiset (no distiset.json)") from None
+            if not fs.isdir(_join(root, DISTILABEL_CONFIGS)):
+                raise DistisetError(
+                    f"{path} is not a saved Distiset (no distiset.json, and no "
+                    f"{DISTILABEL_CONFIGS}/ as distilabel writes)"
+                ) from None
+            meta = {}
+            leaves = sorted(
+                name
+                for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+                if name not in (DISTILABEL_CONFIGS, "artifacts") and fs.isdir(_join(root, name))
+            )
+            extras = _join(root, DISTILABEL_CONFIGS)
         out = cls()
-        for leaf in meta["leaves"]:
+        for leaf in leaves:
             out[leaf] = datasets.load_from_disk(
-                _join(str(path), leaf), storage_options=storage_options
+                _join(str(path), leaf),
+                keep_in_memory=keep_in_memory,
+                storage_options=storage_options,
             )
         out.partial = bool(meta.get("partial"))
         for attr, name in (("pipeline_yaml", PIPELINE_YAML), ("log", PIPELINE_LOG)):
-            if fs.exists(_join(root, name)):
-                with fs.open(_join(root, name), "r", encoding="utf-8") as f:
+            if fs.exists(_join(extras, name)):
+                with fs.open(_join(extras, name), "r", encoding="utf-8") as f:
                     setattr(out, attr, f.read())
         return out
+
+    def train_test_split(
+        self, train_size: float, shuffle: bool = True, seed: int | None = None
+    ) -> Distiset:
+        """Each leaf's rows split into "train" (`train_size`, a fraction) and "test", as
+        distilabel's; returns this Distiset."""
+        if not 0 < train_size < 1:
+            raise ValueError(f"train_size must be between 0 and 1, not {train_size}")
+        for leaf, dd in self.items():
+            dict.__setitem__(
+                self,
+                leaf,
+                dd["train"].train_test_split(train_size=train_size, shuffle=shuffle, seed=seed),
+            )
+        return self
 
     def export(self, path: str | os.PathLike[str], fmt: str = "parquet") -> Path:
         """Write each leaf as `<path>/<leaf>/train.<fmt>` (parquet, jsonl) or a datasets
@@ -318,11 +370,16 @@ class Distiset(dict):
         *,
         private: bool = False,
         token: str | None = None,
+        generate_card: bool = True,
+        include_script: bool = False,
         commit_message: str | None = None,
     ) -> None:
-        """Upload each leaf as a config of `repo_id`, then the yaml, log and card."""
+        """Upload each leaf as a config of `repo_id`, then the yaml, the log, the card
+        (`generate_card`) and, with `include_script`, the script that is running (as
+        distilabel does)."""
         from huggingface_hub import HfApi
 
+        files = self.hub_files(generate_card=generate_card, include_script=include_script)
         for leaf, dd in self.items():
             dd.push_to_hub(
                 repo_id,
@@ -332,7 +389,7 @@ class Distiset(dict):
                 commit_message=commit_message,
             )
         api = HfApi(token=token)
-        for name, text in self.hub_files().items():
+        for name, text in files.items():
             api.upload_file(
                 path_or_fileobj=text.encode("utf-8"),
                 path_in_repo=name,
@@ -341,13 +398,25 @@ class Distiset(dict):
                 commit_message=commit_message or f"Upload {name}",
             )
 
-    def hub_files(self) -> dict[str, str]:
+    def hub_files(
+        self, *, generate_card: bool = True, include_script: bool = False
+    ) -> dict[str, str]:
         """The files `push_to_hub` uploads beside the data."""
-        files = {CARD: self.card()}
+        files = {CARD: self.card()} if generate_card else {}
         if self.pipeline_yaml:
             files[PIPELINE_YAML] = self.pipeline_yaml
         if self.log:
             files[PIPELINE_LOG] = self.log
+        if include_script:
+            import sys
+
+            script = getattr(sys.modules.get("__main__"), "__file__", None)
+            if not script or not os.path.isfile(script):
+                raise DistisetError(
+                    "push_to_hub(include_script=True): no script is running (an interactive "
+                    "session?); upload it yourself"
+                )
+            files[os.path.basename(script)] = Path(script).read_text(encoding="utf-8")
         return files
 
 

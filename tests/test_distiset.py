@@ -239,3 +239,53 @@ def test_cli_export_refuses_non_empty_output(store, tmp_path):
     r = cas_inproc("distiset", "p", "-o", str(out), cache_dir=store.root)
     assert r.returncode != 0 and "not an empty folder" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_distilabel_spellings_split_save_options_and_distilabels_folders(store, tmp_path):
+    """distilabel 1.5's Distiset API on castore's: train_test_split, save_to_disk's
+    options, and load_from_disk of a folder distilabel 1.5.3 saved (tests/golden)."""
+    import datasets
+
+    from castore.distiset import Distiset
+    from tests.conftest import REPO
+
+    ds = Distiset()
+    ds["leaf"] = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([{"x": i} for i in range(10)])}
+    )
+    ds.pipeline_yaml, ds.log = "pipeline: {}\n", "a log\n"
+    assert ds["default"] is ds["leaf"]  # one leaf: also "default"
+    ds.save_to_disk(tmp_path / "a", num_shards=2, save_card=False, save_pipeline_log=False)
+    assert sorted(p.name for p in tmp_path.joinpath("a").iterdir()) == [
+        "distiset.json",
+        "leaf",
+        "pipeline.yaml",
+    ]
+    assert len(list((tmp_path / "a" / "leaf" / "train").glob("*.arrow"))) == 2
+    back = Distiset.load_from_disk(tmp_path / "a", keep_in_memory=True)
+    assert back["leaf"]["train"]["x"] == list(range(10))
+    split = back.train_test_split(train_size=0.8, seed=1)
+    assert split is back and sorted(back["leaf"]) == ["test", "train"]
+    assert (len(back["leaf"]["train"]), len(back["leaf"]["test"])) == (8, 2)
+    with pytest.raises(ValueError, match="train_size"):
+        back.train_test_split(train_size=1.5)
+    theirs = Distiset.load_from_disk(REPO / "tests" / "golden" / "distilabel_1_5_3_distiset")
+    assert list(theirs) == ["default"]
+    assert theirs["default"]["train"]["instruction"] == [f"q{i}" for i in range(6)]
+    assert theirs.pipeline_yaml.startswith("distilabel:") and "a log line" in theirs.log
+
+
+def test_hub_files_card_and_script(store, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from castore.distiset import Distiset
+
+    ds = Distiset()
+    assert "README.md" not in ds.hub_files(generate_card=False)
+    script = tmp_path / "make_data.py"
+    script.write_text("print('the pipeline')\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert ds.hub_files(include_script=True)["make_data.py"] == "print('the pipeline')\n"
