@@ -844,7 +844,7 @@ def test_a_mutable_global_counts_by_its_code_not_its_value(tmp_path, monkeypatch
 def test_redaction_takes_secrets_not_parameters_that_look_alike():
     """`max_tokens` or `author` must survive into the run manifest: a resume that lost
     them would silently run another configuration."""
-    from castore.pipeline.pipeline import redact_parameters
+    from castore.pipeline.params import redact_parameters
     from castore.pipeline.step import REDACTED
 
     with Pipeline("redact") as p:

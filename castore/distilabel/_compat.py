@@ -42,7 +42,6 @@ INSTEAD: dict[str, str] = {
     "FormatTextGenerationDPO": "not in castore yet (issue 17's task library)",
     "FormatTextGenerationSFT": "not in castore yet (issue 17's task library)",
     "FormatChatGenerationDPO": "not in castore yet (issue 17's task library)",
-    "GroupColumns": "not in castore yet; CombineOutputs merges the branches' rows by position",
     "MergeColumns": "not in castore yet",
     "LoadDataFromDisk": "not in castore yet; LoadDataFromFileSystem reads jsonl/csv/parquet",
     "StepResources": "castore steps take concurrency= (batches in flight) and, on Ray, "

@@ -11,6 +11,7 @@ import inspect
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -70,8 +71,12 @@ class TableCache:
         return table
 
 
-def read_input(store: Store, slices: list[list[Slice]], cache: TableCache) -> pa.Table:
-    """The input rows of a batch: per predecessor its slices, then aligned row by row."""
+def read_input(
+    store: Store, slices: list[list[Slice]], cache: TableCache, grouped: Sequence[str] = ()
+) -> pa.Table:
+    """The input rows of a batch: per predecessor its slices, then aligned row by row.
+    A `grouped` column (GroupColumns) becomes one list per row, a value per predecessor
+    in predecessor order, instead of being merged by name."""
     import pyarrow as pa
 
     per_pred = []
@@ -81,6 +86,21 @@ def read_input(store: Store, slices: list[list[Slice]], cache: TableCache) -> pa
         per_pred.append(
             pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
         )
+    lists = {}
+    for name in grouped:
+        values = [
+            t.column(name).to_pylist() if name in t.column_names else [None] * t.num_rows
+            for t in per_pred
+        ]
+        lists[name] = pa.array([list(v) for v in zip(*values, strict=True)])
+        per_pred = [t.drop_columns([name]) if name in t.column_names else t for t in per_pred]
+    table = _merge_by_name(per_pred)
+    for name, col in lists.items():
+        table = table.append_column(name, col)
+    return table
+
+
+def _merge_by_name(per_pred: list[pa.Table]) -> pa.Table:
     table = per_pred[0]
     for i, other in enumerate(per_pred[1:], start=2):
         for name in other.column_names:
@@ -285,7 +305,7 @@ def execute_batch(
     """Compute a batch and store it: the object, then (row-wise steps, given `rows`) its
     row-key segment, then the action entry unless the driver writes it."""
     t0 = time.perf_counter()
-    table = read_input(store, slices, cache)
+    table = read_input(store, slices, cache, step.grouped_columns())
     if rows is None:
         out, skipped = compute(step, table)
         reused = None
@@ -318,7 +338,7 @@ def skipped_batch(
     No action entry is written, so the next run retries the batch."""
     import pyarrow as pa
 
-    table = read_input(store, slices, cache)
+    table = read_input(store, slices, cache, step.grouped_columns())
     n = table.num_rows
     for col in step.output_columns_named():
         if col not in table.column_names:

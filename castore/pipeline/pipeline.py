@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,14 +18,13 @@ from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.fingerprint import one_code_version
 from castore.hashing import hash_json
+from castore.pipeline.params import merged_model, redact_parameters, strip_redacted
 from castore.pipeline.rows import check_row_wise
 from castore.pipeline.step import (
     CURRENT_PIPELINE,
-    REDACTED,
     GeneratorStep,
     GlobalStep,
     _Step,
-    is_secret,
 )
 from castore.store.layout import validate_name
 
@@ -165,7 +163,7 @@ class Pipeline:
 
     @staticmethod
     def _columns_after(step: _Step, available: set[str] | None) -> set[str] | None:
-        hook = getattr(step, "output_columns", None)
+        hook = getattr(step, "columns_after", None)
         if hook is not None:
             cols = hook(available)
             if cols is None or not step.output_mappings:
@@ -437,17 +435,6 @@ class RunOptions(TypedDict, total=False):
     ray_storage: str  # "store" | "remote": where Ray workers write ["store"]
 
 
-# Keys redacted wherever they appear in parameters, declared secret or not: a key passed
-# as `--param "gen.llm={api_key: ...}"` must not reach a run manifest. Whole names only
-# (with a prefix like `hf_`): `max_tokens` or `author` are parameters that a resume must
-# get back, not secrets.
-_SECRET_KEY = re.compile(
-    r"^(.*[_-])?(api[_-]?key|(access|auth|bearer)?[_-]?token|secret([_-]?key)?|"
-    r"passw(or)?d|credentials?|auth(orization)?)$",
-    re.I,
-)
-
-
 def _refuse_distilabel_yaml(doc: Any) -> None:
     """distilabel's pipeline.yaml has another shape (and names distilabel's classes):
     say what it is and what to run instead, rather than a KeyError about its fields."""
@@ -471,69 +458,6 @@ def _refuse_distilabel_yaml(doc: Any) -> None:
             "load distilabel's serialized pipelines: run the script that built it with its "
             "imports changed to castore.distilabel (`cas run script.py`), see docs/migrating.md"
         )
-
-
-def merged_model(model: BaseModel, changes: dict[str, Any], where: str) -> BaseModel:
-    """`model` with some fields changed, nested models merged the same way (distilabel's
-    nested runtime parameters: {"llm": {"generation_kwargs": {...}}} keeps the model)."""
-    fields = type(model).model_fields
-    values = {f: getattr(model, f) for f in fields}
-    for key, value in changes.items():
-        if key not in fields:
-            raise ConfigError(f"{where} has no parameter {key!r}; it has {', '.join(fields)}")
-        if isinstance(values[key], BaseModel) and isinstance(value, dict):
-            value = merged_model(values[key], value, f"{where}.{key}")
-        values[key] = value
-    return type(model).model_validate(values)
-
-
-def redact_parameters(
-    pipeline: Pipeline, parameters: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """Parameters as recorded in a run manifest: every secret field (SecretStr, also
-    inside nested models such as an LLM client) and every secret-looking key replaced by
-    REDACTED, however the value was given (API, --param, pipeline.yaml)."""
-    out: dict[str, dict[str, Any]] = {}
-    for sname, fields in parameters.items():
-        step = pipeline.steps.get(sname)
-        out[sname] = _redact(fields, type(step) if step is not None else None)
-    return out
-
-
-def _redact(value: Any, model: Any) -> Any:
-    from pydantic import BaseModel
-
-    if isinstance(value, dict):
-        fields = (
-            model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
-        )
-        out = {}
-        for k, v in value.items():
-            f = fields.get(k)
-            if _SECRET_KEY.search(str(k)) or (f is not None and is_secret(f.annotation)):
-                out[k] = REDACTED if v is not None else None
-            else:
-                out[k] = _redact(v, _model_of(f.annotation) if f is not None else None)
-        return out
-    if isinstance(value, list):
-        return [_redact(v, None) for v in value]
-    return value
-
-
-def _model_of(annotation: Any) -> Any:
-    from pydantic import BaseModel
-
-    for a in (annotation, *(getattr(annotation, "__args__", ()) or ())):
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            return a
-    return None
-
-
-def strip_redacted(value: Any) -> Any:
-    """`value` without the entries that were redacted when it was recorded."""
-    if isinstance(value, dict):
-        return {k: strip_redacted(v) for k, v in value.items() if v != REDACTED}
-    return value
 
 
 def load_step_class(type_path: str, file: str | None = None) -> type[_Step]:
@@ -598,11 +522,14 @@ def _origins(
     one overwrite the other: refused here, at build time (a column passed through both
     branches from one step is the same values, and fine)."""
     seen: dict[str, tuple[str, str]] = {}  # column -> (predecessor, origin)
+    grouped = set(step.grouped_columns())
     for p in preds:
         known = origins[p]
         if known is None:
             return None
         for col, origin in sorted(known.items()):
+            if col in grouped:
+                continue  # one list per row, a value per predecessor: no clash
             if col in seen and seen[col][1] != origin:
                 other = seen[col][0]
                 raise PipelineError(

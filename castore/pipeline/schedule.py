@@ -260,7 +260,7 @@ class Scheduler:
         step = self.steps[batch.step]
         if not step.row_wise:
             return None
-        table = read_input(self.store, batch.slice_lists(), self.cache)
+        table = read_input(self.store, batch.slice_lists(), self.cache, step.grouped_columns())
         return self._index(batch.step).keys(step, table)
 
     def _row_results(self, step: str, keys: RowPlan | None) -> RowPlan | None:

@@ -167,7 +167,7 @@ class _Walk:
         self.missed.add(b.step)
         index = self.indexes.get(b.step)
         if index is not None and self.store is not None:
-            table = read_input(self.store, b.slice_lists(), self.cache)
+            table = read_input(self.store, b.slice_lists(), self.cache, step.grouped_columns())
             found = index.locate(index.keys(step, table))
             st.rows_by_key += sum(f is not None for f in found)
 

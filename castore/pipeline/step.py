@@ -236,6 +236,11 @@ class _Step(BaseModel):
         """The declared `outputs` as they are written (after `output_mappings`)."""
         return [self.output_mappings.get(c, c) for c in self.outputs]
 
+    def grouped_columns(self) -> list[str]:
+        """Columns that several predecessors each write and this step takes as one list
+        per row (GroupColumns), instead of a fan-in clash."""
+        return []
+
     def row_key_columns(self) -> list[str]:
         """The input columns a row-wise step reads: its row keys are made of their values."""
         return self.input_columns()

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
         DeduplicateRows,
         ExpandColumns,
         FilterRows,
+        GroupColumns,
         KeepColumns,
         RenameColumns,
     )
@@ -26,6 +27,7 @@ _LAZY = {
     "DeduplicateRows": _COLUMNS,
     "ExpandColumns": _COLUMNS,
     "FilterRows": _COLUMNS,
+    "GroupColumns": _COLUMNS,
     "KeepColumns": _COLUMNS,
     "LoadDataFromDicts": _LOADERS,
     "LoadDataFromFileSystem": _LOADERS,
@@ -43,6 +45,7 @@ __all__ = [
     "DeduplicateRows",
     "ExpandColumns",
     "FilterRows",
+    "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",
     "LoadDataFromFileSystem",

@@ -21,7 +21,7 @@ class KeepColumns(Step):
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         return [{c: row.get(c) for c in self.columns} for row in inputs]
 
-    def output_columns(self, available: set[str] | None) -> set[str]:
+    def columns_after(self, available: set[str] | None) -> set[str]:
         if available is not None:
             missing = [c for c in self.columns if c not in available]
             if missing:
@@ -37,7 +37,7 @@ class RenameColumns(Step):
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         return [{self.mapping.get(k, k): v for k, v in row.items()} for row in inputs]
 
-    def output_columns(self, available: set[str] | None) -> set[str] | None:
+    def columns_after(self, available: set[str] | None) -> set[str] | None:
         if available is None:
             return None
         return {self.mapping.get(c, c) for c in available}
@@ -62,6 +62,47 @@ class CombineOutputs(Step):
 
     def process(self, inputs: StepInput) -> StepInput:
         return inputs
+
+
+class GroupColumns(Step):
+    """`[gen_a, gen_b] >> GroupColumns(columns=["generation"])`: each of `columns`, which
+    every predecessor writes, becomes one list per row, a value per predecessor in the
+    order they were connected, named `grouped_<column>` (or `output_columns`). The other
+    columns merge by name as in any fan-in."""
+
+    columns: list[str] = Field(description="Columns to group (each predecessor has them).")
+    output_columns: list[str] | None = Field(
+        None, description="Names of the grouped columns; default grouped_<column>."
+    )
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        if self.output_columns is not None and len(self.output_columns) != len(self.columns):
+            raise PipelineError(
+                f"step {self.name}: output_columns needs one name per column of {self.columns}"
+            )
+
+    def _names(self) -> dict[str, str]:
+        out = self.output_columns or [f"grouped_{c}" for c in self.columns]
+        return dict(zip(self.columns, out, strict=True))
+
+    def grouped_columns(self) -> list[str]:
+        return list(self.columns)
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns)
+
+    def process(self, inputs: StepInput) -> StepInput:
+        names = self._names()
+        return [{names.get(k, k): v for k, v in row.items()} for row in inputs]
+
+    def output_columns_named(self) -> list[str]:
+        return list(self._names().values())
+
+    def columns_after(self, available: set[str] | None) -> set[str] | None:
+        if available is None:
+            return None
+        return (available - set(self.columns)) | set(self._names().values())
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {

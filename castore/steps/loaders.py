@@ -50,7 +50,7 @@ class LoadDataFromDicts(GeneratorStep):
         for start in range(offset, len(self.data), self.batch_size):
             yield self.data[start : start + self.batch_size]
 
-    def output_columns(self, _available: Any) -> set[str] | None:
+    def columns_after(self, _available: Any) -> set[str] | None:
         return {k for row in self.data for k in row} if self.data else None
 
 

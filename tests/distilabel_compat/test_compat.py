@@ -290,3 +290,26 @@ def test_num_generations_grouped_and_as_rows(server):
     assert server.requests == 24
     assert len(train) == 12
     assert train["instruction"][:3] == [INSTRUCTIONS[0]["instruction"]] * 3
+
+
+def test_group_columns_after_several_llms(server):
+    """distilabel's LLM-pool shape without routing: one loader, three TextGenerations,
+    GroupColumns gathering each model's generation and name per row."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import GroupColumns, LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextGeneration
+
+    with Pipeline(name="pool") as p:
+        load = LoadDataFromDicts(data=INSTRUCTIONS[:5], batch_size=2)
+        gens = [TextGeneration(llm=OpenAILLM(model=m), input_batch_size=3) for m in "abc"]
+        group = GroupColumns(
+            columns=["generation", "model_name"], output_columns=["generations", "model_names"]
+        )
+        load >> gens >> group
+    train = p.run()["default"]["train"]
+    assert train["model_names"] == [["a", "b", "c"]] * 5
+    assert [len(g) for g in train["generations"]] == [3] * 5
+    assert train["generations"][0][1].startswith("answer(b)")
+    assert train["instruction"] == [r["instruction"] for r in INSTRUCTIONS[:5]]
+    assert server.requests == 15

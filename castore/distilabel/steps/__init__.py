@@ -17,6 +17,7 @@ from castore.steps.columns import (
     DeduplicateRows,
     ExpandColumns,
     FilterRows,
+    GroupColumns,
     KeepColumns,
     RenameColumns,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "GeneratorStep",
     "GeneratorStepOutput",
     "GlobalStep",
+    "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",
     "LoadDataFromFileSystem",
