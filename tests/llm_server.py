@@ -18,6 +18,7 @@ class LLMServer:
         self.requests = 0
         self.by_prompt: Counter[str] = Counter()
         self.bodies: list[dict] = []  # every request body, as received
+        self.reply = None  # a function (request body) -> answer text, instead of the echo
         self.auth_headers: set[str] = set()
         self.fail_429 = 0  # the next N requests get 429 with Retry-After
         self.fail_500 = 0
@@ -93,7 +94,11 @@ class LLMServer:
                     return self._send(500, b'{"error":"boom"}')
                 if server._take("malformed"):
                     return self._send(200, b'{"choices": [ not json')
-                text = f"answer({req['model']}): {prompt[::-1]}"
+                text = (
+                    server.reply(req)
+                    if server.reply is not None
+                    else f"answer({req['model']}): {prompt[::-1]}"
+                )
                 words = len(prompt.split())
                 body = {
                     "id": "cmpl-test",

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         KeepColumns,
         RenameColumns,
     )
+    from castore.steps.feedback import UltraFeedback
     from castore.steps.llm import ChatGeneration, TextGeneration
     from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
 
@@ -34,6 +35,7 @@ _LAZY = {
     "LoadDataFromHub": _LOADERS,
     "RenameColumns": _COLUMNS,
     "TextGeneration": _LLM,
+    "UltraFeedback": "castore.steps.feedback",
 }
 
 
@@ -52,4 +54,5 @@ __all__ = [
     "LoadDataFromHub",
     "RenameColumns",
     "TextGeneration",
+    "UltraFeedback",
 ]

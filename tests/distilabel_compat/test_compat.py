@@ -137,7 +137,7 @@ def test_what_castore_does_not_do_is_an_error_not_a_silent_default(server):
     with pytest.raises(ImportError, match="base_url"):
         from castore.distilabel.models import InferenceEndpointsLLM  # noqa: F401
     with pytest.raises(ImportError, match="task library"):
-        from castore.distilabel.steps.tasks import UltraFeedback  # noqa: F401
+        from castore.distilabel.steps.tasks import EvolInstruct  # noqa: F401
     with pytest.raises(ImportError, match="not provided by castore"):
         from castore.distilabel.steps import NoSuchStep  # noqa: F401
     from castore.distilabel.models import OpenAILLM
@@ -313,3 +313,70 @@ def test_group_columns_after_several_llms(server):
     assert train["generations"][0][1].startswith("answer(b)")
     assert train["instruction"] == [r["instruction"] for r in INSTRUCTIONS[:5]]
     assert server.requests == 15
+
+
+JUDGE = """Text 1 rating: 4
+Text 1 rationale: Accurate and clear.
+Text 2 rating: 2
+Text 2 rationale: Misses the question."""
+
+
+def test_ultrafeedback_after_group_columns_parses_and_keeps_unparseable_rows(server):
+    """The UltraFeedback paper pipeline's shape: generations from two models, grouped,
+    rated by a judge. Parsed answers give ratings and rationales; an answer that cannot be
+    parsed keeps its row with None (never invented values) and the raw answer in metadata;
+    a re-run sends nothing."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import GroupColumns, LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextGeneration, UltraFeedback
+
+    def reply(req):
+        if req["model"] != "judge":
+            return f"answer from {req['model']}"
+        if "number 2." in req["messages"][-1]["content"]:
+            return "I think both are fine."  # not the format: nothing to parse
+        if "number 3." in req["messages"][-1]["content"]:
+            return "Text 1 rating: 9\nText 1 rationale: ok\nText 2 rating: N/A"
+        return JUDGE
+
+    server.reply = reply
+
+    def build() -> Pipeline:
+        with Pipeline(name="ultrafeedback", enable_metadata=True) as p:
+            load = LoadDataFromDicts(data=INSTRUCTIONS[:4])
+            gens = [TextGeneration(llm=OpenAILLM(model=m)) for m in ("m1", "m2")]
+            group = GroupColumns(
+                columns=["generation", "model_name"],
+                output_columns=["generations", "generation_models"],
+            )
+            judge = UltraFeedback(llm=OpenAILLM(model="judge"), aspect="honesty")
+            load >> gens >> group >> judge
+        return p
+
+    train = build().run()["default"]["train"]
+    assert server.requests == 4 * 2 + 4
+    assert train["ratings"] == [[4, 2], [4, 2], [None, None], [None, None]]
+    assert train["rationales"][0] == ["Accurate and clear.", "Misses the question."]
+    assert train["rationales"][3] == ["ok", None]
+    assert train["generations"][0] == ["answer from m1", "answer from m2"]
+    assert set(train["model_name"]) == {"judge"}
+    raw = train["distilabel_metadata"][2]["raw_output_ultra_feedback_0"]
+    assert raw == "I think both are fine."
+    judged = next(b for b in server.bodies if b["model"] == "judge")["messages"][-1]["content"]
+    assert "answer from m1" in judged and "Text 2 rating: <1-5>" in judged
+    build().run()
+    assert server.requests == 12
+
+
+def test_ultrafeedback_parser_on_realistic_and_malformed_answers():
+    from castore.steps.feedback import parse_ratings
+
+    assert parse_ratings(JUDGE, 2) == ([4, 2], ["Accurate and clear.", "Misses the question."])
+    assert parse_ratings("**Text 1 rating:** 5\n**Text 1 rationale:** Great.", 1) == (
+        [5],
+        ["Great."],
+    )
+    assert parse_ratings("Text 1 rating: 0\nText 2 rating: 6", 2) == ([None, None], [None, None])
+    assert parse_ratings(None, 3) == ([None] * 3, [None] * 3)
+    assert parse_ratings("Text 2 rating: 3", 2) == ([None, 3], [None, None])

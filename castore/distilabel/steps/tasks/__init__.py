@@ -12,6 +12,7 @@ from pydantic import model_validator
 from castore.distilabel._compat import unknown
 from castore.errors import PipelineError
 from castore.pipeline.step import BatchIncomplete
+from castore.steps.feedback import UltraFeedback as _UltraFeedback
 from castore.steps.llm import ChatGeneration as _ChatGeneration
 from castore.steps.llm import TextGeneration as _TextGeneration
 from castore.steps.llm import _LLMTask
@@ -136,5 +137,17 @@ class ChatGeneration(_Compat, _ChatGeneration):
     """distilabel's ChatGeneration: a `messages` column is the conversation."""
 
 
-__all__ = ["ChatGeneration", "TextGeneration"]
+class UltraFeedback(_Compat, _UltraFeedback):
+    """UltraFeedback with distilabel's task fields. castore's prompt is its own (the
+    paper's aspects and 1-5 scale); outputs `ratings`, `rationales`, `model_name` (not
+    distilabel's `types` / `rationales-for-ratings` of some aspects)."""
+
+    @model_validator(mode="after")
+    def _one_judgement(self) -> UltraFeedback:
+        if self.num_generations != 1:
+            raise ValueError("UltraFeedback(num_generations=...): one judgement per row")
+        return self
+
+
+__all__ = ["ChatGeneration", "TextGeneration", "UltraFeedback"]
 __getattr__ = unknown(__name__)
