@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from castore.errors import CastoreError
 from castore.runs import list_runs
 from castore.store import Store
+from castore.store import layout as L
 from castore.store.manifests import run_closure
 
 
@@ -83,3 +85,39 @@ def usage(store: Store) -> DuReport:
     referenced = set().union(*closures.values()) if closures else set()
     report.physical_referenced = sum(sizes[o] for o in referenced)
     return report
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    root: str
+    layout_version: int
+    objects: int
+    object_bytes: int
+    actions: int
+    refs: int
+    bytes_on_disk: int
+
+
+def store_stats(store: Store) -> StoreStats:
+    """`cas info`: counts, and bytes on disk with hard links under runs/ counted once."""
+    objects = object_bytes = 0
+    for oid in store.iter_oids():
+        objects += 1
+        object_bytes += store.size_of(oid)
+    total = 0
+    for dirpath, _dirs, files in os.walk(store.root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                # Hard links under runs/ share their object's blocks: count once.
+                if st.st_nlink == 1 or dirpath.startswith(store.layout.dir(L.OBJECTS)):
+                    total += st.st_size
+    return StoreStats(
+        root=str(store.root),
+        layout_version=L.LAYOUT_VERSION,
+        objects=objects,
+        object_bytes=object_bytes,
+        actions=sum(1 for _ in store.iter_actions()),
+        refs=len(store.list_refs()),
+        bytes_on_disk=total,
+    )

@@ -91,8 +91,10 @@ def _check_actions(store: Store, report: FsckReport, corrupt: set[str], repair: 
     for key in store.iter_actions():
         report.actions_checked += 1
         try:
-            with open(store.layout.action_path(key), "rb") as f:
-                entry = ActionEntry.model_validate_json(f.read())
+            raw = store.read_action(key)
+            if raw is None:
+                continue  # dropped since listed
+            entry = ActionEntry.model_validate_json(raw)
         except (OSError, ValueError):
             if repair:
                 store.delete_action(key)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import CastoreError, ConfigError
 from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
-from castore.store import Store, live_lock, read_lock, rowpack
+from castore.store import Store, actionpack, live_lock, read_lock, rowpack
 from castore.store import layout as L
 from castore.store.manifests import manifest_closure, run_closure
 from castore.store.models import ActionEntry
@@ -163,6 +163,7 @@ def plan_gc(
         for key, entry in entries.items()
         if entry is None or any(o in going or not store.has(o) for o in entry.outputs)
     ]
+    _plan_packs(store, plan, entries)
     _plan_tmp(store, plan, now - grace)
     kept = {(r.name, r.sig) for r in kept_runs} | {where for _, _, where in live if where}
     plan.run_dirs_removed = _orphan_run_dirs(store, kept)
@@ -192,6 +193,9 @@ def _mark(
             marked.update(entry.outputs)
             if (seg := entry.row_segment()) is not None:
                 marked.add(seg)  # its row keys live as long as its rows
+    # Entry packs are kept while their markers are; the sweep's repack replaces them by
+    # one pack of the entries that stay and deletes the ones it replaced.
+    marked |= actionpack.markers(store)
     for _fp, pack in rowpack.iter_pointers(store):
         # A pack is kept while every segment it covers is; a stale one ages out.
         covers = rowpack.covered(store, pack) if pack is not None else None
@@ -229,6 +233,24 @@ def _plan_objects(
         plan.object_bytes += st.st_size
 
 
+def _plan_packs(store: Store, plan: GcPlan, entries: dict[str, ActionEntry | None]) -> None:
+    """An entry pack all of whose entries are dropped goes with them (the sweep's repack
+    replaces the others). Entries that name no object (a generator's end) do not keep a
+    pack alone: without them a run only runs that generator to its end again."""
+    dropped = set(plan.actions_dropped)
+    for oid in sorted(actionpack.markers(store)):
+        keys = actionpack.pack_keys(store, oid)
+        if keys is None or oid in plan.objects_removed:
+            continue
+        if any((e := entries.get(k)) is not None and e.outputs for k in keys - dropped):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            plan.object_bytes += store.size_of(oid)
+            plan.objects_removed.append(oid)
+            plan.objects_kept -= 1
+            plan.kept_by_cache_ttl -= 1
+
+
 def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
     with contextlib.suppress(FileNotFoundError):
         for e in os.scandir(store.layout.dir(L.TMP)):
@@ -241,8 +263,8 @@ def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
 
 def _read_entry(store: Store, key: str) -> ActionEntry | None:
     try:
-        with open(store.layout.action_path(key), "rb") as f:
-            return ActionEntry.model_validate_json(f.read())
+        raw = store.read_action(key)
+        return ActionEntry.model_validate_json(raw) if raw is not None else None
     except (OSError, ValueError):
         return None
 
@@ -301,6 +323,10 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
     for key in plan.actions_dropped:
         store.delete_action(key)
     _delete_objects(store, plan.objects_removed, plan.cutoff, progress)
+    # One pack of the packed entries that stay; the packs it replaced go now (their
+    # markers are gone, so no new reader finds them).
+    replaced = actionpack.repack(store, set(plan.actions_dropped))
+    _delete_objects(store, sorted(replaced), time.time(), None)
     for fp, seg in store.iter_row_segments():
         if not store.has(seg):
             store.drop_row_segment(fp, seg)  # its segment (and so its rows) went

@@ -11,7 +11,9 @@ from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 @click.pass_obj
 def command(app: App, as_json: bool) -> None:
     """Show the store root, layout version, counts and bytes on disk."""
-    stats = app.store().stats()
+    from castore.du import store_stats
+
+    stats = store_stats(app.store())
     if as_json:
         echo_json(asdict(stats))
         return

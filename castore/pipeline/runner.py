@@ -215,7 +215,7 @@ class Runner:
         if sched is not None:
             sched.stop_workers()
             if status == "finished":
-                sched.pack_row_indexes()
+                sched.pack_indexes()
         plans = self.planner.plans
         leaves = {x: [o for r in plans[x].records() for o in r.outputs] for x in self.info.leaves}
         self.folder.materialize(leaves, self.info.run_id)

@@ -44,6 +44,7 @@ from castore.pipeline.executors import (
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step, normalize_output
+from castore.store import actionpack
 from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
 
@@ -107,6 +108,7 @@ class Scheduler:
         # batches in flight, leased or not, by id of their Pending.
         self.neighbours: Neighbours | None = None
         self.running: dict[int, Pending] = {}
+        self.computed_keys: list[str] = []  # this run's new entries, packed at its end
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
         # Row-wise steps' row-key indexes (loaded on their first batch miss).
@@ -122,8 +124,10 @@ class Scheduler:
         self, step: str, key: str, outputs: list[str], cached: bool, failed: bool
     ) -> None:
         """Write-through of a new batch, and the progress display."""
-        if self.rcache is not None and not cached and not failed:
-            self.rcache.upload(key, outputs)
+        if not cached and not failed:
+            self.computed_keys.append(key)
+            if self.rcache is not None:
+                self.rcache.upload(key, outputs)
         plan, tally = self.plans[step], self.recorder.tallies[step]
         self.progress.update(step, len(plan.done), plan.total, plan.rows_done, tally.cached)
 
@@ -246,14 +250,22 @@ class Scheduler:
             self.row_indexes[step] = index
         return index
 
-    def pack_row_indexes(self) -> None:
-        """After computing row-wise batches: merge the step's segments into a pack when
-        many are outside it (castore.store.rowpack), so the next run's first miss reads
-        one object instead of a segment per batch."""
+    def pack_indexes(self) -> None:
+        """After a finished run: merge row-wise steps' segments into a pack when many are
+        outside it (castore.store.rowpack), so the next run's first miss reads one object
+        instead of a segment per batch; and move this run's action entries into an entry
+        pack (castore.store.actionpack), one object instead of a file per batch."""
         for name, index in self.row_indexes.items():
             # Fewer new segments are packed by a later load, once they add up.
             if self.recorder.tallies[name].computed >= PACK_AFTER:
                 RowIndex.load(self.store, index.fingerprint)
+        if len(self.computed_keys) >= actionpack.PACK_AFTER:
+            ends = [
+                generator_end_key(self.plans[n].fp)
+                for n, s in self.steps.items()
+                if isinstance(s, GeneratorStep)
+            ]
+            actionpack.pack_loose(self.store, self.computed_keys + ends)
 
     def _row_keys(self, batch: PlannedBatch) -> RowPlan | None:
         """A row-wise step's batch: its row keys, in stream order."""

@@ -2,14 +2,13 @@
 
 from castore.store.locks import FileLock, live_lock, read_lock
 from castore.store.models import ActionEntry, LockInfo
-from castore.store.store import Store, StoreStats, default_root
+from castore.store.store import Store, default_root
 
 __all__ = [
     "ActionEntry",
     "FileLock",
     "LockInfo",
     "Store",
-    "StoreStats",
     "default_root",
     "live_lock",
     "read_lock",

@@ -19,7 +19,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from castore.errors import (
     UnknownObject,
 )
 from castore.hashing import Hasher, hash_bytes, hash_file, validate_id, validate_prefix
+from castore.store import actionpack
 from castore.store import layout as L
 from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
 from castore.store.locks import FileLock, require_posix
@@ -48,17 +48,6 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _STAGE_IDS = itertools.count()
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    root: str
-    layout_version: int
-    objects: int
-    object_bytes: int
-    actions: int
-    refs: int
-    bytes_on_disk: int
 
 
 class Store:
@@ -78,6 +67,7 @@ class Store:
         self.layout = L.Layout(str(self.root), os.path.join)
         self.fsync = fsync if fsync is not None else os.environ.get("CASTORE_FSYNC") == "1"
         self.read_only = read_only
+        self._entry_packs: actionpack.Packs | None = None
         self._open(create and not read_only)
 
     # -- opening -------------------------------------------------------------------------
@@ -393,13 +383,21 @@ class Store:
             raise StoreError(f"action {key}: output object {missing[0]} is not in the store")
         self.write_file(self.layout.action_path(key), entry.model_dump_json().encode())
 
-    def get_action(self, key: str) -> ActionEntry | None:
-        """The entry for `key`, or None; an entry naming a missing object is dropped."""
-        path = self.layout.action_path(key)
+    def read_action(self, key: str) -> bytes | None:
+        """The entry's JSON as stored: the loose file, else the packed copy (a loose
+        tombstone shadows a packed entry that was dropped); None when there is none."""
         try:
-            with open(path, "rb") as f:
+            with open(self.layout.action_path(key), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
+            packed = self.entry_packs.find(key)
+            return packed.encode() if packed is not None else None
+        return None if raw == actionpack.TOMBSTONE else raw
+
+    def get_action(self, key: str) -> ActionEntry | None:
+        """The entry for `key`, or None; an entry naming a missing object is dropped."""
+        raw = self.read_action(key)
+        if raw is None:
             return None
         try:
             entry = ActionEntry.model_validate_json(raw)
@@ -414,13 +412,32 @@ class Store:
         return entry
 
     def delete_action(self, key: str) -> None:
+        """Drop an entry: its loose file goes; a packed copy is shadowed by a tombstone
+        (gc's repack removes both)."""
         if self.read_only:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.action_path(key))
+        if self.entry_packs.find(key) is not None:
+            self.write_file(self.layout.action_path(key), actionpack.TOMBSTONE)
 
     def iter_actions(self) -> Iterator[str]:
-        yield from self._iter_sharded(L.ACTIONS)
+        """Every entry's key, loose or packed (each once; dropped ones not)."""
+        seen = set()
+        for key in self._iter_sharded(L.ACTIONS):
+            seen.add(key)
+            if self.read_action(key) is not None:
+                yield key
+        for key in self.entry_packs.keys():
+            if key not in seen:
+                seen.add(key)
+                yield key
+
+    @property
+    def entry_packs(self) -> actionpack.Packs:
+        if self._entry_packs is None:
+            self._entry_packs = actionpack.Packs(self)
+        return self._entry_packs
 
     # -- row-key index segments -----------------------------------------------------------
 
@@ -568,28 +585,3 @@ class Store:
 
     def gc_lock(self) -> FileLock:
         return FileLock(self.layout.lock_path("gc.lock"), "gc")
-
-    # -- facts ---------------------------------------------------------------------------
-
-    def stats(self) -> StoreStats:
-        objects = object_bytes = 0
-        for oid in self.iter_oids():
-            objects += 1
-            object_bytes += self.size_of(oid)
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(dirpath, name))
-                    # Hard links under runs/ share their object's blocks: count once.
-                    if st.st_nlink == 1 or dirpath.startswith(self.layout.dir(L.OBJECTS)):
-                        total += st.st_size
-        return StoreStats(
-            root=str(self.root),
-            layout_version=L.LAYOUT_VERSION,
-            objects=objects,
-            object_bytes=object_bytes,
-            actions=sum(1 for _ in self.iter_actions()),
-            refs=len(self.list_refs()),
-            bytes_on_disk=total,
-        )

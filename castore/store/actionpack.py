@@ -1,0 +1,227 @@
+"""Action entries packed into objects, as git packs loose objects.
+
+A run writes one small entry file per computed batch (`actions/ab/<key>`): that is what
+makes a batch visible to a concurrent run the moment it is stored. A file per batch costs
+a 4 KiB block for ~300 bytes of JSON and one path per batch and step; so a finished run
+moves its entries into one pack: an Arrow IPC object (keys sorted, entries as JSON), named
+by an empty marker `actions/packs/<oid>`, written after the object. Only then are the
+loose files it holds removed, each only if it still holds the packed bytes (a concurrent
+run may have rewritten it).
+
+Lookups try the loose file first, then the packs (binary search on the keys' first 64
+bits, memory-mapped). An entry dropped while packed (gc, fsck --repair, a failed
+verification) is shadowed by a tombstone: a loose file holding `null`. gc rewrites the
+packs without their dropped entries, then removes the tombstones and the old markers;
+it keeps a marker's pack object as long as the marker is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from castore.errors import CastoreError
+from castore.hashing import validate_id
+from castore.store import layout as L
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from castore.store import Store
+
+PACKS = "packs"
+TOMBSTONE = b"null"
+PACK_META = b"castore_action_pack"
+PACK_AFTER = 16  # a finished run with fewer computed batches leaves its entries loose
+
+
+def packs_dir(store: Store) -> str:
+    return os.path.join(store.layout.dir(L.ACTIONS), PACKS)
+
+
+def markers(store: Store) -> set[str]:
+    """The packs named by markers (ids validated; strays ignored)."""
+    out = set()
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(packs_dir(store)):
+            with contextlib.suppress(CastoreError):
+                out.add(validate_id(name))
+    return out
+
+
+@dataclass
+class _Pack:
+    oid: str
+    hi: np.ndarray  # the keys' first 8 bytes as big-endian integers, sorted
+    keys: memoryview  # 32 bytes per key, in the same order
+    entries: list[str | None]  # filled on first use per row (the JSON column)
+    table: object
+
+
+def _load(store: Store, oid: str) -> _Pack | None:
+    import numpy as np
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_file(pa.BufferReader(store.get_bytes(oid))).read_all()
+    except (CastoreError, OSError, pa.ArrowInvalid):
+        return None  # missing or damaged (quarantined): its entries are misses
+    if (table.schema.metadata or {}).get(PACK_META) is None:
+        return None
+    col = table.column("key").combine_chunks()
+    raw = col.buffers()[1]
+    keys = memoryview(raw)[col.offset * 32 : (col.offset + len(col)) * 32]
+    hi = np.frombuffer(keys, dtype=">u8").reshape(-1, 4)[:, 0] if len(col) else np.zeros(0)
+    return _Pack(oid, hi, keys, [None] * len(col), table)
+
+
+def pack_keys(store: Store, oid: str) -> set[str] | None:
+    """The keys a pack holds; None when it cannot be read."""
+    pack = _load(store, oid)
+    if pack is None:
+        return None
+    return {bytes(pack.keys[i * 32 : (i + 1) * 32]).hex() for i in range(len(pack.hi))}
+
+
+class Packs:
+    """The store's entry packs, loaded on first use and again when the markers change."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._packs: dict[str, _Pack | None] = {}
+        self._seen: set[str] | None = None
+
+    def refresh(self) -> bool:
+        """Load new packs, forget removed ones; True when something changed."""
+        now = markers(self.store)
+        if now == self._seen:
+            return False
+        for oid in now - set(self._packs):
+            self._packs[oid] = _load(self.store, oid)
+        for oid in set(self._packs) - now:
+            del self._packs[oid]
+        self._seen = now
+        return True
+
+    def find(self, key: str) -> str | None:
+        """The packed JSON of `key`, or None."""
+        if self._seen is None:
+            self.refresh()
+        found = self._find(key)
+        if found is None and self.refresh():  # a pack written since we looked
+            found = self._find(key)
+        return found
+
+    def _find(self, key: str) -> str | None:
+        import numpy as np
+
+        want = bytes.fromhex(key)
+        hi = int.from_bytes(want[:8], "big")
+        for pack in list(self._packs.values()):
+            if pack is None or not len(pack.hi):
+                continue
+            i = int(np.searchsorted(pack.hi, np.uint64(hi)))
+            while i < len(pack.hi) and int(pack.hi[i]) == hi:
+                if bytes(pack.keys[i * 32 : (i + 1) * 32]) == want:
+                    if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
+                        # gc replaced this pack (maybe without this entry): look again.
+                        self.refresh()
+                        return self._find(key)
+                    return pack.table.column("entry")[i].as_py()  # type: ignore[attr-defined]
+                i += 1
+        return None
+
+    def keys(self) -> Iterator[str]:
+        self.refresh()
+        for pack in self._packs.values():
+            if pack is not None:
+                for i in range(len(pack.hi)):
+                    yield bytes(pack.keys[i * 32 : (i + 1) * 32]).hex()
+
+    def oids(self) -> set[str]:
+        self.refresh()
+        return set(self._packs)
+
+
+def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
+    """Pack `entries` (key -> entry JSON): the object, then its marker. None when empty."""
+    import pyarrow as pa
+
+    if not entries:
+        return None
+    keys = sorted(entries)
+    table = pa.table(
+        {
+            "key": pa.array([bytes.fromhex(k) for k in keys], pa.binary(32)),
+            "entry": pa.array([entries[k].decode() for k in keys], pa.string()),
+        }
+    ).replace_schema_metadata({PACK_META: b"1"})
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(sink, table.schema, options=options) as w:
+        w.write_table(table)
+    oid = store.put_bytes(sink.getvalue().to_pybytes())
+    store.write_file(os.path.join(packs_dir(store), oid), b"")
+    return oid
+
+
+def pack_loose(store: Store, keys: list[str]) -> str | None:
+    """Move these loose entries into a pack; each loose file goes only if it still holds
+    the bytes that were packed."""
+    entries: dict[str, bytes] = {}
+    for key in dict.fromkeys(keys):
+        try:
+            with open(store.layout.action_path(key), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            continue
+        if raw != TOMBSTONE:
+            entries[key] = raw
+    oid = write_pack(store, entries)
+    for key, raw in entries.items():
+        path = store.layout.action_path(key)
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, "rb") as f:
+                if f.read() != raw:
+                    continue  # rewritten meanwhile: the loose one is newer
+            os.unlink(path)
+    return oid
+
+
+def repack(store: Store, drop: set[str]) -> set[str]:
+    """gc: one pack of every packed entry not in `drop` and not shadowed by a loose file,
+    then the old markers go, then the tombstones that only shadowed packed entries.
+    Returns the packs replaced (for gc to delete)."""
+    old = markers(store)
+    if not old:
+        return set()
+    packs = Packs(store)
+    packs.refresh()
+    keep: dict[str, bytes] = {}
+    shadowed: list[str] = []
+    for key in set(packs.keys()):
+        loose = store.layout.action_path(key)
+        if os.path.exists(loose):
+            shadowed.append(key)
+            continue
+        if key in drop:
+            continue
+        raw = packs.find(key)
+        if raw is not None:
+            keep[key] = raw.encode()
+    new = write_pack(store, keep)
+    replaced = old - ({new} if new else set())
+    for oid in replaced:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(packs_dir(store), oid))
+    for key in shadowed:
+        path = store.layout.action_path(key)
+        with contextlib.suppress(FileNotFoundError):
+            with open(path, "rb") as f:
+                if f.read() != TOMBSTONE:
+                    continue
+            os.unlink(path)
+    return replaced
