@@ -17,19 +17,18 @@ it keeps a marker's pack object as long as the marker is there.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
 from castore.hashing import validate_id
 from castore.store import layout as L
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from castore.store import Store
 
 PACKS = "packs"
@@ -55,10 +54,9 @@ def markers(store: Store) -> set[str]:
 @dataclass
 class _Pack:
     oid: str
-    hi: np.ndarray  # the keys' first 8 bytes as big-endian integers, sorted
+    hi: list[int]  # the keys' first 8 bytes as big-endian integers, sorted
     keys: memoryview  # 32 bytes per key, in the same order
-    entries: list[str | None]  # filled on first use per row (the JSON column)
-    table: object
+    entries: Any  # the JSON column (a pyarrow StringArray)
 
 
 def _load(store: Store, oid: str) -> _Pack | None:
@@ -74,8 +72,9 @@ def _load(store: Store, oid: str) -> _Pack | None:
     col = table.column("key").combine_chunks()
     raw = col.buffers()[1]
     keys = memoryview(raw)[col.offset * 32 : (col.offset + len(col)) * 32]
-    hi = np.frombuffer(keys, dtype=">u8").reshape(-1, 4)[:, 0] if len(col) else np.zeros(0)
-    return _Pack(oid, hi, keys, [None] * len(col), table)
+    # A list of ints: bisect on it is ~10x faster per lookup than numpy's scalar path.
+    hi = np.frombuffer(keys, dtype=">u8").reshape(-1, 4)[:, 0].tolist() if len(col) else []
+    return _Pack(oid, hi, keys, table.column("entry").combine_chunks())
 
 
 def pack_keys(store: Store, oid: str) -> set[str] | None:
@@ -116,21 +115,19 @@ class Packs:
         return found
 
     def _find(self, key: str) -> str | None:
-        import numpy as np
-
         want = bytes.fromhex(key)
         hi = int.from_bytes(want[:8], "big")
         for pack in list(self._packs.values()):
-            if pack is None or not len(pack.hi):
+            if pack is None:
                 continue
-            i = int(np.searchsorted(pack.hi, np.uint64(hi)))
-            while i < len(pack.hi) and int(pack.hi[i]) == hi:
+            i = bisect.bisect_left(pack.hi, hi)
+            while i < len(pack.hi) and pack.hi[i] == hi:
                 if bytes(pack.keys[i * 32 : (i + 1) * 32]) == want:
                     if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
                         # gc replaced this pack (maybe without this entry): look again.
                         self.refresh()
                         return self._find(key)
-                    return pack.table.column("entry")[i].as_py()  # type: ignore[attr-defined]
+                    return str(pack.entries[i].as_py())
                 i += 1
         return None
 
