@@ -120,3 +120,15 @@ class LLMServer:
                 return self._send(200, json.dumps(body).encode())
 
         return Handler
+
+
+def kill_after_requests(server: LLMServer, n: int, proc, timeout: float = 60) -> int:
+    """SIGKILL `proc` once the server has had `n` requests; returns the count then."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    while server.requests < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    return server.requests

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from pydantic import SecretStr
@@ -18,7 +16,7 @@ from castore.errors import StepFailed
 from castore.llms import LLMError, OpenAILLM
 from castore.steps import ChatGeneration, LoadDataFromDicts, TextGeneration
 from tests.conftest import REPO, run_cas, start_cas
-from tests.llm_server import LLMServer
+from tests.llm_server import LLMServer, kill_after_requests
 
 GENERATE = REPO / "tests" / "pipelines" / "generate.py"
 SECRET = "sk-test-NEVER-WRITE-ME-4242"
@@ -186,12 +184,7 @@ def test_kill_9_mid_generation_then_resume(tmp_path):
         assert r.returncode == 0 and server.requests == 200  # a finished re-run: 0 requests
         server.requests = 0
         proc = start_cas("run", str(GENERATE), cache_dir=cache, env=env)
-        deadline = time.monotonic() + 60
-        while server.requests < 80 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        first = server.requests
+        first = kill_after_requests(server, 80, proc)
         assert 0 < first < 200
         r = run_cas("resume", "--json", cache_dir=cache, env=env)
         assert r.returncode == 0, r

@@ -12,7 +12,7 @@ import datasets
 import pytest
 
 from castore.errors import CastoreError
-from tests.llm_server import LLMServer
+from tests.llm_server import LLMServer, kill_after_requests
 
 HERE = Path(__file__).resolve().parent / "pipelines"
 
@@ -181,9 +181,7 @@ def test_kill_9_of_a_distilabel_script_then_running_it_again(tmp_path):
     dataset equals an uninterrupted run's, and no row is requested twice beyond the batch
     in flight."""
     import os
-    import signal
     import subprocess
-    import time
 
     import datasets as hf
 
@@ -218,12 +216,7 @@ def test_kill_9_of_a_distilabel_script_then_running_it_again(tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 60
-        while server.requests < 80 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        first = server.requests
+        first = kill_after_requests(server, 80, proc)
         assert 0 < first < 200, first
         r = run(tmp_path / "c", tmp_path / "out")
         assert r.returncode == 0, r.stderr
