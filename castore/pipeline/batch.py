@@ -138,8 +138,22 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a.equals(b)) or a.to_pylist() == b.to_pylist()
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+def ensure_loaded(step: _Step) -> None:
+    """`step.load()` once in this process (a process-pool worker gets its own copy)."""
+    if step._loaded:
+        return
+    with _LOAD_LOCK:
+        if not step._loaded:
+            step.load()
+            step._loaded = True
+
+
 def call_process(step: _Step, arg: Any) -> Any:
-    """Call `process`, driving it to completion when it is async."""
+    """Call `process` (after `load`, once), driving it to completion when it is async."""
+    ensure_loaded(step)
     result = step.process(arg)  # type: ignore[attr-defined]
     if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
         return result

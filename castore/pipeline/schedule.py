@@ -421,6 +421,13 @@ class Scheduler:
         for pool in (self.gen_threads, self.executor):
             if pool is not None:
                 pool.shutdown()
+        for step in self.steps.values():
+            if step._loaded:  # loaded in this process (threads); workers' copies die
+                step._loaded = False
+                try:
+                    step.unload()
+                except Exception as e:  # a failing unload must not lose the run's seal
+                    log.warning("step %s: unload() failed: %s", step.name, e)
         if self.neighbours is not None:
             self.neighbours.done()  # no run needs to wait for this one any more
 

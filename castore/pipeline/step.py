@@ -108,6 +108,14 @@ class _Step(BaseModel):
     )
 
     _pipeline: Pipeline | None = PrivateAttr(None)
+    _loaded: bool = PrivateAttr(False)
+
+    def load(self) -> None:
+        """Called once per process before this step's first batch there (open a client,
+        load a model); subclasses that override it call super().load(), as in distilabel."""
+
+    def unload(self) -> None:
+        """Called at the end of a run in each process that loaded the step."""
 
     def __init__(self, /, **data: Any) -> None:
         # distilabel's `Step(pipeline=p)`: join `p` without a `with` block.

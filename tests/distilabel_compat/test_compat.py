@@ -373,3 +373,49 @@ def test_ultrafeedback_parser_on_realistic_and_malformed_answers():
     assert parse_ratings("Text 1 rating: 0\nText 2 rating: 6", 2) == ([None, None], [None, None])
     assert parse_ratings(None, 3) == ([None] * 3, [None] * 3)
     assert parse_ratings("Text 2 rating: 3", 2) == ([None, 3], [None, None])
+
+
+EVENTS: list[str] = []
+
+
+def test_a_custom_step_with_load_and_unload_as_distilabel_writes_it(server):
+    """distilabel's custom steps override load() (calling super().load()) to set up what
+    process() uses: castore calls it once per process before the first batch (threads
+    share one load), and unload() at the end of the run."""
+    from typing import Any
+
+    from pydantic import PrivateAttr
+
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts, Step, StepInput
+
+    class Tagger(Step):
+        prefix: str = "tag"
+        _resource: Any = PrivateAttr(None)
+
+        @property
+        def inputs(self) -> list[str]:
+            return ["instruction"]
+
+        @property
+        def outputs(self) -> list[str]:
+            return ["tag"]
+
+        def load(self) -> None:
+            super().load()
+            EVENTS.append("load")
+            self._resource = f"{self.prefix}:"
+
+        def unload(self) -> None:
+            EVENTS.append("unload")
+
+        def process(self, inputs: StepInput):
+            yield [{**r, "tag": self._resource + r["instruction"][:5]} for r in inputs]
+
+    with Pipeline(name="lifecycle") as p:
+        LoadDataFromDicts(data=INSTRUCTIONS, batch_size=2) >> Tagger(
+            input_batch_size=2, concurrency=3
+        )
+    train = p.run()["default"]["train"]
+    assert train["tag"] == [f"tag:{r['instruction'][:5]}" for r in INSTRUCTIONS]
+    assert EVENTS == ["load", "unload"]

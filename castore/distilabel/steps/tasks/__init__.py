@@ -46,12 +46,6 @@ class _Compat(_LLMTask):
         if self.name is None:  # made outside a pipeline: named as distilabel names it
             self.name = f"{self.default_name()}_0"
 
-    def load(self) -> None:
-        """distilabel's lifecycle hook: castore's tasks hold no resources to load."""
-
-    def unload(self) -> None:
-        """See `load`."""
-
     def process(self, inputs: Any) -> Any:
         # A generator, as distilabel's: `next(task.process(rows))` works standalone.
         n = self.num_generations
