@@ -42,7 +42,6 @@ INSTEAD: dict[str, str] = {
     "FormatTextGenerationSFT": "not in castore yet (issue 17's task library)",
     "FormatChatGenerationDPO": "not in castore yet (issue 17's task library)",
     "MergeColumns": "not in castore yet",
-    "LoadDataFromDisk": "not in castore yet; LoadDataFromFileSystem reads jsonl/csv/parquet",
     "StepResources": "castore steps take concurrency= (batches in flight) and, on Ray, "
     "resources={'num_gpus': ...}",
     "RayPipeline": "use castore.distilabel.pipeline.Pipeline and run(executor='ray')",

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
     )
     from castore.steps.feedback import UltraFeedback
     from castore.steps.llm import ChatGeneration, TextGeneration
-    from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
+    from castore.steps.loaders import (
+        LoadDataFromDicts,
+        LoadDataFromDisk,
+        LoadDataFromFileSystem,
+        LoadDataFromHub,
+    )
 
 _COLUMNS, _LLM, _LOADERS = "castore.steps.columns", "castore.steps.llm", "castore.steps.loaders"
 _LAZY = {
@@ -31,6 +36,7 @@ _LAZY = {
     "GroupColumns": _COLUMNS,
     "KeepColumns": _COLUMNS,
     "LoadDataFromDicts": _LOADERS,
+    "LoadDataFromDisk": _LOADERS,
     "LoadDataFromFileSystem": _LOADERS,
     "LoadDataFromHub": _LOADERS,
     "RenameColumns": _COLUMNS,
@@ -50,6 +56,7 @@ __all__ = [
     "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",
+    "LoadDataFromDisk",
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
     "RenameColumns",

@@ -41,6 +41,19 @@ def _required(step: GeneratorStep, field: str) -> Any:
 _NUM_EXAMPLES = "At most this many rows (the first ones)."
 
 
+def _folder_digests(root: str) -> list[list[str]]:
+    """[relative path, blake3] of every file under `root`: a local dataset's identity."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    out = []
+    for p in files:
+        h = Hasher()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        out.append([os.path.relpath(p, root), h.hexdigest()])
+    return out
+
+
 class LoadDataFromDicts(GeneratorStep):
     """Rows given inline; they are part of the step's fingerprint."""
 
@@ -159,15 +172,7 @@ class LoadDataFromHub(GeneratorStep):
     def extra_identity(self) -> Any:
         repo_id: str = _required(self, "repo_id")
         if os.path.isdir(repo_id):
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(repo_id) for f in fs)
-            digests = []
-            for p in files:
-                h = Hasher()
-                with open(p, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                digests.append([os.path.relpath(p, repo_id), h.hexdigest()])
-            return {"local": digests}
+            return {"local": _folder_digests(repo_id)}
         return {"hub": repo_id, "revision": self.revision}  # repo_id is hashed here
 
     def process(self, offset: int = 0) -> Iterator[pa.Table]:
@@ -176,4 +181,56 @@ class LoadDataFromHub(GeneratorStep):
         ds = datasets.load_dataset(
             self.repo_id, name=self.config, split=self.split, revision=self.revision
         )
+        yield from _slices(ds.data.table, offset, self.batch_size, self.num_examples)
+
+
+class LoadDataFromDisk(GeneratorStep):
+    """A dataset saved with `save_to_disk` (a `Dataset` or `DatasetDict` folder), or with
+    `is_distiset` a saved Distiset (castore's or distilabel 1.5's), leaf `config` (the
+    only leaf when unset). Its files' contents enter the fingerprint."""
+
+    dataset_path: str | None = runtime_field(None, description="The saved folder.")
+    split: str | None = None
+    config: str | None = None
+    is_distiset: bool = False
+    num_examples: int | None = Field(None, ge=0, description=_NUM_EXAMPLES)
+
+    def _folder(self) -> str:
+        path: str = os.path.expanduser(_required(self, "dataset_path"))
+        if not os.path.isdir(path):
+            raise ConfigError(f"step {self.name}: no saved dataset folder at {path}")
+        if not self.is_distiset:
+            return path
+        if self.config is not None:
+            return os.path.join(path, self.config)
+        leaves = [
+            e.name
+            for e in os.scandir(path)
+            if e.is_dir() and e.name not in ("distiset_configs", "artifacts")
+        ]
+        if len(leaves) != 1:
+            raise ConfigError(
+                f"step {self.name}: the Distiset at {path} has leaves {sorted(leaves)}; "
+                "set config= to one of them"
+            )
+        return os.path.join(path, leaves[0])
+
+    def extra_identity(self) -> Any:
+        return {"local": _folder_digests(self._folder())}
+
+    def process(self, offset: int = 0) -> Iterator[pa.Table]:
+        import datasets
+
+        folder = self._folder()
+        try:
+            ds = datasets.load_from_disk(folder)
+        except FileNotFoundError as e:
+            raise ConfigError(f"step {self.name}: {folder} is not a saved dataset: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            split = self.split or ("train" if "train" in ds else None)
+            if split not in ds:
+                raise ConfigError(
+                    f"step {self.name}: {folder} has splits {sorted(ds)}; set split= to one"
+                )
+            ds = ds[split]
         yield from _slices(ds.data.table, offset, self.batch_size, self.num_examples)

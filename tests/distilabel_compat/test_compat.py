@@ -419,3 +419,28 @@ def test_a_custom_step_with_load_and_unload_as_distilabel_writes_it(server):
     train = p.run()["default"]["train"]
     assert train["tag"] == [f"tag:{r['instruction'][:5]}" for r in INSTRUCTIONS]
     assert EVENTS == ["load", "unload"]
+
+
+def test_load_data_from_disk_datasets_and_saved_distisets(server, tmp_path):
+    """LoadDataFromDisk as distilabel pipelines chain: a saved Dataset, a Distiset saved by
+    distilabel 1.5.3 (tests/golden), one saved by castore; num_examples; clear errors."""
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import KeepColumns, LoadDataFromDicts, LoadDataFromDisk
+    from tests.conftest import REPO
+
+    def rows_of(**kw) -> list[dict]:
+        with Pipeline(name="from-disk") as p:
+            LoadDataFromDisk(**kw) >> KeepColumns(columns=["instruction"])
+        return p.run()["default"]["train"].to_list()
+
+    datasets.Dataset.from_list(INSTRUCTIONS).save_to_disk(str(tmp_path / "plain"))
+    assert rows_of(dataset_path=str(tmp_path / "plain"), num_examples=3) == INSTRUCTIONS[:3]
+    theirs = REPO / "tests" / "golden" / "distilabel_1_5_3_distiset"
+    got = rows_of(dataset_path=str(theirs), is_distiset=True)
+    assert got == [{"instruction": f"q{i}"} for i in range(6)]
+    with Pipeline(name="first") as first:
+        LoadDataFromDicts(data=INSTRUCTIONS) >> KeepColumns(columns=["instruction"])
+    first.run().save_to_disk(tmp_path / "ours")
+    assert rows_of(dataset_path=str(tmp_path / "ours"), is_distiset=True) == INSTRUCTIONS
+    with pytest.raises(CastoreError, match="no saved dataset folder"):
+        rows_of(dataset_path=str(tmp_path / "missing"))

@@ -21,7 +21,12 @@ from castore.steps.columns import (
     KeepColumns,
     RenameColumns,
 )
-from castore.steps.loaders import LoadDataFromDicts, LoadDataFromFileSystem, LoadDataFromHub
+from castore.steps.loaders import (
+    LoadDataFromDicts,
+    LoadDataFromDisk,
+    LoadDataFromFileSystem,
+    LoadDataFromHub,
+)
 
 
 def _names(columns: StepColumns | None) -> list[str]:
@@ -79,6 +84,7 @@ __all__ = [
     "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",
+    "LoadDataFromDisk",
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
     "RenameColumns",
