@@ -49,14 +49,20 @@ _LAZY = {
 
 
 def lazy_module(
-    module: str, table: dict[str, str], namespace: dict[str, Any]
+    module: str,
+    table: dict[str, str],
+    namespace: dict[str, Any],
+    missing: Callable[[str], Any] | None = None,
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """`__getattr__` and `__dir__` for a package whose public names (`table`: name ->
-    the module defining it) are imported on first use (PEP 562)."""
+    the module defining it) are imported on first use (PEP 562); other names go to
+    `missing` (default: AttributeError)."""
 
     def getattr_(name: str) -> Any:
         where = table.get(name)
         if where is None:
+            if missing is not None:
+                return missing(name)
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(where), name)
         namespace[name] = value

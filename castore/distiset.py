@@ -54,6 +54,7 @@ class Distiset(dict):
     log_filename_path: Path | None = None
     run: RunManifest | None = None
     run_oid: str | None = None
+    store_root: Path | None = None  # the store the run is in (from_manifest)
     # A run's leaves are made on first use (castore.Pipeline.run returns at once, and
     # only code that reads the data imports `datasets`): leaf -> its DatasetDict.
     _make: Callable[[str], Any] | None = None
@@ -178,7 +179,7 @@ class Distiset(dict):
             dict.__setitem__(out, leaf, _PENDING)
         out._make = make
         out.partial = run.status != "finished"
-        out.run, out.run_oid = run, run_oid
+        out.run, out.run_oid, out.store_root = run, run_oid, store.root
         if run.pipeline_yaml:
             out.pipeline_yaml = store.get_bytes(run.pipeline_yaml).decode()
             out.pipeline_path = folder.pipeline_yaml
@@ -240,23 +241,7 @@ class Distiset(dict):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-        try:
-            with fs.open(_join(root, "distiset.json"), "r", encoding="utf-8") as f:
-                meta = json.load(f)
-            leaves, extras = meta["leaves"], root
-        except FileNotFoundError:
-            if not fs.isdir(_join(root, DISTILABEL_CONFIGS)):
-                raise DistisetError(
-                    f"{path} is not a saved Distiset (no distiset.json, and no "
-                    f"{DISTILABEL_CONFIGS}/ as distilabel writes)"
-                ) from None
-            meta = {}
-            leaves = sorted(
-                name
-                for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-                if name not in (DISTILABEL_CONFIGS, "artifacts") and fs.isdir(_join(root, name))
-            )
-            extras = _join(root, DISTILABEL_CONFIGS)
+        leaves, meta, extras = _saved(fs, root, path)
         out = cls()
         for leaf in leaves:
             out[leaf] = datasets.load_from_disk(
@@ -416,6 +401,36 @@ class Distiset(dict):
                 )
             files[os.path.basename(script)] = Path(script).read_text(encoding="utf-8")
         return files
+
+
+def _saved(fs: Any, root: str, path: Any) -> tuple[list[str], dict[str, Any], str]:
+    """(leaves, castore's distiset.json, the folder with pipeline.yaml and the log) of a
+    saved Distiset: castore's (distiset.json) or distilabel 1.5's (distiset_configs/)."""
+    try:
+        with fs.open(_join(root, "distiset.json"), "r", encoding="utf-8") as f:
+            meta = json.load(f)
+        return list(meta["leaves"]), meta, root
+    except FileNotFoundError:
+        pass
+    if not fs.isdir(_join(root, DISTILABEL_CONFIGS)):
+        raise DistisetError(
+            f"{path} is not a saved Distiset (no distiset.json, and no "
+            f"{DISTILABEL_CONFIGS}/ as distilabel writes)"
+        )
+    leaves = sorted(
+        name
+        for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        if name not in (DISTILABEL_CONFIGS, "artifacts") and fs.isdir(_join(root, name))
+    )
+    return leaves, {}, _join(root, DISTILABEL_CONFIGS)
+
+
+def saved_leaves(path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The leaf names of a saved Distiset (castore's or distilabel 1.5's)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    return _saved(fs, root, path)[0]
 
 
 def _metadata(ds: datasets.Dataset, keep: bool | str) -> datasets.Dataset:

@@ -511,3 +511,21 @@ def test_input_and_output_mappings_rename_at_the_step_and_never_overwrite(tmp_pa
     # Unmapped steps keep the keys they had before mappings existed.
     plain = Count(name="plain")
     assert "input_mappings" not in plain.cache_params()
+    # A mapping that names nothing is an error, never a no-op.
+    with Pipeline(name="typo") as p:
+        LoadDataFromDicts(data=rows) >> Count(
+            name="count", input_mappings={"text": "body"}, output_mappings={"m": "length"}
+        )
+    with pytest.raises(CastoreError, match="output_mappings renames column 'm'"):
+        p.run(cache_dir=tmp_path / "c", quiet=True)
+    with pytest.raises(ValueError, match="as both"):
+        Count(name="twice", input_mappings={"text": "body", "other": "body"})
+
+    @step(outputs=["n"])
+    def Undeclared(inputs: StepInput):
+        return [{**r, "n": 1} for r in inputs]
+
+    with Pipeline(name="absent") as p:
+        LoadDataFromDicts(data=rows) >> Undeclared(name="u", input_mappings={"x": "nope"})
+    with pytest.raises(CastoreError, match="has no column 'nope'"):
+        p.run(cache_dir=tmp_path / "c", quiet=True)

@@ -80,16 +80,14 @@ class Pipeline(_Pipeline):
         if dataset is not None:
             self._feed(dataset, dataset_batch_size)
         ds = super().run(parameters, use_cache=use_cache, **options)
-        if not self.enable_metadata or ds.run_oid is None:
+        if not self.enable_metadata or ds.store_root is None or ds.run_oid is None:
             return ds
-        from castore.distiset import Distiset
         from castore.store import Store
 
-        return Distiset.from_manifest(
-            Store(options.get("cache_dir", self.cache_dir)),
-            ds.run_oid,
-            enable_metadata=METADATA_NAME,
-        )
+        # The same run, its leaves made with the metadata column (they are made on first
+        # use, so nothing was built twice).
+        store = Store(ds.store_root, create=False)
+        return type(ds).from_manifest(store, ds.run_oid, enable_metadata=METADATA_NAME)
 
     def _feed(self, dataset: Any, batch_size: int) -> None:
         from castore.pipeline.step import GeneratorStep

@@ -178,7 +178,12 @@ def map_input(step: _Step, table: pa.Table) -> pa.Table:
         return table
     names = table.column_names
     for logical, actual in step.input_mappings.items():
-        if actual != logical and logical in names and actual in names:
+        if names and actual not in names:
+            raise StepFailed(
+                f"step {step.name}: input_mappings reads column {actual!r} as {logical!r}, "
+                f"but the input has no column {actual!r} (it has {names})"
+            )
+        if actual != logical and logical in names:
             raise StepFailed(
                 f"step {step.name}: input_mappings reads column {actual!r} as {logical!r}, "
                 f"but the input has a column {logical!r} too; rename one of them first"
@@ -193,6 +198,12 @@ def map_output(step: _Step, table: pa.Table) -> pa.Table:
     error: one would overwrite the other."""
     if not step.input_mappings and not step.output_mappings:
         return table
+    absent = [c for c in step.output_mappings if c not in table.column_names]
+    if table.num_columns and absent:
+        raise StepFailed(
+            f"step {step.name}: output_mappings renames column {absent[0]!r}, which its "
+            f"output does not have (it has {table.column_names})"
+        )
     mapping = {**step.input_mappings, **step.output_mappings}
     names = [mapping.get(c, c) for c in table.column_names]
     dup = next((c for c in names if names.count(c) > 1), None)
@@ -204,13 +215,17 @@ def map_output(step: _Step, table: pa.Table) -> pa.Table:
     return table.rename_columns(names)
 
 
-def generator_table(step: _Step, chunk: Any) -> pa.Table:
-    """One chunk a generator yielded, as the table a run stores (mapped, checked).
-    distilabel's generators yield `(rows, last_batch)`: the flag is not needed here (the
-    generator's end is), so the rows are taken."""
+def chunk_rows(chunk: Any) -> Any:
+    """What a generator yielded, without distilabel's `last_batch` flag: its generators
+    yield `(rows, last_batch)`, and castore knows the end from the generator's end."""
     if isinstance(chunk, tuple) and len(chunk) == 2 and isinstance(chunk[1], bool):
-        chunk = chunk[0]
-    table = map_output(step, to_table([chunk]))
+        return chunk[0]
+    return chunk
+
+
+def generator_table(step: _Step, chunk: Any) -> pa.Table:
+    """One chunk a generator yielded, as the table a run stores (mapped, checked)."""
+    table = map_output(step, to_table([chunk_rows(chunk)]))
     check_outputs(step, table)
     return table
 

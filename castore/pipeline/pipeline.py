@@ -440,24 +440,17 @@ def _refuse_distilabel_yaml(doc: Any) -> None:
     say what it is and what to run instead, rather than a KeyError about its fields."""
     if not isinstance(doc, dict):
         return
-    info = (
-        (doc.get("pipeline") or {}).get("type_info")
-        if isinstance(doc.get("pipeline"), dict)
-        else None
+    pipeline, meta = doc.get("pipeline"), doc.get("distilabel")
+    info = pipeline.get("type_info") if isinstance(pipeline, dict) else None
+    module = str(info.get("module", "")) if isinstance(info, dict) else ""
+    if meta is None and not module.startswith("distilabel"):
+        return
+    version = meta.get("version", "?") if isinstance(meta, dict) else "?"
+    raise ConfigError(
+        f"this is a distilabel pipeline.yaml (distilabel {version}); castore does not "
+        "load distilabel's serialized pipelines: run the script that built it with its "
+        "imports changed to castore.distilabel (`cas run script.py`), see docs/migrating.md"
     )
-    if "distilabel" in doc or (
-        isinstance(info, dict) and str(info.get("module", "")).startswith("distilabel")
-    ):
-        version = (
-            (doc.get("distilabel") or {}).get("version", "?")
-            if isinstance(doc.get("distilabel"), dict)
-            else "?"
-        )
-        raise ConfigError(
-            f"this is a distilabel pipeline.yaml (distilabel {version}); castore does not "
-            "load distilabel's serialized pipelines: run the script that built it with its "
-            "imports changed to castore.distilabel (`cas run script.py`), see docs/migrating.md"
-        )
 
 
 def load_step_class(type_path: str, file: str | None = None) -> type[_Step]:

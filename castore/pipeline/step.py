@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
 from castore.fingerprint import code_parts, code_version
@@ -109,6 +109,19 @@ class _Step(BaseModel):
 
     _pipeline: Pipeline | None = PrivateAttr(None)
     _loaded: bool = PrivateAttr(False)
+
+    @field_validator("input_mappings")
+    @classmethod
+    def _one_column_per_input(cls, mappings: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for logical, actual in mappings.items():
+            if actual in seen:
+                raise ValueError(
+                    f"input_mappings reads column {actual!r} as both {seen[actual]!r} and "
+                    f"{logical!r}: a column is renamed, so it can be read as one input only"
+                )
+            seen[actual] = logical
+        return mappings
 
     def load(self) -> None:
         """Called once per process before this step's first batch there (open a client,

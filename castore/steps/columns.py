@@ -96,13 +96,15 @@ class GroupColumns(Step):
         names = self._names()
         return [{names.get(k, k): v for k, v in row.items()} for row in inputs]
 
-    def output_columns_named(self) -> list[str]:
+    @property
+    def outputs(self) -> list[str]:  # type: ignore[override]
+        """The grouped columns' names (output_mappings apply to them as to any step's)."""
         return list(self._names().values())
 
     def columns_after(self, available: set[str] | None) -> set[str] | None:
         if available is None:
             return None
-        return (available - set(self.columns)) | set(self._names().values())
+        return (available - set(self.columns)) | set(self.outputs)
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {

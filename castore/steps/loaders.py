@@ -44,14 +44,7 @@ _NUM_EXAMPLES = "At most this many rows (the first ones)."
 def _folder_digests(root: str) -> list[list[str]]:
     """[relative path, blake3] of every file under `root`: a local dataset's identity."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-    out = []
-    for p in files:
-        h = Hasher()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        out.append([os.path.relpath(p, root), h.hexdigest()])
-    return out
+    return [[os.path.relpath(p, root), hash_file(p)] for p in files]
 
 
 class LoadDataFromDicts(GeneratorStep):
@@ -203,11 +196,9 @@ class LoadDataFromDisk(GeneratorStep):
             return path
         if self.config is not None:
             return os.path.join(path, self.config)
-        leaves = [
-            e.name
-            for e in os.scandir(path)
-            if e.is_dir() and e.name not in ("distiset_configs", "artifacts")
-        ]
+        from castore.distiset import saved_leaves
+
+        leaves = saved_leaves(path)
         if len(leaves) != 1:
             raise ConfigError(
                 f"step {self.name}: the Distiset at {path} has leaves {sorted(leaves)}; "

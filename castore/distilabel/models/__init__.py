@@ -12,6 +12,11 @@ from pydantic import Field, model_validator
 from castore.distilabel._compat import unknown
 from castore.llms import OpenAILLM as _OpenAILLM
 
+_UNSUPPORTED = {
+    "structured_output": "structured output is not supported yet",
+    "default_headers": "custom headers are not supported yet",
+}
+
 
 class OpenAILLM(_OpenAILLM):
     """distilabel's OpenAILLM: `base_url` defaults to $OPENAI_BASE_URL as there, and
@@ -32,17 +37,14 @@ class OpenAILLM(_OpenAILLM):
     @model_validator(mode="before")
     @classmethod
     def _refuse(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, why in (
-                ("structured_output", "structured output is not supported yet"),
-                ("default_headers", "custom headers are not supported yet"),
-            ):
-                if data.get(name) is not None:
-                    raise ValueError(f"OpenAILLM({name}=...): {why}")
-            data = {
-                k: v for k, v in data.items() if k not in ("structured_output", "default_headers")
-            }
-        return data
+        """distilabel's fields castore cannot honour: an error when set, dropped when
+        None (their default there)."""
+        if not isinstance(data, dict):
+            return data
+        for name, why in _UNSUPPORTED.items():
+            if data.get(name) is not None:
+                raise ValueError(f"OpenAILLM({name}=...): {why}")
+        return {k: v for k, v in data.items() if k not in _UNSUPPORTED}
 
 
 __all__ = ["OpenAILLM"]

@@ -8,25 +8,17 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from castore import lazy_module
 from castore.distilabel._compat import unknown
 from castore.distilabel.typing import GeneratorStepOutput, StepColumns
+from castore.pipeline.batch import chunk_rows
 from castore.pipeline.step import GeneratorStep, GlobalStep, Step, StepInput, StepOutput, _Step
 from castore.pipeline.step import step as _step
-from castore.steps.columns import (
-    CombineOutputs,
-    DeduplicateRows,
-    ExpandColumns,
-    FilterRows,
-    GroupColumns,
-    KeepColumns,
-    RenameColumns,
-)
-from castore.steps.loaders import (
-    LoadDataFromDicts,
-    LoadDataFromDisk,
-    LoadDataFromFileSystem,
-    LoadDataFromHub,
-)
+from castore.steps import _COLUMNS, _LAZY, _LOADERS
+
+# castore's column steps and loaders, under distilabel's path (its LLM tasks are in
+# .tasks, with distilabel's fields): one table, castore.steps', imported on first use.
+_HERE = {name: where for name, where in _LAZY.items() if where in (_COLUMNS, _LOADERS)}
 
 
 def _names(columns: StepColumns | None) -> list[str]:
@@ -54,8 +46,7 @@ def step(
         def generate(offset: int = 0, **params: Any) -> Iterator[list[dict[str, Any]]]:
             seen = 0
             for chunk in func(**params):
-                rows = chunk[0] if isinstance(chunk, tuple) else chunk
-                rows = list(rows)
+                rows = list(chunk_rows(chunk))
                 start, seen = max(0, offset - seen), seen + len(rows)
                 if rows[start:]:
                     yield rows[start:]
@@ -74,23 +65,13 @@ def step(
 
 
 __all__ = [
-    "CombineOutputs",
-    "DeduplicateRows",
-    "ExpandColumns",
-    "FilterRows",
     "GeneratorStep",
     "GeneratorStepOutput",
     "GlobalStep",
-    "GroupColumns",
-    "KeepColumns",
-    "LoadDataFromDicts",
-    "LoadDataFromDisk",
-    "LoadDataFromFileSystem",
-    "LoadDataFromHub",
-    "RenameColumns",
     "Step",
     "StepInput",
     "StepOutput",
     "step",
 ]
-__getattr__ = unknown(__name__)
+__all__ += sorted(_HERE)
+__getattr__, __dir__ = lazy_module(__name__, _HERE, globals(), unknown(__name__))
