@@ -58,6 +58,14 @@ class _Pack:
     keys: memoryview  # 32 bytes per key, in the same order
     entries: Any  # the JSON column (a pyarrow StringArray)
 
+    def key(self, i: int) -> bytes:
+        return bytes(self.keys[i * 32 : (i + 1) * 32])
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(key, entry JSON) of every row."""
+        for i in range(len(self.hi)):
+            yield self.key(i).hex(), str(self.entries[i].as_py())
+
 
 def _load(store: Store, oid: str) -> _Pack | None:
     import numpy as np
@@ -82,7 +90,7 @@ def pack_keys(store: Store, oid: str) -> set[str] | None:
     pack = _load(store, oid)
     if pack is None:
         return None
-    return {bytes(pack.keys[i * 32 : (i + 1) * 32]).hex() for i in range(len(pack.hi))}
+    return {pack.key(i).hex() for i in range(len(pack.hi))}
 
 
 class Packs:
@@ -122,7 +130,7 @@ class Packs:
                 continue
             i = bisect.bisect_left(pack.hi, hi)
             while i < len(pack.hi) and pack.hi[i] == hi:
-                if bytes(pack.keys[i * 32 : (i + 1) * 32]) == want:
+                if pack.key(i) == want:
                     if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
                         # gc replaced this pack (maybe without this entry): look again.
                         self.refresh()
@@ -136,11 +144,18 @@ class Packs:
         for pack in self._packs.values():
             if pack is not None:
                 for i in range(len(pack.hi)):
-                    yield bytes(pack.keys[i * 32 : (i + 1) * 32]).hex()
+                    yield pack.key(i).hex()
 
-    def oids(self) -> set[str]:
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(key, entry JSON) of every packed entry; a key in several packs comes once."""
         self.refresh()
-        return set(self._packs)
+        seen: set[str] = set()
+        for pack in self._packs.values():
+            if pack is not None:
+                for key, raw in pack.items():
+                    if key not in seen:
+                        seen.add(key)
+                        yield key, raw
 
 
 def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
@@ -195,19 +210,12 @@ def repack(store: Store, drop: set[str]) -> set[str]:
     old = markers(store)
     if not old:
         return set()
-    packs = Packs(store)
-    packs.refresh()
     keep: dict[str, bytes] = {}
     shadowed: list[str] = []
-    for key in set(packs.keys()):
-        loose = store.layout.action_path(key)
-        if os.path.exists(loose):
+    for key, raw in Packs(store).items():
+        if os.path.exists(store.layout.action_path(key)):
             shadowed.append(key)
-            continue
-        if key in drop:
-            continue
-        raw = packs.find(key)
-        if raw is not None:
+        elif key not in drop:
             keep[key] = raw.encode()
     new = write_pack(store, keep)
     replaced = old - ({new} if new else set())
