@@ -149,7 +149,7 @@ def plan_gc(
     plan.ref_targets = {f"{r.name}/{r.sig}": r.oid for r in runs if r.oid in removed}
     kept_runs = [r for r in runs if r.oid not in removed]
     plan.live_runs = [run_id for run_id, _, _ in live]
-    entries = {key: _read_entry(store, key) for key in store.iter_actions()}
+    entries = {key: store.peek_action(key) for key in store.iter_actions()}
     by_runs, marked = _mark(store, kept_runs, entries, cache_ttl, now)
     # A live run may hold objects no sealed manifest names yet: protect what it touched
     # since it started (minus a minute of clock slack).
@@ -259,14 +259,6 @@ def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
                 if st.st_mtime <= cutoff:
                     plan.tmp_removed.append(e.name)
                     plan.tmp_bytes += st.st_size
-
-
-def _read_entry(store: Store, key: str) -> ActionEntry | None:
-    try:
-        raw = store.read_action(key)
-        return ActionEntry.model_validate_json(raw) if raw is not None else None
-    except (OSError, ValueError):
-        return None
 
 
 def _orphan_run_dirs(store: Store, kept: set[tuple[str, str]]) -> list[str]:

@@ -117,3 +117,22 @@ def test_a_corrupt_segment_is_not_repaired_by_a_preview(tmp_path):
     label = steps(build(data, batch=7).plan(cache_dir=cache))["label"]
     assert snapshot(cache) == before
     assert 0 < label.rows_by_key < 120
+
+
+def test_an_entry_whose_object_is_gone_is_not_dropped_by_a_preview(tmp_path):
+    """A run drops an entry naming a missing object; the preview only counts the batch
+    as work and leaves the entry (and writes no tombstone for a packed one)."""
+    from castore.store import Store
+
+    data, cache = tmp_path / "d.jsonl", tmp_path / "c"
+    write_rows(data, base_rows())
+    run(build(data), cache)
+    store = Store(cache)
+    key = next(k for k in store.iter_actions() if store.get_action(k).info.get("step") == "label")
+    victim = store.get_action(key).outputs[0]
+    os.unlink(store.path_of(victim))
+    before = snapshot(cache)
+    label = steps(build(data, name="other").plan(cache_dir=cache))["label"]
+    assert snapshot(cache) == before
+    assert label.batches_to_compute >= 1
+    assert store.peek_action(key) is not None

@@ -86,7 +86,7 @@ class _Walk:
     def entry(self, key: str) -> Any:
         if self.store is None:
             return None
-        entry = self.store.get_action(key)
+        entry = self.store.peek_action(key)  # get_action would drop a dangling entry
         if entry is None or not all(self.store.has(o) for o in entry.outputs):
             return None
         return entry

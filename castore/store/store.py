@@ -394,6 +394,16 @@ class Store:
             return packed.encode() if packed is not None else None
         return None if raw == actionpack.TOMBSTONE else raw
 
+    def peek_action(self, key: str) -> ActionEntry | None:
+        """The entry as stored, or None (missing or unreadable); unlike `get_action`, it
+        drops nothing, so a reader that must write nothing (gc's plan, `cas status`) can
+        use it."""
+        try:
+            raw = self.read_action(key)
+            return ActionEntry.model_validate_json(raw) if raw is not None else None
+        except (OSError, ValueError):
+            return None
+
     def get_action(self, key: str) -> ActionEntry | None:
         """The entry for `key`, or None; an entry naming a missing object is dropped."""
         raw = self.read_action(key)
