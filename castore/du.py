@@ -76,8 +76,8 @@ def usage(store: Store) -> DuReport:
             unique=sum(sizes[o] for o in objs if by_name[o] == 1),
         )
     for key in store.iter_actions():
-        entry = store.get_action(key)
-        if entry is None:
+        entry = store.peek_action(key)  # a report drops nothing (get_action would)
+        if entry is None or not all(store.has(o) for o in entry.outputs):
             continue
         tokens = entry.info.get("tokens")
         if isinstance(tokens, int) and entry.info.get("kind") != "leaf-arrow":
