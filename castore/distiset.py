@@ -212,7 +212,7 @@ class Distiset(dict):
             dd.save_to_disk(
                 _join(str(path), leaf),
                 max_shard_size=max_shard_size,
-                num_shards=dict.fromkeys(dd, num_shards) if num_shards else None,
+                num_shards=dict.fromkeys(dd, num_shards) if num_shards is not None else None,
                 num_proc=num_proc,
                 storage_options=storage_options,
             )

@@ -193,6 +193,10 @@ class LoadDataFromDisk(GeneratorStep):
         if not os.path.isdir(path):
             raise ConfigError(f"step {self.name}: no saved dataset folder at {path}")
         if not self.is_distiset:
+            if self.config is not None:
+                raise ConfigError(
+                    f"step {self.name}: config= names a Distiset leaf; set is_distiset=True"
+                )
             return path
         if self.config is not None:
             return os.path.join(path, self.config)
@@ -224,4 +228,8 @@ class LoadDataFromDisk(GeneratorStep):
                     f"step {self.name}: {folder} has splits {sorted(ds)}; set split= to one"
                 )
             ds = ds[split]
+        elif self.split is not None:
+            raise ConfigError(
+                f"step {self.name}: {folder} is one Dataset, without splits; drop split="
+            )
         yield from _slices(ds.data.table, offset, self.batch_size, self.num_examples)

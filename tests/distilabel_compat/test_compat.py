@@ -444,3 +444,7 @@ def test_load_data_from_disk_datasets_and_saved_distisets(server, tmp_path):
     assert rows_of(dataset_path=str(tmp_path / "ours"), is_distiset=True) == INSTRUCTIONS
     with pytest.raises(CastoreError, match="no saved dataset folder"):
         rows_of(dataset_path=str(tmp_path / "missing"))
+    with pytest.raises(CastoreError, match="without splits"):
+        rows_of(dataset_path=str(tmp_path / "plain"), split="test")
+    with pytest.raises(CastoreError, match="is_distiset=True"):
+        rows_of(dataset_path=str(tmp_path / "plain"), config="default")
