@@ -88,10 +88,14 @@ def read_input(
         )
     lists = {}
     for name in grouped:
-        values = [
-            t.column(name).to_pylist() if name in t.column_names else [None] * t.num_rows
-            for t in per_pred
-        ]
+        lacking = [i for i, t in enumerate(per_pred, 1) if name not in t.column_names]
+        if lacking and any(t.num_rows for t in per_pred):
+            # A None in its place would be a value nobody produced.
+            raise StepFailed(
+                f"predecessor {lacking[0]} has no column {name!r} to group; every "
+                "predecessor of GroupColumns writes each grouped column"
+            )
+        values = [t.column(name).to_pylist() if t.num_rows else [] for t in per_pred]
         lists[name] = pa.array([list(v) for v in zip(*values, strict=True)])
         per_pred = [t.drop_columns([name]) if name in t.column_names else t for t in per_pred]
     table = _merge_by_name(per_pred)

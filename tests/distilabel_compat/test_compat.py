@@ -448,3 +448,16 @@ def test_load_data_from_disk_datasets_and_saved_distisets(server, tmp_path):
         rows_of(dataset_path=str(tmp_path / "plain"), split="test")
     with pytest.raises(CastoreError, match="is_distiset=True"):
         rows_of(dataset_path=str(tmp_path / "plain"), config="default")
+
+
+def test_group_columns_refuses_a_predecessor_without_the_column(server):
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import GroupColumns, LoadDataFromDicts, RenameColumns
+
+    with Pipeline(name="lacking") as p:
+        load = LoadDataFromDicts(data=[{"a": 1, "x": 2}])
+        keep = RenameColumns(mapping={"x": "y"})
+        other = RenameColumns(mapping={"a": "b"})
+        load >> [keep, other] >> GroupColumns(columns=["x"])
+    with pytest.raises(CastoreError, match="has no column 'x' to group"):
+        p.run()
