@@ -8,6 +8,7 @@ in the same repetition, interleaved, min / median of --repeat:
   floor: the same 200 sleeps on a plain thread pool of 8.
 - leases taken (a run alone on its store should take none) and the store's bytes and
   files per batch and step after the anchor run.
+- peak RSS of the cold anchor run in a fresh process, against the plain loop's.
 
     python benchmarks/bench_overhead.py [--repeat 5]
 
@@ -20,6 +21,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,15 +109,42 @@ def ratio(a: list[float], b: list[float]) -> str:
     return f"min/min {min(a) / min(b):.2f}  median/median {med:.2f}"
 
 
-def tree(root: Path) -> tuple[int, int, int]:
-    """(bytes, bytes on disk, paths): a hard link is a path but no more bytes."""
+def tree(root: Path) -> tuple[int, int, int, int]:
+    """(bytes, bytes on disk, paths, files): a hard link is a path, not a file or bytes."""
     paths = [p for p in root.rglob("*") if p.is_file()]
     inodes = {(s.st_dev, s.st_ino): s for s in (p.stat() for p in paths)}
     return (
         sum(s.st_size for s in inodes.values()),
         sum(s.st_blocks * 512 for s in inodes.values()),
         len(paths),
+        len(inodes),
     )
+
+
+MEMORY_CHILD = """
+import resource, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+if sys.argv[1] == "floor":
+    import pyarrow, pyarrow.parquet  # what the loop needs
+    import bench_overhead as b
+    b.anchor_floor(b.anchor_rows(), Path(tempfile.mkdtemp()) / "floor.parquet")
+else:
+    import bench_overhead as b
+    b.anchor(b.anchor_rows(), Path(tempfile.mkdtemp()) / "cache")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_mib(kind: str) -> float:
+    """Peak RSS of the cold anchor run (or its floor) in a fresh process (Linux: KiB)."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, kind, str(Path(__file__).resolve().parent)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out.split()[-1])
 
 
 def main() -> None:
@@ -133,8 +162,12 @@ def main() -> None:
     Store.lease = counting_lease  # type: ignore[method-assign]
     try:
         rows = anchor_rows()
-        r: dict[str, list[float]] = {k: [] for k in ("floor", "cas", "io_floor", "io")}
+        r: dict[str, list[float]] = {
+            k: [] for k in ("floor", "cas", "io_floor", "io", "mem_floor", "mem")
+        }
         for i in range(args.repeat):
+            r["mem_floor"].append(peak_mib("floor"))
+            r["mem"].append(peak_mib("castore"))
             r["floor"].append(timed(lambda: anchor_floor(rows, work / "floor.parquet")))
             leases[0] = 0
             r["cas"].append(timed(lambda i=i: anchor(rows, work / f"anchor-{i}")))
@@ -142,7 +175,7 @@ def main() -> None:
             r["io_floor"].append(timed(io_floor))
             r["io"].append(timed(lambda i=i: io_run(work / f"io-{i}")))
         batch_steps = 3 * ROWS // BATCH
-        size, disk, files = tree(work / "anchor-0")
+        size, disk, paths, files = tree(work / "anchor-0")
         per_batch = [(c - f) / batch_steps * 1e3 for c, f in zip(r["cas"], r["floor"], strict=True)]
         report(
             [
@@ -159,8 +192,16 @@ def main() -> None:
                 ("anchor 0 ms: leases taken (run alone)", str(anchor_leases)),
                 (
                     "anchor store",
-                    f"{size / 1e6:.2f} MB ({disk / 1e6:.2f} MB on disk), {files:,} paths = "
-                    f"{files / batch_steps:.2f} per batch and step (target <= 1.1)",
+                    f"{size / 1e6:.2f} MB ({disk / 1e6:.2f} MB on disk), {files:,} files = "
+                    f"{files / batch_steps:.2f} per batch and step (target <= 1.1); "
+                    f"{paths:,} paths with the run folder's hard links",
+                ),
+                (
+                    "anchor peak RSS: floor / castore",
+                    f"{statistics.median(r['mem_floor']):.0f} / {statistics.median(r['mem']):.0f}"
+                    f" MiB (medians; castore min {min(r['mem']):.0f}) = "
+                    f"{statistics.median(r['mem']) / statistics.median(r['mem_floor']):.2f}"
+                    " (target <= 1.2)",
                 ),
                 ("io-bound: floor (thread pool of 8)", mm(r["io_floor"])),
                 ("io-bound: castore, concurrency 8", mm(r["io"])),

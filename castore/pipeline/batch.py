@@ -11,7 +11,7 @@ import inspect
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from castore.pipeline.step import (
     to_table,
 )
 from castore.store.models import ActionEntry
-from castore.store.parquet import METADATA_COLUMN
+from castore.store.parquet import METADATA_COLUMN, as_read, encode_parquet
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -50,12 +50,14 @@ class BatchResult:
 
 
 class TableCache:
-    """A few recently read input objects: a downstream batch often reads the same
-    upstream object as its neighbour when batch sizes differ."""
+    """Input tables by object id, bounded by bytes: ones just read (a downstream batch often
+    reads the same upstream object as its neighbour when batch sizes differ), and ones just
+    written (`keep`: a step's output is read by its successor moments later, and decoding
+    the Parquet again costs more than the step's own work at small batches)."""
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, budget: int = 4 << 20) -> None:
         self._items: OrderedDict[str, pa.Table] = OrderedDict()
-        self._size = size
+        self._budget, self._bytes = budget, 0
         self._lock = threading.Lock()
 
     def get(self, store: Store, oid: str) -> pa.Table:
@@ -64,11 +66,59 @@ class TableCache:
                 self._items.move_to_end(oid)
                 return self._items[oid]
         table = store.get_table(oid)
-        with self._lock:
-            self._items[oid] = table
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+        self._add(oid, table)
         return table
+
+    def keep(self, oid: str, table: pa.Table, buf: pa.Buffer) -> None:
+        """Hold a table just stored as `oid` (encoded as `buf`), when reading `oid` back
+        is known to give the same values (plain Arrow types; see `round_trips`), with
+        the types reading gives."""
+        if table.num_columns and round_trips(table.schema):
+            kept = as_read(table, buf)
+            if kept is not None:
+                self._add(oid, kept)
+
+    def _add(self, oid: str, table: pa.Table) -> None:
+        size = table.get_total_buffer_size()
+        if size > self._budget // 4:
+            return  # a big table would flush everything else for one reader
+        with self._lock:
+            if oid in self._items:
+                return
+            self._items[oid] = table
+            self._bytes += size
+            while self._bytes > self._budget:
+                self._bytes -= self._items.popitem(last=False)[1].get_total_buffer_size()
+
+
+def round_trips(schema: pa.Schema) -> bool:
+    """Whether a table of this schema reads back from castore's Parquet with the same
+    types and values (the schema is stored with it): the types rows become by
+    `Table.from_pylist`, and no others (dictionary, extension, decimal, float16... are
+    read back from the store instead)."""
+    return all(_plain(f.type) for f in schema)
+
+
+def _plain(t: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return t.num_fields > 0 and all(_plain(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _plain(t.value_type)
+    return (
+        pa.types.is_null(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_float32(t)
+        or pa.types.is_float64(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_timestamp(t)
+        or pa.types.is_date32(t)
+    )
 
 
 def read_input(
@@ -259,11 +309,18 @@ def store_batch(
     cache: bool,
     rows: RowPlan | None = None,
     tokens_reused: int = 0,
+    tables: TableCache | None = None,
 ) -> BatchResult:
     """The object, then (row-wise steps, given `rows`) its row-key segment, then (with
     `cache`) the action entry: an entry never names what is not yet stored. Tokens are
-    those spent now, i.e. without `tokens_reused` (rows taken by row key)."""
-    oid = store.put_table(table)
+    those spent now, i.e. without `tokens_reused` (rows taken by row key). `tables` keeps
+    the table in memory for the step's successors."""
+    if tables is None:
+        oid = store.put_table(table)
+    else:
+        buf = encode_parquet(table)
+        oid = store.put_encoded(buf)
+        tables.keep(oid, table, buf)
     segment = write_segment(store, rows, oid) if rows is not None else None
     res = BatchResult(
         [oid],
@@ -334,9 +391,11 @@ def execute_batch(
     *,
     write_entry: bool = True,
     rows: RowPlan | None = None,
+    computed: Callable[[], None] | None = None,
 ) -> BatchResult:
     """Compute a batch and store it: the object, then (row-wise steps, given `rows`) its
-    row-key segment, then the action entry unless the driver writes it."""
+    row-key segment, then the action entry unless the driver writes it. `computed` is
+    called between the two, once `process` has returned."""
     t0 = time.perf_counter()
     table = read_input(store, slices, cache, step.grouped_columns())
     if rows is None:
@@ -349,6 +408,8 @@ def execute_batch(
             rows = rows.without(failed)
         elif skipped is not None:
             rows = None  # which rows failed is unknown: keep none as row results
+    if computed is not None:
+        computed()
     res = store_batch(
         store,
         step,
@@ -358,6 +419,7 @@ def execute_batch(
         cache=write_entry and skipped is None,
         rows=rows,
         tokens_reused=count_tokens(reused) if reused is not None else 0,
+        tables=cache,
     )
     return dataclasses.replace(
         res, skipped_error=skipped, entry_written=write_entry or skipped is not None

@@ -38,6 +38,8 @@ class Task:
     step: _Step
     ticket: Any
     rows: RowPlan | None = None  # row-wise steps: what earlier results were found
+    # Called on the worker once `process` returned, before the batch is stored.
+    computed: Callable[[], None] | None = None
 
 
 # -- events on the completion queue ------------------------------------------------------
@@ -47,6 +49,13 @@ class Task:
 class BatchDone:
     task: Task
     result: BatchResult
+
+
+@dataclass(frozen=True)
+class BatchNotStarted:
+    """A batch queued ahead that was not started because the run is stopping."""
+
+    task: Task
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,19 @@ class GeneratorEnd:
     error: BaseException | None = None
 
 
-Event = BatchDone | BatchFailed | GeneratorBatch | GeneratorEnd
+Event = BatchDone | BatchNotStarted | BatchFailed | GeneratorBatch | GeneratorEnd
 Events = queue.Queue[Event]
 
 
 class Executor(Protocol):
+    # How many batches per unit of a step's concurrency may be submitted and not yet
+    # computed: 1 where the scheduler's count is what bounds the calls.
+    ahead: int
+
     def submit(self, task: Task) -> None: ...
+
+    def hold(self) -> None:
+        """Start no batch that has not started (the run failed)."""
 
     def shutdown(self) -> None: ...
 
@@ -109,23 +125,64 @@ class ThreadWorkers:
 
 
 class ThreadExecutor:
-    def __init__(self, store: Store, cache: TableCache, events: Events, n: int) -> None:
-        self._store, self._cache, self._events = store, cache, events
+    """Batches on threads. Each step's `concurrency` is a semaphore held only while
+    `process` runs, so the scheduler can queue batches ahead (`ahead` times the step's
+    concurrency) and a thread starts the next call the moment one returns, instead of
+    after a round trip through the scheduler; storing a batch holds no slot."""
+
+    ahead = 2
+
+    def __init__(
+        self, store: Store, cache: TableCache, events: Events, n: int, stop: threading.Event
+    ) -> None:
+        self._store, self._cache, self._events, self._stop = store, cache, events, stop
+        self._held = threading.Event()
         self._pool = ThreadWorkers(n)
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     def submit(self, task: Task) -> None:
+        slot = self._slots.get(task.batch.step)
+        if slot is None:
+            slot = self._slots[task.batch.step] = threading.BoundedSemaphore(task.step.concurrency)
+
         def work() -> None:
             b = task.batch
+            slot.acquire()
+            held = True
+
+            def computed() -> None:
+                nonlocal held
+                if held:
+                    held = False
+                    slot.release()
+                if task.computed is not None:
+                    task.computed()
+
             try:
+                if self._stop.is_set() or self._held.is_set():  # queued ahead, run ending
+                    self._events.put(BatchNotStarted(task))
+                    return
                 res = execute_batch(
-                    self._store, task.step, b.key, b.slice_lists(), self._cache, rows=task.rows
+                    self._store,
+                    task.step,
+                    b.key,
+                    b.slice_lists(),
+                    self._cache,
+                    rows=task.rows,
+                    computed=computed,
                 )
             except BaseException as e:  # the scheduler decides: retry, skip or fail
                 self._events.put(BatchFailed(task, e))
                 return
+            finally:
+                if held:
+                    slot.release()
             self._events.put(BatchDone(task, res))
 
         self._pool.run(work)
+
+    def hold(self) -> None:
+        self._held.set()
 
     def shutdown(self) -> None:
         self._pool.shutdown()
@@ -136,6 +193,8 @@ class ThreadExecutor:
 
 class ProcessExecutor:
     """A process pool for CPU-bound steps; workers live and die with the driver."""
+
+    ahead = 1
 
     def __init__(self, store: Store, events: Events, n: int) -> None:
         import multiprocessing as mp
@@ -164,6 +223,9 @@ class ProcessExecutor:
             self._events.put(BatchFailed(task, err) if err else BatchDone(task, f.result()))
 
         fut.add_done_callback(report)
+
+    def hold(self) -> None:
+        pass  # shutdown cancels what has not started
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -215,6 +277,8 @@ class RayExecutor:
     (verified). The driver alone writes action entries when results arrive, so the
     crash-safety order (object, then entry, then manifests) holds. A thread waits on the
     task refs and reports to the same completion queue as the other executors."""
+
+    ahead = 1
 
     def __init__(
         self,
@@ -297,6 +361,9 @@ class RayExecutor:
             if not self._store.has(oid):
                 fetch_object(self._store, self._remote, oid)  # verified on the way in
 
+    def hold(self) -> None:
+        pass  # Ray tasks are submitted as they are planned: none waits here
+
     def shutdown(self) -> None:
         self._stop.set()
         if self._owned:
@@ -349,6 +416,7 @@ def make_executor(
     *,
     threads: int,
     cache: TableCache,
+    stop: threading.Event,
     ray_address: str | None = None,
     ray_remote: Any = None,
 ) -> Executor:
@@ -357,4 +425,4 @@ def make_executor(
         return ProcessExecutor(store, events, os.cpu_count() or 2)
     if kind == "ray":
         return RayExecutor(store, events, address=ray_address, remote=ray_remote, cache=cache)
-    return ThreadExecutor(store, cache, events, threads)
+    return ThreadExecutor(store, cache, events, threads, stop)

@@ -172,7 +172,7 @@ class Runner:
         if self.use_cache:  # before any lookup: a run that finished wrote its entries first
             assert self.lock is not None
             sched.neighbours = Neighbours(self.store, self.lock)
-        if self.use_cache and sched.replay(self.info.previous):
+        if self.use_cache and self.recorder.replay(self.info.previous):
             return  # no workers, no "running" seal: the final seal follows at once
         ray_remote = self.remote if self.ray_storage == "remote" else None
         sched.start_workers(self.executor_kind, self.p, self.ray_address, ray_remote)
@@ -213,7 +213,7 @@ class Runner:
         sched = self.sched
         self.progress.close()
         if sched is not None:
-            sched.stop_workers()
+            sched.stop_workers(failed=status == "failed")
             if status == "finished":
                 sched.pack_indexes()
         plans = self.planner.plans

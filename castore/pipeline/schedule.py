@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from castore.pipeline.batch import (
 )
 from castore.pipeline.executors import (
     BatchDone,
+    BatchNotStarted,
     Event,
     Events,
     Executor,
@@ -45,7 +47,6 @@ from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step, normalize_output
 from castore.store import actionpack
-from castore.store.manifests import BatchRecord, RunManifest, StepManifest, load_model
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
@@ -67,13 +68,18 @@ class Pending:
     not_before: float = 0.0
     lease: FileLock | None = None
     rows: RowPlan | None = None  # row-wise steps: earlier results found by row key
+    computing: bool = False  # submitted, `process` not yet returned (queued or running)
+
+    def computed(self) -> None:
+        """On the worker: `process` returned (a bool store is atomic under the GIL)."""
+        self.computing = False
 
 
 @dataclass
 class Queues:
     pending: deque[Pending] = field(default_factory=deque)  # planned, not yet submitted
     waiting: list[Pending] = field(default_factory=list)  # leased by another run
-    inflight: int = 0
+    inflight: int = 0  # submitted, not yet settled
 
 
 class Scheduler:
@@ -223,10 +229,11 @@ class Scheduler:
         if self.neighbours is not None and not self.neighbours.may_compute():
             return
         now = time.monotonic()
+        ahead = self.executor.ahead
         for name, q in self.queues.items():
             # Plan order within a step; a retry waiting for its backoff holds the queue
             # only for its own step.
-            while q.pending and q.inflight < self.steps[name].concurrency:
+            while q.pending and q.inflight < self.steps[name].concurrency * ahead:
                 if q.pending[0].not_before > now:
                     break
                 p = q.pending.popleft()
@@ -234,8 +241,11 @@ class Scheduler:
                     q.waiting.append(p)
                 elif p.batch.index not in self.plans[name].done:  # not a hit meanwhile
                     q.inflight += 1
+                    p.computing = True
                     self.running[id(p)] = p
-                    self.executor.submit(Task(p.batch, self.steps[name], p, p.rows))
+                    self.executor.submit(
+                        Task(p.batch, self.steps[name], p, p.rows, computed=p.computed)
+                    )
 
     def _index(self, step: str) -> RowIndex:
         index = self.row_indexes.get(step)
@@ -323,6 +333,8 @@ class Scheduler:
             )
         elif isinstance(event, GeneratorEnd):
             self._generator_end(event)
+        elif isinstance(event, BatchNotStarted):
+            self.queues[event.task.batch.step].pending.appendleft(self._settle(event.task))
         elif isinstance(event, BatchDone):
             self._done(event.task, event.result)
         else:
@@ -338,6 +350,7 @@ class Scheduler:
 
     def _settle(self, task: Task) -> Pending:
         p: Pending = task.ticket
+        p.computing = False
         self.queues[p.batch.step].inflight -= 1
         self.running.pop(id(p), None)
         if p.lease is not None:
@@ -411,13 +424,19 @@ class Scheduler:
             kind,
             self.store,
             self.events,
-            threads=min(sum(s.concurrency for s in steps), 256),
+            # A thread for every batch the scheduler lets be in flight (`ahead` times the
+            # calls allowed at once): none waits for a thread.
+            threads=min(2 * sum(s.concurrency for s in steps), 256),
+            stop=self.stop,
             cache=self.cache,
             ray_address=ray_address,
             ray_remote=ray_remote,
         )
 
-    def stop_workers(self) -> None:
+    def stop_workers(self, *, failed: bool = False) -> None:
+        if failed and self.executor is not None:
+            self.executor.hold()  # a batch queued ahead does not start
+            self.settle_storing()
         for pool in (self.gen_threads, self.executor):
             if pool is not None:
                 pool.shutdown()
@@ -445,13 +464,32 @@ class Scheduler:
             grace,
             self.inflight,
         )
+        if not self._handle_until(lambda: not self.inflight or cancel.is_set(), grace):
+            log.warning("grace period over: abandoning in-flight batches")
+
+    def settle_storing(self, grace: float = 30.0) -> None:
+        """After a failure: batches whose `process` returned are paid for, so wait (up to
+        `grace` seconds) for them to be stored and record them: the failed run's manifest
+        and its partial Distiset have them. Calls still running are not waited for."""
+        if self.executor is not None:
+            stored = lambda: all(p.computing for p in self.running.values())  # noqa: E731
+            self._handle_until(stored, grace, failed=True)
+
+    def _handle_until(self, done: Callable[[], bool], grace: float, failed: bool = False) -> bool:
+        """Handle events (no retries) until `done()`; False when `grace` seconds passed
+        first. `failed`: the run has failed already, so another failure changes nothing."""
         deadline = time.monotonic() + grace
-        while self.inflight and not cancel.is_set():
+        while not done():
             if time.monotonic() > deadline:
-                log.warning("grace period over: abandoning in-flight batches")
-                break
+                return False
             with contextlib.suppress(queue.Empty):
-                self.handle(self.events.get(timeout=0.2), draining=True)
+                event = self.events.get(timeout=0.2)
+                try:
+                    self.handle(event, draining=True)
+                except CastoreError:
+                    if not failed:
+                        raise
+        return True
 
     # -- generators ----------------------------------------------------------------------
 
@@ -474,7 +512,7 @@ class Scheduler:
                 if known is not None and index >= known:
                     plan.total = index
                     return
-        store, events, stop = self.store, self.events, self.stop
+        store, events, stop, tables = self.store, self.events, self.stop, self.cache
 
         def produce() -> None:
             i = index
@@ -485,7 +523,9 @@ class Scheduler:
                     t0 = time.perf_counter()
                     table = generator_table(step, chunk)
                     key = generator_key(plan.fp, i)
-                    res = store_batch(store, step, key, table, time.perf_counter() - t0, cache=True)
+                    res = store_batch(
+                        store, step, key, table, time.perf_counter() - t0, cache=True, tables=tables
+                    )
                     events.put(GeneratorBatch(name, i, key, res))
                     i += 1
                 store.put_action(end_key, ActionEntry(outputs=[], rows=[], info={"batches": i}))
@@ -497,54 +537,6 @@ class Scheduler:
             events.put(GeneratorEnd(name, i))
 
         self.gen_threads.run(produce)
-
-    # -- replay --------------------------------------------------------------------------
-
-    def replay(self, prev_oid: str | None) -> bool:
-        """A finished earlier run of this exact pipeline whose objects are all present
-        and intact is reused whole: no planning and no lookups."""
-        if prev_oid is None:
-            return False
-        try:
-            run = load_model(self.store, prev_oid, RunManifest)
-            if run.status != "finished":
-                return False
-            mans = {r.name: load_model(self.store, r.manifest, StepManifest) for r in run.steps}
-        except CastoreError:
-            return False
-        sigs = self.recorder.signatures
-        if set(mans) != set(self.plans) or not all(
-            m.complete
-            and m.signature == sigs[n]["sig"]
-            and all(_intact(self.store, b) for b in m.batches)
-            for n, m in mans.items()
-        ):
-            return False
-        for name, man in mans.items():
-            self.recorder.set_columns(name, man.columns)  # first: record() reads no schema
-            for i, b in enumerate(man.batches):
-                self.recorder.record(
-                    name,
-                    i,
-                    b.key,
-                    b.outputs,
-                    b.rows,
-                    cached=True,
-                    cost=(b.seconds, b.tokens),
-                    row_index=b.row_index,
-                )
-            self.plans[name].total = len(man.batches)
-        log.info("every batch of this pipeline is in the store: no step work to do")
-        return True
-
-
-def _intact(store: Store, b: BatchRecord) -> bool:
-    """A batch a replay may serve: not failed, outputs (and row-key segment) verified."""
-    return (
-        not b.failed
-        and all(map(store.reuse, b.outputs))
-        and (b.row_index is None or store.reuse(b.row_index))
-    )
 
 
 def fail(step: str, error: BaseException) -> None:

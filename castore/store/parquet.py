@@ -43,6 +43,44 @@ def encode_parquet(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
+def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
+    """`table`, encoded as `buf`, with the types reading `buf` gives (a list's item
+    field, for one, reads back named "element"): the same buffers, relabelled, so a
+    table kept in memory is the one a later run reads from the store. None when that
+    cannot be done safely (Arrow's cast and view mishandle sliced struct arrays, so a
+    sliced table is not relabelled; it is read back instead)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(pa.BufferReader(buf))
+    if str(schema) == str(table.schema):
+        return table
+    if not all(_unsliced(ch) for col in table.columns for ch in col.chunks):
+        return None
+    try:
+        columns = [
+            pa.chunked_array([ch.view(f.type) for ch in col.chunks], type=f.type)
+            for col, f in zip(table.columns, schema, strict=True)
+        ]
+        return pa.Table.from_arrays(columns, schema=schema)  # validates lengths
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        return None
+
+
+def _unsliced(arr: pa.Array) -> bool:
+    """No offset in the array or any nested child (what from_pylist builds)."""
+    import pyarrow as pa
+
+    if arr.offset:
+        return False
+    t = arr.type
+    if pa.types.is_struct(t):
+        return all(_unsliced(arr.field(i)) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _unsliced(arr.values)
+    return True
+
+
 def read_parquet(buf: Any) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq

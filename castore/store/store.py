@@ -233,7 +233,10 @@ class Store:
 
     def put_table(self, table: pa.Table) -> str:
         """Store a table as Parquet with fixed options: same table, same bytes, same id."""
-        buf = encode_parquet(table)
+        return self.put_encoded(encode_parquet(table))
+
+    def put_encoded(self, buf: pa.Buffer) -> str:
+        """Store a table's bytes as `encode_parquet` made them."""
         oid = hash_bytes(memoryview(buf))
         if self.reuse(oid):  # present and intact; a corrupt copy is replaced below
             return oid
