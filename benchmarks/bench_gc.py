@@ -1,7 +1,10 @@
-"""gc of a store with 100,000 objects, half unreachable, vs the floor of listing and
-stat-ing those files once (os.scandir walk); and `cas du` on the same store.
+"""gc of a store with 100,000 objects, half unreachable, against floors measured in the
+same repetition on a twin store built alike: listing and stat-ing every object once
+(os.scandir walk), and that walk plus unlinking the objects gc removes (the least any
+collector must do); `cas du` and the plan (dry run) against the walk. Min / median of
+--repeat, with the load average.
 
-    python benchmarks/bench_gc.py [--objects 100000]
+    python benchmarks/bench_gc.py [--objects 100000] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -63,40 +67,73 @@ def floor(root: Path) -> int:
     return count
 
 
+def floor_unlink(root: Path, oids: list[str]) -> None:
+    """The walk, then unlinking `oids` by full path."""
+    floor(root)
+    base = root / "objects"
+    for oid in oids:
+        os.unlink(base / oid[:2] / oid[2:])
+
+
+def mm(v: list[float]) -> str:
+    return f"min {min(v):.2f} s  median {statistics.median(v):.2f} s"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    return (
+        f"min/min {min(a) / min(b):.1f}x  "
+        f"median/median {statistics.median(a) / statistics.median(b):.1f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--objects", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-gc-"))
+    r: dict[str, list[float]] = {k: [] for k in ("walk", "du", "plan", "gc", "unlink")}
     try:
-        store = Store(work / "store")
-        build(store, args.objects)
-        floor(store.root)  # warm the dentry cache for both sides alike
-        t0 = time.perf_counter()
-        total = floor(store.root)
-        t_floor = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rep = usage(store)
-        t_du = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        plan = gc.plan_gc(store, grace=3600, cache_ttl=0)
-        t_plan = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = gc.collect(store, grace=3600, cache_ttl=0)
-        t_gc = time.perf_counter() - t0
+        for i in range(args.repeat):
+            store, twin = Store(work / f"store-{i}"), Store(work / f"twin-{i}")
+            build(store, args.objects)
+            build(twin, args.objects)
+            floor(store.root)  # warm the dentry cache for every side alike
+            floor(twin.root)
+            t0 = time.perf_counter()
+            total = floor(store.root)
+            r["walk"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            rep = usage(store)
+            r["du"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            plan = gc.plan_gc(store, grace=3600, cache_ttl=0)
+            r["plan"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            result = gc.collect(store, grace=3600, cache_ttl=0)
+            r["gc"].append(time.perf_counter() - t0)
+            removed = sorted(result.plan.objects_removed)
+            t0 = time.perf_counter()
+            floor_unlink(twin.root, removed)
+            r["unlink"].append(time.perf_counter() - t0)
+            shutil.rmtree(store.root)
+            shutil.rmtree(twin.root)
         report(
             [
                 ("objects", f"{total:,} ({len(plan.objects_removed):,} unreachable)"),
-                ("floor: scandir + stat", f"{t_floor:.2f} s"),
-                ("gc plan (dry run)", f"{t_plan:.2f} s  = {t_plan / t_floor:.1f}x floor"),
+                ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+                ("floor: scandir + stat", mm(r["walk"])),
+                ("floor: that + unlink what gc removes", mm(r["unlink"])),
+                ("gc plan (dry run)", f"{mm(r['plan'])}  = {ratio(r['plan'], r['walk'])} walk"),
                 (
                     "gc (plan + sweep)",
-                    f"{t_gc:.2f} s  = {t_gc / t_floor:.1f}x floor (target <= 3x); "
-                    f"removed {len(result.plan.objects_removed):,}",
+                    f"{mm(r['gc'])}  = {ratio(r['gc'], r['unlink'])} walk+unlink (target <= 3x)"
+                    f"; {ratio(r['gc'], r['walk'])} walk; removed {len(removed):,}",
                 ),
                 (
                     "cas du",
-                    f"{t_du:.2f} s  = {t_du / t_floor:.1f}x floor; {rep.physical:,} bytes physical",
+                    f"{mm(r['du'])}  = {ratio(r['du'], r['walk'])} walk; "
+                    f"{rep.physical:,} bytes physical",
                 ),
             ]
         )

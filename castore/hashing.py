@@ -268,8 +268,19 @@ def signing_key(material: str) -> bytes:
 def sign_entry(key: bytes, action_key: str, outputs: list[str], rows: list[int]) -> str:
     """Keyed blake3 (a MAC) over what an entry claims: only a holder of the team key can
     make a remote entry that signed readers accept."""
-    doc = {"key": action_key, "outputs": outputs, "rows": rows}
-    return blake3.blake3(canonical_json(doc), key=key).hexdigest()
+    return blake3.blake3(_entry_claims(action_key, outputs, rows), key=key).hexdigest()
+
+
+def entry_check(action_key: str, outputs: list[str], rows: list[int]) -> str:
+    """Plain blake3 over what an entry claims, written with the entries a run makes: an
+    entry damaged since (a row count changed) no longer matches, which a cache hit checks
+    instead of reading every output's Parquet footer. Anyone can compute it, so it is
+    never taken from a remote (Store.put_action drops it there)."""
+    return blake3.blake3(_entry_claims(action_key, outputs, rows)).hexdigest()
+
+
+def _entry_claims(action_key: str, outputs: list[str], rows: list[int]) -> bytes:
+    return canonical_json({"key": action_key, "outputs": outputs, "rows": rows})
 
 
 class Hasher:

@@ -10,6 +10,7 @@ the step manifests that reference it is refused.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -17,11 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from castore.errors import CastoreError, RemoteError
-from castore.hashing import generator_end_key
+from castore.errors import CastoreError, CorruptObject, RemoteError
+from castore.hashing import generator_end_key, hash_file, validate_id
 from castore.remote import Remote, fetch_object
 from castore.runs import Ref, select_refs
 from castore.store import Store
+from castore.store import layout as L
+from castore.store.files import replace_into_shard, translate_oserror
 from castore.store.manifests import RunManifest, StepManifest, load_model
 
 Progress = Callable[[int, int], None]  # (objects done, bytes done)
@@ -362,7 +365,7 @@ def download(
     stores), then verify each and move it into objects/: no second copy."""
     for start in range(0, len(oids), 256):
         chunk = oids[start : start + 256]
-        targets = [store.staging_path("pull") for _ in chunk]
+        targets = [_staging_path(store, "pull") for _ in chunk]
         try:
             remote.fs.get(
                 [remote.layout.object_path(o) for o in chunk], targets, batch_size=max(1, jobs)
@@ -376,7 +379,7 @@ def download(
         for oid, tmp in zip(chunk, targets, strict=True):
             try:
                 size = os.path.getsize(tmp)
-                store.adopt(tmp, oid)
+                _adopt(store, tmp, oid)
             except (CastoreError, OSError) as e:
                 result.failed.append(f"{oid}: {e}")
                 continue
@@ -384,3 +387,30 @@ def download(
             result.bytes += size
         if progress:
             progress(result.objects, result.bytes)
+
+
+_STAGE_IDS = itertools.count()
+
+
+def _staging_path(store: Store, label: str) -> str:
+    """A fresh path in tmp/ for a download that `_adopt` will take in."""
+    tmp = store.layout.dir(L.TMP)
+    os.makedirs(tmp, exist_ok=True)
+    return os.path.join(tmp, f"{label}-{os.getpid()}-{next(_STAGE_IDS)}")
+
+
+def _adopt(store: Store, path: str, oid: str) -> None:
+    """Move a download from tmp/ into objects/ as `oid`, after verifying its digest, so
+    it lands without a second copy. A mismatch deletes the file and raises CorruptObject:
+    nothing unverified enters the store."""
+    validate_id(oid)
+    try:
+        if hash_file(path) != oid:
+            raise CorruptObject(oid, None)
+        os.chmod(path, 0o444)
+        replace_into_shard(path, store.layout.object_path(oid))
+    except OSError as e:
+        raise translate_oserror(e, path, store.root) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

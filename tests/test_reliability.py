@@ -862,3 +862,51 @@ def test_redaction_takes_secrets_not_parameters_that_look_alike():
     got = redact_parameters(p, params)["load"]
     assert got["llm"]["api_key"] == got["llm"]["hf_token"] == got["client_secret"] == REDACTED
     assert got["llm"]["generation_kwargs"] == {"max_tokens": 64, "author": "me"}
+
+
+# -- 5. entry checks: a damaged count is caught without reading footers ------------------
+
+
+def _first_entry(store: Store, ds) -> tuple[str, Path]:
+    from castore.store.manifests import StepManifest, load_model
+
+    ref = next(r for r in ds.run.steps if r.name == "upper")
+    key = load_model(store, ref.manifest, StepManifest).batches[0].key
+    return key, Path(store.layout.action_path(key))
+
+
+def test_an_entry_whose_count_changed_is_not_served(store, monkeypatch):
+    first = build().run(cache_dir=store.root, quiet=True)
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)  # no replay of the finished run: every batch looked up
+    key, path = _first_entry(store, first)
+    doc = json.loads(store.read_action(key))
+    assert doc["check"]  # a run's own entries carry their check
+    doc["rows"] = [doc["rows"][0] - 1]  # the object is intact; the entry's count is not
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(doc))  # a loose entry shadows the packed one
+    again = build().run(cache_dir=store.root, quiet=True)
+    assert counts(again, "upper")[1] == 1  # that batch alone, computed again
+    assert rows(again, "keep_columns") == rows(first, "keep_columns")
+    # Hits on a run's own entries read no footers: their checks hold the counts.
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)
+    monkeypatch.setattr(Store, "rows_match", lambda *a: pytest.fail("footers read"))
+    hits = build().run(cache_dir=store.root, quiet=True)
+    assert counts(hits, "upper")[1] == 0
+
+
+def test_a_check_from_a_remote_is_not_trusted(make_store, tmp_path):
+    """Anyone can compute a check, so an entry taken from a remote is written without
+    one, and its counts are held against the objects' footers instead."""
+    a, b = make_store("a"), make_store("b")
+    first = build().run(cache_dir=a.root, quiet=True)
+    remote_root = tmp_path / "remote"
+    push(a, Remote(str(remote_root)))
+    key, _ = _first_entry(a, first)
+    remote_path = remote_root / "actions" / key[:2] / key[2:]
+    assert json.loads(remote_path.read_text())["check"]
+    pull(b, Remote(str(remote_root)))
+    assert b.peek_action(key).check is None
+    ds = build().run(cache_dir=b.root, quiet=True, remote=str(remote_root))
+    assert counts(ds, "upper")[1] == 0 and rows(ds, "keep_columns") == rows(first, "keep_columns")

@@ -333,7 +333,7 @@ def store_batch(
         tokens_reused=tokens_reused,
     )
     if cache:
-        store.put_action(key, entry_of(step.name, res))
+        store.put_action(key, entry_of(step.name, res), made_here=True)
     return res
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, RunInterrupted, StepFailed
-from castore.hashing import generator_end_key, generator_key
+from castore.hashing import entry_check, generator_end_key, generator_key
 from castore.pipeline.batch import (
     BatchResult,
     TableCache,
@@ -156,7 +156,7 @@ class Scheduler:
         if entry is None:
             return None
         if all(self.store.reuse(o) for o in entry.outputs):
-            if self.store.rows_match(entry.outputs, entry.rows):
+            if self._counts_hold(key, entry):
                 return entry
             log.warning(
                 "cached batch %s: its entry's row counts are wrong; recomputing it", key[:12]
@@ -165,6 +165,13 @@ class Scheduler:
             log.warning("cached batch %s: an output failed verification; recomputing it", key[:12])
         self.store.delete_action(key)
         return None
+
+    def _counts_hold(self, key: str, entry: ActionEntry) -> bool:
+        """The entry's row counts are its objects': by its check when this store's runs
+        wrote it, else against the (verified) objects' Parquet footers."""
+        if entry.check is not None:
+            return entry.check == entry_check(key, entry.outputs, entry.rows)
+        return self.store.rows_match(entry.outputs, entry.rows)
 
     def _lookup(self, batch: PlannedBatch, keys: RowPlan | None = None) -> bool:
         """Record a hit. A row-wise hit at planning (`keys` None) adds its rows to the
@@ -362,7 +369,7 @@ class Scheduler:
         b = p.batch
         if not res.entry_written and res.skipped_error is None:
             # Ray workers write objects; the driver alone writes action entries.
-            self.store.put_action(b.key, entry_of(b.step, res))
+            self.store.put_action(b.key, entry_of(b.step, res), made_here=True)
         if res.skipped_error:
             log.warning(
                 "step %s batch %d: %s; rows kept, batch not cached (the next run retries it)",

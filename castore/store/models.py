@@ -42,6 +42,8 @@ class ActionEntry(_Model):
     # On a remote with a team key (CASTORE_SIGNING_KEY): keyed blake3 over the action key,
     # outputs and rows (castore.hashing.sign_entry). Local entries carry none.
     signature: str | None = None
+    # Entries this store's runs made: castore.hashing.entry_check (None on others).
+    check: str | None = None
 
     def row_segment(self) -> str | None:
         """A row-wise step's batch: the id of its row-key segment (kept in `info`)."""

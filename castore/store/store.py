@@ -33,7 +33,14 @@ from castore.errors import (
     StoreNotWritable,
     UnknownObject,
 )
-from castore.hashing import Hasher, hash_bytes, hash_file, validate_id, validate_prefix
+from castore.hashing import (
+    Hasher,
+    entry_check,
+    hash_bytes,
+    hash_file,
+    validate_id,
+    validate_prefix,
+)
 from castore.store import actionpack
 from castore.store import layout as L
 from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
@@ -246,33 +253,6 @@ class Store:
             self._commit(stage, self.layout.object_path(oid), oid=oid, checked=True)
         return oid
 
-    def staging_path(self, label: str) -> str:
-        """A fresh path in tmp/ for a file that `adopt` will take in (downloads)."""
-        os.makedirs(self.layout.dir(L.TMP), exist_ok=True)
-        return os.path.join(self.layout.dir(L.TMP), f"{label}-{os.getpid()}-{next(_STAGE_IDS)}")
-
-    def adopt(self, path: str, oid: str) -> None:
-        """Move a file from tmp/ into objects/ as `oid`, after verifying its digest.
-
-        A mismatch deletes the file and raises CorruptObject: nothing unverified enters
-        the store. Used by pull, so downloads land without a second copy."""
-        validate_id(oid)
-        try:
-            hasher = Hasher()
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != oid:
-                raise CorruptObject(oid, None)
-            final = self.layout.object_path(oid)
-            os.chmod(path, 0o444)
-            replace_into_shard(path, final)
-        except OSError as e:
-            raise translate_oserror(e, path, self.root) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
     def has(self, oid: str) -> bool:
         return os.path.isfile(self.layout.object_path(oid))
 
@@ -379,11 +359,16 @@ class Store:
 
     # -- action entries ------------------------------------------------------------------
 
-    def put_action(self, key: str, entry: ActionEntry) -> None:
+    def put_action(self, key: str, entry: ActionEntry, *, made_here: bool = False) -> None:
+        """Write an entry; `made_here`: this process computed it, so it gets its check
+        (any other, e.g. from a remote, is written without one)."""
         validate_id(key)
         missing = [oid for oid in entry.outputs if not self.has(oid)]
         if missing:
             raise StoreError(f"action {key}: output object {missing[0]} is not in the store")
+        check = entry_check(key, entry.outputs, entry.rows) if made_here else None
+        if entry.check != check:
+            entry = entry.model_copy(update={"check": check})
         self.write_file(self.layout.action_path(key), entry.model_dump_json().encode())
 
     def read_action(self, key: str) -> bytes | None:
