@@ -38,10 +38,6 @@ INSTEAD: dict[str, str] = {
     "QualityScorer": "not in castore yet (issue 17's task library)",
     "PrometheusEval": "not in castore yet (issue 17's task library)",
     "GenerateEmbeddings": "not in castore yet (issue 17's task library)",
-    "FormatTextGenerationDPO": "not in castore yet (issue 17's task library)",
-    "FormatTextGenerationSFT": "not in castore yet (issue 17's task library)",
-    "FormatChatGenerationDPO": "not in castore yet (issue 17's task library)",
-    "MergeColumns": "not in castore yet",
     "StepResources": "castore steps take concurrency= (batches in flight) and, on Ray, "
     "resources={'num_gpus': ...}",
     "RayPipeline": "use castore.distilabel.pipeline.Pipeline and run(executor='ray')",

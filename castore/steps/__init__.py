@@ -15,9 +15,16 @@ if TYPE_CHECKING:
         FilterRows,
         GroupColumns,
         KeepColumns,
+        MergeColumns,
         RenameColumns,
     )
     from castore.steps.feedback import UltraFeedback
+    from castore.steps.formatting import (
+        FormatChatGenerationDPO,
+        FormatChatGenerationSFT,
+        FormatTextGenerationDPO,
+        FormatTextGenerationSFT,
+    )
     from castore.steps.llm import ChatGeneration, TextGeneration
     from castore.steps.loaders import (
         LoadDataFromDicts,
@@ -27,18 +34,24 @@ if TYPE_CHECKING:
     )
 
 _COLUMNS, _LLM, _LOADERS = "castore.steps.columns", "castore.steps.llm", "castore.steps.loaders"
+_FORMAT = "castore.steps.formatting"
 _LAZY = {
     "ChatGeneration": _LLM,
     "CombineOutputs": _COLUMNS,
     "DeduplicateRows": _COLUMNS,
     "ExpandColumns": _COLUMNS,
     "FilterRows": _COLUMNS,
+    "FormatChatGenerationDPO": _FORMAT,
+    "FormatChatGenerationSFT": _FORMAT,
+    "FormatTextGenerationDPO": _FORMAT,
+    "FormatTextGenerationSFT": _FORMAT,
     "GroupColumns": _COLUMNS,
     "KeepColumns": _COLUMNS,
     "LoadDataFromDicts": _LOADERS,
     "LoadDataFromDisk": _LOADERS,
     "LoadDataFromFileSystem": _LOADERS,
     "LoadDataFromHub": _LOADERS,
+    "MergeColumns": _COLUMNS,
     "RenameColumns": _COLUMNS,
     "TextGeneration": _LLM,
     "UltraFeedback": "castore.steps.feedback",
@@ -53,12 +66,17 @@ __all__ = [
     "DeduplicateRows",
     "ExpandColumns",
     "FilterRows",
+    "FormatChatGenerationDPO",
+    "FormatChatGenerationSFT",
+    "FormatTextGenerationDPO",
+    "FormatTextGenerationSFT",
     "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",
     "LoadDataFromDisk",
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
+    "MergeColumns",
     "RenameColumns",
     "TextGeneration",
     "UltraFeedback",

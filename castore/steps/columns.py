@@ -57,6 +57,38 @@ class ExpandColumns(Step):
         return out
 
 
+class MergeColumns(Step):
+    """`columns` become one list column, `output_column` (default `merged_column`): a
+    list value adds its items, any other value itself, in the order of `columns`; the
+    merged columns are removed (as distilabel's MergeColumns does)."""
+
+    columns: list[str] = Field(description="Columns to merge, in order.")
+    output_column: str | None = Field(None, description="Name of the list column.")
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns)
+
+    @property
+    def outputs(self) -> list[str]:  # type: ignore[override]
+        return [self.output_column or "merged_column"]
+
+    def process(self, inputs: StepInput) -> list[dict[str, Any]]:
+        name, merged = self.outputs[0], set(self.columns)
+        out = []
+        for row in inputs:
+            values: list[Any] = []
+            for c in self.columns:
+                v = row[c]
+                values += v if isinstance(v, list) else [v]
+            out.append({**{k: v for k, v in row.items() if k not in merged}, name: values})
+        return out
+
+    def columns_after(self, available: set[str] | None) -> set[str] | None:
+        if available is None:
+            return None
+        return (available - set(self.columns)) | set(self.outputs)
+
+
 class CombineOutputs(Step):
     """Merge several predecessors row by row (`[a, b] >> combine`)."""
 

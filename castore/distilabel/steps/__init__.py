@@ -14,11 +14,11 @@ from castore.distilabel.typing import GeneratorStepOutput, StepColumns
 from castore.pipeline.batch import chunk_rows
 from castore.pipeline.step import GeneratorStep, GlobalStep, Step, StepInput, StepOutput, _Step
 from castore.pipeline.step import step as _step
-from castore.steps import _COLUMNS, _LAZY, _LOADERS
+from castore.steps import _COLUMNS, _FORMAT, _LAZY, _LOADERS
 
-# castore's column steps and loaders, under distilabel's path (its LLM tasks are in
-# .tasks, with distilabel's fields): one table, castore.steps', imported on first use.
-_HERE = {name: where for name, where in _LAZY.items() if where in (_COLUMNS, _LOADERS)}
+# castore's column, formatting and loader steps, under distilabel's path (its LLM tasks
+# are in .tasks, with distilabel's fields): one table, castore.steps', imported on first use.
+_HERE = {name: where for name, where in _LAZY.items() if where in (_COLUMNS, _FORMAT, _LOADERS)}
 
 
 def _names(columns: StepColumns | None) -> list[str]:
