@@ -32,10 +32,7 @@ INSTEAD: dict[str, str] = {
     "MlxLLM": OPENAI_SERVER,
     "EvolInstruct": "not in castore yet (issue 17's task library)",
     "EvolQuality": "not in castore yet (issue 17's task library)",
-    "SelfInstruct": "not in castore yet (issue 17's task library)",
     "Magpie": "not in castore yet (issue 17's task library)",
-    "ComplexityScorer": "not in castore yet (issue 17's task library)",
-    "QualityScorer": "not in castore yet (issue 17's task library)",
     "PrometheusEval": "not in castore yet (issue 17's task library)",
     "GenerateEmbeddings": "not in castore yet (issue 17's task library)",
     "StepResources": "castore steps take concurrency= (batches in flight) and, on Ray, "

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         FormatTextGenerationDPO,
         FormatTextGenerationSFT,
     )
+    from castore.steps.instruct import SelfInstruct
     from castore.steps.llm import ChatGeneration, TextGeneration
     from castore.steps.loaders import (
         LoadDataFromDicts,
@@ -32,12 +33,14 @@ if TYPE_CHECKING:
         LoadDataFromFileSystem,
         LoadDataFromHub,
     )
+    from castore.steps.scorers import ComplexityScorer, QualityScorer
 
 _COLUMNS, _LLM, _LOADERS = "castore.steps.columns", "castore.steps.llm", "castore.steps.loaders"
 _FORMAT = "castore.steps.formatting"
 _LAZY = {
     "ChatGeneration": _LLM,
     "CombineOutputs": _COLUMNS,
+    "ComplexityScorer": "castore.steps.scorers",
     "DeduplicateRows": _COLUMNS,
     "ExpandColumns": _COLUMNS,
     "FilterRows": _COLUMNS,
@@ -52,7 +55,9 @@ _LAZY = {
     "LoadDataFromFileSystem": _LOADERS,
     "LoadDataFromHub": _LOADERS,
     "MergeColumns": _COLUMNS,
+    "QualityScorer": "castore.steps.scorers",
     "RenameColumns": _COLUMNS,
+    "SelfInstruct": "castore.steps.instruct",
     "TextGeneration": _LLM,
     "UltraFeedback": "castore.steps.feedback",
 }
@@ -63,6 +68,7 @@ __getattr__, __dir__ = lazy_module(__name__, _LAZY, globals())
 __all__ = [
     "ChatGeneration",
     "CombineOutputs",
+    "ComplexityScorer",
     "DeduplicateRows",
     "ExpandColumns",
     "FilterRows",
@@ -77,7 +83,9 @@ __all__ = [
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
     "MergeColumns",
+    "QualityScorer",
     "RenameColumns",
+    "SelfInstruct",
     "TextGeneration",
     "UltraFeedback",
 ]

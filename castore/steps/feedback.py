@@ -79,14 +79,9 @@ class UltraFeedback(_LLMTask):
         )
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
-    def _row(
-        self, row: dict[str, Any], text: str | None, res: Any, error: str | None
-    ) -> dict[str, Any]:
-        out = super()._row(row, text, res, error)
-        del out["generation"]
-        n = len(row.get("generations") or [])
-        ratings, rationales = parse_ratings(text, n)
-        return {**out, "ratings": ratings, "rationales": rationales}
+    def parse(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
+        ratings, rationales = parse_ratings(text, len(row.get("generations") or []))
+        return {"ratings": ratings, "rationales": rationales}
 
 
 def parse_ratings(text: str | None, n: int) -> tuple[list[int | None], list[str | None]]:

@@ -57,7 +57,11 @@ class _LLMTask(Step):
             "attempts": res.attempts if res else 0,
             "error": error,
         }
-        return {**row, "generation": text, "model_name": self.llm.model, METADATA_COLUMN: meta}
+        return {**row, **self.parse(row, text), "model_name": self.llm.model, METADATA_COLUMN: meta}
+
+    def parse(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
+        """The output columns made from the answer (None when the request failed)."""
+        return {"generation": text}
 
 
 class TextGeneration(_LLMTask):

@@ -1,7 +1,8 @@
-"""`distilabel.steps.tasks` on castore: TextGeneration and ChatGeneration with
-distilabel's fields. Jinja2 templates as distilabel's (sandboxed, a missing variable is
-an error); `add_raw_output` / `add_raw_input` write `raw_output_<step>` /
-`raw_input_<step>` into the metadata column. What castore cannot do yet is an error."""
+"""`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
+SelfInstruct, ComplexityScorer and QualityScorer with distilabel's fields. Jinja2
+templates as distilabel's (sandboxed, a missing variable is an error); `add_raw_output` /
+`add_raw_input` write `raw_output_<step>` / `raw_input_<step>` into the metadata column.
+What castore cannot do yet is an error."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from castore.distilabel._compat import unknown
 from castore.errors import PipelineError
 from castore.pipeline.step import BatchIncomplete
 from castore.steps.feedback import UltraFeedback as _UltraFeedback
+from castore.steps.instruct import SelfInstruct as _SelfInstruct
 from castore.steps.llm import ChatGeneration as _ChatGeneration
 from castore.steps.llm import TextGeneration as _TextGeneration
 from castore.steps.llm import _LLMTask
+from castore.steps.scorers import ComplexityScorer as _ComplexityScorer
+from castore.steps.scorers import QualityScorer as _QualityScorer
 from castore.store.parquet import METADATA_COLUMN
 
 
@@ -32,6 +36,8 @@ class _Compat(_LLMTask):
     def _supported(self) -> Any:
         if self.num_generations < 1:
             raise ValueError("num_generations must be at least 1")
+        if self.num_generations != 1 and "generation" not in self.outputs:
+            raise ValueError(f"{type(self).__name__}(num_generations=...): one answer per row")
         return self
 
     @property
@@ -136,12 +142,28 @@ class UltraFeedback(_Compat, _UltraFeedback):
     paper's aspects and 1-5 scale); outputs `ratings`, `rationales`, `model_name` (not
     distilabel's `types` / `rationales-for-ratings` of some aspects)."""
 
-    @model_validator(mode="after")
-    def _one_judgement(self) -> UltraFeedback:
-        if self.num_generations != 1:
-            raise ValueError("UltraFeedback(num_generations=...): one judgement per row")
-        return self
+
+class SelfInstruct(_Compat, _SelfInstruct):
+    """SelfInstruct with distilabel's fields and outputs (`instructions`, `model_name`);
+    castore's prompt, and only the numbered lines of the answer are instructions."""
 
 
-__all__ = ["ChatGeneration", "TextGeneration", "UltraFeedback"]
+class ComplexityScorer(_Compat, _ComplexityScorer):
+    """ComplexityScorer with distilabel's fields and outputs (`scores`, `model_name`);
+    castore's prompt, scores taken by item number."""
+
+
+class QualityScorer(_Compat, _QualityScorer):
+    """QualityScorer with distilabel's fields and outputs (`scores`, `model_name`);
+    castore's prompt, scores taken by item number."""
+
+
+__all__ = [
+    "ChatGeneration",
+    "ComplexityScorer",
+    "QualityScorer",
+    "SelfInstruct",
+    "TextGeneration",
+    "UltraFeedback",
+]
 __getattr__ = unknown(__name__)

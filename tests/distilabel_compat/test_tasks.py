@@ -1,0 +1,109 @@
+"""SelfInstruct, ComplexityScorer and QualityScorer under distilabel's names, against the
+local OpenAI-compatible server: what they send, what they parse (by item number, never by
+line position), what an answer they cannot parse gives (None or nothing, the raw answer
+kept), and that answered rows are not paid for again."""
+
+from __future__ import annotations
+
+import pytest
+
+from castore.steps.instruct import parse_numbered
+from castore.steps.scorers import parse_scores
+from tests.distilabel_compat.test_compat import server  # noqa: F401 - the fixture
+
+
+def test_self_instruct_then_expand_and_a_row_appended(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import ExpandColumns, LoadDataFromDicts
+    from castore.distilabel.steps.tasks import SelfInstruct
+
+    def reply(req):
+        topic = req["messages"][-1]["content"].rsplit("\n", 1)[-1]
+        if topic == "nothing":
+            return "I cannot think of any."
+        return f"Here you go:\n1. What is {topic}?\n2) Why {topic}?\n3. How {topic}?\nEnjoy!"
+
+    server.reply = reply
+
+    def build(topics):
+        with Pipeline(name="self-instruct") as p:
+            load = LoadDataFromDicts(data=[{"input": t} for t in topics])
+            gen = SelfInstruct(
+                llm=OpenAILLM(model="m"), num_instructions=2, application_description="a quiz"
+            )
+            load >> gen >> ExpandColumns(columns=["instructions"])
+        return p
+
+    train = build(["tides", "nothing"]).run()["default"]["train"]
+    # Two instructions from the numbered lines (no preamble, at most num_instructions);
+    # an answer without a numbered line gives no instruction, so no expanded row.
+    assert train["instructions"] == ["What is tides?", "Why tides?"]
+    sent = server.bodies[0]["messages"][-1]["content"]
+    assert "a quiz" in sent and "Write 2 queries" in sent
+    assert server.requests == 2
+    build(["tides", "nothing", "comets"]).run()
+    assert server.requests == 3  # only the appended row was asked
+
+
+def test_complexity_and_quality_scores_by_item_number(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import ComplexityScorer, QualityScorer
+
+    def reply(req):
+        text = req["messages"][-1]["content"]
+        if "[1] easy" in text:
+            return "Sure, here are the scores:\n[2] Score: 5\n[1] Score: 2"
+        if "Instruction: q1" in text:
+            return "[1] Score: 4\n[2] Score: none\n[3] Score: 1.5"
+        return "no idea"
+
+    server.reply = reply
+    with Pipeline(name="scorers", enable_metadata=True) as p:
+        load = LoadDataFromDicts(
+            data=[
+                {
+                    "instructions": ["easy", "hard"],
+                    "instruction": "q1",
+                    "responses": ["a", "b", "c"],
+                },
+                {"instructions": ["x"], "instruction": "q2", "responses": ["d"]},
+            ]
+        )
+        (
+            load
+            >> ComplexityScorer(llm=OpenAILLM(model="m"))
+            >> QualityScorer(llm=OpenAILLM(model="m"), output_mappings={"scores": "quality"})
+        )
+    train = p.run()["default"]["train"]
+    assert train["scores"] == [[2.0, 5.0], [None]]  # by number: a preamble shifts nothing
+    assert train["quality"] == [[4.0, None, 1.5], [None]]
+    meta = train["distilabel_metadata"][1]
+    assert meta["raw_output_complexity_scorer_0"] == "no idea"
+    assert server.requests == 4
+    p.run()
+    assert server.requests == 4
+
+
+def test_tasks_with_one_answer_per_row_refuse_num_generations():
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.steps.tasks import ComplexityScorer, SelfInstruct
+
+    for cls in (ComplexityScorer, SelfInstruct):
+        with pytest.raises(ValueError, match="one answer per row"):
+            cls(llm=OpenAILLM(model="m"), num_generations=2)
+
+
+def test_parsers():
+    assert parse_scores("[1] Score: 3\n**[2] Score:** 5\n[3] score: x\n[9] Score: 1", 3) == [
+        3.0,
+        5.0,
+        None,
+    ]
+    assert parse_scores(None, 2) == [None, None]
+    assert parse_scores("[1] Score: 2\n[1] Score: 6", 1) == [2.0]  # the first line counts
+    assert parse_numbered("Intro:\n1. a\n2) b\n**3.** c\nBye", 5) == ["a", "b", "c"]
+    assert parse_numbered("1. a\n2. b\n3. c", 2) == ["a", "b"]
+    assert parse_numbered("just text", 3) == []
