@@ -118,3 +118,15 @@ def test_a_kept_table_is_what_the_store_reads_back(store):
     coded = pa.table({"c": pa.array(["x", "y"]).dictionary_encode()})
     assert not round_trips(coded.schema)
     assert not round_trips(pa.schema([("d", pa.decimal128(5, 2))]))
+
+
+def test_read_types_are_remembered_per_exact_schema():
+    """The read-back schema is looked up once per schema, by every name and metadata
+    value: tables differing only in long metadata are not confused."""
+    rows = [{"l": [1, 2]}]
+    a = pa.Table.from_pylist(rows).replace_schema_metadata({"k": "a" * 300})
+    b = pa.Table.from_pylist(rows).replace_schema_metadata({"k": "a" * 299 + "b"})
+    for t in (a, b, a):
+        kept = as_read(t, encode_parquet(t))
+        assert kept is not None and kept.schema.metadata == t.schema.metadata
+        assert kept.schema.field("l").type.value_field.name == "element"

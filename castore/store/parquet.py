@@ -43,6 +43,9 @@ def encode_parquet(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
+_READ_SCHEMAS: dict[bytes, pa.Schema] = {}
+
+
 def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
     """`table`, encoded as `buf`, with the types reading `buf` gives (a list's item
     field, for one, reads back named "element"): the same buffers, relabelled, so a
@@ -52,8 +55,16 @@ def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(pa.BufferReader(buf))
-    if str(schema) == str(table.schema):
+    # The footer says it; reading it costs about a third of decoding a small batch, so
+    # each schema is read once per process (the schema alone decides the read types).
+    key = _spelled(table.schema)
+    schema = _READ_SCHEMAS.get(key)
+    if schema is None:
+        schema = pq.read_schema(pa.BufferReader(buf))
+        if len(_READ_SCHEMAS) >= 256:
+            _READ_SCHEMAS.clear()
+        _READ_SCHEMAS[key] = schema
+    if _spelled(schema) == key:
         return table
     if not all(_unsliced(ch) for col in table.columns for ch in col.chunks):
         return None
@@ -65,6 +76,12 @@ def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
         return pa.Table.from_arrays(columns, schema=schema)  # validates lengths
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         return None
+
+
+def _spelled(schema: pa.Schema) -> bytes:
+    """Every name (a list's item field's too), type and metadata value of a schema: its
+    IPC form (str() truncates metadata, and == ignores a list's item field name)."""
+    return bytes(schema.serialize().to_pybytes())
 
 
 def _unsliced(arr: pa.Array) -> bool:
