@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         MergeColumns,
         RenameColumns,
     )
+    from castore.steps.evol import EvolInstruct
     from castore.steps.feedback import UltraFeedback
     from castore.steps.formatting import (
         FormatChatGenerationDPO,
@@ -42,6 +43,7 @@ _LAZY = {
     "CombineOutputs": _COLUMNS,
     "ComplexityScorer": "castore.steps.scorers",
     "DeduplicateRows": _COLUMNS,
+    "EvolInstruct": "castore.steps.evol",
     "ExpandColumns": _COLUMNS,
     "FilterRows": _COLUMNS,
     "FormatChatGenerationDPO": _FORMAT,
@@ -70,6 +72,7 @@ __all__ = [
     "CombineOutputs",
     "ComplexityScorer",
     "DeduplicateRows",
+    "EvolInstruct",
     "ExpandColumns",
     "FilterRows",
     "FormatChatGenerationDPO",

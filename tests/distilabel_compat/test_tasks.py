@@ -107,3 +107,57 @@ def test_parsers():
     assert parse_numbered("Intro:\n1. a\n2) b\n**3.** c\nBye", 5) == ["a", "b", "c"]
     assert parse_numbered("1. a\n2. b\n3. c", 2) == ["a", "b"]
     assert parse_numbered("just text", 3) == []
+
+
+def test_evol_instruct_rounds_answers_and_a_failed_row(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import EvolInstruct
+
+    def reply(req):
+        text = req["messages"][-1]["content"]
+        if "Instruction:\n" in text:  # a mutation round: the instruction is last
+            return "  harder: " + text.rsplit("Instruction:\n", 1)[1] + "\n"
+        return f"answer to {text}"
+
+    server.reply = reply
+    server.always_fail = "poison"
+    data = [{"instruction": "q1"}, {"instruction": "poison"}, {"instruction": "q3"}]
+
+    def build():
+        with Pipeline(name="evol") as p:
+            LoadDataFromDicts(data=data) >> EvolInstruct(
+                llm=OpenAILLM(model="m", max_retries=0),
+                num_evolutions=2,
+                store_evolutions=True,
+                generate_answers=True,
+                on_error="skip",
+            )
+        return p
+
+    rows = build().run()["default"]["train"].to_list()
+    assert rows[0]["evolved_instructions"] == ["harder: q1", "harder: harder: q1"]
+    assert rows[0]["answers"] == ["answer to harder: q1", "answer to harder: harder: q1"]
+    assert rows[1]["evolved_instructions"] is None and rows[1]["answers"] is None
+    paid = server.requests  # 2 rounds + 2 answers for each good row, 1 failed request
+    assert paid == 2 * 4 + 1
+    server.always_fail = "\x00never"
+    rows = build().run()["default"]["train"].to_list()
+    assert rows[1]["evolved_instructions"] == ["harder: poison", "harder: harder: poison"]
+    assert server.requests == paid + 4  # only the failed row is asked again
+
+
+def test_evol_instruct_mutations_are_drawn_per_row_and_round_not_per_call():
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.steps.tasks import EvolInstruct
+
+    a = EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3)
+    b = EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3)
+    picks = [a.mutation(f"q{i}", f"q{i}", r) for i in range(30) for r in range(3)]
+    assert picks == [b.mutation(f"q{i}", f"q{i}", r) for i in range(30) for r in range(3)]
+    assert len(set(picks)) > 1  # not one template for everything
+    other = EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3, seed=7)
+    assert picks != [other.mutation(f"q{i}", f"q{i}", r) for i in range(30) for r in range(3)]
+    with pytest.raises(ValueError, match="has no <PROMPT>"):
+        EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=1, mutation_templates={"x": "hi"})

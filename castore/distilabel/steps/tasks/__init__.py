@@ -1,8 +1,8 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
-SelfInstruct, ComplexityScorer and QualityScorer with distilabel's fields. Jinja2
-templates as distilabel's (sandboxed, a missing variable is an error); `add_raw_output` /
-`add_raw_input` write `raw_output_<step>` / `raw_input_<step>` into the metadata column.
-What castore cannot do yet is an error."""
+SelfInstruct, EvolInstruct, ComplexityScorer and QualityScorer with distilabel's fields.
+Jinja2 templates as distilabel's (sandboxed, a missing variable is an error);
+`add_raw_output` / `add_raw_input` write `raw_output_<step>` / `raw_input_<step>` into
+the metadata column. What castore cannot do yet is an error."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import model_validator
 from castore.distilabel._compat import unknown
 from castore.errors import PipelineError
 from castore.pipeline.step import BatchIncomplete
+from castore.steps.evol import EvolInstruct as _EvolInstruct
 from castore.steps.feedback import UltraFeedback as _UltraFeedback
 from castore.steps.instruct import SelfInstruct as _SelfInstruct
 from castore.steps.llm import ChatGeneration as _ChatGeneration
@@ -148,6 +149,11 @@ class SelfInstruct(_Compat, _SelfInstruct):
     castore's prompt, and only the numbered lines of the answer are instructions."""
 
 
+class EvolInstruct(_Compat, _EvolInstruct):
+    """EvolInstruct with distilabel's fields and outputs; castore's mutation templates,
+    and each row's mutations drawn from `seed` and the row (the same in every run)."""
+
+
 class ComplexityScorer(_Compat, _ComplexityScorer):
     """ComplexityScorer with distilabel's fields and outputs (`scores`, `model_name`);
     castore's prompt, scores taken by item number."""
@@ -161,6 +167,7 @@ class QualityScorer(_Compat, _QualityScorer):
 __all__ = [
     "ChatGeneration",
     "ComplexityScorer",
+    "EvolInstruct",
     "QualityScorer",
     "SelfInstruct",
     "TextGeneration",
