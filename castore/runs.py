@@ -3,12 +3,15 @@ rule for every command. (Rebuilding a run's pipeline is castore.pipeline.targets
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from castore.errors import CastoreError, ConfigError, NothingToResume
+from castore.errors import AmbiguousId, CastoreError, ConfigError, NothingToResume, UnknownObject
+from castore.hashing import validate_prefix
 from castore.store import Store, live_lock
+from castore.store import layout as L
 from castore.store.manifests import RunManifest, load_model
 
 
@@ -100,7 +103,7 @@ def _any_run(store: Store, spec: str) -> RunInfo | None:
     if len(spec) < 8 or any(c not in "0123456789abcdef" for c in spec):
         return None
     try:
-        oid = store.resolve(spec)
+        oid = resolve(store, spec)
         man = load_model(store, oid, RunManifest)
     except CastoreError:
         return None
@@ -134,3 +137,21 @@ def latest_resumable(store: Store, name: str | None = None) -> RunInfo:
             return r
     what = f"pipeline {name!r}" if name else "any pipeline"
     raise NothingToResume(f"nothing to resume: no interrupted or failed run of {what}")
+
+
+def resolve(store: Store, prefix: str) -> str:
+    """An object's full id from a unique prefix of >= 8 hex chars (or a full id)."""
+    validate_prefix(prefix)
+    if len(prefix) == 64:
+        return prefix
+    try:
+        names = os.listdir(os.path.join(store.layout.dir(L.OBJECTS), prefix[:2]))
+    except FileNotFoundError:
+        names = []
+    found = [prefix[:2] + n for n in names if (prefix[:2] + n).startswith(prefix)]
+    found = [f for f in found if L.path_to_oid(f[:2], f[2:])]
+    if not found:
+        raise UnknownObject(f"no object matches {prefix!r}")
+    if len(found) > 1:
+        raise AmbiguousId(f"{prefix!r} is ambiguous: matches {len(found)} ids; type more")
+    return found[0]

@@ -6,6 +6,7 @@ import sys
 import click
 from castore.cli.common import SHORT_HELP, App, common_options, echo_json
 
+from castore.runs import resolve
 from castore.store.parquet import PARQUET_MAGIC
 
 
@@ -23,7 +24,7 @@ def command(app: App, object_id: str, limit: int | None, as_json: bool) -> None:
     OBJECT_ID is a full id or a unique prefix of at least 8 hex characters.
     """
     store = app.store()
-    oid = store.resolve(object_id)
+    oid = resolve(store, object_id)
     data = store.get_bytes(oid)
     if data[:4] != PARQUET_MAGIC:
         if as_json:

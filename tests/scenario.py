@@ -24,8 +24,15 @@ def dataset(cache: Path, sig: str) -> list[dict]:
 
 
 def _actions(cache: Path) -> int:
+    """Action entries written so far: loose files, and the lines of run journals (a run
+    alone on its store appends its entries there)."""
     base = cache / "actions"
-    return sum(len(os.listdir(base / d)) for d in os.listdir(base)) if base.exists() else 0
+    if not base.exists():
+        return 0
+    loose = sum(len(os.listdir(base / d)) for d in os.listdir(base) if len(d) == 2)
+    journal = base / "journal"
+    lines = sum(p.read_bytes().count(b"\n") for p in journal.iterdir()) if journal.exists() else 0
+    return loose + lines
 
 
 def _has_ref(cache: Path) -> bool:

@@ -3,7 +3,6 @@ dataset as threads and processes; an interrupted run resumes on another executor
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -14,6 +13,7 @@ from castore.pipeline.pipeline import load_file_module
 from castore.store import Store
 from castore.store.manifests import StepManifest, load_model
 from tests.conftest import REPO, run_cas, start_cas
+from tests.scenario import _actions
 
 CPU = REPO / "tests" / "pipelines" / "cpu.py"
 BATCHES = 20  # 400 rows / 20
@@ -45,9 +45,7 @@ def test_threads_processes_ray_agree(tmp_path):
 def _wait_entries(cache, n, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        base = cache / "actions"
-        count = sum(len(os.listdir(base / d)) for d in os.listdir(base)) if base.exists() else 0
-        if count >= n and (cache / "refs" / "runs" / "cpu").exists():
+        if _actions(cache) >= n and (cache / "refs" / "runs" / "cpu").exists():
             return
         if proc.poll() is not None:
             pytest.fail(f"run ended early: {proc.communicate()}")

@@ -19,6 +19,7 @@ from castore.errors import (
     UnknownObject,
 )
 from castore.hashing import hash_bytes
+from castore.runs import resolve
 from castore.store import ActionEntry, Store
 
 
@@ -176,11 +177,11 @@ def test_bad_ids_refused_everywhere(store, oid):
 
 def test_prefix_resolution(store):
     oid = store.put_bytes(b"prefix me")
-    assert store.resolve(oid[:8]) == oid
+    assert resolve(store, oid[:8]) == oid
     with pytest.raises(UnknownObject):
-        store.resolve("0" * 8 if not oid.startswith("00000000") else "f" * 8)
+        resolve(store, "0" * 8 if not oid.startswith("00000000") else "f" * 8)
     with pytest.raises(InvalidObjectId):
-        store.resolve(oid[:7])
+        resolve(store, oid[:7])
 
 
 def test_layout_version_refused(tmp_path):

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from castore.store.journal import JournalWriter
 from castore.store.locks import live_lock
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Neighbours:
     """This run's view of the other live runs on its store."""
 
     def __init__(self, store: Store, lock: FileLock) -> None:
+        self.store = store
         self.dir = store.layout.run_locks_dir()
         self.lock = lock
         self.own = os.path.basename(lock.path)
@@ -55,6 +57,8 @@ class Neighbours:
         self.shared = bool(self.others())
         self._since: float | None = time.monotonic() if self.shared else None
         self._told = False
+        if not self.shared:  # alone: entries go to one journal (castore.store.journal)
+            store.journal = JournalWriter(store, self.own)
         lock.update_detail(leases=SHARED if self.shared else ALONE)
 
     def _stat(self) -> int:
@@ -92,6 +96,11 @@ class Neighbours:
         if not self.others():
             return False
         take_inflight()
+        # Every append is in the journal before the newcomer reads it (after our
+        # "shared"); later entries are loose files, which it finds as they land.
+        journal, self.store.journal = self.store.journal, None
+        if journal is not None:
+            journal.close()
         # Nothing to wait for: a newcomer found this run at its start, so it waits for
         # this "shared" before computing anything.
         self.shared = True
@@ -112,6 +121,7 @@ class Neighbours:
         ]
         if not waiting:
             self._since = None  # acknowledged: never asked again
+            self.store.journals.refresh()  # their journals are complete now
             return True
         waited = time.monotonic() - self._since
         if waited > ACK_TIMEOUT:

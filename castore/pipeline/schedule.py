@@ -456,6 +456,7 @@ class Scheduler:
                     log.warning("step %s: unload() failed: %s", step.name, e)
         if self.neighbours is not None:
             self.neighbours.done()  # no run needs to wait for this one any more
+        actionpack.fold_journals(self.store, self.run_id)
 
     def start_generators(self) -> None:
         for name, step in self.steps.items():

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
 from castore.hashing import validate_id
+from castore.store import journal
 from castore.store import layout as L
 
 if TYPE_CHECKING:
@@ -230,3 +231,24 @@ def repack(store: Store, drop: set[str]) -> set[str]:
                     continue
             os.unlink(path)
     return replaced
+
+
+def fold_journals(store: Store, own: str | None) -> None:
+    """A run's end: its journal (closed first), and those of runs that died, become an
+    entry pack (loose files when fewer than PACK_AFTER entries), then go. An entry whose
+    loose file stands (a newer entry, or a tombstone) is not folded."""
+    if store.journal is not None:
+        store.journal.close()
+        store.journal = None
+    for run_id in journal.journals_to_fold(store, own):
+        entries = {
+            key: raw
+            for key, raw in journal.journal_entries(store, run_id).items()
+            if not os.path.lexists(store.layout.action_path(key))
+        }
+        if len(entries) >= PACK_AFTER:
+            write_pack(store, entries)
+        else:
+            for key, raw in entries.items():
+                store.write_file(store.layout.action_path(key), raw)
+        journal.remove(store, run_id)

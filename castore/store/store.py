@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import (
-    AmbiguousId,
     CorruptObject,
     DamagedRef,
     InvalidObjectId,
@@ -39,11 +38,11 @@ from castore.hashing import (
     hash_bytes,
     hash_file,
     validate_id,
-    validate_prefix,
 )
 from castore.store import actionpack
 from castore.store import layout as L
 from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
+from castore.store.journal import Journals, JournalWriter
 from castore.store.locks import FileLock, require_posix
 from castore.store.models import ActionEntry, LayoutInfo
 from castore.store.parquet import encode_parquet, read_parquet
@@ -75,6 +74,9 @@ class Store:
         self.fsync = fsync if fsync is not None else os.environ.get("CASTORE_FSYNC") == "1"
         self.read_only = read_only
         self._entry_packs: actionpack.Packs | None = None
+        self._journals: Journals | None = None
+        # Set while this process's run is alone on the store (castore.store.journal).
+        self.journal: JournalWriter | None = None
         self._open(create and not read_only)
 
     # -- opening -------------------------------------------------------------------------
@@ -339,24 +341,6 @@ class Store:
                     continue
                 yield oid
 
-    def resolve(self, prefix: str, kind: str = L.OBJECTS) -> str:
-        """A full id from a unique prefix of >= 8 hex chars (or a full id)."""
-        validate_prefix(prefix)
-        if len(prefix) == 64:
-            return prefix
-        shard = os.path.join(self.layout.dir(kind), prefix[:2])
-        try:
-            names = os.listdir(shard)
-        except FileNotFoundError:
-            names = []
-        found = [prefix[:2] + n for n in names if (prefix[:2] + n).startswith(prefix)]
-        found = [f for f in found if L.path_to_oid(f[:2], f[2:])]
-        if not found:
-            raise UnknownObject(f"no object matches {prefix!r}")
-        if len(found) > 1:
-            raise AmbiguousId(f"{prefix!r} is ambiguous: matches {len(found)} ids; type more")
-        return found[0]
-
     # -- action entries ------------------------------------------------------------------
 
     def put_action(self, key: str, entry: ActionEntry, *, made_here: bool = False) -> None:
@@ -369,15 +353,24 @@ class Store:
         check = entry_check(key, entry.outputs, entry.rows) if made_here else None
         if entry.check != check:
             entry = entry.model_copy(update={"check": check})
-        self.write_file(self.layout.action_path(key), entry.model_dump_json().encode())
+        raw = entry.model_dump_json().encode()
+        if self.journal is not None and self.journal.append(key, raw):
+            self.journals.add(key, raw)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layout.action_path(key))  # a tombstone would shadow it
+            return
+        self.write_file(self.layout.action_path(key), raw)
 
     def read_action(self, key: str) -> bytes | None:
-        """The entry's JSON as stored: the loose file, else the packed copy (a loose
-        tombstone shadows a packed entry that was dropped); None when there is none."""
+        """The entry's JSON as stored: the loose file, else the journaled, else the packed
+        copy (a loose tombstone shadows an entry that was dropped); None when none."""
         try:
             with open(self.layout.action_path(key), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
+            journaled = self.journals.get(key)
+            if journaled is not None:
+                return journaled
             packed = self.entry_packs.find(key)
             return packed.encode() if packed is not None else None
         return None if raw == actionpack.TOMBSTONE else raw
@@ -416,7 +409,7 @@ class Store:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.action_path(key))
-        if self.entry_packs.find(key) is not None:
+        if self.journals.get(key) is not None or self.entry_packs.find(key) is not None:
             self.write_file(self.layout.action_path(key), actionpack.TOMBSTONE)
 
     def iter_actions(self) -> Iterator[str]:
@@ -425,6 +418,10 @@ class Store:
         for key in self._iter_sharded(L.ACTIONS):
             seen.add(key)
             if self.read_action(key) is not None:
+                yield key
+        for key in self.journals.keys():
+            if key not in seen:
+                seen.add(key)
                 yield key
         for key in self.entry_packs.keys():
             if key not in seen:
@@ -436,6 +433,12 @@ class Store:
         if self._entry_packs is None:
             self._entry_packs = actionpack.Packs(self)
         return self._entry_packs
+
+    @property
+    def journals(self) -> Journals:
+        if self._journals is None:
+            self._journals = Journals(self)
+        return self._journals
 
     # -- row-key index segments -----------------------------------------------------------
 
