@@ -135,12 +135,18 @@ if sys.argv[1] == "floor":  # the loop and what it imports (pyarrow), nothing of
 else:  # castore imports what it needs (not `datasets`: a run does not)
     import bench_overhead as b
     b.anchor(b.anchor_rows(), Path(tempfile.mkdtemp()) / "cache")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM is this process's own peak (a new address space at exec); ru_maxrss is not: Linux
+# keeps it across execve, so it would report the parent's size when the parent is larger.
+try:
+    with open("/proc/self/status") as f:
+        print(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024)
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
 def peak_mib(kind: str) -> float:
-    """Peak RSS of the cold anchor run (or its floor) in a fresh process (Linux: KiB)."""
+    """Peak RSS of the cold anchor run (or its floor) in a fresh process, MiB."""
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_CHILD, kind, str(Path(__file__).resolve().parent)],
         check=True,
