@@ -29,24 +29,26 @@ def parse_scores(text: str | None, n: int) -> list[float | None]:
     return scores
 
 
-def _items(step: str | None, row: dict[str, Any], column: str) -> list[Any]:
-    items = row.get(column)
-    if not isinstance(items, list) or not items:
-        raise PipelineError(f"step {step}: {column!r} must be a non-empty list")
-    return items
-
-
-def _numbered(items: list[Any]) -> str:
-    return "\n".join(f"[{k}] {item}" for k, item in enumerate(items, 1))
-
-
-def _answer_lines(n: int) -> str:
-    return "\n".join(f"[{k}] Score: <score>" for k in range(1, n + 1))
-
-
 class _Scorer(_LLMTask):
     outputs = ["scores", "model_name"]
     column: ClassVar[str] = ""  # the list column scored
+
+    def ask(self, row: dict[str, Any], n: int) -> str:
+        """What the judge is asked, before the numbered items."""
+        raise NotImplementedError
+
+    def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        items = row.get(self.column)
+        if not isinstance(items, list) or not items:
+            raise PipelineError(f"step {self.name}: {self.column!r} must be a non-empty list")
+        n = len(items)
+        numbered = "\n".join(f"[{k}] {item}" for k, item in enumerate(items, 1))
+        lines = "\n".join(f"[{k}] Score: <score>" for k in range(1, n + 1))
+        user = (
+            f"{self.ask(row, n)}\n\n{numbered}\n\n"
+            f"Answer with exactly these lines and nothing else:\n{lines}"
+        )
+        return [{"role": "user", "content": user}]
 
     def parse(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
         return {"scores": parse_scores(text, len(row.get(self.column) or []))}
@@ -59,18 +61,13 @@ class ComplexityScorer(_Scorer):
     inputs = ["instructions"]
     column: ClassVar[str] = "instructions"
 
-    def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        items = _items(self.name, row, self.column)
-        n = len(items)
-        user = (
+    def ask(self, row: dict[str, Any], n: int) -> str:
+        return (
             f"Rate how complex each of the {n} instructions below is to carry out well: "
             "1 for a trivial request, higher for ones that need more steps, knowledge, "
             "constraints or reasoning. Compare them with each other: a more demanding "
-            "instruction gets a higher score.\n\n"
-            f"{_numbered(items)}\n\n"
-            f"Answer with exactly these lines and nothing else:\n{_answer_lines(n)}"
+            "instruction gets a higher score."
         )
-        return [{"role": "user", "content": user}]
 
 
 class QualityScorer(_Scorer):
@@ -80,15 +77,10 @@ class QualityScorer(_Scorer):
     inputs = ["instruction", "responses"]
     column: ClassVar[str] = "responses"
 
-    def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        items = _items(self.name, row, self.column)
-        n = len(items)
-        user = (
+    def ask(self, row: dict[str, Any], n: int) -> str:
+        return (
             f"Rate the quality of each of the {n} responses below to the instruction: how "
             "helpful, correct, relevant, clear and detailed it is. A better response gets "
             "a higher score, starting at 1 for a useless one.\n\n"
-            f"Instruction: {row.get('instruction')}\n\n"
-            f"{_numbered(items)}\n\n"
-            f"Answer with exactly these lines and nothing else:\n{_answer_lines(n)}"
+            f"Instruction: {row.get('instruction')}"
         )
-        return [{"role": "user", "content": user}]
