@@ -34,8 +34,6 @@ INSTEAD: dict[str, str] = {
     "Magpie": "not in castore yet (issue 17's task library)",
     "PrometheusEval": "not in castore yet (issue 17's task library)",
     "GenerateEmbeddings": "not in castore yet (issue 17's task library)",
-    "StepResources": "castore steps take concurrency= (batches in flight) and, on Ray, "
-    "resources={'num_gpus': ...}",
     "RayPipeline": "use castore.distilabel.pipeline.Pipeline and run(executor='ray')",
 }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -319,8 +319,7 @@ class RayExecutor:
         self._waiter.start()
 
     def submit(self, task: Task) -> None:
-        resources = task.step.resources or {}
-        opts = {k: resources[k] for k in ("num_cpus", "num_gpus") if k in resources}
+        opts = ray_options(task.step.resources)
         fn = self._fn.options(**opts) if opts else self._fn
         b = task.batch
         if self._remote is not None:
@@ -388,10 +387,32 @@ def pickle_steps_by_value(pipeline: Any) -> None:
 EXECUTORS = ("threads", "processes", "ray")
 
 
-def check_executor(kind: str, ray_storage: str, remote: Any) -> None:
+RAY_OPTIONS = ("num_cpus", "num_gpus", "memory")  # Ray task options; other keys: custom
+
+
+def ray_options(resources: dict[str, float] | None) -> dict[str, Any]:
+    """A step's `resources` as Ray task options: num_cpus, num_gpus and memory (bytes) as
+    such, any other key a custom resource."""
+    res = resources or {}
+    opts: dict[str, Any] = {k: res[k] for k in RAY_OPTIONS if k in res}
+    custom = {k: v for k, v in res.items() if k not in RAY_OPTIONS}
+    if custom:
+        opts["resources"] = custom
+    return opts
+
+
+def check_executor(kind: str, ray_storage: str, remote: Any, steps: Iterable[_Step] = ()) -> None:
     """Refuse an executor setup that cannot work, before anything runs."""
     from castore.errors import PipelineError
 
+    if kind != "ray":
+        wanting = next((s for s in steps if s.resources), None)
+        if wanting is not None:
+            # Threads and processes cannot reserve them: running anyway would ignore them.
+            raise PipelineError(
+                f"step {wanting.name}: resources={wanting.resources} are reserved per batch "
+                "on Ray only; run with executor='ray' (cas run --executor ray) or drop them"
+            )
     if kind not in EXECUTORS:
         raise PipelineError(f"unknown executor {kind!r}: use {', '.join(EXECUTORS)}")
     if ray_storage not in ("store", "remote"):

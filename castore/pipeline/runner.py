@@ -51,7 +51,7 @@ class Runner:
         ray_address: str | None = None,
         ray_storage: str = "store",
     ) -> None:
-        check_executor(executor, ray_storage, remote)
+        check_executor(executor, ray_storage, remote, pipeline.steps.values())
         self.p, self.store, self.quiet, self.stop_grace = pipeline, store, quiet, stop_grace
         self.executor_kind, self.ray_address, self.ray_storage = executor, ray_address, ray_storage
         self.remote, self.push, self.use_cache = remote, push, use_cache

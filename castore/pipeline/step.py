@@ -14,7 +14,15 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
 from castore.fingerprint import code_parts, code_version
@@ -109,6 +117,23 @@ class _Step(BaseModel):
 
     _pipeline: Pipeline | None = PrivateAttr(None)
     _loaded: bool = PrivateAttr(False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resources_object(cls, data: Any) -> Any:
+        """`resources=` an object with `as_step_fields()` (distilabel's StepResources,
+        castore.distilabel.steps): the step fields it stands for; a field also given
+        with another value is an error, not a silent choice."""
+        if not isinstance(data, dict) or not hasattr(data.get("resources"), "as_step_fields"):
+            return data
+        data = dict(data)
+        for key, value in data.pop("resources").as_step_fields().items():
+            if key in data and data[key] != value:
+                raise ValueError(
+                    f"resources sets {key}={value!r} but {key}={data[key]!r} is given too"
+                )
+            data[key] = value
+        return data
 
     @field_validator("input_mappings")
     @classmethod

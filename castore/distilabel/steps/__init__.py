@@ -8,6 +8,8 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from castore import lazy_module
 from castore.distilabel._compat import unknown
 from castore.distilabel.typing import GeneratorStepOutput, StepColumns
@@ -19,6 +21,31 @@ from castore.steps import _COLUMNS, _FORMAT, _LAZY, _LOADERS
 # castore's column, formatting and loader steps, under distilabel's path (its LLM tasks
 # are in .tasks, with distilabel's fields): one table, castore.steps', imported on first use.
 _HERE = {name: where for name, where in _LAZY.items() if where in (_COLUMNS, _FORMAT, _LOADERS)}
+
+
+class StepResources(BaseModel):
+    """distilabel's StepResources. `replicas` becomes the step's `concurrency` (calls of
+    `process` at once; threads share one `load()`); `cpus`, `gpus`, `memory` (bytes) and
+    custom `resources` are reserved per batch on Ray, and any other executor refuses them
+    rather than run without them."""
+
+    replicas: int = Field(1, ge=1)
+    cpus: float | None = None
+    gpus: float | None = None
+    memory: int | None = None
+    resources: dict[str, float] | None = None
+
+    def as_step_fields(self) -> dict[str, Any]:
+        ray = {
+            k: v
+            for k, v in (("num_cpus", self.cpus), ("num_gpus", self.gpus), ("memory", self.memory))
+            if v is not None
+        }
+        ray.update(self.resources or {})
+        fields: dict[str, Any] = {"resources": ray or None}
+        if self.replicas != 1:
+            fields["concurrency"] = self.replicas
+        return fields
 
 
 def _names(columns: StepColumns | None) -> list[str]:
@@ -71,6 +98,7 @@ __all__ = [
     "Step",
     "StepInput",
     "StepOutput",
+    "StepResources",
     "step",
 ]
 __all__ += sorted(_HERE)
