@@ -30,7 +30,6 @@ INSTEAD: dict[str, str] = {
     "VertexAILLM": "not supported yet: castore speaks the OpenAI-compatible API",
     "CohereLLM": "not supported yet: castore speaks the OpenAI-compatible API",
     "MlxLLM": OPENAI_SERVER,
-    "EvolQuality": "not in castore yet (issue 17's task library)",
     "Magpie": "not in castore yet (issue 17's task library)",
     "PrometheusEval": "not in castore yet (issue 17's task library)",
     "GenerateEmbeddings": "not in castore yet (issue 17's task library)",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
         MergeColumns,
         RenameColumns,
     )
-    from castore.steps.evol import EvolInstruct
+    from castore.steps.evol import EvolInstruct, EvolQuality
     from castore.steps.feedback import UltraFeedback
     from castore.steps.formatting import (
         FormatChatGenerationDPO,
@@ -44,6 +44,7 @@ _LAZY = {
     "ComplexityScorer": "castore.steps.scorers",
     "DeduplicateRows": _COLUMNS,
     "EvolInstruct": "castore.steps.evol",
+    "EvolQuality": "castore.steps.evol",
     "ExpandColumns": _COLUMNS,
     "FilterRows": _COLUMNS,
     "FormatChatGenerationDPO": _FORMAT,
@@ -73,6 +74,7 @@ __all__ = [
     "ComplexityScorer",
     "DeduplicateRows",
     "EvolInstruct",
+    "EvolQuality",
     "ExpandColumns",
     "FilterRows",
     "FormatChatGenerationDPO",

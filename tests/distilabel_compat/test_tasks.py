@@ -152,12 +152,55 @@ def test_evol_instruct_mutations_are_drawn_per_row_and_round_not_per_call():
     from castore.distilabel.models import OpenAILLM
     from castore.distilabel.steps.tasks import EvolInstruct
 
+    def picks(task):
+        return [
+            task.mutation({"instruction": f"q{i}"}, f"q{i}", r) for i in range(30) for r in range(3)
+        ]
+
     a = EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3)
     b = EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3)
-    picks = [a.mutation(f"q{i}", f"q{i}", r) for i in range(30) for r in range(3)]
-    assert picks == [b.mutation(f"q{i}", f"q{i}", r) for i in range(30) for r in range(3)]
-    assert len(set(picks)) > 1  # not one template for everything
-    other = EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3, seed=7)
-    assert picks != [other.mutation(f"q{i}", f"q{i}", r) for i in range(30) for r in range(3)]
+    assert picks(a) == picks(b)
+    assert len(set(picks(a))) > 1  # not one template for everything
+    assert picks(a) != picks(EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=3, seed=7))
     with pytest.raises(ValueError, match="has no <PROMPT>"):
         EvolInstruct(llm=OpenAILLM(model="m"), num_evolutions=1, mutation_templates={"x": "hi"})
+
+
+def test_evol_quality_improves_responses_round_by_round(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import EvolQuality
+
+    def reply(req):
+        text = req["messages"][-1]["content"]
+        question = text.split("Instruction:\n", 1)[1].split("\n\nResponse:\n", 1)[0]
+        return f"better ({question}): " + text.rsplit("Response:\n", 1)[1]
+
+    server.reply = reply
+    data = [
+        {"instruction": "q1", "response": "r1 <PROMPT>"},
+        {"instruction": "q2", "response": "r2"},
+    ]
+    with Pipeline(name="evol-quality") as p:
+        LoadDataFromDicts(data=data) >> EvolQuality(
+            llm=OpenAILLM(model="m"),
+            num_evolutions=2,
+            store_evolutions=True,
+            include_original_response=True,
+        )
+    rows = p.run()["default"]["train"].to_list()
+    # The response's own "<PROMPT>" is kept as written, never filled in.
+    assert rows[0]["evolved_responses"] == [
+        "r1 <PROMPT>",
+        "better (q1): r1 <PROMPT>",
+        "better (q1): better (q1): r1 <PROMPT>",
+    ]
+    assert rows[1]["evolved_responses"][-1] == "better (q2): better (q2): r2"
+    assert server.requests == 4
+    p.run()
+    assert server.requests == 4
+    with pytest.raises(ValueError, match="has no <RESPONSE>"):
+        EvolQuality(
+            llm=OpenAILLM(model="m"), num_evolutions=1, mutation_templates={"x": "<PROMPT>"}
+        )

@@ -1,8 +1,8 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
-SelfInstruct, EvolInstruct, ComplexityScorer and QualityScorer with distilabel's fields.
-Jinja2 templates as distilabel's (sandboxed, a missing variable is an error);
-`add_raw_output` / `add_raw_input` write `raw_output_<step>` / `raw_input_<step>` into
-the metadata column. What castore cannot do yet is an error."""
+SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer and QualityScorer with
+distilabel's fields. Jinja2 templates as distilabel's (sandboxed, a missing variable is
+an error); `add_raw_output` / `add_raw_input` write `raw_output_<step>` /
+`raw_input_<step>` into the metadata column. What castore cannot do yet is an error."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from castore.distilabel._compat import unknown
 from castore.errors import PipelineError
 from castore.pipeline.step import BatchIncomplete
 from castore.steps.evol import EvolInstruct as _EvolInstruct
+from castore.steps.evol import EvolQuality as _EvolQuality
 from castore.steps.feedback import UltraFeedback as _UltraFeedback
 from castore.steps.instruct import SelfInstruct as _SelfInstruct
 from castore.steps.llm import ChatGeneration as _ChatGeneration
@@ -154,6 +155,11 @@ class EvolInstruct(_Compat, _EvolInstruct):
     and each row's mutations drawn from `seed` and the row (the same in every run)."""
 
 
+class EvolQuality(_Compat, _EvolQuality):
+    """EvolQuality with distilabel's fields and outputs; castore's mutation templates
+    (each must contain <PROMPT> and <RESPONSE>), drawn per row as EvolInstruct's."""
+
+
 class ComplexityScorer(_Compat, _ComplexityScorer):
     """ComplexityScorer with distilabel's fields and outputs (`scores`, `model_name`);
     castore's prompt, scores taken by item number."""
@@ -168,6 +174,7 @@ __all__ = [
     "ChatGeneration",
     "ComplexityScorer",
     "EvolInstruct",
+    "EvolQuality",
     "QualityScorer",
     "SelfInstruct",
     "TextGeneration",
