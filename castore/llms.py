@@ -112,14 +112,33 @@ class OpenAILLM(BaseModel):
     async def _one(
         self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, Any]]
     ) -> Generation:
+        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
+        return await self._post(client, sem, "/chat/completions", body, _parse)
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        """One vector per text, in order, from `/embeddings` in one request (retried like
+        a chat completion); raises LLMError when its retries are spent."""
+        body = {"model": self.model, "input": texts, **self.generation_kwargs}
+
+        async def go() -> Embeddings:
+            client, sem = _LOOP.client(self), _LOOP.semaphore(self)
+            return await self._post(client, sem, "/embeddings", body, _parse_embeddings(len(texts)))
+
+        result: Embeddings = _LOOP.run(go())
+        return result
+
+    async def _post(
+        self, client: Any, sem: asyncio.Semaphore, path: str, body: dict[str, Any], parse: Any
+    ) -> Any:
+        """POST `body` to `path` with retries (429/5xx/timeouts, Retry-After honoured, full
+        jitter); `parse(text)` gives the result, or None for a malformed answer."""
         import aiohttp
 
         headers = {"Content-Type": "application/json"}
         key = self.key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
-        url = self.base_url.rstrip("/") + "/chat/completions"
+        url = self.base_url.rstrip("/") + path
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
@@ -135,11 +154,11 @@ class OpenAILLM(BaseModel):
                     last = f"{type(e).__name__}: {e}"
                 else:
                     if status == 200:
-                        gen = _parse(text)
+                        gen = parse(text)
                         if gen is not None:
                             gen.attempts = attempt + 1
                             return gen
-                        last = "malformed response (not chat-completion JSON)"
+                        last = f"malformed response (not {path} JSON)"
                     elif status in RETRY_STATUS:
                         last = f"HTTP {status}: {text[:200]}"
                         wait = _retry_after(retry_after)
@@ -164,6 +183,29 @@ def _parse(text: str) -> Generation | None:
     if text is not None and not isinstance(text, str):
         return None
     return Generation(text=text, raw=raw, usage=raw.get("usage") or {})
+
+
+class Embeddings(BaseModel):
+    """The vectors of one `/embeddings` request, in input order."""
+
+    vectors: list[list[float]]
+    raw_usage: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 1
+
+
+def _parse_embeddings(n: int) -> Any:
+    def parse(text: str) -> Embeddings | None:
+        try:
+            raw = json.loads(text)
+            data = sorted(raw["data"], key=lambda d: d["index"])
+            vectors = [[float(x) for x in d["embedding"]] for d in data]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if len(vectors) != n or [d["index"] for d in data] != list(range(n)):
+            return None  # a vector per input, or the answer is not usable
+        return Embeddings(vectors=vectors, raw_usage=raw.get("usage") or {})
+
+    return parse
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -52,6 +52,17 @@ class LLMServer:
                 return True
             return False
 
+    def embeddings(self, handler: BaseHTTPRequestHandler, req: dict) -> None:
+        """/v1/embeddings: a vector per input (`vector`), counted like a chat request."""
+        texts = req["input"] if isinstance(req["input"], list) else [req["input"]]
+        with self.lock:
+            self.requests += 1
+            self.bodies.append(req)
+        if any(self.always_fail in t for t in texts):
+            return handler._send(500, b'{"error":"boom"}')  # type: ignore[attr-defined]
+        body = json.dumps(embeddings_answer(req["model"], texts)).encode()
+        return handler._send(200, body)  # type: ignore[attr-defined]
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -76,6 +87,8 @@ class LLMServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 req = json.loads(self.rfile.read(length))
+                if self.path == "/v1/embeddings":
+                    return server.embeddings(self, req)
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error":"not found"}')
                 prompt = req["messages"][-1]["content"]
@@ -132,3 +145,21 @@ def kill_after_requests(server: LLMServer, n: int, proc, timeout: float = 60) ->
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     return server.requests
+
+
+def vector(text: str) -> list[float]:
+    """The test server's embedding of a text: [length, words, first code point]."""
+    return [float(len(text)), float(len(text.split())), float(ord(text[0]) if text else 0)]
+
+
+def embeddings_answer(model: str, texts: list[str]) -> dict:
+    data = [
+        {"object": "embedding", "index": i, "embedding": vector(t)} for i, t in enumerate(texts)
+    ]
+    tokens = sum(len(t.split()) for t in texts)
+    return {
+        "object": "list",
+        "model": model,
+        "data": data[::-1],  # any order: the client sorts by index
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         MergeColumns,
         RenameColumns,
     )
+    from castore.steps.embeddings import GenerateEmbeddings
     from castore.steps.evol import EvolInstruct, EvolQuality
     from castore.steps.feedback import UltraFeedback
     from castore.steps.formatting import (
@@ -51,6 +52,7 @@ _LAZY = {
     "FormatChatGenerationSFT": _FORMAT,
     "FormatTextGenerationDPO": _FORMAT,
     "FormatTextGenerationSFT": _FORMAT,
+    "GenerateEmbeddings": "castore.steps.embeddings",
     "GroupColumns": _COLUMNS,
     "KeepColumns": _COLUMNS,
     "LoadDataFromDicts": _LOADERS,
@@ -81,6 +83,7 @@ __all__ = [
     "FormatChatGenerationSFT",
     "FormatTextGenerationDPO",
     "FormatTextGenerationSFT",
+    "GenerateEmbeddings",
     "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",

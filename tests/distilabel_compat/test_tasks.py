@@ -204,3 +204,47 @@ def test_evol_quality_improves_responses_round_by_round(server):  # noqa: F811
         EvolQuality(
             llm=OpenAILLM(model="m"), num_evolutions=1, mutation_templates={"x": "<PROMPT>"}
         )
+
+
+def test_generate_embeddings_one_request_per_batch_and_rows_reused(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import GenerateEmbeddings
+    from tests.llm_server import vector
+
+    def build(texts, batch):
+        with Pipeline(name="embed") as p:
+            LoadDataFromDicts(data=[{"text": t} for t in texts]) >> GenerateEmbeddings(
+                llm=OpenAILLM(model="emb", generation_kwargs={"dimensions": 3}),
+                input_batch_size=batch,
+            )
+        return p
+
+    texts = [f"text number {i}" for i in range(10)]
+    train = build(texts, 4).run()["default"]["train"]
+    assert train["embedding"] == [vector(t) for t in texts]  # in row order
+    assert set(train["model_name"]) == {"emb"}
+    assert server.requests == 3  # batches of 4, 4, 2
+    assert server.bodies[0]["dimensions"] == 3 and server.bodies[0]["input"] == texts[:4]
+    # Another batch size and one appended text: only that text is embedded.
+    build([*texts, "one more"], 5).run()
+    assert server.requests == 4 and server.bodies[-1]["input"] == ["one more"]
+
+
+def test_generate_embeddings_failed_batch_keeps_rows_and_is_retried(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import GenerateEmbeddings
+
+    server.always_fail = "poison"
+    with Pipeline(name="embed-fail") as p:
+        LoadDataFromDicts(data=[{"text": "fine"}, {"text": "poison"}]) >> GenerateEmbeddings(
+            llm=OpenAILLM(model="emb", max_retries=0), input_batch_size=1, on_error="skip"
+        )
+    train = p.run()["default"]["train"]
+    assert train["embedding"][0] is not None and train["embedding"][1] is None
+    server.always_fail = "\x00never"
+    assert p.run()["default"]["train"]["embedding"][1] == [6.0, 1.0, float(ord("p"))]
+    assert server.requests == 3  # fine once, poison twice

@@ -1,8 +1,9 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
-SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer and QualityScorer with
-distilabel's fields. Jinja2 templates as distilabel's (sandboxed, a missing variable is
-an error); `add_raw_output` / `add_raw_input` write `raw_output_<step>` /
-`raw_input_<step>` into the metadata column. What castore cannot do yet is an error."""
+SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer and
+GenerateEmbeddings with distilabel's fields. Jinja2 templates as distilabel's
+(sandboxed, a missing variable is an error); `add_raw_output` / `add_raw_input` write
+`raw_output_<step>` / `raw_input_<step>` into the metadata column. What castore cannot
+do yet is an error."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydantic import model_validator
 from castore.distilabel._compat import unknown
 from castore.errors import PipelineError
 from castore.pipeline.step import BatchIncomplete
+from castore.steps.embeddings import GenerateEmbeddings
 from castore.steps.evol import EvolInstruct as _EvolInstruct
 from castore.steps.evol import EvolQuality as _EvolQuality
 from castore.steps.feedback import UltraFeedback as _UltraFeedback
@@ -175,6 +177,7 @@ __all__ = [
     "ComplexityScorer",
     "EvolInstruct",
     "EvolQuality",
+    "GenerateEmbeddings",
     "QualityScorer",
     "SelfInstruct",
     "TextGeneration",
