@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         LoadDataFromFileSystem,
         LoadDataFromHub,
     )
+    from castore.steps.prometheus import PrometheusEval
     from castore.steps.scorers import ComplexityScorer, QualityScorer
 
 _COLUMNS, _LLM, _LOADERS = "castore.steps.columns", "castore.steps.llm", "castore.steps.loaders"
@@ -60,6 +61,7 @@ _LAZY = {
     "LoadDataFromFileSystem": _LOADERS,
     "LoadDataFromHub": _LOADERS,
     "MergeColumns": _COLUMNS,
+    "PrometheusEval": "castore.steps.prometheus",
     "QualityScorer": "castore.steps.scorers",
     "RenameColumns": _COLUMNS,
     "SelfInstruct": "castore.steps.instruct",
@@ -91,6 +93,7 @@ __all__ = [
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
     "MergeColumns",
+    "PrometheusEval",
     "QualityScorer",
     "RenameColumns",
     "SelfInstruct",

@@ -248,3 +248,62 @@ def test_generate_embeddings_failed_batch_keeps_rows_and_is_retried(server):  # 
     server.always_fail = "\x00never"
     assert p.run()["default"]["train"]["embedding"][1] == [6.0, 1.0, float(ord("p"))]
     assert server.requests == 3  # fine once, poison twice
+
+
+def test_prometheus_absolute_and_relative_with_a_reference(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import PrometheusEval
+
+    def reply(req):
+        text = req["messages"][-1]["content"]
+        if "q-bad" in text:
+            return "Feedback: unclear.\n[RESULT] 7"  # out of range: no result
+        if "Response A:" in text:
+            return "Feedback: B is more complete.\n[RESULT] B"
+        return "Feedback: Accurate, matches the reference.\n[RESULT] 4"
+
+    server.reply = reply
+    rows = [
+        {"instruction": "q1", "generation": "g1", "generations": ["a", "b"], "reference": "r"},
+        {"instruction": "q-bad", "generation": "g2", "generations": ["c", "d"], "reference": "r"},
+    ]
+    with Pipeline(name="prometheus") as p:
+        load = LoadDataFromDicts(data=rows)
+        absolute = PrometheusEval(
+            llm=OpenAILLM(model="judge"),
+            rubric="factual-validity",
+            reference=True,
+            output_mappings={
+                "feedback": "abs_feedback",
+                "result": "abs_result",
+                "model_name": "m1",
+            },
+        )
+        relative = PrometheusEval(llm=OpenAILLM(model="judge"), mode="relative")
+        load >> absolute >> relative
+    train = p.run()["default"]["train"]
+    assert train["abs_result"] == [4, None]
+    assert train["abs_feedback"][0] == "Accurate, matches the reference."
+    assert train["result"] == ["B", None]
+    sent = server.bodies[0]["messages"][-1]["content"]
+    assert "Reference answer" in sent and "facts" in sent  # the rubric asked for
+    assert server.requests == 4
+    p.run()
+    assert server.requests == 4
+
+
+def test_prometheus_refuses_an_unknown_rubric_and_parses_strictly():
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.steps.tasks import PrometheusEval
+    from castore.steps.prometheus import parse_result
+
+    with pytest.raises(ValueError, match="rubric 'kindness' is not in rubrics"):
+        PrometheusEval(llm=OpenAILLM(model="m"), rubric="kindness")
+    assert parse_result("Feedback: ok\n[RESULT] 5", "absolute") == ("ok", 5)
+    assert parse_result("Feedback: ok\n[RESULT] 0", "absolute") == ("ok", None)
+    assert parse_result("no result here", "absolute") == ("no result here", None)
+    assert parse_result("Feedback: a\n[RESULT] a", "relative") == ("a", "A")
+    assert parse_result("Feedback: x\n[RESULT] C", "relative") == ("x", None)
+    assert parse_result(None, "relative") == (None, None)

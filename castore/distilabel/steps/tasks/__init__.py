@@ -1,6 +1,6 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
-SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer and
-GenerateEmbeddings with distilabel's fields. Jinja2 templates as distilabel's
+SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer,
+PrometheusEval and GenerateEmbeddings with distilabel's fields. Jinja2 templates as distilabel's
 (sandboxed, a missing variable is an error); `add_raw_output` / `add_raw_input` write
 `raw_output_<step>` / `raw_input_<step>` into the metadata column. What castore cannot
 do yet is an error."""
@@ -22,6 +22,7 @@ from castore.steps.instruct import SelfInstruct as _SelfInstruct
 from castore.steps.llm import ChatGeneration as _ChatGeneration
 from castore.steps.llm import TextGeneration as _TextGeneration
 from castore.steps.llm import _LLMTask
+from castore.steps.prometheus import PrometheusEval as _PrometheusEval
 from castore.steps.scorers import ComplexityScorer as _ComplexityScorer
 from castore.steps.scorers import QualityScorer as _QualityScorer
 from castore.store.parquet import METADATA_COLUMN
@@ -162,6 +163,11 @@ class EvolQuality(_Compat, _EvolQuality):
     (each must contain <PROMPT> and <RESPONSE>), drawn per row as EvolInstruct's."""
 
 
+class PrometheusEval(_Compat, _PrometheusEval):
+    """PrometheusEval with distilabel's fields (mode, rubric, rubrics, reference) and
+    outputs (`feedback`, `result`, `model_name`); castore's prompt and rubric wording."""
+
+
 class ComplexityScorer(_Compat, _ComplexityScorer):
     """ComplexityScorer with distilabel's fields and outputs (`scores`, `model_name`);
     castore's prompt, scores taken by item number."""
@@ -178,6 +184,7 @@ __all__ = [
     "EvolInstruct",
     "EvolQuality",
     "GenerateEmbeddings",
+    "PrometheusEval",
     "QualityScorer",
     "SelfInstruct",
     "TextGeneration",
