@@ -212,8 +212,9 @@ class _Step(BaseModel):
                 out.add(fname)
         return out
 
-    def cache_params(self) -> dict[str, Any]:
-        """The fields that enter the fingerprint, as canonical-JSON-able values."""
+    def cache_params(self, *, check: bool = True) -> dict[str, Any]:
+        """The fields that enter the fingerprint, as canonical-JSON-able values (`check`:
+        each encoded once here, so a value that cannot be names its field)."""
         out: dict[str, Any] = {}
         skip = self.runtime_fields() | {"cache_version"}
         for fname in type(self).model_fields:
@@ -226,7 +227,8 @@ class _Step(BaseModel):
                     value = attr.cache_identity()
                 else:
                     value = self.model_dump(mode="json", include={fname})[fname]
-                canonical_json(value)
+                if check:
+                    canonical_json(value)
             except (NonCanonicalValue, ValueError, TypeError) as e:
                 raise UnhashableParam(
                     f"step {self.name}: parameter {fname!r} cannot be hashed ({e}); use JSON "
@@ -258,14 +260,14 @@ class _Step(BaseModel):
     def _code_target(self) -> Callable[..., Any]:
         return type(self).process  # type: ignore[attr-defined]
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, *, check: bool = True) -> dict[str, Any]:
         return {
             "class": type(self).__qualname__,
             "kind": self.kind,
             "code": self.code_version(),
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
-            "params": self.cache_params(),
+            "params": self.cache_params(check=check),
             "extra": self.extra_identity(),
         }
 
@@ -296,7 +298,14 @@ class _Step(BaseModel):
         return None
 
     def fingerprint(self) -> str:
-        return hash_json(self.identity())
+        # Encoded once: checking each field first doubled the cost of large inline data
+        # (20,000 rows of LoadDataFromDicts: 35 ms of a 190 ms re-run). The same bytes
+        # are hashed; only a failure goes back field by field, to name the field.
+        try:
+            return hash_json(self.identity(check=False))
+        except (NonCanonicalValue, ValueError, TypeError):
+            self.cache_params()  # raises UnhashableParam naming the field
+            raise
 
     def yaml_params(self) -> dict[str, Any]:
         """Every field for pipeline.yaml, secrets redacted."""
