@@ -152,33 +152,35 @@ class Recorder:
         reused = result.rows_reused if result else 0
         if result is not None:
             row_index = result.row_index
-        self.plans[step].add(
-            index,
-            BatchRecord(
-                key=key,
-                outputs=outputs,
-                rows=rows,
-                cached=cached,
-                seconds=round(seconds, 6),
-                tokens=tokens,
-                failed=failed,
-                row_index=row_index,
-                rows_reused=reused,
-            ),
-        )
-        self.tallies[step].add(
-            sum(rows),
+        rec = BatchRecord(
+            key=key,
+            outputs=outputs,
+            rows=rows,
             cached=cached,
-            failed=failed,
-            seconds=seconds,
+            seconds=round(seconds, 6),
             tokens=tokens,
-            reused=reused,
-            tokens_reused=result.tokens_reused if result else 0,
+            failed=failed,
+            row_index=row_index,
+            rows_reused=reused,
         )
+        self._add(step, index, rec, result.tokens_reused if result else 0)
         if not self.columns[step] and outputs:
             self.columns[step] = result.columns if result is not None else self._columns(outputs)
+
+    def _add(self, step: str, index: int, rec: BatchRecord, tokens_reused: int = 0) -> None:
+        """Into the step's plan (its streams grow) and tallies; then `on_record`."""
+        self.plans[step].add(index, rec)
+        self.tallies[step].add(
+            sum(rec.rows),
+            cached=rec.cached,
+            failed=rec.failed,
+            seconds=rec.seconds,
+            tokens=rec.tokens,
+            reused=rec.rows_reused,
+            tokens_reused=tokens_reused,
+        )
         if self.on_record is not None:
-            self.on_record(step, key, outputs, cached, failed)
+            self.on_record(step, rec.key, rec.outputs, rec.cached, rec.failed)
 
     def set_columns(self, step: str, columns: list[tuple[str, str]]) -> None:
         self.columns[step] = columns
@@ -255,18 +257,11 @@ class Recorder:
         ):
             return False
         for name, man in mans.items():
-            self.set_columns(name, man.columns)  # first: record() reads no schema
+            self.set_columns(name, man.columns)
             for i, b in enumerate(man.batches):
-                self.record(
-                    name,
-                    i,
-                    b.key,
-                    b.outputs,
-                    b.rows,
-                    cached=True,
-                    cost=(b.seconds, b.tokens),
-                    row_index=b.row_index,
-                )
+                # The stored record, as a hit (validated when its manifest was read).
+                hit = {"cached": True, "rows_reused": 0, "seconds": round(b.seconds, 6)}
+                self._add(name, i, b.model_copy(update=hit))
             self.plans[name].total = len(man.batches)
         log.info("every batch of this pipeline is in the store: no step work to do")
         return True
