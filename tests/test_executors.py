@@ -16,9 +16,8 @@ import pytest
 
 from castore import Pipeline, Step, StepInput
 from castore.errors import RunInterrupted
-from castore.pipeline.batch import round_trips
 from castore.steps import LoadDataFromDicts
-from castore.store.parquet import as_read, encode_parquet
+from castore.store.parquet import as_read, encode_parquet, round_trips
 
 
 class Counts:

@@ -78,7 +78,7 @@ def test_torn_tail_and_garbage_lines_are_not_entries(tmp_path):
     assert fresh.get_action(good) == e
     assert fresh.read_action(torn) is None
     assert sorted(fresh.iter_actions()) == [good]
-    actionpack.fold_journals(fresh, None)  # the dead run's journal becomes loose files
+    actionpack.pack_run(fresh, None)  # the dead run's journal becomes loose files
     assert os.listdir(folder) == []
     assert Store(store.root).get_action(good) == e
 
@@ -91,7 +91,7 @@ def test_a_tombstone_shadows_a_journaled_entry_and_is_not_folded(tmp_path):
     assert not os.path.exists(store.layout.action_path(key))  # appended, not a file
     store.delete_action(key)
     assert store.read_action(key) is None
-    actionpack.fold_journals(store, "run-1")
+    actionpack.pack_run(store, "run-1")
     assert store.journal is None
     assert Store(store.root).read_action(key) is None
 

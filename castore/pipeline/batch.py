@@ -70,13 +70,11 @@ class TableCache:
         return table
 
     def keep(self, oid: str, table: pa.Table, buf: pa.Buffer) -> None:
-        """Hold a table just stored as `oid` (encoded as `buf`), when reading `oid` back
-        is known to give the same values (plain Arrow types; see `round_trips`), with
-        the types reading gives."""
-        if table.num_columns and round_trips(table.schema):
-            kept = as_read(table, buf)
-            if kept is not None:
-                self._add(oid, kept)
+        """Hold a table just stored as `oid` (encoded as `buf`) as reading `oid` back
+        gives it, when that is known (`as_read`)."""
+        kept = as_read(table, buf)
+        if kept is not None:
+            self._add(oid, kept)
 
     def _add(self, oid: str, table: pa.Table) -> None:
         size = table.get_total_buffer_size()
@@ -89,36 +87,6 @@ class TableCache:
             self._bytes += size
             while self._bytes > self._budget:
                 self._bytes -= self._items.popitem(last=False)[1].get_total_buffer_size()
-
-
-def round_trips(schema: pa.Schema) -> bool:
-    """Whether a table of this schema reads back from castore's Parquet with the same
-    types and values (the schema is stored with it): the types rows become by
-    `Table.from_pylist`, and no others (dictionary, extension, decimal, float16... are
-    read back from the store instead)."""
-    return all(_plain(f.type) for f in schema)
-
-
-def _plain(t: pa.DataType) -> bool:
-    import pyarrow as pa
-
-    if pa.types.is_struct(t):
-        return t.num_fields > 0 and all(_plain(t.field(i).type) for i in range(t.num_fields))
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return _plain(t.value_type)
-    return (
-        pa.types.is_null(t)
-        or pa.types.is_boolean(t)
-        or pa.types.is_integer(t)
-        or pa.types.is_float32(t)
-        or pa.types.is_float64(t)
-        or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_timestamp(t)
-        or pa.types.is_date32(t)
-    )
 
 
 def read_input(
@@ -315,11 +283,9 @@ def store_batch(
     `cache`) the action entry: an entry never names what is not yet stored. Tokens are
     those spent now, i.e. without `tokens_reused` (rows taken by row key). `tables` keeps
     the table in memory for the step's successors."""
-    if tables is None:
-        oid = store.put_table(table)
-    else:
-        buf = encode_parquet(table)
-        oid = store.put_encoded(buf)
+    buf = encode_parquet(table)
+    oid = store.put_encoded(buf)
+    if tables is not None:
         tables.keep(oid, table, buf)
     segment = write_segment(store, rows, oid) if rows is not None else None
     res = BatchResult(

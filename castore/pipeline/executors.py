@@ -137,7 +137,9 @@ class ThreadExecutor:
     ) -> None:
         self._store, self._cache, self._events, self._stop = store, cache, events, stop
         self._held = threading.Event()
-        self._pool = ThreadWorkers(n)
+        # A thread for every batch the scheduler lets be in flight (`ahead` times the `n`
+        # calls allowed at once): none waits for a thread.
+        self._pool = ThreadWorkers(min(self.ahead * n, 256))
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     def submit(self, task: Task) -> None:

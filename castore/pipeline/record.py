@@ -260,8 +260,7 @@ class Recorder:
             self.set_columns(name, man.columns)
             for i, b in enumerate(man.batches):
                 # The stored record, as a hit (validated when its manifest was read).
-                hit = {"cached": True, "rows_reused": 0, "seconds": round(b.seconds, 6)}
-                self._add(name, i, b.model_copy(update=hit))
+                self._add(name, i, b.model_copy(update={"cached": True, "rows_reused": 0}))
             self.plans[name].total = len(man.batches)
         log.info("every batch of this pipeline is in the store: no step work to do")
         return True

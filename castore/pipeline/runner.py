@@ -214,8 +214,7 @@ class Runner:
         self.progress.close()
         if sched is not None:
             sched.stop_workers(failed=status == "failed")
-            if status == "finished":
-                sched.pack_indexes()
+            sched.pack_indexes(finished=status == "finished")
         plans = self.planner.plans
         leaves = {x: [o for r in plans[x].records() for o in r.outputs] for x in self.info.leaves}
         self.folder.materialize(leaves, self.info.run_id)

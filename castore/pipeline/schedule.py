@@ -267,22 +267,25 @@ class Scheduler:
             self.row_indexes[step] = index
         return index
 
-    def pack_indexes(self) -> None:
-        """After a finished run: merge row-wise steps' segments into a pack when many are
+    def pack_indexes(self, *, finished: bool) -> None:
+        """At a run's end: its journaled entries (and dead runs') go into an entry pack
+        (castore.store.actionpack), with, after a finished run, its loose entry files;
+        and a finished run merges row-wise steps' segments into a pack when many are
         outside it (castore.store.rowpack), so the next run's first miss reads one object
-        instead of a segment per batch; and move this run's action entries into an entry
-        pack (castore.store.actionpack), one object instead of a file per batch."""
-        for name, index in self.row_indexes.items():
-            # Fewer new segments are packed by a later load, once they add up.
-            if self.recorder.tallies[name].computed >= PACK_AFTER:
-                RowIndex.load(self.store, index.fingerprint)
-        if len(self.computed_keys) >= actionpack.PACK_AFTER:
+        instead of a segment per batch."""
+        loose: list[str] = []
+        if finished:
+            for name, index in self.row_indexes.items():
+                # Fewer new segments are packed by a later load, once they add up.
+                if self.recorder.tallies[name].computed >= PACK_AFTER:
+                    RowIndex.load(self.store, index.fingerprint)
             ends = [
                 generator_end_key(self.plans[n].fp)
                 for n, s in self.steps.items()
                 if isinstance(s, GeneratorStep)
             ]
-            actionpack.pack_loose(self.store, self.computed_keys + ends)
+            loose = self.computed_keys + ends
+        actionpack.pack_run(self.store, self.run_id, loose)
 
     def _row_keys(self, batch: PlannedBatch) -> RowPlan | None:
         """A row-wise step's batch: its row keys, in stream order."""
@@ -431,9 +434,7 @@ class Scheduler:
             kind,
             self.store,
             self.events,
-            # A thread for every batch the scheduler lets be in flight (`ahead` times the
-            # calls allowed at once): none waits for a thread.
-            threads=min(2 * sum(s.concurrency for s in steps), 256),
+            threads=sum(s.concurrency for s in steps),  # calls allowed at once
             stop=self.stop,
             cache=self.cache,
             ray_address=ray_address,
@@ -456,7 +457,6 @@ class Scheduler:
                     log.warning("step %s: unload() failed: %s", step.name, e)
         if self.neighbours is not None:
             self.neighbours.done()  # no run needs to wait for this one any more
-        actionpack.fold_journals(self.store, self.run_id)
 
     def start_generators(self) -> None:
         for name, step in self.steps.items():
@@ -479,9 +479,8 @@ class Scheduler:
         """After a failure: batches whose `process` returned are paid for, so wait (up to
         `grace` seconds) for them to be stored and record them: the failed run's manifest
         and its partial Distiset have them. Calls still running are not waited for."""
-        if self.executor is not None:
-            stored = lambda: all(p.computing for p in self.running.values())  # noqa: E731
-            self._handle_until(stored, grace, failed=True)
+        stored = lambda: all(p.computing for p in self.running.values())  # noqa: E731
+        self._handle_until(stored, grace, failed=True)
 
     def _handle_until(self, done: Callable[[], bool], grace: float, failed: bool = False) -> bool:
         """Handle events (no retries) until `done()`; False when `grace` seconds passed

@@ -181,29 +181,6 @@ def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
     return oid
 
 
-def pack_loose(store: Store, keys: list[str]) -> str | None:
-    """Move these loose entries into a pack; each loose file goes only if it still holds
-    the bytes that were packed."""
-    entries: dict[str, bytes] = {}
-    for key in dict.fromkeys(keys):
-        try:
-            with open(store.layout.action_path(key), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            continue
-        if raw != TOMBSTONE:
-            entries[key] = raw
-    oid = write_pack(store, entries)
-    for key, raw in entries.items():
-        path = store.layout.action_path(key)
-        with contextlib.suppress(FileNotFoundError):
-            with open(path, "rb") as f:
-                if f.read() != raw:
-                    continue  # rewritten meanwhile: the loose one is newer
-            os.unlink(path)
-    return oid
-
-
 def repack(store: Store, drop: set[str]) -> set[str]:
     """gc: one pack of every packed entry not in `drop` and not shadowed by a loose file,
     then the old markers go, then the tombstones that only shadowed packed entries.
@@ -224,31 +201,51 @@ def repack(store: Store, drop: set[str]) -> set[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(packs_dir(store), oid))
     for key in shadowed:
-        path = store.layout.action_path(key)
-        with contextlib.suppress(FileNotFoundError):
-            with open(path, "rb") as f:
-                if f.read() != TOMBSTONE:
-                    continue
-            os.unlink(path)
+        _remove_if_holds(store.layout.action_path(key), TOMBSTONE)
     return replaced
 
 
-def fold_journals(store: Store, own: str | None) -> None:
-    """A run's end: its journal (closed first), and those of runs that died, become an
-    entry pack (loose files when fewer than PACK_AFTER entries), then go. An entry whose
-    loose file stands (a newer entry, or a tombstone) is not folded."""
+def pack_run(store: Store, own: str | None, loose: list[str] | tuple[str, ...] = ()) -> None:
+    """A run's end: the entries it wrote (the `loose` files, and its journal, closed
+    first) and the journals of runs that died go into one entry pack, or, fewer than
+    PACK_AFTER, stay loose (journaled ones written as loose files); then the journals go.
+    A journaled entry whose loose file stands (a newer entry, or a tombstone) is not
+    taken; a loose file goes only if it still holds the packed bytes (a concurrent run
+    may have rewritten it)."""
     if store.journal is not None:
         store.journal.close()
         store.journal = None
-    for run_id in journal.journals_to_fold(store, own):
-        entries = {
-            key: raw
-            for key, raw in journal.journal_entries(store, run_id).items()
-            if not os.path.lexists(store.layout.action_path(key))
-        }
-        if len(entries) >= PACK_AFTER:
-            write_pack(store, entries)
-        else:
-            for key, raw in entries.items():
-                store.write_file(store.layout.action_path(key), raw)
+    folded = journal.journals_to_fold(store, own)
+    journaled = {
+        key: raw
+        for run_id in folded
+        for key, raw in journal.journal_entries(store, run_id).items()
+        if not os.path.lexists(store.layout.action_path(key))
+    }
+    files: dict[str, bytes] = {}
+    for key in dict.fromkeys(loose):
+        with contextlib.suppress(FileNotFoundError):
+            raw = _read(store.layout.action_path(key))
+            if raw != TOMBSTONE:
+                files[key] = raw
+    if len(journaled) + len(files) >= PACK_AFTER:
+        write_pack(store, {**files, **journaled})
+        for key, raw in files.items():
+            _remove_if_holds(store.layout.action_path(key), raw)
+    else:
+        for key, raw in journaled.items():
+            store.write_file(store.layout.action_path(key), raw)
+    for run_id in folded:
         journal.remove(store, run_id)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _remove_if_holds(path: str, data: bytes) -> None:
+    """Remove a loose file only if it still holds `data` (else it is newer: it stays)."""
+    with contextlib.suppress(FileNotFoundError):
+        if _read(path) == data:
+            os.unlink(path)

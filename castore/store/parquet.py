@@ -49,11 +49,15 @@ _READ_SCHEMAS: dict[bytes, pa.Schema] = {}
 def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
     """`table`, encoded as `buf`, with the types reading `buf` gives (a list's item
     field, for one, reads back named "element"): the same buffers, relabelled, so a
-    table kept in memory is the one a later run reads from the store. None when that
-    cannot be done safely (Arrow's cast and view mishandle sliced struct arrays, so a
-    sliced table is not relabelled; it is read back instead)."""
+    table kept in memory is the one a later run reads from the store. None when that is
+    not known: a type that may not read back with the same values (`round_trips`), no
+    columns, or a sliced table (Arrow's cast and view mishandle sliced struct arrays);
+    such a table is read back instead."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    if not table.num_columns or not round_trips(table.schema):
+        return None
 
     # The footer says it; reading it costs about a third of decoding a small batch, so
     # each schema is read once per process (the schema alone decides the read types).
@@ -76,6 +80,36 @@ def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
         return pa.Table.from_arrays(columns, schema=schema)  # validates lengths
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         return None
+
+
+def round_trips(schema: pa.Schema) -> bool:
+    """Whether a table of this schema reads back from castore's Parquet with the same
+    types and values (the schema is stored with it): the types rows become by
+    `Table.from_pylist`, and no others (dictionary, extension, decimal, float16... are
+    read back from the store instead)."""
+    return all(_plain(f.type) for f in schema)
+
+
+def _plain(t: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return t.num_fields > 0 and all(_plain(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _plain(t.value_type)
+    return (
+        pa.types.is_null(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_float32(t)
+        or pa.types.is_float64(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_timestamp(t)
+        or pa.types.is_date32(t)
+    )
 
 
 def _spelled(schema: pa.Schema) -> bytes:
