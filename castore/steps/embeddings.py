@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from castore.errors import StepFailed
 from castore.llms import LLMError, OpenAILLM
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
+from castore.steps.llm import require_text
 from castore.store.parquet import METADATA_COLUMN
 
 
@@ -25,10 +25,9 @@ class GenerateEmbeddings(Step):
     input_batch_size: int = runtime_field(32, ge=1, description="Rows per input batch.")
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
-        texts = [row["text"] for row in inputs]
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:  # sending it would be an error or an embedding of "None"
-            raise StepFailed(f"step {self.name}: row {bad} has no text to embed ({texts[bad]!r})")
+        texts = [
+            require_text(self.name, row["text"], f"row {i}'s text") for i, row in enumerate(inputs)
+        ]
         try:
             got = self.llm.embed(texts)
         except LLMError as e:

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from castore.llms import Generation
 from castore.pipeline.step import BatchIncomplete, StepInput
-from castore.steps.llm import _LLMTask
+from castore.steps.llm import _LLMTask, require_text
 from castore.store.parquet import METADATA_COLUMN
 
 PROMPT, RESPONSE = "<PROMPT>", "<RESPONSE>"
@@ -112,7 +112,7 @@ class _Evolve(_LLMTask):
         return {f"evolved_{self.evolved}": kept[-1] if kept else None}
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
-        chains: list[list[str]] = [[row[self.evolved]] for row in inputs]
+        chains = [[require_text(self.name, row[self.evolved], self.evolved)] for row in inputs]
         calls: list[list[Generation]] = [[] for _ in inputs]
         errors: dict[int, str] = {}
 

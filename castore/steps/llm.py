@@ -6,11 +6,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from castore.errors import PipelineError
+from castore.errors import PipelineError, StepFailed
 from castore.llms import Generation, OpenAILLM
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
 from castore.store.parquet import METADATA_COLUMN
 from castore.templates import render, template_columns
+
+
+def require_text(step: str | None, value: Any, what: str) -> str:
+    """`value` when it is text; else the batch fails, saying so: a prompt with "None" in
+    it would be paid for and answer nothing that was asked."""
+    if not isinstance(value, str):
+        raise StepFailed(
+            f"step {step}: {what} is {value!r}, not text; drop such rows first, e.g. "
+            "FilterRows(column=..., op='not_null')"
+        )
+    return value
 
 
 class _LLMTask(Step):

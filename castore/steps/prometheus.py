@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from castore.errors import PipelineError
-from castore.steps.llm import _LLMTask
+from castore.steps.llm import _LLMTask, require_text
 
 # criterion, then what a 1 and a 5 look like (the scale between is the evaluator's).
 RUBRICS: dict[str, str] = {
@@ -95,7 +95,7 @@ class PrometheusEval(_LLMTask):
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         if self.mode == "absolute":
-            shown = f"Response:\n{row['generation']}"
+            shown = f"Response:\n{require_text(self.name, row['generation'], 'generation')}"
             task = "Grade the response from 1 to 5 on the rubric."
             result = "<an integer from 1 to 5>"
         else:
@@ -104,7 +104,11 @@ class PrometheusEval(_LLMTask):
                 raise PipelineError(
                     f"step {self.name}: mode='relative' compares exactly two 'generations'"
                 )
-            shown = f"Response A:\n{gens[0]}\n\nResponse B:\n{gens[1]}"
+            a, b = (
+                require_text(self.name, g, f"generation {k}")
+                for k, g in zip("AB", gens, strict=True)
+            )
+            shown = f"Response A:\n{a}\n\nResponse B:\n{b}"
             task = "Decide which response is better on the rubric."
             result = "<A or B>"
         ref = f"\n\nReference answer (a 5):\n{row['reference']}" if self.reference else ""

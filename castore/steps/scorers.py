@@ -14,7 +14,7 @@ import re
 from typing import Any, ClassVar
 
 from castore.errors import PipelineError
-from castore.steps.llm import _LLMTask
+from castore.steps.llm import _LLMTask, require_text
 
 
 def parse_scores(text: str | None, n: int) -> list[float | None]:
@@ -42,6 +42,8 @@ class _Scorer(_LLMTask):
         if not isinstance(items, list) or not items:
             raise PipelineError(f"step {self.name}: {self.column!r} must be a non-empty list")
         n = len(items)
+        for k, item in enumerate(items, 1):
+            require_text(self.name, item, f"{self.column!r} item {k}")
         numbered = "\n".join(f"[{k}] {item}" for k, item in enumerate(items, 1))
         lines = "\n".join(f"[{k}] Score: <score>" for k in range(1, n + 1))
         user = (

@@ -307,3 +307,32 @@ def test_prometheus_refuses_an_unknown_rubric_and_parses_strictly():
     assert parse_result("Feedback: a\n[RESULT] a", "relative") == ("a", "A")
     assert parse_result("Feedback: x\n[RESULT] C", "relative") == ("x", None)
     assert parse_result(None, "relative") == (None, None)
+
+
+def test_a_missing_text_fails_the_batch_instead_of_sending_none(server):  # noqa: F811
+    """A generation that failed upstream (None) is not graded, evolved, scored or
+    embedded as the text "None": the batch fails naming the column, and nothing is sent."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import (
+        EvolInstruct,
+        GenerateEmbeddings,
+        PrometheusEval,
+        QualityScorer,
+    )
+    from castore.errors import StepFailed
+
+    llm = OpenAILLM(model="m", max_retries=0)
+    cases = [
+        (lambda: PrometheusEval(llm=llm), {"instruction": "q", "generation": None}, "generation"),
+        (lambda: EvolInstruct(llm=llm, num_evolutions=1), {"instruction": None}, "instruction"),
+        (lambda: QualityScorer(llm=llm), {"instruction": "q", "responses": ["a", None]}, "item 2"),
+        (lambda: GenerateEmbeddings(llm=llm), {"text": None}, "row 0's text"),
+    ]
+    for i, (task, row, what) in enumerate(cases):
+        with Pipeline(name=f"none-{i}") as p:
+            LoadDataFromDicts(data=[row]) >> task()
+        with pytest.raises(StepFailed, match=f"{what}.* is None, not text"):
+            p.run()
+    assert server.requests == 0
