@@ -412,44 +412,80 @@ def collect_remote(
     grace: float = DEFAULT_GRACE,
     cache_ttl: float = DEFAULT_CACHE_TTL,
     dry_run: bool = False,
+    jobs: int = 16,
 ) -> GcResult:
     """gc on a remote with the same roots logic as the local one, and the same result
-    shape; refuses while another writer (a push, another gc) holds the remote's lock."""
+    shape. It holds the remote's exclusive writer lock (refreshed while it runs), so no
+    push or write-through run can name an object it is deleting (docs/remotes.md); a dry
+    run changes nothing and takes no lock."""
     t0 = time.perf_counter()
-    now = time.time()
-    result = GcPlan(cutoff=now - grace)
-    with remote.writer_lock("gc", exclusive=True):
-        entries = {key: remote.get_action(key) for key in remote.list_actions()}
-        marked = _remote_marked(remote, entries, now - cache_ttl)
-        try:
-            infos = remote.fs.find(remote.layout.dir(L.OBJECTS), detail=True)
-        except FileNotFoundError:
-            infos = {}
-        going: dict[str, int] = {}
-        for path, info in infos.items():
-            oid = L.oid_from_path(path)
-            if oid is None:
-                continue
-            if oid in marked or now - _mtime(info) < grace:
-                result.objects_kept += 1
-            else:
-                going[oid] = int(info.get("size") or 0)
-        present = {oid for p in infos if (oid := L.oid_from_path(p))}
-        result.actions_dropped = sorted(
-            k
-            for k, e in entries.items()
-            if e is None or any(o in going or o not in present for o in e.outputs)
-        )
-        result.objects_removed = sorted(going)
-        result.object_bytes = sum(going.values())
-        if not dry_run:
+    with contextlib.ExitStack() as stack:
+        lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
+        now = time.time()
+        result = _plan_remote(remote, now, grace, cache_ttl, jobs)
+        if lock is not None:
             # Entries before objects: a gc killed in between leaves only garbage.
-            for key in result.actions_dropped:
+            for i, key in enumerate(result.actions_dropped):
+                if i % 256 == 0:
+                    lock.check()
                 with contextlib.suppress(FileNotFoundError):
                     remote.fs.rm_file(remote.layout.action_path(key))
-            for oid in result.objects_removed:
+            for i, oid in enumerate(result.objects_removed):
+                if i % 256 == 0:
+                    lock.check()
                 remote.delete_object(oid)
+            _remove_dead_locks(remote)
     return GcResult(result, dry_run, time.perf_counter() - t0)
+
+
+def _plan_remote(remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int) -> GcPlan:
+    from concurrent.futures import ThreadPoolExecutor
+
+    result = GcPlan(cutoff=now - grace)
+    keys = sorted(remote.list_actions())
+    with ThreadPoolExecutor(jobs) as pool:  # one request per entry: many at once
+        entries = dict(zip(keys, pool.map(remote.get_action, keys), strict=True))
+    marked = _remote_marked(remote, entries, now - cache_ttl)
+    try:
+        infos = remote.fs.find(remote.layout.dir(L.OBJECTS), detail=True)
+    except FileNotFoundError:
+        infos = {}
+    going: dict[str, int] = {}
+    present: set[str] = set()
+    for path, info in infos.items():
+        oid = L.oid_from_path(path)
+        if oid is None:
+            continue
+        present.add(oid)
+        if oid in marked or now - _mtime(info) < grace:
+            result.objects_kept += 1
+        else:
+            going[oid] = int(info.get("size") or 0)
+    result.actions_dropped = sorted(
+        k
+        for k, e in entries.items()
+        if e is None or any(o in going or o not in present for o in e.outputs)
+    )
+    result.objects_removed = sorted(going)
+    result.object_bytes = sum(going.values())
+    return result
+
+
+def _remove_dead_locks(remote: Remote) -> None:
+    """Writer locks and batch leases whose holders stopped refreshing them."""
+    from castore.remote_locks import is_stale, lock_ttl, read_lock
+
+    ttl = lock_ttl()
+    for base in (remote.layout.dir(L.LOCKS), remote.layout.leases_dir()):
+        try:
+            paths = remote.fs.ls(base, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for p in paths:
+            info = read_lock(remote, p)
+            if info is not None and is_stale(info, ttl):
+                with contextlib.suppress(OSError):
+                    remote.fs.rm_file(p)
 
 
 def _remote_marked(

@@ -16,7 +16,6 @@ import hmac
 import logging
 import os
 import posixpath
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +60,9 @@ class Remote:
         self.root = root.rstrip("/") or "/"
         self.layout = L.Layout(self.root, posixpath.join)
         self.local = type(self.fs).__name__ == "LocalFileSystem"
+        # s3fs asks an object's size (a HEAD, and a LIST when it is missing) before every
+        # read unless told to read in one request: entries, refs and locks are small.
+        self._one_get = {"max_concurrency": 1} if hasattr(self.fs, "max_concurrency") else {}
         # The team key lives in the environment only: never in config.yaml, a log or a hash.
         material = os.environ.get(SIGNING_ENV)
         self.signing_key: bytes | None = signing_key(material) if material else None
@@ -88,7 +90,7 @@ class Remote:
     def get_object(self, oid: str) -> bytes:
         """The verified bytes of `oid`; CorruptObject when they do not hash to it."""
         try:
-            data = self.fs.cat_file(self.layout.object_path(oid))
+            data = self.read(self.layout.object_path(oid))
         except FileNotFoundError:
             raise RemoteError(f"object {oid} is not on remote {self.url}") from None
         if hash_bytes(data) != oid:
@@ -113,6 +115,10 @@ class Remote:
         else:
             self.fs.pipe_file(path, data)
 
+    def read(self, path: str) -> bytes:
+        """A small file in one request; FileNotFoundError when it is absent."""
+        return bytes(self.fs.cat_file(path, **self._one_get))
+
     def delete_object(self, oid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.layout.object_path(oid))
@@ -130,7 +136,7 @@ class Remote:
     def check_action(self, key: str) -> tuple[ActionEntry | None, tuple[str, str] | None]:
         """(entry, None) when it can be trusted, else (None, (kind, reason))."""
         try:
-            raw = self.fs.cat_file(self.layout.action_path(key))
+            raw = self.read(self.layout.action_path(key))
         except FileNotFoundError:
             return None, ("missing", "is not on the remote")
         try:
@@ -208,7 +214,7 @@ class Remote:
             try:
                 L.validate_name(name)
                 validate_id(sig)
-                oid = validate_id(self.fs.cat_file(p).decode().strip())
+                oid = validate_id(self.read(p).decode().strip())
             except (CastoreError, UnicodeDecodeError, OSError) as e:
                 log.warning("remote %s: skipping ref %s: %s", self.url, rel, e)
                 if problems is not None:
@@ -231,52 +237,58 @@ class Remote:
         except ValueError as e:
             raise RemoteError(f"remote object {oid} is not a valid {model.__name__}") from e
 
-    # -- writer lock -----------------------------------------------------------------
+    # -- writer locks and leases (castore.remote_locks) ------------------------------
 
-    LOCK_TTL = 600.0  # a writer lock older than this is stale (the writer died)
+    def create(self, path: str, data: bytes) -> bool:
+        """Write `path` only if it does not exist; False when it does. Atomic on a folder
+        (hard link) and on S3 (If-None-Match); other backends check, then write."""
+        if self.local:
+            tmp = self.layout.join(self.layout.dir(L.TMP), f"up-{uuid.uuid4().hex}")
+            self.fs.makedirs(self.layout.dir(L.TMP), exist_ok=True)
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def writers(self) -> list[dict[str, Any]]:
-        """Live writer locks (push, gc) on the remote."""
-        import json
+        """Live writer locks (push, write-through, gc) on the remote: refreshed within the
+        lock TTL."""
+        from castore.remote_locks import is_stale, lock_ttl, read_lock
 
         base = self.layout.dir(L.LOCKS)
+        self.fs.invalidate_cache()  # a lock written a moment ago must be seen
+        try:
+            paths = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise RemoteUnavailable(f"cannot list locks of {self.url}: {e}") from None
+        ttl = lock_ttl()
         out = []
-        with contextlib.suppress(FileNotFoundError):
-            for p in self.fs.ls(base, detail=False):
-                try:
-                    info = json.loads(self.fs.cat_file(p))
-                except (OSError, ValueError):
-                    continue
-                if time.time() - float(info.get("time", 0)) < self.LOCK_TTL:
-                    out.append({**info, "path": p})
+        for p in paths:
+            if not str(p).endswith(".json"):
+                continue
+            info = read_lock(self, p)
+            if info is not None and not is_stale(info, ttl):
+                out.append({**info, "path": p})
         return out
 
-    @contextlib.contextmanager
     def writer_lock(self, kind: str, exclusive: bool) -> Any:
-        """A lock object under locks/ while pushing or collecting. gc (exclusive) refuses
-        when any other writer is live; a push refuses while a gc runs."""
-        import json
-        import socket
+        """A context holding a WriterLock: gc (exclusive) waits for no other writer, a
+        push or write-through run for no gc (castore.remote_locks)."""
+        from castore.remote_locks import writer_lock
 
-        from castore.errors import StoreLocked
-
-        others = self.writers()
-        blocking = others if exclusive else [w for w in others if w.get("kind") == "gc"]
-        if blocking:
-            w = blocking[0]
-            raise StoreLocked(
-                f"remote {self.url} is locked by {w.get('kind')} (pid {w.get('pid')} on "
-                f"{w.get('host')}); try again later"
-            )
-        path = self.layout.join(self.layout.dir(L.LOCKS), f"{kind}-{uuid.uuid4().hex}.json")
-        info = {"kind": kind, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-        self.fs.makedirs(self.layout.dir(L.LOCKS), exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(info).encode())
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                self.fs.rm_file(path)
+        return writer_lock(self, kind, exclusive=exclusive)
 
 
 def check_url(url: str) -> str:

@@ -58,6 +58,18 @@ class App:
             self._store = Store(self.cache_dir, create=self.creates)
         return self._store
 
+    def remote_url(self, name: str | None) -> str:
+        """A remote's URL; a URL or path given directly needs no local store."""
+        from castore.config import _looks_like_url, remote_url
+        from castore.errors import StoreNotFound
+
+        try:
+            return remote_url(self.store(), name)
+        except StoreNotFound:
+            if name is not None and _looks_like_url(name):
+                return name
+            raise
+
 
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """`--cache-dir` and `--json` on every command (the group's --cache-dir also works)."""

@@ -53,10 +53,9 @@ def command(app: App, repair: bool, remote: str | None, as_json: bool) -> None:
 
 
 def _remote(app: App, name: str, as_json: bool) -> None:
-    from castore.config import remote_url
     from castore.remote import Remote
 
-    r = Remote(remote_url(app.store(), name))
+    r = Remote(app.remote_url(name))
     report = fsck.check_remote(r)
     if as_json:
         echo_json({**asdict(report), "remote": r.url, "clean": report.clean})

@@ -186,11 +186,10 @@ def du_command(app: App, as_json: bool) -> None:
 def _remote_gc(
     app: App, name: str, dry_run: bool, grace: float, cache_ttl: float, as_json: bool
 ) -> None:
-    from castore.config import remote_url
     from castore.gc import collect_remote
     from castore.remote import Remote
 
-    r = Remote(remote_url(app.store(), name))
+    r = Remote(app.remote_url(name))
     res = collect_remote(r, grace=grace, cache_ttl=cache_ttl, dry_run=dry_run)
     p = res.plan
     if as_json:

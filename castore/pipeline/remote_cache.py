@@ -1,9 +1,16 @@
-"""Read-through and write-through with a remote during a run.
+"""Read-through and write-through with a remote during a run (docs/remotes.md).
 
-A local miss asks the remote's action entries (listed once at the start) and fetches the
-outputs, verified, on a hit. With `push`, every new batch is uploaded as it is produced,
-and the run's manifests and ref at the end. The remote being unreachable or slow
-degrades to local-only with a warning: it never fails a run.
+Nothing is listed at the start, so an all-local run costs the remote nothing: a local
+miss asks the remote for that key's entry (asked ahead, several at once, for the batches
+just planned) and fetches its outputs, verified. A missing or corrupt remote object
+costs that batch only (computed here, with a warning naming the object); the remote
+stays in use. The remote unreachable or slow degrades the run to local-only with one
+warning: it never fails a run.
+
+With `push` the run holds a writer lock on the remote (so a remote gc waits for it),
+uploads each new batch as it is produced and the run's manifests and ref at the end,
+and leases each batch it computes on the remote, so machines sharing the remote compute
+a batch once: another machine's batch is waited for, its entry picked up when it lands.
 """
 
 from __future__ import annotations
@@ -11,93 +18,154 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
-from castore.errors import CorruptObject
+from castore.errors import CastoreError, CorruptObject, RemoteError
+from castore.remote_locks import Heartbeat, Leases, lock_ttl
 from castore.store import Store
 from castore.store.models import ActionEntry
 
 log = logging.getLogger("castore.run")
 
 
+class DaemonPool:
+    """Threads that never keep the process alive: a hung remote must not stall exit."""
+
+    def __init__(self, n: int) -> None:
+        self._jobs: queue.Queue[tuple[Future[Any], Callable[[], Any]]] = queue.Queue()
+        for i in range(n):
+            threading.Thread(target=self._work, daemon=True, name=f"castore-remote-{i}").start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self._jobs.put((fut, fn))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fut, fn = self._jobs.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+
 class RemoteCache:
-    def __init__(self, store: Store, remote: Any, *, push: bool, timeout: float = 15.0) -> None:
+    def __init__(
+        self, store: Store, remote: Any, *, push: bool, timeout: float = 15.0, jobs: int = 8
+    ) -> None:
         self.store = store
         self.remote = remote
-        self.push_enabled = push
         self.timeout = timeout
+        self.poll = 1.0  # seconds between asks for a key the remote lacked
         self.active = True
         self.hits = 0
         self.uploaded = 0
-        self.keys: set[str] = self._call(remote.list_actions, "list action entries") or set()
-        # What the remote's own (content-addressed) step manifests say each key produced:
-        # an entry rewritten to name other objects disagrees with them and is not used.
-        self.recorded: dict[str, tuple[list[str], list[int]]] = {}
-        self.segments: dict[str, list[str]] = {}  # step fingerprint -> row-key segments
-        if self.keys:
-            found = self._call(remote.manifest_index, "read run manifests")
-            if found is not None:
-                self.recorded, self.segments = found
+        self.pool = DaemonPool(jobs)
+        self._ahead: dict[str, Future[ActionEntry | None]] = {}
+        self._missed: dict[str, float] = {}  # key -> when the remote last lacked it
+        self._waited: set[str] = set()  # keys whose lease another machine held
+        self._index: Future[Any] | None = None  # the remote's manifests, read on first need
+        self._index_pool = DaemonPool(1)  # not the pool: lookups there wait for it
+        self.heartbeat = Heartbeat(remote, lock_ttl())
+        self.lock: Any = None
+        self.leases: Leases | None = None
         self._uploads: queue.Queue[tuple[str, list[str]] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
-        if push and self.active:
-            self._uploader = threading.Thread(
-                target=self._upload_loop, daemon=True, name="castore-push"
-            )
-            self._uploader.start()
-        if self.active:
-            log.info(
-                "remote %s: %d action entries available for read-through%s",
-                remote.url,
-                len(self.keys),
-                "; writing through" if push else "",
-            )
+        if push:
+            self._start_push()
+        log.info("remote %s: read-through%s", remote.url, "; writing through" if self.lock else "")
+
+    def _start_push(self) -> None:
+        from castore.remote_locks import WriterLock
+
+        lock = WriterLock(self.remote, "push", exclusive=False, heartbeat=self.heartbeat)
+        try:
+            self._call(lock.acquire, "take its writer lock")
+        except CastoreError as e:  # a gc holds it: run, but do not write through
+            log.warning("%s; not writing through (cas push later)", e)
+            return
+        if not self.active:
+            return
+        self.lock = lock
+        self.leases = Leases(self.remote, self.heartbeat)
+        self._uploader = threading.Thread(
+            target=self._upload_loop, daemon=True, name="castore-push"
+        )
+        self._uploader.start()
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run a remote call with a timeout, in a daemon thread so a hung remote can
-        neither stall the run nor keep the process alive at exit."""
+        """`fn()` on a pool thread, waited for up to the timeout. A castore error is the
+        caller's; anything else (network, credentials, no answer) turns the remote off."""
         if not self.active:
             return None
-        box: dict[str, Any] = {}
+        return self._wait(self.pool.submit(fn), what)
 
-        def target() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as e:
-                box["error"] = e
+    def _wait(self, fut: Future[Any], what: str) -> Any:
+        try:
+            return fut.result(self.timeout)
+        except CastoreError:
+            raise
+        except Exception as e:
+            reason = f"no answer in {self.timeout:.0f}s" if not fut.done() else f"{e}"
+            self._down(what, f"{type(e).__name__}: {reason}" if fut.done() else reason)
+            return None
 
-        t = threading.Thread(target=target, daemon=True, name="castore-remote")
-        t.start()
-        t.join(self.timeout)
-        if t.is_alive() or isinstance(box.get("error"), Exception):
-            err = box.get("error")
-            if isinstance(err, CorruptObject):
-                raise err
-            reason = (
-                f"no answer in {self.timeout:.0f}s"
-                if t.is_alive()
-                else (f"{type(err).__name__}: {err}")
-            )
+    def _down(self, what: str, reason: str) -> None:
+        if self.active:
             log.warning(
                 "remote %s unavailable (%s: %s); continuing with the local store only",
                 self.remote.url,
                 what,
                 reason,
             )
-            self.active = False
-            return None
-        return box.get("value")
+        self.active = False
+
+    # -- read-through ----------------------------------------------------------------
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Ask the remote for these keys' entries (and fetch their outputs) in parallel,
+        ahead of the lookups that will want them."""
+        now = time.monotonic()
+        for key in keys:
+            if self.active and key not in self._ahead and not self._asked_lately(key, now):
+                self._ahead[key] = self.pool.submit(partial(self._get, key))
+
+    def _asked_lately(self, key: str, now: float) -> bool:
+        return now - self._missed.get(key, -self.poll) < self.poll
 
     def lookup(self, key: str) -> ActionEntry | None:
-        """An entry from the remote, its objects fetched and verified into the store."""
-        if not self.active or key not in self.keys:
+        """The remote's entry for `key`, its outputs fetched and verified into the store;
+        None when the remote lacks it or any of it (asked again after `poll` seconds)."""
+        if not self.active:
             return None
-        entry = self._call(lambda: self.remote.get_action(key), "read an action entry")
+        fut = self._ahead.pop(key, None)
+        if fut is None:
+            if self._asked_lately(key, time.monotonic()):
+                return None
+            fut = self.pool.submit(partial(self._get, key))
+        entry = self._wait(fut, "read an action entry")
+        if entry is None:
+            self._missed[key] = time.monotonic()
+            return None
+        self._missed.pop(key, None)
+        self.store.put_action(key, entry)
+        self.hits += 1
+        return entry
+
+    def _get(self, key: str) -> ActionEntry | None:
+        """On a pool thread: the trusted entry with every output here, or None."""
+        entry = self.remote.get_action(key)
         if entry is None:
             return None
-        if key in self.recorded and (list(entry.outputs), list(entry.rows)) != self.recorded[key]:
+        recorded = self._manifests()[0].get(key)
+        if recorded is not None and (list(entry.outputs), list(entry.rows)) != recorded:
             log.warning(
                 "remote %s: action entry %s disagrees with the step manifest that references "
                 "it (tampered?); computing the batch here instead",
@@ -105,32 +173,65 @@ class RemoteCache:
                 key[:12],
             )
             return None
-        if not all(self.fetch(o) for o in entry.outputs) or not self.active:
-            return None  # a corrupt or unreachable output: the batch is computed here
-        self.store.put_action(key, entry)
-        self.hits += 1
-        return entry
+        return entry if all(self._fetch(o, key) for o in entry.outputs) else None
 
-    def fetch(self, oid: str) -> bool:
-        """Read an object through (verified on the way in); False when it cannot be had
-        (a corrupt download is named in a warning and stored nowhere)."""
+    def _manifests(self) -> tuple[dict[str, tuple[list[str], list[int]]], dict[str, list[str]]]:
+        """What the remote's (content-addressed) step manifests say each key produced, and
+        each step's row-key segments; read once, the first time a remote entry is used."""
+        if self._index is None:
+            self._index = self._index_pool.submit(self.remote.manifest_index)
+        return self._index.result()
+
+    def _fetch(self, oid: str, key: str | None = None) -> bool:
+        """An object read through, verified on the way in; False (with a warning naming
+        it) when the remote lacks it or it is corrupt. Network errors propagate."""
         from castore.remote import fetch_object
 
         if self.store.has(oid):
             return True
         try:
-            self._call(partial(fetch_object, self.store, self.remote, oid), "fetch an object")
-        except CorruptObject as e:
-            log.warning("remote %s: %s; computing here instead", self.remote.url, e)
+            fetch_object(self.store, self.remote, oid)
+        except (CorruptObject, RemoteError) as e:
+            batch = f" (batch {key[:12]})" if key else ""
+            log.warning("remote %s: %s%s; computing it here instead", self.remote.url, e, batch)
             return False
         return self.store.has(oid)
+
+    def fetch(self, oid: str) -> bool:
+        """For the row index: an object a found row is in."""
+        return bool(self._call(lambda: self._fetch(oid), "fetch an object"))
 
     def fetch_segments(self, fingerprint: str) -> None:
         """The remote's row-key segments of a step, fetched and announced locally, so its
         rows are found by row key (their objects are fetched when used)."""
-        for seg in self.segments.get(fingerprint, []):
+        index = self._call(self._manifests, "read run manifests")
+        for seg in index[1].get(fingerprint, []) if index else []:
             if self.active and not self.store.has(seg) and self.fetch(seg):
                 self.store.add_row_segment(fingerprint, seg)
+
+    # -- leases ------------------------------------------------------------------------
+
+    def lease(self, key: str) -> bool:
+        """May this run compute `key`? With write-through: only while it holds the key's
+        lease on the remote (another machine holding it is computing it)."""
+        if self.leases is None or not self.active:
+            return True
+        got = self._call(lambda: self.leases.try_acquire(key), "lease a batch")  # type: ignore[union-attr]
+        if got is False:
+            self._waited.add(key)
+        elif key in self._waited:
+            # Its holder let go: of its entry, if it made one, only a fresh answer tells.
+            self._waited.discard(key)
+            self._missed.pop(key, None)
+            self._ahead.pop(key, None)
+        return got is not False
+
+    def release(self, key: str) -> None:
+        """The batch was not computed after all (failed, retried, not started)."""
+        if self.leases is not None and key in self.leases.held:
+            self.pool.submit(lambda: self.leases.release(key))  # type: ignore[union-attr]
+
+    # -- write-through -----------------------------------------------------------------
 
     def upload(self, key: str, outputs: list[str]) -> None:
         if self._uploader is not None and self.active:
@@ -139,13 +240,14 @@ class RemoteCache:
     def _upload_loop(self) -> None:
         while (item := self._uploads.get()) is not None:
             key, outputs = item
-            if not self.active:
-                continue
             try:
-                for oid in outputs:
+                if not self.active or self.lock is None:
+                    continue
+                for oid in outputs:  # objects before the entry that names them
                     self.remote.put_object(self.store, oid)
                 entry = self.store.get_action(key)
                 if entry is not None:
+                    self.lock.check()  # the objects it names are still there
                     self.remote.put_action(key, entry)
                 self.uploaded += 1
             except Exception as e:
@@ -153,18 +255,33 @@ class RemoteCache:
                     "remote %s: write-through failed (%s); continuing locally", self.remote.url, e
                 )
                 self.active = False
+            finally:
+                if self.leases is not None:
+                    self.leases.release(key)  # after the entry: waiters find it
 
     def finish(self, sig: str) -> None:
-        """Drain uploads, then push the run's manifests and ref."""
-        if self._uploader is None:
-            return
-        self._uploads.put(None)
-        self._uploader.join(self.timeout * 4)
-        if not self.active:
-            return
+        """Drain uploads, push the run's manifests and ref, then let go of the remote."""
+        try:
+            if self._uploader is not None:
+                self._uploads.put(None)
+                self._uploader.join(self.timeout * 4)
+            if self.lock is not None and self.active:
+                self._push_run(sig)
+        finally:
+            if self.leases is not None:
+                self.leases.release_all()
+            if self.lock is not None:
+                self.lock.release()
+            self.heartbeat.close()
+
+    def _push_run(self, sig: str) -> None:
         from castore.transfer import push
 
-        result = self._call(lambda: push(self.store, self.remote, [sig]), "push the run")
+        try:
+            result = self._call(lambda: push(self.store, self.remote, [sig]), "push the run")
+        except CastoreError as e:
+            log.warning("remote %s: run not pushed (%s); cas push later", self.remote.url, e)
+            return
         if result is not None:
             log.info(
                 "remote %s: pushed %d batches as they were made, then the run's manifests and ref",

@@ -133,7 +133,9 @@ class Scheduler:
         if not cached and not failed:
             self.computed_keys.append(key)
             if self.rcache is not None:
-                self.rcache.upload(key, outputs)
+                self.rcache.upload(key, outputs)  # releases its remote lease once uploaded
+        elif self.rcache is not None:
+            self.rcache.release(key)
         plan, tally = self.plans[step], self.recorder.tallies[step]
         self.progress.update(step, len(plan.done), plan.total, plan.rows_done, tally.cached)
 
@@ -208,6 +210,9 @@ class Scheduler:
         batches plannable), misses queued with their row keys (row-wise steps), computed
         here in stream order: the n-th equal row of a step's input has its own key."""
         while batches := self.planner.next_batches():
+            if self.rcache is not None and self.use_cache:  # ask the remote all at once
+                have = self.store.get_action
+                self.rcache.prefetch([b.key for b in batches if have(b.key) is None])
             for batch in batches:
                 if self._lookup(batch):
                     continue
@@ -218,12 +223,14 @@ class Scheduler:
     def check_waiting(self) -> None:
         """Batches another run is computing: take the entry once it lands, or the lease
         once its holder finished without one (failed) or died."""
+        if self.rcache is not None:
+            self.rcache.prefetch([p.batch.key for q in self.queues.values() for p in q.waiting])
         for q in self.queues.values():
             still = []
             for p in q.waiting:
                 if self._lookup(p.batch, p.rows):
                     continue
-                if p.lease is not None and p.lease.try_acquire():
+                if self._take_lease(p):
                     q.pending.appendleft(p)
                 else:
                     still.append(p)
@@ -308,17 +315,28 @@ class Scheduler:
         one to share with: no lease (neighbours.py)."""
         if not self.use_cache:
             return True
-        if self.neighbours is not None and not self.neighbours.need_leases(self._lease_running):
-            return True
         b = p.batch
-        if p.lease is None:
-            p.lease = self._lease(b)
-        if not p.lease.try_acquire():
+        if self.neighbours is None or self.neighbours.need_leases(self._lease_running):
+            if p.lease is None:
+                p.lease = self._lease(b)
+            if not p.lease.try_acquire():
+                return False
+        if self.rcache is not None and not self.rcache.lease(b.key):  # another machine's
+            if p.lease is not None:
+                p.lease.release()
             return False
         # The holder before us may have finished while we queued.
-        if self._lookup(b, p.rows):
-            p.lease.release()
+        leased = p.lease is not None or (self.rcache is not None and self.rcache.leases)
+        if leased and self._lookup(b, p.rows):
+            self._release(p)
         return True
+
+    def _release(self, p: Pending) -> None:
+        """Let go of a batch this run will not compute (now): others may take it."""
+        if p.lease is not None:
+            p.lease.release()
+        if self.rcache is not None:
+            self.rcache.release(p.batch.key)
 
     def _lease_running(self) -> None:
         """Another run appeared: lease every batch in flight before telling it so."""
@@ -344,7 +362,9 @@ class Scheduler:
         elif isinstance(event, GeneratorEnd):
             self._generator_end(event)
         elif isinstance(event, BatchNotStarted):
-            self.queues[event.task.batch.step].pending.appendleft(self._settle(event.task))
+            p = self._settle(event.task)
+            self._release(p)
+            self.queues[p.batch.step].pending.appendleft(p)
         elif isinstance(event, BatchDone):
             self._done(event.task, event.result)
         else:
@@ -391,6 +411,7 @@ class Scheduler:
         """Retry with exponential backoff, then on_error: 'skip' keeps the rows with None
         outputs (not cached), 'fail' fails the run."""
         p = self._settle(task)
+        self._release(p)
         b, step = p.batch, task.step
         if isinstance(error, StepFailed):
             fail(b.step, error)

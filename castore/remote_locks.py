@@ -1,0 +1,252 @@
+"""Writer locks and batch leases on a remote, for machines that cannot see each other's
+files (docs/remotes.md "Several machines on one remote").
+
+Writer locks keep gc away from anything a push or a write-through run may still name.
+Each holder writes its own lock object and only then lists the others; it backs off when
+it sees one it conflicts with (gc conflicts with every writer, a push only with gc). Of
+two writers that race, at least the later one sees the other, so they never both go on;
+this needs listings that show a write once it returned (S3, GCS, Azure and folders do).
+
+Leases say "this machine is computing this batch": one object per action key, created
+only when absent (S3 `If-None-Match: *`, a hard link on a folder), so two machines never
+both get one. A lease whose holder stops refreshing it is free after the TTL.
+
+Both are kept alive by one heartbeat thread that rewrites them every TTL/4. A holder that
+could not refresh for 3/4 of the TTL (paused, cut off) has lost its locks: `check()`
+raises before it writes anything that names objects, since a gc may have swept by then.
+Clocks of the machines must agree within TTL/4 (NTP); the TTL is `CASTORE_REMOTE_LOCK_TTL`
+seconds (60 by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from castore.errors import RemoteError, StoreLocked
+from castore.store import layout as L
+
+if TYPE_CHECKING:
+    from castore.remote import Remote
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 60.0
+
+
+def lock_ttl() -> float:
+    raw = os.environ.get("CASTORE_REMOTE_LOCK_TTL", "")
+    try:
+        return max(float(raw), 1.0) if raw else DEFAULT_TTL
+    except ValueError:
+        return DEFAULT_TTL
+
+
+def holder_info(kind: str) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "holder": uuid.uuid4().hex,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+    }
+
+
+class Heartbeat:
+    """Rewrites the lock and lease objects this process holds every TTL/4."""
+
+    def __init__(self, remote: Remote, ttl: float) -> None:
+        self.remote = remote
+        self.ttl = ttl
+        self._held: dict[str, dict[str, Any]] = {}
+        self._renewed: dict[str, float] = {}
+        self._mutex = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, path: str, info: dict[str, Any]) -> None:
+        """`path` was just written with `info`."""
+        with self._mutex:
+            self._held[path] = info
+            self._renewed[path] = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, daemon=True, name="castore-heartbeat"
+                )
+                self._thread.start()
+
+    def remove(self, path: str) -> None:
+        with self._mutex:
+            self._held.pop(path, None)
+            self._renewed.pop(path, None)
+
+    def alive(self, path: str) -> bool:
+        with self._mutex:
+            renewed = self._renewed.get(path)
+        return renewed is not None and time.monotonic() - renewed < self.ttl * 0.75
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            with self._mutex:
+                held = list(self._held.items())
+            for path, info in held:
+                info = {**info, "time": time.time()}
+                try:
+                    self.remote.write(path, json.dumps(info).encode())
+                except Exception as e:  # the next beat tries again; check() tells the holder
+                    log.debug("remote %s: heartbeat of %s failed: %s", self.remote.url, path, e)
+                    continue
+                with self._mutex:
+                    if path in self._renewed:
+                        self._renewed[path] = time.monotonic()
+
+
+def read_lock(remote: Remote, path: str) -> dict[str, Any] | None:
+    try:
+        info = json.loads(remote.read(path))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def is_stale(info: dict[str, Any], ttl: float) -> bool:
+    try:
+        return time.time() - float(info.get("time", 0)) >= ttl
+    except (TypeError, ValueError):
+        return True
+
+
+class WriterLock:
+    """A push's, write-through run's or gc's lock on a remote (see the module doc)."""
+
+    def __init__(self, remote: Remote, kind: str, *, exclusive: bool, heartbeat: Heartbeat):
+        self.remote = remote
+        self.kind = kind
+        self.exclusive = exclusive
+        self.heartbeat = heartbeat
+        self.info = holder_info(kind)
+        base = remote.layout.dir(L.LOCKS)
+        self.path = remote.layout.join(base, f"{kind}-{self.info['holder']}.json")
+
+    def acquire(self, wait: float = 5.0) -> WriterLock:
+        """Write our lock, then look at the others; back off and retry (with jitter, so
+        two racing writers do not keep meeting) until `wait` runs out."""
+        deadline = time.monotonic() + wait
+        self.remote.fs.makedirs(self.remote.layout.dir(L.LOCKS), exist_ok=True)
+        while True:
+            self.info["time"] = time.time()
+            self.remote.write(self.path, json.dumps(self.info).encode())
+            self.heartbeat.add(self.path, self.info)
+            blocking = [w for w in self.remote.writers() if self._conflicts(w)]
+            if not blocking:
+                return self
+            self.release()
+            if time.monotonic() >= deadline:
+                w = blocking[0]
+                left = max(0.0, self.heartbeat.ttl - (time.time() - float(w.get("time", 0))))
+                raise StoreLocked(
+                    f"remote {self.remote.url} is locked by {w.get('kind')} (pid "
+                    f"{w.get('pid')} on {w.get('host')}); try again later (if it died, its "
+                    f"lock expires in {left:.0f}s)"
+                )
+            time.sleep(random.uniform(0.1, 0.5))
+
+    def _conflicts(self, other: dict[str, Any]) -> bool:
+        if other.get("path") == self.path or other.get("holder") == self.info["holder"]:
+            return False
+        return self.exclusive or other.get("kind") == "gc"
+
+    def check(self) -> None:
+        """Raise unless the lock is certainly still ours (refreshed within 3/4 TTL)."""
+        if not self.heartbeat.alive(self.path):
+            raise RemoteError(
+                f"lost the {self.kind} lock on remote {self.remote.url} (not refreshed for "
+                f"{self.heartbeat.ttl * 0.75:.0f}s); stopped before naming objects a gc may "
+                "have removed; run it again"
+            )
+
+    def release(self) -> None:
+        self.heartbeat.remove(self.path)
+        with contextlib.suppress(Exception):  # unreachable: it expires by itself
+            self.remote.fs.rm_file(self.path)
+
+
+@contextlib.contextmanager
+def writer_lock(remote: Remote, kind: str, *, exclusive: bool) -> Iterator[WriterLock]:
+    heartbeat = Heartbeat(remote, lock_ttl())
+    lock = WriterLock(remote, kind, exclusive=exclusive, heartbeat=heartbeat).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+        heartbeat.close()
+
+
+class Leases:
+    """This run's leases on batches, by action key (see the module doc)."""
+
+    def __init__(self, remote: Remote, heartbeat: Heartbeat, poll: float = 1.0) -> None:
+        self.remote = remote
+        self.heartbeat = heartbeat
+        self.poll = poll
+        self.info = holder_info("lease")
+        self.held: set[str] = set()
+        self._tried: dict[str, float] = {}
+
+    def path(self, key: str) -> str:
+        return self.remote.layout.lease_path(key)
+
+    def try_acquire(self, key: str) -> bool:
+        """True when this run may compute `key`: it holds the lease. Asks the remote at
+        most once per `poll` seconds per key."""
+        if key in self.held:
+            return True
+        now = time.monotonic()
+        if now - self._tried.get(key, -self.poll) < self.poll:
+            return False
+        self._tried[key] = now
+        path = self.path(key)
+        info = {**self.info, "time": time.time()}
+        data = json.dumps(info).encode()
+        if not self.remote.create(path, data):
+            other = read_lock(self.remote, path)
+            if other is not None and not is_stale(other, self.heartbeat.ttl):
+                return False
+            # Its holder died (or the lease was just released): remove it and race for it
+            # once more; the create decides which machine gets it.
+            with contextlib.suppress(OSError):
+                self.remote.fs.rm_file(path)
+            if not self.remote.create(path, data):
+                return False
+        self.held.add(key)
+        self._tried.pop(key, None)
+        self.heartbeat.add(path, info)
+        return True
+
+    def release(self, key: str) -> None:
+        if key not in self.held:
+            return
+        self.held.discard(key)
+        path = self.path(key)
+        self.heartbeat.remove(path)
+        with contextlib.suppress(Exception):  # unreachable: it expires by itself
+            self.remote.fs.rm_file(path)
+
+    def release_all(self) -> None:
+        for key in list(self.held):
+            self.release(key)
+
+
+__all__ = ["Heartbeat", "Leases", "WriterLock", "lock_ttl", "writer_lock"]

@@ -1,0 +1,172 @@
+"""Several machines on one remote (a real S3-compatible server on 127.0.0.1): each batch
+paid once, a remote gc that cannot strand a push, per-object degradation, clear errors.
+A "machine" is a `cas` process with a store of its own."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from castore.errors import RemoteError, StoreLocked
+from castore.remote import Remote
+from castore.remote_locks import Heartbeat, Leases, WriterLock
+from castore.transfer import push
+from tests.conftest import cas_inproc, start_cas
+from tests.test_remote import remote_problems, use_server
+from tests.test_remote import s3 as s3
+
+SLOW = Path(__file__).parent / "pipelines" / "slow.py"
+SLOW_BATCHES = 40  # 600 rows / input_batch_size 15
+
+
+@pytest.fixture
+def s3_url(s3, monkeypatch):
+    use_server(s3, monkeypatch)
+    return s3.new_bucket()
+
+
+def calls(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def run_rows(store_root: Path) -> list[dict]:
+    from castore.distiset import Distiset
+
+    return Distiset.from_run("slow", store_root)["keep_columns"]["train"].to_list()
+
+
+def test_two_machines_at_once_pay_each_batch_once(tmp_path, s3_url):
+    counted = tmp_path / "calls"
+    env = {"CASTORE_TEST_CALLS": str(counted)}
+    args = ("run", str(SLOW), "--remote", s3_url, "--push", "--json")
+    procs = [start_cas(*args, cache_dir=tmp_path / m, env=env) for m in ("a", "b")]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert json.loads(out)["status"] == "finished"
+    paid = calls(counted)
+    assert len(paid) <= SLOW_BATCHES * 1.1, len(paid)
+    assert len({line.split()[1] for line in paid}) == SLOW_BATCHES  # every batch was made
+    assert run_rows(tmp_path / "a") == run_rows(tmp_path / "b")
+    remote = Remote(s3_url)
+    assert remote_problems(remote) == []
+    assert not remote.fs.find(remote.layout.leases_dir())  # every lease let go
+
+
+def test_a_missing_remote_object_costs_its_batch_only(tmp_path, make_store, caplog):
+    a = make_store("a")
+    url = str(tmp_path / "remote")
+    counted = tmp_path / "calls"
+    env = {"CASTORE_TEST_CALLS": str(counted)}
+    r = cas_inproc("run", str(SLOW), "--remote", url, "--push", cache_dir=a.root, env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(calls(counted)) == SLOW_BATCHES
+    remote = Remote(url)
+    # One batch of `slow` loses its output on the remote.
+    entries = [e for k in sorted(remote.list_actions()) if (e := remote.get_action(k))]
+    gone = next(e for e in entries if e.info.get("step") == "slow").outputs[0]
+    remote.delete_object(gone)
+    r = cas_inproc("run", str(SLOW), "--remote", url, "--json", cache_dir=tmp_path / "b", env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(calls(counted)) == SLOW_BATCHES + 1  # that batch, not every one after it
+    assert gone[:12] in r.stderr and "unavailable" not in r.stderr
+    assert run_rows(tmp_path / "b") == run_rows(a.root)
+
+
+def test_writer_locks_exclude_each_other(tmp_path):
+    remote = Remote(str(tmp_path / "remote"))
+    beat = Heartbeat(remote, 60)
+    push_a = WriterLock(remote, "push", exclusive=False, heartbeat=beat).acquire()
+    push_b = WriterLock(remote, "push", exclusive=False, heartbeat=beat).acquire(wait=0)
+    with pytest.raises(StoreLocked, match="locked by push"):
+        WriterLock(remote, "gc", exclusive=True, heartbeat=beat).acquire(wait=0.3)
+    assert not any(w["kind"] == "gc" for w in remote.writers())  # it backed off
+    push_a.release()
+    push_b.release()
+    gc = WriterLock(remote, "gc", exclusive=True, heartbeat=beat).acquire(wait=0)
+    with pytest.raises(StoreLocked, match="locked by gc"):
+        WriterLock(remote, "push", exclusive=False, heartbeat=beat).acquire(wait=0.3)
+    gc.release()
+    beat.close()
+
+
+def test_a_dead_holders_lock_expires_and_a_lost_lock_stops_its_writer(tmp_path, monkeypatch):
+    monkeypatch.setenv("CASTORE_REMOTE_LOCK_TTL", "2")
+    remote = Remote(str(tmp_path / "remote"))
+    dead = Heartbeat(remote, 2)
+    lock = WriterLock(remote, "push", exclusive=False, heartbeat=dead).acquire()
+    dead.close()  # its holder stops refreshing it, as a killed process would
+    with pytest.raises(StoreLocked, match="expires in"):
+        WriterLock(remote, "gc", exclusive=True, heartbeat=Heartbeat(remote, 2)).acquire(wait=0)
+    time.sleep(2.2)
+    with pytest.raises(RemoteError, match="lost the push lock"):
+        lock.check()  # the paused writer must not go on to name objects
+    beat = Heartbeat(remote, 2)
+    gc = WriterLock(remote, "gc", exclusive=True, heartbeat=beat).acquire(wait=0)
+    time.sleep(1.5)  # longer than 3/4 TTL: the heartbeat kept it alive
+    gc.check()
+    gc.release()
+    beat.close()
+
+
+def test_leases_go_to_one_holder_and_free_after_expiry(tmp_path):
+    remote = Remote(str(tmp_path / "remote"))
+    key = "ab" * 32
+    one, two = (Leases(remote, Heartbeat(remote, 2), poll=0) for _ in range(2))
+    assert one.try_acquire(key) and not two.try_acquire(key)
+    one.release(key)
+    assert two.try_acquire(key) and not one.try_acquire(key)
+    two.heartbeat.close()  # its holder dies
+    time.sleep(2.2)
+    assert one.try_acquire(key)
+    one.release_all()
+    assert not remote.fs.exists(remote.layout.lease_path(key))
+
+
+@pytest.mark.slow
+def test_gc_and_pushes_in_a_loop_never_strand_a_ref(tmp_path, make_store, s3_url):
+    """A push that skipped objects the remote had, a gc that would sweep those same
+    objects (no ref names them, cache-ttl 0): run together, over and over, the remote
+    stays whole."""
+    from tests.test_pipeline import build
+
+    a = make_store("a")
+    for factor in (1, 2, 3):
+        build(factor=factor).run(cache_dir=a.root, quiet=True)
+    remote = Remote(s3_url)
+    push(a, remote)
+    gc_args = ("gc", "--remote", s3_url, "--grace", "0", "--cache-ttl", "0", "-y")
+    for _ in range(4):
+        for name, sig, _oid in remote.list_refs():
+            remote.delete_ref(name, sig)
+        procs = [
+            start_cas("push", s3_url, cache_dir=a.root),
+            start_cas(*gc_args, cache_dir=a.root),
+            start_cas("push", s3_url, cache_dir=a.root),
+        ]
+        codes = [p.wait(timeout=300) for p in procs]
+        assert all(c in (0, 11) for c in codes), [p.stderr.read() for p in procs]  # type: ignore[union-attr]
+        assert remote_problems(remote) == []
+        if codes[0] and codes[2]:  # both refused while the gc held the remote: push now
+            assert cas_inproc("push", s3_url, cache_dir=a.root).returncode == 0
+        assert remote_problems(remote) == []
+
+
+@pytest.mark.slow
+def test_gc_waits_for_a_write_through_run(tmp_path, s3_url):
+    args = ("run", str(SLOW), "--remote", s3_url, "--push", "--param", "slow.delay=0.4")
+    proc = start_cas(*args, cache_dir=tmp_path / "a")  # 8 s: longer than gc waits (5 s)
+    gc_args = ("gc", "--remote", s3_url, "--grace", "0", "--cache-ttl", "0", "-y")
+    refused = 0
+    while proc.poll() is None:
+        r = cas_inproc(*gc_args, cache_dir=tmp_path / "b")
+        refused += r.returncode == 11
+        assert r.returncode in (0, 11), r.stderr
+        time.sleep(0.3)
+    assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
+    assert refused >= 1
+    remote = Remote(s3_url)
+    assert remote_problems(remote) == [] and remote.list_refs()
