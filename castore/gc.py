@@ -446,10 +446,7 @@ def _plan_remote(remote: Remote, now: float, grace: float, cache_ttl: float, job
     with ThreadPoolExecutor(jobs) as pool:  # one request per entry: many at once
         entries = dict(zip(keys, pool.map(remote.get_action, keys), strict=True))
     marked = _remote_marked(remote, entries, now - cache_ttl)
-    try:
-        infos = remote.fs.find(remote.layout.dir(L.OBJECTS), detail=True)
-    except FileNotFoundError:
-        infos = {}
+    infos = remote.find(L.OBJECTS)
     going: dict[str, int] = {}
     present: set[str] = set()
     for path, info in infos.items():

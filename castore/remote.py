@@ -17,7 +17,7 @@ import logging
 import os
 import posixpath
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from castore.errors import (
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (objects done, bytes done)
 SIGNING_ENV = "CASTORE_SIGNING_KEY"
+ASK_EACH_BELOW = 2000  # Remote.have: more ids than this are listed instead
 
 
 class Remote:
@@ -74,15 +75,33 @@ class Remote:
 
     def list_oids(self) -> set[str]:
         """Every object id on the remote (strays and malformed names skipped)."""
-        base = self.layout.dir(L.OBJECTS)
+        return {oid for p in self.find(L.OBJECTS) if (oid := L.oid_from_path(p))}
+
+    def find(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Every file under objects/ or actions/ with its info (size, mtime)."""
         self.fs.invalidate_cache()  # listings must be fresh: others write here too
         try:
-            paths = self.fs.find(base)
+            return dict(self.fs.find(self.layout.dir(kind), detail=True))
         except FileNotFoundError:
-            return set()
+            return {}
         except OSError as e:
             raise RemoteUnavailable(f"cannot list {self.url}: {e}") from None
-        return {oid for p in paths if (oid := L.oid_from_path(p))}
+
+    def have(self, kind: str, ids: Iterable[str], jobs: int = 16) -> set[str]:
+        """Which of `ids` (objects or action entries) the remote has. A few are asked
+        one by one, in parallel, so a push costs what it sends, not what the remote
+        holds; many are listed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        ids = list(ids)
+        if len(ids) > ASK_EACH_BELOW:
+            listed = self.list_oids() if kind == L.OBJECTS else self.list_actions()
+            return listed & set(ids)
+        path = self.layout.object_path if kind == L.OBJECTS else self.layout.action_path
+        self.fs.invalidate_cache()
+        with ThreadPoolExecutor(jobs) as pool:
+            found = list(pool.map(lambda i: self.fs.exists(path(i)), ids))
+        return {i for i, yes in zip(ids, found, strict=True) if yes}
 
     def has(self, oid: str) -> bool:
         return bool(self.fs.exists(self.layout.object_path(oid)))
@@ -183,12 +202,7 @@ class Remote:
         return index, segments
 
     def list_actions(self) -> set[str]:
-        self.fs.invalidate_cache()
-        try:
-            paths = self.fs.find(self.layout.dir(L.ACTIONS))
-        except FileNotFoundError:
-            return set()
-        return {key for p in paths if (key := L.oid_from_path(p))}
+        return {key for p in self.find(L.ACTIONS) if (key := L.oid_from_path(p))}
 
     def list_refs(
         self, problems: list[tuple[str, str]] | None = None
@@ -304,6 +318,48 @@ def check_url(url: str) -> str:
     return url
 
 
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+}
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
+
+
+def explain_remote_error(error: BaseException) -> RemoteUnavailable | None:
+    """A backend's exception (botocore, aiohttp, gcsfs...; matched by class name, so no
+    backend is imported) as one line saying what to check; None when it is not one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        name = type(seen).__name__
+        code = str(getattr(seen, "response", {}).get("Error", {}).get("Code", ""))
+        text = str(seen).splitlines()[0][:200] if str(seen) else name
+        if name in _UNREACHABLE:
+            return RemoteUnavailable(
+                f"cannot reach the remote ({text}); check its endpoint (FSSPEC_S3_ENDPOINT_URL "
+                "or AWS_ENDPOINT_URL for S3-compatible servers) and the network"
+            )
+        if name in _NO_CREDENTIALS:
+            return RemoteUnavailable(
+                f"no credentials for the remote ({text}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or fsspec's configuration"
+            )
+        if name == "ProfileNotFound":
+            return RemoteUnavailable(f"{text}; check AWS_PROFILE and the profiles in ~/.aws/config")
+        if name in _DENIED or code in _DENIED:
+            return RemoteUnavailable(
+                f"the remote denied access ({text}); check that the credentials are the right "
+                "ones and may read and write that bucket or folder"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def fetch_object(store: Store, remote: Remote, oid: str) -> int:
     """Download, verify, store. A mismatch raises CorruptObject naming `oid` and stores
     nothing."""
@@ -319,5 +375,6 @@ __all__ = [
     "RemoteError",
     "RemoteUnavailable",
     "check_url",
+    "explain_remote_error",
     "fetch_object",
 ]

@@ -113,6 +113,15 @@ class Heartbeat:
                         self._renewed[path] = time.monotonic()
 
 
+def _asked_first(info: dict[str, Any]) -> tuple[float, str]:
+    """Order of writers: who started asking for the lock first (ties: holder id)."""
+    try:
+        since = float(info.get("since", info.get("time", 0)))
+    except (TypeError, ValueError):
+        since = 0.0
+    return since, str(info.get("holder", ""))
+
+
 def read_lock(remote: Remote, path: str) -> dict[str, Any] | None:
     try:
         info = json.loads(remote.read(path))
@@ -141,27 +150,42 @@ class WriterLock:
         self.path = remote.layout.join(base, f"{kind}-{self.info['holder']}.json")
 
     def acquire(self, wait: float = 5.0) -> WriterLock:
-        """Write our lock, then look at the others; back off and retry (with jitter, so
-        two racing writers do not keep meeting) until `wait` runs out."""
+        """Write our lock (state "waiting"), then look at the others: go on (state
+        "held") when no conflicting writer holds the lock and none that conflicts has
+        been waiting longer; else keep waiting, our lock in place, so writers that come
+        later queue behind us (a gc in a loop cannot starve a push). Locks stay in place
+        from their first write, so of two conflicting writers the later sees the
+        earlier: they never both go on."""
         deadline = time.monotonic() + wait
         self.remote.fs.makedirs(self.remote.layout.dir(L.LOCKS), exist_ok=True)
+        self.info.update(since=time.time(), state="waiting")
         while True:
-            self.info["time"] = time.time()
-            self.remote.write(self.path, json.dumps(self.info).encode())
-            self.heartbeat.add(self.path, self.info)
-            blocking = [w for w in self.remote.writers() if self._conflicts(w)]
+            self._write()
+            blocking = [
+                w
+                for w in self.remote.writers()
+                if self._conflicts(w)
+                and (w.get("state", "held") == "held" or _asked_first(w) < _asked_first(self.info))
+            ]
             if not blocking:
+                self.info["state"] = "held"
+                self._write()
                 return self
-            self.release()
             if time.monotonic() >= deadline:
-                w = blocking[0]
+                self.release()
+                w = min(blocking, key=_asked_first)
                 left = max(0.0, self.heartbeat.ttl - (time.time() - float(w.get("time", 0))))
                 raise StoreLocked(
                     f"remote {self.remote.url} is locked by {w.get('kind')} (pid "
                     f"{w.get('pid')} on {w.get('host')}); try again later (if it died, its "
                     f"lock expires in {left:.0f}s)"
                 )
-            time.sleep(random.uniform(0.1, 0.5))
+            time.sleep(random.uniform(0.1, 0.4))
+
+    def _write(self) -> None:
+        self.info["time"] = time.time()
+        self.remote.write(self.path, json.dumps(self.info).encode())
+        self.heartbeat.add(self.path, self.info)
 
     def _conflicts(self, other: dict[str, Any]) -> bool:
         if other.get("path") == self.path or other.get("holder") == self.info["holder"]:

@@ -150,10 +150,10 @@ def plan_push(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
     """What pushing the chosen runs (default: all refs) would upload."""
     chosen = select_refs(store.list_refs(), list(runs), lambda o: _updated(store, o))
     c = local_closure(store, chosen)
-    present = remote.list_oids()
+    present = remote.have(L.OBJECTS, [o for o in c.batches | set(c.manifests)])
     objects = sorted(o for o in c.batches - present if store.has(o))
     manifests = [o for o in c.manifests if o not in present]
-    have = remote.list_actions()
+    have = remote.have(L.ACTIONS, c.keys)
     todo = c.keys - have
     if remote.signing_key is not None:
         # Entries pushed before the team key was set (or by someone without it) are
@@ -185,7 +185,7 @@ def push(
     t0 = time.perf_counter()
     if dry_run:
         return TransferResult(plan=plan_push(store, remote, runs))
-    with remote.writer_lock("push", exclusive=False):
+    with remote.writer_lock("push", exclusive=False) as lock:
         plan = plan_push(store, remote, runs)
         result = TransferResult(skipped=plan.skipped, plan=plan)
         upload(store, remote, plan.objects, jobs=jobs, progress=progress, result=result)
@@ -194,6 +194,9 @@ def push(
                 f"push to {remote.url}: {len(result.failed)} object(s) failed, "
                 f"e.g. {result.failed[0]}; run it again to resume"
             )
+        # The plan skipped objects the remote had: only a lock held all along proves no
+        # gc removed them since (castore.remote_locks).
+        lock.check()
         for oid in plan.manifests:  # step manifests before run manifests
             result.bytes += remote.put_object(store, oid)
             result.objects += 1
@@ -201,6 +204,7 @@ def push(
         result.actions = _parallel_count(
             lambda k: remote.put_action(k, entries[k]), list(entries), jobs
         )
+        lock.check()
         for name, sig, oid in plan.refs:
             remote.set_ref(name, sig, oid)
             result.refs.append(f"{name}/{sig}")

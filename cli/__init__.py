@@ -129,7 +129,9 @@ def _failed(e: CastoreError) -> int:
 
 def _unexpected(e: Exception) -> int:
     """A full disk or an unwritable folder keeps its documented code; anything else is 70."""
-    mapped = _store_oserror(e) if isinstance(e, OSError) else None
+    from castore.remote import explain_remote_error
+
+    mapped = explain_remote_error(e) or (_store_oserror(e) if isinstance(e, OSError) else None)
     if mapped is not None:
         return _failed(mapped)
     if _state["debug"]:

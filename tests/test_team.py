@@ -167,6 +167,69 @@ def test_gc_waits_for_a_write_through_run(tmp_path, s3_url):
         assert r.returncode in (0, 11), r.stderr
         time.sleep(0.3)
     assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
-    assert refused >= 1
+    assert refused >= 1, proc.stderr.read()  # type: ignore[union-attr]
     remote = Remote(s3_url)
     assert remote_problems(remote) == [] and remote.list_refs()
+
+
+def _no_aws_env(tmp_path: Path) -> dict[str, str]:
+    """No credentials anywhere botocore looks (no file, no instance metadata)."""
+    return {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+
+
+def test_remote_errors_are_one_line_with_exit_6(tmp_path, make_store):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import run_cas
+    from tests.remote_server import free_port
+
+    make_store("a")  # a store to push from
+    cache = tmp_path / "a"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_S3"))}
+    down = f"http://127.0.0.1:{free_port()}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1"}
+    cases = {
+        "cannot reach the remote": {**creds, "FSSPEC_S3_ENDPOINT_URL": down},
+        "no credentials": {**_no_aws_env(tmp_path), "FSSPEC_S3_ENDPOINT_URL": down},
+        "profile (nope) could not be found": {
+            "AWS_PROFILE": "nope",
+            "FSSPEC_S3_ENDPOINT_URL": down,
+        },
+    }
+    # A server that checks signatures: keys it does not know are refused (HTTP 403).
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**base, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        import socket
+
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        cases["denied access"] = {**creds, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        for expected, env in cases.items():
+            for args in (("push", "s3://team-bucket/cache"), ("gc", "--remote", "s3://b/c")):
+                full = {**base, "AWS_DEFAULT_REGION": "us-east-1", **env}
+                r = run_cas(*args, cache_dir=cache, env=full)
+                assert r.returncode == 6, (expected, r.stderr)
+                lines = r.stderr.strip().splitlines()
+                assert len(lines) == 1 and expected in lines[0], (expected, r.stderr)
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -113,8 +113,13 @@ class RemoteCache:
         except CastoreError:
             raise
         except Exception as e:
-            reason = f"no answer in {self.timeout:.0f}s" if not fut.done() else f"{e}"
-            self._down(what, f"{type(e).__name__}: {reason}" if fut.done() else reason)
+            from castore.remote import explain_remote_error
+
+            if not fut.done():
+                reason = f"no answer in {self.timeout:.0f}s"
+            else:
+                reason = str(explain_remote_error(e) or f"{type(e).__name__}: {e}")
+            self._down(what, reason)
             return None
 
     def _down(self, what: str, reason: str) -> None:
