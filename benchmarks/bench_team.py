@@ -1,0 +1,250 @@
+"""Several machines on one remote (an S3-compatible server on 127.0.0.1; a "machine" is a
+`cas` process with a store of its own), min / median of --repeat, with the load average.
+
+Part 1: N machines start one pipeline (40 batches of a 0.1 s step) with `--remote --push`
+at once (and 2 machines 3 s apart): batches computed vs unique batches, wall time vs one
+machine alone (the floor).
+
+Part 2: a remote holding E entries (synthetic ones, each naming one object) plus a real
+run of 100 batches of a 50 ms step: `--remote` overhead of a run whose batches are all
+local (floor: the same run without --remote), read-through of the 100 batches into an
+empty store (floor: computing them locally), push of one new run, `gc --remote
+--dry-run`, and the gc's memory per entry.
+
+    python benchmarks/bench_team.py [--machines 1,2,5,10] [--entries 2000,20000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _util import report
+
+from castore.hashing import hash_bytes, hash_json
+from castore.remote import Remote
+from castore.store.models import ActionEntry
+from tests.remote_server import S3Server
+
+PIPELINE = """
+import os, time
+from castore import Pipeline, StepInput, StepOutput, step
+from castore.steps import LoadDataFromDicts
+
+@step(inputs=["i"], outputs=["y"])
+def Paid(inputs: StepInput, delay: float = {delay}) -> StepOutput:
+    time.sleep(delay)
+    with open(os.environ["BENCH_CALLS"], "a") as f:
+        f.write(f"{{inputs[0]['i']}}\\n")
+    yield [{{**r, "y": r["i"] * 2}} for r in inputs]
+
+with Pipeline(name="{name}") as pipeline:
+    load = LoadDataFromDicts(data=[{{"i": i}} for i in range({rows})], batch_size=50)
+    load >> Paid(input_batch_size={batch}, concurrency={concurrency})
+"""
+
+
+def write_pipeline(work: Path, name: str, **kw: object) -> Path:
+    path = work / f"{name}.py"
+    path.write_text(PIPELINE.format(name=name, **kw))
+    return path
+
+
+def cas(*args: str, cache: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "castore.cli", *args, "--cache-dir", str(cache)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_ok(p: subprocess.Popen[str]) -> None:
+    _out, err = p.communicate(timeout=900)
+    if p.returncode != 0:
+        raise SystemExit(f"cas failed ({p.returncode}): {err[-2000:]}")
+
+
+def timed_cas(*args: str, cache: Path, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    wait_ok(cas(*args, cache=cache, env=env))
+    return time.perf_counter() - t0
+
+
+def mm(v: list[float], unit: str = "s") -> str:
+    return f"min {min(v):.2f} {unit}  median {statistics.median(v):.2f} {unit}"
+
+
+def machines(server: S3Server, work: Path, n: int, apart: float, env: dict[str, str]):
+    """(batches computed, wall seconds) of n machines sharing a fresh bucket."""
+    url = server.new_bucket()
+    pipeline = write_pipeline(work, "team", delay=0.1, rows=600, batch=15, concurrency=2)
+    calls = work / f"calls-{time.monotonic_ns()}"
+    env = {**env, "BENCH_CALLS": str(calls)}
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(n):
+        if i and apart:
+            time.sleep(apart)
+        cache = work / f"m{i}-{time.monotonic_ns()}"
+        procs.append(cas("run", str(pipeline), "--remote", url, "--push", cache=cache, env=env))
+    for p in procs:
+        wait_ok(p)
+    wall = time.perf_counter() - t0
+    return len(calls.read_text().splitlines()), wall
+
+
+def fill(remote: Remote, n: int) -> None:
+    """n entries, each naming one small object: what a remote of n batches lists."""
+
+    def one(i: int) -> None:
+        data = f"object {i}".encode()
+        oid = hash_bytes(data)
+        remote.write(remote.layout.object_path(oid), data)
+        entry = ActionEntry(outputs=[oid], rows=[1], info={"step": "filler"})
+        remote.write(
+            remote.layout.action_path(hash_json(["filler", i])), entry.model_dump_json().encode()
+        )
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(one, range(n)))
+
+
+def gc_peak_mib(url: str, env: dict[str, str], cache: Path) -> float:
+    code = (
+        "import resource, sys\n"
+        "from castore.gc import collect_remote\nfrom castore.remote import Remote\n"
+        f"collect_remote(Remote({url!r}), dry_run=True)\n"
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    return int(out.stdout.strip()) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--machines", default="1,2,5,10")
+    ap.add_argument("--entries", default="2000,20000")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = S3Server()
+    server.start()
+    os.environ.update(server.env)
+    import fsspec.config
+
+    fsspec.config.conf["s3"] = {"endpoint_url": server.endpoint}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    work = Path(tempfile.mkdtemp(prefix="bench-team-"))
+    rows: list[tuple[str, str]] = [
+        ("load average (start)", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    ]
+    try:
+        # -- part 1 ----------------------------------------------------------------------
+        cases = [(int(n), 0.0) for n in args.machines.split(",")] + [(2, 3.0)]
+        walls: dict[tuple[int, float], list[float]] = {}
+        for n, apart in cases:
+            paid, walls[(n, apart)] = [], []
+            for _ in range(args.repeat):
+                computed, wall = machines(server, work, n, apart, env)
+                paid.append(computed / 40)
+                walls[(n, apart)].append(wall)
+            label = f"{n} machines" + (f", {apart:.0f} s apart" if apart else " at once")
+            alone = statistics.median(walls[(1, 0.0)])
+            rows.append(
+                (
+                    label,
+                    f"computed / unique batches min {min(paid):.2f} median "
+                    f"{statistics.median(paid):.2f} max {max(paid):.2f}; wall "
+                    f"{mm(walls[(n, apart)])} = "
+                    f"{statistics.median(walls[(n, apart)]) / alone:.2f}x one machine",
+                )
+            )
+            print(rows[-1][0], rows[-1][1], flush=True)
+        # -- part 2 ----------------------------------------------------------------------
+        peaks: dict[int, float] = {}
+        for n_entries in (int(e) for e in args.entries.split(",")):
+            url = server.new_bucket()
+            remote = Remote(url)
+            t0 = time.perf_counter()
+            fill(remote, n_entries)
+            filled = time.perf_counter() - t0
+            pipeline = write_pipeline(
+                work, f"hundred{n_entries}", delay=0.05, rows=1000, batch=10, concurrency=1
+            )
+            benv = {**env, "BENCH_CALLS": str(work / "calls-hundred")}
+            origin = work / f"origin-{n_entries}"
+            timed_cas("run", str(pipeline), cache=origin, env=benv)
+            t_push = [timed_cas("push", url, cache=origin, env=benv)]
+            local, through, cold, read, gc_dry = [], [], [], [], []
+            for i in range(args.repeat):
+                local.append(timed_cas("run", str(pipeline), cache=origin, env=benv))
+                through.append(
+                    timed_cas("run", str(pipeline), "--remote", url, cache=origin, env=benv)
+                )
+                fresh = work / f"fresh-{n_entries}-{i}"
+                cold.append(timed_cas("run", str(pipeline), cache=fresh, env=benv))
+                empty = work / f"empty-{n_entries}-{i}"
+                t = timed_cas(
+                    "run", str(pipeline), "--remote", url, "--json", cache=empty, env=benv
+                )
+                read.append(t)
+                gc_dry.append(timed_cas("gc", "--remote", url, "--dry-run", cache=origin, env=benv))
+                shutil.rmtree(fresh)
+                shutil.rmtree(empty)
+            peaks[n_entries] = gc_peak_mib(url, env, origin)
+            over = [t - f for t, f in zip(sorted(through), sorted(local), strict=True)]
+            rows += [
+                (f"E={n_entries:,}: fill", f"{filled:.1f} s (not a figure)"),
+                (f"E={n_entries:,}: all-local run", f"{mm(local)} (floor)"),
+                (
+                    f"E={n_entries:,}: same with --remote",
+                    f"{mm(through)}; added min {min(over):.2f} s median "
+                    f"{statistics.median(over):.2f} s (target <= 0.5 s)",
+                ),
+                (f"E={n_entries:,}: compute 100 batches x 50 ms locally", f"{mm(cold)} (floor)"),
+                (
+                    f"E={n_entries:,}: read-through of them",
+                    f"{mm(read)} = {statistics.median(read) / statistics.median(cold):.2f}x "
+                    "the floor (target <= 1)",
+                ),
+                (f"E={n_entries:,}: push of one new run (once)", f"{t_push[0]:.2f} s"),
+                (f"E={n_entries:,}: gc --remote --dry-run", f"{mm(gc_dry)} (target <= 10 s)"),
+                (f"E={n_entries:,}: gc dry-run peak RSS", f"{peaks[n_entries]:.0f} MiB"),
+            ]
+            print("\n".join(f"{k}  {v}" for k, v in rows[-8:]), flush=True)
+        if len(peaks) >= 2:
+            (e1, m1), (e2, m2) = sorted(peaks.items())[0], sorted(peaks.items())[-1]
+            rows.append(
+                (
+                    "gc memory per entry",
+                    f"{(m2 - m1) * (1 << 20) / (e2 - e1):.0f} B (target <= 200 B)",
+                )
+            )
+        rows.append(("load average (end)", " ".join(f"{x:.2f}" for x in os.getloadavg())))
+        print()
+        report(rows)
+        print(json.dumps({"done": True}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
