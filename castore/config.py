@@ -58,10 +58,10 @@ def remove_remote(store: Store, name: str) -> None:
     save_config(store, config)
 
 
-def remote_url(store: Store, name: str | None) -> str:
+def remote_url(store: Store | None, name: str | None) -> str:
     """A remote's URL: a configured name, else a URL or path given directly; with no
-    name, $CASTORE_REMOTE, else the only configured remote."""
-    config = load_config(store)
+    name, $CASTORE_REMOTE, else the only configured remote. No store: no names."""
+    config = load_config(store) if store is not None else StoreConfig()
     if name is None:
         name = os.environ.get("CASTORE_REMOTE")
         if name is None:

@@ -18,15 +18,28 @@ from castore.errors import CastoreError, ConfigError
     help="Run the loaders whose input changed, in memory (nothing is written), so the "
     "steps after them can be planned too.",
 )
+@click.option(
+    "--remote",
+    "remote",
+    metavar="NAME",
+    help="Also ask this remote (a name or URL) for the batches not here: they count as "
+    "cached (a run fetches them), in the ON REMOTE column.",
+)
 @common_options
 @click.pass_obj
 def status_command(
-    app: App, target: str, params: tuple[str, ...], read_inputs: bool, as_json: bool
+    app: App,
+    target: str,
+    params: tuple[str, ...],
+    read_inputs: bool,
+    remote: str | None,
+    as_json: bool,
 ) -> None:
     """What `cas run TARGET` would do, before paying for it: per step, the batches in
-    the store, the batches to compute (and their rows found by row key, which cost
-    nothing), and the steps that wait for those; estimates of seconds and tokens come
-    from the pipeline's latest run. Runs no step and writes nothing.
+    the store (or, with --remote, on the remote), the batches to compute (and their rows
+    found by row key, which cost nothing), and the steps that wait for those; estimates
+    of seconds and tokens come from the pipeline's latest run. Runs no step and writes
+    nothing.
 
     TARGET is what `cas run` takes: a Python file, package.module:NAME or pipeline.yaml.
     """
@@ -39,7 +52,9 @@ def status_command(
         raise
     except Exception as e:
         raise ConfigError(f"cannot load {target}: {type(e).__name__}: {e}") from None
-    report = pipeline.plan(parse_params(params), cache_dir=app.cache_dir, read_inputs=read_inputs)
+    report = pipeline.plan(
+        parse_params(params), cache_dir=app.cache_dir, read_inputs=read_inputs, remote=remote
+    )
     if as_json:
         doc = report.model_dump()
         for st, out in zip(report.steps, doc["steps"], strict=True):
@@ -47,12 +62,16 @@ def status_command(
         doc["free"] = report.free
         echo_json(doc)
         return
-    _print(report)
+    _print(report, remote is not None)
 
 
-def _print(report: Any) -> None:
+def _print(report: Any, remote: bool) -> None:
     click.echo(f"pipeline {report.name}, signature {report.signature[:12]}")
-    click.echo(f"{'STEP':24} {'CACHED':>9} {'COMPUTE':>8} {'ROWS BY KEY':>11} {'TO COMPUTE':>10}")
+    on_remote = f" {'ON REMOTE':>9}" if remote else ""
+    click.echo(
+        f"{'STEP':24} {'CACHED':>9}{on_remote} {'COMPUTE':>8} {'ROWS BY KEY':>11} "
+        f"{'TO COMPUTE':>10}"
+    )
     for s in report.steps:
         total = "?" if s.batches_total is None else str(s.batches_total)
         if s.waits_on:
@@ -61,9 +80,10 @@ def _print(report: Any) -> None:
             )
             continue
         rows = f"{s.rows_to_compute} rows" if s.batches_to_compute else "0"
+        there = f" {s.batches_on_remote:>9}" if remote else ""
         click.echo(
-            f"{s.name[:24]:24} {f'{s.batches_cached}/{total}':>9} {s.batches_to_compute:>8} "
-            f"{s.rows_by_key:>11} {rows:>10}"
+            f"{s.name[:24]:24} {f'{s.batches_cached}/{total}':>9}{there} "
+            f"{s.batches_to_compute:>8} {s.rows_by_key:>11} {rows:>10}"
         )
     if report.free:
         err("nothing to compute: `cas run` reuses every batch")

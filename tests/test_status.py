@@ -136,3 +136,28 @@ def test_an_entry_whose_object_is_gone_is_not_dropped_by_a_preview(tmp_path):
     assert snapshot(cache) == before
     assert label.batches_to_compute >= 1
     assert store.peek_action(key) is not None
+
+
+def test_status_counts_what_only_the_remote_has(tmp_path):
+    """A second machine with an empty store: with --remote every batch counts as cached
+    on the remote, the run then fetches them all and computes nothing; nothing is
+    written by the preview, not even a store."""
+    from castore.remote import Remote
+    from castore.transfer import push
+
+    data, first, second = tmp_path / "d.jsonl", tmp_path / "a", tmp_path / "b"
+    write_rows(data, base_rows())
+    run(build(data), first)
+    from castore.store import Store
+
+    remote = str(tmp_path / "remote")
+    push(Store(first), Remote(remote))
+    report = build(data).plan(cache_dir=second, remote=remote)
+    assert not second.exists()
+    label = steps(report)["label"]
+    assert label.batches_to_compute == 0 and label.batches_on_remote == label.batches_total
+    assert report.free
+    _, computed, _ = run(build(data), second, remote=remote)
+    assert computed == 0  # the run did what the preview said
+    r = cas_inproc("status", "--help")
+    assert "--remote" in r.stdout

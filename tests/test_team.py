@@ -233,3 +233,19 @@ def test_remote_errors_are_one_line_with_exit_6(tmp_path, make_store):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_cheap_steps_are_not_leased(tmp_path, make_store):
+    from castore.pipeline.record import StepTally
+    from castore.pipeline.remote_cache import RemoteCache
+
+    remote = Remote(str(tmp_path / "remote"))
+    rc = RemoteCache(make_store("a"), remote, push=True)
+    cheap, slow = "ab" * 32, "cd" * 32
+    assert rc.lease(cheap, StepTally(computed=3, seconds=0.03))
+    assert rc.lease(slow, StepTally(computed=3, seconds=3.0))
+    assert not remote.fs.exists(remote.layout.lease_path(cheap))
+    assert remote.fs.exists(remote.layout.lease_path(slow))
+    rc.finish("0" * 64)
+    assert not remote.fs.exists(remote.layout.lease_path(slow))
+    assert remote.writers() == []  # its push lock is gone too

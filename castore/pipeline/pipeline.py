@@ -368,14 +368,18 @@ class Pipeline:
         *,
         cache_dir: str | os.PathLike[str] | None = None,
         read_inputs: bool = False,
+        remote: str | None = None,
     ) -> Any:
         """What `run` would do, without running or writing anything: per step, batches
-        cached, to compute, or waiting on upstream work, rows found by row key, and
-        estimates from the latest run (castore.pipeline.status.PlanStatus). With
-        `read_inputs`, loaders whose input changed are run in memory (writing nothing)
-        so the steps after them can be planned too."""
+        cached (here, or only on `remote`: a configured name or a URL), to compute, or
+        waiting on upstream work, rows found by row key, and estimates from the latest
+        run (castore.pipeline.status.PlanStatus). With `read_inputs`, loaders whose input
+        changed are run in memory (writing nothing) so the steps after them can be
+        planned too."""
+        from castore.config import remote_url
         from castore.errors import StoreNotFound
         from castore.pipeline.status import plan_status
+        from castore.remote import Remote
         from castore.store import Store
 
         self.apply_parameters(parameters)
@@ -383,8 +387,9 @@ class Pipeline:
             store = Store(cache_dir, create=False)
         except StoreNotFound:
             store = None  # nothing is cached anywhere yet
+        remote_obj = Remote(remote_url(store, remote)) if remote is not None else None
         with one_code_version():
-            return plan_status(self, store, read_inputs=read_inputs)
+            return plan_status(self, store, read_inputs=read_inputs, remote=remote_obj)
 
     def _runner(self, parameters: dict[str, dict[str, Any]] | None, o: RunOptions) -> Any:
         from castore.pipeline.runner import Runner

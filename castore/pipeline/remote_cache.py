@@ -31,6 +31,8 @@ from castore.store.models import ActionEntry
 
 log = logging.getLogger("castore.run")
 
+LEASE_BELOW = 0.05  # seconds per batch: cheaper steps are not leased on the remote
+
 
 class DaemonPool:
     """Threads that never keep the process alive: a hung remote must not stall exit."""
@@ -70,7 +72,6 @@ class RemoteCache:
         self.pool = DaemonPool(jobs)
         self._ahead: dict[str, Future[ActionEntry | None]] = {}
         self._missed: dict[str, float] = {}  # key -> when the remote last lacked it
-        self._waited: set[str] = set()  # keys whose lease another machine held
         self._index: Future[Any] | None = None  # the remote's manifests, read on first need
         self._index_pool = DaemonPool(1)  # not the pool: lookups there wait for it
         self.heartbeat = Heartbeat(remote, lock_ttl())
@@ -216,17 +217,23 @@ class RemoteCache:
 
     # -- leases ------------------------------------------------------------------------
 
-    def lease(self, key: str) -> bool:
+    def lease(self, key: str, tally: Any = None) -> bool:
         """May this run compute `key`? With write-through: only while it holds the key's
-        lease on the remote (another machine holding it is computing it)."""
+        lease on the remote (another machine holding it is computing it). A step whose
+        batches took less than LEASE_BELOW seconds each in this run (3 or more made) is
+        not leased: asking the remote would cost more than the batch."""
         if self.leases is None or not self.active:
             return True
+        if (
+            tally is not None
+            and tally.computed >= 3
+            and tally.seconds < tally.computed * LEASE_BELOW
+        ):
+            return True
         got = self._call(lambda: self.leases.try_acquire(key), "lease a batch")  # type: ignore[union-attr]
-        if got is False:
-            self._waited.add(key)
-        elif key in self._waited:
-            # Its holder let go: of its entry, if it made one, only a fresh answer tells.
-            self._waited.discard(key)
+        if got:
+            # Another machine may have made the batch since we last asked, and let go of
+            # its lease: only a fresh answer tells (the caller asks again now).
             self._missed.pop(key, None)
             self._ahead.pop(key, None)
         return got is not False

@@ -321,7 +321,8 @@ class Scheduler:
                 p.lease = self._lease(b)
             if not p.lease.try_acquire():
                 return False
-        if self.rcache is not None and not self.rcache.lease(b.key):  # another machine's
+        tally = self.recorder.tallies[b.step]
+        if self.rcache is not None and not self.rcache.lease(b.key, tally):  # another machine's
             if p.lease is not None:
                 p.lease.release()
             return False

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from castore.pipeline.pipeline import Pipeline
+    from castore.remote import Remote
     from castore.store import Store
 
 
@@ -36,6 +37,7 @@ class StepStatus(BaseModel):
     # None: unknown until the steps in `waits_on` have run (their outputs make the keys)
     batches_total: int | None = None
     rows_cached: int = 0
+    batches_on_remote: int = 0  # of the cached ones, those only the remote has (fetched)
     rows_in_misses: int = 0  # input rows of the batches to compute
     rows_by_key: int = 0  # of those, rows already produced (row-wise steps)
     waits_on: list[str] = []
@@ -79,11 +81,16 @@ class _Walk:
     planner: Planner
     out: dict[str, StepStatus]
     read_inputs: bool
+    remote: Remote | None = None
     indexes: dict[str, RowIndex] = field(default_factory=dict)
     cache: _Pinned = field(default_factory=_Pinned)
     missed: set[str] = field(default_factory=set)
+    on_remote: dict[str, Any] = field(default_factory=dict)  # key -> the remote's entry
 
     def entry(self, key: str) -> Any:
+        return self.local(key) or self.on_remote.get(key)
+
+    def local(self, key: str) -> Any:
         if self.store is None:
             return None
         entry = self.store.peek_action(key)  # get_action would drop a dangling entry
@@ -91,12 +98,29 @@ class _Walk:
             return None
         return entry
 
+    def ask_remote(self, keys: list[str]) -> None:
+        """The remote's entries for the keys not here, asked at once. An entry is enough
+        to plan on (keys downstream name objects by id); a run fetches and verifies the
+        objects, and computes the batch when it cannot."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.remote is None:
+            return
+        todo = [k for k in keys if k not in self.on_remote and self.local(k) is None]
+        with ThreadPoolExecutor(16) as pool:
+            for key, entry in zip(todo, pool.map(self.remote.get_action, todo), strict=True):
+                if entry is not None:
+                    self.on_remote[key] = entry
+
     def generators(self) -> None:
         for name, plan in self.planner.plans.items():
             if plan.kind != "generator":
                 continue
+            self.ask_remote([generator_end_key(plan.fp)])
             end = self.entry(generator_end_key(plan.fp))
             known = end.info.get("batches") if end is not None else None
+            if known:
+                self.ask_remote([generator_key(plan.fp, i) for i in range(known)])
             index = 0
             while (entry := self.entry(key := generator_key(plan.fp, index))) is not None:
                 self.hit(name, index, key, entry)
@@ -143,6 +167,7 @@ class _Walk:
         self.planner.plans[step].add(index, record)
         st = self.out[step]
         st.batches_cached += 1
+        st.batches_on_remote += key in self.on_remote
         st.rows_cached += sum(entry.rows)
         segment = entry.row_segment()
         if segment is not None and step in self.indexes:
@@ -150,6 +175,7 @@ class _Walk:
 
     def batches(self) -> None:
         while batches := self.planner.next_batches():
+            self.ask_remote([b.key for b in batches])
             for b in batches:
                 self.batch(b)
 
@@ -166,25 +192,34 @@ class _Walk:
         st.rows_in_misses += sum(n for _, _, n in b.slices[0])  # predecessors align
         self.missed.add(b.step)
         index = self.indexes.get(b.step)
-        if index is not None and self.store is not None:
-            table = read_input(self.store, b.slice_lists(), self.cache, step.grouped_columns())
+        store, pinned = self.store, self.cache.pinned
+        if (
+            index is not None
+            and store is not None
+            and all(s[0] in pinned or store.has(s[0]) for p in b.slices for s in p)
+        ):  # not when its input is still on the remote
+            table = read_input(store, b.slice_lists(), self.cache, step.grouped_columns())
             found = index.locate(index.keys(step, table))
             st.rows_by_key += sum(f is not None for f in found)
 
 
 def plan_status(
-    pipeline: Pipeline, store: Store | None, *, read_inputs: bool = False
+    pipeline: Pipeline,
+    store: Store | None,
+    *,
+    read_inputs: bool = False,
+    remote: Remote | None = None,
 ) -> PlanStatus:
-    """Per step: batches cached, to compute, or waiting on upstream work; rows found by
-    row key; estimates from the latest run of this pipeline name. With `read_inputs`,
-    loaders whose batches are not all stored are run in memory (nothing written), so
-    the steps after them can be planned."""
+    """Per step: batches cached (here, or only on `remote`), to compute, or waiting on
+    upstream work; rows found by row key; estimates from the latest run of this
+    pipeline name. With `read_inputs`, loaders whose batches are not all stored are run
+    in memory (nothing written), so the steps after them can be planned."""
     pipeline.validate()
     sigs = pipeline.signatures()
     order = pipeline.topological()
     planner = Planner.for_pipeline(pipeline, sigs, order)
     out = {n: StepStatus(name=n) for n in order}
-    walk = _Walk(store, pipeline, sigs, planner, out, read_inputs)
+    walk = _Walk(store, pipeline, sigs, planner, out, read_inputs, remote)
     walk.generators()
     walk.batches()
     for n in order:
