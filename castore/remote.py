@@ -360,6 +360,23 @@ def explain_remote_error(error: BaseException) -> RemoteUnavailable | None:
     return None
 
 
+_WORKER_ENV = ("FSSPEC_", "AWS_", "GOOGLE_", "AZURE_", "HF_")
+_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+def worker_env() -> tuple[dict[str, str], dict[str, str]]:
+    """What a Ray worker on another node needs to reach the remote, from this process's
+    environment: (settings, secrets). Settings (endpoints, region, profile name) may go
+    into Ray's runtime environment; secrets (a name with KEY, SECRET, TOKEN, PASSWORD or
+    CREDENTIAL) must not, since Ray writes runtime environments to its log files."""
+    settings: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for name, value in os.environ.items():
+        if name.startswith(_WORKER_ENV) and name != SIGNING_ENV:
+            (secrets if any(w in name for w in _SECRET_WORDS) else settings)[name] = value
+    return settings, secrets
+
+
 def fetch_object(store: Store, remote: Remote, oid: str) -> int:
     """Download, verify, store. A mismatch raises CorruptObject naming `oid` and stores
     nothing."""
@@ -377,4 +394,5 @@ __all__ = [
     "check_url",
     "explain_remote_error",
     "fetch_object",
+    "worker_env",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,34 @@ def test_ray_workers_write_to_a_remote_the_driver_reads_through(tmp_path):
         cache_dir=tmp_path / "x",
     )
     assert r.returncode != 0 and "needs executor='ray' and a remote" in r.stderr
+
+
+def test_ray_workers_reach_an_s3_remote_the_driver_was_given(tmp_path, monkeypatch):
+    """Ray started before the remote's endpoint and credentials were in the driver's
+    environment: its workers get the endpoint through Ray's runtime environment and the
+    credentials with each task, and the secret is in none of Ray's files."""
+    ray = pytest.importorskip("ray")
+    from castore.remote import Remote
+    from tests.remote_server import S3Server
+    from tests.test_remote import use_server
+
+    server = S3Server()
+    server.start()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        use_server(server, monkeypatch)  # now, not in the workers' inherited environment
+        url = server.new_bucket()
+        pipeline = load_file_module(CPU, "castore_test_cpu_s3").pipeline
+        store = Store(tmp_path / "driver")
+        ds = pipeline.run(
+            cache_dir=store.root, executor="ray", remote=url, ray_storage="remote", quiet=True
+        )
+        digest = load_model(store, ds.run.step_manifest_id("digest"), StepManifest)
+        assert {o for b in digest.batches for o in b.outputs} <= Remote(url).list_oids()
+        secret = server.env["AWS_SECRET_ACCESS_KEY"].encode()
+        leaked = [p for p in session.rglob("*") if p.is_file() and secret in p.read_bytes()]
+        assert leaked == []
+    finally:
+        ray.shutdown()
+        server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -447,10 +448,14 @@ def execute_for_ray(
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
 
 
-def execute_for_ray_remote(remote_url: str, step: _Step, table: pa.Table) -> Any:
+def execute_for_ray_remote(
+    remote_url: str, step: _Step, table: pa.Table, secrets: dict[str, str] | None = None
+) -> Any:
     """Ray task for nodes that do not see the store: the driver sends the input rows,
     the worker writes the output object to the remote (verified by its digest) and the
-    driver reads it through."""
+    driver reads it through. `secrets` (the remote's credentials, castore.remote.
+    worker_env) come as an argument, never through Ray's runtime environment, which Ray
+    writes to its logs; they enter this worker's environment for its remote client."""
     from castore.remote import Remote
     from castore.store.parquet import encode_parquet
 
@@ -461,6 +466,7 @@ def execute_for_ray_remote(remote_url: str, step: _Step, table: pa.Table) -> Any
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
     data = encode_parquet(out).to_pybytes()  # the bytes Store.put_table would store
     oid = hash_bytes(data)
+    os.environ.update(secrets or {})
     remote = Remote(remote_url)
     if not remote.has(oid):
         remote.write(remote.layout.object_path(oid), data)

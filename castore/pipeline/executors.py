@@ -311,6 +311,14 @@ class RayExecutor:
             execute_for_ray_remote if remote is not None else execute_for_ray
         )
         self._store, self._remote, self._cache = store, remote, cache or TableCache()
+        self._settings: dict[str, Any] = {}
+        self._secrets: dict[str, str] = {}
+        if remote is not None:
+            from castore.remote import worker_env
+
+            settings, self._secrets = worker_env()
+            if settings:
+                self._settings = {"runtime_env": {"env_vars": settings}}
         self._events = events
         self._pending: dict[Any, Task] = {}
         self._lock = threading.Lock()
@@ -321,7 +329,7 @@ class RayExecutor:
         self._waiter.start()
 
     def submit(self, task: Task) -> None:
-        opts = ray_options(task.step.resources)
+        opts = {**self._settings, **ray_options(task.step.resources)}
         fn = self._fn.options(**opts) if opts else self._fn
         b = task.batch
         if self._remote is not None:
@@ -329,7 +337,7 @@ class RayExecutor:
             table = read_input(
                 self._store, b.slice_lists(), self._cache, task.step.grouped_columns()
             )
-            ref = fn.remote(self._remote.url, task.step, table)
+            ref = fn.remote(self._remote.url, task.step, table, self._secrets)
         else:
             ref = fn.remote(str(self._store.root), task.step, b.key, b.slice_lists(), task.rows)
         with self._lock:
