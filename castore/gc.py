@@ -422,7 +422,7 @@ def collect_remote(
     with contextlib.ExitStack() as stack:
         lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
         now = time.time()
-        result = _plan_remote(remote, now, grace, cache_ttl, jobs)
+        result, entries, packs = _plan_remote(remote, now, grace, cache_ttl, jobs)
         if lock is not None:
             # Entries before objects: a gc killed in between leaves only garbage.
             for i, key in enumerate(result.actions_dropped):
@@ -434,18 +434,26 @@ def collect_remote(
                 if i % 256 == 0:
                     lock.check()
                 remote.delete_object(oid)
+            lock.check()
+            from castore import remote_packs
+
+            dropped = set(result.actions_dropped)
+            remote_packs.merge(
+                remote, {k: e for k, e in entries.items() if k not in dropped}, packs
+            )
             _remove_dead_locks(remote)
     return GcResult(result, dry_run, time.perf_counter() - t0)
 
 
-def _plan_remote(remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int) -> GcPlan:
-    from concurrent.futures import ThreadPoolExecutor
+def _plan_remote(
+    remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int
+) -> tuple[GcPlan, dict[str, ActionEntry | None], set[str]]:
+    """The plan, the entries it read and the entry packs it read them from."""
+    from castore import remote_packs
 
     result = GcPlan(cutoff=now - grace)
-    keys = sorted(remote.list_actions())
-    with ThreadPoolExecutor(jobs) as pool:  # one request per entry: many at once
-        entries = dict(zip(keys, pool.map(remote.get_action, keys), strict=True))
-    marked = _remote_marked(remote, entries, now - cache_ttl)
+    entries, packs = remote_packs.read_entries(remote, jobs)
+    marked = _remote_marked(remote, entries, now - cache_ttl) | packs
     infos = remote.find(L.OBJECTS)
     going: dict[str, int] = {}
     present: set[str] = set()
@@ -465,7 +473,7 @@ def _plan_remote(remote: Remote, now: float, grace: float, cache_ttl: float, job
     )
     result.objects_removed = sorted(going)
     result.object_bytes = sum(going.values())
-    return result
+    return result, entries, packs
 
 
 def _remove_dead_locks(remote: Remote) -> None:

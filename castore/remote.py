@@ -158,6 +158,13 @@ class Remote:
             raw = self.read(self.layout.action_path(key))
         except FileNotFoundError:
             return None, ("missing", "is not on the remote")
+        return self.trust(key, raw)
+
+    def trust(
+        self, key: str, raw: bytes | str
+    ) -> tuple[ActionEntry | None, tuple[str, str] | None]:
+        """An entry's JSON as read from the remote (its file or a pack), parsed and, with
+        a team key, its signature checked."""
         try:
             entry = ActionEntry.model_validate_json(raw)
         except ValueError:
@@ -171,12 +178,16 @@ class Remote:
         return entry, None
 
     def put_action(self, key: str, entry: ActionEntry) -> None:
+        self.write(self.layout.action_path(key), self.entry_bytes(key, entry))
+
+    def entry_bytes(self, key: str, entry: ActionEntry) -> bytes:
+        """An entry as this remote stores it: signed with the team key, else unsigned."""
         if self.signing_key is not None:
             sig = sign_entry(self.signing_key, key, list(entry.outputs), list(entry.rows))
             entry = entry.model_copy(update={"signature": sig})
         elif entry.signature is not None:
             entry = entry.model_copy(update={"signature": None})  # not ours to vouch for
-        self.write(self.layout.action_path(key), entry.model_dump_json().encode())
+        return entry.model_dump_json().encode()
 
     def manifest_index(
         self,

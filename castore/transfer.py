@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from castore import remote_packs
 from castore.errors import CastoreError, CorruptObject, RemoteError
 from castore.hashing import generator_end_key, hash_file, validate_id
 from castore.remote import Remote, fetch_object
@@ -46,6 +47,8 @@ class TransferPlan:
     recorded: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict, repr=False)
     # pull: (fingerprint, segment) of row-wise batches, announced once they arrived
     segments: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    # push: every action key of the chosen runs (packed for bulk readers, remote_packs)
+    keys: set[str] = field(default_factory=set, repr=False)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -168,6 +171,7 @@ def plan_push(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
         sorted(todo),
         skipped=len(c.batches & present) + len(c.manifests) - len(manifests),
         bytes=sum(store.size_of(o) for o in objects + manifests),
+        keys=c.keys,
     )
 
 
@@ -204,6 +208,11 @@ def push(
         result.actions = _parallel_count(
             lambda k: remote.put_action(k, entries[k]), list(entries), jobs
         )
+        if plan.objects or plan.manifests or plan.entries:
+            # The runs' entries once more, as one pack: gc reads it instead of a request
+            # per entry (castore.remote_packs).
+            packed = {k: remote.entry_bytes(k, e) for k in plan.keys if (e := store.get_action(k))}
+            remote_packs.write(remote, packed)
         lock.check()
         for name, sig, oid in plan.refs:
             remote.set_ref(name, sig, oid)

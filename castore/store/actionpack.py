@@ -69,13 +69,22 @@ class _Pack:
 
 
 def _load(store: Store, oid: str) -> _Pack | None:
+    try:
+        data = store.get_bytes(oid)
+    except (CastoreError, OSError):
+        return None  # missing or damaged (quarantined): its entries are misses
+    return decode_pack(oid, data)
+
+
+def decode_pack(oid: str, data: bytes) -> _Pack | None:
+    """A pack's (verified) bytes; None when they are not a pack."""
     import numpy as np
     import pyarrow as pa
 
     try:
-        table = pa.ipc.open_file(pa.BufferReader(store.get_bytes(oid))).read_all()
-    except (CastoreError, OSError, pa.ArrowInvalid):
-        return None  # missing or damaged (quarantined): its entries are misses
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    except (OSError, pa.ArrowInvalid):
+        return None
     if (table.schema.metadata or {}).get(PACK_META) is None:
         return None
     col = table.column("key").combine_chunks()
@@ -161,10 +170,17 @@ class Packs:
 
 def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
     """Pack `entries` (key -> entry JSON): the object, then its marker. None when empty."""
-    import pyarrow as pa
-
     if not entries:
         return None
+    oid = store.put_bytes(encode_pack(entries))
+    store.write_file(os.path.join(packs_dir(store), oid), b"")
+    return oid
+
+
+def encode_pack(entries: dict[str, bytes]) -> bytes:
+    """The pack object's bytes: Arrow IPC, keys sorted, entries as JSON (zstd)."""
+    import pyarrow as pa
+
     keys = sorted(entries)
     table = pa.table(
         {
@@ -176,9 +192,7 @@ def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.ipc.new_file(sink, table.schema, options=options) as w:
         w.write_table(table)
-    oid = store.put_bytes(sink.getvalue().to_pybytes())
-    store.write_file(os.path.join(packs_dir(store), oid), b"")
-    return oid
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def repack(store: Store, drop: set[str]) -> set[str]:
