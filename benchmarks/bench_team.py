@@ -128,13 +128,32 @@ def fill(remote: Remote, n: int) -> None:
         remote_packs.write(remote, {k: written[k] for k in keys[i : i + 1000]})
 
 
-def gc_peak_mib(url: str, env: dict[str, str], cache: Path) -> float:
-    code = (
-        "import resource, sys\n"
-        "from castore.gc import collect_remote\nfrom castore.remote import Remote\n"
-        f"collect_remote(Remote({url!r}), dry_run=True)\n"
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
-    )
+def list_floor(url: str) -> float:
+    """The two listings any gc of this remote needs, through s3fs alone."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    root = url[len("s3://") :]
+    t0 = time.perf_counter()
+    fs.find(f"{root}/actions", detail=True)
+    fs.find(f"{root}/objects", detail=True)
+    return time.perf_counter() - t0
+
+
+def peak_mib(url: str, env: dict[str, str], listing_only: bool = False) -> float:
+    """Peak RSS of a process running gc --remote --dry-run, or only its two listings."""
+    if listing_only:
+        work = (
+            "import s3fs\nfs = s3fs.S3FileSystem()\n"
+            f"a = fs.find({url[5:] + '/actions'!r}, detail=True)\n"
+            f"b = fs.find({url[5:] + '/objects'!r}, detail=True)\n"
+        )
+    else:
+        work = (
+            "from castore.gc import collect_remote\nfrom castore.remote import Remote\n"
+            f"collect_remote(Remote({url!r}), dry_run=True)\n"
+        )
+    code = work + "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr[-2000:])
@@ -186,6 +205,7 @@ def main() -> None:
             print(rows[-1][0], rows[-1][1], flush=True)
         # -- part 2 ----------------------------------------------------------------------
         peaks: dict[int, float] = {}
+        floors: dict[int, float] = {}
         for n_entries in (int(e) for e in args.entries.split(",")):
             url = server.new_bucket()
             remote = Remote(url)
@@ -199,7 +219,7 @@ def main() -> None:
             origin = work / f"origin-{n_entries}"
             timed_cas("run", str(pipeline), cache=origin, env=benv)
             t_push = [timed_cas("push", url, cache=origin, env=benv)]
-            local, through, cold, read, gc_dry = [], [], [], [], []
+            local, through, cold, read, gc_dry, listing = [], [], [], [], [], []
             for i in range(args.repeat):
                 local.append(timed_cas("run", str(pipeline), cache=origin, env=benv))
                 through.append(
@@ -213,9 +233,11 @@ def main() -> None:
                 )
                 read.append(t)
                 gc_dry.append(timed_cas("gc", "--remote", url, "--dry-run", cache=origin, env=benv))
+                listing.append(list_floor(url))
                 shutil.rmtree(fresh)
                 shutil.rmtree(empty)
-            peaks[n_entries] = gc_peak_mib(url, env, origin)
+            peaks[n_entries] = peak_mib(url, env)
+            floors[n_entries] = peak_mib(url, env, listing_only=True)
             over = [t - f for t, f in zip(sorted(through), sorted(local), strict=True)]
             rows += [
                 (f"E={n_entries:,}: fill", f"{filled:.1f} s (not a figure)"),
@@ -232,12 +254,29 @@ def main() -> None:
                     "the floor (target <= 1)",
                 ),
                 (f"E={n_entries:,}: push of one new run (once)", f"{t_push[0]:.2f} s"),
-                (f"E={n_entries:,}: gc --remote --dry-run", f"{mm(gc_dry)} (target <= 10 s)"),
-                (f"E={n_entries:,}: gc dry-run peak RSS", f"{peaks[n_entries]:.0f} MiB"),
+                (f"E={n_entries:,}: floor: list entries + objects (s3fs find)", mm(listing)),
+                (
+                    f"E={n_entries:,}: gc --remote --dry-run",
+                    f"{mm(gc_dry)} = {statistics.median(gc_dry) / statistics.median(listing):.2f}x "
+                    "the listing floor (target <= 10 s)",
+                ),
+                (
+                    f"E={n_entries:,}: gc dry-run peak RSS",
+                    f"{peaks[n_entries]:.0f} MiB (its two listings alone: "
+                    f"{floors[n_entries]:.0f} MiB)",
+                ),
             ]
-            print("\n".join(f"{k}  {v}" for k, v in rows[-8:]), flush=True)
+            print("\n".join(f"{k}  {v}" for k, v in rows[-10:]), flush=True)
         if len(peaks) >= 2:
             (e1, m1), (e2, m2) = sorted(peaks.items())[0], sorted(peaks.items())[-1]
+            f1, f2 = floors[e1], floors[e2]
+            rows.append(
+                (
+                    "gc memory per entry beyond the listings",
+                    f"{((m2 - m1) - (f2 - f1)) * (1 << 20) / (e2 - e1):.0f} B; the listings "
+                    f"{(f2 - f1) * (1 << 20) / (e2 - e1):.0f} B",
+                )
+            )
             rows.append(
                 (
                     "gc memory per entry",

@@ -100,8 +100,18 @@ class Remote:
         path = self.layout.object_path if kind == L.OBJECTS else self.layout.action_path
         self.fs.invalidate_cache()
         with ThreadPoolExecutor(jobs) as pool:
-            found = list(pool.map(lambda i: self.fs.exists(path(i)), ids))
+            found = list(pool.map(lambda i: self._exists(path(i)), ids))
         return {i for i, yes in zip(ids, found, strict=True) if yes}
+
+    def _exists(self, path: str) -> bool:
+        """One request: s3fs's exists() follows a missing key with a listing."""
+        try:
+            self.fs.cat_file(path, start=0, end=1)
+        except FileNotFoundError:
+            return False
+        except OSError:  # e.g. a range on an empty file
+            return bool(self.fs.exists(path))
+        return True
 
     def has(self, oid: str) -> bool:
         return bool(self.fs.exists(self.layout.object_path(oid)))
