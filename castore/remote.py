@@ -63,7 +63,8 @@ class Remote:
         self.local = type(self.fs).__name__ == "LocalFileSystem"
         # s3fs asks an object's size (a HEAD, and a LIST when it is missing) before every
         # read unless told to read in one request: entries, refs and locks are small.
-        self._one_get = {"max_concurrency": 1} if hasattr(self.fs, "max_concurrency") else {}
+        s3 = type(self.fs).__name__ == "S3FileSystem"
+        self._one_get: dict[str, Any] = {"max_concurrency": 1} if s3 else {}
         # The team key lives in the environment only: never in config.yaml, a log or a hash.
         material = os.environ.get(SIGNING_ENV)
         self.signing_key: bytes | None = signing_key(material) if material else None
