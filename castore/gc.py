@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from castore import remote_packs
 from castore.errors import CastoreError, ConfigError
 from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
@@ -435,8 +436,6 @@ def collect_remote(
                     lock.check()
                 remote.delete_object(oid)
             lock.check()
-            from castore import remote_packs
-
             dropped = set(result.actions_dropped)
             remote_packs.merge(
                 remote, {k: e for k, e in entries.items() if k not in dropped}, packs
@@ -447,10 +446,8 @@ def collect_remote(
 
 def _plan_remote(
     remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int
-) -> tuple[GcPlan, dict[str, ActionEntry | None], set[str]]:
+) -> tuple[GcPlan, dict[str, remote_packs.Entry | None], set[str]]:
     """The plan, the entries it read and the entry packs it read them from."""
-    from castore import remote_packs
-
     result = GcPlan(cutoff=now - grace)
     entries, packs = remote_packs.read_entries(remote, jobs)
     marked = _remote_marked(remote, entries, now - cache_ttl) | packs
@@ -494,13 +491,13 @@ def _remove_dead_locks(remote: Remote) -> None:
 
 
 def _remote_marked(
-    remote: Remote, entries: dict[str, ActionEntry | None], entries_since: float
+    remote: Remote, entries: dict[str, remote_packs.Entry | None], entries_since: float
 ) -> set[str]:
     """What the remote's refs reach, and the objects of entries newer than the ttl."""
     marked: set[str] = set()
     for _name, _sig, oid in remote.list_refs():
         marked |= manifest_closure(remote.load_json, oid)[1]
     for entry in entries.values():
-        if entry is not None and entry.created.timestamp() > entries_since:
+        if entry is not None and entry.created > entries_since:
             marked.update(entry.outputs)
     return marked

@@ -17,13 +17,12 @@ import contextlib
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from castore.errors import CastoreError
 from castore.hashing import hash_bytes, validate_id
 from castore.store import actionpack
 from castore.store import layout as L
-from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
     from castore.remote import Remote
@@ -60,12 +59,36 @@ def write(remote: Remote, entries: dict[str, bytes]) -> str | None:
     return oid
 
 
+class Entry(NamedTuple):
+    """What gc keeps of an entry: a few hundred bytes instead of a pydantic model's ~1.6 kB."""
+
+    created: float
+    outputs: tuple[str, ...]
+    raw: bytes  # its bytes on the remote: the merged pack holds them as they are
+
+
+def _entry(remote: Remote, key: str, raw: bytes) -> Entry | None:
+    """None when malformed or (with a team key) not signed by it."""
+    entry = remote.trust(key, raw)[0]
+    if entry is None:
+        return None
+    return Entry(entry.created.timestamp(), tuple(entry.outputs), raw)
+
+
+def _read(remote: Remote, key: str) -> Entry | Literal[False] | None:
+    """A loose entry read by itself; False when it went since it was listed."""
+    try:
+        return _entry(remote, key, remote.read(remote.layout.action_path(key)))
+    except FileNotFoundError:
+        return False
+
+
 def _etag(info: dict[str, Any]) -> str | None:
     tag = info.get("ETag") or info.get("etag")
     return str(tag).strip('"').lower() if tag else None
 
 
-def read_entries(remote: Remote, jobs: int = 16) -> tuple[dict[str, ActionEntry | None], set[str]]:
+def read_entries(remote: Remote, jobs: int = 16) -> tuple[dict[str, Entry | None], set[str]]:
     """Every entry on the remote (None: malformed or, with a team key, not signed by it)
     and the packs read. Loose files whose bytes a pack holds (by ETag) are not read."""
     loose = {key: info for p, info in remote.find(L.ACTIONS).items() if (key := L.oid_from_path(p))}
@@ -81,28 +104,28 @@ def read_entries(remote: Remote, jobs: int = 16) -> tuple[dict[str, ActionEntry 
             continue
         if pack is not None:
             packed.update(pack.items())
-    out: dict[str, ActionEntry | None] = {}
+    out: dict[str, Entry | None] = {}
     todo = []
     for key, info in loose.items():
-        raw = packed.get(key)
+        text = packed.pop(key, None)
+        raw = text.encode() if text is not None else None
         tag = _etag(info)
-        if (
-            raw is not None
-            and tag is not None
-            and hashlib.md5(raw.encode(), usedforsecurity=False).hexdigest() == tag
-        ):
-            out[key] = remote.trust(key, raw)[0]
+        if raw is not None and tag == hashlib.md5(raw, usedforsecurity=False).hexdigest():
+            out[key] = _entry(remote, key, raw)
         else:
             todo.append(key)
+    del packed, loose  # before the requests: gc's memory peaks here
     with ThreadPoolExecutor(jobs) as pool:  # one request per entry: many at once
-        out.update(zip(todo, pool.map(remote.get_action, todo), strict=True))
+        for key, got in zip(todo, pool.map(lambda k: _read(remote, k), todo), strict=True):
+            if got is not False:
+                out[key] = got
     return out, packs
 
 
-def merge(remote: Remote, entries: dict[str, ActionEntry | None], old: set[str]) -> None:
+def merge(remote: Remote, entries: dict[str, Entry | None], old: set[str]) -> None:
     """After a gc: one pack of the entries left, then the old markers go (their objects
     are swept by a later gc)."""
-    keep = {k: e.model_dump_json().encode() for k, e in entries.items() if e is not None}
+    keep = {k: e.raw for k, e in entries.items() if e is not None}
     new = write(remote, keep)
     for oid in old - {new}:
         with contextlib.suppress(OSError):
