@@ -109,8 +109,12 @@ class Heartbeat:
                     log.debug("remote %s: heartbeat of %s failed: %s", self.remote.url, path, e)
                     continue
                 with self._mutex:
-                    if path in self._renewed:
+                    released = path not in self._renewed
+                    if not released:
                         self._renewed[path] = time.monotonic()
+                if released:  # let go while we rewrote it: do not leave it standing
+                    with contextlib.suppress(Exception):
+                        self.remote.fs.rm_file(path)
 
 
 def _asked_first(info: dict[str, Any]) -> tuple[float, str]:
