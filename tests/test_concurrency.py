@@ -73,10 +73,13 @@ def test_a_run_that_starts_alone_leases_once_another_arrives(tmp_path, reference
     computed twice."""
     _, ref_rows = reference
     cache, calls = tmp_path / "c", tmp_path / "calls"
-    a = cas_popen(cache, "run", str(PIPELINE), "--json", calls=calls)
+    # Slow enough that the first run still has batches to submit when the second has
+    # started up, even on a loaded 2-core machine (0.3 s x 40 / 2 = 6 s).
+    args = ("run", str(PIPELINE), "--json", "--param", "slow.delay=0.3")
+    a = cas_popen(cache, *args, calls=calls)
     wait_for(cache, 12, a)
     assert not [p for p in (cache / "locks" / "leases").rglob("*") if p.is_file()]
-    b = cas_popen(cache, "run", str(PIPELINE), "--json", calls=calls)
+    b = cas_popen(cache, *args, calls=calls)
     outs = []
     for p in (a, b):
         out, errtext = p.communicate(timeout=120)
