@@ -475,17 +475,12 @@ def _plan_remote(
 
 def _remove_dead_locks(remote: Remote) -> None:
     """Writer locks and batch leases whose holders stopped refreshing them."""
-    from castore.remote_locks import is_stale, lock_ttl, read_lock
+    from castore.remote_locks import is_stale, lock_ttl, locks
 
     ttl = lock_ttl()
     for base in (remote.layout.dir(L.LOCKS), remote.layout.leases_dir()):
-        try:
-            paths = remote.fs.ls(base, detail=False)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for p in paths:
-            info = read_lock(remote, p)
-            if info is not None and is_stale(info, ttl):
+        for p, info in locks(remote, base):
+            if is_stale(info, ttl):
                 with contextlib.suppress(OSError):
                     remote.fs.rm_file(p)
 

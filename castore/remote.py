@@ -299,25 +299,14 @@ class Remote:
     def writers(self) -> list[dict[str, Any]]:
         """Live writer locks (push, write-through, gc) on the remote: refreshed within the
         lock TTL."""
-        from castore.remote_locks import is_stale, lock_ttl, read_lock
+        from castore.remote_locks import is_stale, lock_ttl, locks
 
-        base = self.layout.dir(L.LOCKS)
-        self.fs.invalidate_cache()  # a lock written a moment ago must be seen
-        try:
-            paths = self.fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise RemoteUnavailable(f"cannot list locks of {self.url}: {e}") from None
         ttl = lock_ttl()
-        out = []
-        for p in paths:
-            if not str(p).endswith(".json"):
-                continue
-            info = read_lock(self, p)
-            if info is not None and not is_stale(info, ttl):
-                out.append({**info, "path": p})
-        return out
+        return [
+            {**info, "path": p}
+            for p, info in locks(self, self.layout.dir(L.LOCKS))
+            if p.endswith(".json") and not is_stale(info, ttl)
+        ]
 
     def writer_lock(self, kind: str, exclusive: bool) -> Any:
         """A context holding a WriterLock: gc (exclusive) waits for no other writer, a

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import RemoteError, StoreLocked
+from castore.errors import RemoteError, RemoteUnavailable, StoreLocked
 from castore.store import layout as L
 
 if TYPE_CHECKING:
@@ -67,8 +67,7 @@ class Heartbeat:
     def __init__(self, remote: Remote, ttl: float) -> None:
         self.remote = remote
         self.ttl = ttl
-        self._held: dict[str, dict[str, Any]] = {}
-        self._renewed: dict[str, float] = {}
+        self._held: dict[str, tuple[dict[str, Any], float]] = {}  # path -> (info, renewed)
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,8 +75,7 @@ class Heartbeat:
     def add(self, path: str, info: dict[str, Any]) -> None:
         """`path` was just written with `info`."""
         with self._mutex:
-            self._held[path] = info
-            self._renewed[path] = time.monotonic()
+            self._held[path] = (info, time.monotonic())
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._loop, daemon=True, name="castore-heartbeat"
@@ -87,12 +85,11 @@ class Heartbeat:
     def remove(self, path: str) -> None:
         with self._mutex:
             self._held.pop(path, None)
-            self._renewed.pop(path, None)
 
     def alive(self, path: str) -> bool:
         with self._mutex:
-            renewed = self._renewed.get(path)
-        return renewed is not None and time.monotonic() - renewed < self.ttl * 0.75
+            held = self._held.get(path)
+        return held is not None and time.monotonic() - held[1] < self.ttl * 0.75
 
     def close(self) -> None:
         self._stop.set()
@@ -100,7 +97,7 @@ class Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             with self._mutex:
-                held = list(self._held.items())
+                held = [(path, info) for path, (info, _) in self._held.items()]
             for path, info in held:
                 info = {**info, "time": time.time()}
                 try:
@@ -109,9 +106,9 @@ class Heartbeat:
                     log.debug("remote %s: heartbeat of %s failed: %s", self.remote.url, path, e)
                     continue
                 with self._mutex:
-                    released = path not in self._renewed
+                    released = path not in self._held
                     if not released:
-                        self._renewed[path] = time.monotonic()
+                        self._held[path] = (self._held[path][0], time.monotonic())
                 if released:  # let go while we rewrote it: do not leave it standing
                     with contextlib.suppress(Exception):
                         self.remote.fs.rm_file(path)
@@ -124,6 +121,18 @@ def _asked_first(info: dict[str, Any]) -> tuple[float, str]:
     except (TypeError, ValueError):
         since = 0.0
     return since, str(info.get("holder", ""))
+
+
+def locks(remote: Remote, base: str) -> list[tuple[str, dict[str, Any]]]:
+    """The readable lock (or lease) objects directly under `base`: (path, info)."""
+    remote.fs.invalidate_cache()  # a lock written a moment ago must be seen
+    try:
+        paths = remote.fs.ls(base, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise RemoteUnavailable(f"cannot list locks of {remote.url}: {e}") from None
+    return [(str(p), info) for p in paths if (info := read_lock(remote, p)) is not None]
 
 
 def read_lock(remote: Remote, path: str) -> dict[str, Any] | None:

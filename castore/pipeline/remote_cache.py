@@ -222,8 +222,8 @@ class RemoteCache:
         lease on the remote (another machine holding it is computing it). A step whose
         batches took less than LEASE_BELOW seconds each in this run (3 or more made) is
         not leased: asking the remote would cost more than the batch."""
-        if self.leases is None or not self.active:
-            return True
+        if self.leases is None or not self.active or key in self.leases.held:
+            return True  # held: asked afresh when it was taken
         if (
             tally is not None
             and tally.computed >= 3
