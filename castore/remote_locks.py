@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import RemoteError, RemoteUnavailable, StoreLocked
+from castore.errors import ConfigError, RemoteError, RemoteUnavailable, StoreLocked
 from castore.store import layout as L
 
 if TYPE_CHECKING:
@@ -44,11 +44,20 @@ DEFAULT_TTL = 60.0
 
 
 def lock_ttl() -> float:
+    """Seconds a lock or lease lives without a heartbeat: CASTORE_REMOTE_LOCK_TTL, else
+    60. A value that is not a number of seconds >= 1 is an error, not a guess."""
     raw = os.environ.get("CASTORE_REMOTE_LOCK_TTL", "")
-    try:
-        return max(float(raw), 1.0) if raw else DEFAULT_TTL
-    except ValueError:
+    if not raw:
         return DEFAULT_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = 0.0
+    if not ttl >= 1:  # also NaN
+        raise ConfigError(
+            f"CASTORE_REMOTE_LOCK_TTL={raw!r}: give a number of seconds, 1 or more (default 60)"
+        )
+    return ttl
 
 
 def holder_info(kind: str) -> dict[str, Any]:

@@ -321,3 +321,10 @@ def test_a_machine_killed_mid_run_leaves_its_batches_to_the_others(tmp_path, s3_
     r = cas_inproc("run", str(SLOW), "--json", cache_dir=tmp_path / "alone")
     assert r.returncode == 0
     assert run_rows(tmp_path / "b") == run_rows(tmp_path / "alone")
+
+
+def test_a_wrong_lock_ttl_is_an_error_not_a_default(tmp_path, monkeypatch):
+    for bad in ("soon", "0", "nan", "-5"):
+        monkeypatch.setenv("CASTORE_REMOTE_LOCK_TTL", bad)
+        r = cas_inproc("gc", "--remote", str(tmp_path / "remote"), "-y", cache_dir=tmp_path / "c")
+        assert r.returncode == 2 and "CASTORE_REMOTE_LOCK_TTL" in r.stderr, (bad, r.stderr)
