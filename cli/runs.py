@@ -180,10 +180,8 @@ def log_command(app: App, run: str, as_json: bool) -> None:
     for a in shown:
         if a.manifest.log:
             text = store.get_bytes(a.manifest.log).decode(errors="replace")
-        elif a is info:  # a run killed before its final seal: the live log in its folder
-            text = RunFolder(store, info.name, info.sig).read_log()
-        else:
-            text = ""
+        else:  # running, or killed before its final seal: its live log in the run folder
+            text = RunFolder(store, info.name, info.sig).read_log(a.manifest.run_id)
         logs.append(text)
     if as_json:
         echo_json(

@@ -157,6 +157,37 @@ def test_resume_target_gone(fast, tmp_path):
     one_error_line(cas_inproc("resume", cache_dir=cache), "is gone")
 
 
+def test_log_of_a_killed_attempt_is_its_own_live_log(tmp_path):
+    """kill -9 leaves the attempt's live log (runs/<name>/<sig>/logs/<run id>.log);
+    `cas log` prints it for that attempt, before and after the resume."""
+    import os
+    import signal
+    import time
+
+    cache = tmp_path / "c"
+    proc = start_cas("run", str(SLOW), "--param", "slow.delay=0.2", cache_dir=cache)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not list(cache.glob("runs/slow/*/logs/*.log")):
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    live = list(cache.glob("runs/slow/*/logs/*.log"))
+    assert len(live) == 1 and "pipeline slow signature" in live[0].read_text()
+    killed = cas_inproc("log", "slow", cache_dir=cache)
+    assert killed.returncode == 0 and "pipeline slow signature" in killed.stdout, killed
+    assert cas_inproc("resume", "slow", cache_dir=cache).returncode == 0
+    doc = cas_inproc("log", "slow", "--json", cache_dir=cache).json()
+    first, last = doc["attempts"]
+    assert "pipeline slow signature" in first["log"] and "run slow" not in first["log"]
+    assert "run slow finished" in last["log"]
+    # The finished attempt's log is placed as pipeline.log; its live file is gone.
+    folder = live[0].parent.parent
+    assert (folder / "pipeline.log").read_text() == last["log"]
+    assert [p.name for p in (folder / "logs").iterdir()] == [live[0].name]
+    assert os.path.exists(live[0])
+
+
 def test_show_unknown_run(tmp_path):
     one_error_line(cas_inproc("show", "nope", cache_dir=tmp_path / "c"), "no castore store at")
     from castore.store import Store

@@ -87,6 +87,12 @@ def test_a_run_that_starts_alone_leases_once_another_arrives(tmp_path, reference
         outs.append(json.loads(out))
     first_log = run_cas("log", outs[0]["run_id"], cache_dir=cache).stdout
     assert "another run shares this store" in first_log
+    # Each run wrote its own log (one file shared by both once lost the first's lines).
+    for o in outs:
+        doc = json.loads(run_cas("log", o["run_id"], "--json", cache_dir=cache).stdout)
+        text = doc["attempts"][-1]["log"]
+        assert text.startswith("[") and text.count("INFO pipeline slow signature") == 1, text
+        assert "run slow finished" in text
     computed = len(calls.read_text().splitlines())
     assert computed == SLOW_BATCHES, f"{computed - SLOW_BATCHES} batches computed twice"
     sig = json.loads(run_cas("ls", "--json", cache_dir=cache).stdout)[0]["signature"]

@@ -44,7 +44,7 @@ class _Console(logging.StreamHandler):
             self.handleError(record)
 
 
-def start_logging(path: Path, *, quiet: bool) -> list[logging.Handler]:
+def start_logging(path: Path, quiet: bool) -> list[logging.Handler]:
     fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = _Console()
     # Quiet hides progress and info lines, never warnings (a remote gone, a retry).

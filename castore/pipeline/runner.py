@@ -95,7 +95,7 @@ class Runner:
         the run lock: a concurrent gc protects what a live run touches, including the
         leaf Arrow objects it writes)."""
         self.folder.create()
-        handlers = runlog.start_logging(self.folder.log, quiet=self.quiet)
+        handlers = runlog.start_logging(self.folder.live_log(self.info.run_id), self.quiet)
         lock = self.store.run_lock(self.info.run_id, {"name": self.p.name, "sig": self.sig})
         lock.acquire(timeout=10)  # a gc probing lock files holds one for an instant
         self.lock = lock
@@ -128,6 +128,7 @@ class Runner:
                 restore()  # only now: a Ctrl+C while sealing must not cut the seal short
                 lock.release()
                 runlog.stop_logging(handlers)
+                self.folder.drop_live_log(self.info.run_id)
         if status == "interrupted":
             err = RunInterrupted(
                 f"run {self.p.name} interrupted: {self.recorder.done_batches()} batches are "
@@ -221,7 +222,7 @@ class Runner:
         stats = {n: t.stats(plans[n]) for n, t in self.recorder.tallies.items()}
         if sched is not None:  # else it failed before planning: no summary to give
             runlog.log_summary(stats, self.p.name, status, self.folder.data)
-        log_oid = self.store.put_file(self.folder.log) if self.folder.log.exists() else None
+        log_oid = self.folder.store_log(self.info.run_id)
         oid = self.recorder.seal(status, log_oid)
         if sched is not None and sched.rcache is not None:
             sched.rcache.finish(self.sig)

@@ -29,8 +29,10 @@ INDEX = "index"  # index/<fingerprint>/<segment id>: the row-key segments of a r
 LEASES = "leases"
 RUN_LOCKS = "runs"
 # What a run folder holds: the run's pipeline.yaml and log, its leaf batches (data/, with
-# the stamp file data/.castore-batches.json) and the Distiset's memory-mapped leaves.
-RUN_FILES = ("pipeline.yaml", "pipeline.log", "data", ".arrow")
+# the stamp file data/.castore-batches.json), the Distiset's memory-mapped leaves, and
+# logs/<run id>.log: each attempt's log while it runs (two runs of one pipeline at once
+# must not write one file), placed as pipeline.log when the attempt ends.
+RUN_FILES = ("pipeline.yaml", "pipeline.log", "data", ".arrow", "logs")
 DATA_STAMP = ".castore-batches.json"
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")

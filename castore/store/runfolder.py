@@ -1,12 +1,13 @@
 """Everything under runs/<name>/<sig>/: pipeline.yaml, pipeline.log, data/ (the leaf
-batches as files) and .arrow/ (the Distiset's memory-mapped leaves). Every path comes
-from the store's Layout."""
+batches as files), .arrow/ (the Distiset's memory-mapped leaves) and logs/ (the log of
+each attempt while it runs). Every path comes from the store's Layout."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,9 +27,32 @@ class RunFolder:
         self.log = Path(store.layout.run_file(name, sig, "pipeline.log"))
         self.data = Path(store.layout.run_file(name, sig, "data"))
         self.arrow = Path(store.layout.run_file(name, sig, ".arrow"))
+        self.logs = Path(store.layout.run_file(name, sig, "logs"))
 
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+
+    def live_log(self, run_id: str) -> Path:
+        """Where attempt `run_id` writes its log while it runs. The id comes from a
+        manifest, which may have been pulled: only a uuid's hex digits become a path."""
+        if not _RUN_ID.fullmatch(run_id):
+            raise ValueError(f"not a run id: {run_id!r}")
+        return self.logs / f"{run_id}.log"
+
+    def store_log(self, run_id: str) -> str | None:
+        """Store the attempt's log as an object and place it as pipeline.log (the newest
+        attempt to end is the one there); the live file goes once logging has stopped."""
+        live = self.live_log(run_id)
+        if not live.exists():
+            return None
+        oid = self.store.put_file(live)
+        Placer().place(self.store.path_of(oid), str(self.log))
+        return oid
+
+    def drop_live_log(self, run_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self.live_log(run_id).unlink()
 
     def place_pipeline_yaml(self, text: str) -> str:
         """Store the recipe as an object and place it as pipeline.yaml (a link to it where
@@ -81,9 +105,13 @@ class RunFolder:
                 return False
         return True
 
-    def read_log(self) -> str:
-        """The live log of a run killed before its final seal stored it."""
+    def read_log(self, run_id: str) -> str:
+        """The live log of an attempt that is running or was killed before its final seal
+        stored it."""
         try:
-            return self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+            return self.live_log(run_id).read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, ValueError):
             return ""
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
