@@ -124,3 +124,17 @@ def test_module_sizes():
     big = {m: n for m, n in sizes.items() if n > 600}
     assert not big, big
     assert sizes["castore.pipeline.runner"] <= 250, sizes["castore.pipeline.runner"]
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages by hand (cli/ installs as castore.cli), so a new package
+    missing from the list would be absent from every non-editable install."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    on_disk = set()
+    for root in ("castore", "cli"):
+        for init in (REPO / root).rglob("__init__.py"):
+            parts = init.parent.relative_to(REPO).parts
+            on_disk.add(".".join(("castore", *parts) if parts[0] == "cli" else parts))
+    assert set(pyproject["tool"]["setuptools"]["packages"]) == on_disk
