@@ -12,6 +12,11 @@ backoff and full jitter, honouring `Retry-After`.
 
 The API key is a `SecretStr`, read from `api_key_env` (default OPENAI_API_KEY) when not
 given; it is excluded from every dump, so it never reaches a hash, pipeline.yaml or a log.
+
+Structured output: `structured_output` (a JSON schema, or a pydantic model whose schema is
+taken) is sent as `response_format` and every answer is validated against it; an answer
+that is not JSON or breaks the schema is asked again like a malformed response, and a row
+whose retries are spent fails like any other.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -64,6 +70,29 @@ class OpenAILLM(BaseModel):
     backoff: float = 0.5
     max_backoff: float = 30.0
     max_concurrent_requests: int = 32
+    structured_output: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON schema (or a pydantic model class) every answer must match.",
+    )
+
+    @field_validator("structured_output", mode="before")
+    @classmethod
+    def _schema(cls, value: Any) -> Any:
+        """A pydantic model stands for its JSON schema: the schema is what is sent, hashed
+        and recorded in pipeline.yaml, so a run from that file validates the same way."""
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            value = value.model_json_schema()
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("structured_output must be a JSON schema (dict) or a pydantic model")
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as e:
+            raise ValueError(f"structured_output is not a valid JSON schema: {e.message}") from None
+        return value
 
     @field_validator("generation_kwargs")
     @classmethod
@@ -79,11 +108,14 @@ class OpenAILLM(BaseModel):
         return out
 
     def cache_identity(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model,
             "base_url": self.base_url.rstrip("/"),
             "generation_kwargs": self.generation_kwargs,
         }
+        if self.structured_output is not None:  # absent otherwise: earlier keys stand
+            out["structured_output"] = self.structured_output
+        return out
 
     def key(self) -> str | None:
         if self.api_key is not None:
@@ -113,7 +145,11 @@ class OpenAILLM(BaseModel):
         self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, Any]]
     ) -> Generation:
         body = {"model": self.model, "messages": messages, **self.generation_kwargs}
-        return await self._post(client, sem, "/chat/completions", body, _parse)
+        parse: Callable[[str], Generation | None] = _parse
+        if self.structured_output is not None:
+            body["response_format"] = response_format(self.structured_output)
+            parse = _parse_structured(self.structured_output)
+        return await self._post(client, sem, "/chat/completions", body, parse)
 
     def embed(self, texts: list[str]) -> Embeddings:
         """One vector per text, in order, from `/embeddings` in one request (retried like
@@ -131,7 +167,8 @@ class OpenAILLM(BaseModel):
         self, client: Any, sem: asyncio.Semaphore, path: str, body: dict[str, Any], parse: Any
     ) -> Any:
         """POST `body` to `path` with retries (429/5xx/timeouts, Retry-After honoured, full
-        jitter); `parse(text)` gives the result, or None for a malformed answer."""
+        jitter); `parse(text)` gives the result, or None for a malformed answer, or raises
+        Unusable for an answer to ask again at once (it broke the schema)."""
         import aiohttp
 
         headers = {"Content-Type": "application/json"}
@@ -154,11 +191,15 @@ class OpenAILLM(BaseModel):
                     last = f"{type(e).__name__}: {e}"
                 else:
                     if status == 200:
-                        gen = parse(text)
+                        try:
+                            gen = parse(text)
+                        except Unusable as e:
+                            gen, last, wait = None, str(e), 0.0  # the server is fine
+                        else:
+                            last = f"malformed response (not {path} JSON)"
                         if gen is not None:
                             gen.attempts = attempt + 1
                             return gen
-                        last = f"malformed response (not {path} JSON)"
                     elif status in RETRY_STATUS:
                         last = f"HTTP {status}: {text[:200]}"
                         wait = _retry_after(retry_after)
@@ -171,6 +212,41 @@ class OpenAILLM(BaseModel):
             log.debug("retry %d/%d in %.2fs: %s", attempt + 1, self.max_retries, delay, last)
             await asyncio.sleep(delay)
         raise LLMError(f"{self.max_retries + 1} attempts failed; last: {last}")
+
+
+class Unusable(Exception):
+    """A well-formed response whose answer cannot be used (it breaks the schema)."""
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """The chat API's `response_format` for `schema` (its name: the schema's title, in the
+    characters the API allows)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", str(schema.get("title") or "output"))[:64]
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+def _parse_structured(schema: dict[str, Any]) -> Callable[[str], Generation | None]:
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)(schema)
+
+    def parse(text: str) -> Generation | None:
+        gen = _parse(text)
+        if gen is None:
+            return None
+        try:
+            value = json.loads(gen.text or "")
+        except ValueError:
+            raise Unusable(f"answer is not JSON: {(gen.text or '')[:120]!r}") from None
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "the answer"
+            raise Unusable(f"answer breaks the schema at {where}: {error.message[:200]}")
+        # One spelling of the same object in the dataset; raw_response keeps the server's.
+        gen.text = json.dumps(value, ensure_ascii=False)
+        return gen
+
+    return parse
 
 
 def _parse(text: str) -> Generation | None:
@@ -279,3 +355,33 @@ class _EventLoop:
 
 _LOOP = _EventLoop()
 atexit.register(_LOOP.close)
+
+
+class VLLMServer(OpenAILLM):
+    """vLLM's OpenAI-compatible server (`vllm serve MODEL`); its `--api-key` is read
+    from VLLM_API_KEY, so an OpenAI key in the environment is never sent to it."""
+
+    base_url: str = "http://localhost:8000/v1"
+    api_key_env: str = "VLLM_API_KEY"
+
+
+class LlamaCppServer(OpenAILLM):
+    """llama.cpp's `llama-server` (`--api-key` read from LLAMA_API_KEY)."""
+
+    base_url: str = "http://localhost:8080/v1"
+    api_key_env: str = "LLAMA_API_KEY"
+
+
+class TGIServer(OpenAILLM):
+    """Text Generation Inference, or a Hugging Face Inference Endpoint running it (its
+    Messages API at …/v1); the token is read from HF_TOKEN."""
+
+    base_url: str = "http://localhost:8080/v1"
+    api_key_env: str = "HF_TOKEN"
+
+
+class OllamaServer(OpenAILLM):
+    """Ollama's OpenAI-compatible API (`ollama serve`); no key unless OLLAMA_API_KEY."""
+
+    base_url: str = "http://localhost:11434/v1"
+    api_key_env: str = "OLLAMA_API_KEY"

@@ -7,17 +7,18 @@ from collections.abc import Callable
 from typing import Any
 
 OPENAI_SERVER = (
-    "castore speaks the OpenAI-compatible API: use OpenAILLM(model=..., base_url=...) "
-    "pointed at the server that serves it"
+    "castore speaks the OpenAI-compatible API: use castore.llms.OpenAILLM(model=..., "
+    "base_url=...) pointed at the server that serves it, or its named forms VLLMServer, "
+    "LlamaCppServer, TGIServer, OllamaServer"
 )
 # distilabel name -> what to do instead (per module, looked up by the name alone).
 INSTEAD: dict[str, str] = {
     "InferenceEndpointsLLM": OPENAI_SERVER
-    + " (TGI and Inference Endpoints serve /v1/chat/completions)",
-    "vLLM": OPENAI_SERVER + " (run `vllm serve MODEL` and use base_url=http://HOST:8000/v1)",
-    "ClientvLLM": OPENAI_SERVER + " (base_url=http://HOST:8000/v1)",
-    "LlamaCppLLM": OPENAI_SERVER + " (llama.cpp's `llama-server` serves /v1)",
-    "OllamaLLM": OPENAI_SERVER + " (Ollama serves /v1 at http://localhost:11434/v1)",
+    + " (TGIServer(model=..., base_url=<endpoint URL>/v1): TGI and Inference Endpoints "
+    "serve /v1/chat/completions)",
+    "vLLM": OPENAI_SERVER + " (run `vllm serve MODEL`, then VLLMServer(model=MODEL) or "
+    "ClientvLLM(model=MODEL, base_url=http://HOST:8000/v1))",
+    "LlamaCppLLM": OPENAI_SERVER + " (run llama.cpp's `llama-server`, then LlamaCppServer)",
     "TransformersLLM": OPENAI_SERVER + " (e.g. vLLM or TGI serving the model)",
     "HuggingFaceHubLLM": OPENAI_SERVER,
     "AnthropicLLM": "not supported yet: castore speaks the OpenAI-compatible API",

@@ -147,8 +147,8 @@ def test_what_castore_does_not_do_is_an_error_not_a_silent_default(server):
 
     with pytest.raises(ValueError, match="num_generations"):
         TextGeneration(llm=OpenAILLM(model="m"), num_generations=0)
-    with pytest.raises(ValueError, match="structured output"):
-        OpenAILLM(model="m", structured_output={"schema": {}})
+    with pytest.raises(ValueError, match="max_retries not supported"):
+        OpenAILLM(model="m", structured_output={"schema": {}, "max_retries": 2})
     with Pipeline(requirements=["castore-no-such-package>=1"]) as p:
         LoadDataFromDicts(data=INSTRUCTIONS[:2]) >> TextGeneration(llm=OpenAILLM(model="m"))
     with pytest.raises(CastoreError, match="requirements are not met"):

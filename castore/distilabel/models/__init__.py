@@ -10,10 +10,10 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from castore.distilabel._compat import unknown
+from castore.llms import OllamaServer, VLLMServer
 from castore.llms import OpenAILLM as _OpenAILLM
 
 _UNSUPPORTED = {
-    "structured_output": "structured output is not supported yet",
     "default_headers": "custom headers are not supported yet",
 }
 
@@ -38,14 +38,68 @@ class OpenAILLM(_OpenAILLM):
     @classmethod
     def _refuse(cls, data: Any) -> Any:
         """distilabel's fields castore cannot honour: an error when set, dropped when
-        None (their default there)."""
+        None (their default there). distilabel's `structured_output={"schema": X}` is
+        castore's `structured_output=X`."""
         if not isinstance(data, dict):
             return data
         for name, why in _UNSUPPORTED.items():
             if data.get(name) is not None:
                 raise ValueError(f"OpenAILLM({name}=...): {why}")
-        return {k: v for k, v in data.items() if k not in _UNSUPPORTED}
+        out = {k: v for k, v in data.items() if k not in _UNSUPPORTED}
+        if isinstance(out.get("structured_output"), dict) and "schema" in out["structured_output"]:
+            out["structured_output"] = _instructor_schema(out["structured_output"])
+        return out
 
 
-__all__ = ["OpenAILLM"]
+def _instructor_schema(spec: dict[str, Any]) -> Any:
+    """The schema of distilabel's {"schema": ..., "format": "json", "mode": ...,
+    "max_retries": ...}; what castore would not honour is refused, not dropped."""
+    extra = set(spec) - {"schema", "format"}
+    if extra:
+        raise ValueError(
+            f"OpenAILLM(structured_output=...): {', '.join(sorted(extra))} not supported; "
+            "castore always asks with response_format json_schema, validates every answer "
+            "and asks again up to OpenAILLM(max_retries=...)"
+        )
+    if spec.get("format", "json") != "json":
+        raise ValueError(
+            f"OpenAILLM(structured_output=...): format {spec['format']!r} not supported; "
+            "only 'json' (a JSON schema or a pydantic model)"
+        )
+    return spec["schema"]
+
+
+class ClientvLLM(VLLMServer):
+    """distilabel's ClientvLLM: a vLLM server's OpenAI-compatible API at `base_url`. The
+    server applies the model's chat template, so `tokenizer` is not taken."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_tokenizer(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tokenizer") not in (None, data.get("model")):
+            raise ValueError(
+                "ClientvLLM(tokenizer=...): castore sends chat messages and the vLLM server "
+                "applies the served model's chat template; drop tokenizer"
+            )
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in ("tokenizer", "tokenizer_revision")}
+        return data
+
+
+class OllamaLLM(OllamaServer):
+    """distilabel's OllamaLLM: `host` (default http://localhost:11434) is Ollama's
+    server, reached through its OpenAI-compatible /v1 API."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _host(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "host" in data:
+            data = dict(data)
+            host = data.pop("host")
+            if host is not None:
+                data["base_url"] = str(host).rstrip("/") + "/v1"
+        return data
+
+
+__all__ = ["ClientvLLM", "OllamaLLM", "OpenAILLM"]
 __getattr__ = unknown(__name__)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from castore.distilabel._compat import unknown
-from castore.distilabel.models import OpenAILLM
+from castore.distilabel.models import ClientvLLM, OllamaLLM, OpenAILLM
 
-__all__ = ["OpenAILLM"]
+__all__ = ["ClientvLLM", "OllamaLLM", "OpenAILLM"]
 __getattr__ = unknown(__name__)
