@@ -529,3 +529,29 @@ def test_input_and_output_mappings_rename_at_the_step_and_never_overwrite(tmp_pa
         LoadDataFromDicts(data=rows) >> Undeclared(name="u", input_mappings={"x": "nope"})
     with pytest.raises(CastoreError, match="has no column 'nope'"):
         p.run(cache_dir=tmp_path / "c", quiet=True)
+
+
+def test_dry_run_is_a_run_of_its_own_whose_rows_the_full_run_reuses(store, tmp_path):
+    from castore.runs import list_runs
+    from castore.steps import LoadDataFromFileSystem
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"x": i}) + "\n" for i in range(10)))
+    computed: list[int] = []
+
+    @step(inputs=["v"], outputs=["y"], row_wise=True)
+    def Double(inputs: StepInput):
+        computed.extend(r["v"] for r in inputs)
+        return [{**r, "y": r["v"] * 2} for r in inputs]
+
+    with Pipeline(name="dbl") as p:
+        LoadDataFromFileSystem(
+            data_files=str(data), batch_size=4, output_mappings={"x": "v"}
+        ) >> Double(input_batch_size=3)
+    dry = p.dry_run(batch_size=2, cache_dir=store.root, quiet=True)
+    assert dry["double"]["train"].to_list() == [{"v": 0, "y": 0}, {"v": 1, "y": 2}]
+    assert computed == [0, 1]
+    full = p.run(cache_dir=store.root, quiet=True)
+    assert full["double"]["train"]["y"] == [2 * i for i in range(10)]
+    assert computed == list(range(10))  # rows 0 and 1 were not computed again
+    assert sorted(r.name for r in list_runs(store)) == ["dbl", "dbl-dry-run"]

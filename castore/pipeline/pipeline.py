@@ -353,6 +353,22 @@ class Pipeline:
         assert ds is not None
         return ds
 
+    def dry_run(
+        self,
+        parameters: dict[str, dict[str, Any]] | None = None,
+        batch_size: int = 1,
+        **options: Unpack[RunOptions],
+    ) -> Distiset:
+        """Run the first `batch_size` rows of every generator through every step, as a
+        pipeline of its own named "<name>-dry-run" in the same store; returns its Distiset.
+        What it computes is cached like any run's work, so row-wise steps (LLM tasks) do
+        not pay again for those rows in the full run (castore/pipeline/dryrun.py)."""
+        from castore.pipeline.dryrun import dry_pipeline
+
+        self.apply_parameters(parameters)
+        self.validate()
+        return dry_pipeline(self, batch_size).run(**options)
+
     def execute(
         self, parameters: dict[str, dict[str, Any]] | None = None, **options: Unpack[RunOptions]
     ) -> str:

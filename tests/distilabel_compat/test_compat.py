@@ -463,3 +463,27 @@ def test_group_columns_refuses_a_predecessor_without_the_column(server):
         load >> [keep, other] >> GroupColumns(columns=["x"])
     with pytest.raises(CastoreError, match="has no column 'x' to group"):
         p.run()
+
+
+def test_dry_run_sends_one_row_and_the_full_run_does_not_ask_it_again(server):
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextGeneration
+
+    with Pipeline(name="haiku") as p:
+        LoadDataFromDicts(data=INSTRUCTIONS, batch_size=3) >> TextGeneration(
+            llm=OpenAILLM(model="m")
+        )
+    dry = p.dry_run()
+    assert dry["default"]["train"]["instruction"] == [INSTRUCTIONS[0]["instruction"]]
+    assert server.requests == 1
+    assert dry.run.name == "haiku-dry-run"
+    two = p.dry_run(batch_size=2)
+    assert len(two["default"]["train"]) == 2 and server.requests == 2
+    full = p.run()
+    assert len(full["default"]["train"]) == 7
+    assert server.requests == 7  # the rows the dry runs answered are not asked again
+    assert full.run.name == "haiku"
+    with pytest.raises(CastoreError, match="batch_size=0"):
+        p.dry_run(batch_size=0)
