@@ -427,6 +427,39 @@ def test_routing_is_deterministic_and_partitions_batches(store):
     assert Pipeline.from_yaml(make().to_yaml()).signature() == make().signature()
 
 
+@step(inputs=["n"], outputs=["score"])
+def KeepOdd(inputs: StepInput) -> StepOutput:
+    yield [{**r, "score": r["n"]} for r in inputs if r["n"] % 2]
+
+
+def test_a_step_joining_routed_branches_gets_each_row_from_the_branches_it_went_to(store):
+    from castore.pipeline import sample_n_steps
+    from castore.steps import GroupColumns
+
+    def make(join_batch: int = 3, branch=Score):
+        with Pipeline(name="join") as p:
+            load = LoadDataFromDicts(data=[{"n": i} for i in range(40)], batch_size=10)
+            branches = [Score(name="a", factor=2), Score(name="b", factor=3)]
+            branches.append(branch(name="c", **({"factor": 5} if branch is Score else {})))
+            group = GroupColumns(columns=["score"], input_batch_size=join_batch)
+            load >> sample_n_steps(2) >> branches >> group
+        return p
+
+    ds = make().run(cache_dir=store.root)
+    got = rows(ds, "group_columns")
+    assert [r["n"] for r in got] == list(range(40))
+    pairs = [(2, 3), (2, 5), (3, 5)]  # the branches' factors, in connection order
+    for r in got:  # two scores per row: the two branches' answers for this very row
+        assert any(r["grouped_score"] == [r["n"] * f, r["n"] * g] for f, g in pairs), r
+    assert len({tuple(s // max(r["n"], 1) for s in r["grouped_score"]) for r in got[1:]}) > 1
+    # Batches never span two routed batches: 4 routed batches of 10 rows, in 3 + 3 + 3 + 1.
+    assert counts(ds, "group_columns") == (0, 16)
+    again = make().run(cache_dir=store.root)
+    assert rows(again, "group_columns") == got and counts(again, "group_columns")[1] == 0
+    with pytest.raises(PipelineError, match=r"branch c made .* rows from .*one output row"):
+        make(branch=KeepOdd).run(cache_dir=store.root)
+
+
 def test_processes_executor_same_keys_and_data(store, tmp_path):
     threads = build(name="exec").run(cache_dir=tmp_path / "threads")
     procs = build(name="exec").run(cache_dir=store.root, executor="processes")

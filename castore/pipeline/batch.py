@@ -99,7 +99,9 @@ def read_input(
     import pyarrow as pa
 
     per_pred = []
-    for pred_slices in slices:
+    # A predecessor with no slices gave nothing to this batch: a branch of a routing step
+    # the batch was not sent to (aligned fan-in gives every predecessor the same rows).
+    for pred_slices in [s for s in slices if s] or slices[:1]:
         parts = [cache.get(store, oid).slice(off, n) for oid, off, n in pred_slices]
         parts = [p for p in parts if p.num_columns] or parts[:1]
         per_pred.append(

@@ -87,6 +87,14 @@ class StepPlan:
     rows_done: int = 0
     out: Stream = field(default_factory=Stream)
     routed: dict[str, Stream] = field(default_factory=dict)
+    # A routing step's done batches in order: (rows, the successors each went to).
+    sent: list[tuple[int, list[str]]] = field(default_factory=list)
+    # A step whose predecessors are the branches of one routing step (load >>
+    # sample_n_steps(2) >> [a, b, c] >> GroupColumns): that step's name, and where
+    # planning stands: the routed batch, the row in it, each branch's rows consumed.
+    joins: str | None = None
+    cursor: tuple[int, int] = (0, 0)
+    taken: dict[str, int] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -104,6 +112,8 @@ class StepPlan:
         while self.prefix in self.done:
             rec = self.done[self.prefix]
             chosen = route_choice(rec.key, *self.route) if self.route else []
+            if self.route:
+                self.sent.append((sum(rec.rows), chosen))
             for oid, n in zip(rec.outputs, rec.rows, strict=True):
                 self.out.append(oid, n)
                 for target in chosen:
@@ -137,6 +147,7 @@ class Planner:
                 step.input_batch_size,
                 pipeline.predecessors(n),
                 route=pipeline.routes.get(n),
+                joins=joined_route(pipeline, n),
             )
         return cls(plans, order)
 
@@ -156,6 +167,8 @@ class Planner:
         return out
 
     def _plan_step(self, st: StepPlan) -> list[PlannedBatch]:
+        if st.joins is not None:
+            return self._plan_join(st, self.plans[st.joins])
         preds = [self.plans[p] for p in st.preds]
         streams = [p.stream_for(st.name) for p in preds]
         ready = all(p.complete for p in preds)
@@ -180,6 +193,68 @@ class Planner:
             else:
                 return out
             out.append(_planned(st, st.planned, [s.take(start, end) for s in streams]))
+
+    def _plan_join(self, st: StepPlan, router: StepPlan) -> list[PlannedBatch]:
+        """The batches of a step joining routed branches. Each routed batch went to some
+        branches; its rows, as each of those branches answered them, are aligned one to
+        one (the other branches give no slices), in batches of at most `batch_size` that
+        never span two routed batches. Branches must keep their rows (one output row per
+        input row, in order), as LLM tasks do."""
+        preds = {p: self.plans[p] for p in st.preds}
+        out: list[PlannedBatch] = []
+        k, start = st.cursor
+        while k < len(router.sent):
+            rows, chosen = router.sent[k]
+            here = [p for p in st.preds if p in chosen]
+            if any(preds[p].out.rows < st.taken.get(p, 0) + rows for p in here):
+                for p in here:
+                    _check_kept_rows(st.name, preds[p], router.stream_for(p).rows)
+                break  # a branch has not answered this batch's rows yet
+            while start < rows:
+                end = min(start + st.batch_size, rows)
+                slices = [
+                    preds[p].out.take(st.taken.get(p, 0) + start, st.taken.get(p, 0) + end)
+                    if p in here
+                    else []
+                    for p in st.preds
+                ]
+                out.append(_planned(st, st.planned, slices))
+                start = end
+            for p in here:
+                st.taken[p] = st.taken.get(p, 0) + rows
+            k, start = k + 1, 0
+        st.cursor = (k, start)
+        if router.complete and k == len(router.sent):
+            for p in st.preds:
+                _check_kept_rows(st.name, preds[p], router.stream_for(p).rows)
+            st.total = st.planned
+        return out
+
+
+def _check_kept_rows(name: str, branch: StepPlan, given: int) -> None:
+    if branch.complete and branch.out.rows != given:
+        raise PipelineError(
+            f"step {name}: branch {branch.name} made {branch.out.rows} rows from {given}; "
+            "a step joining routed branches needs one output row per input row in each"
+        )
+
+
+def joined_route(pipeline: Any, name: str) -> str | None:
+    """The routing step whose branches `name` joins, if its predecessors are two or more
+    branches of one `sample_n_steps` and nothing else."""
+    preds = pipeline.predecessors(name)
+    sources = {tuple(pipeline.predecessors(p)) for p in preds}
+    if len(preds) < 2 or len(sources) != 1:
+        return None
+    (source,) = sources
+    if len(source) != 1 or source[0] not in pipeline.routes:
+        return None
+    if pipeline.steps[name].kind == "global":
+        raise PipelineError(
+            f"step {name}: a global step cannot join routed branches; join them with a "
+            "normal step first (e.g. GroupColumns)"
+        )
+    return str(source[0])
 
 
 def aligned_total(name: str, preds: list[StepPlan], streams: list[Stream]) -> int:

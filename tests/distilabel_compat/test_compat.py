@@ -487,3 +487,26 @@ def test_dry_run_sends_one_row_and_the_full_run_does_not_ask_it_again(server):
     assert full.run.name == "haiku"
     with pytest.raises(CastoreError, match="batch_size=0"):
         p.dry_run(batch_size=0)
+
+
+def test_sample_n_steps_then_group_columns_joins_the_branches_each_batch_went_to(server):
+    """distilabel's routing example: each loader batch goes to 2 of 3 models; every row
+    gets exactly the two answers given to it, from two different models, in the order
+    the steps were connected; a re-run sends nothing."""
+    m = load("routing")
+    train = m.pipeline.run()["default"]["train"]
+    models = ["gpt-4-0125-preview", "mistral-large-2402", "gemini-1.5-pro"]
+    assert len(train) == 30 and server.requests == 60
+    assert train["instruction"] == [f"Explain the number {i}." for i in range(30)]
+    for row in train.to_list():
+        names = row["grouped_model_name"]
+        assert len(names) == 2 and names == sorted(names, key=models.index)
+        assert [g.split(":")[0] for g in row["grouped_generation"]] == [
+            f"answer({n})" for n in names
+        ]
+        # Each answer is to this row's own prompt.
+        assert all(row["instruction"][::-1] in g for g in row["grouped_generation"])
+    # Six loader batches of 5 rows, each sent to a pair: more than one pair is used.
+    assert len({tuple(n) for n in train["grouped_model_name"]}) > 1
+    m.pipeline.run()
+    assert server.requests == 60
