@@ -43,6 +43,20 @@ ASPECTS: dict[str, str] = {
     ),
 }
 
+# The aspects whose judge also names the kinds of what it saw in each text (the paper's
+# informativeness and hallucination types; castore's wording), 1-3.
+TYPES: dict[str, str] = {
+    "helpfulness": (
+        "the kinds of informativeness each text shows: 1 = clear and relevant to the task, "
+        "2 = useful and comprehensive information, 3 = concise (not lengthy, no repetition)"
+    ),
+    "truthfulness": (
+        "the kinds of hallucination in each text: 1 = contradicts what is known about the "
+        "world (a factual error), 2 = contradicts the instruction or its input, 3 = "
+        "contradicts itself (a logical error)"
+    ),
+}
+
 SYSTEM = (
     "You are a careful, impartial judge of AI assistants' answers. You rate each answer "
     "on its own merits, 1 (poor) to 5 (excellent), and explain each rating briefly."
@@ -52,12 +66,20 @@ SYSTEM = (
 class UltraFeedback(_LLMTask):
     """Rate `generations` (a list of responses) to `instruction` on `aspect`: outputs
     `ratings` (list of 1-5 or None per response) and `rationales` (list of str or None),
-    plus `model_name` of the judge. Row-wise: a row judged once is not paid again."""
+    plus `model_name` of the judge. For "helpfulness" and "truthfulness" (as distilabel):
+    `types` (per response the first kind named, 1-3, or None when it names none),
+    `rationales` (why those kinds), `ratings` and `rationales-for-ratings`. Row-wise: a
+    row judged once is not paid again."""
 
     inputs = ["instruction", "generations"]
-    outputs = ["ratings", "rationales", "model_name"]
 
     aspect: Aspect = "overall-rating"
+
+    @property
+    def outputs(self) -> list[str]:  # type: ignore[override]
+        if self.aspect in TYPES:
+            return ["types", "rationales", "ratings", "rationales-for-ratings", "model_name"]
+        return ["ratings", "rationales", "model_name"]
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         generations = row.get("generations")
@@ -68,20 +90,57 @@ class UltraFeedback(_LLMTask):
             )
         n = len(generations)
         texts = "\n\n".join(f"<text {k}>\n{g}\n</text {k}>" for k, g in enumerate(generations, 1))
+        typed = self.aspect in TYPES
         lines = "\n".join(
-            f"Text {k} rating: <1-5>\nText {k} rationale: <one or two sentences>"
+            (
+                f"Text {k} type: <the numbers that apply, separated by commas, or None>\n"
+                f"Text {k} type rationale: <one sentence>\n"
+                if typed
+                else ""
+            )
+            + f"Text {k} rating: <1-5>\nText {k} rationale: <one or two sentences>"
             for k in range(1, n + 1)
         )
+        kinds = f" First name {TYPES[self.aspect]}." if typed else ""
         user = (
-            f"Judge {n} response(s) to the instruction below on {ASPECTS[self.aspect]}.\n\n"
+            f"Judge {n} response(s) to the instruction below on {ASPECTS[self.aspect]}."
+            f"{kinds}\n\n"
             f"<instruction>\n{row.get('instruction')}\n</instruction>\n\n{texts}\n\n"
             f"Answer with exactly these lines and nothing else:\n{lines}"
         )
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
     def parse(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
-        ratings, rationales = parse_ratings(text, len(row.get("generations") or []))
-        return {"ratings": ratings, "rationales": rationales}
+        n = len(row.get("generations") or [])
+        ratings, rationales = parse_ratings(text, n)
+        if self.aspect not in TYPES:
+            return {"ratings": ratings, "rationales": rationales}
+        types, why = parse_types(text, n)
+        return {
+            "types": types,
+            "rationales": why,
+            "ratings": ratings,
+            "rationales-for-ratings": rationales,
+        }
+
+
+def parse_types(text: str | None, n: int) -> tuple[list[int | None], list[str | None]]:
+    """Per response k: "Text k type: 1, 3" (the first of the kinds named, as distilabel
+    keeps it; "None" or anything outside 1-3 gives None) and "Text k type rationale"."""
+    types: list[int | None] = [None] * n
+    why: list[str | None] = [None] * n
+    for k in range(1, n + 1):
+        m = re.search(rf"^\W*text {k} type\W*:\W*([0-9]+)\b", text or "", re.I | re.M)
+        if m and 1 <= int(m.group(1)) <= 3:
+            types[k - 1] = int(m.group(1))
+        why[k - 1] = _line(text, rf"text {k} type rationale")
+    return types, why
+
+
+def _line(text: str | None, label: str) -> str | None:
+    """The text after "<label>:" on its line (markdown emphasis around either stripped)."""
+    m = re.search(rf"^\W*{label}\W*:[\s*_]*(.+?)[\s*_]*$", text or "", re.I | re.M)
+    return m.group(1).strip() if m and m.group(1).strip() else None
 
 
 def parse_ratings(text: str | None, n: int) -> tuple[list[int | None], list[str | None]]:
@@ -96,7 +155,5 @@ def parse_ratings(text: str | None, n: int) -> tuple[list[int | None], list[str 
         if m and 1 <= int(m.group(1)) <= 5:
             ratings[k - 1] = int(m.group(1))
         # Markdown emphasis around the label or the text ("**Text 1 rationale:** ...").
-        m = re.search(rf"^\W*text {k} rationale\W*:[\s*_]*(.+?)[\s*_]*$", text, re.I | re.M)
-        if m and m.group(1).strip():
-            rationales[k - 1] = m.group(1).strip()
+        rationales[k - 1] = _line(text, rf"text {k} rationale")
     return ratings, rationales

@@ -336,3 +336,40 @@ def test_a_missing_text_fails_the_batch_instead_of_sending_none(server):  # noqa
         with pytest.raises(StepFailed, match=f"{what}.* is None, not text"):
             p.run()
     assert server.requests == 0
+
+
+def test_ultrafeedback_typed_aspects_give_distilabels_columns(server):  # noqa: F811
+    """helpfulness and truthfulness also name the kinds of what the judge saw (types) and
+    why, and keep the rating's rationale as rationales-for-ratings, as distilabel's
+    columns; a kind outside 1-3 or "None" is None, never a guessed one."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import UltraFeedback
+    from castore.steps.feedback import parse_types
+
+    answer = (
+        "Text 1 type: 2, 3\nText 1 type rationale: Thorough and brief.\n"
+        "Text 1 rating: 4\nText 1 rationale: Useful.\n"
+        "**Text 2 type:** None\nText 2 type rationale: Nothing of note.\n"
+        "Text 2 rating: 2\nText 2 rationale: Vague."
+    )
+    server.reply = lambda req: answer
+    row = {"instruction": "Why is the sky blue?", "generations": ["Rayleigh.", "It is."]}
+    for aspect in ("helpfulness", "truthfulness"):
+        with Pipeline(name=f"uf-{aspect}") as p:
+            LoadDataFromDicts(data=[row]) >> UltraFeedback(
+                llm=OpenAILLM(model="judge"), aspect=aspect
+            )
+        got = p.run()["default"]["train"].to_list()[0]
+        assert got["types"] == [2, None]
+        assert got["rationales"] == ["Thorough and brief.", "Nothing of note."]
+        assert got["ratings"] == [4, 2]
+        assert got["rationales-for-ratings"] == ["Useful.", "Vague."]
+        prompt = server.bodies[-1]["messages"][-1]["content"]
+        assert "Text 2 type rationale:" in prompt and "1 = " in prompt
+    with Pipeline(name="uf-honesty") as p:
+        LoadDataFromDicts(data=[row]) >> UltraFeedback(llm=OpenAILLM(model="j"), aspect="honesty")
+    plain = p.run()["default"]["train"]
+    assert "types" not in plain.column_names and plain["ratings"] == [[4, 2]]
+    assert parse_types("Text 1 type: 7\nText 1 type rationale:", 1) == ([None], [None])
