@@ -151,6 +151,29 @@ class OpenAILLM(BaseModel):
             parse = _parse_structured(self.structured_output)
         return await self._post(client, sem, "/chat/completions", body, parse)
 
+    def complete(self, prompts: list[str]) -> list[Generation | BaseException]:
+        """Raw text completions (`/completions`: the prompt is sent as is, no chat
+        template applied), one result per prompt, in order, as `generate`'s."""
+
+        async def go() -> list[Generation | BaseException]:
+            client, sem = _LOOP.client(self), _LOOP.semaphore(self)
+            return await asyncio.gather(
+                *(
+                    self._post(
+                        client,
+                        sem,
+                        "/completions",
+                        {"model": self.model, "prompt": p, **self.generation_kwargs},
+                        _parse_completion,
+                    )
+                    for p in prompts
+                ),
+                return_exceptions=True,
+            )
+
+        out: list[Generation | BaseException] = _LOOP.run(go())
+        return out
+
     def embed(self, texts: list[str]) -> Embeddings:
         """One vector per text, in order, from `/embeddings` in one request (retried like
         a chat completion); raises LLMError when its retries are spent."""
@@ -259,6 +282,17 @@ def _parse(text: str) -> Generation | None:
     if text is not None and not isinstance(text, str):
         return None
     return Generation(text=text, raw=raw, usage=raw.get("usage") or {})
+
+
+def _parse_completion(text: str) -> Generation | None:
+    try:
+        raw = json.loads(text)
+        out = raw["choices"][0]["text"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(out, str):
+        return None
+    return Generation(text=out, raw=raw, usage=raw.get("usage") or {})
 
 
 class Embeddings(BaseModel):

@@ -19,6 +19,11 @@ class LLMServer:
         self.by_prompt: Counter[str] = Counter()
         self.bodies: list[dict] = []  # every request body, as received
         self.reply = None  # a function (request body) -> answer text, instead of the echo
+        # /v1/completions: a function (prompt) -> text; default "Question N?" (N counts
+        # completion requests) followed by an end-of-turn marker and more, as a model
+        # that runs on past its turn writes.
+        self.complete = None
+        self.completions = 0
         self.auth_headers: set[str] = set()
         self.fail_429 = 0  # the next N requests get 429 with Retry-After
         self.fail_500 = 0
@@ -63,6 +68,29 @@ class LLMServer:
         body = json.dumps(embeddings_answer(req["model"], texts)).encode()
         return handler._send(200, body)  # type: ignore[attr-defined]
 
+    def completion(self, handler: BaseHTTPRequestHandler, req: dict) -> None:
+        """/v1/completions: raw text completion of `prompt`, counted like a chat request."""
+        with self.lock:
+            self.requests += 1
+            self.completions += 1
+            self.by_prompt[req["prompt"]] += 1
+            self.bodies.append(req)
+            n = self.completions
+        if self.always_fail in req["prompt"]:
+            return handler._send(500, b'{"error":"boom"}')  # type: ignore[attr-defined]
+        text = (
+            self.complete(req["prompt"])
+            if self.complete is not None
+            else f" Question {n}?<|eot_id|><|start_header_id|>assistant"
+        )
+        body = {
+            "object": "text_completion",
+            "model": req["model"],
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
+        return handler._send(200, json.dumps(body).encode())  # type: ignore[attr-defined]
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -87,8 +115,9 @@ class LLMServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 req = json.loads(self.rfile.read(length))
-                if self.path == "/v1/embeddings":
-                    return server.embeddings(self, req)
+                other = {"/v1/embeddings": server.embeddings, "/v1/completions": server.completion}
+                if self.path in other:
+                    return other[self.path](self, req)
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error":"not found"}')
                 prompt = req["messages"][-1]["content"]

@@ -31,7 +31,6 @@ INSTEAD: dict[str, str] = {
     "VertexAILLM": "not supported yet: castore speaks the OpenAI-compatible API",
     "CohereLLM": "not supported yet: castore speaks the OpenAI-compatible API",
     "MlxLLM": OPENAI_SERVER,
-    "Magpie": "not in castore yet (issue 17's task library)",
     "EmbeddingGeneration": "use castore.distilabel.steps.tasks.GenerateEmbeddings(llm=OpenAILLM("
     "model=..., base_url=...)) against a server with /v1/embeddings (vLLM, TEI, Ollama)",
     "SentenceTransformerEmbeddings": "serve the model with /v1/embeddings (TEI, vLLM) and use "

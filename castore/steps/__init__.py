@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         LoadDataFromFileSystem,
         LoadDataFromHub,
     )
+    from castore.steps.magpie import Magpie, MagpieGenerator
     from castore.steps.prometheus import PrometheusEval
     from castore.steps.scorers import ComplexityScorer, QualityScorer
 
@@ -60,6 +61,8 @@ _LAZY = {
     "LoadDataFromDisk": _LOADERS,
     "LoadDataFromFileSystem": _LOADERS,
     "LoadDataFromHub": _LOADERS,
+    "Magpie": "castore.steps.magpie",
+    "MagpieGenerator": "castore.steps.magpie",
     "MergeColumns": _COLUMNS,
     "PrometheusEval": "castore.steps.prometheus",
     "QualityScorer": "castore.steps.scorers",
@@ -92,6 +95,8 @@ __all__ = [
     "LoadDataFromDisk",
     "LoadDataFromFileSystem",
     "LoadDataFromHub",
+    "Magpie",
+    "MagpieGenerator",
     "MergeColumns",
     "PrometheusEval",
     "QualityScorer",

@@ -136,8 +136,8 @@ def test_enable_metadata_keeps_distilabel_metadata(server):
 def test_what_castore_does_not_do_is_an_error_not_a_silent_default(server):
     with pytest.raises(ImportError, match="base_url"):
         from castore.distilabel.models import InferenceEndpointsLLM  # noqa: F401
-    with pytest.raises(ImportError, match="task library"):
-        from castore.distilabel.steps.tasks import Magpie  # noqa: F401
+    with pytest.raises(ImportError, match="not provided by castore"):
+        from castore.distilabel.steps.tasks import GenerateSentencePair  # noqa: F401
     with pytest.raises(ImportError, match="not provided by castore"):
         from castore.distilabel.steps import NoSuchStep  # noqa: F401
     from castore.distilabel.models import OpenAILLM

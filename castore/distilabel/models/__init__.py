@@ -18,13 +18,14 @@ _UNSUPPORTED = {
 }
 
 
-class OpenAILLM(_OpenAILLM):
-    """distilabel's OpenAILLM: `base_url` defaults to $OPENAI_BASE_URL as there, and
-    `generation_kwargs` takes `max_new_tokens` (sent as `max_tokens`)."""
+class _DistilabelLLM(_OpenAILLM):
+    """What every distilabel LLM has: `model_name`, `load()`, and the Magpie pre-query
+    template (read by the Magpie task, whose identity it becomes)."""
 
-    base_url: str = Field(
-        default_factory=lambda: os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    magpie_pre_query_template: str | None = Field(
+        None, description="'llama3', 'qwen2' or the pre-query text, for Magpie."
     )
+    use_magpie_template: bool = False
 
     @property
     def model_name(self) -> str:
@@ -33,6 +34,24 @@ class OpenAILLM(_OpenAILLM):
 
     def load(self) -> None:
         """distilabel's lifecycle hook: the client opens its connections on first use."""
+
+    @model_validator(mode="after")
+    def _magpie_only_in_magpie(self) -> Any:
+        if self.use_magpie_template:
+            raise ValueError(
+                "use_magpie_template=True: castore makes Magpie samples with the Magpie "
+                "task only (castore.distilabel.steps.tasks.Magpie); drop it here"
+            )
+        return self
+
+
+class OpenAILLM(_DistilabelLLM):
+    """distilabel's OpenAILLM: `base_url` defaults to $OPENAI_BASE_URL as there, and
+    `generation_kwargs` takes `max_new_tokens` (sent as `max_tokens`)."""
+
+    base_url: str = Field(
+        default_factory=lambda: os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -69,9 +88,13 @@ def _instructor_schema(spec: dict[str, Any]) -> Any:
     return spec["schema"]
 
 
-class ClientvLLM(VLLMServer):
+class ClientvLLM(_DistilabelLLM, VLLMServer):
     """distilabel's ClientvLLM: a vLLM server's OpenAI-compatible API at `base_url`. The
     server applies the model's chat template, so `tokenizer` is not taken."""
+
+    # Restated: pydantic takes inherited defaults from the first base (_DistilabelLLM).
+    base_url: str = VLLMServer.model_fields["base_url"].default
+    api_key_env: str = VLLMServer.model_fields["api_key_env"].default
 
     @model_validator(mode="before")
     @classmethod
@@ -86,9 +109,12 @@ class ClientvLLM(VLLMServer):
         return data
 
 
-class OllamaLLM(OllamaServer):
+class OllamaLLM(_DistilabelLLM, OllamaServer):
     """distilabel's OllamaLLM: `host` (default http://localhost:11434) is Ollama's
     server, reached through its OpenAI-compatible /v1 API."""
+
+    base_url: str = OllamaServer.model_fields["base_url"].default
+    api_key_env: str = OllamaServer.model_fields["api_key_env"].default
 
     @model_validator(mode="before")
     @classmethod

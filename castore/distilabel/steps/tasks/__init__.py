@@ -1,9 +1,9 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
-SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer,
-PrometheusEval and GenerateEmbeddings with distilabel's fields. Jinja2 templates as distilabel's
-(sandboxed, a missing variable is an error); `add_raw_output` / `add_raw_input` write
-`raw_output_<step>` / `raw_input_<step>` into the metadata column. What castore cannot
-do yet is an error."""
+SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer, PrometheusEval,
+GenerateEmbeddings, Magpie and MagpieGenerator with distilabel's fields. Jinja2
+templates as distilabel's (sandboxed, a missing variable is an error); `add_raw_output`
+/ `add_raw_input` write `raw_output_<step>` / `raw_input_<step>` into the metadata
+column. What castore cannot do yet is an error."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from castore.steps.instruct import SelfInstruct as _SelfInstruct
 from castore.steps.llm import ChatGeneration as _ChatGeneration
 from castore.steps.llm import TextGeneration as _TextGeneration
 from castore.steps.llm import _LLMTask
+from castore.steps.magpie import Magpie as _Magpie
+from castore.steps.magpie import MagpieGenerator as _MagpieGenerator
 from castore.steps.prometheus import PrometheusEval as _PrometheusEval
 from castore.steps.scorers import ComplexityScorer as _ComplexityScorer
 from castore.steps.scorers import QualityScorer as _QualityScorer
@@ -143,9 +145,8 @@ class ChatGeneration(_Compat, _ChatGeneration):
 
 
 class UltraFeedback(_Compat, _UltraFeedback):
-    """UltraFeedback with distilabel's task fields. castore's prompt is its own (the
-    paper's aspects and 1-5 scale); outputs `ratings`, `rationales`, `model_name` (not
-    distilabel's `types` / `rationales-for-ratings` of some aspects)."""
+    """UltraFeedback with distilabel's task fields and columns per aspect; castore's
+    prompt is its own (the paper's aspects, types and 1-5 scale)."""
 
 
 class SelfInstruct(_Compat, _SelfInstruct):
@@ -178,12 +179,55 @@ class QualityScorer(_Compat, _QualityScorer):
     castore's prompt, scores taken by item number."""
 
 
+def _template_from_llm(data: Any) -> Any:
+    """distilabel sets Magpie's pre-query template on the LLM; castore's Magpie has it
+    as its own field (part of its identity), taken from there."""
+    if not isinstance(data, dict):
+        return data
+    if isinstance(data.get("system_prompt"), (list, dict)):
+        raise ValueError(
+            "Magpie(system_prompt=<list or dict>): castore does not draw a system prompt at "
+            "random; give the prompts as a system_prompt column (one per row) instead"
+        )
+    if "pre_query_template" in data:
+        return data
+    template = getattr(data.get("llm"), "magpie_pre_query_template", None)
+    if template is None:
+        raise ValueError(
+            "Magpie needs the model's chat template: set magpie_pre_query_template='llama3' "
+            "or 'qwen2' (or the pre-query text) on the LLM"
+        )
+    return {**data, "pre_query_template": template}
+
+
+class Magpie(_Magpie):
+    """distilabel's Magpie: the pre-query template comes from the LLM's
+    `magpie_pre_query_template`; `system_prompt` is one text (a list or dict to draw from
+    is an error: give the prompts as a `system_prompt` column instead)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_llm(cls, data: Any) -> Any:
+        return _template_from_llm(data)
+
+
+class MagpieGenerator(_MagpieGenerator):
+    """distilabel's MagpieGenerator(llm=..., num_rows=...), template from the LLM."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_llm(cls, data: Any) -> Any:
+        return _template_from_llm(data)
+
+
 __all__ = [
     "ChatGeneration",
     "ComplexityScorer",
     "EvolInstruct",
     "EvolQuality",
     "GenerateEmbeddings",
+    "Magpie",
+    "MagpieGenerator",
     "PrometheusEval",
     "QualityScorer",
     "SelfInstruct",
