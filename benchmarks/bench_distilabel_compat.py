@@ -38,6 +38,8 @@ if kind == "quickstart":
     import datasets
     rows = [{"instruction": f"Write a haiku about the number {i}."} for i in range(100)]
     ds = m["pipeline"].run(dataset=datasets.Dataset.from_list(rows), use_cache=True)
+elif kind == "routing":  # inline rows, sample_n_steps(2) over three models, GroupColumns
+    ds = m["pipeline"].run(use_cache=True)
 else:
     gen = {"llm": {"generation_kwargs": {"temperature": 0.7, "max_new_tokens": 64}}}
     p = m["pipeline"]
@@ -52,7 +54,7 @@ print(sum(len(ds[k]["train"]) for k in ds))
 def prepare(work: Path) -> dict[str, dict[str, Path]]:
     """Each pipeline file as castore runs it and as distilabel runs it."""
     out: dict[str, dict[str, Path]] = {}
-    for kind in ("quickstart", "several_llms"):
+    for kind in ("quickstart", "several_llms", "routing"):
         src = (PIPELINES / f"{kind}.py").read_text()
         out[kind] = {}
         for system, text in (
