@@ -32,6 +32,10 @@ def test_docs_build_strict(tmp_path):
     cli = (tmp_path / "site" / "cli" / "index.html").read_text()
     assert "<code>cas status</code>" in cli or "cas status" in cli
     assert "UNSET" not in cli  # click's no-default sentinel is shown as "none"
+    # The API reference is generated from the docstrings, pydantic fields included.
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    for name in ("Pipeline", "dry_run", "structured_output", "MagpieGenerator", "Distiset"):
+        assert name in api, name
 
 
 def _has_module(name: str) -> bool:

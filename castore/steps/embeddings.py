@@ -4,7 +4,7 @@ embedded once is not paid for again, whatever the batch it comes in."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from castore.llms import LLMError, OpenAILLM
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
@@ -17,9 +17,9 @@ class GenerateEmbeddings(Step):
     e.g. OpenAILLM(model="text-embedding-3-small")), and `model_name`. A batch whose
     request fails after its retries keeps its rows with None and is not cached."""
 
-    inputs = ["text"]
-    outputs = ["embedding", "model_name"]
-    row_wise = True
+    inputs: ClassVar[list[str]] = ["text"]
+    outputs: ClassVar[list[str]] = ["embedding", "model_name"]
+    row_wise: ClassVar[bool] = True
 
     llm: OpenAILLM
     input_batch_size: int = runtime_field(32, ge=1, description="Rows per input batch.")

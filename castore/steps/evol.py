@@ -175,7 +175,7 @@ class EvolInstruct(_Evolve):
     `include_original_instruction`); with `generate_answers` also `answer` / `answers`
     (one request per instruction kept); and `model_name`."""
 
-    inputs = ["instruction"]
+    inputs: ClassVar[list[str]] = ["instruction"]
     evolved: ClassVar[str] = "instruction"
 
     generate_answers: bool = False
@@ -211,7 +211,7 @@ class EvolQuality(_Evolve):
     last), or with `store_evolutions` `evolved_responses` (each round's, the original
     first when `include_original_response`); and `model_name`."""
 
-    inputs = ["instruction", "response"]
+    inputs: ClassVar[list[str]] = ["instruction", "response"]
     evolved: ClassVar[str] = "response"
     placeholders: ClassVar[tuple[str, ...]] = (PROMPT, RESPONSE)
 

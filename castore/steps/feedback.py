@@ -11,7 +11,7 @@ raw answer stays in the metadata column, so the row is kept and can be inspected
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from castore.errors import PipelineError
 from castore.steps.llm import _LLMTask
@@ -71,7 +71,7 @@ class UltraFeedback(_LLMTask):
     `rationales` (why those kinds), `ratings` and `rationales-for-ratings`. Row-wise: a
     row judged once is not paid again."""
 
-    inputs = ["instruction", "generations"]
+    inputs: ClassVar[list[str]] = ["instruction", "generations"]
 
     aspect: Aspect = "overall-rating"
 

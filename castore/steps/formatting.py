@@ -11,7 +11,7 @@ nobody chose is never written as if someone had.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, ClassVar
 
 from castore.errors import StepFailed
 from castore.pipeline.step import Step, StepInput
@@ -38,8 +38,15 @@ def instruction_turns(row: dict[str, Any]) -> list[Message]:
 
 
 class _FormatDPO(Step):
-    inputs = ["generations", "ratings"]
-    outputs = ["prompt", "prompt_id", "chosen", "chosen_rating", "rejected", "rejected_rating"]
+    inputs: ClassVar[list[str]] = ["generations", "ratings"]
+    outputs: ClassVar[list[str]] = [
+        "prompt",
+        "prompt_id",
+        "chosen",
+        "chosen_rating",
+        "rejected",
+        "rejected_rating",
+    ]
 
     def _context(self, row: dict[str, Any]) -> tuple[str | None, list[Message]]:
         raise NotImplementedError
@@ -95,7 +102,7 @@ class FormatTextGenerationDPO(_FormatDPO):
     instruction, then the highest / lowest rated generation), with their ratings, and
     `chosen_model` / `rejected_model` when the rows have `generation_models`."""
 
-    inputs = ["instruction", "generations", "ratings"]
+    inputs: ClassVar[list[str]] = ["instruction", "generations", "ratings"]
 
     def _context(self, row: dict[str, Any]) -> tuple[str | None, list[Message]]:
         return row["instruction"], instruction_turns(row)
@@ -106,7 +113,7 @@ class FormatChatGenerationDPO(_FormatDPO):
     turn, `chosen` / `rejected` the messages followed by the highest / lowest rated
     generation."""
 
-    inputs = ["messages", "generations", "ratings"]
+    inputs: ClassVar[list[str]] = ["messages", "generations", "ratings"]
 
     def _context(self, row: dict[str, Any]) -> tuple[str | None, list[Message]]:
         return first_user_turn(row["messages"]), list(row["messages"] or [])
@@ -116,8 +123,8 @@ class FormatTextGenerationSFT(Step):
     """SFT rows from `instruction` + `generation`: `messages` is the conversation (system
     prompt when present, the instruction, the generation)."""
 
-    inputs = ["instruction", "generation"]
-    outputs = ["prompt", "prompt_id", "messages"]
+    inputs: ClassVar[list[str]] = ["instruction", "generation"]
+    outputs: ClassVar[list[str]] = ["prompt", "prompt_id", "messages"]
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         return [
@@ -138,8 +145,8 @@ class FormatChatGenerationSFT(Step):
     """SFT rows from `messages` + `generation`: `messages` gets the generation as the
     assistant's turn; `prompt` is the first user turn."""
 
-    inputs = ["messages", "generation"]
-    outputs = ["prompt", "prompt_id", "messages"]
+    inputs: ClassVar[list[str]] = ["messages", "generation"]
+    outputs: ClassVar[list[str]] = ["prompt", "prompt_id", "messages"]
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         out = []

@@ -12,7 +12,7 @@ answer in the metadata column.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -30,8 +30,8 @@ class SelfInstruct(_LLMTask):
     following `criteria_for_query_generation`: outputs `instructions` (a list of str) and
     `model_name`."""
 
-    inputs = ["input"]
-    outputs = ["instructions", "model_name"]
+    inputs: ClassVar[list[str]] = ["input"]
+    outputs: ClassVar[list[str]] = ["instructions", "model_name"]
 
     num_instructions: int = Field(5, ge=1)
     criteria_for_query_generation: str = Field(

@@ -4,7 +4,7 @@ not spent again."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from castore.errors import PipelineError, StepFailed
 from castore.llms import Generation, OpenAILLM
@@ -28,8 +28,8 @@ class _LLMTask(Step):
     """Shared by the tasks: send one conversation per row, write the generation, the
     model name and per-row metadata (raw response, usage, error)."""
 
-    outputs = ["generation", "model_name"]
-    row_wise = True  # one request per row: a row answered once is never paid again
+    outputs: ClassVar[list[str]] = ["generation", "model_name"]
+    row_wise: ClassVar[bool] = True  # one request per row: a row answered once is never paid again
 
     llm: OpenAILLM
     # Runtime-only like every step's batch size (the signature already has it): a batch
@@ -79,7 +79,7 @@ class TextGeneration(_LLMTask):
     """`template` (Jinja2 over the row's columns, as distilabel's; default
     "{{ instruction }}") as the user message, with an optional `system_prompt`."""
 
-    inputs = ["instruction"]
+    inputs: ClassVar[list[str]] = ["instruction"]
 
     system_prompt: str | None = None
     template: str = "{{ instruction }}"
@@ -103,7 +103,7 @@ class TextGeneration(_LLMTask):
 class ChatGeneration(_LLMTask):
     """A `messages` column (a list of {role, content}) is the conversation."""
 
-    inputs = ["messages"]
+    inputs: ClassVar[list[str]] = ["messages"]
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         messages = row.get("messages")

@@ -13,7 +13,7 @@ the metadata column.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -73,7 +73,7 @@ class PrometheusEval(_LLMTask):
     your `rubrics`), against the row's `reference` when `reference=True`: outputs
     `feedback`, `result` and `model_name`."""
 
-    outputs = ["feedback", "result", "model_name"]
+    outputs: ClassVar[list[str]] = ["feedback", "result", "model_name"]
 
     mode: Literal["absolute", "relative"] = "absolute"
     rubric: str = "helpfulness"

@@ -30,7 +30,7 @@ def parse_scores(text: str | None, n: int) -> list[float | None]:
 
 
 class _Scorer(_LLMTask):
-    outputs = ["scores", "model_name"]
+    outputs: ClassVar[list[str]] = ["scores", "model_name"]
     column: ClassVar[str] = ""  # the list column scored
 
     def ask(self, row: dict[str, Any], n: int) -> str:
@@ -60,7 +60,7 @@ class ComplexityScorer(_Scorer):
     """Score each of `instructions` (a list) by complexity, 1 (simplest) to 6 and up:
     outputs `scores` (a float or None per instruction) and `model_name`."""
 
-    inputs = ["instructions"]
+    inputs: ClassVar[list[str]] = ["instructions"]
     column: ClassVar[str] = "instructions"
 
     def ask(self, row: dict[str, Any], n: int) -> str:
@@ -76,7 +76,7 @@ class QualityScorer(_Scorer):
     """Score each of `responses` (a list) to `instruction` by quality, 1 (poor) to 6 and
     up: outputs `scores` (a float or None per response) and `model_name`."""
 
-    inputs = ["instruction", "responses"]
+    inputs: ClassVar[list[str]] = ["instruction", "responses"]
     column: ClassVar[str] = "responses"
 
     def ask(self, row: dict[str, Any], n: int) -> str:
