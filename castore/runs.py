@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from castore.errors import AmbiguousId, CastoreError, ConfigError, NothingToResume, UnknownObject
 from castore.hashing import validate_prefix
@@ -155,3 +156,36 @@ def resolve(store: Store, prefix: str) -> str:
     if len(found) > 1:
         raise AmbiguousId(f"{prefix!r} is ambiguous: matches {len(found)} ids; type more")
     return found[0]
+
+
+def step_table(store: Store, info: RunInfo) -> list[dict[str, Any]]:
+    """Per step of a run, in pipeline order: its class, batches and rows as stored, and
+    the run's accounting (what `cas show` and `cas report` print)."""
+    from castore.store.manifests import StepManifest, StepStats
+
+    out: list[dict[str, Any]] = []
+    for ref in info.manifest.steps:
+        sm = load_model(store, ref.manifest, StepManifest)
+        st = info.manifest.stats.get(ref.name) or StepStats()
+        out.append(
+            {
+                "name": ref.name,
+                "class": sm.step_class,
+                "batches_done": len(sm.batches),
+                "batches_total": st.batches_total,
+                "batches_cached": st.batches_cached,
+                "batches_computed": st.batches_computed,
+                "batches_failed": st.batches_failed,
+                "rows": sm.rows,
+                "columns": [c for c, _ in sm.columns],
+                "complete": sm.complete,
+                "rows_cached": st.rows_cached,
+                "rows_computed": st.rows_computed,
+                "rows_reused": st.rows_reused,
+                "compute_seconds": st.compute_seconds,
+                "seconds_saved": st.seconds_saved,
+                "tokens_spent": st.tokens_spent,
+                "tokens_saved": st.tokens_saved,
+            }
+        )
+    return out

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("runs", "show_command"),
     "log": ("runs", "log_command"),
     "explain": ("explain", "explain_command"),
+    "report": ("report", "report_command"),
     "diff": ("explain", "diff_command"),
     "distiset": ("distiset", "command"),
     "cat": ("cat", "command"),

@@ -31,6 +31,7 @@ SHORT_HELP = {
     "pull": "Download runs from a remote, every object verified.",
     "push": "Upload runs to a remote: what it lacks, then entries and refs.",
     "remote": "Named remotes: other stores reached through fsspec.",
+    "report": "Write an HTML page about a run: its steps drawn, counts, reasons, rows.",
     "resume": "Continue the latest interrupted or failed run.",
     "rm": "Remove runs (their refs); `cas gc` then frees their data.",
     "run": "Run a pipeline; finished batches are reused (resume, re-run).",

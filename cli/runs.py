@@ -66,37 +66,12 @@ def show_command(app: App, run: str, dag: bool, as_json: bool) -> None:
 
     RUN is a pipeline name (its latest run), a signature prefix or a run id prefix.
     """
-    from castore.runs import resolve_run
-    from castore.store.manifests import StepManifest, load_model
+    from castore.runs import resolve_run, step_table
     from castore.summary import RunSummary
 
     store = app.store()
     info = resolve_run(store, run)
-    steps: list[dict[str, Any]] = []
-    for ref in info.manifest.steps:
-        sm = load_model(store, ref.manifest, StepManifest)
-        st = info.manifest.stats.get(ref.name)
-        steps.append(
-            {
-                "name": ref.name,
-                "class": sm.step_class,
-                "batches_done": len(sm.batches),
-                "batches_total": st.batches_total if st else None,
-                "batches_cached": st.batches_cached if st else 0,
-                "batches_computed": st.batches_computed if st else 0,
-                "batches_failed": st.batches_failed if st else 0,
-                "rows": sm.rows,
-                "columns": [c for c, _ in sm.columns],
-                "complete": sm.complete,
-                "rows_cached": st.rows_cached if st else 0,
-                "rows_computed": st.rows_computed if st else 0,
-                "rows_reused": st.rows_reused if st else 0,
-                "compute_seconds": st.compute_seconds if st else 0.0,
-                "seconds_saved": st.seconds_saved if st else 0.0,
-                "tokens_spent": st.tokens_spent if st else 0,
-                "tokens_saved": st.tokens_saved if st else 0,
-            }
-        )
+    steps = step_table(store, info)
     summary = RunSummary.load(store, info.oid)  # the totals every command prints
     doc = {
         "name": info.name,
