@@ -204,16 +204,18 @@ class Pipeline:
     # -- pipeline.yaml -------------------------------------------------------------------
 
     def to_dict(self, sigs: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+        from castore.pipeline.portable import portable_params, project_root, relative, step_file
+
         sigs = sigs or self.signatures()
+        project = project_root()
         steps = []
         for n in self.topological():
             step = self.steps[n]
             cls = type(step)
-            module = sys.modules.get(cls.__module__)
             entry: dict[str, Any] = {
                 "name": n,
                 "type": f"{cls.__module__}:{cls.__qualname__}",
-                "params": step.yaml_params(),
+                "params": portable_params(step, step.yaml_params(), project),
                 "fingerprint": sigs[n]["fp"],
                 "signature": sigs[n]["sig"],
                 # What `cas explain` compares: the code version and what else the step
@@ -226,9 +228,9 @@ class Pipeline:
                 # and each helper, class, constant or package it reaches.
                 root, parts = step.code_parts()
                 entry["code_parts"] = {"process": root[:16]} | {k: v[:16] for k, v in parts.items()}
-            source = getattr(module, "__castore_source__", None)
+            source = step_file(cls)
             if source:
-                entry["file"] = source
+                entry["file"] = relative(source, project)
             steps.append(entry)
         return {
             "castore_version": __version__,
@@ -410,6 +412,7 @@ class Pipeline:
     def _runner(self, parameters: dict[str, dict[str, Any]] | None, o: RunOptions) -> Any:
         from castore.pipeline.runner import Runner
         from castore.store import Store
+        from castore.store.manifests import Target
 
         unknown = sorted(set(o) - set(RunOptions.__annotations__))
         if unknown:  # an option silently ignored would be a run that is not the one asked
@@ -432,7 +435,9 @@ class Pipeline:
             use_cache=o.get("use_cache", True),
             executor=o.get("executor", "threads"),
             quiet=o.get("quiet", False),
-            target=o.get("target"),
+            # A library run's stored pipeline.yaml names paths relative to where it was
+            # started: resume goes back there.
+            target=o.get("target") or Target(kind="api", cwd=os.getcwd()),
             stop_grace=o.get("stop_grace", 30.0),
             remote=remote_obj,
             push=push,
@@ -479,12 +484,19 @@ def load_step_class(type_path: str, file: str | None = None) -> type[_Step]:
     if ":" not in type_path:
         raise ConfigError(f"unknown step type {type_path!r}: expected 'module:ClassName'")
     module_name, qualname = type_path.split(":", 1)
+    if module_name == "__main__" and file:  # a `python script.py` run's own steps
+        module_name = f"castore_main_{Path(file).stem}"
     try:
         module = sys.modules.get(module_name) or importlib.import_module(module_name)
     except ImportError:
         if not file:
             raise ConfigError(
                 f"unknown step type {type_path!r}: cannot import {module_name}"
+            ) from None
+        if not Path(file).is_file():
+            raise ConfigError(
+                f"step type {type_path!r}: its file {file} is not here; run the pipeline "
+                "from the folder of the project that made it (its paths are relative to it)"
             ) from None
         module = load_file_module(file, module_name)
     obj: Any = module

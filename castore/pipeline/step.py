@@ -88,6 +88,9 @@ class _Step(BaseModel):
     # Row-wise (castore/pipeline/rows.py): each output row depends only on its own input
     # row's row_key_columns() and is that row plus `outputs`; rows are reused by row key.
     row_wise: ClassVar[bool] = False
+    # Fields holding local paths: pipeline.yaml records them relative to the project
+    # (castore/pipeline/portable.py).
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
     name: str | None = runtime_field(None, description="Unique name in the pipeline.")
     input_batch_size: int = runtime_field(50, ge=1, description="Rows per input batch.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -69,6 +69,7 @@ class LoadDataFromFileSystem(GeneratorStep):
 
     # The path is not hashed (the files' contents are): the same data under another home
     # directory or on another machine keeps its cache.
+    path_fields: ClassVar[tuple[str, ...]] = ("data_files",)
     data_files: str | None = runtime_field(None, description="A path, a glob, or an fsspec URL.")
     format: FileFormat = "auto"
     num_examples: int | None = Field(None, ge=0, description=_NUM_EXAMPLES)
@@ -182,6 +183,7 @@ class LoadDataFromDisk(GeneratorStep):
     `is_distiset` a saved Distiset (castore's or distilabel 1.5's), leaf `config` (the
     only leaf when unset). Its files' contents enter the fingerprint."""
 
+    path_fields: ClassVar[tuple[str, ...]] = ("dataset_path",)
     dataset_path: str | None = runtime_field(None, description="The saved folder.")
     split: str | None = None
     config: str | None = None
