@@ -1,7 +1,9 @@
 """The compat pipelines (tests/distilabel_compat/pipelines) on castore and on distilabel
 1.5.3, against the same local OpenAI-compatible server with 50 ms latency: wall time of
 the whole `python` process (what a user waits for) and requests, cold and re-run,
-interleaved, min / median of --repeat. The distilabel side runs the same files with
+interleaved, min / median of --repeat. Every pipeline file there is run (quickstart,
+several_llms, routing, resumable, step_decorator); custom_template.py is one task called
+standalone, not a pipeline. The distilabel side runs the same files with
 `castore.distilabel` replaced by `distilabel`, in its own venv:
 
     python -m venv /tmp/dlvenv && /tmp/dlvenv/bin/pip install distilabel==1.5.3 openai
@@ -38,8 +40,13 @@ if kind == "quickstart":
     import datasets
     rows = [{"instruction": f"Write a haiku about the number {i}."} for i in range(100)]
     ds = m["pipeline"].run(dataset=datasets.Dataset.from_list(rows), use_cache=True)
-elif kind == "routing":  # inline rows, sample_n_steps(2) over three models, GroupColumns
+elif kind in ("routing", "resumable"):  # inline rows: routing, or 200 rows generated
     ds = m["pipeline"].run(use_cache=True)
+elif kind == "step_decorator":  # no LLM: the engine alone (generator + a @step)
+    p = m["pipeline"]
+    steps = list(p.dag) if hasattr(p, "dag") else list(p.steps)  # distilabel / castore
+    name = next(n for n in steps if n.startswith("generation_step"))
+    ds = p.run(parameters={name: {"dummy_generation": "hi"}}, use_cache=True)
 else:
     gen = {"llm": {"generation_kwargs": {"temperature": 0.7, "max_new_tokens": 64}}}
     p = m["pipeline"]
@@ -54,7 +61,7 @@ print(sum(len(ds[k]["train"]) for k in ds))
 def prepare(work: Path) -> dict[str, dict[str, Path]]:
     """Each pipeline file as castore runs it and as distilabel runs it."""
     out: dict[str, dict[str, Path]] = {}
-    for kind in ("quickstart", "several_llms", "routing"):
+    for kind in ("quickstart", "several_llms", "routing", "resumable", "step_decorator"):
         src = (PIPELINES / f"{kind}.py").read_text()
         out[kind] = {}
         for system, text in (

@@ -101,6 +101,25 @@ class RunInterrupted(CastoreError):
     run_oid: str | None = None  # the sealed run manifest, when there is one
 
 
+class RunWaiting(RunInterrupted):
+    """The run stopped with every batch it could do done, and others waiting for batch
+    jobs a provider is still running; `cas resume` (or running it again) collects them."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class BatchWaiting(CastoreError):
+    """Raised by `process` when its rows are in a batch job that has not finished: the
+    batch is neither done nor failed, and the run ends `waiting`."""
+
+    def __init__(self, message: str, job: str = "") -> None:
+        super().__init__(message)
+        self.job = job
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the processes executor pickles it
+        return (type(self), (str(self), self.job))
+
+
 class NothingToResume(CastoreError):
     pass
 

@@ -74,6 +74,11 @@ class OpenAILLM(BaseModel):
         default=None,
         description="A JSON schema (or a pydantic model class) every answer must match.",
     )
+    offline_batch: bool = Field(
+        default=False,
+        description="Send a step's missing rows as one batch job (/v1/batches) instead of "
+        "live requests; the run ends `waiting` until the provider finished it.",
+    )
 
     @field_validator("structured_output", mode="before")
     @classmethod
@@ -144,12 +149,19 @@ class OpenAILLM(BaseModel):
     async def _one(
         self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, Any]]
     ) -> Generation:
-        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
-        parse: Callable[[str], Generation | None] = _parse
-        if self.structured_output is not None:
-            body["response_format"] = response_format(self.structured_output)
-            parse = _parse_structured(self.structured_output)
+        body, parse = self.chat_request(messages)
         return await self._post(client, sem, "/chat/completions", body, parse)
+
+    def chat_request(
+        self, messages: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], Callable[[str], Generation | None]]:
+        """The chat-completions body for `messages`, and the parser of its answer (live
+        requests and batch jobs send the same body and read answers the same way)."""
+        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
+        if self.structured_output is None:
+            return body, _parse
+        body["response_format"] = response_format(self.structured_output)
+        return body, _parse_structured(self.structured_output)
 
     def complete(self, prompts: list[str]) -> list[Generation | BaseException]:
         """Raw text completions (`/completions`: the prompt is sent as is, no chat

@@ -134,10 +134,10 @@ def latest_resumable(store: Store, name: str | None = None) -> RunInfo:
     if name is not None and not runs:
         raise NothingToResume(f"no run of pipeline {name!r} in {store.root}")
     for r in runs:
-        if r.status in ("interrupted", "failed"):
+        if r.status in ("interrupted", "failed", "waiting"):
             return r
     what = f"pipeline {name!r}" if name else "any pipeline"
-    raise NothingToResume(f"nothing to resume: no interrupted or failed run of {what}")
+    raise NothingToResume(f"nothing to resume: no interrupted, failed or waiting run of {what}")
 
 
 def resolve(store: Store, prefix: str) -> str:

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "log": ("runs", "log_command"),
     "explain": ("explain", "explain_command"),
     "report": ("report", "report_command"),
+    "jobs": ("jobs", "jobs_group"),
     "diff": ("explain", "diff_command"),
     "distiset": ("distiset", "command"),
     "cat": ("cat", "command"),

@@ -26,6 +26,7 @@ SHORT_HELP = {
     "fsck": "Verify every object, action entry and ref (exit 1 on a problem).",
     "gc": "Remove what no run needs (dry run with --dry-run).",
     "info": "Show the store root, layout version, counts and bytes on disk.",
+    "jobs": "Batch jobs of offline LLM steps: state, rows, tokens, age (cancel).",
     "log": "Print a run's pipeline.log.",
     "ls": "List runs: name, signature, status, rows, started, duration.",
     "pull": "Download runs from a remote, every object verified.",

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class LLMServer:
@@ -40,6 +41,9 @@ class LLMServer:
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        from tests.batch_api import BatchAPI
+
+        self.batch_api = BatchAPI(self)
 
     def start(self) -> LLMServer:
         self.thread.start()
@@ -67,6 +71,51 @@ class LLMServer:
             return handler._send(500, b'{"error":"boom"}')  # type: ignore[attr-defined]
         body = json.dumps(embeddings_answer(req["model"], texts)).encode()
         return handler._send(200, body)  # type: ignore[attr-defined]
+
+    def chat(self, handler: Any, req: dict) -> None:
+        """/v1/chat/completions, with the failures tests ask for."""
+        prompt = req["messages"][-1]["content"]
+        with self.lock:
+            self.requests += 1
+            self.by_prompt[prompt] += 1
+            self.bodies.append(req)
+            self.auth_headers.add(handler.headers.get("Authorization", ""))
+        if self.latency:
+            time.sleep(self.latency)
+        if self._take("slow"):
+            time.sleep(self.slow_seconds)
+        if self._take("fail_429"):
+            return handler._send(429, b'{"error":"rate limited"}', {"Retry-After": "0.05"})
+        if self._take("fail_500") or self.always_fail in prompt:
+            return handler._send(500, b'{"error":"boom"}')
+        if self._take("malformed"):
+            return handler._send(200, b'{"choices": [ not json')
+        return handler._send(200, json.dumps(self.chat_answer(req)).encode())
+
+    def chat_answer(self, req: dict) -> dict:
+        """The chat completion the server answers `req` with (live or in a batch job)."""
+        prompt = req["messages"][-1]["content"]
+        text = (
+            self.reply(req) if self.reply is not None else f"answer({req['model']}): {prompt[::-1]}"
+        )
+        words = len(prompt.split())
+        return {
+            "id": "cmpl-test",
+            "object": "chat.completion",
+            "model": req["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": {
+                "prompt_tokens": words,
+                "completion_tokens": words + 2,
+                "total_tokens": 2 * words + 2,
+            },
+        }
 
     def completion(self, handler: BaseHTTPRequestHandler, req: dict) -> None:
         """/v1/completions: raw text completion of `prompt`, counted like a chat request."""
@@ -112,54 +161,28 @@ class LLMServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:
+                if self.path.startswith(("/v1/files", "/v1/batches")):
+                    code, body = server.batch_api.get(self.path)
+                    return self._send(code, body)
+                return self._send(404, b'{"error":"not found"}')
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                req = json.loads(self.rfile.read(length))
-                other = {"/v1/embeddings": server.embeddings, "/v1/completions": server.completion}
-                if self.path in other:
-                    return other[self.path](self, req)
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, b'{"error":"not found"}')
-                prompt = req["messages"][-1]["content"]
-                with server.lock:
-                    server.requests += 1
-                    server.by_prompt[prompt] += 1
-                    server.bodies.append(req)
-                    server.auth_headers.add(self.headers.get("Authorization", ""))
-                if server.latency:
-                    time.sleep(server.latency)
-                if server._take("slow"):
-                    time.sleep(server.slow_seconds)
-                if server._take("fail_429"):
-                    return self._send(429, b'{"error":"rate limited"}', {"Retry-After": "0.05"})
-                if server._take("fail_500") or server.always_fail in prompt:
-                    return self._send(500, b'{"error":"boom"}')
-                if server._take("malformed"):
-                    return self._send(200, b'{"choices": [ not json')
-                text = (
-                    server.reply(req)
-                    if server.reply is not None
-                    else f"answer({req['model']}): {prompt[::-1]}"
-                )
-                words = len(prompt.split())
-                body = {
-                    "id": "cmpl-test",
-                    "object": "chat.completion",
-                    "model": req["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": text},
-                        }
-                    ],
-                    "usage": {
-                        "prompt_tokens": words,
-                        "completion_tokens": words + 2,
-                        "total_tokens": 2 * words + 2,
-                    },
+                raw = self.rfile.read(length)
+                if self.path.startswith(("/v1/files", "/v1/batches")):
+                    ctype = self.headers.get("Content-Type", "")
+                    code, body = server.batch_api.post(self.path, ctype, raw)
+                    return self._send(code, body)
+                req = json.loads(raw)
+                routes = {
+                    "/v1/embeddings": server.embeddings,
+                    "/v1/completions": server.completion,
+                    "/v1/chat/completions": server.chat,
                 }
-                return self._send(200, json.dumps(body).encode())
+                if self.path not in routes:
+                    return self._send(404, b'{"error":"not found"}')
+                return routes[self.path](self, req)
 
         return Handler
 

@@ -306,6 +306,15 @@ def store_batch(
     return res
 
 
+def entry_cost(entry: ActionEntry) -> tuple[float, int]:
+    """(seconds, tokens) that computing an entry's batch took."""
+    seconds, tokens = entry.info.get("seconds", 0.0), entry.info.get("tokens", 0)
+    return (
+        float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+        int(tokens) if isinstance(tokens, int) else 0,
+    )
+
+
 def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
     """The action entry of a computed batch (written by the worker that stored it, or by
     the driver for Ray workers)."""

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from castore.errors import CastoreError
+from castore.errors import CastoreError, RunInterrupted, RunWaiting
 from castore.pipeline import progress
 from castore.store.manifests import RunManifest, load_model
 
@@ -106,3 +106,19 @@ def log_summary(stats: dict[str, StepStats], name: str, status: str, data: Path)
     log.info("run %s %s; data in %s", name, status, data)
     for h in log.handlers:
         h.flush()
+
+
+def stopped(name: str, status: str, done: int, parked: list[str], oid: str) -> RunInterrupted:
+    """What a run that stopped before its end raises (after sealing): interrupted, or
+    waiting for batch jobs (RunWaiting, exit 75)."""
+    err = RunInterrupted(
+        f"run {name} interrupted: {done} batches are stored; `cas resume {name}` (or running "
+        "it again) continues"
+    )
+    if status == "waiting":
+        err = RunWaiting(
+            f"run {name} waiting for batch jobs ({'; '.join(parked)}); {done} batches are "
+            f"stored; `cas resume {name}` later collects them (`cas jobs` shows their state)"
+        )
+    err.run_oid = oid
+    return err

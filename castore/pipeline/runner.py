@@ -14,7 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError, DamagedRef, RunInterrupted
+from castore.errors import CastoreError, DamagedRef
 from castore.pipeline import runlog
 from castore.pipeline.executors import check_executor
 from castore.pipeline.neighbours import Neighbours
@@ -129,13 +129,9 @@ class Runner:
                 lock.release()
                 runlog.stop_logging(handlers)
                 self.folder.drop_live_log(self.info.run_id)
-        if status == "interrupted":
-            err = RunInterrupted(
-                f"run {self.p.name} interrupted: {self.recorder.done_batches()} batches are "
-                f"stored; `cas resume {self.p.name}` (or running it again) continues"
-            )
-            err.run_oid = oid
-            raise err
+        if status in ("interrupted", "waiting"):
+            parked = self.sched.parked if self.sched else []
+            raise runlog.stopped(self.p.name, status, self.recorder.done_batches(), parked, oid)
         return oid, out
 
     def _late_interrupt(self, status: RunStatus) -> None:
@@ -197,6 +193,8 @@ class Runner:
             sched.submit_ready()
             if self.planner.complete:
                 break  # everything was a cache hit: no reason to wait
+            if sched.stalled():
+                return "waiting"
             with contextlib.suppress(queue.Empty):
                 sched.handle(sched.events.get(timeout=0.2))
                 while True:

@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError, RunInterrupted, StepFailed
+from castore import batchjobs
+from castore.errors import BatchWaiting, CastoreError, RunInterrupted, StepFailed
 from castore.hashing import entry_check, generator_end_key, generator_key
 from castore.pipeline.batch import (
     BatchResult,
     TableCache,
     call_process,
+    entry_cost,
     entry_of,
     generator_table,
     read_input,
@@ -119,6 +121,17 @@ class Scheduler:
         recorder.on_record = self._after_record
         # Row-wise steps' row-key indexes (loaded on their first batch miss).
         self.row_indexes: dict[str, RowIndex] = {}
+        self.parked: list[str] = []  # batches waiting for a provider's batch job
+
+    def stalled(self) -> bool:
+        """Nothing more can happen in this run: batches wait for batch jobs, and nothing
+        is in flight, queued or still to come from a generator."""
+        return (
+            bool(self.parked)
+            and self.inflight == 0
+            and not any(q.pending or q.waiting for q in self.queues.values())
+            and all(p.complete for p in self.plans.values() if p.kind == "generator")
+        )
 
     @property
     def inflight(self) -> int:
@@ -414,6 +427,10 @@ class Scheduler:
         p = self._settle(task)
         self._release(p)
         b, step = p.batch, task.step
+        if isinstance(error, BatchWaiting):  # neither done nor failed: the next run polls
+            self.parked.append(f"step {b.step} batch {b.index}: {error}")
+            log.info("step %s batch %d waits: %s", b.step, b.index, error)
+            return
         if isinstance(error, StepFailed):
             fail(b.step, error)
         if p.attempt < step.max_retries and not draining:
@@ -449,6 +466,7 @@ class Scheduler:
     ) -> None:
         """Generator threads and the executor for batches ('threads', 'processes', 'ray')."""
         steps = self.steps.values()
+        batchjobs.use_store(self.store)  # an offline LLM step records its jobs there
         self.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))
         if kind == "ray":
             pickle_steps_by_value(pipeline)
@@ -575,12 +593,3 @@ def fail(step: str, error: BaseException) -> None:
         msg = f"step {step} failed: {msg}"
     log.error("%s", msg)
     raise StepFailed(msg)
-
-
-def entry_cost(entry: ActionEntry) -> tuple[float, int]:
-    """(seconds, tokens) that computing an entry's batch took."""
-    seconds, tokens = entry.info.get("seconds", 0.0), entry.info.get("tokens", 0)
-    return (
-        float(seconds) if isinstance(seconds, (int, float)) else 0.0,
-        int(tokens) if isinstance(tokens, int) else 0,
-    )

@@ -41,7 +41,12 @@ class _LLMTask(Step):
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         conversations = [self.conversation(row) for row in inputs]
-        results = self.llm.generate(conversations)
+        if self.llm.offline_batch:  # one provider batch job for these rows (batchjobs.py)
+            from castore import batchjobs
+
+            results = batchjobs.generate(self.llm, self.name or "llm", conversations)
+        else:
+            results = self.llm.generate(conversations)
         out, errors, failed = [], [], []
         for i, (row, res) in enumerate(zip(inputs, results, strict=True)):
             if isinstance(res, Generation):

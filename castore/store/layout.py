@@ -28,6 +28,7 @@ CONFIG = "config.yaml"
 INDEX = "index"  # index/<fingerprint>/<segment id>: the row-key segments of a row-wise step
 LEASES = "leases"
 RUN_LOCKS = "runs"
+JOBS = "jobs"  # jobs/<job key>.json: a provider's batch job for rows of an LLM step
 # What a run folder holds: the run's pipeline.yaml and log, its leaf batches (data/, with
 # the stamp file data/.castore-batches.json), the Distiset's memory-mapped leaves, and
 # logs/<run id>.log: each attempt's log while it runs (two runs of one pipeline at once
@@ -114,6 +115,9 @@ class Layout:
 
     def lock_path(self, lock_name: str) -> str:
         return self.join(self.root, LOCKS, validate_name(lock_name, "lock name"))
+
+    def job_path(self, key: str) -> str:
+        return self.join(self.root, JOBS, validate_id(key) + ".json")
 
     def lease_path(self, key: str) -> str:
         validate_id(key)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from castore.store.store import Store
 
 M = TypeVar("M", bound=BaseModel)
-RunStatus = Literal["running", "interrupted", "failed", "finished"]
+RunStatus = Literal["running", "interrupted", "failed", "finished", "waiting"]
 
 
 class _Model(BaseModel):

@@ -65,6 +65,13 @@ class OpenAILLM(_DistilabelLLM):
             if data.get(name) is not None:
                 raise ValueError(f"OpenAILLM({name}=...): {why}")
         out = {k: v for k, v in data.items() if k not in _UNSUPPORTED}
+        if out.pop("offline_batch_generation_block_until_done", None) is not None:
+            raise ValueError(
+                "OpenAILLM(offline_batch_generation_block_until_done=...): castore never "
+                "blocks on a batch job; the run ends `waiting` and `cas resume` collects it"
+            )
+        if "use_offline_batch_generation" in out:  # distilabel's name for it
+            out["offline_batch"] = bool(out.pop("use_offline_batch_generation"))
         if isinstance(out.get("structured_output"), dict) and "schema" in out["structured_output"]:
             out["structured_output"] = _instructor_schema(out["structured_output"])
         return out

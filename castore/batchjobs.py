@@ -1,0 +1,322 @@
+"""Offline batch generation: an LLM step's missing rows as one provider batch job
+(OpenAI's Batch API: `/v1/files` + `/v1/batches`, and the servers that mimic it), at
+about half the price of live requests, results within the completion window.
+
+A job is named by its **job key**: blake3 of the server, the model and every request
+body in order. The same rows asked again give the same key, so a job is never
+submitted twice for them, by this run, a resumed one, or another run of the store.
+
+Write order, so a crash at any moment loses no job and pays none twice:
+
+1. the job record `jobs/<key>.json` (state `uploading`), durable (fsync) before any call;
+2. the input file upload; its id recorded (durable);
+3. the batch create, with `metadata.castore_job = <key>`; its id recorded (durable).
+
+A record without a batch id (a crash around the create) is settled on the next attempt
+by listing the account's batches and adopting the one whose metadata names the key;
+only if there is none is a new one created. A record is never deleted by castore: it is
+what says the job was paid for.
+
+While a job runs, the step's `process` raises BatchWaiting: the batch is neither done
+nor failed, other batches go on, and the run ends `waiting` (exit 75). The next run
+polls; a finished job's output file is downloaded and its rows are the step's answers
+(row results like live ones). Rows the job failed, or that an expired or cancelled job
+did not answer, fail their batch as a live failure would; the retry asks for them alone,
+in a new job. The API key is never in a record, a request file or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from castore.errors import BatchWaiting, LLMError, StepFailed
+from castore.hashing import hash_json
+
+if TYPE_CHECKING:
+    from castore.llms import Generation, OpenAILLM
+    from castore.store import Store
+
+# A job the provider still works on; anything else is an end state.
+RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
+ENDED = {"completed", "failed", "expired", "cancelled"}
+_STORE: dict[str, Store] = {}  # the run's store, set by the scheduler (steps have none)
+
+
+class JobRecord(BaseModel):
+    """jobs/<key>.json: what castore knows of one batch job. No secret in it."""
+
+    key: str
+    step: str
+    base_url: str
+    model: str
+    api_key_env: str
+    rows: int
+    state: str = "uploading"  # then submitted, a provider state, collected
+    input_file_id: str | None = None
+    batch_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    tokens: int = 0
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def use_store(store: Store) -> None:
+    _STORE["store"] = store
+
+
+def _store() -> Store:
+    store = _STORE.get("store")
+    if store is None:
+        raise StepFailed(
+            "offline batch jobs need the run's store: use the threads or processes executor"
+        )
+    return store
+
+
+def job_key(llm: OpenAILLM, bodies: list[dict[str, Any]]) -> str:
+    return hash_json({"base_url": llm.base_url.rstrip("/"), "batch": bodies})
+
+
+def save(store: Store, rec: JobRecord) -> None:
+    """Write the record atomically and make it durable before returning."""
+    rec.updated = datetime.now(UTC)
+    path = store.layout.job_path(rec.key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    store.write_file(path, rec.model_dump_json(indent=1).encode())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load(store: Store, key: str) -> JobRecord | None:
+    try:
+        with open(store.layout.job_path(key), "rb") as f:
+            return JobRecord.model_validate_json(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def records(store: Store) -> list[JobRecord]:
+    """Every job record of the store, newest first (an unreadable one is skipped)."""
+    folder = os.path.join(str(store.root), "jobs")
+    out = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                out.append(JobRecord.model_validate_json(f.read()))
+        except (OSError, ValueError):
+            continue
+    return sorted(out, key=lambda r: r.created, reverse=True)
+
+
+# -- the step's side --------------------------------------------------------------------
+
+
+def generate(
+    llm: OpenAILLM, step: str, conversations: list[list[dict[str, Any]]]
+) -> list[Generation | BaseException]:
+    """The answers to `conversations` from one batch job: submitted (or adopted) on the
+    first call, collected once the provider finished it. Raises BatchWaiting meanwhile."""
+    store = _store()
+    bodies = [llm.chat_request(c)[0] for c in conversations]
+    key = job_key(llm, bodies)
+    rec = load(store, key) or JobRecord(
+        key=key,
+        step=step,
+        base_url=llm.base_url.rstrip("/"),
+        model=llm.model,
+        api_key_env=llm.api_key_env,
+        rows=len(bodies),
+    )
+    api = _Api(llm)
+    if rec.batch_id is None:
+        if rec.state == "uploading" and rec.input_file_id is None:
+            save(store, rec)  # durable before anything is sent
+        adopted = api.find(key) if rec.input_file_id is not None else None
+        if adopted is not None:
+            rec.batch_id = adopted["id"]
+        else:
+            if rec.input_file_id is None:
+                rec.input_file_id = api.upload(_request_file(bodies))
+                save(store, rec)
+            rec.batch_id = api.create(rec.input_file_id, key)
+        rec.state = "submitted"
+        save(store, rec)
+    info = api.retrieve(rec.batch_id)
+    rec.state = info.get("status", rec.state)
+    rec.counts = info.get("request_counts") or rec.counts
+    rec.output_file_id = info.get("output_file_id") or rec.output_file_id
+    rec.error_file_id = info.get("error_file_id") or rec.error_file_id
+    if rec.state not in ENDED:
+        save(store, rec)
+        raise BatchWaiting(
+            f"batch job {rec.batch_id} ({rec.rows} rows) is {rec.state}", job=rec.batch_id
+        )
+    results = _results(api, rec, len(bodies), llm.chat_request([])[1])
+    rec.tokens = sum(
+        int((r.usage or {}).get("total_tokens") or 0)
+        for r in results
+        if not isinstance(r, BaseException)
+    )
+    rec.state = f"collected ({rec.state})"
+    save(store, rec)
+    return results
+
+
+def _request_file(bodies: list[dict[str, Any]]) -> bytes:
+    lines = (
+        json.dumps(
+            {"custom_id": f"row-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b},
+            ensure_ascii=False,
+        )
+        for i, b in enumerate(bodies)
+    )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _results(api: _Api, rec: JobRecord, n: int, parse: Any) -> list[Generation | BaseException]:
+    """Per request, in order: its answer (read as a live answer is: a schema checked),
+    or why the job has none for it."""
+    from castore.llms import Unusable
+
+    missing = f"batch job {rec.batch_id} ended {rec.state} without an answer for this row"
+    out: list[Generation | BaseException] = [LLMError(missing) for _ in range(n)]
+    for file_id in (rec.output_file_id, rec.error_file_id):
+        if not file_id:
+            continue
+        for line in api.content(file_id).splitlines():
+            try:
+                item = json.loads(line)
+                i = int(str(item["custom_id"]).removeprefix("row-"))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not 0 <= i < n:
+                continue
+            response = item.get("response") or {}
+            if response.get("status_code") == 200:
+                try:
+                    gen = parse(json.dumps(response.get("body")))
+                except Unusable as e:
+                    out[i] = LLMError(f"the batch job's answer: {e}")
+                    continue
+                out[i] = gen if gen is not None else LLMError("malformed answer in the job output")
+            else:
+                error = item.get("error") or response.get("body") or {}
+                out[i] = LLMError(f"the batch job failed this row: {json.dumps(error)[:300]}")
+    return out
+
+
+class _Api:
+    """The provider's files and batches endpoints, on the client's event loop."""
+
+    def __init__(self, llm: OpenAILLM) -> None:
+        self.llm = llm
+        self.base = llm.base_url.rstrip("/")
+
+    def _headers(self) -> dict[str, str]:
+        key = self.llm.key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        from castore.llms import _LOOP
+
+        async def go() -> Any:
+            import aiohttp
+
+            client = _LOOP.client(self.llm)
+            timeout = aiohttp.ClientTimeout(total=self.llm.timeout)
+            last = ""
+            for attempt in range(self.llm.max_retries + 1):
+                try:
+                    async with client.request(
+                        method, self.base + path, headers=self._headers(), timeout=timeout, **kw
+                    ) as resp:
+                        text = await resp.text()
+                        if resp.status == 200:
+                            return text
+                        last = f"HTTP {resp.status}: {text[:200]}"
+                        if resp.status < 500 and resp.status != 429:
+                            break
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    last = f"{type(e).__name__}: {e}"
+                await asyncio.sleep(min(self.llm.max_backoff, self.llm.backoff * 2**attempt))
+            raise LLMError(f"{method} {path}: {last}")
+
+        return _LOOP.run(go())
+
+    def upload(self, data: bytes) -> str:
+        import aiohttp
+
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field(
+            "file", data, filename="castore-batch.jsonl", content_type="application/jsonl"
+        )
+        return str(json.loads(self._call("POST", "/files", data=form))["id"])
+
+    def create(self, input_file_id: str, key: str) -> str:
+        body = {
+            "input_file_id": input_file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {"castore_job": key},
+        }
+        return str(json.loads(self._call("POST", "/batches", json=body))["id"])
+
+    def retrieve(self, batch_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self._call("GET", f"/batches/{batch_id}"))
+        return out
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        """The account's batch whose metadata names `key` (created, then the crash came
+        before its id was recorded), newest first, paging through the list."""
+        after: str | None = None
+        for _ in range(100):  # 100 pages of 100: far more than a day of jobs
+            query = "?limit=100" + (f"&after={after}" if after else "")
+            page = json.loads(self._call("GET", "/batches" + query))
+            for b in page.get("data") or []:
+                if (b.get("metadata") or {}).get("castore_job") == key:
+                    return dict(b)
+            if not page.get("has_more") or not page.get("data"):
+                return None
+            after = page["data"][-1]["id"]
+        return None
+
+    def content(self, file_id: str) -> str:
+        return str(self._call("GET", f"/files/{file_id}/content"))
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self._call("POST", f"/batches/{batch_id}/cancel"))
+        return out
+
+
+def refresh(store: Store, rec: JobRecord, llm: OpenAILLM) -> JobRecord:
+    """The record with the provider's current state (for `cas jobs --refresh`)."""
+    if rec.batch_id is not None and not rec.state.startswith("collected"):
+        info = _Api(llm).retrieve(rec.batch_id)
+        rec.state = info.get("status", rec.state)
+        rec.counts = info.get("request_counts") or rec.counts
+        save(store, rec)
+    return rec
+
+
+def age(rec: JobRecord) -> float:
+    return time.time() - rec.created.timestamp()

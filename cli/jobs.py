@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+
+
+@click.group("jobs", short_help=SHORT_HELP["jobs"], invoke_without_command=True)
+@click.option("--refresh", is_flag=True, help="Ask the provider for each job's state now.")
+@common_options
+@click.pass_context
+def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
+    """Batch jobs of offline LLM steps (OpenAILLM(offline_batch=True)), newest first: the
+    provider's batch id, state, rows, counts, tokens and age. The state is the one last
+    seen by a run; --refresh asks the provider (with the key from the environment
+    variable the job's LLM names). `cas resume` collects finished jobs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from castore import batchjobs
+
+    app: App = ctx.obj
+    store = app.store()
+    out: list[dict[str, Any]] = []
+    for rec in batchjobs.records(store):
+        if refresh:
+            rec = batchjobs.refresh(store, rec, _llm(rec))
+        out.append({**rec.model_dump(mode="json"), "age_seconds": round(batchjobs.age(rec), 1)})
+    if as_json:
+        echo_json(out)
+        return
+    if not out:
+        err("no batch jobs in this store")
+        return
+    for j in out:
+        counts = ", ".join(f"{k} {v}" for k, v in j["counts"].items()) or "no counts yet"
+        click.echo(
+            f"{j['batch_id'] or '(not created)'}  {j['state']}  step {j['step']}, "
+            f"{j['rows']} rows ({counts}), {j['tokens']} tokens, "
+            f"{_age(j['age_seconds'])} old  [job {j['key'][:12]}]"
+        )
+
+
+@jobs_group.command("cancel")
+@click.argument("job")
+@common_options
+@click.pass_obj
+def cancel(app: App, job: str, as_json: bool) -> None:
+    """Cancel a batch job: JOB is its batch id or a prefix of its job key. Rows it did
+    not answer are asked again (in a new job) by the next run."""
+    from castore import batchjobs
+
+    store = app.store()
+    found = [
+        r for r in batchjobs.records(store) if job in (r.batch_id, r.key) or r.key.startswith(job)
+    ]
+    if len(found) != 1 or found[0].batch_id is None:
+        raise click.UsageError(f"no single submitted job matches {job!r}; see `cas jobs`")
+    rec = found[0]
+    state = batchjobs._Api(_llm(rec)).cancel(rec.batch_id).get("status", "cancelling")
+    rec.state = state
+    batchjobs.save(store, rec)
+    echo_json({"batch_id": rec.batch_id, "state": state}) if as_json else err(
+        f"batch job {rec.batch_id}: {state}"
+    )
+
+
+def _llm(rec: Any) -> Any:
+    from castore.llms import OpenAILLM
+
+    return OpenAILLM(model=rec.model, base_url=rec.base_url, api_key_env=rec.api_key_env)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"

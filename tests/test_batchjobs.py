@@ -1,0 +1,154 @@
+"""Offline batch generation against the test server's Batch API (tests/batch_api.py):
+one job for a step's missing rows, the run ends `waiting` (exit 75), the next run polls
+and collects, a crash around the create never pays twice, an expired job is asked
+again only for its missing rows, and no secret reaches the store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from castore import batchjobs
+from castore.distiset import Distiset
+from castore.errors import RunWaiting
+from castore.store import Store
+from tests.conftest import REPO, cas_inproc, start_cas
+from tests.llm_server import LLMServer
+
+OFFLINE = REPO / "tests" / "pipelines" / "offline.py"
+SECRET = "sk-offline-NEVER-WRITE-ME-77"
+
+
+@pytest.fixture
+def server(monkeypatch):
+    s = LLMServer().start()
+    monkeypatch.setenv("CASTORE_TEST_LLM_URL", s.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    yield s
+    s.stop()
+
+
+def test_one_job_then_waiting_then_collected_then_free(tmp_path, server):
+    cache = tmp_path / "c"
+    first = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
+    assert first.returncode == 75, first
+    assert first.json()["status"] == "waiting"
+    assert "waiting for batch jobs" in first.stderr and "cas resume offline" in first.stderr
+    api = server.batch_api
+    assert api.creates == 1 and api.uploads == 1 and server.requests == 0
+    (job,) = api.jobs()
+    assert job["request_counts"]["total"] == 50
+    # Polled again while the job runs: still waiting, nothing submitted again.
+    again = cas_inproc("run", str(OFFLINE), cache_dir=cache)
+    assert again.returncode == 75 and api.creates == 1
+    listed = cas_inproc("jobs", "--json", cache_dir=cache).json()
+    assert [j["batch_id"] for j in listed] == [job["id"]] and listed[0]["rows"] == 50
+    api.release()
+    done = cas_inproc("resume", "offline", "--json", cache_dir=cache)
+    assert done.returncode == 0, done
+    assert done.json()["status"] == "finished"
+    assert api.creates == 1 and api.answered == 50 and server.requests == 0
+    rows = Distiset.from_run("offline", cache)["keep_columns"]["train"].to_list()
+    assert [r["generation"] for r in rows] == [
+        f"answer(test-model): {f'question {i}'[::-1]}" for i in range(50)
+    ]
+    store = Store(cache)
+    (rec,) = batchjobs.records(store)
+    assert rec.state == "collected (completed)" and rec.tokens > 0
+    # A re-run pays nothing: no job, no request.
+    free = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
+    assert free.returncode == 0 and api.creates == 1 and api.answered == 50
+    assert free.json()["steps"]["text_generation"]["batches_cached"] == 1
+    # The key is in no file of the store.
+    for path in cache.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_the_answers_are_the_live_answers(tmp_path, server):
+    from castore import Pipeline
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+
+    def build(offline: bool) -> Pipeline:
+        with Pipeline(name="same") as p:
+            LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(5)]) >> (
+                TextGeneration(
+                    llm=OpenAILLM(model="m", base_url=server.base_url, offline_batch=offline),
+                    input_batch_size=5,
+                )
+            )
+        return p
+
+    live = build(False).run(cache_dir=tmp_path / "live", quiet=True)
+    server.batch_api.release()
+    with pytest.raises(RunWaiting):  # the first look finds it validating
+        build(True).run(cache_dir=tmp_path / "off", quiet=True)
+    off = build(True).run(cache_dir=tmp_path / "off", quiet=True)
+    assert off["text_generation"]["train"].to_list() == live["text_generation"]["train"].to_list()
+    # Offline or not, the same rows are the same work: the live store reuses them all.
+    before = server.requests
+    build(True).run(cache_dir=tmp_path / "live", quiet=True)
+    assert server.requests == before and server.batch_api.creates == 1
+
+
+@pytest.mark.parametrize("phase", ["before", "after"])
+def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
+    """SIGKILL inside the create call: before the job exists, or after it exists but
+    before its id reached the client (so the record has none). The resume creates the
+    job (before) or finds it by its metadata and adopts it (after): one job either way."""
+    cache = tmp_path / "c"
+    env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
+    proc = start_cas("run", str(OFFLINE), cache_dir=cache, env=env)
+
+    def kill(at: str) -> None:
+        if at == phase:
+            os.kill(proc.pid, signal.SIGKILL)
+            time.sleep(0.2)  # the client is gone before the server answers
+
+    server.batch_api.on_create = kill
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    server.batch_api.on_create = None
+    assert server.batch_api.creates == (1 if phase == "after" else 0)
+    (rec,) = batchjobs.records(Store(cache))
+    assert rec.batch_id is None and rec.input_file_id is not None
+    resumed = cas_inproc("run", str(OFFLINE), cache_dir=cache)
+    assert resumed.returncode == 75, resumed
+    assert server.batch_api.creates == 1  # adopted, or created once
+    (rec,) = batchjobs.records(Store(cache))
+    assert rec.batch_id == server.batch_api.jobs()[0]["id"]
+    server.batch_api.release()
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 0
+    assert server.batch_api.creates == 1 and server.batch_api.answered == 50
+
+
+def test_an_expired_job_is_asked_again_only_for_its_missing_rows(tmp_path, server):
+    cache = tmp_path / "c"
+    api = server.batch_api
+    api.expire_after = 30  # the job answers 30 of 50, then expires
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 75
+    api.release()
+    partial = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
+    # 20 rows without an answer: the batch is kept with them as None, not cached, and
+    # the rows answered are row results; the retry sends a new job of 20 rows.
+    assert partial.returncode == 0, partial
+    assert partial.json()["steps"]["text_generation"]["batches_failed"] == 1
+    api.expire_after, api.hold = None, True
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 75
+    assert api.creates == 2 and api.jobs()[-1]["request_counts"]["total"] == 20
+    api.release()
+    final = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
+    assert final.returncode == 0 and final.json()["steps"]["text_generation"]["batches_failed"] == 0
+    assert api.answered == 50 and server.requests == 0
+
+
+def test_distilabel_spelling(server):
+    from castore.distilabel.models import OpenAILLM
+
+    assert OpenAILLM(model="m", use_offline_batch_generation=True).offline_batch is True
+    with pytest.raises(ValueError, match="never blocks"):
+        OpenAILLM(model="m", offline_batch_generation_block_until_done=60)
