@@ -138,6 +138,20 @@ def generate(
     store = _store()
     bodies = [llm.chat_request(c)[0] for c in conversations]
     key = job_key(llm, bodies)
+    # Two runs asking for the same rows at once: one submits, the other waits for it
+    # (and polls the same job on its next run) instead of submitting a second.
+    lock = store.lease(key, {"batch_job": step})
+    if not lock.try_acquire():
+        raise BatchWaiting(f"batch job {key[:12]} is being submitted by another run", job=key)
+    try:
+        return _generate(store, llm, step, key, bodies)
+    finally:
+        lock.release()
+
+
+def _generate(
+    store: Store, llm: OpenAILLM, step: str, key: str, bodies: list[dict[str, Any]]
+) -> list[Generation | BaseException]:
     rec = load(store, key) or JobRecord(
         key=key,
         step=step,

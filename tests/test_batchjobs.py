@@ -152,3 +152,17 @@ def test_distilabel_spelling(server):
     assert OpenAILLM(model="m", use_offline_batch_generation=True).offline_batch is True
     with pytest.raises(ValueError, match="never blocks"):
         OpenAILLM(model="m", offline_batch_generation_block_until_done=60)
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_submit_one_job(tmp_path, server):
+    cache = tmp_path / "c"
+    env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
+    procs = [start_cas("run", str(OFFLINE), cache_dir=cache, env=env) for _ in range(2)]
+    for p in procs:
+        _, errtext = p.communicate(timeout=120)
+        assert p.returncode == 75, errtext
+    assert server.batch_api.creates == 1 and server.batch_api.uploads == 1
+    server.batch_api.release()
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 0
+    assert server.batch_api.answered == 50
