@@ -33,6 +33,7 @@ class BatchAPI:
         self.creates = 0  # batch create calls that made a job
         self.uploads = 0
         self.answered = 0  # requests answered inside jobs
+        self.calls = 0  # every call to /v1/files and /v1/batches
 
     # -- test controls --------------------------------------------------------------------
 
@@ -47,6 +48,7 @@ class BatchAPI:
     # -- the endpoints --------------------------------------------------------------------
 
     def post(self, path: str, content_type: str, raw: bytes) -> tuple[int, bytes]:
+        self.calls += 1
         if path == "/v1/files":
             return self._upload(content_type, raw)
         if path == "/v1/batches":
@@ -62,6 +64,7 @@ class BatchAPI:
         return 404, b'{"error":"not found"}'
 
     def get(self, path: str) -> tuple[int, bytes]:
+        self.calls += 1
         route, _, query = path.partition("?")
         parts = route.split("/")
         if route == "/v1/batches":

@@ -159,7 +159,10 @@ class LLMServer:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client was killed (a crash test): nobody to answer
 
             def do_GET(self) -> None:
                 if self.path.startswith(("/v1/files", "/v1/batches")):
