@@ -53,25 +53,18 @@ with Pipeline(name="offline-bench") as pipeline:
 """
 
 
+def cas_run(cache: Path, pipeline: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`cas run` of the pipeline as its own process, as a user starts it."""
+    argv = [sys.executable, "-m", "castore.cli", "--cache-dir", str(cache), "run", str(pipeline)]
+    return subprocess.Popen(
+        [*argv, "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
 def cas(cache: Path, pipeline: Path, env: dict[str, str]) -> tuple[int, float]:
     t0 = time.perf_counter()
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "castore.cli",
-            "--cache-dir",
-            str(cache),
-            "run",
-            str(pipeline),
-            "-q",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return p.returncode, time.perf_counter() - t0
+    code = cas_run(cache, pipeline, env).wait(timeout=600)
+    return code, time.perf_counter() - t0
 
 
 def floor(server: LLMServer, out: Path) -> float:
@@ -113,21 +106,7 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
                 if phase != "none":
                     # The first run is killed inside the create call.
-                    proc = subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "castore.cli",
-                            "--cache-dir",
-                            str(cache),
-                            "run",
-                            str(pipeline),
-                            "-q",
-                        ],
-                        env=env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
+                    proc = cas_run(cache, pipeline, env)
 
                     def kill(at: str, proc=proc, phase=phase) -> None:
                         if at == phase:

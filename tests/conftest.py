@@ -26,6 +26,16 @@ def isolation(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def server():
+    """The OpenAI-compatible test server on 127.0.0.1 (tests/llm_server.py)."""
+    from tests.llm_server import LLMServer
+
+    s = LLMServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
 def store(tmp_path) -> Store:
     return Store(tmp_path / "store")
 

@@ -22,13 +22,6 @@ GENERATE = REPO / "tests" / "pipelines" / "generate.py"
 SECRET = "sk-test-NEVER-WRITE-ME-4242"
 
 
-@pytest.fixture
-def server():
-    s = LLMServer().start()
-    yield s
-    s.stop()
-
-
 def llm(server: LLMServer, **kw) -> OpenAILLM:
     base = dict(
         model="test-model",

@@ -16,13 +16,6 @@ from tests.llm_server import LLMServer
 LLAMA_USER = "<|start_header_id|>user<|end_header_id|>\n\n"
 
 
-@pytest.fixture
-def server():
-    s = LLMServer().start()
-    yield s
-    s.stop()
-
-
 def llm(server: LLMServer) -> OpenAILLM:
     return OpenAILLM(model="m", base_url=server.base_url, backoff=0.01, max_retries=1)
 

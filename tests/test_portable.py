@@ -6,6 +6,7 @@ folder gone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,12 +73,17 @@ def reproduce_elsewhere(tmp_path: Path, first: Path, recipe: str, monkeypatch) -
     return recipe_and_rows(cache)[1]
 
 
-def test_cas_run_of_a_script_then_its_recipe_in_another_checkout(tmp_path, monkeypatch):
+def cas_run_in_project(tmp_path: Path, monkeypatch) -> tuple[Path, str, list[dict]]:
+    """The project made and `cas run pipeline.py` in its folder: (project, recipe, rows)."""
     project = make_project(tmp_path / "first")
     monkeypatch.chdir(project)
     cache = tmp_path / "store"
     assert cas_inproc("run", "pipeline.py", "--quiet", cache_dir=cache).returncode == 0
-    recipe, rows = recipe_and_rows(cache)
+    return project, *recipe_and_rows(cache)
+
+
+def test_cas_run_of_a_script_then_its_recipe_in_another_checkout(tmp_path, monkeypatch):
+    project, recipe, rows = cas_run_in_project(tmp_path, monkeypatch)
     assert str(tmp_path) not in recipe  # no path of this machine in the recipe
     assert "file: pipeline.py" in recipe and "data_files: data/rows.jsonl" in recipe
     assert reproduce_elsewhere(tmp_path, project, recipe, monkeypatch) == rows
@@ -92,7 +98,7 @@ def test_python_script_with_steps_in_main_then_its_recipe_elsewhere(tmp_path, mo
         cwd=project,
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, **env_path},
+        env={**os.environ, **env_path},
         timeout=120,
     )
     assert p.returncode == 0, p.stderr
@@ -102,11 +108,7 @@ def test_python_script_with_steps_in_main_then_its_recipe_elsewhere(tmp_path, mo
 
 
 def test_a_recipe_run_outside_its_project_says_where_to_run_it(tmp_path, monkeypatch):
-    project = make_project(tmp_path / "first")
-    monkeypatch.chdir(project)
-    cache = tmp_path / "store"
-    assert cas_inproc("run", "pipeline.py", "--quiet", cache_dir=cache).returncode == 0
-    recipe, _ = recipe_and_rows(cache)
+    _, recipe, _ = cas_run_in_project(tmp_path, monkeypatch)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "pipeline.yaml").write_text(recipe)

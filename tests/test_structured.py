@@ -21,13 +21,6 @@ class Character(BaseModel):
     age: int = Field(ge=0)
 
 
-@pytest.fixture
-def server():
-    s = LLMServer().start()
-    yield s
-    s.stop()
-
-
 def llm(server: LLMServer, **kw) -> OpenAILLM:
     return OpenAILLM(
         model="m", base_url=server.base_url, backoff=0.01, timeout=5.0, max_retries=2, **kw

@@ -23,13 +23,6 @@ from tests.conftest import cas_inproc
 from tests.llm_server import LLMServer
 
 
-@pytest.fixture
-def server():
-    s = LLMServer().start()
-    yield s
-    s.stop()
-
-
 def llm(server: LLMServer, model: str = "test-model") -> OpenAILLM:
     return OpenAILLM(model=model, base_url=server.base_url, backoff=0.01, timeout=5.0)
 
