@@ -65,6 +65,8 @@ class JobRecord(BaseModel):
     error_file_id: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     tokens: int = 0
+    missing: int | None = None  # rows without an answer, once collected
+    attempt: int = 0  # the same rows asked again after a job that left some unanswered
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -149,11 +151,26 @@ def generate(
         lock.release()
 
 
+def _current(store: Store, key: str) -> tuple[str, int, JobRecord | None]:
+    """The attempt to use for these rows: the first whose job is not over, or that
+    answered every row (its output is read again: nothing paid twice); after a job that
+    left rows unanswered (failed, expired, cancelled), the next attempt, a new job."""
+    attempt, k = 0, key
+    while True:
+        rec = load(store, k)
+        if rec is None or rec.missing in (None, 0):
+            return k, attempt, rec
+        attempt += 1
+        k = hash_json({"job": key, "attempt": attempt})
+
+
 def _generate(
     store: Store, llm: OpenAILLM, step: str, key: str, bodies: list[dict[str, Any]]
 ) -> list[Generation | BaseException]:
-    rec = load(store, key) or JobRecord(
+    key, attempt, rec = _current(store, key)
+    rec = rec or JobRecord(
         key=key,
+        attempt=attempt,
         step=step,
         base_url=llm.base_url.rstrip("/"),
         model=llm.model,
@@ -190,7 +207,9 @@ def _generate(
         for r in results
         if not isinstance(r, BaseException)
     )
-    rec.state = f"collected ({rec.state})"
+    rec.missing = sum(isinstance(r, BaseException) for r in results)
+    if not rec.state.startswith("collected"):
+        rec.state = f"collected ({rec.state})"
     save(store, rec)
     return results
 

@@ -62,6 +62,14 @@ def test_one_job_then_waiting_then_collected_then_free(tmp_path, server):
     free = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
     assert free.returncode == 0 and api.creates == 1 and api.answered == 50
     assert free.json()["steps"]["text_generation"]["batches_cached"] == 1
+    # The store loses the rows (rm + gc): the finished job's output is read again from
+    # the provider, not paid again.
+    assert cas_inproc("rm", "offline", cache_dir=cache).returncode == 0
+    gc = cas_inproc("gc", "--grace", "0", "--cache-ttl", "0", cache_dir=cache)
+    assert gc.returncode == 0, gc
+    again = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
+    assert again.returncode == 0 and again.json()["steps"]["text_generation"]["batches_cached"] == 0
+    assert api.creates == 1 and api.answered == 50
     # The key is in no file of the store.
     for path in cache.rglob("*"):
         if path.is_file():
@@ -166,3 +174,22 @@ def test_two_runs_at_once_submit_one_job(tmp_path, server):
     server.batch_api.release()
     assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 0
     assert server.batch_api.answered == 50
+
+
+def test_jobs_cancel_then_the_rows_go_to_a_new_job(tmp_path, server):
+    cache = tmp_path / "c"
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 75
+    (job,) = server.batch_api.jobs()
+    r = cas_inproc("jobs", "cancel", job["id"], cache_dir=cache)
+    assert r.returncode == 0 and "cancelled" in r.stderr, r
+    assert server.batch_api.jobs()[0]["status"] == "cancelled"
+    # The cancelled job answered nothing: the batch fails its 50 rows (on_error="skip").
+    after = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
+    assert after.json()["steps"]["text_generation"]["batches_failed"] == 1
+    # The next run asks for them again, in a new job.
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 75
+    assert server.batch_api.creates == 2
+    bad = cas_inproc("jobs", "cancel", "nope", cache_dir=cache)
+    assert bad.returncode == 2 and "no single submitted job matches" in bad.stderr
+    listed = cas_inproc("jobs", cache_dir=cache)
+    assert listed.returncode == 0 and "collected (cancelled)" in listed.stdout
