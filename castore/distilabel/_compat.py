@@ -21,15 +21,19 @@ INSTEAD: dict[str, str] = {
     "LlamaCppLLM": OPENAI_SERVER + " (run llama.cpp's `llama-server`, then LlamaCppServer)",
     "TransformersLLM": OPENAI_SERVER + " (e.g. vLLM or TGI serving the model)",
     "HuggingFaceHubLLM": OPENAI_SERVER,
-    "AnthropicLLM": "not supported yet: castore speaks the OpenAI-compatible API",
+    "AnthropicLLM": "castore speaks the OpenAI-compatible API: run LiteLLM's proxy "
+    "(`litellm --model anthropic/...`) and point OpenAILLM(base_url=...) at it",
     "AzureOpenAILLM": "use OpenAILLM(base_url=<your deployment's /openai/v1 URL>)",
     "GroqLLM": OPENAI_SERVER + " (https://api.groq.com/openai/v1)",
     "MistralLLM": OPENAI_SERVER + " (https://api.mistral.ai/v1)",
     "TogetherLLM": OPENAI_SERVER + " (https://api.together.xyz/v1)",
     "AnyscaleLLM": OPENAI_SERVER,
-    "LiteLLM": "not supported yet: castore speaks the OpenAI-compatible API",
-    "VertexAILLM": "not supported yet: castore speaks the OpenAI-compatible API",
-    "CohereLLM": "not supported yet: castore speaks the OpenAI-compatible API",
+    "LiteLLM": "run LiteLLM's proxy server (`litellm --model ...`), which speaks the "
+    "OpenAI API, and point OpenAILLM(base_url=...) at it",
+    "VertexAILLM": "castore speaks the OpenAI-compatible API: Vertex AI serves one "
+    "(its /openapi endpoint), or run LiteLLM's proxy in front of it",
+    "CohereLLM": "castore speaks the OpenAI-compatible API: Cohere's compatibility "
+    "endpoint, or LiteLLM's proxy in front of it",
     "MlxLLM": OPENAI_SERVER,
     "EmbeddingGeneration": "use castore.distilabel.steps.tasks.GenerateEmbeddings(llm=OpenAILLM("
     "model=..., base_url=...)) against a server with /v1/embeddings (vLLM, TEI, Ollama)",
