@@ -351,5 +351,14 @@ def refresh(store: Store, rec: JobRecord, llm: OpenAILLM) -> JobRecord:
     return rec
 
 
+def cancel(store: Store, rec: JobRecord, llm: OpenAILLM) -> str:
+    """Ask the provider to cancel the job; its state as it answers (`cas jobs cancel`)."""
+    if rec.batch_id is None:
+        raise StepFailed(f"batch job {rec.key[:12]} was never submitted")
+    rec.state = str(_Api(llm).cancel(rec.batch_id).get("status", "cancelling"))
+    save(store, rec)
+    return rec.state
+
+
 def age(rec: JobRecord) -> float:
     return time.time() - rec.created.timestamp()

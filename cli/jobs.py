@@ -51,18 +51,15 @@ def cancel(app: App, job: str, as_json: bool) -> None:
     from castore import batchjobs
 
     store = app.store()
-    found = [
-        r for r in batchjobs.records(store) if job in (r.batch_id, r.key) or r.key.startswith(job)
-    ]
-    if len(found) != 1 or found[0].batch_id is None:
+    found = [r for r in batchjobs.records(store) if job == r.batch_id or r.key.startswith(job)]
+    rec = found[0] if len(found) == 1 else None
+    if rec is None or rec.batch_id is None:
         raise click.UsageError(f"no single submitted job matches {job!r}; see `cas jobs`")
-    rec = found[0]
-    state = batchjobs._Api(_llm(rec)).cancel(rec.batch_id).get("status", "cancelling")
-    rec.state = state
-    batchjobs.save(store, rec)
-    echo_json({"batch_id": rec.batch_id, "state": state}) if as_json else err(
-        f"batch job {rec.batch_id}: {state}"
-    )
+    state = batchjobs.cancel(store, rec, _llm(rec))
+    if as_json:
+        echo_json({"batch_id": rec.batch_id, "state": state})
+    else:
+        err(f"batch job {rec.batch_id}: {state}")
 
 
 def _llm(rec: Any) -> Any:
