@@ -67,6 +67,10 @@ class JobRecord(BaseModel):
     tokens: int = 0
     missing: int | None = None  # rows without an answer, once collected
     attempt: int = 0  # the same rows asked again after a job that left some unanswered
+    rows_key: str = ""  # the key of the requests (the record's key is this plus attempt)
+    # The job's own input file (as the provider has it) was checked to hold these rows'
+    # requests: true for a job this store submitted, false for one pulled or adopted.
+    verified: bool = True
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -88,9 +92,10 @@ def job_key(llm: OpenAILLM, bodies: list[dict[str, Any]]) -> str:
     return hash_json({"base_url": llm.base_url.rstrip("/"), "batch": bodies})
 
 
-def save(store: Store, rec: JobRecord) -> None:
+def save(store: Store, rec: JobRecord, *, touch: bool = True) -> None:
     """Write the record atomically and make it durable before returning."""
-    rec.updated = datetime.now(UTC)
+    if touch:
+        rec.updated = datetime.now(UTC)
     path = store.layout.job_path(rec.key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     store.write_file(path, rec.model_dump_json(indent=1).encode())
@@ -171,6 +176,7 @@ def _generate(
     rec = rec or JobRecord(
         key=key,
         attempt=attempt,
+        rows_key=job_key(llm, bodies),
         step=step,
         base_url=llm.base_url.rstrip("/"),
         model=llm.model,
@@ -183,7 +189,7 @@ def _generate(
             save(store, rec)  # durable before anything is sent
         adopted = api.find(key) if rec.input_file_id is not None else None
         if adopted is not None:
-            rec.batch_id = adopted["id"]
+            rec.batch_id, rec.verified = adopted["id"], False
         else:
             if rec.input_file_id is None:
                 rec.input_file_id = api.upload(_request_file(bodies))
@@ -192,6 +198,9 @@ def _generate(
         rec.state = "submitted"
         save(store, rec)
     info = api.retrieve(rec.batch_id)
+    if not rec.verified:
+        _check_requests(api, rec, info.get("input_file_id"), bodies)
+        rec.verified = True
     rec.state = info.get("status", rec.state)
     rec.counts = info.get("request_counts") or rec.counts
     rec.output_file_id = info.get("output_file_id") or rec.output_file_id
@@ -212,6 +221,20 @@ def _generate(
         rec.state = f"collected ({rec.state})"
     save(store, rec)
     return results
+
+
+def _check_requests(
+    api: _Api, rec: JobRecord, input_file_id: str | None, bodies: list[dict[str, Any]]
+) -> None:
+    """The job's input file, as the provider has it, holds exactly these requests: a
+    record (pulled from a remote, or edited) naming another job must not hand its
+    answers to these rows."""
+    if input_file_id is not None and api.content(input_file_id).encode() == _request_file(bodies):
+        return
+    raise StepFailed(
+        f"batch job {rec.batch_id} does not hold these rows' requests (its record "
+        f"jobs/{rec.key}.json names another job); remove that record and run again"
+    )
 
 
 def _request_file(bodies: list[dict[str, Any]]) -> bytes:
@@ -358,6 +381,53 @@ def cancel(store: Store, rec: JobRecord, llm: OpenAILLM) -> str:
     rec.state = str(_Api(llm).cancel(rec.batch_id).get("status", "cancelling"))
     save(store, rec)
     return rec.state
+
+
+def _rank(rec: JobRecord) -> tuple[bool, bool, datetime]:
+    """Which of two copies of a record knows more: submitted, then collected, then newer."""
+    return (rec.batch_id is not None, rec.missing is not None, rec.updated)
+
+
+def push_records(store: Store, remote: Any) -> int:
+    """Upload the job records the remote lacks or knows less of (`cas push`), so another
+    machine that pulls polls the same jobs instead of submitting its own."""
+    sent = 0
+    for rec in records(store):
+        path = remote.layout.job_path(rec.key)
+        try:
+            theirs: JobRecord | None = JobRecord.model_validate_json(remote.read(path))
+        except (FileNotFoundError, ValueError):
+            theirs = None
+        if theirs is None or _rank(rec) > _rank(theirs):
+            remote.write(path, rec.model_dump_json(indent=1).encode())
+            sent += 1
+    return sent
+
+
+def pull_records(store: Store, remote: Any) -> int:
+    """Download the remote's job records this store lacks or knows less of (`cas pull`).
+    A record is checked against its job's input file before its answers are used."""
+    from castore.store import layout as L
+
+    taken = 0
+    folder = remote.layout.dir(L.JOBS)
+    try:
+        paths = remote.fs.find(folder)
+    except FileNotFoundError:
+        return 0
+    for path in paths:
+        try:
+            rec = JobRecord.model_validate_json(remote.read(path))
+            if remote.layout.job_path(rec.key).rstrip("/") != path.rstrip("/"):
+                continue  # a record filed under another key is not taken
+        except (OSError, ValueError):
+            continue
+        mine = load(store, rec.key)
+        if mine is None or _rank(rec) > _rank(mine):
+            rec.verified = False  # checked against the provider before any use
+            save(store, rec, touch=False)
+            taken += 1
+    return taken
 
 
 def age(rec: JobRecord) -> float:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from castore import remote_packs
+from castore import batchjobs, remote_packs
 from castore.errors import CastoreError, CorruptObject, RemoteError
 from castore.hashing import generator_end_key, hash_file, validate_id
 from castore.remote import Remote, fetch_object
@@ -73,6 +73,7 @@ class TransferResult:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     plan: TransferPlan | None = None
+    jobs: int = 0  # batch job records sent or taken (castore.batchjobs)
 
     @property
     def rate(self) -> float:
@@ -217,6 +218,7 @@ def push(
         for name, sig, oid in plan.refs:
             remote.set_ref(name, sig, oid)
             result.refs.append(f"{name}/{sig}")
+        result.jobs = batchjobs.push_records(store, remote)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -311,6 +313,7 @@ def pull(
     for name, sig, run_oid in plan.refs:
         store.set_ref(name, sig, run_oid)
         result.refs.append(f"{name}/{sig}")
+    result.jobs = batchjobs.pull_records(store, remote)
     result.seconds = time.perf_counter() - t0
     if rejected:
         raise RemoteError(

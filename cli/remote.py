@@ -116,7 +116,9 @@ def _transfer(
     err(
         f"{verb}: {result.objects} objects ({result.bytes / 1e6:.1f} MB, "
         f"{result.rate / 1e6:.1f} MB/s), {result.actions} action entries, "
-        f"{len(result.refs)} runs; {result.skipped} already there"
+        f"{len(result.refs)} runs"
+        + (f", {result.jobs} batch job records" if result.jobs else "")
+        + f"; {result.skipped} already there"
     )
 
 

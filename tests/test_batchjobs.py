@@ -5,6 +5,7 @@ again only for its missing rows, and no secret reaches the store."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -193,3 +194,34 @@ def test_jobs_cancel_then_the_rows_go_to_a_new_job(tmp_path, server):
     assert bad.returncode == 2 and "no single submitted job matches" in bad.stderr
     listed = cas_inproc("jobs", cache_dir=cache)
     assert listed.returncode == 0 and "collected (cancelled)" in listed.stdout
+
+
+def test_a_pushed_store_lets_another_machine_poll_the_same_job(tmp_path, server):
+    """Machine A submits and pushes; machine B pulls and runs: it polls A's job (no
+    second job) and collects it. A record that names another job is refused."""
+    remote, a, b = tmp_path / "remote", tmp_path / "a", tmp_path / "b"
+    assert cas_inproc("run", str(OFFLINE), cache_dir=a).returncode == 75
+    pushed = cas_inproc("push", str(remote), "--json", cache_dir=a)
+    assert pushed.returncode == 0 and pushed.json()["jobs"] == 1, pushed
+    pulled = cas_inproc("pull", str(remote), "--json", cache_dir=b)
+    assert pulled.returncode == 0 and pulled.json()["jobs"] == 1, pulled
+    assert cas_inproc("run", str(OFFLINE), cache_dir=b).returncode == 75
+    assert server.batch_api.creates == 1
+    server.batch_api.release()
+    done = cas_inproc("run", str(OFFLINE), "--json", cache_dir=b)
+    assert done.returncode == 0 and server.batch_api.creates == 1
+    assert server.batch_api.answered == 50
+    # A tampered record (another job's id) on a third machine: refused, not collected.
+    (path,) = (remote / "jobs").glob("*.json")
+    doc = json.loads(path.read_text())
+    server.batch_api.files["file-other"] = b'{"custom_id": "row-0", "body": {}}\n'
+    other = server.batch_api.post(
+        "/v1/batches", "application/json", json.dumps({"input_file_id": "file-other"}).encode()
+    )
+    doc["batch_id"] = json.loads(other[1])["id"]
+    doc["input_file_id"] = None
+    path.write_text(json.dumps(doc))
+    c = tmp_path / "c"
+    assert cas_inproc("pull", str(remote), cache_dir=c).returncode == 0
+    bad = cas_inproc("run", str(OFFLINE), cache_dir=c)
+    assert bad.returncode != 0 and "does not hold these rows' requests" in bad.stderr, bad
