@@ -495,7 +495,7 @@ def test_sample_n_steps_then_group_columns_joins_the_branches_each_batch_went_to
     the steps were connected; a re-run sends nothing."""
     m = load("routing")
     train = m.pipeline.run()["default"]["train"]
-    models = ["gpt-4-0125-preview", "mistral-large-2402", "gemini-1.5-pro"]
+    models = ["gpt-4-0125-preview", "mistral-large-2402", "gemini-1-5-pro"]
     assert len(train) == 30 and server.requests == 60
     assert train["instruction"] == [f"Explain the number {i}." for i in range(30)]
     for row in train.to_list():

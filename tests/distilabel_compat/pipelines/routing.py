@@ -1,7 +1,9 @@
 # distilabel 1.5's `sample_n_steps` docstring (distilabel/pipeline/routing_batch_function.py):
 # each batch of the loader goes to two of three TextGenerations, and GroupColumns gathers
 # the two answers per row. Only the import word and the LLM classes changed (MistralLLM /
-# VertexAILLM -> OpenAILLM, served locally), and the Hub dataset is inline rows.
+# VertexAILLM -> OpenAILLM, served locally), the Hub dataset is inline rows, and
+# "gemini-1.5-pro" is "gemini-1-5-pro": distilabel 1.5.3 itself refuses the step name
+# the docstring builds from it (a "." is not allowed in step names).
 from castore.distilabel.models import OpenAILLM
 from castore.distilabel.pipeline import Pipeline, sample_n_steps
 from castore.distilabel.steps import GroupColumns, LoadDataFromDicts
@@ -19,7 +21,7 @@ with Pipeline(name="routing-batch-function") as pipeline:
     for llm in (
         OpenAILLM(model="gpt-4-0125-preview"),
         OpenAILLM(model="mistral-large-2402"),
-        OpenAILLM(model="gemini-1.5-pro"),
+        OpenAILLM(model="gemini-1-5-pro"),
     ):
         task = TextGeneration(name=f"text_generation_with_{llm.model_name}", llm=llm)
         generations.append(task)
