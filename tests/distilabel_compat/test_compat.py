@@ -496,8 +496,8 @@ def test_sample_n_steps_then_group_columns_joins_the_branches_each_batch_went_to
     m = load("routing")
     train = m.pipeline.run()["default"]["train"]
     models = ["gpt-4-0125-preview", "mistral-large-2402", "gemini-1-5-pro"]
-    assert len(train) == 30 and server.requests == 60
-    assert train["instruction"] == [f"Explain the number {i}." for i in range(30)]
+    assert len(train) == 200 and server.requests == 400
+    assert train["instruction"] == [f"Explain the number {i}." for i in range(200)]
     for row in train.to_list():
         names = row["grouped_model_name"]
         assert len(names) == 2 and names == sorted(names, key=models.index)
@@ -506,7 +506,7 @@ def test_sample_n_steps_then_group_columns_joins_the_branches_each_batch_went_to
         ]
         # Each answer is to this row's own prompt.
         assert all(row["instruction"][::-1] in g for g in row["grouped_generation"])
-    # Six loader batches of 5 rows, each sent to a pair: more than one pair is used.
+    # Four loader batches of 50 rows, each sent to a pair: more than one pair is used.
     assert len({tuple(n) for n in train["grouped_model_name"]}) > 1
     m.pipeline.run()
-    assert server.requests == 60
+    assert server.requests == 400

@@ -14,7 +14,7 @@ random_routing_batch = sample_n_steps(2)
 
 with Pipeline(name="routing-batch-function") as pipeline:
     load_data = LoadDataFromDicts(
-        data=[{"instruction": f"Explain the number {i}."} for i in range(30)], batch_size=5
+        data=[{"instruction": f"Explain the number {i}."} for i in range(200)], batch_size=50
     )
 
     generations = []
