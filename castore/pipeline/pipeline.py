@@ -347,8 +347,10 @@ class Pipeline:
         With executor="ray" and ray_storage="remote", Ray workers get their input rows
         from the driver and write outputs to the remote, which the driver reads through:
         for clusters whose nodes do not share the store's filesystem.
-        Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored) and
-        StepFailed when a batch fails with on_error='fail'.
+        Raises RunInterrupted on Ctrl+C/SIGTERM (finished batches stay stored),
+        RunWaiting (a RunInterrupted) when batches wait for provider batch jobs
+        (offline LLM steps: run again later to collect them), and StepFailed when a batch
+        fails with on_error='fail'.
         """
         with one_code_version():
             _, ds = self._runner(parameters, options).run(distiset=True)
