@@ -259,10 +259,12 @@ def resume_command(
     ray_storage: str,
     as_json: bool,
 ) -> None:
-    """Continue the latest interrupted or failed run (of NAME, or of any pipeline).
+    """Continue the latest interrupted, failed or waiting run (of NAME, or of any
+    pipeline).
 
     Re-invokes the target recorded in the run, with the same parameters; every batch
-    that finished before is reused.
+    that finished before is reused, and batch jobs a waiting run submitted are polled
+    and, once finished, collected (exit 75 while some still run).
     """
     from castore.errors import NothingToResume, StoreNotFound
     from castore.runs import latest_resumable
