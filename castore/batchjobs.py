@@ -313,7 +313,8 @@ class _Api:
                             break
                 except (TimeoutError, aiohttp.ClientError) as e:
                     last = f"{type(e).__name__}: {e}"
-                await asyncio.sleep(min(self.llm.max_backoff, self.llm.backoff * 2**attempt))
+                if attempt < self.llm.max_retries:
+                    await asyncio.sleep(min(self.llm.max_backoff, self.llm.backoff * 2**attempt))
             raise LLMError(f"{method} {path}: {last}")
 
         return _LOOP.run(go())
