@@ -151,9 +151,14 @@ def generate(
     if not lock.try_acquire():
         raise BatchWaiting(f"batch job {key[:12]} is being submitted by another run", job=key)
     try:
-        return _generate(store, llm, step, key, bodies)
+        results = _generate(store, llm, step, key, bodies)
     finally:
         lock.release()
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if failed and llm.offline_failed == "live":  # the rest at once, at the live price
+        for i, res in zip(failed, llm.generate([conversations[i] for i in failed]), strict=True):
+            results[i] = res
+    return results
 
 
 def _current(store: Store, key: str) -> tuple[str, int, JobRecord | None]:

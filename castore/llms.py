@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -78,6 +78,11 @@ class OpenAILLM(BaseModel):
         default=False,
         description="Send a step's missing rows as one batch job (/v1/batches) instead of "
         "live requests; the run ends `waiting` until the provider finished it.",
+    )
+    offline_failed: Literal["new_job", "live"] = Field(
+        default="new_job",
+        description="Rows a batch job failed or left unanswered: asked again in a new job "
+        "by the next run ('new_job'), or at once with live requests ('live').",
     )
 
     @field_validator("structured_output", mode="before")

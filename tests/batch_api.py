@@ -3,9 +3,9 @@
 the states validating -> in_progress -> completed (or failed / expired / cancelled), an
 output file and an error file. Tests control it: `hold` keeps new jobs running until
 `release()`, `fail_rows` fails those requests, `expire_after` answers only that many
-requests of a job and then expires it, and `on_create(phase)` runs inside the create
-call ("before" the job exists, "after" it exists but before the answer is sent), where a
-test kills its client."""
+requests of a job and then expires it, and `on_upload()` (inside an upload, before the
+file is kept) and `on_create(phase)` (inside the create call: "before" the job exists,
+"after" it exists but before the answer is sent) are where a test kills its client."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class BatchAPI:
         self.fail_rows: set[str] = set()  # custom_ids the job fails
         self.expire_after: int | None = None
         self.on_create: Callable[[str], None] | None = None
+        self.on_upload: Callable[[], None] | None = None  # inside an upload, before storing
         self.creates = 0  # batch create calls that made a job
         self.uploads = 0
         self.answered = 0  # requests answered inside jobs
@@ -91,6 +92,8 @@ class BatchAPI:
         }
         if fields.get("purpose") != b"batch" or not fields.get("file"):
             return 400, b'{"error":"need purpose=batch and a file"}'
+        if self.on_upload:
+            self.on_upload()
         with self.lock:
             file_id = f"file-{next(self.ids)}"
             self.files[file_id] = fields["file"]

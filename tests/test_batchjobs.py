@@ -104,11 +104,12 @@ def test_the_answers_are_the_live_answers(tmp_path, server):
     assert server.requests == before and server.batch_api.creates == 1
 
 
-@pytest.mark.parametrize("phase", ["before", "after"])
+@pytest.mark.parametrize("phase", ["upload", "before", "after"])
 def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
-    """SIGKILL inside the create call: before the job exists, or after it exists but
-    before its id reached the client (so the record has none). The resume creates the
-    job (before) or finds it by its metadata and adopts it (after): one job either way."""
+    """SIGKILL inside the upload (the record is written, no file id yet), inside the
+    create call before the job exists, or after it exists but before its id reached the
+    client (so the record has none). The resume uploads and creates (upload, before) or
+    finds the job by its metadata and adopts it (after): one job in every case."""
     cache = tmp_path / "c"
     env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
     proc = start_cas("run", str(OFFLINE), cache_dir=cache, env=env)
@@ -119,12 +120,13 @@ def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
             time.sleep(0.2)  # the client is gone before the server answers
 
     server.batch_api.on_create = kill
+    server.batch_api.on_upload = lambda: kill("upload")
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    server.batch_api.on_create = None
+    server.batch_api.on_create = server.batch_api.on_upload = None
     assert server.batch_api.creates == (1 if phase == "after" else 0)
     (rec,) = batchjobs.records(Store(cache))
-    assert rec.batch_id is None and rec.input_file_id is not None
+    assert rec.batch_id is None and (rec.input_file_id is None) == (phase == "upload")
     resumed = cas_inproc("run", str(OFFLINE), cache_dir=cache)
     assert resumed.returncode == 75, resumed
     assert server.batch_api.creates == 1  # adopted, or created once
@@ -225,3 +227,27 @@ def test_a_pushed_store_lets_another_machine_poll_the_same_job(tmp_path, server)
     assert cas_inproc("pull", str(remote), cache_dir=c).returncode == 0
     bad = cas_inproc("run", str(OFFLINE), cache_dir=c)
     assert bad.returncode != 0 and "does not hold these rows' requests" in bad.stderr, bad
+
+
+def test_rows_a_job_left_unanswered_can_be_asked_live_at_once(tmp_path, server):
+    from castore import Pipeline
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+
+    with Pipeline(name="live-rest") as p:
+        LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(10)]) >> (
+            TextGeneration(
+                llm=OpenAILLM(
+                    model="m", base_url=server.base_url, offline_batch=True, offline_failed="live"
+                ),
+                input_batch_size=10,
+            )
+        )
+    server.batch_api.expire_after = 6
+    with pytest.raises(RunWaiting):
+        p.run(cache_dir=tmp_path / "c", quiet=True)
+    server.batch_api.release()
+    ds = p.run(cache_dir=tmp_path / "c", quiet=True)
+    assert all(ds["text_generation"]["train"]["generation"])
+    assert server.batch_api.answered == 6 and server.requests == 4  # the other 4 live
+    assert server.batch_api.creates == 1

@@ -9,6 +9,7 @@ quarantined, its entry dropped, and only that batch is computed again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -19,18 +20,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from castore import batchjobs
-from castore.errors import BatchWaiting, CastoreError, RunInterrupted, StepFailed
+from castore.errors import BatchWaiting, CastoreError, StepFailed
 from castore.hashing import entry_check, generator_end_key, generator_key
 from castore.pipeline.batch import (
     BatchResult,
     TableCache,
-    call_process,
     entry_cost,
     entry_of,
-    generator_table,
     read_input,
     skipped_batch,
-    store_batch,
 )
 from castore.pipeline.executors import (
     BatchDone,
@@ -45,9 +43,10 @@ from castore.pipeline.executors import (
     make_executor,
     pickle_steps_by_value,
 )
+from castore.pipeline.generators import produce
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
-from castore.pipeline.step import GeneratorStep, _Step, normalize_output
+from castore.pipeline.step import GeneratorStep, _Step
 from castore.store import actionpack
 from castore.store.models import ActionEntry
 
@@ -559,31 +558,20 @@ class Scheduler:
                 if known is not None and index >= known:
                     plan.total = index
                     return
-        store, events, stop, tables = self.store, self.events, self.stop, self.cache
-
-        def produce() -> None:
-            i = index
-            try:
-                for chunk in normalize_output(call_process(step, offset)):
-                    if stop.is_set():
-                        return
-                    t0 = time.perf_counter()
-                    table = generator_table(step, chunk)
-                    key = generator_key(plan.fp, i)
-                    res = store_batch(
-                        store, step, key, table, time.perf_counter() - t0, cache=True, tables=tables
-                    )
-                    events.put(GeneratorBatch(name, i, key, res))
-                    i += 1
-                store.put_action(end_key, ActionEntry(outputs=[], rows=[], info={"batches": i}))
-            except RunInterrupted:
-                return
-            except BaseException as e:
-                events.put(GeneratorEnd(name, None, e))
-                return
-            events.put(GeneratorEnd(name, i))
-
-        self.gen_threads.run(produce)
+        self.gen_threads.run(
+            functools.partial(
+                produce,
+                self.store,
+                step,
+                name=name,
+                fp=plan.fp,
+                index=index,
+                offset=offset,
+                events=self.events,
+                stop=self.stop,
+                tables=self.cache,
+            )
+        )
 
 
 def fail(step: str, error: BaseException) -> None:
