@@ -84,7 +84,29 @@ def check(
                 rowpack.drop(store, fp)  # a pack is derived: the next run writes another
             what = "pack pointer is malformed" if pack is None else "pack is missing or damaged"
             report.problems.append(Problem("dangling-index", f"{fp[:12]}.pack", what, repair))
+    report.problems += _job_problems(store)
     return report
+
+
+def _job_problems(store: Store) -> list[Problem]:
+    """Batch job records (jobs/<key>.json) that cannot be read or are filed under
+    another key. Never repaired: a record is what says a job was paid for."""
+    from pydantic import ValidationError
+
+    from castore.batchjobs import JobRecord
+
+    folder = store.layout.dir(L.JOBS)
+    out = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                rec = JobRecord.model_validate_json(f.read())
+        except (OSError, ValidationError, ValueError):
+            out.append(Problem("bad-job-record", name, "unreadable"))
+            continue
+        if name != f"{rec.key}.json":
+            out.append(Problem("bad-job-record", name, f"holds the record of {rec.key[:12]}"))
+    return out
 
 
 def _check_actions(store: Store, report: FsckReport, corrupt: set[str], repair: bool) -> None:

@@ -251,3 +251,23 @@ def test_rows_a_job_left_unanswered_can_be_asked_live_at_once(tmp_path, server):
     assert all(ds["text_generation"]["train"]["generation"])
     assert server.batch_api.answered == 6 and server.requests == 4  # the other 4 live
     assert server.batch_api.creates == 1
+
+
+def test_jobs_refresh_asks_the_provider(tmp_path, server):
+    cache = tmp_path / "c"
+    assert cas_inproc("run", str(OFFLINE), cache_dir=cache).returncode == 75
+    seen = cas_inproc("jobs", "--json", cache_dir=cache).json()
+    assert seen[0]["state"] == "in_progress"  # as the run last saw it
+    server.batch_api.release()
+    assert cas_inproc("jobs", "--json", cache_dir=cache).json()[0]["state"] == "in_progress"
+    fresh = cas_inproc("jobs", "--refresh", "--json", cache_dir=cache).json()
+    assert fresh[0]["state"] == "completed" and fresh[0]["counts"]["completed"] == 50
+    Store(tmp_path / "empty")
+    assert "no batch jobs" in cas_inproc("jobs", cache_dir=tmp_path / "empty").stderr
+    # fsck reads every job record: clean, then a damaged one is reported and kept.
+    assert cas_inproc("fsck", cache_dir=cache).returncode == 0
+    (path,) = (cache / "jobs").glob("*.json")
+    path.write_text("{not json")
+    bad = cas_inproc("fsck", cache_dir=cache)
+    assert bad.returncode == 1 and "bad-job-record" in bad.stdout + bad.stderr, bad
+    assert cas_inproc("fsck", "--repair", cache_dir=cache).returncode == 1 and path.exists()
