@@ -261,7 +261,7 @@ _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#1d2330}
 h1 .status{font-size:14px;padding:2px 8px;border-radius:10px;background:#e3e7ee}
 .status.finished{background:#d7f2dc}.status.failed{background:#f7d4d4}
-.status.interrupted,.status.running{background:#fbe8c8}
+.status.interrupted,.status.running,.status.waiting{background:#fbe8c8}
 .meta{color:#5a6474}.saved{font-weight:600}.error{color:#a11}
 .canvas{overflow-x:auto}#dag{display:block;margin:8px 0 16px}
 #dag .step rect{stroke:#55657a;stroke-width:1.2}
