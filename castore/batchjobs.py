@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from datetime import UTC, datetime
@@ -43,10 +44,13 @@ if TYPE_CHECKING:
     from castore.llms import Generation, OpenAILLM
     from castore.store import Store
 
+log = logging.getLogger("castore.run")
+
 # A job the provider still works on; anything else is an end state.
 RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
 ENDED = {"completed", "failed", "expired", "cancelled"}
 _STORE: dict[str, Store] = {}  # the run's store, set by the scheduler (steps have none)
+_REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one
 
 
 class JobRecord(BaseModel):
@@ -75,8 +79,39 @@ class JobRecord(BaseModel):
     updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
-def use_store(store: Store) -> None:
+def use_store(store: Store, remote: Any = None, *, push: bool = False) -> None:
+    """The run's store, and its read-through remote (`--remote`; `push`: `--push`):
+    a job record the store lacks is looked for there, and a record this run submits is
+    written there at once, so machines sharing the remote poll the same jobs."""
     _STORE["store"] = store
+    _REMOTE.clear()
+    if remote is not None:
+        _REMOTE.update(remote=remote, push=push)
+
+
+def _from_remote(store: Store, key: str) -> JobRecord | None:
+    remote = _REMOTE.get("remote")
+    if remote is None:
+        return None
+    try:
+        rec = JobRecord.model_validate_json(remote.read(remote.layout.job_path(key)))
+    except (OSError, ValueError):  # absent, unreachable or malformed: as if absent
+        return None
+    if rec.key != key:
+        return None
+    rec.verified = False  # checked against the provider before any use
+    save(store, rec, touch=False)
+    return rec
+
+
+def _share(rec: JobRecord) -> None:
+    remote = _REMOTE.get("remote")
+    if remote is None or not _REMOTE.get("push"):
+        return
+    try:
+        remote.write(remote.layout.job_path(rec.key), rec.model_dump_json(indent=1).encode())
+    except OSError as e:  # the record is safe locally; `cas push` sends it later
+        log.warning("batch job %s: not written to the remote (%s); cas push later", rec.key[:12], e)
 
 
 def _store() -> Store:
@@ -178,15 +213,19 @@ def _generate(
     store: Store, llm: OpenAILLM, step: str, key: str, bodies: list[dict[str, Any]]
 ) -> list[Generation | BaseException]:
     key, attempt, rec = _current(store, key)
-    rec = rec or JobRecord(
-        key=key,
-        attempt=attempt,
-        rows_key=job_key(llm, bodies),
-        step=step,
-        base_url=llm.base_url.rstrip("/"),
-        model=llm.model,
-        api_key_env=llm.api_key_env,
-        rows=len(bodies),
+    rec = (
+        rec
+        or _from_remote(store, key)
+        or JobRecord(
+            key=key,
+            attempt=attempt,
+            rows_key=job_key(llm, bodies),
+            step=step,
+            base_url=llm.base_url.rstrip("/"),
+            model=llm.model,
+            api_key_env=llm.api_key_env,
+            rows=len(bodies),
+        )
     )
     api = _Api(llm)
     if rec.batch_id is None:
@@ -202,6 +241,7 @@ def _generate(
             rec.batch_id = api.create(rec.input_file_id, key)
         rec.state = "submitted"
         save(store, rec)
+        _share(rec)
     info = api.retrieve(rec.batch_id)
     if not rec.verified:
         _check_requests(api, rec, info.get("input_file_id"), bodies)

@@ -271,3 +271,19 @@ def test_jobs_refresh_asks_the_provider(tmp_path, server):
     bad = cas_inproc("fsck", cache_dir=cache)
     assert bad.returncode == 1 and "bad-job-record" in bad.stdout + bad.stderr, bad
     assert cas_inproc("fsck", "--repair", cache_dir=cache).returncode == 1 and path.exists()
+
+
+def test_machines_sharing_a_remote_poll_the_same_job(tmp_path, server):
+    """A runs with --remote --push: its job record is on the remote as soon as the job
+    exists. B runs with --remote only (read-through): it finds the record there and
+    polls A's job instead of submitting its own, then collects it."""
+    remote = tmp_path / "remote"
+    a = cas_inproc("run", str(OFFLINE), "--remote", str(remote), "--push", cache_dir=tmp_path / "a")
+    assert a.returncode == 75, a
+    assert len(list((remote / "jobs").glob("*.json"))) == 1
+    b = cas_inproc("run", str(OFFLINE), "--remote", str(remote), cache_dir=tmp_path / "b")
+    assert b.returncode == 75 and server.batch_api.creates == 1, b
+    server.batch_api.release()
+    done = cas_inproc("run", str(OFFLINE), "--remote", str(remote), cache_dir=tmp_path / "b")
+    assert done.returncode == 0 and server.batch_api.creates == 1
+    assert server.batch_api.answered == 50 and server.requests == 0

@@ -465,7 +465,9 @@ class Scheduler:
     ) -> None:
         """Generator threads and the executor for batches ('threads', 'processes', 'ray')."""
         steps = self.steps.values()
-        batchjobs.use_store(self.store)  # an offline LLM step records its jobs there
+        rc = self.rcache if self.rcache is not None and self.rcache.active else None
+        # An offline LLM step records its batch jobs in the store (and on the remote).
+        batchjobs.use_store(self.store, rc and rc.remote, push=bool(rc and rc.lock))
         self.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))
         if kind == "ray":
             pickle_steps_by_value(pipeline)
