@@ -80,9 +80,10 @@ class JobRecord(BaseModel):
 
 
 def use_store(store: Store, remote: Any = None, *, push: bool = False) -> None:
-    """The run's store, and its read-through remote (`--remote`; `push`: `--push`):
-    a job record the store lacks is looked for there, and a record this run submits is
-    written there at once, so machines sharing the remote poll the same jobs."""
+    """The run's store, and its read-through remote (`--remote`; `push`: `--push`): a job
+    record the store lacks is looked for there, and a record this run submits is written
+    there at once. (Two machines writing through at once do not both submit: the batch
+    is leased on the remote while it is computed, castore/remote_locks.py.)"""
     _STORE["store"] = store
     _REMOTE.clear()
     if remote is not None:

@@ -287,3 +287,24 @@ def test_machines_sharing_a_remote_poll_the_same_job(tmp_path, server):
     done = cas_inproc("run", str(OFFLINE), "--remote", str(remote), cache_dir=tmp_path / "b")
     assert done.returncode == 0 and server.batch_api.creates == 1
     assert server.batch_api.answered == 50 and server.requests == 0
+
+
+@pytest.mark.slow
+def test_two_machines_writing_through_at_once_submit_one_job(tmp_path, server):
+    """Two stores, one remote, both `--remote --push`, started together while the
+    upload is slow: the batch's remote lease lets one machine submit while the other
+    waits; it then finds the job record on the remote and polls the same job."""
+    remote = tmp_path / "remote"
+    env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
+    server.batch_api.on_upload = lambda: time.sleep(1.0)
+    args = ("run", str(OFFLINE), "--remote", str(remote), "--push")
+    procs = [start_cas(*args, cache_dir=tmp_path / m, env=env) for m in ("a", "b")]
+    for p in procs:
+        _, errtext = p.communicate(timeout=120)
+        assert p.returncode == 75, errtext
+    assert server.batch_api.creates == 1 and server.batch_api.uploads == 1
+    server.batch_api.release()
+    for m in ("a", "b"):
+        r = cas_inproc(*args, cache_dir=tmp_path / m)
+        assert r.returncode == 0, r
+    assert server.batch_api.creates == 1 and server.batch_api.answered == 50
