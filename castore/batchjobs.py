@@ -179,7 +179,7 @@ def generate(
     """The answers to `conversations` from one batch job: submitted (or adopted) on the
     first call, collected once the provider finished it. Raises BatchWaiting meanwhile."""
     store = _store()
-    bodies = [llm.chat_request(c)[0] for c in conversations]
+    bodies = [llm.chat_body(c) for c in conversations]
     key = job_key(llm, bodies)
     # Two runs asking for the same rows at once: one submits, the other waits for it
     # (and polls the same job on its next run) instead of submitting a second.
@@ -256,7 +256,7 @@ def _generate(
         raise BatchWaiting(
             f"batch job {rec.batch_id} ({rec.rows} rows) is {rec.state}", job=rec.batch_id
         )
-    results = _results(api, rec, len(bodies), llm.chat_request([])[1])
+    results = _results(api, rec, len(bodies), llm.chat_parser())
     rec.tokens = sum(
         int((r.usage or {}).get("total_tokens") or 0)
         for r in results

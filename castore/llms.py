@@ -25,6 +25,7 @@ import asyncio
 import atexit
 import contextlib
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -139,56 +140,46 @@ class OpenAILLM(BaseModel):
     ) -> list[Generation | BaseException]:
         """One result per conversation, in order: a Generation, or the exception that
         ended its retries. Requests run concurrently up to `max_concurrent_requests`."""
-        return _LOOP.run(self._generate_all(conversations))
-
-    async def _generate_all(
-        self, conversations: list[list[dict[str, Any]]]
-    ) -> list[Generation | BaseException]:
-        client = _LOOP.client(self)
-        sem = _LOOP.semaphore(self)
-        return await asyncio.gather(
-            *(self._one(client, sem, messages) for messages in conversations),
-            return_exceptions=True,
+        parse = self.chat_parser()
+        return self._post_each(
+            "/chat/completions", [self.chat_body(c) for c in conversations], parse
         )
-
-    async def _one(
-        self, client: Any, sem: asyncio.Semaphore, messages: list[dict[str, Any]]
-    ) -> Generation:
-        body, parse = self.chat_request(messages)
-        return await self._post(client, sem, "/chat/completions", body, parse)
-
-    def chat_request(
-        self, messages: list[dict[str, Any]]
-    ) -> tuple[dict[str, Any], Callable[[str], Generation | None]]:
-        """The chat-completions body for `messages`, and the parser of its answer (live
-        requests and batch jobs send the same body and read answers the same way)."""
-        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
-        if self.structured_output is None:
-            return body, _parse
-        body["response_format"] = response_format(self.structured_output)
-        return body, _parse_structured(self.structured_output)
 
     def complete(self, prompts: list[str]) -> list[Generation | BaseException]:
         """Raw text completions (`/completions`: the prompt is sent as is, no chat
         template applied), one result per prompt, in order, as `generate`'s."""
+        bodies = [{"model": self.model, "prompt": p, **self.generation_kwargs} for p in prompts]
+        return self._post_each("/completions", bodies, _parse_completion)
 
-        async def go() -> list[Generation | BaseException]:
+    def chat_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The chat-completions body for `messages` (live requests and batch jobs send the
+        same body, and read the answer with `chat_parser()`)."""
+        body = {"model": self.model, "messages": messages, **self.generation_kwargs}
+        if self.structured_output is not None:
+            body["response_format"] = response_format(self.structured_output)
+        return body
+
+    def chat_parser(self) -> Callable[[str], Generation | None]:
+        """The parser of a chat answer: with structured output, one that checks the
+        schema (its validator built once per schema, not per request)."""
+        if self.structured_output is None:
+            return _parse
+        return _structured_parser(json.dumps(self.structured_output, sort_keys=True))
+
+    def _post_each(
+        self, path: str, bodies: list[dict[str, Any]], parse: Any
+    ) -> list[Any | BaseException]:
+        """Each body POSTed to `path` (retried by `_post`), concurrently up to the cap;
+        one result or exception per body, in order."""
+
+        async def go() -> list[Any | BaseException]:
             client, sem = _LOOP.client(self), _LOOP.semaphore(self)
             return await asyncio.gather(
-                *(
-                    self._post(
-                        client,
-                        sem,
-                        "/completions",
-                        {"model": self.model, "prompt": p, **self.generation_kwargs},
-                        _parse_completion,
-                    )
-                    for p in prompts
-                ),
+                *(self._post(client, sem, path, b, parse) for b in bodies),
                 return_exceptions=True,
             )
 
-        out: list[Generation | BaseException] = _LOOP.run(go())
+        out: list[Any | BaseException] = _LOOP.run(go())
         return out
 
     def embed(self, texts: list[str]) -> Embeddings:
@@ -265,9 +256,11 @@ def response_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 
 
-def _parse_structured(schema: dict[str, Any]) -> Callable[[str], Generation | None]:
+@functools.lru_cache(maxsize=32)
+def _structured_parser(schema_json: str) -> Callable[[str], Generation | None]:
     import jsonschema
 
+    schema = json.loads(schema_json)
     validator = jsonschema.validators.validator_for(schema)(schema)
 
     def parse(text: str) -> Generation | None:
