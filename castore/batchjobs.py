@@ -31,7 +31,9 @@ import asyncio
 import json
 import logging
 import os
+import posixpath
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from castore.errors import BatchWaiting, LLMError, StepFailed
 from castore.hashing import hash_json
+from castore.store import layout as L
 
 if TYPE_CHECKING:
     from castore.llms import Generation, OpenAILLM
@@ -46,8 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("castore.run")
 
-# A job the provider still works on; anything else is an end state.
-RUNNING = {"validating", "in_progress", "finalizing", "cancelling"}
+# A provider's end states of a job (anything else: it still works on it).
 ENDED = {"completed", "failed", "expired", "cancelled"}
 _STORE: dict[str, Store] = {}  # the run's store, set by the scheduler (steps have none)
 _REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one
@@ -90,19 +92,33 @@ def use_store(store: Store, remote: Any = None, *, push: bool = False) -> None:
         _REMOTE.update(remote=remote, push=push)
 
 
+def _remote_record(remote: Any, key: str) -> JobRecord | None:
+    """The remote's record of `key`; None when it is absent, malformed or filed under
+    another key. Other errors (an unreachable remote) are the caller's."""
+    try:
+        rec = JobRecord.model_validate_json(remote.read(remote.layout.job_path(key)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return rec if rec.key == key else None
+
+
+def _take(store: Store, rec: JobRecord) -> JobRecord:
+    """Keep a record that came from elsewhere; it is checked against the provider
+    before its job's answers are used."""
+    rec.verified = False
+    save(store, rec, touch=False)
+    return rec
+
+
 def _from_remote(store: Store, key: str) -> JobRecord | None:
     remote = _REMOTE.get("remote")
     if remote is None:
         return None
     try:
-        rec = JobRecord.model_validate_json(remote.read(remote.layout.job_path(key)))
-    except (OSError, ValueError):  # absent, unreachable or malformed: as if absent
+        rec = _remote_record(remote, key)
+    except OSError:  # unreachable: as if absent (the run goes on locally)
         return None
-    if rec.key != key:
-        return None
-    rec.verified = False  # checked against the provider before any use
-    save(store, rec, touch=False)
-    return rec
+    return _take(store, rec) if rec is not None else None
 
 
 def _share(rec: JobRecord) -> None:
@@ -135,16 +151,12 @@ def save(store: Store, rec: JobRecord, *, touch: bool = True) -> None:
     path = store.layout.job_path(rec.key)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     store.write_file(path, rec.model_dump_json(indent=1).encode())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    for synced in (path, os.path.dirname(path)):  # the record, then its name in the folder
+        fd = os.open(synced, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load(store: Store, key: str) -> JobRecord | None:
@@ -155,18 +167,20 @@ def load(store: Store, key: str) -> JobRecord | None:
         return None
 
 
-def records(store: Store) -> list[JobRecord]:
-    """Every job record of the store, newest first (an unreadable one is skipped)."""
-    folder = os.path.join(str(store.root), "jobs")
-    out = []
+def record_files(store: Store) -> Iterator[tuple[str, JobRecord | None]]:
+    """Each file of jobs/ by name, with its record (None: it cannot be read)."""
+    folder = store.layout.dir(L.JOBS)
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if not name.endswith(".json"):
-            continue
         try:
             with open(os.path.join(folder, name), "rb") as f:
-                out.append(JobRecord.model_validate_json(f.read()))
+                yield name, JobRecord.model_validate_json(f.read())
         except (OSError, ValueError):
-            continue
+            yield name, None
+
+
+def records(store: Store) -> list[JobRecord]:
+    """Every job record of the store, newest first (an unreadable one is skipped)."""
+    out = [rec for _, rec in record_files(store) if rec is not None]
     return sorted(out, key=lambda r: r.created, reverse=True)
 
 
@@ -213,14 +227,15 @@ def _current(store: Store, key: str) -> tuple[str, int, JobRecord | None]:
 def _generate(
     store: Store, llm: OpenAILLM, step: str, key: str, bodies: list[dict[str, Any]]
 ) -> list[Generation | BaseException]:
-    key, attempt, rec = _current(store, key)
+    rows_key = key
+    key, attempt, rec = _current(store, rows_key)
     rec = (
         rec
         or _from_remote(store, key)
         or JobRecord(
             key=key,
             attempt=attempt,
-            rows_key=job_key(llm, bodies),
+            rows_key=rows_key,
             step=step,
             base_url=llm.base_url.rstrip("/"),
             model=llm.model,
@@ -247,10 +262,7 @@ def _generate(
     if not rec.verified:
         _check_requests(api, rec, info.get("input_file_id"), bodies)
         rec.verified = True
-    rec.state = info.get("status", rec.state)
-    rec.counts = info.get("request_counts") or rec.counts
-    rec.output_file_id = info.get("output_file_id") or rec.output_file_id
-    rec.error_file_id = info.get("error_file_id") or rec.error_file_id
+    _apply(rec, info)
     if rec.state not in ENDED:
         save(store, rec)
         raise BatchWaiting(
@@ -414,11 +426,17 @@ class _Api:
 def refresh(store: Store, rec: JobRecord, llm: OpenAILLM) -> JobRecord:
     """The record with the provider's current state (for `cas jobs --refresh`)."""
     if rec.batch_id is not None and not rec.state.startswith("collected"):
-        info = _Api(llm).retrieve(rec.batch_id)
-        rec.state = info.get("status", rec.state)
-        rec.counts = info.get("request_counts") or rec.counts
+        _apply(rec, _Api(llm).retrieve(rec.batch_id))
         save(store, rec)
     return rec
+
+
+def _apply(rec: JobRecord, info: dict[str, Any]) -> None:
+    """What the provider says of the job, into its record."""
+    rec.state = info.get("status", rec.state)
+    rec.counts = info.get("request_counts") or rec.counts
+    rec.output_file_id = info.get("output_file_id") or rec.output_file_id
+    rec.error_file_id = info.get("error_file_id") or rec.error_file_id
 
 
 def cancel(store: Store, rec: JobRecord, llm: OpenAILLM) -> str:
@@ -440,13 +458,9 @@ def push_records(store: Store, remote: Any) -> int:
     machine that pulls polls the same jobs instead of submitting its own."""
     sent = 0
     for rec in records(store):
-        path = remote.layout.job_path(rec.key)
-        try:
-            theirs: JobRecord | None = JobRecord.model_validate_json(remote.read(path))
-        except (FileNotFoundError, ValueError):
-            theirs = None
+        theirs = _remote_record(remote, rec.key)
         if theirs is None or _rank(rec) > _rank(theirs):
-            remote.write(path, rec.model_dump_json(indent=1).encode())
+            remote.write(remote.layout.job_path(rec.key), rec.model_dump_json(indent=1).encode())
             sent += 1
     return sent
 
@@ -454,25 +468,22 @@ def push_records(store: Store, remote: Any) -> int:
 def pull_records(store: Store, remote: Any) -> int:
     """Download the remote's job records this store lacks or knows less of (`cas pull`).
     A record is checked against its job's input file before its answers are used."""
-    from castore.store import layout as L
-
     taken = 0
-    folder = remote.layout.dir(L.JOBS)
     try:
-        paths = remote.fs.find(folder)
+        paths = remote.fs.find(remote.layout.dir(L.JOBS))
     except FileNotFoundError:
         return 0
     for path in paths:
-        try:
-            rec = JobRecord.model_validate_json(remote.read(path))
-            if remote.layout.job_path(rec.key).rstrip("/") != path.rstrip("/"):
-                continue  # a record filed under another key is not taken
-        except (OSError, ValueError):
+        key = posixpath.basename(path).removesuffix(".json")
+        try:  # a stray name, or a record filed under another key, gives None
+            rec = _remote_record(remote, key)
+        except OSError:
+            continue
+        if rec is None:
             continue
         mine = load(store, rec.key)
         if mine is None or _rank(rec) > _rank(mine):
-            rec.verified = False  # checked against the provider before any use
-            save(store, rec, touch=False)
+            _take(store, rec)
             taken += 1
     return taken
 

@@ -91,20 +91,13 @@ def check(
 def _job_problems(store: Store) -> list[Problem]:
     """Batch job records (jobs/<key>.json) that cannot be read or are filed under
     another key. Never repaired: a record is what says a job was paid for."""
-    from pydantic import ValidationError
+    from castore.batchjobs import record_files
 
-    from castore.batchjobs import JobRecord
-
-    folder = store.layout.dir(L.JOBS)
     out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        try:
-            with open(os.path.join(folder, name), "rb") as f:
-                rec = JobRecord.model_validate_json(f.read())
-        except (OSError, ValidationError, ValueError):
+    for name, rec in record_files(store):
+        if rec is None:
             out.append(Problem("bad-job-record", name, "unreadable"))
-            continue
-        if name != f"{rec.key}.json":
+        elif name != f"{rec.key}.json":
             out.append(Problem("bad-job-record", name, f"holds the record of {rec.key[:12]}"))
     return out
 
