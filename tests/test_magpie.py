@@ -95,6 +95,19 @@ def test_templates_and_refusals():
         Magpie(llm=OpenAILLM(model="m"), pre_query_template="<s>[INST] ", n_turns=2)
     with pytest.raises((ValueError, CastoreError)):
         Magpie(llm=OpenAILLM(model="m"), n_turns=0)
+    # The generator is checked when it is made too, not when it first runs.
+    with pytest.raises(ValueError, match="custom pre_query_template"):
+        MagpieGenerator(llm=OpenAILLM(model="m"), num_rows=2, pre_query_template="<s>", n_turns=2)
+    with pytest.raises(ValueError, match="Extra inputs"):
+        Magpie(llm=OpenAILLM(model="m"), n_turn=2)
+
+
+def test_a_system_prompt_that_is_not_text_fails_the_batch(store, server):
+    with Pipeline(name="mag-bad") as p:
+        LoadDataFromDicts(data=[{"system_prompt": 7}]) >> Magpie(llm=llm(server))
+    with pytest.raises(CastoreError, match="system_prompt is 7, not text"):
+        p.run(cache_dir=store.root, quiet=True)
+    assert server.requests == 0
 
 
 def test_distilabel_spelling_takes_the_template_from_the_llm(store, server):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from castore.errors import PipelineError
 from castore.llms import Generation, OpenAILLM
@@ -29,6 +29,7 @@ from castore.pipeline.step import (
     StepInput,
     runtime_field,
 )
+from castore.steps.llm import require_text
 from castore.store.parquet import METADATA_COLUMN
 
 # (chat opening, a turn's text with {role} and {content}, the opening of a user turn)
@@ -68,12 +69,9 @@ def clean_instruction(text: str | None) -> str | None:
     return text.strip() or None
 
 
-class Magpie(Step):
-    """Per input row, a conversation of `n_turns` user/assistant turns written by `llm`
-    from nothing but its chat template (`pre_query_template`). Outputs `instruction`
-    (only_instruction), `instruction` and `response` (one turn), or `conversation` (a list
-    of {role, content}); and `model_name`. A `system_prompt` column, else the field,
-    steers the topic."""
+class _MagpieFields(BaseModel):
+    """What Magpie and MagpieGenerator share: the model, the template and the shape of
+    the conversation, checked when the step is made."""
 
     llm: OpenAILLM
     pre_query_template: str = Field(
@@ -84,10 +82,9 @@ class Magpie(Step):
     include_system_prompt: bool = Field(False, description="Keep the system turn in output.")
     only_instruction: bool = Field(False, description="Only the first user instruction.")
     system_prompt: str | None = None
-    input_batch_size: int = runtime_field(32, ge=1, description="Rows per input batch.")
 
     @model_validator(mode="after")
-    def _check(self) -> Magpie:
+    def _check(self) -> Any:
         if self.pre_query_template not in TEMPLATES and (
             self.n_turns > 1 or self.system_prompt is not None
         ):
@@ -98,12 +95,29 @@ class Magpie(Step):
         return self
 
     @property
-    def outputs(self) -> list[str]:  # type: ignore[override]
-        return _outputs(self.only_instruction, self.n_turns)
+    def outputs(self) -> list[str]:
+        if self.only_instruction:
+            return ["instruction", "model_name"]
+        if self.n_turns == 1:
+            return ["instruction", "response", "model_name"]
+        return ["conversation", "model_name"]
+
+
+class Magpie(_MagpieFields, Step):  # type: ignore[override]  # outputs is a property
+    """Per input row, a conversation of `n_turns` user/assistant turns written by `llm`
+    from nothing but its chat template (`pre_query_template`). Outputs `instruction`
+    (only_instruction), `instruction` and `response` (one turn), or `conversation` (a list
+    of {role, content}); and `model_name`. A `system_prompt` column, else the field,
+    steers the topic."""
+
+    input_batch_size: int = runtime_field(32, ge=1, description="Rows per input batch.")
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         rows = [dict(r) for r in inputs]
         system = [r.get("system_prompt", self.system_prompt) for r in rows]
+        for s in system:  # a number or a list sent as the system turn would be paid for
+            if s is not None:
+                require_text(self.name, s, "system_prompt")
         convs: list[list[dict[str, str]]] = [
             [{"role": "system", "content": s}] if s else [] for s in system
         ]
@@ -163,42 +177,20 @@ class Magpie(Step):
         return {**out, "model_name": self.llm.model, METADATA_COLUMN: meta}
 
 
-class MagpieGenerator(GeneratorStep):
+class MagpieGenerator(_MagpieFields, GeneratorStep):  # type: ignore[override]
     """`num_rows` Magpie samples from nothing, `batch_size` per batch: as a loader of
     `num_rows` empty rows followed by Magpie (its fields are Magpie's). `num_rows` is
     part of the step's identity: another count is another dataset."""
 
-    llm: OpenAILLM
     num_rows: int = Field(ge=1, description="Rows to generate.")
-    pre_query_template: str = "llama3"
-    n_turns: int = Field(1, ge=1)
-    end_with_user: bool = False
-    include_system_prompt: bool = False
-    only_instruction: bool = False
-    system_prompt: str | None = None
 
     def _magpie(self) -> Magpie:
-        fields = {
-            k: getattr(self, k)
-            for k in (
-                "llm",
-                "pre_query_template",
-                "n_turns",
-                "end_with_user",
-                "include_system_prompt",
-                "only_instruction",
-                "system_prompt",
-            )
-        }
+        fields = {k: getattr(self, k) for k in _MagpieFields.model_fields}
         token = CURRENT_PIPELINE.set(None)  # a helper, not a step of the pipeline
         try:
             return Magpie(name=self.name, **fields)
         finally:
             CURRENT_PIPELINE.reset(token)
-
-    @property
-    def outputs(self) -> list[str]:  # type: ignore[override]
-        return _outputs(self.only_instruction, self.n_turns)
 
     def process(self, offset: int = 0) -> Any:
         magpie = self._magpie()
@@ -207,14 +199,6 @@ class MagpieGenerator(GeneratorStep):
             # A failed sample fails the generator's batch: the run stops there and a
             # resume asks again from this batch (generator batches cannot be partial).
             yield magpie.process([{} for _ in range(n)])
-
-
-def _outputs(only_instruction: bool, n_turns: int) -> list[str]:
-    if only_instruction:
-        return ["instruction", "model_name"]
-    if n_turns == 1:
-        return ["instruction", "response", "model_name"]
-    return ["conversation", "model_name"]
 
 
 def _error(res: Any, what: str) -> str:
