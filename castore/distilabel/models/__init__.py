@@ -95,13 +95,10 @@ def _instructor_schema(spec: dict[str, Any]) -> Any:
     return spec["schema"]
 
 
-class ClientvLLM(_DistilabelLLM, VLLMServer):
+# The server class first: a field's default comes from the first base that has it.
+class ClientvLLM(VLLMServer, _DistilabelLLM):
     """distilabel's ClientvLLM: a vLLM server's OpenAI-compatible API at `base_url`. The
     server applies the model's chat template, so `tokenizer` is not taken."""
-
-    # Restated: pydantic takes inherited defaults from the first base (_DistilabelLLM).
-    base_url: str = VLLMServer.model_fields["base_url"].default
-    api_key_env: str = VLLMServer.model_fields["api_key_env"].default
 
     @model_validator(mode="before")
     @classmethod
@@ -116,12 +113,9 @@ class ClientvLLM(_DistilabelLLM, VLLMServer):
         return data
 
 
-class OllamaLLM(_DistilabelLLM, OllamaServer):
+class OllamaLLM(OllamaServer, _DistilabelLLM):
     """distilabel's OllamaLLM: `host` (default http://localhost:11434) is Ollama's
     server, reached through its OpenAI-compatible /v1 API."""
-
-    base_url: str = OllamaServer.model_fields["base_url"].default
-    api_key_env: str = OllamaServer.model_fields["api_key_env"].default
 
     @model_validator(mode="before")
     @classmethod
