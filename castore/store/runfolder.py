@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,10 +34,9 @@ class RunFolder:
 
     def live_log(self, run_id: str) -> Path:
         """Where attempt `run_id` writes its log while it runs. The id comes from a
-        manifest, which may have been pulled: only a uuid's hex digits become a path."""
-        if not _RUN_ID.fullmatch(run_id):
-            raise ValueError(f"not a run id: {run_id!r}")
-        return self.logs / f"{run_id}.log"
+        manifest, which may have been pulled: it is checked as the run lock's is before
+        it becomes a path (InvalidRefName)."""
+        return self.logs / f"{L.validate_name(run_id, 'run id')}.log"
 
     def store_log(self, run_id: str) -> str | None:
         """Store the attempt's log as an object and place it as pipeline.log (the newest
@@ -112,6 +110,3 @@ class RunFolder:
             return self.live_log(run_id).read_text(encoding="utf-8", errors="replace")
         except (FileNotFoundError, ValueError):
             return ""
-
-
-_RUN_ID = re.compile(r"[0-9a-f]{32}")
