@@ -95,6 +95,9 @@ def test_templates_and_refusals():
         Magpie(llm=OpenAILLM(model="m"), pre_query_template="<s>[INST] ", n_turns=2)
     with pytest.raises((ValueError, CastoreError)):
         Magpie(llm=OpenAILLM(model="m"), n_turns=0)
+    for typo in ("llama-3", "Qwen2", " "):  # never sent as the prompt itself
+        with pytest.raises(ValueError, match="unknown pre_query_template"):
+            Magpie(llm=OpenAILLM(model="m"), pre_query_template=typo)
     # The generator is checked when it is made too, not when it first runs.
     with pytest.raises(ValueError, match="custom pre_query_template"):
         MagpieGenerator(llm=OpenAILLM(model="m"), num_rows=2, pre_query_template="<s>", n_turns=2)

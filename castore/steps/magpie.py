@@ -15,6 +15,7 @@ get its own sample, so batches are keyed by position as any batch-keyed step's.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
@@ -41,6 +42,7 @@ TEMPLATES: dict[str, tuple[str, str, str]] = {
     ),
     "qwen2": ("", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>user\n"),
 }
+_NAME_LIKE = re.compile(r"[A-Za-z0-9_.\-]+")  # a template name, not a template's text
 # A model that goes on past its turn writes these; the instruction ends before them.
 END_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|start_header_id|>", "<|im_start|>")
 
@@ -85,6 +87,14 @@ class _MagpieFields(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Any:
+        template = self.pre_query_template
+        if template not in TEMPLATES and (not template.strip() or _NAME_LIKE.fullmatch(template)):
+            # A mistyped name ("llama-3") would otherwise be sent as the prompt itself.
+            raise ValueError(
+                f"unknown pre_query_template {template!r}: use "
+                f"{' or '.join(map(repr, TEMPLATES))}, or give the pre-query text itself "
+                "(the chat template's opening up to a user turn)"
+            )
         if self.pre_query_template not in TEMPLATES and (
             self.n_turns > 1 or self.system_prompt is not None
         ):
