@@ -315,6 +315,9 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
         store.delete_ref(name, sig)
     for key in plan.actions_dropped:
         store.delete_action(key)
+    from castore.pipeline.appends import drop_stale
+
+    drop_stale(store)  # a grown file's record, once its batches' entries went
     _delete_objects(store, plan.objects_removed, plan.cutoff, progress)
     # One pack of the packed entries that stay; the packs it replaced go now (their
     # markers are gone, so no new reader finds them).

@@ -70,6 +70,7 @@ class GeneratorBatch:
     index: int
     key: str
     result: BatchResult
+    cached: bool = False  # an object already stored (a grown file's unchanged batches)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import RunInterrupted
 from castore.hashing import generator_end_key, generator_key
-from castore.pipeline.batch import TableCache, call_process, generator_table, store_batch
+from castore.pipeline.appends import FileBatches, Reused
+from castore.pipeline.batch import (
+    BatchResult,
+    TableCache,
+    call_process,
+    entry_of,
+    generator_table,
+    store_batch,
+)
 from castore.pipeline.executors import GeneratorBatch, GeneratorEnd
 from castore.pipeline.step import GeneratorStep, normalize_output
 from castore.store.models import ActionEntry
@@ -30,28 +39,50 @@ def produce(
     events: Any,
     stop: threading.Event,
     tables: TableCache,
+    find: Callable[[str], ActionEntry | None] | None = None,
 ) -> None:
     """Batches `index`, `index`+1, … of `step` from input row `offset`, until it ends or
-    the run stops; a failure is reported as the generator's end with its error."""
+    the run stops; a failure is reported as the generator's end with its error. With
+    `find` (a verified local lookup) and from the first batch, a loader over a grown
+    jsonl file reuses the batches of the version it grew from (castore/pipeline/appends.py)."""
     i = index
     try:
-        for chunk in normalize_output(call_process(step, offset)):
+        source: FileBatches | None = None
+        if find is not None and index == 0 and step.append_source() is not None:
+            source = FileBatches(store, step, fp, find)
+        chunks = source if source is not None else normalize_output(call_process(step, offset))
+        for chunk in chunks:
             if stop.is_set():
                 return
-            t0 = time.perf_counter()
-            table = generator_table(step, chunk)
             key = generator_key(fp, i)
-            res = store_batch(
-                store, step, key, table, time.perf_counter() - t0, cache=True, tables=tables
-            )
-            events.put(GeneratorBatch(name, i, key, res))
+            if isinstance(chunk, Reused):
+                res = reused_batch(store, step, key, chunk.oid, chunk.rows)
+            else:
+                t0 = time.perf_counter()
+                table = generator_table(step, chunk)
+                res = store_batch(
+                    store, step, key, table, time.perf_counter() - t0, cache=True, tables=tables
+                )
+            events.put(GeneratorBatch(name, i, key, res, cached=isinstance(chunk, Reused)))
             i += 1
         store.put_action(
             generator_end_key(fp), ActionEntry(outputs=[], rows=[], info={"batches": i})
         )
+        if source is not None:
+            source.record()
     except RunInterrupted:
         return
     except BaseException as e:
         events.put(GeneratorEnd(name, None, e))
         return
     events.put(GeneratorEnd(name, i))
+
+
+def reused_batch(store: Store, step: GeneratorStep, key: str, oid: str, rows: int) -> BatchResult:
+    """A batch that is an object already stored (and verified): its entry under `key`."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(store.layout.object_path(oid))
+    res = BatchResult([oid], [rows], 0.0, [(f.name, str(f.type)) for f in schema])
+    store.put_action(key, entry_of(step.name, res), made_here=True)
+    return res

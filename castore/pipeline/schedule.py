@@ -153,20 +153,22 @@ class Scheduler:
 
     # -- lookups -------------------------------------------------------------------------
 
-    def _entry(self, key: str) -> ActionEntry | None:
-        """The local action entry, else (read-through) the remote's."""
+    def _entry(self, key: str, *, local: bool = False) -> ActionEntry | None:
+        """The local action entry, else (read-through, unless `local`) the remote's."""
         if not self.use_cache:
             return None
         entry = self.store.get_action(key)
-        if entry is None and self.rcache is not None:
+        if entry is None and self.rcache is not None and not local:
             entry = self.rcache.lookup(key)
         return entry
 
-    def reusable(self, key: str) -> ActionEntry | None:
+    def reusable(self, key: str, *, local: bool = False) -> ActionEntry | None:
         """The entry for `key` when every output it names is intact (verified, then
         freshened so a concurrent gc keeps it) and its row counts are the objects'; else
-        the entry is dropped and None returned, so only this batch is recomputed."""
-        entry = self._entry(key)
+        the entry is dropped and None returned, so only this batch is recomputed.
+        `local`: this store's entries only (a generator thread asks; the remote's client
+        is the scheduler's)."""
+        entry = self._entry(key, local=local)
         if entry is None:
             return None
         if all(self.store.reuse(o) for o in entry.outputs):
@@ -369,9 +371,14 @@ class Scheduler:
     def handle(self, event: Event, *, draining: bool = False) -> None:
         if isinstance(event, GeneratorBatch):
             r = event.result
-            self.recorder.record(
-                event.step, event.index, event.key, r.outputs, r.rows, cached=False, result=r
-            )
+            if event.cached:
+                self.recorder.record(
+                    event.step, event.index, event.key, r.outputs, r.rows, cached=True
+                )
+            else:
+                self.recorder.record(
+                    event.step, event.index, event.key, r.outputs, r.rows, cached=False, result=r
+                )
         elif isinstance(event, GeneratorEnd):
             self._generator_end(event)
         elif isinstance(event, BatchNotStarted):
@@ -572,6 +579,7 @@ class Scheduler:
                 events=self.events,
                 stop=self.stop,
                 tables=self.cache,
+                find=functools.partial(self.reusable, local=True) if self.use_cache else None,
             )
         )
 

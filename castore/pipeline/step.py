@@ -374,6 +374,12 @@ class GeneratorStep(_Step):
     def process(self, offset: int = 0) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def append_source(self) -> str | None:
+        """A local jsonl file when the step's batches are that file's lines in order, cut
+        every `batch_size` rows: a run then reuses the batches of an earlier version of
+        the file that this one extends, and parses only the rest. None by default."""
+        return None
+
 
 class BatchIncomplete(Exception):
     """Raised by `process` when some rows failed (an LLM call that kept failing): the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections.abc import Iterator
@@ -39,6 +40,19 @@ def _required(step: GeneratorStep, field: str) -> Any:
 
 
 _NUM_EXAMPLES = "At most this many rows (the first ones)."
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, _stamp: tuple[int, ...]) -> str:
+    return hash_file(path)
+
+
+def local_digest(path: str) -> str:
+    """blake3 of a local data file, hashed once per process while its stat (size, mtime,
+    ctime, inode: what any write changes) is the same: a run asks for it for its
+    signature and for pipeline.yaml, and the loader again before it reads."""
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
 def _folder_digests(root: str) -> list[list[str]]:
@@ -107,7 +121,7 @@ class LoadDataFromFileSystem(GeneratorStep):
         out = []
         for path in self._paths():
             if "://" not in path:
-                out.append(hash_file(path))  # memory-mapped; no fsspec import
+                out.append(local_digest(path))
                 continue
             import fsspec
 
@@ -117,6 +131,18 @@ class LoadDataFromFileSystem(GeneratorStep):
                     h.update(chunk)
             out.append(h.hexdigest())
         return {"files": out}
+
+    def append_source(self) -> str | None:
+        """The one local jsonl file this step reads whole, in order: a run can then reuse
+        the batches of an earlier version of the file that this one extends
+        (castore/pipeline/appends.py). None for globs, URLs, other formats and
+        `num_examples`."""
+        if self.num_examples is not None:
+            return None
+        paths = self._paths()
+        if len(paths) != 1 or "://" in paths[0] or self._format(paths[0]) != "jsonl":
+            return None
+        return paths[0]
 
     def _read(self, path: str) -> pa.Table:
         import fsspec

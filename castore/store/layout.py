@@ -29,6 +29,8 @@ INDEX = "index"  # index/<fingerprint>/<segment id>: the row-key segments of a r
 LEASES = "leases"
 RUN_LOCKS = "runs"
 JOBS = "jobs"  # jobs/<job key>.json: a provider's batch job for rows of an LLM step
+# appends/<key>.json: where a loader's batches of a jsonl file end (castore/pipeline/appends.py)
+APPENDS = "appends"
 # What a run folder holds: the run's pipeline.yaml and log, its leaf batches (data/, with
 # the stamp file data/.castore-batches.json), the Distiset's memory-mapped leaves, and
 # logs/<run id>.log: each attempt's log while it runs (two runs of one pipeline at once
@@ -69,7 +71,7 @@ def oid_from_path(path: str) -> str | None:
 
 # Every name a store has at its root (a folder holding anything else is not a store).
 STORE_NAMES = frozenset(
-    {OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS, QUARANTINE, LAYOUT_FILE, CONFIG, INDEX}
+    {OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS, QUARANTINE, LAYOUT_FILE, CONFIG, INDEX, APPENDS}
 )
 
 
@@ -129,6 +131,10 @@ class Layout:
     def dirs(self) -> list[str]:
         """Every top-level folder a store creates (quarantine/ appears when needed)."""
         return [self.dir(k) for k in (OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS)]
+
+    def append_record_path(self, key: str) -> str:
+        validate_id(key)
+        return self.join(self.root, APPENDS, key + ".json")
 
     def index_dir(self, fingerprint: str) -> str:
         validate_id(fingerprint)
