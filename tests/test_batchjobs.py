@@ -104,6 +104,42 @@ def test_the_answers_are_the_live_answers(tmp_path, server):
     assert server.requests == before and server.batch_api.creates == 1
 
 
+def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
+    """120 rows arriving in loader batches of 25, an offline step without an
+    input_batch_size: one job for all of them, not one per batch."""
+    from castore import Pipeline
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+    from castore.steps.llm import OFFLINE_BATCH_ROWS
+
+    def build() -> Pipeline:
+        with Pipeline(name="default-size") as p:
+            LoadDataFromDicts(
+                data=[{"instruction": f"q {i}"} for i in range(120)], batch_size=25
+            ) >> TextGeneration(
+                llm=OpenAILLM(model="m", base_url=server.base_url, offline_batch=True)
+            )
+        return p
+
+    assert build().steps["text_generation"].input_batch_size == OFFLINE_BATCH_ROWS
+    with pytest.raises(RunWaiting):
+        build().run(cache_dir=tmp_path / "c", quiet=True)
+    (job,) = server.batch_api.jobs()
+    assert job["request_counts"]["total"] == 120 and server.batch_api.creates == 1
+    server.batch_api.release()
+    rows = build().run(cache_dir=tmp_path / "c", quiet=True)["text_generation"]["train"]
+    assert len(rows) == 120 and server.batch_api.creates == 1 and server.requests == 0
+    # A batch size chosen by the user is kept: 120 rows in batches of 50 are 3 jobs.
+    with Pipeline(name="chosen") as p:
+        LoadDataFromDicts(data=[{"instruction": f"r {i}"} for i in range(120)]) >> TextGeneration(
+            llm=OpenAILLM(model="m", base_url=server.base_url, offline_batch=True),
+            input_batch_size=50,
+        )
+    with pytest.raises(RunWaiting):
+        p.run(cache_dir=tmp_path / "c", quiet=True)
+    assert server.batch_api.creates == 4
+
+
 @pytest.mark.parametrize("phase", ["upload", "before", "after"])
 def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
     """SIGKILL inside the upload (the record is written, no file id yet), inside the

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+from pydantic import model_validator
+
 from castore.errors import PipelineError, StepFailed
 from castore.llms import Generation, OpenAILLM
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
@@ -24,6 +26,10 @@ def require_text(step: str | None, value: Any, what: str) -> str:
     return value
 
 
+# OpenAI's Batch API takes at most 50,000 requests per job.
+OFFLINE_BATCH_ROWS = 50_000
+
+
 class _LLMTask(Step):
     """Shared by the tasks: send one conversation per row, write the generation, the
     model name and per-row metadata (raw response, usage, error)."""
@@ -35,6 +41,15 @@ class _LLMTask(Step):
     # Runtime-only like every step's batch size (the signature already has it): a batch
     # size in the fingerprint would change every row key of the step with it.
     input_batch_size: int = runtime_field(32, ge=1, description="Rows per input batch.")
+
+    @model_validator(mode="after")
+    def _one_job(self) -> _LLMTask:
+        """An offline step's batch is one provider job: unless the batch size was chosen,
+        the provider's limit of requests per job, so a run's missing rows are one job."""
+        if self.llm.offline_batch and "input_batch_size" not in self.model_fields_set:
+            # Not an assignment: that would validate again and mark the field as chosen.
+            object.__setattr__(self, "input_batch_size", OFFLINE_BATCH_ROWS)
+        return self
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:  # pragma: no cover
         raise NotImplementedError
