@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 
 from castore.errors import BatchWaiting, LLMError, StepFailed
 from castore.hashing import hash_json
+from castore.llms import Prices
 from castore.store import layout as L
 
 if TYPE_CHECKING:
@@ -58,6 +59,12 @@ _REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one
 class JobRecord(BaseModel):
     """jobs/<key>.json: what castore knows of one batch job. No secret in it."""
 
+    def cost(self) -> float | None:
+        """USD, from the job's usage and the prices given; None until both are known."""
+        if self.prices is None or not self.state.startswith("collected"):
+            return None
+        return self.prices.cost(self.prompt_tokens, self.completion_tokens)
+
     key: str
     step: str
     base_url: str
@@ -71,6 +78,11 @@ class JobRecord(BaseModel):
     error_file_id: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # The LLM's `prices` (USD per 1M tokens) when given: the job's cost is estimated with
+    # them once its usage is known (at collection).
+    prices: Prices | None = None
     missing: int | None = None  # rows without an answer, once collected
     attempt: int = 0  # the same rows asked again after a job that left some unanswered
     rows_key: str = ""  # the key of the requests (the record's key is this plus attempt)
@@ -241,6 +253,7 @@ def _generate(
             model=llm.model,
             api_key_env=llm.api_key_env,
             rows=len(bodies),
+            prices=llm.prices,
         )
     )
     api = _Api(llm)
@@ -269,11 +282,13 @@ def _generate(
             f"batch job {rec.batch_id} ({rec.rows} rows) is {rec.state}", job=rec.batch_id
         )
     results = _results(api, rec, len(bodies), llm.chat_parser())
-    rec.tokens = sum(
-        int((r.usage or {}).get("total_tokens") or 0)
-        for r in results
-        if not isinstance(r, BaseException)
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    rec.tokens = sum(int((r.usage or {}).get("total_tokens") or 0) for r in answered)
+    rec.prompt_tokens = sum(int((r.usage or {}).get("prompt_tokens") or 0) for r in answered)
+    rec.completion_tokens = sum(
+        int((r.usage or {}).get("completion_tokens") or 0) for r in answered
     )
+    rec.prices = rec.prices or llm.prices
     rec.missing = sum(isinstance(r, BaseException) for r in results)
     if not rec.state.startswith("collected"):
         rec.state = f"collected ({rec.state})"

@@ -54,6 +54,19 @@ class Generation(BaseModel):
     attempts: int = 1
 
 
+class Prices(BaseModel):
+    """What you pay for a model, in USD per million tokens: castore keeps no price list
+    (prices change, and a stale one would be a guess), so cost estimates use yours."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(ge=0, description="USD per 1M prompt tokens.")
+    output: float = Field(ge=0, description="USD per 1M completion tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
 class OpenAILLM(BaseModel):
     """Chat completions at `base_url` (…/v1). `cache_identity()` is what enters a step's
     fingerprint: the model, the generation kwargs and the server (a different server may
@@ -79,6 +92,12 @@ class OpenAILLM(BaseModel):
         default=False,
         description="Send a step's missing rows as one batch job (/v1/batches) instead of "
         "live requests; the run ends `waiting` until the provider finished it.",
+    )
+    prices: Prices | None = Field(
+        default=None,
+        description="USD per 1M tokens for this model ({'input': ..., 'output': ...}; with "
+        "offline_batch, the batch price): `cas jobs` estimates each job's cost with it. "
+        "Not part of the cache key.",
     )
     offline_failed: Literal["new_job", "live"] = Field(
         default="new_job",

@@ -12,9 +12,11 @@ from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
 @click.pass_context
 def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
     """Batch jobs of offline LLM steps (OpenAILLM(offline_batch=True)), newest first: the
-    provider's batch id, state, rows, counts, tokens and age. The state is the one last
-    seen by a run; --refresh asks the provider (with the key from the environment
-    variable the job's LLM names). `cas resume` collects finished jobs."""
+    provider's batch id, state, rows, counts, tokens, age, and the estimated cost of a
+    collected job (its usage at the LLM's `prices`, USD per 1M tokens; castore keeps no
+    price list). The state is the one last seen by a run; --refresh asks the provider
+    (with the key from the environment variable the job's LLM names). `cas resume`
+    collects finished jobs."""
     if ctx.invoked_subcommand is not None:
         return
     from castore import batchjobs
@@ -25,7 +27,14 @@ def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
     for rec in batchjobs.records(store):
         if refresh:
             rec = batchjobs.refresh(store, rec, _llm(rec))
-        out.append({**rec.model_dump(mode="json"), "age_seconds": round(batchjobs.age(rec), 1)})
+        cost = rec.cost()
+        out.append(
+            {
+                **rec.model_dump(mode="json"),
+                "age_seconds": round(batchjobs.age(rec), 1),
+                "cost_usd": round(cost, 6) if cost is not None else None,
+            }
+        )
     if as_json:
         echo_json(out)
         return
@@ -34,10 +43,16 @@ def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
         return
     for j in out:
         counts = ", ".join(f"{k} {v}" for k, v in j["counts"].items()) or "no counts yet"
+        shown = "" if j["cost_usd"] is None else f" ≈ ${j['cost_usd']:.4f}"
         click.echo(
             f"{j['batch_id'] or '(not created)'}  {j['state']}  step {j['step']}, "
-            f"{j['rows']} rows ({counts}), {j['tokens']} tokens, "
+            f"{j['rows']} rows ({counts}), {j['tokens']} tokens{shown}, "
             f"{_age(j['age_seconds'])} old  [job {j['key'][:12]}]"
+        )
+    if any(j["cost_usd"] is None and j["state"].startswith("collected") for j in out):
+        err(
+            "no cost estimate for jobs whose LLM has no prices: set "
+            "OpenAILLM(prices={'input': ..., 'output': ...}), USD per 1M tokens"
         )
 
 

@@ -58,7 +58,9 @@ def test_one_job_then_waiting_then_collected_then_free(tmp_path, server):
     ]
     store = Store(cache)
     (rec,) = batchjobs.records(store)
-    assert rec.state == "collected (completed)" and rec.tokens > 0
+    assert rec.state == "collected (completed)" and rec.tokens > 0 and rec.cost() is None
+    listed = cas_inproc("jobs", cache_dir=cache)
+    assert "no cost estimate" in listed.stderr and "prices=" in listed.stderr
     # A re-run pays nothing: no job, no request.
     free = cas_inproc("run", str(OFFLINE), "--json", cache_dir=cache)
     assert free.returncode == 0 and api.creates == 1 and api.answered == 50
@@ -117,7 +119,12 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
             LoadDataFromDicts(
                 data=[{"instruction": f"q {i}"} for i in range(120)], batch_size=25
             ) >> TextGeneration(
-                llm=OpenAILLM(model="m", base_url=server.base_url, offline_batch=True)
+                llm=OpenAILLM(
+                    model="m",
+                    base_url=server.base_url,
+                    offline_batch=True,
+                    prices={"input": 0.5, "output": 2.0},  # USD per 1M tokens
+                )
             )
         return p
 
@@ -129,6 +136,13 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
     server.batch_api.release()
     rows = build().run(cache_dir=tmp_path / "c", quiet=True)["text_generation"]["train"]
     assert len(rows) == 120 and server.batch_api.creates == 1 and server.requests == 0
+    # Its cost, estimated from the job's usage (the server counts a prompt's words as its
+    # tokens and answers with two more) at the given prices; prices are not in the key.
+    prompt = sum(len(f"q {i}".split()) for i in range(120))
+    expected = (prompt * 0.5 + (prompt + 2 * 120) * 2.0) / 1e6
+    (listed,) = cas_inproc("jobs", "--json", cache_dir=tmp_path / "c").json()
+    assert listed["prompt_tokens"] == prompt and listed["cost_usd"] == pytest.approx(expected)
+    assert f"≈ ${expected:.4f}" in cas_inproc("jobs", cache_dir=tmp_path / "c").stdout
     # A batch size chosen by the user is kept: 120 rows in batches of 50 are 3 jobs.
     with Pipeline(name="chosen") as p:
         LoadDataFromDicts(data=[{"instruction": f"r {i}"} for i in range(120)]) >> TextGeneration(
