@@ -154,6 +154,35 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
     assert server.batch_api.creates == 4
 
 
+def test_ctrl_c_with_a_job_pending_ends_waiting_and_the_resume_collects(tmp_path, server):
+    """SIGINT while the job is pending and a slow step still works: the run ends
+    `waiting` (exit 75, naming the job and saying the rest stopped too); the resume
+    polls the same job and finishes, one job paid."""
+    cache = tmp_path / "c"
+    env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
+    proc = start_cas(
+        "run", str(REPO / "tests" / "pipelines" / "offline_slow.py"), cache_dir=cache, env=env
+    )
+    deadline = time.monotonic() + 30
+    while server.batch_api.creates == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.batch_api.creates == 1
+    time.sleep(0.5)  # the step has parked its batch; the slow step is still at work
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    assert "waiting for batch jobs" in stderr and "other batches stopped too" in stderr
+    show = cas_inproc("show", "offline-slow", "--json", cache_dir=cache).json()
+    assert show["status"] == "waiting" and show["steps"]
+    slow = next(s for s in show["steps"] if s["name"] == "slow")
+    assert slow["batches_done"] < 40, slow  # it was stopped, not finished
+    server.batch_api.release()
+    done = cas_inproc("resume", "offline-slow", "--json", cache_dir=cache)
+    assert done.returncode == 0, done
+    assert server.batch_api.creates == 1 and server.batch_api.answered == 40
+    assert server.requests == 0
+
+
 @pytest.mark.parametrize("phase", ["upload", "before", "after"])
 def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
     """SIGKILL inside the upload (the record is written, no file id yet), inside the

@@ -108,17 +108,22 @@ def log_summary(stats: dict[str, StepStats], name: str, status: str, data: Path)
         h.flush()
 
 
-def stopped(name: str, status: str, done: int, parked: list[str], oid: str) -> RunInterrupted:
+def stopped(
+    name: str, status: str, done: int, parked: list[str], oid: str, *, interrupted: bool = False
+) -> RunInterrupted:
     """What a run that stopped before its end raises (after sealing): interrupted, or
-    waiting for batch jobs (RunWaiting, exit 75)."""
+    waiting for batch jobs (RunWaiting, exit 75; also when interrupted while some were
+    pending: the run cannot end before they do)."""
     err = RunInterrupted(
         f"run {name} interrupted: {done} batches are stored; `cas resume {name}` (or running "
         "it again) continues"
     )
     if status == "waiting":
+        stopped_too = " (interrupted: its other batches stopped too)" if interrupted else ""
         err = RunWaiting(
-            f"run {name} waiting for batch jobs ({'; '.join(parked)}); {done} batches are "
-            f"stored; `cas resume {name}` later collects them (`cas jobs` shows their state)"
+            f"run {name} waiting for batch jobs ({'; '.join(parked)}){stopped_too}; {done} "
+            f"batches are stored; `cas resume {name}` later collects them (`cas jobs` shows "
+            "their state)"
         )
     err.run_oid = oid
     return err

@@ -131,7 +131,8 @@ class Runner:
                 self.folder.drop_live_log(self.info.run_id)
         if status in ("interrupted", "waiting"):
             parked = self.sched.parked if self.sched else []
-            raise runlog.stopped(self.p.name, status, self.recorder.done_batches(), parked, oid)
+            done, stopped = self.recorder.done_batches(), self.stop.is_set()
+            raise runlog.stopped(self.p.name, status, done, parked, oid, interrupted=stopped)
         return oid, out
 
     def _late_interrupt(self, status: RunStatus) -> None:
@@ -187,7 +188,8 @@ class Runner:
         while not self.planner.complete:
             if self.stop.is_set():
                 sched.drain(self.stop_grace, self.cancel)
-                return "interrupted"
+                # Batch jobs pending: the run cannot end before they do (exit 75, waiting).
+                return "waiting" if sched.parked else "interrupted"
             sched.plan_all()
             sched.check_waiting()
             sched.submit_ready()
