@@ -186,6 +186,8 @@ def step_table(store: Store, info: RunInfo) -> list[dict[str, Any]]:
                 "seconds_saved": st.seconds_saved,
                 "tokens_spent": st.tokens_spent,
                 "tokens_saved": st.tokens_saved,
+                "cost_spent_usd": st.cost_spent_usd,
+                "cost_saved_usd": st.cost_saved_usd,
             }
         )
     return out

@@ -28,6 +28,7 @@ class Saved(BaseModel):
     tokens: int
     seconds: float
     rows_by_key: int = 0
+    cost_usd: float = 0.0  # the saved tokens at the steps' LLM `prices`
 
     @classmethod
     def of(cls, stats: dict[str, StepStats]) -> Saved:
@@ -37,13 +38,15 @@ class Saved(BaseModel):
             rows_by_key=sum(s.rows_reused for s in stats.values()),
             tokens=sum(s.tokens_saved for s in stats.values()),
             seconds=round(sum(s.seconds_saved for s in stats.values()), 6),
+            cost_usd=round(sum(s.cost_saved_usd for s in stats.values()), 9),
         )
 
     def line(self) -> str:
         by_key = f" ({self.rows_by_key} by row key)" if self.rows_by_key else ""
+        usd = f" (≈ ${self.cost_usd:.4f})" if self.cost_usd else ""
         return (
-            f"saved: {self.batches} batches, {self.rows} rows{by_key}, {self.tokens} tokens, "
-            f"{self.seconds:.1f} seconds of compute"
+            f"saved: {self.batches} batches, {self.rows} rows{by_key}, {self.tokens} "
+            f"tokens{usd}, {self.seconds:.1f} seconds of compute"
         )
 
 
@@ -60,6 +63,7 @@ class RunSummary(BaseModel):
     data_dir: str
     saved: Saved
     tokens_spent: int
+    cost_spent_usd: float = 0.0  # the spent tokens at the steps' LLM `prices`
     error: str | None = None
 
     @classmethod
@@ -86,6 +90,7 @@ class RunSummary(BaseModel):
             data_dir=data_dir,
             saved=Saved.of(stats),
             tokens_spent=sum(s.tokens_spent for s in stats.values()),
+            cost_spent_usd=round(sum(s.cost_spent_usd for s in stats.values()), 9),
             error=run.error,
         )
 

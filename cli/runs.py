@@ -81,6 +81,7 @@ def show_command(app: App, run: str, dag: bool, as_json: bool) -> None:
         "steps": steps,
         "saved": summary.saved.model_dump(),
         "tokens_spent": summary.tokens_spent,
+        "cost_spent_usd": summary.cost_spent_usd,
         "error": info.manifest.error,
         "edges": [list(e) for e in info.manifest.edges],
     }
@@ -107,6 +108,11 @@ def show_command(app: App, run: str, dag: bool, as_json: bool) -> None:
             + (
                 f"; tokens {s['tokens_spent']} spent, {s['tokens_saved']} saved"
                 if s["tokens_spent"] or s["tokens_saved"]
+                else ""
+            )
+            + (
+                f" (≈ ${s['cost_spent_usd']:.4f} spent, ${s['cost_saved_usd']:.4f} saved)"
+                if s["cost_spent_usd"] or s["cost_saved_usd"]
                 else ""
             )
         )

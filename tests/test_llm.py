@@ -230,3 +230,51 @@ def test_template_columns_checked_before_any_request(store, server):
     with pytest.raises(PipelineError, match="'audience'"):
         p.run(cache_dir=store.root, quiet=True)
     assert server.requests == 0
+
+
+def test_tokens_and_their_cost_are_counted_once_spent_then_saved(store, server):
+    """A step's tokens are its own (a later step that carries the metadata column does
+    not count them again), priced at the LLM's prices; a re-run saves them, and rows
+    reused by row key save theirs."""
+    from castore import StepInput, step
+    from castore.summary import RunSummary
+    from tests.conftest import cas_inproc
+
+    @step(inputs=["generation"], outputs=["n"])
+    def Count(inputs: StepInput):
+        return [{**r, "n": len(r["generation"])} for r in inputs]
+
+    prices = {"input": 3.0, "output": 15.0}  # USD per 1M tokens
+
+    def build(n: int) -> Pipeline:
+        with Pipeline(name="priced") as p:
+            (
+                LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(n)])
+                >> TextGeneration(llm=llm(server, prices=prices), input_batch_size=10)
+                >> Count(name="count")
+            )
+        return p
+
+    # The server counts a prompt's words as its tokens and answers with two more.
+    def cost(n: int) -> tuple[int, float]:
+        words = sum(len(f"q {i}".split()) for i in range(n))
+        return 2 * words + 2 * n, (words * 3.0 + (words + 2 * n) * 15.0) / 1e6
+
+    first = build(20).run(cache_dir=store.root, quiet=True).run.stats
+    tokens, usd = cost(20)
+    assert first["text_generation"].tokens_spent == tokens and first["count"].tokens_spent == 0
+    assert first["text_generation"].cost_spent_usd == pytest.approx(usd)
+    again = build(20).run(cache_dir=store.root, quiet=True).run.stats
+    assert again["text_generation"].cost_saved_usd == pytest.approx(usd)
+    assert again["text_generation"].cost_spent_usd == 0 and server.requests == 20
+    grown = build(25).run(cache_dir=store.root, quiet=True)
+    st = grown.run.stats["text_generation"]
+    assert server.requests == 25 and st.rows_reused + st.rows_cached == 20
+    assert st.cost_spent_usd == pytest.approx(cost(25)[1] - usd)
+    assert st.cost_saved_usd == pytest.approx(usd)
+    summary = RunSummary.load(store, grown.run_oid)
+    assert summary.saved.cost_usd == pytest.approx(usd)
+    shown = cas_inproc("show", "priced", cache_dir=store.root).stdout
+    spent = cost(25)[1] - usd
+    assert f"(≈ ${spent:.4f} spent, ${usd:.4f} saved)" in shown  # the step's line
+    assert f"tokens (≈ ${usd:.4f})" in shown  # the run's saved line

@@ -48,6 +48,8 @@ class BatchResult:
     row_index: str | None = None  # row-wise steps: the batch's row-key segment
     rows_reused: int = 0  # rows taken from earlier results by row key
     tokens_reused: int = 0  # what those rows cost when they were made
+    cost_usd: float = 0.0  # `tokens` at the step's LLM prices
+    cost_usd_reused: float = 0.0
 
 
 class TableCache:
@@ -279,14 +281,15 @@ def store_batch(
     *,
     cache: bool,
     rows: RowPlan | None = None,
-    tokens_reused: int = 0,
+    reused: Usage = (0, 0.0),
     tables: TableCache | None = None,
 ) -> BatchResult:
     """The object, then (row-wise steps, given `rows`) its row-key segment, then (with
-    `cache`) the action entry: an entry never names what is not yet stored. Tokens are
-    those spent now, i.e. without `tokens_reused` (rows taken by row key). `tables` keeps
-    the table in memory for the step's successors."""
+    `cache`) the action entry: an entry never names what is not yet stored. Tokens (and
+    their cost) are those spent now: without the `reused` (tokens, USD) of rows taken by
+    row key. `tables` keeps the table in memory for the step's successors."""
     buf = encode_parquet(table)
+    spent = usage_of(step, table)
     oid = store.put_encoded(buf)
     if tables is not None:
         tables.keep(oid, table, buf)
@@ -296,22 +299,26 @@ def store_batch(
         [table.num_rows],
         seconds,
         columns_of(table),
-        tokens=count_tokens(table) - tokens_reused,
+        tokens=spent[0] - reused[0],
         row_index=segment,
         rows_reused=rows.reused if rows is not None else 0,
-        tokens_reused=tokens_reused,
+        tokens_reused=reused[0],
+        cost_usd=max(spent[1] - reused[1], 0.0),
+        cost_usd_reused=reused[1],
     )
     if cache:
         store.put_action(key, entry_of(step.name, res), made_here=True)
     return res
 
 
-def entry_cost(entry: ActionEntry) -> tuple[float, int]:
-    """(seconds, tokens) that computing an entry's batch took."""
-    seconds, tokens = entry.info.get("seconds", 0.0), entry.info.get("tokens", 0)
+def entry_cost(entry: ActionEntry) -> tuple[float, int, float]:
+    """(seconds, tokens, USD) that computing an entry's batch took."""
+    info = entry.info
+    seconds, tokens, usd = info.get("seconds", 0.0), info.get("tokens", 0), info.get("cost_usd")
     return (
         float(seconds) if isinstance(seconds, (int, float)) else 0.0,
         int(tokens) if isinstance(tokens, int) else 0,
+        float(usd) if isinstance(usd, (int, float)) else 0.0,
     )
 
 
@@ -319,23 +326,37 @@ def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
     """The action entry of a computed batch (written by the worker that stored it, or by
     the driver for Ray workers)."""
     info: dict[str, Any] = {"step": step, "seconds": round(res.seconds, 6), "tokens": res.tokens}
+    if res.cost_usd:
+        info["cost_usd"] = round(res.cost_usd, 9)
     if res.row_index is not None:
         info["row_index"] = res.row_index
     return ActionEntry(outputs=res.outputs, rows=res.rows, info=info)
 
 
-def count_tokens(table: pa.Table) -> int:
-    """Tokens spent on a batch: `usage.total_tokens` of every step entry in the metadata
-    column (LLM steps write one per row)."""
-    if METADATA_COLUMN not in table.column_names:
-        return 0
-    total = 0
+Usage = tuple[int, float]  # (tokens, USD at the step's prices)
+
+
+def usage_of(step: _Step, table: pa.Table) -> Usage:
+    """What a batch's rows cost: the usage in each row's metadata entry of this step (LLM
+    steps write one per row, under their name; the entries of earlier steps a row carries
+    are theirs, not this step's), and that usage at the step's prices."""
+    if METADATA_COLUMN not in table.column_names or not step.name:
+        return (0, 0.0)
+    name, prices = step.name, step.prices()
+    total = prompt = completion = 0
     for meta in table.column(METADATA_COLUMN).to_pylist():
-        for entry in (meta or {}).values():
-            usage = entry.get("usage") if isinstance(entry, dict) else None
-            if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-                total += usage["total_tokens"]
-    return total
+        entry = (meta or {}).get(name)
+        usage = entry.get("usage") if isinstance(entry, dict) else None
+        if not isinstance(usage, dict):
+            continue
+        total += _int(usage.get("total_tokens"))
+        prompt += _int(usage.get("prompt_tokens"))
+        completion += _int(usage.get("completion_tokens"))
+    return total, prices.cost(prompt, completion) if prices is not None else 0.0
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def compute(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None]:
@@ -396,7 +417,7 @@ def execute_batch(
         time.perf_counter() - t0,
         cache=write_entry and skipped is None,
         rows=rows,
-        tokens_reused=count_tokens(reused) if reused is not None else 0,
+        reused=usage_of(step, reused) if reused is not None else (0, 0.0),
         tables=cache,
     )
     return dataclasses.replace(
@@ -477,6 +498,7 @@ def execute_for_ray_remote(
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
     data = encode_parquet(out).to_pybytes()  # the bytes Store.put_table would store
     oid = hash_bytes(data)
+    usage = usage_of(step, out)
     os.environ.update(secrets or {})
     remote = Remote(remote_url)
     if not remote.has(oid):
@@ -487,6 +509,7 @@ def execute_for_ray_remote(
         time.perf_counter() - t0,
         columns_of(out),
         skipped_error=skipped,
-        tokens=count_tokens(out),
+        tokens=usage[0],
+        cost_usd=usage[1],
         entry_written=False,
     )

@@ -47,6 +47,8 @@ class StepTally:
     tokens_spent: int = 0
     tokens_saved: int = 0
     rows_reused: int = 0  # rows of computed batches found by row key
+    usd_spent: float = 0.0
+    usd_saved: float = 0.0
 
     def add(
         self,
@@ -56,16 +58,20 @@ class StepTally:
         failed: bool,
         seconds: float,
         tokens: int,
+        usd: float = 0.0,
         reused: int = 0,
         tokens_reused: int = 0,
+        usd_reused: float = 0.0,
     ) -> None:
         """One batch: `reused` of its `rows` (computed batches of row-wise steps) were
-        taken by row key, and `tokens_reused` is what they cost when they were made."""
+        taken by row key, and `tokens_reused` (`usd_reused`) is what they cost when they
+        were made."""
         if cached:
             self.cached += 1
             self.rows_cached += rows
             self.seconds_saved += seconds
             self.tokens_saved += tokens
+            self.usd_saved += usd
         else:
             if failed:
                 self.failed += 1
@@ -76,6 +82,8 @@ class StepTally:
             self.seconds += seconds
             self.tokens_spent += tokens
             self.tokens_saved += tokens_reused
+            self.usd_spent += usd
+            self.usd_saved += usd_reused
 
     def stats(self, plan: StepPlan) -> StepStats:
         return StepStats(
@@ -91,6 +99,8 @@ class StepTally:
             tokens_spent=self.tokens_spent,
             tokens_saved=self.tokens_saved,
             rows_reused=self.rows_reused,
+            cost_spent_usd=round(self.usd_spent, 9),
+            cost_saved_usd=round(self.usd_saved, 9),
         )
 
 
@@ -141,14 +151,14 @@ class Recorder:
         *,
         cached: bool,
         result: BatchResult | None = None,
-        cost: tuple[float, int] = (0.0, 0),
+        cost: tuple[float, int, float] = (0.0, 0, 0.0),
         row_index: str | None = None,
     ) -> None:
         """A batch is done: `result` when computed now; for a hit, `cost` is (seconds,
-        tokens) that computing it took once, i.e. what the cache saved, and `row_index`
-        its row-key segment (row-wise steps)."""
+        tokens, USD) that computing it took once, i.e. what the cache saved, and
+        `row_index` its row-key segment (row-wise steps)."""
         failed = result is not None and result.skipped_error is not None
-        seconds, tokens = (result.seconds, result.tokens) if result else cost
+        seconds, tokens, usd = (result.seconds, result.tokens, result.cost_usd) if result else cost
         reused = result.rows_reused if result else 0
         if result is not None:
             row_index = result.row_index
@@ -159,25 +169,34 @@ class Recorder:
             cached=cached,
             seconds=round(seconds, 6),
             tokens=tokens,
+            cost_usd=round(usd, 9),
             failed=failed,
             row_index=row_index,
             rows_reused=reused,
         )
-        self._add(step, index, rec, result.tokens_reused if result else 0)
+        self._add(
+            step, index, rec, (result.tokens_reused, result.cost_usd_reused) if result else None
+        )
         if not self.columns[step] and outputs:
             self.columns[step] = result.columns if result is not None else self._columns(outputs)
 
-    def _add(self, step: str, index: int, rec: BatchRecord, tokens_reused: int = 0) -> None:
-        """Into the step's plan (its streams grow) and tallies; then `on_record`."""
+    def _add(
+        self, step: str, index: int, rec: BatchRecord, reused: tuple[int, float] | None = None
+    ) -> None:
+        """Into the step's plan (its streams grow) and tallies; then `on_record`.
+        `reused`: (tokens, USD) of the rows taken by row key."""
         self.plans[step].add(index, rec)
+        tokens_reused, usd_reused = reused or (0, 0.0)
         self.tallies[step].add(
             sum(rec.rows),
             cached=rec.cached,
             failed=rec.failed,
             seconds=rec.seconds,
             tokens=rec.tokens,
+            usd=rec.cost_usd,
             reused=rec.rows_reused,
             tokens_reused=tokens_reused,
+            usd_reused=usd_reused,
         )
         if self.on_record is not None:
             self.on_record(step, rec.key, rec.outputs, rec.cached, rec.failed)

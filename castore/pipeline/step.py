@@ -31,6 +31,7 @@ from castore.hashing import canonical_json, hash_json
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from castore.llms import Prices
     from castore.pipeline.pipeline import Pipeline
 
 StepInput = list[dict[str, Any]]
@@ -298,6 +299,11 @@ class _Step(BaseModel):
 
     def extra_identity(self) -> Any:
         """Hook for steps whose outputs depend on more than params (e.g. file contents)."""
+        return None
+
+    def prices(self) -> Prices | None:
+        """What the step's tokens cost (USD per 1M; LLM tasks: their LLM's `prices`), for
+        the cost its runs spent and saved. None: not priced."""
         return None
 
     def fingerprint(self) -> str:

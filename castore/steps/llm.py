@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from pydantic import model_validator
 
 from castore.errors import PipelineError, StepFailed
-from castore.llms import Generation, OpenAILLM
+from castore.llms import Generation, OpenAILLM, Prices
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
 from castore.store.parquet import METADATA_COLUMN
 from castore.templates import render, template_columns
@@ -50,6 +50,9 @@ class _LLMTask(Step):
             # Not an assignment: that would validate again and mark the field as chosen.
             object.__setattr__(self, "input_batch_size", OFFLINE_BATCH_ROWS)
         return self
+
+    def prices(self) -> Prices | None:
+        return self.llm.prices
 
     def conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:  # pragma: no cover
         raise NotImplementedError

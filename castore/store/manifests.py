@@ -37,6 +37,7 @@ class BatchRecord(_Model):
     # what the cache saved).
     seconds: float = 0.0
     tokens: int = 0
+    cost_usd: float = 0.0  # tokens at the step's LLM `prices` (0 without prices)
     failed: bool = False  # kept with on_error="skip": not cached, recomputed next run
     # Row-wise steps: the segment object mapping each output row's row key to it, and
     # how many of the rows were taken from earlier results by row key.
@@ -73,6 +74,9 @@ class StepStats(_Model):
     tokens_spent: int = 0
     tokens_saved: int = 0
     rows_reused: int = 0  # rows of computed batches taken from earlier results by row key
+    # The tokens at the step's LLM `prices` (USD; 0 when it has none).
+    cost_spent_usd: float = 0.0
+    cost_saved_usd: float = 0.0
 
 
 class Target(_Model):
