@@ -66,6 +66,17 @@ def fresh(path: Path, tmp_path: Path, **kw) -> list[dict]:
     return run(path, tmp_path / f"fresh-{random.random()}", use_cache=False, **kw)[0]
 
 
+def loader_objects(cache: Path) -> list[str]:
+    """The latest run's loader batches, by object id."""
+    from castore.runs import list_runs
+    from castore.store.manifests import StepManifest, load_model
+
+    store = Store(cache)
+    run = max(list_runs(store), key=lambda r: r.manifest.started)
+    ref = next(r for r in run.manifest.steps if r.name == "load")
+    return [o for b in load_model(store, ref.manifest, StepManifest).batches for o in b.outputs]
+
+
 def test_appended_rows_are_the_only_ones_parsed(tmp_path):
     data, cache = tmp_path / "seed.jsonl", tmp_path / "c"
     write(data, rows(95))
@@ -78,6 +89,10 @@ def test_appended_rows_are_the_only_ones_parsed(tmp_path):
     assert PARSED == [head]
     assert stats["batches_cached"] == 9 and stats["batches_computed"] == 2
     assert out == fresh(data, tmp_path) and out[:95] == first
+    # Byte for byte what parsing the whole file gives: the same objects.
+    other = tmp_path / "whole"
+    run(data, other, use_cache=False)
+    assert loader_objects(cache) == loader_objects(other)
     # and grown again, from the record the second run left
     write(data, rows(95) + rows(12, start=95) + rows(30, start=107))
     out, stats = run(data, cache)
