@@ -219,3 +219,14 @@ def test_gc_drops_a_record_with_its_batches(tmp_path):
     write(data, rows(45))
     out, stats = run(data, cache)
     assert stats["batches_cached"] == 0 and out == fresh(data, tmp_path)
+
+
+def test_a_subclass_that_reads_otherwise_keeps_its_reader(tmp_path):
+    class Upper(LoadDataFromFileSystem):
+        def _read(self, path):
+            table = super()._read(path)
+            return table.rename_columns([c.upper() for c in table.column_names])
+
+    data = tmp_path / "a.jsonl"
+    write(data, rows(5))
+    assert Upper(data_files=str(data)).append_source() is None

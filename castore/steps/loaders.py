@@ -136,7 +136,13 @@ class LoadDataFromFileSystem(GeneratorStep):
         """The one local jsonl file this step reads whole, in order: a run can then reuse
         the batches of an earlier version of the file that this one extends
         (castore/pipeline/appends.py). None for globs, URLs, other formats and
-        `num_examples`."""
+        `num_examples`, and for a subclass that reads otherwise (its own `process` or
+        `_read`: this path would bypass it)."""
+        cls = type(self)
+        if cls.process is not LoadDataFromFileSystem.process or cls._read is not (
+            LoadDataFromFileSystem._read
+        ):
+            return None
         if self.num_examples is not None:
             return None
         paths = self._paths()
