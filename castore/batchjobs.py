@@ -4,7 +4,10 @@ about half the price of live requests, results within the completion window.
 
 A job is named by its **job key**: blake3 of the server, the model and every request
 body in order. The same rows asked again give the same key, so a job is never
-submitted twice for them, by this run, a resumed one, or another run of the store.
+submitted twice for them, by this run, a resumed one, or another run of the store. Its
+record also lists a hash of each request: a batch whose rows are partly in a submitted
+job (rows were added while it ran) sends only the others and takes the rest of its
+answers from that job (`_answer`).
 
 Write order, so a crash at any moment loses no job and pays none twice:
 
@@ -84,6 +87,11 @@ class JobRecord(BaseModel):
     # them once its usage is known (at collection).
     prices: Prices | None = None
     missing: int | None = None  # rows without an answer, once collected
+    unanswered: list[int] | None = None  # which (positions), once collected
+    # Per request, in order: the first 128 bits of the blake3 of its body. A row asked
+    # again in another batch (rows added while the job ran) is found here and waits for
+    # this job instead of being paid for in a second one.
+    requests: list[str] = Field(default_factory=list)
     attempt: int = 0  # the same rows asked again after a job that left some unanswered
     rows_key: str = ""  # the key of the requests (the record's key is this plus attempt)
     # The job's own input file (as the provider has it) was checked to hold these rows'
@@ -213,13 +221,128 @@ def generate(
     if not lock.try_acquire():
         raise BatchWaiting(f"batch job {key[:12]} is being submitted by another run", job=key)
     try:
-        results = _generate(store, llm, step, key, bodies)
+        results = _answer(store, llm, step, key, bodies)
     finally:
         lock.release()
     failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
     if failed and llm.offline_failed == "live":  # the rest at once, at the live price
         for i, res in zip(failed, llm.generate([conversations[i] for i in failed]), strict=True):
             results[i] = res
+    return results
+
+
+def _answer(
+    store: Store, llm: OpenAILLM, step: str, key: str, bodies: list[dict[str, Any]]
+) -> list[Generation | BaseException]:
+    """These requests' answers: from their own job when there is one (or none of them is
+    in another); else the requests already in another submitted job take its answers
+    (waiting while it runs) and only the rest go to a new job, submitted at once."""
+    if _current(store, key)[2] is not None:
+        return _generate(store, llm, step, key, bodies)
+    hashes = [request_hash(b) for b in bodies]
+    claimed = _claims(store, llm, hashes)
+    if not claimed:
+        return _generate(store, llm, step, key, bodies)
+    out: list[Generation | BaseException | None] = [None] * len(bodies)
+    waits: list[BatchWaiting] = []
+    rest = [i for i in range(len(bodies)) if i not in claimed]
+    if rest:
+        sub = [bodies[i] for i in rest]
+        try:
+            for i, res in zip(
+                rest, _generate(store, llm, step, job_key(llm, sub), sub), strict=True
+            ):
+                out[i] = res
+        except BatchWaiting as w:
+            waits.append(w)
+    jobs: dict[str, tuple[JobRecord, list[tuple[int, int]]]] = {}
+    for i, (rec, j) in claimed.items():
+        jobs.setdefault(rec.key, (rec, []))[1].append((i, j))
+    for rec, pairs in jobs.values():
+        try:
+            answers = _collect(store, llm, rec)
+        except BatchWaiting as w:
+            waits.append(w)
+            continue
+        for i, j in pairs:
+            out[i] = answers[j]
+    if waits:
+        raise BatchWaiting("; ".join(map(str, waits)), job=waits[0].job)
+    return [r if r is not None else LLMError("no answer") for r in out]
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hash_json(body)[:32]
+
+
+def _claims(store: Store, llm: OpenAILLM, hashes: list[str]) -> dict[int, tuple[JobRecord, int]]:
+    """Which of these requests (by position) a submitted job of this server already
+    holds, and where in it: not the ones it ended without answering. The n-th equal
+    request takes the job's n-th equal one (two equal prompts are two samples)."""
+    wanted = set(hashes)
+    held: dict[str, list[tuple[JobRecord, int]]] = {}
+    base_url = llm.base_url.rstrip("/")
+    for rec in records(store):
+        if rec.base_url != base_url or rec.batch_id is None or not wanted & set(rec.requests):
+            continue
+        skip = set(rec.unanswered or ())
+        for j, h in enumerate(rec.requests):
+            if h in wanted and j not in skip:
+                held.setdefault(h, []).append((rec, j))
+    out: dict[int, tuple[JobRecord, int]] = {}
+    for i, h in enumerate(hashes):
+        if held.get(h):
+            out[i] = held[h].pop(0)
+    return out
+
+
+def _collect(store: Store, llm: OpenAILLM, rec: JobRecord) -> list[Generation | BaseException]:
+    """The answers of a submitted job (all its requests, in order), once it ended;
+    BatchWaiting while it runs. A record not from this store's own submission is first
+    checked against the job's input file, as the provider has it."""
+    api = _Api(llm)
+    assert rec.batch_id is not None
+    info = api.retrieve(rec.batch_id)
+    if not rec.verified:
+        file_id = info.get("input_file_id")
+        listed = api.content(file_id).splitlines() if file_id else []
+        try:
+            got = [request_hash(json.loads(line)["body"]) for line in listed if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            got = []
+        if got != rec.requests:
+            raise StepFailed(
+                f"batch job {rec.batch_id} does not hold the requests its record "
+                f"jobs/{rec.key}.json lists; remove that record and run again"
+            )
+        rec.verified = True
+    if not rec.state.startswith("collected"):
+        _apply(rec, info)
+    if rec.state not in ENDED and not rec.state.startswith("collected"):
+        save(store, rec)
+        raise BatchWaiting(
+            f"batch job {rec.batch_id} ({rec.rows} rows, some of them these) is {rec.state}",
+            job=rec.batch_id,
+        )
+    return _finish(store, llm, rec, _results(api, rec, rec.rows, llm.chat_parser()))
+
+
+def _finish(
+    store: Store, llm: OpenAILLM, rec: JobRecord, results: list[Generation | BaseException]
+) -> list[Generation | BaseException]:
+    """Record what a job's answers used and left unanswered; the answers."""
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    rec.tokens = sum(int((r.usage or {}).get("total_tokens") or 0) for r in answered)
+    rec.prompt_tokens = sum(int((r.usage or {}).get("prompt_tokens") or 0) for r in answered)
+    rec.completion_tokens = sum(
+        int((r.usage or {}).get("completion_tokens") or 0) for r in answered
+    )
+    rec.prices = rec.prices or llm.prices
+    rec.unanswered = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    rec.missing = len(rec.unanswered)
+    if not rec.state.startswith("collected"):
+        rec.state = f"collected ({rec.state})"
+    save(store, rec)
     return results
 
 
@@ -254,6 +377,7 @@ def _generate(
             api_key_env=llm.api_key_env,
             rows=len(bodies),
             prices=llm.prices,
+            requests=[request_hash(b) for b in bodies],
         )
     )
     api = _Api(llm)
@@ -281,19 +405,7 @@ def _generate(
         raise BatchWaiting(
             f"batch job {rec.batch_id} ({rec.rows} rows) is {rec.state}", job=rec.batch_id
         )
-    results = _results(api, rec, len(bodies), llm.chat_parser())
-    answered = [r for r in results if not isinstance(r, BaseException)]
-    rec.tokens = sum(int((r.usage or {}).get("total_tokens") or 0) for r in answered)
-    rec.prompt_tokens = sum(int((r.usage or {}).get("prompt_tokens") or 0) for r in answered)
-    rec.completion_tokens = sum(
-        int((r.usage or {}).get("completion_tokens") or 0) for r in answered
-    )
-    rec.prices = rec.prices or llm.prices
-    rec.missing = sum(isinstance(r, BaseException) for r in results)
-    if not rec.state.startswith("collected"):
-        rec.state = f"collected ({rec.state})"
-    save(store, rec)
-    return results
+    return _finish(store, llm, rec, _results(api, rec, len(bodies), llm.chat_parser()))
 
 
 def _check_requests(

@@ -183,6 +183,47 @@ def test_ctrl_c_with_a_job_pending_ends_waiting_and_the_resume_collects(tmp_path
     assert server.requests == 0
 
 
+def test_rows_added_while_a_job_runs_go_alone_to_a_second_job(tmp_path, server):
+    """50 rows are in a pending job; 10 rows are added (one of them a second sample of a
+    prompt already asked) and the pipeline runs again: only those 11 requests go to a new
+    job, the 50 wait for the first one and take its answers. Nothing is paid twice."""
+    from castore import Pipeline
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+
+    def build(rows: list[str]) -> Pipeline:
+        with Pipeline(name="growing") as p:
+            LoadDataFromDicts(data=[{"instruction": r} for r in rows]) >> TextGeneration(
+                llm=OpenAILLM(model="m", base_url=server.base_url, offline_batch=True)
+            )
+        return p
+
+    first = [f"question {i}" for i in range(50)]
+    more = [*first, *[f"new {i}" for i in range(10)], "question 3"]
+    api = server.batch_api
+    with pytest.raises(RunWaiting):
+        build(first).run(cache_dir=tmp_path / "c", quiet=True)
+    with pytest.raises(RunWaiting) as waiting:
+        build(more).run(cache_dir=tmp_path / "c", quiet=True)
+    assert api.creates == 2
+    assert sorted(j["request_counts"]["total"] for j in api.jobs()) == [11, 50]
+    assert "some of them these" in str(waiting.value)
+    # Still running: polled, nothing more submitted.
+    with pytest.raises(RunWaiting):
+        build(more).run(cache_dir=tmp_path / "c", quiet=True)
+    assert api.creates == 2
+    api.release()
+    rows = build(more).run(cache_dir=tmp_path / "c", quiet=True)["text_generation"]["train"]
+    assert api.creates == 2 and api.answered == 61 and server.requests == 0
+    out = rows.to_list()
+    assert [r["generation"] for r in out] == [f"answer(m): {q[::-1]}" for q in more]
+    # The first pipeline, resumed, finds its rows by row key: no job, no request.
+    build(first).run(cache_dir=tmp_path / "c", quiet=True)
+    assert api.creates == 2 and server.requests == 0
+    (second,) = [r for r in batchjobs.records(Store(tmp_path / "c")) if r.rows == 11]
+    assert second.unanswered == [] and len(second.requests) == 11
+
+
 @pytest.mark.parametrize("phase", ["upload", "before", "after"])
 def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
     """SIGKILL inside the upload (the record is written, no file id yet), inside the
