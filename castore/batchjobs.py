@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from castore.errors import BatchWaiting, LLMError, StepFailed
+from castore.errors import BatchWaiting, LLMError, StepFailed, StoreLocked
 from castore.hashing import hash_json
 from castore.llms import Prices
 from castore.store import layout as L
+from castore.store.locks import FileLock
 
 if TYPE_CHECKING:
     from castore.llms import Generation, OpenAILLM
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("castore.run")
 
+LOCK_WAIT = 300.0  # seconds a batch waits for another's submission before parking
 # A provider's end states of a job (anything else: it still works on it).
 ENDED = {"completed", "failed", "expired", "cancelled"}
 _STORE: dict[str, Store] = {}  # the run's store, set by the scheduler (steps have none)
@@ -215,11 +217,14 @@ def generate(
     store = _store()
     bodies = [llm.chat_body(c) for c in conversations]
     key = job_key(llm, bodies)
-    # Two runs asking for the same rows at once: one submits, the other waits for it
-    # (and polls the same job on its next run) instead of submitting a second.
-    lock = store.lease(key, {"batch_job": step})
-    if not lock.try_acquire():
-        raise BatchWaiting(f"batch job {key[:12]} is being submitted by another run", job=key)
+    # One batch of the store at a time (any run, any thread) decides which of its rows
+    # are in a job already and submits the others: a job another batch is submitting is
+    # then recorded, with its requests, before this one looks. Polling is quick.
+    lock = FileLock(store.layout.lock_path("batch-jobs"), "batch-jobs", {"step": step})
+    try:
+        lock.acquire(timeout=LOCK_WAIT)
+    except StoreLocked as e:
+        raise BatchWaiting(f"{e}; the next run polls this batch's job", job=key) from None
     try:
         results = _answer(store, llm, step, key, bodies)
     finally:
@@ -283,7 +288,9 @@ def _claims(store: Store, llm: OpenAILLM, hashes: list[str]) -> dict[int, tuple[
     held: dict[str, list[tuple[JobRecord, int]]] = {}
     base_url = llm.base_url.rstrip("/")
     for rec in records(store):
-        if rec.base_url != base_url or rec.batch_id is None or not wanted & set(rec.requests):
+        if rec.base_url != base_url or not wanted & set(rec.requests):
+            continue
+        if rec.batch_id is None and not _settle(store, llm, rec):
             continue
         skip = set(rec.unanswered or ())
         for j, h in enumerate(rec.requests):
@@ -294,6 +301,20 @@ def _claims(store: Store, llm: OpenAILLM, hashes: list[str]) -> dict[int, tuple[
         if held.get(h):
             out[i] = held[h].pop(0)
     return out
+
+
+def _settle(store: Store, llm: OpenAILLM, rec: JobRecord) -> bool:
+    """A record left without a job id (its run died around the create call; the lock
+    says no live one is at it): adopt the job if the provider has one under its key.
+    False when there is none: its rows are free to be asked again."""
+    if rec.input_file_id is None:
+        return False  # died before its upload finished: no job can exist
+    adopted = _Api(llm).find(rec.key)
+    if adopted is None:
+        return False
+    rec.batch_id, rec.verified, rec.state = adopted["id"], False, "submitted"
+    save(store, rec)
+    return True
 
 
 def _collect(store: Store, llm: OpenAILLM, rec: JobRecord) -> list[Generation | BaseException]:

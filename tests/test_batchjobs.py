@@ -224,6 +224,22 @@ def test_rows_added_while_a_job_runs_go_alone_to_a_second_job(tmp_path, server):
     assert second.unanswered == [] and len(second.requests) == 11
 
 
+def test_two_runs_at_once_share_one_job(tmp_path, server):
+    """Two `cas run` processes of one pipeline on one store, started together while the
+    provider is slow to create the job: one submits, the other finds its record and
+    polls the same job; both end waiting, one job paid."""
+    cache = tmp_path / "c"
+    env = {"CASTORE_TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": SECRET}
+    server.batch_api.on_create = lambda phase: time.sleep(1.0) if phase == "before" else None
+    procs = [start_cas("run", str(OFFLINE), cache_dir=cache, env=env) for _ in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 75, stderr
+    server.batch_api.on_create = None
+    assert server.batch_api.creates == 1 and server.batch_api.uploads == 1
+    assert len(batchjobs.records(Store(cache))) == 1
+
+
 @pytest.mark.parametrize("phase", ["upload", "before", "after"])
 def test_kill_9_around_the_create_never_submits_twice(tmp_path, server, phase):
     """SIGKILL inside the upload (the record is written, no file id yet), inside the
