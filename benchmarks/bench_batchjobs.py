@@ -9,7 +9,10 @@ step a `cas run` process as a user runs it:
 - the run after the job completed: wall time from "the provider finished" to the
   dataset, against a floor measured in the same repetition (read the job's output file
   as JSON lines and write the answers as one Parquet file with pyarrow alone);
-- a re-run: jobs and requests (must be 0 and 0).
+- a re-run: jobs and requests (must be 0 and 0);
+- 1 % more rows while the job runs, then the run after both jobs completed: jobs
+  created (must be 2), requests in the second job (must be the new rows) and requests
+  answered in all (must be the rows: none paid twice).
 
     python benchmarks/bench_batchjobs.py [--rows 10000] [--repeat 5]
 """
@@ -43,13 +46,12 @@ from castore import Pipeline
 from castore.llms import OpenAILLM
 from castore.steps import LoadDataFromDicts, TextGeneration
 
-N = int(os.environ["BENCH_ROWS"])
+N = int(os.environ["BENCH_ROWS"]) + int(os.environ.get("BENCH_EXTRA", "0"))
 with Pipeline(name="offline-bench") as pipeline:
     LoadDataFromDicts(data=[{"instruction": f"question {i}"} for i in range(N)],
                       batch_size=1000) >> TextGeneration(
         llm=OpenAILLM(model="m", base_url=os.environ["CASTORE_TEST_LLM_URL"],
-                      offline_batch=True, backoff=0.01),
-        input_batch_size=N)
+                      offline_batch=True, backoff=0.01))  # its default batch: one job
 """
 
 
@@ -92,7 +94,7 @@ def main() -> None:
 
     try:
         for _ in range(args.repeat):
-            for phase in ("none", "before", "after"):
+            for phase in ("none", "before", "after", "grown"):
                 server = LLMServer().start()
                 api = server.batch_api
                 env = {
@@ -119,6 +121,14 @@ def main() -> None:
                 code, cold = cas(cache, pipeline, env)
                 assert code == 75, f"expected waiting, got {code}"
                 calls_cold = api.calls
+                if phase == "grown":  # rows added while the job runs
+                    env["BENCH_EXTRA"] = str(args.rows // 100)
+                    code, _ = cas(cache, pipeline, env)
+                    assert code == 75, f"expected waiting, got {code}"
+                    add(
+                        "grown: requests in the second job",
+                        api.jobs()[-1]["request_counts"]["total"],
+                    )
                 api.release()
                 code, collect = cas(cache, pipeline, env)
                 assert code == 0, f"collect failed: {code}"
@@ -127,6 +137,8 @@ def main() -> None:
                 code, rerun = cas(cache, pipeline, env)
                 assert code == 0
                 add(f"jobs created ({phase})", jobs)
+                if phase == "grown":
+                    add("grown: requests answered in all jobs", api.answered)
                 if phase == "none":
                     add("cold run to waiting, s", cold)
                     add("Batch API calls of the cold run", calls_cold)
@@ -138,7 +150,7 @@ def main() -> None:
                     add("re-run, s", rerun)
                 server.stop()
         lines = [
-            ("rows", f"{args.rows:,} in one batch (one job)"),
+            ("rows", f"{args.rows:,}, loader batches of 1,000, the LLM step's default batch"),
             ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ]
         for name, v in figures.items():

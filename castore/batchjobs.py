@@ -30,7 +30,6 @@ in a new job. The API key is never in a record, a request file or a log line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from castore.batchapi import BatchApi, read_results, request_file
 from castore.errors import BatchWaiting, LLMError, StepFailed, StoreLocked
 from castore.hashing import hash_json
 from castore.llms import Prices
@@ -309,7 +309,7 @@ def _settle(store: Store, llm: OpenAILLM, rec: JobRecord) -> bool:
     False when there is none: its rows are free to be asked again."""
     if rec.input_file_id is None:
         return False  # died before its upload finished: no job can exist
-    adopted = _Api(llm).find(rec.key)
+    adopted = BatchApi(llm).find(rec.key)
     if adopted is None:
         return False
     rec.batch_id, rec.verified, rec.state = adopted["id"], False, "submitted"
@@ -321,7 +321,7 @@ def _collect(store: Store, llm: OpenAILLM, rec: JobRecord) -> list[Generation | 
     """The answers of a submitted job (all its requests, in order), once it ended;
     BatchWaiting while it runs. A record not from this store's own submission is first
     checked against the job's input file, as the provider has it."""
-    api = _Api(llm)
+    api = BatchApi(llm)
     assert rec.batch_id is not None
     info = api.retrieve(rec.batch_id)
     if not rec.verified:
@@ -345,7 +345,7 @@ def _collect(store: Store, llm: OpenAILLM, rec: JobRecord) -> list[Generation | 
             f"batch job {rec.batch_id} ({rec.rows} rows, some of them these) is {rec.state}",
             job=rec.batch_id,
         )
-    return _finish(store, llm, rec, _results(api, rec, rec.rows, llm.chat_parser()))
+    return _finish(store, llm, rec, read_results(api, rec, rec.rows, llm.chat_parser()))
 
 
 def _finish(
@@ -401,7 +401,7 @@ def _generate(
             requests=[request_hash(b) for b in bodies],
         )
     )
-    api = _Api(llm)
+    api = BatchApi(llm)
     if rec.batch_id is None:
         if rec.state == "uploading" and rec.input_file_id is None:
             save(store, rec)  # durable before anything is sent
@@ -410,7 +410,7 @@ def _generate(
             rec.batch_id, rec.verified = adopted["id"], False
         else:
             if rec.input_file_id is None:
-                rec.input_file_id = api.upload(_request_file(bodies))
+                rec.input_file_id = api.upload(request_file(bodies))
                 save(store, rec)
             rec.batch_id = api.create(rec.input_file_id, key)
         rec.state = "submitted"
@@ -426,16 +426,16 @@ def _generate(
         raise BatchWaiting(
             f"batch job {rec.batch_id} ({rec.rows} rows) is {rec.state}", job=rec.batch_id
         )
-    return _finish(store, llm, rec, _results(api, rec, len(bodies), llm.chat_parser()))
+    return _finish(store, llm, rec, read_results(api, rec, len(bodies), llm.chat_parser()))
 
 
 def _check_requests(
-    api: _Api, rec: JobRecord, input_file_id: str | None, bodies: list[dict[str, Any]]
+    api: BatchApi, rec: JobRecord, input_file_id: str | None, bodies: list[dict[str, Any]]
 ) -> None:
     """The job's input file, as the provider has it, holds exactly these requests: a
     record (pulled from a remote, or edited) naming another job must not hand its
     answers to these rows."""
-    if input_file_id is not None and api.content(input_file_id).encode() == _request_file(bodies):
+    if input_file_id is not None and api.content(input_file_id).encode() == request_file(bodies):
         return
     raise StepFailed(
         f"batch job {rec.batch_id} does not hold these rows' requests (its record "
@@ -443,138 +443,10 @@ def _check_requests(
     )
 
 
-def _request_file(bodies: list[dict[str, Any]]) -> bytes:
-    lines = (
-        json.dumps(
-            {"custom_id": f"row-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b},
-            ensure_ascii=False,
-        )
-        for i, b in enumerate(bodies)
-    )
-    return ("\n".join(lines) + "\n").encode()
-
-
-def _results(api: _Api, rec: JobRecord, n: int, parse: Any) -> list[Generation | BaseException]:
-    """Per request, in order: its answer (read as a live answer is: a schema checked),
-    or why the job has none for it."""
-    from castore.llms import Unusable
-
-    missing = f"batch job {rec.batch_id} ended {rec.state} without an answer for this row"
-    out: list[Generation | BaseException] = [LLMError(missing) for _ in range(n)]
-    for file_id in (rec.output_file_id, rec.error_file_id):
-        if not file_id:
-            continue
-        for line in api.content(file_id).splitlines():
-            try:
-                item = json.loads(line)
-                i = int(str(item["custom_id"]).removeprefix("row-"))
-            except (ValueError, KeyError, TypeError):
-                continue
-            if not 0 <= i < n:
-                continue
-            response = item.get("response") or {}
-            if response.get("status_code") == 200:
-                try:
-                    gen = parse(json.dumps(response.get("body")))
-                except Unusable as e:
-                    out[i] = LLMError(f"the batch job's answer: {e}")
-                    continue
-                out[i] = gen if gen is not None else LLMError("malformed answer in the job output")
-            else:
-                error = item.get("error") or response.get("body") or {}
-                out[i] = LLMError(f"the batch job failed this row: {json.dumps(error)[:300]}")
-    return out
-
-
-class _Api:
-    """The provider's files and batches endpoints, on the client's event loop."""
-
-    def __init__(self, llm: OpenAILLM) -> None:
-        self.llm = llm
-        self.base = llm.base_url.rstrip("/")
-
-    def _headers(self) -> dict[str, str]:
-        key = self.llm.key()
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
-        from castore.llms import _LOOP
-
-        async def go() -> Any:
-            import aiohttp
-
-            client = _LOOP.client(self.llm)
-            timeout = aiohttp.ClientTimeout(total=self.llm.timeout)
-            last = ""
-            for attempt in range(self.llm.max_retries + 1):
-                try:
-                    async with client.request(
-                        method, self.base + path, headers=self._headers(), timeout=timeout, **kw
-                    ) as resp:
-                        text = await resp.text()
-                        if resp.status == 200:
-                            return text
-                        last = f"HTTP {resp.status}: {text[:200]}"
-                        if resp.status < 500 and resp.status != 429:
-                            break
-                except (TimeoutError, aiohttp.ClientError) as e:
-                    last = f"{type(e).__name__}: {e}"
-                if attempt < self.llm.max_retries:
-                    await asyncio.sleep(min(self.llm.max_backoff, self.llm.backoff * 2**attempt))
-            raise LLMError(f"{method} {path}: {last}")
-
-        return _LOOP.run(go())
-
-    def upload(self, data: bytes) -> str:
-        import aiohttp
-
-        form = aiohttp.FormData()
-        form.add_field("purpose", "batch")
-        form.add_field(
-            "file", data, filename="castore-batch.jsonl", content_type="application/jsonl"
-        )
-        return str(json.loads(self._call("POST", "/files", data=form))["id"])
-
-    def create(self, input_file_id: str, key: str) -> str:
-        body = {
-            "input_file_id": input_file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-            "metadata": {"castore_job": key},
-        }
-        return str(json.loads(self._call("POST", "/batches", json=body))["id"])
-
-    def retrieve(self, batch_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self._call("GET", f"/batches/{batch_id}"))
-        return out
-
-    def find(self, key: str) -> dict[str, Any] | None:
-        """The account's batch whose metadata names `key` (created, then the crash came
-        before its id was recorded), newest first, paging through the list."""
-        after: str | None = None
-        for _ in range(100):  # 100 pages of 100: far more than a day of jobs
-            query = "?limit=100" + (f"&after={after}" if after else "")
-            page = json.loads(self._call("GET", "/batches" + query))
-            for b in page.get("data") or []:
-                if (b.get("metadata") or {}).get("castore_job") == key:
-                    return dict(b)
-            if not page.get("has_more") or not page.get("data"):
-                return None
-            after = page["data"][-1]["id"]
-        return None
-
-    def content(self, file_id: str) -> str:
-        return str(self._call("GET", f"/files/{file_id}/content"))
-
-    def cancel(self, batch_id: str) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self._call("POST", f"/batches/{batch_id}/cancel"))
-        return out
-
-
 def refresh(store: Store, rec: JobRecord, llm: OpenAILLM) -> JobRecord:
     """The record with the provider's current state (for `cas jobs --refresh`)."""
     if rec.batch_id is not None and not rec.state.startswith("collected"):
-        _apply(rec, _Api(llm).retrieve(rec.batch_id))
+        _apply(rec, BatchApi(llm).retrieve(rec.batch_id))
         save(store, rec)
     return rec
 
@@ -591,7 +463,7 @@ def cancel(store: Store, rec: JobRecord, llm: OpenAILLM) -> str:
     """Ask the provider to cancel the job; its state as it answers (`cas jobs cancel`)."""
     if rec.batch_id is None:
         raise StepFailed(f"batch job {rec.key[:12]} was never submitted")
-    rec.state = str(_Api(llm).cancel(rec.batch_id).get("status", "cancelling"))
+    rec.state = str(BatchApi(llm).cancel(rec.batch_id).get("status", "cancelling"))
     save(store, rec)
     return rec.state
 
