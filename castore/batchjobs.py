@@ -59,6 +59,7 @@ LOCK_WAIT = 300.0  # seconds a batch waits for another's submission before parki
 ENDED = {"completed", "failed", "expired", "cancelled"}
 _STORE: dict[str, Store] = {}  # the run's store, set by the scheduler (steps have none)
 _REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one
+_PIPELINE: dict[str, str | None] = {}  # and its pipeline's name
 
 
 class JobRecord(BaseModel):
@@ -94,6 +95,7 @@ class JobRecord(BaseModel):
     # again in another batch (rows added while the job ran) is found here and waits for
     # this job instead of being paid for in a second one.
     requests: list[str] = Field(default_factory=list)
+    pipelines: list[str] = Field(default_factory=list)  # whose runs asked for its rows
     attempt: int = 0  # the same rows asked again after a job that left some unanswered
     rows_key: str = ""  # the key of the requests (the record's key is this plus attempt)
     # The job's own input file (as the provider has it) was checked to hold these rows'
@@ -103,12 +105,16 @@ class JobRecord(BaseModel):
     updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
-def use_store(store: Store, remote: Any = None, *, push: bool = False) -> None:
+def use_store(
+    store: Store, remote: Any = None, *, push: bool = False, pipeline: str | None = None
+) -> None:
     """The run's store, and its read-through remote (`--remote`; `push`: `--push`): a job
     record the store lacks is looked for there, and a record this run submits is written
     there at once. (Two machines writing through at once do not both submit: the batch
-    is leased on the remote while it is computed, castore/remote_locks.py.)"""
+    is leased on the remote while it is computed, castore/remote_locks.py.) `pipeline`:
+    the run's pipeline, named in the records of the jobs it asks (`cas jobs --run`)."""
     _STORE["store"] = store
+    _PIPELINE["name"] = pipeline
     _REMOTE.clear()
     if remote is not None:
         _REMOTE.update(remote=remote, push=push)
@@ -323,6 +329,7 @@ def _collect(store: Store, llm: OpenAILLM, rec: JobRecord) -> list[Generation | 
     checked against the job's input file, as the provider has it."""
     api = BatchApi(llm)
     assert rec.batch_id is not None
+    _mark(rec)
     info = api.retrieve(rec.batch_id)
     if not rec.verified:
         file_id = info.get("input_file_id")
@@ -367,6 +374,13 @@ def _finish(
     return results
 
 
+def _mark(rec: JobRecord) -> None:
+    """Name the run's pipeline in a record it asks rows of (saved with the record)."""
+    name = _PIPELINE.get("name")
+    if name and name not in rec.pipelines:
+        rec.pipelines.append(name)
+
+
 def _current(store: Store, key: str) -> tuple[str, int, JobRecord | None]:
     """The attempt to use for these rows: the first whose job is not over, or that
     answered every row (its output is read again: nothing paid twice); after a job that
@@ -402,6 +416,7 @@ def _generate(
         )
     )
     api = BatchApi(llm)
+    _mark(rec)
     if rec.batch_id is None:
         if rec.state == "uploading" and rec.input_file_id is None:
             save(store, rec)  # durable before anything is sent

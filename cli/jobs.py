@@ -8,9 +8,15 @@ from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
 
 @click.group("jobs", short_help=SHORT_HELP["jobs"], invoke_without_command=True)
 @click.option("--refresh", is_flag=True, help="Ask the provider for each job's state now.")
+@click.option(
+    "--run",
+    "run",
+    metavar="RUN",
+    help="Only the jobs of this run's pipeline (a pipeline name, signature or run id prefix).",
+)
 @common_options
 @click.pass_context
-def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
+def jobs_group(ctx: click.Context, refresh: bool, run: str | None, as_json: bool) -> None:
     """Batch jobs of offline LLM steps (OpenAILLM(offline_batch=True)), newest first: the
     provider's batch id, state, rows, counts, tokens, age, and the estimated cost of a
     collected job (its usage at the LLM's `prices`, USD per 1M tokens; castore keeps no
@@ -23,8 +29,15 @@ def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
 
     app: App = ctx.obj
     store = app.store()
+    name = None
+    if run is not None:
+        from castore.runs import resolve_run
+
+        name = resolve_run(store, run).name
     out: list[dict[str, Any]] = []
     for rec in batchjobs.records(store):
+        if name is not None and name not in rec.pipelines:
+            continue
         if refresh:
             rec = batchjobs.refresh(store, rec, _llm(rec))
         cost = rec.cost()
@@ -39,7 +52,11 @@ def jobs_group(ctx: click.Context, refresh: bool, as_json: bool) -> None:
         echo_json(out)
         return
     if not out:
-        err("no batch jobs in this store")
+        err(
+            f"no batch jobs of pipeline {name} in this store"
+            if name
+            else "no batch jobs in this store"
+        )
         return
     for j in out:
         counts = ", ".join(f"{k} {v}" for k, v in j["counts"].items()) or "no counts yet"

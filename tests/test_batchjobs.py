@@ -47,6 +47,10 @@ def test_one_job_then_waiting_then_collected_then_free(tmp_path, server):
     assert again.returncode == 75 and api.creates == 1
     listed = cas_inproc("jobs", "--json", cache_dir=cache).json()
     assert [j["batch_id"] for j in listed] == [job["id"]] and listed[0]["rows"] == 50
+    assert listed[0]["pipelines"] == ["offline"]
+    assert cas_inproc("jobs", "--run", "offline", "--json", cache_dir=cache).json() == listed
+    unknown = cas_inproc("jobs", "--run", "nope", cache_dir=cache)
+    assert unknown.returncode != 0 and "nope" in unknown.stderr
     api.release()
     done = cas_inproc("resume", "offline", "--json", cache_dir=cache)
     assert done.returncode == 0, done

@@ -474,7 +474,9 @@ class Scheduler:
         steps = self.steps.values()
         rc = self.rcache if self.rcache is not None and self.rcache.active else None
         # An offline LLM step records its batch jobs in the store (and on the remote).
-        batchjobs.use_store(self.store, rc and rc.remote, push=bool(rc and rc.leases))
+        batchjobs.use_store(
+            self.store, rc and rc.remote, push=bool(rc and rc.leases), pipeline=pipeline.name
+        )
         self.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))
         if kind == "ray":
             pickle_steps_by_value(pipeline)
