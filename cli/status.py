@@ -96,8 +96,10 @@ def _print(report: Any, remote: bool) -> None:
         )
     secs = [s.seconds_estimate for s in report.steps if s.seconds_estimate is not None]
     toks = [s.tokens_estimate for s in report.steps if s.tokens_estimate is not None]
+    usd = [s.cost_estimate_usd for s in report.steps if s.cost_estimate_usd is not None]
     if secs or toks:
+        cost = f" (≈ ${sum(usd):.4f} at the LLMs' prices)" if usd else ""
         err(
             f"estimate from the latest run, for the steps that can be planned now: "
-            f"~{sum(secs):.1f} s of compute, ~{sum(toks)} tokens"
+            f"~{sum(secs):.1f} s of compute, ~{sum(toks)} tokens{cost}"
         )

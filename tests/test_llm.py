@@ -275,6 +275,13 @@ def test_tokens_and_their_cost_are_counted_once_spent_then_saved(store, server):
     summary = RunSummary.load(store, grown.run_oid)
     assert summary.saved.cost_usd == pytest.approx(usd)
     shown = cas_inproc("show", "priced", cache_dir=store.root).stdout
+    # `cas status` / plan(): what the rows still to compute should cost, from the latest
+    # run's dollars per computed row (5 rows, 0.0x of a cent each here).
+    report = build(30).plan(cache_dir=store.root, read_inputs=True)
+    est = next(s for s in report.steps if s.name == "text_generation")
+    per_row = st.cost_spent_usd / st.rows_computed
+    assert est.rows_to_compute == 5
+    assert est.cost_estimate_usd == pytest.approx(per_row * 5, rel=1e-3)
     spent = cost(25)[1] - usd
     assert f"(≈ ${spent:.4f} spent, ${usd:.4f} saved)" in shown  # the step's line
     assert f"tokens (≈ ${usd:.4f})" in shown  # the run's saved line

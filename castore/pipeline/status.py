@@ -43,6 +43,7 @@ class StepStatus(BaseModel):
     waits_on: list[str] = []
     seconds_estimate: float | None = None
     tokens_estimate: int | None = None
+    cost_estimate_usd: float | None = None  # at the LLM's prices, when it has some
 
     @property
     def rows_to_compute(self) -> int:
@@ -256,7 +257,8 @@ def _finished(store: Store | None, name: str, sig: str) -> str | None:
 
 
 def _estimates(store: Store | None, name: str, out: dict[str, StepStatus]) -> None:
-    """Seconds and tokens per computed row in the latest run of this pipeline name."""
+    """Seconds, tokens and dollars per computed row in the latest run of this pipeline
+    name, times the rows to compute."""
     if store is None:
         return
     from castore.runs import list_runs
@@ -271,3 +273,5 @@ def _estimates(store: Store | None, name: str, out: dict[str, StepStatus]) -> No
         rows = st.rows_to_compute
         st.seconds_estimate = round(stats.compute_seconds / stats.rows_computed * rows, 3)
         st.tokens_estimate = round(stats.tokens_spent / stats.rows_computed * rows)
+        if stats.cost_spent_usd:
+            st.cost_estimate_usd = round(stats.cost_spent_usd / stats.rows_computed * rows, 6)
