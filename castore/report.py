@@ -50,6 +50,7 @@ class Report(BaseModel):
     why: list[StepExplanation]
     saved: str
     tokens_spent: int
+    cost_spent_usd: float
     previews: list[Preview]
 
 
@@ -70,6 +71,7 @@ def build(store: Store, run: str) -> Report:
         why=explain(store, info.oid).steps,
         saved=summary.saved.line(),
         tokens_spent=summary.tokens_spent,
+        cost_spent_usd=summary.cost_spent_usd,
         previews=[_preview(store, info, leaf) for leaf in info.manifest.leaves],
     )
 
@@ -97,6 +99,11 @@ def _cell(value: Any) -> str:
 # -- the page -------------------------------------------------------------------------
 
 
+def _usd(value: float) -> str:
+    """Dollars at the LLM's prices; a dash when the step has none (or spent nothing)."""
+    return f"{value:.4f}" if value else "-"
+
+
 def render(rep: Report) -> str:
     """The page as one HTML document: styles, the SVG and the check script inline."""
     e = html.escape
@@ -104,7 +111,9 @@ def render(rep: Report) -> str:
         f"<h1>{e(rep.name)} <span class='status {e(rep.status)}'>{e(rep.status)}</span></h1>"
         f"<p class='meta'>run {e(rep.run_id[:12])} · signature {e(rep.signature[:12])} · "
         f"started {e(rep.started.strftime('%Y-%m-%d %H:%M:%S'))} UTC · "
-        f"{rep.seconds:.1f} s · {rep.tokens_spent:,} tokens spent</p>"
+        f"{rep.seconds:.1f} s · {rep.tokens_spent:,} tokens spent"
+        + (f" (≈ ${rep.cost_spent_usd:.4f})" if rep.cost_spent_usd else "")
+        + "</p>"
         f"<p class='saved'>{e(rep.saved)}</p>"
     )
     if rep.error:
@@ -220,7 +229,8 @@ def _table(rep: Report) -> str:
     head = (
         "<tr><th>step</th><th>class</th><th>batches</th><th>cached</th><th>computed</th>"
         "<th>failed</th><th>rows</th><th>rows reused by key</th><th>compute s</th>"
-        "<th>saved s</th><th>tokens spent</th><th>tokens saved</th></tr>"
+        "<th>saved s</th><th>tokens spent</th><th>tokens saved</th><th>$ spent</th>"
+        "<th>$ saved</th></tr>"
     )
     body = "".join(
         f"<tr><td>{e(s['name'])}</td><td title='{e(s['class'])}'>"
@@ -229,7 +239,8 @@ def _table(rep: Report) -> str:
         f"</td><td>{s['batches_cached']}</td><td>{s['batches_computed']}</td>"
         f"<td>{s['batches_failed']}</td><td>{s['rows']:,}</td><td>{s['rows_reused']:,}</td>"
         f"<td>{s['compute_seconds']:.2f}</td><td>{s['seconds_saved']:.2f}</td>"
-        f"<td>{s['tokens_spent']:,}</td><td>{s['tokens_saved']:,}</td></tr>"
+        f"<td>{s['tokens_spent']:,}</td><td>{s['tokens_saved']:,}</td>"
+        f"<td>{_usd(s['cost_spent_usd'])}</td><td>{_usd(s['cost_saved_usd'])}</td></tr>"
         for s in rep.steps
     )
     return f"<table class='steps'>{head}{body}</table>"

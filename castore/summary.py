@@ -43,7 +43,7 @@ class Saved(BaseModel):
 
     def line(self) -> str:
         by_key = f" ({self.rows_by_key} by row key)" if self.rows_by_key else ""
-        usd = f" (≈ ${self.cost_usd:.4f})" if self.cost_usd else ""
+        usd = f" (~${self.cost_usd:.4f})" if self.cost_usd else ""
         return (
             f"saved: {self.batches} batches, {self.rows} rows{by_key}, {self.tokens} "
             f"tokens{usd}, {self.seconds:.1f} seconds of compute"

@@ -60,7 +60,7 @@ def jobs_group(ctx: click.Context, refresh: bool, run: str | None, as_json: bool
         return
     for j in out:
         counts = ", ".join(f"{k} {v}" for k, v in j["counts"].items()) or "no counts yet"
-        shown = "" if j["cost_usd"] is None else f" ≈ ${j['cost_usd']:.4f}"
+        shown = "" if j["cost_usd"] is None else f" ~${j['cost_usd']:.4f}"
         click.echo(
             f"{j['batch_id'] or '(not created)'}  {j['state']}  step {j['step']}, "
             f"{j['rows']} rows ({counts}), {j['tokens']} tokens{shown}, "

@@ -111,7 +111,7 @@ def show_command(app: App, run: str, dag: bool, as_json: bool) -> None:
                 else ""
             )
             + (
-                f" (≈ ${s['cost_spent_usd']:.4f} spent, ${s['cost_saved_usd']:.4f} saved)"
+                f" (~${s['cost_spent_usd']:.4f} spent, ${s['cost_saved_usd']:.4f} saved)"
                 if s["cost_spent_usd"] or s["cost_saved_usd"]
                 else ""
             )

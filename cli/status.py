@@ -98,7 +98,7 @@ def _print(report: Any, remote: bool) -> None:
     toks = [s.tokens_estimate for s in report.steps if s.tokens_estimate is not None]
     usd = [s.cost_estimate_usd for s in report.steps if s.cost_estimate_usd is not None]
     if secs or toks:
-        cost = f" (≈ ${sum(usd):.4f} at the LLMs' prices)" if usd else ""
+        cost = f" (~${sum(usd):.4f} at the LLMs' prices)" if usd else ""
         err(
             f"estimate from the latest run, for the steps that can be planned now: "
             f"~{sum(secs):.1f} s of compute, ~{sum(toks)} tokens{cost}"

@@ -146,7 +146,7 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
     expected = (prompt * 0.5 + (prompt + 2 * 120) * 2.0) / 1e6
     (listed,) = cas_inproc("jobs", "--json", cache_dir=tmp_path / "c").json()
     assert listed["prompt_tokens"] == prompt and listed["cost_usd"] == pytest.approx(expected)
-    assert f"≈ ${expected:.4f}" in cas_inproc("jobs", cache_dir=tmp_path / "c").stdout
+    assert f"~${expected:.4f}" in cas_inproc("jobs", cache_dir=tmp_path / "c").stdout
     # A batch size chosen by the user is kept: 120 rows in batches of 50 are 3 jobs.
     with Pipeline(name="chosen") as p:
         LoadDataFromDicts(data=[{"instruction": f"r {i}"} for i in range(120)]) >> TextGeneration(

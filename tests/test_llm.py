@@ -283,5 +283,5 @@ def test_tokens_and_their_cost_are_counted_once_spent_then_saved(store, server):
     assert est.rows_to_compute == 5
     assert est.cost_estimate_usd == pytest.approx(per_row * 5, rel=1e-3)
     spent = cost(25)[1] - usd
-    assert f"(≈ ${spent:.4f} spent, ${usd:.4f} saved)" in shown  # the step's line
-    assert f"tokens (≈ ${usd:.4f})" in shown  # the run's saved line
+    assert f"(~${spent:.4f} spent, ${usd:.4f} saved)" in shown  # the step's line
+    assert f"tokens (~${usd:.4f})" in shown  # the run's saved line
