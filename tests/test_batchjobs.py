@@ -118,10 +118,10 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
     from castore.steps import LoadDataFromDicts, TextGeneration
     from castore.steps.llm import OFFLINE_BATCH_ROWS
 
-    def build() -> Pipeline:
+    def build(n: int = 120) -> Pipeline:
         with Pipeline(name="default-size") as p:
             LoadDataFromDicts(
-                data=[{"instruction": f"q {i}"} for i in range(120)], batch_size=25
+                data=[{"instruction": f"q {i}"} for i in range(n)], batch_size=25
             ) >> TextGeneration(
                 llm=OpenAILLM(
                     model="m",
@@ -147,6 +147,15 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
     (listed,) = cas_inproc("jobs", "--json", cache_dir=tmp_path / "c").json()
     assert listed["prompt_tokens"] == prompt and listed["cost_usd"] == pytest.approx(expected)
     assert f"~${expected:.4f}" in cas_inproc("jobs", cache_dir=tmp_path / "c").stdout
+    # 30 rows more: their job runs; its estimate is 30 rows at the last run's dollars per
+    # row (that run computed the 120).
+    with pytest.raises(RunWaiting):
+        build(150).run(cache_dir=tmp_path / "c", quiet=True)
+    pending = cas_inproc("jobs", "--json", cache_dir=tmp_path / "c").json()[0]
+    assert pending["rows"] == 30 and pending["cost_usd"] is None
+    assert pending["cost_estimate_usd"] == pytest.approx(expected / 120 * 30, rel=1e-4)
+    shown = cas_inproc("jobs", cache_dir=tmp_path / "c").stdout
+    assert f"(estimate ~${expected / 120 * 30:.4f})" in shown
     # A batch size chosen by the user is kept: 120 rows in batches of 50 are 3 jobs.
     with Pipeline(name="chosen") as p:
         LoadDataFromDicts(data=[{"instruction": f"r {i}"} for i in range(120)]) >> TextGeneration(
@@ -155,7 +164,7 @@ def test_a_step_left_at_its_default_batch_size_sends_one_job(tmp_path, server):
         )
     with pytest.raises(RunWaiting):
         p.run(cache_dir=tmp_path / "c", quiet=True)
-    assert server.batch_api.creates == 4
+    assert server.batch_api.creates == 5
 
 
 def test_ctrl_c_with_a_job_pending_ends_waiting_and_the_resume_collects(tmp_path, server):
