@@ -98,6 +98,9 @@ class FileBatches:
         self.reused: list[Reused] = []
         self.schema: pa.Schema | None = None
         self._rest: pa.Table | None = None
+        # Line ends from where the parse starts (the reused prefix's end, else 0; set
+        # below): the rest's lines must be its rows, its full batches the new checkpoints.
+        self.ends: np.ndarray
         base = self._base()
         # One pass over the file: the prefix hashes at the record's checkpoints, the
         # hasher's state at each one this file reproduces, and the whole file's digest.
@@ -117,11 +120,13 @@ class FileBatches:
         if hash_json({**ident, "extra": {"files": [h.hexdigest()]}}) != fp:
             raise ConfigError(f"step {step.name}: {path} changed while the run read it; run again")
         kept: list[tuple[int, int, str]] = []
-        state = _hasher(len(self.data))
+        state, since = _hasher(len(self.data)), (0, 0)
         if base is not None and matched and self._take(base, matched[-1][:2], find):
             kept = [(n, e, d) for n, e, d, _ in matched]
-            state = matched[-1][3]
-        self.checkpoints = _thin(kept + self._new_points(state, kept[-1][:2] if kept else (0, 0)))
+            state, since = matched[-1][3], matched[-1][:2]
+        else:
+            self.ends = _line_ends(self.data, 0)
+        self.checkpoints = _thin(kept + self._new_points(state, since))
 
     def _base(self) -> Base | None:
         try:
@@ -139,7 +144,8 @@ class FileBatches:
 
         count, end = point
         rest = _parse(self.data, end)
-        if rest is None or rest.num_rows != len(_line_ends(self.data, end)):
+        ends = _line_ends(self.data, end)
+        if rest is None or rest.num_rows != len(ends):
             return False
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(base.schema_ipc)))
         if not rest.schema.equals(schema):
@@ -154,14 +160,15 @@ class FileBatches:
             if entry is None or entry.rows != [self.size]:
                 return False
             taken.append(Reused(entry.outputs[0], self.size))
-        self.reused, self.schema, self._rest = taken, schema, rest
+        self.reused, self.schema, self._rest, self.ends = taken, schema, rest, ends
         return True
 
     def _new_points(self, h: Any, since: tuple[int, int]) -> list[tuple[int, int, str]]:
-        """Checkpoints after `since` (batches, end offset): each full batch of the lines
-        there, with its prefix hash (`h` is the hasher's state at `since`)."""
+        """Checkpoints after `since` (batches, end offset), where `self.ends` start: each
+        full batch of the lines there, with its prefix hash (`h`: the hasher's state at
+        `since`)."""
         count, start = since
-        ends = _line_ends(self.data, start)
+        ends = self.ends
         view, pos, out = memoryview(self.data), start, []
         for j in range(self.size - 1, len(ends), self.size):
             e = int(ends[j])
@@ -181,14 +188,10 @@ class FileBatches:
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise ConfigError(f"step {self.step.name}: cannot read {self.path}: {e}") from None
             self.schema = table.schema
-            if table.num_rows != len(_line_ends(self.data, 0)):
+            if table.num_rows != len(self.ends):
                 self.checkpoints = []  # lines pyarrow skips (blank ones): lines are not rows
         for start in range(0, table.num_rows, self.size):
             yield table.slice(start, self.size)
-
-    @property
-    def rows_reused(self) -> int:
-        return len(self.reused) * self.size
 
     def record(self) -> None:
         """The base record for the next version of the file, once every batch is stored
