@@ -323,34 +323,27 @@ def _settle(store: Store, llm: OpenAILLM, rec: JobRecord) -> bool:
     return True
 
 
-def _collect(store: Store, llm: OpenAILLM, rec: JobRecord) -> list[Generation | BaseException]:
+def _collect(
+    store: Store, llm: OpenAILLM, rec: JobRecord, bodies: list[dict[str, Any]] | None = None
+) -> list[Generation | BaseException]:
     """The answers of a submitted job (all its requests, in order), once it ended;
     BatchWaiting while it runs. A record not from this store's own submission is first
-    checked against the job's input file, as the provider has it."""
+    checked against the job's input file, as the provider has it: against `bodies` when
+    these are all its requests, else against the request hashes it lists."""
     api = BatchApi(llm)
     assert rec.batch_id is not None
     _mark(rec)
     info = api.retrieve(rec.batch_id)
     if not rec.verified:
-        file_id = info.get("input_file_id")
-        listed = api.content(file_id).splitlines() if file_id else []
-        try:
-            got = [request_hash(json.loads(line)["body"]) for line in listed if line.strip()]
-        except (ValueError, KeyError, TypeError):
-            got = []
-        if got != rec.requests:
-            raise StepFailed(
-                f"batch job {rec.batch_id} does not hold the requests its record "
-                f"jobs/{rec.key}.json lists; remove that record and run again"
-            )
+        _check_requests(api, rec, info.get("input_file_id"), bodies)
         rec.verified = True
     if not rec.state.startswith("collected"):
         _apply(rec, info)
     if rec.state not in ENDED and not rec.state.startswith("collected"):
         save(store, rec)
+        some = "" if bodies is not None else ", some of them these"
         raise BatchWaiting(
-            f"batch job {rec.batch_id} ({rec.rows} rows, some of them these) is {rec.state}",
-            job=rec.batch_id,
+            f"batch job {rec.batch_id} ({rec.rows} rows{some}) is {rec.state}", job=rec.batch_id
         )
     return _finish(store, llm, rec, read_results(api, rec, rec.rows, llm.chat_parser()))
 
@@ -431,31 +424,40 @@ def _generate(
         rec.state = "submitted"
         save(store, rec)
         _share(rec)
-    info = api.retrieve(rec.batch_id)
-    if not rec.verified:
-        _check_requests(api, rec, info.get("input_file_id"), bodies)
-        rec.verified = True
-    _apply(rec, info)
-    if rec.state not in ENDED:
-        save(store, rec)
-        raise BatchWaiting(
-            f"batch job {rec.batch_id} ({rec.rows} rows) is {rec.state}", job=rec.batch_id
-        )
-    return _finish(store, llm, rec, read_results(api, rec, len(bodies), llm.chat_parser()))
+    return _collect(store, llm, rec, bodies)
 
 
 def _check_requests(
-    api: BatchApi, rec: JobRecord, input_file_id: str | None, bodies: list[dict[str, Any]]
+    api: BatchApi, rec: JobRecord, input_file_id: str | None, bodies: list[dict[str, Any]] | None
 ) -> None:
-    """The job's input file, as the provider has it, holds exactly these requests: a
-    record (pulled from a remote, or edited) naming another job must not hand its
-    answers to these rows."""
-    if input_file_id is not None and api.content(input_file_id).encode() == request_file(bodies):
+    """The job's input file, as the provider has it, holds exactly these requests (the
+    file castore would upload for `bodies`; without them, request `row-i` at line i with
+    the body whose hash the record lists at i): a record (pulled from a remote, or
+    edited) naming another job must not hand its answers to these rows."""
+    text = api.content(input_file_id) if input_file_id is not None else None
+    if text is not None and bodies is not None and text.encode() == request_file(bodies):
+        return
+    if text is not None and bodies is None and _listed_hashes(text) == rec.requests:
         return
     raise StepFailed(
         f"batch job {rec.batch_id} does not hold these rows' requests (its record "
         f"jobs/{rec.key}.json names another job); remove that record and run again"
     )
+
+
+def _listed_hashes(text: str) -> list[str] | None:
+    """The body hashes of a request file's lines, when line i is request `row-i` (the
+    id its answer comes back under) to the chat endpoint; else None."""
+    out = []
+    try:
+        for i, line in enumerate(x for x in text.splitlines() if x.strip()):
+            item = json.loads(line)
+            if item["custom_id"] != f"row-{i}" or item["url"] != "/v1/chat/completions":
+                return None
+            out.append(request_hash(item["body"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return out
 
 
 def refresh(store: Store, rec: JobRecord, llm: OpenAILLM) -> JobRecord:

@@ -457,3 +457,19 @@ def test_two_machines_writing_through_at_once_submit_one_job(tmp_path, server):
         r = cas_inproc(*args, cache_dir=tmp_path / m)
         assert r.returncode == 0, r
     assert server.batch_api.creates == 1 and server.batch_api.answered == 50
+
+
+def test_a_request_file_is_checked_line_by_line_against_the_listed_hashes():
+    """A claimed job's input file must hold request `row-i` at line i with the body whose
+    hash the record lists at i: answers come back by custom_id, so a file with the same
+    bodies under swapped ids would hand rows each other's answers."""
+    from castore.batchapi import request_file
+
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": f"q {i}"}]} for i in range(3)]
+    text = request_file(bodies).decode()
+    assert batchjobs._listed_hashes(text) == [batchjobs.request_hash(b) for b in bodies]
+    lines = text.splitlines()
+    swapped = [lines[0].replace('"row-0"', '"row-1"'), lines[1].replace('"row-1"', '"row-0"')]
+    assert batchjobs._listed_hashes("\n".join([*swapped, lines[2]])) is None
+    assert batchjobs._listed_hashes(text.replace("/v1/chat/completions", "/v1/embeddings")) is None
+    assert batchjobs._listed_hashes("not json") is None
