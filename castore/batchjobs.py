@@ -44,7 +44,7 @@ from pydantic import BaseModel, Field
 from castore.batchapi import BatchApi, read_results, request_file
 from castore.errors import BatchWaiting, LLMError, StepFailed, StoreLocked
 from castore.hashing import hash_json
-from castore.llms import Prices
+from castore.llms import Prices, usage_totals
 from castore.store import layout as L
 from castore.store.locks import FileLock
 
@@ -352,11 +352,8 @@ def _finish(
     store: Store, llm: OpenAILLM, rec: JobRecord, results: list[Generation | BaseException]
 ) -> list[Generation | BaseException]:
     """Record what a job's answers used and left unanswered; the answers."""
-    answered = [r for r in results if not isinstance(r, BaseException)]
-    rec.tokens = sum(int((r.usage or {}).get("total_tokens") or 0) for r in answered)
-    rec.prompt_tokens = sum(int((r.usage or {}).get("prompt_tokens") or 0) for r in answered)
-    rec.completion_tokens = sum(
-        int((r.usage or {}).get("completion_tokens") or 0) for r in answered
+    rec.tokens, rec.prompt_tokens, rec.completion_tokens = usage_totals(
+        r.usage for r in results if not isinstance(r, BaseException)
     )
     rec.prices = rec.prices or llm.prices
     rec.unanswered = [i for i, r in enumerate(results) if isinstance(r, BaseException)]

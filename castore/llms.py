@@ -33,7 +33,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -65,6 +65,22 @@ class Prices(BaseModel):
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+def usage_totals(usages: Iterable[Any]) -> tuple[int, int, int]:
+    """(total, prompt, completion) tokens of servers' `usage` dicts; anything not a dict,
+    or a count that is not an int, counts nothing."""
+    total = prompt = completion = 0
+    for usage in usages:
+        if isinstance(usage, dict):
+            total += _count(usage.get("total_tokens"))
+            prompt += _count(usage.get("prompt_tokens"))
+            completion += _count(usage.get("completion_tokens"))
+    return total, prompt, completion
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class OpenAILLM(BaseModel):

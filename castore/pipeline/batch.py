@@ -342,21 +342,12 @@ def usage_of(step: _Step, table: pa.Table) -> Usage:
     are theirs, not this step's), and that usage at the step's prices."""
     if METADATA_COLUMN not in table.column_names or not step.name:
         return (0, 0.0)
+    from castore.llms import usage_totals  # only steps after an LLM step get here
+
     name, prices = step.name, step.prices()
-    total = prompt = completion = 0
-    for meta in table.column(METADATA_COLUMN).to_pylist():
-        entry = (meta or {}).get(name)
-        usage = entry.get("usage") if isinstance(entry, dict) else None
-        if not isinstance(usage, dict):
-            continue
-        total += _int(usage.get("total_tokens"))
-        prompt += _int(usage.get("prompt_tokens"))
-        completion += _int(usage.get("completion_tokens"))
+    entries = ((meta or {}).get(name) for meta in table.column(METADATA_COLUMN).to_pylist())
+    total, prompt, completion = usage_totals(e.get("usage") for e in entries if isinstance(e, dict))
     return total, prices.cost(prompt, completion) if prices is not None else 0.0
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def compute(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None]:
