@@ -150,6 +150,7 @@ def test_after_a_stopped_run_explain_says_not_reached_not_changed(store, monkeyp
     """A run that failed half way, then the same pipeline again: the batches after the
     stop are new work, and nothing upstream changed (it used to say so)."""
     import os
+    import time
 
     from castore import StepInput, step
     from castore.errors import StepFailed
@@ -157,6 +158,9 @@ def test_after_a_stopped_run_explain_says_not_reached_not_changed(store, monkeyp
     @step(inputs=["x"], outputs=["y"])
     def Flaky(inputs: StepInput):
         if os.environ.get("FLAKY_STOP") == "1" and inputs[0]["x"] >= 20:
+            # keep_columns' batches of rows 0-19 are ready by now: let them finish before
+            # the run fails, so the earlier run reached them (else which did is a race).
+            time.sleep(0.5)
             raise RuntimeError("stopped here")
         return [{**r, "y": r["x"] * 2} for r in inputs]
 
