@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from castore import remote_packs
+from castore import remote_index, remote_packs
 from castore.errors import CastoreError, ConfigError
 from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
@@ -81,6 +81,9 @@ class GcPlan:
     kept_by_grace: int = 0
     live_runs: list[str] = field(default_factory=list)
     cutoff: float = 0.0  # objects touched after this are never swept
+    # What the store remembers of remotes (castore/remote_index.py) and no read-through
+    # used since this goes (now - cache-ttl).
+    cache_cutoff: float = 0.0
 
 
 @dataclass
@@ -157,6 +160,7 @@ def plan_gc(
     starts = [start for _, start, _ in live]
     protect_since = min(starts) - 60 if starts else None
     plan.cutoff = now - grace
+    plan.cache_cutoff = now - cache_ttl
     _plan_objects(store, plan, by_runs, marked, cutoff=plan.cutoff, protect_since=protect_since)
     going = set(plan.objects_removed)
     plan.actions_dropped = [
@@ -318,6 +322,7 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
     from castore.pipeline.appends import drop_stale
 
     drop_stale(store)  # a grown file's record, once its batches' entries went
+    remote_index.prune(store, plan.cache_cutoff)
     _delete_objects(store, plan.objects_removed, plan.cutoff, progress)
     # One pack of the packed entries that stay; the packs it replaced go now (their
     # markers are gone, so no new reader finds them).

@@ -35,7 +35,6 @@ from castore.hashing import (
 )
 from castore.store import Store
 from castore.store import layout as L
-from castore.store.manifests import RunManifest, StepManifest
 from castore.store.models import ActionEntry
 
 log = logging.getLogger(__name__)
@@ -201,63 +200,101 @@ class Remote:
         return entry.model_dump_json().encode()
 
     def manifest_index(
-        self,
+        self, store: Store | None = None
     ) -> tuple[dict[str, tuple[list[str], list[int]]], dict[str, list[str]]]:
         """From the step manifests of every run the remote's refs name: action key ->
         (outputs, rows), and step fingerprint -> its row-key segments. Manifests are
         content-addressed and verified on read, so an action entry that disagrees with
-        them was not written by the run that made it."""
-        index: dict[str, tuple[list[str], list[int]]] = {}
-        segments: dict[str, list[str]] = {}
-        for _name, _sig, run_oid in self.list_refs():
-            try:
-                run = self.load_json(run_oid, RunManifest)
-                for ref in run.steps:
-                    step = self.load_json(ref.manifest, StepManifest)
-                    for b in step.batches:
-                        if not b.failed:
-                            index[b.key] = (list(b.outputs), list(b.rows))
-                        if b.row_index:
-                            segments.setdefault(step.fingerprint, []).append(b.row_index)
-            except (CastoreError, OSError) as e:
-                log.warning("remote %s: skipping run %s: %s", self.url, run_oid[:12], e)
-        return index, segments
+        them was not written by the run that made it. With `store`, what it remembers of
+        runs it read before is not read again (castore/remote_index.py)."""
+        from castore.remote_index import manifest_index
+
+        return manifest_index(self, store)
 
     def list_actions(self) -> set[str]:
         return {key for p in self.find(L.ACTIONS) if (key := L.oid_from_path(p))}
 
     def list_refs(
-        self, problems: list[tuple[str, str]] | None = None
+        self,
+        problems: list[tuple[str, str]] | None = None,
+        *,
+        versions: dict[str, tuple[str, str]] | None = None,
+        jobs: int = 16,
     ) -> list[tuple[str, str, str]]:
         """(name, sig, run manifest id); names, sigs and ids are validated, bad ones
         skipped with a warning (a remote cannot make us write outside the store) and
-        added to `problems` as (ref, reason) when given."""
+        added to `problems` as (ref, reason) when given. With `versions` (ref -> (version,
+        run id) as last listed), a ref whose listed version (ETag) is unchanged is not
+        read again, and `versions` is replaced by what this listing found. Refs are read
+        `jobs` at a time; a ref that cannot be read for another reason than being bad
+        raises RemoteUnavailable (skipping it would let gc sweep what it protects)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        listed = self._listed_refs(problems)
+        known = versions if versions is not None and not self.local else {}
+
+        def target(item: tuple[str, str, str | None]) -> str | CastoreError:
+            ref, path, version = item
+            seen = known.get(ref)
+            try:
+                if version is not None and seen is not None and seen[0] == version:
+                    return validate_id(seen[1])
+                return validate_id(self.read(path).decode().strip())
+            except (CastoreError, UnicodeDecodeError) as e:
+                return CastoreError(str(e))
+            except FileNotFoundError:
+                return CastoreError("removed while it was listed")
+            except OSError as e:
+                raise RemoteUnavailable(f"cannot read refs of {self.url}: {e}") from None
+
+        with ThreadPoolExecutor(max(1, min(jobs, len(listed)))) as pool:
+            targets = list(pool.map(target, listed))
+        if versions is not None:
+            versions.clear()
+        out = []
+        for (ref, _path, version), got in zip(listed, targets, strict=True):
+            if isinstance(got, CastoreError):
+                self._bad_ref(ref, got, problems)
+                continue
+            name, sig = ref.split("/")
+            out.append((name, sig, got))
+            if versions is not None and version is not None:
+                versions[ref] = (version, got)
+        return out
+
+    def _listed_refs(
+        self, problems: list[tuple[str, str]] | None
+    ) -> list[tuple[str, str, str | None]]:
+        """(name/sig, path, version from the listing) of each well-named ref, in order."""
+        from castore.remote_packs import etag
+
         base = self.layout.ref_dir()
         self.fs.invalidate_cache()
         try:
-            paths = self.fs.find(base)
+            infos = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise RemoteUnavailable(f"cannot list refs of {self.url}: {e}") from None
         out = []
-        for p in sorted(paths):
+        for p in sorted(infos):
             rel = p[len(base.rstrip("/")) + 1 :] if p.startswith(base) else p
             parts = rel.split("/")
             if len(parts) != 2:
                 continue
-            name, sig = parts
             try:
-                L.validate_name(name)
-                validate_id(sig)
-                oid = validate_id(self.read(p).decode().strip())
-            except (CastoreError, UnicodeDecodeError, OSError) as e:
-                log.warning("remote %s: skipping ref %s: %s", self.url, rel, e)
-                if problems is not None:
-                    problems.append((rel[:80], str(e)[:120]))
+                L.validate_name(parts[0])
+                validate_id(parts[1])
+            except CastoreError as e:
+                self._bad_ref(rel, e, problems)
                 continue
-            out.append((name, sig, oid))
+            out.append((rel, p, etag(infos[p])))
         return out
+
+    def _bad_ref(self, rel: str, error: Exception, problems: list[tuple[str, str]] | None) -> None:
+        log.warning("remote %s: skipping ref %s: %s", self.url, rel, error)
+        if problems is not None:
+            problems.append((rel[:80], str(error)[:120]))
 
     def set_ref(self, name: str, sig: str, oid: str) -> None:
         self.write(self.layout.ref_path(name, sig), (validate_id(oid) + "\n").encode())

@@ -83,7 +83,7 @@ def _read(remote: Remote, key: str) -> Entry | Literal[False] | None:
         return False
 
 
-def _etag(info: dict[str, Any]) -> str | None:
+def etag(info: dict[str, Any]) -> str | None:
     tag = info.get("ETag") or info.get("etag")
     return str(tag).strip('"').lower() if tag else None
 
@@ -109,7 +109,7 @@ def read_entries(remote: Remote, jobs: int = 16) -> tuple[dict[str, Entry | None
     for key, info in loose.items():
         text = packed.pop(key, None)
         raw = text.encode() if text is not None else None
-        tag = _etag(info)
+        tag = etag(info)
         if raw is not None and tag == hashlib.md5(raw, usedforsecurity=False).hexdigest():
             out[key] = _entry(remote, key, raw)
         else:

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
-from castore.errors import CastoreError, CorruptObject, RemoteError
+from castore.errors import CastoreError, CorruptObject, RemoteError, RemoteUnavailable
 from castore.remote_locks import Heartbeat, Leases, lock_ttl
 from castore.store import Store
 from castore.store.models import ActionEntry
@@ -111,6 +111,9 @@ class RemoteCache:
     def _wait(self, fut: Future[Any], what: str) -> Any:
         try:
             return fut.result(self.timeout)
+        except RemoteUnavailable as e:  # e.g. refs unreadable: local-only, never a failure
+            self._down(what, str(e))
+            return None
         except CastoreError:
             raise
         except Exception as e:
@@ -183,9 +186,10 @@ class RemoteCache:
 
     def _manifests(self) -> tuple[dict[str, tuple[list[str], list[int]]], dict[str, list[str]]]:
         """What the remote's (content-addressed) step manifests say each key produced, and
-        each step's row-key segments; read once, the first time a remote entry is used."""
+        each step's row-key segments; read once, the first time a remote entry is used,
+        and only for runs this store has not read before (castore/remote_index.py)."""
         if self._index is None:
-            self._index = self._index_pool.submit(self.remote.manifest_index)
+            self._index = self._index_pool.submit(partial(self.remote.manifest_index, self.store))
         return self._index.result()
 
     def _fetch(self, oid: str, key: str | None = None) -> bool:

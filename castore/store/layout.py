@@ -31,6 +31,8 @@ RUN_LOCKS = "runs"
 JOBS = "jobs"  # jobs/<job key>.json: a provider's batch job for rows of an LLM step
 # appends/<key>.json: where a loader's batches of a jsonl file end (castore/pipeline/appends.py)
 APPENDS = "appends"
+# remotes/: what this store remembers of remotes it read through (castore/remote_index.py)
+REMOTES = "remotes"
 # What a run folder holds: the run's pipeline.yaml and log, its leaf batches (data/, with
 # the stamp file data/.castore-batches.json), the Distiset's memory-mapped leaves, and
 # logs/<run id>.log: each attempt's log while it runs (two runs of one pipeline at once
@@ -71,7 +73,8 @@ def oid_from_path(path: str) -> str | None:
 
 # Every name a store has at its root (a folder holding anything else is not a store).
 STORE_NAMES = frozenset(
-    {OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS, QUARANTINE, LAYOUT_FILE, CONFIG, INDEX, APPENDS}
+    {OBJECTS, ACTIONS, TMP, REFS, RUNS, LOCKS, QUARANTINE, LAYOUT_FILE, CONFIG, INDEX}
+    | {APPENDS, REMOTES}
 )
 
 
