@@ -11,7 +11,15 @@ local (floor: the same run without --remote), read-through of the 100 batches in
 empty store (floor: computing them locally), push of one new run, `gc --remote
 --dry-run`, and the gc's memory per entry.
 
-    python benchmarks/bench_team.py [--machines 1,2,5,10] [--entries 2000,20000] [--repeat 5]
+Part 3: a remote holding R runs (synthetic run and step manifests, 3 steps of 20 batches
+each, and their refs) plus the real 100-batch run: read-through of it into an empty store
+(the first look at the remote reads the refs and the manifests the cross-check needs),
+and again into a store that has looked before (castore/remote_index.py remembers what it
+read, so only what changed is read). Floor: computing the 100 batches locally. And
+`gc --remote --dry-run`, which must read every run's manifests (16 at a time).
+
+    python benchmarks/bench_team.py [--machines 1,2,5,10] [--entries 2000,20000]
+        [--runs 500] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -128,6 +136,57 @@ def fill(remote: Remote, n: int) -> None:
         remote_packs.write(remote, {k: written[k] for k in keys[i : i + 1000]})
 
 
+def fill_runs(remote: Remote, n: int) -> None:
+    """n runs, as pushes would leave them: 3 step manifests of 20 batches each, the run
+    manifest, its ref."""
+    import datetime as dt
+
+    from castore.store.manifests import BatchRecord, RunManifest, StepManifest, StepRef
+
+    def put(model) -> str:
+        data = model.model_dump_json().encode()
+        oid = hash_bytes(data)
+        remote.write(remote.layout.object_path(oid), data)
+        return oid
+
+    def one(i: int) -> None:
+        steps = []
+        for s in range(3):
+            batches = [
+                BatchRecord(
+                    key=hash_json(["run", i, s, b]),
+                    outputs=[hash_json(["out", i, s, b])],
+                    rows=[50],
+                    cached=False,
+                )
+                for b in range(20)
+            ]
+            manifest = StepManifest(
+                name=f"step{s}",
+                step_class="Filler",
+                fingerprint=hash_json(["fp", i, s]),
+                signature=hash_json(["sig", i, s]),
+                complete=True,
+                batches=batches,
+            )
+            steps.append(StepRef(name=f"step{s}", manifest=put(manifest)))
+        sig = hash_json(["run", i])
+        run = RunManifest(
+            run_id=f"filler-{i}",
+            name=f"filler{i}",
+            signature=sig,
+            status="finished",
+            started=dt.datetime.now(dt.UTC),
+            steps=steps,
+            edges=[("step0", "step1"), ("step1", "step2")],
+            leaves=["step2"],
+        )
+        remote.set_ref(f"filler{i}", sig, put(run))
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(one, range(n)))
+
+
 def list_floor(url: str) -> float:
     """The two listings any gc of this remote needs, through s3fs alone."""
     import s3fs
@@ -164,6 +223,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--machines", default="1,2,5,10")
     ap.add_argument("--entries", default="2000,20000")
+    ap.add_argument("--runs", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import logging
@@ -206,7 +266,7 @@ def main() -> None:
         # -- part 2 ----------------------------------------------------------------------
         peaks: dict[int, float] = {}
         floors: dict[int, float] = {}
-        for n_entries in (int(e) for e in args.entries.split(",")):
+        for n_entries in (int(e) for e in args.entries.split(",") if e):
             url = server.new_bucket()
             remote = Remote(url)
             t0 = time.perf_counter()
@@ -267,6 +327,53 @@ def main() -> None:
                 ),
             ]
             print("\n".join(f"{k}  {v}" for k, v in rows[-10:]), flush=True)
+        # -- part 3 ----------------------------------------------------------------------
+        if args.runs:
+            url = server.new_bucket()
+            remote = Remote(url)
+            t0 = time.perf_counter()
+            fill_runs(remote, args.runs)
+            filled = time.perf_counter() - t0
+            pipeline = write_pipeline(
+                work, "hundred-runs", delay=0.05, rows=1000, batch=10, concurrency=1
+            )
+            benv = {**env, "BENCH_CALLS": str(work / "calls-runs")}
+            origin = work / "origin-runs"
+            timed_cas("run", str(pipeline), cache=origin, env=benv)
+            timed_cas("push", url, cache=origin, env=benv)
+            cold, first, later, gc_runs = [], [], [], []
+            for i in range(args.repeat):
+                fresh = work / f"fresh-runs-{i}"
+                cold.append(timed_cas("run", str(pipeline), cache=fresh, env=benv))
+                shutil.rmtree(fresh)
+                empty = work / f"empty-runs-{i}"
+                args_through = ("run", str(pipeline), "--remote", url)
+                first.append(timed_cas(*args_through, cache=empty, env=benv))
+                # The same store later: its batches gone (as if gc took them), what it
+                # remembers of the remote kept.
+                for kind in ("objects", "actions", "refs", "runs", "index"):
+                    shutil.rmtree(empty / kind, ignore_errors=True)
+                later.append(timed_cas(*args_through, cache=empty, env=benv))
+                shutil.rmtree(empty)
+                gc_dry = ("gc", "--remote", url, "--dry-run")
+                gc_runs.append(timed_cas(*gc_dry, cache=origin, env=benv))
+            floor = statistics.median(cold)
+            rows += [
+                (f"R={args.runs:,} runs: fill", f"{filled:.1f} s (not a figure)"),
+                (f"R={args.runs:,}: compute 100 batches x 50 ms locally", f"{mm(cold)} (floor)"),
+                (
+                    f"R={args.runs:,}: read-through, first look at the remote",
+                    f"{mm(first)} = {statistics.median(first) / floor:.2f}x the floor",
+                ),
+                (
+                    f"R={args.runs:,}: read-through, a store that looked before",
+                    f"{mm(later)} = {statistics.median(later) / floor:.2f}x the floor",
+                ),
+            ]
+            rows.append(
+                (f"R={args.runs:,}: gc --remote --dry-run (reads every manifest)", mm(gc_runs))
+            )
+            print("\n".join(f"{k}  {v}" for k, v in rows[-5:]), flush=True)
         if len(peaks) >= 2:
             (e1, m1), (e2, m2) = sorted(peaks.items())[0], sorted(peaks.items())[-1]
             f1, f2 = floors[e1], floors[e2]

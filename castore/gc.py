@@ -458,7 +458,7 @@ def _plan_remote(
     """The plan, the entries it read and the entry packs it read them from."""
     result = GcPlan(cutoff=now - grace)
     entries, packs = remote_packs.read_entries(remote, jobs)
-    marked = _remote_marked(remote, entries, now - cache_ttl) | packs
+    marked = _remote_marked(remote, entries, now - cache_ttl, jobs) | packs
     infos = remote.find(L.OBJECTS)
     going: dict[str, int] = {}
     present: set[str] = set()
@@ -494,12 +494,19 @@ def _remove_dead_locks(remote: Remote) -> None:
 
 
 def _remote_marked(
-    remote: Remote, entries: dict[str, remote_packs.Entry | None], entries_since: float
+    remote: Remote,
+    entries: dict[str, remote_packs.Entry | None],
+    entries_since: float,
+    jobs: int = 16,
 ) -> set[str]:
     """What the remote's refs reach, and the objects of entries newer than the ttl."""
+    from concurrent.futures import ThreadPoolExecutor
+
     marked: set[str] = set()
-    for _name, _sig, oid in remote.list_refs():
-        marked |= manifest_closure(remote.load_json, oid)[1]
+    runs = sorted({oid for _name, _sig, oid in remote.list_refs(jobs=jobs)})
+    with ThreadPoolExecutor(max(1, min(jobs, len(runs)))) as pool:  # a request per manifest
+        for _run, reached in pool.map(lambda oid: manifest_closure(remote.load_json, oid), runs):
+            marked |= reached
     for entry in entries.values():
         if entry is not None and entry.created > entries_since:
             marked.update(entry.outputs)
