@@ -29,7 +29,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from castore import remote_index, remote_packs
 from castore.errors import CastoreError, ConfigError
@@ -399,22 +399,6 @@ def _remove_stale_locks(store: Store) -> None:
 # -- on a remote ------------------------------------------------------------------------
 
 
-def _mtime(info: dict[str, Any]) -> float:
-    """Modification time from an fsspec info dict (local: mtime; s3: LastModified)."""
-    import datetime as dt
-
-    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        v = info.get(k)
-        if isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, dt.datetime):
-            return v.timestamp()
-        if isinstance(v, str):
-            with contextlib.suppress(ValueError):
-                return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-    return time.time()  # unknown: treat as new, so it is never swept by mistake
-
-
 def collect_remote(
     remote: Remote,
     *,
@@ -431,7 +415,7 @@ def collect_remote(
     with contextlib.ExitStack() as stack:
         lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
         now = time.time()
-        result, entries, packs = _plan_remote(remote, now, grace, cache_ttl, jobs)
+        result, entries = _plan_remote(remote, now, grace, cache_ttl, jobs)
         if lock is not None:
             # Entries before objects: a gc killed in between leaves only garbage.
             for i, key in enumerate(result.actions_dropped):
@@ -444,33 +428,30 @@ def collect_remote(
                     lock.check()
                 remote.delete_object(oid)
             lock.check()
-            dropped = set(result.actions_dropped)
-            remote_packs.merge(
-                remote, {k: e for k, e in entries.items() if k not in dropped}, packs
-            )
+            remote_packs.merge(remote, entries, set(result.actions_dropped))
             _remove_dead_locks(remote)
     return GcResult(result, dry_run, time.perf_counter() - t0)
 
 
 def _plan_remote(
     remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int
-) -> tuple[GcPlan, dict[str, remote_packs.Entry | None], set[str]]:
+) -> tuple[GcPlan, remote_packs.Entries]:
     """The plan, the entries it read and the entry packs it read them from."""
     result = GcPlan(cutoff=now - grace)
-    entries, packs = remote_packs.read_entries(remote, jobs)
-    marked = _remote_marked(remote, entries, now - cache_ttl, jobs) | packs
-    infos = remote.find(L.OBJECTS)
+    got = remote_packs.read_entries(remote, jobs)
+    entries = got.entries
+    marked = _remote_marked(remote, entries, now - cache_ttl, jobs) | got.markers
     going: dict[str, int] = {}
     present: set[str] = set()
-    for path, info in infos.items():
+    for path, mtime, size, _etag in remote.scan(L.OBJECTS):  # one page at a time
         oid = L.oid_from_path(path)
         if oid is None:
             continue
         present.add(oid)
-        if oid in marked or now - _mtime(info) < grace:
+        if oid in marked or now - mtime < grace:
             result.objects_kept += 1
         else:
-            going[oid] = int(info.get("size") or 0)
+            going[oid] = size
     result.actions_dropped = sorted(
         k
         for k, e in entries.items()
@@ -478,7 +459,7 @@ def _plan_remote(
     )
     result.objects_removed = sorted(going)
     result.object_bytes = sum(going.values())
-    return result, entries, packs
+    return result, got
 
 
 def _remove_dead_locks(remote: Remote) -> None:

@@ -16,8 +16,9 @@ import hmac
 import logging
 import os
 import posixpath
+import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from castore.errors import (
@@ -75,15 +76,25 @@ class Remote:
 
     def list_oids(self) -> set[str]:
         """Every object id on the remote (strays and malformed names skipped)."""
-        return {oid for p in self.find(L.OBJECTS) if (oid := L.oid_from_path(p))}
+        return {oid for p, *_ in self.scan(L.OBJECTS) if (oid := L.oid_from_path(p))}
 
-    def find(self, kind: str) -> dict[str, dict[str, Any]]:
-        """Every file under objects/ or actions/ with its info (size, mtime)."""
+    def scan(self, kind: str) -> Iterator[Listed]:
+        """Every file under objects/ or actions/ as (path, mtime, size, ETag or None), one
+        at a time. Nothing of the listing is kept beyond what the caller keeps: S3's
+        pages are read as they come (s3fs keeps ~1.2 kB per file in a whole listing), a
+        folder is walked; other backends are listed whole, then iterated."""
         self.fs.invalidate_cache()  # listings must be fresh: others write here too
+        base = self.layout.dir(kind)
         try:
-            return dict(self.fs.find(self.layout.dir(kind), detail=True))
+            if self.local:
+                yield from _walk(base)
+            elif hasattr(self.fs, "_iterdir") and type(self.fs).__name__ == "S3FileSystem":
+                yield from _s3_pages(self.fs, base)
+            else:
+                for p, info in self.fs.find(base, detail=True).items():
+                    yield p, mtime_of(info), int(info.get("size") or 0), etag_of(info)
         except FileNotFoundError:
-            return {}
+            return
         except OSError as e:
             raise RemoteUnavailable(f"cannot list {self.url}: {e}") from None
 
@@ -212,7 +223,7 @@ class Remote:
         return manifest_index(self, store)
 
     def list_actions(self) -> set[str]:
-        return {key for p in self.find(L.ACTIONS) if (key := L.oid_from_path(p))}
+        return {key for p, *_ in self.scan(L.ACTIONS) if (key := L.oid_from_path(p))}
 
     def list_refs(
         self,
@@ -266,8 +277,6 @@ class Remote:
         self, problems: list[tuple[str, str]] | None
     ) -> list[tuple[str, str, str | None]]:
         """(name/sig, path, version from the listing) of each well-named ref, in order."""
-        from castore.remote_packs import etag
-
         base = self.layout.ref_dir()
         self.fs.invalidate_cache()
         try:
@@ -288,7 +297,7 @@ class Remote:
             except CastoreError as e:
                 self._bad_ref(rel, e, problems)
                 continue
-            out.append((rel, p, etag(infos[p])))
+            out.append((rel, p, etag_of(infos[p])))
         return out
 
     def _bad_ref(self, rel: str, error: Exception, problems: list[tuple[str, str]] | None) -> None:
@@ -444,3 +453,75 @@ __all__ = [
     "fetch_object",
     "worker_env",
 ]
+
+
+Listed = tuple[str, float, int, str | None]  # (path, mtime, size, ETag)
+
+
+def mtime_of(info: dict[str, Any]) -> float:
+    """Modification time from an fsspec info dict (local: mtime; s3: LastModified);
+    unknown is now, so what it dates is never taken for old."""
+    import datetime as dt
+
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, dt.datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    return time.time()
+
+
+def etag_of(info: dict[str, Any]) -> str | None:
+    tag = info.get("ETag") or info.get("etag")
+    return str(tag).strip('"').lower() if tag else None
+
+
+def _walk(base: str) -> Iterator[Listed]:
+    """A folder remote's files, shard by shard."""
+    with os.scandir(base) as shards:
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(shard.path) as files:
+                for f in files:
+                    if f.is_file(follow_symlinks=False):
+                        st = f.stat(follow_symlinks=False)
+                        yield f.path, st.st_mtime, st.st_size, None
+
+
+def _s3_pages(fs: Any, base: str) -> Iterator[Listed]:
+    """An S3 listing consumed page by page on s3fs's event loop, handed over as compact
+    tuples (the info dicts it builds per key are dropped at once)."""
+    import asyncio
+    import queue
+
+    bucket, key, _ = fs.split_path(base)
+    pages: queue.Queue[list[Listed] | BaseException | None] = queue.Queue()
+
+    async def produce() -> None:
+        try:
+            page: list[Listed] = []
+            prefix = key.rstrip("/") + "/"
+            async for info in fs._iterdir(bucket, delimiter="", prefix=prefix):
+                size = int(info.get("size") or 0)
+                page.append((info["name"], mtime_of(info), size, etag_of(info)))
+                if len(page) >= 1000:
+                    pages.put(page)
+                    page = []
+            pages.put(page)
+            pages.put(None)
+        except BaseException as e:  # handed to the reader, raised there
+            pages.put(e)
+
+    running = asyncio.run_coroutine_threadsafe(produce(), fs.loop)
+    try:
+        while (got := pages.get()) is not None:
+            if isinstance(got, BaseException):
+                raise got
+            yield from got
+    finally:
+        running.cancel()

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from castore.errors import CastoreError
 from castore.hashing import hash_bytes, validate_id
@@ -64,37 +64,67 @@ class Entry(NamedTuple):
 
     created: float
     outputs: tuple[str, ...]
-    raw: bytes  # its bytes on the remote: the merged pack holds them as they are
+    pack: int  # the pack (Entries.packs) holding its bytes as the remote has them, or -1
 
 
-def _entry(remote: Remote, key: str, raw: bytes) -> Entry | None:
+class Entries:
+    """Every entry on a remote (None: malformed or, with a team key, not signed by it),
+    the packs read and their markers. An entry's bytes stay where they were read (in its
+    pack, or `read` for loose files read by themselves), not copied per entry."""
+
+    def __init__(self, packs: list[actionpack._Pack], markers: set[str]) -> None:
+        self.entries: dict[str, Entry | None] = {}
+        self.packs = packs
+        self.markers = markers
+        self.read: dict[str, bytes] = {}
+
+    def raw(self, key: str) -> bytes:
+        entry = self.entries[key]
+        if entry is None or entry.pack < 0:
+            return self.read[key]
+        text = self.packs[entry.pack].find(bytes.fromhex(key))
+        assert text is not None
+        return text.encode()
+
+
+def _entry(remote: Remote, key: str, raw: bytes | str, pack: int) -> Entry | None:
     """None when malformed or (with a team key) not signed by it."""
     entry = remote.trust(key, raw)[0]
     if entry is None:
         return None
-    return Entry(entry.created.timestamp(), tuple(entry.outputs), raw)
+    return Entry(entry.created.timestamp(), tuple(entry.outputs), pack)
 
 
-def _read(remote: Remote, key: str) -> Entry | Literal[False] | None:
-    """A loose entry read by itself; False when it went since it was listed."""
+def _read(remote: Remote, key: str) -> bytes | None:
+    """A loose entry's bytes; None when it went since it was listed."""
     try:
-        return _entry(remote, key, remote.read(remote.layout.action_path(key)))
+        return remote.read(remote.layout.action_path(key))
     except FileNotFoundError:
-        return False
+        return None
 
 
-def etag(info: dict[str, Any]) -> str | None:
-    tag = info.get("ETag") or info.get("etag")
-    return str(tag).strip('"').lower() if tag else None
+def _packed(packs: list[actionpack._Pack], key: str, tag: str | None) -> tuple[int, str] | None:
+    """(pack, text) of a pack holding the bytes whose MD5 the listing gave (the loose
+    file's ETag); None when none does (rewritten since, or no MD5 ETag)."""
+    if tag is None:
+        return None
+    want = bytes.fromhex(key)
+    for i, pack in enumerate(packs):
+        text = pack.find(want)
+        if (
+            text is not None
+            and tag == hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+        ):
+            return i, text
+    return None
 
 
-def read_entries(remote: Remote, jobs: int = 16) -> tuple[dict[str, Entry | None], set[str]]:
-    """Every entry on the remote (None: malformed or, with a team key, not signed by it)
-    and the packs read. Loose files whose bytes a pack holds (by ETag) are not read."""
-    loose = {key: info for p, info in remote.find(L.ACTIONS).items() if (key := L.oid_from_path(p))}
-    packed: dict[str, str] = {}
-    packs = markers(remote)
-    for oid in packs if not remote.local else ():  # a folder's files are cheap to read
+def read_entries(remote: Remote, jobs: int = 16) -> Entries:
+    """Every entry on the remote. The loose files are listed page by page; one whose bytes
+    a pack holds (by ETag) is not read."""
+    found = markers(remote)
+    packs = []
+    for oid in sorted(found) if not remote.local else ():  # a folder's files are cheap to read
         try:
             pack = actionpack.decode_pack(oid, remote.get_object(oid))
         except (CastoreError, OSError) as e:
@@ -103,30 +133,32 @@ def read_entries(remote: Remote, jobs: int = 16) -> tuple[dict[str, Entry | None
             )
             continue
         if pack is not None:
-            packed.update(pack.items())
-    out: dict[str, Entry | None] = {}
+            packs.append(pack)
+    got = Entries(packs, found)
     todo = []
-    for key, info in loose.items():
-        text = packed.pop(key, None)
-        raw = text.encode() if text is not None else None
-        tag = etag(info)
-        if raw is not None and tag == hashlib.md5(raw, usedforsecurity=False).hexdigest():
-            out[key] = _entry(remote, key, raw)
+    for path, _mtime, _size, tag in remote.scan(L.ACTIONS):
+        key = L.oid_from_path(path)
+        if key is None:
+            continue
+        hit = _packed(packs, key, tag)
+        if hit is not None:
+            got.entries[key] = _entry(remote, key, hit[1], hit[0])
         else:
             todo.append(key)
-    del packed, loose  # before the requests: gc's memory peaks here
     with ThreadPoolExecutor(jobs) as pool:  # one request per entry: many at once
-        for key, got in zip(todo, pool.map(lambda k: _read(remote, k), todo), strict=True):
-            if got is not False:
-                out[key] = got
-    return out, packs
+        for key, raw in zip(todo, pool.map(lambda k: _read(remote, k), todo), strict=True):
+            if raw is not None:
+                got.entries[key] = entry = _entry(remote, key, raw, -1)
+                if entry is not None:
+                    got.read[key] = raw
+    return got
 
 
-def merge(remote: Remote, entries: dict[str, Entry | None], old: set[str]) -> None:
-    """After a gc: one pack of the entries left, then the old markers go (their objects
-    are swept by a later gc)."""
-    keep = {k: e.raw for k, e in entries.items() if e is not None}
+def merge(remote: Remote, got: Entries, drop: set[str]) -> None:
+    """After a gc: one pack of the entries left (minus `drop`), then the old markers go
+    (their objects are swept by a later gc)."""
+    keep = {k: got.raw(k) for k, e in got.entries.items() if e is not None and k not in drop}
     new = write(remote, keep)
-    for oid in old - {new}:
+    for oid in got.markers - {new}:
         with contextlib.suppress(OSError):
             remote.fs.rm_file(remote.layout.join(packs_dir(remote), oid))

@@ -263,3 +263,29 @@ def test_push_and_pull_dry_run_transfer_nothing(make_store, tmp_path):
     pulled = r.json()
     assert r.returncode == 0 and pulled["objects"] == plan["objects"]
     assert sum(1 for _ in b.iter_oids()) == 0  # nothing arrived
+
+
+def test_scan_lists_what_find_lists(make_store, remote_url):
+    """`Remote.scan` (S3 read page by page, a folder walked) gives every file find() does,
+    with the same size, mtime and ETag."""
+    from castore.remote import etag_of, mtime_of
+    from castore.store import layout as L
+
+    a = make_store("a")
+    build().run(cache_dir=a.root, quiet=True)
+    remote = Remote(remote_url)
+    push(a, remote)
+    for kind in (L.OBJECTS, L.ACTIONS):
+        listed = remote.fs.find(remote.layout.dir(kind), detail=True)
+        want = {
+            L.oid_from_path(p): (int(i["size"]), round(mtime_of(i)), etag_of(i))
+            for p, i in listed.items()
+            if L.oid_from_path(p)
+        }
+        got = {
+            L.oid_from_path(p): (size, round(mtime), tag)
+            for p, mtime, size, tag in remote.scan(kind)
+            if L.oid_from_path(p)
+        }
+        assert got == want and len(got) > 3
+    assert list(Remote(remote_url + "-nothing-here").scan(L.OBJECTS)) == []

@@ -268,7 +268,7 @@ def test_entry_packs_serve_gc_and_never_overrule_the_loose_files(make_store, s3_
     def outputs(got: dict) -> dict:
         return {k: e.outputs if e is not None else None for k, e in got.items()}
 
-    assert outputs(remote_packs.read_entries(remote)[0]) == {
+    assert outputs(remote_packs.read_entries(remote).entries) == {
         k: tuple(e.outputs) for k, e in direct.items() if e is not None
     }
     # A loose file rewritten after the pack (another machine's result) wins over the
@@ -278,14 +278,14 @@ def test_entry_packs_serve_gc_and_never_overrule_the_loose_files(make_store, s3_
     assert other is not None
     remote.put_action(changed, other)
     remote.fs.rm_file(remote.layout.action_path(gone))
-    got = remote_packs.read_entries(remote)[0]
+    got = remote_packs.read_entries(remote).entries
     assert got[changed].outputs == tuple(other.outputs) and gone not in got
     build(factor=5).run(cache_dir=a.root, quiet=True)
     push(a, remote)
     assert len(remote_packs.markers(remote)) == 2
     collect_remote(remote, grace=0, cache_ttl=0)
     assert len(remote_packs.markers(remote)) == 1  # merged
-    assert outputs(remote_packs.read_entries(remote)[0]) == {
+    assert outputs(remote_packs.read_entries(remote).entries) == {
         k: tuple(e.outputs) for k in remote.list_actions() if (e := remote.get_action(k))
     }
     # fsck names the entry we rewrote (it disagrees with its run's step manifest), only it

@@ -62,6 +62,16 @@ class _Pack:
     def key(self, i: int) -> bytes:
         return bytes(self.keys[i * 32 : (i + 1) * 32])
 
+    def find(self, want: bytes) -> str | None:
+        """The entry JSON of the 32-byte key `want`, or None."""
+        hi = int.from_bytes(want[:8], "big")
+        i = bisect.bisect_left(self.hi, hi)
+        while i < len(self.hi) and self.hi[i] == hi:
+            if self.key(i) == want:
+                return str(self.entries[i].as_py())
+            i += 1
+        return None
+
     def items(self) -> Iterator[tuple[str, str]]:
         """(key, entry JSON) of every row."""
         for i in range(len(self.hi)):
@@ -134,19 +144,14 @@ class Packs:
 
     def _find(self, key: str) -> str | None:
         want = bytes.fromhex(key)
-        hi = int.from_bytes(want[:8], "big")
         for pack in list(self._packs.values()):
-            if pack is None:
-                continue
-            i = bisect.bisect_left(pack.hi, hi)
-            while i < len(pack.hi) and pack.hi[i] == hi:
-                if pack.key(i) == want:
-                    if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
-                        # gc replaced this pack (maybe without this entry): look again.
-                        self.refresh()
-                        return self._find(key)
-                    return str(pack.entries[i].as_py())
-                i += 1
+            found = pack.find(want) if pack is not None else None
+            if pack is not None and found is not None:
+                if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
+                    # gc replaced this pack (maybe without this entry): look again.
+                    self.refresh()
+                    return self._find(key)
+                return found
         return None
 
     def keys(self) -> Iterator[str]:
