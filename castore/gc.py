@@ -442,12 +442,14 @@ def _plan_remote(
     entries = got.entries
     marked = _remote_marked(remote, entries, now - cache_ttl, jobs) | got.markers
     going: dict[str, int] = {}
-    present: set[str] = set()
+    # What entries name and the listing has not shown (yet): the set holds the entries'
+    # own strings, not one more per listed object.
+    missing = {o for e in entries.values() if e is not None for o in e.outputs}
     for path, mtime, size, _etag in remote.scan(L.OBJECTS):  # one page at a time
         oid = L.oid_from_path(path)
         if oid is None:
             continue
-        present.add(oid)
+        missing.discard(oid)
         if oid in marked or now - mtime < grace:
             result.objects_kept += 1
         else:
@@ -455,7 +457,7 @@ def _plan_remote(
     result.actions_dropped = sorted(
         k
         for k, e in entries.items()
-        if e is None or any(o in going or o not in present for o in e.outputs)
+        if e is None or any(o in going or o in missing for o in e.outputs)
     )
     result.objects_removed = sorted(going)
     result.object_bytes = sum(going.values())
