@@ -322,7 +322,7 @@ def main() -> None:
                 ),
                 (
                     f"E={n_entries:,}: gc dry-run peak RSS",
-                    f"{peaks[n_entries]:.0f} MiB (its two listings alone: "
+                    f"{peaks[n_entries]:.0f} MiB (s3fs's two whole listings alone: "
                     f"{floors[n_entries]:.0f} MiB)",
                 ),
             ]
@@ -379,8 +379,8 @@ def main() -> None:
             f1, f2 = floors[e1], floors[e2]
             rows.append(
                 (
-                    "gc memory per entry beyond the listings",
-                    f"{((m2 - m1) - (f2 - f1)) * (1 << 20) / (e2 - e1):.0f} B; the listings "
+                    "s3fs's two whole listings alone, per entry (what gc held before it read "
+                    "pages)",
                     f"{(f2 - f1) * (1 << 20) / (e2 - e1):.0f} B",
                 )
             )
