@@ -243,6 +243,8 @@ def pack_run(store: Store, own: str | None, loose: list[str] | tuple[str, ...] =
     }
     files: dict[str, bytes] = {}
     for key in dict.fromkeys(loose):
+        if key in journaled:
+            continue  # no loose file: lexists just said so (a run alone journals them all)
         with contextlib.suppress(FileNotFoundError):
             raw = _read(store.layout.action_path(key))
             if raw != TOMBSTONE:
