@@ -487,7 +487,7 @@ def _remote_marked(
 
     marked: set[str] = set()
     runs = sorted({oid for _name, _sig, oid in remote.list_refs(jobs=jobs)})
-    with ThreadPoolExecutor(max(1, min(jobs, len(runs)))) as pool:  # a request per manifest
+    with ThreadPoolExecutor(jobs) as pool:  # a request per manifest
         for _run, reached in pool.map(lambda oid: manifest_closure(remote.load_json, oid), runs):
             marked |= reached
     for entry in entries.values():

@@ -242,7 +242,7 @@ class Remote:
         from concurrent.futures import ThreadPoolExecutor
 
         listed = self._listed_refs(problems)
-        known = versions if versions is not None and not self.local else {}
+        known = versions if versions is not None else {}  # a folder lists no versions
 
         def target(item: tuple[str, str, str | None]) -> str | CastoreError:
             ref, path, version = item
@@ -258,7 +258,7 @@ class Remote:
             except OSError as e:
                 raise RemoteUnavailable(f"cannot read refs of {self.url}: {e}") from None
 
-        with ThreadPoolExecutor(max(1, min(jobs, len(listed)))) as pool:
+        with ThreadPoolExecutor(jobs) as pool:  # a thread per ref at most (started on demand)
             targets = list(pool.map(target, listed))
         if versions is not None:
             versions.clear()

@@ -120,9 +120,10 @@ def manifest_index(
     """From the step manifests of every run the remote's refs name: action key ->
     (outputs, rows), and step fingerprint -> its row-key segments. With `store`, runs it
     has a digest of are not read again, nor refs the listing shows unchanged."""
-    versions = ref_versions(store, remote.url) if store is not None else None
+    before = ref_versions(store, remote.url) if store is not None else None
+    versions = dict(before) if before is not None else None
     refs = remote.list_refs(versions=versions, jobs=jobs)
-    if store is not None and versions is not None:
+    if store is not None and versions is not None and versions != before:
         save_ref_versions(store, remote.url, versions)
     runs = list(dict.fromkeys(oid for _name, _sig, oid in refs))
     digests: dict[str, RunDigest] = {}
@@ -141,7 +142,7 @@ def manifest_index(
             log.warning("remote %s: skipping run %s: %s", remote.url, oid[:12], e)
             return None
 
-    with ThreadPoolExecutor(max(1, min(jobs, len(todo)))) as pool:
+    with ThreadPoolExecutor(jobs) as pool:
         for oid, digest in zip(todo, pool.map(read, todo), strict=True):
             if digest is not None:
                 digests[oid] = digest

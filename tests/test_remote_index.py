@@ -55,9 +55,14 @@ def test_second_look_reads_only_what_changed(make_store, remote_url, monkeypatch
     assert keys <= set(index)
     assert (Path(c.root) / "remotes" / "runs" / f"{first.run_oid}.json").is_file()
 
+    refs_files = list((Path(c.root) / "remotes" / "refs").glob("*.json"))
+    written = {f: f.stat().st_ino for f in refs_files}
     reads.reset()
     again, _ = Remote(remote_url).manifest_index(c)
     assert again == index
+    # Unchanged refs are not written again (a folder's listing has none to keep).
+    assert len(refs_files) == (0 if remote_url.startswith("/") else 1)
+    assert {f: f.stat().st_ino for f in refs_files} == written
     assert reads.manifests == 0  # the run's digest is remembered
     # A folder's listing has no version, so its refs are read (cheap); S3's has the ETag.
     assert reads.refs == (1 if remote_url.startswith("/") else 0)

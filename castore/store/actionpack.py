@@ -146,12 +146,14 @@ class Packs:
         want = bytes.fromhex(key)
         for pack in list(self._packs.values()):
             found = pack.find(want) if pack is not None else None
-            if pack is not None and found is not None:
-                if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
-                    # gc replaced this pack (maybe without this entry): look again.
-                    self.refresh()
-                    return self._find(key)
-                return found
+            if found is None:
+                continue
+            assert pack is not None
+            if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
+                # gc replaced this pack (maybe without this entry): look again.
+                self.refresh()
+                return self._find(key)
+            return found
         return None
 
     def keys(self) -> Iterator[str]:
