@@ -140,7 +140,14 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
 
 @click.command("push", short_help=SHORT_HELP["push"])
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
-@click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Parallel transfers.",
+)
 @click.option("--dry-run", is_flag=True, help="Only say what would be uploaded.")
 @common_options
 @click.pass_obj
@@ -155,7 +162,14 @@ def push_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_j
 
 @click.command("pull", short_help=SHORT_HELP["pull"])
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
-@click.option("--jobs", "-j", default=8, show_default=True, help="Parallel transfers.")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Parallel transfers.",
+)
 @click.option(
     "--dry-run", is_flag=True, help="Only say what would be downloaded (reads manifests)."
 )

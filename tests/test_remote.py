@@ -289,3 +289,14 @@ def test_scan_lists_what_find_lists(make_store, remote_url):
         }
         assert got == want and len(got) > 3
     assert list(Remote(remote_url + "-nothing-here").scan(L.OBJECTS)) == []
+
+
+def test_transfer_jobs_below_one_is_refused(make_store, tmp_path):
+    """`--jobs 0` was run as 1 without a word: an ignored argument."""
+    from tests.conftest import cas_inproc
+
+    a = make_store("a")
+    for cmd in ("push", "pull"):
+        r = cas_inproc(cmd, str(tmp_path / "remote"), "--jobs", "0", cache_dir=a.root)
+        assert r.returncode == 2 and "--jobs" in r.stderr and "Traceback" not in r.stderr, r
+    assert not (tmp_path / "remote").exists()
