@@ -138,9 +138,7 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
     )
 
 
-@click.command("push", short_help=SHORT_HELP["push"])
-@click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
-@click.option(
+jobs_option = click.option(
     "--jobs",
     "-j",
     type=click.IntRange(min=1),
@@ -148,6 +146,11 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
     show_default=True,
     help="Parallel transfers.",
 )
+
+
+@click.command("push", short_help=SHORT_HELP["push"])
+@click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
+@jobs_option
 @click.option("--dry-run", is_flag=True, help="Only say what would be uploaded.")
 @common_options
 @click.pass_obj
@@ -162,14 +165,7 @@ def push_command(app: App, args: tuple[str, ...], jobs: int, dry_run: bool, as_j
 
 @click.command("pull", short_help=SHORT_HELP["pull"])
 @click.argument("args", nargs=-1, metavar="[REMOTE] [RUN]...")
-@click.option(
-    "--jobs",
-    "-j",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Parallel transfers.",
-)
+@jobs_option
 @click.option(
     "--dry-run", is_flag=True, help="Only say what would be downloaded (reads manifests)."
 )
