@@ -48,7 +48,6 @@ class Distiset(dict):
     the run did not finish (the rows of every finished batch, in plan order)."""
 
     partial: bool = False
-    pipeline_yaml: str | None = None
     log: str | None = None
     pipeline_path: Path | None = None
     log_filename_path: Path | None = None
@@ -58,6 +57,23 @@ class Distiset(dict):
     # A run's leaves are made on first use (castore.Pipeline.run returns at once, and
     # only code that reads the data imports `datasets`): leaf -> its DatasetDict.
     _make: Callable[[str], Any] | None = None
+    _recipe: str | None = None
+    # A run's pipeline.yaml names large inline rows by store object; they are written
+    # out (castore/pipeline/inline.py) on first use, so the file stands alone.
+    _recipe_store: Store | None = None
+
+    @property
+    def pipeline_yaml(self) -> str | None:
+        if self._recipe_store is not None and self._recipe is not None:
+            from castore.pipeline.inline import expand
+
+            self._recipe = expand(self._recipe, self._recipe_store)
+        self._recipe_store = None
+        return self._recipe
+
+    @pipeline_yaml.setter
+    def pipeline_yaml(self, text: str | None) -> None:
+        self._recipe, self._recipe_store = text, None
 
     def _load(self) -> None:
         make, self._make = self._make, None
@@ -182,6 +198,7 @@ class Distiset(dict):
         out.run, out.run_oid, out.store_root = run, run_oid, store.root
         if run.pipeline_yaml:
             out.pipeline_yaml = store.get_bytes(run.pipeline_yaml).decode()
+            out._recipe_store = store
             out.pipeline_path = folder.pipeline_yaml
         if run.log:
             out.log = store.get_bytes(run.log).decode(errors="replace")

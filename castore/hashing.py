@@ -16,6 +16,7 @@ import re
 import textwrap
 import types
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import blake3
@@ -118,19 +119,58 @@ def canonical_json(value: Any) -> bytes:
         raise
 
 
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
+def plain_rows_json(rows: Any) -> bytes | None:
+    """canonical_json(rows) for a list of flat dicts whose keys are str and values str,
+    int, float, bool or None (exact types), without its round-trip check: such rows
+    cannot collide (json.dumps keeps those types apart, and NaN/Inf raise). None for
+    anything else, which the caller encodes with canonical_json."""
+    # Sets of the types seen, built in C: a third of the cost of a loop over the values.
+    if type(rows) is not list or set(map(type, rows)) != {dict}:
+        return None
+    if not set(map(type, chain.from_iterable(rows))) <= {str}:
+        return None
+    if not set(map(type, chain.from_iterable(map(dict.values, rows)))) <= _PLAIN:
+        return None
+    try:
+        text = json.dumps(
+            rows, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):  # NaN/Inf, a lone surrogate: the full walk names it
+        return None
+
+
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
     # blake3's own threads pay off only above a few MiB (measured in benchmarks/bench_store.py).
     threads = blake3.blake3.AUTO if len(data) > 1 << 22 else 1
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
+_SMALL_FILE = 1 << 20
+
+
 def hash_file(path: str | os.PathLike[str]) -> str:
-    """blake3 of a file's bytes, memory-mapped (no copy through Python), with blake3's
-    threads above a few MiB. Raises FileNotFoundError when it is gone."""
-    size = os.stat(path).st_size
+    """blake3 of a file's bytes: a small file read at once (a batch object: half the
+    time of mapping it), a larger one memory-mapped (no copy through Python), with
+    blake3's threads above a few MiB. Raises FileNotFoundError when it is gone."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= _SMALL_FILE:
+            data = os.read(fd, size + 1)  # a short read of a regular file is its end
+            while len(data) > size:  # it grew since fstat: hash all of it
+                more = os.read(fd, _SMALL_FILE)
+                if not more:
+                    break
+                data += more
+            return blake3.blake3(data).hexdigest()
+    finally:
+        os.close(fd)
     h = blake3.blake3(max_threads=blake3.blake3.AUTO if size > 1 << 22 else 1)
-    if size:
-        h.update_mmap(path)
+    h.update_mmap(path)
     return h.hexdigest()
 
 

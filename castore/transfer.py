@@ -96,7 +96,7 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
     for _name, _sig, oid in refs:
         run = load_model(store, oid, RunManifest)
         runs.append(oid)
-        c.batches.update(o for o in (run.pipeline_yaml, run.log) if o)
+        c.batches.update(run.files())
         for ref in run.steps:
             steps.append(ref.manifest)
             step = load_model(store, ref.manifest, StepManifest)
@@ -242,7 +242,7 @@ def plan_pull(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
             raise RemoteError(
                 f"remote ref {name}/{sig[:12]} names a manifest of {run.name}/{run.signature[:12]}"
             )
-        wanted.update(o for o in (run.pipeline_yaml, run.log) if o)
+        wanted.update(run.files())
         for ref in run.steps:
             step = remote.load_json(ref.manifest, StepManifest)
             manifests.append(ref.manifest)

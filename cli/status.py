@@ -44,10 +44,15 @@ def status_command(
     TARGET is what `cas run` takes: a Python file, package.module:NAME or pipeline.yaml.
     """
 
+    from castore.errors import StoreNotFound
     from castore.pipeline.targets import load_target, parse_target
 
     try:
-        pipeline = load_target(parse_target(target))
+        store = app.store()  # a run's pipeline.yaml may name rows kept in it
+    except StoreNotFound:
+        store = None
+    try:
+        pipeline = load_target(parse_target(target), store)
     except CastoreError:
         raise
     except Exception as e:

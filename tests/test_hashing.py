@@ -8,7 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from castore.errors import InvalidObjectId, NonCanonicalValue
-from castore.hashing import Hasher, canonical_json, hash_bytes, hash_json, validate_id
+from castore.hashing import (
+    Hasher,
+    canonical_json,
+    hash_bytes,
+    hash_file,
+    hash_json,
+    plain_rows_json,
+    validate_id,
+)
 
 json_values = st.recursive(
     st.none()
@@ -91,3 +99,42 @@ def test_validate_id_refuses(bad):
 def test_validate_id_accepts_digest():
     oid = hash_bytes(b"x")
     assert validate_id(oid) == oid and len(oid) == 64
+
+
+plain_value = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+
+
+@given(st.lists(st.dictionaries(st.text(), plain_value, max_size=5), min_size=1, max_size=8))
+def test_plain_rows_fast_path_is_canonical_json(rows):
+    assert plain_rows_json(rows) == canonical_json(rows)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [],  # no rows: the general encoding
+        [{"a": (1, 2)}],  # a tuple would dump like a list
+        [{"a": [1]}],  # nested: not flat
+        [{1: "a"}],  # an int key would dump as "1"
+        [{"a": float("nan")}],
+        [{"a": "\ud800"}],  # a lone surrogate is not UTF-8
+        [["a"]],
+        ({"a": 1},),
+    ],
+)
+def test_plain_rows_fast_path_declines_what_it_cannot_keep_apart(rows):
+    assert plain_rows_json(rows) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 1, (1 << 22) + 7])
+def test_hash_file_small_and_mapped_agree_with_hash_bytes(tmp_path, size):
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert hash_file(path) == hash_bytes(data)

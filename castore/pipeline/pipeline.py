@@ -18,6 +18,7 @@ from castore._version import __version__
 from castore.errors import ConfigError, PipelineError, one_line
 from castore.fingerprint import one_code_version
 from castore.hashing import hash_json
+from castore.pipeline.inline import InlineRef, resolve_params
 from castore.pipeline.params import merged_model, redact_parameters, strip_redacted
 from castore.pipeline.rows import check_row_wise
 from castore.pipeline.step import (
@@ -30,6 +31,7 @@ from castore.store.layout import validate_name
 
 if TYPE_CHECKING:
     from castore.distiset import Distiset
+    from castore.store import Store
     from castore.store.manifests import Target
 
 
@@ -191,6 +193,15 @@ class Pipeline:
             out[n] = {"fp": fp, "sig": hash_json(plan)}
         return out
 
+    def store_inline(self, store: Store, sigs: dict[str, dict[str, str]]) -> list[str]:
+        """Store the rows this pipeline's steps keep as objects under the fingerprints in
+        `sigs` (castore/pipeline/inline.py), before pipeline.yaml names them; their ids."""
+        return [
+            store.put_bytes(obj.packed)
+            for n in self.topological()
+            for obj in self.steps[n].inline_objects(sigs[n]["fp"]).values()
+        ]
+
     def signature(self, sigs: dict[str, dict[str, str]] | None = None) -> str:
         sigs = sigs or self.signatures()
         doc: dict[str, Any] = {
@@ -215,7 +226,9 @@ class Pipeline:
             entry: dict[str, Any] = {
                 "name": n,
                 "type": f"{cls.__module__}:{cls.__qualname__}",
-                "params": portable_params(step, step.yaml_params(), project),
+                "params": portable_params(
+                    step, step.yaml_params(step.inline_objects(sigs[n]["fp"])), project
+                ),
                 "fingerprint": sigs[n]["fp"],
                 "signature": sigs[n]["sig"],
                 # What `cas explain` compares: the code version and what else the step
@@ -255,7 +268,12 @@ class Pipeline:
         big: dict[str, str] = {}
         for i, entry in enumerate(doc["pipeline"]["steps"]):
             for k, v in entry["params"].items():
-                if isinstance(v, (list, dict)) and len(v) > 100:
+                if isinstance(v, InlineRef):
+                    # One line that castore.pipeline.inline.expand finds again.
+                    token = f"__castore_json_{i}_{k}__"
+                    big[token] = v.flow()
+                    entry["params"][k] = token
+                elif isinstance(v, (list, dict)) and len(v) > 100:
                     token = f"__castore_json_{i}_{k}__"
                     big[token] = json.dumps(v, ensure_ascii=False, allow_nan=False)
                     entry["params"][k] = token
@@ -266,17 +284,21 @@ class Pipeline:
         return text
 
     @classmethod
-    def from_yaml(cls, path_or_text: str | os.PathLike[str]) -> Pipeline:
-        """Rebuild a pipeline from pipeline.yaml; it has the same signature."""
+    def from_yaml(
+        cls, path_or_text: str | os.PathLike[str], store: Store | None = None
+    ) -> Pipeline:
+        """Rebuild a pipeline from pipeline.yaml; it has the same signature. `store`:
+        where rows that pipeline.yaml keeps as objects are read from (a run's own
+        pipeline.yaml; a Distiset's has them written out)."""
         text = str(path_or_text)
         if "\n" not in text and Path(text).exists():
             text = Path(text).read_text(encoding="utf-8")
         from castore.yamlio import load_yaml
 
-        return cls.from_dict(load_yaml(text, "pipeline YAML"))
+        return cls.from_dict(load_yaml(text, "pipeline YAML"), store)
 
     @classmethod
-    def from_dict(cls, doc: Any) -> Pipeline:
+    def from_dict(cls, doc: Any, store: Store | None = None) -> Pipeline:
         _refuse_distilabel_yaml(doc)
         try:
             p = doc["pipeline"]
@@ -288,6 +310,7 @@ class Pipeline:
             for s in steps:
                 step_cls = load_step_class(s.get("type", ""), s.get("file"))
                 params = strip_redacted(s.get("params") or {})
+                resolve_params(step_cls.inline_fields, params, store, f"step {s.get('name')}")
                 if s.get("name") and not params.get("name"):
                     params["name"] = s["name"]  # the entry's name when params leave it out
                 try:

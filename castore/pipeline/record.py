@@ -137,6 +137,7 @@ class Recorder:
         self.tallies = {name: StepTally() for name in plans}
         self.columns: dict[str, list[tuple[str, str]]] = {name: [] for name in plans}
         self.pipeline_yaml: str | None = None
+        self.inline: list[str] = []
         self.error: str | None = None
         # Called after each recorded batch: (step, key, outputs, cached, failed).
         self.on_record: Callable[[str, str, list[str], bool, bool], None] | None = None
@@ -246,6 +247,7 @@ class Recorder:
             target=info.target,
             use_cache=info.use_cache,
             pipeline_yaml=self.pipeline_yaml,
+            inline=self.inline,
             log=log_oid,
             stats={n: self.tallies[n].stats(p) for n, p in self.plans.items()},
             error=self.error,

@@ -147,8 +147,8 @@ class Runner:
 
         if self._damaged_ref:
             log.warning("%s; this run replaces it", self._damaged_ref)
-        text = self.p.to_yaml(self.sigs)
-        self.recorder.pipeline_yaml = self.folder.place_pipeline_yaml(text)
+        self.recorder.inline = self.p.store_inline(self.store, self.sigs)
+        self.recorder.pipeline_yaml = self.folder.place_pipeline_yaml(self.p.to_yaml(self.sigs))
         what = (self.p.name, self.sig[:12], len(self.order), self.store.root)
         log.info("pipeline %s signature %s: %d steps; store %s", *what)
         if not self.use_cache:

@@ -27,6 +27,7 @@ from pydantic import (
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
 from castore.fingerprint import code_parts, code_version
 from castore.hashing import canonical_json, hash_json
+from castore.pipeline.inline import Inline, field_identity
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -92,6 +93,10 @@ class _Step(BaseModel):
     # Fields holding local paths: pipeline.yaml records them relative to the project
     # (castore/pipeline/portable.py).
     path_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields of rows that may be large (LoadDataFromDicts' data): above a size they are
+    # hashed by digest and kept as one store object that pipeline.yaml names
+    # (castore/pipeline/inline.py).
+    inline_fields: ClassVar[tuple[str, ...]] = ()
 
     name: str | None = runtime_field(None, description="Unique name in the pipeline.")
     input_batch_size: int = runtime_field(50, ge=1, description="Rows per input batch.")
@@ -121,6 +126,8 @@ class _Step(BaseModel):
 
     _pipeline: Pipeline | None = PrivateAttr(None)
     _loaded: bool = PrivateAttr(False)
+    # (fingerprint, inline fields kept as objects) of the last fingerprint() call.
+    _inlined: tuple[str, dict[str, Inline]] | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -216,9 +223,12 @@ class _Step(BaseModel):
                 out.add(fname)
         return out
 
-    def cache_params(self, *, check: bool = True) -> dict[str, Any]:
+    def cache_params(
+        self, *, check: bool = True, inline: dict[str, Inline] | None = None
+    ) -> dict[str, Any]:
         """The fields that enter the fingerprint, as canonical-JSON-able values (`check`:
-        each encoded once here, so a value that cannot be names its field)."""
+        each encoded once here, so a value that cannot be names its field). Large inline
+        fields enter as their digest; their objects are put in `inline`."""
         out: dict[str, Any] = {}
         skip = self.runtime_fields() | {"cache_version"}
         for fname in type(self).model_fields:
@@ -229,6 +239,11 @@ class _Step(BaseModel):
                 if isinstance(attr, BaseModel) and hasattr(attr, "cache_identity"):
                     # Nested configs (an LLM client) say themselves what is identity.
                     value = attr.cache_identity()
+                elif fname in self.inline_fields:
+                    value, obj = field_identity(self, fname)
+                    if obj is not None and inline is not None:
+                        inline[fname] = obj
+                    check = False  # encoded whole by field_identity
                 else:
                     value = self.model_dump(mode="json", include={fname})[fname]
                 if check:
@@ -264,14 +279,16 @@ class _Step(BaseModel):
     def _code_target(self) -> Callable[..., Any]:
         return type(self).process  # type: ignore[attr-defined]
 
-    def identity(self, *, check: bool = True) -> dict[str, Any]:
+    def identity(
+        self, *, check: bool = True, inline: dict[str, Inline] | None = None
+    ) -> dict[str, Any]:
         return {
             "class": type(self).__qualname__,
             "kind": self.kind,
             "code": self.code_version(),
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
-            "params": self.cache_params(check=check),
+            "params": self.cache_params(check=check, inline=inline),
             "extra": self.extra_identity(),
         }
 
@@ -310,18 +327,38 @@ class _Step(BaseModel):
         # Encoded once: checking each field first doubled the cost of large inline data
         # (20,000 rows of LoadDataFromDicts: 35 ms of a 190 ms re-run). The same bytes
         # are hashed; only a failure goes back field by field, to name the field.
+        inline: dict[str, Inline] = {}
         try:
-            return hash_json(self.identity(check=False))
+            fp = hash_json(self.identity(check=False, inline=inline))
         except (NonCanonicalValue, ValueError, TypeError):
             self.cache_params()  # raises UnhashableParam naming the field
             raise
+        self._inlined = (fp, inline)
+        return fp
 
-    def yaml_params(self) -> dict[str, Any]:
-        """Every field for pipeline.yaml, secrets redacted."""
-        out = {}
+    def inline_objects(self, fp: str) -> dict[str, Inline]:
+        """The inline fields kept as objects under fingerprint `fp` (pipeline.yaml names
+        them; the run stores them). From the fingerprint() that made `fp` when it was the
+        last one; otherwise computed again, and rows changed since are refused."""
+        if self._inlined is None or self._inlined[0] != fp:
+            if self.fingerprint() != fp:
+                raise PipelineError(
+                    f"step {self.name}: its params changed after the run computed its "
+                    "fingerprint; do not change a pipeline while it runs"
+                )
+        assert self._inlined is not None
+        return self._inlined[1]
+
+    def yaml_params(self, inline: dict[str, Inline] | None = None) -> dict[str, Any]:
+        """Every field for pipeline.yaml, secrets redacted, inline fields kept as objects
+        named by their InlineRef."""
+        out: dict[str, Any] = {}
         for fname, f in type(self).model_fields.items():
             if is_secret(f.annotation):
                 out[fname] = None if getattr(self, fname) is None else REDACTED
+                continue
+            if inline and fname in inline:
+                out[fname] = inline[fname].ref
                 continue
             out[fname] = self.model_dump(mode="json", include={fname}).get(fname)
         return out

@@ -23,11 +23,11 @@ def load_target(
     if target.kind == "yaml":
         if not target.path or not os.path.exists(target.path):
             raise ConfigError(f"the run's pipeline.yaml {target.path} is gone")
-        return Pipeline.from_yaml(target.path)
+        return Pipeline.from_yaml(target.path, store)
     if target.kind == "api":
         if store is None or manifest is None or manifest.pipeline_yaml is None:
             raise ConfigError("the run was started from Python and has no stored pipeline.yaml")
-        return Pipeline.from_yaml(store.get_bytes(manifest.pipeline_yaml).decode())
+        return Pipeline.from_yaml(store.get_bytes(manifest.pipeline_yaml).decode(), store)
     if target.kind == "file":
         if not target.path or not os.path.exists(target.path):
             raise ConfigError(f"the run's target file {target.path} is gone")

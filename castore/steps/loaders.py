@@ -62,8 +62,10 @@ def _folder_digests(root: str) -> list[list[str]]:
 
 
 class LoadDataFromDicts(GeneratorStep):
-    """Rows given inline; they are part of the step's fingerprint."""
+    """Rows given inline; they are part of the step's fingerprint. Above 64 KiB of JSON
+    they are stored once as an object that pipeline.yaml names (castore/pipeline/inline.py)."""
 
+    inline_fields: ClassVar[tuple[str, ...]] = ("data",)
     data: list[dict[str, Any]] = Field(description="The rows.")
 
     def process(self, offset: int = 0) -> Iterator[list[dict[str, Any]]]:

@@ -110,6 +110,8 @@ class RunManifest(_Model):
     target: Target | None = None
     use_cache: bool = True
     pipeline_yaml: Oid | None = None
+    # Rows pipeline.yaml keeps as objects (castore/pipeline/inline.py): part of the recipe.
+    inline: list[Oid] = Field(default_factory=list)
     log: Oid | None = None
     stats: dict[str, StepStats] = Field(default_factory=dict)
     error: str | None = None
@@ -117,6 +119,11 @@ class RunManifest(_Model):
     # not part of the run's closure, so gc does not keep old runs alive through it.
     previous: Oid | None = None
     castore_version: str = __version__
+
+    def files(self) -> list[str]:
+        """The objects of the run itself, besides its steps': pipeline.yaml, the rows it
+        names, the log."""
+        return [o for o in (self.pipeline_yaml, *self.inline, self.log) if o]
 
     def step_manifest_id(self, name: str) -> str:
         for ref in self.steps:
@@ -146,7 +153,7 @@ def manifest_closure(load: ManifestLoader, run_oid: str) -> tuple[RunManifest, s
     manifests through `load` (a local store's or a remote's)."""
     run = load(run_oid, RunManifest)
     reached = {run_oid}
-    reached.update(o for o in (run.pipeline_yaml, run.log) if o)
+    reached.update(run.files())
     for ref in run.steps:
         reached.add(ref.manifest)
         step = load(ref.manifest, StepManifest)

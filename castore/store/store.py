@@ -549,14 +549,15 @@ class Store:
         object is quarantined and False is returned, so the caller recomputes it: a cache
         hit never serves bytes that are not the object's. Costs one blake3 pass over the
         file (memory-mapped, multi-threaded above a few MiB; see benchmarks/bench_verify.py)."""
+        path = self.layout.object_path(oid)
         try:
-            digest = hash_file(self.layout.object_path(oid))
+            digest = hash_file(path)
         except FileNotFoundError:
             return False
         if digest != oid:
             self.quarantine(oid)
             return False
-        return self.freshen(oid)
+        return _touch(path)
 
     def rows_match(self, oids: list[str], rows: list[int]) -> bool:
         """An entry's row counts against its (verified) Parquet objects' footers: a damaged
@@ -576,13 +577,17 @@ class Store:
     def freshen(self, oid: str) -> bool:
         """Touch an object that is being reused, so gc's grace period protects it like a
         new one (git's "freshen"); False when it is gone."""
-        try:
-            os.utime(self.layout.object_path(oid))
-        except FileNotFoundError:
-            return False
-        except OSError:
-            pass  # a read-only store cannot be collected either
-        return True
+        return _touch(self.layout.object_path(oid))
 
     def gc_lock(self) -> FileLock:
         return FileLock(self.layout.lock_path("gc.lock"), "gc")
+
+
+def _touch(path: str) -> bool:
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # a read-only store cannot be collected either
+    return True
