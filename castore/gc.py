@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from castore import remote_index, remote_packs
+from castore import remote_index
 from castore.errors import CastoreError, ConfigError
 from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
@@ -41,7 +41,12 @@ from castore.store.manifests import manifest_closure, run_closure
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
-    from castore.remote import Remote
+    from collections.abc import Iterator
+
+    import numpy as np
+
+    from castore import remote_packs
+    from castore.remote import Listed, Remote
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +416,13 @@ def collect_remote(
     shape. It holds the remote's exclusive writer lock (refreshed while it runs), so no
     push or write-through run can name an object it is deleting (docs/remotes.md); a dry
     run changes nothing and takes no lock."""
+    from castore import remote_packs
+
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
         now = time.time()
-        result, entries = _plan_remote(remote, now, grace, cache_ttl, jobs)
+        result, entries, drop = _plan_remote(remote, now, grace, cache_ttl, jobs)
         if lock is not None:
             # Entries before objects: a gc killed in between leaves only garbage.
             for i, key in enumerate(result.actions_dropped):
@@ -428,40 +435,103 @@ def collect_remote(
                     lock.check()
                 remote.delete_object(oid)
             lock.check()
-            remote_packs.merge(remote, entries, set(result.actions_dropped))
+            remote_packs.merge(remote, entries, drop)
             _remove_dead_locks(remote)
     return GcResult(result, dry_run, time.perf_counter() - t0)
 
 
 def _plan_remote(
     remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int
-) -> tuple[GcPlan, remote_packs.Entries]:
-    """The plan, the entries it read and the entry packs it read them from."""
+) -> tuple[GcPlan, remote_packs.Entries, np.ndarray]:
+    """The plan, the entries it read, and the mask of those it drops.
+
+    What is kept per entry and object is arrays of 32-byte ids (castore.remote_packs):
+    the outputs the entries name, sorted (an id named twice is found at its first place),
+    with flags for marked (a run reaches it, or an entry younger than the cache-ttl names
+    it), seen in the objects' listing, and going (listed, unmarked, older than the grace
+    period)."""
+    import numpy as np
+
+    from castore import remote_packs
+
     result = GcPlan(cutoff=now - grace)
     got = remote_packs.read_entries(remote, jobs)
-    entries = got.entries
-    marked = _remote_marked(remote, entries, now - cache_ttl, jobs) | got.markers
+    counts = got.counts()
+    named = got.live & got.valid()
+    outs = got.outs()
+    per_out = np.repeat(named, counts)
+    ids = outs[per_out]
+    ids.sort()  # in place: no second copy
+    young = np.repeat(named & (got.created() > now - cache_ttl), counts)
+    marked = np.zeros(len(ids), dtype=np.bool_)
+    for lo in range(0, len(outs), _CHUNK):
+        chunk = slice(lo, lo + _CHUNK)
+        marked[_find(ids, outs[chunk][young[chunk]])[0]] = True
+    del young
+    others = _mark_remote(remote, jobs, ids, marked) | got.markers  # reached, named by none
+    seen = np.zeros(len(ids), dtype=np.bool_)
+    going_named = np.zeros(len(ids), dtype=np.bool_)
     going: dict[str, int] = {}
-    # What entries name and the listing has not shown (yet): the set holds the entries'
-    # own strings, not one more per listed object.
-    missing = {o for e in entries.values() if e is not None for o in e.outputs}
-    for path, mtime, size, _etag in remote.scan(L.OBJECTS):  # one page at a time
-        oid = L.oid_from_path(path)
-        if oid is None:
-            continue
-        missing.discard(oid)
-        if oid in marked or now - mtime < grace:
-            result.objects_kept += 1
-        else:
-            going[oid] = size
-    result.actions_dropped = sorted(
-        k
-        for k, e in entries.items()
-        if e is None or any(o in going or o in missing for o in e.outputs)
-    )
+    for page in _pages(remote.scan(L.OBJECTS)):  # one page at a time
+        at, hit = _find(ids, np.array([bytes.fromhex(o) for o, _, _ in page], dtype=ids.dtype))
+        seen[at] = True
+        ats = iter(at.tolist())
+        for (oid, mtime, size), h in zip(page, hit.tolist(), strict=True):
+            i = next(ats) if h else -1
+            if (marked[i] if h else oid in others) or now - mtime < grace:
+                result.objects_kept += 1
+            else:
+                going[oid] = size
+                if h:
+                    going_named[i] = True
+    bad = going_named | ~seen  # gone from the remote, or going now
+    del seen, going_named, marked
+    # An entry goes when it is malformed or any object it names is bad.
+    bad_out = np.zeros(len(outs), dtype=np.bool_)
+    for lo in range(0, len(outs), _CHUNK):
+        chunk = slice(lo, lo + _CHUNK)
+        mine = per_out[chunk]
+        at, _hit = _find(ids, outs[chunk][mine])
+        bad_out[lo : lo + _CHUNK][mine] = bad[at]
+    has = counts > 0
+    any_bad = np.zeros(len(counts), dtype=np.bool_)
+    if has.any():
+        starts = (np.cumsum(counts) - counts)[has]
+        any_bad[has] = np.logical_or.reduceat(bad_out, starts)
+    drop = got.live & (~got.valid() | any_bad)
+    result.actions_dropped = got.hexes(drop)
     result.objects_removed = sorted(going)
     result.object_bytes = sum(going.values())
-    return result, got
+    return result, got, drop
+
+
+_CHUNK = 1 << 16
+
+
+def _find(ids: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first places in the sorted `ids` of the `want` it holds, a mask of which it
+    holds)."""
+    import numpy as np
+
+    if not len(ids):
+        return np.zeros(0, dtype=np.int64), np.zeros(len(want), dtype=np.bool_)
+    at = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+    hit = ids[at] == want
+    return at[hit], hit
+
+
+def _pages(items: Iterator[Listed], size: int = 1000) -> Iterator[list[tuple[str, float, int]]]:
+    """(object id, mtime, size) of the listed objects, a page at a time."""
+    page: list[tuple[str, float, int]] = []
+    for path, mtime, size_, _etag in items:
+        oid = L.oid_from_path(path)
+        if oid is not None:
+            page.append((oid, mtime, size_))
+            if len(page) >= size:
+                yield page
+                page = []
+    if page:
+        yield page
 
 
 def _remove_dead_locks(remote: Remote) -> None:
@@ -476,21 +546,19 @@ def _remove_dead_locks(remote: Remote) -> None:
                     remote.fs.rm_file(p)
 
 
-def _remote_marked(
-    remote: Remote,
-    entries: dict[str, remote_packs.Entry | None],
-    entries_since: float,
-    jobs: int = 16,
-) -> set[str]:
-    """What the remote's refs reach, and the objects of entries newer than the ttl."""
+def _mark_remote(remote: Remote, jobs: int, ids: np.ndarray, marked: np.ndarray) -> set[str]:
+    """Mark in `marked` (a mask over the sorted `ids`) what the remote's refs reach;
+    returns what they reach that `ids` does not hold (manifests, pipeline.yaml...)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    marked: set[str] = set()
+    import numpy as np
+
+    others: set[str] = set()
     runs = sorted({oid for _name, _sig, oid in remote.list_refs(jobs=jobs)})
     with ThreadPoolExecutor(jobs) as pool:  # a request per manifest
         for _run, reached in pool.map(lambda oid: manifest_closure(remote.load_json, oid), runs):
-            marked |= reached
-    for entry in entries.values():
-        if entry is not None and entry.created > entries_since:
-            marked.update(entry.outputs)
-    return marked
+            want = sorted(reached)
+            at, hit = _find(ids, np.array([bytes.fromhex(o) for o in want], dtype=ids.dtype))
+            marked[at] = True
+            others.update(o for o, h in zip(want, hit.tolist(), strict=True) if not h)
+    return others

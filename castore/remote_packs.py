@@ -16,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from array import array
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
-from castore.errors import CastoreError
+import numpy as np
+
+from castore.errors import CastoreError, RemoteError
 from castore.hashing import hash_bytes, validate_id
 from castore.store import actionpack
 from castore.store import layout as L
@@ -60,39 +64,114 @@ def write(remote: Remote, entries: dict[str, bytes]) -> str | None:
 
 
 class Entry(NamedTuple):
-    """What gc keeps of an entry: a few hundred bytes instead of a pydantic model's ~1.6 kB."""
+    """One entry as gc sees it (what `Entries.entries` gives, for small uses and tests)."""
 
     created: float
     outputs: tuple[str, ...]
     pack: int  # the pack (Entries.packs) holding its bytes as the remote has them, or -1
 
 
+class _Columns:
+    """Entries as columns of compact arrays, ~90 bytes each (a dict of models would be
+    ~1 kB): 32-byte key, creation time, valid flag, outputs (32 bytes each, flat, with
+    cumulative ends), and where its bytes are (pack and row, or -1 and an index into
+    the loose bytes read)."""
+
+    def __init__(self) -> None:
+        self.keys = bytearray()
+        self.created = array("d")
+        self.valid = bytearray()
+        self.outs = bytearray()
+        self.ends = array("q")
+        self.pack = array("i")
+        self.row = array("i")
+        self.md5 = bytearray()  # of the bytes, while the listing is matched against packs
+
+    def add(self, remote: Remote, key: bytes, raw: bytes | str, pack: int, row: int) -> None:
+        """None entries (malformed or, with a team key, not signed by it) are kept as
+        invalid: gc drops them."""
+        entry = remote.trust(key.hex(), raw)[0]
+        self.keys += key
+        self.valid.append(entry is not None)
+        self.created.append(entry.created.timestamp() if entry is not None else 0.0)
+        for oid in entry.outputs if entry is not None else ():
+            self.outs += bytes.fromhex(oid)
+        self.ends.append(len(self.outs) // 32)
+        self.pack.append(pack)
+        self.row.append(row)
+
+
 class Entries:
-    """Every entry on a remote (None: malformed or, with a team key, not signed by it),
-    the packs read and their markers. An entry's bytes stay where they were read (in its
-    pack, or `read` for loose files read by themselves), not copied per entry."""
+    """Every entry on a remote, as columns (castore.remote_packs._Columns) with a mask of
+    the ones whose loose file the listing showed, the packs read (their bytes are not
+    kept: `raw_items` reads them again) and their markers."""
 
-    def __init__(self, packs: list[actionpack._Pack], markers: set[str]) -> None:
-        self.entries: dict[str, Entry | None] = {}
-        self.packs = packs
-        self.markers = markers
-        self.read: dict[str, bytes] = {}
+    def __init__(self, cols: _Columns, live: bytearray, packs: list[str], markers: set[str]):
+        self.cols, self.packs, self.markers = cols, packs, markers
+        self.live = np.frombuffer(live, dtype=np.bool_)
+        self.loose: list[bytes] = []  # bytes of entries read by themselves
 
-    def raw(self, key: str) -> bytes:
-        entry = self.entries[key]
-        if entry is None or entry.pack < 0:
-            return self.read[key]
-        text = self.packs[entry.pack].find(bytes.fromhex(key))
-        assert text is not None
-        return text.encode()
+    def __len__(self) -> int:
+        return int(self.live.sum())
+
+    # -- columns ---------------------------------------------------------------------------
+
+    def keys(self) -> np.ndarray:
+        return np.frombuffer(self.cols.keys, dtype=ID)
+
+    def created(self) -> np.ndarray:
+        return np.frombuffer(self.cols.created, dtype=np.float64)
+
+    def valid(self) -> np.ndarray:
+        return np.frombuffer(self.cols.valid, dtype=np.bool_)
+
+    def outs(self) -> np.ndarray:
+        return np.frombuffer(self.cols.outs, dtype=ID)
+
+    def counts(self) -> np.ndarray:
+        ends = np.frombuffer(self.cols.ends, dtype=np.int64)
+        return np.diff(ends, prepend=0)
+
+    def hexes(self, mask: np.ndarray) -> list[str]:
+        """The keys of the entries in `mask`, sorted."""
+        keys = self.cols.keys  # not numpy's bytes scalars: they drop trailing zero bytes
+        return sorted(keys[i * 32 : i * 32 + 32].hex() for i in np.flatnonzero(mask))
+
+    @property
+    def entries(self) -> dict[str, Entry | None]:
+        """key -> Entry (None: malformed or unsigned) of every live entry."""
+        out: dict[str, Entry | None] = {}
+        ends, outs = self.cols.ends, self.cols.outs
+        for i in np.flatnonzero(self.live):
+            key = self.cols.keys[i * 32 : i * 32 + 32].hex()
+            if not self.cols.valid[i]:
+                out[key] = None
+                continue
+            start = ends[i - 1] if i else 0
+            oids = tuple(outs[j * 32 : j * 32 + 32].hex() for j in range(start, ends[i]))
+            out[key] = Entry(self.cols.created[i], oids, self.cols.pack[i])
+        return out
+
+    def raw_items(self, remote: Remote, drop: np.ndarray) -> Iterator[tuple[str, bytes]]:
+        """(key, bytes) of every live, valid entry not in `drop` (a mask), the packed ones
+        read again from their packs, one pack at a time."""
+        keep = self.live & self.valid() & ~drop
+        pack = np.frombuffer(self.cols.pack, dtype=np.int32)
+        row = np.frombuffer(self.cols.row, dtype=np.int32)
+        for i in np.flatnonzero(keep & (pack < 0)):
+            yield self.cols.keys[i * 32 : i * 32 + 32].hex(), self.loose[row[i]]
+        for p, oid in enumerate(self.packs):
+            rows = row[keep & (pack == p)]
+            if not len(rows):
+                continue
+            got = actionpack.decode_pack(oid, remote.get_object(oid))
+            if got is None:
+                raise RemoteError(f"remote {remote.url}: entry pack {oid[:12]} is gone bad")
+            for r in rows:
+                yield got.key(int(r)).hex(), str(got.entries[int(r)].as_py()).encode()
 
 
-def _entry(remote: Remote, key: str, raw: bytes | str, pack: int) -> Entry | None:
-    """None when malformed or (with a team key) not signed by it."""
-    entry = remote.trust(key, raw)[0]
-    if entry is None:
-        return None
-    return Entry(entry.created.timestamp(), tuple(entry.outputs), pack)
+ID = np.dtype("S32")
 
 
 def _read(remote: Remote, key: str) -> bytes | None:
@@ -103,28 +182,11 @@ def _read(remote: Remote, key: str) -> bytes | None:
         return None
 
 
-def _packed(packs: list[actionpack._Pack], key: str, tag: str | None) -> tuple[int, str] | None:
-    """(pack, text) of a pack holding the bytes whose MD5 the listing gave (the loose
-    file's ETag); None when none does (rewritten since, or no MD5 ETag)."""
-    if tag is None:
-        return None
-    want = bytes.fromhex(key)
-    for i, pack in enumerate(packs):
-        text = pack.find(want)
-        if (
-            text is not None
-            and tag == hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
-        ):
-            return i, text
-    return None
-
-
-def read_entries(remote: Remote, jobs: int = 16) -> Entries:
-    """Every entry on the remote. The loose files are listed page by page; one whose bytes
-    a pack holds (by ETag) is not read."""
-    found = markers(remote)
-    packs = []
-    for oid in sorted(found) if not remote.local else ():  # a folder's files are cheap to read
+def _read_packs(remote: Remote, oids: list[str], cols: _Columns) -> list[tuple[str, int, int]]:
+    """Every packed entry into `cols` (with the MD5 of its bytes); the packs read as
+    (oid, first row, end row) in `cols`. Each pack's bytes are dropped once read."""
+    spans: list[tuple[str, int, int]] = []
+    for oid in oids:
         try:
             pack = actionpack.decode_pack(oid, remote.get_object(oid))
         except (CastoreError, OSError) as e:
@@ -132,33 +194,86 @@ def read_entries(remote: Remote, jobs: int = 16) -> Entries:
                 "remote %s: entry pack %s unreadable (%s); reading entries", remote.url, oid[:12], e
             )
             continue
-        if pack is not None:
-            packs.append(pack)
-    got = Entries(packs, found)
-    todo = []
+        if pack is None:
+            continue
+        start, p = len(cols.valid), len(spans)
+        for i in range(len(pack.hi)):
+            text = str(pack.entries[i].as_py()).encode()
+            cols.md5 += hashlib.md5(text, usedforsecurity=False).digest()
+            cols.add(remote, pack.key(i), text, p, i)
+        spans.append((oid, start, len(cols.valid)))
+    return spans
+
+
+def _match(
+    cols: _Columns, spans: list[tuple[str, int, int]], page: list[tuple[bytes, bytes | None]]
+) -> list[int | None]:
+    """For each listed (key, MD5 of the loose file from its ETag): the row of a packed
+    entry with those very bytes, or None (read the file)."""
+    keys = np.frombuffer(cols.keys, dtype=ID)
+    want = np.array([k for k, _ in page], dtype=ID)
+    found: list[int | None] = [None] * len(page)
+    raw, md5 = cols.keys, cols.md5
+    for _oid, start, end in spans:  # each pack's keys are sorted
+        at = np.searchsorted(keys[start:end], want) + start
+        for j, i in enumerate(at.tolist()):
+            key, tag = page[j]
+            if found[j] is None and tag is not None and i < end:
+                # Compared as bytes: numpy's bytes scalars drop trailing zero bytes.
+                if raw[i * 32 : i * 32 + 32] == key and md5[i * 16 : i * 16 + 16] == tag:
+                    found[j] = i
+    return found
+
+
+def read_entries(remote: Remote, jobs: int = 16) -> Entries:
+    """Every entry on the remote. The loose files are listed page by page; one whose bytes
+    a pack holds (the ETag is their MD5) is taken from the pack, any other is read."""
+    found = markers(remote)
+    cols = _Columns()
+    # A folder's files are cheap to read: its packs are not used.
+    spans = _read_packs(remote, sorted(found), cols) if not remote.local else []
+    live = bytearray(len(cols.valid))
+    todo: list[str] = []
+    page: list[tuple[bytes, bytes | None]] = []
+    hexes: list[str] = []
+
+    def flush() -> None:
+        for key, row in zip(hexes, _match(cols, spans, page), strict=True):
+            if row is None:
+                todo.append(key)
+            else:
+                live[row] = 1
+        page.clear()
+        hexes.clear()
+
     for path, _mtime, _size, tag in remote.scan(L.ACTIONS):
         key = L.oid_from_path(path)
         if key is None:
             continue
-        hit = _packed(packs, key, tag)
-        if hit is not None:
-            got.entries[key] = _entry(remote, key, hit[1], hit[0])
-        else:
-            todo.append(key)
+        md5 = bytes.fromhex(tag) if tag is not None and len(tag) == 32 else None
+        page.append((bytes.fromhex(key), md5))
+        hexes.append(key)
+        if len(page) >= 1000:
+            flush()
+    flush()
+    del cols.md5[:]
+    packs = [oid for oid, _, _ in spans]
+    got_loose: list[bytes] = []
     with ThreadPoolExecutor(jobs) as pool:  # one request per entry: many at once
         for key, raw in zip(todo, pool.map(lambda k: _read(remote, k), todo), strict=True):
             if raw is not None:
-                got.entries[key] = entry = _entry(remote, key, raw, -1)
-                if entry is not None:
-                    got.read[key] = raw
+                cols.add(remote, bytes.fromhex(key), raw, -1, len(got_loose))
+                got_loose.append(raw)
+                live.append(1)
+    got = Entries(cols, live, packs, found)
+    got.loose = got_loose
     return got
 
 
-def merge(remote: Remote, got: Entries, drop: set[str]) -> None:
-    """After a gc: one pack of the entries left (minus `drop`), then the old markers go
-    (their objects are swept by a later gc)."""
-    keep = {k: got.raw(k) for k, e in got.entries.items() if e is not None and k not in drop}
-    new = write(remote, keep)
+def merge(remote: Remote, got: Entries, drop: np.ndarray) -> None:
+    """After a gc: one pack of the entries left (minus the `drop` mask), then the old
+    markers go (their objects are swept by a later gc)."""
+    new = write(remote, dict(got.raw_items(remote, drop)))
     for oid in got.markers - {new}:
         with contextlib.suppress(OSError):
             remote.fs.rm_file(remote.layout.join(packs_dir(remote), oid))

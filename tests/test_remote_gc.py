@@ -1,0 +1,146 @@
+"""gc --remote's plan over entries kept as arrays of 32-byte ids (castore.remote_packs,
+castore.gc._plan_remote): each rule checked on synthetic entries with awkward ids, on a
+folder and on the S3 server, with entries taken from packs and from loose files."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from castore import remote_packs
+from castore.gc import collect_remote
+from castore.hashing import hash_bytes
+from castore.remote import Remote
+from castore.store.models import ActionEntry
+from tests.test_remote import remote_url, s3  # noqa: F401 - the folder / S3 fixtures
+
+
+def key(last: str, n: int) -> str:
+    """A key whose last byte is `last` (00: numpy's bytes scalars would drop it)."""
+    return f"{n:062x}{last}"
+
+
+def put_object(remote: Remote, text: str) -> str:
+    data = text.encode()
+    oid = hash_bytes(data)
+    remote.write(remote.layout.object_path(oid), data)
+    return oid
+
+
+def put_entry(remote: Remote, k: str, outputs: list[str], age_days: float = 30) -> bytes:
+    created = datetime.now(UTC) - timedelta(days=age_days)
+    entry = ActionEntry(outputs=outputs, rows=[1] * len(outputs), created=created)
+    raw = remote.entry_bytes(k, entry)
+    remote.write(remote.layout.action_path(k), raw)
+    return raw
+
+
+def test_plan_rules_on_awkward_ids(remote_url):  # noqa: F811
+    remote = Remote(remote_url)
+    kept = put_object(remote, "named by a young entry")
+    shared = put_object(remote, "named by two old entries")
+    half = put_object(remote, "one of two outputs")
+    missing = "ab" * 31 + "00"  # never written
+    raw = {
+        key("00", 1): put_entry(remote, key("00", 1), [missing]),  # names a missing object
+        key("01", 2): put_entry(remote, key("01", 2), [half, missing]),  # one missing
+        key("00", 3): put_entry(remote, key("00", 3), [shared]),
+        key("02", 4): put_entry(remote, key("02", 4), [shared]),
+        key("03", 5): put_entry(remote, key("03", 5), [kept], age_days=0),
+        key("04", 6): put_entry(remote, key("04", 6), []),  # a generator's end
+    }
+    bad = key("05", 7)
+    remote.write(remote.layout.action_path(bad), b"{not json")
+    # Some entries packed, as a push leaves them; one loose file rewritten since.
+    remote_packs.write(remote, {k: raw[k] for k in list(raw)[:4]})
+    raw[key("00", 3)] = put_entry(remote, key("00", 3), [shared], age_days=31)
+
+    got = remote_packs.read_entries(remote)
+    assert set(got.entries) == {*raw, bad} and got.entries[bad] is None
+    assert got.entries[key("01", 2)].outputs == (half, missing)
+    plan = collect_remote(remote, grace=0, cache_ttl=86400, dry_run=True).plan
+    # Old entries naming `shared` (no run, no young entry) let it go, and go with it.
+    assert plan.objects_removed == sorted([shared, half])
+    assert plan.actions_dropped == sorted(
+        [key("00", 1), key("01", 2), key("00", 3), key("02", 4), bad]
+    )
+    assert all(len(k) == 64 for k in plan.actions_dropped)
+
+    result = collect_remote(remote, grace=0, cache_ttl=86400)
+    assert result.plan.actions_dropped == plan.actions_dropped
+    left = remote_packs.read_entries(remote).entries
+    assert set(left) == {key("03", 5), key("04", 6)}
+    assert left[key("03", 5)].outputs == (kept,) and left[key("04", 6)].outputs == ()
+    assert remote.fs.exists(remote.layout.object_path(kept))
+    assert not remote.fs.exists(remote.layout.object_path(shared))
+    # The merged pack holds exactly what is left, bytes as they were.
+    if not remote.local:
+        (pack,) = remote_packs.markers(remote)
+        from castore.store import actionpack
+
+        items = dict(actionpack.decode_pack(pack, remote.get_object(pack)).items())
+        assert {k: v.encode() for k, v in items.items()} == {
+            k: raw[k] for k in (key("03", 5), key("04", 6))
+        }
+
+
+@pytest.mark.parametrize("cache_ttl", [0, 86400])
+def test_an_empty_remote_and_one_of_objects_only(tmp_path, cache_ttl):
+    remote = Remote(str(tmp_path / "remote"))
+    assert collect_remote(remote, grace=0, cache_ttl=cache_ttl, dry_run=True).plan.objects_kept == 0
+    stray = put_object(remote, "no entry names me")
+    plan = collect_remote(remote, grace=0, cache_ttl=cache_ttl, dry_run=True).plan
+    assert plan.objects_removed == [stray] and plan.actions_dropped == []
+
+
+def reference_plan(remote: Remote, cache_ttl: float) -> tuple[list[str], list[str]]:
+    """(objects removed, entries dropped) by the rules of docs/gc.md, in plain sets."""
+    import time
+
+    now = time.time()
+    entries = {}
+    for k in remote.list_actions():
+        raw = remote.read(remote.layout.action_path(k))
+        entries[k] = remote.trust(k, raw)[0]
+    marked = remote_packs.markers(remote)
+    for e in entries.values():
+        if e is not None and e.created.timestamp() > now - cache_ttl:
+            marked.update(e.outputs)
+    listed = remote.list_oids()
+    going = {o for o in listed if o not in marked}  # grace 0: every object is old enough
+    named = {o for e in entries.values() if e is not None for o in e.outputs}
+    bad = going | (named - listed)
+    dropped = [k for k, e in entries.items() if e is None or any(o in bad for o in e.outputs)]
+    return sorted(going), sorted(dropped)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plan_matches_the_rules_on_random_remotes(remote_url, seed):  # noqa: F811
+    import random
+
+    rng = random.Random(seed)
+    remote = Remote(remote_url)
+    packed: dict[str, bytes] = {}
+    objects = [put_object(remote, f"object {seed} {i}") for i in range(40)]
+    objects += [f"{i:062x}00" for i in range(5)]  # named, never written
+    for i in range(120):
+        k = key(rng.choice(["00", "7f", "ff"]), i)
+        if rng.random() < 0.05:
+            remote.write(remote.layout.action_path(k), b"[]")  # malformed
+            continue
+        outs = rng.sample(objects, rng.choice([0, 1, 1, 1, 2, 3]))
+        raw = put_entry(remote, k, outs, age_days=rng.choice([0, 30]))
+        if rng.random() < 0.6:  # packed as a push leaves it (S3 reads it from the pack)
+            packed[k] = raw
+        if rng.random() < 0.1:  # rewritten after the pack: the loose file wins
+            put_entry(remote, k, rng.sample(objects, 1), age_days=rng.choice([0, 30]))
+        if i % 40 == 39:
+            remote_packs.write(remote, packed)
+            packed = {}
+    from_packs = [
+        e for e in remote_packs.read_entries(remote).entries.values() if e and e.pack >= 0
+    ]
+    assert bool(from_packs) == (not remote.local)  # S3: most entries come from the packs
+    plan = collect_remote(remote, grace=0, cache_ttl=7 * 86400, dry_run=True).plan
+    assert (plan.objects_removed, plan.actions_dropped) == reference_plan(remote, 7 * 86400)
