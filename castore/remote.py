@@ -500,7 +500,11 @@ def _s3_pages(fs: Any, base: str) -> Iterator[Listed]:
     import queue
 
     bucket, key, _ = fs.split_path(base)
+    # A few pages ahead at most: a reader slower than the listing must not end up
+    # holding all of it. The producer waits on the loop (never blocks it), so a reader
+    # that stops early can cancel it.
     pages: queue.Queue[list[Listed] | BaseException | None] = queue.Queue()
+    ahead = 4
 
     async def produce() -> None:
         try:
@@ -510,6 +514,8 @@ def _s3_pages(fs: Any, base: str) -> Iterator[Listed]:
                 size = int(info.get("size") or 0)
                 page.append((info["name"], mtime_of(info), size, etag_of(info)))
                 if len(page) >= 1000:
+                    while pages.qsize() >= ahead:
+                        await asyncio.sleep(0.005)
                     pages.put(page)
                     page = []
             pages.put(page)
