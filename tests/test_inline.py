@@ -150,3 +150,14 @@ def test_push_and_pull_carry_the_rows(make_store, tmp_path):
     assert b.verify(oid)
     stored = b.get_bytes(run_manifest(b, ds).pipeline_yaml).decode()
     assert Pipeline.from_yaml(stored, b).signature() == ds.run.signature
+
+
+def test_a_param_after_the_rows_is_still_checked():
+    from castore.steps import LoadDataFromDicts as Loader
+
+    class Tagged(Loader):
+        tag: float = 0.0  # declared after `data`
+
+    step = Tagged(name="t", data=data(), tag=float("nan"))  # NaN has no canonical JSON
+    with pytest.raises(UnhashableParam, match="'tag'"):
+        step.cache_params()

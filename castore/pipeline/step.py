@@ -236,17 +236,18 @@ class _Step(BaseModel):
                 continue
             try:
                 attr = getattr(self, fname)
+                encoded = False
                 if isinstance(attr, BaseModel) and hasattr(attr, "cache_identity"):
                     # Nested configs (an LLM client) say themselves what is identity.
                     value = attr.cache_identity()
                 elif fname in self.inline_fields:
-                    value, obj = field_identity(self, fname)
+                    value, obj = field_identity(self, fname)  # encodes it whole
+                    encoded = True
                     if obj is not None and inline is not None:
                         inline[fname] = obj
-                    check = False  # encoded whole by field_identity
                 else:
                     value = self.model_dump(mode="json", include={fname})[fname]
-                if check:
+                if check and not encoded:
                     canonical_json(value)
             except (NonCanonicalValue, ValueError, TypeError) as e:
                 raise UnhashableParam(
