@@ -548,7 +548,7 @@ class Store:
         its bytes still hash to `oid`, and then freshened for gc's grace period. A corrupt
         object is quarantined and False is returned, so the caller recomputes it: a cache
         hit never serves bytes that are not the object's. Costs one blake3 pass over the
-        file (memory-mapped, multi-threaded above a few MiB; see benchmarks/bench_verify.py)."""
+        file (castore.hashing.hash_file; see benchmarks/bench_verify.py)."""
         path = self.layout.object_path(oid)
         try:
             digest = hash_file(path)
