@@ -106,18 +106,19 @@ class Entries:
     the ones whose loose file the listing showed, the packs read (their bytes are not
     kept: `raw_items` reads them again) and their markers."""
 
-    def __init__(self, cols: _Columns, live: bytearray, packs: list[str], markers: set[str]):
+    def __init__(
+        self,
+        cols: _Columns,
+        live: bytearray,
+        packs: list[str],
+        markers: set[str],
+        loose: list[bytes],
+    ) -> None:
         self.cols, self.packs, self.markers = cols, packs, markers
         self.live = np.frombuffer(live, dtype=np.bool_)
-        self.loose: list[bytes] = []  # bytes of entries read by themselves
-
-    def __len__(self) -> int:
-        return int(self.live.sum())
+        self.loose = loose  # bytes of the entries read by themselves (pack -1, row: index)
 
     # -- columns ---------------------------------------------------------------------------
-
-    def keys(self) -> np.ndarray:
-        return np.frombuffer(self.cols.keys, dtype=ID)
 
     def created(self) -> np.ndarray:
         return np.frombuffer(self.cols.created, dtype=np.float64)
@@ -265,9 +266,7 @@ def read_entries(remote: Remote, jobs: int = 16) -> Entries:
                 cols.add(remote, bytes.fromhex(key), raw, -1, len(got_loose))
                 got_loose.append(raw)
                 live.append(1)
-    got = Entries(cols, live, packs, found)
-    got.loose = got_loose
-    return got
+    return Entries(cols, live, packs, found, got_loose)
 
 
 def merge(remote: Remote, got: Entries, drop: np.ndarray) -> None:
