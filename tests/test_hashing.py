@@ -17,6 +17,7 @@ from castore.hashing import (
     plain_rows_json,
     validate_id,
 )
+from tests.test_reliability import json_leaf as plain_value
 
 json_values = st.recursive(
     st.none()
@@ -99,15 +100,6 @@ def test_validate_id_refuses(bad):
 def test_validate_id_accepts_digest():
     oid = hash_bytes(b"x")
     assert validate_id(oid) == oid and len(oid) == 64
-
-
-plain_value = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
 
 
 @given(st.lists(st.dictionaries(st.text(), plain_value, max_size=5), min_size=1, max_size=8))
