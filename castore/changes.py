@@ -84,9 +84,17 @@ class _Run:
 
 
 def _short(value: Any) -> Any:
-    """Large values (inline rows) are shown by digest, not printed whole."""
+    """Large values (inline rows) are shown by digest, not printed whole; rows that
+    pipeline.yaml keeps as an object (castore/pipeline/inline.py) alike, by the same
+    digest (of their canonical JSON)."""
+    if isinstance(value, dict) and "castore_inline" in value:
+        digest = str(value.get("blake3"))[:12]
+        return f"<{value.get('rows')} rows, {value.get('bytes')} bytes, blake3 {digest}>"
     raw = canonical_json(value) if value is not None else b"null"
-    return value if len(raw) <= 200 else f"<{len(raw)} bytes, blake3 {hash_json(value)[:12]}>"
+    if len(raw) <= 200:
+        return value
+    rows = f"{len(value)} rows, " if isinstance(value, list) else ""
+    return f"<{rows}{len(raw)} bytes, blake3 {hash_json(value)[:12]}>"
 
 
 def own_changes(a: dict[str, Any] | None, b: dict[str, Any]) -> tuple[list[str], dict]:

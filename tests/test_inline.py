@@ -161,3 +161,13 @@ def test_a_param_after_the_rows_is_still_checked():
     step = Tagged(name="t", data=data(), tag=float("nan"))  # NaN has no canonical JSON
     with pytest.raises(UnhashableParam, match="'tag'"):
         step.cache_params()
+
+
+def test_explain_names_changed_rows_by_count_and_digest(store):
+    build(data()).run(cache_dir=store.root, quiet=True)
+    build(data(ROWS + 1)).run(cache_dir=store.root, quiet=True)
+    r = cas_inproc("explain", "inline", cache_dir=store.root)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if "param data" in x)
+    assert f"<{ROWS} rows, " in line and f"<{ROWS + 1} rows, " in line, line
+    assert "castore_inline" not in r.stdout and len(line) < 200
