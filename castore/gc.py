@@ -411,37 +411,55 @@ def collect_remote(
     cache_ttl: float = DEFAULT_CACHE_TTL,
     dry_run: bool = False,
     jobs: int = 16,
+    progress: Callable[[str, int], None] | None = None,
 ) -> GcResult:
     """gc on a remote with the same roots logic as the local one, and the same result
     shape. It holds the remote's exclusive writer lock (refreshed while it runs), so no
     push or write-through run can name an object it is deleting (docs/remotes.md); a dry
-    run changes nothing and takes no lock."""
+    run changes nothing and takes no lock. `progress(what, count)` is called as the
+    listings and deletions advance ("entries listed", "objects listed", "entries
+    dropped", "objects removed")."""
     from castore import remote_packs
 
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
         now = time.time()
-        result, entries, drop = _plan_remote(remote, now, grace, cache_ttl, jobs)
+        result, entries, drop = _plan_remote(remote, now, grace, cache_ttl, jobs, progress=progress)
         if lock is not None:
             # Entries before objects: a gc killed in between leaves only garbage.
             for i, key in enumerate(result.actions_dropped):
                 if i % 256 == 0:
                     lock.check()
+                    _tell(progress, "entries dropped", i)
                 with contextlib.suppress(FileNotFoundError):
                     remote.fs.rm_file(remote.layout.action_path(key))
+            _tell(progress, "entries dropped", len(result.actions_dropped))
             for i, oid in enumerate(result.objects_removed):
                 if i % 256 == 0:
                     lock.check()
+                    _tell(progress, "objects removed", i)
                 remote.delete_object(oid)
+            _tell(progress, "objects removed", len(result.objects_removed))
             lock.check()
             remote_packs.merge(remote, entries, drop)
             _remove_dead_locks(remote)
     return GcResult(result, dry_run, time.perf_counter() - t0)
 
 
+def _tell(progress: Callable[[str, int], None] | None, what: str, count: int) -> None:
+    if progress is not None:
+        progress(what, count)
+
+
 def _plan_remote(
-    remote: Remote, now: float, grace: float, cache_ttl: float, jobs: int
+    remote: Remote,
+    now: float,
+    grace: float,
+    cache_ttl: float,
+    jobs: int,
+    *,
+    progress: Callable[[str, int], None] | None = None,
 ) -> tuple[GcPlan, remote_packs.Entries, np.ndarray]:
     """The plan, the entries it read, and the mask of those it drops.
 
@@ -455,7 +473,7 @@ def _plan_remote(
     from castore import remote_packs
 
     result = GcPlan(cutoff=now - grace)
-    got = remote_packs.read_entries(remote, jobs)
+    got = remote_packs.read_entries(remote, jobs, lambda n: _tell(progress, "entries listed", n))
     counts = got.counts()
     named = got.live & got.valid()
     outs = got.outs()
@@ -472,7 +490,10 @@ def _plan_remote(
     seen = np.zeros(len(ids), dtype=np.bool_)
     going_named = np.zeros(len(ids), dtype=np.bool_)
     going: dict[str, int] = {}
+    listed = 0
     for page in _pages(remote.scan(L.OBJECTS)):  # one page at a time
+        listed += len(page)
+        _tell(progress, "objects listed", listed)
         at, hit = _find(ids, np.array([bytes.fromhex(o) for o, _, _ in page], dtype=ids.dtype))
         seen[at] = True
         ats = iter(at.tolist())

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -226,9 +226,12 @@ def _match(
     return found
 
 
-def read_entries(remote: Remote, jobs: int = 16) -> Entries:
+def read_entries(
+    remote: Remote, jobs: int = 16, progress: Callable[[int], None] | None = None
+) -> Entries:
     """Every entry on the remote. The loose files are listed page by page; one whose bytes
-    a pack holds (the ETag is their MD5) is taken from the pack, any other is read."""
+    a pack holds (the ETag is their MD5) is taken from the pack, any other is read.
+    `progress(n)`: n entries listed so far, after each page."""
     found = markers(remote)
     cols = _Columns()
     # A folder's files are cheap to read: its packs are not used.
@@ -237,8 +240,13 @@ def read_entries(remote: Remote, jobs: int = 16) -> Entries:
     todo: list[str] = []
     page: list[tuple[bytes, bytes | None]] = []
     hexes: list[str] = []
+    listed = 0
 
     def flush() -> None:
+        nonlocal listed
+        listed += len(page)
+        if progress is not None:
+            progress(listed)
         for key, row in zip(hexes, _match(cols, spans, page), strict=True):
             if row is None:
                 todo.append(key)

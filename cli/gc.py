@@ -190,7 +190,9 @@ def _remote_gc(
     from castore.remote import Remote
 
     r = Remote(app.remote_url(name))
-    res = collect_remote(r, grace=grace, cache_ttl=cache_ttl, dry_run=dry_run)
+    tell = _RemoteProgress(r.url, not as_json and not app.quiet)
+    res = collect_remote(r, grace=grace, cache_ttl=cache_ttl, dry_run=dry_run, progress=tell)
+    tell.done()
     p = res.plan
     if as_json:
         echo_json(
@@ -203,3 +205,30 @@ def _remote_gc(
         f"({_human(res.bytes_freed)}), {len(p.actions_dropped)} action entries; kept "
         f"{p.objects_kept} objects"
     )
+
+
+class _RemoteProgress:
+    """What a remote gc is at (listings of 10^5 files take minutes), on one stderr line
+    at most every 0.5 s; silent when stderr is not a TTY."""
+
+    def __init__(self, url: str, enabled: bool) -> None:
+        import sys
+
+        self.url, self.enabled, self.last, self.shown = (
+            url,
+            enabled and sys.stderr.isatty(),
+            0.0,
+            False,
+        )
+
+    def __call__(self, what: str, count: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.enabled and now - self.last >= 0.5:
+            self.last, self.shown = now, True
+            click.echo(f"\rgc {self.url}: {what} {count:,}\033[K", err=True, nl=False)
+
+    def done(self) -> None:
+        if self.shown:
+            click.echo("", err=True)

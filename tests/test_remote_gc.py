@@ -144,3 +144,18 @@ def test_plan_matches_the_rules_on_random_remotes(remote_url, seed):  # noqa: F8
     assert bool(from_packs) == (not remote.local)  # S3: most entries come from the packs
     plan = collect_remote(remote, grace=0, cache_ttl=7 * 86400, dry_run=True).plan
     assert (plan.objects_removed, plan.actions_dropped) == reference_plan(remote, 7 * 86400)
+
+
+def test_progress_counts_what_gc_lists_and_removes(tmp_path):
+    remote = Remote(str(tmp_path / "remote"))
+    objects = [put_object(remote, f"object {i}") for i in range(5)]
+    for i, oid in enumerate(objects[:3]):
+        put_entry(remote, key("00", i), [oid])
+    seen: dict[str, list[int]] = {}
+    result = collect_remote(
+        remote, grace=0, cache_ttl=0, progress=lambda what, n: seen.setdefault(what, []).append(n)
+    )
+    assert seen["entries listed"][-1] == 3 and seen["objects listed"][-1] == 5
+    assert seen["entries dropped"][-1] == len(result.plan.actions_dropped) == 3
+    assert seen["objects removed"][-1] == len(result.plan.objects_removed) == 5
+    assert all(v == sorted(v) for v in seen.values())  # counts only grow
