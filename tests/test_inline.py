@@ -79,6 +79,8 @@ def test_cas_runs_the_run_folders_pipeline_yaml(store, tmp_path):
     assert r.returncode == 0, r.stderr
     # The same signature: a finished re-run, nothing computed.
     assert ds.run.signature in r.stdout
+    status = cas_inproc("status", str(ds.pipeline_path), cache_dir=store.root)
+    assert status.returncode == 0 and "inline" in status.stdout, status.stderr
     other = cas_inproc("run", str(ds.pipeline_path), cache_dir=tmp_path / "empty")
     assert other.returncode != 0 and "are not in store" in other.stderr, other.stderr
     assert "Traceback" not in other.stderr and len(other.stderr.strip().splitlines()) == 1
