@@ -8,7 +8,7 @@ written after it. A reader that needs every entry (gc) lists the loose files and
 each one's content from a pack when the listing proves the pack holds the same bytes
 (the loose file's ETag is the MD5 of the packed bytes), else reads the file. Packs are
 never trusted for existence, so a deleted entry is not brought back by a stale pack.
-gc merges the packs into one after it sweeps.
+gc merges the packs after it sweeps (into packs of at most PACK_MAX entries).
 """
 
 from __future__ import annotations
@@ -277,10 +277,22 @@ def read_entries(
     return Entries(cols, live, packs, found, got_loose)
 
 
+# Entries per pack a gc writes: what it holds in memory while merging (~1 kB each).
+PACK_MAX = 50_000
+
+
 def merge(remote: Remote, got: Entries, drop: np.ndarray) -> None:
-    """After a gc: one pack of the entries left (minus the `drop` mask), then the old
-    markers go (their objects are swept by a later gc)."""
-    new = write(remote, dict(got.raw_items(remote, drop)))
-    for oid in got.markers - {new}:
+    """After a gc: the entries left (minus the `drop` mask) in packs of at most PACK_MAX
+    entries (one for most remotes), then the old markers go (their objects are swept by
+    a later gc). Old packs are read one at a time."""
+    new: set[str | None] = set()
+    chunk: dict[str, bytes] = {}
+    for key, raw in got.raw_items(remote, drop):
+        chunk[key] = raw
+        if len(chunk) >= PACK_MAX:
+            new.add(write(remote, chunk))
+            chunk = {}
+    new.add(write(remote, chunk))
+    for oid in got.markers - new:
         with contextlib.suppress(OSError):
             remote.fs.rm_file(remote.layout.join(packs_dir(remote), oid))

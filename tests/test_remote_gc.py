@@ -159,3 +159,28 @@ def test_progress_counts_what_gc_lists_and_removes(tmp_path):
     assert seen["entries dropped"][-1] == len(result.plan.actions_dropped) == 3
     assert seen["objects removed"][-1] == len(result.plan.objects_removed) == 5
     assert all(v == sorted(v) for v in seen.values())  # counts only grow
+
+
+def test_merge_writes_bounded_packs_holding_every_entry_left(s3, monkeypatch):  # noqa: F811
+    from tests.test_remote import use_server
+
+    use_server(s3, monkeypatch)
+    remote = Remote(s3.new_bucket())
+    oid = put_object(remote, "kept by young entries")
+    raw = {key("00", i): put_entry(remote, key("00", i), [oid], age_days=0) for i in range(7)}
+    remote_packs.write(remote, raw)
+    monkeypatch.setattr(remote_packs, "PACK_MAX", 3)
+    collect_remote(remote, grace=0, cache_ttl=86400)
+    packs = remote_packs.markers(remote)
+    assert len(packs) == 3  # 3 + 3 + 1
+    from castore.store import actionpack
+
+    merged: dict[str, bytes] = {}
+    for pack in packs:
+        merged.update(
+            (k, v.encode())
+            for k, v in actionpack.decode_pack(pack, remote.get_object(pack)).items()
+        )
+    assert merged == raw
+    got = remote_packs.read_entries(remote).entries
+    assert set(got) == set(raw) and all(e.pack >= 0 for e in got.values())
