@@ -65,6 +65,12 @@ def gc_command(
     from castore import gc
 
     if remote is not None:
+        if keep_last is not None or older_than:
+            # Never ignored without a word: a remote's runs are all roots.
+            raise click.UsageError(
+                "--keep-last and --older-than apply to the local store; gc --remote keeps "
+                "every run the remote's refs name"
+            )
         _remote_gc(
             app, remote, dry_run, gc.parse_duration(grace), gc.parse_duration(cache_ttl), as_json
         )

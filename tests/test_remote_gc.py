@@ -184,3 +184,12 @@ def test_merge_writes_bounded_packs_holding_every_entry_left(s3, monkeypatch):  
     assert merged == raw
     got = remote_packs.read_entries(remote).entries
     assert set(got) == set(raw) and all(e.pack >= 0 for e in got.values())
+
+
+@pytest.mark.parametrize("policy", [["--keep-last", "1"], ["--older-than", "30d"]])
+def test_run_policies_are_refused_with_remote_not_ignored(tmp_path, policy):
+    from tests.conftest import cas_inproc
+
+    r = cas_inproc("gc", "--remote", str(tmp_path / "remote"), *policy, cache_dir=tmp_path / "c")
+    assert r.returncode == 2 and "apply to the local store" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
