@@ -169,7 +169,7 @@ class Entries:
             if got is None:
                 raise RemoteError(f"remote {remote.url}: entry pack {oid[:12]} is gone bad")
             for r in rows:
-                yield got.key(int(r)).hex(), str(got.entries[int(r)].as_py()).encode()
+                yield got.key(int(r)).hex(), got.entry(int(r)).encode()
 
 
 ID = np.dtype("S32")
@@ -199,7 +199,7 @@ def _read_packs(remote: Remote, oids: list[str], cols: _Columns) -> list[tuple[s
             continue
         start, p = len(cols.valid), len(spans)
         for i in range(len(pack.hi)):
-            text = str(pack.entries[i].as_py()).encode()
+            text = pack.entry(i).encode()
             cols.md5 += hashlib.md5(text, usedforsecurity=False).digest()
             cols.add(remote, pack.key(i), text, p, i)
         spans.append((oid, start, len(cols.valid)))

@@ -62,20 +62,24 @@ class _Pack:
     def key(self, i: int) -> bytes:
         return bytes(self.keys[i * 32 : (i + 1) * 32])
 
+    def entry(self, i: int) -> str:
+        """The entry JSON of row `i`."""
+        return str(self.entries[i].as_py())
+
     def find(self, want: bytes) -> str | None:
         """The entry JSON of the 32-byte key `want`, or None."""
         hi = int.from_bytes(want[:8], "big")
         i = bisect.bisect_left(self.hi, hi)
         while i < len(self.hi) and self.hi[i] == hi:
             if self.key(i) == want:
-                return str(self.entries[i].as_py())
+                return self.entry(i)
             i += 1
         return None
 
     def items(self) -> Iterator[tuple[str, str]]:
         """(key, entry JSON) of every row."""
         for i in range(len(self.hi)):
-            yield self.key(i).hex(), str(self.entries[i].as_py())
+            yield self.key(i).hex(), self.entry(i)
 
 
 def _load(store: Store, oid: str) -> _Pack | None:
