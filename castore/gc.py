@@ -41,12 +41,10 @@ from castore.store.manifests import manifest_closure, run_closure
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import numpy as np
 
     from castore import remote_packs
-    from castore.remote import Listed, Remote
+    from castore.remote import Remote
 
 log = logging.getLogger(__name__)
 
@@ -491,13 +489,13 @@ def _plan_remote(
     going_named = np.zeros(len(ids), dtype=np.bool_)
     going: dict[str, int] = {}
     listed = 0
-    for page in _pages(remote.scan(L.OBJECTS)):  # one page at a time
+    for page in remote.pages(L.OBJECTS):  # one page at a time
         listed += len(page)
         _tell(progress, "objects listed", listed)
-        at, hit = _find(ids, np.array([bytes.fromhex(o) for o, _, _ in page], dtype=ids.dtype))
+        at, hit = _find(ids, np.array([bytes.fromhex(o) for o, *_ in page], dtype=ids.dtype))
         seen[at] = True
         ats = iter(at.tolist())
-        for (oid, mtime, size), h in zip(page, hit.tolist(), strict=True):
+        for (oid, mtime, size, _tag), h in zip(page, hit.tolist(), strict=True):
             i = next(ats) if h else -1
             if (marked[i] if h else oid in others) or now - mtime < grace:
                 result.objects_kept += 1
@@ -539,20 +537,6 @@ def _find(ids: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     at = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
     hit = ids[at] == want
     return at[hit], hit
-
-
-def _pages(items: Iterator[Listed], size: int = 1000) -> Iterator[list[tuple[str, float, int]]]:
-    """(object id, mtime, size) of the listed objects, a page at a time."""
-    page: list[tuple[str, float, int]] = []
-    for path, mtime, size_, _etag in items:
-        oid = L.oid_from_path(path)
-        if oid is not None:
-            page.append((oid, mtime, size_))
-            if len(page) >= size:
-                yield page
-                page = []
-    if page:
-        yield page
 
 
 def _remove_dead_locks(remote: Remote) -> None:

@@ -78,6 +78,20 @@ class Remote:
         """Every object id on the remote (strays and malformed names skipped)."""
         return {oid for p, *_ in self.scan(L.OBJECTS) if (oid := L.oid_from_path(p))}
 
+    def pages(self, kind: str, size: int = 1000) -> Iterator[list[Listed]]:
+        """`scan` as lists of (id, mtime, size, ETag), `size` files at a time; paths that
+        name no id (pack markers, strays) are left out."""
+        page: list[Listed] = []
+        for path, mtime, nbytes, tag in self.scan(kind):
+            oid = L.oid_from_path(path)
+            if oid is not None:
+                page.append((oid, mtime, nbytes, tag))
+                if len(page) >= size:
+                    yield page
+                    page = []
+        if page:
+            yield page
+
     def scan(self, kind: str) -> Iterator[Listed]:
         """Every file under objects/ or actions/ as (path, mtime, size, ETag or None), one
         at a time. Nothing of the listing is kept beyond what the caller keeps: S3's

@@ -238,33 +238,20 @@ def read_entries(
     spans = _read_packs(remote, sorted(found), cols) if not remote.local else []
     live = bytearray(len(cols.valid))
     todo: list[str] = []
-    page: list[tuple[bytes, bytes | None]] = []
-    hexes: list[str] = []
     listed = 0
-
-    def flush() -> None:
-        nonlocal listed
+    for page in remote.pages(L.ACTIONS):
         listed += len(page)
         if progress is not None:
             progress(listed)
-        for key, row in zip(hexes, _match(cols, spans, page), strict=True):
+        want = [
+            (bytes.fromhex(key), bytes.fromhex(tag) if tag is not None and len(tag) == 32 else None)
+            for key, _mtime, _size, tag in page
+        ]
+        for (key, *_), row in zip(page, _match(cols, spans, want), strict=True):
             if row is None:
                 todo.append(key)
             else:
                 live[row] = 1
-        page.clear()
-        hexes.clear()
-
-    for path, _mtime, _size, tag in remote.scan(L.ACTIONS):
-        key = L.oid_from_path(path)
-        if key is None:
-            continue
-        md5 = bytes.fromhex(tag) if tag is not None and len(tag) == 32 else None
-        page.append((bytes.fromhex(key), md5))
-        hexes.append(key)
-        if len(page) >= 1000:
-            flush()
-    flush()
     del cols.md5[:]
     packs = [oid for oid, _, _ in spans]
     got_loose: list[bytes] = []
