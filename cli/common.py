@@ -119,3 +119,35 @@ def complete_runs(ctx: click.Context, _param: click.Parameter, incomplete: str) 
     return [CompletionItem(n, help="pipeline") for n in names] + [
         CompletionItem(s, help="signature") for s in sigs if incomplete
     ]
+
+
+class StatusLine:
+    """One stderr line rewritten while long work runs (a transfer, a remote gc), at most
+    every 0.5 s; silent when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        import sys
+        import time
+
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = self.last = time.monotonic()
+        self.shown = False
+
+    def due(self) -> bool:
+        """True (and the clock restarted) when the line may be rewritten now."""
+        import time
+
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.5:
+            return False
+        self.last = now
+        return True
+
+    def show(self, text: str) -> None:
+        click.echo(f"\r{text}\033[K", err=True, nl=False)
+        self.shown = True
+
+    def done(self) -> None:
+        """End the line, so what follows starts on its own."""
+        if self.shown:
+            click.echo("", err=True)

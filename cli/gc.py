@@ -4,7 +4,15 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json, err
+from castore.cli.common import (
+    SHORT_HELP,
+    App,
+    StatusLine,
+    common_options,
+    complete_runs,
+    echo_json,
+    err,
+)
 
 
 def _human(n: float) -> str:
@@ -213,28 +221,13 @@ def _remote_gc(
     )
 
 
-class _RemoteProgress:
-    """What a remote gc is at (listings of 10^5 files take minutes), on one stderr line
-    at most every 0.5 s; silent when stderr is not a TTY."""
+class _RemoteProgress(StatusLine):
+    """What a remote gc is at (listings of 10^5 files take minutes)."""
 
     def __init__(self, url: str, enabled: bool) -> None:
-        import sys
-
-        self.url, self.enabled, self.last, self.shown = (
-            url,
-            enabled and sys.stderr.isatty(),
-            0.0,
-            False,
-        )
+        super().__init__(enabled)
+        self.url = url
 
     def __call__(self, what: str, count: int) -> None:
-        import time
-
-        now = time.monotonic()
-        if self.enabled and now - self.last >= 0.5:
-            self.last, self.shown = now, True
-            click.echo(f"\rgc {self.url}: {what} {count:,}\033[K", err=True, nl=False)
-
-    def done(self) -> None:
-        if self.shown:
-            click.echo("", err=True)
+        if self.due():
+            self.show(f"gc {self.url}: {what} {count:,}")

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json, err
+from castore.cli.common import SHORT_HELP, App, StatusLine, common_options, echo_json, err
 
 
 @click.group("remote", short_help=SHORT_HELP["remote"])
@@ -58,25 +56,17 @@ def remove(app: App, name: str, as_json: bool) -> None:
     echo_json({"removed": name}) if as_json else err(f"removed remote {name}")
 
 
-class _Progress:
-    """objects, bytes and rate on stderr, at most every 0.5 s; silent when not a TTY."""
+class _Progress(StatusLine):
+    """objects, bytes and rate of a transfer."""
 
     def __init__(self, verb: str, enabled: bool) -> None:
+        super().__init__(enabled)
         self.verb = verb
-        self.enabled = enabled and sys.stderr.isatty()
-        self.t0 = self.last = time.monotonic()
 
     def __call__(self, objects: int, nbytes: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 0.5:
-            return
-        self.last = now
-        rate = nbytes / max(now - self.t0, 1e-9) / 1e6
-        click.echo(
-            f"\r{self.verb}: {objects} objects, {nbytes / 1e6:.1f} MB, {rate:.1f} MB/s",
-            err=True,
-            nl=False,
-        )
+        if self.due():
+            rate = nbytes / max(self.last - self.t0, 1e-9) / 1e6
+            self.show(f"{self.verb}: {objects} objects, {nbytes / 1e6:.1f} MB, {rate:.1f} MB/s")
 
 
 def _split(app: App, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
@@ -99,8 +89,7 @@ def _transfer(
     fn = push if verb == "push" else pull
     progress = _Progress(verb, not as_json and not app.quiet and not dry_run)
     result = fn(app.store(), remote, runs, jobs=jobs, progress=progress, dry_run=dry_run)
-    if progress.enabled:
-        click.echo("", err=True)
+    progress.done()
     if dry_run:
         assert result.plan is not None
         _print_plan(result.plan.summary(), as_json)
