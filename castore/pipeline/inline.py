@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from castore.errors import ConfigError
+from castore.errors import CastoreError, ConfigError, UnknownObject
 from castore.hashing import canonical_json, hash_bytes, plain_rows_json
 from castore.store.models import Oid
 
@@ -101,15 +101,13 @@ def resolve(value: Any, store: Store | None, where: str) -> list[Any]:
     if store is None:
         raise ConfigError(
             f"{where}: its rows are kept in store object {ref.castore_inline[:12]}; run it "
-            "with the store that holds them (cas --cache DIR), or use the pipeline.yaml "
+            "with the store that holds them (cas --cache-dir DIR), or use the pipeline.yaml "
             "of a Distiset, which has them written out"
         )
     return load(store, ref, where)
 
 
 def load(store: Store, ref: InlineRef, where: str) -> list[Any]:
-    from castore.errors import CastoreError, UnknownObject
-
     try:
         packed = store.get_bytes(ref.castore_inline)
     except UnknownObject:

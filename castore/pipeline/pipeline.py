@@ -269,14 +269,14 @@ class Pipeline:
         for i, entry in enumerate(doc["pipeline"]["steps"]):
             for k, v in entry["params"].items():
                 if isinstance(v, InlineRef):
-                    # One line that castore.pipeline.inline.expand finds again.
-                    token = f"__castore_json_{i}_{k}__"
-                    big[token] = v.flow()
-                    entry["params"][k] = token
+                    dumped = v.flow()  # one line that castore.pipeline.inline.expand finds
                 elif isinstance(v, (list, dict)) and len(v) > 100:
-                    token = f"__castore_json_{i}_{k}__"
-                    big[token] = json.dumps(v, ensure_ascii=False, allow_nan=False)
-                    entry["params"][k] = token
+                    dumped = json.dumps(v, ensure_ascii=False, allow_nan=False)
+                else:
+                    continue
+                token = f"__castore_json_{i}_{k}__"
+                big[token] = dumped
+                entry["params"][k] = token
         dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
         text = yaml.dump(doc, Dumper=dumper, sort_keys=False, allow_unicode=True, width=100)
         for token, dumped in big.items():
