@@ -52,6 +52,72 @@ def test_table_round_trip_and_same_table_same_id(store):
     assert len(list(store.iter_oids())) == 1
 
 
+# Each column: (type, two values); every type castore's batches can hold, so that each
+# reads back the same whether or not the object carries Arrow's schema.
+_TYPES = {
+    "bool": (pa.bool_(), [True, None]),
+    "int8": (pa.int8(), [-1, None]),
+    "uint64": (pa.uint64(), [2**63 + 5, None]),
+    "f32": (pa.float32(), [1.5, None]),
+    "f64": (pa.float64(), [1.5, None]),
+    "str": (pa.string(), ["é", None]),
+    "bin": (pa.binary(), [b"\x00", None]),
+    "date": (pa.date32(), [19000, None]),
+    "ts": (pa.timestamp("us"), [1, None]),
+    "ts_utc": (pa.timestamp("ns", tz="UTC"), [1, None]),
+    "null": (pa.null(), [None, None]),
+    "list": (pa.list_(pa.int64()), [[1, None], None]),
+    "struct": (pa.struct([("a", pa.int64()), ("b", pa.list_(pa.string()))]), [{"a": 1}, None]),
+    "required": (pa.int64(), [1, 2]),
+    # These need the stored schema to read back as they were written.
+    "large_str": (pa.large_string(), ["a", None]),
+    "large_list": (pa.large_list(pa.int64()), [[1], None]),
+    "dict": (pa.dictionary(pa.int32(), pa.string()), ["a", None]),
+    "ts_paris": (pa.timestamp("us", tz="Europe/Paris"), [1, None]),
+    "duration": (pa.duration("s"), [1, None]),
+    "fixed": (pa.list_(pa.int64(), 2), [[1, 2], None]),
+    "list_of_large": (pa.list_(pa.large_string()), [["a"], None]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TYPES))
+def test_batch_objects_read_back_their_types_with_or_without_arrow_schema(name):
+    """Batch objects carry Arrow's schema only where Parquet alone would read back
+    another type; either way the table reads back equal, types and metadata included."""
+    import pyarrow.parquet as pq
+
+    from castore.store.parquet import WRITE_OPTIONS, encode_parquet, needs_schema, read_parquet
+
+    t, values = _TYPES[name]
+    field = pa.field("c", t, nullable=name != "required")
+    table = pa.table({"c": pa.array(values, type=t)}, schema=pa.schema([field]))
+    buf = encode_parquet(table)
+    back = read_parquet(buf)
+    assert back.schema == table.schema  # == ignores a list's item name, as reads do
+    assert back.equals(table)
+    stored = b"ARROW:schema" in (pq.read_metadata(pa.BufferReader(buf)).metadata or {})
+    assert stored == needs_schema(table.schema)
+    # The schema is left out exactly where writing it changes nothing that is read back.
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, store_schema=False, **WRITE_OPTIONS)
+    bare = read_parquet(sink.getvalue())
+    assert (bare.schema == table.schema and bare.equals(table)) == (not stored)
+
+
+def test_schema_and_field_metadata_keep_the_stored_schema():
+    from castore.store.parquet import encode_parquet, needs_schema, read_parquet
+
+    plain = pa.table({"a": [1], "b": ["x"]})
+    assert not needs_schema(plain.schema)
+    for table in (
+        plain.replace_schema_metadata({"huggingface": "{}"}),
+        plain.cast(pa.schema([("a", pa.int64()), pa.field("b", pa.string(), metadata={"k": "v"})])),
+    ):
+        assert needs_schema(table.schema)
+        back = read_parquet(encode_parquet(table))
+        assert back.schema.equals(table.schema, check_metadata=True)
+
+
 def test_objects_are_read_only_and_not_rewritten(store):
     oid = store.put_bytes(b"first")
     path = store.path_of(oid)

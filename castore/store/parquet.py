@@ -12,23 +12,63 @@ PARQUET_MAGIC = b"PAR1"
 # errors); Distisets drop it unless asked.
 METADATA_COLUMN = "castore_metadata"
 
-# Fixed options: the same table and pyarrow version give the same bytes. zstd level 1 is
-# within a few % of snappy's write speed and smaller; statistics help predicate pushdown.
+# Fixed options: the same table and pyarrow version give the same bytes. Batch objects
+# are small (a 50-row batch is ~1 kB of data), so what every file carries dominates
+# (bench_overhead, 20,000 rows in 1,200 objects): statistics (full min/max of each string
+# column, twice) and dictionary pages cost 2.3 kB -> 1.0 kB per anchor batch, and each
+# dictionary page is one more zstd call (a zstd context per call is most of the encode
+# time at this size). zstd of plain-encoded pages still folds repeated values: a
+# 5,000-row table with a 5-value label column came out 10 % smaller without dictionaries.
+# Nothing reads the statistics (castore reads whole objects; datasets does not need them).
 WRITE_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "compression_level": 1,
     "version": "2.6",
-    "use_dictionary": True,
-    "write_statistics": True,
+    "use_dictionary": False,
+    "write_statistics": False,
     "data_page_size": 1 << 20,
-    "store_schema": True,
 }
 
 
 def write_parquet(table: pa.Table, sink: Any) -> None:
     import pyarrow.parquet as pq
 
-    pq.write_table(table, sink, **WRITE_OPTIONS)
+    pq.write_table(table, sink, store_schema=needs_schema(table.schema), **WRITE_OPTIONS)
+
+
+def needs_schema(schema: pa.Schema) -> bool:
+    """Whether reading the Parquet file needs Arrow's schema stored in it (base64 in the
+    footer, ~400 B a batch) to give back `schema`: metadata, and types Parquet does not
+    spell the same way (large_string reads back as string, dictionary as its values, a
+    time zone other than UTC as UTC, duration as int64, ...). The types below read back
+    identical without it (tests/test_store.py checks each against a stored schema)."""
+    if schema.metadata:
+        return True
+    return not all(_schema_free(f) for f in schema)
+
+
+def _schema_free(field: pa.Field) -> bool:
+    import pyarrow as pa
+
+    t = field.type
+    if field.metadata:
+        return False
+    if pa.types.is_struct(t):
+        return all(_schema_free(t.field(i)) for i in range(t.num_fields))
+    if pa.types.is_list(t):
+        return _schema_free(t.value_field)
+    if pa.types.is_timestamp(t):
+        return t.tz is None or t.tz == "UTC"
+    return (
+        pa.types.is_null(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_float32(t)
+        or pa.types.is_float64(t)
+        or pa.types.is_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_date32(t)
+    )
 
 
 def encode_parquet(table: pa.Table) -> pa.Buffer:
@@ -84,7 +124,7 @@ def as_read(table: pa.Table, buf: pa.Buffer) -> pa.Table | None:
 
 def round_trips(schema: pa.Schema) -> bool:
     """Whether a table of this schema reads back from castore's Parquet with the same
-    types and values (the schema is stored with it): the types rows become by
+    types and values: the types rows become by
     `Table.from_pylist`, and no others (dictionary, extension, decimal, float16... are
     read back from the store instead)."""
     return all(_plain(f.type) for f in schema)
