@@ -1,6 +1,9 @@
 """Per-batch overhead and I/O-bound concurrency (issue 16), each against a floor measured
 in the same repetition, interleaved, min / median of --repeat:
 
+- cold at 2 ms of work per row: 2,000 rows, the same three steps with the middle one
+  sleeping 2 ms per row (the stand-in for an LLM call); floor: the plain loop with the
+  same sleeps.
 - anchor at 0 ms of work: 20,000 rows, LoadDataFromDicts -> a step that adds a column ->
   a cheap post step, batch 50 (400 batches per step, 1,200 in all); floor: a plain loop
   doing the same work and writing one Parquet file.
@@ -40,12 +43,22 @@ from castore.steps import LoadDataFromDicts
 from castore.store import Store
 
 ROWS, BATCH = 20_000, 50
+SLOW_ROWS, SLOW_DELAY = 2_000, 0.002
 IO_ROWS, IO_BATCH, IO_CONC, IO_DELAY = 2_000, 10, 8, 0.02
 
 
 @step(inputs=["prompt"], outputs=["generation"])
 def Generate(inputs: StepInput):
     return [{**r, "generation": r["prompt"][::-1]} for r in inputs]
+
+
+@step(inputs=["prompt"], outputs=["generation"])
+def SlowGenerate(inputs: StepInput):
+    out = []
+    for r in inputs:
+        time.sleep(SLOW_DELAY)  # one simulated LLM call per row
+        out.append({**r, "generation": r["prompt"][::-1]})
+    return out
 
 
 @step(inputs=["generation"], outputs=["length"])
@@ -63,19 +76,24 @@ def anchor_rows() -> list[dict]:
     return [{"id": i, "prompt": f"prompt {i}: " + "word " * (10 + i % 20)} for i in range(ROWS)]
 
 
-def anchor_floor(rows: list[dict], out: Path) -> None:
+def anchor_floor(rows: list[dict], out: Path, delay: float = 0.0) -> None:
     done = []
     for start in range(0, len(rows), BATCH):
-        gen = [{**r, "generation": r["prompt"][::-1]} for r in rows[start : start + BATCH]]
+        gen = []
+        for r in rows[start : start + BATCH]:
+            if delay:
+                time.sleep(delay)
+            gen.append({**r, "generation": r["prompt"][::-1]})
         done.extend({**r, "length": len(r["generation"])} for r in gen)
     pq.write_table(pa.Table.from_pylist(done), out)
 
 
-def anchor(rows: list[dict], cache: Path) -> None:
+def anchor(rows: list[dict], cache: Path, slow: bool = False) -> None:
+    middle = SlowGenerate if slow else Generate
     with Pipeline(name="anchor") as p:
         (
             LoadDataFromDicts(data=rows, batch_size=BATCH)
-            >> Generate(name="generate", input_batch_size=BATCH)
+            >> middle(name="generate", input_batch_size=BATCH)
             >> Post(name="post", input_batch_size=BATCH)
         )
     p.execute(cache_dir=cache, quiet=True)
@@ -174,8 +192,10 @@ def main() -> None:
     Store.lease = counting_lease  # type: ignore[method-assign]
     try:
         rows = anchor_rows()
+        slow_rows = rows[:SLOW_ROWS]
         r: dict[str, list[float]] = {
-            k: [] for k in ("floor", "cas", "rerun", "io_floor", "io", "mem_floor", "mem")
+            k: []
+            for k in ("floor", "cas", "rerun", "io_floor", "io", "mem_floor", "mem", "sf", "slow")
         }
         for i in range(args.repeat):
             r["mem_floor"].append(peak_mib("floor"))
@@ -186,6 +206,8 @@ def main() -> None:
             # The same pipeline again on its store: a finished run, replayed whole.
             r["rerun"].append(timed(lambda i=i: anchor(rows, work / f"anchor-{i}")))
             anchor_leases = leases[0]
+            r["sf"].append(timed(lambda: anchor_floor(slow_rows, work / "sf.parquet", SLOW_DELAY)))
+            r["slow"].append(timed(lambda i=i: anchor(slow_rows, work / f"slow-{i}", slow=True)))
             r["io_floor"].append(timed(io_floor))
             r["io"].append(timed(lambda i=i: io_run(work / f"io-{i}")))
         batch_steps = 3 * ROWS // BATCH
@@ -195,6 +217,12 @@ def main() -> None:
             [
                 ("castore", f"{castore.__file__}"),
                 ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+                ("cold 2,000 rows x 2 ms: floor (loop + one Parquet)", mm(r["sf"])),
+                ("cold 2,000 rows x 2 ms: castore", mm(r["slow"])),
+                (
+                    "cold 2,000 rows x 2 ms: castore / floor",
+                    ratio(r["slow"], r["sf"]) + " (target <= 1.05)",
+                ),
                 ("anchor 0 ms: floor (loop + one Parquet)", mm(r["floor"])),
                 ("anchor 0 ms: castore (1,200 batch-steps)", mm(r["cas"])),
                 ("anchor 0 ms: castore / floor", ratio(r["cas"], r["floor"]) + " (target <= 2.5)"),
