@@ -130,3 +130,90 @@ def test_hash_file_small_and_mapped_agree_with_hash_bytes(tmp_path, size):
     path = tmp_path / "f"
     path.write_bytes(data)
     assert hash_file(path) == hash_bytes(data)
+
+
+# Keys and entry checks write their canonical JSON directly for ids and exact ints
+# (castore.hashing._key_json); anything else takes the general path. Both must give the
+# bytes canonical_json gives, or every cache entry's key would change.
+hex_ids = st.binary(min_size=32, max_size=32).map(bytes.hex)
+not_ids = st.one_of(
+    st.text(max_size=70),
+    hex_ids.map(str.upper),
+    hex_ids.map(lambda h: h[:-1]),
+    st.integers(),
+)
+counts = st.one_of(st.integers(), st.integers(min_value=-(2**80), max_value=2**80))
+any_count = st.one_of(counts, st.booleans(), st.floats(allow_nan=False), st.none())
+
+
+@given(
+    fp=st.one_of(hex_ids, not_ids),
+    slices=st.lists(
+        st.lists(st.tuples(st.one_of(hex_ids, not_ids), any_count, any_count), max_size=4),
+        max_size=3,
+    ),
+)
+def test_action_key_is_the_hash_of_its_canonical_json(fp, slices):
+    from castore.hashing import action_key
+
+    desc = [[list(s) for s in pred] for pred in slices]
+    try:
+        want = hash_json({"fp": fp, "in": desc})
+    except NonCanonicalValue:
+        with pytest.raises(NonCanonicalValue):
+            action_key(fp, slices)
+        return
+    assert action_key(fp, slices) == want
+
+
+@given(fp=st.one_of(hex_ids, not_ids), index=any_count)
+def test_generator_key_is_the_hash_of_its_canonical_json(fp, index):
+    from castore.hashing import generator_key
+
+    try:
+        want = hash_json({"fp": fp, "batch": index})
+    except NonCanonicalValue:
+        with pytest.raises(NonCanonicalValue):
+            generator_key(fp, index)
+        return
+    assert generator_key(fp, index) == want
+
+
+@given(
+    key=st.one_of(hex_ids, not_ids),
+    outputs=st.one_of(st.lists(hex_ids, max_size=3), st.lists(not_ids, max_size=2)),
+    rows=st.lists(any_count, max_size=3),
+    as_tuple=st.booleans(),
+)
+def test_entry_check_is_the_hash_of_its_canonical_json(key, outputs, rows, as_tuple):
+    import blake3
+
+    from castore.hashing import entry_check
+
+    if as_tuple:
+        outputs = tuple(outputs)
+    try:
+        want = blake3.blake3(canonical_json({"key": key, "outputs": outputs, "rows": rows}))
+    except NonCanonicalValue:
+        with pytest.raises(NonCanonicalValue):
+            entry_check(key, outputs, rows)
+        return
+    assert entry_check(key, outputs, rows) == want.hexdigest()
+
+
+def test_the_direct_forms_are_taken_for_ids_and_ints():
+    """The property tests above cover both paths; this pins that typical keys take the
+    direct one (else the speed-up is silently gone)."""
+    import blake3
+
+    from castore.hashing import _key_json, action_key, entry_check
+
+    a, b = "a" * 64, "0123456789abcdef" * 4
+    slices = [[(a, 0, 50), (b, 10, 2**70)], []]
+    assert _key_json(b, slices) == (f'{{"fp":"{b}","in":[[["{a}",0,50],["{b}",10,{2**70}]],[]]}}')
+    want = hash_json({"fp": b, "in": [[list(s) for s in p] for p in slices]})
+    assert action_key(b, slices) == want
+    assert _key_json(b, [[(a, True, 1)]]) is None  # a bool is not an int here
+    assert _key_json(b, [[(a.upper(), 0, 1)]]) is None
+    claims = canonical_json({"key": a, "outputs": [b], "rows": [-3]})
+    assert entry_check(a, [b], [-3]) == blake3.blake3(claims).hexdigest()
