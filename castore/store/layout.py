@@ -9,7 +9,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from castore.errors import InvalidObjectId, InvalidRefName
 from castore.hashing import validate_id
@@ -82,10 +82,20 @@ STORE_NAMES = frozenset(
 class Layout:
     root: str
     join: Callable[..., str] = posixpath.join
+    # "<root>/<kind>/" per sharded kind: a cache hit builds ~6 of these paths, and a
+    # join call each was ~10 us of a hit's ~100 us.
+    _dirs: dict[str, str] = field(init=False, repr=False, compare=False)
+    _sep: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sep = self.join("a", "b")[1:-1]
+        dirs = {k: self.join(self.root, k) + sep for k in (OBJECTS, ACTIONS)}
+        object.__setattr__(self, "_dirs", dirs)
+        object.__setattr__(self, "_sep", sep)
 
     def _sharded(self, kind: str, oid: str) -> str:
         validate_id(oid)
-        return self.join(self.root, kind, oid[:2], oid[2:])
+        return self._dirs[kind] + oid[:2] + self._sep + oid[2:]
 
     def object_path(self, oid: str) -> str:
         return self._sharded(OBJECTS, oid)
