@@ -124,6 +124,7 @@ class Packs:
         self.store = store
         self._packs: dict[str, _Pack | None] = {}
         self._seen: set[str] | None = None
+        self._marker_dir = packs_dir(store) + os.sep  # checked on every packed hit
 
     def refresh(self) -> bool:
         """Load new packs, forget removed ones; True when something changed."""
@@ -153,7 +154,7 @@ class Packs:
             if found is None:
                 continue
             assert pack is not None
-            if not os.path.exists(os.path.join(packs_dir(self.store), pack.oid)):
+            if not os.path.exists(self._marker_dir + pack.oid):
                 # gc replaced this pack (maybe without this entry): look again.
                 self.refresh()
                 return self._find(key)
