@@ -102,6 +102,27 @@ def test_corrupt_intermediate_object_recomputes_only_its_batch(store):
     assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
 
 
+def test_missing_intermediate_object_recomputes_only_its_batch(store, caplog):
+    """An object gone (removed by hand, or collected) is not damage: its batch is
+    computed again, its entry dropped, and nothing is quarantined or warned about."""
+    import logging
+
+    first = build().run(cache_dir=store.root, quiet=True)
+    expected = rows(first, "keep_columns")
+    gone = outputs_of(store, first, "upper")[2]
+    os.unlink(store.path_of(gone))
+    with caplog.at_level(logging.INFO, logger="castore"):
+        again = build().run(cache_dir=store.root, quiet=True)
+    assert rows(again, "keep_columns") == expected
+    assert counts(again, "upper")[1] == 1
+    for s in ("load_data_from_dicts", "score", "keep_columns"):
+        assert counts(again, s)[1] == 0, s
+    assert store.has(gone)  # made again: the same bytes
+    assert not (store.root / "quarantine").exists() or not os.listdir(store.root / "quarantine")
+    assert any("names a missing object" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_repaired_store_rebuilds_the_run_folder(store):
     first = build().run(cache_dir=store.root, quiet=True)
     data = Path(store.layout.run_dir("p", first.run.signature)) / "data" / "keep_columns"

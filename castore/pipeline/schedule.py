@@ -157,7 +157,7 @@ class Scheduler:
         """The local action entry, else (read-through, unless `local`) the remote's."""
         if not self.use_cache:
             return None
-        entry = self.store.get_action(key)
+        entry = self.store.get_action(key, outputs_checked=True)  # by `reusable`
         if entry is None and self.rcache is not None and not local:
             entry = self.rcache.lookup(key)
         return entry
@@ -165,20 +165,25 @@ class Scheduler:
     def reusable(self, key: str, *, local: bool = False) -> ActionEntry | None:
         """The entry for `key` when every output it names is intact (verified, then
         freshened so a concurrent gc keeps it) and its row counts are the objects'; else
-        the entry is dropped and None returned, so only this batch is recomputed.
-        `local`: this store's entries only (a generator thread asks; the remote's client
-        is the scheduler's)."""
+        the entry is dropped and None returned, so only this batch is recomputed. `local`:
+        this store's only (a generator thread asks; the remote's client is the scheduler's)."""
         entry = self._entry(key, local=local)
         if entry is None:
             return None
-        if all(self.store.reuse(o) for o in entry.outputs):
-            if self._counts_hold(key, entry):
-                return entry
-            log.warning(
-                "cached batch %s: its entry's row counts are wrong; recomputing it", key[:12]
-            )
+        state: bool | None = True
+        for oid in entry.outputs:
+            state = self.store.check_reuse(oid)
+            if state is not True:
+                break
+        if state is None:  # gone (collected, removed by hand): not a damaged cache
+            log.info("action entry %s names a missing object; dropping it", key)
+        elif state and self._counts_hold(key, entry):
+            return entry
         else:
-            log.warning("cached batch %s: an output failed verification; recomputing it", key[:12])
+            why = "an output failed verification; recomputing it"
+            if state:
+                why = "its entry's row counts are wrong; recomputing it"
+            log.warning("cached batch %s: %s", key[:12], why)
         self.store.delete_action(key)
         return None
 

@@ -385,8 +385,9 @@ class Store:
         except (OSError, ValueError):
             return None
 
-    def get_action(self, key: str) -> ActionEntry | None:
-        """The entry for `key`, or None; an entry naming a missing object is dropped."""
+    def get_action(self, key: str, *, outputs_checked: bool = False) -> ActionEntry | None:
+        """The entry for `key`, or None; an entry naming a missing object is dropped
+        (`outputs_checked`: the caller verifies each output next, which finds it)."""
         raw = self.read_action(key)
         if raw is None:
             return None
@@ -396,7 +397,7 @@ class Store:
             log.warning("action entry %s is unreadable; dropping it", key)
             self.delete_action(key)
             return None
-        if not all(self.has(oid) for oid in entry.outputs):
+        if not outputs_checked and not all(self.has(oid) for oid in entry.outputs):
             log.info("action entry %s names a missing object; dropping it", key)
             self.delete_action(key)
             return None
@@ -549,15 +550,20 @@ class Store:
         object is quarantined and False is returned, so the caller recomputes it: a cache
         hit never serves bytes that are not the object's. Costs one blake3 pass over the
         file (castore.hashing.hash_file; see benchmarks/bench_verify.py)."""
+        return self.check_reuse(oid) is True
+
+    def check_reuse(self, oid: str) -> bool | None:
+        """`reuse`, telling why not: False when the object was corrupt (quarantined),
+        None when it is missing."""
         path = self.layout.object_path(oid)
         try:
             digest = hash_file(path)
         except FileNotFoundError:
-            return False
+            return None
         if digest != oid:
             self.quarantine(oid)
             return False
-        return _touch(path)
+        return True if _touch(path) else None
 
     def rows_match(self, oids: list[str], rows: list[int]) -> bool:
         """An entry's row counts against its (verified) Parquet objects' footers: a damaged
