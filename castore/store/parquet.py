@@ -59,16 +59,7 @@ def _schema_free(field: pa.Field) -> bool:
         return _schema_free(t.value_field)
     if pa.types.is_timestamp(t):
         return t.tz is None or t.tz == "UTC"
-    return (
-        pa.types.is_null(t)
-        or pa.types.is_boolean(t)
-        or pa.types.is_integer(t)
-        or pa.types.is_float32(t)
-        or pa.types.is_float64(t)
-        or pa.types.is_string(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_date32(t)
-    )
+    return _scalar(t)
 
 
 def encode_parquet(table: pa.Table) -> pa.Buffer:
@@ -138,16 +129,25 @@ def _plain(t: pa.DataType) -> bool:
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return _plain(t.value_type)
     return (
+        _scalar(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_timestamp(t)
+    )
+
+
+def _scalar(t: pa.DataType) -> bool:
+    """The leaf types rows become (Table.from_pylist), short of timestamps."""
+    import pyarrow as pa
+
+    return (
         pa.types.is_null(t)
         or pa.types.is_boolean(t)
         or pa.types.is_integer(t)
         or pa.types.is_float32(t)
         or pa.types.is_float64(t)
         or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
         or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_timestamp(t)
         or pa.types.is_date32(t)
     )
 
