@@ -81,8 +81,8 @@ def anchor_rows() -> list[dict]:
 
 def text_rows() -> list[dict]:
     """The anchor's rows with prompts that compress like prose: 40-79 words drawn from
-    5,000 made-up words by a Zipf law (the anchor's "word word ..." prompts compress
-    ~20x, so there each object's footer is most of the store)."""
+    5,000 made-up words by a Zipf law (the anchor's "word word ..." rows compress 9x as
+    one Parquet file, so there every per-batch and per-run cost weighs more)."""
     rng = random.Random(7)
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(5000)]
