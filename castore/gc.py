@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -480,9 +480,8 @@ def _plan_remote(
     ids.sort()  # in place: no second copy
     young = np.repeat(named & (got.created() > now - cache_ttl), counts)
     marked = np.zeros(len(ids), dtype=np.bool_)
-    for lo in range(0, len(outs), _CHUNK):
-        chunk = slice(lo, lo + _CHUNK)
-        marked[_find(ids, outs[chunk][young[chunk]])[0]] = True
+    for _chunk, _mine, at in _places(ids, outs, young):
+        marked[at] = True
     del young
     others = _mark_remote(remote, jobs, ids, marked) | got.markers  # reached, named by none
     seen = np.zeros(len(ids), dtype=np.bool_)
@@ -492,7 +491,7 @@ def _plan_remote(
     for page in remote.pages(L.OBJECTS):  # one page at a time
         listed += len(page)
         _tell(progress, "objects listed", listed)
-        at, hit = _find(ids, np.array([bytes.fromhex(o) for o, *_ in page], dtype=ids.dtype))
+        at, hit = _find(ids, _as_ids([o for o, *_ in page]))
         seen[at] = True
         ats = iter(at.tolist())
         for (oid, mtime, size, _tag), h in zip(page, hit.tolist(), strict=True):
@@ -507,11 +506,8 @@ def _plan_remote(
     del seen, going_named, marked
     # An entry goes when it is malformed or any object it names is bad.
     bad_out = np.zeros(len(outs), dtype=np.bool_)
-    for lo in range(0, len(outs), _CHUNK):
-        chunk = slice(lo, lo + _CHUNK)
-        mine = per_out[chunk]
-        at, _hit = _find(ids, outs[chunk][mine])
-        bad_out[lo : lo + _CHUNK][mine] = bad[at]
+    for chunk, mine, at in _places(ids, outs, per_out):
+        bad_out[chunk][mine] = bad[at]
     has = counts > 0
     any_bad = np.zeros(len(counts), dtype=np.bool_)
     if has.any():
@@ -525,6 +521,25 @@ def _plan_remote(
 
 
 _CHUNK = 1 << 16
+
+
+def _places(
+    ids: np.ndarray, outs: np.ndarray, mask: np.ndarray
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """Per chunk of `outs` (bounded memory): the chunk, `mask` over it, and the places in
+    the sorted `ids` of its outputs in `mask` (every one is there: `ids` holds them all)."""
+    for lo in range(0, len(outs), _CHUNK):
+        chunk = slice(lo, lo + _CHUNK)
+        mine = mask[chunk]
+        yield chunk, mine, _find(ids, outs[chunk][mine])[0]
+
+
+def _as_ids(hexes: list[str]) -> np.ndarray:
+    import numpy as np
+
+    from castore import remote_packs
+
+    return np.array([bytes.fromhex(h) for h in hexes], dtype=remote_packs.ID)
 
 
 def _find(ids: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -556,14 +571,12 @@ def _mark_remote(remote: Remote, jobs: int, ids: np.ndarray, marked: np.ndarray)
     returns what they reach that `ids` does not hold (manifests, pipeline.yaml...)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-
     others: set[str] = set()
     runs = sorted({oid for _name, _sig, oid in remote.list_refs(jobs=jobs)})
     with ThreadPoolExecutor(jobs) as pool:  # a request per manifest
         for _run, reached in pool.map(lambda oid: manifest_closure(remote.load_json, oid), runs):
             want = sorted(reached)
-            at, hit = _find(ids, np.array([bytes.fromhex(o) for o in want], dtype=ids.dtype))
+            at, hit = _find(ids, _as_ids(want))
             marked[at] = True
             others.update(o for o, h in zip(want, hit.tolist(), strict=True) if not h)
     return others
