@@ -87,6 +87,10 @@ class _Columns:
         self.row = array("i")
         self.md5 = bytearray()  # of the bytes, while the listing is matched against packs
 
+    def key(self, i: int) -> bytes:
+        """Entry `i`'s key (bytes, not numpy's scalars: they drop trailing zero bytes)."""
+        return bytes(self.keys[i * 32 : i * 32 + 32])
+
     def add(self, remote: Remote, key: bytes, raw: bytes | str, pack: int, row: int) -> None:
         """None entries (malformed or, with a team key, not signed by it) are kept as
         invalid: gc drops them."""
@@ -135,16 +139,15 @@ class Entries:
 
     def hexes(self, mask: np.ndarray) -> list[str]:
         """The keys of the entries in `mask`, sorted."""
-        keys = self.cols.keys  # not numpy's bytes scalars: they drop trailing zero bytes
-        return sorted(keys[i * 32 : i * 32 + 32].hex() for i in np.flatnonzero(mask))
+        return sorted(self.cols.key(i).hex() for i in np.flatnonzero(mask).tolist())
 
     @property
     def entries(self) -> dict[str, Entry | None]:
         """key -> Entry (None: malformed or unsigned) of every live entry."""
         out: dict[str, Entry | None] = {}
         ends, outs = self.cols.ends, self.cols.outs
-        for i in np.flatnonzero(self.live):
-            key = self.cols.keys[i * 32 : i * 32 + 32].hex()
+        for i in np.flatnonzero(self.live).tolist():
+            key = self.cols.key(i).hex()
             if not self.cols.valid[i]:
                 out[key] = None
                 continue
@@ -159,8 +162,8 @@ class Entries:
         keep = self.live & self.valid() & ~drop
         pack = np.frombuffer(self.cols.pack, dtype=np.int32)
         row = np.frombuffer(self.cols.row, dtype=np.int32)
-        for i in np.flatnonzero(keep & (pack < 0)):
-            yield self.cols.keys[i * 32 : i * 32 + 32].hex(), self.loose[row[i]]
+        for i in np.flatnonzero(keep & (pack < 0)).tolist():
+            yield self.cols.key(i).hex(), self.loose[row[i]]
         for p, oid in enumerate(self.packs):
             rows = row[keep & (pack == p)]
             if not len(rows):
@@ -214,14 +217,13 @@ def _match(
     keys = np.frombuffer(cols.keys, dtype=ID)
     want = np.array([k for k, _ in page], dtype=ID)
     found: list[int | None] = [None] * len(page)
-    raw, md5 = cols.keys, cols.md5
+    md5 = cols.md5
     for _oid, start, end in spans:  # each pack's keys are sorted
         at = np.searchsorted(keys[start:end], want) + start
         for j, i in enumerate(at.tolist()):
             key, tag = page[j]
             if found[j] is None and tag is not None and i < end:
-                # Compared as bytes: numpy's bytes scalars drop trailing zero bytes.
-                if raw[i * 32 : i * 32 + 32] == key and md5[i * 16 : i * 16 + 16] == tag:
+                if cols.key(i) == key and md5[i * 16 : i * 16 + 16] == tag:
                     found[j] = i
     return found
 
