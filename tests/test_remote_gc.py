@@ -36,6 +36,17 @@ def put_entry(remote: Remote, k: str, outputs: list[str], age_days: float = 30) 
     return raw
 
 
+def packed(remote: Remote) -> dict[str, bytes]:
+    """Every entry the remote's packs hold, as bytes."""
+    from castore.store import actionpack
+
+    out: dict[str, bytes] = {}
+    for pack in remote_packs.markers(remote):
+        items = actionpack.decode_pack(pack, remote.get_object(pack)).items()
+        out.update((k, v.encode()) for k, v in items)
+    return out
+
+
 def test_plan_rules_on_awkward_ids(remote_url):  # noqa: F811
     remote = Remote(remote_url)
     kept = put_object(remote, "named by a young entry")
@@ -76,13 +87,8 @@ def test_plan_rules_on_awkward_ids(remote_url):  # noqa: F811
     assert not remote.fs.exists(remote.layout.object_path(shared))
     # The merged pack holds exactly what is left, bytes as they were.
     if not remote.local:
-        (pack,) = remote_packs.markers(remote)
-        from castore.store import actionpack
-
-        items = dict(actionpack.decode_pack(pack, remote.get_object(pack)).items())
-        assert {k: v.encode() for k, v in items.items()} == {
-            k: raw[k] for k in (key("03", 5), key("04", 6))
-        }
+        assert len(remote_packs.markers(remote)) == 1
+        assert packed(remote) == {k: raw[k] for k in (key("03", 5), key("04", 6))}
 
 
 @pytest.mark.parametrize("cache_ttl", [0, 86400])
@@ -171,17 +177,8 @@ def test_merge_writes_bounded_packs_holding_every_entry_left(s3, monkeypatch):  
     remote_packs.write(remote, raw)
     monkeypatch.setattr(remote_packs, "PACK_MAX", 3)
     collect_remote(remote, grace=0, cache_ttl=86400)
-    packs = remote_packs.markers(remote)
-    assert len(packs) == 3  # 3 + 3 + 1
-    from castore.store import actionpack
-
-    merged: dict[str, bytes] = {}
-    for pack in packs:
-        merged.update(
-            (k, v.encode())
-            for k, v in actionpack.decode_pack(pack, remote.get_object(pack)).items()
-        )
-    assert merged == raw
+    assert len(remote_packs.markers(remote)) == 3  # 3 + 3 + 1
+    assert packed(remote) == raw
     got = remote_packs.read_entries(remote).entries
     assert set(got) == set(raw) and all(e.pack >= 0 for e in got.values())
 
