@@ -118,8 +118,7 @@ class Scheduler:
         self.computed_keys: list[str] = []  # this run's new entries, packed at its end
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
-        # Row-wise steps' row-key indexes (loaded on their first batch miss).
-        self.row_indexes: dict[str, RowIndex] = {}
+        self.row_indexes: dict[str, RowIndex] = {}  # row-wise steps', on a first miss
         self.parked: list[str] = []  # batches waiting for a provider's batch job
 
     def stalled(self) -> bool:
@@ -153,11 +152,12 @@ class Scheduler:
 
     # -- lookups -------------------------------------------------------------------------
 
-    def _entry(self, key: str, *, local: bool = False) -> ActionEntry | None:
-        """The local action entry, else (read-through, unless `local`) the remote's."""
+    def _entry(self, key: str, *, local: bool = False, checked: bool = False) -> ActionEntry | None:
+        """The local entry, else (read-through unless `local`) the remote's; `checked`:
+        the caller verifies its outputs, which finds a missing one."""
         if not self.use_cache:
             return None
-        entry = self.store.get_action(key, outputs_checked=True)  # by `reusable`
+        entry = self.store.get_action(key, outputs_checked=checked)
         if entry is None and self.rcache is not None and not local:
             entry = self.rcache.lookup(key)
         return entry
@@ -167,7 +167,7 @@ class Scheduler:
         freshened so a concurrent gc keeps it) and its row counts are the objects'; else
         the entry is dropped and None returned, so only this batch is recomputed. `local`:
         this store's only (a generator thread asks; the remote's client is the scheduler's)."""
-        entry = self._entry(key, local=local)
+        entry = self._entry(key, local=local, checked=True)
         if entry is None:
             return None
         state: bool | None = True
