@@ -389,8 +389,9 @@ def _remove_empty_shards(store: Store) -> None:
 
 
 def _remove_stale_locks(store: Store) -> None:
-    """Lock files whose holder is gone (leases and run locks of killed processes)."""
-    for d in (store.layout.run_locks_dir(), store.layout.leases_dir()):
+    """Lock files whose holder is gone (leases, row claims and run locks of killed
+    processes)."""
+    for d in (store.layout.run_locks_dir(), store.layout.leases_dir(), store.layout.claims_dir()):
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(d):
                 path = os.path.join(d, name)

@@ -182,3 +182,80 @@ def test_locks_of_killed_processes_block_nothing(tmp_path):
     assert len(calls.read_text().splitlines()) <= SLOW_BATCHES + 2
     run_cas("gc", cache_dir=cache)
     assert not [p for p in (locks / "leases").rglob("*") if p.is_file()]
+
+
+ROWWISE = REPO / "tests" / "pipelines" / "rowwise.py"
+
+
+def test_runs_whose_batches_differ_compute_each_row_once(tmp_path):
+    """Three runs at once of one row-wise step with three batch sizes: no batch key is
+    shared, so only row claims (castore/pipeline/claims.py) keep a row from being paid
+    for twice. Each row is computed exactly once, and each run's dataset is whole."""
+    cache, calls, data = tmp_path / "c", tmp_path / "calls", tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": f"row {i}"}) + "\n" for i in range(300)))
+    env = {"CASTORE_TEST_DATA": str(data), "CASTORE_TEST_CALLS": str(calls)}
+    procs = [
+        start_cas(
+            "run",
+            str(ROWWISE),
+            "--json",
+            "--param",
+            f"answer.input_batch_size={n}",
+            cache_dir=cache,
+            env=env,
+        )
+        for n in (15, 7, 10)
+    ]
+    for p in procs:
+        out, errtext = p.communicate(timeout=120)
+        assert p.returncode == 0, errtext
+        assert json.loads(out)["rows"]["keep_columns"] == 300
+    computed = [line.split(" ", 1)[1] for line in calls.read_text().splitlines()]
+    twice = len(computed) - len(set(computed))
+    assert twice == 0, f"{twice} rows computed twice"
+    assert set(computed) == {f"row {i}" for i in range(300)}
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
+
+
+CLAIM_HOLDER = """
+import sys, time
+from castore.pipeline.claims import RowClaims
+from castore.store import Store
+key = bytes(range(32))
+claim = RowClaims(Store(sys.argv[1]), "holder").take("ab" * 32, [key], lambda: [key])
+print("claimed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_runs_row_claim_blocks_nothing(tmp_path):
+    """A claim is a flock: while its holder lives, a run asking for those rows is told to
+    wait; once the holder is killed (-9) the rows are claimable, and gc removes the file."""
+    import sys
+
+    from castore.pipeline.claims import RowClaims
+
+    store = Store(tmp_path / "c")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_HOLDER, str(store.root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        claims, key, other = RowClaims(store, "me"), bytes(range(32)), bytes(32 * [7])
+        blockers = claims.take("ab" * 32, [key, other], lambda: [key, other])
+        assert isinstance(blockers, list) and len(blockers) == 1
+        assert RowClaims.held(blockers)
+        free = claims.take("ab" * 32, [other], lambda: [other])  # a row nobody holds
+        assert free is not None and not isinstance(free, list)
+        free.release()
+        assert claims.take("cd" * 32, [key], lambda: []) is None  # another step; nothing left
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert not RowClaims.held(blockers)
+    assert run_cas("gc", cache_dir=store.root).returncode == 0
+    assert os.listdir(store.layout.claims_dir()) == []  # gc removed the dead claim
+    mine = RowClaims(store, "me").take("ab" * 32, [key], lambda: [key])
+    assert mine is not None and not isinstance(mine, list)
+    assert os.listdir(store.layout.claims_dir()) == [os.path.basename(mine.path)]
+    mine.release()

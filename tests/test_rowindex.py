@@ -237,3 +237,23 @@ def test_random_appends_and_reorders_match_a_fresh_run(tmp_path):
         want, _, _ = run(build(data, batch=batch), tmp_path / f"f{round_}", use_cache=False)
         assert rows == want
         assert json.dumps(rows)  # plain data
+
+
+def test_a_loaded_index_takes_in_segments_announced_since(tmp_path):
+    """What a run waiting on another run's row claim relies on: after `refresh`, rows
+    stored since the load are found where a fresh load finds them."""
+    data = tmp_path / "d.jsonl"
+    write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(40)])
+    cache = tmp_path / "c"
+    run(build(data, batch=10), cache)
+    store = Store(cache)
+    fp, _ = next(store.iter_row_segments())
+    index = RowIndex.load(store, fp)
+    write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(70)])
+    run(build(data, batch=10), cache)  # another "run": 3 new segments
+    keys = keys_of(cache, run_segments(cache))
+    before = index.find(keys)
+    assert sum(f is None for f in before) == 30
+    index.refresh()
+    assert index.find(keys) == RowIndex.load(store, fp).find(keys)
+    assert all(f is not None for f in index.find(keys))

@@ -4,6 +4,7 @@ stored ones stop: each stored as an object and reported to the scheduler as it c
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from castore.pipeline.batch import (
     BatchResult,
     TableCache,
     call_process,
+    entry_cost,
     entry_of,
     generator_table,
     store_batch,
@@ -25,6 +27,7 @@ from castore.pipeline.step import GeneratorStep, normalize_output
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
+    from castore.pipeline.schedule import Scheduler
     from castore.store import Store
 
 
@@ -84,3 +87,39 @@ def reused_batch(store: Store, step: GeneratorStep, key: str, oid: str, rows: in
     res = BatchResult([oid], [rows], 0.0, [])
     store.put_action(key, entry_of(step.name, res), made_here=True)
     return res
+
+
+def start_generator(sched: Scheduler, name: str) -> None:
+    """Reuse the generator's stored batches from the first, then (unless its end is
+    known) produce the rest on a thread from the row where they stop."""
+    plan, step = sched.plans[name], sched.steps[name]
+    assert isinstance(step, GeneratorStep) and sched.gen_threads is not None
+    end_key = generator_end_key(plan.fp)
+    index = offset = 0
+    if sched.use_cache:
+        end = sched._entry(end_key)
+        known = end.info.get("batches") if end else None
+        while (entry := sched.reusable(key := generator_key(plan.fp, index))) is not None:
+            sched.recorder.record(
+                name, index, key, entry.outputs, entry.rows, cached=True, cost=entry_cost(entry)
+            )
+            offset += sum(entry.rows)
+            index += 1
+            if known is not None and index >= known:
+                plan.total = index
+                return
+    sched.gen_threads.run(
+        functools.partial(
+            produce,
+            sched.store,
+            step,
+            name=name,
+            fp=plan.fp,
+            index=index,
+            offset=offset,
+            events=sched.events,
+            stop=sched.stop,
+            tables=sched.cache,
+            find=functools.partial(sched.reusable, local=True) if sched.use_cache else None,
+        )
+    )

@@ -67,6 +67,11 @@ class RowPlan:
     def reused(self) -> int:
         return sum(f is not None for f in self.found)
 
+    @property
+    def missing(self) -> list[bytes]:
+        """The keys of the rows with no earlier result: what the batch computes."""
+        return [k for k, f in zip(self.keys, self.found, strict=True) if f is None]
+
     def without(self, positions: list[int]) -> RowPlan:
         """The plan with the keys at `positions` blanked (failed rows: never found)."""
         gone = set(positions)
@@ -106,6 +111,8 @@ class RowIndex:
         self._loaded = False
         self._segments: set[str] = set()  # the segments in the arrays
         self._oids: list[str] = []
+        # Rows of segments announced since the load (refresh): (key hi, key lo) -> where.
+        self._since: dict[tuple[int, int], Found] = {}
         self._hi = np.zeros(0, np.uint64)
         self._lo = np.zeros(0, np.uint64)
         self._loc = np.zeros(0, np.int64)  # oid index << 32 | row
@@ -223,9 +230,23 @@ class RowIndex:
         except (OSError, CastoreError) as e:  # a cache of the segments: runs go on without
             log.warning("row-key pack of %s not written: %s", self.fingerprint[:12], e)
 
+    def refresh(self) -> None:
+        """Take in the segments announced since the load: another run's, made while this
+        one waited for its claim on those rows (castore.pipeline.claims)."""
+        if not self._loaded:
+            self._load()
+            return
+        for seg in self.store.row_segments(self.fingerprint, known=self._segments):
+            self._segments.add(seg)
+            part = self._read_segment(seg)
+            if part is not None:
+                out, hi, lo, rows = part
+                for h, lw, r in zip(hi.tolist(), lo.tolist(), rows.tolist(), strict=True):
+                    self._since.setdefault((h, lw), (out, r))
+
     def __len__(self) -> int:
         self._load()
-        return len(self._hi)
+        return len(self._hi) + len(self._since)
 
     def hit(self, segment: str) -> None:
         """A batch hit at this point of the stream: its rows' keys are those of its
@@ -273,6 +294,11 @@ class RowIndex:
                         out[i] = (self._oids[loc >> 32], loc & 0xFFFFFFFF)
                         break
                     j += 1
+        if self._since:
+            words = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 4)[:, :2].tolist()
+            for pos, (h, lw) in enumerate(words):
+                if out[pos] is None:
+                    out[pos] = self._since.get((h, lw))
         return out
 
     def keys(self, step: _Step, table: pa.Table) -> RowPlan:

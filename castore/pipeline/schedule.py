@@ -9,7 +9,6 @@ quarantined, its entry dropped, and only that batch is computed again.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import queue
 import threading
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore import batchjobs
 from castore.errors import BatchWaiting, CastoreError, StepFailed
-from castore.hashing import entry_check, generator_end_key, generator_key
+from castore.hashing import entry_check, generator_end_key
 from castore.pipeline.batch import (
     BatchResult,
     TableCache,
@@ -30,6 +29,7 @@ from castore.pipeline.batch import (
     read_input,
     skipped_batch,
 )
+from castore.pipeline.claims import RowClaims
 from castore.pipeline.executors import (
     BatchDone,
     BatchNotStarted,
@@ -43,7 +43,7 @@ from castore.pipeline.executors import (
     make_executor,
     pickle_steps_by_value,
 )
-from castore.pipeline.generators import produce
+from castore.pipeline.generators import start_generator
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step
@@ -69,11 +69,18 @@ class Pending:
     not_before: float = 0.0
     lease: FileLock | None = None
     rows: RowPlan | None = None  # row-wise steps: earlier results found by row key
+    claim: FileLock | None = None  # on the rows it computes, while the store is shared
+    blockers: list[str] | None = None  # other runs' claims on some of those rows
     computing: bool = False  # submitted, `process` not yet returned (queued or running)
 
     def computed(self) -> None:
         """On the worker: `process` returned (a bool store is atomic under the GIL)."""
         self.computing = False
+
+    def unclaim(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
 
 @dataclass
@@ -115,6 +122,7 @@ class Scheduler:
         # batches in flight, leased or not, by id of their Pending.
         self.neighbours: Neighbours | None = None
         self.running: dict[int, Pending] = {}
+        self.claims = RowClaims(store, run_id)
         self.computed_keys: list[str] = []  # this run's new entries, packed at its end
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
@@ -247,6 +255,11 @@ class Scheduler:
         for q in self.queues.values():
             still = []
             for p in q.waiting:
+                if p.blockers is not None:
+                    if self.claims.held(p.blockers):
+                        still.append(p)
+                        continue
+                    p.blockers = None  # made or failed: the next claim finds which
                 if self._lookup(p.batch, p.rows):
                     continue
                 if self._take_lease(p):
@@ -340,6 +353,9 @@ class Scheduler:
                 p.lease = self._lease(b)
             if not p.lease.try_acquire():
                 return False
+            if not self._claim(p):
+                p.lease.release()
+                return False
         tally = self.recorder.tallies[b.step]
         if self.rcache is not None and not self.rcache.lease(b.key, tally):  # another machine's
             if p.lease is not None:
@@ -351,10 +367,29 @@ class Scheduler:
             self._release(p)
         return True
 
+    def _claim(self, p: Pending) -> bool:
+        """Claim the rows a row-wise batch will compute (castore.pipeline.claims); False
+        when another live run computes some of them now (`p.blockers`)."""
+        if p.rows is None or p.claim is not None or not (keys := p.rows.missing):
+            return True
+
+        def still() -> list[bytes]:  # rows made since planning are taken, not computed
+            self._index(p.batch.step).refresh()
+            p.rows = self._row_results(p.batch.step, p.rows)
+            return p.rows.missing if p.rows is not None else []
+
+        got = self.claims.take(p.rows.fingerprint, keys, still)
+        if isinstance(got, list):
+            p.blockers = got
+            return False
+        p.claim = got
+        return True
+
     def _release(self, p: Pending) -> None:
         """Let go of a batch this run will not compute (now): others may take it."""
         if p.lease is not None:
             p.lease.release()
+        p.unclaim()
         if self.rcache is not None:
             self.rcache.release(p.batch.key)
 
@@ -365,7 +400,8 @@ class Scheduler:
                 continue
             b = p.batch
             p.lease = self._lease(b)
-            if not p.lease.try_acquire():  # cannot happen: newcomers wait for this run
+            # Neither can fail: newcomers compute nothing until this run says "shared".
+            if not p.lease.try_acquire() or not self._claim(p):
                 log.warning("step %s batch %d: its lease is held by another run", b.step, b.index)
 
     def _lease(self, b: PlannedBatch) -> FileLock:
@@ -410,6 +446,7 @@ class Scheduler:
         self.running.pop(id(p), None)
         if p.lease is not None:
             p.lease.release()  # the entry (if any) is written: waiters can go on
+        p.unclaim()  # so is its row-key segment
         return p
 
     def _done(self, task: Task, res: BatchResult) -> None:
@@ -516,7 +553,7 @@ class Scheduler:
     def start_generators(self) -> None:
         for name, step in self.steps.items():
             if isinstance(step, GeneratorStep):
-                self.start_generator(name)
+                start_generator(self, name)
 
     def drain(self, grace: float, cancel: threading.Event) -> None:
         """After Ctrl+C: no new batches; wait up to `grace` seconds for those in flight
@@ -552,43 +589,6 @@ class Scheduler:
                     if not failed:
                         raise
         return True
-
-    # -- generators ----------------------------------------------------------------------
-
-    def start_generator(self, name: str) -> None:
-        """Reuse the generator's stored batches from the first, then (unless its end is
-        known) produce the rest on a thread from the row where they stop."""
-        plan, step = self.plans[name], self.steps[name]
-        assert isinstance(step, GeneratorStep) and self.gen_threads is not None
-        end_key = generator_end_key(plan.fp)
-        index = offset = 0
-        if self.use_cache:
-            end = self._entry(end_key)
-            known = end.info.get("batches") if end else None
-            while (entry := self.reusable(key := generator_key(plan.fp, index))) is not None:
-                self.recorder.record(
-                    name, index, key, entry.outputs, entry.rows, cached=True, cost=entry_cost(entry)
-                )
-                offset += sum(entry.rows)
-                index += 1
-                if known is not None and index >= known:
-                    plan.total = index
-                    return
-        self.gen_threads.run(
-            functools.partial(
-                produce,
-                self.store,
-                step,
-                name=name,
-                fp=plan.fp,
-                index=index,
-                offset=offset,
-                events=self.events,
-                stop=self.stop,
-                tables=self.cache,
-                find=functools.partial(self.reusable, local=True) if self.use_cache else None,
-            )
-        )
 
 
 def fail(step: str, error: BaseException) -> None:

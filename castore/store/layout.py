@@ -27,6 +27,7 @@ LOCKS = "locks"
 CONFIG = "config.yaml"
 INDEX = "index"  # index/<fingerprint>/<segment id>: the row-key segments of a row-wise step
 LEASES = "leases"
+CLAIMS = "claims"  # locks/claims/<fingerprint>-<run id>-<n>: rows a run computes now
 RUN_LOCKS = "runs"
 JOBS = "jobs"  # jobs/<job key>.json: a provider's batch job for rows of an LLM step
 # appends/<key>.json: where a loader's batches of a jsonl file end (castore/pipeline/appends.py)
@@ -162,6 +163,9 @@ class Layout:
 
     def leases_dir(self) -> str:
         return self.join(self.root, LOCKS, LEASES)
+
+    def claims_dir(self) -> str:
+        return self.join(self.root, LOCKS, CLAIMS)
 
     @property
     def layout_file(self) -> str:

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -450,14 +450,15 @@ class Store:
             raise StoreError(f"row segment {segment} is not in the store")
         self.write_file(self.layout.index_path(fingerprint, segment), b"")
 
-    def row_segments(self, fingerprint: str) -> list[str]:
-        """The segment ids announced for a step fingerprint (markers of vanished segments
-        are skipped; gc and fsck --repair remove them)."""
+    def row_segments(self, fingerprint: str, known: Collection[str] = ()) -> list[str]:
+        """The segment ids announced for a step fingerprint, except the `known` ones
+        (markers of vanished segments are skipped; gc and fsck --repair remove them)."""
         try:
             names = os.listdir(self.layout.index_dir(fingerprint))
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if L.path_to_oid(n[:2], n[2:]) and self.has(n))
+        fresh = (n for n in names if n not in known)
+        return sorted(n for n in fresh if L.path_to_oid(n[:2], n[2:]) and self.has(n))
 
     def drop_row_segment(self, fingerprint: str, segment: str) -> None:
         with contextlib.suppress(FileNotFoundError):

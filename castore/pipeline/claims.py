@@ -1,0 +1,91 @@
+"""Row claims: the rows of a row-wise step that a run computes right now, so two runs
+sharing a store do not pay for one row at once when their batches of the step differ
+(another batch size, an input that grew, another pipeline sharing the step).
+
+A batch lease (neighbours.py) stops two runs computing the same batch; rows of a
+row-wise step also meet in batches with other keys. So while a run shares its store,
+before it computes a batch of a row-wise step it claims the keys of the rows it is about
+to compute: a lock file locks/claims/<fingerprint>-<run id>-<n>, held with flock (a
+killed holder's claim is dead at once) and listing the keys in its detail. The look at
+the others' claims and the claim itself happen under one lock (locks/claims.lock), so
+two runs cannot both see no claim and then both claim. A batch with a row claimed by
+another live run claims nothing and waits until that claim is gone, then takes the rows
+it now finds by key and computes the rest. A waiting batch holds no claim, so two runs
+never wait for each other; a claim is released once its batch is stored (its row-key
+segment announced) or failed. A run alone on its store claims nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from castore.store.locks import FileLock, live_lock
+
+if TYPE_CHECKING:
+    from castore.store import Store
+
+# The claims lock is held for a listing and a few small reads: waiting long means a
+# stuck holder, and then the error names it (FileLock.acquire).
+GUARD_TIMEOUT = 30.0
+
+
+class RowClaims:
+    """This run's claims on rows of row-wise steps, and its look at the others'."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.dir = store.layout.claims_dir()
+        self.run_id = run_id
+        self._n = itertools.count()
+
+    def take(
+        self, fingerprint: str, keys: list[bytes], still: Callable[[], list[bytes]]
+    ) -> FileLock | list[str] | None:
+        """The paths of the other live runs' claims that hold some of `keys` (wait until
+        `held` says they are gone); else a claim (held until released) on the keys that
+        `still()` says are still to compute, asked only now: a claim is released after
+        its rows' segment is announced, so rows claimed by a run that finished since the
+        caller looked are found by then. None when no row is left to compute."""
+        want = {k.hex() for k in keys}
+        guard = FileLock(self.store.layout.lock_path("claims.lock"), "claims")
+        guard.acquire(timeout=GUARD_TIMEOUT, poll=0.002)
+        try:
+            blockers = []
+            ours = f"{fingerprint}-{self.run_id}-"
+            try:
+                names = os.listdir(self.dir)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                if not name.startswith(f"{fingerprint}-") or name.startswith(ours):
+                    continue
+                path = os.path.join(self.dir, name)
+                info = live_lock(path)
+                if info is None:  # its holder died: nobody computes those rows
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                elif info.kind == "unknown" or want & set(info.detail.get("keys", ())):
+                    blockers.append(path)  # unreadable: held live, so assume it overlaps
+            if blockers:
+                return blockers
+            left = still()
+            if not left:
+                return None
+            claim = FileLock(
+                os.path.join(self.dir, f"{ours}{next(self._n)}"),
+                "claim",
+                {"run": self.run_id, "keys": sorted(k.hex() for k in left)},
+            )
+            claim.acquire()  # a name no one else uses
+            return claim
+        finally:
+            guard.release()
+
+    @staticmethod
+    def held(paths: list[str]) -> bool:
+        """Whether any of these claims is still held by a live run."""
+        return any(live_lock(p) is not None for p in paths)
