@@ -243,8 +243,7 @@ class Scheduler:
             for batch in batches:
                 if self._lookup(batch):
                     continue
-                keys = self._row_keys(batch)
-                rows = self._row_results(batch.step, keys)
+                rows = self._row_results(batch.step, self._row_keys(batch))
                 self.queues[batch.step].pending.append(Pending(batch, rows=rows))
 
     def check_waiting(self) -> None:
@@ -255,11 +254,10 @@ class Scheduler:
         for q in self.queues.values():
             still = []
             for p in q.waiting:
-                if p.blockers is not None:
-                    if self.claims.held(p.blockers):
-                        still.append(p)
-                        continue
-                    p.blockers = None  # made or failed: the next claim finds which
+                if p.blockers is not None and self.claims.held(p.blockers):
+                    still.append(p)
+                    continue
+                p.blockers = None  # made or failed: the next claim finds which
                 if self._lookup(p.batch, p.rows):
                     continue
                 if self._take_lease(p):
@@ -367,13 +365,15 @@ class Scheduler:
             self._release(p)
         return True
 
-    def _claim(self, p: Pending) -> bool:
-        """Claim the rows a row-wise batch will compute (castore.pipeline.claims); False
-        when another live run computes some of them now (`p.blockers`)."""
+    def _claim(self, p: Pending, *, submitted: bool = False) -> bool:
+        """Claim the rows a row-wise batch computes (castore.pipeline.claims; those its
+        worker has, once `submitted`); False when another run computes some now."""
         if p.rows is None or p.claim is not None or not (keys := p.rows.missing):
             return True
 
         def still() -> list[bytes]:  # rows made since planning are taken, not computed
+            if submitted:
+                return keys
             self._index(p.batch.step).refresh()
             p.rows = self._row_results(p.batch.step, p.rows)
             return p.rows.missing if p.rows is not None else []
@@ -401,7 +401,7 @@ class Scheduler:
             b = p.batch
             p.lease = self._lease(b)
             # Neither can fail: newcomers compute nothing until this run says "shared".
-            if not p.lease.try_acquire() or not self._claim(p):
+            if not p.lease.try_acquire() or not self._claim(p, submitted=True):
                 log.warning("step %s batch %d: its lease is held by another run", b.step, b.index)
 
     def _lease(self, b: PlannedBatch) -> FileLock:
