@@ -271,6 +271,66 @@ def append_runs(
     return out
 
 
+CONCURRENT_PIPELINE = """
+import os, time
+from castore import Pipeline, StepInput, step
+from castore.steps import LoadDataFromFileSystem
+
+@step(inputs=["text"], outputs=["n"], row_wise=True)
+def Paid(inputs: StepInput):
+    with open(os.environ["BENCH_CALLS"], "a") as f:
+        for r in inputs:
+            time.sleep(0.02)  # a paid call per row
+            f.write(r["text"] + "\\n")
+    return [{**r, "n": len(r["text"])} for r in inputs]
+
+with Pipeline(name="bench-rows-together") as pipeline:
+    LoadDataFromFileSystem(data_files=os.environ["BENCH_DATA"], batch_size=50) >> Paid(
+        name="paid", input_batch_size=10, concurrency=4
+    )
+"""
+
+
+def concurrent(work: Path, repeat: int, sizes: tuple[int, ...] = (7, 10, 15)) -> dict:
+    """Runs of one row-wise step started together on one store with other batch sizes
+    (so no batch key is shared): rows computed against the unique rows, and the wall time
+    of all of them against one run alone (the floor), each from an empty store."""
+    src, data = work / "together.py", work / "together.jsonl"
+    src.write_text(CONCURRENT_PIPELINE)
+    write(data, 300)
+    out: dict[str, list] = {"alone": [], "together": [], "computed": []}
+    for rep in range(repeat):
+        for label, batch in (("alone", (10,)), ("together", sizes)):
+            cache, calls = work / f"together-{label}-{rep}", work / f"calls-{label}-{rep}"
+            env = {**os.environ, "BENCH_DATA": str(data), "BENCH_CALLS": str(calls)}
+            t0 = time.perf_counter()
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "castore.cli",
+                        "-q",
+                        "--cache-dir",
+                        str(cache),
+                        "run",
+                        str(src),
+                        "--param",
+                        f"paid.input_batch_size={n}",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for n in batch
+            ]
+            assert all(p.wait() == 0 for p in procs)
+            out[label].append(time.perf_counter() - t0)
+            if label == "together":
+                out["computed"].append(len(calls.read_text().splitlines()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
@@ -344,6 +404,16 @@ def main() -> None:
                     mm([x[2] for x in v], "MiB", ".1f") + " (target <= 200)",
                 ),
             ]
+        together = concurrent(work, args.repeat)
+        lines += [
+            (
+                "3 runs at once, batch sizes 7/10/15: rows computed",
+                f"{sorted(set(together['computed']))} of 300 (each row once: 300)",
+            ),
+            ("one run alone (the floor), 300 rows x 20 ms", mm(together["alone"])),
+            ("3 runs at once, all finished", mm(together["together"])),
+            ("3 runs at once / one alone", ratio(together["together"], together["alone"])),
+        ]
         lines += anchor(work)
         report(lines)
     finally:

@@ -81,7 +81,9 @@ class LazyGroup(click.Group):
     help=CACHE_DIR_HELP,
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No log lines or progress: errors and results only."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
 @click.pass_context
 def cas(ctx: click.Context, cache_dir: str | None, verbose: int, quiet: bool, debug: bool) -> None:
