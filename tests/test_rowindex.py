@@ -158,15 +158,22 @@ def test_a_pack_finds_what_the_segments_find_and_nothing_stale(tmp_path, monkeyp
     assert rowpack.current(store, fp) == first  # 10 of 300 stale: not worth a new pack
 
 
-def packed(tmp_path: Path) -> tuple[Path, Path, Store, str, str]:
-    """200 rows through the row-wise step in 20 batches: the run packs their segments.
-    (data file, cache, store, step fingerprint, pack id)"""
+def labelled(tmp_path: Path, n: int) -> tuple[Path, Path, Store, str]:
+    """n rows through the row-wise step in batches of 10: (data file, cache, store, step
+    fingerprint)."""
     data = tmp_path / "d.jsonl"
-    write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(200)])
+    write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(n)])
     cache = tmp_path / "c"
     run(build(data, batch=10), cache)
     store = Store(cache)
     fp, _ = next(store.iter_row_segments())
+    return data, cache, store, fp
+
+
+def packed(tmp_path: Path) -> tuple[Path, Path, Store, str, str]:
+    """200 rows in 20 batches: the run packs their segments. (data file, cache, store,
+    step fingerprint, pack id)"""
+    data, cache, store, fp = labelled(tmp_path, 200)
     pack = rowpack.current(store, fp)
     assert pack is not None
     return data, cache, store, fp, pack
@@ -242,12 +249,7 @@ def test_random_appends_and_reorders_match_a_fresh_run(tmp_path):
 def test_a_loaded_index_takes_in_segments_announced_since(tmp_path):
     """What a run waiting on another run's row claim relies on: after `refresh`, rows
     stored since the load are found where a fresh load finds them."""
-    data = tmp_path / "d.jsonl"
-    write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(40)])
-    cache = tmp_path / "c"
-    run(build(data, batch=10), cache)
-    store = Store(cache)
-    fp, _ = next(store.iter_row_segments())
+    data, cache, store, fp = labelled(tmp_path, 40)
     index = RowIndex.load(store, fp)
     write_rows(data, [{"id": i, "text": f"row {i}"} for i in range(70)])
     run(build(data, batch=10), cache)  # another "run": 3 new segments
