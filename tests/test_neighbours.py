@@ -99,3 +99,27 @@ def test_a_dead_runs_lock_file_is_not_a_neighbour(tmp_path):
     assert os.path.exists(path)
     n = Neighbours(store, _run_lock(store, "live"))
     assert not n.shared and n.may_compute()
+
+
+def test_a_stopped_run_lets_go_of_what_its_queued_batches_hold(tmp_path):
+    """A batch queued after it took its lease (and row claim) and never submitted, because
+    the run stopped: both are released at the run's end, not when the process exits (a
+    library run's process lives on, and another run would wait for them)."""
+    from castore.pipeline.claims import RowClaims
+    from castore.pipeline.queues import Pending, Queues
+    from castore.pipeline.schedule import Scheduler
+    from castore.store.locks import live_lock
+
+    store = Store(tmp_path / "c")
+    lease = store.lease("ab" * 32, {"run": "r"})
+    assert lease.try_acquire()
+    claim = RowClaims(store, "r").take("cd" * 32, [bytes(32 * [1])], lambda: [bytes(32 * [1])])
+    assert claim is not None and not isinstance(claim, list)
+    sched = Scheduler.__new__(Scheduler)  # only what stop_workers reads
+    sched.queues = {"s": Queues()}
+    sched.executor = sched.gen_threads = sched.rcache = sched.neighbours = None
+    sched.steps = {}
+    sched.queues["s"].pending.append(Pending(batch=None, lease=lease, claim=claim))  # type: ignore[arg-type]
+    assert live_lock(lease.path) is not None and live_lock(claim.path) is not None
+    sched.stop_workers()
+    assert live_lock(lease.path) is None and live_lock(claim.path) is None

@@ -13,9 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from castore import batchjobs
@@ -45,6 +43,7 @@ from castore.pipeline.executors import (
 )
 from castore.pipeline.generators import start_generator
 from castore.pipeline.plan import PlannedBatch, Planner
+from castore.pipeline.queues import Pending, Queues
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step
 from castore.store import actionpack
@@ -58,36 +57,6 @@ if TYPE_CHECKING:
     from castore.store import FileLock, Store
 
 log = logging.getLogger("castore.run")
-
-
-@dataclass
-class Pending:
-    """A planned batch on its way: attempts so far, when it may run again, its lease."""
-
-    batch: PlannedBatch
-    attempt: int = 0
-    not_before: float = 0.0
-    lease: FileLock | None = None
-    rows: RowPlan | None = None  # row-wise steps: earlier results found by row key
-    claim: FileLock | None = None  # on the rows it computes, while the store is shared
-    blockers: list[str] | None = None  # other runs' claims on some of those rows
-    computing: bool = False  # submitted, `process` not yet returned (queued or running)
-
-    def computed(self) -> None:
-        """On the worker: `process` returned (a bool store is atomic under the GIL)."""
-        self.computing = False
-
-    def unclaim(self) -> None:
-        if self.claim is not None:
-            self.claim.release()
-            self.claim = None
-
-
-@dataclass
-class Queues:
-    pending: deque[Pending] = field(default_factory=deque)  # planned, not yet submitted
-    waiting: list[Pending] = field(default_factory=list)  # leased by another run
-    inflight: int = 0  # submitted, not yet settled
 
 
 class Scheduler:
@@ -356,8 +325,7 @@ class Scheduler:
                 return False
         tally = self.recorder.tallies[b.step]
         if self.rcache is not None and not self.rcache.lease(b.key, tally):  # another machine's
-            if p.lease is not None:
-                p.lease.release()
+            self._release(p)
             return False
         # The holder before us may have finished while we queued.
         leased = p.lease is not None or (self.rcache is not None and self.rcache.leases)
@@ -547,6 +515,9 @@ class Scheduler:
                     step.unload()
                 except Exception as e:  # a failing unload must not lose the run's seal
                     log.warning("step %s: unload() failed: %s", step.name, e)
+        for q in self.queues.values():  # a library run's process lives on: let go now
+            for p in (*q.pending, *q.waiting):
+                self._release(p)
         if self.neighbours is not None:
             self.neighbours.done()  # no run needs to wait for this one any more
 
