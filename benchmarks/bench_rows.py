@@ -291,6 +291,56 @@ with Pipeline(name="bench-rows-together") as pipeline:
 """
 
 
+CLI_PIPELINE = """
+import os
+from castore import Pipeline, StepInput, step
+from castore.steps import LoadDataFromFileSystem
+
+@step(inputs=["text"], outputs=["n"], row_wise=True)
+def Cheap(inputs: StepInput):
+    return [{**r, "n": len(r["text"])} for r in inputs]
+
+with Pipeline(name="bench-rows-cli") as pipeline:
+    LoadDataFromFileSystem(name="load", data_files=os.environ["BENCH_DATA"], batch_size=5000) >> (
+        Cheap(name="cheap", input_batch_size=1000)
+    )
+"""
+
+
+def cli_runs(work: Path, repeat: int) -> dict[str, list[float]]:
+    """The append as a user waits for it: `cas run` in a new process (imports included),
+    against a fully cached re-run the same way, per repetition from the same store."""
+    src, cache, base = work / "cli.py", work / "cli-cache", work / "cli-base"
+    src.write_text(CLI_PIPELINE)
+
+    def go(data: str) -> float:
+        env = {**os.environ, "BENCH_DATA": str(work / data)}
+        cmd = [
+            sys.executable,
+            "-m",
+            "castore.cli",
+            "-q",
+            "--cache-dir",
+            str(cache),
+            "run",
+            str(src),
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    go("data.jsonl")
+    go("data.jsonl")
+    shutil.copytree(cache, base)
+    out: dict[str, list[float]] = {"rerun": [], "append": []}
+    for _ in range(repeat):
+        out["rerun"].append(go("data.jsonl"))
+        out["append"].append(go("more.jsonl"))
+        shutil.rmtree(cache)
+        shutil.copytree(base, cache)
+    return out
+
+
 def concurrent(work: Path, repeat: int, sizes: tuple[int, ...] = (7, 10, 15)) -> dict:
     """Runs of one row-wise step started together on one store with other batch sizes
     (so no batch key is shared): rows computed against the unique rows, and the wall time
@@ -404,6 +454,12 @@ def main() -> None:
                     mm([x[2] for x in v], "MiB", ".1f") + " (target <= 200)",
                 ),
             ]
+        cli = cli_runs(work, args.repeat)
+        lines += [
+            ("`cas run` (new process): fully cached re-run", mm(cli["rerun"])),
+            ("`cas run` (new process): append 1 %", mm(cli["append"])),
+            ("`cas run` (new process): append / re-run", ratio(cli["append"], cli["rerun"])),
+        ]
         together = concurrent(work, args.repeat)
         lines += [
             (
