@@ -259,3 +259,34 @@ def test_a_killed_runs_row_claim_blocks_nothing(tmp_path):
     assert mine is not None and not isinstance(mine, list)
     assert os.listdir(store.layout.claims_dir()) == [os.path.basename(mine.path)]
     mine.release()
+
+
+def test_a_run_killed_while_others_wait_for_its_rows(tmp_path):
+    """Two runs of one row-wise step with other batch sizes; one is killed (-9) mid-run,
+    claims held: the other goes on (the dead claims block nothing), its dataset is whole,
+    and a run after them computes no row."""
+    cache, calls, data = tmp_path / "c", tmp_path / "calls", tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": f"row {i}"}) + "\n" for i in range(300)))
+    env = {"CASTORE_TEST_DATA": str(data), "CASTORE_TEST_CALLS": str(calls)}
+
+    def start(batch: int) -> subprocess.Popen:
+        args = ("run", str(ROWWISE), "--json", "--param", f"answer.input_batch_size={batch}")
+        return start_cas(*args, cache_dir=cache, env=env)
+
+    victim, survivor = start(15), start(7)
+    deadline = time.monotonic() + 60
+    while not calls.exists() or len(calls.read_text().splitlines()) < 60:
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    out, errtext = survivor.communicate(timeout=120)
+    assert survivor.returncode == 0, errtext
+    assert json.loads(out)["rows"]["keep_columns"] == 300
+    computed = [line.split(" ", 1)[1] for line in calls.read_text().splitlines()]
+    assert set(computed) == {f"row {i}" for i in range(300)}
+    assert len(computed) <= 300 + 2 * 15  # again only what the killed run had in flight
+    before = len(computed)
+    r = run_cas("run", str(ROWWISE), "--json", cache_dir=cache, env=env)
+    assert r.returncode == 0 and len(calls.read_text().splitlines()) == before
+    assert run_cas("fsck", cache_dir=cache).returncode == 0
