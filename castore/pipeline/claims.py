@@ -9,10 +9,11 @@ to compute: a lock file locks/claims/<fingerprint>-<run id>-<n>, held with flock
 killed holder's claim is dead at once) and listing the keys in its detail. The look at
 the others' claims and the claim itself happen under one lock (locks/claims.lock), so
 two runs cannot both see no claim and then both claim. A batch with a row claimed by
-another live run claims nothing and waits until that claim is gone, then takes the rows
-it now finds by key and computes the rest. A waiting batch holds no claim, so two runs
-never wait for each other; a claim is released once its batch is stored (its row-key
-segment announced) or failed. A run alone on its store claims nothing.
+another live run claims nothing and waits until that claim is gone; a batch that got its
+claim then takes the rows it now finds by key (stored by a run whose claim went before
+it looked) and computes the rest. A waiting batch holds no claim, so two runs never wait
+for each other; a claim is released once its batch is stored (its row-key segment
+announced) or failed. A run alone on its store claims nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from castore.store.locks import FileLock, live_lock
@@ -42,14 +42,12 @@ class RowClaims:
         self.run_id = run_id
         self._n = itertools.count()
 
-    def take(
-        self, fingerprint: str, keys: list[bytes], still: Callable[[], list[bytes]]
-    ) -> FileLock | list[str] | None:
-        """The paths of the other live runs' claims that hold some of `keys` (wait until
-        `held` says they are gone); else a claim (held until released) on the keys that
-        `still()` says are still to compute, asked only now: a claim is released after
-        its rows' segment is announced, so rows claimed by a run that finished since the
-        caller looked are found by then. None when no row is left to compute."""
+    def take(self, fingerprint: str, keys: list[bytes]) -> FileLock | list[str]:
+        """A claim on `keys`, held until released; or, when other live runs' claims hold
+        some of them, those claims' paths (wait until `held` says they are gone). The
+        caller looks for rows stored meanwhile only once it holds its claim: a claim is
+        released after its rows' segment is announced, so rows whose claim went before
+        this look are found by then, and rows still claimed were refused here."""
         want = {k.hex() for k in keys}
         guard = FileLock(self.store.layout.lock_path("claims.lock"), "claims")
         guard.acquire(timeout=GUARD_TIMEOUT, poll=0.002)
@@ -72,13 +70,10 @@ class RowClaims:
                     blockers.append(path)  # unreadable: held live, so assume it overlaps
             if blockers:
                 return blockers
-            left = still()
-            if not left:
-                return None
             claim = FileLock(
                 os.path.join(self.dir, f"{ours}{next(self._n)}"),
                 "claim",
-                {"run": self.run_id, "keys": sorted(k.hex() for k in left)},
+                {"run": self.run_id, "keys": sorted(want)},
             )
             claim.acquire()  # a name no one else uses
             return claim

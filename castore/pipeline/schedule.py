@@ -334,23 +334,19 @@ class Scheduler:
         return True
 
     def _claim(self, p: Pending, *, submitted: bool = False) -> bool:
-        """Claim the rows a row-wise batch computes (castore.pipeline.claims; those its
-        worker has, once `submitted`); False when another run computes some now."""
+        """Claim the rows a row-wise batch computes (castore.pipeline.claims), then take
+        those stored meanwhile, unless `submitted` (its worker has its rows); False when
+        another run computes some of them now (`p.blockers`)."""
         if p.rows is None or p.claim is not None or not (keys := p.rows.missing):
             return True
-
-        def still() -> list[bytes]:  # rows made since planning are taken, not computed
-            if submitted:
-                return keys
-            self._index(p.batch.step).refresh()
-            p.rows = self._row_results(p.batch.step, p.rows)
-            return p.rows.missing if p.rows is not None else []
-
-        got = self.claims.take(p.rows.fingerprint, keys, still)
+        got = self.claims.take(p.rows.fingerprint, keys)
         if isinstance(got, list):
             p.blockers = got
             return False
         p.claim = got
+        if not submitted:  # outside the claims lock: finding them may read the remote
+            self._index(p.batch.step).refresh()
+            p.rows = self._row_results(p.batch.step, p.rows)
         return True
 
     def _release(self, p: Pending) -> None:
