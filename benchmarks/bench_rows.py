@@ -307,6 +307,12 @@ with Pipeline(name="bench-rows-cli") as pipeline:
 """
 
 
+def cas_run(cache: Path, src: Path, *params: str) -> list[str]:
+    """The command line of `cas -q run` of `src` on `cache`, with `--param`s."""
+    cmd = [sys.executable, "-m", "castore.cli", "-q", "--cache-dir", str(cache), "run", str(src)]
+    return cmd + [w for p in params for w in ("--param", p)]
+
+
 def cli_runs(work: Path, repeat: int) -> dict[str, list[float]]:
     """The append as a user waits for it: `cas run` in a new process (imports included),
     against a fully cached re-run the same way, per repetition from the same store."""
@@ -315,18 +321,8 @@ def cli_runs(work: Path, repeat: int) -> dict[str, list[float]]:
 
     def go(data: str) -> float:
         env = {**os.environ, "BENCH_DATA": str(work / data)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "castore.cli",
-            "-q",
-            "--cache-dir",
-            str(cache),
-            "run",
-            str(src),
-        ]
         t0 = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        subprocess.run(cas_run(cache, src), env=env, check=True, capture_output=True)
         return time.perf_counter() - t0
 
     go("data.jsonl")
@@ -356,18 +352,7 @@ def concurrent(work: Path, repeat: int, sizes: tuple[int, ...] = (7, 10, 15)) ->
             t0 = time.perf_counter()
             procs = [
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "castore.cli",
-                        "-q",
-                        "--cache-dir",
-                        str(cache),
-                        "run",
-                        str(src),
-                        "--param",
-                        f"paid.input_batch_size={n}",
-                    ],
+                    cas_run(cache, src, f"paid.input_batch_size={n}"),
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
