@@ -244,7 +244,7 @@ def test_a_killed_runs_row_claim_blocks_nothing(tmp_path):
         claims, key, other = RowClaims(store, "me"), bytes(range(32)), bytes(32 * [7])
         blockers = claims.take("ab" * 32, [key, other])
         assert isinstance(blockers, list) and len(blockers) == 1
-        assert RowClaims.held(blockers)
+        assert RowClaims.held(blockers) and RowClaims.holders(blockers) == ["holder"]
         free = claims.take("ab" * 32, [other])  # a row nobody holds
         assert not isinstance(free, list)
         free.release()

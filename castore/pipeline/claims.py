@@ -81,6 +81,11 @@ class RowClaims:
             guard.release()
 
     @staticmethod
+    def holders(paths: list[str]) -> list[str]:
+        """The run ids behind these claims (their names: <fingerprint>-<run id>-<n>)."""
+        return sorted({os.path.basename(p)[65:].rsplit("-", 1)[0] for p in paths})
+
+    @staticmethod
     def held(paths: list[str]) -> bool:
         """Whether any of these claims is still held by a live run."""
         return any(live_lock(p) is not None for p in paths)

@@ -92,6 +92,7 @@ class Scheduler:
         self.neighbours: Neighbours | None = None
         self.running: dict[int, Pending] = {}
         self.claims = RowClaims(store, run_id)
+        self.told_waits: set[str] = set()  # steps whose wait for another run's rows was said
         self.computed_keys: list[str] = []  # this run's new entries, packed at its end
         self.gen_threads: ThreadWorkers | None = None
         recorder.on_record = self._after_record
@@ -341,7 +342,15 @@ class Scheduler:
             return True
         got = self.claims.take(p.rows.fingerprint, keys)
         if isinstance(got, list):
-            p.blockers = got
+            p.blockers, step = got, p.batch.step
+            say = log.debug if step in self.told_waits else log.info  # once a step at info
+            self.told_waits.add(step)
+            say(
+                "step %s batch %d: run %s computes some of its rows now; waiting for them",
+                step,
+                p.batch.index,
+                ", ".join(self.claims.holders(got)),
+            )
             return False
         p.claim = got
         if not submitted:  # outside the claims lock: finding them may read the remote
