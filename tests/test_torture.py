@@ -81,9 +81,15 @@ def _damage(cache: Path, rng: random.Random) -> str:
         target = rng.choice([p for p in refs if p.is_file()])
         target.write_bytes(rng.choice([b"", b"\xff\x00junk", b"../../etc/passwd", b"12345678"]))
         return f"{kind} {target.name[:12]}"
-    base = cache / ("actions" if kind == "flip-entry" else "objects")
-    files = sorted(p for p in base.rglob("*") if p.is_file() and p.stat().st_size > 0)
-    target = rng.choice(files)
+
+    def files(base: Path) -> list[Path]:
+        return sorted(p for p in base.rglob("*") if p.is_file() and p.stat().st_size > 0)
+
+    # Entries may all be packed (the pack is an object; its marker is empty): then an
+    # object is flipped instead.
+    entries = files(cache / "actions") if kind == "flip-entry" else []
+    kind = kind if entries or kind != "flip-entry" else "flip-object"
+    target = rng.choice(entries or files(cache / "objects"))
     os.chmod(target, 0o644)
     data = bytearray(target.read_bytes())
     if kind == "truncate-object":
