@@ -292,3 +292,32 @@ def test_a_run_killed_while_others_wait_for_its_rows(tmp_path):
     r = run_cas("run", str(ROWWISE), "--json", cache_dir=cache, env=env)
     assert r.returncode == 0 and len(calls.read_text().splitlines()) == before
     assert run_cas("fsck", cache_dir=cache).returncode == 0
+
+
+def test_llm_runs_at_once_send_each_request_once(tmp_path):
+    """The paid case end to end: two runs of a TextGeneration pipeline started together on
+    one store with other batch sizes send each of the 200 prompts once to the (local,
+    OpenAI-compatible) server, and both datasets hold every answer."""
+    from tests.llm_server import LLMServer
+
+    generate = REPO / "tests" / "pipelines" / "generate.py"
+    server = LLMServer(latency=0.2).start()
+    try:
+        env = {"CASTORE_TEST_LLM_URL": server.base_url}
+        procs = [
+            start_cas(
+                *("run", str(generate), "--json"),
+                *("--param", f"text_generation.input_batch_size={n}"),
+                cache_dir=tmp_path / "c",
+                env=env,
+            )
+            for n in (7, 10)
+        ]
+        for p in procs:
+            out, errtext = p.communicate(timeout=120)
+            assert p.returncode == 0, errtext
+            assert json.loads(out)["rows"]["keep_columns"] == 200
+        assert server.requests == 200, f"{server.requests - 200} requests sent twice"
+        assert len(server.by_prompt) == 200 and set(server.by_prompt.values()) == {1}
+    finally:
+        server.stop()
