@@ -344,6 +344,12 @@ def sign_entry(key: bytes, action_key: str, outputs: list[str], rows: list[int])
     return blake3.blake3(_entry_claims(action_key, outputs, rows), key=key).hexdigest()
 
 
+def sign_segment(key: bytes, fingerprint: str, segment: str) -> str:
+    """Keyed blake3 over a remote's announcement of a row-key segment (its marker under
+    index/): only a holder of the team key can make signed readers take its rows."""
+    return blake3.blake3(f"segment {fingerprint} {segment}".encode(), key=key).hexdigest()
+
+
 def entry_check(action_key: str, outputs: list[str], rows: list[int]) -> str:
     """Plain blake3 over what an entry claims, written with the entries a run makes: an
     entry damaged since (a row count changed) no longer matches, which a cache hit checks

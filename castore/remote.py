@@ -31,6 +31,7 @@ from castore.errors import (
 from castore.hashing import (
     hash_bytes,
     sign_entry,
+    sign_segment,
     signing_key,
     validate_id,
 )
@@ -68,6 +69,7 @@ class Remote:
         # The team key lives in the environment only: never in config.yaml, a log or a hash.
         material = os.environ.get(SIGNING_ENV)
         self.signing_key: bytes | None = signing_key(material) if material else None
+        self._unsigned: set[str] = set()  # segment markers refused (warned once each)
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r})"
@@ -223,6 +225,51 @@ class Remote:
         elif entry.signature is not None:
             entry = entry.model_copy(update={"signature": None})  # not ours to vouch for
         return entry.model_dump_json().encode()
+
+    # -- row-key segments of batches written through -------------------------------
+
+    def announce_segment(self, fingerprint: str, segment: str) -> None:
+        """A row-wise batch written through (its segment object already here): the
+        marker index/<fingerprint>/<segment>, holding the team key's MAC of both when
+        there is one, so machines running the step now find its rows by key before the
+        run's manifests are pushed."""
+        key = self.signing_key
+        mark = b"" if key is None else sign_segment(key, fingerprint, segment).encode()
+        self.write(self.layout.index_path(fingerprint, segment), mark)
+
+    def segments(self, fingerprint: str, known: Iterable[str] = ()) -> list[str]:
+        """The segments announced for a step, except `known`; with a team key, only
+        those whose marker it signed (others are ignored with a warning)."""
+        base = self.layout.index_dir(fingerprint)
+        self.fs.invalidate_cache(base)
+        try:
+            paths = self.fs.ls(base, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise RemoteUnavailable(f"cannot list {base} on {self.url}: {e}") from None
+        skip = set(known)
+        found = []
+        for p in paths:
+            seg = posixpath.basename(str(p))
+            if seg in skip or seg in self._unsigned or not L.path_to_oid(seg[:2], seg[2:]):
+                continue
+            if self.signing_key is not None:
+                expected = sign_segment(self.signing_key, fingerprint, seg)
+                try:
+                    mark = self.read(str(p)).decode("ascii", "replace")
+                except FileNotFoundError:
+                    continue
+                if not hmac.compare_digest(mark, expected):
+                    self._unsigned.add(seg)
+                    log.warning(
+                        "remote %s: row segment %s is not announced with the team key; ignored",
+                        self.url,
+                        seg[:12],
+                    )
+                    continue
+            found.append(seg)
+        return sorted(found)
 
     def manifest_index(
         self, store: Store | None = None

@@ -21,15 +21,18 @@ seconds (60 by default).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import posixpath
 import random
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import ConfigError, RemoteError, RemoteUnavailable, StoreLocked
@@ -295,4 +298,96 @@ class Leases:
             self.release(key)
 
 
-__all__ = ["Heartbeat", "Leases", "WriterLock", "lock_ttl", "writer_lock"]
+class RemoteClaims:
+    """This run's claims on rows of row-wise steps on a remote: machines whose batches of
+    a step differ (batch size, input) never share a lease, yet meet in rows.
+
+    A claim is an object locks/claims/<fingerprint>/<holder>-<n>.json listing the row keys
+    a batch computes (and its action key), kept alive by the heartbeat. A claimer writes
+    its claim and only then lists the others': of two overlapping claims the later one
+    sees the earlier, so they never both go on. One that sees a live overlapping claim
+    withdraws its own and waits, holding nothing, so two machines never wait for each
+    other; when both withdrew, each asks again after a random pause. A claim is let go
+    once its batch's entry and row-key segment are on the remote (or the batch failed)."""
+
+    def __init__(self, remote: Remote, heartbeat: Heartbeat) -> None:
+        self.remote = remote
+        self.heartbeat = heartbeat
+        self.info = holder_info("claim")
+        self._n = itertools.count()
+        # Others' claims read so far: path -> its keys (a claim's keys never change; None:
+        # unreadable, taken to overlap everything while it lives).
+        self._keys: dict[str, frozenset[str] | None] = {}
+
+    def dir(self, fingerprint: str) -> str:
+        layout = self.remote.layout
+        return layout.join(layout.dir(L.LOCKS), L.CLAIMS, fingerprint)
+
+    def take(self, fingerprint: str, keys: list[bytes], action_key: str) -> str | list[str]:
+        """Our claim's path; or, when live claims of other machines hold some of `keys`,
+        their paths (wait until `held` says they are gone)."""
+        want = {k.hex() for k in keys}
+        base = self.dir(fingerprint)
+        path = self.remote.layout.join(base, f"{self.info['holder']}-{next(self._n)}.json")
+        info = {**self.info, "time": time.time(), "batch": action_key, "keys": sorted(want)}
+        self.remote.write(path, json.dumps(info).encode())
+        self.heartbeat.add(path, info)
+        blockers = [
+            p
+            for p in self._live_others(fingerprint)
+            if (theirs := self._keys.get(p)) is None or not want.isdisjoint(theirs)
+        ]
+        if blockers:
+            self.release(path)
+        return blockers or path
+
+    def live(self, fingerprint: str) -> list[str]:
+        """Other holders' claims on rows of this step refreshed within the TTL (by the
+        listing's modification times: the heartbeat rewrites them)."""
+        from castore.remote import mtime_of
+
+        base = self.dir(fingerprint)
+        self.remote.fs.invalidate_cache(base)  # a claim written a moment ago must be seen
+        try:
+            listed = self.remote.fs.ls(base, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise RemoteUnavailable(f"cannot list claims on {self.remote.url}: {e}") from None
+        now, ttl, mine = time.time(), self.heartbeat.ttl, self.info["holder"]
+        return [
+            str(i["name"])
+            for i in listed
+            if not posixpath.basename(str(i["name"])).startswith(mine) and now - mtime_of(i) < ttl
+        ]
+
+    def _live_others(self, fingerprint: str) -> list[str]:
+        """`live`, with the keys of each claim read once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        live = self.live(fingerprint)
+        self._keys = {p: self._keys[p] for p in live if p in self._keys}
+        new = [p for p in live if p not in self._keys]
+        with ThreadPoolExecutor(min(8, len(new) or 1)) as pool:
+            for p, got in zip(new, pool.map(partial(read_lock, self.remote), new), strict=True):
+                theirs = got.get("keys") if got is not None else None
+                if got is None and not self.remote.fs.exists(p):
+                    live.remove(p)  # let go between the listing and the read
+                    continue
+                self._keys[p] = frozenset(theirs) if isinstance(theirs, list) else None
+        return live
+
+    def release(self, path: str) -> None:
+        self.heartbeat.remove(path)
+        with contextlib.suppress(Exception):  # unreachable: it expires by itself
+            self.remote.fs.rm_file(path)
+
+    def outranked(self, blockers: list[str]) -> bool:
+        """Whether a holder of these claims ranks before us (holder ids ordered): of two
+        machines that meet, exactly one sees True, and turns to the other end of its
+        batches so that they work towards each other (Queues.backward)."""
+        theirs = (posixpath.basename(p).rsplit("-", 1)[0] for p in blockers)
+        return min(theirs, default=self.info["holder"]) < self.info["holder"]
+
+
+__all__ = ["Heartbeat", "Leases", "RemoteClaims", "WriterLock", "lock_ttl", "writer_lock"]

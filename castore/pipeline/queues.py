@@ -25,6 +25,7 @@ class Pending:
     rows: RowPlan | None = None  # row-wise steps: earlier results found by row key
     claim: FileLock | None = None  # on the rows it computes, while the store is shared
     blockers: list[str] | None = None  # other runs' claims on some of those rows
+    remote_blockers: list[str] | None = None  # other machines' claims (on the remote)
     computing: bool = False  # submitted, `process` not yet returned (queued or running)
 
     def computed(self) -> None:
@@ -42,3 +43,20 @@ class Queues:
     pending: deque[Pending] = field(default_factory=deque)  # planned, not yet submitted
     waiting: list[Pending] = field(default_factory=list)  # leased by another run
     inflight: int = 0  # submitted, not yet settled
+    # Take the newest planned batch first: set once another machine computes rows this
+    # run wanted, so the two work towards each other instead of one trailing the other
+    # into every batch it claimed.
+    backward: bool = False
+
+    def next(self) -> Pending:
+        return self.pending[-1] if self.backward else self.pending[0]
+
+    def take(self) -> Pending:
+        return self.pending.pop() if self.backward else self.pending.popleft()
+
+    def put_back(self, p: Pending) -> None:
+        """A batch taken that is to be taken first again."""
+        if self.backward:
+            self.pending.append(p)
+        else:
+            self.pending.appendleft(p)

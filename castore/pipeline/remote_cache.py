@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from functools import partial
 from typing import Any
 
 from castore.errors import CastoreError, CorruptObject, RemoteError, RemoteUnavailable
-from castore.remote_locks import Heartbeat, Leases, lock_ttl
+from castore.remote_locks import Heartbeat, Leases, RemoteClaims, lock_ttl
 from castore.store import Store
 from castore.store.models import ActionEntry
 
@@ -77,7 +78,12 @@ class RemoteCache:
         self.heartbeat = Heartbeat(remote, lock_ttl())
         self.lock: Any = None
         self.leases: Leases | None = None
-        self._uploads: queue.Queue[tuple[str, list[str]] | None] = queue.Queue()
+        self.claims: RemoteClaims | None = None
+        self._claimed: dict[str, str] = {}  # action key -> our claim on its rows
+        # Step fingerprint -> when to list its claims again, and the live ones listed.
+        self._live: dict[str, tuple[float, set[str]]] = {}
+        self._announced: dict[str, set[str]] = {}  # fingerprint -> segment markers seen
+        self._uploads: queue.Queue[tuple[str, list[str], str | None] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
         if push:
             self._start_push()
@@ -96,6 +102,7 @@ class RemoteCache:
             return
         self.lock = lock
         self.leases = Leases(self.remote, self.heartbeat)
+        self.claims = RemoteClaims(self.remote, self.heartbeat)
         self._uploader = threading.Thread(
             target=self._upload_loop, daemon=True, name="castore-push"
         )
@@ -212,27 +219,46 @@ class RemoteCache:
         return bool(self._call(lambda: self._fetch(oid), "fetch an object"))
 
     def fetch_segments(self, fingerprint: str) -> None:
-        """The remote's row-key segments of a step, fetched and announced locally, so its
-        rows are found by row key (their objects are fetched when used)."""
+        """The remote's row-key segments of a step (of pushed runs, and announced by runs
+        writing through), fetched and announced locally, so its rows are found by row
+        key (their objects are fetched when used)."""
         index = self._call(self._manifests, "read run manifests")
         for seg in index[1].get(fingerprint, []) if index else []:
             if self.active and not self.store.has(seg) and self.fetch(seg):
                 self.store.add_row_segment(fingerprint, seg)
+        self._call(lambda: self._announced_segments(fingerprint), "list row segments")
+
+    def _announced_segments(self, fingerprint: str) -> None:
+        """On a pool thread: segments announced on the remote since we last looked (by
+        runs writing through), fetched and announced here; RowIndex.refresh reads them."""
+        seen = self._announced.setdefault(fingerprint, set())
+        for seg in self.remote.segments(fingerprint, seen):
+            seen.add(seg)
+            if self.store.has(seg) or self._fetch(seg):
+                self.store.add_row_segment(fingerprint, seg)
 
     # -- leases ------------------------------------------------------------------------
 
+    @staticmethod
+    def _cheap(tally: Any, rows: int | None = None) -> bool:
+        """Computing it again costs less than asking the remote: batches of this step
+        took less than LEASE_BELOW seconds each in this run (3 or more made), or with
+        `rows` (a row-wise batch's rows to compute), those rows at this run's seconds per
+        row paid for (rows found by key cost nothing, so a batch average would mislead)."""
+        if tally is None or tally.computed < 3:
+            return False
+        if rows is None:
+            return bool(tally.seconds < tally.computed * LEASE_BELOW)
+        paid = tally.rows_computed - tally.rows_reused
+        return paid > 0 and tally.seconds / paid * rows < LEASE_BELOW
+
     def lease(self, key: str, tally: Any = None) -> bool:
         """May this run compute `key`? With write-through: only while it holds the key's
-        lease on the remote (another machine holding it is computing it). A step whose
-        batches took less than LEASE_BELOW seconds each in this run (3 or more made) is
-        not leased: asking the remote would cost more than the batch."""
+        lease on the remote (another machine holding it is computing it). Cheap steps
+        are not leased."""
         if self.leases is None or not self.active or key in self.leases.held:
             return True  # held: asked afresh when it was taken
-        if (
-            tally is not None
-            and tally.computed >= 3
-            and tally.seconds < tally.computed * LEASE_BELOW
-        ):
+        if self._cheap(tally):
             return True
         got = self._call(lambda: self.leases.try_acquire(key), "lease a batch")  # type: ignore[union-attr]
         if got:
@@ -246,25 +272,88 @@ class RemoteCache:
         """The batch was not computed after all (failed, retried, not started)."""
         if self.leases is not None and key in self.leases.held:
             self.pool.submit(lambda: self.leases.release(key))  # type: ignore[union-attr]
+        self._unclaim(key)
+
+    # -- row claims ----------------------------------------------------------------------
+
+    def claim(
+        self, fingerprint: str, keys: list[bytes], key: str, tally: Any = None
+    ) -> bool | list[str]:
+        """Claim these rows of a row-wise batch (action key `key`) before computing them.
+        With write-through, True: this run now holds a claim on them on the remote
+        (RemoteClaims), and the rows other machines announced meanwhile are here, for
+        the caller to find by key; a list: other machines' claims on some of them (wait
+        until `claims_held` is False). False: no claim needed (none to share with, held
+        already, or a cheap step, which is not leased either)."""
+        claims = self.claims
+        if claims is None or not self.active or key in self._claimed:
+            return False
+        if self._cheap(tally, len(keys)):
+            return False
+
+        def take() -> str | list[str]:
+            got = claims.take(fingerprint, keys, key)
+            if isinstance(got, str):
+                self._announced_segments(fingerprint)
+            return got
+
+        got = self._call(take, "claim rows")
+        if isinstance(got, list):
+            return got
+        if got is None:  # the remote went away: nobody to share with
+            return False
+        self._claimed[key] = got
+        return True
+
+    def claims_held(self, fingerprint: str, blockers: list[str]) -> bool:
+        """Whether other machines' claims a batch waits for still hold. One listing of a
+        step's claims serves every batch waiting on it, taken again after a random
+        0.15-0.35 s: two machines that both withdrew their claims do not ask again at
+        the same instant."""
+        if self.claims is None or not self.active:
+            return False
+        now = time.monotonic()
+        when, live = self._live.get(fingerprint, (0.0, set()))
+        if now >= when:
+            claims = self.claims
+            got = self._call(lambda: claims.live(fingerprint), "look at row claims")
+            live = set(got or ())
+            self._live[fingerprint] = (now + random.uniform(0.15, 0.35), live)
+        return not live.isdisjoint(blockers)
+
+    def outranked(self, blockers: list[str]) -> bool:
+        return self.claims is not None and self.claims.outranked(blockers)
+
+    def _unclaim(self, key: str) -> None:
+        path = self._claimed.pop(key, None)
+        if path is not None and self.claims is not None:
+            self.pool.submit(partial(self.claims.release, path))
 
     # -- write-through -----------------------------------------------------------------
 
-    def upload(self, key: str, outputs: list[str]) -> None:
+    def upload(self, key: str, outputs: list[str], fingerprint: str | None = None) -> None:
+        """Write a new batch through; `fingerprint`: its step's, to announce a row-wise
+        batch's segment. Its lease and row claim are let go once it is there."""
         if self._uploader is not None and self.active:
-            self._uploads.put((key, outputs))
+            self._uploads.put((key, outputs, fingerprint))
+        else:
+            self._unclaim(key)
 
     def _upload_loop(self) -> None:
         while (item := self._uploads.get()) is not None:
-            key, outputs = item
+            key, outputs, fingerprint = item
             try:
                 if not self.active or self.lock is None:
                     continue
-                for oid in outputs:  # objects before the entry that names them
-                    self.remote.put_object(self.store, oid)
                 entry = self.store.get_action(key)
+                segment = entry.row_segment() if entry is not None else None
+                for oid in [*outputs, *([segment] if segment else [])]:  # before what names them
+                    self.remote.put_object(self.store, oid)
                 if entry is not None:
                     self.lock.check()  # the objects it names are still there
                     self.remote.put_action(key, entry)
+                    if segment is not None and fingerprint is not None:
+                        self.remote.announce_segment(fingerprint, segment)
                 self.uploaded += 1
             except Exception as e:
                 log.warning(
@@ -274,6 +363,8 @@ class RemoteCache:
             finally:
                 if self.leases is not None:
                     self.leases.release(key)  # after the entry: waiters find it
+                if (path := self._claimed.pop(key, None)) and self.claims is not None:
+                    self.claims.release(path)  # after the segment: waiters find its rows
 
     def finish(self, sig: str) -> None:
         """Drain uploads, push the run's manifests and ref, then let go of the remote."""
@@ -286,6 +377,10 @@ class RemoteCache:
         finally:
             if self.leases is not None:
                 self.leases.release_all()
+            if self.claims is not None:
+                for path in list(self._claimed.values()):
+                    self.claims.release(path)
+                self._claimed.clear()
             if self.lock is not None:
                 self.lock.release()
             self.heartbeat.close()

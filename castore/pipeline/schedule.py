@@ -122,7 +122,8 @@ class Scheduler:
         if not cached and not failed:
             self.computed_keys.append(key)
             if self.rcache is not None:
-                self.rcache.upload(key, outputs)  # releases its remote lease once uploaded
+                # Its remote lease and row claim are let go once it is uploaded.
+                self.rcache.upload(key, outputs, self.plans[step].fp)
         elif self.rcache is not None:
             self.rcache.release(key)
         plan, tally = self.plans[step], self.recorder.tallies[step]
@@ -227,11 +228,15 @@ class Scheduler:
                 if p.blockers is not None and self.claims.held(p.blockers):
                     still.append(p)
                     continue
-                p.blockers = None  # made or failed: the next claim finds which
+                rc, theirs, fp = self.rcache, p.remote_blockers, self.plans[p.batch.step].fp
+                if rc is not None and theirs is not None and rc.claims_held(fp, theirs):
+                    still.append(p)
+                    continue
+                p.blockers = p.remote_blockers = None  # made or failed: the claim finds which
                 if self._lookup(p.batch, p.rows):
                     continue
                 if self._take_lease(p):
-                    q.pending.appendleft(p)
+                    q.put_back(p)
                 else:
                     still.append(p)
             q.waiting = still
@@ -245,12 +250,12 @@ class Scheduler:
         now = time.monotonic()
         ahead = self.executor.ahead
         for name, q in self.queues.items():
-            # Plan order within a step; a retry waiting for its backoff holds the queue
-            # only for its own step.
+            # Plan order within a step (or its reverse: Queues.backward); a retry waiting
+            # for its backoff holds the queue only for its own step.
             while q.pending and q.inflight < self.steps[name].concurrency * ahead:
-                if q.pending[0].not_before > now:
+                if q.next().not_before > now:
                     break
-                p = q.pending.popleft()
+                p = q.take()
                 if not self._take_lease(p):
                     q.waiting.append(p)
                 elif p.batch.index not in self.plans[name].done:  # not a hit meanwhile
@@ -328,6 +333,9 @@ class Scheduler:
         if self.rcache is not None and not self.rcache.lease(b.key, tally):  # another machine's
             self._release(p)
             return False
+        if self.rcache is not None and not self._claim_remote(p, tally):
+            self._release(p)
+            return False
         # The holder before us may have finished while we queued.
         leased = p.lease is not None or (self.rcache is not None and self.rcache.leases)
         if leased and self._lookup(b, p.rows):
@@ -342,21 +350,44 @@ class Scheduler:
             return True
         got = self.claims.take(p.rows.fingerprint, keys)
         if isinstance(got, list):
-            p.blockers, step = got, p.batch.step
-            say = log.debug if step in self.told_waits else log.info  # once a step at info
-            self.told_waits.add(step)
-            say(
-                "step %s batch %d: run %s computes some of its rows now; waiting for them",
-                step,
-                p.batch.index,
-                ", ".join(self.claims.holders(got)),
-            )
+            p.blockers = got
+            self._tell_wait(p, f"run {', '.join(self.claims.holders(got))}")
             return False
         p.claim = got
         if not submitted:  # outside the claims lock: finding them may read the remote
             self._index(p.batch.step).refresh()
             p.rows = self._row_results(p.batch.step, p.rows)
         return True
+
+    def _claim_remote(self, p: Pending, tally: Any) -> bool:
+        """The same across machines sharing a remote with write-through: claim the rows
+        on the remote (RemoteCache.claim), then take those announced meanwhile; False
+        when another machine computes some of them now (`p.remote_blockers`)."""
+        assert self.rcache is not None
+        if p.rows is None or not (keys := p.rows.missing):
+            return True
+        got = self.rcache.claim(p.rows.fingerprint, keys, p.batch.key, tally)
+        if isinstance(got, list):
+            p.remote_blockers = got
+            if self.rcache.outranked(got):
+                self.queues[p.batch.step].backward = True
+            self._tell_wait(p, "another machine")
+            return False
+        if got:
+            self._index(p.batch.step).refresh()
+            p.rows = self._row_results(p.batch.step, p.rows)
+        return True
+
+    def _tell_wait(self, p: Pending, who: str) -> None:
+        step = p.batch.step
+        say = log.debug if step in self.told_waits else log.info  # once a step at info
+        self.told_waits.add(step)
+        say(
+            "step %s batch %d: %s computes some of its rows now; waiting for them",
+            step,
+            p.batch.index,
+            who,
+        )
 
     def _release(self, p: Pending) -> None:
         """Let go of a batch this run will not compute (now): others may take it."""
@@ -398,7 +429,7 @@ class Scheduler:
         elif isinstance(event, BatchNotStarted):
             p = self._settle(event.task)
             self._release(p)
-            self.queues[p.batch.step].pending.appendleft(p)
+            self.queues[p.batch.step].put_back(p)
         elif isinstance(event, BatchDone):
             self._done(event.task, event.result)
         else:

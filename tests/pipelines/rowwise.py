@@ -1,5 +1,6 @@
 """A row-wise paid step over a jsonl file ($CASTORE_TEST_DATA), slow enough to kill: every
-row it computes appends a line to $CASTORE_TEST_CALLS."""
+row it computes appends a line to $CASTORE_TEST_CALLS. A batch takes 50 ms, or
+$CASTORE_TEST_ROW_SECONDS per row it computes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tests.pipelines import record_call
 
 @step(inputs=["text"], outputs=["answer"], row_wise=True)
 def Answer(inputs: StepInput) -> StepOutput:
-    time.sleep(0.05)
+    per_row = os.environ.get("CASTORE_TEST_ROW_SECONDS")  # else a batch costs 50 ms
+    time.sleep(float(per_row) * len(inputs) if per_row else 0.05)
     for r in inputs:
         record_call(r["text"])
     yield [{**r, "answer": r["text"][::-1]} for r in inputs]
