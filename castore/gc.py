@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,14 +37,11 @@ from castore.hashing import validate_id
 from castore.runs import RunInfo, list_runs
 from castore.store import Store, actionpack, live_lock, read_lock, rowpack
 from castore.store import layout as L
-from castore.store.manifests import manifest_closure, run_closure
+from castore.store.manifests import run_closure
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from castore import remote_packs
-    from castore.remote import Remote
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +68,8 @@ class GcPlan:
     # run of that pipeline) is not removed by sweeping an older plan.
     ref_targets: dict[str, str] = field(default_factory=dict)
     actions_dropped: list[str] = field(default_factory=list)
+    # gc --remote: markers index/<fingerprint>/<segment> whose segment goes or is gone.
+    markers_dropped: list[str] = field(default_factory=list)
     objects_removed: list[str] = field(default_factory=list)
     object_bytes: int = 0
     tmp_removed: list[str] = field(default_factory=list)
@@ -401,183 +400,3 @@ def _remove_stale_locks(store: Store) -> None:
 
 
 # -- on a remote ------------------------------------------------------------------------
-
-
-def collect_remote(
-    remote: Remote,
-    *,
-    grace: float = DEFAULT_GRACE,
-    cache_ttl: float = DEFAULT_CACHE_TTL,
-    dry_run: bool = False,
-    jobs: int = 16,
-    progress: Callable[[str, int], None] | None = None,
-) -> GcResult:
-    """gc on a remote with the same roots logic as the local one, and the same result
-    shape. It holds the remote's exclusive writer lock (refreshed while it runs), so no
-    push or write-through run can name an object it is deleting (docs/remotes.md); a dry
-    run changes nothing and takes no lock. `progress(what, count)` is called as the
-    listings and deletions advance ("entries listed", "objects listed", "entries
-    dropped", "objects removed")."""
-    from castore import remote_packs
-
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
-        now = time.time()
-        result, entries, drop = _plan_remote(remote, now, grace, cache_ttl, jobs, progress=progress)
-        if lock is not None:
-            # Entries before objects: a gc killed in between leaves only garbage.
-            for i, key in enumerate(result.actions_dropped):
-                if i % 256 == 0:
-                    lock.check()
-                    _tell(progress, "entries dropped", i)
-                with contextlib.suppress(FileNotFoundError):
-                    remote.fs.rm_file(remote.layout.action_path(key))
-            _tell(progress, "entries dropped", len(result.actions_dropped))
-            for i, oid in enumerate(result.objects_removed):
-                if i % 256 == 0:
-                    lock.check()
-                    _tell(progress, "objects removed", i)
-                remote.delete_object(oid)
-            _tell(progress, "objects removed", len(result.objects_removed))
-            lock.check()
-            remote_packs.merge(remote, entries, drop)
-            _remove_dead_locks(remote)
-    return GcResult(result, dry_run, time.perf_counter() - t0)
-
-
-def _tell(progress: Callable[[str, int], None] | None, what: str, count: int) -> None:
-    if progress is not None:
-        progress(what, count)
-
-
-def _plan_remote(
-    remote: Remote,
-    now: float,
-    grace: float,
-    cache_ttl: float,
-    jobs: int,
-    *,
-    progress: Callable[[str, int], None] | None = None,
-) -> tuple[GcPlan, remote_packs.Entries, np.ndarray]:
-    """The plan, the entries it read, and the mask of those it drops.
-
-    What is kept per entry and object is arrays of 32-byte ids (castore.remote_packs):
-    the outputs the entries name, sorted (an id named twice is found at its first place),
-    with flags for marked (a run reaches it, or an entry younger than the cache-ttl names
-    it), seen in the objects' listing, and going (listed, unmarked, older than the grace
-    period)."""
-    import numpy as np
-
-    from castore import remote_packs
-
-    result = GcPlan(cutoff=now - grace)
-    got = remote_packs.read_entries(remote, jobs, lambda n: _tell(progress, "entries listed", n))
-    counts = got.counts()
-    named = got.live & got.valid()
-    outs = got.outs()
-    per_out = np.repeat(named, counts)
-    ids = outs[per_out]
-    ids.sort()  # in place: no second copy
-    young = np.repeat(named & (got.created() > now - cache_ttl), counts)
-    marked = np.zeros(len(ids), dtype=np.bool_)
-    for _chunk, _mine, at in _places(ids, outs, young):
-        marked[at] = True
-    del young
-    others = _mark_remote(remote, jobs, ids, marked) | got.markers  # reached, named by none
-    seen = np.zeros(len(ids), dtype=np.bool_)
-    going_named = np.zeros(len(ids), dtype=np.bool_)
-    going: dict[str, int] = {}
-    listed = 0
-    for page in remote.pages(L.OBJECTS):  # one page at a time
-        listed += len(page)
-        _tell(progress, "objects listed", listed)
-        at, hit = _find(ids, _as_ids([o for o, *_ in page]))
-        seen[at] = True
-        ats = iter(at.tolist())
-        for (oid, mtime, size, _tag), h in zip(page, hit.tolist(), strict=True):
-            i = next(ats) if h else -1
-            if (marked[i] if h else oid in others) or now - mtime < grace:
-                result.objects_kept += 1
-            else:
-                going[oid] = size
-                if h:
-                    going_named[i] = True
-    bad = going_named | ~seen  # gone from the remote, or going now
-    del seen, going_named, marked
-    # An entry goes when it is malformed or any object it names is bad.
-    bad_out = np.zeros(len(outs), dtype=np.bool_)
-    for chunk, mine, at in _places(ids, outs, per_out):
-        bad_out[chunk][mine] = bad[at]
-    has = counts > 0
-    any_bad = np.zeros(len(counts), dtype=np.bool_)
-    if has.any():
-        starts = (np.cumsum(counts) - counts)[has]
-        any_bad[has] = np.logical_or.reduceat(bad_out, starts)
-    drop = got.live & (~got.valid() | any_bad)
-    result.actions_dropped = got.hexes(drop)
-    result.objects_removed = sorted(going)
-    result.object_bytes = sum(going.values())
-    return result, got, drop
-
-
-_CHUNK = 1 << 16
-
-
-def _places(
-    ids: np.ndarray, outs: np.ndarray, mask: np.ndarray
-) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-    """Per chunk of `outs` (bounded memory): the chunk, `mask` over it, and the places in
-    the sorted `ids` of its outputs in `mask` (every one is there: `ids` holds them all)."""
-    for lo in range(0, len(outs), _CHUNK):
-        chunk = slice(lo, lo + _CHUNK)
-        mine = mask[chunk]
-        yield chunk, mine, _find(ids, outs[chunk][mine])[0]
-
-
-def _as_ids(hexes: list[str]) -> np.ndarray:
-    import numpy as np
-
-    from castore import remote_packs
-
-    return np.array([bytes.fromhex(h) for h in hexes], dtype=remote_packs.ID)
-
-
-def _find(ids: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first places in the sorted `ids` of the `want` it holds, a mask of which it
-    holds)."""
-    import numpy as np
-
-    if not len(ids):
-        return np.zeros(0, dtype=np.int64), np.zeros(len(want), dtype=np.bool_)
-    at = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
-    hit = ids[at] == want
-    return at[hit], hit
-
-
-def _remove_dead_locks(remote: Remote) -> None:
-    """Writer locks and batch leases whose holders stopped refreshing them."""
-    from castore.remote_locks import is_stale, lock_ttl, locks
-
-    ttl = lock_ttl()
-    for base in (remote.layout.dir(L.LOCKS), remote.layout.leases_dir()):
-        for p, info in locks(remote, base):
-            if is_stale(info, ttl):
-                with contextlib.suppress(OSError):
-                    remote.fs.rm_file(p)
-
-
-def _mark_remote(remote: Remote, jobs: int, ids: np.ndarray, marked: np.ndarray) -> set[str]:
-    """Mark in `marked` (a mask over the sorted `ids`) what the remote's refs reach;
-    returns what they reach that `ids` does not hold (manifests, pipeline.yaml...)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    others: set[str] = set()
-    runs = sorted({oid for _name, _sig, oid in remote.list_refs(jobs=jobs)})
-    with ThreadPoolExecutor(jobs) as pool:  # a request per manifest
-        for _run, reached in pool.map(lambda oid: manifest_closure(remote.load_json, oid), runs):
-            want = sorted(reached)
-            at, hit = _find(ids, _as_ids(want))
-            marked[at] = True
-            others.update(o for o, h in zip(want, hit.tolist(), strict=True) if not h)
-    return others

@@ -95,7 +95,7 @@ class Remote:
             yield page
 
     def scan(self, kind: str) -> Iterator[Listed]:
-        """Every file under objects/ or actions/ as (path, mtime, size, ETag or None), one
+        """Every file under objects/, actions/ or index/ as (path, mtime, size, ETag or None), one
         at a time. Nothing of the listing is kept beyond what the caller keeps: S3's
         pages are read as they come (s3fs keeps ~1.2 kB per file in a whole listing), a
         folder is walked; other backends are listed whole, then iterated."""
@@ -113,6 +113,18 @@ class Remote:
             return
         except OSError as e:
             raise RemoteUnavailable(f"cannot list {self.url}: {e}") from None
+
+    def listing(self, base: str) -> list[tuple[str, float]]:
+        """The files directly under `base` (fresh: others write here too) as (path,
+        modification time); none when it does not exist."""
+        self.fs.invalidate_cache(base)
+        try:
+            listed = self.fs.ls(base, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise RemoteUnavailable(f"cannot list {base} on {self.url}: {e}") from None
+        return [(str(i["name"]), mtime_of(i)) for i in listed if i.get("type") != "directory"]
 
     def have(self, kind: str, ids: Iterable[str], jobs: int = 16) -> set[str]:
         """Which of `ids` (objects or action entries) the remote has. A few are asked
@@ -240,24 +252,16 @@ class Remote:
     def segments(self, fingerprint: str, known: Iterable[str] = ()) -> list[str]:
         """The segments announced for a step, except `known`; with a team key, only
         those whose marker it signed (others are ignored with a warning)."""
-        base = self.layout.index_dir(fingerprint)
-        self.fs.invalidate_cache(base)
-        try:
-            paths = self.fs.ls(base, detail=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as e:
-            raise RemoteUnavailable(f"cannot list {base} on {self.url}: {e}") from None
         skip = set(known)
         found = []
-        for p in paths:
-            seg = posixpath.basename(str(p))
+        for p, _mtime in self.listing(self.layout.index_dir(fingerprint)):
+            seg = posixpath.basename(p)
             if seg in skip or seg in self._unsigned or not L.path_to_oid(seg[:2], seg[2:]):
                 continue
             if self.signing_key is not None:
                 expected = sign_segment(self.signing_key, fingerprint, seg)
                 try:
-                    mark = self.read(str(p)).decode("ascii", "replace")
+                    mark = self.read(p).decode("ascii", "replace")
                 except FileNotFoundError:
                     continue
                 if not hmac.compare_digest(mark, expected):

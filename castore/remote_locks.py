@@ -344,21 +344,11 @@ class RemoteClaims:
     def live(self, fingerprint: str) -> list[str]:
         """Other holders' claims on rows of this step refreshed within the TTL (by the
         listing's modification times: the heartbeat rewrites them)."""
-        from castore.remote import mtime_of
-
-        base = self.dir(fingerprint)
-        self.remote.fs.invalidate_cache(base)  # a claim written a moment ago must be seen
-        try:
-            listed = self.remote.fs.ls(base, detail=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as e:
-            raise RemoteUnavailable(f"cannot list claims on {self.remote.url}: {e}") from None
         now, ttl, mine = time.time(), self.heartbeat.ttl, self.info["holder"]
         return [
-            str(i["name"])
-            for i in listed
-            if not posixpath.basename(str(i["name"])).startswith(mine) and now - mtime_of(i) < ttl
+            p
+            for p, mtime in self.remote.listing(self.dir(fingerprint))
+            if not posixpath.basename(p).startswith(mine) and now - mtime < ttl
         ]
 
     def _live_others(self, fingerprint: str) -> list[str]:

@@ -200,8 +200,8 @@ def du_command(app: App, as_json: bool) -> None:
 def _remote_gc(
     app: App, name: str, dry_run: bool, grace: float, cache_ttl: float, as_json: bool
 ) -> None:
-    from castore.gc import collect_remote
     from castore.remote import Remote
+    from castore.remote_gc import collect_remote
 
     r = Remote(app.remote_url(name))
     tell = _RemoteProgress(r.url, not as_json and not app.quiet)

@@ -12,8 +12,8 @@ import pytest
 from castore.distiset import Distiset
 from castore.errors import ConfigError
 from castore.fsck import check_remote
-from castore.gc import collect_remote
 from castore.remote import Remote
+from castore.remote_gc import collect_remote
 from castore.transfer import pull, push
 from tests.conftest import cas_inproc, start_cas
 from tests.remote_server import S3Server

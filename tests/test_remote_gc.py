@@ -1,5 +1,5 @@
 """gc --remote's plan over entries kept as arrays of 32-byte ids (castore.remote_packs,
-castore.gc._plan_remote): each rule checked on synthetic entries with awkward ids, on a
+castore.remote_gc._plan_remote): each rule checked on synthetic entries with awkward ids, on a
 folder and on the S3 server, with entries taken from packs and from loose files."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from castore import remote_packs
-from castore.gc import collect_remote
 from castore.hashing import hash_bytes
 from castore.remote import Remote
+from castore.remote_gc import collect_remote
 from castore.store.models import ActionEntry
 from tests.test_remote import remote_url, s3  # noqa: F401 - the folder / S3 fixtures
 

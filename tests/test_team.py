@@ -56,56 +56,6 @@ def test_two_machines_at_once_pay_each_batch_once(tmp_path, s3_url):
     assert not remote.fs.find(remote.layout.leases_dir())  # every lease let go
 
 
-ROWWISE = Path(__file__).parent / "pipelines" / "rowwise.py"
-
-
-def rowwise_machines(tmp_path: Path, url: str, sizes: tuple[int, ...]) -> list[str]:
-    """Machines (separate stores) running tests/pipelines/rowwise.py over 300 rows at once
-    with these batch sizes, writing through to `url`: the rows each computed, all runs
-    checked finished and whole."""
-    data, counted = tmp_path / "data.jsonl", tmp_path / "calls"
-    data.write_text("".join(json.dumps({"id": i, "text": f"row {i}"}) + "\n" for i in range(300)))
-    # 60 ms a row: above the remote's lease threshold even for a batch of one row.
-    env = {
-        "CASTORE_TEST_DATA": str(data),
-        "CASTORE_TEST_CALLS": str(counted),
-        "CASTORE_TEST_ROW_SECONDS": "0.06",
-    }
-    procs = [
-        start_cas(
-            "run",
-            str(ROWWISE),
-            "--remote",
-            url,
-            "--push",
-            "--json",
-            "--param",
-            f"answer.input_batch_size={n}",
-            cache_dir=tmp_path / f"m{i}",
-            env=env,
-        )
-        for i, n in enumerate(sizes)
-    ]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        assert json.loads(out)["rows"]["keep_columns"] == 300
-    return [line.split(" ", 1)[1] for line in calls(counted)]
-
-
-def test_machines_whose_batches_differ_pay_each_row_once(tmp_path, s3_url):
-    """Two machines run one row-wise step with batch sizes 7 and 10: no batch key is
-    shared, so only row claims on the remote keep a row from being paid for twice."""
-    computed = rowwise_machines(tmp_path, s3_url, (7, 10))
-    twice = len(computed) - len(set(computed))
-    assert twice == 0, f"{twice} rows computed twice"
-    assert set(computed) == {f"row {i}" for i in range(300)}
-    remote = Remote(s3_url)
-    assert remote_problems(remote) == []
-    claims = remote.layout.join(remote.layout.dir("locks"), "claims")
-    assert not remote.fs.find(claims)  # every claim let go
-
-
 def test_a_missing_remote_object_costs_its_batch_only(tmp_path, make_store, caplog):
     a = make_store("a")
     url = str(tmp_path / "remote")
@@ -303,7 +253,7 @@ def test_cheap_steps_are_not_leased(tmp_path, make_store):
 
 def test_entry_packs_serve_gc_and_never_overrule_the_loose_files(make_store, s3_url):
     from castore import remote_packs
-    from castore.gc import collect_remote
+    from castore.remote_gc import collect_remote
     from tests.test_pipeline import build
 
     a = make_store("a")

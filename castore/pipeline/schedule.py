@@ -360,17 +360,15 @@ class Scheduler:
         return True
 
     def _claim_remote(self, p: Pending, tally: Any) -> bool:
-        """The same across machines sharing a remote with write-through: claim the rows
-        on the remote (RemoteCache.claim), then take those announced meanwhile; False
-        when another machine computes some of them now (`p.remote_blockers`)."""
+        """`_claim` across machines writing through to a remote (RemoteCache.claim);
+        False when another machine computes some of the rows (`p.remote_blockers`)."""
         assert self.rcache is not None
         if p.rows is None or not (keys := p.rows.missing):
             return True
         got = self.rcache.claim(p.rows.fingerprint, keys, p.batch.key, tally)
         if isinstance(got, list):
             p.remote_blockers = got
-            if self.rcache.outranked(got):
-                self.queues[p.batch.step].backward = True
+            self.queues[p.batch.step].backward |= self.rcache.outranked(got)
             self._tell_wait(p, "another machine")
             return False
         if got:
@@ -379,15 +377,10 @@ class Scheduler:
         return True
 
     def _tell_wait(self, p: Pending, who: str) -> None:
-        step = p.batch.step
-        say = log.debug if step in self.told_waits else log.info  # once a step at info
-        self.told_waits.add(step)
-        say(
-            "step %s batch %d: %s computes some of its rows now; waiting for them",
-            step,
-            p.batch.index,
-            who,
-        )
+        b = p.batch
+        say = log.debug if b.step in self.told_waits else log.info  # once a step at info
+        self.told_waits.add(b.step)
+        say("step %s batch %d: %s computes some of its rows now; waiting", b.step, b.index, who)
 
     def _release(self, p: Pending) -> None:
         """Let go of a batch this run will not compute (now): others may take it."""

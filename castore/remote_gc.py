@@ -1,0 +1,238 @@
+"""gc of a remote (`cas gc --remote`): the local gc's roots logic (castore.gc) over a
+remote's listings, holding arrays of ids rather than Python objects, under the remote's
+exclusive writer lock (docs/remotes.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Container, Iterator
+from typing import TYPE_CHECKING, Any
+
+from castore.gc import DEFAULT_CACHE_TTL, DEFAULT_GRACE, GcPlan, GcResult
+from castore.store import layout as L
+from castore.store.manifests import manifest_closure
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from castore import remote_packs
+    from castore.remote import Remote
+
+
+def collect_remote(
+    remote: Remote,
+    *,
+    grace: float = DEFAULT_GRACE,
+    cache_ttl: float = DEFAULT_CACHE_TTL,
+    dry_run: bool = False,
+    jobs: int = 16,
+    progress: Callable[[str, int], None] | None = None,
+) -> GcResult:
+    """gc on a remote with the same roots logic as the local one, and the same result
+    shape. It holds the remote's exclusive writer lock (refreshed while it runs), so no
+    push or write-through run can name an object it is deleting (docs/remotes.md); a dry
+    run changes nothing and takes no lock. `progress(what, count)` is called as the
+    listings and deletions advance ("entries listed", "objects listed", "entries
+    dropped", "objects removed")."""
+    from castore import remote_packs
+
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
+        now = time.time()
+        result, entries, drop = _plan_remote(remote, now, grace, cache_ttl, jobs, progress=progress)
+        if lock is not None:
+            # Entries before objects: a gc killed in between leaves only garbage.
+            for i, key in enumerate(result.actions_dropped):
+                if i % 256 == 0:
+                    lock.check()
+                    _tell(progress, "entries dropped", i)
+                with contextlib.suppress(FileNotFoundError):
+                    remote.fs.rm_file(remote.layout.action_path(key))
+            _tell(progress, "entries dropped", len(result.actions_dropped))
+            for path in result.markers_dropped:  # before their segments, as entries
+                with contextlib.suppress(FileNotFoundError):
+                    remote.fs.rm_file(path)
+            for i, oid in enumerate(result.objects_removed):
+                if i % 256 == 0:
+                    lock.check()
+                    _tell(progress, "objects removed", i)
+                remote.delete_object(oid)
+            _tell(progress, "objects removed", len(result.objects_removed))
+            lock.check()
+            remote_packs.merge(remote, entries, drop)
+            _remove_dead_locks(remote)
+    return GcResult(result, dry_run, time.perf_counter() - t0)
+
+
+def _tell(progress: Callable[[str, int], None] | None, what: str, count: int) -> None:
+    if progress is not None:
+        progress(what, count)
+
+
+def _plan_remote(
+    remote: Remote,
+    now: float,
+    grace: float,
+    cache_ttl: float,
+    jobs: int,
+    *,
+    progress: Callable[[str, int], None] | None = None,
+) -> tuple[GcPlan, remote_packs.Entries, np.ndarray]:
+    """The plan, the entries it read, and the mask of those it drops.
+
+    What is kept per entry and object is arrays of 32-byte ids (castore.remote_packs):
+    the outputs the entries name, sorted (an id named twice is found at its first place),
+    with flags for marked (a run reaches it, or an entry younger than the cache-ttl names
+    it), seen in the objects' listing, and going (listed, unmarked, older than the grace
+    period)."""
+    import numpy as np
+
+    from castore import remote_packs
+
+    result = GcPlan(cutoff=now - grace)
+    got = remote_packs.read_entries(remote, jobs, lambda n: _tell(progress, "entries listed", n))
+    counts = got.counts()
+    named = got.live & got.valid()
+    outs = got.outs()
+    per_out = np.repeat(named, counts)
+    ids = outs[per_out]
+    ids.sort()  # in place: no second copy
+    young = np.repeat(named & (got.created() > now - cache_ttl), counts)
+    marked = np.zeros(len(ids), dtype=np.bool_)
+    for _chunk, _mine, at in _places(ids, outs, young):
+        marked[at] = True
+    del young
+    others = _mark_remote(remote, jobs, ids, marked) | got.markers  # reached, named by none
+    announced = _Announced(remote, now - cache_ttl)
+    others |= announced.young
+    seen = np.zeros(len(ids), dtype=np.bool_)
+    going_named = np.zeros(len(ids), dtype=np.bool_)
+    going: dict[str, int] = {}
+    listed = 0
+    for page in remote.pages(L.OBJECTS):  # one page at a time
+        listed += len(page)
+        _tell(progress, "objects listed", listed)
+        at, hit = _find(ids, _as_ids([o for o, *_ in page]))
+        seen[at] = True
+        ats = iter(at.tolist())
+        announced.saw(page)
+        for (oid, mtime, size, _tag), h in zip(page, hit.tolist(), strict=True):
+            i = next(ats) if h else -1
+            if (marked[i] if h else oid in others) or now - mtime < grace:
+                result.objects_kept += 1
+            else:
+                going[oid] = size
+                if h:
+                    going_named[i] = True
+    bad = going_named | ~seen  # gone from the remote, or going now
+    del seen, going_named, marked
+    # An entry goes when it is malformed or any object it names is bad.
+    bad_out = np.zeros(len(outs), dtype=np.bool_)
+    for chunk, mine, at in _places(ids, outs, per_out):
+        bad_out[chunk][mine] = bad[at]
+    has = counts > 0
+    any_bad = np.zeros(len(counts), dtype=np.bool_)
+    if has.any():
+        starts = (np.cumsum(counts) - counts)[has]
+        any_bad[has] = np.logical_or.reduceat(bad_out, starts)
+    drop = got.live & (~got.valid() | any_bad)
+    result.actions_dropped = got.hexes(drop)
+    result.markers_dropped = announced.dropped(going)
+    result.objects_removed = sorted(going)
+    result.object_bytes = sum(going.values())
+    return result, got, drop
+
+
+_CHUNK = 1 << 16
+
+
+def _places(
+    ids: np.ndarray, outs: np.ndarray, mask: np.ndarray
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """Per chunk of `outs` (bounded memory): the chunk, `mask` over it, and the places in
+    the sorted `ids` of its outputs in `mask` (every one is there: `ids` holds them all)."""
+    for lo in range(0, len(outs), _CHUNK):
+        chunk = slice(lo, lo + _CHUNK)
+        mine = mask[chunk]
+        yield chunk, mine, _find(ids, outs[chunk][mine])[0]
+
+
+def _as_ids(hexes: list[str]) -> np.ndarray:
+    import numpy as np
+
+    from castore import remote_packs
+
+    return np.array([bytes.fromhex(h) for h in hexes], dtype=remote_packs.ID)
+
+
+def _find(ids: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first places in the sorted `ids` of the `want` it holds, a mask of which it
+    holds)."""
+    import numpy as np
+
+    if not len(ids):
+        return np.zeros(0, dtype=np.int64), np.zeros(len(want), dtype=np.bool_)
+    at = np.minimum(np.searchsorted(ids, want), len(ids) - 1)
+    hit = ids[at] == want
+    return at[hit], hit
+
+
+class _Announced:
+    """The row-key segments runs writing through announced (markers index/<fp>/<segment>,
+    castore.pipeline.remote_cache): a marker younger than the cache-ttl keeps its segment,
+    as a young entry keeps its outputs; a marker goes with its segment, or when that is
+    gone already."""
+
+    def __init__(self, remote: Remote, young_after: float) -> None:
+        self.markers: list[tuple[str, str]] = []  # (segment, path)
+        self.young: set[str] = set()
+        for path, mtime, _size, _tag in remote.scan(L.INDEX):
+            seg = path.rsplit("/", 1)[-1]
+            if L.path_to_oid(seg[:2], seg[2:]):
+                self.markers.append((seg, path))
+                if mtime > young_after:
+                    self.young.add(seg)
+        self.segments = {seg for seg, _ in self.markers}
+        self.present: set[str] = set()
+
+    def saw(self, page: list[Any]) -> None:
+        """A page of the objects' listing."""
+        self.present.update(oid for oid, *_ in page if oid in self.segments)
+
+    def dropped(self, going: Container[str]) -> list[str]:
+        return sorted(p for seg, p in self.markers if seg in going or seg not in self.present)
+
+
+def _remove_dead_locks(remote: Remote) -> None:
+    """Writer locks, batch leases and row claims whose holders stopped refreshing them."""
+    from castore.remote_locks import is_stale, lock_ttl, locks
+
+    ttl = lock_ttl()
+    claims = remote.layout.join(remote.layout.dir(L.LOCKS), L.CLAIMS)
+    try:
+        per_step = [str(p) for p in remote.fs.ls(claims, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        per_step = []
+    for base in (remote.layout.dir(L.LOCKS), remote.layout.leases_dir(), *per_step):
+        for p, info in locks(remote, base):
+            if is_stale(info, ttl):
+                with contextlib.suppress(OSError):
+                    remote.fs.rm_file(p)
+
+
+def _mark_remote(remote: Remote, jobs: int, ids: np.ndarray, marked: np.ndarray) -> set[str]:
+    """Mark in `marked` (a mask over the sorted `ids`) what the remote's refs reach;
+    returns what they reach that `ids` does not hold (manifests, pipeline.yaml...)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    others: set[str] = set()
+    runs = sorted({oid for _name, _sig, oid in remote.list_refs(jobs=jobs)})
+    with ThreadPoolExecutor(jobs) as pool:  # a request per manifest
+        for _run, reached in pool.map(lambda oid: manifest_closure(remote.load_json, oid), runs):
+            want = sorted(reached)
+            at, hit = _find(ids, _as_ids(want))
+            marked[at] = True
+            others.update(o for o, h in zip(want, hit.tolist(), strict=True) if not h)
+    return others
