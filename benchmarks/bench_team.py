@@ -5,6 +5,11 @@ Part 1: N machines start one pipeline (40 batches of a 0.1 s step) with `--remot
 at once (and 2 machines 3 s apart): batches computed vs unique batches, wall time vs one
 machine alone (the floor).
 
+Part 1b (--rowwise): machines whose batches of a row-wise step differ (batch sizes 7,
+10, 13, ...) start it at once over 300 rows of 60 ms each: rows computed vs unique rows
+(no batch key is shared: only row claims keep a row from being paid twice), wall time vs
+one machine alone with batch size 7.
+
 Part 2: a remote holding E entries (synthetic ones, each naming one object) plus a real
 run of 100 batches of a 50 ms step: `--remote` overhead of a run whose batches are all
 local (floor: the same run without --remote), read-through of the 100 batches into an
@@ -18,8 +23,8 @@ and again into a store that has looked before (castore/remote_index.py remembers
 read, so only what changed is read). Floor: computing the 100 batches locally. And
 `gc --remote --dry-run`, which must read every run's manifests (16 at a time).
 
-    python benchmarks/bench_team.py [--machines 1,2,5,10] [--entries 2000,20000]
-        [--runs 500] [--repeat 5]
+    python benchmarks/bench_team.py [--machines 1,2,5,10] [--rowwise 2,3]
+        [--entries 2000,20000] [--runs 500] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -64,9 +69,27 @@ with Pipeline(name="{name}") as pipeline:
 """
 
 
-def write_pipeline(work: Path, name: str, **kw: object) -> Path:
+ROWWISE = """
+import os, time
+from castore import Pipeline, StepInput, StepOutput, step
+from castore.steps import LoadDataFromDicts
+
+@step(inputs=["i"], outputs=["y"], row_wise=True)
+def Answer(inputs: StepInput) -> StepOutput:
+    time.sleep(0.06 * len(inputs))
+    with open(os.environ["BENCH_CALLS"], "a") as f:
+        f.write("".join(f"{{r['i']}}\\n" for r in inputs))
+    yield [{{**r, "y": r["i"] * 2}} for r in inputs]
+
+with Pipeline(name="{name}") as pipeline:
+    load = LoadDataFromDicts(data=[{{"i": i}} for i in range(300)], batch_size=50)
+    load >> Answer(input_batch_size={batch}, concurrency=2)
+"""
+
+
+def write_pipeline(work: Path, name: str, template: str = PIPELINE, **kw: object) -> Path:
     path = work / f"{name}.py"
-    path.write_text(PIPELINE.format(name=name, **kw))
+    path.write_text(template.format(name=name, **kw))
     return path
 
 
@@ -113,6 +136,35 @@ def machines(server: S3Server, work: Path, n: int, apart: float, env: dict[str, 
         wait_ok(p)
     wall = time.perf_counter() - t0
     return len(calls.read_text().splitlines()), wall
+
+
+def rowwise_machines(
+    server: S3Server, work: Path, sizes: list[int], env: dict[str, str]
+) -> tuple[int, int, float]:
+    """(rows computed, unique rows, wall seconds) of machines running one row-wise step
+    at once with these batch sizes on a fresh bucket."""
+    url = server.new_bucket()
+    calls = work / f"calls-{time.monotonic_ns()}"
+    env = {**env, "BENCH_CALLS": str(calls)}
+    pipelines = [write_pipeline(work, f"rows{n}", ROWWISE, batch=n) for n in sizes]
+    t0 = time.perf_counter()
+    procs = [
+        cas(
+            "run",
+            str(p),
+            "--remote",
+            url,
+            "--push",
+            cache=work / f"r{time.monotonic_ns()}",
+            env=env,
+        )
+        for p in pipelines
+    ]
+    for p in procs:
+        wait_ok(p)
+    wall = time.perf_counter() - t0
+    made = calls.read_text().splitlines()
+    return len(made), len(set(made)), wall
 
 
 def fill(remote: Remote, n: int) -> None:
@@ -222,6 +274,7 @@ def peak_mib(url: str, env: dict[str, str], listing_only: bool = False) -> float
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--machines", default="1,2,5,10")
+    ap.add_argument("--rowwise", default="2,3")
     ap.add_argument("--entries", default="2000,20000")
     ap.add_argument("--runs", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=5)
@@ -260,6 +313,27 @@ def main() -> None:
                     f"{statistics.median(paid):.2f} max {max(paid):.2f}; wall "
                     f"{mm(walls[(n, apart)])} = "
                     f"{statistics.median(walls[(n, apart)]) / alone:.2f}x one machine",
+                )
+            )
+            print(rows[-1][0], rows[-1][1], flush=True)
+        # -- part 1b ---------------------------------------------------------------------
+        counts = [int(n) for n in args.rowwise.split(",") if n]
+        alone_rows: list[float] = []
+        for n in [1, *counts] if counts else []:
+            made, walls_n = [], []
+            for _ in range(args.repeat):
+                sizes = [7 + 3 * i for i in range(n)]  # 7, 10, 13, ...
+                computed, unique, wall = rowwise_machines(server, work, sizes, env)
+                made.append(computed / unique)
+                walls_n.append(wall)
+            if n == 1:
+                alone_rows = walls_n
+            rows.append(
+                (
+                    f"row-wise, {n} machine{'s' * (n > 1)} (batch sizes differ)",
+                    f"computed / unique rows min {min(made):.2f} median "
+                    f"{statistics.median(made):.2f} max {max(made):.2f}; wall {mm(walls_n)} = "
+                    f"{statistics.median(walls_n) / statistics.median(alone_rows):.2f}x one alone",
                 )
             )
             print(rows[-1][0], rows[-1][1], flush=True)
