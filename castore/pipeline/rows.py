@@ -338,15 +338,21 @@ class RowIndex:
         """`plan` with the earlier results of its rows, each object they are in read
         through (when there is a remote) and verified once; a corrupt one is quarantined
         and its rows are computed again."""
-        found = self.find(plan.keys)
-        oids = {f[0] for f in found if f is not None}
+        # Rows found before (at planning, or after a claim) were verified then: only the
+        # rest are looked up, so a batch looked at again reads no object twice.
+        todo = [i for i, f in enumerate(plan.found) if f is None]
+        if not todo:
+            return plan
+        found = list(plan.found)
+        new = self.find([plan.keys[i] for i in todo])
+        oids = {f[0] for f in new if f is not None}
         if self.fetch is not None:
             for oid in oids:
                 if not self.store.has(oid):
                     self.fetch(oid)
         bad = {oid for oid in oids if not self.store.reuse(oid)}
-        if bad:
-            found = [None if f is not None and f[0] in bad else f for f in found]
+        for i, f in zip(todo, new, strict=True):
+            found[i] = None if f is not None and f[0] in bad else f
         return RowPlan(plan.fingerprint, plan.keys, found)
 
 
