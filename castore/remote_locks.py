@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import ConfigError, RemoteError, RemoteUnavailable, StoreLocked
+from castore.errors import ConfigError, RemoteError, StoreLocked
 from castore.store import layout as L
 
 if TYPE_CHECKING:
@@ -137,14 +137,8 @@ def _asked_first(info: dict[str, Any]) -> tuple[float, str]:
 
 def locks(remote: Remote, base: str) -> list[tuple[str, dict[str, Any]]]:
     """The readable lock (or lease) objects directly under `base`: (path, info)."""
-    remote.fs.invalidate_cache()  # a lock written a moment ago must be seen
-    try:
-        paths = remote.fs.ls(base, detail=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as e:
-        raise RemoteUnavailable(f"cannot list locks of {remote.url}: {e}") from None
-    return [(str(p), info) for p in paths if (info := read_lock(remote, p)) is not None]
+    listed = remote.listing(base)  # fresh: a lock written a moment ago must be seen
+    return [(p, info) for p, _ in listed if (info := read_lock(remote, p)) is not None]
 
 
 def read_lock(remote: Remote, path: str) -> dict[str, Any] | None:
