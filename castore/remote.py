@@ -31,7 +31,6 @@ from castore.errors import (
 from castore.hashing import (
     hash_bytes,
     sign_entry,
-    sign_segment,
     signing_key,
     validate_id,
 )
@@ -69,7 +68,6 @@ class Remote:
         # The team key lives in the environment only: never in config.yaml, a log or a hash.
         material = os.environ.get(SIGNING_ENV)
         self.signing_key: bytes | None = signing_key(material) if material else None
-        self._unsigned: set[str] = set()  # segment markers refused (warned once each)
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r})"
@@ -237,43 +235,6 @@ class Remote:
         elif entry.signature is not None:
             entry = entry.model_copy(update={"signature": None})  # not ours to vouch for
         return entry.model_dump_json().encode()
-
-    # -- row-key segments of batches written through -------------------------------
-
-    def announce_segment(self, fingerprint: str, segment: str) -> None:
-        """A row-wise batch written through (its segment object already here): the
-        marker index/<fingerprint>/<segment>, holding the team key's MAC of both when
-        there is one, so machines running the step now find its rows by key before the
-        run's manifests are pushed."""
-        key = self.signing_key
-        mark = b"" if key is None else sign_segment(key, fingerprint, segment).encode()
-        self.write(self.layout.index_path(fingerprint, segment), mark)
-
-    def segments(self, fingerprint: str, known: Iterable[str] = ()) -> list[str]:
-        """The segments announced for a step, except `known`; with a team key, only
-        those whose marker it signed (others are ignored with a warning)."""
-        skip = set(known)
-        found = []
-        for p, _mtime in self.listing(self.layout.index_dir(fingerprint)):
-            seg = posixpath.basename(p)
-            if seg in skip or seg in self._unsigned or not L.path_to_oid(seg[:2], seg[2:]):
-                continue
-            if self.signing_key is not None:
-                expected = sign_segment(self.signing_key, fingerprint, seg)
-                try:
-                    mark = self.read(p).decode("ascii", "replace")
-                except FileNotFoundError:
-                    continue
-                if not hmac.compare_digest(mark, expected):
-                    self._unsigned.add(seg)
-                    log.warning(
-                        "remote %s: row segment %s is not announced with the team key; ignored",
-                        self.url,
-                        seg[:12],
-                    )
-                    continue
-            found.append(seg)
-        return sorted(found)
 
     def manifest_index(
         self, store: Store | None = None
@@ -546,16 +507,14 @@ def etag_of(info: dict[str, Any]) -> str | None:
 
 
 def _walk(base: str) -> Iterator[Listed]:
-    """A folder remote's files, shard by shard."""
-    with os.scandir(base) as shards:
-        for shard in shards:
-            if not shard.is_dir(follow_symlinks=False):
-                continue
-            with os.scandir(shard.path) as files:
-                for f in files:
-                    if f.is_file(follow_symlinks=False):
-                        st = f.stat(follow_symlinks=False)
-                        yield f.path, st.st_mtime, st.st_size, None
+    """A folder remote's files, folder by folder (shards; index/<fp>/<bucket>/)."""
+    with os.scandir(base) as found:
+        for f in found:
+            if f.is_dir(follow_symlinks=False):
+                yield from _walk(f.path)
+            elif f.is_file(follow_symlinks=False):
+                st = f.stat(follow_symlinks=False)
+                yield f.path, st.st_mtime, st.st_size, None
 
 
 def _s3_pages(fs: Any, base: str) -> Iterator[Listed]:

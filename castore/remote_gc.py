@@ -180,29 +180,34 @@ def _find(ids: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Announced:
-    """The row-key segments runs writing through announced (markers index/<fp>/<segment>,
-    castore.pipeline.remote_cache): a marker younger than the cache-ttl keeps its segment,
-    as a young entry keeps its outputs; a marker goes with its segment, or when that is
-    gone already."""
+    """The row-key segments runs writing through announced (markers
+    index/<fp>/<bucket>/<segment>, castore.remote_segments). A marker is a hint for runs
+    going on at once: younger than the cache-ttl it keeps its segment, as a young entry
+    keeps its outputs; it goes when older (a pushed run's manifests name its segments),
+    with its segment, or when that is gone already."""
 
     def __init__(self, remote: Remote, young_after: float) -> None:
         self.markers: list[tuple[str, str]] = []  # (segment, path)
         self.young: set[str] = set()
+        self.old: list[str] = []
         for path, mtime, _size, _tag in remote.scan(L.INDEX):
             seg = path.rsplit("/", 1)[-1]
-            if L.path_to_oid(seg[:2], seg[2:]):
+            if not L.path_to_oid(seg[:2], seg[2:]):
+                continue
+            if mtime > young_after:
                 self.markers.append((seg, path))
-                if mtime > young_after:
-                    self.young.add(seg)
-        self.segments = {seg for seg, _ in self.markers}
+                self.young.add(seg)
+            else:
+                self.old.append(path)
         self.present: set[str] = set()
 
     def saw(self, page: list[Any]) -> None:
         """A page of the objects' listing."""
-        self.present.update(oid for oid, *_ in page if oid in self.segments)
+        self.present.update(oid for oid, *_ in page if oid in self.young)
 
     def dropped(self, going: Container[str]) -> list[str]:
-        return sorted(p for seg, p in self.markers if seg in going or seg not in self.present)
+        gone = (p for seg, p in self.markers if seg in going or seg not in self.present)
+        return sorted([*self.old, *gone])
 
 
 def _remove_dead_locks(remote: Remote) -> None:

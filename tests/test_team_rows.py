@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+from castore import remote_segments
 from castore.hashing import hash_bytes
 from castore.remote import Remote
 from castore.remote_gc import collect_remote
@@ -153,37 +154,58 @@ def _segment(remote: Remote, text: str) -> str:
     return seg
 
 
+def listed(remote: Remote, fp: str, since: float | None = None, seen=None) -> list[str]:
+    """The segments a machine that last looked at `since` (default: an hour ago) finds."""
+    since = time.time() - 3600 if since is None else since
+    return remote_segments.announced(remote, fp, since, set() if seen is None else seen)
+
+
 def test_segment_markers_with_a_team_key(remote_url, monkeypatch, caplog):  # noqa: F811
     fp = "ef" * 32
     monkeypatch.setenv("CASTORE_SIGNING_KEY", "team secret")
     remote = Remote(remote_url)
     good, forged = _segment(remote, "good"), _segment(remote, "forged")
-    remote.announce_segment(fp, good)
-    remote.write(remote.layout.index_path(fp, forged), b"")  # no MAC: not the team's
+    remote_segments.announce(remote, fp, good)
+    no_mac = remote_segments.marker_path(remote, fp, forged, time.time())
+    remote.write(no_mac, b"")  # not the team's
+    seen: set[str] = set()
     with caplog.at_level(logging.WARNING):
-        assert remote.segments(fp) == [good]
-        assert remote.segments(fp) == [good]
+        assert listed(remote, fp, seen=seen) == [good]
+        assert listed(remote, fp, seen=seen) == [good]
     assert sum("not announced with the team key" in r.message for r in caplog.records) == 1
-    assert remote.segments(fp, known={good}) == []
+    assert listed(remote, fp, seen={good, forged}) == []
     monkeypatch.delenv("CASTORE_SIGNING_KEY")
-    assert Remote(remote_url).segments(fp) == sorted([good, forged])  # no key: both
+    assert listed(Remote(remote_url), fp) == sorted([good, forged])  # no key: both
+
+
+def test_a_look_at_markers_lists_only_the_recent_ones(remote_url):  # noqa: F811
+    """A claim lists the marker folders since it last looked, not the step's history."""
+    remote = Remote(remote_url)
+    fp = "12" * 32
+    old, new = _segment(remote, "two hours ago"), _segment(remote, "now")
+    remote.write(remote_segments.marker_path(remote, fp, old, time.time() - 7200), b"")
+    remote_segments.announce(remote, fp, new)
+    assert listed(remote, fp, since=time.time() - 5) == [new]
+    assert listed(remote, fp, since=time.time() - 3 * 3600) == sorted([old, new])
+    # The first look goes back to the oldest live writer's start (none here: now).
+    assert remote_segments.live_since(remote) >= time.time() - 5
 
 
 def test_gc_keeps_young_markers_segments_and_drops_stale_markers(remote_url):  # noqa: F811
     remote = Remote(remote_url)
     fp = "0a" * 32
     seg = _segment(remote, "rows of a crashed run")
-    remote.announce_segment(fp, seg)
-    remote.announce_segment(fp, "77" * 32)  # its segment is not there
+    remote_segments.announce(remote, fp, seg)
+    remote_segments.announce(remote, fp, "77" * 32)  # its segment is not there
     dead_claim = remote.layout.join(remote.layout.dir("locks"), "claims", fp, "x-0.json")
     remote.write(dead_claim, json.dumps({"kind": "claim", "time": 0, "keys": []}).encode())
     young = collect_remote(remote, grace=0, cache_ttl=86400).plan
     assert seg not in young.objects_removed
-    assert young.markers_dropped == [remote.layout.index_path(fp, "77" * 32)]
-    assert remote.segments(fp) == [seg]
+    assert [p.rsplit("/", 1)[-1] for p in young.markers_dropped] == ["77" * 32]
+    assert listed(remote, fp) == [seg]
     assert not remote.fs.exists(dead_claim)
-    old = collect_remote(remote, grace=0, cache_ttl=0).plan
+    old = collect_remote(remote, grace=0, cache_ttl=0).plan  # every marker is old now
     assert seg in old.objects_removed
-    assert old.markers_dropped == [remote.layout.index_path(fp, seg)]
-    assert remote.segments(fp) == []
+    assert [p.rsplit("/", 1)[-1] for p in old.markers_dropped] == [seg]
+    assert listed(remote, fp) == []
     assert remote_problems(remote) == []

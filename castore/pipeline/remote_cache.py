@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
+from castore import remote_segments
 from castore.errors import CastoreError, CorruptObject, RemoteError, RemoteUnavailable
 from castore.remote_locks import Heartbeat, Leases, RemoteClaims, lock_ttl
 from castore.store import Store
@@ -83,6 +84,7 @@ class RemoteCache:
         # Step fingerprint -> when to list its claims again, and the live ones listed.
         self._live: dict[str, tuple[float, set[str]]] = {}
         self._announced: dict[str, set[str]] = {}  # fingerprint -> segment markers seen
+        self._looked: dict[str, float] = {}  # fingerprint -> when its markers were listed
         self._uploads: queue.Queue[tuple[str, list[str], str | None] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
         if push:
@@ -230,9 +232,14 @@ class RemoteCache:
 
     def _announced_segments(self, fingerprint: str) -> None:
         """On a pool thread: segments announced on the remote since we last looked (by
-        runs writing through), fetched and announced here; RowIndex.refresh reads them."""
+        runs writing through; castore.remote_segments), fetched and announced here;
+        RowIndex.refresh reads them."""
+        since = self._looked.get(fingerprint)
+        if since is None:
+            since = remote_segments.live_since(self.remote)
+        self._looked[fingerprint] = time.time()
         seen = self._announced.setdefault(fingerprint, set())
-        for seg in self.remote.segments(fingerprint, seen):
+        for seg in remote_segments.announced(self.remote, fingerprint, since, seen):
             seen.add(seg)
             if self.store.has(seg) or self._fetch(seg):
                 self.store.add_row_segment(fingerprint, seg)
@@ -353,7 +360,7 @@ class RemoteCache:
                     self.lock.check()  # the objects it names are still there
                     self.remote.put_action(key, entry)
                     if segment is not None and fingerprint is not None:
-                        self.remote.announce_segment(fingerprint, segment)
+                        remote_segments.announce(self.remote, fingerprint, segment)
                 self.uploaded += 1
             except Exception as e:
                 log.warning(
