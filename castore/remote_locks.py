@@ -1,5 +1,5 @@
-"""Writer locks and batch leases on a remote, for machines that cannot see each other's
-files (docs/remotes.md "Several machines on one remote").
+"""Writer locks, batch leases and row claims on a remote, for machines that cannot see
+each other's files (docs/remotes.md "Several machines on one remote").
 
 Writer locks keep gc away from anything a push or a write-through run may still name.
 Each holder writes its own lock object and only then lists the others; it backs off when
@@ -11,7 +11,10 @@ Leases say "this machine is computing this batch": one object per action key, cr
 only when absent (S3 `If-None-Match: *`, a hard link on a folder), so two machines never
 both get one. A lease whose holder stops refreshing it is free after the TTL.
 
-Both are kept alive by one heartbeat thread that rewrites them every TTL/4. A holder that
+Row claims (RemoteClaims) say "this machine is computing these rows of a row-wise step"
+for batches that share no lease.
+
+All are kept alive by one heartbeat thread that rewrites them every TTL/4. A holder that
 could not refresh for 3/4 of the TTL (paused, cut off) has lost its locks: `check()`
 raises before it writes anything that names objects, since a gc may have swept by then.
 Clocks of the machines must agree within TTL/4 (NTP); the TTL is `CASTORE_REMOTE_LOCK_TTL`
@@ -319,7 +322,7 @@ class RemoteClaims:
 
     def take(self, fingerprint: str, keys: list[bytes], action_key: str) -> str | list[str]:
         """Our claim's path; or, when live claims of other machines hold some of `keys`,
-        their paths (wait until `held` says they are gone)."""
+        their paths (wait until `live` no longer lists them)."""
         want = {k.hex() for k in keys}
         base = self.dir(fingerprint)
         path = self.remote.layout.join(base, f"{self.info['holder']}-{next(self._n)}.json")
