@@ -6,9 +6,9 @@ at once (and 2 machines 3 s apart): batches computed vs unique batches, wall tim
 machine alone (the floor).
 
 Part 1b (--rowwise): machines whose batches of a row-wise step differ (batch sizes 7,
-10, 13, ...) start it at once over 300 rows of 60 ms each: rows computed vs unique rows
-(no batch key is shared: only row claims keep a row from being paid twice), wall time vs
-one machine alone with batch size 7.
+10, 13, ...) start it at once (and 2 machines 3 s apart) over 300 rows of 60 ms each:
+rows computed vs unique rows (no batch key is shared: only row claims keep a row from
+being paid twice), wall time vs one machine alone with batch size 7.
 
 Part 2: a remote holding E entries (synthetic ones, each naming one object) plus a real
 run of 100 batches of a 50 ms step: `--remote` overhead of a run whose batches are all
@@ -139,27 +139,21 @@ def machines(server: S3Server, work: Path, n: int, apart: float, env: dict[str, 
 
 
 def rowwise_machines(
-    server: S3Server, work: Path, sizes: list[int], env: dict[str, str]
+    server: S3Server, work: Path, sizes: list[int], env: dict[str, str], apart: float = 0.0
 ) -> tuple[int, int, float]:
     """(rows computed, unique rows, wall seconds) of machines running one row-wise step
-    at once with these batch sizes on a fresh bucket."""
+    with these batch sizes on a fresh bucket, started at once or `apart` seconds apart."""
     url = server.new_bucket()
     calls = work / f"calls-{time.monotonic_ns()}"
     env = {**env, "BENCH_CALLS": str(calls)}
     pipelines = [write_pipeline(work, f"rows{n}", ROWWISE, batch=n) for n in sizes]
     t0 = time.perf_counter()
-    procs = [
-        cas(
-            "run",
-            str(p),
-            "--remote",
-            url,
-            "--push",
-            cache=work / f"r{time.monotonic_ns()}",
-            env=env,
-        )
-        for p in pipelines
-    ]
+    procs = []
+    for i, p in enumerate(pipelines):
+        if i and apart:
+            time.sleep(apart)
+        cache = work / f"r{time.monotonic_ns()}"
+        procs.append(cas("run", str(p), "--remote", url, "--push", cache=cache, env=env))
     for p in procs:
         wait_ok(p)
     wall = time.perf_counter() - t0
@@ -319,18 +313,20 @@ def main() -> None:
         # -- part 1b ---------------------------------------------------------------------
         counts = [int(n) for n in args.rowwise.split(",") if n]
         alone_rows: list[float] = []
-        for n in [1, *counts] if counts else []:
+        row_cases = [(n, 0.0) for n in [1, *counts]] + [(2, 3.0)] if counts else []
+        for n, apart in row_cases:
             made, walls_n = [], []
             for _ in range(args.repeat):
                 sizes = [7 + 3 * i for i in range(n)]  # 7, 10, 13, ...
-                computed, unique, wall = rowwise_machines(server, work, sizes, env)
+                computed, unique, wall = rowwise_machines(server, work, sizes, env, apart)
                 made.append(computed / unique)
                 walls_n.append(wall)
             if n == 1:
                 alone_rows = walls_n
+            when = f", {apart:.0f} s apart" if apart else ""
             rows.append(
                 (
-                    f"row-wise, {n} machine{'s' * (n > 1)} (batch sizes differ)",
+                    f"row-wise, {n} machine{'s' * (n > 1)}{when} (batch sizes differ)",
                     f"computed / unique rows min {min(made):.2f} median "
                     f"{statistics.median(made):.2f} max {max(made):.2f}; wall {mm(walls_n)} = "
                     f"{statistics.median(walls_n) / statistics.median(alone_rows):.2f}x one alone",
