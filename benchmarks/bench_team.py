@@ -119,23 +119,32 @@ def mm(v: list[float], unit: str = "s") -> str:
     return f"min {min(v):.2f} {unit}  median {statistics.median(v):.2f} {unit}"
 
 
-def machines(server: S3Server, work: Path, n: int, apart: float, env: dict[str, str]):
-    """(batches computed, wall seconds) of n machines sharing a fresh bucket."""
+def team_run(
+    server: S3Server, work: Path, pipelines: list[Path], env: dict[str, str], apart: float
+) -> tuple[list[str], float]:
+    """Machines (a `cas run --remote --push` each, with a store of its own) running these
+    pipeline files on a fresh bucket, started at once or `apart` seconds apart: the lines
+    their paid steps wrote, and the wall time of all of them."""
     url = server.new_bucket()
-    pipeline = write_pipeline(work, "team", delay=0.1, rows=600, batch=15, concurrency=2)
     calls = work / f"calls-{time.monotonic_ns()}"
     env = {**env, "BENCH_CALLS": str(calls)}
     t0 = time.perf_counter()
     procs = []
-    for i in range(n):
+    for i, pipeline in enumerate(pipelines):
         if i and apart:
             time.sleep(apart)
         cache = work / f"m{i}-{time.monotonic_ns()}"
         procs.append(cas("run", str(pipeline), "--remote", url, "--push", cache=cache, env=env))
     for p in procs:
         wait_ok(p)
-    wall = time.perf_counter() - t0
-    return len(calls.read_text().splitlines()), wall
+    return calls.read_text().splitlines(), time.perf_counter() - t0
+
+
+def machines(server: S3Server, work: Path, n: int, apart: float, env: dict[str, str]):
+    """(batches computed, wall seconds) of n machines sharing a fresh bucket."""
+    pipeline = write_pipeline(work, "team", delay=0.1, rows=600, batch=15, concurrency=2)
+    made, wall = team_run(server, work, [pipeline] * n, env, apart)
+    return len(made), wall
 
 
 def rowwise_machines(
@@ -143,21 +152,8 @@ def rowwise_machines(
 ) -> tuple[int, int, float]:
     """(rows computed, unique rows, wall seconds) of machines running one row-wise step
     with these batch sizes on a fresh bucket, started at once or `apart` seconds apart."""
-    url = server.new_bucket()
-    calls = work / f"calls-{time.monotonic_ns()}"
-    env = {**env, "BENCH_CALLS": str(calls)}
     pipelines = [write_pipeline(work, f"rows{n}", ROWWISE, batch=n) for n in sizes]
-    t0 = time.perf_counter()
-    procs = []
-    for i, p in enumerate(pipelines):
-        if i and apart:
-            time.sleep(apart)
-        cache = work / f"r{time.monotonic_ns()}"
-        procs.append(cas("run", str(p), "--remote", url, "--push", cache=cache, env=env))
-    for p in procs:
-        wait_ok(p)
-    wall = time.perf_counter() - t0
-    made = calls.read_text().splitlines()
+    made, wall = team_run(server, work, pipelines, env, apart)
     return len(made), len(set(made)), wall
 
 
