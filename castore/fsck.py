@@ -239,8 +239,9 @@ def _remove_path(path: str) -> None:
 
 def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
     """`check` for a remote (read-only): every object downloaded and verified, entries
-    (present outputs, agreement with the step manifests, signatures with a team key) and
-    refs (name, target, the run's objects). Same report type as `check`."""
+    (present outputs, agreement with the step manifests, signatures with a team key),
+    row-segment markers (their segment present) and refs (name, target, the run's
+    objects). Same report type as `check`."""
     from concurrent.futures import ThreadPoolExecutor
 
     oids = remote.list_oids()
@@ -265,6 +266,13 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
             report.problems.append(Problem("dangling-action", key, ""))
         else:
             entries[key] = entry
+    for path, *_ in remote.scan(L.INDEX):  # markers of segments runs wrote through
+        seg = path.rsplit("/", 1)[-1]
+        if len(seg) == 64 and seg not in oids:
+            fp = path.rsplit("/", 3)[-3]
+            report.problems.append(
+                Problem("dangling-index", f"{fp[:12]}/{seg[:12]}", "segment is missing")
+            )
     bad_refs: list[tuple[str, str]] = []
     refs = remote.list_refs(bad_refs)
     report.refs_checked = len(refs)

@@ -199,6 +199,8 @@ def test_gc_keeps_young_markers_segments_and_drops_stale_markers(remote_url):  #
     remote_segments.announce(remote, fp, "77" * 32)  # its segment is not there
     dead_claim = remote.layout.join(remote.layout.dir("locks"), "claims", fp, "x-0.json")
     remote.write(dead_claim, json.dumps({"kind": "claim", "time": 0, "keys": []}).encode())
+    problems = remote_problems(remote)
+    assert len(problems) == 1 and "dangling-index" in problems[0], problems
     young = collect_remote(remote, grace=0, cache_ttl=86400).plan
     assert seg not in young.objects_removed
     assert [p.rsplit("/", 1)[-1] for p in young.markers_dropped] == ["77" * 32]
