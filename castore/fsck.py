@@ -266,9 +266,10 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
             report.problems.append(Problem("dangling-action", key, ""))
         else:
             entries[key] = entry
-    for path, *_ in remote.scan(L.INDEX):  # markers of segments runs wrote through
-        seg = path.rsplit("/", 1)[-1]
-        if len(seg) == 64 and seg not in oids:
+    from castore import remote_segments
+
+    for path, seg, _mtime in remote_segments.markers(remote):  # of runs writing through
+        if seg not in oids:
             fp = path.rsplit("/", 3)[-3]
             report.problems.append(
                 Problem("dangling-index", f"{fp[:12]}/{seg[:12]}", "segment is missing")

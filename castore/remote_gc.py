@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Container, Iterator
 from typing import TYPE_CHECKING, Any
 
+from castore import remote_segments
 from castore.gc import DEFAULT_CACHE_TTL, DEFAULT_GRACE, GcPlan, GcResult
 from castore.store import layout as L
 from castore.store.manifests import manifest_closure
@@ -190,10 +191,7 @@ class _Announced:
         self.markers: list[tuple[str, str]] = []  # (segment, path)
         self.young: set[str] = set()
         self.old: list[str] = []
-        for path, mtime, _size, _tag in remote.scan(L.INDEX):
-            seg = path.rsplit("/", 1)[-1]
-            if not L.path_to_oid(seg[:2], seg[2:]):
-                continue
+        for path, seg, mtime in remote_segments.markers(remote):
             if mtime > young_after:
                 self.markers.append((seg, path))
                 self.young.add(seg)

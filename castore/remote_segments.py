@@ -14,10 +14,12 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from castore.hashing import sign_segment, validate_id
+from castore.store import layout as L
 
 if TYPE_CHECKING:
     from castore.remote import Remote
@@ -32,6 +34,20 @@ def marker_path(remote: Remote, fingerprint: str, segment: str, when: float) -> 
     validate_id(segment)
     folder = remote.layout.join(remote.layout.index_dir(fingerprint), str(int(when // BUCKET)))
     return remote.layout.join(folder, segment)
+
+
+def segment_of(path: str) -> str | None:
+    """The segment id a marker's path names; None for strays (temp files, .DS_Store)."""
+    name = path.rsplit("/", 1)[-1]
+    return L.path_to_oid(name[:2], name[2:])
+
+
+def markers(remote: Remote) -> Iterator[tuple[str, str, float]]:
+    """Every marker on the remote as (path, segment id, modification time), for gc and
+    fsck (a run lists only the folders it needs: `announced`)."""
+    for path, mtime, _size, _tag in remote.scan(L.INDEX):
+        if (seg := segment_of(path)) is not None:
+            yield path, seg, mtime
 
 
 def announce(remote: Remote, fingerprint: str, segment: str) -> None:
@@ -52,8 +68,8 @@ def announced(remote: Remote, fingerprint: str, since: float, seen: set[str]) ->
         listed = [p for got in pool.map(remote.listing, folders) for p, _mtime in got]
     found = []
     for path in listed:
-        seg = path.rsplit("/", 1)[-1]
-        if seg in seen or len(seg) != 64 or not _hex(seg):
+        seg = segment_of(path)
+        if seg is None or seg in seen:
             continue
         if remote.signing_key is not None and not _signed(remote, fingerprint, seg, path):
             seen.add(seg)
@@ -77,10 +93,6 @@ def live_since(remote: Remote) -> float:
         except (TypeError, ValueError):
             continue
     return min(starts, default=time.time())
-
-
-def _hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
 
 
 def _signed(remote: Remote, fingerprint: str, segment: str, path: str) -> bool:
