@@ -35,7 +35,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import ConfigError, RemoteError, StoreLocked
@@ -349,20 +348,31 @@ class RemoteClaims:
         ]
 
     def _live_others(self, fingerprint: str) -> list[str]:
-        """`live`, with the keys of each claim read once."""
+        """`live`, with the keys of each claim read once (one request each)."""
         from concurrent.futures import ThreadPoolExecutor
 
         live = self.live(fingerprint)
         self._keys = {p: self._keys[p] for p in live if p in self._keys}
         new = [p for p in live if p not in self._keys]
         with ThreadPoolExecutor(min(8, len(new) or 1)) as pool:
-            for p, got in zip(new, pool.map(partial(read_lock, self.remote), new), strict=True):
-                theirs = got.get("keys") if got is not None else None
-                if got is None and not self.remote.fs.exists(p):
+            for p, (there, theirs) in zip(new, pool.map(self._read_keys, new), strict=True):
+                if there:
+                    self._keys[p] = theirs
+                else:
                     live.remove(p)  # let go between the listing and the read
-                    continue
-                self._keys[p] = frozenset(theirs) if isinstance(theirs, list) else None
         return live
+
+    def _read_keys(self, path: str) -> tuple[bool, frozenset[str] | None]:
+        """(whether the claim is still there, its keys: None when unreadable, taken to
+        overlap everything while it lives)."""
+        try:
+            info = json.loads(self.remote.read(path))
+        except FileNotFoundError:
+            return False, None
+        except (OSError, ValueError):
+            return True, None
+        theirs = info.get("keys") if isinstance(info, dict) else None
+        return True, frozenset(theirs) if isinstance(theirs, list) else None
 
     def release(self, path: str) -> None:
         self.heartbeat.remove(path)
