@@ -276,9 +276,11 @@ class RowIndex:
 
         self._load()
         out: list[Found | None] = [None] * len(keys)
+        if not keys:
+            return out
         n = len(self._hi)
-        if n and keys:
-            q = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 4)
+        q = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 4)  # a key's four 64-bit words
+        if n:
             qhi, qlo = q[:, 0].astype(np.uint64), q[:, 1].astype(np.uint64)
             at = np.minimum(np.searchsorted(self._hi, qhi), n - 1)
             same_hi = self._hi[at] == qhi
@@ -295,8 +297,7 @@ class RowIndex:
                         break
                     j += 1
         if self._since:
-            words = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 4)[:, :2].tolist()
-            for pos, (h, lw) in enumerate(words):
+            for pos, (h, lw) in enumerate(q[:, :2].tolist()):
                 if out[pos] is None:
                     out[pos] = self._since.get((h, lw))
         return out
