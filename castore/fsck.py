@@ -115,7 +115,7 @@ def _check_actions(store: Store, report: FsckReport, corrupt: set[str], repair: 
                 store.delete_action(key)
             report.problems.append(Problem("bad-action", key, "unreadable entry", repair))
             continue
-        gone = [o for o in entry.outputs if o in corrupt or not store.has(o)]
+        gone = [o for o in (*entry.outputs, *entry.needs()) if o in corrupt or not store.has(o)]
         if gone:
             if repair:
                 store.delete_action(key)
@@ -262,7 +262,7 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
         entry, problem = remote.check_action(key)
         if entry is None:
             report.problems.append(Problem(problem[0] if problem else "bad-action", key, ""))
-        elif any(o not in oids for o in entry.outputs):
+        elif any(o not in oids for o in (*entry.outputs, *entry.needs())):
             report.problems.append(Problem("dangling-action", key, ""))
         else:
             entries[key] = entry
@@ -309,7 +309,7 @@ def _check_remote_run(
             problems.append(Problem("missing-object", ref, step_ref.manifest))
             continue
         step = remote.load_json(step_ref.manifest, StepManifest)
-        gone = [o for b in step.batches for o in b.outputs if o not in oids]
+        gone = [o for b in step.batches for o in (*b.outputs, *b.needs) if o not in oids]
         if gone:
             problems.append(Problem("missing-object", ref, gone[0]))
         for b in step.batches:

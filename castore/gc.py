@@ -168,7 +168,8 @@ def plan_gc(
     plan.actions_dropped = [
         key
         for key, entry in entries.items()
-        if entry is None or any(o in going or not store.has(o) for o in entry.outputs)
+        if entry is None
+        or any(o in going or not store.has(o) for o in (*entry.outputs, *entry.needs()))
     ]
     _plan_packs(store, plan, entries)
     _plan_tmp(store, plan, now - grace)
@@ -198,6 +199,7 @@ def _mark(
     for entry in entries.values():
         if entry is not None and now - entry.created.timestamp() < cache_ttl:
             marked.update(entry.outputs)
+            marked.update(entry.needs())
             if (seg := entry.row_segment()) is not None:
                 marked.add(seg)  # its row keys live as long as its rows
     # Entry packs are kept while their markers are; the sweep's repack replaces them by

@@ -67,7 +67,7 @@ class Entry(NamedTuple):
     """One entry as gc sees it (what `Entries.entries` gives, for small uses and tests)."""
 
     created: float
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # and what they extend (castore.store.extend): gc keeps both
     pack: int  # the pack (Entries.packs) holding its bytes as the remote has them, or -1
 
 
@@ -98,7 +98,8 @@ class _Columns:
         self.keys += key
         self.valid.append(entry is not None)
         self.created.append(entry.created.timestamp() if entry is not None else 0.0)
-        for oid in entry.outputs if entry is not None else ():
+        # What the outputs extend counts as named: gc keeps it with them.
+        for oid in [*entry.outputs, *entry.needs()] if entry is not None else ():
             self.outs += bytes.fromhex(oid)
         self.ends.append(len(self.outs) // 32)
         self.pack.append(pack)

@@ -103,6 +103,7 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
             c.keys.add(generator_end_key(step.fingerprint))
             for b in step.batches:
                 c.batches.update(b.outputs)
+                c.batches.update(b.needs)
                 if b.row_index:
                     c.batches.add(b.row_index)
                 if not b.failed:
@@ -249,6 +250,7 @@ def plan_pull(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
             keys.append(generator_end_key(step.fingerprint))
             for b in step.batches:
                 wanted.update(b.outputs)
+                wanted.update(b.needs)
                 if b.row_index:
                     wanted.add(b.row_index)
                     segments.append((step.fingerprint, b.row_index))
@@ -302,7 +304,7 @@ def pull(
 
     def fetch_entry(key: str) -> None:
         entry = remote.get_action(key)
-        if entry is None or not all(store.has(o) for o in entry.outputs):
+        if entry is None or not all(store.has(o) for o in (*entry.outputs, *entry.needs())):
             return
         if key in plan.recorded and (list(entry.outputs), list(entry.rows)) != plan.recorded[key]:
             rejected.append(key)

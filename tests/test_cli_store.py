@@ -51,7 +51,7 @@ def test_info_json(store):
     assert r.returncode == 0, r
     doc = r.json()
     assert doc["objects"] == 3 and doc["actions"] == 1 and doc["refs"] == 1
-    assert doc["layout_version"] == 1
+    assert doc["layout_version"] == 2
     assert doc["object_bytes"] == sum(store.size_of(o) for o in store.iter_oids())
 
 

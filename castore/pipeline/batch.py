@@ -25,6 +25,7 @@ from castore.pipeline.step import (
     normalize_output,
     to_table,
 )
+from castore.store.extend import Extension, assemble, concat, needs_of, remember, split
 from castore.store.models import ActionEntry
 from castore.store.parquet import METADATA_COLUMN, as_read, encode_parquet
 
@@ -46,6 +47,8 @@ class BatchResult:
     tokens: int = 0
     entry_written: bool = True  # False from Ray workers: the driver writes the entry
     row_index: str | None = None  # row-wise steps: the batch's row-key segment
+    # The objects the outputs extend (castore.store.extend): kept and moved with them.
+    needs: list[str] = dataclasses.field(default_factory=list)
     rows_reused: int = 0  # rows taken from earlier results by row key
     tokens_reused: int = 0  # what those rows cost when they were made
     cost_usd: float = 0.0  # `tokens` at the step's LLM prices
@@ -72,10 +75,15 @@ class TableCache:
         self._add(oid, table)
         return table
 
-    def keep(self, oid: str, table: pa.Table, buf: pa.Buffer) -> None:
+    def keep(
+        self, oid: str, table: pa.Table, buf: pa.Buffer, ext: tuple[Extension, pa.Table] | None
+    ) -> None:
         """Hold a table just stored as `oid` (encoded as `buf`) as reading `oid` back
-        gives it, when that is known (`as_read`)."""
-        kept = as_read(table, buf)
+        gives it, when that is known (`as_read`). `ext`: `table` is the columns of an
+        object that extends its input, with its footer and the input (as read)."""
+        kept = as_read(table, buf, footer=ext is not None)
+        if kept is not None and ext is not None:
+            kept = assemble(oid, kept, ext[0], ext[1])
         if kept is not None:
             self._add(oid, kept)
 
@@ -104,10 +112,8 @@ def read_input(
     # A predecessor with no slices gave nothing to this batch: a branch of a routing step
     # the batch was not sent to (aligned fan-in gives every predecessor the same rows).
     for pred_slices in [s for s in slices if s] or slices[:1]:
-        parts = [cache.get(store, oid).slice(off, n) for oid, off, n in pred_slices]
-        parts = [p for p in parts if p.num_columns] or parts[:1]
         per_pred.append(
-            pa.concat_tables(parts, promote_options="permissive") if parts else pa.table({})
+            concat([cache.get(store, oid).slice(off, n) for oid, off, n in pred_slices])
         )
     lists = {}
     for name in grouped:
@@ -283,22 +289,39 @@ def store_batch(
     rows: RowPlan | None = None,
     reused: Usage = (0, 0.0),
     tables: TableCache | None = None,
+    base: tuple[list[Slice], pa.Table] | None = None,
 ) -> BatchResult:
     """The object, then (row-wise steps, given `rows`) its row-key segment, then (with
     `cache`) the action entry: an entry never names what is not yet stored. Tokens (and
     their cost) are those spent now: without the `reused` (tokens, USD) of rows taken by
-    row key. `tables` keeps the table in memory for the step's successors."""
-    buf = encode_parquet(table)
+    row key. `tables` keeps the table in memory for the step's successors. `base`: the
+    input's slices and rows, when the object may extend them (castore.store.extend)."""
     spent = usage_of(step, table)
-    oid = store.put_encoded(buf)
-    if tables is not None:
-        tables.keep(oid, table, buf)
+    ext = None
+    if base is not None:
+        base_needs = {n for oid in {o for o, _, _ in base[0]} for n in needs_of(store, oid)}
+        ext = split(table, base[1], base[0], sorted(base_needs))
+    if ext is None:
+        buf = encode_parquet(table)
+        oid = store.put_encoded(buf)
+        needs: list[str] = []
+        if tables is not None:
+            tables.keep(oid, table, buf, None)
+    else:
+        own, footer = ext
+        buf = encode_parquet(own, footer.encoded())
+        oid = store.put_encoded(buf)
+        needs = footer.needs
+        if tables is not None:
+            tables.keep(oid, own, buf, (footer, base[1]) if base else None)
+    remember(oid, needs)
     segment = write_segment(store, rows, oid) if rows is not None else None
     res = BatchResult(
         [oid],
         [table.num_rows],
         seconds,
         columns_of(table),
+        needs=needs,
         tokens=spent[0] - reused[0],
         row_index=segment,
         rows_reused=rows.reused if rows is not None else 0,
@@ -330,6 +353,8 @@ def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
         info["cost_usd"] = round(res.cost_usd, 9)
     if res.row_index is not None:
         info["row_index"] = res.row_index
+    if res.needs:
+        info["needs"] = res.needs
     return ActionEntry(outputs=res.outputs, rows=res.rows, info=info)
 
 
@@ -410,10 +435,23 @@ def execute_batch(
         rows=rows,
         reused=usage_of(step, reused) if reused is not None else (0, 0.0),
         tables=cache,
+        base=_base(step, slices, table),
     )
     return dataclasses.replace(
         res, skipped_error=skipped, entry_written=write_entry or skipped is not None
     )
+
+
+def _base(
+    step: _Step, slices: list[list[Slice]], table: pa.Table
+) -> tuple[list[Slice], pa.Table] | None:
+    """The input a batch's object may extend: the rows of one predecessor as read, for a
+    step that is not a leaf (the run folder's data/ files link a leaf's objects, so
+    those stay whole)."""
+    given = [s for s in slices if s]
+    if step._leaf or len(given) != 1 or step.grouped_columns():
+        return None
+    return given[0], table
 
 
 def skipped_batch(

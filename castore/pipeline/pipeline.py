@@ -87,7 +87,7 @@ class Pipeline:
                 raise PipelineError(f"step {s.name} belongs to another pipeline")
         if isinstance(b, GeneratorStep):
             raise PipelineError(f"{a.name} >> {b.name}: a generator step takes no input")
-        edge = (a.name, b.name)
+        edge, a._leaf = (a.name, b.name), False  # a leaf's objects stay whole (store/extend)
         if edge not in self.edges:
             self.edges.append(edge)  # type: ignore[arg-type]
 

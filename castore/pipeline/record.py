@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
 from castore.pipeline.plan import StepPlan
+from castore.store.extend import schema_of
 from castore.store.manifests import (
     BatchRecord,
     RunManifest,
@@ -154,6 +155,7 @@ class Recorder:
         result: BatchResult | None = None,
         cost: tuple[float, int, float] = (0.0, 0, 0.0),
         row_index: str | None = None,
+        needs: list[str] | None = None,
     ) -> None:
         """A batch is done: `result` when computed now; for a hit, `cost` is (seconds,
         tokens, USD) that computing it took once, i.e. what the cache saved, and
@@ -162,7 +164,7 @@ class Recorder:
         seconds, tokens, usd = (result.seconds, result.tokens, result.cost_usd) if result else cost
         reused = result.rows_reused if result else 0
         if result is not None:
-            row_index = result.row_index
+            row_index, needs = result.row_index, result.needs
         rec = BatchRecord(
             key=key,
             outputs=outputs,
@@ -174,6 +176,7 @@ class Recorder:
             failed=failed,
             row_index=row_index,
             rows_reused=reused,
+            needs=needs or [],
         )
         self._add(
             step, index, rec, (result.tokens_reused, result.cost_usd_reused) if result else None
@@ -206,11 +209,9 @@ class Recorder:
         self.columns[step] = columns
 
     def _columns(self, outputs: list[str]) -> list[tuple[str, str]]:
-        import pyarrow.parquet as pq
-
         try:
-            schema = pq.read_schema(self.store.path_of(outputs[0]))
-        except (OSError, ValueError):
+            schema = schema_of(self.store, outputs[0])
+        except (OSError, ValueError, CastoreError):
             return []
         return [(f.name, str(f.type)) for f in schema]
 
@@ -288,7 +289,9 @@ class Recorder:
 
 
 def _intact(store: Store, b: BatchRecord) -> bool:
-    """A batch a replay may serve: not failed, outputs (and row-key segment) verified."""
+    """A batch a replay may serve: not failed, outputs (and row-key segment) verified.
+    What the outputs extend (`needs`) is the outputs of the run's earlier steps, each
+    checked as their batches are."""
     return (
         not b.failed
         and all(map(store.reuse, b.outputs))

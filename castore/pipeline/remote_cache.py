@@ -29,6 +29,7 @@ from castore import remote_segments
 from castore.errors import CastoreError, CorruptObject, RemoteError, RemoteUnavailable
 from castore.remote_locks import Heartbeat, Leases, RemoteClaims, lock_ttl
 from castore.store import Store
+from castore.store.extend import needs_of
 from castore.store.models import ActionEntry
 
 log = logging.getLogger("castore.run")
@@ -191,7 +192,8 @@ class RemoteCache:
                 key[:12],
             )
             return None
-        return entry if all(self._fetch(o, key) for o in entry.outputs) else None
+        wanted = [*entry.outputs, *entry.needs()]
+        return entry if all(self._fetch(o, key) for o in wanted) else None
 
     def _manifests(self) -> tuple[dict[str, tuple[list[str], list[int]]], dict[str, list[str]]]:
         """What the remote's (content-addressed) step manifests say each key produced, and
@@ -202,8 +204,14 @@ class RemoteCache:
         return self._index.result()
 
     def _fetch(self, oid: str, key: str | None = None) -> bool:
-        """An object read through, verified on the way in; False (with a warning naming
-        it) when the remote lacks it or it is corrupt. Network errors propagate."""
+        """An object read through, verified on the way in, and the objects it extends
+        (named by its own footer, so by its id); False (with a warning naming it) when the
+        remote lacks one or it is corrupt. Network errors propagate."""
+        return self._fetch_one(oid, key) and all(
+            self._fetch_one(n, key) for n in needs_of(self.store, oid)
+        )
+
+    def _fetch_one(self, oid: str, key: str | None) -> bool:
         from castore.remote import fetch_object
 
         if self.store.has(oid):
@@ -354,7 +362,9 @@ class RemoteCache:
                     continue
                 entry = self.store.get_action(key)
                 segment = entry.row_segment() if entry is not None else None
-                for oid in [*outputs, *([segment] if segment else [])]:  # before what names them
+                needs = entry.needs() if entry is not None else []
+                # Before what names them; what the outputs extend first of all.
+                for oid in [*needs, *outputs, *([segment] if segment else [])]:
                     self.remote.put_object(self.store, oid)
                 if entry is not None:
                     self.lock.check()  # the objects it names are still there

@@ -217,8 +217,7 @@ class Runner:
             sched.stop_workers(failed=status == "failed")
             sched.pack_indexes(finished=status == "finished")
         plans = self.planner.plans
-        leaves = {x: [o for r in plans[x].records() for o in r.outputs] for x in self.info.leaves}
-        self.folder.materialize(leaves, self.info.run_id)
+        self.folder.materialize({x: plans[x].records() for x in self.info.leaves}, self.info.run_id)
         stats = {n: t.stats(plans[n]) for n, t in self.recorder.tallies.items()}
         if sched is not None:  # else it failed before planning: no summary to give
             runlog.log_summary(stats, self.p.name, status, self.folder.data)

@@ -48,6 +48,7 @@ from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
 from castore.pipeline.step import GeneratorStep, _Step
 from castore.store import actionpack
 from castore.store.models import ActionEntry
+from castore.store.parquet import rows_match
 
 if TYPE_CHECKING:
     from castore.pipeline.neighbours import Neighbours
@@ -73,16 +74,10 @@ class Scheduler:
         rcache: RemoteCache | None,
         stop: threading.Event,
     ) -> None:
-        self.store = store
-        self.planner = planner
-        self.plans = planner.plans
-        self.steps = steps
-        self.recorder = recorder
-        self.use_cache = use_cache
-        self.run_id = run_id
-        self.progress = progress
-        self.rcache = rcache
-        self.stop = stop
+        self.store, self.planner, self.plans, self.steps = store, planner, planner.plans, steps
+        self.recorder, self.use_cache, self.run_id = recorder, use_cache, run_id
+        self.progress, self.rcache, self.stop = progress, rcache, stop
+        self._checked: set[str] = set()  # objects verified for a hit in this run
         self.queues = {name: Queues() for name in self.plans}
         self.events: Events = Events()
         self.cache = TableCache()
@@ -150,10 +145,12 @@ class Scheduler:
         if entry is None:
             return None
         state: bool | None = True
-        for oid in entry.outputs:
+        # What the outputs extend is earlier steps' outputs, mostly checked by their hits.
+        for oid in [*entry.outputs, *(o for o in entry.needs() if o not in self._checked)]:
             state = self.store.check_reuse(oid)
             if state is not True:
                 break
+            self._checked.add(oid)
         if state is None:  # gone (collected, removed by hand): not a damaged cache
             log.info("action entry %s names a missing object; dropping it", key)
         elif state and self._counts_hold(key, entry):
@@ -171,7 +168,7 @@ class Scheduler:
         wrote it, else against the (verified) objects' Parquet footers."""
         if entry.check is not None:
             return entry.check == entry_check(key, entry.outputs, entry.rows)
-        return self.store.rows_match(entry.outputs, entry.rows)
+        return rows_match([self.store.path_of(o) for o in entry.outputs], entry.rows)
 
     def _lookup(self, batch: PlannedBatch, keys: RowPlan | None = None) -> bool:
         """Record a hit. A row-wise hit at planning (`keys` None) adds its rows to the
@@ -200,6 +197,7 @@ class Scheduler:
             cached=True,
             cost=entry_cost(entry),
             row_index=segment,
+            needs=entry.needs(),
         )
         return True
 

@@ -95,7 +95,7 @@ class _Walk:
         if self.store is None:
             return None
         entry = self.store.peek_action(key)  # get_action would drop a dangling entry
-        if entry is None or not all(self.store.has(o) for o in entry.outputs):
+        if entry is None or not all(self.store.has(o) for o in (*entry.outputs, *entry.needs())):
             return None
         return entry
 

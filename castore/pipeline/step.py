@@ -126,6 +126,8 @@ class _Step(BaseModel):
 
     _pipeline: Pipeline | None = PrivateAttr(None)
     _loaded: bool = PrivateAttr(False)
+    # A leaf of the running pipeline stores its batches whole (castore.store.extend).
+    _leaf: bool = PrivateAttr(True)
     # (fingerprint, inline fields kept as objects) of the last fingerprint() call.
     _inlined: tuple[str, dict[str, Inline]] | None = PrivateAttr(None)
 

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from castore.errors import InvalidObjectId, InvalidRefName
 from castore.hashing import validate_id
 
-LAYOUT_VERSION = 1
+# 2: objects may extend their input (castore.store.extend); a castore that reads only
+# version 1 would read such an object as its own columns alone, so it must refuse the
+# store. A version-1 store is upgraded when opened: everything in it reads the same.
+LAYOUT_VERSION = 2
+UPGRADES_FROM = (1,)
 LAYOUT_FILE = "castore-layout.json"
 
 OBJECTS = "objects"

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from castore.hashing import leaf_arrow_key
 from castore.store.exports import Placer, is_link_to
+from castore.store.extend import schema_of
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
@@ -53,9 +54,8 @@ def leaf_arrow(store: Store, step: StepManifest, link_dir: Path) -> Path | None:
 
 def _write_leaf_arrow(store: Store, oids: list[str]) -> str:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schemas = [pq.read_schema(store.path_of(o)) for o in oids]
+    schemas = [schema_of(store, o) for o in oids]
     schema = unify(schemas)
     with store.atomic_writer() as w:
         sink = pa.PythonFile(w, mode="w")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from castore._version import __version__
 from castore.errors import StoreError
@@ -43,6 +43,28 @@ class BatchRecord(_Model):
     # how many of the rows were taken from earlier results by row key.
     row_index: Oid | None = None
     rows_reused: int = 0
+    # The objects the outputs extend (castore.store.extend), transitively.
+    needs: list[Oid] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _lean(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields at their default are left out: a step manifest names every batch, and
+        these were a quarter of its bytes (bench_overhead); reading fills them back."""
+        data: dict[str, Any] = handler(self)
+        for name, default in _LEAN.items():
+            if data.get(name, default) == default:
+                data.pop(name, None)
+        return data
+
+
+_LEAN: dict[str, Any] = {
+    "tokens": 0,
+    "cost_usd": 0.0,
+    "failed": False,
+    "row_index": None,
+    "rows_reused": 0,
+    "needs": [],
+}
 
 
 class StepManifest(_Model):
@@ -159,6 +181,7 @@ def manifest_closure(load: ManifestLoader, run_oid: str) -> tuple[RunManifest, s
         step = load(ref.manifest, StepManifest)
         for b in step.batches:
             reached.update(b.outputs)
+            reached.update(b.needs)
             if b.row_index:
                 reached.add(b.row_index)
     return run, reached

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from castore._version import __version__
 # Checked by pydantic-core's regex engine: ~5x faster than a Python validator when a
 # manifest names tens of thousands of objects (bench_gc).
 Oid = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+OID_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def now_utc() -> datetime:
@@ -49,6 +51,14 @@ class ActionEntry(_Model):
         """A row-wise step's batch: the id of its row-key segment (kept in `info`)."""
         seg = self.info.get("row_index")
         return seg if isinstance(seg, str) and len(seg) == 64 else None
+
+    def needs(self) -> list[str]:
+        """The objects its outputs extend (castore.store.extend; kept in `info`). Only
+        well-formed ids: reading an output checks its own footer's list anyway."""
+        got = self.info.get("needs")
+        if not isinstance(got, list):
+            return []
+        return [o for o in got if isinstance(o, str) and OID_RE.fullmatch(o)]
 
 
 class LockInfo(_Model):

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from castore.store import layout as L
 from castore.store.exports import Placer, is_link_to, stamp
+from castore.store.parquet import encode_parquet
 
 if TYPE_CHECKING:
     from castore.store import Store
+    from castore.store.manifests import BatchRecord
 
 
 class RunFolder:
@@ -59,12 +61,15 @@ class RunFolder:
         Placer().place(self.store.path_of(oid), str(self.pipeline_yaml))
         return oid
 
-    def materialize(self, leaves: dict[str, list[str]], run_id: str) -> None:
+    def materialize(self, records: dict[str, list[BatchRecord]], run_id: str) -> None:
         """data/<leaf>/NNNNN.parquet, one file per leaf batch object (reflinked,
         hard-linked or copied: castore/store/exports.py), built beside and renamed into
         place so a reader never sees a half-built folder. The stamp file lists the objects
         and how each file was placed; a folder whose files are all still those objects is
-        kept as it is."""
+        kept as it is. A leaf batch found in the cache may extend its input (computed
+        where the step was not a leaf; castore.store.extend): its file is written whole."""
+        leaves = {x: [o for r in recs for o in r.outputs] for x, recs in records.items()}
+        extended = {o for recs in records.values() for r in recs if r.needs for o in r.outputs}
         stamp_path = self.data / L.DATA_STAMP
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             doc = json.loads(stamp_path.read_text())
@@ -79,7 +84,12 @@ class RunFolder:
             for i, oid in enumerate(oids, start=1):
                 rel = f"{leaf}/{i:05d}.parquet"
                 src, dst = self.store.path_of(oid), str(tmp / rel)
-                placer.place(src, dst)
+                if oid in extended:
+                    data = encode_parquet(self.store.get_table(oid))
+                    with open(dst, "wb") as f:
+                        f.write(memoryview(data))
+                else:
+                    placer.place(src, dst)
                 # A hard link is checked by inode (freshening the object moves its mtime);
                 # a clone or copy by its own stamp.
                 files[rel] = [] if is_link_to(dst, src) else list(stamp(dst))

@@ -32,15 +32,10 @@ from castore.errors import (
     StoreNotWritable,
     UnknownObject,
 )
-from castore.hashing import (
-    Hasher,
-    entry_check,
-    hash_bytes,
-    hash_file,
-    validate_id,
-)
+from castore.hashing import Hasher, entry_check, hash_bytes, hash_file, validate_id
 from castore.store import actionpack
 from castore.store import layout as L
+from castore.store.extend import read_whole
 from castore.store.files import Stage, default_root, replace_into_shard, translate_oserror
 from castore.store.journal import Journals, JournalWriter
 from castore.store.locks import FileLock, require_posix
@@ -111,25 +106,34 @@ class Store:
     def _create(self) -> None:
         """Create a new store; safe when several processes do it at the same moment."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._write_layout(replace=False)
+        for d in self.layout.dirs():
+            os.makedirs(d, exist_ok=True)
+
+    def _write_layout(self, *, replace: bool) -> None:
+        """castore-layout.json of this version, whole or not at all: a new store's (link()
+        never replaces: of several creators exactly one wins) or an older one's, upgraded."""
         info = LayoutInfo(layout_version=L.LAYOUT_VERSION).model_dump_json(indent=2).encode()
         stage = self.root / f".castore-layout.{os.getpid()}.{next(_STAGE_IDS)}"
-        stage.write_bytes(info)
         try:
-            # link() never replaces: exactly one creator wins, the others read its file.
-            os.link(stage, self.layout.layout_file)
+            stage.write_bytes(info)
+            (os.replace if replace else os.link)(stage, self.layout.layout_file)
         except FileExistsError:
             pass
         finally:
-            stage.unlink()
-        for d in self.layout.dirs():
-            os.makedirs(d, exist_ok=True)
+            stage.unlink(missing_ok=True)
 
     def _check_layout(self, info_path: Path) -> None:
         try:
             info = LayoutInfo.model_validate_json(info_path.read_bytes())
         except (OSError, ValueError) as e:
             raise LayoutVersionError(f"cannot read {info_path}: {e}") from None
-        if info.layout_version != L.LAYOUT_VERSION:
+        if info.layout_version in L.UPGRADES_FROM:
+            # A store this process may not write is left as it is: it gets no new objects.
+            if not self.read_only:
+                with contextlib.suppress(OSError):
+                    self._write_layout(replace=True)
+        elif info.layout_version != L.LAYOUT_VERSION:
             raise LayoutVersionError(
                 f"store {self.root} has layout version {info.layout_version}; this castore "
                 f"reads version {L.LAYOUT_VERSION}. Upgrade castore or use another --cache-dir"
@@ -287,15 +291,18 @@ class Store:
         return data
 
     def get_table(self, oid: str, *, verify: bool = True) -> pa.Table:
+        """The table of object `oid`; an object that extends its input (castore.store.
+        extend) is read with the objects it names, each verified as this one is."""
         buf = self._read_buffer(oid, verify)
         try:
-            return read_parquet(buf)
+            table = read_parquet(buf)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-Parquet bytes
             # Intact bytes that are not Parquet (a JSON manifest) are a caller error;
             # bytes that fail the digest are corruption.
             if verify or hash_bytes(memoryview(buf)) == oid:
                 raise StoreError(f"object {oid} is not a Parquet table: {e}") from None
             raise CorruptObject(oid, self.quarantine(oid)) from None
+        return read_whole(self, oid, table, verify)
 
     def verify(self, oid: str) -> bool:
         """True when the object's bytes hash to `oid`."""
@@ -347,9 +354,9 @@ class Store:
         """Write an entry; `made_here`: this process computed it, so it gets its check
         (any other, e.g. from a remote, is written without one)."""
         validate_id(key)
-        missing = [oid for oid in entry.outputs if not self.has(oid)]
+        missing = [oid for oid in (*entry.outputs, *entry.needs()) if not self.has(oid)]
         if missing:
-            raise StoreError(f"action {key}: output object {missing[0]} is not in the store")
+            raise StoreError(f"action {key}: object {missing[0]} is not in the store")
         check = entry_check(key, entry.outputs, entry.rows) if made_here else None
         if entry.check != check:
             entry = entry.model_copy(update={"check": check})
@@ -397,7 +404,9 @@ class Store:
             log.warning("action entry %s is unreadable; dropping it", key)
             self.delete_action(key)
             return None
-        if not outputs_checked and not all(self.has(oid) for oid in entry.outputs):
+        if not outputs_checked and not all(
+            self.has(oid) for oid in (*entry.outputs, *entry.needs())
+        ):
             log.info("action entry %s names a missing object; dropping it", key)
             self.delete_action(key)
             return None
@@ -565,21 +574,6 @@ class Store:
             self.quarantine(oid)
             return False
         return True if _touch(path) else None
-
-    def rows_match(self, oids: list[str], rows: list[int]) -> bool:
-        """An entry's row counts against its (verified) Parquet objects' footers: a damaged
-        count would shift every downstream slice."""
-        import pyarrow.parquet as pq
-
-        if len(oids) != len(rows):
-            return False
-        for oid, n in zip(oids, rows, strict=True):
-            try:
-                if pq.read_metadata(self.layout.object_path(oid)).num_rows != n:
-                    return False
-            except (OSError, ValueError):
-                return False
-        return True
 
     def freshen(self, oid: str) -> bool:
         """Touch an object that is being reused, so gc's grace period protects it like a

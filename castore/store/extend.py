@@ -1,0 +1,174 @@
+"""Objects that extend their input (docs/store.md "Objects that extend their input").
+
+Most steps add columns to the rows they are given: an LLM task adds its generation, a
+scorer its score, and every input column passes through unchanged. Stored whole, each
+such step's objects repeat every earlier column, so a pipeline of k column-adding steps
+stores its prompts k times. A batch whose output has its input's rows, where some input
+columns are unchanged (same type, equal values), is stored as the other columns alone,
+and the object's Parquet footer names where the rest is: the input slices (the *base*,
+objects of the predecessor), the output's column order, and every object reading this
+one reads (`needs`, transitively: what gc, push, pull and fsck keep and move with it).
+
+The object id covers the footer, so an id names the base too: reading an extension
+verifies every object it reads, and a missing base is a missing object, never other rows.
+A leaf step's objects stay whole: the run folder's data/ files are links to them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from castore.store.models import Oid
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from castore.store import Store
+
+EXTENDS_KEY = b"castore_extends"
+# An object reads at most this many others; a deeper chain is stored whole, so a read
+# never opens more than a handful of files and a footer stays small.
+MAX_NEEDS = 8
+_NEEDS_CACHE = 100_000
+
+Slice = tuple[str, int, int]  # (object id, offset, length)
+
+
+class Extension(BaseModel):
+    """The footer of an object that extends its input."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: list[tuple[Oid, int, int]]
+    columns: list[str]
+    needs: list[Oid]
+
+    def encoded(self) -> dict[bytes, bytes]:
+        return {EXTENDS_KEY: self.model_dump_json().encode()}
+
+
+def extension_of(table: pa.Table) -> Extension | None:
+    """The extension footer of a table read from the store, if it has one."""
+    meta = table.schema.metadata
+    raw = meta.get(EXTENDS_KEY) if meta else None
+    return None if raw is None else Extension.model_validate_json(raw)
+
+
+def split(
+    out: pa.Table, inp: pa.Table, base: list[Slice], base_needs: list[str]
+) -> tuple[pa.Table, Extension] | None:
+    """(the columns to store, the footer) when `out`, computed from `inp` (the rows of
+    `base`, in order), keeps some input columns unchanged; else None (stored whole).
+    `base_needs`: what the base objects themselves need."""
+    n = out.num_rows
+    if not n or n != inp.num_rows or len(set(out.column_names)) != out.num_columns:
+        return None
+    kept = []
+    for field in out.schema:
+        name = field.name
+        if name in inp.column_names:
+            col = inp.column(name)
+            # Same type and values, nulls in the same places: what reading gives back.
+            if col.type == field.type and col.equals(out.column(name)):
+                kept.append(name)
+    if not kept or len(kept) == out.num_columns:
+        return None  # nothing passes through, or nothing new (a copy: store it whole)
+    needs = sorted({oid for oid, _, _ in base} | set(base_needs))
+    if len(needs) > MAX_NEEDS:
+        return None
+    own = out.drop_columns(kept)
+    return own, Extension(base=list(base), columns=out.column_names, needs=needs)
+
+
+def concat(parts: list[pa.Table]) -> pa.Table:
+    """Slices of objects as one table (types widened where objects differ, e.g. a
+    column all null in one batch); slices without columns (an empty batch) add nothing."""
+    import pyarrow as pa
+
+    parts = [p for p in parts if p.num_columns] or parts[:1]
+    if not parts:
+        return pa.table({})
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
+
+
+def assemble(oid: str, own: pa.Table, ext: Extension, base: pa.Table) -> pa.Table:
+    """The whole table of extension `oid`: its own columns and the base's, in the
+    output's order, without the footer's metadata."""
+    import pyarrow as pa
+
+    from castore.errors import StoreError
+
+    if base.num_rows != own.num_rows:
+        raise StoreError(
+            f"object {oid} extends {base.num_rows} rows but has {own.num_rows}: the store "
+            "is damaged; run `cas fsck`"
+        )
+    own = own.replace_schema_metadata(None)
+    cols = [own.column(c) if c in own.column_names else base.column(c) for c in ext.columns]
+    fields = [
+        own.schema.field(c) if c in own.column_names else base.schema.field(c) for c in ext.columns
+    ]
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def read_whole(store: Store, oid: str, table: pa.Table, verify: bool) -> pa.Table:
+    """Object `oid` as read (`table`), whole: an extension with the rows it extends,
+    each object read as `Store.get_table` reads (verified with `verify`)."""
+    from castore.errors import UnknownObject
+
+    ext = extension_of(table)
+    if ext is None:
+        return table
+    remember(oid, ext.needs)
+    parts = []
+    for base, offset, n in ext.base:
+        try:
+            parts.append(store.get_table(base, verify=verify).slice(offset, n))
+        except UnknownObject:
+            if store.has(base):
+                raise  # what is missing is further down
+            raise UnknownObject(
+                f"object {oid} extends object {base}, which is not in the store {store.root}"
+            ) from None
+    return assemble(oid, table, ext, concat(parts))
+
+
+def schema_of(store: Store, oid: str) -> pa.Schema:
+    """The schema reading object `oid` gives, from its footer (an extension is read)."""
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(store.path_of(oid))
+    if schema.metadata and EXTENDS_KEY in schema.metadata:
+        return store.get_table(oid).schema
+    return schema
+
+
+# What each object reads (transitively): known for the objects this process wrote or
+# read, else read from the object's footer. Bounded: a long process forgets and re-reads.
+_needs: dict[str, list[str]] = {}
+
+
+def remember(oid: str, needs: list[str]) -> None:
+    if len(_needs) >= _NEEDS_CACHE:
+        _needs.clear()
+    _needs[oid] = needs
+
+
+def needs_of(store: Store, oid: str) -> list[str]:
+    """The objects reading `oid` reads besides itself ([] for a whole object)."""
+    known = _needs.get(oid)
+    if known is not None:
+        return known
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(store.path_of(oid)).metadata
+    except (OSError, pa.ArrowInvalid):
+        return []  # not a Parquet object (a manifest): it names nothing to read with it
+    raw = meta.get(EXTENDS_KEY) if meta else None
+    needs = [] if raw is None else Extension.model_validate_json(raw).needs
+    remember(oid, needs)
+    return needs

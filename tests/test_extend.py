@@ -1,0 +1,170 @@
+"""Objects that extend their input (castore/store/extend.py): a column-adding step stores
+its own columns and names the input rows it extends; every reader gets the whole table."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from castore import Pipeline, StepInput, StepOutput, gc, step
+from castore.errors import CorruptObject, UnknownObject
+from castore.steps import LoadDataFromDicts
+from castore.store import Store
+from castore.store.extend import EXTENDS_KEY
+from castore.store.manifests import RunManifest, StepManifest, load_model
+from tests.conftest import cas_inproc
+from tests.test_pipeline import ROWS, Score, Upper, build, counts, rows
+
+
+@step(inputs=["instruction"], outputs=["instruction"])
+def Shout(inputs: StepInput) -> StepOutput:
+    """Rewrites an input column in place (and keeps the others)."""
+    yield [{**r, "instruction": r["instruction"] + "!"} for r in inputs]
+
+
+def manifests(store: Store, ds) -> dict[str, StepManifest]:
+    run = load_model(store, ds.run_oid, RunManifest)
+    return {r.name: load_model(store, r.manifest, StepManifest) for r in run.steps}
+
+
+def stored_columns(store: Store, oid: str) -> list[str]:
+    return pq.read_schema(store.path_of(oid)).names
+
+
+def whole(store: Store, man: StepManifest) -> list[dict]:
+    return [r for b in man.batches for o in b.outputs for r in store.get_table(o).to_pylist()]
+
+
+def chain(name: str = "c") -> Pipeline:
+    with Pipeline(name=name) as p:
+        load = LoadDataFromDicts(data=ROWS, batch_size=25)
+        load >> Upper(input_batch_size=40) >> Score(input_batch_size=30)
+    return p
+
+
+def test_column_adding_steps_store_only_their_columns(make_store):
+    a, b = make_store("a"), make_store("b")
+    ds = build().run(cache_dir=a.root, quiet=True)
+    fresh = build().run(cache_dir=b.root, quiet=True, use_cache=False)
+    assert rows(ds, "keep_columns") == rows(fresh, "keep_columns")
+    mans = manifests(a, ds)
+    for name, own in (("upper", ["response"]), ("score", ["score"])):
+        for rec in mans[name].batches:
+            assert [stored_columns(a, o) for o in rec.outputs] == [own]
+            assert rec.needs, name  # what gc, push and pull keep with it
+    # Score extends upper, which extends the loader: it needs both, transitively.
+    loader = {o for rec in mans["load_data_from_dicts"].batches for o in rec.outputs}
+    upper = {o for rec in mans["upper"].batches for o in rec.outputs}
+    needed = {o for rec in mans["score"].batches for o in rec.needs}
+    assert needed == loader | upper
+    # A leaf stays whole: the run folder's data/ files are its objects.
+    for rec in mans["keep_columns"].batches:
+        assert stored_columns(a, rec.outputs[0]) == ["instruction", "response", "score"]
+    # Read back, an extension is the whole table, as the no-cache run's non-leaf steps
+    # (stored whole there: nothing is cached, so nothing extends) would give it.
+    fresh_mans = manifests(b, fresh)
+    for name in ("upper", "score"):
+        assert whole(a, mans[name]) == whole(b, fresh_mans[name])
+        assert whole(a, mans[name])[0].keys() >= {"instruction", "n", "response"}
+    # The entries say it too, and the footer names the input rows.
+    entry = a.get_action(mans["score"].batches[0].key)
+    assert entry is not None and sorted(entry.needs()) == mans["score"].batches[0].needs
+    footer = json.loads(pq.read_schema(a.path_of(entry.outputs[0])).metadata[EXTENDS_KEY])
+    assert footer["columns"] == ["instruction", "n", "response", "score"]
+    assert {o for o, _, _ in footer["base"]} <= upper
+
+
+def test_a_changed_input_column_is_stored(make_store):
+    a, b = make_store("a"), make_store("b")
+
+    def longer() -> Pipeline:
+        with Pipeline(name="longer") as p:
+            load = LoadDataFromDicts(data=ROWS, batch_size=25)
+            load >> Shout(input_batch_size=40) >> Upper(input_batch_size=30)
+        return p
+
+    ds = longer().run(cache_dir=a.root, quiet=True)
+    fresh = longer().run(cache_dir=b.root, quiet=True, use_cache=False)
+    assert rows(ds, "upper") == rows(fresh, "upper")
+    assert rows(ds, "upper")[0] == {"instruction": "q0!", "n": 0, "response": "Q0!"}
+    for rec in manifests(a, ds)["shout"].batches:
+        assert stored_columns(a, rec.outputs[0]) == ["instruction"]
+
+
+def test_a_leaf_hit_that_extends_is_written_whole_to_data(make_store):
+    """upper extends its input where it was computed (not a leaf); a pipeline ending at
+    upper reuses those batches, and its data/ files still hold every column."""
+    a, b = make_store("a"), make_store("b")
+    chain().run(cache_dir=a.root, quiet=True)
+
+    def short() -> Pipeline:
+        with Pipeline(name="short") as p:
+            LoadDataFromDicts(data=ROWS, batch_size=25) >> Upper(input_batch_size=40)
+        return p
+
+    ds = short().run(cache_dir=a.root, quiet=True)
+    assert counts(ds, "upper")[1] == 0
+    assert rows(ds, "upper") == rows(short().run(cache_dir=b.root, quiet=True), "upper")
+    files = sorted(glob.glob(str(a.root / "runs" / "short" / "*" / "data" / "upper" / "*.parquet")))
+    assert files and all(pq.read_schema(f).names == ["instruction", "n", "response"] for f in files)
+    # The folder is kept as it is on a re-run (its stamp matches).
+    again = short().run(cache_dir=a.root, quiet=True)
+    assert rows(again, "upper") == rows(ds, "upper")
+
+
+def test_gc_keeps_what_a_kept_entry_extends(store):
+    """An entry kept by the cache-ttl alone keeps the objects its outputs extend, even
+    when the entries that made those are gone: a later run's hit reads whole rows."""
+    ds = build().run(cache_dir=store.root, quiet=True)
+    mans, expected = manifests(store, ds), rows(ds, "keep_columns")
+    for name, sig, _ in store.list_refs():
+        store.delete_ref(name, sig)
+    for step_name in ("load_data_from_dicts", "upper"):
+        for rec in mans[step_name].batches:
+            store.delete_action(rec.key)
+    gc.collect(store, grace=0)  # entries are young: the cache-ttl keeps them
+    needed = {o for rec in mans["score"].batches for o in rec.needs}
+    assert needed and all(store.has(o) for o in needed)
+    assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
+    again = build().run(cache_dir=store.root, quiet=True)
+    assert counts(again, "score")[1] == 0
+    assert rows(again, "keep_columns") == expected
+
+
+def test_a_missing_or_damaged_base_is_never_other_rows(store):
+    ds = build().run(cache_dir=store.root, quiet=True)
+    mans = manifests(store, ds)
+    rec = mans["score"].batches[0]
+    upper_oid = next(o for o in rec.needs if o in mans["upper"].batches[0].outputs)
+    loader_oid = next(o for o in rec.needs if o != upper_oid)
+    import os
+
+    path = store.path_of(loader_oid)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(10)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(CorruptObject):
+        store.get_table(rec.outputs[0])
+    assert not store.has(loader_oid)  # quarantined
+    with pytest.raises(UnknownObject, match=f"{upper_oid} extends object {loader_oid}"):
+        store.get_table(rec.outputs[0])
+    # fsck names the entries that can no longer be read whole; a re-run recomputes the
+    # loader batch (same rows, same object) and serves every step's rows right.
+    r = cas_inproc("fsck", cache_dir=store.root)
+    assert r.returncode != 0 and "dangling-action" in r.stdout
+    again = build().run(cache_dir=store.root, quiet=True)
+    assert rows(again, "keep_columns") == rows(ds, "keep_columns")
+    assert store.has(loader_oid)
+
+
+def test_layout_1_store_is_upgraded(tmp_path):
+    s = Store(tmp_path / "s")
+    layout = s.root / "castore-layout.json"
+    doc = json.loads(layout.read_text())
+    layout.write_text(json.dumps({**doc, "layout_version": 1}))
+    Store(tmp_path / "s")
+    assert json.loads(layout.read_text())["layout_version"] == 2
