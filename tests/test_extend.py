@@ -72,6 +72,7 @@ def test_column_adding_steps_store_only_their_columns(make_store):
     # The entries say it too, and the footer names the input rows.
     entry = a.get_action(mans["score"].batches[0].key)
     assert entry is not None and sorted(entry.needs()) == mans["score"].batches[0].needs
+    assert entry.schema_version == 2  # a castore that knows only 1 refuses it: a miss
     footer = json.loads(pq.read_schema(a.path_of(entry.outputs[0])).metadata[EXTENDS_KEY])
     assert footer["columns"] == ["instruction", "n", "response", "score"]
     assert {o for o, _, _ in footer["base"]} <= upper
@@ -168,3 +169,27 @@ def test_layout_1_store_is_upgraded(tmp_path):
     layout.write_text(json.dumps({**doc, "layout_version": 1}))
     Store(tmp_path / "s")
     assert json.loads(layout.read_text())["layout_version"] == 2
+
+
+def test_small_inputs_stay_whole(make_store, monkeypatch):
+    """Below MIN_BASE_BYTES of input a batch is stored whole (the check and a second file
+    per read cost more than the bytes saved); long prompts extend."""
+    from castore.store import extend
+    from tests.conftest import MIN_BASE_BYTES
+
+    monkeypatch.setattr(extend, "MIN_BASE_BYTES", MIN_BASE_BYTES)
+    a = make_store("a")
+    mans = manifests(a, build().run(cache_dir=a.root, quiet=True))
+    assert all(not rec.needs for rec in mans["upper"].batches)
+    assert stored_columns(a, mans["upper"].batches[0].outputs[0]) == [
+        "instruction",
+        "n",
+        "response",
+    ]
+    long_rows = [
+        {"instruction": f"q{i} " + "words of a long prompt " * 50, "n": i} for i in range(60)
+    ]
+    b = make_store("b")
+    mans = manifests(b, build(data=long_rows).run(cache_dir=b.root, quiet=True))
+    assert all(rec.needs for rec in mans["upper"].batches)
+    assert all(stored_columns(b, r.outputs[0]) == ["response"] for r in mans["upper"].batches)

@@ -72,6 +72,25 @@ def test_run_returns_distiset_and_rerun_is_all_cached(store):
     assert rows(again, "keep_columns") == expected
 
 
+def test_a_replayed_rerun_writes_no_new_step_manifests(store):
+    """A re-run of a finished pipeline names the step manifests of the run it replays
+    (the same batches); that it computed nothing is in its stats, and `cas explain`
+    says so."""
+    from castore.store.manifests import RunManifest, load_model
+    from tests.conftest import cas_inproc
+
+    first = build().run(cache_dir=store.root, quiet=True)
+    objects = set(store.iter_oids())
+    again = build().run(cache_dir=store.root, quiet=True)
+    a = load_model(store, first.run_oid, RunManifest)
+    b = load_model(store, again.run_oid, RunManifest)
+    assert [s.manifest for s in a.steps] == [s.manifest for s in b.steps]
+    assert set(store.iter_oids()) - objects == {again.run_oid, b.log}  # and its attempt's log
+    assert all(st.batches_computed == 0 and st.batches_cached for st in b.stats.values())
+    r = cas_inproc("explain", "p", "--json", cache_dir=store.root)
+    assert r.returncode == 0 and {s["status"] for s in r.json()["steps"]} == {"cached"}
+
+
 def test_downstream_param_change_recomputes_only_descendants(store):
     first = build(factor=2).run(cache_dir=store.root)
     second = build(factor=3).run(cache_dir=store.root)

@@ -28,8 +28,14 @@ def keys(store: Store, ds: Distiset) -> dict[str, list[str]]:
     }
 
 
-def test_threads_processes_ray_agree(tmp_path):
+def test_threads_processes_ray_agree(tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    # Ray's workers are not forked from this process: they see castore's own threshold
+    # for objects that extend their input, not the one tests/conftest.py lowers.
+    from castore.store import extend
+    from tests.conftest import MIN_BASE_BYTES
+
+    monkeypatch.setattr(extend, "MIN_BASE_BYTES", MIN_BASE_BYTES)
     pipeline = load_file_module(CPU, "castore_test_cpu").pipeline
     results = {}
     for executor in ("threads", "processes", "ray"):

@@ -355,7 +355,9 @@ def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
         info["row_index"] = res.row_index
     if res.needs:
         info["needs"] = res.needs
-    return ActionEntry(outputs=res.outputs, rows=res.rows, info=info)
+    return ActionEntry(
+        schema_version=2 if res.needs else 1, outputs=res.outputs, rows=res.rows, info=info
+    )
 
 
 Usage = tuple[int, float]  # (tokens, USD at the step's prices)

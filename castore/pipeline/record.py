@@ -137,6 +137,10 @@ class Recorder:
         self.signatures = signatures
         self.tallies = {name: StepTally() for name in plans}
         self.columns: dict[str, list[tuple[str, str]]] = {name: [] for name in plans}
+        # A replay's step manifests are the run's it replayed: the same batches, and a
+        # copy differing only in `cached` would be ~100 kB per step per re-run. That this
+        # run computed nothing is in its run manifest's stats.
+        self.replayed: dict[str, str] = {}
         self.pipeline_yaml: str | None = None
         self.inline: list[str] = []
         self.error: str | None = None
@@ -219,6 +223,8 @@ class Recorder:
         return sum(len(p.done) for p in self.plans.values())
 
     def _step_manifest(self, name: str) -> str:
+        if name in self.replayed:
+            return self.replayed[name]
         plan, step = self.plans[name], self.steps[name]
         man = StepManifest(
             name=name,
@@ -284,6 +290,7 @@ class Recorder:
                 # The stored record, as a hit (validated when its manifest was read).
                 self._add(name, i, b.model_copy(update={"cached": True, "rows_reused": 0}))
             self.plans[name].total = len(man.batches)
+        self.replayed = {r.name: r.manifest for r in run.steps}
         log.info("every batch of this pipeline is in the store: no step work to do")
         return True
 

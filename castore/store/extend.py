@@ -31,6 +31,11 @@ EXTENDS_KEY = b"castore_extends"
 # An object reads at most this many others; a deeper chain is stored whole, so a read
 # never opens more than a handful of files and a footer stays small.
 MAX_NEEDS = 8
+# A batch whose input holds less than this (Arrow bytes) is stored whole: the few hundred
+# compressed bytes saved cost more than they save, in the check on the worker (+5 % per
+# batch on bench_overhead's 0-ms anchor, ~4.6 kB inputs) and in a second file opened on
+# every read. LLM prompts pass it (50 rows of 400 characters are 20 kB).
+MIN_BASE_BYTES = 16 << 10
 _NEEDS_CACHE = 100_000
 
 Slice = tuple[str, int, int]  # (object id, offset, length)
@@ -65,21 +70,26 @@ def split(
     n = out.num_rows
     if not n or n != inp.num_rows or len(set(out.column_names)) != out.num_columns:
         return None
-    kept = []
-    for field in out.schema:
-        name = field.name
-        if name in inp.column_names:
-            col = inp.column(name)
-            # Same type and values, nulls in the same places: what reading gives back.
-            if col.type == field.type and col.equals(out.column(name)):
-                kept.append(name)
+    if inp.nbytes < MIN_BASE_BYTES:
+        return None
+    # Same type and values, nulls in the same places: what reading gives back. Compared
+    # all at once first: each Arrow call releases the GIL, and on a worker thread every
+    # release can cost a switch interval (per-column calls measured +5 % on bench_overhead).
+    names = set(inp.column_names)
+    kept = [f.name for f in out.schema if f.name in names]
+    if kept and not inp.select(kept).equals(out.select(kept)):
+        kept = [c for c in kept if _same(inp.column(c), out.column(c))]
     if not kept or len(kept) == out.num_columns:
         return None  # nothing passes through, or nothing new (a copy: store it whole)
     needs = sorted({oid for oid, _, _ in base} | set(base_needs))
     if len(needs) > MAX_NEEDS:
         return None
-    own = out.drop_columns(kept)
+    own = out.select([c for c in out.column_names if c not in kept])
     return own, Extension(base=list(base), columns=out.column_names, needs=needs)
+
+
+def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    return a.type == b.type and a.equals(b)
 
 
 def concat(parts: list[pa.Table]) -> pa.Table:

@@ -34,7 +34,9 @@ class LayoutInfo(_Model):
 class ActionEntry(_Model):
     """What one action key produced: output objects (in order) and their row counts."""
 
-    schema_version: Literal[1] = 1
+    # 2: its outputs extend other objects (`needs`): a castore that reads only version 1
+    # refuses the entry (a miss) instead of reading an output as its own columns alone.
+    schema_version: Literal[1, 2] = 1
     outputs: list[Oid]
     rows: list[int]
     created: datetime = Field(default_factory=now_utc)
