@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 # small pipelines is what it always was).
 INLINE_MAX_BYTES = 64 * 1024
 _CODEC = "zstd"
+# zstd's own default. Arrow's (1) left prose-like rows 11 % larger (8.2 MB of JSON: 2.84
+# vs 2.53 MB) for 31 vs 45 ms; only the object's bytes change, not the identity (the
+# fingerprint hashes the JSON).
+_LEVEL = 3
 
 
 class InlineRef(BaseModel):
@@ -71,7 +75,7 @@ class Inline:
 def pack(value: list[Any], encoded: bytes) -> Inline:
     import pyarrow as pa  # not for a run whose rows stay in pipeline.yaml
 
-    packed = pa.Codec(_CODEC).compress(encoded, asbytes=True)
+    packed = pa.Codec(_CODEC, compression_level=_LEVEL).compress(encoded, asbytes=True)
     ref = InlineRef(
         castore_inline=hash_bytes(packed),
         blake3=hash_bytes(encoded),
