@@ -73,8 +73,8 @@ def split(
     if inp.nbytes < MIN_BASE_BYTES:
         return None
     # Same type and values, nulls in the same places: what reading gives back. Compared
-    # all at once first: each Arrow call releases the GIL, and on a worker thread every
-    # release can cost a switch interval (per-column calls measured +5 % on bench_overhead).
+    # all at once first: each Arrow call may release the GIL, and on a busy worker thread
+    # every release can cost a switch interval before it runs again.
     names = set(inp.column_names)
     kept = [f.name for f in out.schema if f.name in names]
     if kept and not inp.select(kept).equals(out.select(kept)):
