@@ -23,6 +23,18 @@ def dataset(cache: Path, sig: str) -> list[dict]:
     return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
 
 
+def extended(cache: Path, sig: str) -> bool:
+    """Whether the run's batches of `slow` are stored as objects that extend their input
+    (castore/store/extend.py)."""
+    from castore.store import Store
+    from castore.store.manifests import RunManifest, StepManifest, load_model
+
+    store = Store(cache)
+    run = load_model(store, store.get_ref("slow", sig) or "", RunManifest)
+    step = load_model(store, run.step_manifest_id("slow"), StepManifest)
+    return all(b.needs for b in step.batches)
+
+
 def _actions(cache: Path) -> int:
     """Action entries written so far: loose files, and the lines of run journals (a run
     alone on its store appends its entries there)."""

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import run_cas, start_cas
-from tests.scenario import PIPELINE, SLOW_BATCHES, dataset, start, wait_for
+from tests.scenario import PIPELINE, SLOW_BATCHES, dataset, extended, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, reference, sig, mo
     doc = r.json()
     assert doc["status"] == "finished" and doc["signature"] == ref_doc["signature"]
     assert dataset(cache, doc["signature"]) == ref_rows
+    assert extended(cache, doc["signature"])  # the objects of slow extend their input
     # Paid work: each batch once, plus at most the batches in flight at the kill
     # (concurrency 2).
     computed = len(calls.read_text().splitlines())

@@ -29,7 +29,10 @@ def Enrich(inputs: StepInput) -> StepOutput:
 
 
 with Pipeline(name="slow") as pipeline:
-    load = LoadDataFromDicts(data=[{"i": i, "text": f"t{i}"} for i in range(600)], batch_size=20)
+    # `pad` makes each batch's input big enough that slow's and enrich's objects extend
+    # their input (castore/store/extend.py, MIN_BASE_BYTES): kills are tested on those too.
+    rows = [{"i": i, "text": f"t{i}", "pad": f"{i:04d}" * 300} for i in range(600)]
+    load = LoadDataFromDicts(data=rows, batch_size=20)
     slow = Slow(input_batch_size=15, concurrency=2)
     enrich = Enrich(input_batch_size=25)
     keep = KeepColumns(columns=["i", "slow", "enriched"])
