@@ -19,7 +19,8 @@ from castore.store.parquet import PARQUET_MAGIC
 @click.pass_obj
 def command(app: App, object_id: str, limit: int | None, as_json: bool) -> None:
     """Print an object: JSON as stored, a Parquet batch as JSON lines (with --json, one
-    JSON document: the parsed manifest, or the list of rows).
+    JSON document: the parsed manifest, or the list of rows). A batch that extends its
+    input (it stores only the columns its step added) is printed whole.
 
     OBJECT_ID is a full id or a unique prefix of at least 8 hex characters.
     """

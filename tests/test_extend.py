@@ -73,6 +73,9 @@ def test_column_adding_steps_store_only_their_columns(make_store):
     entry = a.get_action(mans["score"].batches[0].key)
     assert entry is not None and sorted(entry.needs()) == mans["score"].batches[0].needs
     assert entry.schema_version == 2  # a castore that knows only 1 refuses it: a miss
+    r = cas_inproc("cat", entry.outputs[0], "--json", cache_dir=a.root)
+    assert r.returncode == 0 and r.json() == a.get_table(entry.outputs[0]).to_pylist()
+    assert set(r.json()[0]) == {"instruction", "n", "response", "score"}
     footer = json.loads(pq.read_schema(a.path_of(entry.outputs[0])).metadata[EXTENDS_KEY])
     assert footer["columns"] == ["instruction", "n", "response", "score"]
     assert {o for o, _, _ in footer["base"]} <= upper
