@@ -309,7 +309,7 @@ def _check_remote_run(
             problems.append(Problem("missing-object", ref, step_ref.manifest))
             continue
         step = remote.load_json(step_ref.manifest, StepManifest)
-        gone = [o for b in step.batches for o in (*b.outputs, *b.needs) if o not in oids]
+        gone = [o for b in step.batches for o in b.outputs if o not in oids]
         if gone:
             problems.append(Problem("missing-object", ref, gone[0]))
         for b in step.batches:

@@ -103,7 +103,6 @@ def local_closure(store: Store, refs: Iterable[tuple[str, str, str]]) -> Closure
             c.keys.add(generator_end_key(step.fingerprint))
             for b in step.batches:
                 c.batches.update(b.outputs)
-                c.batches.update(b.needs)
                 if b.row_index:
                     c.batches.add(b.row_index)
                 if not b.failed:
@@ -250,7 +249,6 @@ def plan_pull(store: Store, remote: Remote, runs: Iterable[str] = ()) -> Transfe
             keys.append(generator_end_key(step.fingerprint))
             for b in step.batches:
                 wanted.update(b.outputs)
-                wanted.update(b.needs)
                 if b.row_index:
                     wanted.add(b.row_index)
                     segments.append((step.fingerprint, b.row_index))

@@ -32,7 +32,7 @@ def extended(cache: Path, sig: str) -> bool:
     store = Store(cache)
     run = load_model(store, store.get_ref("slow", sig) or "", RunManifest)
     step = load_model(store, run.step_manifest_id("slow"), StepManifest)
-    return all(b.needs for b in step.batches)
+    return all(b.extends for b in step.batches)
 
 
 def _actions(cache: Path) -> int:

@@ -34,6 +34,16 @@ def stored_columns(store: Store, oid: str) -> list[str]:
     return pq.read_schema(store.path_of(oid)).names
 
 
+def needs(store: Store, of: str, footer: bool = False) -> list[str]:
+    """What an action key's entry says its outputs extend, or (`footer`) what object
+    `of`'s own footer says."""
+    if footer:
+        return json.loads(pq.read_schema(store.path_of(of)).metadata[EXTENDS_KEY])["needs"]
+    entry = store.get_action(of)
+    assert entry is not None
+    return entry.needs()
+
+
 def whole(store: Store, man: StepManifest) -> list[dict]:
     return [r for b in man.batches for o in b.outputs for r in store.get_table(o).to_pylist()]
 
@@ -54,11 +64,11 @@ def test_column_adding_steps_store_only_their_columns(make_store):
     for name, own in (("upper", ["response"]), ("score", ["score"])):
         for rec in mans[name].batches:
             assert [stored_columns(a, o) for o in rec.outputs] == [own]
-            assert rec.needs, name  # what gc, push and pull keep with it
+            assert rec.extends, name  # data/ writes such a leaf batch whole
     # Score extends upper, which extends the loader: it needs both, transitively.
     loader = {o for rec in mans["load_data_from_dicts"].batches for o in rec.outputs}
     upper = {o for rec in mans["upper"].batches for o in rec.outputs}
-    needed = {o for rec in mans["score"].batches for o in rec.needs}
+    needed = {o for rec in mans["score"].batches for o in needs(a, rec.key)}
     assert needed == loader | upper
     # A leaf stays whole: the run folder's data/ files are its objects.
     for rec in mans["keep_columns"].batches:
@@ -71,7 +81,7 @@ def test_column_adding_steps_store_only_their_columns(make_store):
         assert whole(a, mans[name])[0].keys() >= {"instruction", "n", "response"}
     # The entries say it too, and the footer names the input rows.
     entry = a.get_action(mans["score"].batches[0].key)
-    assert entry is not None and sorted(entry.needs()) == mans["score"].batches[0].needs
+    assert entry is not None and entry.needs() == needs(a, entry.outputs[0], footer=True)
     assert entry.schema_version == 2  # a castore that knows only 1 refuses it: a miss
     r = cas_inproc("cat", entry.outputs[0], "--json", cache_dir=a.root)
     assert r.returncode == 0 and r.json() == a.get_table(entry.outputs[0]).to_pylist()
@@ -130,7 +140,7 @@ def test_gc_keeps_what_a_kept_entry_extends(store):
         for rec in mans[step_name].batches:
             store.delete_action(rec.key)
     gc.collect(store, grace=0)  # entries are young: the cache-ttl keeps them
-    needed = {o for rec in mans["score"].batches for o in rec.needs}
+    needed = {o for rec in mans["score"].batches for o in needs(store, rec.key)}
     assert needed and all(store.has(o) for o in needed)
     assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
     again = build().run(cache_dir=store.root, quiet=True)
@@ -142,8 +152,8 @@ def test_a_missing_or_damaged_base_is_never_other_rows(store):
     ds = build().run(cache_dir=store.root, quiet=True)
     mans = manifests(store, ds)
     rec = mans["score"].batches[0]
-    upper_oid = next(o for o in rec.needs if o in mans["upper"].batches[0].outputs)
-    loader_oid = next(o for o in rec.needs if o != upper_oid)
+    upper_oid = next(o for o in needs(store, rec.key) if o in mans["upper"].batches[0].outputs)
+    loader_oid = next(o for o in needs(store, rec.key) if o != upper_oid)
     import os
 
     path = store.path_of(loader_oid)
@@ -183,7 +193,7 @@ def test_small_inputs_stay_whole(make_store, monkeypatch):
     monkeypatch.setattr(extend, "MIN_BASE_BYTES", MIN_BASE_BYTES)
     a = make_store("a")
     mans = manifests(a, build().run(cache_dir=a.root, quiet=True))
-    assert all(not rec.needs for rec in mans["upper"].batches)
+    assert all(not rec.extends for rec in mans["upper"].batches)
     assert stored_columns(a, mans["upper"].batches[0].outputs[0]) == [
         "instruction",
         "n",
@@ -194,5 +204,5 @@ def test_small_inputs_stay_whole(make_store, monkeypatch):
     ]
     b = make_store("b")
     mans = manifests(b, build(data=long_rows).run(cache_dir=b.root, quiet=True))
-    assert all(rec.needs for rec in mans["upper"].batches)
+    assert all(rec.extends for rec in mans["upper"].batches)
     assert all(stored_columns(b, r.outputs[0]) == ["response"] for r in mans["upper"].batches)

@@ -159,7 +159,7 @@ class Recorder:
         result: BatchResult | None = None,
         cost: tuple[float, int, float] = (0.0, 0, 0.0),
         row_index: str | None = None,
-        needs: list[str] | None = None,
+        extends: bool = False,
     ) -> None:
         """A batch is done: `result` when computed now; for a hit, `cost` is (seconds,
         tokens, USD) that computing it took once, i.e. what the cache saved, and
@@ -168,7 +168,7 @@ class Recorder:
         seconds, tokens, usd = (result.seconds, result.tokens, result.cost_usd) if result else cost
         reused = result.rows_reused if result else 0
         if result is not None:
-            row_index, needs = result.row_index, result.needs
+            row_index, extends = result.row_index, bool(result.needs)
         rec = BatchRecord(
             key=key,
             outputs=outputs,
@@ -180,7 +180,7 @@ class Recorder:
             failed=failed,
             row_index=row_index,
             rows_reused=reused,
-            needs=needs or [],
+            extends=extends,
         )
         self._add(
             step, index, rec, (result.tokens_reused, result.cost_usd_reused) if result else None
@@ -297,8 +297,8 @@ class Recorder:
 
 def _intact(store: Store, b: BatchRecord) -> bool:
     """A batch a replay may serve: not failed, outputs (and row-key segment) verified.
-    What the outputs extend (`needs`) is the outputs of the run's earlier steps, each
-    checked as their batches are."""
+    What the outputs extend is the outputs of the run's earlier steps, each checked as
+    their batches are."""
     return (
         not b.failed
         and all(map(store.reuse, b.outputs))

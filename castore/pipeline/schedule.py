@@ -197,7 +197,7 @@ class Scheduler:
             cached=True,
             cost=entry_cost(entry),
             row_index=segment,
-            needs=entry.needs(),
+            extends=bool(entry.needs()),
         )
         return True
 

@@ -43,8 +43,10 @@ class BatchRecord(_Model):
     # how many of the rows were taken from earlier results by row key.
     row_index: Oid | None = None
     rows_reused: int = 0
-    # The objects the outputs extend (castore.store.extend), transitively.
-    needs: list[Oid] = Field(default_factory=list)
+    # The outputs extend their input (castore.store.extend). What they read with them is
+    # the outputs of the run's earlier steps, which every walk of a run reaches anyway;
+    # the objects are named in the entry (`info.needs`), for what walks entries alone.
+    extends: bool = False
 
     @model_serializer(mode="wrap")
     def _lean(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -63,7 +65,7 @@ _LEAN: dict[str, Any] = {
     "failed": False,
     "row_index": None,
     "rows_reused": 0,
-    "needs": [],
+    "extends": False,
 }
 
 
@@ -181,7 +183,6 @@ def manifest_closure(load: ManifestLoader, run_oid: str) -> tuple[RunManifest, s
         step = load(ref.manifest, StepManifest)
         for b in step.batches:
             reached.update(b.outputs)
-            reached.update(b.needs)
             if b.row_index:
                 reached.add(b.row_index)
     return run, reached

@@ -69,7 +69,7 @@ class RunFolder:
         kept as it is. A leaf batch found in the cache may extend its input (computed
         where the step was not a leaf; castore.store.extend): its file is written whole."""
         leaves = {x: [o for r in recs for o in r.outputs] for x, recs in records.items()}
-        extended = {o for recs in records.values() for r in recs if r.needs for o in r.outputs}
+        extended = {o for recs in records.values() for r in recs if r.extends for o in r.outputs}
         stamp_path = self.data / L.DATA_STAMP
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             doc = json.loads(stamp_path.read_text())
