@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -206,3 +207,35 @@ def test_small_inputs_stay_whole(make_store, monkeypatch):
     mans = manifests(b, build(data=long_rows).run(cache_dir=b.root, quiet=True))
     assert all(rec.extends for rec in mans["upper"].batches)
     assert all(stored_columns(b, r.outputs[0]) == ["response"] for r in mans["upper"].batches)
+
+
+def test_rows_reused_from_an_extension_whose_base_is_gone_are_computed_again(make_store):
+    """A row-wise step's rows are found by key in an object that extends an input no
+    longer in the store (another loader batch size, its old objects removed): the rows
+    are computed again, not read half."""
+    calls: list[str] = []
+
+    @step(inputs=["instruction"], outputs=["answer"], row_wise=True)
+    def Answer(inputs: StepInput) -> StepOutput:
+        calls.extend(r["instruction"] for r in inputs)
+        yield [{**r, "answer": r["instruction"][::-1]} for r in inputs]
+
+    def pipeline(load_batch: int) -> Pipeline:
+        with Pipeline(name=f"rows-{load_batch}") as p:
+            load = LoadDataFromDicts(data=ROWS, batch_size=load_batch)
+            load >> Answer(input_batch_size=40) >> Score(input_batch_size=30)
+        return p
+
+    a = make_store("a")
+    first = pipeline(25).run(cache_dir=a.root, quiet=True)
+    assert len(calls) == len(ROWS)
+    mans = manifests(a, first)
+    assert all(rec.extends for rec in mans["answer"].batches)
+    loader = mans["load_data_from_dicts"].batches[0].outputs[0]
+    os.chmod(a.path_of(loader), 0o644)
+    os.unlink(a.path_of(loader))  # what answer's first batch extends
+    calls.clear()
+    again = pipeline(50).run(cache_dir=a.root, quiet=True)  # other loader objects
+    assert 0 < len(calls) < len(ROWS)  # the rows whose objects are whole again are reused
+    fresh = pipeline(50).run(cache_dir=make_store("b").root, quiet=True, use_cache=False)
+    assert rows(again, "score") == rows(fresh, "score")

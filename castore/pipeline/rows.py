@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import CastoreError, CorruptObject, PipelineError, StepFailed, UnknownObject
 from castore.hashing import base_row_keys, occurrence_key
 from castore.store import rowpack
+from castore.store.extend import needs_of
 from castore.store.parquet import METADATA_COLUMN
 
 if TYPE_CHECKING:
@@ -351,7 +352,13 @@ class RowIndex:
             for oid in oids:
                 if not self.store.has(oid):
                     self.fetch(oid)
-        bad = {oid for oid in oids if not self.store.reuse(oid)}
+        # An object that extends its input is read with what it extends: all of it intact.
+        bad = {
+            oid
+            for oid in oids
+            if not self.store.reuse(oid)
+            or not all(map(self.store.reuse, needs_of(self.store, oid)))
+        }
         for i, f in zip(todo, new, strict=True):
             found[i] = None if f is not None and f[0] in bad else f
         return RowPlan(plan.fingerprint, plan.keys, found)

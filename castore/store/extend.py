@@ -123,9 +123,9 @@ def assemble(oid: str, own: pa.Table, ext: Extension, base: pa.Table) -> pa.Tabl
     return pa.Table.from_arrays(cols, schema=pa.schema(fields))
 
 
-def read_whole(store: Store, oid: str, table: pa.Table, verify: bool) -> pa.Table:
-    """Object `oid` as read (`table`), whole: an extension with the rows it extends,
-    each object read as `Store.get_table` reads (verified with `verify`)."""
+def read_whole(store: Store, oid: str, table: pa.Table) -> pa.Table:
+    """Object `oid` as read (`table`), whole: an extension with the rows it extends, each
+    verified (a caller that verified `oid` itself has not verified what it extends)."""
     from castore.errors import UnknownObject
 
     ext = extension_of(table)
@@ -135,7 +135,7 @@ def read_whole(store: Store, oid: str, table: pa.Table, verify: bool) -> pa.Tabl
     parts = []
     for base, offset, n in ext.base:
         try:
-            parts.append(store.get_table(base, verify=verify).slice(offset, n))
+            parts.append(store.get_table(base).slice(offset, n))
         except UnknownObject:
             if store.has(base):
                 raise  # what is missing is further down
