@@ -25,7 +25,7 @@ from castore.pipeline.step import (
     normalize_output,
     to_table,
 )
-from castore.store.extend import Extension, assemble, concat, needs_of, remember, split
+from castore.store.extend import Extension, assemble, concat, remember, split
 from castore.store.models import ActionEntry
 from castore.store.parquet import METADATA_COLUMN, as_read, encode_parquet
 
@@ -299,8 +299,7 @@ def store_batch(
     spent = usage_of(step, table)
     ext = None
     if base is not None:
-        base_needs = {n for oid in {o for o, _, _ in base[0]} for n in needs_of(store, oid)}
-        ext = split(table, base[1], base[0], sorted(base_needs))
+        ext = split(store, table, base[1], base[0])
     if ext is None:
         buf = encode_parquet(table)
         oid = store.put_encoded(buf)

@@ -62,11 +62,10 @@ def extension_of(table: pa.Table) -> Extension | None:
 
 
 def split(
-    out: pa.Table, inp: pa.Table, base: list[Slice], base_needs: list[str]
+    store: Store, out: pa.Table, inp: pa.Table, base: list[Slice]
 ) -> tuple[pa.Table, Extension] | None:
     """(the columns to store, the footer) when `out`, computed from `inp` (the rows of
-    `base`, in order), keeps some input columns unchanged; else None (stored whole).
-    `base_needs`: what the base objects themselves need."""
+    `base`, in order), keeps some input columns unchanged; else None (stored whole)."""
     n = out.num_rows
     if not n or n != inp.num_rows or len(set(out.column_names)) != out.num_columns:
         return None
@@ -81,7 +80,9 @@ def split(
         kept = [c for c in kept if _same(inp.column(c), out.column(c))]
     if not kept or len(kept) == out.num_columns:
         return None  # nothing passes through, or nothing new (a copy: store it whole)
-    needs = sorted({oid for oid, _, _ in base} | set(base_needs))
+    # What the base objects themselves read: looked up only for a batch that extends.
+    direct = {oid for oid, _, _ in base}
+    needs = sorted(direct.union(*(needs_of(store, oid) for oid in direct)))
     if len(needs) > MAX_NEEDS:
         return None
     own = out.select([c for c in out.column_names if c not in kept])

@@ -53,20 +53,14 @@ class BatchRecord(_Model):
         """Fields at their default are left out: a step manifest names every batch, and
         these were a quarter of its bytes (bench_overhead); reading fills them back."""
         data: dict[str, Any] = handler(self)
-        for name, default in _LEAN.items():
-            if data.get(name, default) == default:
+        for name in _LEAN:
+            if data.get(name) == _DEFAULTS[name]:
                 data.pop(name, None)
         return data
 
 
-_LEAN: dict[str, Any] = {
-    "tokens": 0,
-    "cost_usd": 0.0,
-    "failed": False,
-    "row_index": None,
-    "rows_reused": 0,
-    "extends": False,
-}
+_LEAN = ("tokens", "cost_usd", "failed", "row_index", "rows_reused", "extends")
+_DEFAULTS = {name: BatchRecord.model_fields[name].get_default() for name in _LEAN}
 
 
 class StepManifest(_Model):
