@@ -54,6 +54,16 @@ class StoreError(CastoreError):
     """The store cannot be used: not writable, full, wrong layout."""
 
 
+class BadObject(StoreError):
+    """An intact object castore would not have written (e.g. a crafted extension footer):
+    reading it fails like reading a corrupt one."""
+
+    def __init__(self, oid: str, why: str) -> None:
+        self.oid = oid
+        self.why = why
+        super().__init__(f"object {oid} {why}; `cas fsck --repair` quarantines it")
+
+
 class StoreNotFound(StoreError):
     """A command that only reads met a folder with no store (it never creates one)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -10,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import CastoreError
-from castore.hashing import validate_id
+from castore.errors import BadObject, CastoreError
+from castore.hashing import hash_file_tail, validate_id
 from castore.store import Store, rowpack
 from castore.store import layout as L
+from castore.store.extend import EXTENDS_KEY, closed, needs_of
 from castore.store.manifests import RunManifest, StepManifest, run_closure
 from castore.store.models import ActionEntry
 
@@ -54,21 +56,10 @@ def check(
     repair: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> FsckReport:
-    """Verify the whole store. With `repair`, quarantine corrupt objects and drop dangling
-    action entries and refs; nothing else is ever deleted."""
+    """Verify the whole store. With `repair`, quarantine corrupt or malformed objects and
+    drop dangling action entries and refs; nothing else is ever deleted."""
     report = FsckReport()
-    corrupt: set[str] = set()
-    for oid in store.iter_oids():
-        report.objects_checked += 1
-        if progress:
-            progress(report.objects_checked)
-        if not store.verify(oid):
-            corrupt.add(oid)
-            if repair:
-                store.quarantine(oid)
-            report.problems.append(
-                Problem("corrupt-object", oid, "digest mismatch", repaired=repair)
-            )
+    corrupt = _check_objects(store, report, repair, progress)
     _check_actions(store, report, corrupt, repair)
     _check_refs(store, report, corrupt, repair)
     for fp, seg in store.iter_row_segments():
@@ -86,6 +77,56 @@ def check(
             report.problems.append(Problem("dangling-index", f"{fp[:12]}.pack", what, repair))
     report.problems += _job_problems(store)
     return report
+
+
+def _check_objects(
+    store: Store, report: FsckReport, repair: bool, progress: Callable[[int], None] | None
+) -> set[str]:
+    """Every object's digest and footer; returns the ids that cannot be read."""
+    corrupt: set[str] = set()
+    for oid in store.iter_oids():
+        report.objects_checked += 1
+        if progress:
+            progress(report.objects_checked)
+        problem = _object_problem(store, oid)
+        if problem is None:
+            continue
+        corrupt.add(oid)
+        if repair:
+            store.quarantine(oid)
+        report.problems.append(dataclasses.replace(problem, repaired=repair))
+    return corrupt
+
+
+def _object_problem(store: Store, oid: str) -> Problem | None:
+    try:
+        digest, tail = hash_file_tail(store.path_of(oid), _TAIL)
+    except FileNotFoundError:
+        return None  # gone since it was listed (a gc beside us)
+    if digest != oid:
+        return Problem("corrupt-object", oid, "digest mismatch")
+    if not _names_extension(tail):
+        return None
+    try:
+        closed(store, oid, needs_of(store, oid))
+    except BadObject as e:
+        # Intact bytes castore would not have written (a crafted extension footer):
+        # reading them fails, so they are as good as corrupt.
+        return Problem("bad-object", oid, e.why)
+    return None
+
+
+# Enough for the footer of any batch object castore writes; a longer one is read whole.
+_TAIL = 64 << 10
+
+
+def _names_extension(tail: bytes) -> bool:
+    """Whether a Parquet file ending in `tail` may hold an extension's key in its footer
+    (False for a manifest, which is JSON; True when the footer is longer than `tail`)."""
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        return False
+    length = int.from_bytes(tail[-8:-4], "little")
+    return length + 8 > len(tail) or EXTENDS_KEY in tail[-8 - length : -8]
 
 
 def _job_problems(store: Store) -> list[Problem]:

@@ -156,6 +156,12 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     """blake3 of a file's bytes: a small file read at once (a batch object: half the
     time of mapping it), a larger one memory-mapped (no copy through Python), with
     blake3's threads above a few MiB. Raises FileNotFoundError when it is gone."""
+    return hash_file_tail(path, 0)[0]
+
+
+def hash_file_tail(path: str | os.PathLike[str], tail: int) -> tuple[str, bytes]:
+    """hash_file(path) and the file's last `tail` bytes, read in the same pass (fsck
+    checks each object's Parquet footer without opening it again)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -166,12 +172,13 @@ def hash_file(path: str | os.PathLike[str]) -> str:
                 if not more:
                     break
                 data += more
-            return blake3.blake3(data).hexdigest()
+            return blake3.blake3(data).hexdigest(), data[-tail:] if tail else b""
+        end = os.pread(fd, tail, max(0, size - tail)) if tail else b""
     finally:
         os.close(fd)
     h = blake3.blake3(max_threads=blake3.blake3.AUTO if size > 1 << 22 else 1)
     h.update_mmap(path)
-    return h.hexdigest()
+    return h.hexdigest(), end
 
 
 def hash_json(value: Any) -> str:

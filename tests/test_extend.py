@@ -239,3 +239,54 @@ def test_rows_reused_from_an_extension_whose_base_is_gone_are_computed_again(mak
     assert 0 < len(calls) < len(ROWS)  # the rows whose objects are whole again are reused
     fresh = pipeline(50).run(cache_dir=make_store("b").root, quiet=True, use_cache=False)
     assert rows(again, "score") == rows(fresh, "score")
+
+
+def test_footers_castore_does_not_write_are_refused_in_one_line(store):
+    """Intact objects with a crafted footer (bytes someone with write access to a remote
+    could serve through a trusted entry) fail to read with one line naming the object,
+    never as other rows or a recursion error; fsck finds them and --repair quarantines."""
+    import pyarrow as pa
+
+    from castore.errors import BadObject
+    from castore.store.extend import MAX_NEEDS
+    from castore.store.parquet import encode_parquet
+
+    base = store.put_table(pa.table({"x": [1, 2]}))
+
+    def put(footer: bytes, rows: int = 2) -> str:
+        own = pa.table({"y": list(range(rows))})
+        return store.put_encoded(encode_parquet(own, {EXTENDS_KEY: footer}))
+
+    def footer(bases: list[str], needs: list[str]) -> bytes:
+        doc = {"base": [[b, 0, 2] for b in bases], "columns": ["x", "y"], "needs": needs}
+        return json.dumps(doc).encode()
+
+    malformed = put(b'{"base": "nope"}')
+    too_many = put(footer([base], [base] + [f"{i:064x}" for i in range(MAX_NEEDS)]))
+    unlisted = put(footer([base], []))
+    chain = [base]
+    for _ in range(MAX_NEEDS + 2):  # each names only its own base: deeper than castore writes
+        chain.append(put(footer(chain[-1:], chain[-1:])))
+    assert store.get_table(put(footer([base], [base]))).column_names == ["x", "y"]
+    for oid, said in [
+        (malformed, "malformed castore_extends footer"),
+        (too_many, "footer castore does not write"),
+        (unlisted, "footer castore does not write"),
+        (chain[-1], f"does not list in its footer what object {chain[-2]}"),
+    ]:
+        with pytest.raises(BadObject, match=f"object {oid} .*{said}.*cas fsck --repair") as e:
+            store.get_table(oid)
+        assert "\n" not in str(e.value)
+
+    r = cas_inproc("fsck", cache_dir=store.root)
+    assert r.returncode != 0
+    found = {
+        ln.split()[1].rstrip(":") for ln in r.stdout.splitlines() if ln.startswith("bad-object")
+    }
+    assert found == {malformed, too_many, unlisted, *chain[2:]}  # chain[1] is well formed
+    r = cas_inproc("cat", chain[-1], cache_dir=store.root)
+    assert r.returncode != 0 and "does not list" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cas_inproc("fsck", "--repair", cache_dir=store.root)
+    assert not any(map(store.has, found)) and store.has(base) and store.has(chain[1])
+    assert cas_inproc("fsck", cache_dir=store.root).returncode == 0

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from castore.errors import BadObject, StoreError
 from castore.store.models import Oid
 
 if TYPE_CHECKING:
@@ -54,11 +55,30 @@ class Extension(BaseModel):
         return {EXTENDS_KEY: self.model_dump_json().encode()}
 
 
-def extension_of(table: pa.Table) -> Extension | None:
-    """The extension footer of a table read from the store, if it has one."""
+def extension_of(oid: str, table: pa.Table) -> Extension | None:
+    """The extension footer of object `oid` (read as `table`), if it has one."""
     meta = table.schema.metadata
     raw = meta.get(EXTENDS_KEY) if meta else None
-    return None if raw is None else Extension.model_validate_json(raw)
+    return None if raw is None else _parse(oid, raw)
+
+
+def _parse(oid: str, raw: bytes) -> Extension:
+    """A footer as castore writes it, else StoreError: the object's bytes are intact (the
+    id was verified, or comes from a trusted entry) but were not written by castore, so
+    what it would read with them is not trusted either."""
+    key = EXTENDS_KEY.decode()
+    try:
+        ext = Extension.model_validate_json(raw)
+    except ValidationError as e:
+        raise BadObject(oid, f"has a malformed {key} footer ({e.errors()[0]['msg']})") from None
+    named = {b for b, _, _ in ext.base}
+    if len(ext.needs) > MAX_NEEDS or not named <= set(ext.needs) or oid in ext.needs:
+        raise BadObject(
+            oid,
+            f"has a {key} footer castore does not write (it names more than {MAX_NEEDS} "
+            "objects, itself, or bases it does not list as needs)",
+        )
+    return ext
 
 
 def split(
@@ -109,8 +129,6 @@ def assemble(oid: str, own: pa.Table, ext: Extension, base: pa.Table) -> pa.Tabl
     output's order, without the footer's metadata."""
     import pyarrow as pa
 
-    from castore.errors import StoreError
-
     if base.num_rows != own.num_rows:
         raise StoreError(
             f"object {oid} extends {base.num_rows} rows but has {own.num_rows}: the store "
@@ -129,9 +147,10 @@ def read_whole(store: Store, oid: str, table: pa.Table) -> pa.Table:
     verified (a caller that verified `oid` itself has not verified what it extends)."""
     from castore.errors import UnknownObject
 
-    ext = extension_of(table)
+    ext = extension_of(oid, table)
     if ext is None:
         return table
+    closed(store, oid, ext.needs)
     remember(oid, ext.needs)
     parts = []
     for base, offset, n in ext.base:
@@ -144,6 +163,18 @@ def read_whole(store: Store, oid: str, table: pa.Table) -> pa.Table:
                 f"object {oid} extends object {base}, which is not in the store {store.root}"
             ) from None
     return assemble(oid, table, ext, concat(parts))
+
+
+def closed(store: Store, oid: str, needs: list[str]) -> None:
+    """Raise BadObject unless `needs` holds what each object it names reads. castore writes
+    it so; it is what bounds a chain: each base reads fewer objects than what extends it
+    (never itself), so no read goes more than MAX_NEEDS deep, however the footer was made."""
+    have = set(needs)
+    for n in needs:
+        if not have.issuperset(needs_of(store, n)):
+            raise BadObject(
+                oid, f"does not list in its footer what object {n}, which it reads, reads"
+            )
 
 
 def schema_of(store: Store, oid: str) -> pa.Schema:
@@ -180,6 +211,6 @@ def needs_of(store: Store, oid: str) -> list[str]:
     except (OSError, pa.ArrowInvalid):
         return []  # not a Parquet object (a manifest): it names nothing to read with it
     raw = meta.get(EXTENDS_KEY) if meta else None
-    needs = [] if raw is None else Extension.model_validate_json(raw).needs
+    needs = [] if raw is None else _parse(oid, raw).needs
     remember(oid, needs)
     return needs
