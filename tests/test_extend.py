@@ -290,3 +290,51 @@ def test_footers_castore_does_not_write_are_refused_in_one_line(store):
     r = cas_inproc("fsck", "--repair", cache_dir=store.root)
     assert not any(map(store.has, found)) and store.has(base) and store.has(chain[1])
     assert cas_inproc("fsck", cache_dir=store.root).returncode == 0
+
+
+@step(inputs=["instruction"], outputs=["tag"])
+def Tagged(inputs: StepInput) -> StepOutput:
+    """Returns a Table with schema metadata, and a field metadata on an input column."""
+    import pyarrow as pa
+
+    t = pa.Table.from_pylist([{**r, "tag": r["instruction"][-1]} for r in inputs])
+    at = t.schema.get_field_index("n")
+    t = t.cast(t.schema.set(at, t.schema.field("n").with_metadata({b"unit": b"count"})))
+    yield t.replace_schema_metadata({b"origin": b"tagged"})
+
+
+def test_an_extension_reads_back_with_the_schema_the_step_returned(make_store):
+    """Schema metadata and field metadata are part of what a step returned: a column whose
+    field changed is stored (reading takes a kept column's field from the base), and the
+    output's schema metadata comes back without the footer's key."""
+    import pyarrow as pa
+
+    from castore.store.parquet import as_read, encode_parquet
+
+    a, b = make_store("a"), make_store("b")
+
+    def tagged() -> Pipeline:
+        with Pipeline(name="tagged") as p:
+            (
+                LoadDataFromDicts(data=ROWS, batch_size=25)
+                >> Tagged(input_batch_size=40)
+                >> Upper(input_batch_size=30)
+            )
+        return p
+
+    ds = tagged().run(cache_dir=a.root, quiet=True)
+    fresh = tagged().run(cache_dir=b.root, quiet=True, use_cache=False)
+    assert rows(ds, "upper") == rows(fresh, "upper")
+    got, want = manifests(a, ds)["tagged"], manifests(b, fresh)["tagged"]
+    for mine, theirs in zip(got.batches, want.batches, strict=True):
+        assert stored_columns(a, mine.outputs[0]) == ["n", "tag"]  # n's field changed
+        read, whole_ = a.get_table(mine.outputs[0]), b.get_table(theirs.outputs[0])
+        assert read.equals(whole_) and read.schema.equals(whole_.schema, check_metadata=True)
+        assert read.schema.metadata == {b"origin": b"tagged"}
+        assert read.schema.field("n").metadata == {b"unit": b"count"}
+    # Kept in memory for the next step as reading gives it: the footer's key goes, the
+    # output's metadata stays.
+    own = pa.table({"y": [1]}).replace_schema_metadata({b"origin": b"x"})
+    buf = encode_parquet(own, {EXTENDS_KEY: b"{}"})
+    kept = as_read(own, buf, footer=True)
+    assert kept is not None and kept.schema.metadata == {b"origin": b"x"}

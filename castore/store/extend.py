@@ -4,7 +4,7 @@ Most steps add columns to the rows they are given: an LLM task adds its generati
 scorer its score, and every input column passes through unchanged. Stored whole, each
 such step's objects repeat every earlier column, so a pipeline of k column-adding steps
 stores its prompts k times. A batch whose output has its input's rows, where some input
-columns are unchanged (same type, equal values), is stored as the other columns alone,
+columns are unchanged (same field, equal values), is stored as the other columns alone,
 and the object's Parquet footer names where the rest is: the input slices (the *base*,
 objects of the predecessor), the output's column order, and every object reading this
 one reads (`needs`, transitively: what gc, push, pull and fsck keep and move with it).
@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from castore.errors import BadObject, StoreError
 from castore.store.models import Oid
+from castore.store.parquet import EXTENDS_KEY
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from castore.store import Store
 
-EXTENDS_KEY = b"castore_extends"
 # An object reads at most this many others; a deeper chain is stored whole, so a read
 # never opens more than a handful of files and a footer stays small.
 MAX_NEEDS = 8
@@ -87,15 +87,18 @@ def split(
     """(the columns to store, the footer) when `out`, computed from `inp` (the rows of
     `base`, in order), keeps some input columns unchanged; else None (stored whole)."""
     n = out.num_rows
-    if not n or n != inp.num_rows or len(set(out.column_names)) != out.num_columns:
+    if not n or n != inp.num_rows or inp.nbytes < MIN_BASE_BYTES:
         return None
-    if inp.nbytes < MIN_BASE_BYTES:
+    if len(set(out.column_names)) != out.num_columns:
         return None
-    # Same type and values, nulls in the same places: what reading gives back. Compared
-    # all at once first: each Arrow call may release the GIL, and on a busy worker thread
-    # every release can cost a switch interval before it runs again.
-    names = set(inp.column_names)
-    kept = [f.name for f in out.schema if f.name in names]
+    # Same field (type, nullability, field metadata: reading takes a kept column's field
+    # from the base), same values, nulls in the same places. Values are compared all at
+    # once first: each Arrow call may release the GIL, and on a busy worker thread every
+    # release can cost a switch interval before it runs again.
+    fields = {f.name: f for f in inp.schema}
+    if len(fields) != inp.num_columns:
+        return None
+    kept = [f.name for f in out.schema if f.name in fields and _same_field(f, fields[f.name])]
     if kept and not inp.select(kept).equals(out.select(kept)):
         kept = [c for c in kept if _same(inp.column(c), out.column(c))]
     if not kept or len(kept) == out.num_columns:
@@ -107,6 +110,10 @@ def split(
         return None
     own = out.select([c for c in out.column_names if c not in kept])
     return own, Extension(base=list(base), columns=out.column_names, needs=needs)
+
+
+def _same_field(a: pa.Field, b: pa.Field) -> bool:
+    return a.equals(b, check_metadata=True)
 
 
 def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
@@ -126,7 +133,7 @@ def concat(parts: list[pa.Table]) -> pa.Table:
 
 def assemble(oid: str, own: pa.Table, ext: Extension, base: pa.Table) -> pa.Table:
     """The whole table of extension `oid`: its own columns and the base's, in the
-    output's order, without the footer's metadata."""
+    output's order, with the output's schema metadata (not the footer)."""
     import pyarrow as pa
 
     if base.num_rows != own.num_rows:
@@ -134,12 +141,13 @@ def assemble(oid: str, own: pa.Table, ext: Extension, base: pa.Table) -> pa.Tabl
             f"object {oid} extends {base.num_rows} rows but has {own.num_rows}: the store "
             "is damaged; run `cas fsck`"
         )
-    own = own.replace_schema_metadata(None)
+    # The output's own schema metadata is the object's, less the footer.
+    meta = {k: v for k, v in (own.schema.metadata or {}).items() if k != EXTENDS_KEY}
     cols = [own.column(c) if c in own.column_names else base.column(c) for c in ext.columns]
     fields = [
         own.schema.field(c) if c in own.column_names else base.schema.field(c) for c in ext.columns
     ]
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta or None))
 
 
 def read_whole(store: Store, oid: str, table: pa.Table) -> pa.Table:

@@ -11,6 +11,8 @@ PARQUET_MAGIC = b"PAR1"
 # The column of a batch table where steps keep per-row facts (LLM raw output, usage,
 # errors); Distisets drop it unless asked.
 METADATA_COLUMN = "castore_metadata"
+# The footer key of an object that extends its input (castore.store.extend).
+EXTENDS_KEY = b"castore_extends"
 
 # Fixed options: the same table and pyarrow version give the same bytes. Batch objects
 # are small (a 50-row batch is ~1 kB of data), so what every file carries dominates
@@ -107,7 +109,8 @@ def as_read(table: pa.Table, buf: pa.Buffer, *, footer: bool = False) -> pa.Tabl
     if schema is None:
         schema = pq.read_schema(pa.BufferReader(buf))
         if footer:
-            schema = schema.remove_metadata()
+            meta = {k: v for k, v in (schema.metadata or {}).items() if k != EXTENDS_KEY}
+            schema = schema.with_metadata(meta) if meta else schema.remove_metadata()
         if len(_READ_SCHEMAS) >= 256:
             _READ_SCHEMAS.clear()
         _READ_SCHEMAS[key] = schema
