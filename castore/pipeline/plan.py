@@ -120,6 +120,13 @@ class StepPlan:
                     self.stream_for(target).append(oid, n)
             self.prefix += 1
 
+    def replayed(self, records: list[BatchRecord]) -> None:
+        """Every batch is `records` (a finished run's, replayed whole). No streams are
+        built: nothing is planned after a replay, only its records are read."""
+        self.done = dict(enumerate(records))
+        self.rows_done = sum(sum(r.rows) for r in records)
+        self.total = self.prefix = len(records)
+
     def records(self) -> list[BatchRecord]:
         """Done batches in plan order."""
         return [self.done[k] for k in sorted(self.done)]

@@ -194,20 +194,25 @@ class Recorder:
         """Into the step's plan (its streams grow) and tallies; then `on_record`.
         `reused`: (tokens, USD) of the rows taken by row key."""
         self.plans[step].add(index, rec)
+        self._tally(step, rec, rec.cached, reused)
+
+    def _tally(
+        self, step: str, rec: BatchRecord, cached: bool, reused: tuple[int, float] | None = None
+    ) -> None:
         tokens_reused, usd_reused = reused or (0, 0.0)
         self.tallies[step].add(
             sum(rec.rows),
-            cached=rec.cached,
+            cached=cached,
             failed=rec.failed,
             seconds=rec.seconds,
             tokens=rec.tokens,
             usd=rec.cost_usd,
-            reused=rec.rows_reused,
+            reused=0 if cached else rec.rows_reused,
             tokens_reused=tokens_reused,
             usd_reused=usd_reused,
         )
         if self.on_record is not None:
-            self.on_record(step, rec.key, rec.outputs, rec.cached, rec.failed)
+            self.on_record(step, rec.key, rec.outputs, cached, rec.failed)
 
     def set_columns(self, step: str, columns: list[tuple[str, str]]) -> None:
         self.columns[step] = columns
@@ -286,10 +291,9 @@ class Recorder:
             return False
         for name, man in mans.items():
             self.set_columns(name, man.columns)
-            for i, b in enumerate(man.batches):
-                # The stored record, as a hit (validated when its manifest was read).
-                self._add(name, i, b.model_copy(update={"cached": True, "rows_reused": 0}))
-            self.plans[name].total = len(man.batches)
+            self.plans[name].replayed(man.batches)
+            for b in man.batches:  # each counted as a hit; the stored records are kept
+                self._tally(name, b, cached=True)
         self.replayed = {r.name: r.manifest for r in run.steps}
         log.info("every batch of this pipeline is in the store: no step work to do")
         return True

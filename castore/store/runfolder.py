@@ -101,10 +101,11 @@ class RunFolder:
         shutil.rmtree(old, ignore_errors=True)
 
     def _intact(self, leaves: dict[str, list[str]], files: dict[str, list[int]]) -> bool:
+        data = str(self.data)  # joined as strings: a re-run checks every file of its data/
         for leaf, oids in leaves.items():
             for i, oid in enumerate(oids, start=1):
                 rel = f"{leaf}/{i:05d}.parquet"
-                path, recorded = str(self.data / rel), files[rel]
+                path, recorded = f"{data}{os.sep}{leaf}{os.sep}{i:05d}.parquet", files[rel]
                 if recorded == [] and not is_link_to(path, self.store.path_of(oid)):
                     return False
                 if recorded and list(stamp(path)) != recorded:
