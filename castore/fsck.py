@@ -15,7 +15,7 @@ from castore.errors import BadObject, CastoreError
 from castore.hashing import hash_file_tail, validate_id
 from castore.store import Store, rowpack
 from castore.store import layout as L
-from castore.store.extend import EXTENDS_KEY, closed, needs_of
+from castore.store.extend import EXTENDS_KEY, closed, closed_over, needs_in, needs_of
 from castore.store.manifests import RunManifest, StepManifest, run_closure
 from castore.store.models import ActionEntry
 
@@ -283,20 +283,10 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
     (present outputs, agreement with the step manifests, signatures with a team key),
     row-segment markers (their segment present) and refs (name, target, the run's
     objects). Same report type as `check`."""
-    from concurrent.futures import ThreadPoolExecutor
 
     oids = remote.list_oids()
-
-    def corrupt(oid: str) -> Problem | None:
-        try:
-            remote.get_object(oid)
-        except Exception as e:  # every failure is reported, none stops the check
-            return Problem("corrupt-object", oid, f"{type(e).__name__}: {e}")
-        return None
-
     report = FsckReport(objects_checked=len(oids))
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        report.problems += [p for p in pool.map(corrupt, sorted(oids)) if p]
+    report.problems += _remote_object_problems(remote, oids, jobs)
     entries: dict[str, ActionEntry] = {}
     for key in sorted(remote.list_actions()):
         report.actions_checked += 1
@@ -329,6 +319,34 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
         except CastoreError as e:
             report.problems.append(Problem("bad-manifest", ref, str(e)))
     return report
+
+
+def _remote_object_problems(remote: Remote, oids: set[str], jobs: int) -> list[Problem]:
+    """Each object downloaded and verified, and its footer checked as `check` does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    needs: dict[str, list[str]] = {}  # of the objects that extend their input
+
+    def problem(oid: str) -> Problem | None:
+        try:
+            data = remote.get_object(oid)
+        except Exception as e:  # every failure is reported, none stops the check
+            return Problem("corrupt-object", oid, f"{type(e).__name__}: {e}")
+        if _names_extension(data[-_TAIL:]):
+            try:
+                needs[oid] = needs_in(oid, data)
+            except BadObject as e:
+                return Problem("bad-object", oid, e.why)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        out = [p for p in pool.map(problem, sorted(oids)) if p]
+    for oid, named in sorted(needs.items()):
+        try:
+            closed_over(oid, named, lambda n: needs.get(n, []))
+        except BadObject as e:
+            out.append(Problem("bad-object", oid, e.why))
+    return out
 
 
 def _check_remote_run(

@@ -241,7 +241,7 @@ def test_rows_reused_from_an_extension_whose_base_is_gone_are_computed_again(mak
     assert rows(again, "score") == rows(fresh, "score")
 
 
-def test_footers_castore_does_not_write_are_refused_in_one_line(store):
+def test_footers_castore_does_not_write_are_refused_in_one_line(store, tmp_path):
     """Intact objects with a crafted footer (bytes someone with write access to a remote
     could serve through a trusted entry) fail to read with one line naming the object,
     never as other rows or a recursion error; fsck finds them and --repair quarantines."""
@@ -284,6 +284,15 @@ def test_footers_castore_does_not_write_are_refused_in_one_line(store):
         ln.split()[1].rstrip(":") for ln in r.stdout.splitlines() if ln.startswith("bad-object")
     }
     assert found == {malformed, too_many, unlisted, *chain[2:]}  # chain[1] is well formed
+    # The same objects on a remote: `fsck --remote` finds the same ones.
+    from castore.fsck import check_remote
+    from castore.remote import Remote
+
+    remote = Remote(str(tmp_path / "remote"))
+    for oid in store.iter_oids():
+        remote.put_object(store, oid)
+    on_remote = {p.id for p in check_remote(remote).problems if p.kind == "bad-object"}
+    assert on_remote == found
     r = cas_inproc("cat", chain[-1], cache_dir=store.root)
     assert r.returncode != 0 and "does not list" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ A leaf step's objects stay whole: the run folder's data/ files are links to them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -177,9 +178,14 @@ def closed(store: Store, oid: str, needs: list[str]) -> None:
     """Raise BadObject unless `needs` holds what each object it names reads. castore writes
     it so; it is what bounds a chain: each base reads fewer objects than what extends it
     (never itself), so no read goes more than MAX_NEEDS deep, however the footer was made."""
+    closed_over(oid, needs, lambda n: needs_of(store, n))
+
+
+def closed_over(oid: str, needs: list[str], needs_of_: Callable[[str], list[str]]) -> None:
+    """`closed`, with what each object reads told by `needs_of_` (a remote's fsck)."""
     have = set(needs)
     for n in needs:
-        if not have.issuperset(needs_of(store, n)):
+        if not have.issuperset(needs_of_(n)):
             raise BadObject(
                 oid, f"does not list in its footer what object {n}, which it reads, reads"
             )
@@ -211,14 +217,23 @@ def needs_of(store: Store, oid: str) -> list[str]:
     known = _needs.get(oid)
     if known is not None:
         return known
+    needs = needs_in(oid, store.path_of(oid))
+    remember(oid, needs)
+    return needs
+
+
+def needs_in(oid: str, source: str | bytes) -> list[str]:
+    """What object `oid` reads besides itself, from its file (a path) or its bytes; []
+    for a whole object or one that is not Parquet (a manifest). BadObject for a footer
+    castore does not write."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_schema(store.path_of(oid)).metadata
+        meta = pq.read_schema(
+            source if isinstance(source, str) else pa.BufferReader(source)
+        ).metadata
     except (OSError, pa.ArrowInvalid):
         return []  # not a Parquet object (a manifest): it names nothing to read with it
     raw = meta.get(EXTENDS_KEY) if meta else None
-    needs = [] if raw is None else _parse(oid, raw).needs
-    remember(oid, needs)
-    return needs
+    return [] if raw is None else _parse(oid, raw).needs
