@@ -100,6 +100,11 @@ class ConfigError(CastoreError):
     exit_code = 2
 
 
+class StaleCode(PipelineError):
+    """The file of a function or class no longer holds the code this process loaded
+    (castore.loaded): there is no source to hash for the code that would run."""
+
+
 class StepFailed(PipelineError):
     """A batch raised after its retries and the step's on_error is 'fail'."""
 

@@ -43,7 +43,8 @@ import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from castore.hashing import code_digest, hash_json, source_digest, tagged
+from castore import loaded
+from castore.hashing import hash_json, source_digest, tagged
 
 # Followed items of one step: "kind name" -> digest, e.g. "function helpers.clean".
 Parts = dict[str, str]
@@ -98,9 +99,18 @@ def _const_digest(value: Any) -> str | None:
         return None
 
 
-def _source_digest(obj: Any) -> str:
-    """Normalized-AST digest of a class's or module's source (its decorators count)."""
-    return source_digest(inspect.getsource(obj), keep_decorators=True)
+def _source_digest(obj: type | types.ModuleType) -> str:
+    """Normalized-AST digest of a class's or module's source (its decorators count), of
+    the version this process loaded (castore.loaded)."""
+    path = loaded.source_file(obj)
+
+    def digest() -> str:
+        return source_digest(inspect.getsource(obj), keep_decorators=True)
+
+    if isinstance(obj, types.ModuleType):
+        key, codes = loaded.module_key(obj), loaded.module_codes(obj, path)
+        return loaded.once("module", key, path, codes, digest)
+    return loaded.once("class", obj, path, loaded.class_codes(obj, path), digest)
 
 
 def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
@@ -246,20 +256,19 @@ def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
     """Normalized AST of the module-level statements that assign `name`, or None."""
     try:
         path = str(module.__file__)
-        st = os.stat(path)
-        found = _module_assignments(module, path, st.st_mtime_ns, st.st_size).get(name)
+        codes = loaded.module_codes(module, path)
+        key = loaded.module_key(module)
+        found = loaded.once(
+            "assignments", key, path, codes, lambda: _module_assignments(module)
+        ).get(name)
     except (OSError, TypeError, SyntaxError):
         return None
     return hash_json(found) if found else None
 
 
-@functools.lru_cache(maxsize=64)
-def _module_assignments(
-    module: types.ModuleType, path: str, mtime_ns: int, size: int
-) -> dict[str, list[str]]:
-    """Name -> the dumped module-level statements that assign it, read once per version
-    of the file (its path, mtime and size are the cache key: an edited and reloaded module
-    is read again)."""
+def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
+    """Name -> the dumped module-level statements that assign it, read once per loaded
+    version of the module (castore.loaded: a reloaded module is read again)."""
     out: dict[str, list[str]] = {}
     for node in ast.parse(inspect.getsource(module)).body:
         targets = (
@@ -289,14 +298,9 @@ def _qualname(obj: Any) -> str:
     return str(getattr(obj, "__qualname__", getattr(obj, "__name__", "?")))
 
 
-@functools.lru_cache(maxsize=4096)
-def _function_digest_cached(code: types.CodeType, func: types.FunctionType) -> str:
-    return code_digest(func)
-
-
 def _function_digest(func: types.FunctionType) -> str | None:
     try:
-        return _function_digest_cached(func.__code__, func)
+        return loaded.function_digest(func)
     except (OSError, TypeError):
         return None
 
@@ -321,8 +325,9 @@ _MEMO: contextvars.ContextVar[dict[Any, tuple[str, Parts]] | None] = contextvars
 @contextlib.contextmanager
 def one_code_version() -> Iterator[None]:
     """Within the block, each function's code parts are computed once: a run needs them
-    for its signatures and again for pipeline.yaml. Outside, every call reads the code as
-    it is now (a long-lived process may have edited or reloaded it)."""
+    for its signatures and again for pipeline.yaml. Outside, every call walks the code
+    again (a long-lived process may have reloaded some of it); each digest is that of the
+    code this process loaded (castore.loaded)."""
     token = _MEMO.set({})
     try:
         yield
@@ -348,7 +353,7 @@ def _code_parts(
     func: Callable[..., Any], owner: type | None, packages: Iterable[str]
 ) -> tuple[str, Parts]:
     func = inspect.unwrap(func)
-    root = code_digest(func)  # raises OSError without source, as before
+    root = loaded.function_digest(func)  # raises OSError without source, as before
     walk = _Walk()
     if isinstance(func, types.FunctionType) and is_user_module(_module_of(func)):
         walk.run(func, owner)

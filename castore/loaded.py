@@ -1,0 +1,246 @@
+"""The source castore hashes is the code that runs.
+
+A code version is the digest of source text (castore.hashing.code_digest), read from the
+file when a fingerprint is computed. Python does not re-read a module's file when it
+changes: a long-lived process (a notebook kernel) that imported a module, then had the
+file edited, runs the code it loaded. Hashing the edited file there would file the old
+code's results under the new code's key, and a later process running the new code would
+be served them: wrong rows from a cache hit.
+
+So each function's (and class's, and module's) digest is taken once per loaded version of
+it, in this process, and kept while that object is what runs:
+
+- the first time castore hashes an object, the file must still hold the code that was
+  loaded: a file not modified since the process started is (a module is imported after
+  its process starts); a newer file is compiled as the import compiled it and its code
+  objects compared with the loaded ones (bytecode, constants, names; not line numbers).
+  A difference is an error: the loaded code has no source to hash;
+- later, the same object keeps its digest whatever the file says now, with a warning
+  once that the file changed and the edit does not run until the module is reloaded
+  (`importlib.reload`, IPython's autoreload) or the process restarted. A reloaded module
+  gives new objects, hashed anew.
+
+Left out, and documented in docs/caching.md: a class-level constant or a module-level
+list or dict edited between the import and the first run of a long-lived process (their
+running values cannot be compared with the file, only the functions can).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from castore.errors import StaleCode
+from castore.hashing import code_digest
+
+T = TypeVar("T")
+
+log = logging.getLogger("castore")
+
+_MAX = 10_000  # objects remembered; a long process past this hashes again (and checks)
+# Seconds of doubt around the process's start (/proc gives it to a second or a tick).
+_SLACK = 2.0
+
+
+def _process_start() -> float:
+    """When this process started (Linux), else when castore was imported: a module
+    imported before that time stays unchecked (on other systems only)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+PROCESS_START = _process_start()
+
+
+# (kind, id(object)) -> (object, value, its file, the file's (mtime_ns, size) then). The
+# object is held, so its id is not reused while it is here.
+_taken: dict[tuple[str, int], tuple[Any, Any, str | None, tuple[int, int] | None]] = {}
+_warned: set[tuple[str, tuple[int, int] | None]] = set()
+# A file's code objects by qualified name, per (path, mtime_ns, size): compiled once.
+_compiled: dict[tuple[str, int, int], dict[str, list[types.CodeType]]] = {}
+
+
+def once(
+    kind: str,
+    obj: Any,
+    path: str | None,
+    codes: list[types.CodeType],
+    compute: Callable[[], T],
+) -> T:
+    """`compute()` (read from `obj`'s source file as it is now), once per loaded `obj`
+    and `kind`: `codes` are the loaded code objects the file must still match the first
+    time, `path` the source file (None: nothing to check, e.g. a notebook cell)."""
+    key = (kind, id(obj))
+    hit = _taken.get(key)
+    if hit is not None and hit[0] is obj:
+        _later(obj, hit[2], hit[3])
+        return cast(T, hit[1])
+    stat = _stat(path)
+    if path is not None and stat is not None:
+        _check(obj, path, stat, codes)
+    value = compute()
+    if len(_taken) >= _MAX:
+        _taken.clear()
+    _taken[key] = (obj, value, path, stat)
+    return value
+
+
+def function_digest(func: Any) -> str:
+    """code_digest(func) of the code that runs: keyed by its code object, so a module
+    reloaded (or a function redefined, or patched by autoreload) is hashed anew."""
+    func = inspect.unwrap(func)
+    code = getattr(func, "__code__", None)
+    if not isinstance(code, types.CodeType) or code.co_name == "<lambda>":
+        return code_digest(func)  # a lambda is hashed by its compiled code already
+    return once("function", code, source_file(func), [code], lambda: code_digest(func))
+
+
+def class_codes(cls: type, path: str | None) -> list[types.CodeType]:
+    """The code objects of a class's own methods (what its loaded version can be
+    compared by)."""
+    out = []
+    for value in vars(cls).values():
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        code = getattr(value, "__code__", None)
+        if isinstance(code, types.CodeType) and code.co_filename == path:
+            out.append(code)
+    return out
+
+
+def module_codes(module: types.ModuleType, path: str | None) -> list[types.CodeType]:
+    """The code objects of a module's own functions and its classes' methods."""
+    out = []
+    for value in vars(module).values():
+        if getattr(value, "__module__", None) != module.__name__:
+            continue
+        if isinstance(value, type):
+            out += class_codes(value, path)
+        code = getattr(value, "__code__", None)
+        if isinstance(code, types.CodeType) and code.co_filename == path:
+            out.append(code)
+    return out
+
+
+def module_key(module: types.ModuleType) -> Any:
+    """What stands for one loaded version of a module: its spec, which importlib.reload
+    replaces (the module object stays the same)."""
+    return getattr(module, "__spec__", None) or module
+
+
+def source_file(obj: Any) -> str | None:
+    """The file inspect reads `obj`'s source from, when it is one."""
+    try:
+        path = inspect.getsourcefile(obj)
+    except TypeError:
+        return None
+    return path if path and os.path.isfile(path) else None
+
+
+def _stat(path: str | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _check(obj: Any, path: str, stat: tuple[int, int], codes: list[types.CodeType]) -> None:
+    if stat[0] / 1e9 < PROCESS_START - _SLACK or not codes:
+        return  # not modified since the process started: the import read this file
+    try:
+        found = _code_in(path, stat)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise StaleCode(
+            f"{_name(obj)}: {path} changed after it was loaded and no longer compiles ({e}); "
+            "fix it and reload the module, or restart the process"
+        ) from None
+    for code in codes:
+        # At the same line too: inspect reads a function's source from the line its
+        # loaded code starts at.
+        same = (
+            other.co_firstlineno == code.co_firstlineno and _same(code, other)
+            for other in found.get(code.co_qualname, ())
+        )
+        if not any(same):
+            raise StaleCode(
+                f"{_name(obj)}: {path} was edited after this process loaded it, and the code "
+                "that would run is not the file's; reload the module (importlib.reload) or "
+                "restart the process"
+            )
+
+
+def _later(obj: Any, path: str | None, stat: tuple[int, int] | None) -> None:
+    if path is None or _stat(path) == stat or (path, stat) in _warned:
+        return
+    _warned.add((path, stat))
+    log.warning(
+        "%s changed after %s was loaded: this run keys and runs the loaded code; reload "
+        "the module (importlib.reload) or restart the process to run the edit",
+        path,
+        _name(obj),
+    )
+
+
+def _name(obj: Any) -> str:
+    for attr in ("co_qualname", "__qualname__", "name", "__name__"):
+        value = getattr(obj, attr, None)
+        if isinstance(value, str):
+            return value
+    return "?"
+
+
+def _code_in(path: str, stat: tuple[int, int]) -> dict[str, list[types.CodeType]]:
+    """The code objects of the file as an import compiles it (bytes, so its coding
+    cookie counts), by qualified name."""
+    key = (path, *stat)
+    found = _compiled.get(key)
+    if found is None:
+        with open(path, "rb") as f:
+            module = compile(f.read(), path, "exec", dont_inherit=True)
+        found = {}
+        todo = [module]
+        while todo:
+            code = todo.pop()
+            found.setdefault(code.co_qualname, []).append(code)
+            todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        if len(_compiled) >= 64:
+            _compiled.clear()
+        _compiled[key] = found
+    return found
+
+
+def _same(a: types.CodeType, b: types.CodeType) -> bool:
+    """The same code, line numbers aside."""
+    if (
+        a.co_code != b.co_code
+        or a.co_names != b.co_names
+        or a.co_varnames != b.co_varnames
+        or a.co_freevars != b.co_freevars
+        or a.co_cellvars != b.co_cellvars
+        or a.co_flags != b.co_flags
+        or (a.co_argcount, a.co_posonlyargcount, a.co_kwonlyargcount)
+        != (b.co_argcount, b.co_posonlyargcount, b.co_kwonlyargcount)
+        or len(a.co_consts) != len(b.co_consts)
+    ):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts, strict=True):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not _same(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True

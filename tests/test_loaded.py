@@ -1,0 +1,178 @@
+"""The code a fingerprint hashes is the code that runs (castore/loaded.py): a module file
+edited in a long-lived process (a notebook kernel) without a reload must not file the
+old code's rows under the new code's key, where a fresh process would be served them."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from castore import Pipeline
+from castore.errors import StaleCode
+from castore.steps import LoadDataFromDicts
+from tests.conftest import REPO
+
+STEP = """
+from castore import step, StepInput
+
+
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": r["x"] * FACTOR} for r in inputs]
+"""
+
+ROWS = [{"x": i} for i in range(6)]
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    """A user module in its own file, imported under a name no other test uses; returns
+    (module, write(factor)) where write edits the file in place (no reload)."""
+    name = f"user_steps_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+
+    def write(factor: int) -> None:
+        path.write_text(STEP.replace("FACTOR", str(factor)))
+
+    write(2)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    yield mod, write
+    sys.modules.pop(name, None)
+
+
+def run(mod, cache) -> tuple[list[int], int]:
+    with Pipeline(name="loaded") as p:
+        LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
+    ds = p.run(cache_dir=cache, quiet=True)
+    return list(ds["times"]["train"]["y"]), ds.run.stats["times"].batches_computed
+
+
+def fresh_process(mod, cache) -> tuple[list[int], int]:
+    """The same pipeline run by a new Python process, which loads the file as it is."""
+    folder = str(mod.__file__.rsplit("/", 1)[0])
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {folder!r})
+        from castore import Pipeline
+        from castore.steps import LoadDataFromDicts
+        import {mod.__name__} as mod
+        with Pipeline(name="loaded") as p:
+            LoadDataFromDicts(data={ROWS!r}, batch_size=6) >> mod.Times(name="times")
+        ds = p.run(cache_dir={str(cache)!r}, quiet=True)
+        print(json.dumps([list(ds["times"]["train"]["y"]), ds.run.stats["times"].batches_computed]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    y, computed = json.loads(out.stdout)
+    return y, computed
+
+
+def test_an_edit_without_a_reload_keeps_the_loaded_codes_key(module, tmp_path, caplog):
+    mod, write = module
+    cache = tmp_path / "cache"
+    assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
+    write(3)  # the file now says x * 3; this process still runs x * 2
+    with caplog.at_level(logging.WARNING, logger="castore"):
+        assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 0)  # the loaded code, its key
+    assert "changed after Times was loaded" in caplog.text
+    # A new process runs the file's code: it must not be served the x * 2 rows.
+    assert fresh_process(mod, cache) == ([0, 3, 6, 9, 12, 15], 1)
+    # Reloaded, this process runs x * 3 too, and finds those rows.
+    importlib.reload(mod)
+    assert run(mod, cache) == ([0, 3, 6, 9, 12, 15], 0)
+
+
+def test_a_file_edited_between_import_and_first_run_is_refused(module, tmp_path):
+    mod, write = module
+    write(5)  # edited after the import, before castore hashed anything of it
+    with pytest.raises(StaleCode, match="was edited after this process loaded it") as e:
+        run(mod, tmp_path / "cache")
+    assert "\n" not in str(e.value) and "importlib.reload" in str(e.value)
+    importlib.reload(mod)
+    assert run(mod, tmp_path / "cache") == ([0, 5, 10, 15, 20, 25], 1)
+
+
+SHAPES = """
+import functools
+from castore import Step, StepInput, step
+
+LIMIT = [1, 2, 3]
+
+
+def deco(f):
+    @functools.wraps(f)
+    def inner(*a, **k):
+        return f(*a, **k)
+    return inner
+
+
+@deco
+def helper(v):
+    return v + sum(LIMIT)
+
+
+class Base(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+
+
+class Child(Base):
+    @staticmethod
+    def bump(v):
+        return helper(v)
+
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": self.bump(r["x"])} for r in super().process_rows(inputs)]
+
+    def process_rows(self, inputs):
+        return list(inputs)
+
+
+def make(k):
+    def scale(v):
+        return v * k
+
+    @step(inputs=["x"], outputs=["y"])
+    def Scaled(inputs: StepInput):
+        return [{**r, "y": scale(r["x"]) + (lambda q: q)(0)} for r in inputs]
+
+    return Scaled
+"""
+
+
+def test_loaded_code_that_matches_its_file_is_accepted(tmp_path, monkeypatch):
+    """Files written after the process started are compared with the code loaded from
+    them: closures, super(), decorators, static methods and lambdas compare equal."""
+    name = f"user_shapes_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(SHAPES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    try:
+        with Pipeline(name="shapes") as p:
+            load = LoadDataFromDicts(data=ROWS, batch_size=3)
+            load >> mod.Child(name="child")
+            load >> mod.make(3)(name="scaled")
+        sigs = p.signatures()
+        assert set(sigs) == {"load_data_from_dicts", "child", "scaled"}
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_a_function_moved_in_its_file_after_import_is_refused(module, tmp_path):
+    """Same code, other lines: inspect would read the loaded function's source from the
+    line it started at, now another text; refused rather than hashed."""
+    mod, _ = module
+    path = mod.__file__
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write("# a comment\n# another\n" + text)
+    with pytest.raises(StaleCode, match="edited after this process loaded it"):
+        run(mod, tmp_path / "cache")
