@@ -27,12 +27,15 @@ running values cannot be compared with the file, only the functions can).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import os
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from castore.errors import StaleCode
@@ -63,12 +66,23 @@ def _process_start() -> float:
 PROCESS_START = _process_start()
 
 
-# (kind, id(object)) -> (object, value, its file, the file's (mtime_ns, size) then). The
-# object is held, so its id is not reused while it is here.
-_taken: dict[tuple[str, int], tuple[Any, Any, str | None, tuple[int, int] | None]] = {}
+@dataclass
+class _Taken:
+    obj: Any  # held, so its id is not reused while it is remembered
+    value: Any
+    path: str | None
+    stat: tuple[int, int] | None  # the file's (mtime_ns, size) when it was taken
+    codes: list[types.CodeType]
+
+
+_taken: dict[tuple[str, int], _Taken] = {}  # by (kind, id(object))
 _warned: set[tuple[str, tuple[int, int] | None]] = set()
 # A file's code objects by qualified name, per (path, mtime_ns, size): compiled once.
 _compiled: dict[tuple[str, int, int], dict[str, list[types.CodeType]]] = {}
+# What a `collecting()` block met: loaded code its file no longer holds.
+_stale: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "castore_stale", default=None
+)
 
 
 def once(
@@ -83,17 +97,34 @@ def once(
     time, `path` the source file (None: nothing to check, e.g. a notebook cell)."""
     key = (kind, id(obj))
     hit = _taken.get(key)
-    if hit is not None and hit[0] is obj:
-        _later(obj, hit[2], hit[3])
-        return cast(T, hit[1])
+    if hit is not None and hit.obj is obj:
+        _later(hit)
+        return cast(T, hit.value)
     stat = _stat(path)
-    if path is not None and stat is not None:
-        _check(obj, path, stat, codes)
+    if path is not None and stat is not None and _differs(path, stat, codes):
+        raise StaleCode(
+            f"{_name(obj)}: {path} was edited after this process loaded it, and the code "
+            "that would run is not the file's; reload the module (importlib.reload) or "
+            "restart the process"
+        )
     value = compute()
     if len(_taken) >= _MAX:
         _taken.clear()
-    _taken[key] = (obj, value, path, stat)
+    _taken[key] = _Taken(obj, value, path, stat, codes)
     return value
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[str]]:
+    """Within the block, loaded code whose file now holds other code (edited, not
+    reloaded) is listed: a run whose workers import files anew (Ray, spawned processes)
+    would run the file's code under the loaded code's key, and must refuse."""
+    found: list[str] = []
+    token = _stale.set(found)
+    try:
+        yield found
+    finally:
+        _stale.reset(token)
 
 
 def function_digest(func: Any) -> str:
@@ -158,16 +189,15 @@ def _stat(path: str | None) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def _check(obj: Any, path: str, stat: tuple[int, int], codes: list[types.CodeType]) -> None:
+def _differs(path: str, stat: tuple[int, int], codes: list[types.CodeType]) -> bool:
+    """Whether the file at `path` (as `stat` says it is now) may not hold `codes`, the
+    loaded code: False for a file older than the process (the import read it)."""
     if stat[0] / 1e9 < PROCESS_START - _SLACK or not codes:
-        return  # not modified since the process started: the import read this file
+        return False
     try:
         found = _code_in(path, stat)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise StaleCode(
-            f"{_name(obj)}: {path} changed after it was loaded and no longer compiles ({e}); "
-            "fix it and reload the module, or restart the process"
-        ) from None
+    except (OSError, SyntaxError, ValueError):
+        return True  # it no longer compiles: not the loaded code
     for code in codes:
         # At the same line too: inspect reads a function's source from the line its
         # loaded code starts at.
@@ -176,22 +206,31 @@ def _check(obj: Any, path: str, stat: tuple[int, int], codes: list[types.CodeTyp
             for other in found.get(code.co_qualname, ())
         )
         if not any(same):
-            raise StaleCode(
-                f"{_name(obj)}: {path} was edited after this process loaded it, and the code "
-                "that would run is not the file's; reload the module (importlib.reload) or "
-                "restart the process"
-            )
+            return True
+    return False
 
 
-def _later(obj: Any, path: str | None, stat: tuple[int, int] | None) -> None:
-    if path is None or _stat(path) == stat or (path, stat) in _warned:
+def _later(hit: _Taken) -> None:
+    """A remembered object met again: its file may have been edited since."""
+    if hit.path is None:
         return
-    _warned.add((path, stat))
+    stat = _stat(hit.path)
+    if stat == hit.stat or stat is None:
+        return
+    if not _differs(hit.path, stat, hit.codes):
+        hit.stat = stat  # edited elsewhere (or back): this code is still the file's
+        return
+    stale = _stale.get()
+    if stale is not None:
+        stale.append(f"{hit.path} changed after {_name(hit.obj)} was loaded")
+    if (hit.path, stat) in _warned:
+        return
+    _warned.add((hit.path, stat))
     log.warning(
         "%s changed after %s was loaded: this run keys and runs the loaded code; reload "
         "the module (importlib.reload) or restart the process to run the edit",
-        path,
-        _name(obj),
+        hit.path,
+        _name(hit.obj),
     )
 
 

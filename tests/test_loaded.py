@@ -16,6 +16,7 @@ import pytest
 
 from castore import Pipeline
 from castore.errors import StaleCode
+from castore.pipeline.executors import signatures_for
 from castore.steps import LoadDataFromDicts
 from tests.conftest import REPO
 
@@ -176,3 +177,35 @@ def test_a_function_moved_in_its_file_after_import_is_refused(module, tmp_path):
         f.write("# a comment\n# another\n" + text)
     with pytest.raises(StaleCode, match="edited after this process loaded it"):
         run(mod, tmp_path / "cache")
+
+
+def test_executors_that_import_files_anew_refuse_an_edited_module(module, tmp_path, monkeypatch):
+    """Ray workers, and processes where fork is not available, import the step's module
+    from its file: after an edit without a reload they would run the edit under the
+    loaded code's key. Refused before anything starts; threads run the loaded code."""
+    import multiprocessing as mp
+
+    mod, write = module
+    cache = tmp_path / "cache"
+    assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
+    write(4)
+
+    def with_executor(kind: str):
+        with Pipeline(name="loaded") as p:
+            LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
+        return p.run(cache_dir=cache, quiet=True, executor=kind)
+
+    with pytest.raises(StaleCode, match="ray executor's workers import it anew"):
+        with_executor("ray")
+    with monkeypatch.context() as m:
+        m.setattr(mp, "get_all_start_methods", lambda: ["spawn", "forkserver"])
+        with pytest.raises(StaleCode, match="processes executor's workers import it anew"):
+            with_executor("processes")
+    assert list(with_executor("threads")["times"]["train"]["y"]) == [0, 2, 4, 6, 8, 10]
+    # An edit elsewhere in the file (this code unchanged) is no reason to refuse.
+    write(2)
+    with open(mod.__file__, "a") as f:
+        f.write("\n\ndef unrelated():\n    return 1\n")
+    with Pipeline(name="loaded") as p:
+        LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
+    assert signatures_for(p, "ray") == p.signatures()

@@ -447,6 +447,28 @@ def check_executor(kind: str, ray_storage: str, remote: Any, steps: Iterable[_St
             )
 
 
+def signatures_for(pipeline: Any, kind: str) -> dict[str, dict[str, str]]:
+    """`pipeline.signatures()`, refused when some code it hashes was edited after it was
+    loaded (castore.loaded) and `kind`'s workers import their code anew (Ray; processes
+    where fork is not available): they would run the edit under the loaded code's key.
+    Threads and forked processes run the loaded code, which is what is keyed."""
+    import multiprocessing as mp
+
+    from castore import loaded
+    from castore.errors import StaleCode
+
+    with loaded.collecting() as stale:
+        sigs: dict[str, dict[str, str]] = pipeline.signatures()
+    reimports = kind == "ray" or (kind == "processes" and "fork" not in mp.get_all_start_methods())
+    if stale and reimports:
+        raise StaleCode(
+            f"{stale[0]}, and the {kind} executor's workers import it anew: they would run "
+            "the edit under the loaded code's key; reload the module (importlib.reload) or "
+            "restart the process"
+        )
+    return sigs
+
+
 def make_executor(
     kind: str,
     store: Store,

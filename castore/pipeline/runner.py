@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, DamagedRef
 from castore.pipeline import runlog
-from castore.pipeline.executors import check_executor
+from castore.pipeline.executors import check_executor, signatures_for
 from castore.pipeline.neighbours import Neighbours
 from castore.pipeline.plan import Planner
 from castore.pipeline.progress import Progress
@@ -55,7 +55,7 @@ class Runner:
         self.p, self.store, self.quiet, self.stop_grace = pipeline, store, quiet, stop_grace
         self.executor_kind, self.ray_address, self.ray_storage = executor, ray_address, ray_storage
         self.remote, self.push, self.use_cache = remote, push, use_cache
-        self.sigs = pipeline.signatures()
+        self.sigs = signatures_for(pipeline, executor)
         self.sig = pipeline.signature(self.sigs)
         self.order = pipeline.topological()
         self.folder = RunFolder(store, pipeline.name, self.sig)
