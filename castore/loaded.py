@@ -75,7 +75,7 @@ class _Taken:
     codes: list[types.CodeType]
 
 
-_taken: dict[tuple[str, int], _Taken] = {}  # by (kind, id(object))
+_taken: dict[tuple[Any, ...], _Taken] = {}  # by (kind, id(object), ids of its code)
 _warned: set[tuple[str, tuple[int, int] | None]] = set()
 # A file's code objects by qualified name, per (path, mtime_ns, size): compiled once.
 _compiled: dict[tuple[str, int, int], dict[str, list[types.CodeType]]] = {}
@@ -95,7 +95,9 @@ def once(
     """`compute()` (read from `obj`'s source file as it is now), once per loaded `obj`
     and `kind`: `codes` are the loaded code objects the file must still match the first
     time, `path` the source file (None: nothing to check, e.g. a notebook cell)."""
-    key = (kind, id(obj))
+    # The code objects count too: IPython's autoreload patches a class's methods in place
+    # (new code, same class object), and that is a new version of the class.
+    key = (kind, id(obj), *map(id, codes))
     hit = _taken.get(key)
     if hit is not None and hit.obj is obj:
         _later(hit)

@@ -209,3 +209,38 @@ def test_executors_that_import_files_anew_refuse_an_edited_module(module, tmp_pa
     with Pipeline(name="loaded") as p:
         LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
     assert signatures_for(p, "ray") == p.signatures()
+
+
+HELPER = """
+from castore import step, StepInput
+
+
+class Fmt:
+    def fmt(self, v):
+        return v * FACTOR
+
+
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": Fmt().fmt(r["x"])} for r in inputs]
+"""
+
+
+def test_a_class_patched_in_place_is_a_new_version(tmp_path, monkeypatch):
+    """IPython's autoreload swaps a method's code in place (same class object): castore
+    hashes the class again, so the patched code gets its own key."""
+    name = f"user_helper_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(HELPER.replace("FACTOR", "2"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    try:
+        cache = tmp_path / "cache"
+        assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
+        path.write_text(HELPER.replace("FACTOR", "7"))
+        new: dict = {}
+        exec(compile(path.read_text(), str(path), "exec", dont_inherit=True), new)
+        mod.Fmt.fmt.__code__ = new["Fmt"].fmt.__code__  # what autoreload does
+        assert run(mod, cache) == ([0, 7, 14, 21, 28, 35], 1)
+    finally:
+        sys.modules.pop(name, None)
