@@ -102,15 +102,13 @@ def _const_digest(value: Any) -> str | None:
 def _source_digest(obj: type | types.ModuleType) -> str:
     """Normalized-AST digest of a class's or module's source (its decorators count), of
     the version this process loaded (castore.loaded)."""
-    path = loaded.source_file(obj)
 
     def digest() -> str:
         return source_digest(inspect.getsource(obj), keep_decorators=True)
 
     if isinstance(obj, types.ModuleType):
-        key, codes = loaded.module_key(obj), loaded.module_codes(obj, path)
-        return loaded.once("module", key, path, codes, digest)
-    return loaded.once("class", obj, path, loaded.class_codes(obj, path), digest)
+        return loaded.module_value("module", obj, digest)
+    return loaded.class_value(obj, digest)
 
 
 def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
@@ -255,15 +253,11 @@ class _Walk:
 def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
     """Normalized AST of the module-level statements that assign `name`, or None."""
     try:
-        path = str(module.__file__)
-        codes = loaded.module_codes(module, path)
-        key = loaded.module_key(module)
-        found = loaded.once(
-            "assignments", key, path, codes, lambda: _module_assignments(module)
-        ).get(name)
+        found = loaded.module_value("assignments", module, lambda: _module_assignments(module))
     except (OSError, TypeError, SyntaxError):
         return None
-    return hash_json(found) if found else None
+    statements = found.get(name)
+    return hash_json(statements) if statements else None
 
 
 def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:

@@ -85,23 +85,24 @@ _stale: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
 )
 
 
-def once(
+def _once(
     kind: str,
     obj: Any,
-    path: str | None,
-    codes: list[types.CodeType],
+    version: tuple[types.CodeType, ...],
+    where: Callable[[], tuple[str | None, list[types.CodeType]]],
     compute: Callable[[], T],
 ) -> T:
-    """`compute()` (read from `obj`'s source file as it is now), once per loaded `obj`
-    and `kind`: `codes` are the loaded code objects the file must still match the first
-    time, `path` the source file (None: nothing to check, e.g. a notebook cell)."""
-    # The code objects count too: IPython's autoreload patches a class's methods in place
-    # (new code, same class object), and that is a new version of the class.
-    key = (kind, id(obj), *map(id, codes))
+    """`compute()` (read from `obj`'s source file as it is now), once per loaded `obj`,
+    `version` (code objects that make another version of it when they change: IPython's
+    autoreload patches a class's methods in place) and `kind`. `where()` gives, the first
+    time, the source file (None: nothing to check, e.g. a notebook cell) and the loaded
+    code objects the file must still hold."""
+    key = (kind, id(obj), *map(id, version))
     hit = _taken.get(key)
     if hit is not None and hit.obj is obj:
         _later(hit)
         return cast(T, hit.value)
+    path, codes = where()
     stat = _stat(path)
     if path is not None and stat is not None and _differs(path, stat, codes):
         raise StaleCode(
@@ -136,40 +137,52 @@ def function_digest(func: Any) -> str:
     code = getattr(func, "__code__", None)
     if not isinstance(code, types.CodeType) or code.co_name == "<lambda>":
         return code_digest(func)  # a lambda is hashed by its compiled code already
-    return once("function", code, source_file(func), [code], lambda: code_digest(func))
+    return _once(
+        "function", code, (), lambda: (source_file(func), [code]), lambda: code_digest(func)
+    )
 
 
-def class_codes(cls: type, path: str | None) -> list[types.CodeType]:
-    """The code objects of a class's own methods (what its loaded version can be
-    compared by)."""
+def class_value(cls: type, compute: Callable[[], T]) -> T:
+    """`compute()` (from the class's source) once per loaded version of `cls`."""
+    methods = tuple(_method_codes(cls))
+
+    def where() -> tuple[str | None, list[types.CodeType]]:
+        path = source_file(cls)
+        return path, [c for c in methods if c.co_filename == path]
+
+    return _once("class", cls, methods, where, compute)
+
+
+def module_value(kind: str, module: types.ModuleType, compute: Callable[[], T]) -> T:
+    """`compute()` (from the module's source) once per loaded version of `module`: its
+    spec stands for it, which importlib.reload replaces (the module object stays)."""
+
+    def where() -> tuple[str | None, list[types.CodeType]]:
+        path = source_file(module)
+        out = []
+        for value in vars(module).values():
+            if getattr(value, "__module__", None) != module.__name__:
+                continue
+            codes = (
+                _method_codes(value)
+                if isinstance(value, type)
+                else [getattr(value, "__code__", None)]
+            )
+            out += [c for c in codes if isinstance(c, types.CodeType) and c.co_filename == path]
+        return path, out
+
+    return _once(kind, getattr(module, "__spec__", None) or module, (), where, compute)
+
+
+def _method_codes(cls: type) -> list[types.CodeType]:
     out = []
     for value in vars(cls).values():
         if isinstance(value, (staticmethod, classmethod)):
             value = value.__func__
         code = getattr(value, "__code__", None)
-        if isinstance(code, types.CodeType) and code.co_filename == path:
+        if isinstance(code, types.CodeType):
             out.append(code)
     return out
-
-
-def module_codes(module: types.ModuleType, path: str | None) -> list[types.CodeType]:
-    """The code objects of a module's own functions and its classes' methods."""
-    out = []
-    for value in vars(module).values():
-        if getattr(value, "__module__", None) != module.__name__:
-            continue
-        if isinstance(value, type):
-            out += class_codes(value, path)
-        code = getattr(value, "__code__", None)
-        if isinstance(code, types.CodeType) and code.co_filename == path:
-            out.append(code)
-    return out
-
-
-def module_key(module: types.ModuleType) -> Any:
-    """What stands for one loaded version of a module: its spec, which importlib.reload
-    replaces (the module object stays the same)."""
-    return getattr(module, "__spec__", None) or module
 
 
 def source_file(obj: Any) -> str | None:
