@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from castore import Pipeline, StepInput, step
-from castore.errors import PipelineError
+from castore.errors import PipelineError, StepFailed
 from castore.remote import Remote
 from castore.steps import FilterRows, KeepColumns, LoadDataFromFileSystem
 from castore.store import Store
@@ -328,3 +328,34 @@ def test_a_row_wise_step_that_reorders_its_rows_fails_in_one_line(tmp_path, data
         LoadDataFromFileSystem(data_files=str(data), batch_size=25) >> Reversed(input_batch_size=8)
     with pytest.raises(StepFailed, match="do not keep the order and values of input column"):
         p.run(cache_dir=tmp_path / "c", quiet=True)
+
+
+@step(inputs=["text"], outputs=["label"], row_wise=True)
+def Peeks(inputs: StepInput, strict: bool = False):
+    """Would read a column it does not declare: `id` is in every row it is given."""
+    get = (lambda r: r["id"]) if strict else (lambda r: r.get("id", -1))
+    return [{**r, "label": f"{r['text'][:6]}#{get(r)}"} for r in inputs]
+
+
+def test_a_row_wise_step_sees_only_the_columns_its_rows_are_keyed_by(tmp_path):
+    """A row found by key is reused for any row with the same input values, so a row-wise
+    step is given its declared inputs alone (the other columns come back from the input):
+    a computed row cannot depend on what the key leaves out, and reading such a column is
+    an error that names it, not a wrong row reused later."""
+    from castore.steps import LoadDataFromDicts
+
+    def peeks(ids: list[int], strict: bool = False) -> Pipeline:
+        with Pipeline(name="peeks") as p:
+            data = [{"id": i, "text": "same text"} for i in ids]
+            LoadDataFromDicts(data=data, batch_size=4) >> Peeks(strict=strict, input_batch_size=3)
+        return p
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    peeks([1, 2, 3]).run(cache_dir=a, quiet=True)
+    got = peeks([7, 8, 9]).run(cache_dir=a, quiet=True)["peeks"]["train"].to_list()
+    fresh = peeks([7, 8, 9]).run(cache_dir=b, quiet=True, use_cache=False)
+    assert got == fresh["peeks"]["train"].to_list()
+    assert [r["id"] for r in got] == [7, 8, 9]  # the input's own columns, not the stored
+    assert {r["label"] for r in got} == {"same t#-1"}
+    with pytest.raises(StepFailed, match="reads column 'id', which is not among its inputs"):
+        peeks([1], strict=True).run(cache_dir=tmp_path / "c", quiet=True)

@@ -393,7 +393,7 @@ def compute_rows(
     failed: list[int] | None = []
     if missing:
         sub = table.take(pa.array(missing, pa.int64())) if len(missing) < table.num_rows else table
-        out, skipped, failed_sub = compute(step, sub)
+        out, skipped, failed_sub = _compute_declared(step, sub, compute)
         failed = [missing[j] for j in failed_sub] if failed_sub else None
         if out.num_rows != len(missing):
             raise StepFailed(
@@ -420,6 +420,31 @@ def compute_rows(
             result = result.append_column(name, combined.column(name))
     own_reused = reused.drop_columns([POS]) if reused is not None else None
     return result, skipped, own_reused, failed
+
+
+def _compute_declared(
+    step: _Step,
+    table: pa.Table,
+    compute: Callable[[_Step, pa.Table], tuple[pa.Table, str | None, list[int]]],
+) -> tuple[pa.Table, str | None, list[int]]:
+    """`compute` on the columns the row keys are made of (and the metadata column, which
+    the step extends): a row found by key is reused for any row with the same values of
+    them, so a computed row must not depend on any other column. The other columns come
+    back from the input when the batch is assembled."""
+    declared = step.row_key_columns()
+    seen = [c for c in (*declared, METADATA_COLUMN) if c in table.column_names]
+    try:
+        return compute(step, table.select(seen))
+    except KeyError as e:
+        col = e.args[0] if e.args else None
+        logical = set(declared) | set(step.input_mappings)
+        if isinstance(col, str) and col in table.column_names and col not in logical:
+            raise StepFailed(
+                f"step {step.name} is row-wise and reads column {col!r}, which is not among "
+                f"its inputs {declared}: rows are reused by the values of their inputs "
+                f"alone; declare {col!r} in inputs=[...] or drop row_wise"
+            ) from None
+        raise
 
 
 def _own_columns(table: pa.Table, own: list[str]) -> pa.Table:
