@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
-from castore.pipeline.rows import RowPlan, compute_rows, write_segment
+from castore.pipeline.rows import RowPlan, compute_rows, mapping_clash, write_segment
 from castore.pipeline.step import (
     BatchIncomplete,
     _Step,
@@ -241,10 +241,7 @@ def map_output(step: _Step, table: pa.Table) -> pa.Table:
     names = [mapping.get(c, c) for c in table.column_names]
     dup = next((c for c in names if names.count(c) > 1), None)
     if dup is not None:
-        raise StepFailed(
-            f"step {step.name}: output_mappings writes column {dup!r}, which its output "
-            "already has; one would overwrite the other: map it to another name"
-        )
+        raise mapping_clash(step.name, dup)
     return table.rename_columns(names)
 
 

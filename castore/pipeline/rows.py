@@ -433,6 +433,9 @@ def _compute_declared(
     back from the input when the batch is assembled."""
     declared = step.row_key_columns()
     seen = [c for c in (*declared, METADATA_COLUMN) if c in table.column_names]
+    for target in step.output_mappings.values():
+        if target in table.column_names and target not in seen:
+            raise mapping_clash(step.name, target)  # unseen by the step: map_output cannot tell
     try:
         return compute(step, table.select(seen))
     except KeyError as e:
@@ -445,6 +448,13 @@ def _compute_declared(
                 f"alone; declare {col!r} in inputs=[...] or drop row_wise"
             ) from None
         raise
+
+
+def mapping_clash(step: str | None, column: str) -> StepFailed:
+    return StepFailed(
+        f"step {step}: output_mappings writes column {column!r}, which its output already "
+        "has; one would overwrite the other: map it to another name"
+    )
 
 
 def _own_columns(table: pa.Table, own: list[str]) -> pa.Table:
