@@ -13,8 +13,8 @@ it, in this process, and kept while that object is what runs:
 - the first time castore hashes an object, the file must still hold the code that was
   loaded: a file not modified since the process started is (a module is imported after
   its process starts); a newer file is compiled as the import compiled it and its code
-  objects compared with the loaded ones (bytecode, constants, names; not line numbers).
-  A difference is an error: the loaded code has no source to hash;
+  objects compared with the loaded ones (bytecode, constants, names, the line each
+  starts at). A difference is an error: the loaded code has no source to hash;
 - later, the same object keeps its digest whatever the file says now, with a warning
   once that the file changed and the edit does not run until the module is reloaded
   (`importlib.reload`, IPython's autoreload) or the process restarted. A reloaded module
