@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from castore.errors import StaleCode
-from castore.hashing import code_digest
+from castore.hashing import code_digest, hash_bytes
 
 T = TypeVar("T")
 
@@ -48,6 +48,7 @@ log = logging.getLogger("castore")
 _MAX = 10_000  # objects remembered; a long process past this hashes again (and checks)
 # Seconds of doubt around the process's start (/proc gives it to a second or a tick).
 _SLACK = 2.0
+_TICK = 0.1  # seconds: more than any file clock's step (ext4's is a few ms)
 
 
 def _process_start() -> float:
@@ -77,8 +78,9 @@ class _Taken:
 
 _taken: dict[tuple[Any, ...], _Taken] = {}  # by (kind, id(object), ids of its code)
 _warned: set[tuple[str, tuple[int, int] | None]] = set()
-# A file's code objects by qualified name, per (path, mtime_ns, size): compiled once.
-_compiled: dict[tuple[str, int, int], dict[str, list[types.CodeType]]] = {}
+# A file's code objects by qualified name, per (path, mtime_ns, size) or, for a file just
+# written, (path, digest of its bytes): compiled once.
+_compiled: dict[tuple[Any, ...], dict[str, list[types.CodeType]]] = {}
 # What a `collecting()` block met: loaded code its file no longer holds.
 _stale: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "castore_stale", default=None
@@ -259,12 +261,23 @@ def _name(obj: Any) -> str:
 
 def _code_in(path: str, stat: tuple[int, int]) -> dict[str, list[types.CodeType]]:
     """The code objects of the file as an import compiles it (bytes, so its coding
-    cookie counts), by qualified name."""
-    key = (path, *stat)
+    cookie counts), by qualified name; compiled once per version of the file."""
+    # (mtime, size) names a version only once the file clock has moved on: two writes
+    # within one tick of it leave the same pair. A file written that recently is named
+    # by its bytes.
+    source = None
+    if time.time() - stat[0] / 1e9 > _TICK:
+        key: tuple[Any, ...] = (path, *stat)
+    else:
+        with open(path, "rb") as f:
+            source = f.read()
+        key = (path, hash_bytes(source))
     found = _compiled.get(key)
     if found is None:
-        with open(path, "rb") as f:
-            module = compile(f.read(), path, "exec", dont_inherit=True)
+        if source is None:
+            with open(path, "rb") as f:
+                source = f.read()
+        module = compile(source, path, "exec", dont_inherit=True)
         found = {}
         todo = [module]
         while todo:
