@@ -82,7 +82,7 @@ _warned: set[tuple[str, tuple[int, int] | None]] = set()
 # written, (path, digest of its bytes): compiled once.
 _compiled: dict[tuple[Any, ...], dict[str, list[types.CodeType]]] = {}
 # What a `collecting()` block met: loaded code its file no longer holds.
-_stale: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+_stale: contextvars.ContextVar[list[Stale] | None] = contextvars.ContextVar(
     "castore_stale", default=None
 )
 
@@ -119,12 +119,23 @@ def _once(
     return value
 
 
+@dataclass(frozen=True)
+class Stale:
+    """Loaded code whose file now holds other code."""
+
+    path: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.path} changed after {self.name} was loaded"
+
+
 @contextlib.contextmanager
-def collecting() -> Iterator[list[str]]:
+def collecting() -> Iterator[list[Stale]]:
     """Within the block, loaded code whose file now holds other code (edited, not
     reloaded) is listed: a run whose workers import files anew (Ray, spawned processes)
     would run the file's code under the loaded code's key, and must refuse."""
-    found: list[str] = []
+    found: list[Stale] = []
     token = _stale.set(found)
     try:
         yield found
@@ -239,7 +250,7 @@ def _later(hit: _Taken) -> None:
         return
     stale = _stale.get()
     if stale is not None:
-        stale.append(f"{hit.path} changed after {_name(hit.obj)} was loaded")
+        stale.append(Stale(hit.path, _name(hit.obj)))
     if (hit.path, stat) in _warned:
         return
     _warned.add((hit.path, stat))

@@ -179,36 +179,54 @@ def test_a_function_moved_in_its_file_after_import_is_refused(module, tmp_path):
         run(mod, tmp_path / "cache")
 
 
-def test_executors_that_import_files_anew_refuse_an_edited_module(module, tmp_path, monkeypatch):
-    """Ray workers, and processes where fork is not available, import the step's module
-    from its file: after an edit without a reload they would run the edit under the
-    loaded code's key. Refused before anything starts; threads run the loaded code."""
+def test_executors_that_import_files_anew_refuse_an_edited_module(tmp_path, monkeypatch):
+    """Processes where fork is not available import a step's module from its file, and
+    Ray workers import every module but the steps' own (shipped by value): after an edit
+    without a reload they would run the edit under the loaded code's key. Refused before
+    anything starts; threads run the loaded code."""
     import multiprocessing as mp
 
-    mod, write = module
+    tag = uuid.uuid4().hex[:8]
+    helper, steps = tmp_path / f"helper_{tag}.py", tmp_path / f"steps_{tag}.py"
+    helper.write_text("def factor():\n    return 2\n")
+    steps.write_text(
+        f"from castore import step, StepInput\nimport helper_{tag} as helper\n\n\n"
+        '@step(inputs=["x"], outputs=["y"])\n'
+        "def Times(inputs: StepInput):\n"
+        '    return [{**r, "y": r["x"] * helper.factor()} for r in inputs]\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(f"steps_{tag}")
     cache = tmp_path / "cache"
-    assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
-    write(4)
+    try:
+        assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
 
-    def with_executor(kind: str):
-        with Pipeline(name="loaded") as p:
-            LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
-        return p.run(cache_dir=cache, quiet=True, executor=kind)
+        def pipeline() -> Pipeline:
+            with Pipeline(name="loaded") as p:
+                LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
+            return p
 
-    with pytest.raises(StaleCode, match="ray executor's workers import it anew"):
-        with_executor("ray")
-    with monkeypatch.context() as m:
-        m.setattr(mp, "get_all_start_methods", lambda: ["spawn", "forkserver"])
-        with pytest.raises(StaleCode, match="processes executor's workers import it anew"):
-            with_executor("processes")
-    assert list(with_executor("threads")["times"]["train"]["y"]) == [0, 2, 4, 6, 8, 10]
-    # An edit elsewhere in the file (this code unchanged) is no reason to refuse.
-    write(2)
-    with open(mod.__file__, "a") as f:
-        f.write("\n\ndef unrelated():\n    return 1\n")
-    with Pipeline(name="loaded") as p:
-        LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
-    assert signatures_for(p, "ray") == p.signatures()
+        # The steps' own module edited: Ray ships the loaded one by value, spawned
+        # processes would import the file.
+        steps.write_text(steps.read_text().replace('r["x"] *', '1 + r["x"] *'))
+        assert signatures_for(pipeline(), "ray") == pipeline().signatures()
+        with monkeypatch.context() as m:
+            m.setattr(mp, "get_all_start_methods", lambda: ["spawn", "forkserver"])
+            with pytest.raises(StaleCode, match="processes executor's workers import it"):
+                signatures_for(pipeline(), "processes")
+        assert signatures_for(pipeline(), "processes") == pipeline().signatures()  # fork
+        # A helper module edited: Ray workers import it from the file.
+        helper.write_text("def factor():\n    return 5\n")
+        with pytest.raises(StaleCode, match="ray executor's workers import it anew"):
+            pipeline().run(cache_dir=cache, quiet=True, executor="ray")
+        ds = pipeline().run(cache_dir=cache, quiet=True, executor="threads")
+        assert list(ds["times"]["train"]["y"]) == [0, 2, 4, 6, 8, 10]  # the loaded code
+        # An edit elsewhere in the file (the hashed code unchanged) is no reason to refuse.
+        helper.write_text("def factor():\n    return 2\n\n\ndef unrelated():\n    return 1\n")
+        assert signatures_for(pipeline(), "ray") == pipeline().signatures()
+    finally:
+        sys.modules.pop(f"steps_{tag}", None)
+        sys.modules.pop(f"helper_{tag}", None)
 
 
 HELPER = """

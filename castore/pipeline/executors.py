@@ -390,15 +390,24 @@ def pickle_steps_by_value(pipeline: Any) -> None:
     """Ray workers do not import the user's pipeline file: ship its step classes by
     value (cloudpickle), as Ray does for __main__."""
     import contextlib
-    import sys
 
     from ray import cloudpickle  # Ray ships its own copy
 
+    for module in _by_value(pipeline):
+        with contextlib.suppress(ValueError):
+            cloudpickle.register_pickle_by_value(module)
+
+
+def _by_value(pipeline: Any) -> list[Any]:
+    """The modules of a pipeline's user steps (Ray gets them by value, not by import)."""
+    import sys
+
+    out = []
     for step in pipeline.steps.values():
         module = sys.modules.get(type(step).__module__)
-        if module is not None and not module.__name__.startswith("castore."):
-            with contextlib.suppress(ValueError):
-                cloudpickle.register_pickle_by_value(module)
+        if module is not None and not module.__name__.startswith("castore.") and module not in out:
+            out.append(module)
+    return out
 
 
 EXECUTORS = ("threads", "processes", "ray")
@@ -449,9 +458,10 @@ def check_executor(kind: str, ray_storage: str, remote: Any, steps: Iterable[_St
 
 def signatures_for(pipeline: Any, kind: str) -> dict[str, dict[str, str]]:
     """`pipeline.signatures()`, refused when some code it hashes was edited after it was
-    loaded (castore.loaded) and `kind`'s workers import their code anew (Ray; processes
-    where fork is not available): they would run the edit under the loaded code's key.
-    Threads and forked processes run the loaded code, which is what is keyed."""
+    loaded (castore.loaded) and `kind`'s workers would import that code from its file:
+    processes where fork is not available, and Ray for modules other than the steps' own
+    (those are shipped by value: `pickle_steps_by_value`). They would run the edit under
+    the loaded code's key. Threads and forked processes run the loaded code."""
     import multiprocessing as mp
 
     from castore import loaded
@@ -459,8 +469,12 @@ def signatures_for(pipeline: Any, kind: str) -> dict[str, dict[str, str]]:
 
     with loaded.collecting() as stale:
         sigs: dict[str, dict[str, str]] = pipeline.signatures()
-    reimports = kind == "ray" or (kind == "processes" and "fork" not in mp.get_all_start_methods())
-    if stale and reimports:
+    if kind == "ray":
+        shipped = {getattr(m, "__file__", None) for m in _by_value(pipeline)}
+        stale = [s for s in stale if s.path not in shipped]
+    elif kind != "processes" or "fork" in mp.get_all_start_methods():
+        stale = []
+    if stale:
         raise StaleCode(
             f"{stale[0]}, and the {kind} executor's workers import it anew: they would run "
             "the edit under the loaded code's key; reload the module (importlib.reload) or "
