@@ -74,6 +74,7 @@ class _Taken:
     path: str | None
     stat: tuple[int, int] | None  # the file's (mtime_ns, size) when it was taken
     codes: list[types.CodeType]
+    compute: Callable[[], Any]  # the value from the file as it is now
 
 
 _taken: dict[tuple[Any, ...], _Taken] = {}  # by (kind, id(object), ids of its code)
@@ -115,7 +116,7 @@ def _once(
     value = compute()
     if len(_taken) >= _MAX:
         _taken.clear()
-    _taken[key] = _Taken(obj, value, path, stat, codes)
+    _taken[key] = _Taken(obj, value, path, stat, codes, compute)
     return value
 
 
@@ -245,7 +246,7 @@ def _later(hit: _Taken) -> None:
     stat = _stat(hit.path)
     if stat == hit.stat or stat is None:
         return
-    if not _differs(hit.path, stat, hit.codes):
+    if not _differs(hit.path, stat, hit.codes) and _same_value(hit):
         hit.stat = stat  # edited elsewhere (or back): this code is still the file's
         return
     stale = _stale.get()
@@ -260,6 +261,16 @@ def _later(hit: _Taken) -> None:
         hit.path,
         _name(hit.obj),
     )
+
+
+def _same_value(hit: _Taken) -> bool:
+    """Whether the file as it is now gives the value taken (a class's or module's
+    digest, a module's assignments: what code objects alone do not show, such as a
+    class constant or a module-level list)."""
+    try:
+        return bool(hit.compute() == hit.value)
+    except (OSError, TypeError, SyntaxError):
+        return False
 
 
 def _name(obj: Any) -> str:

@@ -262,3 +262,42 @@ def test_a_class_patched_in_place_is_a_new_version(tmp_path, monkeypatch):
         assert run(mod, cache) == ([0, 7, 14, 21, 28, 35], 1)
     finally:
         sys.modules.pop(name, None)
+
+
+LISTED = """
+from castore import step, StepInput
+
+LABELS = ["a", "b"]
+
+
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": r["x"] * len(LABELS)} for r in inputs]
+"""
+
+
+def test_a_module_level_list_edited_after_a_run_keeps_the_loaded_key(tmp_path, monkeypatch, caplog):
+    """A module-level list is keyed by the code that assigns it: edited after a run
+    without a reload, the loaded list still runs and keeps its key (with the warning),
+    and workers that would import the edited module are refused."""
+    import multiprocessing as mp
+
+    name = f"user_listed_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(LISTED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    try:
+        cache = tmp_path / "cache"
+        assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
+        path.write_text(LISTED.replace('["a", "b"]', '["a", "b", "c"]'))
+        with caplog.at_level(logging.WARNING, logger="castore"):
+            assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 0)
+        assert "changed after" in caplog.text
+        with Pipeline(name="loaded") as p:
+            LoadDataFromDicts(data=ROWS, batch_size=6) >> mod.Times(name="times")
+        monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn", "forkserver"])
+        with pytest.raises(StaleCode, match="processes executor's workers import it"):
+            signatures_for(p, "processes")
+    finally:
+        sys.modules.pop(name, None)
