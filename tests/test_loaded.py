@@ -4,6 +4,7 @@ old code's rows under the new code's key, where a fresh process would be served 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -32,21 +33,30 @@ def Times(inputs: StepInput):
 ROWS = [{"x": i} for i in range(6)]
 
 
+@contextlib.contextmanager
+def user_module(tmp_path, monkeypatch, source: str):
+    """`source` as a user module in its own file, imported under a name no other test
+    uses: (the module, its path); forgotten by sys.modules afterwards."""
+    name = f"user_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module(name), path
+    finally:
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture
 def module(tmp_path, monkeypatch):
-    """A user module in its own file, imported under a name no other test uses; returns
-    (module, write(factor)) where write edits the file in place (no reload)."""
-    name = f"user_steps_{uuid.uuid4().hex[:8]}"
-    path = tmp_path / f"{name}.py"
+    """The STEP module; returns (module, write(factor)) where write edits the file in
+    place (no reload)."""
+    with user_module(tmp_path, monkeypatch, STEP.replace("FACTOR", "2")) as (mod, path):
 
-    def write(factor: int) -> None:
-        path.write_text(STEP.replace("FACTOR", str(factor)))
+        def write(factor: int) -> None:
+            path.write_text(STEP.replace("FACTOR", str(factor)))
 
-    write(2)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module(name)
-    yield mod, write
-    sys.modules.pop(name, None)
+        yield mod, write
 
 
 def run(mod, cache) -> tuple[list[int], int]:
@@ -151,19 +161,13 @@ def make(k):
 def test_loaded_code_that_matches_its_file_is_accepted(tmp_path, monkeypatch):
     """Files written after the process started are compared with the code loaded from
     them: closures, super(), decorators, static methods and lambdas compare equal."""
-    name = f"user_shapes_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(SHAPES)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module(name)
-    try:
+    with user_module(tmp_path, monkeypatch, SHAPES) as (mod, _):
         with Pipeline(name="shapes") as p:
             load = LoadDataFromDicts(data=ROWS, batch_size=3)
             load >> mod.Child(name="child")
             load >> mod.make(3)(name="scaled")
         sigs = p.signatures()
         assert set(sigs) == {"load_data_from_dicts", "child", "scaled"}
-    finally:
-        sys.modules.pop(name, None)
 
 
 def test_a_function_moved_in_its_file_after_import_is_refused(module, tmp_path):
@@ -247,12 +251,7 @@ def Times(inputs: StepInput):
 def test_a_class_patched_in_place_is_a_new_version(tmp_path, monkeypatch):
     """IPython's autoreload swaps a method's code in place (same class object): castore
     hashes the class again, so the patched code gets its own key."""
-    name = f"user_helper_{uuid.uuid4().hex[:8]}"
-    path = tmp_path / f"{name}.py"
-    path.write_text(HELPER.replace("FACTOR", "2"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module(name)
-    try:
+    with user_module(tmp_path, monkeypatch, HELPER.replace("FACTOR", "2")) as (mod, path):
         cache = tmp_path / "cache"
         assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
         path.write_text(HELPER.replace("FACTOR", "7"))
@@ -260,8 +259,6 @@ def test_a_class_patched_in_place_is_a_new_version(tmp_path, monkeypatch):
         exec(compile(path.read_text(), str(path), "exec", dont_inherit=True), new)
         mod.Fmt.fmt.__code__ = new["Fmt"].fmt.__code__  # what autoreload does
         assert run(mod, cache) == ([0, 7, 14, 21, 28, 35], 1)
-    finally:
-        sys.modules.pop(name, None)
 
 
 LISTED = """
@@ -282,12 +279,7 @@ def test_a_module_level_list_edited_after_a_run_keeps_the_loaded_key(tmp_path, m
     and workers that would import the edited module are refused."""
     import multiprocessing as mp
 
-    name = f"user_listed_{uuid.uuid4().hex[:8]}"
-    path = tmp_path / f"{name}.py"
-    path.write_text(LISTED)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module(name)
-    try:
+    with user_module(tmp_path, monkeypatch, LISTED) as (mod, path):
         cache = tmp_path / "cache"
         assert run(mod, cache) == ([0, 2, 4, 6, 8, 10], 1)
         path.write_text(LISTED.replace('["a", "b"]', '["a", "b", "c"]'))
@@ -299,5 +291,3 @@ def test_a_module_level_list_edited_after_a_run_keeps_the_loaded_key(tmp_path, m
         monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn", "forkserver"])
         with pytest.raises(StaleCode, match="processes executor's workers import it"):
             signatures_for(p, "processes")
-    finally:
-        sys.modules.pop(name, None)
