@@ -18,6 +18,7 @@ from castore.store import layout as L
 from castore.store.extend import EXTENDS_KEY, closed, closed_over, needs_in, needs_of
 from castore.store.manifests import RunManifest, StepManifest, run_closure
 from castore.store.models import ActionEntry
+from castore.store.parquet import PARQUET_MAGIC
 
 if TYPE_CHECKING:
     from castore.remote import Remote
@@ -111,8 +112,9 @@ def _object_problem(store: Store, oid: str) -> Problem | None:
         closed(store, oid, needs_of(store, oid))
     except BadObject as e:
         # Intact bytes castore would not have written (a crafted extension footer):
-        # reading them fails, so they are as good as corrupt.
-        return Problem("bad-object", oid, e.why)
+        # reading them fails, so they are as good as corrupt. An object this one reads
+        # may be the bad one: it is reported (and quarantined) as itself.
+        return Problem("bad-object", oid, e.why) if e.oid == oid else None
     return None
 
 
@@ -123,7 +125,7 @@ _TAIL = 64 << 10
 def _names_extension(tail: bytes) -> bool:
     """Whether a Parquet file ending in `tail` may hold an extension's key in its footer
     (False for a manifest, which is JSON; True when the footer is longer than `tail`)."""
-    if len(tail) < 12 or tail[-4:] != b"PAR1":
+    if len(tail) < 12 or tail[-4:] != PARQUET_MAGIC:
         return False
     length = int.from_bytes(tail[-8:-4], "little")
     return length + 8 > len(tail) or EXTENDS_KEY in tail[-8 - length : -8]

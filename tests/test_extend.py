@@ -264,6 +264,7 @@ def test_footers_castore_does_not_write_are_refused_in_one_line(store, tmp_path)
     malformed = put(b'{"base": "nope"}')
     too_many = put(footer([base], [base] + [f"{i:064x}" for i in range(MAX_NEEDS)]))
     unlisted = put(footer([base], []))
+    over_malformed = put(footer([malformed], [malformed]))  # its own footer is castore's
     chain = [base]
     for _ in range(MAX_NEEDS + 2):  # each names only its own base: deeper than castore writes
         chain.append(put(footer(chain[-1:], chain[-1:])))
@@ -284,6 +285,8 @@ def test_footers_castore_does_not_write_are_refused_in_one_line(store, tmp_path)
         ln.split()[1].rstrip(":") for ln in r.stdout.splitlines() if ln.startswith("bad-object")
     }
     assert found == {malformed, too_many, unlisted, *chain[2:]}  # chain[1] is well formed
+    with pytest.raises(BadObject, match=f"object {malformed} has a malformed"):
+        store.get_table(over_malformed)  # what it reads is named, not it
     # The same objects on a remote: `fsck --remote` finds the same ones.
     from castore.fsck import check_remote
     from castore.remote import Remote
