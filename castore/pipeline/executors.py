@@ -209,12 +209,9 @@ class ProcessExecutor:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        # fork: the child inherits the pipeline's modules, including a target loaded from
-        # a file, so step classes unpickle without being importable by path.
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self._pool = ProcessPoolExecutor(
             max_workers=n,
-            mp_context=mp.get_context(method),
+            mp_context=mp.get_context(process_start_method()),
             initializer=_worker_init,
             initargs=(os.getpid(),),
         )
@@ -238,6 +235,15 @@ class ProcessExecutor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def process_start_method() -> str:
+    """fork where there is one: the child inherits the pipeline's modules, including a
+    target loaded from a file, so step classes unpickle without being importable by path
+    (and run the code the driver loaded and keyed). Else spawn, which imports them."""
+    import multiprocessing as mp
+
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 
 
 def _worker_init(driver_pid: int) -> None:
@@ -462,8 +468,6 @@ def signatures_for(pipeline: Any, kind: str) -> dict[str, dict[str, str]]:
     processes where fork is not available, and Ray for modules other than the steps' own
     (those are shipped by value: `pickle_steps_by_value`). They would run the edit under
     the loaded code's key. Threads and forked processes run the loaded code."""
-    import multiprocessing as mp
-
     from castore import loaded
     from castore.errors import StaleCode
 
@@ -472,7 +476,7 @@ def signatures_for(pipeline: Any, kind: str) -> dict[str, dict[str, str]]:
     if kind == "ray":
         shipped = {getattr(m, "__file__", None) for m in _by_value(pipeline)}
         stale = [s for s in stale if s.path not in shipped]
-    elif kind != "processes" or "fork" in mp.get_all_start_methods():
+    elif kind != "processes" or process_start_method() == "fork":
         stale = []
     if stale:
         raise StaleCode(

@@ -207,7 +207,7 @@ class Recorder:
             seconds=rec.seconds,
             tokens=rec.tokens,
             usd=rec.cost_usd,
-            reused=0 if cached else rec.rows_reused,
+            reused=rec.rows_reused,
             tokens_reused=tokens_reused,
             usd_reused=usd_reused,
         )

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from castore.errors import BadObject, StoreError
 from castore.store.models import Oid
-from castore.store.parquet import EXTENDS_KEY
+from castore.store.parquet import EXTENDS_KEY, without_footer
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -64,7 +64,7 @@ def extension_of(oid: str, table: pa.Table) -> Extension | None:
 
 
 def _parse(oid: str, raw: bytes) -> Extension:
-    """A footer as castore writes it, else StoreError: the object's bytes are intact (the
+    """A footer as castore writes it, else BadObject: the object's bytes are intact (the
     id was verified, or comes from a trusted entry) but were not written by castore, so
     what it would read with them is not trusted either."""
     key = EXTENDS_KEY.decode()
@@ -142,13 +142,12 @@ def assemble(oid: str, own: pa.Table, ext: Extension, base: pa.Table) -> pa.Tabl
             f"object {oid} extends {base.num_rows} rows but has {own.num_rows}: the store "
             "is damaged; run `cas fsck`"
         )
-    # The output's own schema metadata is the object's, less the footer.
-    meta = {k: v for k, v in (own.schema.metadata or {}).items() if k != EXTENDS_KEY}
     cols = [own.column(c) if c in own.column_names else base.column(c) for c in ext.columns]
     fields = [
         own.schema.field(c) if c in own.column_names else base.schema.field(c) for c in ext.columns
     ]
-    return pa.Table.from_arrays(cols, schema=pa.schema(fields, metadata=meta or None))
+    schema = pa.schema(fields, metadata=without_footer(own.schema.metadata))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def read_whole(store: Store, oid: str, table: pa.Table) -> pa.Table:

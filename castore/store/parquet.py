@@ -109,7 +109,7 @@ def as_read(table: pa.Table, buf: pa.Buffer, *, footer: bool = False) -> pa.Tabl
     if schema is None:
         schema = pq.read_schema(pa.BufferReader(buf))
         if footer:
-            meta = {k: v for k, v in (schema.metadata or {}).items() if k != EXTENDS_KEY}
+            meta = without_footer(schema.metadata)
             schema = schema.with_metadata(meta) if meta else schema.remove_metadata()
         if len(_READ_SCHEMAS) >= 256:
             _READ_SCHEMAS.clear()
@@ -126,6 +126,12 @@ def as_read(table: pa.Table, buf: pa.Buffer, *, footer: bool = False) -> pa.Tabl
         return pa.Table.from_arrays(columns, schema=schema)  # validates lengths
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
         return None
+
+
+def without_footer(meta: dict[bytes, bytes] | None) -> dict[bytes, bytes] | None:
+    """Schema metadata as the step returned it: without an extension's footer key."""
+    kept = {k: v for k, v in (meta or {}).items() if k != EXTENDS_KEY}
+    return kept or None
 
 
 def round_trips(schema: pa.Schema) -> bool:
