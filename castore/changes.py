@@ -116,7 +116,10 @@ def own_changes(a: dict[str, Any] | None, b: dict[str, Any]) -> tuple[list[str],
     if a.get("code") != b.get("code") and "cache_version" not in params:
         reasons.extend(_code_changes(a.get("code_parts"), b.get("code_parts")))
     if a.get("extra") != b.get("extra"):
-        reasons.append("its input changed (the contents of the files it reads)")
+        reasons.append(
+            "its input changed (the contents of the files it reads, or the commit of the "
+            "hub dataset it loads)"
+        )
     return reasons, params
 
 

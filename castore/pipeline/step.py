@@ -161,6 +161,10 @@ class _Step(BaseModel):
             seen[actual] = logical
         return mappings
 
+    def refresh(self) -> None:
+        """Called as each run starts, before its fingerprints: forget what was resolved
+        outside the process for the last one (LoadDataFromHub: the commit a branch named)."""
+
     def load(self) -> None:
         """Called once per process before this step's first batch there (open a client,
         load a model); subclasses that override it call super().load(), as in distilabel."""

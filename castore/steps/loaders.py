@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from castore.errors import ConfigError
 from castore.hashing import Hasher, hash_file
@@ -16,6 +18,8 @@ from castore.pipeline.step import GeneratorStep, runtime_field
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+log = logging.getLogger("castore")
 
 
 def _slices(
@@ -187,28 +191,126 @@ class LoadDataFromFileSystem(GeneratorStep):
         yield from _slices(table, offset, self.batch_size, self.num_examples)
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 class LoadDataFromHub(GeneratorStep):
     """`datasets.load_dataset(repo_id, name=config, split=split)`; a local dataset folder
-    works offline, and its files' contents enter the fingerprint."""
+    works offline, and its files' contents enter the fingerprint.
+
+    A hub dataset is keyed and loaded at one commit: `revision` (a branch, a tag, or
+    main when unset) is resolved to the commit it names when each run starts, so a
+    dataset that changed on the hub is loaded again instead of served from the cache.
+    Offline (HF_HUB_OFFLINE=1) the commit is the one in the local Hugging Face cache."""
 
     repo_id: str | None = runtime_field(None, description="Hub id or local dataset folder.")
     split: str = "train"
     config: str | None = None
-    revision: str | None = None
+    # Not hashed itself: the commit it names is (a branch and its commit share a cache).
+    revision: str | None = runtime_field(
+        None, description="Branch, tag or commit (main when unset); its commit is hashed."
+    )
     num_examples: int | None = Field(None, ge=0, description=_NUM_EXAMPLES)
+    # ((repo_id, revision, config), commit) of this run: `process` loads what was keyed.
+    _pinned: tuple[tuple[str, str | None, str | None], str] | None = PrivateAttr(None)
+
+    def refresh(self) -> None:
+        self._pinned = None
 
     def extra_identity(self) -> Any:
         repo_id: str = _required(self, "repo_id")
         if os.path.isdir(repo_id):
             return {"local": _folder_digests(repo_id)}
-        return {"hub": repo_id, "revision": self.revision}  # repo_id is hashed here
+        return {"hub": repo_id, "commit": self._commit(repo_id)}  # repo_id is hashed here
 
-    def process(self, offset: int = 0) -> Iterator[pa.Table]:
+    def _commit(self, repo_id: str) -> str:
+        asked = (repo_id, self.revision, self.config)
+        if self._pinned is None or self._pinned[0] != asked:
+            self._pinned = (asked, self._resolve(repo_id))
+        return self._pinned[1]
+
+    def _resolve(self, repo_id: str) -> str:
+        """The commit `revision` names now: given, asked of the hub, or offline the
+        commit of the copy `datasets` has cached (what it would load)."""
+        from huggingface_hub import HfApi, constants, errors
+
+        named = f"{self.revision or 'main'!r} of hub dataset {repo_id}"
+        pinned = self.revision is not None and _COMMIT.fullmatch(self.revision)
+        if constants.is_offline_mode():
+            commit = self._builder(repo_id, self.revision).hash
+            if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+                raise ConfigError(
+                    f"step {self.name}: offline, and {named} is not in the local "
+                    "Hugging Face cache; run once online, or pin revision='<commit>'"
+                )
+            if pinned and commit != self.revision:
+                # datasets offline loads its newest cached copy, whatever was asked
+                raise ConfigError(
+                    f"step {self.name}: offline, and the cached copy of {repo_id} is commit "
+                    f"{commit}, not {self.revision}; go online once, or pin the cached one"
+                )
+            if not pinned:
+                log.warning(
+                    "step %s: offline (HF_HUB_OFFLINE): %s is keyed and loaded at its "
+                    "cached commit %s",
+                    self.name,
+                    repo_id,
+                    commit[:12],
+                )
+            return commit
+        if pinned:
+            return str(self.revision)
+        try:
+            sha = HfApi().dataset_info(repo_id, revision=self.revision, timeout=30).sha
+        except errors.RevisionNotFoundError:
+            raise ConfigError(
+                f"step {self.name}: hub dataset {repo_id} has no revision {self.revision!r}"
+            ) from None
+        except (errors.RepositoryNotFoundError, errors.DisabledRepoError):
+            raise ConfigError(
+                f"step {self.name}: no hub dataset {repo_id} (or it is private or gated: "
+                "set HF_TOKEN to a token that can read it)"
+            ) from None
+        # Connection, timeout, server error: huggingface_hub's HTTP errors (its HTTP
+        # library's base class; OSError where it uses requests).
+        except (OSError, getattr(errors, "HTTPError", OSError)) as e:
+            raise ConfigError(
+                f"step {self.name}: cannot reach the hub to resolve {named} "
+                f"({type(e).__name__}); retry, set HF_HUB_OFFLINE=1 to use the cached "
+                "copy, or pin revision='<commit>'"
+            ) from None
+        if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
+            raise ConfigError(f"step {self.name}: the hub gave no commit for {named}")
+        return sha
+
+    def _builder(self, repo_id: str, revision: str | None) -> Any:
         import datasets
 
-        ds = datasets.load_dataset(
-            self.repo_id, name=self.config, split=self.split, revision=self.revision
-        )
+        try:
+            return datasets.load_dataset_builder(repo_id, name=self.config, revision=revision)
+        except (OSError, ValueError) as e:  # datasets' not-found errors are OSErrors
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"step {self.name}: cannot load {repo_id}: {why}") from None
+
+    def process(self, offset: int = 0) -> Iterator[pa.Table]:
+        repo_id: str = _required(self, "repo_id")
+        if os.path.isdir(repo_id):
+            import datasets
+
+            ds = datasets.load_dataset(repo_id, name=self.config, split=self.split)
+        else:
+            commit = self._commit(repo_id)
+            builder = self._builder(repo_id, commit)
+            # datasets falls back to its newest cached copy, whatever revision was
+            # asked, when the hub cannot be reached: rows of another commit than the key's.
+            if builder.hash != commit:
+                raise ConfigError(
+                    f"step {self.name}: {repo_id} at commit {commit[:12]} is not what "
+                    f"datasets can load (its cached copy is commit {str(builder.hash)[:12]});"
+                    " go online once to download it, or pin revision= to the cached commit"
+                )
+            builder.download_and_prepare()
+            ds = builder.as_dataset(split=self.split)
         yield from _slices(ds.data.table, offset, self.batch_size, self.num_examples)
 
 
