@@ -6,7 +6,9 @@ attribute loads (so local variables never count):
 
 - functions and classes defined in the user's own modules, transitively, each by the
   digest of its normalized AST (comments, docstrings and formatting do not count);
-- methods reached as `self.name` from a method of a user class;
+- methods reached as `self.name` from a method of a user class, and class constants
+  reached so (by value; lists, dicts and sets by the class-body code that assigns them),
+  `self` also being read from a comprehension or closure (a cell on Python 3.11);
 - module-level constants they read (numbers, strings, bytes, None and containers of
   them), by value; lists, dicts and sets by the code that assigns them;
 - attributes of the user's own modules reached as `module.name`, and a whole user module
@@ -39,6 +41,7 @@ import os
 import site
 import sys
 import sysconfig
+import textwrap
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -140,12 +143,22 @@ def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
             else:
                 chain = None
                 on_self = (
-                    code is func.__code__
-                    and ins.opname == "LOAD_FAST"
-                    and first_arg is not None
+                    first_arg is not None
                     and ins.argval == first_arg
+                    and _loads_self(
+                        code is func.__code__, ins.opname, first_arg in code.co_freevars
+                    )
                 )
     return chains, self_attrs
+
+
+def _loads_self(outer: bool, opname: str, free: bool) -> bool:
+    """Whether an instruction loads the method's first argument. A comprehension or
+    closure that uses it makes it a cell (Python 3.11): the method loads it with
+    LOAD_DEREF, and the nested code, where it is a free variable, too."""
+    if outer:
+        return opname in ("LOAD_FAST", "LOAD_DEREF")
+    return free and opname == "LOAD_DEREF"
 
 
 class _Walk:
@@ -207,8 +220,26 @@ class _Walk:
         if owner is not None and is_user_module(_module_of(owner)):
             for name in self_attrs:
                 method = _as_function(inspect.getattr_static(owner, name, None))
-                if method is not None and is_user_module(_module_of(method)):
+                if method is None:
+                    self._class_attribute(owner, name)
+                elif is_user_module(_module_of(method)):
                     self.visit(method, owner)
+
+    def _class_attribute(self, owner: type, name: str) -> None:
+        """`self.NAME` that is no method: a class constant of a user class (by value; a
+        list, dict or set by the class-body code that assigns it), a nested class. An
+        instance attribute (a pydantic field: hashed as a param) is in no class."""
+        klass = next((k for k in owner.__mro__ if name in vars(k)), None)
+        if klass is None or not is_user_module(_module_of(klass)):
+            return
+        value = vars(klass)[name]
+        label = f"{_qualname(klass)}.{name}"
+        if isinstance(value, (list, dict, set)):
+            digest = _class_assignment_digest(klass, name)
+            if digest is not None:
+                self.add(f"constant {label}", digest)
+            return
+        self._value(label, value, ())
 
     def _resolve(self, namespace: dict[str, Any], chain: list[str]) -> None:
         if chain[0] not in namespace:
@@ -260,11 +291,30 @@ def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
     return hash_json(statements) if statements else None
 
 
+def _class_assignment_digest(cls: type, name: str) -> str | None:
+    """Normalized AST of the statements of `cls`'s body that assign `name`, or None."""
+    try:
+        found = loaded.class_value(cls, lambda: _class_assignments(cls), kind="assignments")
+    except (OSError, TypeError, SyntaxError):
+        return None
+    statements = found.get(name)
+    return hash_json(statements) if statements else None
+
+
+def _class_assignments(cls: type) -> dict[str, list[str]]:
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    return _assignments(node.body if isinstance(node, ast.ClassDef) else [])
+
+
 def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
     """Name -> the dumped module-level statements that assign it, read once per loaded
     version of the module (castore.loaded: a reloaded module is read again)."""
+    return _assignments(ast.parse(inspect.getsource(module)).body)
+
+
+def _assignments(body: list[ast.stmt]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for node in ast.parse(inspect.getsource(module)).body:
+    for node in body:
         targets = (
             node.targets
             if isinstance(node, ast.Assign)

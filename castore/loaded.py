@@ -20,17 +20,21 @@ it, in this process, and kept while that object is what runs:
   (`importlib.reload`, IPython's autoreload) or the process restarted. A reloaded module
   gives new objects, hashed anew.
 
-Left out, and documented in docs/caching.md: a class-level constant or a module-level
-list or dict edited between the import and the first run of a long-lived process (their
-running values cannot be compared with the file, only the functions can).
+Values that code objects do not show (a class constant, a module-level list) are
+compared too the first time: each one the file assigns once, as a literal, and never
+changes in place, must equal the loaded value. Left out, and documented in
+docs/caching.md: such a value computed (a call, an f-string) or changed in place, edited
+between the import and the first run of a long-lived process.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import contextvars
 import inspect
 import logging
+import math
 import os
 import time
 import types
@@ -74,14 +78,15 @@ class _Taken:
     path: str | None
     stat: tuple[int, int] | None  # the file's (mtime_ns, size) when it was taken
     codes: list[types.CodeType]
+    values: list[tuple[str, Any]]  # (qualified name, loaded value) the file must give
     compute: Callable[[], Any]  # the value from the file as it is now
 
 
 _taken: dict[tuple[Any, ...], _Taken] = {}  # by (kind, id(object), ids of its code)
 _warned: set[tuple[str, tuple[int, int] | None]] = set()
-# A file's code objects by qualified name, per (path, mtime_ns, size) or, for a file just
-# written, (path, digest of its bytes): compiled once.
-_compiled: dict[tuple[Any, ...], dict[str, list[types.CodeType]]] = {}
+# A file's code objects and literal assignments by qualified name, per (path, mtime_ns,
+# size) or, for a file just written, (path, digest of its bytes): compiled once.
+_compiled: dict[tuple[Any, ...], _Compiled] = {}
 # What a `collecting()` block met: loaded code its file no longer holds.
 _stale: contextvars.ContextVar[list[Stale] | None] = contextvars.ContextVar(
     "castore_stale", default=None
@@ -92,22 +97,22 @@ def _once(
     kind: str,
     obj: Any,
     version: tuple[types.CodeType, ...],
-    where: Callable[[], tuple[str | None, list[types.CodeType]]],
+    where: Callable[[], _Where],
     compute: Callable[[], T],
 ) -> T:
     """`compute()` (read from `obj`'s source file as it is now), once per loaded `obj`,
     `version` (code objects that make another version of it when they change: IPython's
     autoreload patches a class's methods in place) and `kind`. `where()` gives, the first
-    time, the source file (None: nothing to check, e.g. a notebook cell) and the loaded
-    code objects the file must still hold."""
+    time, the source file (None: nothing to check, e.g. a notebook cell), the loaded
+    code objects the file must still hold and the loaded values it must still give."""
     key = (kind, id(obj), *map(id, version))
     hit = _taken.get(key)
     if hit is not None and hit.obj is obj:
         _later(hit)
         return cast(T, hit.value)
-    path, codes = where()
+    path, codes, values = where()
     stat = _stat(path)
-    if path is not None and stat is not None and _differs(path, stat, codes):
+    if path is not None and stat is not None and _differs(path, stat, codes, values):
         raise StaleCode(
             f"{_name(obj)}: {path} was edited after this process loaded it, and the code "
             "that would run is not the file's; reload the module (importlib.reload) or "
@@ -116,7 +121,7 @@ def _once(
     value = compute()
     if len(_taken) >= _MAX:
         _taken.clear()
-    _taken[key] = _Taken(obj, value, path, stat, codes, compute)
+    _taken[key] = _Taken(obj, value, path, stat, codes, values, compute)
     return value
 
 
@@ -152,26 +157,31 @@ def function_digest(func: Any) -> str:
     if not isinstance(code, types.CodeType) or code.co_name == "<lambda>":
         return code_digest(func)  # a lambda is hashed by its compiled code already
     return _once(
-        "function", code, (), lambda: (source_file(func), [code]), lambda: code_digest(func)
+        "function", code, (), lambda: (source_file(func), [code], []), lambda: code_digest(func)
     )
 
 
-def class_value(cls: type, compute: Callable[[], T]) -> T:
-    """`compute()` (from the class's source) once per loaded version of `cls`."""
+def class_value(cls: type, compute: Callable[[], T], kind: str = "class") -> T:
+    """`compute()` (from the class's source) once per loaded version of `cls` and
+    `kind` (what is computed)."""
     methods = tuple(_method_codes(cls))
 
-    def where() -> tuple[str | None, list[types.CodeType]]:
+    def where() -> _Where:
         path = source_file(cls)
-        return path, [c for c in methods if c.co_filename == path]
+        # pydantic replaces `model_config` with the config merged with its bases'
+        values = [
+            (f"{cls.__qualname__}.{k}", v) for k, v in vars(cls).items() if k != "model_config"
+        ]
+        return path, [c for c in methods if c.co_filename == path], values
 
-    return _once("class", cls, methods, where, compute)
+    return _once(kind, cls, methods, where, compute)
 
 
 def module_value(kind: str, module: types.ModuleType, compute: Callable[[], T]) -> T:
     """`compute()` (from the module's source) once per loaded version of `module`: its
     spec stands for it, which importlib.reload replaces (the module object stays)."""
 
-    def where() -> tuple[str | None, list[types.CodeType]]:
+    def where() -> _Where:
         path = source_file(module)
         out = []
         for value in vars(module).values():
@@ -183,7 +193,7 @@ def module_value(kind: str, module: types.ModuleType, compute: Callable[[], T]) 
                 else [getattr(value, "__code__", None)]
             )
             out += [c for c in codes if isinstance(c, types.CodeType) and c.co_filename == path]
-        return path, out
+        return path, out, list(vars(module).items())
 
     return _once(kind, getattr(module, "__spec__", None) or module, (), where, compute)
 
@@ -218,10 +228,16 @@ def _stat(path: str | None) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def _differs(path: str, stat: tuple[int, int], codes: list[types.CodeType]) -> bool:
+def _differs(
+    path: str,
+    stat: tuple[int, int],
+    codes: list[types.CodeType],
+    values: list[tuple[str, Any]] = (),  # type: ignore[assignment]
+) -> bool:
     """Whether the file at `path` (as `stat` says it is now) may not hold `codes`, the
-    loaded code: False for a file older than the process (the import read it)."""
-    if stat[0] / 1e9 < PROCESS_START - _SLACK or not codes:
+    loaded code, or give `values`: False for a file older than the process (the import
+    read it)."""
+    if stat[0] / 1e9 < PROCESS_START - _SLACK or not (codes or values):
         return False
     try:
         found = _code_in(path, stat)
@@ -232,9 +248,13 @@ def _differs(path: str, stat: tuple[int, int], codes: list[types.CodeType]) -> b
         # loaded code starts at.
         same = (
             other.co_firstlineno == code.co_firstlineno and _same(code, other)
-            for other in found.get(code.co_qualname, ())
+            for other in found.codes.get(code.co_qualname, ())
         )
         if not any(same):
+            return True
+    for name, value in values:
+        literal = found.literals.get(name, _NONE)
+        if literal is not _NONE and _plain(value) and not _equal(value, literal):
             return True
     return False
 
@@ -246,7 +266,7 @@ def _later(hit: _Taken) -> None:
     stat = _stat(hit.path)
     if stat == hit.stat or stat is None:
         return
-    if not _differs(hit.path, stat, hit.codes) and _same_value(hit):
+    if not _differs(hit.path, stat, hit.codes, hit.values) and _same_value(hit):
         hit.stat = stat  # edited elsewhere (or back): this code is still the file's
         return
     stale = _stale.get()
@@ -281,9 +301,20 @@ def _name(obj: Any) -> str:
     return "?"
 
 
-def _code_in(path: str, stat: tuple[int, int]) -> dict[str, list[types.CodeType]]:
+@dataclass
+class _Compiled:
+    codes: dict[str, list[types.CodeType]]  # by qualified name
+    literals: dict[str, Any]  # "NAME" / "Class.NAME": the literal the file assigns
+
+
+_Where = tuple[str | None, list[types.CodeType], list[tuple[str, Any]]]
+_NONE = object()
+
+
+def _code_in(path: str, stat: tuple[int, int]) -> _Compiled:
     """The code objects of the file as an import compiles it (bytes, so its coding
-    cookie counts), by qualified name; compiled once per version of the file."""
+    cookie counts) and its literal assignments, by qualified name; compiled once per
+    version of the file."""
     # (mtime, size) names a version only once the file clock has moved on: two writes
     # within one tick of it leave the same pair. A file written that recently is named
     # by its bytes.
@@ -299,17 +330,143 @@ def _code_in(path: str, stat: tuple[int, int]) -> dict[str, list[types.CodeType]
         if source is None:
             with open(path, "rb") as f:
                 source = f.read()
-        module = compile(source, path, "exec", dont_inherit=True)
-        found = {}
-        todo = [module]
+        tree = ast.parse(source, path)
+        codes: dict[str, list[types.CodeType]] = {}
+        todo = [compile(tree, path, "exec", dont_inherit=True)]
         while todo:
             code = todo.pop()
-            found.setdefault(code.co_qualname, []).append(code)
+            codes.setdefault(code.co_qualname, []).append(code)
             todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        found = _Compiled(codes, _literals(tree))
         if len(_compiled) >= 64:
             _compiled.clear()
         _compiled[key] = found
     return found
+
+
+# Calls that change a list, dict or set in place: a name they are called on anywhere in
+# the file may hold another value than its literal, so it is not compared.
+_IN_PLACE = frozenset(
+    "append extend insert update add setdefault pop popitem remove discard clear sort "
+    "reverse".split()
+)
+_PLAIN = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _literals(tree: ast.Module) -> dict[str, Any]:
+    """ "NAME" (module level) or "Class.NAME" (class body, nested classes too) -> the
+    value, for each name its scope binds exactly once, by an assignment of a literal,
+    and that no statement of the file changes in place."""
+    changed = _changed_in_place(tree)
+    out: dict[str, Any] = {}
+    scopes: list[tuple[str, list[ast.stmt]]] = [("", tree.body)]
+    while scopes:
+        prefix, body = scopes.pop()
+        bound: dict[str, int] = {}
+        for node in _scope_nodes(body):
+            for name in _binds(node):
+                bound[name] = bound.get(name, 0) + 1
+            if isinstance(node, ast.ClassDef):
+                scopes.append((f"{prefix}{node.name}.", node.body))
+        for node in body:
+            target, value = _assigned(node)
+            if target is None or bound.get(target) != 1 or target in changed:
+                continue
+            try:
+                out[prefix + target] = ast.literal_eval(value)  # type: ignore[arg-type]
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+    return out
+
+
+def _changed_in_place(tree: ast.Module) -> set[str]:
+    """Names the file may change without assigning them: `global X`, `X += ...`,
+    `X[k] = ...`, `self.X.append(...)` (by the last name before the change)."""
+    changed: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            changed.update(node.names)
+        elif isinstance(node, ast.AugAssign):
+            changed.add(_base(node.target))
+        elif isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(
+            node.ctx, (ast.Store, ast.Del)
+        ):
+            changed.add(_base(node))  # `cls.X = ...` rebinds X; `X[k] = ...` changes it
+            changed.add(_base(node.value))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in _IN_PLACE
+        ):
+            changed.add(_base(node.func.value))
+    return changed
+
+
+def _scope_nodes(body: list[ast.stmt]) -> Iterator[ast.AST]:
+    """The nodes of a scope's statements, not those of the functions, classes and
+    lambdas it defines (their own scopes), whose names it binds."""
+    todo: list[ast.AST] = list(body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def _binds(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+        return [node.id]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in node.names]
+    return []
+
+
+def _assigned(node: ast.stmt) -> tuple[str | None, ast.expr | None]:
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+        if isinstance(target, ast.Name):
+            return target.id, node.value
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+        return node.target.id, node.value
+    return None, None
+
+
+def _base(node: ast.expr) -> str:
+    """The name a change reaches: `x` of `x[0]`, `NAME` of `self.NAME[k]`."""
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _plain(value: Any) -> bool:
+    """Data a literal can give (not, say, an Enum member its class made of a literal)."""
+    if isinstance(value, (list, tuple, set, frozenset)) and type(value) in (
+        list,
+        tuple,
+        set,
+        frozenset,
+    ):
+        return all(map(_plain, value))
+    if type(value) is dict:
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return type(value) in _PLAIN
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equal and of the same types throughout (1, 1.0 and True differ; NaN is NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_equal, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(v, b[k]) for k, v in a.items())
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return bool(a == b)
 
 
 def _same(a: types.CodeType, b: types.CodeType) -> bool:

@@ -291,3 +291,156 @@ def test_a_module_level_list_edited_after_a_run_keeps_the_loaded_key(tmp_path, m
         monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn", "forkserver"])
         with pytest.raises(StaleCode, match="processes executor's workers import it"):
             signatures_for(p, "processes")
+
+
+CONSTANTS = """
+from typing import ClassVar
+
+from castore import Step, StepInput
+
+LABELS = ["a", "b"]
+
+
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    FACTOR: ClassVar[int] = 1
+    WEIGHTS: ClassVar[list[int]] = [1]
+
+    def process(self, inputs: StepInput):
+        k = self.FACTOR * sum(self.WEIGHTS) * len(LABELS) // 2
+        yield [{**r, "y": r["x"] * k} for r in inputs]
+"""
+SCALED = [0, 2, 4, 6, 8, 10]
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("WEIGHTS: ClassVar[list[int]] = [1]", "WEIGHTS: ClassVar[list[int]] = [1, 1]"),
+        ('["a", "b"]', '["a", "b", "c", "d"]'),
+    ],
+    ids=["class-level list", "module-level list"],
+)
+def test_a_list_edited_between_import_and_first_run_is_refused(tmp_path, monkeypatch, old, new):
+    """A list (dict, set) is keyed by the code that assigns it, which code objects do
+    not show: edited before the first run without a reload, the loaded list would run
+    under the edited code's key, and a fresh process would be served its rows. Compared
+    with the file's literal, it is refused instead."""
+    with user_module(tmp_path, monkeypatch, CONSTANTS) as (mod, path):
+        path.write_text(CONSTANTS.replace(old, new))
+        with pytest.raises(StaleCode, match="was edited after this process loaded it"):
+            run(mod, tmp_path / "cache")
+        importlib.reload(mod)
+        assert run(mod, tmp_path / "cache") == (SCALED, 1)
+        assert fresh_process(mod, tmp_path / "cache") == (SCALED, 0)
+
+
+def test_a_class_constant_is_keyed_by_its_value(tmp_path, monkeypatch):
+    """`self.FACTOR` read inside a comprehension (where Python 3.11 loads `self` from a
+    cell) is part of the key, by the value that runs: edited in the file, a fresh process
+    computes anew (it was served the old rows), and a process that loaded the old value
+    keys what it runs."""
+    with user_module(tmp_path, monkeypatch, CONSTANTS) as (mod, path):
+        cache = tmp_path / "cache"
+        assert run(mod, cache) == ([0, 1, 2, 3, 4, 5], 1)
+        path.write_text(CONSTANTS.replace("FACTOR: ClassVar[int] = 1", "FACTOR: ClassVar[int] = 2"))
+        assert fresh_process(mod, cache) == (SCALED, 1)
+        assert run(mod, cache) == ([0, 1, 2, 3, 4, 5], 0)  # loaded: FACTOR is 1 here
+
+
+METHOD = """
+from castore import Step, StepInput
+
+
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+
+    def bump(self, v):
+        return v * 2
+
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": self.bump(r["x"])} for r in inputs]
+"""
+
+
+def test_a_method_called_from_a_comprehension_is_part_of_the_key(tmp_path, monkeypatch):
+    """`self.bump(...)` inside a list comprehension: edited, a fresh process must compute
+    anew (it was served the old rows: `self` there is a cell, not a local)."""
+    with user_module(tmp_path, monkeypatch, METHOD) as (mod, path):
+        cache = tmp_path / "cache"
+        assert run(mod, cache) == (SCALED, 1)
+        path.write_text(METHOD.replace("v * 2", "v * 3"))
+        assert fresh_process(mod, cache) == ([0, 3, 6, 9, 12, 15], 1)
+
+
+UNCHANGED_VALUES = """
+import dataclasses
+import enum
+from typing import ClassVar
+
+from castore import Step, StepInput
+
+REGISTRY = {}
+SEEN = []
+SEEN.append("import")
+CALLS = 0
+NAN = float("nan")
+WEIGHTS = {"a": 1.0, "b": (1, 2), "c": {3, 4}, "d": None}
+
+
+def register(f):
+    REGISTRY[f.__name__] = f
+    return f
+
+
+@register
+def double(v):
+    global CALLS
+    CALLS += 1
+    return v * 2
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass
+class Opts:
+    k: int = 1
+    tags: tuple = ("a",)
+
+
+class Times(Step):
+    model_config = {"extra": "forbid"}
+    inputs: ClassVar[list[str]] = ["x"]
+    outputs = ["y"]
+    SCALE: ClassVar[float] = 1.0
+    MODES: ClassVar[dict] = {"fast": [1, 2]}
+    if True:
+        BRANCHED: ClassVar[int] = 1
+    else:
+        BRANCHED: ClassVar[int] = 2
+
+    def process(self, inputs: StepInput):
+        self.MODES["fast"].append(3)
+        yield [
+            {**r, "y": REGISTRY["double"](r["x"]) * self.SCALE * Opts().k * Color.RED.value}
+            for r in inputs
+            if len(SEEN) and WEIGHTS and self.BRANCHED
+        ]
+"""
+
+
+def test_values_that_match_their_file_are_accepted(tmp_path, monkeypatch):
+    """No refusal for values a literal does not give as loaded, or that code changes:
+    a registry filled by a decorator, a list appended to at import, a counter changed
+    through `global`, an Enum member, pydantic's merged model_config, a name assigned in
+    two branches, a class constant changed in place; nor for equal ones (NaN included)."""
+    with user_module(tmp_path, monkeypatch, UNCHANGED_VALUES) as (mod, _):
+        for _ in range(2):  # and once more after a run changed MODES and CALLS
+            with Pipeline(name="values") as p:
+                LoadDataFromDicts(data=ROWS, batch_size=3) >> mod.Times(name="times")
+            ds = p.run(cache_dir=tmp_path / "cache", quiet=True)
+            assert list(ds["times"]["train"]["y"]) == [2.0 * x for x in range(6)]
