@@ -10,7 +10,11 @@ attribute loads (so local variables never count):
   reached so (by value; lists, dicts and sets by the class-body code that assigns them),
   `self` also being read from a comprehension or closure (a cell on Python 3.11);
 - module-level constants they read (numbers, strings, bytes, None and containers of
-  them), by value; lists, dicts and sets by the code that assigns them;
+  them), by value; lists, dicts and sets by the code that assigns them (and the functions
+  and classes they hold by their code); other objects (a compiled pattern, a partial, an
+  instance) by the code that makes them and their class if it is the user's; names
+  imported `from` a user module by their assignment there; wrapped functions
+  (`functools.cache`) by the code they wrap;
 - attributes of the user's own modules reached as `module.name`, and a whole user module
   referenced as a value, by its normalized source;
 - installed versions of the packages a step names in `code_packages`.
@@ -36,7 +40,10 @@ import contextvars
 import dis
 import functools
 import importlib.metadata
+import importlib.util
 import inspect
+import itertools
+import logging
 import os
 import site
 import sys
@@ -54,6 +61,7 @@ Parts = dict[str, str]
 
 _LOAD_GLOBAL = {"LOAD_GLOBAL", "LOAD_NAME"}
 _LOAD_ATTR = {"LOAD_ATTR", "LOAD_METHOD"}
+_CALL = {"PRECALL", "CALL", "KW_NAMES", "CACHE"}
 _MAX_ITEMS = 2000  # a walk that reaches more than this is a sign of following a library
 
 
@@ -129,27 +137,56 @@ def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
     first_arg = func.__code__.co_varnames[0] if func.__code__.co_argcount else None
     for code in _code_objects(func.__code__):
         chain: list[str] | None = None
-        on_self = False
+        on_self = typed = False  # typed: `type(self)` is being called
         for ins in dis.get_instructions(code):
+            if (typed or chain == ["super"]) and ins.opname in _CALL:
+                continue  # to the attribute read from `type(self)` or `super()`
             if ins.opname in _LOAD_GLOBAL:
                 chain = [str(ins.argval)]
                 chains.append(chain)
-                on_self = False
+                on_self = typed = False
             elif ins.opname in _LOAD_ATTR and chain is not None:
                 chain.append(str(ins.argval))
-            elif ins.opname in _LOAD_ATTR and on_self:
+            elif ins.opname in _LOAD_ATTR and (on_self or typed):
                 self_attrs.append(str(ins.argval))
-                on_self = False
+                # `self.__class__.NAME` reads the class's NAME
+                on_self, typed = ins.argval == "__class__", False
             else:
-                chain = None
-                on_self = (
-                    first_arg is not None
-                    and ins.argval == first_arg
-                    and _loads_self(
-                        code is func.__code__, ins.opname, first_arg in code.co_freevars
-                    )
+                loads = first_arg is not None and ins.argval == first_arg
+                loads = loads and _loads_self(
+                    code is func.__code__, ins.opname, first_arg in code.co_freevars
                 )
+                typed = loads and chain == ["type"]
+                on_self = loads and not typed
+                chain = None
     return chains, self_attrs
+
+
+def _default_chains(func: types.FunctionType) -> list[list[str]]:
+    """The names an argument default reads (`def f(v, k=FACTOR)`): evaluated where the
+    function is defined, they are not in its bytecode, and its text holds the name only."""
+    if not (func.__defaults__ or func.__kwdefaults__):
+        return []
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(func))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return []
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return []
+    chains: list[list[str]] = []
+    todo: list[ast.AST] = [*node.args.defaults, *(d for d in node.args.kw_defaults if d)]
+    while todo:
+        expr = todo.pop()
+        attrs: list[str] = []
+        inner = expr
+        while isinstance(inner, ast.Attribute):
+            attrs.insert(0, inner.attr)
+            inner = inner.value
+        if isinstance(inner, ast.Name):
+            chains.append([inner.id, *attrs])
+        else:
+            todo.extend(ast.iter_child_nodes(expr))
+    return chains
 
 
 def _loads_self(outer: bool, opname: str, free: bool) -> bool:
@@ -188,7 +225,8 @@ class _Walk:
 
     def run(self, root: types.FunctionType, owner: type | None) -> None:
         self.seen.add(id(root))
-        self._function_refs(root, owner)
+        # A @step function's defaults are its params, hashed as such.
+        self._function_refs(root, owner, defaults=owner is not None)
         while self.todo:
             obj, owner = self.todo.pop()
             if isinstance(obj, types.FunctionType):
@@ -208,9 +246,16 @@ class _Walk:
                 self.seen.add(id(func))  # its text is in the class digest already
                 self._function_refs(func, cls)
 
-    def _function_refs(self, func: types.FunctionType, owner: type | None) -> None:
+    def _function_refs(
+        self, func: types.FunctionType, owner: type | None, defaults: bool = True
+    ) -> None:
         chains, self_attrs = _references(func)
+        if defaults:
+            chains += _default_chains(func)
         for chain in chains:
+            if chain[0] == "super" and len(chain) > 1 and owner is not None:
+                self._inherited(owner, chain[1])
+                continue
             self._resolve(func.__globals__, chain)
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
             try:
@@ -225,6 +270,14 @@ class _Walk:
                 elif is_user_module(_module_of(method)):
                     self.visit(method, owner)
 
+    def _inherited(self, owner: type, name: str) -> None:
+        """`super().name`: every definition of `name` in the user's classes `owner`
+        inherits from (which one runs depends on the class the call is made in)."""
+        for klass in owner.__mro__[1:]:
+            func = _as_function(vars(klass).get(name))
+            if func is not None and is_user_module(_module_of(func)):
+                self.visit(func, owner)
+
     def _class_attribute(self, owner: type, name: str) -> None:
         """`self.NAME` that is no method: a class constant of a user class (by value; a
         list, dict or set by the class-body code that assigns it), a nested class. An
@@ -232,14 +285,7 @@ class _Walk:
         klass = next((k for k in owner.__mro__ if name in vars(k)), None)
         if klass is None or not is_user_module(_module_of(klass)):
             return
-        value = vars(klass)[name]
-        label = f"{_qualname(klass)}.{name}"
-        if isinstance(value, (list, dict, set)):
-            digest = _class_assignment_digest(klass, name)
-            if digest is not None:
-                self.add(f"constant {label}", digest)
-            return
-        self._value(label, value, ())
+        self._value(f"{_qualname(klass)}.{name}", vars(klass)[name], (), klass)
 
     def _resolve(self, namespace: dict[str, Any], chain: list[str]) -> None:
         if chain[0] not in namespace:
@@ -248,7 +294,11 @@ class _Walk:
         self._value(chain[0], namespace[chain[0]], chain[1:], module)
 
     def _value(
-        self, label: str, value: Any, rest: Iterable[str], module: types.ModuleType | None = None
+        self,
+        label: str,
+        value: Any,
+        rest: Iterable[str],
+        module: types.ModuleType | type | None = None,  # where it is assigned
     ) -> None:
         rest = list(rest)
         if isinstance(value, types.ModuleType):
@@ -268,27 +318,78 @@ class _Walk:
             if is_user_module(_module_of(value)):
                 self.visit(value, value if isinstance(value, type) else None)
             return
-        if callable(value):
-            return  # library objects (and instances with __call__) are not followed
+        inner = _unwrapped(value)
+        if inner is not value:  # functools.cache and other wrappers: the code they run
+            self._value(label, inner, ())
+            return
+        if isinstance(value, functools.partial):
+            self._value(label, value.func, ())  # and its arguments, by its assignment
+        self.add(f"constant {label}", self._data_digest(label, value, module))
+
+    def _data_digest(
+        self, label: str, value: Any, where: types.ModuleType | type | None
+    ) -> str | None:
+        name = label.rsplit(".", 1)[-1]
+        if isinstance(value, (list, tuple, dict, set, frozenset)):
+            # Functions and classes held in it (a table of handlers): their code
+            items = value.values() if isinstance(value, dict) else value
+            for item in itertools.islice(items, _MAX_ITEMS):
+                if isinstance(item, (types.FunctionType, type)):
+                    self._value(label, item, ())
         if isinstance(value, (list, dict, set)):
             # A mutable global may be a registry or a counter the run itself changes: its
             # code, not its value at this moment, is what the step depends on.
-            name = label.rsplit(".", 1)[-1]
-            digest = _assignment_digest(module, name) if module is not None else None
-        else:
-            digest = _const_digest(value)
-        if digest is not None:
-            self.add(f"constant {label}", digest)
+            return _assigned(where, name)
+        digest = _const_digest(value)
+        if digest is None and not isinstance(value, _NEUTRAL):
+            # An object (a compiled pattern, a template, a client, a partial): keyed by
+            # the code that makes it, and by its class when that is the user's.
+            if is_user_module(_module_of(type(value))):
+                self.visit(type(value), type(value))
+            digest = _assigned(where, name)
+        return digest
 
 
-def _assignment_digest(module: types.ModuleType, name: str) -> str | None:
-    """Normalized AST of the module-level statements that assign `name`, or None."""
+# Objects that do not change what a step returns: not keyed by their assignment, so
+# steps that log keep their keys.
+_NEUTRAL = (logging.Logger, logging.LoggerAdapter)
+
+
+def _unwrapped(value: Any) -> Any:
+    """The function a wrapper made with functools.wraps (functools.cache's too) calls."""
+    if not callable(value) or isinstance(value, types.FunctionType):
+        return value
+    try:
+        return inspect.unwrap(value)
+    except ValueError:  # a cycle of __wrapped__
+        return value
+
+
+def _assigned(where: types.ModuleType | type | None, name: str) -> str | None:
+    if isinstance(where, types.ModuleType):
+        return _assignment_digest(where, name)
+    if isinstance(where, type):
+        return _class_assignment_digest(where, name)
+    return None
+
+
+def _assignment_digest(module: types.ModuleType, name: str, depth: int = 0) -> str | None:
+    """Normalized AST of the module-level statements that assign `name` (in the user
+    module it is imported from, if it is: `from prompts import LABELS`), or None."""
     try:
         found = loaded.module_value("assignments", module, lambda: _module_assignments(module))
     except (OSError, TypeError, SyntaxError):
         return None
     statements = found.get(name)
-    return hash_json(statements) if statements else None
+    if statements:
+        return hash_json(statements)
+    origin = found.get(f"from {name}")
+    if origin and depth < 8:
+        source = sys.modules.get(origin[0])
+        if is_user_module(source):
+            assert source is not None
+            return _assignment_digest(source, origin[1], depth + 1)
+    return None
 
 
 def _class_assignment_digest(cls: type, name: str) -> str | None:
@@ -309,7 +410,19 @@ def _class_assignments(cls: type) -> dict[str, list[str]]:
 def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
     """Name -> the dumped module-level statements that assign it, read once per loaded
     version of the module (castore.loaded: a reloaded module is read again)."""
-    return _assignments(ast.parse(inspect.getsource(module)).body)
+    body = ast.parse(inspect.getsource(module)).body
+    out = _assignments(body)
+    for node in body:
+        if isinstance(node, ast.ImportFrom):
+            try:
+                source = importlib.util.resolve_name(
+                    "." * node.level + (node.module or ""), module.__package__
+                )
+            except (ImportError, ValueError):
+                continue
+            for alias in node.names:
+                out[f"from {alias.asname or alias.name}"] = [source, alias.name]
+    return out
 
 
 def _assignments(body: list[ast.stmt]) -> dict[str, list[str]]:
@@ -330,11 +443,13 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[str]]:
 
 def _as_function(attr: Any) -> types.FunctionType | None:
     """The function behind a class attribute: a method, static or class method, or a
-    property's getter."""
+    property's (or cached property's) getter."""
     if isinstance(attr, (staticmethod, classmethod)):
         attr = attr.__func__
     if isinstance(attr, property):
         attr = attr.fget
+    if isinstance(attr, functools.cached_property):
+        attr = attr.func
     return attr if isinstance(attr, types.FunctionType) else None
 
 

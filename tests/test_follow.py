@@ -1,0 +1,283 @@
+"""A step's code version follows what its `process` reaches in the user's code
+(castore/fingerprint.py): each edit below changed what a step returns but not its key,
+so a fresh process was served the rows of the old code. Each case is imported twice
+under new names, once as written and once edited: the code versions must differ, and
+a copy left as written must keep the same version (the names do not count)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import uuid
+
+import pytest
+
+# (step module, helper module, text edited, edited to). `{helper}` is the helper's name.
+CASES = {
+    "a method called inside a comprehension": (
+        """
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    def bump(self, v):
+        return v * 2
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": self.bump(r["x"])} for r in inputs]
+""",
+        "",
+        "v * 2",
+        "v * 3",
+    ),
+    "a class constant read as self.NAME": (
+        """
+from typing import ClassVar
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    K: ClassVar[int] = 2
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": r["x"] * self.K} for r in inputs]
+""",
+        "",
+        "K: ClassVar[int] = 2",
+        "K: ClassVar[int] = 3",
+    ),
+    "a class constant read as type(self).NAME": (
+        """
+from typing import ClassVar
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    K: ClassVar[int] = 2
+    def process(self, inputs: StepInput):
+        k = type(self).K
+        yield [{**r, "y": r["x"] * k} for r in inputs]
+""",
+        "",
+        "K: ClassVar[int] = 2",
+        "K: ClassVar[int] = 3",
+    ),
+    "a class-level list read as self.__class__.NAME": (
+        """
+from typing import ClassVar
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    KS: ClassVar[list] = [2]
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": r["x"] * sum(self.__class__.KS)} for r in inputs]
+""",
+        "",
+        "KS: ClassVar[list] = [2]",
+        "KS: ClassVar[list] = [3]",
+    ),
+    "a method reached through super()": (
+        """
+from castore import Step, StepInput
+class Base(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    def rows(self, inputs):
+        return [{**r, "y": r["x"] * 2} for r in inputs]
+class Times(Base):
+    def rows(self, inputs):
+        return super().rows(inputs)
+    def process(self, inputs: StepInput):
+        yield self.rows(inputs)
+""",
+        "",
+        '"x"] * 2',
+        '"x"] * 3',
+    ),
+    "a helper wrapped by functools.cache": (
+        """
+import functools
+from castore import step, StepInput
+@functools.lru_cache
+def factor():
+    return 2
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": r["x"] * factor()} for r in inputs]
+""",
+        "",
+        "return 2",
+        "return 3",
+    ),
+    "a method of a module-level instance": (
+        """
+from castore import step, StepInput
+class Fmt:
+    def apply(self, v):
+        return v * 2
+FMT = Fmt()
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": FMT.apply(r["x"])} for r in inputs]
+""",
+        "",
+        "v * 2",
+        "v * 3",
+    ),
+    "the arguments of a functools.partial": (
+        """
+import functools
+from castore import step, StepInput
+def mul(v, k):
+    return v * k
+TIMES = functools.partial(mul, k=2)
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": TIMES(r["x"])} for r in inputs]
+""",
+        "",
+        "k=2",
+        "k=3",
+    ),
+    "a compiled pattern": (
+        """
+import re
+from castore import step, StepInput
+PAT = re.compile("aa")
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": len(PAT.findall(r["x"]))} for r in inputs]
+""",
+        "",
+        're.compile("aa")',
+        're.compile("a")',
+    ),
+    "a function held in a dict": (
+        """
+from castore import step, StepInput
+def double(v):
+    return v * 2
+OPS = {"double": double}
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": OPS["double"](r["x"])} for r in inputs]
+""",
+        "",
+        "v * 2",
+        "v * 3",
+    ),
+    "a function held in a tuple": (
+        """
+from castore import step, StepInput
+def double(v):
+    return v * 2
+OPS = (double,)
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": OPS[0](r["x"])} for r in inputs]
+""",
+        "",
+        "v * 2",
+        "v * 3",
+    ),
+    "a cached property": (
+        """
+import functools
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    @functools.cached_property
+    def k(self):
+        return 2
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": r["x"] * self.k} for r in inputs]
+""",
+        "",
+        "return 2",
+        "return 3",
+    ),
+    "a constant read by a helper's default argument": (
+        """
+from castore import step, StepInput
+FACTOR = 2
+def scale(v, k=FACTOR):
+    return v * k
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": scale(r["x"])} for r in inputs]
+""",
+        "",
+        "FACTOR = 2",
+        "FACTOR = 3",
+    ),
+    "a list imported from another module": (
+        """
+from castore import step, StepInput
+from {helper} import LABELS
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": r["x"] * len(LABELS)} for r in inputs]
+""",
+        "LABELS = [1, 2]\n",
+        "[1, 2]",
+        "[1, 2, 3]",
+    ),
+    "an object imported from another module": (
+        """
+from castore import step, StepInput
+from {helper} import PAT
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": len(PAT.findall(r["x"]))} for r in inputs]
+""",
+        'import re\nPAT = re.compile("aa")\n',
+        '"aa"',
+        '"a"',
+    ),
+}
+
+
+def code_version(tmp_path, monkeypatch, step_source: str, helper_source: str) -> str:
+    tag = uuid.uuid4().hex[:8]
+    helper, name = f"helper_{tag}", f"steps_{tag}"
+    (tmp_path / f"{helper}.py").write_text(helper_source)
+    (tmp_path / f"{name}.py").write_text(step_source.replace("{helper}", helper))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        return importlib.import_module(name).Times(name="t").code_version()
+    finally:
+        sys.modules.pop(name, None)
+        sys.modules.pop(helper, None)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_edit_of_what_process_reaches_changes_the_code_version(case, tmp_path, monkeypatch):
+    step_source, helper_source, old, new = CASES[case]
+    assert old in step_source + helper_source
+    first = code_version(tmp_path, monkeypatch, step_source, helper_source)
+    again = code_version(tmp_path, monkeypatch, step_source, helper_source)
+    edited = code_version(
+        tmp_path, monkeypatch, step_source.replace(old, new), helper_source.replace(old, new)
+    )
+    assert first == again
+    assert edited != first
+
+
+def test_a_module_level_logger_does_not_enter_the_code_version(tmp_path, monkeypatch):
+    """A logger changes no row: steps that log keep the keys they had."""
+    plain = """
+from castore import step, StepInput
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": r["x"]} for r in inputs]
+"""
+    logging_ = plain.replace(
+        "from castore import", "import logging\nlog = logging.getLogger('x')\nfrom castore import"
+    ).replace("    return [{**r", '    log.debug("n")\n    return [{**r')
+    assert code_version(tmp_path, monkeypatch, plain, "") != code_version(
+        tmp_path, monkeypatch, logging_, ""
+    )  # the function's text differs, of course; what it reaches does not add a part
+    step = logging_.replace("logging.getLogger('x')", "logging.getLogger('y')")
+    assert code_version(tmp_path, monkeypatch, logging_, "") == code_version(
+        tmp_path, monkeypatch, step, ""
+    )
