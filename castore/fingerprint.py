@@ -17,6 +17,9 @@ attribute loads (so local variables never count):
   (`functools.cache`) by the code they wrap;
 - attributes of the user's own modules reached as `module.name`, and a whole user module
   referenced as a value, by its normalized source;
+- the user's classes in the MRO of a step that subclasses a built-in one (castore's
+  `process` calls their overrides) and of the step's field values (an LLM subclass),
+  each whole (castore.pipeline.step: `_user_classes`);
 - installed versions of the packages a step names in `code_packages`.
 
 "The user's own code" is every module that is not in the standard library, not in
@@ -227,6 +230,9 @@ class _Walk:
         self.seen.add(id(root))
         # A @step function's defaults are its params, hashed as such.
         self._function_refs(root, owner, defaults=owner is not None)
+        self.drain()
+
+    def drain(self) -> None:
         while self.todo:
             obj, owner = self.todo.pop()
             if isinstance(obj, types.FunctionType):
@@ -495,27 +501,38 @@ def one_code_version() -> Iterator[None]:
 
 
 def code_parts(
-    func: Callable[..., Any], owner: type | None = None, packages: Iterable[str] = ()
+    func: Callable[..., Any],
+    owner: type | None = None,
+    packages: Iterable[str] = (),
+    classes: Iterable[type] = (),
 ) -> tuple[str, Parts]:
-    """(digest of `func` itself, what it reaches in the user's own code)."""
+    """(digest of `func` itself, what it and `classes` reach in the user's own code)."""
     memo = _MEMO.get()
-    key = (func, owner, tuple(packages))
+    key = (func, owner, tuple(packages), tuple(classes))
     if memo is not None and key in memo:
         return memo[key]
-    result = _code_parts(func, owner, key[2])
+    result = _code_parts(func, owner, key[2], key[3])
     if memo is not None:
         memo[key] = result
     return result
 
 
+def user_classes(cls: type) -> list[type]:
+    """The classes of `cls`'s MRO defined in the user's own code."""
+    return [c for c in cls.__mro__ if is_user_module(_module_of(c))]
+
+
 def _code_parts(
-    func: Callable[..., Any], owner: type | None, packages: Iterable[str]
+    func: Callable[..., Any], owner: type | None, packages: Iterable[str], classes: Iterable[type]
 ) -> tuple[str, Parts]:
     func = inspect.unwrap(func)
     root = loaded.function_digest(func)  # raises OSError without source, as before
     walk = _Walk()
     if isinstance(func, types.FunctionType) and is_user_module(_module_of(func)):
         walk.run(func, owner)
+    for cls in classes:
+        walk.visit(cls, cls)
+    walk.drain()
     return root, {**walk.parts, **package_versions(packages)}
 
 

@@ -12,6 +12,11 @@ import uuid
 
 import pytest
 
+from castore.llms import OpenAILLM
+from castore.steps import TextGeneration
+
+URL = "http://127.0.0.1:9/v1"  # nothing is sent: only fingerprints are computed
+
 # (step module, helper module, text edited, edited to). `{helper}` is the helper's name.
 CASES = {
     "a method called inside a comprehension": (
@@ -281,3 +286,56 @@ def Times(inputs: StepInput):
     assert code_version(tmp_path, monkeypatch, logging_, "") == code_version(
         tmp_path, monkeypatch, step, ""
     )
+
+
+SUBCLASSES = {
+    "an override in a subclass of TextGeneration": (
+        """
+from castore.steps import TextGeneration
+class MyGen(TextGeneration):
+    def conversation(self, row):
+        return [{"role": "user", "content": row["instruction"] + " please"}]
+""",
+        lambda m, llm: m.MyGen(name="g", llm=llm),
+    ),
+    "format_input of a distilabel Task subclass": (
+        """
+from castore.distilabel.steps.tasks import TextGeneration
+class MyTask(TextGeneration):
+    def format_input(self, input):
+        return [{"role": "user", "content": input["instruction"] + " please"}]
+""",
+        lambda m, llm: m.MyTask(name="g", llm=llm),
+    ),
+    "a subclass of an LLM": (
+        """
+from castore.llms import OpenAILLM
+class MyLLM(OpenAILLM):
+    def chat_body(self, conversation):
+        body = super().chat_body(conversation)
+        body["stop"] = ["please"]
+        return body
+""",
+        lambda m, llm: TextGeneration(name="g", llm=m.MyLLM(model="m", base_url=URL)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SUBCLASSES))
+def test_a_subclass_of_a_built_in_is_part_of_the_code_version(case, tmp_path, monkeypatch):
+    """castore's own `process` calls the user's overrides, or a user's LLM class: their
+    code enters the fingerprint (it did not: an edited `format_input` kept the key)."""
+    source, build = SUBCLASSES[case]
+
+    def fingerprint(text: str) -> str:
+        name = f"sub_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(text)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        try:
+            module = importlib.import_module(name)
+            return build(module, OpenAILLM(model="m", base_url=URL, api_key="k")).fingerprint()
+        finally:
+            sys.modules.pop(name, None)
+
+    assert fingerprint(source) == fingerprint(source)
+    assert fingerprint(source.replace("please", "thanks")) != fingerprint(source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -25,7 +26,7 @@ from pydantic import (
 )
 
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
-from castore.fingerprint import code_parts, code_version
+from castore.fingerprint import code_parts, code_version, is_user_module, user_classes
 from castore.hashing import canonical_json, hash_json
 from castore.pipeline.inline import Inline, field_identity
 
@@ -276,7 +277,9 @@ class _Step(BaseModel):
         target = self._code_target()
         owner = None if getattr(type(self), "_func", None) is not None else type(self)
         try:
-            return code_parts(target, owner=owner, packages=self.code_packages)
+            return code_parts(
+                target, owner=owner, packages=self.code_packages, classes=self._user_classes()
+            )
         except (OSError, TypeError):
             raise PipelineError(
                 f"step {self.name}: the source of its process() is not available (defined "
@@ -285,6 +288,23 @@ class _Step(BaseModel):
 
     def _code_target(self) -> Callable[..., Any]:
         return type(self).process  # type: ignore[attr-defined]
+
+    def _user_classes(self) -> tuple[type, ...]:
+        """User classes whose code runs without `process` naming it, hashed whole: a
+        subclass of a built-in step (TextGeneration, a distilabel Task) whose overrides
+        (`conversation`, `format_input`) castore's `process` calls, and the classes of
+        field values (a subclass of an LLM). A step whose own `process` is the user's
+        reaches its class's code through it (castore/fingerprint.py)."""
+        out: list[type] = []
+        if not is_user_module(sys.modules.get(getattr(self._code_target(), "__module__", ""))):
+            out += user_classes(type(self))
+        for fname in type(self).model_fields:
+            value = getattr(self, fname, None)
+            items = list(value.values()) if isinstance(value, dict) else value
+            for item in items if isinstance(items, (list, tuple)) else [value]:
+                if isinstance(item, BaseModel):
+                    out += user_classes(type(item))
+        return tuple(dict.fromkeys(out))
 
     def identity(
         self, *, check: bool = True, inline: dict[str, Inline] | None = None
