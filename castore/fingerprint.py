@@ -504,9 +504,11 @@ def code_parts(
     func: Callable[..., Any],
     owner: type | None = None,
     packages: Iterable[str] = (),
-    classes: Iterable[type] = (),
+    classes: Iterable[type | types.FunctionType] = (),
 ) -> tuple[str, Parts]:
-    """(digest of `func` itself, what it and `classes` reach in the user's own code)."""
+    """(digest of `func` itself, what it and `classes` (user classes hashed whole, or
+    methods of `owner`'s that run without `func` calling them) reach in the user's own
+    code)."""
     memo = _MEMO.get()
     key = (func, owner, tuple(packages), tuple(classes))
     if memo is not None and key in memo:
@@ -523,15 +525,18 @@ def user_classes(cls: type) -> list[type]:
 
 
 def _code_parts(
-    func: Callable[..., Any], owner: type | None, packages: Iterable[str], classes: Iterable[type]
+    func: Callable[..., Any],
+    owner: type | None,
+    packages: Iterable[str],
+    classes: Iterable[type | types.FunctionType],
 ) -> tuple[str, Parts]:
     func = inspect.unwrap(func)
     root = loaded.function_digest(func)  # raises OSError without source, as before
     walk = _Walk()
     if isinstance(func, types.FunctionType) and is_user_module(_module_of(func)):
         walk.run(func, owner)
-    for cls in classes:
-        walk.visit(cls, cls)
+    for obj in classes:
+        walk.visit(obj, obj if isinstance(obj, type) else owner)
     walk.drain()
     return root, {**walk.parts, **package_versions(packages)}
 

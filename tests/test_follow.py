@@ -215,6 +215,22 @@ def Times(inputs: StepInput):
         "FACTOR = 2",
         "FACTOR = 3",
     ),
+    "what load() prepares for process": (
+        """
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    def load(self):
+        super().load()
+        self._k = 2
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": r["x"] * self._k} for r in inputs]
+""",
+        "",
+        "self._k = 2",
+        "self._k = 3",
+    ),
     "a list imported from another module": (
         """
 from castore import step, StepInput

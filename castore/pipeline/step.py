@@ -12,6 +12,7 @@ import contextvars
 import inspect
 import re
 import sys
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -63,6 +64,10 @@ def runtime_field(default: Any = None, **kw: Any) -> Any:
 # Fields that are identity only when set: unset, they change nothing, so the keys stay
 # those of castore versions without them (no mapping; every row of a loader).
 _ONLY_WHEN_SET = ("input_mappings", "output_mappings", "num_examples")
+
+
+# Methods castore calls besides `process` that can change what it returns.
+_HOOKS = ("load", "model_post_init")
 
 
 def _snake(name: str) -> str:
@@ -289,15 +294,19 @@ class _Step(BaseModel):
     def _code_target(self) -> Callable[..., Any]:
         return type(self).process  # type: ignore[attr-defined]
 
-    def _user_classes(self) -> tuple[type, ...]:
-        """User classes whose code runs without `process` naming it, hashed whole: a
-        subclass of a built-in step (TextGeneration, a distilabel Task) whose overrides
-        (`conversation`, `format_input`) castore's `process` calls, and the classes of
-        field values (a subclass of an LLM). A step whose own `process` is the user's
-        reaches its class's code through it (castore/fingerprint.py)."""
-        out: list[type] = []
+    def _user_classes(self) -> tuple[type | types.FunctionType, ...]:
+        """User code that runs without `process` naming it: a subclass of a built-in step
+        (TextGeneration, a distilabel Task) whose overrides (`conversation`,
+        `format_input`) castore's `process` calls, and the classes of field values (a
+        subclass of an LLM), hashed whole; a user `process`'s own class reaches its
+        code through it (castore/fingerprint.py), but for the hooks castore calls
+        (`load`, which may set what `process` reads)."""
+        out: list[type | types.FunctionType] = []
         if not is_user_module(sys.modules.get(getattr(self._code_target(), "__module__", ""))):
             out += user_classes(type(self))
+        elif getattr(type(self), "_func", None) is None:
+            for cls in user_classes(type(self)):
+                out += [f for f in map(vars(cls).get, _HOOKS) if isinstance(f, types.FunctionType)]
         for fname in type(self).model_fields:
             value = getattr(self, fname, None)
             items = list(value.values()) if isinstance(value, dict) else value
