@@ -355,3 +355,31 @@ def test_a_subclass_of_a_built_in_is_part_of_the_code_version(case, tmp_path, mo
 
     assert fingerprint(source) == fingerprint(source)
     assert fingerprint(source.replace("please", "thanks")) != fingerprint(source)
+
+
+PREDICATE = """
+MIN_LEN = 3
+
+
+def long_enough(row):
+    return len(row["t"]) >= MIN_LEN
+"""
+
+
+def test_a_filter_predicate_follows_what_it_reads(tmp_path, monkeypatch):
+    """FilterRows(predicate=f) hashed f's own code only: a threshold constant it reads
+    could change which rows pass and keep the key."""
+    from castore.steps import FilterRows
+
+    def identity(text: str) -> object:
+        name = f"pred_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(text)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        try:
+            module = importlib.import_module(name)
+            return FilterRows(name="f", predicate=module.long_enough).fingerprint()
+        finally:
+            sys.modules.pop(name, None)
+
+    assert identity(PREDICATE) == identity(PREDICATE)
+    assert identity(PREDICATE.replace("= 3", "= 4")) != identity(PREDICATE)

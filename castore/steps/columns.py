@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from castore.errors import PipelineError
-from castore.hashing import code_digest
+from castore.fingerprint import code_parts, code_version
 from castore.pipeline.step import GlobalStep, Step, StepInput, runtime_field
 
 
@@ -188,7 +188,10 @@ class FilterRows(Step):
     def extra_identity(self) -> Any:
         if self.predicate is None:
             return None
-        return {"predicate": f"{self.predicate.__qualname__}@{code_digest(self.predicate)}"}
+        # Its code and what it reaches (a threshold constant, a helper): the plain
+        # digest of its own code when it reaches nothing, as before that was followed.
+        root, parts = code_parts(self.predicate)
+        return {"predicate": f"{self.predicate.__qualname__}@{code_version(root, parts)}"}
 
     def process(self, inputs: StepInput) -> StepInput:
         if self.predicate is not None:
