@@ -389,12 +389,14 @@ def _assignment_digest(module: types.ModuleType, name: str, depth: int = 0) -> s
     statements = found.get(name)
     if statements:
         return hash_json(statements)
-    origin = found.get(f"from {name}")
-    if origin and depth < 8:
-        source = sys.modules.get(origin[0])
-        if is_user_module(source):
-            assert source is not None
-            return _assignment_digest(source, origin[1], depth + 1)
+    origins = [found[f"from {name}"]] if f"from {name}" in found else []
+    origins += [[source, name] for source in found.get("from *", [])]
+    for source_name, original in origins if depth < 8 else []:
+        source = sys.modules.get(source_name)
+        if source is not None and is_user_module(source):
+            digest = _assignment_digest(source, original, depth + 1)
+            if digest is not None:
+                return digest
     return None
 
 
@@ -427,7 +429,10 @@ def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
             except (ImportError, ValueError):
                 continue
             for alias in node.names:
-                out[f"from {alias.asname or alias.name}"] = [source, alias.name]
+                if alias.name == "*":
+                    out.setdefault("from *", []).append(source)
+                else:
+                    out[f"from {alias.asname or alias.name}"] = [source, alias.name]
     return out
 
 

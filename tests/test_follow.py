@@ -243,6 +243,18 @@ def Times(inputs: StepInput):
         "[1, 2]",
         "[1, 2, 3]",
     ),
+    "a list imported with from ... import *": (
+        """
+from castore import step, StepInput
+from {helper} import *
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{**r, "y": r["x"] * len(LABELS)} for r in inputs]
+""",
+        "LABELS = [1, 2]\n",
+        "[1, 2]",
+        "[1, 2, 3]",
+    ),
     "an object imported from another module": (
         """
 from castore import step, StepInput
