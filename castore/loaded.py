@@ -112,11 +112,18 @@ def _once(
         return cast(T, hit.value)
     path, codes, values = where()
     stat = _stat(path)
-    if path is not None and stat is not None and _differs(path, stat, codes, values):
+    differs = _differs(path, stat, codes, values) if path and stat else None
+    if differs == _CODE:
         raise StaleCode(
             f"{_name(obj)}: {path} was edited after this process loaded it, and the code "
             "that would run is not the file's; reload the module (importlib.reload) or "
             "restart the process"
+        )
+    if differs:
+        raise StaleCode(
+            f"{_name(obj)}: {path} assigns {differs} another value than the one this "
+            "process runs (the file was edited after it was loaded, or the value set at "
+            "run time); reload the module (importlib.reload) or restart the process"
         )
     value = compute()
     if len(_taken) >= _MAX:
@@ -193,7 +200,10 @@ def module_value(kind: str, module: types.ModuleType, compute: Callable[[], T]) 
                 else [getattr(value, "__code__", None)]
             )
             out += [c for c in codes if isinstance(c, types.CodeType) and c.co_filename == path]
-        return path, out, list(vars(module).items())
+        values = vars(module).items()
+        if kind == "assignments":  # other values are hashed as they are loaded
+            values = {k: v for k, v in values if isinstance(v, (list, dict, set))}.items()
+        return path, out, list(values)
 
     return _once(kind, getattr(module, "__spec__", None) or module, (), where, compute)
 
@@ -233,16 +243,16 @@ def _differs(
     stat: tuple[int, int],
     codes: list[types.CodeType],
     values: list[tuple[str, Any]] = (),  # type: ignore[assignment]
-) -> bool:
+) -> str | None:
     """Whether the file at `path` (as `stat` says it is now) may not hold `codes`, the
-    loaded code, or give `values`: False for a file older than the process (the import
-    read it)."""
+    loaded code (_CODE), or give `values` (the first name that differs): None for a file
+    older than the process (the import read it)."""
     if stat[0] / 1e9 < PROCESS_START - _SLACK or not (codes or values):
-        return False
+        return None
     try:
         found = _code_in(path, stat)
     except (OSError, SyntaxError, ValueError):
-        return True  # it no longer compiles: not the loaded code
+        return _CODE  # it no longer compiles: not the loaded code
     for code in codes:
         # At the same line too: inspect reads a function's source from the line its
         # loaded code starts at.
@@ -251,12 +261,12 @@ def _differs(
             for other in found.codes.get(code.co_qualname, ())
         )
         if not any(same):
-            return True
+            return _CODE
     for name, value in values:
         literal = found.literals.get(name, _NONE)
         if literal is not _NONE and _plain(value) and not _equal(value, literal):
-            return True
-    return False
+            return name
+    return None
 
 
 def _later(hit: _Taken) -> None:
@@ -309,6 +319,7 @@ class _Compiled:
 
 _Where = tuple[str | None, list[types.CodeType], list[tuple[str, Any]]]
 _NONE = object()
+_CODE = "\0code"  # what _differs says when the code differs (no name can be this)
 
 
 def _code_in(path: str, stat: tuple[int, int]) -> _Compiled:

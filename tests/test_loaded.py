@@ -329,7 +329,10 @@ def test_a_list_edited_between_import_and_first_run_is_refused(tmp_path, monkeyp
     with the file's literal, it is refused instead."""
     with user_module(tmp_path, monkeypatch, CONSTANTS) as (mod, path):
         path.write_text(CONSTANTS.replace(old, new))
-        with pytest.raises(StaleCode, match="was edited after this process loaded it"):
+        with pytest.raises(
+            StaleCode,
+            match=r"assigns (Times.WEIGHTS|LABELS) another value than the one this process runs",
+        ):
             run(mod, tmp_path / "cache")
         importlib.reload(mod)
         assert run(mod, tmp_path / "cache") == (SCALED, 1)
@@ -431,6 +434,19 @@ class Times(Step):
             if len(SEEN) and WEIGHTS and self.BRANCHED
         ]
 """
+
+
+def test_a_constant_set_at_run_time_is_keyed_by_its_value(tmp_path, monkeypatch):
+    """A number set on a module at run time (a notebook's `mod.N = 3`) runs and is
+    hashed as it is: no refusal, though the file (newer than the process, and compared
+    for the list the step also reads) says otherwise."""
+    helper = "\n\nN = 2\nLABELS = ['a']\n\n\ndef factor():\n    return N * len(LABELS)\n"
+    with user_module(tmp_path, monkeypatch, STEP.replace("FACTOR", "factor()") + helper) as (
+        mod,
+        _,
+    ):
+        mod.N = 3
+        assert run(mod, tmp_path / "cache") == ([0, 3, 6, 9, 12, 15], 1)
 
 
 def test_values_that_match_their_file_are_accepted(tmp_path, monkeypatch):
