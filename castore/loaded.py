@@ -121,9 +121,10 @@ def _once(
         )
     if differs:
         raise StaleCode(
-            f"{_name(obj)}: {path} assigns {differs} another value than the one this "
-            "process runs (the file was edited after it was loaded, or the value set at "
-            "run time); reload the module (importlib.reload) or restart the process"
+            f"{_name(obj)}: {path} assigns {differs} "
+            "another value than the one this process runs "
+            "(the file was edited after it was loaded, or the value set at run time); "
+            "reload the module (importlib.reload) or restart the process"
         )
     value = compute()
     if len(_taken) >= _MAX:
