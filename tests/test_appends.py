@@ -192,6 +192,46 @@ def test_a_file_that_changed_after_its_digest_is_refused(tmp_path):
         FileBatches(Store(cache), step_, fp, lambda key: None)
 
 
+def test_the_reader_refuses_files_other_than_the_ones_keyed(tmp_path):
+    """The step's own reader (csv, a glob, a URL) loads only what the run's fingerprint
+    hashed: a file written, or a file added to the glob, between the two is refused
+    instead of stored under the key of the earlier contents."""
+    import fsspec
+
+    def loaded(step_: LoadDataFromFileSystem) -> list:
+        return [r for t in step_.process() for r in t.to_pylist()]
+
+    data = tmp_path / "in.csv"
+    data.write_text("id,text\n1,a\n")
+    step_ = LoadDataFromFileSystem(data_files=str(data))
+    step_.refresh()
+    step_.fingerprint()
+    assert loaded(step_) == [{"id": 1, "text": "a"}]
+    data.write_text("id,text\n1,b\n")
+    with pytest.raises(ConfigError, match="changed while the run read it"):
+        loaded(step_)
+    step_.refresh()  # a new run hashes the file as it is now
+    step_.fingerprint()
+    assert loaded(step_) == [{"id": 1, "text": "b"}]
+
+    write(tmp_path / "a.jsonl", rows(2))
+    globbed = LoadDataFromFileSystem(data_files=str(tmp_path / "*.jsonl"))
+    globbed.refresh()
+    globbed.fingerprint()
+    write(tmp_path / "b.jsonl", rows(3))
+    with pytest.raises(ConfigError, match="names changed after the run hashed them"):
+        loaded(globbed)
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/castore-keyed/in.jsonl", b'{"n": 1}\n')
+    remote = LoadDataFromFileSystem(data_files="memory://castore-keyed/in.jsonl")
+    remote.refresh()
+    remote.fingerprint()
+    fs.pipe("/castore-keyed/in.jsonl", b'{"n": 1}\n{"n": 2}\n')
+    with pytest.raises(ConfigError, match="changed while the run read it"):
+        loaded(remote)
+
+
 def test_other_sources_are_read_as_before(tmp_path):
     """A glob, csv, or num_examples: no append source, the step's own reader."""
     data = tmp_path / "a.jsonl"

@@ -55,8 +55,24 @@ def local_digest(path: str) -> str:
     """blake3 of a local data file, hashed once per process while its stat (size, mtime,
     ctime, inode: what any write changes) is the same: a run asks for it for its
     signature and for pipeline.yaml, and the loader again before it reads."""
+    return _digest(os.path.abspath(path), local_stamp(path))
+
+
+def local_stamp(path: str) -> tuple[int, ...]:
+    """What any write to a local file changes: size, mtime, ctime, inode."""
     st = os.stat(path)
-    return _digest(os.path.abspath(path), (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def _remote_stamp(path: str) -> tuple[Any, ...]:
+    """What a remote file's listing says of its version (ETag or modification time, and
+    size), as far as the backend tells."""
+    import fsspec
+
+    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    info = fs.info(p)
+    keys = ("ETag", "etag", "LastModified", "mtime", "last_modified", "blob_id", "size")
+    return tuple(str(info.get(k)) for k in keys)
 
 
 def _folder_digests(root: str) -> list[list[str]]:
@@ -123,20 +139,49 @@ class LoadDataFromFileSystem(GeneratorStep):
             raise ConfigError(f"step {self.name}: cannot tell the format of {path}; set format=")
         return fmt
 
+    # The files this run's fingerprint hashed, and their versions then: what `process`
+    # reads must be them (a file written between the two would be stored under the key
+    # of its earlier contents).
+    _keyed: dict[str, tuple[Any, ...]] | None = PrivateAttr(None)
+
+    def refresh(self) -> None:
+        self._keyed = None
+
     def extra_identity(self) -> Any:
         out = []
+        stamps: dict[str, tuple[Any, ...]] = {}
         for path in self._paths():
             if "://" not in path:
+                stamps[path] = local_stamp(path)
                 out.append(local_digest(path))
                 continue
             import fsspec
 
+            stamps[path] = _remote_stamp(path)
             h = Hasher()
             with fsspec.open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
             out.append(h.hexdigest())
+        if self._keyed is None:
+            self._keyed = stamps
         return {"files": out}
+
+    def _unchanged(self, paths: list[str]) -> None:
+        """Refuse to load files other than the ones the run's fingerprint hashed."""
+        if self._keyed is None:
+            return
+        if list(self._keyed) != paths:
+            raise ConfigError(
+                f"step {self.name}: the files {self.data_files} names changed after the run "
+                "hashed them; run again"
+            )
+        for path, stamp in self._keyed.items():
+            now = _remote_stamp(path) if "://" in path else local_stamp(path)
+            if now != stamp:
+                raise ConfigError(
+                    f"step {self.name}: {path} changed while the run read it; run again"
+                )
 
     def append_source(self) -> str | None:
         """The one local jsonl file this step reads whole, in order: a run can then reuse
@@ -182,11 +227,13 @@ class LoadDataFromFileSystem(GeneratorStep):
         import pyarrow as pa
 
         tables = []
-        for path in self._paths():
+        paths = self._paths()
+        for path in paths:
             try:
                 tables.append(self._read(path))
             except (pa.ArrowInvalid, ValueError) as e:
                 raise ConfigError(f"step {self.name}: cannot read {path}: {e}") from None
+        self._unchanged(paths)  # after the reads: a write during one shows too
         table = pa.concat_tables(tables, promote_options="permissive")
         yield from _slices(table, offset, self.batch_size, self.num_examples)
 
