@@ -20,11 +20,12 @@ it, in this process, and kept while that object is what runs:
   (`importlib.reload`, IPython's autoreload) or the process restarted. A reloaded module
   gives new objects, hashed anew.
 
-Values that code objects do not show (a class constant, a module-level list) are
-compared too the first time: each one the file assigns once, as a literal, and never
-changes in place, must equal the loaded value. Left out, and documented in
-docs/caching.md: such a value computed (a call, an f-string) or changed in place, edited
-between the import and the first run of a long-lived process.
+Values that code objects do not show and that are hashed from the file's text (a
+module-level list, a constant of a class hashed whole) are compared too the first time:
+each one the file assigns once, as a literal, and never changes in place, must equal the
+loaded value. Left out, and documented in docs/caching.md: such a value computed (a call,
+a comprehension) or changed in place, edited between the import and the first run of a
+long-lived process.
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def class_value(cls: type, compute: Callable[[], T], kind: str = "class") -> T:
         path = source_file(cls)
         # pydantic replaces `model_config` with the config merged with its bases'
         values = [
-            (f"{cls.__qualname__}.{k}", v) for k, v in vars(cls).items() if k != "model_config"
+            (f"{cls.__qualname__}.{k}", v)
+            for k, v in vars(cls).items()
+            if k != "model_config" and _compared(kind, v)
         ]
         return path, [c for c in methods if c.co_filename == path], values
 
@@ -201,12 +204,16 @@ def module_value(kind: str, module: types.ModuleType, compute: Callable[[], T]) 
                 else [getattr(value, "__code__", None)]
             )
             out += [c for c in codes if isinstance(c, types.CodeType) and c.co_filename == path]
-        values = vars(module).items()
-        if kind == "assignments":  # other values are hashed as they are loaded
-            values = {k: v for k, v in values if isinstance(v, (list, dict, set))}.items()
-        return path, out, list(values)
+        return path, out, [(k, v) for k, v in vars(module).items() if _compared(kind, v)]
 
     return _once(kind, getattr(module, "__spec__", None) or module, (), where, compute)
+
+
+def _compared(kind: str, value: Any) -> bool:
+    """Whether a loaded value must equal the file's literal: all of a class's or module's
+    hashed whole (its source), only lists, dicts and sets of its assignments (other
+    values are hashed as they are loaded, a number a notebook set included)."""
+    return kind != "assignments" or isinstance(value, (list, dict, set))
 
 
 def _method_codes(cls: type) -> list[types.CodeType]:

@@ -178,7 +178,11 @@ class Pipeline:
     # -- identity ------------------------------------------------------------------------
 
     def signatures(self) -> dict[str, dict[str, str]]:
-        """Per step: fingerprint and Merkle signature (fingerprint + predecessors' sigs)."""
+        """Per step: fingerprint and Merkle signature (fingerprint + predecessors' sigs).
+        Each call looks at the steps' inputs anew (`Step.refresh`): a run computes them
+        once as it starts, and loads what they name."""
+        for step in self.steps.values():
+            step.refresh()
         out: dict[str, dict[str, str]] = {}
         for n in self.topological():
             step = self.steps[n]

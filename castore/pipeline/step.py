@@ -168,8 +168,9 @@ class _Step(BaseModel):
         return mappings
 
     def refresh(self) -> None:
-        """Called as each run starts, before its fingerprints: forget what was resolved
-        outside the process for the last one (LoadDataFromHub: the commit a branch named)."""
+        """Called before each computation of a pipeline's signatures (as each run starts):
+        forget what the last one observed outside the process (LoadDataFromHub: the
+        commit a branch named; LoadDataFromFileSystem: the files' versions)."""
 
     def load(self) -> None:
         """Called once per process before this step's first batch there (open a client,

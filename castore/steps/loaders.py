@@ -116,12 +116,12 @@ class LoadDataFromFileSystem(GeneratorStep):
             import fsspec
 
             fs, _, paths = fsspec.get_fs_token_paths(data_files)
-            return [fs.unstrip_protocol(p) for p in sorted(paths)]
+            return self._as_keyed([fs.unstrip_protocol(p) for p in sorted(paths)])
         path = os.path.expanduser(data_files)
         paths = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
         if not paths or not all(os.path.isfile(p) for p in paths):
             raise ConfigError(f"step {self.name}: no data file at {self.data_files}")
-        return paths
+        return self._as_keyed(paths)
 
     def _format(self, path: str) -> str:
         if self.format != "auto":
@@ -167,21 +167,24 @@ class LoadDataFromFileSystem(GeneratorStep):
             self._keyed = stamps
         return {"files": out}
 
-    def _unchanged(self, paths: list[str]) -> None:
-        """Refuse to load files other than the ones the run's fingerprint hashed."""
-        if self._keyed is None:
-            return
-        if list(self._keyed) != paths:
+    # Not in `process` (whose text is this built-in step's code version, and so its key).
+    def _as_keyed(self, paths: list[str]) -> list[str]:
+        """`paths`, refused when this run's fingerprint hashed other files (one added to,
+        or gone from, the glob since)."""
+        if self._keyed is not None and list(self._keyed) != paths:
             raise ConfigError(
                 f"step {self.name}: the files {self.data_files} names changed after the run "
                 "hashed them; run again"
             )
-        for path, stamp in self._keyed.items():
-            now = _remote_stamp(path) if "://" in path else local_stamp(path)
-            if now != stamp:
-                raise ConfigError(
-                    f"step {self.name}: {path} changed while the run read it; run again"
-                )
+        return paths
+
+    def _still_keyed(self, path: str) -> None:
+        """After `path` is read: refused when it is not the version the run hashed."""
+        if self._keyed is None:
+            return
+        now = _remote_stamp(path) if "://" in path else local_stamp(path)
+        if now != self._keyed.get(path):
+            raise ConfigError(f"step {self.name}: {path} changed while the run read it; run again")
 
     def append_source(self) -> str | None:
         """The one local jsonl file this step reads whole, in order: a run can then reuse
@@ -211,29 +214,28 @@ class LoadDataFromFileSystem(GeneratorStep):
         fmt = self._format(path)
         with fsspec.open(path, "rb") as f:
             if fmt == "parquet":
-                return pq.read_table(f)
-            if fmt == "csv":
-                return pcsv.read_csv(f)
-            if fmt == "jsonl":
-                return pjson.read_json(f)
-            import json
+                table = pq.read_table(f)
+            elif fmt == "csv":
+                table = pcsv.read_csv(f)
+            elif fmt == "jsonl":
+                table = pjson.read_json(f)
+            else:
+                import json
 
-            data = json.load(f)
-        if isinstance(data, dict):
-            data = [data]
-        return pa.Table.from_pylist(data)
+                data = json.load(f)
+                table = pa.Table.from_pylist([data] if isinstance(data, dict) else data)
+        self._still_keyed(path)  # after the read: a write during it shows too
+        return table
 
     def process(self, offset: int = 0) -> Iterator[pa.Table]:
         import pyarrow as pa
 
         tables = []
-        paths = self._paths()
-        for path in paths:
+        for path in self._paths():
             try:
                 tables.append(self._read(path))
             except (pa.ArrowInvalid, ValueError) as e:
                 raise ConfigError(f"step {self.name}: cannot read {path}: {e}") from None
-        self._unchanged(paths)  # after the reads: a write during one shows too
         table = pa.concat_tables(tables, promote_options="permissive")
         yield from _slices(table, offset, self.batch_size, self.num_examples)
 
