@@ -463,12 +463,11 @@ def check_executor(kind: str, ray_storage: str, remote: Any, steps: Iterable[_St
 
 
 def signatures_for(pipeline: Any, kind: str) -> dict[str, dict[str, str]]:
-    """`pipeline.signatures()` as a run starts, refused when some code it hashes was
-    edited after it was loaded (castore.loaded) and `kind`'s workers would import that
-    code from its file: processes where fork is not available, and Ray for modules other
-    than the steps' own (those are shipped by value: `pickle_steps_by_value`). They
-    would run the edit under the loaded code's key. Threads and forked processes run the
-    loaded code."""
+    """`pipeline.signatures()`, refused when some code it hashes was edited after it was
+    loaded (castore.loaded) and `kind`'s workers would import that code from its file:
+    processes where fork is not available, and Ray for modules other than the steps' own
+    (those are shipped by value: `pickle_steps_by_value`). They would run the edit under
+    the loaded code's key. Threads and forked processes run the loaded code."""
     from castore import loaded
     from castore.errors import StaleCode
 
