@@ -68,6 +68,7 @@ _ONLY_WHEN_SET = ("input_mappings", "output_mappings", "num_examples")
 
 # Methods castore calls besides `process` that can change what it returns.
 _HOOKS = ("load", "model_post_init")
+_MAX_HELD = 1000
 
 
 def _snake(name: str) -> str:
@@ -311,7 +312,11 @@ class _Step(BaseModel):
         for fname in type(self).model_fields:
             value = getattr(self, fname, None)
             items = list(value.values()) if isinstance(value, dict) else value
-            for item in items if isinstance(items, (list, tuple)) else [value]:
+            # Models held in a list (several LLMs) are few; a long list is data (inline
+            # rows), not configuration: not walked on every fingerprint.
+            if not isinstance(items, (list, tuple)) or len(items) > _MAX_HELD:
+                items = [value]
+            for item in items:
                 if isinstance(item, BaseModel):
                     out += user_classes(type(item))
         return tuple(dict.fromkeys(out))
