@@ -14,26 +14,13 @@ import pytest
 
 from castore.llms import OpenAILLM
 from castore.steps import TextGeneration
+from tests.test_loaded import METHOD
 
 URL = "http://127.0.0.1:9/v1"  # nothing is sent: only fingerprints are computed
 
 # (step module, helper module, text edited, edited to). `{helper}` is the helper's name.
 CASES = {
-    "a method called inside a comprehension": (
-        """
-from castore import Step, StepInput
-class Times(Step):
-    inputs = ["x"]
-    outputs = ["y"]
-    def bump(self, v):
-        return v * 2
-    def process(self, inputs: StepInput):
-        yield [{**r, "y": self.bump(r["x"])} for r in inputs]
-""",
-        "",
-        "v * 2",
-        "v * 3",
-    ),
+    "a method called inside a comprehension": (METHOD, "", "v * 2", "v * 3"),
     "a class constant read as self.NAME": (
         """
 from typing import ClassVar
@@ -243,18 +230,6 @@ def Times(inputs: StepInput):
         "[1, 2]",
         "[1, 2, 3]",
     ),
-    "a list imported with from ... import *": (
-        """
-from castore import step, StepInput
-from {helper} import *
-@step(inputs=["x"], outputs=["y"])
-def Times(inputs: StepInput):
-    return [{**r, "y": r["x"] * len(LABELS)} for r in inputs]
-""",
-        "LABELS = [1, 2]\n",
-        "[1, 2]",
-        "[1, 2, 3]",
-    ),
     "an object imported from another module": (
         """
 from castore import step, StepInput
@@ -268,6 +243,12 @@ def Times(inputs: StepInput):
         '"a"',
     ),
 }
+
+_IMPORTED = CASES["a list imported from another module"]
+CASES["a list imported with from ... import *"] = (
+    _IMPORTED[0].replace("import LABELS", "import *"),
+    *_IMPORTED[1:],
+)
 
 
 def code_version(tmp_path, monkeypatch, step_source: str, helper_source: str) -> str:
