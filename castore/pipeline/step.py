@@ -300,8 +300,8 @@ class _Step(BaseModel):
         """User code that runs without `process` naming it: a subclass of a built-in step
         (TextGeneration, a distilabel Task) whose overrides (`conversation`,
         `format_input`) castore's `process` calls, and the classes of field values (a
-        subclass of an LLM), hashed whole; a user `process`'s own class reaches its
-        code through it (castore/fingerprint.py), but for the hooks castore calls
+        subclass of an LLM), hashed whole. A user `process` reaches its own class's
+        code itself (castore/fingerprint.py), apart from the hooks castore calls
         (`load`, which may set what `process` reads)."""
         out: list[type | types.FunctionType] = []
         if not is_user_module(sys.modules.get(getattr(self._code_target(), "__module__", ""))):
