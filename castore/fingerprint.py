@@ -23,8 +23,10 @@ attribute loads (so local variables never count):
 - installed versions of the packages a step names in `code_packages`.
 
 "The user's own code" is every module that is not in the standard library, not in
-site-packages and not castore itself. Third-party packages are not followed: upgrading a
-library must not silently re-pay LLM work (name it in `code_packages` to opt in).
+site-packages and not castore itself, and `__main__` without a file (a notebook's cells:
+their values are hashed as loaded, having no file to read their code from).
+Third-party packages are not followed: upgrading a library must not silently re-pay LLM
+work (name it in `code_packages` to opt in).
 
 What cannot be followed (documented in docs/caching.md next to `cache_version`): calls
 through `getattr` with a computed name or other dynamic dispatch, objects passed in at run
@@ -91,14 +93,24 @@ def _is_user_file(path: str) -> bool:
 
 def is_user_module(module: types.ModuleType | None) -> bool:
     """A module of the user's own code: has a source file outside the standard library and
-    site-packages, and is not castore."""
+    site-packages, and is not castore; or is `__main__` without a file, a notebook's cells
+    (IPython keeps each cell's source for inspect)."""
     if module is None:
         return False
     name = module.__name__
     if name == "castore" or name.startswith("castore."):
         return False
     path = getattr(module, "__file__", None)
-    return bool(path) and str(path).endswith(".py") and _is_user_file(str(path))
+    if not path:
+        return name == "__main__"
+    return str(path).endswith(".py") and _is_user_file(str(path))
+
+
+def _without_source(where: types.ModuleType | type | None) -> bool:
+    """A notebook's namespace (or a class defined there): its assignments have no file
+    to be read from, so values are hashed as they are."""
+    module = _module_of(where) if isinstance(where, type) else where
+    return module is not None and not getattr(module, "__file__", None)
 
 
 def _module_of(obj: Any) -> types.ModuleType | None:
@@ -244,13 +256,24 @@ class _Walk:
     def _class(self, cls: type) -> None:
         try:
             self.add(f"class {_qualname(cls)}", _source_digest(cls))
+            whole = True
         except (OSError, TypeError):
-            return
-        for value in vars(cls).values():
+            # A class defined in a notebook cell: inspect cannot read a class's source
+            # there (its functions' it can), so its methods and values count one by one.
+            if not _without_source(cls):
+                return
+            whole = False
+        for name, value in vars(cls).items():
             func = _as_function(value)
-            if func is not None:
+            if func is not None and not is_user_module(_module_of(func)):
+                continue  # pydantic's model_post_init, set on the class: not the user's
+            if func is not None and whole:
                 self.seen.add(id(func))  # its text is in the class digest already
                 self._function_refs(func, cls)
+            elif func is not None:
+                self.visit(func, cls)
+            elif not whole and not name.startswith("__"):
+                self.add(f"constant {_qualname(cls)}.{name}", _loaded_digest(value))
 
     def _function_refs(
         self, func: types.FunctionType, owner: type | None, defaults: bool = True
@@ -345,6 +368,8 @@ class _Walk:
         if isinstance(value, (list, dict, set)):
             # A mutable global may be a registry or a counter the run itself changes: its
             # code, not its value at this moment, is what the step depends on.
+            if _without_source(where):
+                return _loaded_digest(value)
             return _assigned(where, name)
         digest = _const_digest(value)
         if digest is None and not isinstance(value, _NEUTRAL):
@@ -352,13 +377,28 @@ class _Walk:
             # the code that makes it, and by its class when that is the user's.
             if is_user_module(_module_of(type(value))):
                 self.visit(type(value), type(value))
-            digest = _assigned(where, name)
+            digest = _loaded_digest(value) if _without_source(where) else _assigned(where, name)
         return digest
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so
 # steps that log keep their keys.
 _NEUTRAL = (logging.Logger, logging.LoggerAdapter)
+
+
+def _loaded_digest(value: Any) -> str | None:
+    """A value defined where no source can be read (a notebook cell), as it is: data by
+    value, a partial by its arguments, another object by its repr unless that names its
+    address (a default repr tells no version)."""
+    if isinstance(value, functools.partial):
+        return _const_digest([list(value.args), value.keywords])
+    digest = _const_digest(value)
+    if digest is not None:
+        return digest
+    text = repr(value)
+    if " at 0x" in text:
+        return None
+    return hash_json([f"{type(value).__module__}.{type(value).__qualname__}", text])
 
 
 def _unwrapped(value: Any) -> Any:
