@@ -389,14 +389,15 @@ _NEUTRAL = (logging.Logger, logging.LoggerAdapter)
 def _loaded_digest(value: Any) -> str | None:
     """A value defined where no source can be read (a notebook cell), as it is: data by
     value, a partial by its arguments, another object by its repr unless that names its
-    address (a default repr tells no version)."""
+    address (a default repr tells no version) or elides (numpy's and pandas' for large
+    data: equal for other contents)."""
     if isinstance(value, functools.partial):
         return _const_digest([list(value.args), value.keywords])
     digest = _const_digest(value)
     if digest is not None:
         return digest
     text = repr(value)
-    if " at 0x" in text:
+    if " at 0x" in text or "..." in text:  # an address, or a summary (a large array)
         return None
     return hash_json([f"{type(value).__module__}.{type(value).__qualname__}", text])
 
