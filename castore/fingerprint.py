@@ -24,7 +24,8 @@ attribute loads (so local variables never count):
 
 "The user's own code" is every module that is not in the standard library, not in
 site-packages and not castore itself, and `__main__` without a file (a notebook's cells:
-their values are hashed as loaded, having no file to read their code from).
+a list or object there is hashed by the last cell run that assigns it, IPython's `In`,
+else as loaded).
 Third-party packages are not followed: upgrading a library must not silently re-pay LLM
 work (name it in `code_packages` to opt in).
 
@@ -369,7 +370,7 @@ class _Walk:
             # A mutable global may be a registry or a counter the run itself changes: its
             # code, not its value at this moment, is what the step depends on.
             if _without_source(where):
-                return _loaded_digest(value)
+                return _cell_digest(where, name) or _loaded_digest(value)
             return _assigned(where, name)
         digest = _const_digest(value)
         if digest is None and not isinstance(value, _NEUTRAL):
@@ -377,13 +378,35 @@ class _Walk:
             # the code that makes it, and by its class when that is the user's.
             if is_user_module(_module_of(type(value))):
                 self.visit(type(value), type(value))
-            digest = _loaded_digest(value) if _without_source(where) else _assigned(where, name)
+            if _without_source(where):
+                digest = _cell_digest(where, name) or _loaded_digest(value)
+            else:
+                digest = _assigned(where, name)
         return digest
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so
 # steps that log keep their keys.
 _NEUTRAL = (logging.Logger, logging.LoggerAdapter)
+
+
+def _cell_digest(where: types.ModuleType | type | None, name: str) -> str | None:
+    """Normalized AST of the statements that assign `name` in the last notebook cell run
+    that assigns it (IPython keeps the cells run, in order, as `In`), as a file's
+    assignment is hashed; None outside IPython, or for a class's attribute."""
+    cells = vars(where).get("In") if isinstance(where, types.ModuleType) else None
+    if not isinstance(cells, list):
+        return None
+    for cell in reversed(cells):
+        if not isinstance(cell, str) or name not in cell:
+            continue
+        try:
+            statements = _assignments(ast.parse(cell).body).get(name)
+        except SyntaxError:
+            continue
+        if statements:
+            return hash_json(statements)
+    return None
 
 
 def _loaded_digest(value: Any) -> str | None:

@@ -19,7 +19,9 @@ CELLS = [
     from castore.steps import LoadDataFromDicts, TextGeneration
     FACTOR = 2
     LABELS = ["a"]
+    SEEN = []
     def helper(x):
+        SEEN.append(x)  # a list the run changes: the cell that made it is the key
         return x * FACTOR * len(LABELS)
     """,
     """
@@ -74,7 +76,7 @@ from IPython.core.interactiveshell import InteractiveShell
 shell = InteractiveShell.instance()
 shell.user_ns.update(CACHE={cache!r}, out=[])
 for cell in {cells!r}:
-    result = shell.run_cell(cell)
+    result = shell.run_cell(cell, store_history=True)  # as a kernel runs cells
     if not result.success:
         raise SystemExit(f"cell failed: {{result.error_in_exec or result.error_before_exec!r}}")
 print(json.dumps(shell.user_ns["out"]))
