@@ -46,21 +46,26 @@ import contextvars
 import dis
 import functools
 import importlib.metadata
-import importlib.util
 import inspect
 import itertools
 import logging
-import os
-import site
 import sys
-import sysconfig
 import textwrap
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from castore import loaded
-from castore.hashing import hash_json, source_digest, tagged
+from castore.hashing import hash_json, source_digest
+from castore.usercode import (
+    assigned,
+    cell_digest,
+    const_digest,
+    is_user_module,
+    loaded_digest,
+    module_of,
+    without_source,
+)
 
 # Followed items of one step: "kind name" -> digest, e.g. "function helpers.clean".
 Parts = dict[str, str]
@@ -69,61 +74,6 @@ _LOAD_GLOBAL = {"LOAD_GLOBAL", "LOAD_NAME"}
 _LOAD_ATTR = {"LOAD_ATTR", "LOAD_METHOD"}
 _CALL = {"PRECALL", "CALL", "KW_NAMES", "CACHE"}
 _MAX_ITEMS = 2000  # a walk that reaches more than this is a sign of following a library
-
-
-@functools.cache
-def _library_roots() -> tuple[str, ...]:
-    paths = set()
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        with_default = sysconfig.get_paths().get(key)
-        if with_default:
-            paths.add(os.path.realpath(with_default))
-    for p in [*site.getsitepackages(), site.getusersitepackages(), sys.base_prefix]:
-        if p:
-            paths.add(os.path.realpath(p))
-    if sys.prefix != sys.base_prefix:
-        paths.add(os.path.realpath(sys.prefix))
-    return tuple(sorted(paths))
-
-
-@functools.cache
-def _is_user_file(path: str) -> bool:
-    real = os.path.realpath(path)
-    return not any(real == r or real.startswith(r + os.sep) for r in _library_roots())
-
-
-def is_user_module(module: types.ModuleType | None) -> bool:
-    """A module of the user's own code: has a source file outside the standard library and
-    site-packages, and is not castore; or is `__main__` without a file, a notebook's cells
-    (IPython keeps each cell's source for inspect)."""
-    if module is None:
-        return False
-    name = module.__name__
-    if name == "castore" or name.startswith("castore."):
-        return False
-    path = getattr(module, "__file__", None)
-    if not path:
-        return name == "__main__"
-    return str(path).endswith(".py") and _is_user_file(str(path))
-
-
-def _without_source(where: types.ModuleType | type | None) -> bool:
-    """A notebook's namespace (or a class defined there): its assignments have no file
-    to be read from, so values are hashed as they are."""
-    module = _module_of(where) if isinstance(where, type) else where
-    return module is not None and not getattr(module, "__file__", None)
-
-
-def _module_of(obj: Any) -> types.ModuleType | None:
-    return sys.modules.get(getattr(obj, "__module__", None) or "")
-
-
-def _const_digest(value: Any) -> str | None:
-    """A stable digest of a constant's value, or None for values that are not data."""
-    try:
-        return hash_json(tagged(value))
-    except (TypeError, ValueError):
-        return None
 
 
 def _source_digest(obj: type | types.ModuleType) -> str:
@@ -261,12 +211,12 @@ class _Walk:
         except (OSError, TypeError):
             # A class defined in a notebook cell: inspect cannot read a class's source
             # there (its functions' it can), so its methods and values count one by one.
-            if not _without_source(cls):
+            if not without_source(cls):
                 return
             whole = False
         for name, value in vars(cls).items():
             func = _as_function(value)
-            if func is not None and not is_user_module(_module_of(func)):
+            if func is not None and not is_user_module(module_of(func)):
                 continue  # pydantic's model_post_init, set on the class: not the user's
             if func is not None and whole:
                 self.seen.add(id(func))  # its text is in the class digest already
@@ -274,7 +224,7 @@ class _Walk:
             elif func is not None:
                 self.visit(func, cls)
             elif not whole and not name.startswith("__"):
-                self.add(f"constant {_qualname(cls)}.{name}", _loaded_digest(value))
+                self.add(f"constant {_qualname(cls)}.{name}", loaded_digest(value))
 
     def _function_refs(
         self, func: types.FunctionType, owner: type | None, defaults: bool = True
@@ -292,12 +242,12 @@ class _Walk:
                 self._value(name, cell.cell_contents, ())
             except ValueError:  # an empty cell
                 continue
-        if owner is not None and is_user_module(_module_of(owner)):
+        if owner is not None and is_user_module(module_of(owner)):
             for name in self_attrs:
                 method = _as_function(inspect.getattr_static(owner, name, None))
                 if method is None:
                     self._class_attribute(owner, name)
-                elif is_user_module(_module_of(method)):
+                elif is_user_module(module_of(method)):
                     self.visit(method, owner)
 
     def _inherited(self, owner: type, name: str) -> None:
@@ -305,7 +255,7 @@ class _Walk:
         inherits from (which one runs depends on the class the call is made in)."""
         for klass in owner.__mro__[1:]:
             func = _as_function(vars(klass).get(name))
-            if func is not None and is_user_module(_module_of(func)):
+            if func is not None and is_user_module(module_of(func)):
                 self.visit(func, owner)
 
     def _class_attribute(self, owner: type, name: str) -> None:
@@ -313,7 +263,7 @@ class _Walk:
         list, dict or set by the class-body code that assigns it), a nested class. An
         instance attribute (a pydantic field: hashed as a param) is in no class."""
         klass = next((k for k in owner.__mro__ if name in vars(k)), None)
-        if klass is None or not is_user_module(_module_of(klass)):
+        if klass is None or not is_user_module(module_of(klass)):
             return
         self._value(f"{_qualname(klass)}.{name}", vars(klass)[name], (), klass)
 
@@ -345,7 +295,7 @@ class _Walk:
                     pass
             return
         if isinstance(value, (types.FunctionType, type)):
-            if is_user_module(_module_of(value)):
+            if is_user_module(module_of(value)):
                 self.visit(value, value if isinstance(value, type) else None)
             return
         inner = _unwrapped(value)
@@ -369,60 +319,25 @@ class _Walk:
         if isinstance(value, (list, dict, set)):
             # A mutable global may be a registry or a counter the run itself changes: its
             # code, not its value at this moment, is what the step depends on.
-            if _without_source(where):
-                return _cell_digest(where, name) or _loaded_digest(value)
-            return _assigned(where, name)
-        digest = _const_digest(value)
+            if without_source(where):
+                return cell_digest(where, name) or loaded_digest(value)
+            return assigned(where, name)
+        digest = const_digest(value)
         if digest is None and not isinstance(value, _NEUTRAL):
             # An object (a compiled pattern, a template, a client, a partial): keyed by
             # the code that makes it, and by its class when that is the user's.
-            if is_user_module(_module_of(type(value))):
+            if is_user_module(module_of(type(value))):
                 self.visit(type(value), type(value))
-            if _without_source(where):
-                digest = _cell_digest(where, name) or _loaded_digest(value)
+            if without_source(where):
+                digest = cell_digest(where, name) or loaded_digest(value)
             else:
-                digest = _assigned(where, name)
+                digest = assigned(where, name)
         return digest
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so
 # steps that log keep their keys.
 _NEUTRAL = (logging.Logger, logging.LoggerAdapter)
-
-
-def _cell_digest(where: types.ModuleType | type | None, name: str) -> str | None:
-    """Normalized AST of the statements that assign `name` in the last notebook cell run
-    that assigns it (IPython keeps the cells run, in order, as `In`), as a file's
-    assignment is hashed; None outside IPython, or for a class's attribute."""
-    cells = vars(where).get("In") if isinstance(where, types.ModuleType) else None
-    if not isinstance(cells, list):
-        return None
-    for cell in reversed(cells):
-        if not isinstance(cell, str) or name not in cell:
-            continue
-        try:
-            statements = _assignments(ast.parse(cell).body).get(name)
-        except SyntaxError:
-            continue
-        if statements:
-            return hash_json(statements)
-    return None
-
-
-def _loaded_digest(value: Any) -> str | None:
-    """A value defined where no source can be read (a notebook cell), as it is: data by
-    value, a partial by its arguments, another object by its repr unless that names its
-    address (a default repr tells no version) or elides (numpy's and pandas' for large
-    data: equal for other contents)."""
-    if isinstance(value, functools.partial):
-        return _const_digest([list(value.args), value.keywords])
-    digest = _const_digest(value)
-    if digest is not None:
-        return digest
-    text = repr(value)
-    if " at 0x" in text or "..." in text:  # an address, or a summary (a large array)
-        return None
-    return hash_json([f"{type(value).__module__}.{type(value).__qualname__}", text])
 
 
 def _unwrapped(value: Any) -> Any:
@@ -433,87 +348,6 @@ def _unwrapped(value: Any) -> Any:
         return inspect.unwrap(value)
     except ValueError:  # a cycle of __wrapped__
         return value
-
-
-def _assigned(where: types.ModuleType | type | None, name: str) -> str | None:
-    if isinstance(where, types.ModuleType):
-        return _assignment_digest(where, name)
-    if isinstance(where, type):
-        return _class_assignment_digest(where, name)
-    return None
-
-
-def _assignment_digest(module: types.ModuleType, name: str, depth: int = 0) -> str | None:
-    """Normalized AST of the module-level statements that assign `name` (in the user
-    module it is imported from, if it is: `from prompts import LABELS`), or None."""
-    try:
-        found = loaded.module_value("assignments", module, lambda: _module_assignments(module))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    statements = found.get(name)
-    if statements:
-        return hash_json(statements)
-    origins = [found[f"from {name}"]] if f"from {name}" in found else []
-    origins += [[source, name] for source in found.get("from *", [])]
-    for source_name, original in origins if depth < 8 else []:
-        source = sys.modules.get(source_name)
-        if source is not None and is_user_module(source):
-            digest = _assignment_digest(source, original, depth + 1)
-            if digest is not None:
-                return digest
-    return None
-
-
-def _class_assignment_digest(cls: type, name: str) -> str | None:
-    """Normalized AST of the statements of `cls`'s body that assign `name`, or None."""
-    try:
-        found = loaded.class_value(cls, lambda: _class_assignments(cls), kind="assignments")
-    except (OSError, TypeError, SyntaxError):
-        return None
-    statements = found.get(name)
-    return hash_json(statements) if statements else None
-
-
-def _class_assignments(cls: type) -> dict[str, list[str]]:
-    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
-    return _assignments(node.body if isinstance(node, ast.ClassDef) else [])
-
-
-def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
-    """Name -> the dumped module-level statements that assign it, read once per loaded
-    version of the module (castore.loaded: a reloaded module is read again)."""
-    body = ast.parse(inspect.getsource(module)).body
-    out = _assignments(body)
-    for node in body:
-        if isinstance(node, ast.ImportFrom):
-            try:
-                source = importlib.util.resolve_name(
-                    "." * node.level + (node.module or ""), module.__package__
-                )
-            except (ImportError, ValueError):
-                continue
-            for alias in node.names:
-                if alias.name == "*":
-                    out.setdefault("from *", []).append(source)
-                else:
-                    out[f"from {alias.asname or alias.name}"] = [source, alias.name]
-    return out
-
-
-def _assignments(body: list[ast.stmt]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for node in body:
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else [node.target]
-            if isinstance(node, (ast.AnnAssign, ast.AugAssign))
-            else []
-        )
-        for t in targets:
-            if isinstance(t, ast.Name):
-                out.setdefault(t.id, []).append(ast.dump(node, include_attributes=False))
-    return out
 
 
 def _as_function(attr: Any) -> types.FunctionType | None:
@@ -590,7 +424,7 @@ def code_parts(
 
 def user_classes(cls: type) -> list[type]:
     """The classes of `cls`'s MRO defined in the user's own code."""
-    return [c for c in cls.__mro__ if is_user_module(_module_of(c))]
+    return [c for c in cls.__mro__ if is_user_module(module_of(c))]
 
 
 def _code_parts(
@@ -602,7 +436,7 @@ def _code_parts(
     func = inspect.unwrap(func)
     root = loaded.function_digest(func)  # raises OSError without source, as before
     walk = _Walk()
-    if isinstance(func, types.FunctionType) and is_user_module(_module_of(func)):
+    if isinstance(func, types.FunctionType) and is_user_module(module_of(func)):
         walk.run(func, owner)
     for obj in classes:
         walk.visit(obj, obj if isinstance(obj, type) else owner)

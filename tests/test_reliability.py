@@ -723,7 +723,7 @@ def test_code_packages_enter_the_code_version():
 
 
 def test_float_nan_constant_and_none_constant_differ():
-    from castore.fingerprint import _const_digest
+    from castore.usercode import const_digest as _const_digest
 
     assert _const_digest(float("nan")) != _const_digest(None)
     assert _const_digest((1, 2)) != _const_digest([1, 2])
