@@ -319,20 +319,26 @@ class _Walk:
         if isinstance(value, (list, dict, set)):
             # A mutable global may be a registry or a counter the run itself changes: its
             # code, not its value at this moment, is what the step depends on.
-            if without_source(where):
-                return cell_digest(where, name) or loaded_digest(value)
-            return assigned(where, name)
+            return self._made_by(where, name, value)
         digest = const_digest(value)
         if digest is None and not isinstance(value, _NEUTRAL):
             # An object (a compiled pattern, a template, a client, a partial): keyed by
             # the code that makes it, and by its class when that is the user's.
             if is_user_module(module_of(type(value))):
                 self.visit(type(value), type(value))
-            if without_source(where):
-                digest = cell_digest(where, name) or loaded_digest(value)
-            else:
-                digest = assigned(where, name)
+            digest = self._made_by(where, name, value)
         return digest
+
+    @staticmethod
+    def _made_by(where: types.ModuleType | type | None, name: str, value: Any) -> str | None:
+        """The statement that makes `value`: in its file, else in the last notebook cell
+        that assigns it; a closure's cell (a step factory's argument) or a notebook
+        without history has none, so the value as it is."""
+        if where is None:
+            return loaded_digest(value)
+        if without_source(where):
+            return cell_digest(where, name) or loaded_digest(value)
+        return assigned(where, name)
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so

@@ -218,6 +218,20 @@ class Times(Step):
         "self._k = 2",
         "self._k = 3",
     ),
+    "a list a step factory closes over": (
+        """
+from castore import step, StepInput
+def make(labels):
+    @step(inputs=["x"], outputs=["y"])
+    def Times(inputs: StepInput):
+        return [{**r, "y": r["x"] * len(labels)} for r in inputs]
+    return Times
+Times = make(["a", "b"])
+""",
+        "",
+        '["a", "b"]',
+        '["a", "b", "c"]',
+    ),
     "a list imported from another module": (
         """
 from castore import step, StepInput
