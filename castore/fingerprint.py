@@ -155,6 +155,19 @@ def _default_chains(func: types.FunctionType) -> list[list[str]]:
     return chains
 
 
+def _changed_cells(func: types.FunctionType) -> set[str]:
+    """Free variables `func` (or code nested in it) changes in place (`seen.append(x)`):
+    keyed by value, they would give each run another key."""
+    out: set[str] = set()
+    for code in _code_objects(func.__code__):
+        cell = None
+        for ins in dis.get_instructions(code):
+            if ins.opname in _LOAD_ATTR and cell is not None and ins.argval in loaded.IN_PLACE:
+                out.add(cell)
+            cell = str(ins.argval) if ins.opname == "LOAD_DEREF" else None
+    return out
+
+
 def _loads_self(outer: bool, opname: str, free: bool) -> bool:
     """Whether an instruction loads the method's first argument. A comprehension or
     closure that uses it makes it a cell (Python 3.11): the method loads it with
@@ -237,7 +250,10 @@ class _Walk:
                 self._inherited(owner, chain[1])
                 continue
             self._resolve(func.__globals__, chain)
+        changed = _changed_cells(func)
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
+            if name in changed:
+                continue  # state the step keeps (a list it appends to), not configuration
             try:
                 self._value(name, cell.cell_contents, ())
             except ValueError:  # an empty cell

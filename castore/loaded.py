@@ -365,7 +365,7 @@ def _code_in(path: str, stat: tuple[int, int]) -> _Compiled:
 
 # Calls that change a list, dict or set in place: a name they are called on anywhere in
 # the file may hold another value than its literal, so it is not compared.
-_IN_PLACE = frozenset(
+IN_PLACE = frozenset(
     "append extend insert update add setdefault pop popitem remove discard clear sort "
     "reverse".split()
 )
@@ -415,7 +415,7 @@ def _changed_in_place(tree: ast.Module) -> set[str]:
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
-            and node.func.attr in _IN_PLACE
+            and node.func.attr in IN_PLACE
         ):
             changed.add(_base(node.func.value))
     return changed

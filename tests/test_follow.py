@@ -390,3 +390,29 @@ def test_a_filter_predicate_follows_what_it_reads(tmp_path, monkeypatch):
 
     assert identity(PREDICATE) == identity(PREDICATE)
     assert identity(PREDICATE.replace("= 3", "= 4")) != identity(PREDICATE)
+
+
+def test_a_list_a_step_appends_to_is_not_its_key(tmp_path, monkeypatch):
+    """A closure's list the step changes in place (a collector) is state, not
+    configuration: keyed by value it would give every run another key."""
+    source = """
+from castore import step, StepInput
+def make(seen):
+    @step(inputs=["x"], outputs=["y"])
+    def Times(inputs: StepInput):
+        seen.extend(r["x"] for r in inputs)
+        return [{**r, "y": r["x"]} for r in inputs]
+    return Times
+SEEN = []
+Times = make(SEEN)
+"""
+    name = f"collect_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+        before = module.Times(name="t").code_version()
+        module.SEEN.extend([1, 2, 3])
+        assert module.Times(name="t").code_version() == before
+    finally:
+        sys.modules.pop(name, None)
