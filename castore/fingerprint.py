@@ -250,7 +250,7 @@ class _Walk:
                 self._inherited(owner, chain[1])
                 continue
             self._resolve(func.__globals__, chain)
-        changed = _changed_cells(func)
+        changed = _changed_cells(func) if func.__closure__ else set()
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
             if name in changed:
                 continue  # state the step keeps (a list it appends to), not configuration
