@@ -250,7 +250,7 @@ def _differs(
     path: str,
     stat: tuple[int, int],
     codes: list[types.CodeType],
-    values: list[tuple[str, Any]] = (),  # type: ignore[assignment]
+    values: list[tuple[str, Any]],
 ) -> str | None:
     """Whether the file at `path` (as `stat` says it is now) may not hold `codes`, the
     loaded code (_CODE), or give `values` (the first name that differs): None for a file

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import inspect
 import re
-import sys
 import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -27,9 +26,10 @@ from pydantic import (
 )
 
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
-from castore.fingerprint import code_parts, code_version, is_user_module, user_classes
+from castore.fingerprint import code_parts, code_version, user_classes
 from castore.hashing import canonical_json, hash_json
 from castore.pipeline.inline import Inline, field_identity
+from castore.usercode import is_user_module, module_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -304,7 +304,7 @@ class _Step(BaseModel):
         code itself (castore/fingerprint.py), apart from the hooks castore calls
         (`load`, which may set what `process` reads)."""
         out: list[type | types.FunctionType] = []
-        if not is_user_module(sys.modules.get(getattr(self._code_target(), "__module__", ""))):
+        if not is_user_module(module_of(self._code_target())):
             out += user_classes(type(self))
         elif getattr(type(self), "_func", None) is None:
             for cls in user_classes(type(self)):
