@@ -330,3 +330,9 @@ def test_run_folder_pipeline_yaml_is_the_stored_object_not_a_second_copy(store, 
     # A second attempt of the run replaces it in place.
     oid2 = folder.place_pipeline_yaml(text + "# again\n")
     assert folder.pipeline_yaml.read_text().endswith("# again\n") and oid2 != oid
+    # Placing the same object again (every re-run does) leaves no temp file beside it:
+    # rename(2) is a no-op when both names already link one inode.
+    assert folder.place_pipeline_yaml(text + "# again\n") == oid2
+    assert sorted(p.name for p in folder.pipeline_yaml.parent.iterdir() if p.is_file()) == [
+        "pipeline.yaml"
+    ]

@@ -45,6 +45,11 @@ class Placer:
         method = self._clone(src, tmp) or self._link(src, tmp) or self._copy(src, tmp)
         self.methods[method] += 1
         os.replace(tmp, dst)
+        # rename(2) does nothing when both names are links to one inode (dst already
+        # placed by link from this object, e.g. a re-run's pipeline.yaml): the temp
+        # name would stay behind in the user's folder.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
     def _clone(self, src: str, tmp: str) -> str | None:
         if not self.reflink:
