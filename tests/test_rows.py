@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from castore import Pipeline, StepInput, step
 from castore.errors import PipelineError, StepFailed
+from castore.pipeline import rows as rows_mod
 from castore.remote import Remote
 from castore.steps import FilterRows, KeepColumns, LoadDataFromFileSystem
-from castore.store import Store
+from castore.store import Store, rowpack
 from castore.transfer import pull, push
 from tests.conftest import cas_inproc
 
@@ -139,6 +141,50 @@ def test_a_changed_param_computes_everything(tmp_path, data):
     assert run(build(data, suffix="?"), cache)[1] == 120
 
 
+SLOW = 0.02  # seconds per row
+
+
+@step(inputs=["text"], outputs=["label"], row_wise=True)
+def SlowLabel(inputs: StepInput):
+    time.sleep(SLOW * len(inputs))
+    return [{**r, "label": r["text"].upper()} for r in inputs]
+
+
+def test_saved_counts_the_seconds_the_rows_reused_by_key_took(tmp_path, monkeypatch):
+    """ "saved" counts what the rows taken by row key cost when they were made: each
+    segment records its rows' compute seconds per row, a pack keeps them, and a batch
+    of reused rows passes their cost on to its own segment."""
+    monkeypatch.setattr(rows_mod, "PACK_AFTER", 2)  # the second run packs the first's
+    data = tmp_path / "d.jsonl"
+    write_rows(data, base_rows(24))
+    cache = tmp_path / "c"
+
+    def stats(batch: int):
+        with Pipeline(name="slow") as p:
+            LoadDataFromFileSystem(data_files=str(data), batch_size=24) >> SlowLabel(
+                name="label", input_batch_size=batch
+            )
+        return p.run(cache_dir=cache, quiet=True).run.stats["label"]
+
+    first = stats(4)
+    assert first.rows_computed == 24 and first.compute_seconds >= 24 * SLOW
+    assert first.seconds_saved == 0
+    # Other batch sizes: (almost) no batch key hits, rows are taken by key (from the
+    # first run's segments, then from the pack the second run wrote, then from rows the
+    # second and third runs reused themselves).
+    for batch in (5, 6, 7):
+        st = stats(batch)
+        assert st.rows_reused + st.rows_cached == 24 and st.rows_reused >= 16
+        assert st.rows_computed == 0
+        assert 24 * SLOW <= st.seconds_saved <= first.compute_seconds + 0.001, batch
+    store = Store(cache)
+    fp = next(store.iter_row_segments())[0]
+    pack = rowpack.read(store, rowpack.current(store, fp) or "")
+    assert pack is not None and pack.seconds and min(pack.seconds) >= SLOW
+    summary = cas_inproc("show", "slow", "--json", cache_dir=cache).json()
+    assert summary["saved"]["seconds"] >= 24 * SLOW
+
+
 def test_row_reuse_survives_gc_and_travels_with_push_pull(tmp_path, data):
     a, b = tmp_path / "a", tmp_path / "b"
     run(build(data), a)
@@ -168,6 +214,9 @@ def test_a_damaged_segment_is_reported_and_its_rows_recomputed(tmp_path, data):
     # writes the segment anew from the row keys (its batches are all cache hits).
     assert run(build(data), cache)[1] == 0
     assert cas_inproc("fsck", cache_dir=cache).returncode == 0
+    # Same bytes, same id (its metadata too: the seconds per row its entry records), so
+    # the entry that names it is whole again.
+    assert Store(cache).reuse(seg)
 
 
 def test_row_wise_needs_declared_columns(tmp_path):

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
-from castore.pipeline.rows import RowPlan, compute_rows, mapping_clash, write_segment
+from castore.pipeline.rows import (
+    RowPlan,
+    compute_rows,
+    mapping_clash,
+    per_row_seconds,
+    write_segment,
+)
 from castore.pipeline.step import (
     BatchIncomplete,
     _Step,
@@ -53,6 +59,8 @@ class BatchResult:
     tokens_reused: int = 0  # what those rows cost when they were made
     cost_usd: float = 0.0  # `tokens` at the step's LLM prices
     cost_usd_reused: float = 0.0
+    seconds_reused: float = 0.0  # what computing those rows took when they were made
+    seconds_per_row: float | None = None  # in the segment's metadata (rows.per_row_seconds)
 
 
 class TableCache:
@@ -311,7 +319,8 @@ def store_batch(
         if tables is not None:
             tables.keep(oid, own, buf, (footer, base[1]) if base else None)
     remember(oid, needs)
-    segment = write_segment(store, rows, oid) if rows is not None else None
+    per_row = per_row_seconds(rows, seconds) if rows is not None else None
+    segment = write_segment(store, rows, oid, per_row) if rows is not None else None
     res = BatchResult(
         [oid],
         [table.num_rows],
@@ -324,6 +333,8 @@ def store_batch(
         tokens_reused=reused[0],
         cost_usd=max(spent[1] - reused[1], 0.0),
         cost_usd_reused=reused[1],
+        seconds_reused=rows.seconds if rows is not None else 0.0,
+        seconds_per_row=per_row,
     )
     if cache:
         store.put_action(key, entry_of(step.name, res), made_here=True)
@@ -349,6 +360,8 @@ def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
         info["cost_usd"] = round(res.cost_usd, 9)
     if res.row_index is not None:
         info["row_index"] = res.row_index
+        if res.seconds_per_row is not None:
+            info["seconds_per_row"] = res.seconds_per_row
     if res.needs:
         info["needs"] = res.needs
     return ActionEntry(

@@ -63,10 +63,11 @@ class StepTally:
         reused: int = 0,
         tokens_reused: int = 0,
         usd_reused: float = 0.0,
+        seconds_reused: float = 0.0,
     ) -> None:
         """One batch: `reused` of its `rows` (computed batches of row-wise steps) were
-        taken by row key, and `tokens_reused` (`usd_reused`) is what they cost when they
-        were made."""
+        taken by row key, and `tokens_reused` (`usd_reused`, `seconds_reused`) is what
+        they cost when they were made."""
         if cached:
             self.cached += 1
             self.rows_cached += rows
@@ -85,6 +86,7 @@ class StepTally:
             self.tokens_saved += tokens_reused
             self.usd_spent += usd
             self.usd_saved += usd_reused
+            self.seconds_saved += seconds_reused
 
     def stats(self, plan: StepPlan) -> StepStats:
         return StepStats(
@@ -182,24 +184,35 @@ class Recorder:
             rows_reused=reused,
             extends=extends,
         )
-        self._add(
-            step, index, rec, (result.tokens_reused, result.cost_usd_reused) if result else None
+        reused_cost = (
+            (result.tokens_reused, result.cost_usd_reused, result.seconds_reused)
+            if result
+            else None
         )
+        self._add(step, index, rec, reused_cost)
         if not self.columns[step] and outputs:
             self.columns[step] = result.columns if result is not None else self._columns(outputs)
 
     def _add(
-        self, step: str, index: int, rec: BatchRecord, reused: tuple[int, float] | None = None
+        self,
+        step: str,
+        index: int,
+        rec: BatchRecord,
+        reused: tuple[int, float, float] | None = None,
     ) -> None:
         """Into the step's plan (its streams grow) and tallies; then `on_record`.
-        `reused`: (tokens, USD) of the rows taken by row key."""
+        `reused`: (tokens, USD, seconds) of the rows taken by row key."""
         self.plans[step].add(index, rec)
         self._tally(step, rec, rec.cached, reused)
 
     def _tally(
-        self, step: str, rec: BatchRecord, cached: bool, reused: tuple[int, float] | None = None
+        self,
+        step: str,
+        rec: BatchRecord,
+        cached: bool,
+        reused: tuple[int, float, float] | None = None,
     ) -> None:
-        tokens_reused, usd_reused = reused or (0, 0.0)
+        tokens_reused, usd_reused, seconds_reused = reused or (0, 0.0, 0.0)
         self.tallies[step].add(
             sum(rec.rows),
             cached=cached,
@@ -210,6 +223,7 @@ class Recorder:
             reused=rec.rows_reused,
             tokens_reused=tokens_reused,
             usd_reused=usd_reused,
+            seconds_reused=seconds_reused,
         )
         if self.on_record is not None:
             self.on_record(step, rec.key, rec.outputs, cached, rec.failed)

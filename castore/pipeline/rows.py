@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 OUTPUT_META = b"castore_output"
 FP_META = b"castore_fingerprint"
+SECONDS_META = b"castore_seconds_per_row"
 POS = "__castore_pos"
 NO_KEY = bytes(32)  # a row with no result to reuse (it failed), in a segment
 # Segments outside the pack that make a load write a new pack (each costs ~0.6 ms to load
@@ -63,6 +64,9 @@ class RowPlan:
     fingerprint: str
     keys: list[bytes]
     found: list[Found | None]
+    # What computing the found rows took when they were made (their segments' seconds
+    # per row): the seconds a reuse saves.
+    seconds: float = 0.0
 
     @property
     def reused(self) -> int:
@@ -77,7 +81,7 @@ class RowPlan:
         """The plan with the keys at `positions` blanked (failed rows: never found)."""
         gone = set(positions)
         keys = [NO_KEY if i in gone else k for i, k in enumerate(self.keys)]
-        return RowPlan(self.fingerprint, keys, self.found)
+        return RowPlan(self.fingerprint, keys, self.found, self.seconds)
 
 
 class RowIndex:
@@ -112,6 +116,7 @@ class RowIndex:
         self._loaded = False
         self._segments: set[str] = set()  # the segments in the arrays
         self._oids: list[str] = []
+        self._seconds: dict[str, float] = {}  # output object -> compute seconds per row
         # Rows of segments announced since the load (refresh): (key hi, key lo) -> where.
         self._since: dict[tuple[int, int], Found] = {}
         self._hi = np.zeros(0, np.uint64)
@@ -148,6 +153,7 @@ class RowIndex:
         stale = 0
         if pack is not None:
             self._oids, segs = list(pack.outputs), list(pack.segments)
+            self._seconds.update(zip(pack.outputs, pack.seconds, strict=True))
             keep = np.array([s in alive for s in segs], bool)[pack.loc >> 32]
             stale = int(len(keep) - keep.sum())
             if stale:
@@ -191,12 +197,14 @@ class RowIndex:
 
         try:
             table = self._segment(seg)
-            out = (table.schema.metadata or {})[OUTPUT_META].decode()
+            meta = table.schema.metadata or {}
+            out = meta[OUTPUT_META].decode()
             col = table.column("row_key").combine_chunks()
         except (CastoreError, KeyError):
             if self.writes:
                 self.store.drop_row_segment(self.fingerprint, seg)
             return None
+        self._seconds.setdefault(out, rowpack.per_row(meta.get(SECONDS_META, b"").decode()))
         words = np.frombuffer(col.buffers()[1], ">u8", count=len(col) * 4).reshape(-1, 4)
         hi, lo = words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
         keep = (hi != 0) | (lo != 0)  # NO_KEY: a row that failed
@@ -223,8 +231,14 @@ class RowIndex:
         renumber = np.full(max(len(segs), 1), -1, np.int64)
         renumber[kept] = np.arange(len(kept), dtype=np.int64)
         loc = (renumber[self._loc >> 32] << 32) | (self._loc & 0xFFFFFFFF)
+        outs = [self._oids[i] for i in kept]
         pack = rowpack.Pack(
-            [segs[i] for i in kept], [self._oids[i] for i in kept], self._hi, self._lo, loc
+            [segs[i] for i in kept],
+            outs,
+            self._hi,
+            self._lo,
+            loc,
+            [self._seconds.get(o, 0.0) for o in outs],
         )
         try:
             rowpack.write(self.store, self.fingerprint, pack)
@@ -361,7 +375,8 @@ class RowIndex:
         }
         for i, f in zip(todo, new, strict=True):
             found[i] = None if f is not None and f[0] in bad else f
-        return RowPlan(plan.fingerprint, plan.keys, found)
+        seconds = sum(self._seconds.get(f[0], 0.0) for f in found if f is not None)
+        return RowPlan(plan.fingerprint, plan.keys, found, seconds)
 
 
 def check_row_wise(step: _Step) -> None:
@@ -480,13 +495,26 @@ def _reused_rows(store: Store, plan: RowPlan, own: list[str]) -> pa.Table | None
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def write_segment(store: Store, plan: RowPlan, output: str) -> str:
-    """The segment of a batch whose output object is `output`, then its marker."""
+def per_row_seconds(plan: RowPlan, seconds: float) -> float | None:
+    """What a batch's answered rows cost per row: `seconds` computing some now, plus what
+    the reused ones took when they were made (a later reuse of any of them saves this).
+    None when no row was answered."""
+    answered = sum(k != NO_KEY for k in plan.keys)
+    return round((seconds + plan.seconds) / answered, 6) if answered else None
+
+
+def write_segment(
+    store: Store, plan: RowPlan, output: str, seconds_per_row: float | None = None
+) -> str:
+    """The segment of a batch whose output object is `output`, then its marker.
+    `seconds_per_row` (per_row_seconds) goes in its metadata when given; the batch's
+    entry records it, so a segment written again from the keys has the same bytes."""
     import pyarrow as pa
 
-    table = pa.table({"row_key": pa.array(plan.keys, pa.binary(32))}).replace_schema_metadata(
-        {OUTPUT_META: output.encode(), FP_META: plan.fingerprint.encode()}
-    )
+    meta = {OUTPUT_META: output.encode(), FP_META: plan.fingerprint.encode()}
+    if seconds_per_row is not None:
+        meta[SECONDS_META] = repr(seconds_per_row).encode()
+    table = pa.table({"row_key": pa.array(plan.keys, pa.binary(32))}).replace_schema_metadata(meta)
     seg = store.put_table(table)
     store.add_row_segment(plan.fingerprint, seg)
     return seg

@@ -187,7 +187,11 @@ class Scheduler:
             else:
                 keys = self._row_keys(batch)
         if segment is not None and not intact:
-            segment = write_segment(self.store, keys, entry.outputs[0]) if keys else None
+            segment = (
+                write_segment(self.store, keys, entry.outputs[0], entry.seconds_per_row())
+                if keys
+                else None
+            )
         self.recorder.record(
             batch.step,
             batch.index,

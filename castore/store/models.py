@@ -54,6 +54,14 @@ class ActionEntry(_Model):
         seg = self.info.get("row_index")
         return seg if isinstance(seg, str) and len(seg) == 64 else None
 
+    def seconds_per_row(self) -> float | None:
+        """What its segment's metadata says the rows cost (castore.pipeline.rows
+        per_row_seconds); None for entries written before segments said it."""
+        got = self.info.get("seconds_per_row")
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return None
+        return float(got)
+
     def needs(self) -> list[str]:
         """The objects its outputs extend (castore.store.extend; kept in `info`). Only
         well-formed ids: reading an output checks its own footer's list anyway."""
