@@ -384,3 +384,26 @@ def test_show_dag_draws_fan_out_and_fan_in(tmp_path):
     assert lines[3].startswith("    └─ both  [") and lines[3].endswith("<- a, b")
     doc = cas_inproc("show", "shape", "--json", cache_dir=tmp_path / "c").json()
     assert ["a", "both"] in doc["edges"] and ["b", "both"] in doc["edges"]
+
+
+def test_a_loader_that_cannot_read_its_file_fails_in_one_plain_line(tmp_path):
+    """castore's own errors reach the user as they are written: no internal class name,
+    the step named once."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"id": 1}\n{"id": "two"}\n')
+    script = tmp_path / "load.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from castore import Pipeline
+            from castore.steps import LoadDataFromFileSystem
+
+            with Pipeline(name="load") as pipeline:
+                LoadDataFromFileSystem(name="load", data_files={str(data)!r})
+            """
+        )
+    )
+    r = cas_inproc("run", str(script), cache_dir=tmp_path / "c")
+    one_error_line(r, "step load failed: cannot read", "rows.jsonl")
+    line = next(x for x in r.stderr.splitlines() if x.startswith("Error"))
+    assert "ConfigError" not in line and line.count("load:") == 0, line

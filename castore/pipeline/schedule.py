@@ -595,8 +595,12 @@ class Scheduler:
 
 def fail(step: str, error: BaseException) -> None:
     """Fail the run with one line naming the step."""
-    msg = str(error) if isinstance(error, StepFailed) else f"{type(error).__name__}: {error}"
-    if not isinstance(error, StepFailed):
-        msg = f"step {step} failed: {msg}"
+    msg = str(error)
+    if isinstance(error, CastoreError) and not isinstance(error, StepFailed):
+        # castore's own one-line errors: their class name tells a user nothing, and most
+        # already name the step.
+        msg = f"step {step} failed: {msg.removeprefix(f'step {step}: ')}"
+    elif not isinstance(error, StepFailed):
+        msg = f"step {step} failed: {type(error).__name__}: {msg}"
     log.error("%s", msg)
     raise StepFailed(msg)
