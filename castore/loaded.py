@@ -37,6 +37,7 @@ import inspect
 import logging
 import math
 import os
+import sys
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -350,17 +351,49 @@ def _code_in(path: str, stat: tuple[int, int]) -> _Compiled:
             with open(path, "rb") as f:
                 source = f.read()
         tree = ast.parse(source, path)
+        literals = _literals(tree)  # before a loader's rewrite changes the tree
         codes: dict[str, list[types.CodeType]] = {}
-        todo = [compile(tree, path, "exec", dont_inherit=True)]
+        todo = [_compile_as_imported(path, tree, source)]
         while todo:
             code = todo.pop()
             codes.setdefault(code.co_qualname, []).append(code)
             todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        found = _Compiled(codes, _literals(tree))
+        found = _Compiled(codes, literals)
         if len(_compiled) >= 64:
             _compiled.clear()
         _compiled[key] = found
     return found
+
+
+def _compile_as_imported(path: str, tree: ast.Module, source: bytes) -> types.CodeType:
+    """The file's code as its module's loader made it. Import hooks that transform code
+    (pytest rewrites the asserts of test modules; typeguard and beartype instrument
+    functions in `source_to_code`) give other bytecode than a plain compile, so without
+    this a test module edited shortly before pytest started would be refused as edited
+    after its import."""
+    import importlib.machinery
+
+    loader = next(
+        (
+            getattr(getattr(m, "__spec__", None), "loader", None)
+            for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) == path
+        ),
+        None,
+    )
+    if type(loader).__name__ == "AssertionRewritingHook":
+        with contextlib.suppress(Exception):  # pytest's internals: else a plain compile
+            from _pytest.assertion.rewrite import rewrite_asserts
+
+            rewrite_asserts(tree, source, path, getattr(loader, "config", None))
+    elif isinstance(loader, importlib.machinery.SourceFileLoader) and (
+        type(loader).source_to_code is not importlib.machinery.SourceFileLoader.source_to_code
+    ):
+        with contextlib.suppress(Exception):
+            code = loader.source_to_code(source, path)
+            if isinstance(code, types.CodeType):
+                return code
+    return compile(tree, path, "exec", dont_inherit=True)
 
 
 # Calls that change a list, dict or set in place: a name they are called on anywhere in

@@ -8,9 +8,11 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -168,6 +170,69 @@ def test_loaded_code_that_matches_its_file_is_accepted(tmp_path, monkeypatch):
             load >> mod.make(3)(name="scaled")
         sigs = p.signatures()
         assert set(sigs) == {"load_data_from_dicts", "child", "scaled"}
+
+
+PYTEST_MODULE = """
+from castore import Pipeline, StepInput, step
+from castore.steps import LoadDataFromDicts
+
+SEEN = []
+
+
+@step(inputs=["x"], outputs=["y"])
+def AddOne(inputs: StepInput):
+    SEEN.extend(inputs)
+    return [{**r, "y": r["x"] + 1} for r in inputs]
+
+
+def test_pipeline(tmp_path):
+    with Pipeline(name="p") as p:
+        LoadDataFromDicts(data=[{"x": 1}]) >> AddOne()
+    ds = p.run(cache_dir=tmp_path / "c", quiet=True)
+    assert ds["add_one"]["train"].to_list() == [{"x": 1, "y": 2}]
+"""
+
+
+def test_a_test_module_pytest_rewrote_compares_equal_to_its_file(tmp_path):
+    """pytest compiles test modules with their asserts rewritten: a test module saved
+    just before pytest started (here: dated after it) is compared with its file compiled
+    the way pytest compiles it, not plainly (which differs in every function with an
+    assert, and refused the run as "edited after this process loaded it")."""
+    path = tmp_path / "test_steps.py"
+    path.write_text(PYTEST_MODULE)
+    later = time.time() + 30
+    os.utime(path, (later, later))
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "1 passed" in r.stdout
+    # Compared as pytest compiles it, a real edit still differs: refused.
+    edited = PYTEST_MODULE.replace(
+        "def test_pipeline(tmp_path):",
+        "def test_pipeline(tmp_path):\n"
+        "    import pathlib, pytest\n"
+        "    from castore.errors import StaleCode\n"
+        "    f = pathlib.Path(__file__)\n"
+        "    f.write_text(f.read_text().replace('+ 1}', '+ 2}'))\n"
+        "    with pytest.raises(StaleCode, match='edited after this process loaded it'):\n"
+        "        test_original(tmp_path)\n"
+        "\n\n"
+        "def test_original(tmp_path):",
+    )
+    path = tmp_path / "test_edited.py"
+    path.write_text(edited)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path), "-k", "pipe"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "1 passed" in r.stdout
 
 
 def test_a_function_moved_in_its_file_after_import_is_refused(module, tmp_path):
