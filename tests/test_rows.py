@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from castore import Pipeline, StepInput, step
+from castore import Pipeline, Step, StepInput, step
 from castore.errors import PipelineError, StepFailed
 from castore.pipeline import rows as rows_mod
 from castore.remote import Remote
-from castore.steps import FilterRows, KeepColumns, LoadDataFromFileSystem
+from castore.steps import FilterRows, KeepColumns, LoadDataFromDicts, LoadDataFromFileSystem
 from castore.store import Store, rowpack
 from castore.transfer import pull, push
 from tests.conftest import cas_inproc
@@ -180,9 +180,72 @@ def test_saved_counts_the_seconds_the_rows_reused_by_key_took(tmp_path, monkeypa
     store = Store(cache)
     fp = next(store.iter_row_segments())[0]
     pack = rowpack.read(store, rowpack.current(store, fp) or "")
-    assert pack is not None and pack.seconds and min(pack.seconds) >= SLOW
+    assert pack is not None and pack.infos
+    assert all(i is not None and (i.seconds_per_row or 0) >= SLOW for i in pack.infos)
     summary = cas_inproc("show", "slow", "--json", cache_dir=cache).json()
     assert summary["saved"]["seconds"] >= 24 * SLOW
+
+
+META = "castore_metadata"
+
+
+@step(inputs=["text"], outputs=["extra"])
+def Tag(inputs: StepInput, v: int = 1):
+    """An upstream step writing its own metadata entry (as an LLM task does)."""
+    return [{**r, "extra": v, META: {**(r.get(META) or {}), "tag": {"v": v}}} for r in inputs]
+
+
+class Judge(Step):
+    """Row-wise, files its metadata entry under its name (as LLM tasks do)."""
+
+    inputs = ["text"]
+    outputs = ["score"]
+    row_wise = True
+
+    def process(self, inputs: StepInput):
+        for r in inputs:
+            CALLS.append(r["text"])
+            meta = {**(r.get(META) or {}), self.name: {"len": len(r["text"])}}
+            yield [{**r, "score": len(r["text"]), META: meta}]
+
+
+def _metadata(ds, leaf: str) -> list[dict]:
+    """The leaf's rows with their metadata column."""
+    from castore import Distiset
+
+    kept = Distiset.from_run(ds.run_oid, ds.store_root, enable_metadata=True)
+    return kept[leaf]["train"].to_list()
+
+
+def test_a_reused_rows_metadata_is_the_current_inputs_plus_the_steps_own(tmp_path):
+    """A row taken by key carries the current upstream entries (not those of the run
+    that computed it), and the step's own entry under its current name."""
+    cache = tmp_path / "c"
+    rows = [{"text": f"row {i}"} for i in range(6)]
+
+    def go(*, v: int | None, name: str, batch: int):
+        with Pipeline(name=f"meta-{name}") as p:
+            load = LoadDataFromDicts(data=rows, batch_size=6)
+            head = load >> Tag(v=v) if v is not None else load
+            head >> Judge(name=name, input_batch_size=batch)
+        CALLS.clear()
+        ds = p.run(cache_dir=cache, quiet=True)
+        return _metadata(ds, name), len(CALLS)
+
+    first, computed = go(v=1, name="judge", batch=3)
+    assert computed == 6 and first[0][META] == {"tag": {"v": 1}, "judge": {"len": 5}}
+    # The upstream step changed (its entry too), the judge's inputs did not.
+    got, computed = go(v=2, name="judge", batch=2)
+    assert computed == 0 and [r["extra"] for r in got] == [2] * 6
+    assert all(r[META] == {"tag": {"v": 2}, "judge": {"len": len(r["text"])}} for r in got)
+    # Another pipeline, the judge under another name, no upstream entry at all.
+    got, computed = go(v=None, name="grader", batch=4)
+    assert computed == 0
+    assert all(r[META] == {"grader": {"len": len(r["text"])}} for r in got), got[0]
+    # Rows first computed without any upstream entry keep the current ones.
+    got, computed = go(v=3, name="grader", batch=5)
+    assert computed == 0
+    assert all(r[META] == {"tag": {"v": 3}, "grader": {"len": len(r["text"])}} for r in got)
 
 
 def test_row_reuse_survives_gc_and_travels_with_push_pull(tmp_path, data):

@@ -18,13 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
-from castore.pipeline.rows import (
-    RowPlan,
-    compute_rows,
-    mapping_clash,
-    per_row_seconds,
-    write_segment,
-)
+from castore.pipeline.rowinfo import row_info
+from castore.pipeline.rows import RowPlan, compute_rows, mapping_clash, write_segment
 from castore.pipeline.step import (
     BatchIncomplete,
     _Step,
@@ -32,7 +27,7 @@ from castore.pipeline.step import (
     to_table,
 )
 from castore.store.extend import Extension, assemble, concat, remember, split
-from castore.store.models import ActionEntry
+from castore.store.models import ActionEntry, RowInfo
 from castore.store.parquet import METADATA_COLUMN, as_read, encode_parquet
 
 if TYPE_CHECKING:
@@ -60,7 +55,7 @@ class BatchResult:
     cost_usd: float = 0.0  # `tokens` at the step's LLM prices
     cost_usd_reused: float = 0.0
     seconds_reused: float = 0.0  # what computing those rows took when they were made
-    seconds_per_row: float | None = None  # in the segment's metadata (rows.per_row_seconds)
+    row_info: RowInfo | None = None  # what its segment says besides the keys
 
 
 class TableCache:
@@ -292,11 +287,13 @@ def store_batch(
     *,
     cache: bool,
     rows: RowPlan | None = None,
+    info: RowInfo | None = None,
     reused: Usage = (0, 0.0),
     tables: TableCache | None = None,
     base: tuple[list[Slice], pa.Table] | None = None,
 ) -> BatchResult:
-    """The object, then (row-wise steps, given `rows`) its row-key segment, then (with
+    """The object, then (row-wise steps, given `rows` and their segment's `info`) its
+    row-key segment, then (with
     `cache`) the action entry: an entry never names what is not yet stored. Tokens (and
     their cost) are those spent now: without the `reused` (tokens, USD) of rows taken by
     row key. `tables` keeps the table in memory for the step's successors. `base`: the
@@ -319,8 +316,7 @@ def store_batch(
         if tables is not None:
             tables.keep(oid, own, buf, (footer, base[1]) if base else None)
     remember(oid, needs)
-    per_row = per_row_seconds(rows, seconds) if rows is not None else None
-    segment = write_segment(store, rows, oid, per_row) if rows is not None else None
+    segment = write_segment(store, rows, oid, info) if rows is not None else None
     res = BatchResult(
         [oid],
         [table.num_rows],
@@ -334,7 +330,7 @@ def store_batch(
         cost_usd=max(spent[1] - reused[1], 0.0),
         cost_usd_reused=reused[1],
         seconds_reused=rows.seconds if rows is not None else 0.0,
-        seconds_per_row=per_row,
+        row_info=info if rows is not None else None,
     )
     if cache:
         store.put_action(key, entry_of(step.name, res), made_here=True)
@@ -360,8 +356,8 @@ def entry_of(step: str | None, res: BatchResult) -> ActionEntry:
         info["cost_usd"] = round(res.cost_usd, 9)
     if res.row_index is not None:
         info["row_index"] = res.row_index
-        if res.seconds_per_row is not None:
-            info["seconds_per_row"] = res.seconds_per_row
+        if res.row_info is not None:
+            info["row_info"] = res.row_info.model_dump(exclude_none=True)
     if res.needs:
         info["needs"] = res.needs
     return ActionEntry(
@@ -436,14 +432,16 @@ def execute_batch(
             rows = None  # which rows failed is unknown: keep none as row results
     if computed is not None:
         computed()
+    seconds = time.perf_counter() - t0
     res = store_batch(
         store,
         step,
         key,
         out,
-        time.perf_counter() - t0,
+        seconds,
         cache=write_entry and skipped is None,
         rows=rows,
+        info=row_info(step, rows, seconds, table, out) if rows is not None else None,
         reused=usage_of(step, reused) if reused is not None else (0, 0.0),
         tables=cache,
         base=_base(step, slices, table),

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, CorruptObject, PipelineError, StepFailed, UnknownObject
 from castore.hashing import base_row_keys, occurrence_key
+from castore.pipeline.rowinfo import with_reused_metadata
 from castore.store import rowpack
 from castore.store.extend import needs_of
+from castore.store.models import RowInfo
 from castore.store.parquet import METADATA_COLUMN
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 OUTPUT_META = b"castore_output"
 FP_META = b"castore_fingerprint"
-SECONDS_META = b"castore_seconds_per_row"
+INFO_META = b"castore_row_info"  # castore.store.models.RowInfo, JSON
 POS = "__castore_pos"
 NO_KEY = bytes(32)  # a row with no result to reuse (it failed), in a segment
 # Segments outside the pack that make a load write a new pack (each costs ~0.6 ms to load
@@ -67,6 +69,8 @@ class RowPlan:
     # What computing the found rows took when they were made (their segments' seconds
     # per row): the seconds a reuse saves.
     seconds: float = 0.0
+    # What the segments of the found rows' objects say of them (by object id).
+    infos: dict[str, RowInfo] = field(default_factory=dict)
 
     @property
     def reused(self) -> int:
@@ -81,7 +85,7 @@ class RowPlan:
         """The plan with the keys at `positions` blanked (failed rows: never found)."""
         gone = set(positions)
         keys = [NO_KEY if i in gone else k for i, k in enumerate(self.keys)]
-        return RowPlan(self.fingerprint, keys, self.found, self.seconds)
+        return RowPlan(self.fingerprint, keys, self.found, self.seconds, self.infos)
 
 
 class RowIndex:
@@ -116,7 +120,7 @@ class RowIndex:
         self._loaded = False
         self._segments: set[str] = set()  # the segments in the arrays
         self._oids: list[str] = []
-        self._seconds: dict[str, float] = {}  # output object -> compute seconds per row
+        self._infos: dict[str, RowInfo] = {}  # output object -> what its segment says
         # Rows of segments announced since the load (refresh): (key hi, key lo) -> where.
         self._since: dict[tuple[int, int], Found] = {}
         self._hi = np.zeros(0, np.uint64)
@@ -153,7 +157,7 @@ class RowIndex:
         stale = 0
         if pack is not None:
             self._oids, segs = list(pack.outputs), list(pack.segments)
-            self._seconds.update(zip(pack.outputs, pack.seconds, strict=True))
+            self._infos.update((o, i) for o, i in zip(pack.outputs, pack.infos, strict=True) if i)
             keep = np.array([s in alive for s in segs], bool)[pack.loc >> 32]
             stale = int(len(keep) - keep.sum())
             if stale:
@@ -204,7 +208,9 @@ class RowIndex:
             if self.writes:
                 self.store.drop_row_segment(self.fingerprint, seg)
             return None
-        self._seconds.setdefault(out, rowpack.per_row(meta.get(SECONDS_META, b"").decode()))
+        info = RowInfo.parse(meta.get(INFO_META))
+        if info is not None:
+            self._infos.setdefault(out, info)
         words = np.frombuffer(col.buffers()[1], ">u8", count=len(col) * 4).reshape(-1, 4)
         hi, lo = words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
         keep = (hi != 0) | (lo != 0)  # NO_KEY: a row that failed
@@ -238,7 +244,7 @@ class RowIndex:
             self._hi,
             self._lo,
             loc,
-            [self._seconds.get(o, 0.0) for o in outs],
+            [self._infos.get(o) for o in outs],
         )
         try:
             rowpack.write(self.store, self.fingerprint, pack)
@@ -375,8 +381,11 @@ class RowIndex:
         }
         for i, f in zip(todo, new, strict=True):
             found[i] = None if f is not None and f[0] in bad else f
-        seconds = sum(self._seconds.get(f[0], 0.0) for f in found if f is not None)
-        return RowPlan(plan.fingerprint, plan.keys, found, seconds)
+        infos = {f[0]: self._infos[f[0]] for f in found if f is not None and f[0] in self._infos}
+        seconds = sum(
+            infos[f[0]].seconds_per_row or 0.0 for f in found if f is not None and f[0] in infos
+        )
+        return RowPlan(plan.fingerprint, plan.keys, found, seconds, infos)
 
 
 def check_row_wise(step: _Step) -> None:
@@ -429,11 +438,15 @@ def compute_rows(
     if reused is not None:
         parts.append(reused)
     combined = pa.concat_tables(parts, promote_options="permissive").sort_by(POS)
+    own_reused = None
+    if reused is not None:
+        combined = with_reused_metadata(step, table, combined, plan)
+        at = [i for i, f in enumerate(plan.found) if f is not None]
+        own_reused = combined.take(pa.array(at, pa.int64())).drop_columns([POS])
     result = table.drop_columns([c for c in own if c in table.column_names])
     for name in combined.column_names:
         if name != POS:
             result = result.append_column(name, combined.column(name))
-    own_reused = reused.drop_columns([POS]) if reused is not None else None
     return result, skipped, own_reused, failed
 
 
@@ -495,25 +508,15 @@ def _reused_rows(store: Store, plan: RowPlan, own: list[str]) -> pa.Table | None
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def per_row_seconds(plan: RowPlan, seconds: float) -> float | None:
-    """What a batch's answered rows cost per row: `seconds` computing some now, plus what
-    the reused ones took when they were made (a later reuse of any of them saves this).
-    None when no row was answered."""
-    answered = sum(k != NO_KEY for k in plan.keys)
-    return round((seconds + plan.seconds) / answered, 6) if answered else None
-
-
-def write_segment(
-    store: Store, plan: RowPlan, output: str, seconds_per_row: float | None = None
-) -> str:
-    """The segment of a batch whose output object is `output`, then its marker.
-    `seconds_per_row` (per_row_seconds) goes in its metadata when given; the batch's
-    entry records it, so a segment written again from the keys has the same bytes."""
+def write_segment(store: Store, plan: RowPlan, output: str, info: RowInfo | None = None) -> str:
+    """The segment of a batch whose output object is `output`, then its marker. `info`
+    (castore.pipeline.rowinfo) goes in its metadata; the batch's entry records it too, so
+    a segment written again from the keys has the same bytes."""
     import pyarrow as pa
 
     meta = {OUTPUT_META: output.encode(), FP_META: plan.fingerprint.encode()}
-    if seconds_per_row is not None:
-        meta[SECONDS_META] = repr(seconds_per_row).encode()
+    if info is not None:
+        meta[INFO_META] = info.encoded()
     table = pa.table({"row_key": pa.array(plan.keys, pa.binary(32))}).replace_schema_metadata(meta)
     seg = store.put_table(table)
     store.add_row_segment(plan.fingerprint, seg)

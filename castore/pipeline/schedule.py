@@ -188,7 +188,7 @@ class Scheduler:
                 keys = self._row_keys(batch)
         if segment is not None and not intact:
             segment = (
-                write_segment(self.store, keys, entry.outputs[0], entry.seconds_per_row())
+                write_segment(self.store, keys, entry.outputs[0], entry.row_info())
                 if keys
                 else None
             )

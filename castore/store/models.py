@@ -54,13 +54,10 @@ class ActionEntry(_Model):
         seg = self.info.get("row_index")
         return seg if isinstance(seg, str) and len(seg) == 64 else None
 
-    def seconds_per_row(self) -> float | None:
-        """What its segment's metadata says the rows cost (castore.pipeline.rows
-        per_row_seconds); None for entries written before segments said it."""
-        got = self.info.get("seconds_per_row")
-        if isinstance(got, bool) or not isinstance(got, (int, float)):
-            return None
-        return float(got)
+    def row_info(self) -> RowInfo | None:
+        """What its segment says of its rows besides their keys (kept in `info`, so a
+        segment written again from the keys has the same bytes); None when not recorded."""
+        return RowInfo.parse(self.info.get("row_info"))
 
     def needs(self) -> list[str]:
         """The objects its outputs extend (castore.store.extend; kept in `info`). Only
@@ -78,3 +75,35 @@ class LockInfo(_Model):
     host: str
     created: datetime = Field(default_factory=now_utc)
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class RowInfo(BaseModel):
+    """What a row-wise batch's row-key segment says of its rows besides their keys
+    (castore.pipeline.rowinfo), in the segment's schema metadata and its action entry."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    # What computing the rows took per row (now, or when the rows it reused were made):
+    # what a later reuse saves.
+    seconds_per_row: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # The step's name in the run that made them, and the entries of the metadata column
+    # the step wrote: a reused row gets those from here and every other entry from the
+    # current input.
+    step: str | None = None
+    metadata_keys: list[str] | None = None
+
+    def encoded(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def parse(cls, raw: object) -> RowInfo | None:
+        """From JSON bytes or a dict; None when absent or malformed (segments written
+        before it, or damaged: it only refines accounting and metadata)."""
+        if raw is None:
+            return None
+        try:
+            if isinstance(raw, (bytes, str)):
+                return cls.model_validate_json(raw)
+            return cls.model_validate(raw)
+        except ValueError:
+            return None

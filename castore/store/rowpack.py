@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 from castore.errors import CastoreError
 from castore.hashing import validate_id
 from castore.store import layout as L
+from castore.store.models import RowInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,20 +42,8 @@ class Pack:
     hi: np.ndarray
     lo: np.ndarray
     loc: np.ndarray
-    # per segment: compute seconds per row when it was made (0.0: not recorded; packs
-    # written before it was are read with zeros)
-    seconds: list[float] = field(default_factory=list)
-
-
-def per_row(value: object) -> float:
-    """Seconds per row as recorded (a pack's list, a segment's metadata); anything but a
-    finite non-negative number (an older or damaged record) is 0.0, not recorded: it
-    only feeds the "saved" estimate."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 0.0
-    return x if math.isfinite(x) and x >= 0 else 0.0
+    # per segment: what it says of its rows besides their keys (None: not recorded)
+    infos: list[RowInfo | None] = field(default_factory=list)
 
 
 def pointer_path(store: Store, fingerprint: str) -> str:
@@ -77,7 +65,8 @@ def write(store: Store, fingerprint: str, pack: Pack) -> str:
     """Store `pack` as an object, then point to it."""
     import pyarrow as pa
 
-    meta = {"segments": pack.segments, "outputs": pack.outputs, "seconds": pack.seconds}
+    infos = [i.model_dump(exclude_none=True) if i is not None else None for i in pack.infos]
+    meta = {"segments": pack.segments, "outputs": pack.outputs, "infos": infos}
     table = pa.table({"hi": pack.hi, "lo": pack.lo, "loc": pack.loc}).replace_schema_metadata(
         {PACK_META: json.dumps(meta, separators=(",", ":")).encode()}
     )
@@ -103,7 +92,7 @@ def read(store: Store, oid: str, verify: bool = True) -> Pack | None:
         table = pa.ipc.open_file(pa.memory_map(store.path_of(oid))).read_all()
         meta = json.loads((table.schema.metadata or {})[PACK_META])
         segments, outputs = list(meta["segments"]), list(meta["outputs"])
-        seconds = [per_row(x) for x in meta.get("seconds") or [0.0] * len(segments)]
+        infos = [RowInfo.parse(x) for x in meta.get("infos") or [None] * len(segments)]
 
         def col(name: str, dtype: type) -> np.ndarray:
             # From the buffer itself: to_numpy() would import pandas (~0.3 s).
@@ -113,10 +102,10 @@ def read(store: Store, oid: str, verify: bool = True) -> Pack | None:
             return np.frombuffer(arr.buffers()[1], dtype, count=len(arr), offset=arr.offset * 8)
 
         hi, lo, loc = col("hi", np.uint64), col("lo", np.uint64), col("loc", np.int64)
-        pack = Pack(segments, outputs, hi, lo, loc, seconds)
+        pack = Pack(segments, outputs, hi, lo, loc, infos)
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException):
         return None
-    if not len(segments) == len(outputs) == len(seconds) or not (
+    if not len(segments) == len(outputs) == len(infos) or not (
         len(pack.hi) == len(pack.lo) == len(pack.loc)
     ):
         return None
