@@ -270,3 +270,56 @@ def test_a_subclass_that_reads_otherwise_keeps_its_reader(tmp_path):
     data = tmp_path / "a.jsonl"
     write(data, rows(5))
     assert Upper(data_files=str(data)).append_source() is None
+
+
+@pytest.mark.parametrize("kind", ["disk", "hub-folder"])
+def test_a_dataset_folder_written_after_it_was_hashed_is_refused(tmp_path, monkeypatch, kind):
+    """A saved dataset (LoadDataFromDisk) or a local dataset folder (LoadDataFromHub) is
+    keyed by its files' contents when the run starts and read when the loader runs: a
+    write in between (or while it reads) would file the new rows under the old rows'
+    key. The loader's batches are checked against the versions hashed before their
+    entries are written."""
+    import datasets
+
+    from castore.pipeline import generators
+    from castore.steps import LoadDataFromDisk, LoadDataFromHub
+
+    folder = tmp_path / "data"
+
+    def save(n: int) -> None:
+        if kind == "disk":
+            datasets.Dataset.from_list(rows(n)).save_to_disk(str(tmp_path / "tmp"))
+            if folder.exists():
+                for f in folder.iterdir():
+                    f.unlink()
+                folder.rmdir()
+            (tmp_path / "tmp").rename(folder)
+        else:
+            folder.mkdir(exist_ok=True)
+            write(folder / "rows.jsonl", rows(n))
+
+    def pipeline() -> Pipeline:
+        with Pipeline(name="folder") as p:
+            if kind == "disk":
+                LoadDataFromDisk(name="load", dataset_path=str(folder), batch_size=4)
+            else:
+                LoadDataFromHub(name="load", repo_id=str(folder), batch_size=4)
+        return p
+
+    save(10)
+    real = generators.call_process
+    writes = []
+
+    def written_meanwhile(step_, *a):
+        if not writes:  # once: after the run hashed the folder, before the loader reads
+            writes.append(1)
+            save(12)
+        return real(step_, *a)
+
+    monkeypatch.setattr(generators, "call_process", written_meanwhile)
+    cache = tmp_path / "c"
+    with pytest.raises(Exception, match="changed while the run read them; run again"):
+        pipeline().run(cache_dir=cache, quiet=True)
+    monkeypatch.setattr(generators, "call_process", real)
+    got = pipeline().run(cache_dir=cache, quiet=True)["load"]["train"].to_list()
+    assert got == rows(12)

@@ -64,8 +64,10 @@ def produce(
                 t0 = time.perf_counter()
                 table = generator_table(step, chunk)
                 res = store_batch(
-                    store, step, key, table, time.perf_counter() - t0, cache=True, tables=tables
+                    store, step, key, table, time.perf_counter() - t0, cache=False, tables=tables
                 )
+                step.check_source()  # the object holds what was read: still what was keyed?
+                store.put_action(key, entry_of(step.name, res), made_here=True)
             events.put(GeneratorBatch(name, i, key, res, cached=isinstance(chunk, Reused)))
             i += 1
         store.put_action(

@@ -465,6 +465,11 @@ class GeneratorStep(_Step):
         the file that this one extends, and parses only the rest. None by default."""
         return None
 
+    def check_source(self) -> None:
+        """Called after each batch is stored, before its entry is written: raise when
+        what the step reads has changed since the run's fingerprint hashed it (the batch
+        may hold the new data, which must not be filed under the old data's key)."""
+
 
 class BatchIncomplete(Exception):
     """Raised by `process` when some rows failed (an LLM call that kept failing): the

@@ -75,10 +75,42 @@ def _remote_stamp(path: str) -> tuple[Any, ...]:
     return tuple(str(info.get(k)) for k in keys)
 
 
-def _folder_digests(root: str) -> list[list[str]]:
-    """[relative path, blake3] of every file under `root`: a local dataset's identity."""
+def _folder_stamps(root: str) -> dict[str, tuple[int, ...]]:
+    """relative path -> local_stamp of every file under `root`."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-    return [[os.path.relpath(p, root), hash_file(p)] for p in files]
+    return {os.path.relpath(p, root): local_stamp(p) for p in files}
+
+
+class _FolderLoader(GeneratorStep):
+    """A loader whose data may be a local folder (a saved dataset), keyed by its files'
+    contents; the batches must be read from the versions that were hashed."""
+
+    # (folder, stamps of its files) this run's fingerprint hashed.
+    _folder_keyed: tuple[str, dict[str, tuple[int, ...]]] | None = PrivateAttr(None)
+
+    def refresh(self) -> None:
+        self._folder_keyed = None
+
+    def _folder_identity(self, root: str) -> list[list[str]]:
+        """[relative path, blake3] of every file under `root` (hashed once per version of
+        each file in a process), and their versions remembered for check_source."""
+        stamps = _folder_stamps(root)
+        if self._folder_keyed is None:
+            self._folder_keyed = (root, stamps)
+        return [[rel, local_digest(os.path.join(root, rel))] for rel in stamps]
+
+    def check_source(self) -> None:
+        if self._folder_keyed is None:
+            return
+        root, stamps = self._folder_keyed
+        try:
+            now = _folder_stamps(root)
+        except OSError:
+            now = {}
+        if now != stamps:
+            raise ConfigError(
+                f"step {self.name}: the files of {root} changed while the run read them; run again"
+            )
 
 
 class LoadDataFromDicts(GeneratorStep):
@@ -243,7 +275,7 @@ class LoadDataFromFileSystem(GeneratorStep):
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-class LoadDataFromHub(GeneratorStep):
+class LoadDataFromHub(_FolderLoader):
     """`datasets.load_dataset(repo_id, name=config, split=split)`; a local dataset folder
     works offline, and its files' contents enter the fingerprint.
 
@@ -264,12 +296,13 @@ class LoadDataFromHub(GeneratorStep):
     _pinned: tuple[tuple[str, str | None, str | None], str] | None = PrivateAttr(None)
 
     def refresh(self) -> None:
+        super().refresh()
         self._pinned = None
 
     def extra_identity(self) -> Any:
         repo_id: str = _required(self, "repo_id")
         if os.path.isdir(repo_id):
-            return {"local": _folder_digests(repo_id)}
+            return {"local": self._folder_identity(repo_id)}
         return {"hub": repo_id, "commit": self._commit(repo_id)}  # repo_id is hashed here
 
     def _commit(self, repo_id: str) -> str:
@@ -363,7 +396,7 @@ class LoadDataFromHub(GeneratorStep):
         yield from _slices(ds.data.table, offset, self.batch_size, self.num_examples)
 
 
-class LoadDataFromDisk(GeneratorStep):
+class LoadDataFromDisk(_FolderLoader):
     """A dataset saved with `save_to_disk` (a `Dataset` or `DatasetDict` folder), or with
     `is_distiset` a saved Distiset (castore's or distilabel 1.5's), leaf `config` (the
     only leaf when unset). Its files' contents enter the fingerprint."""
@@ -398,7 +431,7 @@ class LoadDataFromDisk(GeneratorStep):
         return os.path.join(path, leaves[0])
 
     def extra_identity(self) -> Any:
-        return {"local": _folder_digests(self._folder())}
+        return {"local": self._folder_identity(self._folder())}
 
     def process(self, offset: int = 0) -> Iterator[pa.Table]:
         import datasets
