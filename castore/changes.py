@@ -137,6 +137,8 @@ def _code_changes(a: Any, b: Any) -> list[str]:
             out.append(f"code: now reaches {what}")
         elif label not in b:
             out.append(f"code: no longer reaches {what}")
+        elif label.startswith("environment variable "):
+            out.append(f"value of {label} changed")
         else:
             out.append(f"code of {what} changed")
     return out or ["code of `process` changed"]

@@ -49,6 +49,8 @@ import importlib.metadata
 import inspect
 import itertools
 import logging
+import os
+import re
 import sys
 import textwrap
 import types
@@ -168,6 +170,37 @@ def _changed_cells(func: types.FunctionType) -> set[str]:
     return out
 
 
+# Names of variables that hold credentials: they select who pays, not what is computed,
+# and a secret must never reach a hash (a stored digest of a short one can be guessed).
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|CERT")
+
+
+def _env_reads(func: types.FunctionType) -> list[str]:
+    """Environment variables the code reads by a constant name: `os.environ["X"]`,
+    `os.environ.get("X", ...)`, `os.getenv("X")` (and `environ` or `getenv` imported from
+    os). Their values are what the code reads from outside its text, as a constant's."""
+    g = func.__globals__
+    out: list[str] = []
+    for code in _code_objects(func.__code__):
+        at: str | None = None  # "os", "environ", or "read": a read's name comes next
+        for ins in dis.get_instructions(code):
+            op, arg = ins.opname, ins.argval
+            if op in _LOAD_GLOBAL:
+                v = g.get(str(arg))
+                at = "os" if v is os else "environ" if v is os.environ else None
+                at = "read" if v is os.getenv else at
+            elif op in _LOAD_ATTR and at == "os" and arg in ("environ", "getenv"):
+                at = "environ" if arg == "environ" else "read"
+            elif op in _LOAD_ATTR and at == "environ" and arg == "get":
+                at = "read"
+            elif op == "LOAD_CONST" and at in ("environ", "read") and isinstance(arg, str):
+                out.append(arg)
+                at = None
+            else:
+                at = None
+    return out
+
+
 def _loads_self(outer: bool, opname: str, free: bool) -> bool:
     """Whether an instruction loads the method's first argument. A comprehension or
     closure that uses it makes it a cell (Python 3.11): the method loads it with
@@ -250,6 +283,7 @@ class _Walk:
                 self._inherited(owner, chain[1])
                 continue
             self._resolve(func.__globals__, chain)
+        self._environment(func)
         changed = _changed_cells(func) if func.__closure__ else set()
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
             if name in changed:
@@ -265,6 +299,11 @@ class _Walk:
                     self._class_attribute(owner, name)
                 elif is_user_module(module_of(method)):
                     self.visit(method, owner)
+
+    def _environment(self, func: types.FunctionType) -> None:
+        for name in _env_reads(func):
+            if not _SECRET_NAME.search(name.upper()):
+                self.add(f"environment variable {name}", hash_json(os.environ.get(name)))
 
     def _inherited(self, owner: type, name: str) -> None:
         """`super().name`: every definition of `name` in the user's classes `owner`

@@ -416,3 +416,63 @@ Times = make(SEEN)
         assert module.Times(name="t").code_version() == before
     finally:
         sys.modules.pop(name, None)
+
+
+ENV_STEP = """
+import os
+from os import getenv
+from castore import step, StepInput
+
+def style():
+    return getenv("CASTORE_T_STYLE", "plain")
+
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    k = int(os.environ.get("CASTORE_T_FACTOR", "2"))
+    key = os.environ["CASTORE_T_API_KEY"]  # a credential: never hashed
+    return [{**r, "y": f"{style()}:{r['x'] * k}:{len(key)}"} for r in inputs]
+"""
+
+
+def test_environment_variables_process_reads_are_in_the_code_version(tmp_path, monkeypatch):
+    """`process` (or a helper) reading an environment variable by name: its value is
+    part of the code version, as a constant's would be; a variable named like a
+    credential is left out (a secret never reaches a hash)."""
+    monkeypatch.setenv("CASTORE_T_API_KEY", "sk-one")
+    monkeypatch.setenv("CASTORE_T_FACTOR", "2")
+    first = code_version(tmp_path, monkeypatch, ENV_STEP, "")
+    assert code_version(tmp_path, monkeypatch, ENV_STEP, "") == first
+    monkeypatch.setenv("CASTORE_T_API_KEY", "sk-two")
+    assert code_version(tmp_path, monkeypatch, ENV_STEP, "") == first
+    monkeypatch.setenv("CASTORE_T_FACTOR", "3")
+    factor = code_version(tmp_path, monkeypatch, ENV_STEP, "")
+    assert factor != first
+    monkeypatch.setenv("CASTORE_T_STYLE", "fancy")  # read by a helper, via getenv
+    assert code_version(tmp_path, monkeypatch, ENV_STEP, "") not in (first, factor)
+    monkeypatch.delenv("CASTORE_T_STYLE")
+    assert code_version(tmp_path, monkeypatch, ENV_STEP, "") == factor
+
+
+def test_a_changed_environment_variable_is_named_by_explain(tmp_path, monkeypatch):
+    from castore import Pipeline
+    from castore.steps import LoadDataFromDicts
+    from tests.conftest import cas_inproc
+
+    monkeypatch.setenv("CASTORE_T_API_KEY", "sk-one")
+    name = f"envsteps_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(ENV_STEP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    cache = tmp_path / "c"
+    try:
+        for factor in ("2", "5"):
+            monkeypatch.setenv("CASTORE_T_FACTOR", factor)
+            with Pipeline(name="env") as p:
+                LoadDataFromDicts(data=[{"x": 1}]) >> module.Times(name="times")
+            ds = p.run(cache_dir=cache, quiet=True)
+            assert ds["times"]["train"].to_list() == [{"x": 1, "y": f"plain:{factor}:6"}]
+    finally:
+        sys.modules.pop(name, None)
+    text = cas_inproc("explain", "env", "times", cache_dir=cache).stdout
+    assert "value of environment variable CASTORE_T_FACTOR changed" in text, text
+    assert not any(b"sk-one" in f.read_bytes() for f in cache.rglob("*") if f.is_file())
