@@ -108,6 +108,18 @@ class StaleCode(PipelineError):
 class StepFailed(PipelineError):
     """A batch raised after its retries and the step's on_error is 'fail'."""
 
+    @classmethod
+    def of(cls, step: str, error: BaseException) -> StepFailed:
+        """The one line a run fails with when `error` stops step `step`."""
+        msg = str(error)
+        if isinstance(error, StepFailed):
+            return cls(msg)
+        if isinstance(error, CastoreError):
+            # castore's own one-line errors: their class name tells a user nothing, and
+            # most already name the step.
+            return cls(f"step {step} failed: {msg.removeprefix(f'step {step}: ')}")
+        return cls(f"step {step} failed: {type(error).__name__}: {msg}")
+
 
 class RunInterrupted(CastoreError):
     """The run stopped on Ctrl+C/SIGTERM; its finished batches are stored."""

@@ -451,6 +451,11 @@ def test_environment_variables_process_reads_are_in_the_code_version(tmp_path, m
     assert code_version(tmp_path, monkeypatch, ENV_STEP, "") not in (first, factor)
     monkeypatch.delenv("CASTORE_T_STYLE")
     assert code_version(tmp_path, monkeypatch, ENV_STEP, "") == factor
+    # A variable that does not change the rows (a debug flag) can be left out.
+    ignoring = ENV_STEP.replace('outputs=["y"]', 'outputs=["y"], ignore_env=["CASTORE_T_FACTOR"]')
+    kept = code_version(tmp_path, monkeypatch, ignoring, "")
+    monkeypatch.setenv("CASTORE_T_FACTOR", "4")
+    assert code_version(tmp_path, monkeypatch, ignoring, "") == kept
 
 
 def test_a_changed_environment_variable_is_named_by_explain(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ PIPELINE = textwrap.dedent(
     from castore import Pipeline, StepInput, StepOutput, step
     from castore.steps import LoadDataFromHub
 
-    @step(inputs=["text"], outputs=["loud"], row_wise=True)
+    @step(inputs=["text"], outputs=["loud"], row_wise=True, ignore_env=["SHOUT_COUNT"])
     def Shout(inputs: StepInput) -> StepOutput:
         with open(os.environ["SHOUT_COUNT"], "a") as f:
             f.write("x" * len(inputs))

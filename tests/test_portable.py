@@ -124,7 +124,7 @@ def test_a_library_run_resumed_from_elsewhere_finds_its_relative_data(tmp_path, 
 
     project = make_project(tmp_path / "first")
     (project / "pipeline.py").write_text(
-        PIPELINE.replace(
+        PIPELINE.replace("row_wise=True)", 'row_wise=True, ignore_env=["SHOUT_FAIL"])').replace(
             'return [{**r, "shout"',
             'import os\n    if os.environ.get("SHOUT_FAIL"):\n'
             '        raise RuntimeError("down")\n    return [{**r, "shout"',

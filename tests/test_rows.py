@@ -206,6 +206,7 @@ class Judge(Step):
         for r in inputs:
             CALLS.append(r["text"])
             meta = {**(r.get(META) or {}), self.name: {"len": len(r["text"])}}
+            meta[f"raw_output_{self.name}"] = r["text"]  # as distilabel's tasks name it
             yield [{**r, "score": len(r["text"]), META: meta}]
 
 
@@ -232,20 +233,23 @@ def test_a_reused_rows_metadata_is_the_current_inputs_plus_the_steps_own(tmp_pat
         ds = p.run(cache_dir=cache, quiet=True)
         return _metadata(ds, name), len(CALLS)
 
+    def own(name: str, r: dict) -> dict:
+        return {name: {"len": len(r["text"])}, f"raw_output_{name}": r["text"]}
+
     first, computed = go(v=1, name="judge", batch=3)
-    assert computed == 6 and first[0][META] == {"tag": {"v": 1}, "judge": {"len": 5}}
+    assert computed == 6 and first[0][META] == {"tag": {"v": 1}, **own("judge", first[0])}
     # The upstream step changed (its entry too), the judge's inputs did not.
     got, computed = go(v=2, name="judge", batch=2)
     assert computed == 0 and [r["extra"] for r in got] == [2] * 6
-    assert all(r[META] == {"tag": {"v": 2}, "judge": {"len": len(r["text"])}} for r in got)
+    assert all(r[META] == {"tag": {"v": 2}, **own("judge", r)} for r in got)
     # Another pipeline, the judge under another name, no upstream entry at all.
     got, computed = go(v=None, name="grader", batch=4)
     assert computed == 0
-    assert all(r[META] == {"grader": {"len": len(r["text"])}} for r in got), got[0]
+    assert all(r[META] == own("grader", r) for r in got), got[0]
     # Rows first computed without any upstream entry keep the current ones.
     got, computed = go(v=3, name="grader", batch=5)
     assert computed == 0
-    assert all(r[META] == {"tag": {"v": 3}, "grader": {"len": len(r["text"])}} for r in got)
+    assert all(r[META] == {"tag": {"v": 3}, **own("grader", r)} for r in got)
 
 
 def test_row_reuse_survives_gc_and_travels_with_push_pull(tmp_path, data):

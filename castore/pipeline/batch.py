@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
 from castore.pipeline.rowinfo import row_info
-from castore.pipeline.rows import RowPlan, compute_rows, mapping_clash, write_segment
+from castore.pipeline.rows import (
+    RowPlan,
+    answered,
+    compute_rows,
+    mapping_clash,
+    write_segment,
+)
 from castore.pipeline.step import (
     BatchIncomplete,
     _Step,
@@ -441,7 +447,11 @@ def execute_batch(
         seconds,
         cache=write_entry and skipped is None,
         rows=rows,
-        info=row_info(step, rows, seconds, table, out) if rows is not None else None,
+        info=(
+            row_info(step, answered(rows), seconds + rows.seconds, table, out)
+            if rows is not None
+            else None
+        ),
         reused=usage_of(step, reused) if reused is not None else (0, 0.0),
         tables=cache,
         base=_base(step, slices, table),

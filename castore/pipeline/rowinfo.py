@@ -9,8 +9,9 @@ the steps before it. A reused row takes the entries the step itself wrote from i
 earlier result, and every other entry from the current input: copying the earlier row's
 column whole gave an upstream step's entry from the run that computed the row (its old
 raw output beside its new generation), or dropped the current upstream entries when the
-row was first computed without any. An entry filed under the step's own name is filed
-under its current name (LLM tasks write under their name, and count their usage by it).
+row was first computed without any. An entry filed under the step's own name (or ending
+in `_<name>`, as distilabel's `raw_output_<name>`) is filed under its current name (LLM
+tasks write under their name, and count their usage by it).
 """
 
 from __future__ import annotations
@@ -23,19 +24,16 @@ from castore.store.parquet import METADATA_COLUMN
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from castore.pipeline.rows import RowPlan
     from castore.pipeline.step import _Step
 
 
 def row_info(
-    step: _Step, plan: RowPlan, seconds: float, given: pa.Table, output: pa.Table
+    step: _Step, answered: int, seconds: float, given: pa.Table, output: pa.Table
 ) -> RowInfo:
-    """The segment's info of a batch that took `seconds` (computing its missing rows)
-    for input `given` and `output`."""
-    from castore.pipeline.rows import NO_KEY
-
-    answered = sum(k != NO_KEY for k in plan.keys)
-    per_row = round((seconds + plan.seconds) / answered, 6) if answered else None
+    """The segment's info of a batch whose `answered` rows (those with a key) cost
+    `seconds` (computing the missing ones now, plus what the reused ones took when they
+    were made), for input `given` and `output`."""
+    per_row = round(seconds / answered, 6) if answered else None
     return RowInfo(seconds_per_row=per_row, step=step.name, metadata_keys=own_keys(given, output))
 
 
@@ -53,19 +51,24 @@ def own_keys(given: pa.Table, output: pa.Table) -> list[str] | None:
 
 
 def with_reused_metadata(
-    step: _Step, given: pa.Table, combined: pa.Table, plan: RowPlan
+    step: _Step,
+    given: pa.Table,
+    combined: pa.Table,
+    found: list[tuple[str, int] | None],
+    infos: dict[str, RowInfo],
 ) -> pa.Table:
     """`combined` (the batch's own columns in input order) with the metadata of the rows
-    the plan found made of the current input's entries and the step's own."""
+    `found` by key (their segments' `infos`) made of the current input's entries and the
+    step's own."""
     import pyarrow as pa
 
     if METADATA_COLUMN not in given.column_names and METADATA_COLUMN not in combined.column_names:
         return combined
     current = _column(given, combined.num_rows)
     values = _column(combined, combined.num_rows)
-    for pos, f in enumerate(plan.found):
+    for pos, f in enumerate(found):
         if f is not None:
-            values[pos] = _merged(current[pos], values[pos], plan.infos.get(f[0]), step.name)
+            values[pos] = _merged(current[pos], values[pos], infos.get(f[0]), step.name)
     if METADATA_COLUMN in combined.column_names:
         combined = combined.drop_columns([METADATA_COLUMN])
     if all(v is None for v in values):
@@ -91,7 +94,20 @@ def _merged(
         own = info.metadata_keys
     else:  # a segment from before RowInfo: entries the current input does not have
         own = [k for k, v in stored.items() if v is not None and out.get(k) is None]
+    old = info.step if info is not None else None
     for k in own:
         if stored.get(k) is not None:
-            out[name if info is not None and k == info.step and name else k] = stored[k]
+            out[_renamed(k, old, name)] = stored[k]
     return out or None
+
+
+def _renamed(key: str, old: str | None, new: str | None) -> str:
+    """An entry the step filed under its name (`judge`, or `raw_output_judge` as
+    distilabel's tasks do), filed under the name it has now."""
+    if not old or not new or old == new:
+        return key
+    if key == old:
+        return new
+    if key.endswith(f"_{old}"):
+        return key[: -len(old)] + new
+    return key

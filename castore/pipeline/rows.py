@@ -440,7 +440,7 @@ def compute_rows(
     combined = pa.concat_tables(parts, promote_options="permissive").sort_by(POS)
     own_reused = None
     if reused is not None:
-        combined = with_reused_metadata(step, table, combined, plan)
+        combined = with_reused_metadata(step, table, combined, plan.found, plan.infos)
         at = [i for i, f in enumerate(plan.found) if f is not None]
         own_reused = combined.take(pa.array(at, pa.int64())).drop_columns([POS])
     result = table.drop_columns([c for c in own if c in table.column_names])
@@ -506,6 +506,11 @@ def _reused_rows(store: Store, plan: RowPlan, own: list[str]) -> pa.Table | None
         taken = _own_columns(store.get_table(oid, verify=False), own).take(pa.array(rows))
         parts.append(taken.append_column(POS, pa.array(positions, pa.int64())))
     return pa.concat_tables(parts, promote_options="permissive")
+
+
+def answered(plan: RowPlan) -> int:
+    """The rows with a key (a failed row has none: NO_KEY)."""
+    return sum(k != NO_KEY for k in plan.keys)
 
 
 def write_segment(store: Store, plan: RowPlan, output: str, info: RowInfo | None = None) -> str:

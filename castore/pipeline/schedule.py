@@ -187,11 +187,8 @@ class Scheduler:
             else:
                 keys = self._row_keys(batch)
         if segment is not None and not intact:
-            segment = (
-                write_segment(self.store, keys, entry.outputs[0], entry.row_info())
-                if keys
-                else None
-            )
+            info = entry.row_info()
+            segment = write_segment(self.store, keys, entry.outputs[0], info) if keys else None
         self.recorder.record(
             batch.step,
             batch.index,
@@ -595,12 +592,6 @@ class Scheduler:
 
 def fail(step: str, error: BaseException) -> None:
     """Fail the run with one line naming the step."""
-    msg = str(error)
-    if isinstance(error, CastoreError) and not isinstance(error, StepFailed):
-        # castore's own one-line errors: their class name tells a user nothing, and most
-        # already name the step.
-        msg = f"step {step} failed: {msg.removeprefix(f'step {step}: ')}"
-    elif not isinstance(error, StepFailed):
-        msg = f"step {step} failed: {type(error).__name__}: {msg}"
-    log.error("%s", msg)
-    raise StepFailed(msg)
+    err = StepFailed.of(step, error)
+    log.error("%s", err)
+    raise err

@@ -94,6 +94,9 @@ class _Step(BaseModel):
     # Installed packages whose versions enter the code version (third-party code is not
     # followed otherwise: an upgrade must not silently re-pay LLM work).
     code_packages: ClassVar[list[str]] = []
+    # Environment variables the step's code reads that do not change its rows (a debug
+    # flag, a switch a test sets): left out of the code version, which keys the others.
+    ignore_env: ClassVar[list[str]] = []
     # Row-wise (castore/pipeline/rows.py): each output row depends only on its own input
     # row's row_key_columns() and is that row plus `outputs`; rows are reused by row key.
     row_wise: ClassVar[bool] = False
@@ -284,7 +287,7 @@ class _Step(BaseModel):
         target = self._code_target()
         owner = None if getattr(type(self), "_func", None) is not None else type(self)
         try:
-            return code_parts(
+            root, parts = code_parts(
                 target, owner=owner, packages=self.code_packages, classes=self._user_classes()
             )
         except (OSError, TypeError):
@@ -292,6 +295,8 @@ class _Step(BaseModel):
                 f"step {self.name}: the source of its process() is not available (defined "
                 "in a REPL?); pass cache_version='...' to name its code version"
             ) from None
+        ignored = {f"environment variable {name}" for name in self.ignore_env}
+        return root, {k: v for k, v in parts.items() if k not in ignored}
 
     def _code_target(self) -> Callable[..., Any]:
         return type(self).process  # type: ignore[attr-defined]
@@ -522,6 +527,8 @@ def step(
     step_type: StepKind = "normal",
     code_packages: list[str] | None = None,
     row_wise: bool = False,
+    *,
+    ignore_env: list[str] | None = None,
 ) -> Callable[[Callable[..., Any]], type[_Step]]:
     """Make a step class from a function.
 
@@ -544,6 +551,7 @@ def step(
             "inputs": list(inputs or []),
             "outputs": list(outputs or []),
             "code_packages": list(code_packages or []),
+            "ignore_env": list(ignore_env or []),
             "row_wise": row_wise,
             "_func": staticmethod(func),
         }

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.pipelines import record_call  # noqa: E402
 
 
-@step(inputs=["i"], outputs=["emb"])
+@step(inputs=["i"], outputs=["emb"], ignore_env=["CASTORE_TEST_CALLS"])
 def Embed(inputs: StepInput, delay: float = 0.05) -> StepOutput:
     time.sleep(delay)
     record_call(inputs[0]["i"])

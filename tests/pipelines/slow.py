@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.pipelines import record_call
 
 
-@step(inputs=["i"], outputs=["slow"])
+@step(inputs=["i"], outputs=["slow"], ignore_env=["CASTORE_TEST_CALLS"])
 def Slow(inputs: StepInput, delay: float = 0.1) -> StepOutput:
     time.sleep(delay)
     record_call(inputs[0]["i"])
