@@ -178,7 +178,8 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CREDENTIAL|AUTH|COOKIE|SESSION
 def _env_reads(func: types.FunctionType) -> list[str]:
     """Environment variables the code reads by a constant name: `os.environ["X"]`,
     `os.environ.get("X", ...)`, `os.getenv("X")` (and `environ` or `getenv` imported from
-    os). Their values are what the code reads from outside its text, as a constant's."""
+    os; the name written or held by a module-level string). Their values are what the
+    code reads from outside its text, as a constant's."""
     g = func.__globals__
     out: list[str] = []
     for code in _code_objects(func.__code__):
@@ -187,6 +188,10 @@ def _env_reads(func: types.FunctionType) -> list[str]:
             op, arg = ins.opname, ins.argval
             if op in _LOAD_GLOBAL:
                 v = g.get(str(arg))
+                if at in ("environ", "read") and isinstance(v, str):  # a name in a constant
+                    out.append(v)
+                    at = None
+                    continue
                 at = "os" if v is os else "environ" if v is os.environ else None
                 at = "read" if v is os.getenv else at
             elif op in _LOAD_ATTR and at == "os" and arg in ("environ", "getenv"):

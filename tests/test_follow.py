@@ -423,8 +423,11 @@ import os
 from os import getenv
 from castore import step, StepInput
 
+STYLE = "CASTORE_T_STYLE"
+
+
 def style():
-    return getenv("CASTORE_T_STYLE", "plain")
+    return getenv(STYLE, "plain")
 
 @step(inputs=["x"], outputs=["y"])
 def Times(inputs: StepInput):
