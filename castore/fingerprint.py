@@ -60,11 +60,11 @@ from typing import Any
 from castore import loaded
 from castore.hashing import hash_json, source_digest
 from castore.usercode import (
-    assigned,
     cell_digest,
     const_digest,
     is_user_module,
     loaded_digest,
+    made_by,
     module_of,
     without_source,
 )
@@ -220,6 +220,7 @@ class _Walk:
         self.found: dict[str, set[str]] = {}
         self.seen: set[int] = set()
         self.todo: list[tuple[Any, type | None]] = []
+        self.made: set[tuple[int, str]] = set()  # (module, name) whose reads are followed
 
     def add(self, label: str, digest: str | None) -> None:
         # Labels leave out the module (a script is `__main__` under python and another name
@@ -389,16 +390,24 @@ class _Walk:
             digest = self._made_by(where, name, value)
         return digest
 
-    @staticmethod
-    def _made_by(where: types.ModuleType | type | None, name: str, value: Any) -> str | None:
-        """The statement that makes `value`: in its file, else in the last notebook cell
-        that assigns it; a closure's cell (a step factory's argument) or a notebook
-        without history has none, so the value as it is."""
+    def _made_by(self, where: types.ModuleType | type | None, name: str, value: Any) -> str | None:
+        """The statements that make `value`: in its file (with what they read, followed
+        as a function's globals are), else in the last notebook cell that assigns it; a
+        closure's cell (a step factory's argument) or a notebook without history has
+        none, so the value as it is."""
         if where is None:
             return loaded_digest(value)
         if without_source(where):
             return cell_digest(where, name) or loaded_digest(value)
-        return assigned(where, name)
+        made = made_by(where, name)
+        if made is None:
+            return None
+        digest, module, reads = made
+        if module is not None and (id(module), name) not in self.made:
+            self.made.add((id(module), name))
+            for chain in reads:
+                self._resolve(vars(module), chain)
+        return digest
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so

@@ -111,43 +111,46 @@ def loaded_digest(value: Any) -> str | None:
     return hash_json([f"{type(value).__module__}.{type(value).__qualname__}", text])
 
 
-def assigned(where: types.ModuleType | type | None, name: str) -> str | None:
+Made = tuple[str, types.ModuleType | None, list[list[str]]]
+
+
+def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
+    """(digest of the statements that make `name` where it is assigned, the module whose
+    globals they read, the global chains they read: `PAT = re.compile(PATTERN)` reads
+    `re.compile` and `PATTERN`, which make the value as much as the statement does), or
+    None when no statement of the file makes it."""
     if isinstance(where, types.ModuleType):
-        return assignment_digest(where, name)
+        return _module_made_by(where, name)
     if isinstance(where, type):
-        return class_assignment_digest(where, name)
+        try:
+            found = loaded.class_value(where, lambda: _class_assignments(where), "assignments")
+        except (OSError, TypeError, SyntaxError):
+            return None
+        statements = found.get(name)
+        if statements:
+            return hash_json(statements), module_of(where), _chains(found, name)
     return None
 
 
-def assignment_digest(module: types.ModuleType, name: str, depth: int = 0) -> str | None:
-    """Normalized AST of the module-level statements that assign `name` (in the user
-    module it is imported from, if it is: `from prompts import LABELS`), or None."""
+def _module_made_by(module: types.ModuleType, name: str, depth: int = 0) -> Made | None:
+    """In `module`, or in the user module it imports `name` from (`from prompts import
+    LABELS`)."""
     try:
         found = loaded.module_value("assignments", module, lambda: _module_assignments(module))
     except (OSError, TypeError, SyntaxError):
         return None
     statements = found.get(name)
     if statements:
-        return hash_json(statements)
+        return hash_json(statements), module, _chains(found, name)
     origins = [found[f"from {name}"]] if f"from {name}" in found else []
     origins += [[source, name] for source in found.get("from *", [])]
     for source_name, original in origins if depth < 8 else []:
         source = sys.modules.get(source_name)
         if source is not None and is_user_module(source):
-            digest = assignment_digest(source, original, depth + 1)
-            if digest is not None:
-                return digest
+            made = _module_made_by(source, original, depth + 1)
+            if made is not None:
+                return made
     return None
-
-
-def class_assignment_digest(cls: type, name: str) -> str | None:
-    """Normalized AST of the statements of `cls`'s body that assign `name`, or None."""
-    try:
-        found = loaded.class_value(cls, lambda: _class_assignments(cls), kind="assignments")
-    except (OSError, TypeError, SyntaxError):
-        return None
-    statements = found.get(name)
-    return hash_json(statements) if statements else None
 
 
 def _class_assignments(cls: type) -> dict[str, list[str]]:
@@ -176,17 +179,95 @@ def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
     return out
 
 
-def _assignments(body: list[ast.stmt]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
+def _chains(found: dict[str, list[Any]], name: str) -> list[list[str]]:
+    return [list(c) for c in found.get(f"reads {name}", []) if isinstance(c, list)]
+
+
+# Scopes of their own: what they bind is not the module's (a function or class defined at
+# module level is followed as code, not as a value).
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+
+
+def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
+    """Name -> the dumped statements of `body` that make or change it: assign it (also by
+    unpacking, as a loop or `with` target), assign or delete into it (`D["k"] = v`), or
+    call a method on it as a statement (`L.append(x)`), anywhere within the statement (a
+    branch of an `if`, a `try`, a loop: the whole statement then, its conditions with it);
+    and "reads <name>" -> the global chains those statements read."""
+    out: dict[str, list[Any]] = {}
     for node in body:
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else [node.target]
-            if isinstance(node, (ast.AnnAssign, ast.AugAssign))
-            else []
-        )
-        for t in targets:
-            if isinstance(t, ast.Name):
-                out.setdefault(t.id, []).append(ast.dump(node, include_attributes=False))
+        if isinstance(node, (*_SCOPES, ast.Import, ast.ImportFrom)):
+            continue
+        touched = _touched(node)
+        if not touched:
+            continue
+        dump = ast.dump(node, include_attributes=False)
+        reads = _reads(node)
+        for name in sorted(touched):
+            out.setdefault(name, []).append(dump)
+            mine = out.setdefault(f"reads {name}", [])
+            mine.extend(c for c in reads if c[0] != name and c not in mine)
     return out
+
+
+def _inside(node: ast.AST) -> list[ast.AST]:
+    """`node` and what it holds, without the bodies of functions, classes and lambdas."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(c for c in ast.iter_child_nodes(n) if not isinstance(c, _SCOPES))
+    return out
+
+
+def _touched(node: ast.stmt) -> set[str]:
+    names: set[str] = set()
+    for n in _inside(node):
+        targets: list[ast.expr] = []
+        if isinstance(n, ast.Assign):
+            targets = n.targets
+        elif isinstance(n, (ast.AugAssign, ast.AnnAssign, ast.For, ast.AsyncFor, ast.NamedExpr)):
+            targets = [n.target]
+        elif isinstance(n, ast.Delete):
+            targets = n.targets
+        elif isinstance(n, ast.withitem) and n.optional_vars is not None:
+            targets = [n.optional_vars]
+        elif (
+            isinstance(n, ast.Expr)
+            and isinstance(n.value, ast.Call)
+            and isinstance(n.value.func, ast.Attribute)
+        ):
+            targets = [n.value.func.value]  # L.append(x), D.update(...): changed in place
+        for t in targets:
+            names.update(_bases(t))
+    return names
+
+
+def _bases(target: ast.expr) -> list[str]:
+    """The names a target binds or changes: `X`, `X[k]`, `X.a.b`, `A, *B`."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for e in target.elts for n in _bases(e)]
+    while isinstance(target, (ast.Subscript, ast.Attribute, ast.Starred)):
+        target = target.value
+    return [target.id] if isinstance(target, ast.Name) else []
+
+
+def _reads(node: ast.stmt) -> list[list[str]]:
+    """The global chains a statement reads (`re.compile`, `PATTERN`, `cfg.PROMPT`)."""
+    chains: list[list[str]] = []
+    todo: list[ast.AST] = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Attribute):
+            attrs: list[str] = []
+            inner: ast.expr = n
+            while isinstance(inner, ast.Attribute):
+                attrs.insert(0, inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name):
+                chains.append([inner.id, *attrs])
+                continue
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load):
+            chains.append([n.id])
+        todo.extend(c for c in ast.iter_child_nodes(n) if not isinstance(c, _SCOPES))
+    return chains

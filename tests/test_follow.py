@@ -258,6 +258,62 @@ def Times(inputs: StepInput):
     ),
 }
 
+# Module-level values made by more than one statement, or by what a statement reads.
+_MADE = """
+from castore import step, StepInput
+{setup}
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    return [{{**r, "y": {expr}}} for r in inputs]
+"""
+for _case, (_setup, _expr, _old, _new) in {
+    "a dict changed by a later statement": (
+        'PARAMS = {"s": "x"}\nPARAMS["s"] = "old"\n',
+        'PARAMS["s"]',
+        '"old"',
+        '"new"',
+    ),
+    "a list appended to at module level": ('L = ["a"]\nL.append("old")\n', "L[-1]", "old", "new"),
+    "a list assigned in a branch": (
+        'FLAG = True\nif FLAG:\n    L = ["old"]\nelse:\n    L = ["z"]\n',
+        "L[0]",
+        "old",
+        "new",
+    ),
+    "the condition of the branch that assigns it": (
+        'FLAG = True\nif FLAG:\n    L = ["a"]\nelse:\n    L = ["z"]\n',
+        "L[0]",
+        "FLAG = True",
+        "FLAG = False",
+    ),
+    "a list assigned in a try": (
+        'try:\n    L = ["old"]\nexcept Exception:\n    L = []\n',
+        "L[0]",
+        "old",
+        "new",
+    ),
+    "a list unpacked from a tuple": ('A, B = ["old"], ["b"]\n', "A[0]", "old", "new"),
+    "a pattern compiled from a constant": (
+        'import re\nPATTERN = "old"\nPAT = re.compile(PATTERN)\n',
+        "PAT.pattern",
+        '"old"',
+        '"new"',
+    ),
+    "a dict a function of yours makes": (
+        'def make():\n    return {"s": "old"}\nD = make()\n',
+        'D["s"]',
+        "old",
+        "new",
+    ),
+    "a list computed from another constant": (
+        'BASE = ["old"]\nL = [x.upper() for x in BASE]\n',
+        "L[0]",
+        "old",
+        "new",
+    ),
+}.items():
+    CASES[_case] = (_MADE.format(setup=_setup, expr=_expr), "", _old, _new)
+
 _IMPORTED = CASES["a list imported from another module"]
 CASES["a list imported with from ... import *"] = (
     _IMPORTED[0].replace("import LABELS", "import *"),
