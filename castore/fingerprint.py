@@ -402,12 +402,38 @@ class _Walk:
         made = made_by(where, name)
         if made is None:
             return None
-        digest, module, reads = made
-        if module is not None and (id(module), name) not in self.made:
-            self.made.add((id(module), name))
-            for chain in reads:
-                self._resolve(vars(module), chain)
-        return digest
+        if made.module is not None and (id(made.module), name) not in self.made:
+            self.made.add((id(made.module), name))
+            for chain in made.reads:
+                self._resolve(vars(made.module), chain)
+        if not made.computed:
+            # A literal (`COUNTS = {}`, `LABELS = ["a"]`): its statements say it all, and
+            # a registry or counter the run itself fills keeps its key.
+            return made.digest
+        # Made by a call (`PROMPTS = json.load(open("prompts.json"))`): the value, as it
+        # was when first hashed in this process (what this loaded version of the module
+        # made; a reload makes another).
+        return hash_json([made.digest, _first_value(where, name, value)])
+
+
+# (id of the module or class, name) -> (it, the value's digest when first hashed here).
+_FIRST: dict[tuple[int, str], tuple[Any, str | None]] = {}
+
+
+def _first_value(where: types.ModuleType | type, name: str, value: Any) -> str | None:
+    """const_digest of a module's (or class's) value made by a call, the first time it
+    is hashed in this process for this loaded version (a module's spec, which a reload
+    replaces; a class object): stable while the run changes it, new after a reload."""
+    holder = getattr(where, "__spec__", None) if isinstance(where, types.ModuleType) else None
+    holder = holder or where
+    hit = _FIRST.get((id(holder), name))
+    if hit is not None and hit[0] is holder:
+        return hit[1]
+    digest = const_digest(value)
+    if len(_FIRST) >= 10_000:
+        _FIRST.clear()
+    _FIRST[(id(holder), name)] = (holder, digest)
+    return digest
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so

@@ -15,7 +15,7 @@ import sys
 import sysconfig
 import textwrap
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 from castore import loaded
 from castore.hashing import hash_json, tagged
@@ -111,7 +111,13 @@ def loaded_digest(value: Any) -> str | None:
     return hash_json([f"{type(value).__module__}.{type(value).__qualname__}", text])
 
 
-Made = tuple[str, types.ModuleType | None, list[list[str]]]
+class Made(NamedTuple):
+    """How a module-level (or class-level) value is made."""
+
+    digest: str  # of the statements that make or change it
+    module: types.ModuleType | None  # whose globals they read
+    reads: list[list[str]]  # the global chains they read
+    computed: bool  # they call something (json.load(...), make()): the value is not in them
 
 
 def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
@@ -128,7 +134,7 @@ def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
             return None
         statements = found.get(name)
         if statements:
-            return hash_json(statements), module_of(where), _chains(found, name)
+            return _made(found, name, module_of(where))
     return None
 
 
@@ -139,9 +145,8 @@ def _module_made_by(module: types.ModuleType, name: str, depth: int = 0) -> Made
         found = loaded.module_value("assignments", module, lambda: _module_assignments(module))
     except (OSError, TypeError, SyntaxError):
         return None
-    statements = found.get(name)
-    if statements:
-        return hash_json(statements), module, _chains(found, name)
+    if found.get(name):
+        return _made(found, name, module)
     origins = [found[f"from {name}"]] if f"from {name}" in found else []
     origins += [[source, name] for source in found.get("from *", [])]
     for source_name, original in origins if depth < 8 else []:
@@ -179,8 +184,9 @@ def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
     return out
 
 
-def _chains(found: dict[str, list[Any]], name: str) -> list[list[str]]:
-    return [list(c) for c in found.get(f"reads {name}", []) if isinstance(c, list)]
+def _made(found: dict[str, list[Any]], name: str, module: types.ModuleType | None) -> Made:
+    reads = [list(c) for c in found.get(f"reads {name}", []) if isinstance(c, list)]
+    return Made(hash_json(found[name]), module, reads, bool(found.get(f"calls {name}")))
 
 
 # Scopes of their own: what they bind is not the module's (a function or class defined at
@@ -193,7 +199,8 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
     unpacking, as a loop or `with` target), assign or delete into it (`D["k"] = v`), or
     call a method on it as a statement (`L.append(x)`), anywhere within the statement (a
     branch of an `if`, a `try`, a loop: the whole statement then, its conditions with it);
-    and "reads <name>" -> the global chains those statements read."""
+    "reads <name>" -> the global chains those statements read; "calls <name>" when one
+    of them calls something."""
     out: dict[str, list[Any]] = {}
     for node in body:
         if isinstance(node, (*_SCOPES, ast.Import, ast.ImportFrom)):
@@ -203,10 +210,16 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
             continue
         dump = ast.dump(node, include_attributes=False)
         reads = _reads(node)
+        calls = any(isinstance(n, ast.Call) for n in _inside(node))
         for name in sorted(touched):
             out.setdefault(name, []).append(dump)
             mine = out.setdefault(f"reads {name}", [])
-            mine.extend(c for c in reads if c[0] != name and c not in mine)
+            # Not the module's own dunders (`__file__`: where the file is does not count).
+            mine.extend(
+                c for c in reads if c[0] != name and not c[0].startswith("__") and c not in mine
+            )
+            if calls:
+                out[f"calls {name}"] = [True]
     return out
 
 

@@ -7,6 +7,7 @@ a copy left as written must keep the same version (the names do not count)."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import uuid
 
@@ -540,3 +541,47 @@ def test_a_changed_environment_variable_is_named_by_explain(tmp_path, monkeypatc
     text = cas_inproc("explain", "env", "times", cache_dir=cache).stdout
     assert "value of environment variable CASTORE_T_FACTOR changed" in text, text
     assert not any(b"sk-one" in f.read_bytes() for f in cache.rglob("*") if f.is_file())
+
+
+FROM_FILE = """
+import json
+import pathlib
+from castore import step, StepInput
+HERE = pathlib.Path(__file__).parent
+PROMPTS = json.load(open(HERE / "prompts.json"))
+FEW_SHOT = [json.loads(line) for line in open(HERE / "shots.jsonl")]
+COUNTS = {}
+@step(inputs=["x"], outputs=["y"])
+def Times(inputs: StepInput):
+    COUNTS["calls"] = COUNTS.get("calls", 0) + 1  # state the run keeps: not the key
+    return [{**r, "y": PROMPTS["style"] + FEW_SHOT[0]["q"]} for r in inputs]
+"""
+
+
+def test_a_value_made_by_a_call_is_keyed_by_its_value(tmp_path, monkeypatch):
+    """Prompts loaded from a file as the module is imported: the statement never
+    changes, the file does. A value made by a call is keyed by what it was when first
+    hashed in the process (and a literal, a counter the run fills, by its statement)."""
+
+    def version(style: str, q: str) -> str:
+        (tmp_path / "prompts.json").write_text(json.dumps({"style": style}))
+        (tmp_path / "shots.jsonl").write_text(json.dumps({"q": q}) + "\n")
+        return code_version(tmp_path, monkeypatch, FROM_FILE, "")
+
+    first = version("formal", "a?")
+    assert version("formal", "a?") == first
+    assert version("pirate", "a?") != first
+    assert version("formal", "b?") != first
+    # In one process: hashed again after the run changed its counter, the same key.
+    (tmp_path / "prompts.json").write_text(json.dumps({"style": "formal"}))
+    name = f"fromfile_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(FROM_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module(name)
+        before = module.Times(name="t").code_version()
+        module.COUNTS["calls"] = 5
+        module.FEW_SHOT.append({"q": "later"})  # changed at run time: the loaded version
+        assert module.Times(name="t").code_version() == before
+    finally:
+        sys.modules.pop(name, None)
