@@ -198,19 +198,26 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
     """Name -> the dumped statements of `body` that make or change it: assign it (also by
     unpacking, as a loop or `with` target), assign or delete into it (`D["k"] = v`), or
     call a method on it as a statement (`L.append(x)`), anywhere within the statement (a
-    branch of an `if`, a `try`, a loop: the whole statement then, its conditions with it);
+    branch of an `if`, a `try`, a loop: the whole statement then, its conditions with it),
+    and functions that declare it `global`;
     "reads <name>" -> the global chains those statements read; "calls <name>" when one
     of them calls something."""
     out: dict[str, list[Any]] = {}
     for node in body:
-        if isinstance(node, (*_SCOPES, ast.Import, ast.ImportFrom)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            # `global NAME` in a function: calling it (as the module is imported, say)
+            # makes NAME; its code counts, and NAME's value as when first hashed.
+            touched = {n for g in ast.walk(node) if isinstance(g, ast.Global) for n in g.names}
+            reads, calls = [], True
+        elif isinstance(node, (*_SCOPES, ast.Import, ast.ImportFrom)):
             continue
-        touched = _touched(node)
+        else:
+            touched = _touched(node)
+            reads = _reads(node)
+            calls = any(isinstance(n, ast.Call) for n in _inside(node))
         if not touched:
             continue
         dump = ast.dump(node, include_attributes=False)
-        reads = _reads(node)
-        calls = any(isinstance(n, ast.Call) for n in _inside(node))
         for name in sorted(touched):
             out.setdefault(name, []).append(dump)
             mine = out.setdefault(f"reads {name}", [])

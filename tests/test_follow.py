@@ -306,6 +306,12 @@ for _case, (_setup, _expr, _old, _new) in {
         "old",
         "new",
     ),
+    "a dict a function sets through `global`": (
+        'STATE = {"s": "x"}\ndef setup():\n    global STATE\n    STATE = {"s": "old"}\nsetup()\n',
+        'STATE["s"]',
+        "old",
+        "new",
+    ),
     "a list computed from another constant": (
         'BASE = ["old"]\nL = [x.upper() for x in BASE]\n',
         "L[0]",
