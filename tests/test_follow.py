@@ -6,6 +6,7 @@ a copy left as written must keep the same version (the names do not count)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -328,6 +329,18 @@ CASES["a list imported with from ... import *"] = (
 )
 
 
+@contextlib.contextmanager
+def imported(tmp_path, monkeypatch, source: str):
+    """`source` imported as a module of a new name, gone from sys.modules after."""
+    name = f"steps_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.modules.pop(name, None)
+
+
 def code_version(tmp_path, monkeypatch, step_source: str, helper_source: str) -> str:
     tag = uuid.uuid4().hex[:8]
     helper, name = f"helper_{tag}", f"steps_{tag}"
@@ -469,16 +482,10 @@ def make(seen):
 SEEN = []
 Times = make(SEEN)
 """
-    name = f"collect_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        module = importlib.import_module(name)
+    with imported(tmp_path, monkeypatch, source) as module:
         before = module.Times(name="t").code_version()
         module.SEEN.extend([1, 2, 3])
         assert module.Times(name="t").code_version() == before
-    finally:
-        sys.modules.pop(name, None)
 
 
 ENV_STEP = """
@@ -530,20 +537,14 @@ def test_a_changed_environment_variable_is_named_by_explain(tmp_path, monkeypatc
     from tests.conftest import cas_inproc
 
     monkeypatch.setenv("CASTORE_T_API_KEY", "sk-one")
-    name = f"envsteps_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(ENV_STEP)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module(name)
     cache = tmp_path / "c"
-    try:
+    with imported(tmp_path, monkeypatch, ENV_STEP) as module:
         for factor in ("2", "5"):
             monkeypatch.setenv("CASTORE_T_FACTOR", factor)
             with Pipeline(name="env") as p:
                 LoadDataFromDicts(data=[{"x": 1}]) >> module.Times(name="times")
             ds = p.run(cache_dir=cache, quiet=True)
             assert ds["times"]["train"].to_list() == [{"x": 1, "y": f"plain:{factor}:6"}]
-    finally:
-        sys.modules.pop(name, None)
     text = cas_inproc("explain", "env", "times", cache_dir=cache).stdout
     assert "value of environment variable CASTORE_T_FACTOR changed" in text, text
     assert not any(b"sk-one" in f.read_bytes() for f in cache.rglob("*") if f.is_file())
@@ -580,14 +581,8 @@ def test_a_value_made_by_a_call_is_keyed_by_its_value(tmp_path, monkeypatch):
     assert version("formal", "b?") != first
     # In one process: hashed again after the run changed its counter, the same key.
     (tmp_path / "prompts.json").write_text(json.dumps({"style": "formal"}))
-    name = f"fromfile_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(FROM_FILE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        module = importlib.import_module(name)
+    with imported(tmp_path, monkeypatch, FROM_FILE) as module:
         before = module.Times(name="t").code_version()
         module.COUNTS["calls"] = 5
         module.FEW_SHOT.append({"q": "later"})  # changed at run time: the loaded version
         assert module.Times(name="t").code_version() == before
-    finally:
-        sys.modules.pop(name, None)
