@@ -97,11 +97,18 @@ def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
             yield from _code_objects(const)
 
 
-def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
-    """(global chains, self attributes): `mod.helper.x` as ["mod", "helper", "x"], and the
-    names read as `self.name` (self = the first argument)."""
+Refs = tuple[list[list[str]], list[str], list[tuple[list[str], str | tuple[str]]]]
+
+
+def _references(func: types.FunctionType) -> Refs:
+    """(global chains, self attributes, named reads): `mod.helper.x` as ["mod", "helper",
+    "x"], the names read as `self.name` (self = the first argument), and each chain that
+    may be an environment read (`os.environ.get`, `os.getenv`...) with the constant it is
+    given (`"X"`, or `(NAME,)` for a global). One pass over the bytecode: a second one
+    per reached function doubled a warm code version (bench_fingerprint)."""
     chains: list[list[str]] = []
     self_attrs: list[str] = []
+    named: list[tuple[list[str], str | tuple[str]]] = []
     first_arg = func.__code__.co_varnames[0] if func.__code__.co_argcount else None
     for code in _code_objects(func.__code__):
         chain: list[str] | None = None
@@ -110,6 +117,8 @@ def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
             if (typed or chain == ["super"]) and ins.opname in _CALL:
                 continue  # to the attribute read from `type(self)` or `super()`
             if ins.opname in _LOAD_GLOBAL:
+                if chain is not None and chain[-1] in _ENV_ENDS:
+                    named.append((chain, (str(ins.argval),)))
                 chain = [str(ins.argval)]
                 chains.append(chain)
                 on_self = typed = False
@@ -120,6 +129,9 @@ def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
                 # `self.__class__.NAME` reads the class's NAME
                 on_self, typed = ins.argval == "__class__", False
             else:
+                if chain is not None and chain[-1] in _ENV_ENDS and isinstance(ins.argval, str):
+                    if ins.opname == "LOAD_CONST":
+                        named.append((chain, ins.argval))
                 loads = first_arg is not None and ins.argval == first_arg
                 loads = loads and _loads_self(
                     code is func.__code__, ins.opname, first_arg in code.co_freevars
@@ -127,7 +139,7 @@ def _references(func: types.FunctionType) -> tuple[list[list[str]], list[str]]:
                 typed = loads and chain == ["type"]
                 on_self = loads and not typed
                 chain = None
-    return chains, self_attrs
+    return chains, self_attrs, named
 
 
 def _default_chains(func: types.FunctionType) -> list[list[str]]:
@@ -175,35 +187,25 @@ def _changed_cells(func: types.FunctionType) -> set[str]:
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASS|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE|CERT")
 
 
-def _env_reads(func: types.FunctionType) -> list[str]:
-    """Environment variables the code reads by a constant name: `os.environ["X"]`,
-    `os.environ.get("X", ...)`, `os.getenv("X")` (and `environ` or `getenv` imported from
-    os; the name written or held by a module-level string). Their values are what the
-    code reads from outside its text, as a constant's."""
-    g = func.__globals__
-    out: list[str] = []
-    for code in _code_objects(func.__code__):
-        at: str | None = None  # "os", "environ", or "read": a read's name comes next
-        for ins in dis.get_instructions(code):
-            op, arg = ins.opname, ins.argval
-            if op in _LOAD_GLOBAL:
-                v = g.get(str(arg))
-                if at in ("environ", "read") and isinstance(v, str):  # a name in a constant
-                    out.append(v)
-                    at = None
-                    continue
-                at = "os" if v is os else "environ" if v is os.environ else None
-                at = "read" if v is os.getenv else at
-            elif op in _LOAD_ATTR and at == "os" and arg in ("environ", "getenv"):
-                at = "environ" if arg == "environ" else "read"
-            elif op in _LOAD_ATTR and at == "environ" and arg == "get":
-                at = "read"
-            elif op == "LOAD_CONST" and at in ("environ", "read") and isinstance(arg, str):
-                out.append(arg)
-                at = None
-            else:
-                at = None
-    return out
+_ENV_ENDS = ("environ", "get", "getenv")
+
+
+def _env_name(g: dict[str, Any], chain: list[str], given: str | tuple[str]) -> str | None:
+    """The variable an environment read names (`os.environ["X"]`, `os.environ.get("X",
+    ...)`, `os.getenv("X")`, with `environ` or `getenv` imported from os too, and the
+    name written or held by a module-level string), else None."""
+    target: Any = g.get(chain[0])
+    for attr in chain[1:]:
+        target = getattr(target, attr, None)
+    reads = (
+        target is os.environ
+        or target is os.getenv
+        or (getattr(target, "__self__", None) is os.environ and chain[-1] == "get")
+    )
+    if not reads:
+        return None
+    name = g.get(given[0]) if isinstance(given, tuple) else given
+    return name if isinstance(name, str) else None
 
 
 def _loads_self(outer: bool, opname: str, free: bool) -> bool:
@@ -281,7 +283,7 @@ class _Walk:
     def _function_refs(
         self, func: types.FunctionType, owner: type | None, defaults: bool = True
     ) -> None:
-        chains, self_attrs = _references(func)
+        chains, self_attrs, named = _references(func)
         if defaults:
             chains += _default_chains(func)
         for chain in chains:
@@ -289,7 +291,7 @@ class _Walk:
                 self._inherited(owner, chain[1])
                 continue
             self._resolve(func.__globals__, chain)
-        self._environment(func)
+        self._environment(func, named)
         changed = _changed_cells(func) if func.__closure__ else set()
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
             if name in changed:
@@ -306,9 +308,14 @@ class _Walk:
                 elif is_user_module(module_of(method)):
                     self.visit(method, owner)
 
-    def _environment(self, func: types.FunctionType) -> None:
-        for name in _env_reads(func):
-            if not _SECRET_NAME.search(name.upper()):
+    def _environment(
+        self, func: types.FunctionType, named: list[tuple[list[str], str | tuple[str]]]
+    ) -> None:
+        """Environment variables read by a constant name: their values, as a constant's
+        (not a credential's: a secret never reaches a hash)."""
+        for chain, given in named:
+            name = _env_name(func.__globals__, chain, given)
+            if name is not None and not _SECRET_NAME.search(name.upper()):
                 self.add(f"environment variable {name}", hash_json(os.environ.get(name)))
 
     def _inherited(self, owner: type, name: str) -> None:
