@@ -132,9 +132,21 @@ def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
             found = loaded.class_value(where, lambda: _class_assignments(where), "assignments")
         except (OSError, TypeError, SyntaxError):
             return None
-        statements = found.get(name)
-        if statements:
-            return _made(found, name, module_of(where))
+        if not found.get(name):
+            return None
+        made = _made(found, name, module_of(where))
+        # `Cls.K["s"] = ...` after the class: the module's statements that change it.
+        outside = None
+        if made.module is not None and where.__qualname__ == where.__name__:
+            outside = _module_made_by(made.module, where.__name__, depth=8)
+        if outside is None:
+            return made
+        return Made(
+            hash_json([made.digest, outside.digest]),
+            made.module,
+            made.reads + [c for c in outside.reads if c not in made.reads],
+            made.computed or outside.computed,
+        )
     return None
 
 

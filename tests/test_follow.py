@@ -322,6 +322,23 @@ for _case, (_setup, _expr, _old, _new) in {
 }.items():
     CASES[_case] = (_MADE.format(setup=_setup, expr=_expr), "", _old, _new)
 
+CASES["a class constant changed after the class"] = (
+    """
+from typing import ClassVar
+from castore import Step, StepInput
+class Times(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+    K: ClassVar[dict] = {"s": "x"}
+    def process(self, inputs: StepInput):
+        yield [{**r, "y": self.K["s"]} for r in inputs]
+Times.K["s"] = "old"
+""",
+    "",
+    "old",
+    "new",
+)
+
 _IMPORTED = CASES["a list imported from another module"]
 CASES["a list imported with from ... import *"] = (
     _IMPORTED[0].replace("import LABELS", "import *"),
