@@ -66,11 +66,15 @@ class RowPlan:
     fingerprint: str
     keys: list[bytes]
     found: list[Found | None]
-    # What computing the found rows took when they were made (their segments' seconds
-    # per row): the seconds a reuse saves.
-    seconds: float = 0.0
     # What the segments of the found rows' objects say of them (by object id).
     infos: dict[str, RowInfo] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """What computing the found rows took when they were made (their segments'
+        seconds per row): the seconds a reuse saves."""
+        per_row = {o: i.seconds_per_row or 0.0 for o, i in self.infos.items()}
+        return sum(per_row.get(f[0], 0.0) for f in self.found if f is not None)
 
     @property
     def reused(self) -> int:
@@ -85,7 +89,7 @@ class RowPlan:
         """The plan with the keys at `positions` blanked (failed rows: never found)."""
         gone = set(positions)
         keys = [NO_KEY if i in gone else k for i, k in enumerate(self.keys)]
-        return RowPlan(self.fingerprint, keys, self.found, self.seconds, self.infos)
+        return RowPlan(self.fingerprint, keys, self.found, self.infos)
 
 
 class RowIndex:
@@ -382,10 +386,7 @@ class RowIndex:
         for i, f in zip(todo, new, strict=True):
             found[i] = None if f is not None and f[0] in bad else f
         infos = {f[0]: self._infos[f[0]] for f in found if f is not None and f[0] in self._infos}
-        seconds = sum(
-            infos[f[0]].seconds_per_row or 0.0 for f in found if f is not None and f[0] in infos
-        )
-        return RowPlan(plan.fingerprint, plan.keys, found, seconds, infos)
+        return RowPlan(plan.fingerprint, plan.keys, found, infos)
 
 
 def check_row_wise(step: _Step) -> None:

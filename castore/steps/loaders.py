@@ -97,7 +97,8 @@ class _FolderLoader(GeneratorStep):
         stamps = _folder_stamps(root)
         if self._folder_keyed is None:
             self._folder_keyed = (root, stamps)
-        return [[rel, local_digest(os.path.join(root, rel))] for rel in stamps]
+        base = os.path.abspath(root)
+        return [[rel, _digest(os.path.join(base, rel), st)] for rel, st in stamps.items()]
 
     def check_source(self) -> None:
         if self._folder_keyed is None:
