@@ -423,24 +423,12 @@ class _Walk:
         return hash_json([made.digest, _first_value(where, name, value)])
 
 
-# (id of the module or class, name) -> (it, the value's digest when first hashed here).
-_FIRST: dict[tuple[int, str], tuple[Any, str | None]] = {}
-
-
 def _first_value(where: types.ModuleType | type, name: str, value: Any) -> str | None:
     """const_digest of a module's (or class's) value made by a call, the first time it
     is hashed in this process for this loaded version (a module's spec, which a reload
     replaces; a class object): stable while the run changes it, new after a reload."""
     holder = getattr(where, "__spec__", None) if isinstance(where, types.ModuleType) else None
-    holder = holder or where
-    hit = _FIRST.get((id(holder), name))
-    if hit is not None and hit[0] is holder:
-        return hit[1]
-    digest = const_digest(value)
-    if len(_FIRST) >= 10_000:
-        _FIRST.clear()
-    _FIRST[(id(holder), name)] = (holder, digest)
-    return digest
+    return loaded.value_once(holder or where, f"value {name}", lambda: const_digest(value))
 
 
 # Objects that do not change what a step returns: not keyed by their assignment, so

@@ -171,6 +171,12 @@ def function_digest(func: Any) -> str:
     )
 
 
+def value_once(holder: Any, kind: str, compute: Callable[[], T]) -> T:
+    """`compute()` once per `holder` (a module's spec, which a reload replaces; a class
+    object) and `kind`, with no file to check: a value as it was when first taken."""
+    return _once(kind, holder, (), lambda: (None, [], []), compute)
+
+
 def class_value(cls: type, compute: Callable[[], T], kind: str = "class") -> T:
     """`compute()` (from the class's source) once per loaded version of `cls` and
     `kind` (what is computed)."""
