@@ -61,6 +61,7 @@ from castore import loaded
 from castore.hashing import hash_json, source_digest
 from castore.usercode import (
     cell_digest,
+    chains_read,
     const_digest,
     is_user_module,
     loaded_digest,
@@ -153,20 +154,8 @@ def _default_chains(func: types.FunctionType) -> list[list[str]]:
         return []
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return []
-    chains: list[list[str]] = []
-    todo: list[ast.AST] = [*node.args.defaults, *(d for d in node.args.kw_defaults if d)]
-    while todo:
-        expr = todo.pop()
-        attrs: list[str] = []
-        inner = expr
-        while isinstance(inner, ast.Attribute):
-            attrs.insert(0, inner.attr)
-            inner = inner.value
-        if isinstance(inner, ast.Name):
-            chains.append([inner.id, *attrs])
-        else:
-            todo.extend(ast.iter_child_nodes(expr))
-    return chains
+    defaults = [*node.args.defaults, *(d for d in node.args.kw_defaults if d)]
+    return chains_read([n for d in defaults for n in ast.walk(d)])
 
 
 def _changed_cells(func: types.FunctionType) -> set[str]:

@@ -222,6 +222,8 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
             # (its own statements: where `global` is written; walking every function's
             # whole body cost 10 % of a cold code version)
             touched = {n for g in node.body if isinstance(g, ast.Global) for n in g.names}
+            if not touched:
+                continue
             reads, calls = [], True
         elif isinstance(node, (*_SCOPES, ast.Import, ast.ImportFrom)):
             continue
@@ -230,10 +232,8 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
             touched = _touched(nodes)
             if not touched:
                 continue
-            reads = _reads(nodes)
+            reads = chains_read(nodes)
             calls = any(isinstance(n, ast.Call) for n in nodes)
-        if not touched:
-            continue
         dump = ast.dump(node, include_attributes=False)
         for name in sorted(touched):
             out.setdefault(name, []).append(dump)
@@ -289,7 +289,7 @@ def _bases(target: ast.expr) -> list[str]:
     return [target.id] if isinstance(target, ast.Name) else []
 
 
-def _reads(nodes: list[ast.AST]) -> list[list[str]]:
+def chains_read(nodes: list[ast.AST]) -> list[list[str]]:
     """The global chains a statement's `nodes` read (`re.compile`, `PATTERN`,
     `cfg.PROMPT`): maximal attribute chains on a name, and names read alone."""
     inner = {id(n.value) for n in nodes if isinstance(n, ast.Attribute)}

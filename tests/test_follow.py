@@ -548,6 +548,34 @@ def test_environment_variables_process_reads_are_in_the_code_version(tmp_path, m
     assert code_version(tmp_path, monkeypatch, ignoring, "") == kept
 
 
+@pytest.mark.parametrize(
+    "define",
+    [
+        "@step(inputs=['x'], outputs=['y'], ignore_env='DEBUG')\ndef S(inputs): return inputs",
+        "@step(inputs='x', outputs=['y'])\ndef S(inputs): return inputs",
+        "@step(inputs=['x'], outputs=['y'], code_packages='openai')\ndef S(inputs): return inputs",
+        "class S(Step):\n    inputs = ['x']\n    ignore_env = 'DEBUG'",
+        "class S(Step):\n    outputs = 'y'",
+        "class S(Step):\n    code_packages = ['openai', 3]",
+    ],
+)
+def test_a_name_list_given_as_a_string_is_refused_in_one_line(tmp_path, define):
+    """`ignore_env="DEBUG"` used to be read letter by letter (variables D, E, B, U, G
+    left out of the key, DEBUG kept): an argument silently not doing what it says."""
+    from castore.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"must (be a list of names|hold names)") as err:
+        exec(f"from castore import Step, step\n{define}", {})
+    assert "\n" not in str(err.value)
+    # The same, spelled right, defines the step.
+    fixed = define.replace("'DEBUG'", "['DEBUG']").replace("inputs='x'", "inputs=['x']")
+    fixed = fixed.replace("'openai')", "['openai'])").replace("= 'y'", "= ['y']")
+    fixed = fixed.replace("['openai', 3]", "['openai']")
+    namespace: dict = {}
+    exec(f"from castore import Step, step\n{fixed}", namespace)
+    assert all(isinstance(getattr(namespace["S"], a), list) for a in ("inputs", "ignore_env"))
+
+
 def test_a_changed_environment_variable_is_named_by_explain(tmp_path, monkeypatch):
     from castore import Pipeline
     from castore.steps import LoadDataFromDicts

@@ -9,6 +9,7 @@ already captures, concurrency, retries, secrets) never enter a hash.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import re
 import types
@@ -50,6 +51,25 @@ REDACTED = "**********"  # a secret's value wherever it is recorded
 CURRENT_PIPELINE: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
     "castore_pipeline", default=None
 )
+
+
+# Class attributes (and @step arguments) that are lists of names: a string there would
+# be read letter by letter (ignore_env="DEBUG" ignoring variables D, E, B, U, G).
+_NAME_LISTS = ("inputs", "outputs", "code_packages", "ignore_env")
+
+
+def names_list(what: str, value: Any) -> list[str]:
+    """`value` as a list of names, or a one-line PipelineError saying what to write."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise PipelineError(f"{what} must be a list of names: write [{value!r}], not {value!r}")
+    if not isinstance(value, (list, tuple)):
+        raise PipelineError(f"{what} must be a list of names, not {value!r}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise PipelineError(f"{what} must hold names (strings), not {bad[0]!r}")
+    return list(value)
 
 
 def current_pipeline() -> Pipeline | None:
@@ -140,6 +160,14 @@ class _Step(BaseModel):
     _leaf: bool = PrivateAttr(True)
     # (fingerprint, inline fields kept as objects) of the last fingerprint() call.
     _inlined: tuple[str, dict[str, Inline]] | None = PrivateAttr(None)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        for attr in _NAME_LISTS:
+            value = inspect.getattr_static(cls, attr, None)
+            if not isinstance(value, (property, functools.cached_property)):  # distilabel's
+                names_list(f"{cls.__qualname__}.{attr}", value)
 
     @model_validator(mode="before")
     @classmethod
@@ -548,10 +576,10 @@ def step(
             "__module__": func.__module__,
             "__qualname__": func.__qualname__,
             "__doc__": func.__doc__,
-            "inputs": list(inputs or []),
-            "outputs": list(outputs or []),
-            "code_packages": list(code_packages or []),
-            "ignore_env": list(ignore_env or []),
+            "inputs": names_list("@step inputs", inputs),
+            "outputs": names_list("@step outputs", outputs),
+            "code_packages": names_list("@step code_packages", code_packages),
+            "ignore_env": names_list("@step ignore_env", ignore_env),
             "row_wise": row_wise,
             "_func": staticmethod(func),
         }
