@@ -139,6 +139,8 @@ def _code_changes(a: Any, b: Any) -> list[str]:
             out.append(f"code: no longer reaches {what}")
         elif label.startswith("environment variable "):
             out.append(f"value of {label} changed")
+        elif label.startswith("file "):
+            out.append(f"contents of {label} changed")
         else:
             out.append(f"code of {what} changed")
     return out or ["code of `process` changed"]

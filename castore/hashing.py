@@ -8,6 +8,7 @@ on every machine and Python version.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import json
 import math
@@ -157,6 +158,29 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     time of mapping it), a larger one memory-mapped (no copy through Python), with
     blake3's threads above a few MiB. Raises FileNotFoundError when it is gone."""
     return hash_file_tail(path, 0)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _stamped_digest(path: str, _stamp: tuple[int, ...]) -> str:
+    return hash_file(path)
+
+
+def local_digest(path: str) -> str:
+    """blake3 of a local file, hashed once per process while its stat (size, mtime,
+    ctime, inode: what any write changes) is the same: a run asks for a loader's file
+    for its signature and for pipeline.yaml, and the loader again before it reads."""
+    return _stamped_digest(os.path.abspath(path), local_stamp(path))
+
+
+def stamped_digest(path: str, stamp: tuple[int, ...]) -> str:
+    """local_digest of `path` whose local_stamp was just taken."""
+    return _stamped_digest(os.path.abspath(path), stamp)
+
+
+def local_stamp(path: str) -> tuple[int, ...]:
+    """What any write to a local file changes: size, mtime, ctime, inode."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def hash_file_tail(path: str | os.PathLike[str], tail: int) -> tuple[str, bytes]:

@@ -37,7 +37,7 @@ def _library_roots() -> tuple[str, ...]:
 
 
 @functools.cache
-def _is_user_file(path: str) -> bool:
+def is_user_file(path: str) -> bool:
     real = os.path.realpath(path)
     return not any(real == r or real.startswith(r + os.sep) for r in _library_roots())
 
@@ -54,7 +54,7 @@ def is_user_module(module: types.ModuleType | None) -> bool:
     path = getattr(module, "__file__", None)
     if not path:
         return name == "__main__"
-    return str(path).endswith(".py") and _is_user_file(str(path))
+    return str(path).endswith(".py") and is_user_file(str(path))
 
 
 def without_source(where: types.ModuleType | type | None) -> bool:

@@ -307,7 +307,7 @@ def test_a_dataset_folder_written_after_it_was_hashed_is_refused(tmp_path, monke
         return p
 
     save(10)
-    real = generators.call_process
+    real = generators.process_chunks
     writes = []
 
     def written_meanwhile(step_, *a):
@@ -316,10 +316,10 @@ def test_a_dataset_folder_written_after_it_was_hashed_is_refused(tmp_path, monke
             save(12)
         return real(step_, *a)
 
-    monkeypatch.setattr(generators, "call_process", written_meanwhile)
+    monkeypatch.setattr(generators, "process_chunks", written_meanwhile)
     cache = tmp_path / "c"
     with pytest.raises(Exception, match="changed while the run read them; run again"):
         pipeline().run(cache_dir=cache, quiet=True)
-    monkeypatch.setattr(generators, "call_process", real)
+    monkeypatch.setattr(generators, "process_chunks", real)
     got = pipeline().run(cache_dir=cache, quiet=True)["load"]["train"].to_list()
     assert got == rows(12)

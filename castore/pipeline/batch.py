@@ -7,7 +7,6 @@ entry, so an action entry never names a missing object.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from castore.errors import StepFailed
 from castore.hashing import hash_bytes
+from castore.pipeline.calls import normalize_output, process_chunks, to_table
 from castore.pipeline.rowinfo import row_info
 from castore.pipeline.rows import (
     RowPlan,
@@ -29,8 +29,6 @@ from castore.pipeline.rows import (
 from castore.pipeline.step import (
     BatchIncomplete,
     _Step,
-    normalize_output,
-    to_table,
 )
 from castore.store.extend import Extension, assemble, concat, remember, split
 from castore.store.models import ActionEntry, RowInfo
@@ -178,40 +176,6 @@ def _same(a: Any, b: Any) -> bool:
     """Equal values (a column passed through both branches), whatever Arrow type each
     branch inferred."""
     return bool(a.equals(b)) or a.to_pylist() == b.to_pylist()
-
-
-_LOAD_LOCK = threading.Lock()
-
-
-def ensure_loaded(step: _Step) -> None:
-    """`step.load()` once in this process (a process-pool worker gets its own copy)."""
-    if step._loaded:
-        return
-    with _LOAD_LOCK:
-        if not step._loaded:
-            step.load()
-            step._loaded = True
-
-
-def call_process(step: _Step, arg: Any) -> Any:
-    """Call `process` (after `load`, once), driving it to completion when it is async."""
-    ensure_loaded(step)
-    result = step.process(arg)  # type: ignore[attr-defined]
-    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
-        return result
-    import asyncio  # only async steps pay its import
-
-    if inspect.isawaitable(result):
-        return asyncio.run(_await(result))
-    return asyncio.run(_collect(result))
-
-
-async def _await(aw: Any) -> Any:
-    return await aw
-
-
-async def _collect(agen: Any) -> list[Any]:
-    return [chunk async for chunk in agen]
 
 
 def map_input(step: _Step, table: pa.Table) -> pa.Table:
@@ -399,7 +363,7 @@ def compute_detailed(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None
     """`compute`, and the positions of the rows that failed (when the step says)."""
     try:
         rows = map_input(step, table).to_pylist()
-        out = map_output(step, to_table(normalize_output(call_process(step, rows))))
+        out = map_output(step, to_table(process_chunks(step, rows)))
     except BatchIncomplete as e:
         if step.on_error != "skip":
             raise

@@ -14,8 +14,9 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import ConfigError
-from castore.pipeline.batch import call_process, generator_table
-from castore.pipeline.step import CURRENT_PIPELINE, GeneratorStep, normalize_output
+from castore.pipeline.batch import generator_table
+from castore.pipeline.calls import process_chunks
+from castore.pipeline.step import CURRENT_PIPELINE, GeneratorStep
 
 if TYPE_CHECKING:
     from castore.pipeline.pipeline import Pipeline
@@ -27,7 +28,7 @@ def first_rows(step: GeneratorStep, n: int) -> list[dict[str, Any]]:
     """The generator's first `n` rows as a run would store them (output mappings
     applied), reading no further than it must."""
     rows: list[dict[str, Any]] = []
-    chunks = normalize_output(call_process(step, 0))
+    chunks = process_chunks(step, 0)
     try:
         for chunk in chunks:
             rows.extend(generator_table(step, chunk).to_pylist())

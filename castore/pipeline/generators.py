@@ -16,14 +16,14 @@ from castore.pipeline.appends import FileBatches, Reused
 from castore.pipeline.batch import (
     BatchResult,
     TableCache,
-    call_process,
     entry_cost,
     entry_of,
     generator_table,
     store_batch,
 )
+from castore.pipeline.calls import process_chunks
 from castore.pipeline.executors import GeneratorBatch, GeneratorEnd
-from castore.pipeline.step import GeneratorStep, normalize_output
+from castore.pipeline.step import GeneratorStep
 from castore.store.models import ActionEntry
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def produce(
         source: FileBatches | None = None
         if find is not None and index == 0 and step.append_source() is not None:
             source = FileBatches(store, step, fp, find)
-        chunks = source if source is not None else normalize_output(call_process(step, offset))
+        chunks = source if source is not None else process_chunks(step, offset)
         for chunk in chunks:
             if stop.is_set():
                 return

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from castore.hashing import generator_end_key, generator_key
-from castore.pipeline.batch import TableCache, call_process, read_input
+from castore.pipeline.batch import TableCache, read_input
+from castore.pipeline.calls import process_chunks
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.rows import RowIndex
 from castore.store.manifests import BatchRecord
@@ -141,13 +142,12 @@ class _Walk:
         it can be planned. Nothing is written."""
         from castore.hashing import hash_bytes
         from castore.pipeline.batch import generator_table
-        from castore.pipeline.step import normalize_output
         from castore.store.parquet import encode_parquet
 
         plan, step, st = self.planner.plans[name], self.pipeline.steps[name], self.out[name]
         offset = sum(sum(r.rows) for r in plan.records())
         index = start
-        for chunk in normalize_output(call_process(step, offset)):
+        for chunk in process_chunks(step, offset):
             table = generator_table(step, chunk)
             oid = hash_bytes(memoryview(encode_parquet(table)))
             self.cache.pinned[oid] = table

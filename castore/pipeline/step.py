@@ -13,7 +13,7 @@ import functools
 import inspect
 import re
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import (
@@ -29,12 +29,11 @@ from pydantic import (
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
 from castore.fingerprint import code_parts, code_version, user_classes
 from castore.hashing import canonical_json, hash_json
+from castore.pipeline.filereads import file_parts
 from castore.pipeline.inline import Inline, field_identity
 from castore.usercode import is_user_module, module_of
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from castore.llms import Prices
     from castore.pipeline.pipeline import Pipeline
 
@@ -55,7 +54,7 @@ CURRENT_PIPELINE: contextvars.ContextVar[Pipeline | None] = contextvars.ContextV
 
 # Class attributes (and @step arguments) that are lists of names: a string there would
 # be read letter by letter (ignore_env="DEBUG" ignoring variables D, E, B, U, G).
-_NAME_LISTS = ("inputs", "outputs", "code_packages", "ignore_env")
+_NAME_LISTS = ("inputs", "outputs", "code_packages", "ignore_env", "code_files", "ignore_files")
 
 
 def names_list(what: str, value: Any) -> list[str]:
@@ -117,6 +116,11 @@ class _Step(BaseModel):
     # Environment variables the step's code reads that do not change its rows (a debug
     # flag, a switch a test sets): left out of the code version, which keys the others.
     ignore_env: ClassVar[list[str]] = []
+    # Files the step's own code reads while it computes (castore/pipeline/filereads.py):
+    # `code_files` (globs) key the step by their contents; `ignore_files` cannot change
+    # its rows; reading any other file stops the run.
+    code_files: ClassVar[list[str]] = []
+    ignore_files: ClassVar[list[str]] = []
     # Row-wise (castore/pipeline/rows.py): each output row depends only on its own input
     # row's row_key_columns() and is that row plus `outputs`; rows are reused by row key.
     row_wise: ClassVar[bool] = False
@@ -306,7 +310,10 @@ class _Step(BaseModel):
         """`cache_version` when set, else the digest of `process` and of what it reaches
         in the user's own code (castore/fingerprint.py)."""
         if self.cache_version is not None:
-            return f"v:{self.cache_version}"
+            # The pin names the code; the files it reads still count.
+            files = file_parts(self.name, self.code_files)
+            pinned = f"v:{self.cache_version}"
+            return pinned if not files else code_version(pinned, files)
         root, parts = self.code_parts()
         return code_version(root, parts)
 
@@ -324,7 +331,8 @@ class _Step(BaseModel):
                 "in a REPL?); pass cache_version='...' to name its code version"
             ) from None
         ignored = {f"environment variable {name}" for name in self.ignore_env}
-        return root, {k: v for k, v in parts.items() if k not in ignored}
+        mine = {k: v for k, v in parts.items() if k not in ignored}
+        return root, mine | file_parts(self.name, self.code_files)
 
     def _code_target(self) -> Callable[..., Any]:
         return type(self).process  # type: ignore[attr-defined]
@@ -517,35 +525,6 @@ class BatchIncomplete(Exception):
         super().__init__(f"{len(errors)} row(s) failed, e.g. {errors[0] if errors else '?'}")
 
 
-def normalize_output(result: Any) -> Iterable[Any]:
-    """What `process` returned, as an iterable of chunks (row lists or Tables)."""
-    if result is None:
-        return []
-    if isinstance(result, list) or _is_table(result):
-        return [result]
-    return result
-
-
-def _is_table(obj: Any) -> bool:
-    return type(obj).__name__ == "Table" and type(obj).__module__.startswith("pyarrow")
-
-
-def to_table(chunks: Iterable[Any]) -> pa.Table:
-    import pyarrow as pa
-
-    tables = []
-    for chunk in chunks:
-        if _is_table(chunk):
-            tables.append(chunk)
-        elif chunk:
-            tables.append(pa.Table.from_pylist(list(chunk)))
-    if not tables:
-        return pa.table({})
-    if len(tables) == 1:
-        return tables[0]
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
 _KINDS: dict[str, type[_Step]] = {"normal": Step, "global": GlobalStep, "generator": GeneratorStep}
 
 
@@ -557,6 +536,8 @@ def step(
     row_wise: bool = False,
     *,
     ignore_env: list[str] | None = None,
+    code_files: list[str] | None = None,
+    ignore_files: list[str] | None = None,
 ) -> Callable[[Callable[..., Any]], type[_Step]]:
     """Make a step class from a function.
 
@@ -580,6 +561,8 @@ def step(
             "outputs": names_list("@step outputs", outputs),
             "code_packages": names_list("@step code_packages", code_packages),
             "ignore_env": names_list("@step ignore_env", ignore_env),
+            "code_files": names_list("@step code_files", code_files),
+            "ignore_files": names_list("@step ignore_files", ignore_files),
             "row_wise": row_wise,
             "_func": staticmethod(func),
         }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import glob
 import logging
 import os
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr
 
 from castore.errors import ConfigError
-from castore.hashing import Hasher, hash_file
+from castore.hashing import Hasher, local_digest, local_stamp, stamped_digest
 from castore.pipeline.step import GeneratorStep, runtime_field
 
 if TYPE_CHECKING:
@@ -44,24 +43,6 @@ def _required(step: GeneratorStep, field: str) -> Any:
 
 
 _NUM_EXAMPLES = "At most this many rows (the first ones)."
-
-
-@functools.lru_cache(maxsize=256)
-def _digest(path: str, _stamp: tuple[int, ...]) -> str:
-    return hash_file(path)
-
-
-def local_digest(path: str) -> str:
-    """blake3 of a local data file, hashed once per process while its stat (size, mtime,
-    ctime, inode: what any write changes) is the same: a run asks for it for its
-    signature and for pipeline.yaml, and the loader again before it reads."""
-    return _digest(os.path.abspath(path), local_stamp(path))
-
-
-def local_stamp(path: str) -> tuple[int, ...]:
-    """What any write to a local file changes: size, mtime, ctime, inode."""
-    st = os.stat(path)
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def _remote_stamp(path: str) -> tuple[Any, ...]:
@@ -98,7 +79,7 @@ class _FolderLoader(GeneratorStep):
         if self._folder_keyed is None:
             self._folder_keyed = (root, stamps)
         base = os.path.abspath(root)
-        return [[rel, _digest(os.path.join(base, rel), st)] for rel, st in stamps.items()]
+        return [[rel, stamped_digest(os.path.join(base, rel), st)] for rel, st in stamps.items()]
 
     def check_source(self) -> None:
         if self._folder_keyed is None:

@@ -1,0 +1,101 @@
+"""Calling a step's code: `load()` once per process, `process` (driven to completion when
+it is async), and what it returns as chunks and as one table, every part of it watched for
+the files it reads (castore/pipeline/filereads.py)."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from castore.pipeline.filereads import watching
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from castore.pipeline.step import _Step
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def ensure_loaded(step: _Step) -> None:
+    """`step.load()` once in this process (a process-pool worker gets its own copy)."""
+    if step._loaded:
+        return
+    with _LOAD_LOCK:
+        if not step._loaded:
+            step.load()
+            step._loaded = True
+
+
+def call_process(step: _Step, arg: Any) -> Any:
+    """Call `process` (after `load`, once), driving it to completion when it is async."""
+    ensure_loaded(step)
+    result = step.process(arg)  # type: ignore[attr-defined]
+    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+        return result
+    import asyncio  # only async steps pay its import
+
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    return asyncio.run(_collect(result))
+
+
+def normalize_output(result: Any) -> Iterable[Any]:
+    """What `process` returned, as an iterable of chunks (row lists or Tables)."""
+    if result is None:
+        return []
+    if isinstance(result, list) or _is_table(result):
+        return [result]
+    return result
+
+
+def _is_table(obj: Any) -> bool:
+    return type(obj).__name__ == "Table" and type(obj).__module__.startswith("pyarrow")
+
+
+def to_table(chunks: Iterable[Any]) -> pa.Table:
+    import pyarrow as pa
+
+    tables = []
+    for chunk in chunks:
+        if _is_table(chunk):
+            tables.append(chunk)
+        elif chunk:
+            tables.append(pa.Table.from_pylist(list(chunk)))
+    if not tables:
+        return pa.table({})
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def process_chunks(step: _Step, arg: Any) -> Iterator[Any]:
+    """What `process` returns for `arg`, chunk by chunk (`load()` first, once), each part
+    of the step's code it runs watched for files it reads (castore/pipeline/filereads.py)."""
+    with watching(step):
+        chunks = iter(normalize_output(call_process(step, arg)))
+    try:
+        while True:
+            with watching(step):
+                chunk = next(chunks, _END)
+            if chunk is _END:
+                return
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)  # a generator stopped early (a preview)
+        if close is not None:
+            close()
+
+
+_END = object()
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+async def _collect(agen: Any) -> list[Any]:
+    return [chunk async for chunk in agen]

@@ -1,0 +1,187 @@
+"""Files a step's own code reads while it computes (docs/caching.md "Files a step reads").
+
+Their contents decide its rows, so the cache key must follow them: a step lists them in
+`code_files` (their contents then enter its code version) or, when they cannot change
+its rows (a credential, a cache of its own), in `ignore_files`. Any other file the step's
+code opens for reading while castore runs its `load()` or `process` stops the run with
+one line saying so, before a row made from it is cached: a key that misses an input
+serves the old rows after the file is edited, which is worse than no cache.
+
+Reads are seen through Python's audit hook ("open" events) on the thread computing the
+batch. A file counts when the step's own code opens it (the first frame outside the
+standard library is the user's code, castore/usercode.py), wherever it is; and when a
+library the step's code calls opens it (a jinja2 FileSystemLoader, pandas.read_csv)
+and it is inside the working directory, outside hidden folders: a library's own files
+elsewhere (a tokenizer's cache in ~/.cache, ~/.netrc, an installed package's data) are
+not the step's inputs. castore's own reads and imports are not counted. A file opened
+by C code without Python's `open` (pyarrow's readers) or in a subprocess is not seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import os
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from castore.errors import PipelineError, StepFailed
+from castore.hashing import local_digest
+from castore.usercode import is_user_file
+
+if TYPE_CHECKING:
+    from castore.pipeline.step import _Step
+
+
+def file_parts(step: str | None, patterns: Iterable[str]) -> dict[str, str]:
+    """{"file <path>": digest} of every file the `code_files` patterns match (globs,
+    relative to the working directory as `open` takes them; `**` spans folders). A
+    pattern that matches no file is an error: a key that names nothing would not follow
+    the file the step reads."""
+    out: dict[str, str] = {}
+    for pattern in patterns:
+        paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise PipelineError(
+                f"step {step}: code_files pattern {pattern!r} matches no file (relative "
+                f"paths start in the working directory, {os.getcwd()})"
+            )
+        for path in paths:
+            out[f"file {path.replace(os.sep, '/')}"] = local_digest(path)
+    return out
+
+
+class _Watch:
+    __slots__ = ("busy", "refused", "step")
+
+    def __init__(self, step: _Step) -> None:
+        self.step = step
+        self.refused: str | None = None
+        self.busy = False  # while it checks a read: its own file system calls are not
+
+    def read(self, path: str, *, by_library: bool) -> None:
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            real = os.path.realpath(path)
+            if not os.path.isfile(real) or not is_user_file(real):
+                return  # a device, /proc, an installed package's data
+            if by_library and not _in_project(real):
+                return  # a library's own configuration or cache (~/.netrc, ~/.cache/...)
+            step = self.step
+            for pattern in (*step.code_files, *step.ignore_files):
+                if any(os.path.realpath(p) == real for p in glob.glob(pattern, recursive=True)):
+                    return
+            refused = self.refused = (
+                f"step {step.name} read {path} while computing, and its contents are not in "
+                "the step's cache key (after an edit the old rows would be served): list it "
+                "in the step's code_files to key the step by its contents, or in ignore_files "
+                "if they cannot change the rows"
+            )
+        finally:
+            self.busy = False
+        raise StepFailed(refused)
+
+
+def _in_project(real: str) -> bool:
+    """Inside the working directory and in no hidden folder (.git, .cache, .venv)."""
+    rel = os.path.relpath(real, os.path.realpath(os.getcwd()))
+    return not rel.startswith(os.pardir) and not any(p.startswith(".") for p in rel.split(os.sep))
+
+
+_local = threading.local()
+_hooked = False
+_hook_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def watching(step: _Step) -> Iterator[None]:
+    """Refuse a file the step's own code reads in this block that is neither in its
+    code_files nor in its ignore_files: the open raises, and so does the block's end,
+    should the step's code have caught that."""
+    _install()
+    outer = getattr(_local, "watch", None)
+    watch = _local.watch = _Watch(step)
+    try:
+        yield
+    finally:
+        _local.watch = outer
+    if watch.refused is not None:
+        raise StepFailed(watch.refused)
+
+
+def _install() -> None:
+    global _hooked
+    if _hooked:
+        return
+    with _hook_lock:
+        if not _hooked:
+            sys.addaudithook(_hook)  # for the life of the process: hooks cannot be removed
+            _hooked = True
+
+
+_WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _hook(event: str, args: tuple[Any, ...]) -> None:
+    # Called for every audit event of the process: the first test must stay this cheap.
+    if event != "open":
+        return
+    watch = getattr(_local, "watch", None)
+    if watch is None or watch.busy:
+        return
+    path, mode, flags = args
+    if path is None or isinstance(path, int):
+        return
+    if isinstance(mode, str) and any(c in mode for c in "wax+"):
+        return
+    if mode is None and isinstance(flags, int) and flags & _WRITES:
+        return
+    reader = _reader(sys._getframe(1))
+    if reader is not None:
+        watch.read(os.fsdecode(path), by_library=reader == "library")
+
+
+def _reader(frame: Any) -> str | None:
+    """Who opens the file, seen from the first frame outside the standard library: "user"
+    (the user's own code), "library" (a third-party package called by the user's code),
+    or None (castore, the import system, a library not called by the user's code)."""
+    first = None
+    while frame is not None:
+        kind = _kind(frame.f_code.co_filename, frame.f_globals.get("__name__") or "")
+        if kind in ("castore", "import"):
+            return None
+        if kind == "user":
+            return "user" if first is None else "library"
+        if kind == "other" and first is None:
+            first = kind
+        frame = frame.f_back
+    return None
+
+
+@functools.cache
+def _kind(filename: str, module: str) -> str:
+    """ "user", "stdlib", "castore", "import" or "other" (a third-party package)."""
+    if module == "castore" or module.startswith("castore."):
+        return "castore"
+    if filename.startswith("<"):
+        # <frozen importlib._bootstrap...>: an import reading a module is not a read.
+        return "import" if "importlib" in filename else "stdlib"
+    real = os.path.realpath(filename)
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:  # inside the stdlib's folder too
+        return "other"
+    if any(real.startswith(root + os.sep) for root in _stdlib_roots()):
+        return "stdlib"
+    return "user" if is_user_file(real) else "other"
+
+
+@functools.cache
+def _stdlib_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if paths.get(k)})

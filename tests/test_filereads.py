@@ -1,0 +1,170 @@
+"""Files a step reads while it computes (castore/pipeline/filereads.py): `code_files`
+key the step by their contents, `ignore_files` are left out, and any other file the
+step's code reads stops the run before a row made from it is stored. Each scenario
+edits the file and runs again, comparing with a run that uses no cache."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import uuid
+
+import pytest
+
+from castore import Pipeline
+from castore.errors import PipelineError, StepFailed
+from castore.steps import LoadDataFromDicts
+from tests.conftest import cas_inproc
+
+ROWS = [{"x": i} for i in range(6)]
+
+STEPS = """
+import json
+import pathlib
+import jinja2
+from castore import Step, StepInput, step
+
+ENV = jinja2.Environment(loader=jinja2.FileSystemLoader("templates"))
+
+
+@step(inputs=["x"], outputs=["y"]{decorator})
+def Prefixed(inputs: StepInput):
+    prefix = pathlib.Path("prompt.txt").read_text().strip()
+    with open("calls.log", "a") as f:  # a write: not an input
+        f.write("x" * len(inputs) + "\\n")
+    return [{{**r, "y": f"{{prefix}}:{{r['x']}}"}} for r in inputs]
+
+
+class Shots(Step):
+    inputs = ["x"]
+    outputs = ["y"]
+{class_attrs}
+    def load(self) -> None:
+        super().load()
+        self._shots = json.load(open("shots.json"))  # read once, in load()
+
+    def process(self, inputs: StepInput):
+        template = ENV.get_template("t.j2")  # a library reading a file of the project
+        yield [{{**r, "y": template.render(x=r["x"], s=self._shots["s"])}} for r in inputs]
+"""
+
+
+@contextlib.contextmanager
+def steps_module(tmp_path, monkeypatch, decorator: str = "", class_attrs: str = ""):
+    name = f"reads_{uuid.uuid4().hex[:8]}"
+    source = STEPS.format(decorator=decorator, class_attrs=class_attrs or "    pass")
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt.txt").write_text("hello\n")
+    (tmp_path / "shots.json").write_text('{"s": "one"}')
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.j2").write_text("{{ s }}-{{ x }}")
+    return tmp_path
+
+
+def run(step_cls, cache, **kw):
+    with Pipeline(name=f"reads-{step_cls.__name__.lower()}") as p:
+        LoadDataFromDicts(data=ROWS, batch_size=3) >> step_cls(name="s", input_batch_size=2)
+    return p.run(cache_dir=cache, quiet=True, **kw)["s"]["train"].to_list()
+
+
+def calls(project) -> int:
+    log = project / "calls.log"
+    return sum(len(line) for line in log.read_text().split()) if log.exists() else 0
+
+
+def test_an_undeclared_file_read_in_process_stops_the_run_and_caches_nothing(
+    project, monkeypatch
+):
+    with steps_module(project, monkeypatch) as mod:
+        with pytest.raises(StepFailed) as err:
+            run(mod.Prefixed, project / "c")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "step s read prompt.txt while computing" in msg and "code_files" in msg
+    # Declared, the same store computes every row: nothing of the refused run was cached.
+    before = calls(project)
+    with steps_module(project, monkeypatch, decorator=', code_files=["prompt.txt"]') as mod:
+        rows = run(mod.Prefixed, project / "c")
+    assert rows == [{"x": i, "y": f"hello:{i}"} for i in range(6)]
+    assert calls(project) - before == 6
+
+
+def test_code_files_key_the_step_by_their_contents(project, monkeypatch):
+    cache = project / "c"
+    with steps_module(project, monkeypatch, decorator=', code_files=["*.txt"]') as mod:
+        first = run(mod.Prefixed, cache)
+        n = calls(project)
+        assert run(mod.Prefixed, cache) == first and calls(project) == n  # all cached
+        (project / "prompt.txt").write_text("bye\n")
+        edited = run(mod.Prefixed, cache)
+        assert calls(project) == n + 6  # every row again: each read the edited prompt
+        assert edited == run(mod.Prefixed, project / "fresh", use_cache=False)
+        assert edited == [{"x": i, "y": f"bye:{i}"} for i in range(6)]
+    text = cas_inproc("explain", "reads-prefixed", "s", cache_dir=cache).stdout
+    assert "contents of file prompt.txt changed" in text, text
+
+
+def test_files_read_in_load_and_by_a_library_are_the_steps_inputs(project, monkeypatch):
+    """shots.json is read in load(), the template by jinja2 for process: each is refused
+    until declared, then keys the step."""
+    cache = project / "c"
+    with steps_module(project, monkeypatch) as mod:
+        with pytest.raises(StepFailed, match=r"read shots\.json while computing"):
+            run(mod.Shots, cache)
+    attrs = '    code_files = ["shots.json"]'
+    with steps_module(project, monkeypatch, class_attrs=attrs) as mod:
+        with pytest.raises(StepFailed, match=r"read templates/t\.j2 while computing"):
+            run(mod.Shots, cache)
+    attrs = '    code_files = ["shots.json", "templates/**/*.j2"]'
+    with steps_module(project, monkeypatch, class_attrs=attrs) as mod:
+        assert run(mod.Shots, cache)[0] == {"x": 0, "y": "one-0"}
+        (project / "templates" / "t.j2").write_text("{{ s }}+{{ x }}")
+        assert run(mod.Shots, cache)[0] == {"x": 0, "y": "one+0"}
+        (project / "shots.json").write_text('{"s": "two"}')
+        edited = run(mod.Shots, cache)
+        assert edited[0] == {"x": 0, "y": "two+0"}
+        assert edited == run(mod.Shots, project / "fresh", use_cache=False)
+
+
+def test_ignored_files_are_read_and_left_out_of_the_key(project, monkeypatch):
+    attrs = '    code_files = ["templates/t.j2"]\n    ignore_files = ["shots.json"]'
+    with steps_module(project, monkeypatch, class_attrs=attrs) as mod:
+        first = run(mod.Shots, project / "c")
+        version = mod.Shots(name="s").code_version()
+        (project / "shots.json").write_text('{"s": "two"}')
+        assert mod.Shots(name="s").code_version() == version
+        assert run(mod.Shots, project / "c") == first  # as declared: the cached rows
+
+
+def test_a_code_files_pattern_matching_nothing_is_refused_in_one_line(project, monkeypatch):
+    with steps_module(project, monkeypatch, decorator=', code_files=["promt.txt"]') as mod:
+        with pytest.raises(PipelineError, match=r"code_files pattern 'promt\.txt' matches no"):
+            run(mod.Prefixed, project / "c")
+        (project / "run.py").write_text(
+            f"from castore import Pipeline\nfrom castore.steps import LoadDataFromDicts\n"
+            f"from {mod.__name__} import Prefixed\n"
+            "with Pipeline(name='cli') as p:\n"
+            "    LoadDataFromDicts(data=[{'x': 1}]) >> Prefixed(name='s')\n"
+        )
+        res = cas_inproc("run", str(project / "run.py"), cache_dir=project / "c2")
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and "matches no file" in lines[0], res
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_the_check_holds_in_worker_processes(project, monkeypatch):
+    with steps_module(project, monkeypatch) as mod:
+        with pytest.raises(StepFailed, match=r"read prompt\.txt while computing"):
+            run(mod.Prefixed, project / "c", executor="processes")
