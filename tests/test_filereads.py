@@ -83,9 +83,7 @@ def calls(project) -> int:
     return sum(len(line) for line in log.read_text().split()) if log.exists() else 0
 
 
-def test_an_undeclared_file_read_in_process_stops_the_run_and_caches_nothing(
-    project, monkeypatch
-):
+def test_an_undeclared_file_read_in_process_stops_the_run_and_caches_nothing(project, monkeypatch):
     with steps_module(project, monkeypatch) as mod:
         with pytest.raises(StepFailed) as err:
             run(mod.Prefixed, project / "c")
@@ -168,3 +166,29 @@ def test_the_check_holds_in_worker_processes(project, monkeypatch):
     with steps_module(project, monkeypatch) as mod:
         with pytest.raises(StepFailed, match=r"read prompt\.txt while computing"):
             run(mod.Prefixed, project / "c", executor="processes")
+
+
+SCRATCH = """
+import tempfile
+from castore import StepInput, step
+
+
+@step(inputs=["x"], outputs=["y"])
+def Scratch(inputs: StepInput):
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("made here")
+    with open(f.name) as back:  # its own output, read back: not an input
+        text = back.read()
+    return [{**r, "y": text} for r in inputs]
+"""
+
+
+def test_a_file_the_step_wrote_itself_may_be_read_back(project, monkeypatch):
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    (project / f"{name}.py").write_text(SCRATCH)
+    monkeypatch.syspath_prepend(str(project))
+    try:
+        rows = run(importlib.import_module(name).Scratch, project / "c")
+    finally:
+        sys.modules.pop(name, None)
+    assert rows == [{"x": i, "y": "made here"} for i in range(6)]

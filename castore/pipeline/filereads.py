@@ -69,8 +69,8 @@ class _Watch:
         self.busy = True
         try:
             real = os.path.realpath(path)
-            if not os.path.isfile(real) or not is_user_file(real):
-                return  # a device, /proc, an installed package's data
+            if real in _written or not os.path.isfile(real) or not is_user_file(real):
+                return  # written by the step, a device, /proc, an installed package's data
             if by_library and not _in_project(real):
                 return  # a library's own configuration or cache (~/.netrc, ~/.cache/...)
             step = self.step
@@ -95,6 +95,7 @@ def _in_project(real: str) -> bool:
 
 
 _local = threading.local()
+_written: set[str] = set()  # by steps' code in this process
 _hooked = False
 _hook_lock = threading.Lock()
 
@@ -138,9 +139,11 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     path, mode, flags = args
     if path is None or isinstance(path, int):
         return
-    if isinstance(mode, str) and any(c in mode for c in "wax+"):
-        return
-    if mode is None and isinstance(flags, int) and flags & _WRITES:
+    if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+        mode is None and isinstance(flags, int) and flags & _WRITES
+    ):
+        # A file the step writes (a scratch file) is not an input when it reads it back.
+        _written.add(os.path.realpath(os.fsdecode(path)))
         return
     reader = _reader(sys._getframe(1))
     if reader is not None:
@@ -171,7 +174,9 @@ def _kind(filename: str, module: str) -> str:
         return "castore"
     if filename.startswith("<"):
         # <frozen importlib._bootstrap...>: an import reading a module is not a read.
-        return "import" if "importlib" in filename else "stdlib"
+        if "importlib" in filename:
+            return "import"
+        return "user" if module == "__main__" else "stdlib"  # a notebook's cell, or exec
     real = os.path.realpath(filename)
     parts = real.split(os.sep)
     if "site-packages" in parts or "dist-packages" in parts:  # inside the stdlib's folder too
