@@ -75,11 +75,16 @@ def to_table(chunks: Iterable[Any]) -> pa.Table:
 def process_chunks(step: _Step, arg: Any) -> Iterator[Any]:
     """What `process` returns for `arg`, chunk by chunk (`load()` first, once), each part
     of the step's code it runs watched for files it reads (castore/pipeline/filereads.py)."""
-    with watching(step):
-        chunks = iter(normalize_output(call_process(step, arg)))
+    watch = watching(step)
+    with watch:
+        result = normalize_output(call_process(step, arg))
+    if isinstance(result, list):  # what process returned: no more of its code runs
+        yield from result
+        return
+    chunks = iter(result)
     try:
         while True:
-            with watching(step):
+            with watch:
                 chunk = next(chunks, _END)
             if chunk is _END:
                 return

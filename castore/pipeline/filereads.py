@@ -19,14 +19,13 @@ by C code without Python's `open` (pyarrow's readers) or in a subprocess is not 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import os
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import PipelineError, StepFailed
@@ -100,20 +99,27 @@ _hooked = False
 _hook_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def watching(step: _Step) -> Iterator[None]:
+class watching:
     """Refuse a file the step's own code reads in this block that is neither in its
     code_files nor in its ignore_files: the open raises, and so does the block's end,
-    should the step's code have caught that."""
-    _install()
-    outer = getattr(_local, "watch", None)
-    watch = _local.watch = _Watch(step)
-    try:
-        yield
-    finally:
-        _local.watch = outer
-    if watch.refused is not None:
-        raise StepFailed(watch.refused)
+    should the step's code have caught that. A class, not a generator: it is entered
+    for every batch."""
+
+    __slots__ = ("outer", "watch")
+
+    def __init__(self, step: _Step) -> None:
+        _install()
+        self.watch = _Watch(step)
+        self.outer: _Watch | None = None
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_local, "watch", None)
+        _local.watch = self.watch
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        _local.watch = self.outer
+        if kind is None and self.watch.refused is not None:
+            raise StepFailed(self.watch.refused)
 
 
 def _install() -> None:
