@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from castore import loaded
+from castore.filereads import import_reads
 from castore.hashing import hash_json, source_digest
 from castore.usercode import (
     cell_digest,
@@ -409,7 +410,14 @@ class _Walk:
         # Made by a call (`PROMPTS = json.load(open("prompts.json"))`): the value, as it
         # was when first hashed in this process (what this loaded version of the module
         # made; a reload makes another).
-        return hash_json([made.digest, _first_value(where, name, value)])
+        first = _first_value(where, name, value)
+        if first is None and made.module is not None:
+            # An object with no value to hash (`T = env.get_template("a.j2")`): the
+            # contents of the files its statements read as the module was imported.
+            files = import_reads(made.module, made.lines)
+            if files:
+                return hash_json([made.digest, None, files])
+        return hash_json([made.digest, first])
 
 
 def _first_value(where: types.ModuleType | type, name: str, value: Any) -> str | None:

@@ -118,6 +118,7 @@ class Made(NamedTuple):
     module: types.ModuleType | None  # whose globals they read
     reads: list[list[str]]  # the global chains they read
     computed: bool  # they call something (json.load(...), make()): the value is not in them
+    lines: list[tuple[int, int]] = []  # (first, last) line of each, in the module's file
 
 
 def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
@@ -134,7 +135,8 @@ def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
             return None
         if not found.get(name):
             return None
-        made = _made(found, name, module_of(where))
+        # (lines of the class's source, not of its module: no import reads are matched)
+        made = _made(found, name, module_of(where))._replace(lines=[])
         # `Cls.K["s"] = ...` after the class: the module's statements that change it.
         outside = None
         if made.module is not None and where.__qualname__ == where.__name__:
@@ -146,6 +148,7 @@ def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
             made.module,
             made.reads + [c for c in outside.reads if c not in made.reads],
             made.computed or outside.computed,
+            outside.lines,  # a class body's lines are not the module's
         )
     return None
 
@@ -198,7 +201,8 @@ def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
 
 def _made(found: dict[str, list[Any]], name: str, module: types.ModuleType | None) -> Made:
     reads = [list(c) for c in found.get(f"reads {name}", []) if isinstance(c, list)]
-    return Made(hash_json(found[name]), module, reads, bool(found.get(f"calls {name}")))
+    lines = [(lo, hi) for lo, hi in found.get(f"lines {name}", [])]
+    return Made(hash_json(found[name]), module, reads, bool(found.get(f"calls {name}")), lines)
 
 
 # Scopes of their own: what they bind is not the module's (a function or class defined at
@@ -244,6 +248,7 @@ def _assignments(body: list[ast.stmt]) -> dict[str, list[Any]]:
             )
             if calls:
                 out[f"calls {name}"] = [True]
+                out.setdefault(f"lines {name}", []).append([node.lineno, node.end_lineno])
     return out
 
 

@@ -1,4 +1,4 @@
-"""Files a step reads while it computes (castore/pipeline/filereads.py): `code_files`
+"""Files a step reads while it computes (castore/filereads.py): `code_files`
 key the step by their contents, `ignore_files` are left out, and any other file the
 step's code reads stops the run before a row made from it is stored. Each scenario
 edits the file and runs again, comparing with a run that uses no cache."""
@@ -192,3 +192,70 @@ def test_a_file_the_step_wrote_itself_may_be_read_back(project, monkeypatch):
     finally:
         sys.modules.pop(name, None)
     assert rows == [{"x": i, "y": "made here"} for i in range(6)]
+
+
+AT_IMPORT = """
+import re
+import jinja2
+from castore import StepInput, step
+
+ENV = jinja2.Environment(loader=jinja2.FileSystemLoader("templates"))
+TEMPLATE = ENV.get_template("t.j2")  # read by jinja2 as the module is imported
+PATTERN = re.compile(open("pattern.txt").read().strip())  # read by the module's own code
+
+
+@step(inputs=["x"], outputs=["y"])
+def Rendered(inputs: StepInput):
+    return [
+        {**r, "y": TEMPLATE.render(s="t", x=r["x"]) + str(bool(PATTERN.match(str(r["x"]))))}
+        for r in inputs
+    ]
+"""
+
+
+@contextlib.contextmanager
+def at_import_module(project, monkeypatch):
+    name = f"atimport_{uuid.uuid4().hex[:8]}"
+    (project / f"{name}.py").write_text(AT_IMPORT)
+    monkeypatch.syspath_prepend(str(project))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_objects_made_from_files_as_a_module_is_imported_follow_their_contents(
+    project, monkeypatch
+):
+    """A template loaded at module level has no value to hash: the files its statement
+    read as the module was imported key it, with the contents they had then."""
+    (project / "pattern.txt").write_text("[0-2]")
+    cache = project / "c"
+    with at_import_module(project, monkeypatch) as mod:
+        first = run(mod.Rendered, cache)
+        assert first[0] == {"x": 0, "y": "t-0True"}
+        version = mod.Rendered(name="s").code_version()
+    with at_import_module(project, monkeypatch) as mod:  # imported again, nothing edited
+        assert mod.Rendered(name="s").code_version() == version
+    for path, text in (("templates/t.j2", "{{ x }}/{{ s }}"), ("pattern.txt", "[3-5]")):
+        (project / path).write_text(text)
+        with at_import_module(project, monkeypatch) as mod:
+            assert mod.Rendered(name="s").code_version() != version
+            version = mod.Rendered(name="s").code_version()
+            edited = run(mod.Rendered, cache)
+            assert edited == run(mod.Rendered, project / "fresh", use_cache=False)
+    assert edited[0] == {"x": 0, "y": "0/tFalse"} and edited[3] == {"x": 3, "y": "3/tTrue"}
+    text = cas_inproc("explain", "reads-rendered", "s", cache_dir=cache).stdout
+    assert "TEMPLATE changed" in text or "PATTERN changed" in text, text
+
+
+def test_a_file_read_at_import_and_edited_since_is_refused(project, monkeypatch):
+    """The object in memory was made from the old contents: keying it by the new ones
+    would store old rows under the new key."""
+    (project / "pattern.txt").write_text("[0-2]")
+    with at_import_module(project, monkeypatch) as mod:
+        (project / "templates" / "t.j2").write_text("edited {{ x }}")
+        with pytest.raises(PipelineError, match=r"t\.j2 was read as the module was imported"):
+            mod.Rendered(name="s").code_version()
+        importlib.reload(mod)  # what the message says: the module now holds the edit
+        assert run(mod.Rendered, project / "c")[0] == {"x": 0, "y": "edited 0True"}

@@ -1,6 +1,6 @@
 """Calling a step's code: `load()` once per process, `process` (driven to completion when
 it is async), and what it returns as chunks and as one table, every part of it watched for
-the files it reads (castore/pipeline/filereads.py)."""
+the files it reads (castore/filereads.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from castore.pipeline.filereads import watching
+from castore.filereads import watching
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,7 +74,7 @@ def to_table(chunks: Iterable[Any]) -> pa.Table:
 
 def process_chunks(step: _Step, arg: Any) -> Iterator[Any]:
     """What `process` returns for `arg`, chunk by chunk (`load()` first, once), each part
-    of the step's code it runs watched for files it reads (castore/pipeline/filereads.py)."""
+    of the step's code it runs watched for files it reads (castore/filereads.py)."""
     watch = watching(step)
     with watch:
         result = normalize_output(call_process(step, arg))

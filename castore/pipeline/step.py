@@ -27,9 +27,9 @@ from pydantic import (
 )
 
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
+from castore.filereads import file_parts, install
 from castore.fingerprint import code_parts, code_version, user_classes
 from castore.hashing import canonical_json, hash_json
-from castore.pipeline.filereads import file_parts
 from castore.pipeline.inline import Inline, field_identity
 from castore.usercode import is_user_module, module_of
 
@@ -44,6 +44,8 @@ StepKind = Literal["normal", "global", "generator"]
 RUNTIME: dict[str, Any] = {"castore_runtime": True}
 REDACTED = "**********"  # a secret's value wherever it is recorded
 
+
+install()  # the user modules imported after castore's steps: their reads as they import
 
 # The pipeline whose `with` block is open: steps created inside it join it. Kept here, not
 # in pipeline.py, so that steps do not import the pipeline module.
@@ -116,7 +118,7 @@ class _Step(BaseModel):
     # Environment variables the step's code reads that do not change its rows (a debug
     # flag, a switch a test sets): left out of the code version, which keys the others.
     ignore_env: ClassVar[list[str]] = []
-    # Files the step's own code reads while it computes (castore/pipeline/filereads.py):
+    # Files the step's own code reads while it computes (castore/filereads.py):
     # `code_files` (globs) key the step by their contents; `ignore_files` cannot change
     # its rows; reading any other file stops the run.
     code_files: ClassVar[list[str]] = []

@@ -1,4 +1,5 @@
-"""Files a step's own code reads while it computes (docs/caching.md "Files a step reads").
+"""Files read through Python's `open`: a step's while it computes, and a user module's as
+it is imported (docs/caching.md "Files a step reads").
 
 Their contents decide its rows, so the cache key must follow them: a step lists them in
 `code_files` (their contents then enter its code version) or, when they cannot change
@@ -15,6 +16,12 @@ and it is inside the working directory, outside hidden folders: a library's own 
 elsewhere (a tokenizer's cache in ~/.cache, ~/.netrc, an installed package's data) are
 not the step's inputs. castore's own reads and imports are not counted. A file opened
 by C code without Python's `open` (pyarrow's readers) or in a subprocess is not seen.
+
+As a user module is imported (after castore's step module, which installs the hook), the
+files its top-level statements read are recorded by statement line with their stat,
+judged as a step's reads are: an object made from them (a jinja2 template), which has no
+value to hash, is keyed by the contents they had then (castore.fingerprint), and refused
+once a file has changed.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import PipelineError, StepFailed
-from castore.hashing import local_digest
+from castore.hashing import local_digest, local_stamp, stamped_digest
 from castore.usercode import is_user_file
 
 if TYPE_CHECKING:
@@ -108,7 +115,7 @@ class watching:
     __slots__ = ("outer", "watch")
 
     def __init__(self, step: _Step) -> None:
-        _install()
+        install()
         self.watch = _Watch(step)
         self.outer: _Watch | None = None
 
@@ -122,13 +129,16 @@ class watching:
             raise StepFailed(self.watch.refused)
 
 
-def _install() -> None:
+def install() -> None:
+    """Watch opens from now on (for the life of the process: hooks cannot be removed).
+    castore's step module calls it as it is imported, so that the user modules imported
+    after it are seen as they are imported."""
     global _hooked
     if _hooked:
         return
     with _hook_lock:
         if not _hooked:
-            sys.addaudithook(_hook)  # for the life of the process: hooks cannot be removed
+            sys.addaudithook(_hook)
             _hooked = True
 
 
@@ -140,7 +150,7 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     if event != "open":
         return
     watch = getattr(_local, "watch", None)
-    if watch is None or watch.busy:
+    if watch is not None and watch.busy:
         return
     path, mode, flags = args
     if path is None or isinstance(path, int):
@@ -148,12 +158,80 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
         mode is None and isinstance(flags, int) and flags & _WRITES
     ):
-        # A file the step writes (a scratch file) is not an input when it reads it back.
-        _written.add(os.path.realpath(os.fsdecode(path)))
+        if watch is not None:
+            # A file the step writes (a scratch file) is not an input when it reads it back.
+            _written.add(os.path.realpath(os.fsdecode(path)))
+        return
+    if watch is None:
+        _at_import(sys._getframe(1), os.fsdecode(path))
         return
     reader = _reader(sys._getframe(1))
     if reader is not None:
         watch.read(os.fsdecode(path), by_library=reader == "library")
+
+
+# Files read by the top-level statements of user modules as they were imported: module
+# name -> (the module's spec as it ran: a reload makes another, [(line, path as opened,
+# real path, local_stamp)]).
+_imports: dict[str, tuple[object, list[tuple[int, str, str, tuple[int, ...]]]]] = {}
+_imports_lock = threading.Lock()
+
+
+def _at_import(frame: Any, path: str) -> None:
+    """Record a read made by a user module's top-level statement (or what it calls), as
+    a step's read is judged: the user's own open anywhere, a library's in the project."""
+    first = None
+    while frame is not None:
+        kind = _kind(frame.f_code.co_filename, frame.f_globals.get("__name__") or "")
+        if kind in ("castore", "import"):
+            return
+        if kind == "other" and first is None:
+            first = kind
+        elif kind == "user" and frame.f_code.co_name == "<module>":
+            if not frame.f_globals.get("__file__"):
+                return  # a notebook's cell: its values are keyed as they are
+            real = os.path.realpath(path)
+            try:
+                if not os.path.isfile(real) or not is_user_file(real) or real in _written:
+                    return
+                if first is not None and not _in_project(real):
+                    return
+                stamp = local_stamp(real)
+            except OSError:
+                return
+            name, spec = frame.f_globals.get("__name__"), frame.f_globals.get("__spec__")
+            with _imports_lock:
+                held = _imports.get(name)
+                if held is None or held[0] is not spec:
+                    held = _imports[name] = (spec, [])
+                held[1].append((frame.f_lineno, path, real, stamp))
+            return
+        frame = frame.f_back
+
+
+def import_reads(module: Any, lines: Iterable[tuple[int, int]]) -> dict[str, str]:
+    """{"file <path>": digest} of the files `module`'s statements on `lines` (first,
+    last) read as it was imported, with the contents they had then: a file changed since
+    is refused, since what the module made from it is not what the file now holds."""
+    held = _imports.get(getattr(module, "__name__", ""))
+    if held is None or held[0] is not getattr(module, "__spec__", None):
+        return {}
+    spans = list(lines)
+    out: dict[str, str] = {}
+    for line, path, real, stamp in list(held[1]):
+        if not any(lo <= line <= hi for lo, hi in spans):
+            continue
+        try:
+            same = local_stamp(real) == stamp
+        except OSError:
+            same = False
+        if not same:
+            raise PipelineError(
+                f"{module.__name__}: {path} was read as the module was imported and has "
+                "changed since; reload the module (importlib.reload) or restart the process"
+            )
+        out[f"file {path}"] = stamped_digest(real, stamp)
+    return out
 
 
 def _reader(frame: Any) -> str | None:
