@@ -142,6 +142,18 @@ def install() -> None:
             _hooked = True
 
 
+def _modules_being_imported() -> dict[str, Any]:
+    """importlib's per-module import locks: an entry lives while its module is being
+    imported (a weak reference dropped as the import ends), so the dict is empty between
+    imports. Not a public API: without it, every open is looked at."""
+    import importlib._bootstrap as bootstrap
+
+    locks = getattr(bootstrap, "_module_locks", None)
+    return locks if isinstance(locks, dict) else {"?": None}
+
+
+_IMPORTING = _modules_being_imported()
+_READ_MODES = frozenset(("r", "rt", "rb", "br", "tr"))
 _WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -150,7 +162,13 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     if event != "open":
         return
     watch = getattr(_local, "watch", None)
-    if watch is not None and watch.busy:
+    if watch is None:
+        if _IMPORTING:  # a module is being imported (castore's store reads pay nothing)
+            path, mode, _ = args
+            if isinstance(path, (str, bytes, os.PathLike)) and mode in _READ_MODES:
+                _at_import(sys._getframe(1), os.fsdecode(path))
+        return
+    if watch.busy:
         return
     path, mode, flags = args
     if path is None or isinstance(path, int):
@@ -158,12 +176,8 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
         mode is None and isinstance(flags, int) and flags & _WRITES
     ):
-        if watch is not None:
-            # A file the step writes (a scratch file) is not an input when it reads it back.
-            _written.add(os.path.realpath(os.fsdecode(path)))
-        return
-    if watch is None:
-        _at_import(sys._getframe(1), os.fsdecode(path))
+        # A file the step writes (a scratch file) is not an input when it reads it back.
+        _written.add(os.path.realpath(os.fsdecode(path)))
         return
     reader = _reader(sys._getframe(1))
     if reader is not None:
