@@ -5,10 +5,7 @@ edits the file and runs again, comparing with a run that uses no cache."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import sys
-import uuid
 
 import pytest
 
@@ -16,6 +13,7 @@ from castore import Pipeline
 from castore.errors import PipelineError, StepFailed
 from castore.steps import LoadDataFromDicts
 from tests.conftest import cas_inproc
+from tests.test_follow import imported
 
 ROWS = [{"x": i} for i in range(6)]
 
@@ -50,16 +48,9 @@ class Shots(Step):
 """
 
 
-@contextlib.contextmanager
 def steps_module(tmp_path, monkeypatch, decorator: str = "", class_attrs: str = ""):
-    name = f"reads_{uuid.uuid4().hex[:8]}"
     source = STEPS.format(decorator=decorator, class_attrs=class_attrs or "    pass")
-    (tmp_path / f"{name}.py").write_text(source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        yield importlib.import_module(name)
-    finally:
-        sys.modules.pop(name, None)
+    return imported(tmp_path, monkeypatch, source)
 
 
 @pytest.fixture
@@ -184,13 +175,8 @@ def Scratch(inputs: StepInput):
 
 
 def test_a_file_the_step_wrote_itself_may_be_read_back(project, monkeypatch):
-    name = f"scratch_{uuid.uuid4().hex[:8]}"
-    (project / f"{name}.py").write_text(SCRATCH)
-    monkeypatch.syspath_prepend(str(project))
-    try:
-        rows = run(importlib.import_module(name).Scratch, project / "c")
-    finally:
-        sys.modules.pop(name, None)
+    with imported(project, monkeypatch, SCRATCH) as mod:
+        rows = run(mod.Scratch, project / "c")
     assert rows == [{"x": i, "y": "made here"} for i in range(6)]
 
 
@@ -213,15 +199,8 @@ def Rendered(inputs: StepInput):
 """
 
 
-@contextlib.contextmanager
 def at_import_module(project, monkeypatch):
-    name = f"atimport_{uuid.uuid4().hex[:8]}"
-    (project / f"{name}.py").write_text(AT_IMPORT)
-    monkeypatch.syspath_prepend(str(project))
-    try:
-        yield importlib.import_module(name)
-    finally:
-        sys.modules.pop(name, None)
+    return imported(project, monkeypatch, AT_IMPORT)
 
 
 def test_objects_made_from_files_as_a_module_is_imported_follow_their_contents(
