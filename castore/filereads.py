@@ -96,8 +96,8 @@ class _Watch:
 
 def _in_project(real: str) -> bool:
     """Inside the working directory and in no hidden folder (.git, .cache, .venv)."""
-    rel = os.path.relpath(real, os.path.realpath(os.getcwd()))
-    return not rel.startswith(os.pardir) and not any(p.startswith(".") for p in rel.split(os.sep))
+    parts = os.path.relpath(real, os.path.realpath(os.getcwd())).split(os.sep)
+    return not any(p.startswith(".") for p in parts)  # `..` first: outside it
 
 
 _local = threading.local()
@@ -194,13 +194,13 @@ _imports_lock = threading.Lock()
 def _at_import(frame: Any, path: str) -> None:
     """Record a read made by a user module's top-level statement (or what it calls), as
     a step's read is judged: the user's own open anywhere, a library's in the project."""
-    first = None
+    by_library = False
     while frame is not None:
         kind = _kind(frame.f_code.co_filename, frame.f_globals.get("__name__") or "")
         if kind in ("castore", "import"):
             return
-        if kind == "other" and first is None:
-            first = kind
+        if kind == "other":
+            by_library = True
         elif kind == "user" and frame.f_code.co_name == "<module>":
             if not frame.f_globals.get("__file__"):
                 return  # a notebook's cell: its values are keyed as they are
@@ -208,7 +208,7 @@ def _at_import(frame: Any, path: str) -> None:
             try:
                 if not os.path.isfile(real) or not is_user_file(real) or real in _written:
                     return
-                if first is not None and not _in_project(real):
+                if by_library and not _in_project(real):
                     return
                 stamp = local_stamp(real)
             except OSError:
@@ -252,15 +252,14 @@ def _reader(frame: Any) -> str | None:
     """Who opens the file, seen from the first frame outside the standard library: "user"
     (the user's own code), "library" (a third-party package called by the user's code),
     or None (castore, the import system, a library not called by the user's code)."""
-    first = None
+    by_library = False
     while frame is not None:
         kind = _kind(frame.f_code.co_filename, frame.f_globals.get("__name__") or "")
         if kind in ("castore", "import"):
             return None
         if kind == "user":
-            return "user" if first is None else "library"
-        if kind == "other" and first is None:
-            first = kind
+            return "library" if by_library else "user"
+        by_library = by_library or kind == "other"
         frame = frame.f_back
     return None
 
