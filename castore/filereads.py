@@ -14,7 +14,8 @@ standard library is the user's code, castore/usercode.py), wherever it is; and w
 library the step's code calls opens it (a jinja2 FileSystemLoader, pandas.read_csv)
 and it is inside the working directory, outside hidden folders: a library's own files
 elsewhere (a tokenizer's cache in ~/.cache, ~/.netrc, an installed package's data) are
-not the step's inputs. castore's own reads and imports are not counted. A file opened
+not the step's inputs; nor are castore's own reads, imports, and the interpreter's and
+the system's data (source lines for a traceback, time zones, /etc). A file opened
 by C code without Python's `open` (pyarrow's readers) or in a subprocess is not seen.
 
 As a user module is imported (after castore's step module, which installs the hook), the
@@ -75,8 +76,8 @@ class _Watch:
         self.busy = True
         try:
             real = os.path.realpath(path)
-            if real in _written or not os.path.isfile(real) or not is_user_file(real):
-                return  # written by the step, a device, /proc, an installed package's data
+            if real in _written or not _data_file(real):
+                return  # written by the step, a device, the system's or a package's data
             if by_library and not _in_project(real):
                 return  # a library's own configuration or cache (~/.netrc, ~/.cache/...)
             step = self.step
@@ -92,6 +93,21 @@ class _Watch:
         finally:
             self.busy = False
         raise StepFailed(refused)
+
+
+# The system's own data (time zones read by the C zoneinfo, /etc, /proc): read for the
+# interpreter, not a step's input, unless it is inside the working directory.
+_SYSTEM_DIRS = ("/usr/share/", "/usr/lib/", "/etc/", "/proc/", "/sys/", "/dev/", "/run/")
+
+
+def _data_file(real: str) -> bool:
+    """A regular file that may be a step's input: not source code (a traceback's lines),
+    an installed package's, or the system's."""
+    if real.endswith((".py", ".pyc", ".pyi")) or not os.path.isfile(real):
+        return False
+    if real.startswith(_SYSTEM_DIRS) and not _in_project(real):
+        return False
+    return is_user_file(real)
 
 
 def _in_project(real: str) -> bool:
@@ -206,7 +222,7 @@ def _at_import(frame: Any, path: str) -> None:
                 return  # a notebook's cell: its values are keyed as they are
             real = os.path.realpath(path)
             try:
-                if not os.path.isfile(real) or not is_user_file(real) or real in _written:
+                if real in _written or not _data_file(real):
                     return
                 if by_library and not _in_project(real):
                     return
@@ -264,15 +280,26 @@ def _reader(frame: Any) -> str | None:
     return None
 
 
+# Standard-library modules that read the interpreter's or the system's own data (source
+# lines for a traceback, time zones, locales, MIME types): not the step's inputs.
+_SYSTEM = frozenset(
+    "ctypes encodings gettext inspect linecache locale mimetypes netrc platform site ssl "
+    "sysconfig tokenize traceback uuid zoneinfo _strptime".split()
+)
+
+
 @functools.cache
 def _kind(filename: str, module: str) -> str:
-    """ "user", "stdlib", "castore", "import" or "other" (a third-party package)."""
+    """ "user", "stdlib", "castore", "import" (the import system and _SYSTEM: not a
+    read of the step's) or "other" (a third-party package)."""
     if module == "castore" or module.startswith("castore."):
         return "castore"
+    # <frozen importlib._bootstrap...>: an import reading a module is not a read.
+    if module.partition(".")[0] in _SYSTEM or (
+        filename.startswith("<") and "importlib" in filename
+    ):
+        return "import"
     if filename.startswith("<"):
-        # <frozen importlib._bootstrap...>: an import reading a module is not a read.
-        if "importlib" in filename:
-            return "import"
         return "user" if module == "__main__" else "stdlib"  # a notebook's cell, or exec
     real = os.path.realpath(filename)
     parts = real.split(os.sep)

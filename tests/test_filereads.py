@@ -238,3 +238,38 @@ def test_a_file_read_at_import_and_edited_since_is_refused(project, monkeypatch)
             mod.Rendered(name="s").code_version()
         importlib.reload(mod)  # what the message says: the module now holds the edit
         assert run(mod.Rendered, project / "c")[0] == {"x": 0, "y": "edited 0True"}
+
+
+SYSTEM_READS = """
+import inspect
+import mimetypes
+import traceback
+import zoneinfo
+from castore import StepInput, step
+
+
+def helper():
+    return 1
+
+
+@step(inputs=["x"], outputs=["y"])
+def Sys(inputs: StepInput):
+    try:
+        raise ValueError("x")
+    except ValueError:
+        lines = traceback.format_exc().count("\\n")  # reads this file's source lines
+    zone = zoneinfo.ZoneInfo("Europe/Paris").key  # the C zoneinfo reads the system's tzdata
+    kind = mimetypes.guess_type("a.json")[0]  # reads the system's MIME types
+    return [{**r, "y": f"{lines > 0}{len(inspect.getsource(helper))}{zone}{kind}"} for r in inputs]
+"""
+
+
+def test_the_interpreters_and_the_systems_own_files_are_not_the_steps_inputs(project, monkeypatch):
+    """Source lines for a traceback or inspect, time zones, MIME types: read for the
+    interpreter, they are no reason to stop a run."""
+    import linecache
+
+    with imported(project, monkeypatch, SYSTEM_READS) as mod:
+        linecache.clearcache()  # the traceback reads the module's file again
+        rows = run(mod.Sys, project / "c")
+    assert rows[0]["y"].startswith("True") and "Europe/Paris" in rows[0]["y"]
