@@ -76,7 +76,7 @@ class _Watch:
         self.busy = True
         try:
             real = os.path.realpath(path)
-            if real in _written or not _data_file(real):
+            if real in _written or not _data_file(path, real):
                 return  # written by the step, a device, the system's or a package's data
             if by_library and not _in_project(real):
                 return  # a library's own configuration or cache (~/.netrc, ~/.cache/...)
@@ -97,15 +97,20 @@ class _Watch:
 
 # The system's own data (time zones read by the C zoneinfo, /etc, /proc): read for the
 # interpreter, not a step's input, unless it is inside the working directory.
-_SYSTEM_DIRS = ("/usr/share/", "/usr/lib/", "/etc/", "/proc/", "/sys/", "/dev/", "/run/")
+# (macOS: /etc is /private/etc, and /usr/share/zoneinfo links into /private/var/db.)
+_SYSTEM_DIRS = (
+    *("/usr/share/", "/usr/lib/", "/etc/", "/proc/", "/sys/", "/dev/", "/run/"),
+    *("/System/", "/Library/", "/private/etc/", "/private/var/db/"),
+)
 
 
-def _data_file(real: str) -> bool:
+def _data_file(path: str, real: str) -> bool:
     """A regular file that may be a step's input: not source code (a traceback's lines),
-    an installed package's, or the system's."""
+    an installed package's, or the system's (by the path opened or the one it links to)."""
     if real.endswith((".py", ".pyc", ".pyi")) or not os.path.isfile(real):
         return False
-    if real.startswith(_SYSTEM_DIRS) and not _in_project(real):
+    system = real.startswith(_SYSTEM_DIRS) or os.path.abspath(path).startswith(_SYSTEM_DIRS)
+    if system and not _in_project(real):
         return False
     return is_user_file(real)
 
@@ -222,7 +227,7 @@ def _at_import(frame: Any, path: str) -> None:
                 return  # a notebook's cell: its values are keyed as they are
             real = os.path.realpath(path)
             try:
-                if real in _written or not _data_file(real):
+                if real in _written or not _data_file(path, real):
                     return
                 if by_library and not _in_project(real):
                     return

@@ -273,3 +273,19 @@ def test_the_interpreters_and_the_systems_own_files_are_not_the_steps_inputs(pro
         linecache.clearcache()  # the traceback reads the module's file again
         rows = run(mod.Sys, project / "c")
     assert rows[0]["y"].startswith("True") and "Europe/Paris" in rows[0]["y"]
+
+
+def test_a_system_path_linking_elsewhere_stays_the_systems(tmp_path, monkeypatch):
+    """macOS: /usr/share/zoneinfo links into /private/var/db; the path opened decides."""
+    from castore import filereads
+
+    system, data, work = tmp_path / "system", tmp_path / "elsewhere", tmp_path / "work"
+    for d in (system, data, work):
+        d.mkdir()
+    (data / "Paris").write_text("tz")
+    (system / "Paris").symlink_to(data / "Paris")
+    monkeypatch.setattr(filereads, "_SYSTEM_DIRS", (f"{system}/",))
+    monkeypatch.chdir(work)
+    link = str(system / "Paris")
+    assert not filereads._data_file(link, str(data / "Paris"))
+    assert filereads._data_file(str(data / "Paris"), str(data / "Paris"))  # opened directly
