@@ -51,7 +51,7 @@ def file_parts(step: str | None, patterns: Iterable[str]) -> dict[str, str]:
     the file the step reads."""
     out: dict[str, str] = {}
     for pattern in patterns:
-        paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        paths = _matched(pattern)
         if not paths:
             raise PipelineError(
                 f"step {step}: code_files pattern {pattern!r} matches no file (relative "
@@ -60,6 +60,11 @@ def file_parts(step: str | None, patterns: Iterable[str]) -> dict[str, str]:
         for path in paths:
             out[f"file {path.replace(os.sep, '/')}"] = local_digest(path)
     return out
+
+
+def _matched(pattern: str) -> list[str]:
+    """The files a code_files or ignore_files pattern matches, sorted."""
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
 
 
 class _Watch:
@@ -76,13 +81,11 @@ class _Watch:
         self.busy = True
         try:
             real = os.path.realpath(path)
-            if real in _written or not _data_file(path, real):
-                return  # written by the step, a device, the system's or a package's data
-            if by_library and not _in_project(real):
-                return  # a library's own configuration or cache (~/.netrc, ~/.cache/...)
+            if not _may_be_input(path, real, by_library=by_library):
+                return
             step = self.step
             for pattern in (*step.code_files, *step.ignore_files):
-                if any(os.path.realpath(p) == real for p in glob.glob(pattern, recursive=True)):
+                if any(os.path.realpath(p) == real for p in _matched(pattern)):
                     return
             refused = self.refused = (
                 f"step {step.name} read {path} while computing, and its contents are not in "
@@ -104,13 +107,17 @@ _SYSTEM_DIRS = (
 )
 
 
-def _data_file(path: str, real: str) -> bool:
-    """A regular file that may be a step's input: not source code (a traceback's lines),
-    an installed package's, or the system's (by the path opened or the one it links to)."""
-    if real.endswith((".py", ".pyc", ".pyi")) or not os.path.isfile(real):
+def _may_be_input(path: str, real: str, *, by_library: bool) -> bool:
+    """Whether a file read for the user's code (opened as `path`, `real` once links are
+    followed) may be its input: a regular file, not one a step wrote in this process (a
+    scratch file), not source code (a traceback's lines), an installed package's, or the
+    system's (by the path opened or the one it links to); and when a library opened it,
+    inside the project (not a library's own configuration or cache: ~/.netrc,
+    ~/.cache/...)."""
+    if real in _written or real.endswith((".py", ".pyc", ".pyi")) or not os.path.isfile(real):
         return False
     system = real.startswith(_SYSTEM_DIRS) or os.path.abspath(path).startswith(_SYSTEM_DIRS)
-    if system and not _in_project(real):
+    if (system or by_library) and not _in_project(real):
         return False
     return is_user_file(real)
 
@@ -136,7 +143,7 @@ class watching:
     __slots__ = ("outer", "watch")
 
     def __init__(self, step: _Step) -> None:
-        install()
+        # (the hook is installed: castore.pipeline.step, which made `step`, installs it)
         self.watch = _Watch(step)
         self.outer: _Watch | None = None
 
@@ -200,9 +207,9 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         # A file the step writes (a scratch file) is not an input when it reads it back.
         _written.add(os.path.realpath(os.fsdecode(path)))
         return
-    reader = _reader(sys._getframe(1))
-    if reader is not None:
-        watch.read(os.fsdecode(path), by_library=reader == "library")
+    opener = _opener(sys._getframe(1), at_import=False)
+    if opener is not None:
+        watch.read(os.fsdecode(path), by_library=opener[0])
 
 
 # Files read by the top-level statements of user modules as they were imported: module
@@ -215,33 +222,25 @@ _imports_lock = threading.Lock()
 def _at_import(frame: Any, path: str) -> None:
     """Record a read made by a user module's top-level statement (or what it calls), as
     a step's read is judged: the user's own open anywhere, a library's in the project."""
-    by_library = False
-    while frame is not None:
-        kind = _kind(frame.f_code.co_filename, frame.f_globals.get("__name__") or "")
-        if kind in ("castore", "import"):
+    opener = _opener(frame, at_import=True)
+    if opener is None:
+        return
+    by_library, module = opener
+    if not module.f_globals.get("__file__"):
+        return  # a notebook's cell: its values are keyed as they are
+    real = os.path.realpath(path)
+    try:
+        if not _may_be_input(path, real, by_library=by_library):
             return
-        if kind == "other":
-            by_library = True
-        elif kind == "user" and frame.f_code.co_name == "<module>":
-            if not frame.f_globals.get("__file__"):
-                return  # a notebook's cell: its values are keyed as they are
-            real = os.path.realpath(path)
-            try:
-                if real in _written or not _data_file(path, real):
-                    return
-                if by_library and not _in_project(real):
-                    return
-                stamp = local_stamp(real)
-            except OSError:
-                return
-            name, spec = frame.f_globals.get("__name__"), frame.f_globals.get("__spec__")
-            with _imports_lock:
-                held = _imports.get(name)
-                if held is None or held[0] is not spec:
-                    held = _imports[name] = (spec, [])
-                held[1].append((frame.f_lineno, path, real, stamp))
-            return
-        frame = frame.f_back
+        stamp = local_stamp(real)
+    except OSError:
+        return
+    name, spec = module.f_globals.get("__name__"), module.f_globals.get("__spec__")
+    with _imports_lock:
+        held = _imports.get(name)
+        if held is None or held[0] is not spec:
+            held = _imports[name] = (spec, [])
+        held[1].append((module.f_lineno, path, real, stamp))
 
 
 def import_reads(module: Any, lines: Iterable[tuple[int, int]]) -> dict[str, str]:
@@ -269,17 +268,19 @@ def import_reads(module: Any, lines: Iterable[tuple[int, int]]) -> dict[str, str
     return out
 
 
-def _reader(frame: Any) -> str | None:
-    """Who opens the file, seen from the first frame outside the standard library: "user"
-    (the user's own code), "library" (a third-party package called by the user's code),
-    or None (castore, the import system, a library not called by the user's code)."""
+def _opener(frame: Any, *, at_import: bool) -> tuple[bool, Any] | None:
+    """Whom a file is opened for, walking out from the frame that opens it: (whether a
+    third-party package opened it rather than the user's code itself, the user's frame:
+    the first one, or with `at_import` the module frame whose top-level statement runs),
+    or None (castore, the import system or the interpreter opened it, or no user code
+    did)."""
     by_library = False
     while frame is not None:
         kind = _kind(frame.f_code.co_filename, frame.f_globals.get("__name__") or "")
         if kind in ("castore", "import"):
             return None
-        if kind == "user":
-            return "library" if by_library else "user"
+        if kind == "user" and (not at_import or frame.f_code.co_name == "<module>"):
+            return by_library, frame
         by_library = by_library or kind == "other"
         frame = frame.f_back
     return None

@@ -118,7 +118,7 @@ class Made(NamedTuple):
     module: types.ModuleType | None  # whose globals they read
     reads: list[list[str]]  # the global chains they read
     computed: bool  # they call something (json.load(...), make()): the value is not in them
-    lines: list[tuple[int, int]] = []  # (first, last) line of each, in the module's file
+    lines: tuple[tuple[int, int], ...] = ()  # (first, last) line of each, in the module's file
 
 
 def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
@@ -136,7 +136,7 @@ def made_by(where: types.ModuleType | type | None, name: str) -> Made | None:
         if not found.get(name):
             return None
         # (lines of the class's source, not of its module: no import reads are matched)
-        made = _made(found, name, module_of(where))._replace(lines=[])
+        made = _made(found, name, module_of(where))._replace(lines=())
         # `Cls.K["s"] = ...` after the class: the module's statements that change it.
         outside = None
         if made.module is not None and where.__qualname__ == where.__name__:
@@ -201,7 +201,7 @@ def _module_assignments(module: types.ModuleType) -> dict[str, list[str]]:
 
 def _made(found: dict[str, list[Any]], name: str, module: types.ModuleType | None) -> Made:
     reads = [list(c) for c in found.get(f"reads {name}", []) if isinstance(c, list)]
-    lines = [(lo, hi) for lo, hi in found.get(f"lines {name}", [])]
+    lines = tuple((lo, hi) for lo, hi in found.get(f"lines {name}", []))
     return Made(hash_json(found[name]), module, reads, bool(found.get(f"calls {name}")), lines)
 
 

@@ -287,5 +287,6 @@ def test_a_system_path_linking_elsewhere_stays_the_systems(tmp_path, monkeypatch
     monkeypatch.setattr(filereads, "_SYSTEM_DIRS", (f"{system}/",))
     monkeypatch.chdir(work)
     link = str(system / "Paris")
-    assert not filereads._data_file(link, str(data / "Paris"))
-    assert filereads._data_file(str(data / "Paris"), str(data / "Paris"))  # opened directly
+    assert not filereads._may_be_input(link, str(data / "Paris"), by_library=False)
+    # opened directly, the same file is the user's
+    assert filereads._may_be_input(str(data / "Paris"), str(data / "Paris"), by_library=False)

@@ -78,8 +78,7 @@ class _FolderLoader(GeneratorStep):
         stamps = _folder_stamps(root)
         if self._folder_keyed is None:
             self._folder_keyed = (root, stamps)
-        base = os.path.abspath(root)
-        return [[rel, stamped_digest(os.path.join(base, rel), st)] for rel, st in stamps.items()]
+        return [[rel, stamped_digest(os.path.join(root, rel), st)] for rel, st in stamps.items()]
 
     def check_source(self) -> None:
         if self._folder_keyed is None:
