@@ -247,11 +247,11 @@ class Scheduler:
         if self.neighbours is not None and not self.neighbours.may_compute():
             return
         now = time.monotonic()
-        ahead = self.executor.ahead
         for name, q in self.queues.items():
+            limit = self.executor.inflight(self.steps[name].concurrency)
             # Plan order within a step (or its reverse: Queues.backward); a retry waiting
             # for its backoff holds the queue only for its own step.
-            while q.pending and q.inflight < self.steps[name].concurrency * ahead:
+            while q.pending and q.inflight < limit:
                 if q.next().not_before > now:
                     break
                 p = q.take()
@@ -522,7 +522,7 @@ class Scheduler:
             kind,
             self.store,
             self.events,
-            threads=sum(s.concurrency for s in steps),  # calls allowed at once
+            concurrency=[s.concurrency for s in steps],
             stop=self.stop,
             cache=self.cache,
             ray_address=ray_address,
