@@ -15,8 +15,9 @@ library the step's code calls opens it (a jinja2 FileSystemLoader, pandas.read_c
 and it is inside the working directory, outside hidden folders: a library's own files
 elsewhere (a tokenizer's cache in ~/.cache, ~/.netrc, an installed package's data) are
 not the step's inputs; nor are castore's own reads, imports, and the interpreter's and
-the system's data (source lines for a traceback, time zones, /etc). A file opened
-by C code without Python's `open` (pyarrow's readers) or in a subprocess is not seen.
+the system's data (source lines for a traceback, time zones, /etc). A SQLite database
+counts as read when `sqlite3.connect` opens it (its audit event). A file opened by
+other C code without Python's `open` (pyarrow's readers) or in a subprocess is not seen.
 
 As a user module is imported (after castore's step module, which installs the hook), the
 files its top-level statements read are recorded by statement line with their stat,
@@ -33,6 +34,7 @@ import os
 import sys
 import sysconfig
 import threading
+import urllib.parse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +190,8 @@ _WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 def _hook(event: str, args: tuple[Any, ...]) -> None:
     # Called for every audit event of the process: the first test must stay this cheap.
     if event != "open":
+        if event == "sqlite3.connect":
+            _sqlite(args[0])
         return
     watch = getattr(_local, "watch", None)
     if watch is None:
@@ -210,6 +214,41 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
     opener = _opener(sys._getframe(1), at_import=False)
     if opener is not None:
         watch.read(os.fsdecode(path), by_library=opener[0])
+
+
+def _sqlite(database: Any) -> None:
+    """`sqlite3.connect(database)`: the C library reads the file without Python's `open`,
+    so the connect stands for the read (a lookup table kept in SQLite is an input like a
+    JSON file); a database the step creates is its own, as a file it writes."""
+    path = _sqlite_path(database)
+    if path is None:
+        return
+    watch = getattr(_local, "watch", None)
+    if watch is None:
+        if _IMPORTING:  # a module-level connection: what it reads later is keyed by it
+            _at_import(sys._getframe(2), path)
+        return
+    if watch.busy:
+        return
+    if not os.path.exists(path):
+        _written.add(os.path.realpath(path))
+        return
+    opener = _opener(sys._getframe(2), at_import=False)
+    if opener is not None:
+        watch.read(path, by_library=opener[0])
+
+
+def _sqlite_path(database: Any) -> str | None:
+    """The file a sqlite3 database name opens, or None (in memory, or not a name)."""
+    if not isinstance(database, (str, bytes, os.PathLike)):
+        return None
+    name = os.fsdecode(database)
+    if name.startswith("file:") and not os.path.exists(name):  # a URI (uri=True)
+        uri = urllib.parse.urlsplit(name)
+        if "mode=memory" in uri.query:
+            return None
+        name = urllib.parse.unquote(uri.path)
+    return None if name in ("", ":memory:") else name
 
 
 # Files read by the top-level statements of user modules as they were imported: module

@@ -290,3 +290,95 @@ def test_a_system_path_linking_elsewhere_stays_the_systems(tmp_path, monkeypatch
     assert not filereads._may_be_input(link, str(data / "Paris"), by_library=False)
     # opened directly, the same file is the user's
     assert filereads._may_be_input(str(data / "Paris"), str(data / "Paris"), by_library=False)
+
+
+SQLITE = """
+import sqlite3
+from castore import StepInput, step
+
+# A module-level connection: the queries run later, in C, so its import is what is keyed.
+CONN = sqlite3.connect("labels.db", check_same_thread=False)
+
+
+def label(db, x):
+    return db.execute("select name from labels where id = ?", (x,)).fetchone()[0]
+
+
+@step(inputs=["x"], outputs=["y"]DECORATOR)
+def Looked(inputs: StepInput):
+    db = sqlite3.connect("labels.db")
+    try:
+        return [{**r, "y": label(db, r["x"])} for r in inputs]
+    finally:
+        db.close()
+
+
+@step(inputs=["x"], outputs=["y"])
+def AtImport(inputs: StepInput):
+    return [{**r, "y": label(CONN, r["x"])} for r in inputs]
+
+
+@step(inputs=["x"], outputs=["y"])
+def OwnDb(inputs: StepInput):
+    db = sqlite3.connect("scratch.db")  # made by the step: its own, not an input
+    try:
+        db.execute("create table if not exists seen (x)")
+        db.executemany("insert into seen values (?)", [(r["x"],) for r in inputs])
+        db.commit()
+        return [{**r, "y": str(r["x"])} for r in inputs]
+    finally:
+        db.close()
+"""
+
+
+def write_labels(project, name: str) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(project / "labels.db")
+    with db:
+        db.execute("create table if not exists labels (id integer primary key, name text)")
+        db.executemany(
+            "insert or replace into labels values (?, ?)", [(r["x"], name) for r in ROWS]
+        )
+    db.close()
+
+
+def test_a_sqlite_database_the_step_queries_is_one_of_its_inputs(project, monkeypatch):
+    """sqlite3 reads its file in C: the connect (an audit event) stands for the read."""
+    write_labels(project, "one")
+    with imported(project, monkeypatch, SQLITE.replace("DECORATOR", "")) as mod:
+        with pytest.raises(StepFailed, match=r"step s read labels\.db while computing"):
+            run(mod.Looked, project / "c")
+        assert run(mod.OwnDb, project / "c") == [{"x": i, "y": str(i)} for i in range(6)]
+    declared = SQLITE.replace("DECORATOR", ', code_files=["labels.db"]')
+    with imported(project, monkeypatch, declared) as mod:
+        assert run(mod.Looked, project / "c")[0] == {"x": 0, "y": "one"}
+        write_labels(project, "two")
+        edited = run(mod.Looked, project / "c")
+        assert edited == run(mod.Looked, project / "fresh", use_cache=False)
+        assert edited[0] == {"x": 0, "y": "two"}
+
+
+def test_a_module_level_sqlite_connection_is_keyed_by_the_database(project, monkeypatch):
+    write_labels(project, "one")
+    source = SQLITE.replace("DECORATOR", "")
+    cache = project / "c"
+    with imported(project, monkeypatch, source) as mod:
+        assert run(mod.AtImport, cache)[0] == {"x": 0, "y": "one"}
+        write_labels(project, "two")
+        with pytest.raises(PipelineError, match=r"labels\.db was read as the module was imported"):
+            run(mod.AtImport, cache)
+    with imported(project, monkeypatch, source) as mod:  # a new process would import it so
+        edited = run(mod.AtImport, cache)
+        assert edited == run(mod.AtImport, project / "fresh", use_cache=False)
+        assert edited[0] == {"x": 0, "y": "two"}
+
+
+def test_sqlite_database_names_map_to_the_files_they_open():
+    from castore.filereads import _sqlite_path
+
+    assert _sqlite_path("labels.db") == "labels.db"
+    assert _sqlite_path("file:data/labels.db?mode=ro") == "data/labels.db"
+    assert _sqlite_path("file:my%20labels.db") == "my labels.db"
+    for memory in (":memory:", "", "file::memory:?cache=shared", "file:x?mode=memory", 3):
+        assert _sqlite_path(memory) is None
