@@ -131,7 +131,23 @@ def _in_project(real: str) -> bool:
 
 
 _local = threading.local()
-_written: set[str] = set()  # by steps' code in this process
+# Files steps' code wrote in this process (read back, a scratch file is not an input),
+# the latest _WRITTEN_MAX: a step writing a new file per batch must not grow it forever,
+# and a scratch file is read back soon after it is written.
+_written: dict[str, None] = {}
+_WRITTEN_MAX = 10_000
+_written_lock = threading.Lock()
+
+
+def _wrote(path: str) -> None:
+    real = os.path.realpath(path)
+    with _written_lock:
+        _written.pop(real, None)
+        _written[real] = None
+        if len(_written) > _WRITTEN_MAX:
+            del _written[next(iter(_written))]
+
+
 _hooked = False
 _hook_lock = threading.Lock()
 
@@ -209,7 +225,7 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         mode is None and isinstance(flags, int) and flags & _WRITES
     ):
         # A file the step writes (a scratch file) is not an input when it reads it back.
-        _written.add(os.path.realpath(os.fsdecode(path)))
+        _wrote(os.fsdecode(path))
         return
     opener = _opener(sys._getframe(1), at_import=False)
     if opener is not None:
@@ -231,7 +247,7 @@ def _sqlite(database: Any) -> None:
     if watch.busy:
         return
     if not os.path.exists(path):
-        _written.add(os.path.realpath(path))
+        _wrote(path)
         return
     opener = _opener(sys._getframe(2), at_import=False)
     if opener is not None:

@@ -382,3 +382,21 @@ def test_sqlite_database_names_map_to_the_files_they_open():
     assert _sqlite_path("file:my%20labels.db") == "my labels.db"
     for memory in (":memory:", "", "file::memory:?cache=shared", "file:x?mode=memory", 3):
         assert _sqlite_path(memory) is None
+
+
+def test_the_files_a_step_wrote_are_remembered_up_to_a_bound(tmp_path, monkeypatch):
+    """A step writing a new scratch file per batch must not grow the set forever: the
+    oldest go first, and writing a file again makes it the newest."""
+    from castore import filereads
+
+    monkeypatch.setattr(filereads, "_written", {})
+    monkeypatch.setattr(filereads, "_WRITTEN_MAX", 2)
+    paths = [tmp_path / f"scratch-{i}.txt" for i in range(3)]
+    for p in paths:
+        p.write_text("made here")
+    filereads._wrote(str(paths[0]))
+    filereads._wrote(str(paths[1]))
+    filereads._wrote(str(paths[0]))  # again: now the newest
+    filereads._wrote(str(paths[2]))
+    may = lambda p: filereads._may_be_input(str(p), str(p), by_library=False)  # noqa: E731
+    assert [may(p) for p in paths] == [False, True, False]
