@@ -69,23 +69,41 @@ class _Progress(StatusLine):
             self.show(f"{self.verb}: {objects} objects, {nbytes / 1e6:.1f} MB, {rate:.1f} MB/s")
 
 
-def _split(app: App, args: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
-    from castore.config import is_remote_name
+def _resolve(app: App, args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """(the remote's URL, the run specs) of `[REMOTE] [RUN]...`, found before a pull
+    creates a store: a first argument that is neither a configured remote nor a URL is a
+    run spec when there is a default remote, else the remote meant (an error naming it)."""
+    from castore.config import _looks_like_url, is_remote_name, remote_url
+    from castore.errors import ConfigError, StoreNotFound
 
-    if args and is_remote_name(app.store(), args[0]):
-        return args[0], args[1:]
-    return None, args
+    creates, app.creates = app.creates, False
+    try:
+        store = app.store()
+    except StoreNotFound:
+        store = None  # a pull into a new folder: URLs only
+    finally:
+        app.creates = creates
+    first = args[0] if args else None
+    if first is not None and (
+        _looks_like_url(first) or (store is not None and is_remote_name(store, first))
+    ):
+        return remote_url(store, first), args[1:]
+    try:
+        return remote_url(store, None), args
+    except ConfigError:
+        if first is None:
+            raise
+        return remote_url(store, first), args[1:]  # raises: no remote named so
 
 
 def _transfer(
     app: App, verb: str, args: tuple[str, ...], jobs: int, as_json: bool, dry_run: bool
 ) -> None:
-    from castore.config import remote_url
     from castore.remote import Remote
     from castore.transfer import pull, push
 
-    name, runs = _split(app, args)
-    remote = Remote(remote_url(app.store(), name))
+    url, runs = _resolve(app, args)
+    remote = Remote(url)
     fn = push if verb == "push" else pull
     progress = _Progress(verb, not as_json and not app.quiet and not dry_run)
     result = fn(app.store(), remote, runs, jobs=jobs, progress=progress, dry_run=dry_run)

@@ -194,6 +194,13 @@ def test_remote_config_cli(tmp_path):
     assert cas_inproc("remote", "remove", "team", cache_dir=cache).returncode == 0
     r = cas_inproc("push", cache_dir=cache)
     assert r.returncode != 0 and "no remote given" in r.stderr
+    # A name that is no remote, with no default to pull from: the error names it (it was
+    # taken for a run and answered "no remote given"), and a pull creates no store first.
+    for verb, store in (("push", cache), ("pull", cache), ("pull", tmp_path / "new")):
+        r = cas_inproc(verb, "tema", cache_dir=store)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and lines == ["Error: no remote named 'tema' (configured: none)"]
+    assert not (tmp_path / "new").exists()
 
 
 def test_untrusted_refs_and_ids_are_skipped(make_store, tmp_path):
