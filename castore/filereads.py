@@ -210,26 +210,17 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
             _sqlite(args[0])
         return
     watch = getattr(_local, "watch", None)
-    if watch is None:
-        if _IMPORTING:  # a module is being imported (castore's store reads pay nothing)
-            path, mode, _ = args
-            if isinstance(path, (str, bytes, os.PathLike)) and mode in _READ_MODES:
-                _at_import(sys._getframe(1), os.fsdecode(path))
-        return
-    if watch.busy:
+    if watch is None and not _IMPORTING:  # castore's store reads pay nothing more
         return
     path, mode, flags = args
-    if path is None or isinstance(path, int):
-        return
-    if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-        mode is None and isinstance(flags, int) and flags & _WRITES
-    ):
-        # A file the step writes (a scratch file) is not an input when it reads it back.
-        _wrote(os.fsdecode(path))
-        return
-    opener = _opener(sys._getframe(1), at_import=False)
-    if opener is not None:
-        watch.read(os.fsdecode(path), by_library=opener[0])
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return  # a file descriptor
+    if watch is None and mode not in _READ_MODES:
+        return  # as a module is imported: what `open` reads
+    writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+        mode is None and isinstance(flags, int) and bool(flags & _WRITES)
+    )
+    _opened(watch, os.fsdecode(path), sys._getframe(1), writes=writes)
 
 
 def _sqlite(database: Any) -> None:
@@ -240,16 +231,25 @@ def _sqlite(database: Any) -> None:
     if path is None:
         return
     watch = getattr(_local, "watch", None)
+    if watch is None and not _IMPORTING:
+        return
+    _opened(watch, path, sys._getframe(2), writes=not os.path.exists(path))
+
+
+def _opened(watch: _Watch | None, path: str, frame: Any, *, writes: bool) -> None:
+    """A file opened at `frame` (the caller of `open` or `sqlite3.connect`): as a module
+    is imported (no watch), a read is recorded for its statement; while a step computes,
+    a file it writes is its own when read back (a scratch file), and a read is judged."""
     if watch is None:
-        if _IMPORTING:  # a module-level connection: what it reads later is keyed by it
-            _at_import(sys._getframe(2), path)
+        if not writes:
+            _at_import(frame, path)
         return
     if watch.busy:
         return
-    if not os.path.exists(path):
+    if writes:
         _wrote(path)
         return
-    opener = _opener(sys._getframe(2), at_import=False)
+    opener = _opener(frame, at_import=False)
     if opener is not None:
         watch.read(path, by_library=opener[0])
 
