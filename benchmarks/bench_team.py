@@ -251,7 +251,7 @@ def peak_mib(url: str, env: dict[str, str], listing_only: bool = False) -> float
         )
     else:
         work = (
-            "from castore.gc import collect_remote\nfrom castore.remote import Remote\n"
+            "from castore.remote import Remote\nfrom castore.remote_gc import collect_remote\n"
             f"collect_remote(Remote({url!r}), dry_run=True)\n"
         )
     code = work + "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"

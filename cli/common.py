@@ -60,17 +60,25 @@ class App:
             self._store = Store(self.cache_dir, create=self.creates)
         return self._store
 
-    def remote_url(self, name: str | None) -> str:
-        """A remote's URL; a URL or path given directly needs no local store."""
-        from castore.config import _looks_like_url, remote_url
-        from castore.errors import StoreNotFound
+    def existing_store(self) -> Any:
+        """The store if there is one, else None: never creates it (a remote is resolved
+        before a pull may create the store, and fsck/gc of a URL need none)."""
+        if self._store is None:
+            from castore.errors import StoreNotFound
+            from castore.store import Store
 
-        try:
-            return remote_url(self.store(), name)
-        except StoreNotFound:
-            if name is not None and _looks_like_url(name):
-                return name
-            raise
+            try:
+                self._store = Store(self.cache_dir, create=False)
+            except StoreNotFound:
+                return None
+        return self._store
+
+    def remote_url(self, name: str | None) -> str:
+        """A remote's URL: a configured name, else a URL or path given directly (which
+        needs no local store)."""
+        from castore.config import remote_url
+
+        return remote_url(self.existing_store(), name)
 
 
 def common_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -74,15 +74,9 @@ def _resolve(app: App, args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     creates a store: a first argument that is neither a configured remote nor a URL is a
     run spec when there is a default remote, else the remote meant (an error naming it)."""
     from castore.config import _looks_like_url, is_remote_name, remote_url
-    from castore.errors import ConfigError, StoreNotFound
+    from castore.errors import ConfigError
 
-    creates, app.creates = app.creates, False
-    try:
-        store = app.store()
-    except StoreNotFound:
-        store = None  # a pull into a new folder: URLs only
-    finally:
-        app.creates = creates
+    store = app.existing_store()  # none yet: a pull into a new folder, URLs only
     first = args[0] if args else None
     if first is not None and (
         _looks_like_url(first) or (store is not None and is_remote_name(store, first))

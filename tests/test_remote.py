@@ -201,6 +201,16 @@ def test_remote_config_cli(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and lines == ["Error: no remote named 'tema' (configured: none)"]
     assert not (tmp_path / "new").exists()
+    # fsck and gc of a remote need no local store when given a URL, and name a remote that
+    # is not configured instead of answering that there is no store.
+    none = tmp_path / "none"
+    assert cas_inproc("fsck", "--remote", url, cache_dir=none).returncode == 0
+    assert cas_inproc("gc", "--remote", url, "--dry-run", cache_dir=none).returncode == 0
+    for cmd in (("fsck", "--remote", "tema"), ("gc", "--remote", "tema")):
+        r = cas_inproc(*cmd, cache_dir=none)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and lines == ["Error: no remote named 'tema' (configured: none)"]
+    assert not none.exists()
 
 
 def test_untrusted_refs_and_ids_are_skipped(make_store, tmp_path):
