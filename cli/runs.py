@@ -48,10 +48,11 @@ def ls_command(app: App, as_json: bool) -> None:
     if not rows:
         click.echo("no runs", err=True)
         return
-    click.echo(f"{'NAME':24} {'SIGNATURE':12} {'STATUS':11} {'ROWS':>9} {'STARTED':20} SECONDS")
+    w = max([24, *(len(r["name"]) for r in rows)])  # whole names: `cas show NAME` takes them
+    click.echo(f"{'NAME':{w}} {'SIGNATURE':12} {'STATUS':11} {'ROWS':>9} {'STARTED':20} SECONDS")
     for r in rows:
         click.echo(
-            f"{r['name'][:24]:24} {r['signature'][:12]} {r['status']:11} "
+            f"{r['name']:{w}} {r['signature'][:12]} {r['status']:11} "
             f"{r['rows']:>9} {r['started'][:19]:20} {r['seconds']:.1f}"
         )
 

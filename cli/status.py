@@ -73,21 +73,20 @@ def status_command(
 def _print(report: Any, remote: bool) -> None:
     click.echo(f"pipeline {report.name}, signature {report.signature[:12]}")
     on_remote = f" {'ON REMOTE':>9}" if remote else ""
+    w = max([4, *(len(s.name) for s in report.steps)])  # whole names: two may share a prefix
     click.echo(
-        f"{'STEP':24} {'CACHED':>9}{on_remote} {'COMPUTE':>8} {'ROWS BY KEY':>11} "
+        f"{'STEP':{w}} {'CACHED':>9}{on_remote} {'COMPUTE':>8} {'ROWS BY KEY':>11} "
         f"{'TO COMPUTE':>10}"
     )
     for s in report.steps:
         total = "?" if s.batches_total is None else str(s.batches_total)
         if s.waits_on:
-            click.echo(
-                f"{s.name[:24]:24} {'-':>9} {'-':>8} {'-':>11} after {', '.join(s.waits_on)}"
-            )
+            click.echo(f"{s.name:{w}} {'-':>9} {'-':>8} {'-':>11} after {', '.join(s.waits_on)}")
             continue
         rows = f"{s.rows_to_compute} rows" if s.batches_to_compute else "0"
         there = f" {s.batches_on_remote:>9}" if remote else ""
         click.echo(
-            f"{s.name[:24]:24} {f'{s.batches_cached}/{total}':>9}{there} "
+            f"{s.name:{w}} {f'{s.batches_cached}/{total}':>9}{there} "
             f"{s.batches_to_compute:>8} {s.rows_by_key:>11} {rows:>10}"
         )
     if report.free:

@@ -93,6 +93,12 @@ def test_cli_status_json_and_text(tmp_path):
     assert r.returncode == 0, r
     line = next(x for x in r.stdout.splitlines() if x.startswith("label"))
     assert line.split()[-2:] == ["0", "rows"] and " 120 " in line
+    # Names are printed whole (they were cut to 24 characters): the loader's is 26.
+    assert any(x.split()[0] == "load_data_from_file_system" for x in r.stdout.splitlines())
+    long_name = "rows-under-a-name-of-31-letters"
+    build(data, name=long_name).execute(cache_dir=cache, quiet=True)
+    ls = cas_inproc("ls", cache_dir=cache).stdout.splitlines()
+    assert ls[0].split()[0] == "NAME" and long_name in [x.split()[0] for x in ls[1:]]
 
 
 def test_a_corrupt_segment_is_not_repaired_by_a_preview(tmp_path):
