@@ -16,8 +16,9 @@ and it is inside the working directory, outside hidden folders: a library's own 
 elsewhere (a tokenizer's cache in ~/.cache, ~/.netrc, an installed package's data) are
 not the step's inputs; nor are castore's own reads, imports, and the interpreter's and
 the system's data (source lines for a traceback, time zones, /etc). A SQLite database
-counts as read when `sqlite3.connect` opens it (its audit event). A file opened by
-other C code without Python's `open` (pyarrow's readers) or in a subprocess is not seen.
+counts as read when `sqlite3.connect` opens it (its audit event), and a file pyarrow's
+readers open by path as they are called (castore.arrowfiles). A file opened by other C
+code without Python's `open`, or in a subprocess, is not seen.
 
 As a user module is imported (after castore's step module, which installs the hook), the
 files its top-level statements read are recorded by statement line with their stat,

@@ -400,3 +400,90 @@ def test_the_files_a_step_wrote_are_remembered_up_to_a_bound(tmp_path, monkeypat
     filereads._wrote(str(paths[2]))
     may = lambda p: filereads._may_be_input(str(p), str(p), by_library=False)  # noqa: E731
     assert [may(p) for p in paths] == [False, True, False]
+
+
+ARROW = """
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from castore import StepInput, step
+
+# Opened at import by pyarrow (C++, no Python open) and read in `process`: an object
+# with no value to hash, keyed by the file's contents at import.
+LABELS = ds.dataset("at_import.parquet")
+
+
+@step(inputs=["x"], outputs=["y"]DECORATOR)
+def Pandas(inputs: StepInput):
+    t = pd.read_parquet("labels.parquet")  # pandas hands the path to pyarrow
+    names = dict(zip(t["id"], t["name"]))
+    return [{**r, "y": names[r["x"]]} for r in inputs]
+
+
+@step(inputs=["x"], outputs=["y"])
+def Csv(inputs: StepInput):
+    names = pcsv.read_csv("labels.csv").to_pydict()["name"]
+    return [{**r, "y": names[r["x"]]} for r in inputs]
+
+
+@step(inputs=["x"], outputs=["y"])
+def Scratch(inputs: StepInput):
+    # written by pyarrow, then read back: the step's own file, and a folder of them
+    pq.write_table(pa.table({"x": [r["x"] for r in inputs]}), "scratch.parquet")
+    pq.write_to_dataset(pa.table({"x": [r["x"] for r in inputs]}), "scratch_dir")
+    back = pq.read_table("scratch.parquet").num_rows + pq.read_table("scratch_dir").num_rows
+    return [{**r, "y": str(back)} for r in inputs]
+
+
+@step(inputs=["x"], outputs=["y"])
+def AtImport(inputs: StepInput):
+    names = dict(zip(*LABELS.to_table().to_pydict().values()))
+    return [{**r, "y": names[r["x"]]} for r in inputs]
+"""
+
+
+def write_arrow_labels(project, name: str) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [r["x"] for r in ROWS], "name": [name] * len(ROWS)})
+    pq.write_table(table, project / "labels.parquet")
+    pq.write_table(table, project / "at_import.parquet")
+    pcsv.write_csv(table, project / "labels.csv")
+
+
+def test_files_pyarrow_reads_are_the_steps_inputs(project, monkeypatch):
+    """pyarrow opens files in C++, unseen by the audit hook: pandas.read_parquet and
+    pyarrow.csv.read_csv are refused unless declared, then keyed by the file's contents;
+    what the step wrote with pyarrow may be read back."""
+    write_arrow_labels(project, "one")
+    with imported(project, monkeypatch, ARROW.replace("DECORATOR", "")) as mod:
+        for step_cls, name in ((mod.Pandas, "labels.parquet"), (mod.Csv, "labels.csv")):
+            with pytest.raises(StepFailed, match=rf"step s read {name} while computing"):
+                run(step_cls, project / "c")
+        assert run(mod.Scratch, project / "c")[0]["y"] == "4"
+    declared = ARROW.replace("DECORATOR", ', code_files=["labels.parquet"]')
+    with imported(project, monkeypatch, declared) as mod:
+        assert run(mod.Pandas, project / "c")[0] == {"x": 0, "y": "one"}
+        write_arrow_labels(project, "two")
+        edited = run(mod.Pandas, project / "c")
+        assert edited == run(mod.Pandas, project / "fresh", use_cache=False)
+        assert edited[0] == {"x": 0, "y": "two"}
+
+
+def test_a_table_pyarrow_read_at_import_is_keyed_by_its_contents(project, monkeypatch):
+    write_arrow_labels(project, "one")
+    source = ARROW.replace("DECORATOR", "")
+    cache = project / "c"
+    with imported(project, monkeypatch, source) as mod:
+        assert run(mod.AtImport, cache)[0] == {"x": 0, "y": "one"}
+        write_arrow_labels(project, "two")
+        with pytest.raises(PipelineError, match=r"at_import\.parquet was read as the module"):
+            run(mod.AtImport, cache)
+    with imported(project, monkeypatch, source) as mod:
+        edited = run(mod.AtImport, cache)
+        assert edited == run(mod.AtImport, project / "fresh", use_cache=False)
+        assert edited[0] == {"x": 0, "y": "two"}

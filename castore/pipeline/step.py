@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from castore import arrowfiles
 from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
 from castore.filereads import file_parts, install
 from castore.fingerprint import code_parts, code_version, user_classes
@@ -45,7 +46,10 @@ RUNTIME: dict[str, Any] = {"castore_runtime": True}
 REDACTED = "**********"  # a secret's value wherever it is recorded
 
 
-install()  # the user modules imported after castore's steps: their reads as they import
+# The user modules imported after castore's steps: their reads as they import. pyarrow
+# opens files in C++, unseen by the audit hook: its readers are wrapped.
+install()
+arrowfiles.install()
 
 # The pipeline whose `with` block is open: steps created inside it join it. Kept here, not
 # in pipeline.py, so that steps do not import the pipeline module.
