@@ -26,11 +26,11 @@ import functools
 import importlib.abc
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from castore import filereads
+from castore.hashing import local_stamp
 
 # module -> {attribute (a function, or Class.__init__): (reads or writes, position of
 # the path argument counting `self`, its keyword)}
@@ -112,8 +112,8 @@ def _wrap(module: Any) -> None:
     _done.add(module.__name__)
     for attr, how in _WRAPPED[module.__name__].items():
         owner, _, name = attr.rpartition(".")
-        target = getattr(module, owner) if owner else module
-        fn = getattr(target, name, None)
+        target = getattr(module, owner, None) if owner else module
+        fn = getattr(target, name, None)  # another pyarrow may lack one: not wrapped
         if fn is not None and not getattr(fn, "_castore_wrapped", False):
             setattr(target, name, _wrapper(fn, *how))
 
@@ -135,14 +135,17 @@ def _wrapper(fn: Callable[..., Any], kind: str, pos: int, keyword: str) -> Calla
                 for path in _files(source):
                     filereads._opened(watch, path, frame, writes=False)
                 return fn(*args, **kwargs)
-            since = time.time_ns()
+            # A file named is the call's whatever its stamp; in a folder named, only the
+            # files it added or changed (the others may be inputs).
+            before = {p: st for p, st in _stamps(source) if _in_folder(p, source)}
             try:
                 return fn(*args, **kwargs)
             finally:
-                # What the call wrote is the step's own (read back, a scratch file); for
-                # a folder, the files it holds that are new or rewritten since.
-                for path in _files(source, since=since):
-                    filereads._opened(watch, path, frame, writes=True)
+                # What the call wrote is the step's own (read back, a scratch file): the
+                # file named, or the files of the folder named that it added or changed.
+                for path, st in _stamps(source):
+                    if path not in before or before[path] != st:
+                        filereads._opened(watch, path, frame, writes=True)
         finally:
             local.arrow = False
 
@@ -158,11 +161,10 @@ def _caller(frame: Any) -> Any:
     return frame
 
 
-def _files(source: Any, *, since: int | None = None) -> Iterator[str]:
+def _files(source: Any) -> Iterator[str]:
     """The local files a path argument names: itself, each of a list, and for a folder
-    the files pyarrow reads in it (not hidden, not starting with `_`), or with `since`
-    those modified since then. Buffers and file objects name none (a Python file object
-    was seen as it was opened), nor do URLs."""
+    the files pyarrow reads in it (not hidden, not starting with `_`). Buffers and file
+    objects name none (a Python file object was seen as it was opened), nor do URLs."""
     items: Sequence[Any] = source if isinstance(source, (list, tuple)) else [source]
     for item in items:
         if not isinstance(item, (str, bytes, os.PathLike)):
@@ -175,15 +177,22 @@ def _files(source: Any, *, since: int | None = None) -> Iterator[str]:
             continue
         for root, dirs, names in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
-            for n in names:
-                if n.startswith((".", "_")):
-                    continue
-                p = os.path.join(root, n)
-                if since is None:
-                    yield p
-                else:
-                    try:
-                        if os.stat(p).st_mtime_ns >= since:
-                            yield p
-                    except OSError:
-                        continue
+            yield from (os.path.join(root, n) for n in names if not n.startswith((".", "_")))
+
+
+def _stamps(source: Any) -> Iterator[tuple[str, tuple[int, ...] | None]]:
+    """(path, stamp or None when absent) of each file `_files` names: a write is seen as
+    a stamp that changed (file timestamps lag the clock, so not by time)."""
+    for path in _files(source):
+        try:
+            yield path, local_stamp(path)
+        except OSError:
+            yield path, None
+
+
+def _in_folder(path: str, source: Any) -> bool:
+    """Whether `path` was found in a folder `source` names, not named itself."""
+    items: Sequence[Any] = source if isinstance(source, (list, tuple)) else [source]
+    return not any(
+        isinstance(i, (str, bytes, os.PathLike)) and os.fsdecode(i) == path for i in items
+    )

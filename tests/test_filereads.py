@@ -6,6 +6,7 @@ edits the file and runs again, comparing with a run that uses no cache."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 
@@ -487,3 +488,31 @@ def test_a_table_pyarrow_read_at_import_is_keyed_by_its_contents(project, monkey
         edited = run(mod.AtImport, cache)
         assert edited == run(mod.AtImport, project / "fresh", use_cache=False)
         assert edited[0] == {"x": 0, "y": "two"}
+
+
+def test_a_pyarrow_write_into_a_folder_owns_only_the_files_it_made(tmp_path, monkeypatch):
+    """write_dataset into a folder that holds an input: the files it added are the
+    step's own (read back freely), the input stays an input."""
+    import types
+
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from castore import filereads
+
+    monkeypatch.setattr(filereads, "_written", {})
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "input.csv").write_text("a\n1\n")
+    filereads._local.watch = types.SimpleNamespace(busy=False)
+    try:
+        ds.write_dataset(
+            pa.table({"a": [1]}),
+            str(folder),
+            format="parquet",
+            existing_data_behavior="overwrite_or_ignore",
+        )
+    finally:
+        filereads._local.watch = None
+    made = {p for p in map(str, folder.iterdir()) if p.endswith(".parquet")}
+    assert made and set(filereads._written) == {os.path.realpath(p) for p in made}
