@@ -115,7 +115,12 @@ def _wrap(module: Any) -> None:
         target = getattr(module, owner, None) if owner else module
         fn = getattr(target, name, None)  # another pyarrow may lack one: not wrapped
         if fn is not None and not getattr(fn, "_castore_wrapped", False):
-            setattr(target, name, _wrapper(fn, *how))
+            wrapped = _wrapper(fn, *how)
+            if not owner:
+                # Pickled by reference as the attribute it now is (`pool.map(read_csv,
+                # ...)`): pickle refuses a function its module does not hold under its name.
+                wrapped.__module__, wrapped.__qualname__ = module.__name__, name
+            setattr(target, name, wrapped)
 
 
 def _wrapper(fn: Callable[..., Any], kind: str, pos: int, keyword: str) -> Callable[..., Any]:

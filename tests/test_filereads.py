@@ -516,3 +516,19 @@ def test_a_pyarrow_write_into_a_folder_owns_only_the_files_it_made(tmp_path, mon
         filereads._local.watch = None
     made = {p for p in map(str, folder.iterdir()) if p.endswith(".parquet")}
     assert made and set(filereads._written) == {os.path.realpath(p) for p in made}
+
+
+def test_wrapped_pyarrow_functions_pickle_by_reference():
+    """multiprocessing pickles a function by its module and name: a wrapped reader must
+    still be found there (`pool.map(pcsv.read_csv, paths)`)."""
+    import pickle
+
+    import pyarrow.csv as pcsv
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    import castore.pipeline.step  # noqa: F401 - installs the wrappers
+
+    for fn in (pcsv.read_csv, pcsv.write_csv, ds.dataset, pq.read_table, pq.ParquetFile):
+        assert pickle.loads(pickle.dumps(fn)) is fn
+    assert getattr(pcsv.read_csv, "_castore_wrapped", False)
