@@ -137,19 +137,18 @@ def _wrapper(fn: Callable[..., Any], kind: str, pos: int, keyword: str) -> Calla
         local.arrow = True
         try:
             if kind == "r":
-                for path in _files(source):
+                for path, _named in _files(source):
                     filereads._opened(watch, path, frame, writes=False)
                 return fn(*args, **kwargs)
-            # A file named is the call's whatever its stamp; in a folder named, only the
-            # files it added or changed (the others may be inputs).
-            before = {p: st for p, st in _stamps(source) if _in_folder(p, source)}
+            # What the call writes is the step's own (read back, a scratch file): a file
+            # named, whatever its stamp; in a folder named, only the files it added or
+            # changed (the others may be inputs).
+            before = {p: _stamp(p) for p, named in _files(source) if not named}
             try:
                 return fn(*args, **kwargs)
             finally:
-                # What the call wrote is the step's own (read back, a scratch file): the
-                # file named, or the files of the folder named that it added or changed.
-                for path, st in _stamps(source):
-                    if path not in before or before[path] != st:
+                for path, named in _files(source):
+                    if named or path not in before or before[path] != _stamp(path):
                         filereads._opened(watch, path, frame, writes=True)
         finally:
             local.arrow = False
@@ -166,10 +165,11 @@ def _caller(frame: Any) -> Any:
     return frame
 
 
-def _files(source: Any) -> Iterator[str]:
-    """The local files a path argument names: itself, each of a list, and for a folder
-    the files pyarrow reads in it (not hidden, not starting with `_`). Buffers and file
-    objects name none (a Python file object was seen as it was opened), nor do URLs."""
+def _files(source: Any) -> Iterator[tuple[str, bool]]:
+    """(path, whether `source` names it itself) of the local files a path argument names:
+    itself, each of a list, and for a folder the files pyarrow reads in it (not hidden,
+    not starting with `_`). Buffers and file objects name none (a Python file object was
+    seen as it was opened), nor do URLs."""
     items: Sequence[Any] = source if isinstance(source, (list, tuple)) else [source]
     for item in items:
         if not isinstance(item, (str, bytes, os.PathLike)):
@@ -178,26 +178,19 @@ def _files(source: Any) -> Iterator[str]:
         if "://" in path:
             continue
         if not os.path.isdir(path):
-            yield path
+            yield path, True
             continue
         for root, dirs, names in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
-            yield from (os.path.join(root, n) for n in names if not n.startswith((".", "_")))
+            for n in names:
+                if not n.startswith((".", "_")):
+                    yield os.path.join(root, n), False
 
 
-def _stamps(source: Any) -> Iterator[tuple[str, tuple[int, ...] | None]]:
-    """(path, stamp or None when absent) of each file `_files` names: a write is seen as
-    a stamp that changed (file timestamps lag the clock, so not by time)."""
-    for path in _files(source):
-        try:
-            yield path, local_stamp(path)
-        except OSError:
-            yield path, None
-
-
-def _in_folder(path: str, source: Any) -> bool:
-    """Whether `path` was found in a folder `source` names, not named itself."""
-    items: Sequence[Any] = source if isinstance(source, (list, tuple)) else [source]
-    return not any(
-        isinstance(i, (str, bytes, os.PathLike)) and os.fsdecode(i) == path for i in items
-    )
+def _stamp(path: str) -> tuple[int, ...] | None:
+    """What a write to `path` changes, or None when it is absent: a write is seen as a
+    stamp that changed (file timestamps lag the clock, so not by time)."""
+    try:
+        return local_stamp(path)
+    except OSError:
+        return None
