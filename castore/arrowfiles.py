@@ -26,6 +26,7 @@ import functools
 import importlib.abc
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -169,14 +170,16 @@ def _files(source: Any) -> Iterator[tuple[str, bool]]:
     """(path, whether `source` names it itself) of the local files a path argument names:
     itself, each of a list, and for a folder the files pyarrow reads in it (not hidden,
     not starting with `_`). Buffers and file objects name none (a Python file object was
-    seen as it was opened), nor do URLs."""
+    seen as it was opened), nor do URLs other than file://."""
     items: Sequence[Any] = source if isinstance(source, (list, tuple)) else [source]
     for item in items:
         if not isinstance(item, (str, bytes, os.PathLike)):
             continue
         path = os.fsdecode(item)
-        if "://" in path:
-            continue
+        if path.startswith("file://"):  # pyarrow's parquet and dataset readers take these
+            path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+        elif "://" in path:
+            continue  # another filesystem: not a file here
         if not os.path.isdir(path):
             yield path, True
             continue
