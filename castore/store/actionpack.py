@@ -8,11 +8,15 @@ by an empty marker `actions/packs/<oid>`, written after the object. Only then ar
 loose files it holds removed, each only if it still holds the packed bytes (a concurrent
 run may have rewritten it).
 
-Lookups try the loose file first, then the packs (binary search on the keys' first 64
-bits, memory-mapped). An entry dropped while packed (gc, fsck --repair, a failed
-verification) is shadowed by a tombstone: a loose file holding `null`. gc rewrites the
-packs without their dropped entries, then removes the tombstones and the old markers;
-it keeps a marker's pack object as long as the marker is there.
+Lookups try the loose file first, then the packs: every loaded pack's keys in one sorted
+list (a binary search on their first 64 bits), so a lookup costs the same with one pack
+or hundreds. A miss looks for packs written since with one stat of the markers' folder
+(`Packs.refresh`). A run's end merges the packs into one when there are more than
+MERGE_AT, so loading them stays cheap in a store that is never collected. An entry
+dropped while packed (gc, fsck --repair, a failed verification) is shadowed by a
+tombstone: a loose file holding `null`. gc rewrites the packs without their dropped
+entries, then removes the tombstones and the old markers; it keeps a marker's pack object
+as long as the marker is there.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,12 +35,18 @@ from castore.store import journal
 from castore.store import layout as L
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from castore.store import Store
 
 PACKS = "packs"
 TOMBSTONE = b"null"
 PACK_META = b"castore_action_pack"
 PACK_AFTER = 16  # a finished run with fewer computed batches leaves its entries loose
+# A run's end merges the store's packs into one when there are more than this: each
+# pack costs every later run a load (~0.6 ms per pack), and without gc a store that runs
+# pipeline after pipeline would gather one per run.
+MERGE_AT = 32
 
 
 def packs_dir(store: Store) -> str:
@@ -44,18 +55,28 @@ def packs_dir(store: Store) -> str:
 
 def markers(store: Store) -> set[str]:
     """The packs named by markers (ids validated; strays ignored)."""
+    return _valid(_names(packs_dir(store)))
+
+
+def _names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def _valid(names: list[str]) -> set[str]:
     out = set()
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(packs_dir(store)):
-            with contextlib.suppress(CastoreError):
-                out.add(validate_id(name))
+    for name in names:
+        with contextlib.suppress(CastoreError):
+            out.add(validate_id(name))
     return out
 
 
 @dataclass
 class _Pack:
     oid: str
-    hi: list[int]  # the keys' first 8 bytes as big-endian integers, sorted
+    hi: np.ndarray  # the keys' first 8 bytes as big-endian integers (uint64), sorted
     keys: memoryview  # 32 bytes per key, in the same order
     entries: Any  # the JSON column (a pyarrow StringArray)
 
@@ -65,16 +86,6 @@ class _Pack:
     def entry(self, i: int) -> str:
         """The entry JSON of row `i`."""
         return str(self.entries[i].as_py())
-
-    def find(self, want: bytes) -> str | None:
-        """The entry JSON of the 32-byte key `want`, or None."""
-        hi = int.from_bytes(want[:8], "big")
-        i = bisect.bisect_left(self.hi, hi)
-        while i < len(self.hi) and self.hi[i] == hi:
-            if self.key(i) == want:
-                return self.entry(i)
-            i += 1
-        return None
 
     def items(self) -> Iterator[tuple[str, str]]:
         """(key, entry JSON) of every row."""
@@ -104,8 +115,7 @@ def decode_pack(oid: str, data: bytes) -> _Pack | None:
     col = table.column("key").combine_chunks()
     raw = col.buffers()[1]
     keys = memoryview(raw)[col.offset * 32 : (col.offset + len(col)) * 32]
-    # A list of ints: bisect on it is ~10x faster per lookup than numpy's scalar path.
-    hi = np.frombuffer(keys, dtype=">u8").reshape(-1, 4)[:, 0].tolist() if len(col) else []
+    hi = np.frombuffer(keys, dtype=">u8").reshape(-1, 4)[:, 0].astype(np.uint64)
     return _Pack(oid, hi, keys, table.column("entry").combine_chunks())
 
 
@@ -118,17 +128,38 @@ def pack_keys(store: Store, oid: str) -> set[str] | None:
 
 
 class Packs:
-    """The store's entry packs, loaded on first use and again when the markers change."""
+    """The store's entry packs, loaded on first use and again when the markers change.
+
+    A miss looks for packs written since (a concurrent run's end, gc's repack): a stat of
+    the markers' folder, listed again only when its stamp changed, so a miss costs the
+    same whether the store holds one pack or a thousand. The packs' keys are searched as
+    one sorted list, not pack by pack."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._packs: dict[str, _Pack | None] = {}
         self._seen: set[str] | None = None
-        self._marker_dir = packs_dir(store) + os.sep  # checked on every packed hit
+        self._dir = packs_dir(store)
+        self._marker_dir = self._dir + os.sep  # checked on every packed hit
+        self._stamp: tuple[int, ...] | None = None  # the folder's, when listed and settled
+        self._names: list[str] | None = None  # as last listed
+        self._sorted = True
+        self._order: list[_Pack] = []
+        self._hi: list[int] = []  # every loaded key's first 8 bytes, sorted
+        self._owner: list[int] = []  # in the same order: the key's pack in _order
+        self._row: list[int] = []  # and its row in that pack
 
     def refresh(self) -> bool:
         """Load new packs, forget removed ones; True when something changed."""
-        now = markers(self.store)
+        stamp = folder_stamp(self._dir)
+        if stamp is not None and stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        names = _names(self._dir)
+        if names == self._names:  # listed again within a change's tick: the same
+            return False
+        self._names = names
+        now = _valid(names)
         if now == self._seen:
             return False
         for oid in now - set(self._packs):
@@ -136,7 +167,27 @@ class Packs:
         for oid in set(self._packs) - now:
             del self._packs[oid]
         self._seen = now
+        self._sorted = False
         return True
+
+    def _sort(self) -> None:
+        """Every loaded pack's keys as one sorted list (on the first lookup after a
+        change: a run's end that merges the packs refreshes without looking anything up)."""
+        import numpy as np
+
+        self._sorted = True
+        packs = [p for p in self._packs.values() if p is not None and len(p.hi)]
+        self._order = packs
+        if not packs:
+            self._hi, self._owner, self._row = [], [], []
+            return
+        hi = np.concatenate([p.hi for p in packs])
+        order = np.argsort(hi, kind="stable")
+        # Lists of ints: bisect and indexing on them are ~10x faster per lookup than
+        # numpy's scalar path.
+        self._hi = hi[order].tolist()
+        self._owner = np.repeat(np.arange(len(packs)), [len(p.hi) for p in packs])[order].tolist()
+        self._row = np.concatenate([np.arange(len(p.hi)) for p in packs])[order].tolist()
 
     def find(self, key: str) -> str | None:
         """The packed JSON of `key`, or None."""
@@ -148,17 +199,22 @@ class Packs:
         return found
 
     def _find(self, key: str) -> str | None:
+        if not self._sorted:
+            self._sort()
         want = bytes.fromhex(key)
-        for pack in list(self._packs.values()):
-            found = pack.find(want) if pack is not None else None
-            if found is None:
+        hi = int.from_bytes(want[:8], "big")
+        i = bisect.bisect_left(self._hi, hi)
+        while i < len(self._hi) and self._hi[i] == hi:
+            pack, row = self._order[self._owner[i]], self._row[i]
+            i += 1
+            if pack.key(row) != want:
                 continue
-            assert pack is not None
             if not os.path.exists(self._marker_dir + pack.oid):
                 # gc replaced this pack (maybe without this entry): look again.
+                self._stamp = self._names = None
                 self.refresh()
                 return self._find(key)
-            return found
+            return pack.entry(row)
         return None
 
     def keys(self) -> Iterator[str]:
@@ -180,6 +236,26 @@ class Packs:
                         yield key, raw
 
 
+# A folder's stamp is trusted only once its last change is this much older than the stat:
+# two changes inside one tick of the filesystem's clock leave it the same mtime (git's
+# "racy" index entries), so a stamp taken in that tick could hide the second change.
+_SETTLED_NS = 3_000_000_000
+_now_ns = time.time_ns
+
+
+def folder_stamp(path: str) -> tuple[int, ...] | None:
+    """What any entry added to or removed from folder `path` changes (inode, mtime,
+    ctime, size; `()` when there is no folder), or None while a change is so recent that
+    another in the same clock tick would not show (then the folder must be listed)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    if _now_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLED_NS:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
 def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
     """Pack `entries` (key -> entry JSON): the object, then its marker. None when empty."""
     if not entries:
@@ -194,12 +270,17 @@ def encode_pack(entries: dict[str, bytes]) -> bytes:
     import pyarrow as pa
 
     keys = sorted(entries)
-    table = pa.table(
-        {
-            "key": pa.array([bytes.fromhex(k) for k in keys], pa.binary(32)),
-            "entry": pa.array([entries[k].decode() for k in keys], pa.string()),
-        }
-    ).replace_schema_metadata({PACK_META: b"1"})
+    return _encode(
+        pa.array([bytes.fromhex(k) for k in keys], pa.binary(32)),
+        pa.array([entries[k].decode() for k in keys], pa.string()),
+    )
+
+
+def _encode(keys: Any, entries: Any) -> bytes:
+    """A pack of sorted 32-byte `keys` (a pyarrow array) and their entries' JSON."""
+    import pyarrow as pa
+
+    table = pa.table({"key": keys, "entry": entries}).replace_schema_metadata({PACK_META: b"1"})
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.ipc.new_file(sink, table.schema, options=options) as w:
@@ -207,10 +288,40 @@ def encode_pack(entries: dict[str, bytes]) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+def merge(store: Store) -> set[str]:
+    """A run's end: the store's packs as one, then the old markers go; returns the packs
+    replaced. Entries are taken as they are (one copy of a key several packs hold, a
+    tombstoned one too: its tombstone still shadows it; gc's repack drops both), in
+    Arrow, without a Python object per entry."""
+    import numpy as np
+    import pyarrow as pa
+
+    packs = store.entry_packs
+    packs.refresh()
+    old = [oid for oid, p in sorted(packs._packs.items()) if p is not None]
+    if len(old) < 2:
+        return set()
+    loaded = [packs._packs[oid] for oid in old]
+    keys = np.concatenate([np.frombuffer(p.keys, dtype="S32") for p in loaded if p is not None])
+    unique, first = np.unique(keys, return_index=True)
+    entries = pa.concat_arrays([p.entries for p in loaded if p is not None]).take(pa.array(first))
+    key_col = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(32), len(unique), [None, pa.py_buffer(unique.tobytes())]
+    )
+    new = store.put_bytes(_encode(key_col, entries))
+    store.write_file(os.path.join(packs_dir(store), new), b"")
+    replaced = set(old) - {new}
+    for oid in replaced:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(packs_dir(store), oid))
+    return replaced
+
+
 def repack(store: Store, drop: set[str]) -> set[str]:
-    """gc: one pack of every packed entry not in `drop` and not shadowed by a loose file,
+    """One pack of every packed entry not in `drop` and not shadowed by a loose file,
     then the old markers go, then the tombstones that only shadowed packed entries.
-    Returns the packs replaced (for gc to delete)."""
+    Returns the packs replaced (for gc to delete). A reader that finds an entry in a
+    replaced pack sees its marker gone and looks again."""
     old = markers(store)
     if not old:
         return set()
@@ -265,6 +376,8 @@ def pack_run(store: Store, own: str | None, loose: list[str] | tuple[str, ...] =
             store.write_file(store.layout.action_path(key), raw)
     for run_id in folded:
         journal.remove(store, run_id)
+    if len(markers(store)) > MERGE_AT:
+        merge(store)
 
 
 def _read(path: str) -> bytes:
