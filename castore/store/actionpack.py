@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,6 +128,11 @@ def pack_keys(store: Store, oid: str) -> set[str] | None:
     return {pack.key(i).hex() for i in range(len(pack.hi))}
 
 
+# Every loaded pack's keys, sorted by their first 8 bytes: (packs, those bytes as ints,
+# the pack of each in `packs`, its row in that pack).
+_Index = tuple[list["_Pack"], list[int], list[int], list[int]]
+
+
 class Packs:
     """The store's entry packs, loaded on first use and again when the markers change.
 
@@ -143,14 +149,18 @@ class Packs:
         self._marker_dir = self._dir + os.sep  # checked on every packed hit
         self._stamp: tuple[int, ...] | None = None  # the folder's, when listed and settled
         self._names: list[str] | None = None  # as last listed
+        # The driver and generator threads look up at once: a refresh and a sort are
+        # made one at a time, and a lookup reads one consistent `_index`.
+        self._lock = threading.RLock()
         self._sorted = True
-        self._order: list[_Pack] = []
-        self._hi: list[int] = []  # every loaded key's first 8 bytes, sorted
-        self._owner: list[int] = []  # in the same order: the key's pack in _order
-        self._row: list[int] = []  # and its row in that pack
+        self._index: _Index = ([], [], [], [])
 
     def refresh(self) -> bool:
         """Load new packs, forget removed ones; True when something changed."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         stamp = folder_stamp(self._dir)
         if stamp is not None and stamp == self._stamp:
             return False
@@ -175,19 +185,19 @@ class Packs:
         change: a run's end that merges the packs refreshes without looking anything up)."""
         import numpy as np
 
-        self._sorted = True
-        packs = [p for p in self._packs.values() if p is not None and len(p.hi)]
-        self._order = packs
-        if not packs:
-            self._hi, self._owner, self._row = [], [], []
-            return
-        hi = np.concatenate([p.hi for p in packs])
-        order = np.argsort(hi, kind="stable")
-        # Lists of ints: bisect and indexing on them are ~10x faster per lookup than
-        # numpy's scalar path.
-        self._hi = hi[order].tolist()
-        self._owner = np.repeat(np.arange(len(packs)), [len(p.hi) for p in packs])[order].tolist()
-        self._row = np.concatenate([np.arange(len(p.hi)) for p in packs])[order].tolist()
+        with self._lock:
+            packs = [p for p in self._packs.values() if p is not None and len(p.hi)]
+            if not packs:
+                self._index = ([], [], [], [])
+            else:
+                hi = np.concatenate([p.hi for p in packs])
+                order = np.argsort(hi, kind="stable")
+                owner = np.repeat(np.arange(len(packs)), [len(p.hi) for p in packs])[order]
+                row = np.concatenate([np.arange(len(p.hi)) for p in packs])[order]
+                # Lists of ints: bisect and indexing on them are ~10x faster per lookup
+                # than numpy's scalar path.
+                self._index = (packs, hi[order].tolist(), owner.tolist(), row.tolist())
+            self._sorted = True
 
     def find(self, key: str) -> str | None:
         """The packed JSON of `key`, or None."""
@@ -201,18 +211,20 @@ class Packs:
     def _find(self, key: str) -> str | None:
         if not self._sorted:
             self._sort()
+        packs, his, owners, rows = self._index
         want = bytes.fromhex(key)
         hi = int.from_bytes(want[:8], "big")
-        i = bisect.bisect_left(self._hi, hi)
-        while i < len(self._hi) and self._hi[i] == hi:
-            pack, row = self._order[self._owner[i]], self._row[i]
+        i = bisect.bisect_left(his, hi)
+        while i < len(his) and his[i] == hi:
+            pack, row = packs[owners[i]], rows[i]
             i += 1
             if pack.key(row) != want:
                 continue
             if not os.path.exists(self._marker_dir + pack.oid):
                 # gc replaced this pack (maybe without this entry): look again.
-                self._stamp = self._names = None
-                self.refresh()
+                with self._lock:
+                    self._stamp = self._names = None
+                    self._refresh()
                 return self._find(key)
             return pack.entry(row)
         return None
@@ -297,14 +309,15 @@ def merge(store: Store) -> set[str]:
     import pyarrow as pa
 
     packs = store.entry_packs
-    packs.refresh()
-    old = [oid for oid, p in sorted(packs._packs.items()) if p is not None]
-    if len(old) < 2:
+    with packs._lock:
+        packs._refresh()
+        loaded = [p for _, p in sorted(packs._packs.items()) if p is not None]
+    if len(loaded) < 2:
         return set()
-    loaded = [packs._packs[oid] for oid in old]
-    keys = np.concatenate([np.frombuffer(p.keys, dtype="S32") for p in loaded if p is not None])
+    old = [p.oid for p in loaded]
+    keys = np.concatenate([np.frombuffer(p.keys, dtype="S32") for p in loaded])
     unique, first = np.unique(keys, return_index=True)
-    entries = pa.concat_arrays([p.entries for p in loaded if p is not None]).take(pa.array(first))
+    entries = pa.concat_arrays([p.entries for p in loaded]).take(pa.array(first))
     key_col = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(32), len(unique), [None, pa.py_buffer(unique.tobytes())]
     )
