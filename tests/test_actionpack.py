@@ -164,3 +164,29 @@ def test_a_runs_end_merges_many_packs_into_one(tmp_path, monkeypatch):
     after = pipe("after-gc", n=210).run(cache_dir=cache, quiet=True)["double"]["train"]
     assert after.to_list() == first[1]
     assert sum(CALLS) == 0
+
+
+def test_a_merge_that_fails_leaves_the_packs_and_the_run_finished(tmp_path, monkeypatch, caplog):
+    """Merging is an optimization: a full disk while merging warns, and the run, its
+    own pack and every lookup are as without it."""
+    monkeypatch.setattr(actionpack, "MERGE_AT", 1)
+    real = actionpack.merge
+
+    def full(store):
+        raise OSError(28, "No space left on device")
+
+    cache = tmp_path / "c"
+    first = _runs(cache, (200,))
+    monkeypatch.setattr(actionpack, "merge", full)
+    first += _runs(cache, (210,))
+    assert "entry packs not merged: [Errno 28] No space left on device" in caplog.text
+    store = Store(cache)
+    assert len(actionpack.markers(store)) == 2
+    monkeypatch.setattr(actionpack, "merge", real)
+    CALLS.clear()
+    again = [
+        pipe(f"again-{n}", n=n).run(cache_dir=cache, quiet=True)["double"]["train"]
+        for n in (200, 210)
+    ]
+    assert [t.to_list() for t in again] == first and sum(CALLS) == 0
+    assert len(actionpack.markers(store)) == 1  # merged at the next run's end

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from castore.store import Store
+
+log = logging.getLogger("castore.store")
 
 PACKS = "packs"
 TOMBSTONE = b"null"
@@ -390,7 +393,10 @@ def pack_run(store: Store, own: str | None, loose: list[str] | tuple[str, ...] =
     for run_id in folded:
         journal.remove(store, run_id)
     if len(markers(store)) > MERGE_AT:
-        merge(store)
+        try:
+            merge(store)
+        except (OSError, CastoreError) as e:  # the packs stay as they are: still correct
+            log.warning("entry packs not merged: %s", e)
 
 
 def _read(path: str) -> bytes:
