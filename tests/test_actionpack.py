@@ -190,3 +190,20 @@ def test_a_merge_that_fails_leaves_the_packs_and_the_run_finished(tmp_path, monk
     ]
     assert [t.to_list() for t in again] == first and sum(CALLS) == 0
     assert len(actionpack.markers(store)) == 1  # merged at the next run's end
+
+
+def test_an_entry_dropped_before_a_merge_stays_dropped(tmp_path):
+    """A merge takes tombstoned entries as they are; their tombstones still shadow them,
+    and gc's repack then removes both."""
+    cache = tmp_path / "c"
+    _runs(cache, (200, 210))
+    store = Store(cache)
+    victim = sorted(actionpack.pack_keys(store, min(actionpack.markers(store))))[0]
+    store.delete_action(victim)  # e.g. its output failed verification
+    assert len(actionpack.merge(store)) == 2
+    (merged,) = actionpack.markers(store)
+    assert victim in actionpack.pack_keys(store, merged)
+    assert Store(cache).get_action(victim) is None and victim in loose(store)  # its tombstone
+    assert cas_inproc("gc", cache_dir=cache).returncode == 0
+    (repacked,) = actionpack.markers(store)
+    assert victim not in actionpack.pack_keys(store, repacked) and victim not in loose(store)
