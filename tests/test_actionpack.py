@@ -207,3 +207,30 @@ def test_an_entry_dropped_before_a_merge_stays_dropped(tmp_path):
     assert cas_inproc("gc", cache_dir=cache).returncode == 0
     (repacked,) = actionpack.markers(store)
     assert victim not in actionpack.pack_keys(store, repacked) and victim not in loose(store)
+
+
+def test_a_pack_is_read_once_per_process_while_its_file_is_unchanged(tmp_path, monkeypatch):
+    """Run after run in one process (a notebook) reads and verifies each pack once; a
+    pack changed on disk since (here: damaged) is read and verified again: quarantined,
+    its entries misses."""
+    cache = tmp_path / "c"
+    _runs(cache, (200,))
+    (pack,) = actionpack.markers(Store(cache))
+    key = sorted(actionpack.pack_keys(Store(cache), pack))[0]
+    reads: list[str] = []
+    real = Store.get_bytes
+
+    def counted(self, oid, **kw):
+        reads.append(oid)
+        return real(self, oid, **kw)
+
+    monkeypatch.setattr(Store, "get_bytes", counted)
+    assert all(Store(cache).get_action(key) is not None for _ in range(3))
+    assert reads.count(pack) == 0  # pack_keys above read and verified it
+    path = Store(cache).path_of(pack)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    assert Store(cache).get_action(key) is None
+    assert reads.count(pack) == 1 and not Store(cache).has(pack)  # quarantined

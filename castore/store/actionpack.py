@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError
-from castore.hashing import validate_id
+from castore.hashing import local_stamp, validate_id
 from castore.store import journal
 from castore.store import layout as L
 
@@ -97,12 +97,35 @@ class _Pack:
             yield self.key(i).hex(), self.entry(i)
 
 
+# Packs decoded in this process, by object path, with the file's stamp when it was read
+# and verified: a process that runs pipeline after pipeline (a notebook) reads each pack
+# once while its file is unchanged (any write changes the stamp: ctime, inode), as
+# castore.hashing.local_digest hashes a file once. A pack no marker names is forgotten.
+_DECODED: dict[str, tuple[tuple[int, ...], _Pack]] = {}
+_DECODED_MAX = 64
+_DECODED_LOCK = threading.Lock()
+
+
 def _load(store: Store, oid: str) -> _Pack | None:
+    path = store.path_of(oid)
+    try:
+        stamp = local_stamp(path)
+    except FileNotFoundError:
+        return None
+    known = _DECODED.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
     try:
         data = store.get_bytes(oid)
     except (CastoreError, OSError):
         return None  # missing or damaged (quarantined): its entries are misses
-    return decode_pack(oid, data)
+    pack = decode_pack(oid, data)
+    if pack is not None:
+        with _DECODED_LOCK:
+            _DECODED[path] = (stamp, pack)
+            while len(_DECODED) > _DECODED_MAX:
+                _DECODED.pop(next(iter(_DECODED)), None)
+    return pack
 
 
 def decode_pack(oid: str, data: bytes) -> _Pack | None:
@@ -179,6 +202,8 @@ class Packs:
             self._packs[oid] = _load(self.store, oid)
         for oid in set(self._packs) - now:
             del self._packs[oid]
+            with _DECODED_LOCK:
+                _DECODED.pop(self.store.path_of(oid), None)
         self._seen = now
         self._sorted = False
         return True
