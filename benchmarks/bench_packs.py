@@ -87,6 +87,8 @@ def main() -> None:
 
         for _ in range(args.repeat):
             for n in counts:
+                # As a new process loads them (castore reads a pack once per process).
+                getattr(actionpack, "_DECODED", {}).clear()
                 store = Store(work / f"seed-{n}")
                 add(f"load {n}", timed(lambda s=store: s.read_action(misses[0])))
                 add(f"miss {n}", per_lookup(store, misses))
