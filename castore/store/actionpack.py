@@ -181,32 +181,38 @@ class Packs:
         self._sorted = True
         self._index: _Index = ([], [], [], [])
 
-    def refresh(self) -> bool:
-        """Load new packs, forget removed ones; True when something changed."""
+    def refresh(self, *, force: bool = False) -> bool:
+        """Load new packs, forget removed ones; True when something changed. `force`:
+        list the markers whatever the folder's stamp (a loaded pack's marker is gone)."""
         with self._lock:
-            return self._refresh()
+            if force:
+                self._stamp = self._names = None
+            stamp = folder_stamp(self._dir)
+            if stamp is not None and stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            names = _names(self._dir)
+            if names == self._names:  # listed again within a change's tick: the same
+                return False
+            self._names = names
+            now = _valid(names)
+            if now == self._seen:
+                return False
+            for oid in now - set(self._packs):
+                self._packs[oid] = _load(self.store, oid)
+            for oid in set(self._packs) - now:
+                del self._packs[oid]
+                with _DECODED_LOCK:
+                    _DECODED.pop(self.store.path_of(oid), None)
+            self._seen = now
+            self._sorted = False
+            return True
 
-    def _refresh(self) -> bool:
-        stamp = folder_stamp(self._dir)
-        if stamp is not None and stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        names = _names(self._dir)
-        if names == self._names:  # listed again within a change's tick: the same
-            return False
-        self._names = names
-        now = _valid(names)
-        if now == self._seen:
-            return False
-        for oid in now - set(self._packs):
-            self._packs[oid] = _load(self.store, oid)
-        for oid in set(self._packs) - now:
-            del self._packs[oid]
-            with _DECODED_LOCK:
-                _DECODED.pop(self.store.path_of(oid), None)
-        self._seen = now
-        self._sorted = False
-        return True
+    def loaded(self) -> list[_Pack]:
+        """The packs the markers name now, by id (unreadable ones left out)."""
+        with self._lock:
+            self.refresh()
+            return [p for _, p in sorted(self._packs.items()) if p is not None]
 
     def _sort(self) -> None:
         """Every loaded pack's keys as one sorted list (on the first lookup after a
@@ -250,30 +256,24 @@ class Packs:
                 continue
             if not os.path.exists(self._marker_dir + pack.oid):
                 # gc replaced this pack (maybe without this entry): look again.
-                with self._lock:
-                    self._stamp = self._names = None
-                    self._refresh()
+                self.refresh(force=True)
                 return self._find(key)
             return pack.entry(row)
         return None
 
     def keys(self) -> Iterator[str]:
-        self.refresh()
-        for pack in self._packs.values():
-            if pack is not None:
-                for i in range(len(pack.hi)):
-                    yield pack.key(i).hex()
+        for pack in self.loaded():
+            for i in range(len(pack.hi)):
+                yield pack.key(i).hex()
 
     def items(self) -> Iterator[tuple[str, str]]:
         """(key, entry JSON) of every packed entry; a key in several packs comes once."""
-        self.refresh()
         seen: set[str] = set()
-        for pack in self._packs.values():
-            if pack is not None:
-                for key, raw in pack.items():
-                    if key not in seen:
-                        seen.add(key)
-                        yield key, raw
+        for pack in self.loaded():
+            for key, raw in pack.items():
+                if key not in seen:
+                    seen.add(key)
+                    yield key, raw
 
 
 # A folder's stamp is trusted only once its last change is this much older than the stat:
@@ -298,11 +298,21 @@ def folder_stamp(path: str) -> tuple[int, ...] | None:
 
 def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
     """Pack `entries` (key -> entry JSON): the object, then its marker. None when empty."""
-    if not entries:
-        return None
-    oid = store.put_bytes(encode_pack(entries))
+    return _put(store, encode_pack(entries)) if entries else None
+
+
+def _put(store: Store, data: bytes) -> str:
+    """A pack's bytes as an object, then its marker."""
+    oid = store.put_bytes(data)
     store.write_file(os.path.join(packs_dir(store), oid), b"")
     return oid
+
+
+def _unmark(store: Store, oids: set[str]) -> None:
+    """The markers of replaced packs go (their objects age out as unnamed ones)."""
+    for oid in oids:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(packs_dir(store), oid))
 
 
 def encode_pack(entries: dict[str, bytes]) -> bytes:
@@ -336,25 +346,17 @@ def merge(store: Store) -> set[str]:
     import numpy as np
     import pyarrow as pa
 
-    packs = store.entry_packs
-    with packs._lock:
-        packs._refresh()
-        loaded = [p for _, p in sorted(packs._packs.items()) if p is not None]
+    loaded = store.entry_packs.loaded()
     if len(loaded) < 2:
         return set()
-    old = [p.oid for p in loaded]
     keys = np.concatenate([np.frombuffer(p.keys, dtype="S32") for p in loaded])
     unique, first = np.unique(keys, return_index=True)
     entries = pa.concat_arrays([p.entries for p in loaded]).take(pa.array(first))
     key_col = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(32), len(unique), [None, pa.py_buffer(unique.tobytes())]
     )
-    new = store.put_bytes(_encode(key_col, entries))
-    store.write_file(os.path.join(packs_dir(store), new), b"")
-    replaced = set(old) - {new}
-    for oid in replaced:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(packs_dir(store), oid))
+    replaced = {p.oid for p in loaded} - {_put(store, _encode(key_col, entries))}
+    _unmark(store, replaced)
     return replaced
 
 
@@ -375,9 +377,7 @@ def repack(store: Store, drop: set[str]) -> set[str]:
             keep[key] = raw.encode()
     new = write_pack(store, keep)
     replaced = old - ({new} if new else set())
-    for oid in replaced:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(packs_dir(store), oid))
+    _unmark(store, replaced)
     for key in shadowed:
         _remove_if_holds(store.layout.action_path(key), TOMBSTONE)
     return replaced
