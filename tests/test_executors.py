@@ -129,3 +129,94 @@ def test_read_types_are_remembered_per_exact_schema():
         kept = as_read(t, encode_parquet(t))
         assert kept is not None and kept.schema.metadata == t.schema.metadata
         assert kept.schema.field("l").type.value_field.name == "element"
+
+
+class Where:
+    """The thread each call of Traced ran on, and the calls that sleep or fail once."""
+
+    threads: list[str] = []
+    slow: set[int] = set()
+    fail: set[int] = set()
+
+
+class Traced(Step):
+    outputs = ["y"]
+
+    def process(self, inputs: StepInput):
+        call = len(Where.threads)
+        Where.threads.append(threading.current_thread().name)
+        if call in Where.slow:
+            time.sleep(0.02)  # over executors.QUICK: back to a thread
+        if call in Where.fail:
+            Where.fail.discard(call)
+            raise RuntimeError("flaky")
+        return [{**r, "y": r["x"] * 2} for r in inputs]
+
+
+@pytest.fixture
+def where():
+    Where.threads, Where.slow, Where.fail = [], set(), set()
+    return Where
+
+
+def traced_pipeline(n: int = 100, **kw) -> Pipeline:
+    with Pipeline(name="traced") as p:
+        LoadDataFromDicts(data=[{"x": i} for i in range(n)], batch_size=n) >> Traced(
+            input_batch_size=5, **kw
+        )
+    return p
+
+
+def test_quick_batches_run_on_the_driver_thread(store, where):
+    from castore.pipeline.executors import QUICK_AFTER
+
+    ds = traced_pipeline().run(cache_dir=store.root, quiet=True)
+    driver = threading.current_thread().name
+    assert len(where.threads) == 20
+    assert all(t.startswith("castore-worker") for t in where.threads[:QUICK_AFTER])
+    assert set(where.threads[QUICK_AFTER:]) == {driver}
+    assert [r["y"] for r in ds["traced"]["train"].to_list()] == [2 * i for i in range(100)]
+
+
+def test_a_slow_batch_sends_the_step_back_to_a_thread(store, where):
+    from castore.pipeline.executors import QUICK_AFTER
+
+    where.slow = {6}
+    traced_pipeline().run(cache_dir=store.root, quiet=True)
+    driver = threading.current_thread().name
+    assert where.threads[6] == driver  # it was quick until then
+    after = where.threads[7 : 7 + QUICK_AFTER]
+    assert all(t.startswith("castore-worker") for t in after)
+    assert where.threads[7 + QUICK_AFTER] == driver  # quick again
+
+
+def test_a_batch_failing_on_the_driver_thread_is_retried(store, where):
+    where.fail = {8}
+    ds = traced_pipeline(max_retries=1, retry_backoff=0).run(cache_dir=store.root, quiet=True)
+    assert where.threads[8] == threading.current_thread().name
+    assert len(where.threads) == 21  # the failed call and its retry
+    assert [r["y"] for r in ds["traced"]["train"].to_list()] == [2 * i for i in range(100)]
+
+
+def test_steps_that_stay_on_threads(store, where):
+    """Concurrent steps, LLM steps, and any step while the driver's thread runs an event
+    loop (a notebook), where a `process` calling asyncio.run() must keep working."""
+    import asyncio
+
+    from castore.llms import OpenAILLM
+    from castore.pipeline.executors import may_run_inline
+    from castore.steps import TextGeneration
+
+    traced_pipeline(concurrency=2).run(cache_dir=store.root, quiet=True)
+    assert all(t.startswith("castore-worker") for t in where.threads)
+    llm = OpenAILLM(model="m", base_url="http://127.0.0.1:9/v1", api_key="k")
+    assert not may_run_inline(TextGeneration(llm=llm))
+
+    where.threads.clear()
+
+    async def in_a_loop():
+        traced_pipeline(60).run(cache_dir=store.root, quiet=True)
+
+    asyncio.run(in_a_loop())
+    assert len(where.threads) == 12
+    assert all(t.startswith("castore-worker") for t in where.threads)

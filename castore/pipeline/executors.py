@@ -13,6 +13,7 @@ import functools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -131,6 +132,32 @@ class ThreadWorkers:
             self._tasks.put(None)
 
 
+# A step that computes one batch at a time and whose last QUICK_AFTER batches each took
+# under QUICK seconds (read, computed and stored) runs its batches on the driver's thread:
+# handing a batch to a worker and back is two GIL hand-offs and a wake-up, which for a
+# filter or a formatter costs more than its work (bench_overhead's 0-ms anchor: 1.31 ->
+# 1.15 s, 1,200 batch-steps). A slower batch sends the step back to a thread, so the
+# driver is held up by one such batch at most. Never for LLM steps (their time is the
+# provider's), nor while the driver's thread runs an event loop (a notebook's: `process`
+# calling asyncio.run() there would fail).
+QUICK, QUICK_AFTER = 0.005, 3
+
+
+def may_run_inline(step: _Step) -> bool:
+    """Whether `step`'s batches may run on the driver's thread once they are quick."""
+    return step.concurrency == 1 and getattr(step, "llm", None) is None
+
+
+def _loop_running() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class ThreadExecutor:
     """Batches on threads. Each step's `concurrency` is a semaphore held only while
     `process` runs, so the scheduler can queue batches ahead (`inflight`) and a thread
@@ -151,6 +178,8 @@ class ThreadExecutor:
         # A thread for every batch the scheduler lets be in flight: none waits for one.
         self._pool = ThreadWorkers(min(sum(map(self.inflight, concurrency)), 256))
         self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._quick: dict[str, int] = {}  # per step: its last batches in a row under QUICK
+        self._inline_ok = not _loop_running()  # made on the driver's thread
 
     def inflight(self, concurrency: int) -> int:
         # Queued ahead, a thread starts the next call the moment one returns instead of
@@ -165,8 +194,16 @@ class ThreadExecutor:
         if slot is None:
             slot = self._slots[task.batch.step] = threading.BoundedSemaphore(task.step.concurrency)
 
+        name = task.batch.step
+        inline = (
+            self._inline_ok
+            and self._quick.get(name, 0) >= QUICK_AFTER
+            and may_run_inline(task.step)
+        )
+
         def work() -> None:
             b = task.batch
+            t0 = time.perf_counter()
             slot.acquire()
             held = True
 
@@ -192,14 +229,22 @@ class ThreadExecutor:
                     computed=computed,
                 )
             except BaseException as e:  # the scheduler decides: retry, skip or fail
+                if inline and isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    self._events.put(BatchNotStarted(task))  # on the driver: it stops
+                    raise
                 self._events.put(BatchFailed(task, e))
                 return
             finally:
                 if held:
                     slot.release()
+                quick = time.perf_counter() - t0 < QUICK
+                self._quick[name] = self._quick.get(name, 0) + 1 if quick else 0
             self._events.put(BatchDone(task, res))
 
-        self._pool.run(work)
+        if inline:  # in a copy of the context, as on a worker
+            contextvars.copy_context().run(work)
+        else:
+            self._pool.run(work)
 
     def hold(self) -> None:
         self._held.set()
