@@ -216,3 +216,15 @@ def test_the_direct_forms_are_taken_for_ids_and_ints():
     assert _key_json(b, [[(a.upper(), 0, 1)]]) is None
     claims = canonical_json({"key": a, "outputs": [b], "rows": [-3]})
     assert entry_check(a, [b], [-3]) == blake3.blake3(claims).hexdigest()
+
+
+def test_a_spliced_encoding_hashes_as_the_whole():
+    from castore.hashing import canonical_json, hash_json, hash_json_spliced
+
+    rows = [{"b": 1, "a": 'x"y\u00e9\n'}, {"a": None, "b": 2.5}]
+    doc = {"z": 1, "params": {"data": rows, "k": [1, 2]}}
+    token = "castore-spliced:0123:data"
+    spliced = {"z": 1, "params": {"data": token, "k": [1, 2]}}
+    assert hash_json_spliced(spliced, {token: canonical_json(rows)}) == hash_json(doc)
+    with pytest.raises(ValueError, match="once"):
+        hash_json_spliced({"a": token, "b": token}, {token: b"1"})

@@ -104,6 +104,22 @@ def test_identity_is_exact(store):
         build([*rows, {"id": -1, "text": "", "w": float("nan")}]).signature()
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        data(20),  # flat: encoded as they are, spliced into the identity's encoding
+        [{**r, "tags": [r["id"], "x"]} for r in data(20)],  # nested: pydantic's dump
+        data(),  # large: the identity holds their digest
+    ],
+    ids=["flat", "nested", "large"],
+)
+def test_the_fingerprint_is_the_identitys_digest(rows):
+    from castore.hashing import hash_json
+
+    load = build(rows).steps["load"]
+    assert load.fingerprint() == hash_json(load.identity(check=False))
+
+
 def test_small_rows_stay_in_pipeline_yaml(store):
     ds = build(data(20)).run(cache_dir=store.root, quiet=True)
     run = run_manifest(store, ds)

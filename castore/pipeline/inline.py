@@ -146,21 +146,22 @@ def expand(text: str, store: Store) -> str:
     return _FLOW_RE.sub(rows, text)
 
 
-def field_identity(step: BaseModel, fname: str) -> tuple[Any, Inline | None]:
+def field_identity(step: BaseModel, fname: str) -> tuple[Any, Inline | None, bytes | None]:
     """(what the fingerprint hashes for an inline field, the object when it is kept as
-    one). Flat rows of plain values are encoded as they are (the bytes their JSON dump
-    would give, without copying 20,000 rows through pydantic); anything else as the
-    field's JSON dump, as every other param. Raises NonCanonicalValue / TypeError for rows
-    that cannot be hashed."""
+    one, and that value's canonical JSON when it is the rows themselves). Flat rows of
+    plain values are encoded as they are (the bytes their JSON dump would give, without
+    copying 20,000 rows through pydantic); anything else as the field's JSON dump, as
+    every other param. Raises NonCanonicalValue / TypeError for rows that cannot be
+    hashed."""
     value = getattr(step, fname)
     encoded = plain_rows_json(value)
     if encoded is None:
         value = step.model_dump(mode="json", include={fname})[fname]
         encoded = canonical_json(value)
     if len(encoded) <= INLINE_MAX_BYTES:
-        return value, None
+        return value, None, encoded
     inline = pack(value, encoded)
-    return inline.ref.identity(), inline
+    return inline.ref.identity(), inline, None
 
 
 __all__ = [
