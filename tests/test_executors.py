@@ -119,6 +119,33 @@ def test_a_kept_table_is_what_the_store_reads_back(store):
     assert not round_trips(pa.schema([("d", pa.decimal128(5, 2))]))
 
 
+def test_a_step_reads_its_input_from_memory_not_the_store(store, where, monkeypatch):
+    """Stored tables are kept for the steps that read them next; a leaf's are not (no
+    one reads them in the run), so they do not push its inputs out of the budget."""
+    from castore.pipeline.batch import TableCache
+    from castore.store import Store
+
+    monkeypatch.setattr(TableCache.__init__, "__defaults__", (160 << 10,))
+    reads: list[str] = []
+    real = Store.get_table
+
+    def counting(self, oid):
+        reads.append(oid)
+        return real(self, oid)
+
+    monkeypatch.setattr(Store, "get_table", counting)
+    rows = [{"x": i, "pad": f"{i:06d}" * 40} for i in range(400)]
+    with Pipeline(name="kept") as p:
+        (
+            LoadDataFromDicts(data=rows, batch_size=10)
+            >> Traced(input_batch_size=10)
+            >> Traced(name="leaf", input_batch_size=10)
+        )
+    p.execute(cache_dir=store.root, quiet=True)
+    assert len(where.threads) == 80
+    assert reads == []
+
+
 def test_read_types_are_remembered_per_exact_schema():
     """The read-back schema is looked up once per schema, by every name and metadata
     value: tables differing only in long metadata are not confused."""
@@ -146,7 +173,7 @@ class Traced(Step):
         call = len(Where.threads)
         Where.threads.append(threading.current_thread().name)
         if call in Where.slow:
-            time.sleep(0.02)  # over executors.QUICK: back to a thread
+            time.sleep(0.3)  # over executors.QUICK: back to a thread
         if call in Where.fail:
             Where.fail.discard(call)
             raise RuntimeError("flaky")
@@ -154,7 +181,9 @@ class Traced(Step):
 
 
 @pytest.fixture
-def where():
+def where(monkeypatch):
+    # Quick by a wide margin, so a busy test machine does not make a batch "slow".
+    monkeypatch.setattr("castore.pipeline.executors.QUICK", 0.2)
     Where.threads, Where.slow, Where.fail = [], set(), set()
     return Where
 

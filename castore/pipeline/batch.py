@@ -266,9 +266,14 @@ def store_batch(
     row-key segment, then (with
     `cache`) the action entry: an entry never names what is not yet stored. Tokens (and
     their cost) are those spent now: without the `reused` (tokens, USD) of rows taken by
-    row key. `tables` keeps the table in memory for the step's successors. `base`: the
+    row key. `tables` keeps the table in memory for the step's successors, if any. `base`: the
     input's slices and rows, when the object may extend them (castore.store.extend)."""
     spent = usage_of(step, table)
+    if step._leaf:
+        # Nothing in the run reads a leaf's batches; kept, they would push out of the
+        # budget the tables their successors are about to read (bench_overhead's anchor:
+        # 243 of 800 reads went to disk).
+        tables = None
     ext = None
     if base is not None:
         ext = split(store, table, base[1], base[0])
