@@ -173,7 +173,7 @@ class Traced(Step):
         call = len(Where.threads)
         Where.threads.append(threading.current_thread().name)
         if call in Where.slow:
-            time.sleep(0.3)  # over executors.QUICK: back to a thread
+            time.sleep(0.3)  # over gil.QUICK: back to a thread
         if call in Where.fail:
             Where.fail.discard(call)
             raise RuntimeError("flaky")
@@ -183,7 +183,7 @@ class Traced(Step):
 @pytest.fixture
 def where(monkeypatch):
     # Quick by a wide margin, so a busy test machine does not make a batch "slow".
-    monkeypatch.setattr("castore.pipeline.executors.QUICK", 0.2)
+    monkeypatch.setattr("castore.pipeline.gil.QUICK", 0.2)
     Where.threads, Where.slow, Where.fail = [], set(), set()
     return Where
 
@@ -197,7 +197,7 @@ def traced_pipeline(n: int = 100, **kw) -> Pipeline:
 
 
 def test_quick_batches_run_on_the_driver_thread(store, where):
-    from castore.pipeline.executors import QUICK_AFTER
+    from castore.pipeline.gil import QUICK_AFTER
 
     ds = traced_pipeline().run(cache_dir=store.root, quiet=True)
     driver = threading.current_thread().name
@@ -208,7 +208,7 @@ def test_quick_batches_run_on_the_driver_thread(store, where):
 
 
 def test_a_slow_batch_sends_the_step_back_to_a_thread(store, where):
-    from castore.pipeline.executors import QUICK_AFTER
+    from castore.pipeline.gil import QUICK_AFTER
 
     where.slow = {6}
     traced_pipeline().run(cache_dir=store.root, quiet=True)
@@ -233,7 +233,7 @@ def test_steps_that_stay_on_threads(store, where):
     import asyncio
 
     from castore.llms import OpenAILLM
-    from castore.pipeline.executors import may_run_inline
+    from castore.pipeline.gil import may_run_inline
     from castore.steps import TextGeneration
 
     traced_pipeline(concurrency=2).run(cache_dir=store.root, quiet=True)
@@ -249,3 +249,37 @@ def test_steps_that_stay_on_threads(store, where):
     asyncio.run(in_a_loop())
     assert len(where.threads) == 12
     assert all(t.startswith("castore-worker") for t in where.threads)
+
+
+def test_the_switch_interval_is_short_while_runs_are_live(store):
+    """Shorter while any run of the process is live, restored by the last to end, and
+    never longer than the process had set."""
+    import sys
+
+    from castore.pipeline.gil import SWITCH_INTERVAL, short_switches
+
+    seen: list[float] = []
+
+    class Look(Step):
+        outputs = ["y"]
+
+        def process(self, inputs: StepInput):
+            seen.append(sys.getswitchinterval())
+            return [{**r, "y": 1} for r in inputs]
+
+    before = sys.getswitchinterval()
+    with Pipeline(name="switch") as p:
+        LoadDataFromDicts(data=[{"x": i} for i in range(10)], batch_size=10) >> Look()
+    p.run(cache_dir=store.root, quiet=True)
+    assert seen == [SWITCH_INTERVAL] and sys.getswitchinterval() == before
+    with short_switches():
+        with short_switches():  # a second run in another thread
+            assert sys.getswitchinterval() == SWITCH_INTERVAL
+        assert sys.getswitchinterval() == SWITCH_INTERVAL  # the first is still live
+    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(SWITCH_INTERVAL / 2)
+    try:
+        with short_switches():
+            assert sys.getswitchinterval() == SWITCH_INTERVAL / 2
+    finally:
+        sys.setswitchinterval(before)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from castore.pipeline import gil
 from castore.pipeline.batch import (
     BatchResult,
     TableCache,
@@ -132,32 +133,6 @@ class ThreadWorkers:
             self._tasks.put(None)
 
 
-# A step that computes one batch at a time and whose last QUICK_AFTER batches each took
-# under QUICK seconds (read, computed and stored) runs its batches on the driver's thread:
-# handing a batch to a worker and back is two GIL hand-offs and a wake-up, which for a
-# filter or a formatter costs more than its work (bench_overhead's 0-ms anchor: 1.31 ->
-# 1.15 s, 1,200 batch-steps). A slower batch sends the step back to a thread, so the
-# driver is held up by one such batch at most. Never for LLM steps (their time is the
-# provider's), nor while the driver's thread runs an event loop (a notebook's: `process`
-# calling asyncio.run() there would fail).
-QUICK, QUICK_AFTER = 0.005, 3
-
-
-def may_run_inline(step: _Step) -> bool:
-    """Whether `step`'s batches may run on the driver's thread once they are quick."""
-    return step.concurrency == 1 and getattr(step, "llm", None) is None
-
-
-def _loop_running() -> bool:
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 class ThreadExecutor:
     """Batches on threads. Each step's `concurrency` is a semaphore held only while
     `process` runs, so the scheduler can queue batches ahead (`inflight`) and a thread
@@ -178,8 +153,8 @@ class ThreadExecutor:
         # A thread for every batch the scheduler lets be in flight: none waits for one.
         self._pool = ThreadWorkers(min(sum(map(self.inflight, concurrency)), 256))
         self._slots: dict[str, threading.BoundedSemaphore] = {}
-        self._quick: dict[str, int] = {}  # per step: its last batches in a row under QUICK
-        self._inline_ok = not _loop_running()  # made on the driver's thread
+        self._quick: dict[str, int] = {}  # per step: its last batches in a row under gil.QUICK
+        self._inline_ok = not gil.loop_running()  # made on the driver's thread
 
     def inflight(self, concurrency: int) -> int:
         # Queued ahead, a thread starts the next call the moment one returns instead of
@@ -197,8 +172,8 @@ class ThreadExecutor:
         name = task.batch.step
         inline = (
             self._inline_ok
-            and self._quick.get(name, 0) >= QUICK_AFTER
-            and may_run_inline(task.step)
+            and self._quick.get(name, 0) >= gil.QUICK_AFTER
+            and gil.may_run_inline(task.step)
         )
 
         def work() -> None:
@@ -237,7 +212,7 @@ class ThreadExecutor:
             finally:
                 if held:
                     slot.release()
-                quick = time.perf_counter() - t0 < QUICK
+                quick = time.perf_counter() - t0 < gil.QUICK
                 self._quick[name] = self._quick.get(name, 0) + 1 if quick else 0
             self._events.put(BatchDone(task, res))
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -146,26 +147,43 @@ def expand(text: str, store: Store) -> str:
     return _FLOW_RE.sub(rows, text)
 
 
-def field_identity(step: BaseModel, fname: str) -> tuple[Any, Inline | None, bytes | None]:
-    """(what the fingerprint hashes for an inline field, the object when it is kept as
-    one, and that value's canonical JSON when it is the rows themselves). Flat rows of
-    plain values are encoded as they are (the bytes their JSON dump would give, without
-    copying 20,000 rows through pydantic); anything else as the field's JSON dump, as
-    every other param. Raises NonCanonicalValue / TypeError for rows that cannot be
-    hashed."""
+@dataclass
+class Gathered:
+    """What a fingerprint gathers from a step's inline fields: the ones kept as objects,
+    and the canonical JSON of the others by the token standing for it in the identity
+    (castore.hashing.hash_json_spliced: the rows are not encoded twice)."""
+
+    objects: dict[str, Inline] = field(default_factory=dict)
+    spliced: dict[str, bytes] = field(default_factory=dict)
+
+
+def field_identity(step: BaseModel, fname: str, gathered: Gathered | None = None) -> Any:
+    """What the fingerprint hashes for an inline field: the rows, or the digest of the
+    object they are kept as (recorded in `gathered`, with a splice token in place of
+    the rows). Flat rows of plain values are encoded as they are (the bytes their JSON
+    dump would give, without copying 20,000 rows through pydantic); anything else as the
+    field's JSON dump, as every other param. Raises NonCanonicalValue / TypeError for rows
+    that cannot be hashed."""
     value = getattr(step, fname)
     encoded = plain_rows_json(value)
     if encoded is None:
         value = step.model_dump(mode="json", include={fname})[fname]
         encoded = canonical_json(value)
     if len(encoded) <= INLINE_MAX_BYTES:
-        return value, None, encoded
+        if gathered is None:
+            return value
+        token = f"castore-spliced:{secrets.token_hex(16)}:{fname}"
+        gathered.spliced[token] = encoded
+        return token
     inline = pack(value, encoded)
-    return inline.ref.identity(), inline, None
+    if gathered is not None:
+        gathered.objects[fname] = inline
+    return inline.ref.identity()
 
 
 __all__ = [
     "INLINE_MAX_BYTES",
+    "Gathered",
     "Inline",
     "InlineRef",
     "expand",

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from castore.errors import CastoreError, DamagedRef
-from castore.pipeline import runlog
+from castore.pipeline import gil, runlog
 from castore.pipeline.executors import check_executor, signatures_for
 from castore.pipeline.neighbours import Neighbours
 from castore.pipeline.plan import Planner
@@ -90,6 +90,7 @@ class Runner:
 
     # -- entry ---------------------------------------------------------------------------
 
+    @gil.short_switches()
     def run(self, *, distiset: bool = True) -> tuple[str, Distiset | None]:
         """Run; returns the final run manifest and, when asked, the Distiset (built under
         the run lock: a concurrent gc protects what a live run touches, including the

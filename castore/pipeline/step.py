@@ -12,7 +12,6 @@ import contextvars
 import functools
 import inspect
 import re
-import secrets
 import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -32,7 +31,7 @@ from castore.errors import NonCanonicalValue, PipelineError, UnhashableParam
 from castore.filereads import file_parts, install
 from castore.fingerprint import code_parts, code_version, user_classes
 from castore.hashing import canonical_json, hash_json_spliced
-from castore.pipeline.inline import Inline, field_identity
+from castore.pipeline.inline import Gathered, Inline, field_identity
 from castore.usercode import is_user_module, module_of
 
 if TYPE_CHECKING:
@@ -279,18 +278,11 @@ class _Step(BaseModel):
                 out.add(fname)
         return out
 
-    def cache_params(
-        self,
-        *,
-        check: bool = True,
-        inline: dict[str, Inline] | None = None,
-        spliced: dict[str, bytes] | None = None,
-    ) -> dict[str, Any]:
+    def cache_params(self, *, check: bool = True, inline: Gathered | None = None) -> dict[str, Any]:
         """The fields that enter the fingerprint, as canonical-JSON-able values (`check`:
         each encoded once here, so a value that cannot be names its field). Large inline
-        fields enter as their digest; their objects are put in `inline`. Given `spliced`,
-        small inline fields enter as a token standing for their canonical JSON, which goes
-        in `spliced` (castore.hashing.hash_json_spliced)."""
+        fields enter as their digest; their objects, and the others' encodings, go in
+        `inline` (castore.pipeline.inline.Gathered)."""
         out: dict[str, Any] = {}
         skip = self.runtime_fields() | {"cache_version"}
         for fname in type(self).model_fields:
@@ -303,13 +295,8 @@ class _Step(BaseModel):
                     # Nested configs (an LLM client) say themselves what is identity.
                     value = attr.cache_identity()
                 elif fname in self.inline_fields:
-                    value, obj, raw = field_identity(self, fname)  # encodes it whole
+                    value = field_identity(self, fname, inline)  # encodes it whole
                     encoded = True
-                    if obj is not None and inline is not None:
-                        inline[fname] = obj
-                    if raw is not None and spliced is not None:
-                        value = f"castore-spliced:{secrets.token_hex(16)}:{fname}"
-                        spliced[value] = raw
                 else:
                     value = self.model_dump(mode="json", include={fname})[fname]
                 if check and not encoded:
@@ -378,20 +365,14 @@ class _Step(BaseModel):
                     out += user_classes(type(item))
         return tuple(dict.fromkeys(out))
 
-    def identity(
-        self,
-        *,
-        check: bool = True,
-        inline: dict[str, Inline] | None = None,
-        spliced: dict[str, bytes] | None = None,
-    ) -> dict[str, Any]:
+    def identity(self, *, check: bool = True, inline: Gathered | None = None) -> dict[str, Any]:
         return {
             "class": type(self).__qualname__,
             "kind": self.kind,
             "code": self.code_version(),
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
-            "params": self.cache_params(check=check, inline=inline, spliced=spliced),
+            "params": self.cache_params(check=check, inline=inline),
             "extra": self.extra_identity(),
         }
 
@@ -431,15 +412,13 @@ class _Step(BaseModel):
         # (20,000 rows of LoadDataFromDicts: 35 ms of a 190 ms re-run). The same bytes
         # are hashed; only a failure goes back field by field, to name the field. Small
         # inline rows are spliced into the identity's encoding as they were encoded.
-        inline: dict[str, Inline] = {}
-        spliced: dict[str, bytes] = {}
+        inline = Gathered()
         try:
-            ident = self.identity(check=False, inline=inline, spliced=spliced)
-            fp = hash_json_spliced(ident, spliced)
+            fp = hash_json_spliced(self.identity(check=False, inline=inline), inline.spliced)
         except (NonCanonicalValue, ValueError, TypeError):
             self.cache_params()  # raises UnhashableParam naming the field
             raise
-        self._inlined = (fp, inline)
+        self._inlined = (fp, inline.objects)
         return fp
 
     def inline_objects(self, fp: str) -> dict[str, Inline]:

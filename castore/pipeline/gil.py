@@ -1,0 +1,69 @@
+"""How batches share the GIL with the run's driver (the thread running `Runner.run`):
+quick steps run on the driver's thread, and the switch interval is short while runs are
+live. Both measured on bench_overhead's 0-ms anchor (1,200 batch-steps, one Parquet
+object each), where the driver's time between batches is most of the run."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from castore.pipeline.step import _Step
+
+# A step that computes one batch at a time and whose last QUICK_AFTER batches each took
+# under QUICK seconds (read, computed and stored) runs its batches on the driver's thread:
+# handing a batch to a worker and back is two GIL hand-offs and a wake-up, which for a
+# filter or a formatter costs more than its work (bench_overhead's 0-ms anchor: 1.31 ->
+# 1.15 s, 1,200 batch-steps). A slower batch sends the step back to a thread, so the
+# driver is held up by one such batch at most. Never for LLM steps (their time is the
+# provider's), nor while the driver's thread runs an event loop (a notebook's: `process`
+# calling asyncio.run() there would fail).
+QUICK, QUICK_AFTER = 0.005, 3
+
+
+def may_run_inline(step: _Step) -> bool:
+    """Whether `step`'s batches may run on the driver's thread once they are quick."""
+    return step.concurrency == 1 and getattr(step, "llm", None) is None
+
+
+def loop_running() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+# The driver lets go of the GIL at every file operation of a batch it stores; while
+# another thread computes (a loader, a worker) it then waits up to the interpreter's
+# switch interval (5 ms) to get it back. While runs are live the interval is 0.5 ms:
+# bench_overhead's 0-ms anchor 1.09 -> 1.02 s; restored when the last run ends.
+SWITCH_INTERVAL = 0.0005
+_switching = threading.Lock()
+_live_runs = 0
+_saved_interval = 0.0
+
+
+@contextlib.contextmanager
+def short_switches() -> Iterator[None]:
+    """SWITCH_INTERVAL while any run of this process is live (never a longer one than
+    the process had set)."""
+    global _live_runs, _saved_interval
+    with _switching:
+        if _live_runs == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_interval, SWITCH_INTERVAL))
+        _live_runs += 1
+    try:
+        yield
+    finally:
+        with _switching:
+            _live_runs -= 1
+            if _live_runs == 0:
+                sys.setswitchinterval(_saved_interval)
