@@ -176,7 +176,7 @@ class Traced(Step):
             time.sleep(0.3)  # over gil.QUICK: back to a thread
         if call in Where.fail:
             Where.fail.discard(call)
-            raise RuntimeError("flaky")
+            raise SystemExit(3)  # a failed batch on a worker: so too on the driver's thread
         return [{**r, "y": r["x"] * 2} for r in inputs]
 
 

@@ -204,8 +204,8 @@ class ThreadExecutor:
                     computed=computed,
                 )
             except BaseException as e:  # the scheduler decides: retry, skip or fail
-                if inline and isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    self._events.put(BatchNotStarted(task))  # on the driver: it stops
+                if inline and isinstance(e, KeyboardInterrupt):
+                    self._events.put(BatchNotStarted(task))  # on the driver: the run stops
                     raise
                 self._events.put(BatchFailed(task, e))
                 return
