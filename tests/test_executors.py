@@ -202,8 +202,11 @@ def test_quick_batches_run_on_the_driver_thread(store, where):
     ds = traced_pipeline().run(cache_dir=store.root, quiet=True)
     driver = threading.current_thread().name
     assert len(where.threads) == 20
-    assert all(t.startswith("castore-worker") for t in where.threads[:QUICK_AFTER])
-    assert set(where.threads[QUICK_AFTER:]) == {driver}
+    # Measured on workers first (with one batch queued ahead), then on the driver's thread.
+    first = where.threads.index(driver)
+    assert QUICK_AFTER <= first <= QUICK_AFTER + 1
+    assert all(t.startswith("castore-worker") for t in where.threads[:first])
+    assert set(where.threads[first:]) == {driver}
     assert [r["y"] for r in ds["traced"]["train"].to_list()] == [2 * i for i in range(100)]
 
 
@@ -216,7 +219,7 @@ def test_a_slow_batch_sends_the_step_back_to_a_thread(store, where):
     assert where.threads[6] == driver  # it was quick until then
     after = where.threads[7 : 7 + QUICK_AFTER]
     assert all(t.startswith("castore-worker") for t in after)
-    assert where.threads[7 + QUICK_AFTER] == driver  # quick again
+    assert where.threads[-1] == driver  # quick again
 
 
 def test_a_batch_failing_on_the_driver_thread_is_retried(store, where):

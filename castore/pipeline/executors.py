@@ -159,10 +159,10 @@ class ThreadExecutor:
     def inflight(self, concurrency: int) -> int:
         # Queued ahead, a thread starts the next call the moment one returns instead of
         # after a round trip through the scheduler: with 8 calls at once that round trip
-        # is what kept an I/O-bound step at 0.83 of ideal (0.90 queued ahead). One call at
-        # a time gains nothing measurable from it, and the extra thread's GIL hand-offs
-        # made cheap steps ~5 % slower (bench_overhead's anchor).
-        return concurrency * self.ahead if concurrency > 1 else 1
+        # is what kept an I/O-bound step at 0.83 of ideal (0.90 queued ahead). At one call
+        # at a time it also keeps a slow step busy while the driver runs a quick step's
+        # batch on its own thread (gil.py): bench_overhead's 2-ms cold run 4.36 -> 4.29 s.
+        return concurrency * self.ahead
 
     def submit(self, task: Task) -> None:
         slot = self._slots.get(task.batch.step)
