@@ -178,8 +178,8 @@ class ThreadExecutor:
 
         def work() -> None:
             b = task.batch
-            t0 = time.perf_counter()
             slot.acquire()
+            t0 = time.perf_counter()  # the batch's own time, not its wait for the slot
             held = True
 
             def computed() -> None:

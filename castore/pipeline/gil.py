@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 # A step that computes one batch at a time and whose last QUICK_AFTER batches each took
 # under QUICK seconds (read, computed and stored) runs its batches on the driver's thread:
 # handing a batch to a worker and back is two GIL hand-offs and a wake-up, which for a
-# filter or a formatter costs more than its work (bench_overhead's 0-ms anchor: 1.31 ->
-# 1.15 s, 1,200 batch-steps). A slower batch sends the step back to a thread, so the
+# filter or a formatter costs more than its work (bench_overhead's 0-ms anchor: 1.33 ->
+# 1.19 s median, 1,200 batch-steps). A slower batch sends the step back to a thread, so the
 # driver is held up by one such batch at most. Never for LLM steps (their time is the
 # provider's), nor while the driver's thread runs an event loop (a notebook's: `process`
 # calling asyncio.run() there would fail).
