@@ -23,6 +23,13 @@ def best_of(
     return best
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Wall time of one call of `fn`."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: F401 - imported up front: its ~0.5 s import is not engine overhead
-from _util import peak_rss_mib, report
+from _util import peak_rss_mib, report, timed
 
 from castore import GeneratorStep, Pipeline, StepInput, StepOutput, step
 from castore.steps import LoadDataFromDicts
@@ -151,12 +150,6 @@ def io_bound(work: Path, repeat: int) -> list[tuple[str, str]]:
         ("re-run of the finished pipeline, 2nd to 5th", share(r["later"])),
         ("re-runs: batches computed", str(computed)),
     ]
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def memory_child(rows: int, work: Path) -> None:

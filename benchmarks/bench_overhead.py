@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _util import report
+from _util import report, timed
 
 import castore
 from castore import Pipeline, StepInput, step
@@ -127,12 +127,6 @@ def io_run(cache: Path) -> None:
             name="sleepy", input_batch_size=IO_BATCH, concurrency=IO_CONC
         )
     p.execute(cache_dir=cache, quiet=True)
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def mm(v: list[float]) -> str:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import report
+from _util import report, timed
 
 import castore
 from castore.store import Store, actionpack
@@ -48,12 +48,6 @@ def seed(root: Path, packs: int) -> list[str]:
         actionpack.write_pack(store, entries)
         keys += list(entries)[:4]
     return keys
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def per_lookup(store: Store, keys: list[str]) -> float:

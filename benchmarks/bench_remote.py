@@ -13,12 +13,11 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _util import fake_run, report
+from _util import fake_run, report, timed
 
 from castore.remote import Remote
 from castore.store import Store
@@ -128,12 +127,6 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         server.stop()
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

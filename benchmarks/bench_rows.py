@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: F401 - imported up front: its import is not what this measures
 import pyarrow as pa
-from _util import report
+from _util import report, timed
 
 from castore import Pipeline, StepInput, step
 from castore.steps import LoadDataFromDicts, LoadDataFromFileSystem
@@ -65,12 +65,6 @@ def write(path: Path, n: int) -> None:
     with open(path, "w") as f:
         for i in range(n):
             f.write(json.dumps({"id": i, "text": f"row {i} " + "x" * (i % 50)}) + "\n")
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def mm(v: list[float], unit: str = "s", fmt: str = ".3f") -> str:

@@ -15,15 +15,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: F401 - imported up front: its import is not what this measures
-from _util import report
+from _util import report, timed
 
 from castore import GeneratorStep, Pipeline
 from castore.hashing import hash_file
@@ -55,12 +53,6 @@ def pipeline(batches: int) -> Pipeline:
     with Pipeline(name="verify-bench") as p:
         Blobs(batches=batches, batch_size=1) >> KeepColumns(columns=["i", "blob"])
     return p
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
