@@ -44,6 +44,20 @@ def store(tmp_path) -> Store:
     return Store(tmp_path / "store")
 
 
+def store_calls(monkeypatch, method: str) -> list[str]:
+    """The object ids `Store.<method>` (get_table, get_bytes, ...) is called with from now
+    on, in order: what a test counts to show an object was or was not read."""
+    calls: list[str] = []
+    real = getattr(Store, method)
+
+    def counted(self, oid, **kw):
+        calls.append(oid)
+        return real(self, oid, **kw)
+
+    monkeypatch.setattr(Store, method, counted)
+    return calls
+
+
 @pytest.fixture
 def make_store(tmp_path):
     def make(name: str = "s", **kw) -> Store:

@@ -10,7 +10,7 @@ import time
 from castore import Pipeline, StepInput, step
 from castore.steps import LoadDataFromDicts
 from castore.store import Store, actionpack
-from tests.conftest import cas_inproc
+from tests.conftest import cas_inproc, store_calls
 
 CALLS: list[int] = []
 
@@ -217,14 +217,7 @@ def test_a_pack_is_read_once_per_process_while_its_file_is_unchanged(tmp_path, m
     _runs(cache, (200,))
     (pack,) = actionpack.markers(Store(cache))
     key = sorted(actionpack.pack_keys(Store(cache), pack))[0]
-    reads: list[str] = []
-    real = Store.get_bytes
-
-    def counted(self, oid, **kw):
-        reads.append(oid)
-        return real(self, oid, **kw)
-
-    monkeypatch.setattr(Store, "get_bytes", counted)
+    reads = store_calls(monkeypatch, "get_bytes")
     assert all(Store(cache).get_action(key) is not None for _ in range(3))
     assert reads.count(pack) == 0  # pack_keys above read and verified it
     path = Store(cache).path_of(pack)

@@ -123,17 +123,10 @@ def test_a_step_reads_its_input_from_memory_not_the_store(store, where, monkeypa
     """Stored tables are kept for the steps that read them next; a leaf's are not (no
     one reads them in the run), so they do not push its inputs out of the budget."""
     from castore.pipeline.batch import TableCache
-    from castore.store import Store
+    from tests.conftest import store_calls
 
     monkeypatch.setattr(TableCache.__init__, "__defaults__", (160 << 10,))
-    reads: list[str] = []
-    real = Store.get_table
-
-    def counting(self, oid):
-        reads.append(oid)
-        return real(self, oid)
-
-    monkeypatch.setattr(Store, "get_table", counting)
+    reads = store_calls(monkeypatch, "get_table")
     rows = [{"x": i, "pad": f"{i:06d}" * 40} for i in range(400)]
     with Pipeline(name="kept") as p:
         (

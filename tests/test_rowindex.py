@@ -19,7 +19,7 @@ from castore.pipeline.rows import RowIndex
 from castore.runs import list_runs
 from castore.store import Store, rowpack
 from castore.store.manifests import StepManifest, load_model
-from tests.conftest import cas_inproc
+from tests.conftest import cas_inproc, store_calls
 from tests.test_rows import build, run, write_rows
 
 FP = "cd" * 32
@@ -110,14 +110,7 @@ def test_an_append_reads_no_segment_of_the_batches_it_reuses(tmp_path, monkeypat
     store = Store(cache)
     segments = {seg for _, seg in store.iter_row_segments()}
     assert rowpack.current(store, next(store.iter_row_segments())[0]) is not None
-    read: list[str] = []
-    orig = Store.get_table
-
-    def counting(self, oid, **kw):
-        read.append(oid)
-        return orig(self, oid, **kw)
-
-    monkeypatch.setattr(Store, "get_table", counting)
+    read = store_calls(monkeypatch, "get_table")
     write_rows(data, [*base, {"id": 999, "text": "brand new"}])
     assert run(build(data, batch=10), cache)[1] == 1
     assert not segments & set(read)
