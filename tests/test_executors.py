@@ -18,6 +18,7 @@ from castore import Pipeline, Step, StepInput
 from castore.errors import RunInterrupted
 from castore.steps import LoadDataFromDicts
 from castore.store.parquet import as_read, encode_parquet, round_trips
+from tests.conftest import store_calls
 
 
 class Counts:
@@ -123,7 +124,6 @@ def test_a_step_reads_its_input_from_memory_not_the_store(store, where, monkeypa
     """Stored tables are kept for the steps that read them next; a leaf's are not (no
     one reads them in the run), so they do not push its inputs out of the budget."""
     from castore.pipeline.batch import TableCache
-    from tests.conftest import store_calls
 
     monkeypatch.setattr(TableCache.__init__, "__defaults__", (160 << 10,))
     reads = store_calls(monkeypatch, "get_table")

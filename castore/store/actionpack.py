@@ -284,16 +284,16 @@ _now_ns = time.time_ns
 
 
 def folder_stamp(path: str) -> tuple[int, ...] | None:
-    """What any entry added to or removed from folder `path` changes (inode, mtime,
-    ctime, size; `()` when there is no folder), or None while a change is so recent that
-    another in the same clock tick would not show (then the folder must be listed)."""
+    """What any entry added to or removed from folder `path` changes (local_stamp: size,
+    mtime, ctime, inode; `()` when there is no folder), or None while a change is so
+    recent that another in the same clock tick would not show (then list the folder)."""
     try:
-        st = os.stat(path)
+        stamp = local_stamp(path)
     except FileNotFoundError:
         return ()
-    if _now_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLED_NS:
+    if _now_ns() - max(stamp[1], stamp[2]) < _SETTLED_NS:
         return None
-    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    return stamp
 
 
 def write_pack(store: Store, entries: dict[str, bytes]) -> str | None:
