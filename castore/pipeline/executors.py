@@ -165,11 +165,10 @@ class ThreadExecutor:
         return concurrency * self.ahead
 
     def submit(self, task: Task) -> None:
-        slot = self._slots.get(task.batch.step)
-        if slot is None:
-            slot = self._slots[task.batch.step] = threading.BoundedSemaphore(task.step.concurrency)
-
         name = task.batch.step
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = threading.BoundedSemaphore(task.step.concurrency)
         inline = (
             self._inline_ok
             and self._quick.get(name, 0) >= gil.QUICK_AFTER

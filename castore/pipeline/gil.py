@@ -31,8 +31,11 @@ def may_run_inline(step: _Step) -> bool:
 
 
 def loop_running() -> bool:
-    import asyncio
-
+    """Whether this thread runs an asyncio event loop (without importing asyncio: a
+    process that has not imported it runs none)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
     try:
         asyncio.get_running_loop()
     except RuntimeError:
