@@ -18,7 +18,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from castore.errors import (
@@ -78,7 +78,7 @@ class Remote:
         """Every object id on the remote (strays and malformed names skipped)."""
         return {oid for p, *_ in self.scan(L.OBJECTS) if (oid := L.oid_from_path(p))}
 
-    def pages(self, kind: str, size: int = 1000) -> Iterator[list[Listed]]:
+    def pages(self, kind: str, size: int = 1000) -> Generator[list[Listed], None, None]:
         """`scan` as lists of (id, mtime, size, ETag), `size` files at a time; paths that
         name no id (pack markers, strays) are left out."""
         page: list[Listed] = []
