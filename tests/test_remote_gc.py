@@ -190,3 +190,67 @@ def test_run_policies_are_refused_with_remote_not_ignored(tmp_path, policy):
     r = cas_inproc("gc", "--remote", str(tmp_path / "remote"), *policy, cache_dir=tmp_path / "c")
     assert r.returncode == 2 and "apply to the local store" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_objects_listed_ahead_in_small_pages_give_the_same_plan(tmp_path, monkeypatch):
+    """objects/ is listed by a thread while entries are read (remote_gc._ObjectPages):
+    with pages of 3 and at most 2 pages ahead, the thread waits for the plan and the plan
+    is the rules' plan."""
+    from castore import remote_gc
+
+    remote = Remote(str(tmp_path / "remote"))
+    objects = [put_object(remote, f"object {i}") for i in range(20)]
+    for i, oid in enumerate(objects[:12]):
+        put_entry(remote, key("00", i), [oid], age_days=0 if i % 3 else 30)
+    pages = remote.pages
+    monkeypatch.setattr(remote, "pages", lambda kind: pages(kind, size=3))
+    monkeypatch.setattr(remote_gc._ObjectPages, "AHEAD", 2)
+    plan = collect_remote(remote, grace=0, cache_ttl=86400, dry_run=True).plan
+    assert (plan.objects_removed, plan.actions_dropped) == reference_plan(remote, 86400)
+    assert len(plan.objects_removed) == 12 and plan.objects_kept == 8
+
+
+def test_a_failed_listing_of_objects_stops_the_gc_and_its_thread(tmp_path, monkeypatch):
+    import threading
+
+    from castore.errors import RemoteUnavailable
+    from castore.store import layout as L
+
+    remote = Remote(str(tmp_path / "remote"))
+    for i in range(7):
+        put_entry(remote, key("00", i), [put_object(remote, f"object {i}")])
+    pages = remote.pages
+
+    def failing(kind: str):
+        if kind != L.OBJECTS:
+            yield from pages(kind)
+            return
+        yield from pages(kind, size=2)
+        raise RemoteUnavailable("cannot list the test's remote: the link went down")
+
+    monkeypatch.setattr(remote, "pages", failing)
+    with pytest.raises(RemoteUnavailable, match="link went down"):
+        collect_remote(remote, grace=0, cache_ttl=0)
+    assert remote.list_oids() and remote.list_actions()  # nothing removed
+    assert not [t for t in threading.enumerate() if t.name == "castore-gc-list"]
+
+
+def test_a_failed_read_of_entries_stops_the_listing_thread(tmp_path, monkeypatch):
+    import threading
+
+    from castore.errors import RemoteUnavailable
+
+    remote = Remote(str(tmp_path / "remote"))
+    for i in range(30):
+        put_object(remote, f"object {i}")
+    pages = remote.pages
+    monkeypatch.setattr(remote, "pages", lambda kind: pages(kind, size=1))
+
+    def fail(*_a, **_k):
+        raise RemoteUnavailable("cannot read entries: the link went down")
+
+    monkeypatch.setattr(remote_packs, "read_entries", fail)
+    with pytest.raises(RemoteUnavailable, match="link went down"):
+        collect_remote(remote, grace=0, cache_ttl=0)
+    assert not [t for t in threading.enumerate() if t.name == "castore-gc-list"]
+    assert len(remote.list_oids()) == 30
