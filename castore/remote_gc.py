@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import TYPE_CHECKING, Any
 
 from castore import remote_segments
@@ -42,7 +42,7 @@ def collect_remote(
     with contextlib.ExitStack() as stack:
         lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))
         now = time.time()
-        # objects/ is listed from the start, beside entries and refs (_ObjectPages).
+        # objects/ is listed beside entries and refs (_ObjectPages).
         with _ObjectPages(remote) as objects:
             result, entries, drop = _plan_remote(
                 remote,
@@ -84,7 +84,7 @@ def _tell(progress: Callable[[str, int], None] | None, what: str, count: int) ->
 
 def _plan_remote(
     remote: Remote,
-    objects: Iterable[tuple[bytes, np.ndarray, np.ndarray]],
+    objects: _ObjectPages,
     *,
     now: float,
     grace: float,
@@ -104,7 +104,9 @@ def _plan_remote(
     from castore import remote_packs
 
     result = GcPlan(cutoff=now - grace)
-    got = remote_packs.read_entries(remote, jobs, lambda n: _tell(progress, "entries listed", n))
+    got = remote_packs.read_entries(
+        remote, jobs, lambda n: _tell(progress, "entries listed", n), packs_read=objects.start
+    )
     counts = got.counts()
     named = got.live & got.valid()
     outs = got.outs()
@@ -223,12 +225,13 @@ class _Announced:
 
 
 class _ObjectPages:
-    """The listing of objects/, read by a thread from the start of the plan, so that it
-    overlaps the listing of actions/ and the reading of refs: on S3 each listing is a
+    """The listing of objects/, read by a thread once the entry packs are read, so that
+    it overlaps the listing of actions/ and the reading of refs: on S3 each listing is a
     chain of page requests, and a gc needs both whole (on the local S3 server, 20,000
-    entries and objects: 11 s one after the other, 9 s together). Pages are handed over as
-    (ids as 32-byte strings, mtimes, sizes), 48 bytes an object, at most AHEAD pages
-    ahead of the reader; an error of the listing is raised to the reader."""
+    entries and objects: 11 s one after the other, 9 s together; started before the
+    packs, it slowed their reads, which the listing of actions/ waits for). Pages are
+    handed over as (ids as 32-byte strings, mtimes, sizes), 48 bytes an object, at most
+    AHEAD pages ahead of the reader; an error of the listing is raised to the reader."""
 
     AHEAD = 256
 
@@ -242,12 +245,17 @@ class _ObjectPages:
         self._thread = threading.Thread(target=self._list, name="castore-gc-list", daemon=True)
 
     def __enter__(self) -> _ObjectPages:
-        self._thread.start()
         return self
+
+    def start(self) -> None:
+        """Start listing (at most once)."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
 
     def _put(self, item: object) -> bool:
         import queue
@@ -276,6 +284,7 @@ class _ObjectPages:
             pages.close()
 
     def __iter__(self) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+        self.start()
         while (got := self._pages.get()) is not None:
             if isinstance(got, BaseException):
                 raise got

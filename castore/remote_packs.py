@@ -191,9 +191,11 @@ def _read_packs(remote: Remote, oids: list[str], cols: _Columns) -> list[tuple[s
     """Every packed entry into `cols` (with the MD5 of its bytes); the packs read as
     (oid, first row, end row) in `cols`. Each pack's bytes are dropped once read."""
     spans: list[tuple[str, int, int]] = []
-    for oid in oids:
+    for oid, got in _fetched(remote, oids):
         try:
-            pack = actionpack.decode_pack(oid, remote.get_object(oid))
+            if isinstance(got, BaseException):
+                raise got
+            pack = actionpack.decode_pack(oid, got)
         except (CastoreError, OSError) as e:
             log.warning(
                 "remote %s: entry pack %s unreadable (%s); reading entries", remote.url, oid[:12], e
@@ -208,6 +210,33 @@ def _read_packs(remote: Remote, oids: list[str], cols: _Columns) -> list[tuple[s
             cols.add(remote, pack.key(i), text, p, i)
         spans.append((oid, start, len(cols.valid)))
     return spans
+
+
+# Packs fetched at once while the one before is decoded: a request's wait overlaps the
+# decoding, and at most this many packs' bytes are held (a merged pack is ~5 MB).
+_PACKS_AHEAD = 3
+
+
+def _fetched(remote: Remote, oids: list[str]) -> Iterator[tuple[str, bytes | BaseException]]:
+    """(oid, its verified bytes or the error reading them), in order."""
+    from collections import deque
+
+    with ThreadPoolExecutor(_PACKS_AHEAD) as pool:
+        window: deque = deque()
+        todo = iter(oids)
+        for oid in todo:
+            window.append((oid, pool.submit(remote.get_object, oid)))
+            if len(window) >= _PACKS_AHEAD:
+                break
+        while window:
+            oid, fut = window.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(remote.get_object, nxt)))
+            try:
+                yield oid, fut.result()
+            except (CastoreError, OSError) as e:
+                yield oid, e
 
 
 def _match(
@@ -230,15 +259,21 @@ def _match(
 
 
 def read_entries(
-    remote: Remote, jobs: int = 16, progress: Callable[[int], None] | None = None
+    remote: Remote,
+    jobs: int = 16,
+    progress: Callable[[int], None] | None = None,
+    packs_read: Callable[[], None] | None = None,
 ) -> Entries:
     """Every entry on the remote. The loose files are listed page by page; one whose bytes
     a pack holds (the ETag is their MD5) is taken from the pack, any other is read.
-    `progress(n)`: n entries listed so far, after each page."""
+    `progress(n)`: n entries listed so far, after each page; `packs_read()`: called once
+    the packs are read, before the listing."""
     found = markers(remote)
     cols = _Columns()
     # A folder's files are cheap to read: its packs are not used.
     spans = _read_packs(remote, sorted(found), cols) if not remote.local else []
+    if packs_read is not None:
+        packs_read()
     live = bytearray(len(cols.valid))
     todo: list[str] = []
     listed = 0

@@ -254,3 +254,25 @@ def test_a_failed_read_of_entries_stops_the_listing_thread(tmp_path, monkeypatch
         collect_remote(remote, grace=0, cache_ttl=0)
     assert not [t for t in threading.enumerate() if t.name == "castore-gc-list"]
     assert len(remote.list_oids()) == 30
+
+
+def test_packs_are_read_in_order_and_a_damaged_one_is_read_around(s3, monkeypatch, caplog):  # noqa: F811
+    """Packs are fetched a few at a time (remote_packs._fetched): every entry is found,
+    each from its pack, except those of a damaged pack, which are read from their files."""
+    from tests.test_remote import use_server
+
+    use_server(s3, monkeypatch)
+    remote = Remote(s3.new_bucket())
+    oid = put_object(remote, "named by every entry")
+    raw = {key("00", i): put_entry(remote, key("00", i), [oid]) for i in range(20)}
+    keys = sorted(raw)
+    packs = [
+        remote_packs.write(remote, {k: raw[k] for k in keys[i : i + 4]}) for i in range(0, 20, 4)
+    ]
+    damaged = packs[2]
+    remote.write(remote.layout.object_path(damaged), b"not the pack any more")
+    got = remote_packs.read_entries(remote).entries
+    assert set(got) == set(raw)
+    from_files = {k for k, e in got.items() if e.pack < 0}
+    assert from_files == set(keys[8:12])  # the damaged pack's entries
+    assert damaged[:12] in caplog.text and "unreadable" in caplog.text
