@@ -211,13 +211,18 @@ class _Announced:
             else:
                 self.old.append(path)
         self.present: set[str] = set()
+        self._sorted: list[str] | None = None  # the young segments, and as ids
+        self._ids: np.ndarray | None = None
 
     def saw(self, page: np.ndarray) -> None:
         """A page of the objects' listing (their ids)."""
-        if self.young:
-            young = sorted(self.young)
-            at, _hit = _find(_as_ids(young), page)
-            self.present.update(young[i] for i in at.tolist())
+        if not self.young:
+            return
+        if self._sorted is None or self._ids is None:
+            self._sorted = sorted(self.young)
+            self._ids = _as_ids(self._sorted)
+        at, _hit = _find(self._ids, page)
+        self.present.update(self._sorted[i] for i in at.tolist())
 
     def dropped(self, going: Container[str]) -> list[str]:
         gone = (p for seg, p in self.markers if seg in going or seg not in self.present)
