@@ -16,6 +16,7 @@ import hmac
 import logging
 import os
 import posixpath
+import queue
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -521,7 +522,6 @@ def _s3_pages(fs: Any, base: str) -> Iterator[Listed]:
     """An S3 listing consumed page by page on s3fs's event loop, handed over as compact
     tuples (the info dicts it builds per key are dropped at once)."""
     import asyncio
-    import queue
 
     bucket, key, _ = fs.split_path(base)
     # A few pages ahead at most: a reader slower than the listing must not end up
@@ -549,9 +549,16 @@ def _s3_pages(fs: Any, base: str) -> Iterator[Listed]:
 
     running = asyncio.run_coroutine_threadsafe(produce(), fs.loop)
     try:
-        while (got := pages.get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            yield from got
+        for page in handed_over(pages):
+            yield from page
     finally:
         running.cancel()
+
+
+def handed_over(items: queue.Queue[Any]) -> Iterator[Any]:
+    """What a producer puts in `items`, until it puts None; an exception it puts is
+    raised here, in the reader."""
+    while (got := items.get()) is not None:
+        if isinstance(got, BaseException):
+            raise got
+        yield got

@@ -289,11 +289,10 @@ class _ObjectPages:
             pages.close()
 
     def __iter__(self) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+        from castore.remote import handed_over
+
         self.start()
-        while (got := self._pages.get()) is not None:
-            if isinstance(got, BaseException):
-                raise got
-            yield got
+        return handed_over(self._pages)
 
 
 def _remove_dead_locks(remote: Remote) -> None:

@@ -17,8 +17,10 @@ import contextlib
 import hashlib
 import logging
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -191,11 +193,9 @@ def _read_packs(remote: Remote, oids: list[str], cols: _Columns) -> list[tuple[s
     """Every packed entry into `cols` (with the MD5 of its bytes); the packs read as
     (oid, first row, end row) in `cols`. Each pack's bytes are dropped once read."""
     spans: list[tuple[str, int, int]] = []
-    for oid, got in _fetched(remote, oids):
+    for oid, fetched in _fetched(remote, oids):
         try:
-            if isinstance(got, BaseException):
-                raise got
-            pack = actionpack.decode_pack(oid, got)
+            pack = actionpack.decode_pack(oid, fetched.result())
         except (CastoreError, OSError) as e:
             log.warning(
                 "remote %s: entry pack %s unreadable (%s); reading entries", remote.url, oid[:12], e
@@ -217,26 +217,15 @@ def _read_packs(remote: Remote, oids: list[str], cols: _Columns) -> list[tuple[s
 _PACKS_AHEAD = 3
 
 
-def _fetched(remote: Remote, oids: list[str]) -> Iterator[tuple[str, bytes | BaseException]]:
-    """(oid, its verified bytes or the error reading them), in order."""
-    from collections import deque
-
+def _fetched(remote: Remote, oids: list[str]) -> Iterator[tuple[str, Future[bytes]]]:
+    """(oid, the fetch of its verified bytes), in order, _PACKS_AHEAD fetches running."""
     with ThreadPoolExecutor(_PACKS_AHEAD) as pool:
-        window: deque = deque()
         todo = iter(oids)
-        for oid in todo:
-            window.append((oid, pool.submit(remote.get_object, oid)))
-            if len(window) >= _PACKS_AHEAD:
-                break
+        window = deque((o, pool.submit(remote.get_object, o)) for o in islice(todo, _PACKS_AHEAD))
         while window:
-            oid, fut = window.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(remote.get_object, nxt)))
-            try:
-                yield oid, fut.result()
-            except (CastoreError, OSError) as e:
-                yield oid, e
+            head = window.popleft()
+            window.extend((o, pool.submit(remote.get_object, o)) for o in islice(todo, 1))
+            yield head
 
 
 def _match(
