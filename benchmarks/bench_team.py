@@ -15,7 +15,9 @@ run of 100 batches of a 50 ms step: `--remote` overhead of a run whose batches a
 local (floor: the same run without --remote), read-through of the 100 batches into an
 empty store (floor: computing them locally), push of one new run, `gc --remote
 --dry-run` (floor: s3fs listing actions/ and objects/, one after the other and at once, in
-a process of its own), and the gc's memory per entry.
+a process of its own), the client's CPU per key listing objects/ (castore's scan against
+s3fs's find: on a real S3 the client's parse, not the server, bounds a listing), and the
+gc's memory per entry.
 
 Part 3: a remote holding R runs (synthetic run and step manifests, 3 steps of 20 batches
 each, and their refs) plus the real 100-batch run: read-through of it into an empty store
@@ -253,6 +255,61 @@ def list_floor(url: str, env: dict[str, str], together: bool) -> float:
     return float(out.stdout.strip())
 
 
+SCAN_CHILD = """
+import sys, time
+root, how = sys.argv[1], sys.argv[2]
+if how == "s3fs":
+    import s3fs
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.find(root + "/refs")  # the client made, as castore's is below
+    listing = lambda: len(fs.find(root + "/objects", detail=True))
+else:
+    from castore.remote import Remote
+    remote = Remote("s3://" + root)
+    list(remote.scan("refs"))
+    listing = lambda: sum(1 for _ in remote.scan("objects"))
+t0, c0 = time.perf_counter(), time.process_time()
+n = listing()
+print(time.perf_counter() - t0, time.process_time() - c0, n)
+"""
+
+
+def scan_cost(url: str, env: dict[str, str], how: str) -> tuple[float, float, int]:
+    """(wall s, client CPU s, keys) of listing objects/ in a process of its own: through
+    s3fs's find (the floor) or castore's Remote.scan (pages as they come, timestamps
+    parsed by the standard library: castore.remote.parse_timestamp)."""
+    cmd = [sys.executable, "-c", SCAN_CHILD, url[len("s3://") :], how]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    wall, cpu, n = out.stdout.split()
+    return float(wall), float(cpu), int(n)
+
+
+Scans = dict[str, list[tuple[float, float, int]]]
+
+
+def add_scan_costs(url: str, env: dict[str, str], scans: Scans) -> None:
+    for how in scans:
+        scans[how].append(scan_cost(url, env, how))
+
+
+def scan_rows(label: str, scans: Scans) -> list[tuple[str, str]]:
+    keys = scans["s3fs"][0][2]
+    cpu = {h: [c / max(n, 1) * 1e6 for _, c, n in v] for h, v in scans.items()}
+    wall = {h: [w for w, _, _ in v] for h, v in scans.items()}
+    ratio = statistics.median(cpu["castore"]) / statistics.median(cpu["s3fs"])
+    return [
+        (
+            f"{label}: list objects/ ({keys:,} keys), client CPU per key",
+            f"s3fs find {mm(cpu['s3fs'], 'us')}; castore scan {mm(cpu['castore'], 'us')}"
+            f" = {ratio:.2f}x",
+        ),
+        (
+            f"{label}: list objects/, wall",
+            f"s3fs find {mm(wall['s3fs'])}; castore scan {mm(wall['castore'])}",
+        ),
+    ]
+
+
 def peak_mib(url: str, env: dict[str, str], listing_only: bool = False) -> float:
     """Peak RSS of a process running gc --remote --dry-run, or only its two listings."""
     if listing_only:
@@ -358,6 +415,7 @@ def main() -> None:
             timed_cas("run", str(pipeline), cache=origin, env=benv)
             t_push = [timed_cas("push", url, cache=origin, env=benv)]
             local, through, cold, read, gc_dry, listing, at_once = [], [], [], [], [], [], []
+            scans: Scans = {"s3fs": [], "castore": []}
             for i in range(args.repeat):
                 local.append(timed_cas("run", str(pipeline), cache=origin, env=benv))
                 through.append(
@@ -373,6 +431,7 @@ def main() -> None:
                 gc_dry.append(timed_cas("gc", "--remote", url, "--dry-run", cache=origin, env=benv))
                 listing.append(list_floor(url, env, together=False))
                 at_once.append(list_floor(url, env, together=True))
+                add_scan_costs(url, env, scans)
                 shutil.rmtree(fresh)
                 shutil.rmtree(empty)
             peaks[n_entries] = peak_mib(url, env)
@@ -400,13 +459,14 @@ def main() -> None:
                     f"{mm(gc_dry)} = {statistics.median(gc_dry) / statistics.median(at_once):.2f}x "
                     "the listings at once (target <= 10 s)",
                 ),
+                *scan_rows(f"E={n_entries:,}", scans),
                 (
                     f"E={n_entries:,}: gc dry-run peak RSS",
                     f"{peaks[n_entries]:.0f} MiB (s3fs's two whole listings alone: "
                     f"{floors[n_entries]:.0f} MiB)",
                 ),
             ]
-            print("\n".join(f"{k}  {v}" for k, v in rows[-10:]), flush=True)
+            print("\n".join(f"{k}  {v}" for k, v in rows[-12:]), flush=True)
         # -- part 3 ----------------------------------------------------------------------
         if args.runs:
             url = server.new_bucket()
