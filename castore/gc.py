@@ -174,7 +174,7 @@ def plan_gc(
     _plan_packs(store, plan, entries)
     _plan_tmp(store, plan, now - grace)
     kept = {(r.name, r.sig) for r in kept_runs} | {where for _, _, where in live if where}
-    plan.run_dirs_removed = _orphan_run_dirs(store, kept)
+    plan.run_dirs_removed = _orphan_run_dirs(store, kept, set(plan.refs_removed))
     return plan
 
 
@@ -270,7 +270,11 @@ def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
                     plan.tmp_bytes += st.st_size
 
 
-def _orphan_run_dirs(store: Store, kept: set[tuple[str, str]]) -> list[str]:
+def _orphan_run_dirs(
+    store: Store, kept: set[tuple[str, str]], dropped: set[tuple[str, str]]
+) -> list[str]:
+    """Run folders of no kept run: whose ref is gone, or is `dropped` by this gc (its
+    folder goes with it, not at the next gc; the sweep checks the ref went)."""
     base = store.layout.dir(L.RUNS)
     out = []
     with contextlib.suppress(FileNotFoundError):
@@ -279,9 +283,18 @@ def _orphan_run_dirs(store: Store, kept: set[tuple[str, str]]) -> list[str]:
             if not os.path.isdir(ndir):
                 continue
             for sig in sorted(os.listdir(ndir)):
-                if (name, sig) not in kept and store.get_ref(name, sig) is None:
+                run = (name, sig)
+                if run not in kept and (run in dropped or _no_ref(store, name, sig)):
                     out.append(f"{name}/{sig}")
     return out
+
+
+def _no_ref(store: Store, name: str, sig: str) -> bool:
+    """No ref names this run (a damaged one counts as there: fsck --repair decides)."""
+    try:
+        return store.get_ref(name, sig) is None
+    except CastoreError:
+        return False
 
 
 def collect(
@@ -344,6 +357,8 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tmp, name))
     for rel in plan.run_dirs_removed:
+        if not _no_ref(store, *rel.split("/", 1)):
+            continue  # a ref this gc spared (moved since the plan), or a run sealed since
         shutil.rmtree(os.path.join(store.layout.dir(L.RUNS), rel), ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(os.path.join(store.layout.dir(L.RUNS), rel)))

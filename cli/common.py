@@ -109,6 +109,13 @@ def err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 object`, `2 objects`, `1 action entry`, `3 action entries`."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n:,} " + (noun[:-1] + "ies" if noun.endswith("y") else noun + "s")
+
+
 def complete_runs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[Any]:
     """Shell completion of run names (and signature prefixes) from the store that
     --cache-dir or CASTORE_CACHE_DIR names; nothing when there is no store."""

@@ -10,6 +10,7 @@ from castore.cli.common import (
     StatusLine,
     common_options,
     complete_runs,
+    counted,
     echo_json,
     err,
 )
@@ -116,10 +117,12 @@ def gc_command(
     for oid in p.objects_removed if dry_run else []:
         click.echo(f"{verb} object {oid}")
     err(
-        f"{verb} {len(p.refs_removed)} runs, {len(p.objects_removed)} objects, "
-        f"{len(p.actions_dropped)} action entries, {len(p.tmp_removed)} tmp files, "
-        f"{len(p.run_dirs_removed)} run folders: {_human(result.bytes_freed)} "
-        f"({result.bytes_freed:,} bytes); kept {p.objects_kept} objects"
+        f"{verb} {counted(len(p.refs_removed), 'run')}, "
+        f"{counted(len(p.objects_removed), 'object')}, "
+        f"{counted(len(p.actions_dropped), 'action entry')}, "
+        f"{counted(len(p.tmp_removed), 'tmp file')}, "
+        f"{counted(len(p.run_dirs_removed), 'run folder')}: {_human(result.bytes_freed)} "
+        f"({result.bytes_freed:,} bytes); kept {counted(p.objects_kept, 'object')}"
         + (f"; {len(p.live_runs)} run(s) in progress protected" if p.live_runs else "")
     )
     if p.kept_by_cache_ttl or p.kept_by_grace:
@@ -215,9 +218,9 @@ def _remote_gc(
         return
     verb = "would remove" if dry_run else "removed"
     err(
-        f"remote {r.url}: {verb} {len(p.objects_removed)} objects "
-        f"({_human(res.bytes_freed)}), {len(p.actions_dropped)} action entries; kept "
-        f"{p.objects_kept} objects"
+        f"remote {r.url}: {verb} {counted(len(p.objects_removed), 'object')} "
+        f"({_human(res.bytes_freed)}), {counted(len(p.actions_dropped), 'action entry')}; "
+        f"kept {counted(p.objects_kept, 'object')}"
     )
 
 

@@ -4,7 +4,15 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from castore.cli.common import SHORT_HELP, App, StatusLine, common_options, echo_json, err
+from castore.cli.common import (
+    SHORT_HELP,
+    App,
+    StatusLine,
+    common_options,
+    counted,
+    echo_json,
+    err,
+)
 
 
 @click.group("remote", short_help=SHORT_HELP["remote"])
@@ -115,10 +123,10 @@ def _transfer(
         echo_json(doc)
         return
     err(
-        f"{verb}: {result.objects} objects ({result.bytes / 1e6:.1f} MB, "
-        f"{result.rate / 1e6:.1f} MB/s), {result.actions} action entries, "
-        f"{len(result.refs)} runs"
-        + (f", {result.jobs} batch job records" if result.jobs else "")
+        f"{verb}: {counted(result.objects, 'object')} ({result.bytes / 1e6:.1f} MB, "
+        f"{result.rate / 1e6:.1f} MB/s), {counted(result.actions, 'action entry')}, "
+        f"{counted(len(result.refs), 'run')}"
+        + (f", {counted(result.jobs, 'batch job record')}" if result.jobs else "")
         + f"; {result.skipped} already there"
     )
 
@@ -132,9 +140,11 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
     for run in plan["runs"]:
         click.echo(f"would {plan['direction']} run {run}")
     err(
-        f"{plan['direction']} --dry-run: would {verb} {plan['objects']} objects{size}, "
-        f"{plan['manifests']} manifests and {plan['action_entries']} action entries for "
-        f"{len(plan['runs'])} run(s); {plan['already_there']} objects already there; "
+        f"{plan['direction']} --dry-run: would {verb} {counted(plan['objects'], 'object')}"
+        f"{size}, {counted(plan['manifests'], 'manifest')} and "
+        f"{counted(plan['action_entries'], 'action entry')} for "
+        f"{counted(len(plan['runs']), 'run')}; {plan['already_there']:,} objects already "
+        "there; "
         "nothing was transferred"
     )
 

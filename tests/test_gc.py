@@ -103,6 +103,9 @@ def test_keep_last_and_older_than(store):
     assert r.returncode == 0, r
     assert len(r.json()["refs_removed"]) == 2
     assert [x.sig for x in list_runs(store)] == [newest.sig]
+    # The dropped runs' folders went with them (they were left for the next gc).
+    assert sorted(os.listdir(store.root / "runs" / "many")) == [newest.sig]
+    assert len(r.json()["run_dirs_removed"]) == 2
     r = cas_inproc("gc", "--older-than", "0s", "--json", cache_dir=store.root)
     assert r.returncode == 0 and len(r.json()["refs_removed"]) == 1
     assert list_runs(store) == []
@@ -215,6 +218,8 @@ def test_collect_sweeps_the_confirmed_plan_and_spares_a_moved_ref(store):
     assert result.plan is plan
     assert store.get_ref(name, sig) == moved  # the moved ref was not removed
     assert len(list_runs(store)) == 3
+    assert f"{name}/{sig}" in plan.run_dirs_removed  # planned with its ref, and kept with it
+    assert (store.root / "runs" / name / sig / "data").is_dir()
 
 
 def test_gc_says_what_it_kept_and_why(store):
