@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import click
-from castore.cli.common import SHORT_HELP, App, common_options, echo_json
+from castore.cli.common import SHORT_HELP, App, common_options, counted, echo_json
 
 from castore import fsck
 from castore.errors import ProblemsFound
@@ -39,15 +39,16 @@ def command(app: App, repair: bool, remote: str | None, as_json: bool) -> None:
         for p in report.problems:
             click.echo(p.line())
         click.echo(
-            f"checked {report.objects_checked} objects, {report.actions_checked} action "
-            f"entries, {report.refs_checked} refs: "
-            + ("clean" if report.clean else f"{len(report.problems)} problem(s)"),
+            f"checked {counted(report.objects_checked, 'object')}, "
+            f"{counted(report.actions_checked, 'action entry')}, "
+            f"{counted(report.refs_checked, 'ref')}: "
+            + ("clean" if report.clean else counted(len(report.problems), "problem")),
             err=True,
         )
     unrepaired = [p for p in report.problems if not p.repaired]
     if unrepaired or (report.problems and not repair):
         raise ProblemsFound(
-            f"{len(unrepaired)} problem(s) left"
+            f"{counted(len(unrepaired), 'problem')} left"
             + ("; `cas fsck --repair` fixes what it can" if not repair else "")
         )
 
@@ -64,8 +65,8 @@ def _remote(app: App, name: str, as_json: bool) -> None:
             click.echo(p.line())
         click.echo(
             f"remote {r.url}: "
-            + ("clean" if report.clean else f"{len(report.problems)} problem(s)"),
+            + ("clean" if report.clean else counted(len(report.problems), "problem")),
             err=True,
         )
     if not report.clean:
-        raise ProblemsFound(f"{len(report.problems)} problem(s) on remote {r.url}")
+        raise ProblemsFound(f"{counted(len(report.problems), 'problem')} on remote {r.url}")
