@@ -356,8 +356,10 @@ def _sweep(store: Store, plan: GcPlan, progress: Callable[[str, int], None] | No
     for name in plan.tmp_removed:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tmp, name))
+    # A run that started since the plan (after a prompt, say) may use an orphan folder.
+    live = {f"{w[0]}/{w[1]}" for _, _, w in _live_runs(store) if w is not None}
     for rel in plan.run_dirs_removed:
-        if not _no_ref(store, *rel.split("/", 1)):
+        if rel in live or not _no_ref(store, *rel.split("/", 1)):
             continue  # a ref this gc spared (moved since the plan), or a run sealed since
         shutil.rmtree(os.path.join(store.layout.dir(L.RUNS), rel), ignore_errors=True)
         with contextlib.suppress(OSError):

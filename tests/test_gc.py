@@ -222,6 +222,25 @@ def test_collect_sweeps_the_confirmed_plan_and_spares_a_moved_ref(store):
     assert (store.root / "runs" / name / sig / "data").is_dir()
 
 
+def test_sweep_spares_the_folder_of_a_run_started_since_the_plan(store):
+    """A folder planned to go with its dropped ref stays when a run of that pipeline holds
+    its lock by the sweep (it started after `cas gc --keep-last` asked)."""
+    for prefix in ("x", "y"):
+        make("many", prefix).run(cache_dir=store.root, quiet=True)
+        time.sleep(0.01)
+    plan = gc.plan_gc(store, keep_last=1)
+    ((name, sig),) = plan.refs_removed
+    assert plan.run_dirs_removed == [f"{name}/{sig}"]
+    lock = store.run_lock("started-since", {"name": name, "sig": sig})
+    lock.acquire()
+    try:
+        gc.collect(store, plan=plan, grace=0)
+    finally:
+        lock.release()
+    assert store.get_ref(name, sig) is None  # the ref went, as planned
+    assert (store.root / "runs" / name / sig).is_dir()  # the live run's folder stayed
+
+
 def test_gc_says_what_it_kept_and_why(store):
     """A removed run whose objects are young frees nothing: gc says why and how to free
     them now, and the counts add up."""
