@@ -19,6 +19,9 @@ a process of its own), the client's CPU per key listing objects/ (castore's scan
 s3fs's find: on a real S3 the client's parse, not the server, bounds a listing), and the
 gc's memory per entry.
 
+Part 2m: remotes of M entries (6,000 and 60,000 by default): peak RSS of `gc --remote
+--dry-run` on each, and its growth per entry (target <= 200 B).
+
 Part 3: a remote holding R runs (synthetic run and step manifests, 3 steps of 20 batches
 each, and their refs) plus the real 100-batch run: read-through of it into an empty store
 (the first look at the remote reads the refs and the manifests the cross-check needs),
@@ -27,7 +30,7 @@ read, so only what changed is read). Floor: computing the 100 batches locally. A
 `gc --remote --dry-run`, which must read every run's manifests (16 at a time).
 
     python benchmarks/bench_team.py [--machines 1,2,5,10] [--rowwise 2,3]
-        [--entries 2000,20000] [--runs 500] [--repeat 5]
+        [--entries 2000,20000] [--memory-entries 6000,60000] [--runs 500] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -161,20 +164,30 @@ def rowwise_machines(
 
 
 def fill(remote: Remote, n: int) -> None:
-    """n entries, each naming one small object: what a remote of n batches lists."""
+    """n entries, each naming one small object: what a remote of n batches lists. The
+    objects and entries go straight into the server's storage (it runs in this process:
+    the same keys, bytes and ETags as PUT requests give, ~10x faster); their packs are
+    written through the remote."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+    def put(path: str, data: bytes) -> None:
+        bucket, key = path.split("/", 1)
+        backend.put_object(bucket, key, data)
 
     def one(i: int) -> tuple[str, bytes]:
         data = f"object {i}".encode()
         oid = hash_bytes(data)
-        remote.write(remote.layout.object_path(oid), data)
+        put(remote.layout.object_path(oid), data)
         entry = ActionEntry(outputs=[oid], rows=[1], info={"step": "filler"})
         key = hash_json(["filler", i])
         raw = remote.entry_bytes(key, entry)
-        remote.write(remote.layout.action_path(key), raw)
+        put(remote.layout.action_path(key), raw)
         return key, raw
 
-    with ThreadPoolExecutor(32) as pool:
-        written = dict(pool.map(one, range(n)))
+    written = dict(map(one, range(n)))
     # As the pushes that brought them would have: their entries packed too, 1,000 a push.
     keys = sorted(written)
     for i in range(0, n, 1000):
@@ -310,6 +323,38 @@ def scan_rows(label: str, scans: Scans) -> list[tuple[str, str]]:
     ]
 
 
+def memory_rows(
+    server: S3Server, sizes: list[int], env: dict[str, str], repeat: int
+) -> list[tuple[str, str]]:
+    """Peak RSS of `gc --remote --dry-run` on remotes of each size (interleaved, `repeat`
+    times), and its growth per entry between the smallest and the largest: what a remote
+    of millions of entries costs beyond the process's fixed ~130 MiB."""
+    if not sizes:
+        return []
+    urls = {}
+    for n in sizes:
+        urls[n] = server.new_bucket()
+        fill(Remote(urls[n]), n)
+    peaks: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeat):
+        for n in sizes:
+            peaks[n].append(peak_mib(urls[n], env))
+    rows = [(f"M={n:,} entries: gc dry-run peak RSS", mm(peaks[n], "MiB")) for n in sizes]
+    lo, hi = min(sizes), max(sizes)
+    if hi > lo:
+        per = [(b - a) * 2**20 / (hi - lo) for a, b in zip(peaks[lo], peaks[hi], strict=True)]
+        slope = (statistics.median(peaks[hi]) - statistics.median(peaks[lo])) * 2**20 / (hi - lo)
+        rows.append(
+            (
+                f"gc dry-run peak RSS per entry, {lo:,} -> {hi:,}",
+                f"median of peaks {slope:.0f} B (pairs: min {min(per):.0f} max {max(per):.0f} B;"
+                " target <= 200 B)",
+            )
+        )
+    print("\n".join(f"{k}  {v}" for k, v in rows), flush=True)
+    return rows
+
+
 def peak_mib(url: str, env: dict[str, str], listing_only: bool = False) -> float:
     """Peak RSS of a process running gc --remote --dry-run, or only its two listings."""
     if listing_only:
@@ -336,6 +381,7 @@ def main() -> None:
     ap.add_argument("--rowwise", default="2,3")
     ap.add_argument("--entries", default="2000,20000")
     ap.add_argument("--runs", type=int, default=500)
+    ap.add_argument("--memory-entries", default="6000,60000")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import logging
@@ -467,6 +513,9 @@ def main() -> None:
                 ),
             ]
             print("\n".join(f"{k}  {v}" for k, v in rows[-12:]), flush=True)
+        # -- part 2m: memory per entry -------------------------------------------------
+        sizes = [int(e) for e in args.memory_entries.split(",") if e]
+        rows += memory_rows(server, sizes, env, args.repeat)
         # -- part 3 ----------------------------------------------------------------------
         if args.runs:
             url = server.new_bucket()
