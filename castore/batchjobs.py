@@ -44,6 +44,10 @@ from pydantic import BaseModel, Field
 from castore.batchapi import BatchApi, read_results, request_file
 from castore.errors import BatchWaiting, LLMError, StepFailed, StoreLocked
 from castore.hashing import hash_json
+from castore.jobctx import PIPELINE as _PIPELINE
+from castore.jobctx import REMOTE as _REMOTE
+from castore.jobctx import STORE as _STORE
+from castore.jobctx import use_store as use_store
 from castore.llms import Prices, usage_totals
 from castore.store import layout as L
 from castore.store.locks import FileLock
@@ -57,9 +61,6 @@ log = logging.getLogger("castore.run")
 LOCK_WAIT = 300.0  # seconds a batch waits for another's submission before parking
 # A provider's end states of a job (anything else: it still works on it).
 ENDED = {"completed", "failed", "expired", "cancelled"}
-_STORE: dict[str, Store] = {}  # the run's store, set by the scheduler (steps have none)
-_REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one
-_PIPELINE: dict[str, str | None] = {}  # and its pipeline's name
 
 
 class JobRecord(BaseModel):
@@ -103,21 +104,6 @@ class JobRecord(BaseModel):
     verified: bool = True
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated: datetime = Field(default_factory=lambda: datetime.now(UTC))
-
-
-def use_store(
-    store: Store, remote: Any = None, *, push: bool = False, pipeline: str | None = None
-) -> None:
-    """The run's store, and its read-through remote (`--remote`; `push`: `--push`): a job
-    record the store lacks is looked for there, and a record this run submits is written
-    there at once. (Two machines writing through at once do not both submit: the batch
-    is leased on the remote while it is computed, castore/remote_locks.py.) `pipeline`:
-    the run's pipeline, named in the records of the jobs it asks (`cas jobs --run`)."""
-    _STORE["store"] = store
-    _PIPELINE["name"] = pipeline
-    _REMOTE.clear()
-    if remote is not None:
-        _REMOTE.update(remote=remote, push=push)
 
 
 def _remote_record(remote: Any, key: str) -> JobRecord | None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from castore import batchjobs
+from castore import jobctx
 from castore.errors import BatchWaiting, CastoreError, StepFailed
 from castore.hashing import entry_check, generator_end_key
 from castore.pipeline.batch import (
@@ -512,7 +512,7 @@ class Scheduler:
         steps = self.steps.values()
         rc = self.rcache if self.rcache is not None and self.rcache.active else None
         # An offline LLM step records its batch jobs in the store (and on the remote).
-        batchjobs.use_store(
+        jobctx.use_store(
             self.store, rc and rc.remote, push=bool(rc and rc.leases), pipeline=pipeline.name
         )
         self.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))

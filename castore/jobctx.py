@@ -1,0 +1,30 @@
+"""The run's store, remote and pipeline name for offline batch jobs (castore.batchjobs),
+set by the scheduler at every run's start and read by an LLM step's jobs. A module of its
+own so that a run that asks no batch job never imports the jobs' machinery (asyncio and
+the LLM client: ~20 ms of every `cas run`, replays included)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from castore.store import Store
+
+STORE: dict[str, Store] = {}  # the run's store (steps have none)
+REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one
+PIPELINE: dict[str, str | None] = {}  # and its pipeline's name
+
+
+def use_store(
+    store: Store, remote: Any = None, *, push: bool = False, pipeline: str | None = None
+) -> None:
+    """The run's store, and its read-through remote (`--remote`; `push`: `--push`): a job
+    record the store lacks is looked for there, and a record this run submits is written
+    there at once. (Two machines writing through at once do not both submit: the batch
+    is leased on the remote while it is computed, castore/remote_locks.py.) `pipeline`:
+    the run's pipeline, named in the records of the jobs it asks (`cas jobs --run`)."""
+    STORE["store"] = store
+    PIPELINE["name"] = pipeline
+    REMOTE.clear()
+    if remote is not None:
+        REMOTE.update(remote=remote, push=push)
