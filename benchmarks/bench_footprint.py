@@ -123,7 +123,8 @@ def breakdown(store: Store, root: Path) -> dict[str, tuple[int, int]]:
 
 
 def _sniff(path: Path) -> str:
-    head = path.read_bytes()[:16]
+    with open(path, "rb") as f:
+        head = f.read(16)
     if head.startswith(b"ARROW1"):
         return "entry pack"
     if head.startswith(b"(\xb5/\xfd"):

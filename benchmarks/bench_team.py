@@ -167,8 +167,8 @@ def rowwise_machines(
 def fill(remote: Remote, n: int) -> None:
     """n entries, each naming one small object: what a remote of n batches lists. The
     objects and entries go straight into the server's storage (it runs in this process:
-    the same keys, bytes and ETags as PUT requests give, ~10x faster); their packs are
-    written through the remote."""
+    the same keys, bytes and ETags as PUT requests give; 20,000 in 2.5 s, not 199 s);
+    their packs are written through the remote."""
     from moto.core import DEFAULT_ACCOUNT_ID
     from moto.s3.models import s3_backends
 
@@ -264,9 +264,7 @@ def list_floor(url: str, env: dict[str, str], together: bool) -> float:
     their own as the gc is (the server's thread shares this one's GIL): one after the
     other, or at once (as gc --remote lists them)."""
     mode = "together" if together else "serial"
-    cmd = [sys.executable, "-c", LIST_CHILD, url[len("s3://") :], mode]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+    return float(child(LIST_CHILD, env, url[len("s3://") :], mode))
 
 
 SCAN_CHILD = """
@@ -292,9 +290,7 @@ def scan_cost(url: str, env: dict[str, str], how: str) -> tuple[float, float, in
     """(wall s, client CPU s, keys) of listing objects/ in a process of its own: through
     s3fs's find (the floor) or castore's Remote.scan (pages as they come, timestamps
     parsed by the standard library: castore.remote.parse_timestamp)."""
-    cmd = [sys.executable, "-c", SCAN_CHILD, url[len("s3://") :], how]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    wall, cpu, n = out.stdout.split()
+    wall, cpu, n = child(SCAN_CHILD, env, url[len("s3://") :], how).split()
     return float(wall), float(cpu), int(n)
 
 
@@ -379,10 +375,18 @@ def peak_mib(
             + f"remote_gc.collect_remote(Remote({url!r}), dry_run=True)\n"
         )
     code = work + "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return int(child(code, env)) / 1024
+
+
+def child(code: str, env: dict[str, str], *args: str) -> str:
+    """The stripped stdout of `python -c code args` in a process of its own; its stderr
+    ends the benchmark when it fails."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True
+    )
     if out.returncode:
         raise SystemExit(out.stderr[-2000:])
-    return int(out.stdout.strip()) / 1024
+    return out.stdout.strip()
 
 
 def main() -> None:

@@ -47,7 +47,6 @@ from castore.hashing import hash_json
 from castore.jobctx import PIPELINE as _PIPELINE
 from castore.jobctx import REMOTE as _REMOTE
 from castore.jobctx import STORE as _STORE
-from castore.jobctx import use_store as use_store
 from castore.llms import Prices, usage_totals
 from castore.store import layout as L
 from castore.store.locks import FileLock

@@ -211,16 +211,11 @@ class _Announced:
             else:
                 self.old.append(path)
         self.present: set[str] = set()
-        self._sorted: list[str] | None = None  # the young segments, and as ids
-        self._ids: np.ndarray | None = None
+        self._sorted = sorted(self.young)  # the young segments, and as ids
+        self._ids = _as_ids(self._sorted)
 
     def saw(self, page: np.ndarray) -> None:
         """A page of the objects' listing (their ids)."""
-        if not self.young:
-            return
-        if self._sorted is None or self._ids is None:
-            self._sorted = sorted(self.young)
-            self._ids = _as_ids(self._sorted)
         at, _hit = _find(self._ids, page)
         self.present.update(self._sorted[i] for i in at.tolist())
 

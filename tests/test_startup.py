@@ -101,7 +101,8 @@ def test_a_finished_run_replays_from_manifests_only(tmp_path, finished):
         tmp_path, "--cache-dir", str(cache), "run", "clean_reviews.py", "--quiet", cwd=work
     )
     # asyncio: the batch jobs' machinery, which a run that asks none never imports.
-    assert not modules & (DATA_STACK | {"pyarrow", "aiohttp", "fsspec", "asyncio"}), modules
+    loaded = modules & (DATA_STACK | {"pyarrow", "aiohttp", "fsspec", "asyncio"})
+    assert not loaded, loaded
     assert threads == []
     assert {p: p.stat().st_ino for p in data.rglob("*")} == before
 
