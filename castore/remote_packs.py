@@ -84,7 +84,7 @@ class _Columns:
         self.created = array("d")
         self.valid = bytearray()
         self.outs = bytearray()
-        self.ends = array("q")
+        self.ends = array("i")  # C ints: 2^31 outputs is 64 GB of ids, far beyond a gc
         self.pack = array("i")
         self.row = array("i")
         self.md5 = bytearray()  # of the bytes, while the listing is matched against packs
@@ -137,8 +137,8 @@ class Entries:
         return np.frombuffer(self.cols.outs, dtype=ID)
 
     def counts(self) -> np.ndarray:
-        ends = np.frombuffer(self.cols.ends, dtype=np.int64)
-        return np.diff(ends, prepend=0)
+        ends = np.frombuffer(self.cols.ends, dtype=np.intc)
+        return np.diff(ends, prepend=np.intc(0))  # 4 bytes an entry, not 8
 
     def hexes(self, mask: np.ndarray) -> list[str]:
         """The keys of the entries in `mask`, sorted."""

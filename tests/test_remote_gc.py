@@ -276,3 +276,39 @@ def test_packs_are_read_in_order_and_a_damaged_one_is_read_around(s3, monkeypatc
     from_files = {k for k, e in got.items() if e.pack < 0}
     assert from_files == set(keys[8:12])  # the damaged pack's entries
     assert damaged[:12] in caplog.text and "unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 1000])
+def test_sorted_ids_find_what_a_sorted_copy_finds(n):
+    """remote_gc._Sorted keeps 4-byte places instead of a sorted copy of the ids and searches
+    them itself: the same places and hits as numpy's searchsorted over the sorted copy, with
+    ids named twice, ids ending in zero bytes, ids sharing long prefixes, masked-out ids."""
+    import random
+
+    import numpy as np
+
+    from castore.remote_gc import _Sorted
+
+    rng = random.Random(n)
+    pool = [
+        bytes([rng.choice([0, 1, 255])] * 16 + [rng.randrange(256) for _ in range(14)])
+        + bytes([rng.choice([0, 0, 7]), 0])
+        for _ in range(max(n, 1))
+    ]
+    base = np.array([rng.choice(pool) for _ in range(n)], dtype=remote_packs.ID)
+    mask = np.array([rng.random() < 0.7 for _ in range(n)], dtype=np.bool_)
+    want = np.array(
+        [*pool, *(bytes([rng.randrange(256) for _ in range(32)]) for _ in range(50))],
+        dtype=remote_packs.ID,
+    )
+    for m in (None, mask):
+        held = base if m is None else base[m]
+        copy = np.sort(held)
+        ids = _Sorted(base, m)
+        assert len(ids) == len(held)
+        at, hit = ids.find(want)
+        expect_hit = np.isin(want, held)
+        assert hit.tolist() == expect_hit.tolist()
+        assert at.tolist() == np.searchsorted(copy, want[expect_hit]).tolist()
+        # A place is where that id is in sorted order: its first place.
+        assert [ids._at(np.array([a]))[0] for a in at.tolist()] == want[hit].tolist()
