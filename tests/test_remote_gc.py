@@ -312,3 +312,27 @@ def test_sorted_ids_find_what_a_sorted_copy_finds(n):
         assert at.tolist() == np.searchsorted(copy, want[expect_hit]).tolist()
         # A place is where that id is in sorted order: its first place.
         assert [ids._at(np.array([a]))[0] for a in at.tolist()] == want[hit].tolist()
+
+
+def test_gc_fixes_glibc_mmap_threshold_in_a_process_of_its_own(tmp_path):
+    """collect_remote fixes glibc's mmap threshold (fewer bytes per entry kept by the heap);
+    where the C library is glibc the call is accepted, elsewhere nothing changes, and a gc
+    runs after it either way."""
+    import platform
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom castore.remote import Remote\n"
+        "from castore.remote_gc import collect_remote, fix_mmap_threshold\n"
+        "print(fix_mmap_threshold())\n"
+        "r = collect_remote(Remote(sys.argv[1]), dry_run=True)\n"
+        "print(len(r.plan.objects_removed))\n"
+    )
+    remote = Remote(str(tmp_path / "remote"))
+    put_object(remote, "stray")
+    out = subprocess.run(
+        [sys.executable, "-c", code, remote.url], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == str(platform.libc_ver()[0] == "glibc")
+    assert out[1] == "0"  # the stray object is younger than the grace period
