@@ -171,3 +171,74 @@ def test_without_fcntl_import_works_and_the_store_says_posix_only(tmp_path):
         "Error: castore's store needs Linux or macOS (its locks are POSIX flock(2) locks); "
         "on Windows, use WSL"
     ]
+
+
+def test_a_computing_run_leaves_pandas_unimported(tmp_path):
+    """pyarrow would import pandas (~0.2 s) on castore's first conversion of the rows a step
+    returns (castore/arrowpandas.py): a cold run of the README example does without it."""
+    work = tmp_path / "examples"
+    import shutil
+
+    shutil.copytree(REPO / "examples", work)
+    modules, _ = probe(
+        tmp_path, "--cache-dir", str(tmp_path / "c"), "run", "clean_reviews.py", "-q", cwd=work
+    )
+    assert "pyarrow" in modules and "pandas" not in modules
+
+
+PANDAS_AFTER = """
+import json, os, sys
+import pyarrow as pa
+from castore import Pipeline, StepInput, step
+from castore.steps import LoadDataFromDicts
+
+@step(inputs=["x"], outputs=["y"])
+def Double(inputs: StepInput):
+    if os.environ.get("STEP_IMPORTS_PANDAS") and inputs[0]["x"] >= 10:
+        import pandas as pd  # a step's own pandas, in a later batch
+        assert pa.array(pd.Series(pd.Categorical(["a", "b"]))).type.id == pa.dictionary(
+            pa.int8(), pa.string()).id
+    return [{**r, "y": 2 * r["x"]} for r in inputs]
+
+with Pipeline(name="p") as p:
+    LoadDataFromDicts(data=[{"x": i} for i in range(30)], batch_size=10) >> Double(
+        input_batch_size=10)
+p.execute(cache_dir=os.environ["PROBE_CACHE"], quiet=True)
+before = "pandas" in sys.modules
+import pandas as pd
+cat = pa.array(pd.Series(pd.Categorical(["a", "b", "a"])))
+when = pa.array(pd.Series(pd.to_datetime(["2020-01-01"]).tz_localize("UTC")))
+back = pa.table({"a": [1, 2]}).to_pandas()
+print(json.dumps({"before": before, "cat": str(cat.type), "when": str(when.type),
+                  "back": list(back["a"]), "loader": type(pd.__loader__).__name__}))
+"""
+
+
+@pytest.mark.parametrize("in_step", [False, True])
+def test_pandas_imported_after_castore_converted_rows_converts_as_usual(tmp_path, in_step):
+    """Once pandas is imported (by the user, or by a step in a later batch), pyarrow treats
+    pandas objects exactly as when castore leaves its shim alone: categoricals as dictionary
+    arrays, tz-aware times with their zone, to_pandas working."""
+    import pyarrow as pa
+
+    pd = pytest.importorskip("pandas")
+
+    env = {**os.environ, "PROBE_CACHE": str(tmp_path / "c")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if in_step:
+        env["STEP_IMPORTS_PANDAS"] = "1"
+    script = tmp_path / "pandas_after.py"  # a file: a step's code is hashed from its source
+    script.write_text(PANDAS_AFTER)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    expect_cat = pa.array(pd.Series(pd.Categorical(["a", "b", "a"]))).type
+    expect_when = pa.array(pd.Series(pd.to_datetime(["2020-01-01"]).tz_localize("UTC"))).type
+    assert doc == {
+        "before": in_step,
+        "cat": str(expect_cat),
+        "when": str(expect_when),
+        "back": [1, 2],
+        "loader": "SourceFileLoader",
+    }
+    assert str(expect_cat).startswith("dictionary")  # what a wrong shim would lose

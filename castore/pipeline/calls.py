@@ -59,6 +59,9 @@ def _is_table(obj: Any) -> bool:
 def to_table(chunks: Iterable[Any]) -> pa.Table:
     import pyarrow as pa
 
+    from castore.arrowpandas import spare_pandas_import
+
+    spare_pandas_import()
     tables = []
     for chunk in chunks:
         if _is_table(chunk):
