@@ -97,7 +97,9 @@ def gc_command(
         if confirmed.refs_removed:
             for name, sig in confirmed.refs_removed:
                 err(f"would remove run {name}/{sig[:12]}")
-            click.confirm(f"remove {len(confirmed.refs_removed)} run(s)?", abort=True, err=True)
+            click.confirm(
+                f"remove {counted(len(confirmed.refs_removed), 'run')}?", abort=True, err=True
+            )
     # What was confirmed is what is swept (not a plan made again after the prompt).
     result = gc.collect(store, dry_run=dry_run, plan=confirmed, **kw)
     p = result.plan
@@ -123,7 +125,7 @@ def gc_command(
         f"{counted(len(p.tmp_removed), 'tmp file')}, "
         f"{counted(len(p.run_dirs_removed), 'run folder')}: {_human(result.bytes_freed)} "
         f"({result.bytes_freed:,} bytes); kept {counted(p.objects_kept, 'object')}"
-        + (f"; {len(p.live_runs)} run(s) in progress protected" if p.live_runs else "")
+        + (f"; {counted(len(p.live_runs), 'run')} in progress protected" if p.live_runs else "")
     )
     if p.kept_by_cache_ttl or p.kept_by_grace:
         err(

@@ -186,6 +186,41 @@ def test_a_computing_run_leaves_pandas_unimported(tmp_path):
     assert "pyarrow" in modules and "pandas" not in modules
 
 
+ROW_WISE = """
+import os
+from castore import Pipeline, StepInput, step
+from castore.steps import LoadDataFromDicts
+
+@step(inputs=["text"], outputs=["n"], row_wise=True)
+def Count(inputs: StepInput):
+    return [{**r, "n": len(r["text"])} for r in inputs]
+
+with Pipeline(name="rw") as pipeline:
+    LoadDataFromDicts(data=[{"text": "x" * i} for i in range(60)], batch_size=20) >> Count(
+        input_batch_size=int(os.environ["BATCH"]))
+"""
+
+
+def test_rows_reused_by_row_key_leave_pandas_unimported(tmp_path, monkeypatch):
+    """Another batch size: every row comes from the row index, no step computes, and the
+    batches are assembled from reused rows (not through calls.to_table): no pandas either."""
+    (tmp_path / "rw.py").write_text(ROW_WISE)
+    cache = str(tmp_path / "c")
+    monkeypatch.setenv("BATCH", "10")
+    probe(tmp_path, "--cache-dir", cache, "run", "rw.py", "-q", cwd=tmp_path)
+    monkeypatch.setenv("BATCH", "7")
+    modules, _ = probe(tmp_path, "--cache-dir", cache, "run", "rw.py", "-q", cwd=tmp_path)
+    from castore.runs import list_runs
+    from castore.store import Store
+    from castore.store.manifests import StepManifest, load_model
+
+    store = Store(cache)
+    run = next(r for r in list_runs(store) if r.name == "rw")
+    count = load_model(store, run.manifest.steps[-1].manifest, StepManifest)
+    assert len(count.batches) == 9 and sum(b.rows_reused for b in count.batches) == 60
+    assert "pyarrow" in modules and "pandas" not in modules
+
+
 PANDAS_AFTER = """
 import json, os, sys
 import pyarrow as pa

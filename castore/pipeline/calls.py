@@ -61,7 +61,7 @@ def to_table(chunks: Iterable[Any]) -> pa.Table:
 
     from castore.arrowpandas import spare_pandas_import
 
-    spare_pandas_import()
+    spare_pandas_import()  # in a worker process (the driver's scheduler did its own)
     tables = []
     for chunk in chunks:
         if _is_table(chunk):
