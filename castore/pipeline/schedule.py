@@ -515,12 +515,9 @@ class Scheduler:
         jobctx.use_store(
             self.store, rc and rc.remote, push=bool(rc and rc.leases), pipeline=pipeline.name
         )
-        # Before any worker starts: every conversion of rows in this process, also of rows
-        # reused by row key where no step computes (worker processes: calls.to_table).
-        # Imported here: a replay never gets this far.
-        from castore.arrowpandas import spare_pandas_import
+        from castore.arrowpandas import spare_pandas_import  # here: replays never load it
 
-        spare_pandas_import()
+        spare_pandas_import()  # before any worker (worker processes: calls.to_table)
         self.gen_threads = ThreadWorkers(max(sum(isinstance(s, GeneratorStep) for s in steps), 1))
         if kind == "ray":
             pickle_steps_by_value(pipeline)
