@@ -285,7 +285,9 @@ def check_remote(remote: Remote, *, jobs: int = 8) -> FsckReport:
     (present outputs, agreement with the step manifests, signatures with a team key),
     row-segment markers (their segment present) and refs (name, target, the run's
     objects). Same report type as `check`."""
+    from castore.remote_layout import require_store
 
+    require_store(remote)  # a mistyped URL is not a clean remote
     oids = remote.list_oids()
     report = FsckReport(objects_checked=len(oids))
     report.problems += _remote_object_problems(remote, oids, jobs)

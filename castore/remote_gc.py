@@ -37,8 +37,10 @@ def collect_remote(
     listings and deletions advance ("entries listed", "objects listed", "entries
     dropped", "objects removed")."""
     from castore import remote_packs
+    from castore.remote_layout import require_store
 
     t0 = time.perf_counter()
+    require_store(remote)  # a mistyped URL is not an empty remote with nothing to keep
     fix_mmap_threshold()
     with contextlib.ExitStack() as stack:
         lock = None if dry_run else stack.enter_context(remote.writer_lock("gc", exclusive=True))

@@ -22,6 +22,7 @@ from castore import batchjobs, remote_packs
 from castore.errors import CastoreError, CorruptObject, RemoteError
 from castore.hashing import generator_end_key, hash_file, validate_id
 from castore.remote import Remote, fetch_object
+from castore.remote_layout import require_store
 from castore.runs import Ref, select_refs
 from castore.store import Store
 from castore.store import layout as L
@@ -188,8 +189,10 @@ def push(
     """Upload what the chosen runs (default: all refs) reach and the remote lacks. The
     plan is made under the remote's writer lock, so a gc cannot remove what it counts on."""
     t0 = time.perf_counter()
-    if dry_run:
+    if dry_run:  # a first push's plan, to a URL that holds nothing yet, is fine
+        require_store(remote, "ok")
         return TransferResult(plan=plan_push(store, remote, runs))
+    require_store(remote, "create")
     with remote.writer_lock("push", exclusive=False) as lock:
         plan = plan_push(store, remote, runs)
         result = TransferResult(skipped=plan.skipped, plan=plan)
@@ -284,6 +287,7 @@ def pull(
 ) -> TransferResult:
     """Download what the chosen remote runs reach, verifying every object."""
     t0 = time.perf_counter()
+    require_store(remote)
     plan = plan_pull(store, remote, runs)
     result = TransferResult(skipped=plan.skipped, plan=plan)
     if dry_run:

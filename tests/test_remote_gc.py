@@ -12,6 +12,7 @@ from castore import remote_packs
 from castore.hashing import hash_bytes
 from castore.remote import Remote
 from castore.remote_gc import collect_remote
+from castore.remote_layout import require_store
 from castore.store.models import ActionEntry
 from tests.test_remote import remote_url, s3  # noqa: F401 - the folder / S3 fixtures
 
@@ -94,6 +95,7 @@ def test_plan_rules_on_awkward_ids(remote_url):  # noqa: F811
 @pytest.mark.parametrize("cache_ttl", [0, 86400])
 def test_an_empty_remote_and_one_of_objects_only(tmp_path, cache_ttl):
     remote = Remote(str(tmp_path / "remote"))
+    require_store(remote, "create")  # as a first push leaves it
     assert collect_remote(remote, grace=0, cache_ttl=cache_ttl, dry_run=True).plan.objects_kept == 0
     stray = put_object(remote, "no entry names me")
     plan = collect_remote(remote, grace=0, cache_ttl=cache_ttl, dry_run=True).plan

@@ -161,10 +161,15 @@ def test_gc_waits_for_a_write_through_run(tmp_path, s3_url):
     proc = start_cas(*args, cache_dir=tmp_path / "a")  # 8 s: longer than gc waits (5 s)
     gc_args = ("gc", "--remote", s3_url, "--grace", "0", "--cache-ttl", "0", "-y")
     refused = 0
+    created = False  # until the run's first write, the URL holds no remote: gc refuses it
     while proc.poll() is None:
         r = cas_inproc(*gc_args, cache_dir=tmp_path / "b")
         refused += r.returncode == 11
-        assert r.returncode in (0, 11), r.stderr
+        if r.returncode == 6 and not created:
+            assert "no castore remote at" in r.stderr, r.stderr
+        else:
+            created = True
+            assert r.returncode in (0, 11), r.stderr
         time.sleep(0.3)
     assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
     assert refused >= 1, proc.stderr.read()  # type: ignore[union-attr]
@@ -327,6 +332,9 @@ def test_a_machine_killed_mid_run_leaves_its_batches_to_the_others(tmp_path, s3_
 
 
 def test_a_wrong_lock_ttl_is_an_error_not_a_default(tmp_path, monkeypatch):
+    from castore.remote_layout import require_store
+
+    require_store(Remote(str(tmp_path / "remote")), "create")  # as a first push leaves it
     for bad in ("soon", "0", "nan", "-5"):
         monkeypatch.setenv("CASTORE_REMOTE_LOCK_TTL", bad)
         r = cas_inproc("gc", "--remote", str(tmp_path / "remote"), "-y", cache_dir=tmp_path / "c")

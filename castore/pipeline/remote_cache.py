@@ -26,7 +26,14 @@ from functools import partial
 from typing import Any
 
 from castore import remote_segments
-from castore.errors import CastoreError, CorruptObject, RemoteError, RemoteUnavailable
+from castore.errors import (
+    CastoreError,
+    CorruptObject,
+    LayoutVersionError,
+    RemoteError,
+    RemoteUnavailable,
+)
+from castore.remote_layout import Missing, require_store
 from castore.remote_locks import Heartbeat, Leases, RemoteClaims, lock_ttl
 from castore.store import Store
 from castore.store.extend import needs_of
@@ -86,16 +93,21 @@ class RemoteCache:
         self._live: dict[str, tuple[float, set[str]]] = {}
         self._announced: dict[str, set[str]] = {}  # fingerprint -> segment markers seen
         self._looked: dict[str, float] = {}  # fingerprint -> when its markers were listed
+        self._checking = threading.Lock()  # one look at the remote's layout file at a time
         self._uploads: queue.Queue[tuple[str, list[str], str | None] | None] = queue.Queue()
         self._uploader: threading.Thread | None = None
         if push:
             self._start_push()
-        log.info("remote %s: read-through%s", remote.url, "; writing through" if self.lock else "")
+        if self.active:
+            log.info(
+                "remote %s: read-through%s", remote.url, "; writing through" if self.lock else ""
+            )
 
     def _start_push(self) -> None:
         from castore.remote_locks import WriterLock
 
         lock = WriterLock(self.remote, "push", exclusive=False, heartbeat=self.heartbeat)
+        self._call(partial(self._require_store, "create"), "check its layout")
         try:
             self._call(lock.acquire, "take its writer lock")
         except CastoreError as e:  # a gc holds it: run, but do not write through
@@ -117,6 +129,18 @@ class RemoteCache:
         if not self.active:
             return None
         return self._wait(self.pool.submit(fn), what)
+
+    def _require_store(self, missing: Missing = "error") -> None:
+        """On a pool thread, before the first read or write: a URL that holds no castore
+        remote, or one of a newer layout, turns the remote off for this run (one
+        warning saying which), as an unreachable one does."""
+        if self.remote.layout_checked:
+            return
+        with self._checking:
+            try:
+                require_store(self.remote, missing)
+            except (RemoteError, LayoutVersionError) as e:
+                raise RemoteUnavailable(str(e)) from None
 
     def _wait(self, fut: Future[Any], what: str) -> Any:
         try:
@@ -180,6 +204,7 @@ class RemoteCache:
 
     def _get(self, key: str) -> ActionEntry | None:
         """On a pool thread: the trusted entry with every output here, or None."""
+        self._require_store()
         entry = self.remote.get_action(key)
         if entry is None:
             return None

@@ -106,9 +106,13 @@ class _Walk:
         objects, and computes the batch when it cannot."""
         from concurrent.futures import ThreadPoolExecutor
 
+        from castore.remote_layout import require_store
+
         if self.remote is None:
             return
         todo = [k for k in keys if k not in self.on_remote and self.local(k) is None]
+        if todo:  # as a run: the remote is asked only about what is not here
+            require_store(self.remote)
         with ThreadPoolExecutor(16) as pool:
             for key, entry in zip(todo, pool.map(self.remote.get_action, todo), strict=True):
                 if entry is not None:
