@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 from typing import ClassVar
 
@@ -210,6 +211,24 @@ def test_filter_predicate_code_enters_fingerprint(store):
         return p.signatures()["filter_rows"]["fp"]
 
     assert fp_of(lambda r: r["k"] > 0) != fp_of(lambda r: r["k"] > 1)
+
+
+@pytest.mark.parametrize(
+    ("kw", "says"),
+    [
+        ({"op": "min_length", "value": "twelve"}, "a length (an integer >= 0)"),
+        ({"op": "max_length", "value": True}, "a length"),
+        ({"op": "in", "value": "abc"}, "a list of the values"),
+        ({"op": "not_null", "value": 3}, "takes no value"),
+        ({"op": "contains"}, "what the column should contain"),
+        ({"predicate": lambda r: True, "op": ">", "column": None}, "not used with a predicate"),
+    ],
+)
+def test_filter_values_that_cannot_work_fail_at_build(kw, says):
+    with pytest.raises(PipelineError, match=re.escape(says)):
+        FilterRows(**{"column": "k", **kw})
+    ok = FilterRows(column="k", op="min_length", value=0)
+    assert [r["k"] for r in ok.process([{"k": "a"}, {"k": None}])] == ["a"]
 
 
 class Flaky(Step):

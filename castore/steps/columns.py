@@ -156,6 +156,19 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
+def _value_problem(op: str, value: Any) -> str | None:
+    if op in ("min_length", "max_length"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return None if ok else f"value must be a length (an integer >= 0), got {value!r}"
+    if op in ("in", "not_in") and not isinstance(value, list | tuple | set | frozenset):
+        return f"value must be a list of the values to test against, got {value!r}"
+    if op in ("is_null", "not_null") and value is not None:
+        return f"takes no value (got {value!r}); remove it"
+    if op == "contains" and value is None:
+        return "value must be what the column should contain"
+    return None
+
+
 class FilterRows(Step):
     """Keep rows where `column op value` holds, or where `predicate(row)` is true.
 
@@ -183,6 +196,11 @@ class FilterRows(Step):
     def model_post_init(self, context: Any, /) -> None:
         if (self.column is None) == (self.predicate is None):
             raise PipelineError("FilterRows needs either column/op/value or predicate")
+        problem = _value_problem(self.op, self.value) if self.predicate is None else None
+        if self.predicate is not None and (self.op != "==" or self.value is not None):
+            problem = "op and value are not used with a predicate; give one or the other"
+        if problem:  # a filter that fails on its first row, or ignores what it was given
+            raise PipelineError(f"FilterRows(column={self.column!r}, op={self.op!r}): {problem}")
         super().model_post_init(context)
 
     def extra_identity(self) -> Any:
