@@ -18,6 +18,7 @@ from castore.pipeline.pipeline import load_file_module
 from castore.steps import (
     CombineOutputs,
     DeduplicateRows,
+    ExpandColumns,
     FilterRows,
     KeepColumns,
     LoadDataFromDicts,
@@ -229,6 +230,46 @@ def test_filter_values_that_cannot_work_fail_at_build(kw, says):
         FilterRows(**{"column": "k", **kw})
     ok = FilterRows(column="k", op="min_length", value=0)
     assert [r["k"] for r in ok.process([{"k": "a"}, {"k": None}])] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda: DeduplicateRows(columns=["bb"]), "needs input column 'bb'"),
+        (lambda: FilterRows(column="bb", op="==", value=1), "needs input column 'bb'"),
+        (lambda: RenameColumns(mapping={"bb": "c"}), "needs input column 'bb'"),
+        (lambda: ExpandColumns(columns=["bb"]), "needs input column 'bb'"),
+        (lambda: RenameColumns(mapping={"a": "b"}), "renaming 'a' to 'b' would overwrite"),
+        (lambda: RenameColumns(mapping={"a": "c", "b": "c"}), "two columns to 'c'"),
+    ],
+)
+def test_column_steps_check_the_columns_they_name_at_build(make, says):
+    with pytest.raises(PipelineError, match=re.escape(says)):
+        with Pipeline(name="cols") as p:
+            LoadDataFromDicts(data=[{"a": 1, "b": [2]}]) >> make()
+        p.validate()
+    swapped = RenameColumns(mapping={"a": "b", "b": "a"})  # both renamed: nothing is lost
+    assert swapped.process([{"a": 1, "b": 2}]) == [{"b": 1, "a": 2}]
+
+
+def test_a_column_missing_from_a_files_batches_fails_the_batch(store, tmp_path):
+    """A file's columns are known only once read: each batch is checked instead."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"a": i, "b": i % 3}) + "\n" for i in range(10)))
+
+    @step(inputs=["zz"], outputs=["y"])
+    def Reads(inputs: StepInput) -> StepOutput:
+        yield [{**r, "y": 1} for r in inputs]
+
+    for make, says in (
+        (Reads, "step reads: its input has no column 'zz' (it has ['a', 'b'])"),
+        (lambda: DeduplicateRows(columns=["bb"]), "its input has no column 'bb'"),
+        (lambda: RenameColumns(mapping={"a": "b"}), "renaming 'a' to 'b' would overwrite"),
+    ):
+        with Pipeline(name="file-cols") as p:
+            LoadDataFromFileSystem(data_files=str(data)) >> make()
+        with pytest.raises((StepFailed, PipelineError), match=re.escape(says)):
+            p.run(cache_dir=store.root, quiet=True)
 
 
 class Flaky(Step):

@@ -179,10 +179,18 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def map_input(step: _Step, table: pa.Table) -> pa.Table:
-    """The input as `process` sees it: `input_mappings` applied (VALUE read as KEY)."""
+    """The input as `process` sees it: `input_mappings` applied (VALUE read as KEY).
+    A column the step requires that the input lacks fails the batch: where the columns
+    before it are not known at build (a file's), a typo would otherwise read as None."""
+    names = table.column_names
+    missing = [c for c in step.input_columns() if c not in names] if names else None
+    if missing:
+        raise StepFailed(
+            f"step {step.name}: its input has no column {missing[0]!r} (it has {names}); "
+            "check the column's name, or map it with input_mappings"
+        )
     if not step.input_mappings:
         return table
-    names = table.column_names
     for logical, actual in step.input_mappings.items():
         if names and actual not in names:
             raise StepFailed(

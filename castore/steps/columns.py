@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -17,6 +17,9 @@ class KeepColumns(Step):
     """Keep only `columns`, in that order."""
 
     columns: list[str]
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns)
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         return [{c: row.get(c) for c in self.columns} for row in inputs]
@@ -34,12 +37,35 @@ class RenameColumns(Step):
 
     mapping: dict[str, str]
 
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        targets = list(self.mapping.values())
+        twice = next((t for t in targets if targets.count(t) > 1), None)
+        if twice is not None:
+            raise PipelineError(f"step {self.name}: mapping renames two columns to {twice!r}")
+
+    def required_columns(self) -> list[str]:
+        return list(self.mapping)
+
+    def _overwritten(self, columns: Iterable[str]) -> None:
+        """A new name that is a column kept as it is would silently replace its values."""
+        kept = set(columns) - set(self.mapping)
+        for old, new in self.mapping.items():
+            if new in kept:
+                raise PipelineError(
+                    f"step {self.name}: renaming {old!r} to {new!r} would overwrite column "
+                    f"{new!r}; drop or rename {new!r} first"
+                )
+
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
+        if inputs:
+            self._overwritten(inputs[0])
         return [{self.mapping.get(k, k): v for k, v in row.items()} for row in inputs]
 
     def columns_after(self, available: set[str] | None) -> set[str] | None:
         if available is None:
             return None
+        self._overwritten(available)
         return {self.mapping.get(c, c) for c in available}
 
 
@@ -47,6 +73,9 @@ class ExpandColumns(Step):
     """One row per element of list columns (zipped when several are named)."""
 
     columns: list[str]
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns)
 
     def process(self, inputs: StepInput) -> list[dict[str, Any]]:
         out = []
@@ -203,6 +232,9 @@ class FilterRows(Step):
             raise PipelineError(f"FilterRows(column={self.column!r}, op={self.op!r}): {problem}")
         super().model_post_init(context)
 
+    def required_columns(self) -> list[str]:
+        return [self.column] if self.column is not None else []
+
     def extra_identity(self) -> Any:
         if self.predicate is None:
             return None
@@ -222,6 +254,9 @@ class DeduplicateRows(GlobalStep):
     """Exact dedupe on `columns` (all columns when empty); the first occurrence stays."""
 
     columns: list[str] = Field(default_factory=list)
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns)
 
     def process(self, inputs: StepInput) -> StepInput:
         import json
