@@ -446,6 +446,24 @@ def test_a_row_wise_step_that_reorders_its_rows_fails_in_one_line(tmp_path, data
         p.run(cache_dir=tmp_path / "c", quiet=True)
 
 
+def test_a_row_wise_step_that_returns_an_undeclared_column_fails_in_one_line(tmp_path, data):
+    """Only declared outputs are kept per row key: a column beside them would be dropped
+    (it was, silently) or exist only for the rows computed in this run."""
+
+    @step(inputs=["text"], outputs=["label"], row_wise=True)
+    def Chatty(inputs: StepInput):
+        return [{**r, "label": "x", "score": 1} for r in inputs]
+
+    from castore.errors import StepFailed
+
+    with Pipeline("chatty") as p:
+        LoadDataFromFileSystem(data_files=str(data), batch_size=25) >> Chatty(input_batch_size=8)
+    with pytest.raises(
+        StepFailed, match=r"returned column 'score', which is not among its outputs \['label'\]"
+    ):
+        p.run(cache_dir=tmp_path / "c", quiet=True)
+
+
 @step(inputs=["text"], outputs=["label"], row_wise=True)
 def Peeks(inputs: StepInput, strict: bool = False):
     """Would read a column it does not declare: `id` is in every row it is given."""

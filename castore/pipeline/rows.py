@@ -425,6 +425,14 @@ def compute_rows(
                 f"step {step.name} is row-wise but returned {out.num_rows} rows for "
                 f"{len(missing)}; a row-wise step returns one row per input row"
             )
+        given = {*step.row_key_columns(), *own}
+        extra = [c for c in out.column_names if c not in given]
+        if extra:  # only the declared outputs are kept per row key: it would be lost
+            raise StepFailed(
+                f"step {step.name} is row-wise but returned column {extra[0]!r}, which is not "
+                f"among its outputs {step.output_columns_named()}; declare it in "
+                "outputs=[...] or drop row_wise"
+            )
         for col in step.row_key_columns():
             # Its outputs are placed by position: a reordered or rewritten input row would
             # give another row's answer.
