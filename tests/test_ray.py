@@ -106,6 +106,7 @@ def test_ray_workers_write_to_a_remote_the_driver_reads_through(tmp_path):
     assert outputs <= on_remote  # written by the workers…
     assert all(store.verify(o) for o in outputs)  # …read through, verified
     assert all(store.get_action(b.key) for b in digest.batches)  # entries by the driver
+    assert (tmp_path / "remote" / "castore-layout.json").is_file()  # made by the run, a writer
     r = run_cas(
         "run",
         str(CPU),
