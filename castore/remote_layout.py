@@ -3,11 +3,11 @@ which layout its files have (docs/remotes.md "What makes a URL a remote").
 
 A remote is a store with the local store's layout, so it carries the same file at its
 root. The first write of any kind creates it (a push, a write-through run, a Ray run
-whose workers write there; only when absent: S3 `If-None-Match`, a hard link on a folder), and nothing removes it: a remote
-that gc emptied is still a remote, while a URL that never held one (a typo, the wrong
-bucket) is an error instead of an empty remote that pulls nothing and checks clean.
-Remotes written before castore wrote the file are recognised by their folders; their
-next push or write-through run writes it.
+whose workers write there), only when absent (S3 `If-None-Match`, a hard link on a
+folder), and nothing removes it: a remote that gc emptied is still a remote, while a URL
+that never held one (a typo, the wrong bucket) is an error instead of an empty remote
+that pulls nothing and checks clean. Remotes written before castore wrote the file are
+recognised by their folders; their next push or write-through run writes it.
 """
 
 from __future__ import annotations

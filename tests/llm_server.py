@@ -32,6 +32,7 @@ class LLMServer:
         self.slow = 0  # the next N requests take `slow_seconds`
         self.slow_seconds = 5.0
         self.always_fail = "\x00never"  # prompts containing this always get 500
+        self.usage = True  # False: answers carry no `usage` (some servers send none)
         # The default listen backlog (5) drops a burst of 32 new connections into SYN
         # retransmits of a second.
         ThreadingHTTPServer.request_queue_size = 256
@@ -99,7 +100,7 @@ class LLMServer:
             self.reply(req) if self.reply is not None else f"answer({req['model']}): {prompt[::-1]}"
         )
         words = len(prompt.split())
-        return {
+        answer = {
             "id": "cmpl-test",
             "object": "chat.completion",
             "model": req["model"],
@@ -116,6 +117,9 @@ class LLMServer:
                 "total_tokens": 2 * words + 2,
             },
         }
+        if not self.usage:
+            del answer["usage"]
+        return answer
 
     def completion(self, handler: BaseHTTPRequestHandler, req: dict) -> None:
         """/v1/completions: raw text completion of `prompt`, counted like a chat request."""

@@ -118,6 +118,44 @@ def test_failing_row_is_none_and_only_it_is_requested_again(store, server):
     assert again["text_generation"]["train"][13]["generation"] == "answer(test-model): 31 q"
 
 
+def test_a_batch_whose_every_request_failed_keeps_the_reason(store, server):
+    """Every row failed: each metadata entry had `usage: {}`, a struct without fields that
+    Parquet cannot store, so the batch failed with Arrow's message instead of the reason."""
+    server.always_fail = "q "
+    with Pipeline(name="down") as p:
+        LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(6)]) >> TextGeneration(
+            llm=llm(server, max_retries=0), input_batch_size=3, on_error="skip"
+        )
+    p.run(cache_dir=store.root, quiet=True)
+    rows = Distiset.from_run("down", store.root, enable_metadata=True)["text_generation"][
+        "train"
+    ].to_list()
+    assert [r["generation"] for r in rows] == [None] * 6
+    errors = [r["castore_metadata"]["text_generation"]["error"] for r in rows]
+    assert all("attempts failed" in e or "HTTP 500" in e for e in errors), errors[0]
+
+
+def test_a_server_that_reports_no_usage(store, server):
+    server.usage = False
+    ds = gen_pipeline(server, n=10).run(cache_dir=store.root, quiet=True)
+    assert ds.run.stats["text_generation"].batches_failed == 0
+    assert all(r["generation"] for r in ds["text_generation"]["train"].to_list())
+    assert ds.run.stats["text_generation"].tokens_spent == 0  # none reported, none counted
+
+
+def test_an_empty_dict_a_step_returns_is_named_with_what_to_do(store):
+    from castore import step
+
+    @step(inputs=["instruction"], outputs=["extra"])
+    def Empty(inputs):
+        return [{**r, "extra": {}} for r in inputs]
+
+    with Pipeline(name="empty") as p:
+        LoadDataFromDicts(data=[{"instruction": "a"}]) >> Empty()
+    with pytest.raises(StepFailed, match=r"column 'extra' holds only empty dicts.*use None"):
+        p.run(cache_dir=store.root, quiet=True)
+
+
 def test_on_error_fail_fails_the_run(store, server):
     server.always_fail = "q 3"
     with Pipeline(name="failing") as p:

@@ -360,7 +360,9 @@ class RayExecutor:
         self._secrets: dict[str, str] = {}
         if remote is not None:
             from castore.remote import worker_env
+            from castore.remote_layout import require_store
 
+            require_store(remote, "create")  # the workers write their outputs there
             settings, self._secrets = worker_env()
             if settings:
                 self._settings = {"runtime_env": {"env_vars": settings}}

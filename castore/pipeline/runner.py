@@ -156,10 +156,6 @@ class Runner:
             log.info("use_cache=False: recomputing every batch")
         elif self.info.previous is not None:
             runlog.log_earlier_run(self.store, self.info.previous)
-        if self.remote is not None and self.ray_storage == "remote":
-            from castore.remote_layout import require_store
-
-            require_store(self.remote, "create")  # Ray's workers write their outputs there
         rcache = RemoteCache(self.store, self.remote, push=self.push) if self.remote else None
         self.sched = sched = Scheduler(
             self.store,

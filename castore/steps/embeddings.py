@@ -48,5 +48,6 @@ class GenerateEmbeddings(Step):
         attempts: int,
     ) -> dict[str, Any]:
         meta = dict(row.get(METADATA_COLUMN) or {})
-        meta[self.name or "embeddings"] = {"usage": usage, "attempts": attempts, "error": error}
+        entry = {"usage": usage or None, "attempts": attempts, "error": error}  # None, not {}
+        meta[self.name or "embeddings"] = entry
         return {**row, "embedding": vector, "model_name": self.llm.model, METADATA_COLUMN: meta}

@@ -160,7 +160,7 @@ class _Evolve(_LLMTask):
         meta[name] = {
             **meta[name],
             "raw_output": [g.text for g in calls],
-            "usage": usage,
+            "usage": usage or None,  # not {}: Parquet stores no struct without fields
             "attempts": sum(g.attempts for g in calls),
         }
         out[METADATA_COLUMN] = meta

@@ -87,7 +87,9 @@ class _LLMTask(Step):
             # The whole response as JSON text: its shape varies between servers, and a
             # string keeps the column's Arrow type stable.
             "raw_response": json.dumps(res.raw, ensure_ascii=False) if res else None,
-            "usage": res.usage if res else {},
+            # None, not {}: Parquet cannot store a struct without fields (a server that
+            # reports no usage, a failed request)
+            "usage": (res.usage or None) if res else None,
             "attempts": res.attempts if res else 0,
             "error": error,
         }

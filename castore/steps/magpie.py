@@ -173,7 +173,7 @@ class Magpie(_MagpieFields, Step):  # type: ignore[override]  # outputs is a pro
     ) -> dict[str, Any]:
         turns = conv[1:] if has_system else conv
         meta = dict(row.get(METADATA_COLUMN) or {})
-        meta[self.name or "magpie"] = {"usage": usage, "error": error}
+        meta[self.name or "magpie"] = {"usage": usage or None, "error": error}  # None, not {}
         failed = error is not None
         out: dict[str, Any] = dict(row)
         if "conversation" in self.outputs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from castore.errors import NonCanonicalValue
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -35,16 +37,45 @@ WRITE_OPTIONS: dict[str, Any] = {
 def write_parquet(table: pa.Table, sink: Any, footer: dict[bytes, bytes] | None = None) -> None:
     """`footer`: key-value pairs for the Parquet footer (castore.store.extend), written
     without making the file carry Arrow's schema too (~400 B a batch)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not footer:
-        pq.write_table(table, sink, store_schema=needs_schema(table.schema), **WRITE_OPTIONS)
-        return
-    with pq.ParquetWriter(
-        sink, table.schema, store_schema=needs_schema(table.schema), **WRITE_OPTIONS
-    ) as w:
-        w.write_table(table)
-        w.add_key_value_metadata(footer)
+    try:
+        if not footer:
+            pq.write_table(table, sink, store_schema=needs_schema(table.schema), **WRITE_OPTIONS)
+            return
+        with pq.ParquetWriter(
+            sink, table.schema, store_schema=needs_schema(table.schema), **WRITE_OPTIONS
+        ) as w:
+            w.write_table(table)
+            w.add_key_value_metadata(footer)
+    except pa.ArrowNotImplementedError:
+        where = next(filter(None, (_empty_struct(f.type, f.name) for f in table.schema)), None)
+        if where is None:
+            raise
+        # Arrow's own message names neither the column nor what to do.
+        raise NonCanonicalValue(
+            f"column {where!r} holds only empty dicts, which Parquet cannot store (a struct "
+            "without fields); use None for an empty value"
+        ) from None
+
+
+def _empty_struct(t: pa.DataType, path: str) -> str | None:
+    """The path of a struct without fields inside type `t`, if any."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        if t.num_fields == 0:
+            return path
+        inner = (
+            _empty_struct(t.field(i).type, f"{path}.{t.field(i).name}") for i in range(t.num_fields)
+        )
+        return next(filter(None, inner), None)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _empty_struct(t.value_type, f"{path}[]")
+    if pa.types.is_map(t):
+        return _empty_struct(t.item_type, f"{path}{{}}")
+    return None
 
 
 def needs_schema(schema: pa.Schema) -> bool:

@@ -93,7 +93,7 @@ class _Compat(_LLMTask):
                 for k, v in (e.get("usage") or {}).items():
                     if isinstance(v, int):
                         usage[k] = usage.get(k, 0) + v
-            entry["usage"] = usage
+            entry["usage"] = usage or None  # not {}: Parquet stores no struct without fields
             meta[self.name] = entry
             if f"raw_output_{self.name}" in meta:
                 meta[f"raw_output_{self.name}"] = first["generation"]
