@@ -172,6 +172,12 @@ class LLMError(CastoreError):
     """A request failed after its retries (or cannot succeed: 4xx, no API key)."""
 
 
+class LLMUnreachable(LLMError, StepFailed):
+    """Every request of a batch failed to connect to the LLM server, each after its
+    retries: the run stops (whatever on_error says) instead of paying the retries of
+    every batch to come and keeping only None answers."""
+
+
 class ProblemsFound(CastoreError):
     """A check (`cas fsck`) found problems; they were printed above."""
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from castore.errors import LLMError
+from castore.errors import LLMError, LLMUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,13 @@ class OpenAILLM(BaseModel):
             )
 
         out: list[Any | BaseException] = _LOOP.run(go())
+        if out and all(isinstance(r, LLMUnreachable) for r in out):
+            raise LLMUnreachable(
+                f"cannot reach the LLM server at {self.base_url}: {len(out)} request(s) "
+                f"could not connect ({out[-1]}); start it, or check base_url "
+                "(OPENAI_BASE_URL); the rows answered so far are kept, and running again "
+                "continues"
+            )
         return out
 
     def embed(self, texts: list[str]) -> Embeddings:
@@ -244,6 +251,7 @@ class OpenAILLM(BaseModel):
         url = self.base_url.rstrip("/") + path
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         last = "no attempt"
+        never_connected = True  # every attempt failed to connect: nothing answers there
         for attempt in range(self.max_retries + 1):
             wait: float | None = None
             async with sem:
@@ -255,7 +263,9 @@ class OpenAILLM(BaseModel):
                         retry_after = resp.headers.get("Retry-After")
                 except (TimeoutError, aiohttp.ClientError) as e:
                     last = f"{type(e).__name__}: {e}"
+                    never_connected &= isinstance(e, aiohttp.ClientConnectorError)
                 else:
+                    never_connected = False
                     if status == 200:
                         try:
                             gen = parse(text)
@@ -277,7 +287,8 @@ class OpenAILLM(BaseModel):
             delay = wait if wait is not None else random.uniform(0, backoff)  # full jitter
             log.debug("retry %d/%d in %.2fs: %s", attempt + 1, self.max_retries, delay, last)
             await asyncio.sleep(delay)
-        raise LLMError(f"{self.max_retries + 1} attempts failed; last: {last}")
+        error = LLMUnreachable if never_connected else LLMError
+        raise error(f"{self.max_retries + 1} attempts failed; last: {last}")
 
 
 class Unusable(Exception):

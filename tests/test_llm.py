@@ -135,6 +135,39 @@ def test_a_batch_whose_every_request_failed_keeps_the_reason(store, server):
     assert all("attempts failed" in e or "HTTP 500" in e for e in errors), errors[0]
 
 
+def test_a_server_nobody_answers_at_stops_the_run_after_one_batch(store, monkeypatch):
+    """Connection refused for every request of a batch, after retries: the run stops with
+    one line naming the step and the URL, instead of retrying every batch to come and
+    finishing with None answers (on_error="skip" is for rows a server refuses)."""
+    import time
+
+    from tests.remote_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with Pipeline(name="nobody") as p:
+        LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(30)]) >> TextGeneration(
+            llm=OpenAILLM(model="m", base_url=url, max_retries=1, backoff=0.01),
+            input_batch_size=5,
+            on_error="skip",
+        )
+    t0 = time.monotonic()
+    with pytest.raises(StepFailed, match=r"step text_generation: cannot reach the LLM server at "):
+        p.run(cache_dir=store.root, quiet=True)
+    assert time.monotonic() - t0 < 30
+    r = cas_inproc_run(p, store)
+    assert r.returncode == 1 and url in r.stderr and "running again continues" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr  # the log line and the error
+
+
+def cas_inproc_run(p: Pipeline, store) -> object:
+    """The same pipeline through `cas run` (in process) on its pipeline.yaml."""
+    from tests.conftest import cas_inproc
+
+    yaml_path = store.root / "nobody.yaml"
+    yaml_path.write_text(p.to_yaml())
+    return cas_inproc("run", str(yaml_path), "-q", cache_dir=store.root)
+
+
 def test_a_server_that_reports_no_usage(store, server):
     server.usage = False
     ds = gen_pipeline(server, n=10).run(cache_dir=store.root, quiet=True)
