@@ -172,10 +172,19 @@ class LLMError(CastoreError):
     """A request failed after its retries (or cannot succeed: 4xx, no API key)."""
 
 
-class LLMUnreachable(LLMError, StepFailed):
-    """Every request of a batch failed to connect to the LLM server, each after its
-    retries: the run stops (whatever on_error says) instead of paying the retries of
-    every batch to come and keeping only None answers."""
+class LLMUnusable(LLMError, StepFailed):
+    """Every request of a batch failed in a way every request to come would: the run
+    stops (whatever on_error says) instead of failing every batch to come and keeping
+    only None answers."""
+
+
+class LLMUnreachable(LLMUnusable):
+    """Every request failed to connect to the LLM server, each after its retries."""
+
+
+class LLMRefused(LLMUnusable):
+    """The server refused the request for what every request shares: HTTP 401, 403 or 404
+    (the API key, its permissions, the model name or base_url's path)."""
 
 
 class ProblemsFound(CastoreError):

@@ -38,11 +38,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from castore.errors import LLMError, LLMUnreachable
+from castore.errors import LLMError, LLMRefused, LLMUnreachable
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# What every request shares (the key, its rights, the model, the path): when each request
+# of a batch gets one, the run stops (LLMRefused). A 400 can be one row's (too long).
+REFUSED_STATUS = {401, 403, 404}
+_KEPT = "; the rows answered so far are kept, and running again continues"
 
 
 class Generation(BaseModel):
@@ -219,8 +223,12 @@ class OpenAILLM(BaseModel):
             raise LLMUnreachable(
                 f"cannot reach the LLM server at {self.base_url}: {len(out)} request(s) "
                 f"could not connect ({out[-1]}); start it, or check base_url "
-                "(OPENAI_BASE_URL); the rows answered so far are kept, and running again "
-                "continues"
+                f"(OPENAI_BASE_URL){_KEPT}"
+            )
+        if out and all(isinstance(r, LLMRefused) for r in out):
+            raise LLMRefused(
+                f"the LLM server at {self.base_url} refused every request ({out[-1]}); check "
+                f"the API key (OPENAI_API_KEY), the model name and base_url{_KEPT}"
             )
         return out
 
@@ -280,7 +288,8 @@ class OpenAILLM(BaseModel):
                         last = f"HTTP {status}: {text[:200]}"
                         wait = _retry_after(retry_after)
                     else:
-                        raise LLMError(f"HTTP {status} from {url}: {text[:300]}")
+                        error = LLMRefused if status in REFUSED_STATUS else LLMError
+                        raise error(f"HTTP {status} from {url}: {text[:300]}")
             if attempt == self.max_retries:
                 break
             backoff = min(self.max_backoff, self.backoff * 2**attempt)

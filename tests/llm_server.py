@@ -17,6 +17,7 @@ class LLMServer:
         self.latency = latency
         self.lock = threading.Lock()
         self.requests = 0
+        self.not_found = 0  # POSTs to a path the server does not have (404)
         self.by_prompt: Counter[str] = Counter()
         self.bodies: list[dict] = []  # every request body, as received
         self.reply = None  # a function (request body) -> answer text, instead of the echo
@@ -188,6 +189,8 @@ class LLMServer:
                     "/v1/chat/completions": server.chat,
                 }
                 if self.path not in routes:
+                    with server.lock:
+                        server.not_found += 1
                     return self._send(404, b'{"error":"not found"}')
                 return routes[self.path](self, req)
 

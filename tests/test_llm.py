@@ -207,6 +207,22 @@ def test_client_errors_are_not_retried(server):
         raise res[0]
 
 
+def test_a_server_that_refuses_every_request_stops_the_run(store, server):
+    """HTTP 404 (a wrong path or model), 401 or 403 for each request of a batch is what
+    every request to come would get: the run stops naming it, it does not finish with
+    None answers (the requests are not retried: one per row)."""
+    before = server.not_found
+    with Pipeline(name="refused") as p:
+        LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(30)]) >> TextGeneration(
+            llm=OpenAILLM(model="m", base_url=server.base_url + "/nowhere"),
+            input_batch_size=5,
+            on_error="skip",
+        )
+    with pytest.raises(StepFailed, match=r"step text_generation: the LLM server at .* refused"):
+        p.run(cache_dir=store.root, quiet=True)
+    assert server.not_found - before == 5  # one batch's requests, not six batches'
+
+
 def test_chat_generation(store, server):
     data = [
         {

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from pydantic import model_validator
 
-from castore.errors import LLMUnreachable, PipelineError, StepFailed
+from castore.errors import LLMUnusable, PipelineError, StepFailed
 from castore.llms import Generation, OpenAILLM, Prices
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
 from castore.store.parquet import METADATA_COLUMN
@@ -66,8 +66,8 @@ class _LLMTask(Step):
         else:
             try:
                 results = self.llm.generate(conversations)
-            except LLMUnreachable as e:  # the run stops: name the step
-                raise LLMUnreachable(f"step {self.name}: {e}") from None
+            except LLMUnusable as e:  # the run stops: name the step
+                raise type(e)(f"step {self.name}: {e}") from None
         out, errors, failed = [], [], []
         for i, (row, res) in enumerate(zip(inputs, results, strict=True)):
             if isinstance(res, Generation):
