@@ -220,7 +220,7 @@ def test_a_server_that_refuses_every_request_stops_the_run(store, server):
         )
     with pytest.raises(StepFailed, match=r"step text_generation: the LLM server at .* refused"):
         p.run(cache_dir=store.root, quiet=True)
-    assert server.not_found - before == 5  # one batch's requests, not six batches'
+    assert 5 <= server.not_found - before < 30  # the batches in flight, not all six
 
 
 def test_chat_generation(store, server):
