@@ -62,7 +62,7 @@ class Remote:
         self.root = root.rstrip("/") or "/"
         self.layout = L.Layout(self.root, posixpath.join)
         self.local = type(self.fs).__name__ == "LocalFileSystem"
-        self.layout_checked = False  # castore.remote_layout.require_store
+        self.layout_checked: str | None = None  # castore.remote_layout.require_store
         # s3fs asks an object's size (a HEAD, and a LIST when it is missing) before every
         # read unless told to read in one request: entries, refs and locks are small.
         s3 = type(self.fs).__name__ == "S3FileSystem"

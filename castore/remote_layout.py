@@ -31,8 +31,9 @@ Missing = Literal["error", "create", "ok"]
 def require_store(remote: Remote, missing: Missing = "error") -> None:
     """Refuse a remote whose layout this castore does not read (exit 5), and one that holds
     no castore store (exit 6) unless `missing` says to create one (a write is about to
-    follow) or that none is fine (a push's dry run). Asked once per Remote."""
-    if remote.layout_checked:
+    follow) or that none is fine (a push's dry run). Asked once per Remote (again to
+    create the file on a remote from before it)."""
+    if remote.layout_checked == "file" or (remote.layout_checked and missing != "create"):
         return
     path = remote.layout.layout_file
     try:
@@ -45,17 +46,23 @@ def require_store(remote: Remote, missing: Missing = "error") -> None:
                 f"no castore remote at {remote.url}: it holds no {L.LAYOUT_FILE} and none "
                 "of objects/, actions/, refs/; check the URL (a first `cas push` creates one)"
             )
-        if missing == "create" and not _create(remote, path):
+        if missing == "create":
+            if _create(remote, path):
+                remote.layout_checked = "file"
+                return
             info = _parse(remote, remote.read(path))  # made by another writer just now
-    if info is not None:
-        if info.layout_version in L.UPGRADES_FROM and missing == "create":
-            remote.write(path, _current())  # everything in it reads the same
-        elif info.layout_version not in (L.LAYOUT_VERSION, *L.UPGRADES_FROM):
-            raise LayoutVersionError(
-                f"remote {remote.url} has layout version {info.layout_version}; this castore "
-                f"reads version {L.LAYOUT_VERSION}. Upgrade castore to use it"
-            )
-    remote.layout_checked = info is not None or missing != "ok"
+    if info is None:
+        if missing == "error":
+            remote.layout_checked = "folders"  # a remote from before the file
+        return
+    if info.layout_version in L.UPGRADES_FROM and missing == "create":
+        remote.write(path, _current())  # everything in it reads the same
+    elif info.layout_version not in (L.LAYOUT_VERSION, *L.UPGRADES_FROM):
+        raise LayoutVersionError(
+            f"remote {remote.url} has layout version {info.layout_version}; this castore "
+            f"reads version {L.LAYOUT_VERSION}. Upgrade castore to use it"
+        )
+    remote.layout_checked = "file"
 
 
 def _parse(remote: Remote, data: bytes) -> LayoutInfo:

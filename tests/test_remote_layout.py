@@ -70,7 +70,7 @@ def test_a_remote_from_before_the_file_is_read_and_gets_it_on_its_next_push(tmp_
     ds = build().run(cache_dir=make_store("c").root, quiet=True, remote=url)
     assert all(counts(ds, s)[1] == 0 for s in ds.run.stats)  # read through, nothing computed
     assert not (tmp_path / "remote" / LAYOUT_FILE).exists()  # reading writes nothing
-    push(a, Remote(url))
+    push(a, old)  # the Remote that was read from: its push still writes the file
     assert _layout(Remote(url))["layout_version"] == LAYOUT_VERSION
 
 
