@@ -92,9 +92,20 @@ def execute(
         f"run {doc['name']} {doc['status']} in {doc['seconds']:.1f}s; "
         f"rows: {', '.join(f'{k}={v}' for k, v in doc['rows'].items())}"
     )
+    # on_error="skip": a finished run may hold rows with None outputs; never call it free.
+    failed = {n: s["batches_failed"] for n, s in doc["steps"].items() if s["batches_failed"]}
+    if failed:
+        total = sum(failed.values())
+        err(
+            f"{total} batch{'es' if total != 1 else ''} failed ("
+            + ", ".join(f"{n}: {k}" for n, k in failed.items())
+            + "): their rows are kept with None outputs and are not cached; "
+            f"`cas log {doc['name']}` has the errors"
+        )
     err(f"data: {doc['data_dir']}")
     if hint:
-        err(f"run again (free: every batch is cached): {hint}")
+        free = "retries the failed batches; the rest is cached" if failed else None
+        err(f"run again ({free or 'free: every batch is cached'}): {hint}")
 
 
 def rerun_hint(argv: list[str], command: str, target: Target, params: dict) -> str | None:

@@ -310,6 +310,39 @@ def test_the_run_again_hint_repeats_the_command_and_is_free(tmp_path, monkeypatc
     assert all(s["batches_computed"] == 0 for s in again.json()["steps"].values())
 
 
+SKIPS = """
+from castore import Pipeline, step, StepInput
+from castore.steps import LoadDataFromDicts
+
+@step(inputs=["n"], outputs=["m"])
+def Picky(inputs: StepInput):
+    if any(r["n"] == 3 for r in inputs):
+        raise ValueError("n 3 is bad")
+    return [{**r, "m": r["n"] * 2} for r in inputs]
+
+with Pipeline(name="picky") as pipeline:
+    LoadDataFromDicts(data=[{"n": i} for i in range(10)]) >> Picky(
+        input_batch_size=2, on_error="skip"
+    )
+"""
+
+
+def test_a_run_with_skipped_batches_says_so_and_is_not_called_free(tmp_path):
+    """on_error="skip" finishes the run with None outputs for a failed batch: the summary
+    names the failed batches and where the errors are, and running again is not free."""
+    path = tmp_path / "picky.py"
+    path.write_text(SKIPS)
+    r = cas_inproc("--cache-dir", str(tmp_path / "c"), "run", str(path), "-q")
+    assert r.returncode == 0, r
+    lines = r.stderr.splitlines()
+    assert "1 batch failed (picky: 1): their rows are kept with None outputs" in r.stderr
+    assert "`cas log picky` has the errors" in r.stderr
+    again = next(x for x in lines if x.startswith("run again"))
+    assert "retries the failed batches" in again and "free" not in again
+    log = cas_inproc("--cache-dir", str(tmp_path / "c"), "log", "picky")
+    assert "ValueError: n 3 is bad" in log.stdout
+
+
 def test_a_missing_optional_dependency_names_its_extra(fast, tmp_path, monkeypatch):
     import importlib.util
 
