@@ -129,15 +129,29 @@ def attempts(store: Store, info: RunInfo) -> list[RunInfo]:
     return out[::-1]
 
 
+def skipped_batches(run: RunManifest) -> int:
+    """Batches of the run that failed and were kept with None outputs (not cached)."""
+    return sum(s.batches_failed for s in run.stats.values())
+
+
 def latest_resumable(store: Store, name: str | None = None) -> RunInfo:
     runs = [r for r in list_runs(store) if name is None or r.name == name]
     if name is not None and not runs:
         raise NothingToResume(f"no run of pipeline {name!r} in {store.root}")
+    newest: set[str] = set()
     for r in runs:
         if r.status in ("interrupted", "failed", "waiting"):
             return r
+        # A pipeline's newest run that finished with batches skipped (on_error="skip"):
+        # their rows are None and not cached, work still to do.
+        if r.name not in newest and r.status == "finished" and skipped_batches(r.manifest):
+            return r
+        newest.add(r.name)
     what = f"pipeline {name!r}" if name else "any pipeline"
-    raise NothingToResume(f"nothing to resume: no interrupted, failed or waiting run of {what}")
+    raise NothingToResume(
+        f"nothing to resume: no interrupted, failed or waiting run of {what}, nor a newest "
+        "run with failed batches"
+    )
 
 
 def resolve(store: Store, prefix: str) -> str:

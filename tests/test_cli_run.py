@@ -311,12 +311,14 @@ def test_the_run_again_hint_repeats_the_command_and_is_free(tmp_path, monkeypatc
 
 
 SKIPS = """
+import os
+
 from castore import Pipeline, step, StepInput
 from castore.steps import LoadDataFromDicts
 
-@step(inputs=["n"], outputs=["m"])
+@step(inputs=["n"], outputs=["m"], ignore_env=["PICKY_FAIL"])
 def Picky(inputs: StepInput):
-    if any(r["n"] == 3 for r in inputs):
+    if os.environ.get("PICKY_FAIL") and any(r["n"] == 3 for r in inputs):
         raise ValueError("n 3 is bad")
     return [{**r, "m": r["n"] * 2} for r in inputs]
 
@@ -327,9 +329,11 @@ with Pipeline(name="picky") as pipeline:
 """
 
 
-def test_a_run_with_skipped_batches_says_so_and_is_not_called_free(tmp_path):
+def test_a_run_with_skipped_batches_says_so_and_is_not_called_free(tmp_path, monkeypatch):
     """on_error="skip" finishes the run with None outputs for a failed batch: the summary
-    names the failed batches and where the errors are, and running again is not free."""
+    names the failed batches and where the errors are, running again is not free, and
+    `cas resume` takes the run up (its failed batch is work still to do)."""
+    monkeypatch.setenv("PICKY_FAIL", "1")
     path = tmp_path / "picky.py"
     path.write_text(SKIPS)
     r = cas_inproc("--cache-dir", str(tmp_path / "c"), "run", str(path), "-q")
@@ -341,6 +345,17 @@ def test_a_run_with_skipped_batches_says_so_and_is_not_called_free(tmp_path):
     assert "retries the failed batches" in again and "free" not in again
     log = cas_inproc("--cache-dir", str(tmp_path / "c"), "log", "picky")
     assert "ValueError: n 3 is bad" in log.stdout
+    monkeypatch.delenv("PICKY_FAIL")
+    resumed = cas_inproc("--cache-dir", str(tmp_path / "c"), "resume", "picky", "--json")
+    assert resumed.returncode == 0, resumed
+    steps = resumed.json()["steps"]["picky"]
+    assert (steps["batches_computed"], steps["batches_failed"], steps["batches_cached"]) == (
+        1,
+        0,
+        4,
+    )
+    done = cas_inproc("--cache-dir", str(tmp_path / "c"), "resume", "picky")
+    assert done.returncode == 1 and "nothing to resume" in done.stderr
 
 
 def test_a_missing_optional_dependency_names_its_extra(fast, tmp_path, monkeypatch):
