@@ -205,4 +205,5 @@ def one_line(error: Any) -> str:
     got = first.get("input")
     shown = repr(got) if got is not None and len(repr(got)) <= 60 else None
     value = f", got {shown}" if shown is not None and first.get("type") != "missing" else ""
-    return f"{loc + ': ' if loc else ''}{first.get('msg', 'invalid')}{value}{more}"
+    msg = "unknown parameter" if first.get("type") == "extra_forbidden" else first.get("msg")
+    return f"{loc + ': ' if loc else ''}{msg or 'invalid'}{value}{more}"

@@ -6,7 +6,7 @@ from typing import Any
 import click
 from castore.cli.common import SHORT_HELP, App, common_options, complete_runs, echo_json, err
 
-from castore.errors import CastoreError, ConfigError, RunInterrupted
+from castore.errors import CastoreError, ConfigError, RunInterrupted, one_line
 from castore.store.manifests import RunManifest, Target
 from castore.yamlio import YamlSyntaxError, load_yaml
 
@@ -65,6 +65,10 @@ def execute(
     except CastoreError:
         raise
     except Exception as e:
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):  # a step built with a wrong parameter
+            raise ConfigError(f"cannot load {target.path}: {e.title}: {one_line(e)}") from None
         raise ConfigError(f"cannot load {target.path}: {type(e).__name__}: {e}") from None
     try:
         run_oid = pipeline.execute(

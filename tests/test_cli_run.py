@@ -109,6 +109,17 @@ def test_bad_targets_and_params(fast, tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("def oops(:\n")
     one_error_line(cas_inproc("run", str(broken), cache_dir=cache), "SyntaxError")
+    wrong = tmp_path / "wrong.py"  # a distilabel-only parameter: pydantic's text spans lines
+    wrong.write_text(
+        "from castore import Pipeline\n"
+        "from castore.steps import KeepColumns, LoadDataFromDicts\n"
+        "with Pipeline(name='w') as p:\n"
+        "    LoadDataFromDicts(data=[{'a': 1}]) >> KeepColumns(columns=['a'], colums=1)\n"
+    )
+    one_error_line(
+        cas_inproc("run", str(wrong), cache_dir=cache),
+        "KeepColumns: colums: unknown parameter, got 1",
+    )
     one_error_line(cas_inproc("run", f"{fast}:nope", cache_dir=cache), "no Pipeline named 'nope'")
     one_error_line(cas_inproc("run", "no_such_module:p", cache_dir=cache), "cannot import")
     one_error_line(

@@ -272,6 +272,22 @@ def test_a_column_missing_from_a_files_batches_fails_the_batch(store, tmp_path):
             p.run(cache_dir=store.root, quiet=True)
 
 
+def test_a_column_of_mixed_types_is_named_with_its_rows(store):
+    @step(inputs=["k"], outputs=["v"])
+    def Mixed(inputs: StepInput) -> StepOutput:
+        yield [{**r, "v": "text" if r["k"] == 0 else [1, 2]} for r in inputs]
+
+    with Pipeline(name="mixed") as p:
+        LoadDataFromDicts(data=[{"k": 0}, {"k": 1}]) >> Mixed()
+    with pytest.raises(
+        StepFailed,
+        match=re.escape(
+            "column 'v' holds values Arrow cannot store as one type (str in row 0, list in row 1)"
+        ),
+    ):
+        p.run(cache_dir=store.root, quiet=True)
+
+
 class Flaky(Step):
     inputs = ["n"]
     outputs = ["ok"]

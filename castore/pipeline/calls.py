@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from castore.errors import NonCanonicalValue
 from castore.filereads import watching
 
 if TYPE_CHECKING:
@@ -67,12 +68,42 @@ def to_table(chunks: Iterable[Any]) -> pa.Table:
         if _is_table(chunk):
             tables.append(chunk)
         elif chunk:
-            tables.append(pa.Table.from_pylist(list(chunk)))
+            tables.append(rows_table(list(chunk)))
     if not tables:
         return pa.table({})
     if len(tables) == 1:
         return tables[0]
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def rows_table(rows: list[Any]) -> pa.Table:
+    """Rows as a table; a column whose values Arrow cannot hold as one type is named,
+    with the rows where its types differ (Arrow's own message names neither)."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        names = dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r)
+        for name in names:
+            values = [r.get(name) if isinstance(r, dict) else None for r in rows]
+            try:
+                pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                first = next(i for i, v in enumerate(values) if v is not None)
+                kind = type(values[first])
+                other = next(
+                    (i for i, v in enumerate(values) if v is not None and type(v) is not kind),
+                    None,
+                )
+                seen = f"{kind.__name__} in row {first}"
+                if other is not None:
+                    seen += f", {type(values[other]).__name__} in row {other}"
+                raise NonCanonicalValue(
+                    f"column {name!r} holds values Arrow cannot store as one type ({seen}): "
+                    f"{e}; give the column one type (None for a missing value)"
+                ) from None
+        raise
 
 
 def process_chunks(step: _Step, arg: Any) -> Iterator[Any]:
