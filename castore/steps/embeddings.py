@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from castore.errors import LLMUnusable
 from castore.llms import LLMError, OpenAILLM
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
 from castore.steps.llm import require_text
@@ -30,6 +31,8 @@ class GenerateEmbeddings(Step):
         ]
         try:
             got = self.llm.embed(texts)
+        except LLMUnusable as e:  # nothing answers there: the run stops, as a chat step's
+            raise type(e)(f"step {self.name}: the LLM server at {self.llm.base_url}: {e}") from None
         except LLMError as e:
             rows = [self._row(row, None, str(e), {}, 0) for row in inputs]
             raise BatchIncomplete(rows, [str(e)], list(range(len(rows)))) from None

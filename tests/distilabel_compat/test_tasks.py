@@ -373,3 +373,23 @@ def test_ultrafeedback_typed_aspects_give_distilabels_columns(server):  # noqa: 
     plain = p.run()["default"]["train"]
     assert "types" not in plain.column_names and plain["ratings"] == [[4, 2]]
     assert parse_types("Text 1 type: 7\nText 1 type rationale:", 1) == ([None], [None])
+
+
+def test_generate_embeddings_with_no_server_stops_the_run(tmp_path):
+    """As a chat step's: a server nothing answers at is not a failed row per batch."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import GenerateEmbeddings
+    from castore.errors import StepFailed
+    from tests.remote_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with Pipeline(name="embed-none") as p:
+        LoadDataFromDicts(data=[{"text": f"t{i}"} for i in range(6)]) >> GenerateEmbeddings(
+            llm=OpenAILLM(model="emb", base_url=url, max_retries=1, backoff=0.01),
+            input_batch_size=2,
+            on_error="skip",
+        )
+    with pytest.raises(StepFailed, match=rf"the LLM server at {url}: .*ClientConnectorError"):
+        p.run(cache_dir=tmp_path / "c")
