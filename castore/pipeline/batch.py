@@ -24,6 +24,7 @@ from castore.pipeline.rows import (
     answered,
     compute_rows,
     mapping_clash,
+    require_input,
     write_segment,
 )
 from castore.pipeline.step import (
@@ -179,16 +180,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def map_input(step: _Step, table: pa.Table) -> pa.Table:
-    """The input as `process` sees it: `input_mappings` applied (VALUE read as KEY).
-    A column the step requires that the input lacks fails the batch: where the columns
-    before it are not known at build (a file's), a typo would otherwise read as None."""
+    """The input as `process` sees it: `input_mappings` applied (VALUE read as KEY), once
+    it has every column the step requires (rows.require_input)."""
     names = table.column_names
-    missing = [c for c in step.input_columns() if c not in names] if names else None
-    if missing:
-        raise StepFailed(
-            f"step {step.name}: its input has no column {missing[0]!r} (it has {names}); "
-            "check the column's name, or map it with input_mappings"
-        )
+    if names:  # a batch without columns has no rows to read them from
+        require_input(step, names)
     if not step.input_mappings:
         return table
     for logical, actual in step.input_mappings.items():

@@ -336,9 +336,7 @@ class RowIndex:
         this stream (an earlier equal row could be among them). An appended row, new
         everywhere, reads nothing."""
         cols = step.row_key_columns()
-        missing = [c for c in cols if c not in table.column_names]
-        if missing:
-            raise StepFailed(f"step {step.name}: its input lacks column {missing[0]!r}")
+        require_input(step, table.column_names)
         base = base_row_keys(self.fingerprint, [table.column(c) for c in cols])
         prior = self.prior
         if self._deferred and (
@@ -396,6 +394,18 @@ def check_row_wise(step: _Step) -> None:
         raise PipelineError(
             f"step {step.name}: a row-wise step declares its input and output columns "
             "(inputs=[...], outputs=[...]); its row keys are made of the inputs"
+        )
+
+
+def require_input(step: _Step, names: list[str]) -> None:
+    """Fail the batch when its input (columns `names`) lacks a column the step requires:
+    where the columns before it are not known at build (a file's), a typo would otherwise
+    read as None, or key rows by a column that is not there."""
+    missing = [c for c in step.input_columns() if c not in names]
+    if missing:
+        raise StepFailed(
+            f"step {step.name}: its input has no column {missing[0]!r} (it has {names}); "
+            "check the column's name, or map it with input_mappings"
         )
 
 
