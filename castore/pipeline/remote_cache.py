@@ -133,9 +133,8 @@ class RemoteCache:
     def _require_store(self, missing: Missing = "error") -> None:
         """On a pool thread, before the first read or write: a URL that holds no castore
         remote, or one of a newer layout, turns the remote off for this run (one
-        warning saying which), as an unreachable one does."""
-        if self.remote.layout_checked:
-            return
+        warning saying which), as an unreachable one does. Once checked, require_store
+        returns at once."""
         with self._checking:
             try:
                 require_store(self.remote, missing)
