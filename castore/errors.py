@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 
@@ -119,6 +120,19 @@ class StepFailed(PipelineError):
             # most already name the step.
             return cls(f"step {step} failed: {msg.removeprefix(f'step {step}: ')}")
         return cls(f"step {step} failed: {type(error).__name__}: {msg}")
+
+    @classmethod
+    def logged(cls, step: str, error: BaseException) -> StepFailed:
+        """`of`, logged as the run's error line (the run then raises it)."""
+        err = cls.of(step, error)
+        logging.getLogger("castore.run").error("%s", err)
+        return err
+
+
+class RowsFailed(CastoreError):
+    """Some rows of a row-wise batch failed with on_error="fail": the batch fails, but the
+    rows that succeeded (paid for) were stored as row results first, so its retry, and
+    the next run, ask only for the rows that failed."""
 
 
 class RunInterrupted(CastoreError):

@@ -366,6 +366,50 @@ def test_after_a_partial_failure_only_failed_rows_are_requested_again(tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("executor", ["threads", "processes"])
+def test_a_failing_row_with_on_error_fail_costs_only_its_own_requests(tmp_path, executor):
+    """on_error="fail" (the default) and step retries: each retry, and the next run, asks
+    only for the row that failed; the rows answered on the first attempt are kept (before,
+    10 rows x 3 attempts = 30 requests, and 10 more in the next run)."""
+    from castore.errors import StepFailed
+    from castore.llms import OpenAILLM
+    from castore.steps import LoadDataFromDicts, TextGeneration
+    from tests.llm_server import LLMServer
+
+    server = LLMServer().start()
+    try:
+
+        def gen() -> Pipeline:
+            with Pipeline(name="fail-retry") as p:
+                LoadDataFromDicts(
+                    data=[{"instruction": f"q {i}"} for i in range(12)]
+                ) >> TextGeneration(
+                    llm=OpenAILLM(model="m", base_url=server.base_url, backoff=0, max_retries=0),
+                    input_batch_size=10,
+                    max_retries=2,
+                    retry_backoff=0,
+                )
+            return p
+
+        cache = tmp_path / "c"
+        server.always_fail = "q 3"
+        with pytest.raises(StepFailed, match="1 row\\(s\\) failed.*the rows answered are kept"):
+            gen().run(cache_dir=cache, quiet=True, executor=executor)
+        # The failing batch: 10 requests, then q 3 twice; the other batch at most 2.
+        assert 12 <= server.requests <= 14
+        assert sum("q 3" in b["messages"][-1]["content"] for b in server.bodies) == 3
+        before = server.requests
+        server.always_fail = "\x00never"
+        ds = gen().run(cache_dir=cache, quiet=True)
+        asked = [b["messages"][-1]["content"] for b in server.bodies[before:]]
+        assert "q 3" in asked and not {f"q {i}" for i in range(10) if i != 3} & set(asked)
+        assert ds["text_generation"]["train"]["generation"] == [
+            f"answer(m): {f'q {i}'[::-1]}" for i in range(12)
+        ]
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_kill_9_mixing_reused_and_new_rows_then_resume(tmp_path):
     """300 rows done; 300 appended; kill -9 mid-run; resume: the dataset equals a fresh

@@ -7,6 +7,7 @@ entry, so an action entry never names a missing object.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from castore.errors import StepFailed
+from castore.errors import RowsFailed, StepFailed
 from castore.hashing import hash_bytes
 from castore.pipeline.calls import normalize_output, process_chunks, to_table
 from castore.pipeline.rowinfo import row_info
@@ -368,13 +369,17 @@ def compute(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None]:
     return out, skipped
 
 
-def compute_detailed(step: _Step, table: pa.Table) -> tuple[pa.Table, str | None, list[int]]:
-    """`compute`, and the positions of the rows that failed (when the step says)."""
+def compute_detailed(
+    step: _Step, table: pa.Table, *, keep_rows: bool = False
+) -> tuple[pa.Table, str | None, list[int]]:
+    """`compute`, and the positions of the rows that failed (when the step says).
+    `keep_rows`: with on_error="fail" too, the rows are returned when the step says
+    which failed (the caller stores the others, then fails the batch)."""
     try:
         rows = map_input(step, table).to_pylist()
         out = map_output(step, to_table(process_chunks(step, rows)))
     except BatchIncomplete as e:
-        if step.on_error != "skip":
+        if step.on_error != "skip" and not (keep_rows and e.failed is not None):
             raise
         # Keep the rows that succeeded (paid for), but the batch is not cached.
         out = map_output(step, to_table(normalize_output(e.rows)))
@@ -403,7 +408,8 @@ def execute_batch(
         out, skipped = compute(step, table)
         reused = None
     else:
-        out, skipped, reused, failed = compute_rows(store, step, table, rows, compute_detailed)
+        keeping = functools.partial(compute_detailed, keep_rows=True)
+        out, skipped, reused, failed = compute_rows(store, step, table, rows, keeping)
         if skipped is not None and failed is not None:
             # The rows that succeeded stay findable by row key; the failed ones do not.
             rows = rows.without(failed)
@@ -429,6 +435,8 @@ def execute_batch(
         tables=cache,
         base=_base(step, slices, table),
     )
+    if skipped is not None and step.on_error != "skip":
+        raise RowsFailed(f"{skipped}; the rows answered are kept and not asked again")
     return dataclasses.replace(
         res, skipped_error=skipped, entry_written=write_entry or skipped is not None
     )
@@ -470,11 +478,18 @@ _process_store: dict[str, Store] = {}
 _process_cache = TableCache()
 
 
+def portable(e: Exception) -> Exception:
+    """What a worker raises to the driver: RowsFailed as it is (the retry then finds the
+    rows it stored), any other error as text, since exceptions from user code may not
+    pickle."""
+    return e if isinstance(e, RowsFailed) else RuntimeError(f"{type(e).__name__}: {e}")
+
+
 def execute_in_process(
     root: str, step: _Step, key: str, slices: list[list[Slice]], rows: RowPlan | None = None
 ) -> Any:
     """Process-pool entry point: the same work as `execute_batch`, with a per-process
-    Store. Errors are returned as text, since exceptions from user code may not pickle."""
+    Store; errors as `portable` makes them."""
     from castore.store import Store
 
     store = _process_store.get(root)
@@ -483,7 +498,7 @@ def execute_in_process(
     try:
         return execute_batch(store, step, key, slices, _process_cache, rows=rows)
     except Exception as e:
-        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+        raise portable(e) from None
 
 
 def execute_for_ray(
@@ -498,7 +513,7 @@ def execute_for_ray(
     try:
         return execute_batch(store, step, key, slices, _process_cache, write_entry=False, rows=rows)
     except Exception as e:
-        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+        raise portable(e) from None
 
 
 def execute_for_ray_remote(
@@ -516,7 +531,7 @@ def execute_for_ray_remote(
     try:
         out, skipped = compute(step, table)
     except Exception as e:
-        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+        raise portable(e) from None
     data = encode_parquet(out).to_pybytes()  # the bytes Store.put_table would store
     oid = hash_bytes(data)
     usage = usage_of(step, out)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from castore import jobctx
-from castore.errors import BatchWaiting, CastoreError, StepFailed
+from castore.errors import BatchWaiting, CastoreError, RowsFailed, StepFailed
 from castore.hashing import entry_check, generator_end_key
 from castore.pipeline.batch import (
     BatchResult,
@@ -430,7 +430,7 @@ class Scheduler:
     def _generator_end(self, event: GeneratorEnd) -> None:
         plan = self.plans[event.step]
         if event.error is not None:
-            fail(event.step, event.error)
+            raise StepFailed.logged(event.step, event.error)
         plan.total = event.batches
         if self.rcache is not None:
             self.rcache.upload(generator_end_key(plan.fp), [])
@@ -476,7 +476,7 @@ class Scheduler:
             log.info("step %s batch %d waits: %s", b.step, b.index, error)
             return
         if isinstance(error, StepFailed):
-            fail(b.step, error)
+            raise StepFailed.logged(b.step, error)
         if p.attempt < step.max_retries and not draining:
             delay = step.retry_backoff * (2**p.attempt)
             log.warning(
@@ -490,10 +490,14 @@ class Scheduler:
             )
             p.attempt += 1
             p.not_before = time.monotonic() + delay
+            if p.rows is not None and isinstance(error, RowsFailed):
+                # The attempt stored the rows that succeeded: the retry asks for the rest.
+                self._index(b.step).refresh()
+                p.rows = self._row_results(b.step, p.rows)
             self.queues[b.step].pending.append(p)
             return
         if step.on_error != "skip":
-            fail(b.step, error)
+            raise StepFailed.logged(b.step, error)
         msg = f"{type(error).__name__}: {error}"
         log.warning(
             "step %s batch %d failed: %s; rows kept with None outputs, not cached (the next "
@@ -591,10 +595,3 @@ class Scheduler:
                     if not failed:
                         raise
         return True
-
-
-def fail(step: str, error: BaseException) -> None:
-    """Fail the run with one line naming the step."""
-    err = StepFailed.of(step, error)
-    log.error("%s", err)
-    raise err
