@@ -393,7 +393,7 @@ def test_a_failing_row_with_on_error_fail_costs_only_its_own_requests(tmp_path, 
 
         cache = tmp_path / "c"
         server.always_fail = "q 3"
-        with pytest.raises(StepFailed, match="1 row\\(s\\) failed.*the rows answered are kept"):
+        with pytest.raises(StepFailed, match=r"1 row\(s\) failed.*the rows answered are kept"):
             gen().run(cache_dir=cache, quiet=True, executor=executor)
         # The failing batch: 10 requests, then q 3 twice; the other batch at most 2.
         assert 12 <= server.requests <= 14

@@ -26,6 +26,13 @@ def require_text(step: str | None, value: Any, what: str) -> str:
     return value
 
 
+class AnswerUnusable(Exception):
+    """Raised by a task's `parse` when an answer cannot be made into the step's columns
+    (a distilabel Task's `format_output` raised): the row fails, as a failed request
+    does, so its None columns are never cached as its answer; the answer stays in the
+    metadata column, and a retry or the next run asks again for that row alone."""
+
+
 # OpenAI's Batch API takes at most 50,000 requests per job.
 OFFLINE_BATCH_ROWS = 50_000
 
@@ -71,11 +78,19 @@ class _LLMTask(Step):
         out, errors, failed = [], [], []
         for i, (row, res) in enumerate(zip(inputs, results, strict=True)):
             if isinstance(res, Generation):
-                out.append(self._row(row, res.text, res, None))
+                try:
+                    out.append(self._row(row, res.text, res, None))
+                    continue
+                except AnswerUnusable as e:  # paid for: kept in the metadata, row failed
+                    errors.append(
+                        f"{e} (the answer is kept in {METADATA_COLUMN}; on_error='skip' goes "
+                        "on with None for such rows, and the next run asks for them again)"
+                    )
+                    out.append(self._row(row, res.text, res, errors[-1]))
             else:
                 errors.append(f"{type(res).__name__}: {res}")
-                failed.append(i)
                 out.append(self._row(row, None, None, errors[-1]))
+            failed.append(i)
         if errors:
             raise BatchIncomplete(out, errors, failed)
         return out
@@ -83,7 +98,8 @@ class _LLMTask(Step):
     def _row(
         self, row: dict[str, Any], text: str | None, res: Generation | None, error: str | None
     ) -> dict[str, Any]:
-        """The output row, with this step's entry in the metadata column."""
+        """The output row, with this step's entry in the metadata column; with an
+        `error`, the step's columns are those of no answer (the raw `text` is kept)."""
         meta = dict(row.get(METADATA_COLUMN) or {})
         meta[self.name or "llm"] = {
             "raw_output": text,
@@ -96,7 +112,8 @@ class _LLMTask(Step):
             "attempts": res.attempts if res else 0,
             "error": error,
         }
-        return {**row, **self.parse(row, text), "model_name": self.llm.model, METADATA_COLUMN: meta}
+        parsed = self.parse(row, None if error else text)
+        return {**row, **parsed, "model_name": self.llm.model, METADATA_COLUMN: meta}
 
     def parse(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
         """The output columns made from the answer (None when the request failed)."""

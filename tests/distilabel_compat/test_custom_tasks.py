@@ -1,0 +1,177 @@
+"""distilabel's custom tasks (a `Task` subclass, a function under `@task`) under
+`castore.distilabel`, against the local OpenAI-compatible server: what they send, what
+they keep, that an answer `format_output` cannot read fails its row (kept, asked again)
+instead of caching None, and that answered rows are not paid for again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from castore.errors import CastoreError, PipelineError
+from castore.pipeline.step import BatchIncomplete
+from tests.distilabel_compat.test_compat import (
+    load,
+    server,  # noqa: F401 - the fixture
+)
+
+ROWS = [
+    {"review": "good phone", "product": "p1"},
+    {"review": "bad case", "product": "p2"},
+    {"review": "broken answer", "product": "p3"},
+    {"review": "good cable", "product": "p4"},
+]
+
+
+def reply(req):
+    user = req["messages"][-1]["content"]
+    if req["model"] == "writer":
+        return "  short summary "
+    if "broken" in user:
+        return "I would rather not answer in JSON."
+    return json.dumps({"label": "pos" if "good" in user else "neg", "score": 4})
+
+
+def asked(srv, model):
+    return [b for b in srv.bodies if b["model"] == model]
+
+
+def test_custom_task_and_task_decorator_send_their_prompts_and_keep_their_columns(server):  # noqa: F811
+    server.reply = reply
+    m = load("custom_task")
+    with pytest.raises(
+        CastoreError, match=r"format_output raised JSONDecodeError.*on_error='skip'"
+    ):
+        m.build(ROWS).run()
+    # The rows answered before the failure are kept as row results: only the row whose
+    # answer was unreadable (and any row never asked) is asked again.
+    train = m.build(ROWS, on_error="skip").run()["default"]["train"]
+    judged = [json.loads(json.dumps(b["messages"])) for b in asked(server, "judge")]
+    assert len(judged) == 5  # four rows, and the unreadable one twice
+    assert judged[0] == m.RateReview(llm=m.OpenAILLM(model="judge")).format_input(ROWS[0])
+    assert train["label"] == ["pos", "neg", None, "pos"]
+    assert train["score"] == [4.0, 4.0, None, 4.0]
+    assert train["summary"] == ["short summary"] * 4
+    assert asked(server, "writer")[0]["messages"] == [
+        {"role": "system", "content": "You write summaries of at most five words."},
+        {"role": "user", "content": "Summarize this review: good phone"},
+    ]
+    assert len(asked(server, "writer")) == 4
+    # Again, one row appended: the new row and the still unreadable one are asked, the
+    # summaries of the four earlier rows are reused by row key.
+    more = [*ROWS, {"review": "good charger", "product": "p5"}]
+    train = m.build(more, on_error="skip").run()["default"]["train"]
+    assert len(asked(server, "judge")) == 7
+    assert len(asked(server, "writer")) == 5
+    assert train["label"] == ["pos", "neg", None, "pos", "pos"]
+
+
+def test_an_unreadable_answer_is_kept_in_the_metadata(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+
+    server.reply = reply
+    m = load("custom_task")
+    rate = m.RateReview(llm=OpenAILLM(model="judge"), name="rate")
+    rate.load()
+    with pytest.raises(BatchIncomplete, match=r"1 row\(s\) failed") as err:
+        next(rate.process([ROWS[2], ROWS[0]]))
+    rows = err.value.rows
+    assert rows[0]["label"] is None and rows[1]["label"] == "pos"
+    meta = rows[0]["castore_metadata"]
+    assert meta["raw_output_rate"] == "I would rather not answer in JSON."
+    assert meta["rate"]["error"].startswith("format_output raised JSONDecodeError")
+    assert meta["rate"]["usage"]  # the answer was paid for: its tokens are counted
+    assert err.value.failed == [0]
+    assert rows[1]["model_name"] == "judge"
+
+
+def test_task_columns_prompts_and_fingerprint():
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.steps.tasks import Task, task
+
+    m = load("custom_task")
+    llm = OpenAILLM(model="judge")
+    rate = m.RateReview(llm=llm)
+    assert rate.inputs == ["review", "product"]
+    assert rate.outputs == ["label", "score", "model_name"]  # model_name added, as distilabel
+    summarize = m.Summarize(llm=llm)
+    params = summarize.identity()["params"]
+    assert params["system_prompt"] == "You write summaries of at most five words."
+    assert params["user_message_template"] == "Summarize this review: {review}"
+    # The prompts are fields: an edited docstring (or a prompt set here) asks again.
+    assert summarize.fingerprint() != m.Summarize(llm=llm, system_prompt="Be brief.").fingerprint()
+    # Several generations per row, grouped, are lists of every output column.
+    assert m.RateReview(llm=llm, num_generations=2, group_generations=True).row_wise
+
+    with pytest.raises(PipelineError, match=r"uses \{topic\}, which is not one of its inputs"):
+
+        @task(inputs=["review"], outputs=["x"])
+        def Bad(output, input=None):
+            """---
+            system_prompt: Talk about {topic}.
+            user_message_template: "{review}"
+            ---"""
+
+    with pytest.raises(PipelineError, match="docstring must hold YAML between two '---'"):
+
+        @task(inputs=["review"], outputs=["x"])
+        def NoPrompts(output, input=None):
+            """Only words."""
+
+    class Half(Task):
+        @property
+        def inputs(self):
+            return ["review"]
+
+        def format_input(self, input):
+            return [{"role": "user", "content": input["review"]}]
+
+    with pytest.raises(ValueError, match="missing: format_output"):
+        Half(llm=llm)
+    with pytest.raises(ValueError, match="structured_output"):
+        m.RateReview(llm=llm, use_default_structured_output=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("not_chat", "format_input must return a list of \\{'role', 'content'\\} dicts"),
+        ("not_dict", "format_output must return a dict of its output columns \\['a'\\], not str"),
+        ("extra", "returned column 'b', which is not among its outputs"),
+        ("undeclared", "reads column 'id', which is not among its inputs \\['q'\\]"),
+    ],
+)
+def test_a_task_that_breaks_its_contract_fails_saying_how(server, kind, message):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import Task
+
+    class Broken(Task):
+        @property
+        def inputs(self):
+            return ["q"]
+
+        @property
+        def outputs(self):
+            return ["a"]
+
+        def format_input(self, input):
+            if kind == "not_chat":
+                return input["q"]
+            return [{"role": "user", "content": input["q"]}]
+
+        def format_output(self, output, input):
+            if kind == "not_dict":
+                return output
+            if kind == "extra":
+                return {"a": output, "b": 1}
+            if kind == "undeclared":
+                return {"a": input["id"]}
+            return {"a": output}
+
+    with Pipeline(name=f"broken-{kind}") as p:
+        LoadDataFromDicts(data=[{"id": 1, "q": "x"}]) >> Broken(llm=OpenAILLM(model="m"))
+    with pytest.raises(CastoreError, match=message):
+        p.run()
