@@ -132,7 +132,15 @@ class StepFailed(PipelineError):
 class RowsFailed(CastoreError):
     """Some rows of a row-wise batch failed with on_error="fail": the batch fails, but the
     rows that succeeded (paid for) were stored as row results first, so its retry, and
-    the next run, ask only for the rows that failed."""
+    the next run, ask only for the rows that failed. `tokens`, `usd`, `seconds`: what the
+    attempt spent, for the run's account."""
+
+    def __init__(self, message: str, tokens: int = 0, usd: float = 0.0, seconds: float = 0.0):
+        super().__init__(message)
+        self.tokens, self.usd, self.seconds = tokens, usd, seconds
+
+    def __reduce__(self) -> Any:  # a process worker's raises it to the driver whole
+        return (type(self), (str(self), self.tokens, self.usd, self.seconds))
 
 
 class RunInterrupted(CastoreError):

@@ -398,6 +398,14 @@ def test_a_failing_row_with_on_error_fail_costs_only_its_own_requests(tmp_path, 
         # The failing batch: 10 requests, then q 3 twice; the other batch at most 2.
         assert 12 <= server.requests <= 14
         assert sum("q 3" in b["messages"][-1]["content"] for b in server.bodies) == 3
+        # The failed run's account has the tokens its answered rows cost.
+        from castore.runs import list_runs
+        from castore.store import Store
+
+        failed = list_runs(Store(cache))[0].manifest
+        assert failed.status == "failed"
+        answered = server.requests - 3  # all but the three for q 3, 6 tokens each
+        assert failed.stats["text_generation"].tokens_spent == 6 * answered
         before = server.requests
         server.always_fail = "\x00never"
         ds = gen().run(cache_dir=cache, quiet=True)

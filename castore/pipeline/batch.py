@@ -436,7 +436,8 @@ def execute_batch(
         base=_base(step, slices, table),
     )
     if skipped is not None and step.on_error != "skip":
-        raise RowsFailed(f"{skipped}; the rows answered are kept and not asked again")
+        msg = f"{skipped}; the rows answered are kept and not asked again"
+        raise RowsFailed(msg, res.tokens, res.cost_usd, seconds)
     return dataclasses.replace(
         res, skipped_error=skipped, entry_written=write_entry or skipped is not None
     )

@@ -88,6 +88,12 @@ class StepTally:
             self.usd_saved += usd_reused
             self.seconds_saved += seconds_reused
 
+    def spend(self, tokens: int, usd: float, seconds: float) -> None:
+        """What an attempt that failed spent (its answered rows were kept)."""
+        self.tokens_spent += tokens
+        self.usd_spent += usd
+        self.seconds += seconds
+
     def stats(self, plan: StepPlan) -> StepStats:
         return StepStats(
             batches_total=plan.total,

@@ -477,6 +477,8 @@ class Scheduler:
             return
         if isinstance(error, StepFailed):
             raise StepFailed.logged(b.step, error)
+        if isinstance(error, RowsFailed):  # paid for, though the batch failed
+            self.recorder.tallies[b.step].spend(error.tokens, error.usd, error.seconds)
         if p.attempt < step.max_retries and not draining:
             delay = step.retry_backoff * (2**p.attempt)
             log.warning(
