@@ -406,7 +406,11 @@ class RayExecutor:
                     if self._remote is not None:
                         self._read_through(res)
                 except Exception as e:  # a task error: the scheduler retries, skips or fails
-                    self._events.put(BatchFailed(task, e))
+                    # Ray's error is the worker's traceback; its `cause` is the one line.
+                    cause = getattr(e, "cause", None)
+                    self._events.put(
+                        BatchFailed(task, cause if isinstance(cause, Exception) else e)
+                    )
                     continue
                 self._events.put(BatchDone(task, res))
 
