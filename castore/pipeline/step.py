@@ -378,8 +378,12 @@ class _Step(BaseModel):
 
     def required_columns(self) -> list[str]:
         """The input columns checked before any work (the declared `inputs` by default),
-        as `process` sees them."""
-        return list(self.inputs)
+        as `process` sees them. distilabel's `inputs` may be {column: required}: the
+        optional ones are not checked (a step that is not row-wise sees every column)."""
+        declared: Any = self.inputs
+        if isinstance(declared, dict):
+            return [c for c, required in declared.items() if required]
+        return list(declared)
 
     def input_columns(self) -> list[str]:
         """`required_columns` as they are named in the input (after `input_mappings`)."""

@@ -396,8 +396,9 @@ def test_a_custom_step_with_load_and_unload_as_distilabel_writes_it(server):
         _resource: Any = PrivateAttr(None)
 
         @property
-        def inputs(self) -> list[str]:
-            return ["instruction"]
+        def inputs(self) -> dict[str, bool]:
+            # distilabel's {column: required}: the optional one is absent, and not checked.
+            return {"instruction": True, "system_prompt": False}
 
         @property
         def outputs(self) -> list[str]:
