@@ -10,6 +10,14 @@ castore cannot honour is an error, never silently ignored. docs/migrating.md lis
 difference that remains.
 """
 
+import warnings
+
 from castore._version import __version__
+
+# distilabel's tasks declare `inputs: StepColumns = [...]` in the class body, which
+# pydantic makes a field over the base class's attribute, as distilabel means it.
+warnings.filterwarnings(
+    "ignore", r'Field name "(inputs|outputs)" in "[^"]+" shadows an attribute', UserWarning
+)
 
 __all__ = ["__version__"]

@@ -209,6 +209,18 @@ class _Step(BaseModel):
             seen[actual] = logical
         return mappings
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # distilabel's steps may set their columns per instance (in model_post_init, from
+        # their fields): kept on the instance, and in its identity as any columns are.
+        if name in ("inputs", "outputs") and name not in type(self).model_fields:
+            if isinstance(inspect.getattr_static(type(self), name, None), property):
+                raise AttributeError(f"{type(self).__name__}.{name} is a property")
+            if not isinstance(value, dict):
+                value = names_list(f"{type(self).__name__}.{name}", value)
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     def refresh(self) -> None:
         """Called before each computation of a pipeline's signatures (as each run starts):
         forget what the last one observed outside the process (LoadDataFromHub: the
