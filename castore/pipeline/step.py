@@ -32,6 +32,7 @@ from castore.filereads import file_parts, install
 from castore.fingerprint import code_parts, code_version, user_classes
 from castore.hashing import canonical_json, hash_json_spliced
 from castore.pipeline.inline import Gathered, Inline, field_identity
+from castore.pipeline.routing import sample_n_steps
 from castore.usercode import is_user_module, module_of
 
 if TYPE_CHECKING:
@@ -463,28 +464,6 @@ class _Step(BaseModel):
                 continue
             out[fname] = self.model_dump(mode="json", include={fname}).get(fname)
         return out
-
-
-class sample_n_steps:
-    """Routing: `a >> sample_n_steps(1) >> [b, c]` sends each batch of `a` to one of
-    b, c, chosen at random seeded from the batch's action key (so reruns choose alike)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self._source: _Step | None = None
-
-    def _bind(self, source: _Step) -> sample_n_steps:
-        bound = sample_n_steps(self.n)
-        bound._source = source
-        return bound
-
-    def __rshift__(self, targets: list[_Step]) -> list[_Step]:
-        if self._source is None:
-            raise PipelineError("use routing as: step >> sample_n_steps(n) >> [a, b]")
-        if not isinstance(targets, list) or not targets:
-            raise PipelineError("sample_n_steps(n) routes to a list of steps")
-        self._source._require_pipeline().route(self._source, targets, self.n)
-        return targets
 
 
 def is_secret(annotation: Any) -> bool:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from castore import lazy_module
 
 if TYPE_CHECKING:
+    from castore.steps.classify import TextClassification
     from castore.steps.columns import (
         CombineOutputs,
         DeduplicateRows,
@@ -68,6 +69,7 @@ _LAZY = {
     "QualityScorer": "castore.steps.scorers",
     "RenameColumns": _COLUMNS,
     "SelfInstruct": "castore.steps.instruct",
+    "TextClassification": "castore.steps.classify",
     "TextGeneration": _LLM,
     "UltraFeedback": "castore.steps.feedback",
 }
@@ -102,6 +104,7 @@ __all__ = [
     "QualityScorer",
     "RenameColumns",
     "SelfInstruct",
+    "TextClassification",
     "TextGeneration",
     "UltraFeedback",
 ]

@@ -393,3 +393,53 @@ def test_generate_embeddings_with_no_server_stops_the_run(tmp_path):
         )
     with pytest.raises(StepFailed, match=rf"the LLM server at {url}: .*ClientConnectorError"):
         p.run(cache_dir=tmp_path / "c")
+
+
+def test_text_classification_reads_only_the_labels_asked_for(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import TextClassification
+
+    answers = {
+        "loved it": '{"labels": "positive"}',
+        "hated it": 'Sure:\n```json\n{"labels": "negative"}\n```',
+        "so-so": '{"labels": "mixed"}',  # not one of the labels
+        "what": "positive",  # not the JSON asked for
+        "nothing": '{"labels": "Unclassified"}',  # the default label is allowed
+    }
+
+    def reply(req):
+        text = req["messages"][-1]["content"].split("```\n")[1].split("\n```")[0].strip()
+        return answers[text]
+
+    server.reply = reply
+
+    def build(texts):
+        with Pipeline(name="classify") as p:
+            LoadDataFromDicts(data=[{"text": t} for t in texts]) >> TextClassification(
+                llm=OpenAILLM(model="m"),
+                available_labels={"positive": "likes it", "negative": "does not"},
+                query_title="Movie Review",
+            )
+        return p
+
+    train = build(list(answers)).run()["default"]["train"]
+    assert train["labels"] == ["positive", "negative", None, None, "Unclassified"]
+    sent = server.bodies[0]["messages"][-1]["content"]
+    assert "- positive: likes it" in sent and "Movie Review:" in sent
+    assert server.requests == 5
+    build([*answers, "loved it"]).run()
+    assert server.requests == 6  # only the appended row
+
+
+def test_parse_labels():
+    from castore.steps.classify import parse_labels
+
+    assert parse_labels('{"labels": ["a", "b"]}', 2, None) == ["a", "b"]
+    assert parse_labels('{"labels": ["a"]}', 2, None) is None  # not n of them
+    assert parse_labels('{"labels": ["a"]}', 1, None) == "a"
+    assert parse_labels('{"labels": ["a", "z"]}', 2, {"a", "b"}) is None
+    assert parse_labels('{"labels": ""}', 1, None) is None
+    assert parse_labels('{"label": "a"}', 1, None) is None
+    assert parse_labels(None, 1, None) is None

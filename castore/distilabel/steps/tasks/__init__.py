@@ -1,5 +1,6 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
 SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer, PrometheusEval,
+TextClassification,
 GenerateEmbeddings, Magpie and MagpieGenerator with distilabel's fields, and `Task` /
 `@task` for your own (castore/distilabel/steps/tasks/custom.py). Jinja2
 templates as distilabel's (sandboxed, a missing variable is an error); `add_raw_output`
@@ -16,6 +17,7 @@ from castore.distilabel._compat import unknown
 from castore.distilabel.steps.tasks._base import _Compat
 from castore.distilabel.steps.tasks.custom import Task, task
 from castore.errors import PipelineError
+from castore.steps.classify import TextClassification as _TextClassification
 from castore.steps.embeddings import GenerateEmbeddings
 from castore.steps.evol import EvolInstruct as _EvolInstruct
 from castore.steps.evol import EvolQuality as _EvolQuality
@@ -57,6 +59,13 @@ class TextGeneration(_Compat, _TextGeneration):
                 f"columns={cols}: add it to columns"
             )
         return cols
+
+
+class TextClassification(_Compat, _TextClassification):
+    """TextClassification with distilabel's fields (n, context, examples,
+    available_labels, default_label, query_title) and outputs (`labels`, `model_name`);
+    castore's prompt, and an answer read strictly (None unless it is the JSON asked for,
+    with labels from available_labels)."""
 
 
 class ChatGeneration(_Compat, _ChatGeneration):
@@ -151,6 +160,7 @@ __all__ = [
     "QualityScorer",
     "SelfInstruct",
     "Task",
+    "TextClassification",
     "TextGeneration",
     "UltraFeedback",
     "task",
