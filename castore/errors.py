@@ -139,7 +139,7 @@ class RowsFailed(CastoreError):
         super().__init__(message)
         self.tokens, self.usd, self.seconds = tokens, usd, seconds
 
-    def __reduce__(self) -> Any:  # a process worker's raises it to the driver whole
+    def __reduce__(self) -> Any:  # from a process or Ray worker to the driver, whole
         return (type(self), (str(self), self.tokens, self.usd, self.seconds))
 
 
