@@ -234,3 +234,19 @@ def test_columns_declared_in_the_class_body_or_set_in_model_post_init(server):  
     assert Results(extra="judge_model").inputs == ["verdict", "judge_model"]
     with pytest.raises(PipelineError, match="needs input column 'judge_model'"):
         build(extra="judge_model").run()
+
+
+def test_print_shows_the_conversation_a_row_sends(capsys):
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.steps.tasks import QualityScorer
+
+    m = load("custom_task")
+    m.Summarize(llm=OpenAILLM(model="m")).print()
+    assert capsys.readouterr().out == (
+        "--- system ---\nYou write summaries of at most five words.\n"
+        "--- user ---\nSummarize this review: <PLACEHOLDER_REVIEW>\n"
+    )
+    with pytest.raises(PipelineError, match=r"needs sample_input=\[\.\.\.\]"):
+        QualityScorer(llm=OpenAILLM(model="m")).print()  # its input is a list
+    QualityScorer(llm=OpenAILLM(model="m")).print([{"role": "user", "content": "hi"}])
+    assert capsys.readouterr().out == "--- user ---\nhi\n"

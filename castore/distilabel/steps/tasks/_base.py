@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, ClassVar
 
 from pydantic import model_validator
 
+from castore.errors import CastoreError, PipelineError
 from castore.pipeline.step import BatchIncomplete
 from castore.steps.llm import _LLMTask
 from castore.store.parquet import METADATA_COLUMN
@@ -47,6 +49,20 @@ class _Compat(_LLMTask):
         super().model_post_init(context)
         if self.name is None:  # made outside a pipeline: named as distilabel names it
             self.name = f"{self.default_name()}_0"
+
+    def print(self, sample_input: list[dict[str, Any]] | None = None) -> None:
+        """distilabel's `task.print()`: the conversation a row sends, each input column
+        shown as <PLACEHOLDER_NAME> (or `sample_input`, a conversation, as given)."""
+        if sample_input is None:
+            row = {c: f"<PLACEHOLDER_{c.upper()}>" for c in self.required_columns()}
+            try:
+                sample_input = self.conversation(row)
+            except CastoreError as e:
+                raise PipelineError(
+                    f"{e}; {type(self).__name__}.print() needs sample_input=[...] here"
+                ) from None
+        for message in sample_input:
+            builtins.print(f"--- {message.get('role', '')} ---\n{message.get('content', '')}")
 
     def process(self, inputs: Any) -> Any:
         # A generator, as distilabel's: `next(task.process(rows))` works standalone.
