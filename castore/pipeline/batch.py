@@ -109,12 +109,23 @@ class TableCache:
                 self._bytes -= self._items.popitem(last=False)[1].get_total_buffer_size()
 
 
-def read_input(
-    store: Store, slices: list[list[Slice]], cache: TableCache, grouped: Sequence[str] = ()
+def read_input(store: Store, slices: list[list[Slice]], cache: TableCache, step: _Step) -> pa.Table:
+    """The input rows of a batch of `step`: per predecessor its slices, then aligned row
+    by row. A column the step groups (GroupColumns) becomes one list per row, a value
+    per predecessor in predecessor order, instead of being merged by name. Each row comes
+    `step.rows_per_input()` times in a row (several answers per row, each its own)."""
+    import pyarrow as pa
+
+    table = _read(store, slices, cache, step.grouped_columns())
+    n = step.rows_per_input()
+    if n == 1 or not table.num_rows:
+        return table
+    return table.take(pa.array([i for i in range(table.num_rows) for _ in range(n)]))
+
+
+def _read(
+    store: Store, slices: list[list[Slice]], cache: TableCache, grouped: Sequence[str]
 ) -> pa.Table:
-    """The input rows of a batch: per predecessor its slices, then aligned row by row.
-    A `grouped` column (GroupColumns) becomes one list per row, a value per predecessor
-    in predecessor order, instead of being merged by name."""
     import pyarrow as pa
 
     per_pred = []
@@ -403,7 +414,7 @@ def execute_batch(
     row-key segment, then the action entry unless the driver writes it. `computed` is
     called between the two, once `process` has returned."""
     t0 = time.perf_counter()
-    table = read_input(store, slices, cache, step.grouped_columns())
+    table = read_input(store, slices, cache, step)
     if rows is None:
         out, skipped = compute(step, table)
         reused = None
@@ -450,7 +461,7 @@ def _base(
     step that is not a leaf (the run folder's data/ files link a leaf's objects, so
     those stay whole)."""
     given = [s for s in slices if s]
-    if step._leaf or len(given) != 1 or step.grouped_columns():
+    if step._leaf or len(given) != 1 or step.grouped_columns() or step.rows_per_input() != 1:
         return None
     return given[0], table
 
@@ -462,7 +473,7 @@ def skipped_batch(
     No action entry is written, so the next run retries the batch."""
     import pyarrow as pa
 
-    table = read_input(store, slices, cache, step.grouped_columns())
+    table = read_input(store, slices, cache, step)
     n = table.num_rows
     for col in step.output_columns_named():
         if col not in table.column_names:

@@ -34,6 +34,8 @@ def ensure_loaded(step: _Step) -> None:
 def call_process(step: _Step, arg: Any) -> Any:
     """Call `process` (after `load`, once), driving it to completion when it is async."""
     ensure_loaded(step)
+    if not step._in_run:
+        step._in_run = True
     result = step.process(arg)  # type: ignore[attr-defined]
     if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
         return result

@@ -381,9 +381,7 @@ class RayExecutor:
         b = task.batch
         if self._remote is not None:
             # Nodes without the store get their input rows with the task.
-            table = read_input(
-                self._store, b.slice_lists(), self._cache, task.step.grouped_columns()
-            )
+            table = read_input(self._store, b.slice_lists(), self._cache, task.step)
             ref = fn.remote(self._remote.url, task.step, table, self._secrets)
         else:
             ref = fn.remote(str(self._store.root), task.step, b.key, b.slice_lists(), task.rows)

@@ -303,7 +303,7 @@ class Scheduler:
         step = self.steps[batch.step]
         if not step.row_wise:
             return None
-        table = read_input(self.store, batch.slice_lists(), self.cache, step.grouped_columns())
+        table = read_input(self.store, batch.slice_lists(), self.cache, step)
         return self._index(batch.step).keys(step, table)
 
     def _row_results(self, step: str, keys: RowPlan | None) -> RowPlan | None:
@@ -546,6 +546,7 @@ class Scheduler:
             if pool is not None:
                 pool.shutdown()
         for step in self.steps.values():
+            step._in_run = False  # called by hand again, process sees rows as given
             if step._loaded:  # loaded in this process (threads); workers' copies die
                 step._loaded = False
                 try:

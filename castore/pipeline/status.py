@@ -203,7 +203,7 @@ class _Walk:
             and store is not None
             and all(s[0] in pinned or store.has(s[0]) for p in b.slices for s in p)
         ):  # not when its input is still on the remote
-            table = read_input(store, b.slice_lists(), self.cache, step.grouped_columns())
+            table = read_input(store, b.slice_lists(), self.cache, step)
             found = index.locate(index.keys(step, table))
             st.rows_by_key += sum(f is not None for f in found)
 

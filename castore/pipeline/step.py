@@ -167,6 +167,8 @@ class _Step(BaseModel):
 
     _pipeline: Pipeline | None = PrivateAttr(None)
     _loaded: bool = PrivateAttr(False)
+    # Set as a run first calls `process` (not by hand): its input is as rows_per_input says.
+    _in_run: bool = PrivateAttr(False)
     # A leaf of the running pipeline stores its batches whole (castore.store.extend).
     _leaf: bool = PrivateAttr(True)
     # (fingerprint, inline fields kept as objects) of the last fingerprint() call.
@@ -410,6 +412,12 @@ class _Step(BaseModel):
         """Columns that several predecessors each write and this step takes as one list
         per row (GroupColumns), instead of a fan-in clash."""
         return []
+
+    def rows_per_input(self) -> int:
+        """How many times the step sees each input row, one after the other: n for a
+        row-wise step that answers n times per row, each answer a row of its own and
+        reused by its own key (the n-th equal row's); 1 by default."""
+        return 1
 
     def row_key_columns(self) -> list[str]:
         """The input columns a row-wise step reads: its row keys are made of their values."""

@@ -255,17 +255,18 @@ def test_pipeline_keyword_and_connect_build_without_a_with_block(server):
 
 
 def test_num_generations_grouped_and_as_rows(server):
-    """num_generations=3: three requests per row; grouped, one row with a list of three
-    (row-wise: another batch size re-sends nothing); not grouped, three rows per input
-    (as distilabel), keyed by batch."""
+    """num_generations=3: three requests per row; grouped, one row with a list of three;
+    not grouped, three rows per input (as distilabel). Both row-wise: another batch size
+    re-sends nothing, an appended row sends its own three, and a repeated row gets three
+    answers of its own (the n-th equal row's keys)."""
     from castore.distilabel.models import OpenAILLM
     from castore.distilabel.pipeline import Pipeline
     from castore.distilabel.steps import LoadDataFromDicts
     from castore.distilabel.steps.tasks import TextGeneration
 
-    def build(group: bool, batch: int) -> Pipeline:
+    def build(group: bool, batch: int, rows: list[dict] = INSTRUCTIONS[:4]) -> Pipeline:
         with Pipeline(name=f"gens-{group}", enable_metadata=True) as p:
-            LoadDataFromDicts(data=INSTRUCTIONS[:4]) >> TextGeneration(
+            LoadDataFromDicts(data=rows) >> TextGeneration(
                 llm=OpenAILLM(model="m"),
                 num_generations=3,
                 group_generations=group,
@@ -285,6 +286,26 @@ def test_num_generations_grouped_and_as_rows(server):
     assert server.requests == 24
     assert len(train) == 12
     assert train["instruction"][:3] == [INSTRUCTIONS[0]["instruction"]] * 3
+    again = build(False, 3).run()["default"]["train"]
+    assert server.requests == 24  # as rows too: found by row key under another batch size
+    assert again.to_list() == train.to_list()
+    more = [*INSTRUCTIONS[:4], INSTRUCTIONS[0], INSTRUCTIONS[5]]  # a repeat, a new one
+    train = build(False, 4, more).run()["default"]["train"]
+    assert server.requests == 30 and len(train) == 18
+    assert (
+        train["instruction"][12:]
+        == [INSTRUCTIONS[0]["instruction"]] * 3 + [INSTRUCTIONS[5]["instruction"]] * 3
+    )
+    # By hand (distilabel's `next(task.process(rows))`), before and after a run: n rows.
+    alone = TextGeneration(llm=OpenAILLM(model="m"), num_generations=2)
+    alone.load()
+    assert len(next(alone.process(INSTRUCTIONS[:1]))) == 2
+    with Pipeline(name="by-hand") as p:
+        gen = TextGeneration(llm=OpenAILLM(model="m"), num_generations=2)
+        LoadDataFromDicts(data=INSTRUCTIONS[:1]) >> gen
+    assert len(p.run()["default"]["train"]) == 2
+    gen.load()
+    assert len(next(gen.process(INSTRUCTIONS[:1]))) == 2
 
 
 def test_group_columns_after_several_llms(server):

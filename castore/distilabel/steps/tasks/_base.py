@@ -38,12 +38,11 @@ class _Compat(_LLMTask):
         """The columns made from each answer: with group_generations, one list each."""
         return [c for c in self.outputs if c != "model_name"]
 
-    @property
-    def row_wise(self) -> bool:  # type: ignore[override]
-        """One output row per input row (row keys reuse answers) unless the generations
-        become rows of their own (num_generations > 1 without group_generations): then
-        the step is keyed by batch."""
-        return self.num_generations == 1 or self.group_generations
+    def rows_per_input(self) -> int:
+        """Generations that are rows of their own (num_generations > 1 without
+        group_generations): a run gives the step each row n times, and each answer is
+        reused by its own row key (the task stays row-wise)."""
+        return 1 if self.group_generations else self.num_generations
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
@@ -67,7 +66,7 @@ class _Compat(_LLMTask):
     def process(self, inputs: Any) -> Any:
         # A generator, as distilabel's: `next(task.process(rows))` works standalone.
         n = self.num_generations
-        if n == 1:
+        if n == 1 or (self._in_run and self.rows_per_input() == n):  # repeated by the run
             yield super().process(inputs)
             return
         # n requests per row (one per generation); grouped, each input row gets its n
