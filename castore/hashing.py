@@ -280,11 +280,16 @@ def occurrence_key(base: bytes, n: int) -> bytes:
     return base if n == 0 else blake3.blake3(base + n.to_bytes(8, "big")).digest()
 
 
-def base_row_keys(fingerprint: str, columns: Sequence[pa.Array | pa.ChunkedArray]) -> list[bytes]:
+def base_row_keys(
+    fingerprint: str, columns: Sequence[pa.Array | pa.ChunkedArray | None]
+) -> list[bytes]:
     """The keys row_keys gives rows seen for the first time, from Arrow columns in bulk:
     each value's canonical JSON text is made per column (strings, integers, booleans and
-    floats without a Python call per value), then one blake3 per row."""
-    texts = [_value_texts(col) for col in columns]
+    floats without a Python call per value), then one blake3 per row. None stands for an
+    optional column the input does not have: a text no JSON value has, so a row without
+    it never shares a key with a row that has it (as None, or as another column's value)."""
+    n = next(len(c) for c in columns if c is not None)
+    texts = [_value_texts(col) if col is not None else ["absent"] * n for col in columns]
     prefix = canonical_json(fingerprint)
     b3 = blake3.blake3
     if len(texts) == 1:

@@ -335,9 +335,11 @@ class RowIndex:
         which are read only when some row here has values already in the index or in
         this stream (an earlier equal row could be among them). An appended row, new
         everywhere, reads nothing."""
-        cols = step.row_key_columns()
-        require_input(step, table.column_names)
-        base = base_row_keys(self.fingerprint, [table.column(c) for c in cols])
+        names = table.column_names
+        require_input(step, names)
+        cols = [table.column(c) for c in step.row_key_columns()]
+        cols += [table.column(c) if c in names else None for c in step.optional_columns()]
+        base = base_row_keys(self.fingerprint, cols)
         prior = self.prior
         if self._deferred and (
             any(b in prior for b in base) or any(f is not None for f in self.find(base))
@@ -435,7 +437,7 @@ def compute_rows(
                 f"step {step.name} is row-wise but returned {out.num_rows} rows for "
                 f"{len(missing)}; a row-wise step returns one row per input row"
             )
-        given = {*step.row_key_columns(), *own}
+        given = {*step.row_key_columns(), *step.optional_columns(), *own}
         extra = [c for c in out.column_names if c not in given]
         if extra:  # only the declared outputs are kept per row key: it would be lost
             raise StepFailed(
@@ -478,7 +480,7 @@ def _compute_declared(
     the step extends): a row found by key is reused for any row with the same values of
     them, so a computed row must not depend on any other column. The other columns come
     back from the input when the batch is assembled."""
-    declared = step.row_key_columns()
+    declared = [*step.row_key_columns(), *step.optional_columns()]
     seen = [c for c in (*declared, METADATA_COLUMN) if c in table.column_names]
     for target in step.output_mappings.values():
         if target in table.column_names and target not in seen:

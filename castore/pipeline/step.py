@@ -393,12 +393,12 @@ class _Step(BaseModel):
 
     def required_columns(self) -> list[str]:
         """The input columns checked before any work (the declared `inputs` by default),
-        as `process` sees them. distilabel's `inputs` may be {column: required}: the
-        optional ones are not checked (a step that is not row-wise sees every column)."""
+        as `process` sees them; not distilabel's optional ones ({column: False})."""
+        return [c for c, required in self._inputs().items() if required]
+
+    def _inputs(self) -> dict[str, bool]:
         declared: Any = self.inputs
-        if isinstance(declared, dict):
-            return [c for c, required in declared.items() if required]
-        return list(declared)
+        return dict(declared) if isinstance(declared, dict) else dict.fromkeys(declared, True)
 
     def input_columns(self) -> list[str]:
         """`required_columns` as they are named in the input (after `input_mappings`)."""
@@ -413,10 +413,14 @@ class _Step(BaseModel):
         per row (GroupColumns), instead of a fan-in clash."""
         return []
 
+    def optional_columns(self) -> list[str]:
+        """distilabel's optional inputs, as named in the input: a row-wise step reads each
+        one a batch has, and its row keys tell which it had."""
+        return [self.input_mappings.get(c, c) for c, req in self._inputs().items() if not req]
+
     def rows_per_input(self) -> int:
         """How many times the step sees each input row, one after the other: n for a
-        row-wise step that answers n times per row, each answer a row of its own and
-        reused by its own key (the n-th equal row's); 1 by default."""
+        row-wise step answering n times per row, each answer a row with its own key."""
         return 1
 
     def row_key_columns(self) -> list[str]:

@@ -95,7 +95,8 @@ def test_task_columns_prompts_and_fingerprint():
     m = load("custom_task")
     llm = OpenAILLM(model="judge")
     rate = m.RateReview(llm=llm)
-    assert rate.inputs == ["review", "product"]
+    assert rate.inputs == {"review": True, "product": True}  # as declared
+    assert rate.required_columns() == ["review", "product"]
     assert rate.outputs == ["label", "score", "model_name"]  # model_name added, as distilabel
     summarize = m.Summarize(llm=llm)
     params = summarize.identity()["params"]
@@ -250,3 +251,45 @@ def test_print_shows_the_conversation_a_row_sends(capsys):
         QualityScorer(llm=OpenAILLM(model="m")).print()  # its input is a list
     QualityScorer(llm=OpenAILLM(model="m")).print([{"role": "user", "content": "hi"}])
     assert capsys.readouterr().out == "--- user ---\nhi\n"
+
+
+def test_an_optional_input_is_read_when_there_and_keys_tell_whether_it_was(server):  # noqa: F811
+    """distilabel's {column: False}: the task runs without the column (no build error),
+    sees it when the input has it, and a row without it never reuses an answer made with
+    it (nor one made with it None)."""
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import Task
+
+    class Ask(Task):
+        @property
+        def inputs(self):
+            return {"q": True, "system": False}
+
+        @property
+        def outputs(self):
+            return ["a"]
+
+        def format_input(self, input):
+            system = [{"role": "system", "content": input["system"]}] if input.get("system") else []
+            return [*system, {"role": "user", "content": input["q"]}]
+
+        def format_output(self, output, input):
+            return {"a": output}
+
+    def run(rows):
+        with Pipeline(name="optional") as p:
+            LoadDataFromDicts(data=rows) >> Ask(llm=OpenAILLM(model="m"))
+        before = server.requests
+        train = p.run()["default"]["train"]
+        return server.requests - before, train
+
+    bare = [{"q": "x"}, {"q": "y"}]
+    assert run(bare)[0] == 2
+    with_system = [{"q": "x", "system": "S"}, {"q": "y", "system": "S"}]
+    asked, train = run(with_system)
+    assert asked == 2 and server.bodies[-1]["messages"][0] == {"role": "system", "content": "S"}
+    assert train["system"] == ["S", "S"] and all(train["a"])
+    assert run([{"q": "x", "system": None}, {"q": "y", "system": None}])[0] == 2
+    assert run(bare)[0] == run(with_system)[0] == 0

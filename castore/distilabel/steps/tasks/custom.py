@@ -20,10 +20,14 @@ from castore.steps.llm import AnswerUnusable
 _HOOKS = ("format_input", "format_output")
 
 
-def _columns(what: str, value: Any, add: tuple[str, ...] = ()) -> list[str]:
-    """distilabel's StepColumns (a list, or {column: required}) as castore's list of
-    names. An input marked optional counts as required: a row-wise task's answers are
-    reused by the values of every column it reads, so each must be there."""
+def _columns(what: str, value: Any, add: tuple[str, ...] = ()) -> Any:
+    """distilabel's StepColumns checked: a list of names (plus `add`), or for inputs
+    {column: required} as given (an optional column is read when the input has it, and
+    the row keys tell whether it had it)."""
+    if isinstance(value, dict) and not add:
+        if not all(isinstance(k, str) and isinstance(v, bool) for k, v in value.items()):
+            raise PipelineError(f"{what} must map column names to True / False, not {value!r}")
+        return dict(value)
     if isinstance(value, dict):
         value = list(value)
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -41,7 +45,7 @@ def _wrapped(cls: type, attr: str, add: tuple[str, ...]) -> None:
         return
     fget = prop.fget
 
-    def get(self: Any) -> list[str]:
+    def get(self: Any) -> Any:
         return _columns(f"{type(self).__name__}.{attr}", fget(self), add)
 
     get._declared = fget  # type: ignore[attr-defined]
@@ -56,8 +60,8 @@ class Task(_Compat):
     as distilabel adds it.
 
     Where castore differs: the task is row-wise (its answers are reused by the values of
-    its inputs, so `format_input` sees those columns alone and an optional input counts
-    as required); a `format_output` that raises fails that row (its answer is kept in
+    its inputs, so `format_input` sees those columns alone, an optional one when the
+    input has it); a `format_output` that raises fails that row (its answer is kept in
     the metadata column, and a retry or the next run asks again) instead of caching
     None outputs; a declared output `format_output` leaves out is None, and a column it
     returns beyond the outputs fails the batch."""
