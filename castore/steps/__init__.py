@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         LoadDataFromHub,
     )
     from castore.steps.magpie import Magpie, MagpieGenerator
+    from castore.steps.pairs import GenerateSentencePair
     from castore.steps.prometheus import PrometheusEval
     from castore.steps.scorers import ComplexityScorer, QualityScorer
 
@@ -56,6 +57,7 @@ _LAZY = {
     "FormatTextGenerationDPO": _FORMAT,
     "FormatTextGenerationSFT": _FORMAT,
     "GenerateEmbeddings": "castore.steps.embeddings",
+    "GenerateSentencePair": "castore.steps.pairs",
     "GroupColumns": _COLUMNS,
     "KeepColumns": _COLUMNS,
     "LoadDataFromDicts": _LOADERS,
@@ -91,6 +93,7 @@ __all__ = [
     "FormatTextGenerationDPO",
     "FormatTextGenerationSFT",
     "GenerateEmbeddings",
+    "GenerateSentencePair",
     "GroupColumns",
     "KeepColumns",
     "LoadDataFromDicts",

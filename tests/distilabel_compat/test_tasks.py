@@ -443,3 +443,49 @@ def test_parse_labels():
     assert parse_labels('{"labels": ""}', 1, None) is None
     assert parse_labels('{"label": "a"}', 1, None) is None
     assert parse_labels(None, 1, None) is None
+
+
+def test_generate_sentence_pair_triplets_by_section_header(server):  # noqa: F811
+    from castore.distilabel.models import OpenAILLM
+    from castore.distilabel.pipeline import Pipeline
+    from castore.distilabel.steps import LoadDataFromDicts
+    from castore.distilabel.steps.tasks import GenerateSentencePair
+
+    answers = {
+        "How do tides work?": "## Positive\nWhat causes tides?\n\n## Negative\nHow do tires work?",
+        "Best pizza in Rome": "Sure!\n## positive:\nWhere to eat pizza in Rome\n",  # no negative
+        "Why is the sky blue?": "The sky is blue because of scattering.",  # no section
+    }
+
+    def reply(req):
+        return answers[req["messages"][-1]["content"].removeprefix("Anchor:\n")]
+
+    server.reply = reply
+
+    def build(anchors, **kw):
+        with Pipeline(name="pairs") as p:
+            LoadDataFromDicts(data=[{"anchor": a} for a in anchors]) >> GenerateSentencePair(
+                llm=OpenAILLM(model="m"), action="paraphrase", triplet=True, **kw
+            )
+        return p
+
+    train = build(list(answers), hard_negative=True).run()["default"]["train"]
+    assert train["positive"] == ["What causes tides?", "Where to eat pizza in Rome", None]
+    assert train["negative"] == ["How do tires work?", None, None]
+    assert "hard to tell apart" in server.bodies[0]["messages"][0]["content"]
+    assert server.requests == 3
+    build(list(answers), hard_negative=True).run()
+    assert server.requests == 3  # every answer reused
+    with pytest.raises(ValueError, match="hard_negative=True needs triplet=True"):
+        GenerateSentencePair(llm=OpenAILLM(model="m"), action="query", hard_negative=True)
+    pair = GenerateSentencePair(llm=OpenAILLM(model="m"), action="query")
+    assert pair.outputs == ["positive", "model_name"]
+
+
+def test_parse_sections():
+    from castore.steps.pairs import parse_sections
+
+    text = "## Positive\n  a\nb\n## Negative\n\n## Other\nc"
+    assert parse_sections(text, ["Positive", "Negative"]) == {"Positive": "a\nb", "Negative": None}
+    assert parse_sections(None, ["Positive"]) == {"Positive": None}
+    assert parse_sections("Positive: x", ["Positive"]) == {"Positive": None}

@@ -1,6 +1,6 @@
 """`distilabel.steps.tasks` on castore: TextGeneration, ChatGeneration, UltraFeedback,
 SelfInstruct, EvolInstruct, EvolQuality, ComplexityScorer, QualityScorer, PrometheusEval,
-TextClassification,
+TextClassification, GenerateSentencePair,
 GenerateEmbeddings, Magpie and MagpieGenerator with distilabel's fields, and `Task` /
 `@task` for your own (castore/distilabel/steps/tasks/custom.py). Jinja2
 templates as distilabel's (sandboxed, a missing variable is an error); `add_raw_output`
@@ -27,6 +27,7 @@ from castore.steps.llm import ChatGeneration as _ChatGeneration
 from castore.steps.llm import TextGeneration as _TextGeneration
 from castore.steps.magpie import Magpie as _Magpie
 from castore.steps.magpie import MagpieGenerator as _MagpieGenerator
+from castore.steps.pairs import GenerateSentencePair as _GenerateSentencePair
 from castore.steps.prometheus import PrometheusEval as _PrometheusEval
 from castore.steps.scorers import ComplexityScorer as _ComplexityScorer
 from castore.steps.scorers import QualityScorer as _QualityScorer
@@ -66,6 +67,12 @@ class TextClassification(_Compat, _TextClassification):
     available_labels, default_label, query_title) and outputs (`labels`, `model_name`);
     castore's prompt, and an answer read strictly (None unless it is the JSON asked for,
     with labels from available_labels)."""
+
+
+class GenerateSentencePair(_Compat, _GenerateSentencePair):
+    """GenerateSentencePair with distilabel's fields (action, triplet, hard_negative,
+    context) and outputs (`positive`, with triplet `negative`, `model_name`); castore's
+    prompt, and each section read by its header (None when missing)."""
 
 
 class ChatGeneration(_Compat, _ChatGeneration):
@@ -154,6 +161,7 @@ __all__ = [
     "EvolInstruct",
     "EvolQuality",
     "GenerateEmbeddings",
+    "GenerateSentencePair",
     "Magpie",
     "MagpieGenerator",
     "PrometheusEval",
