@@ -197,7 +197,7 @@ def test_columns_declared_in_the_class_body_or_set_in_model_post_init(server):  
 
     class Judge(Task):
         inputs: StepColumns = ["instruction", "generations"]
-        outputs: StepColumns = ["verdict", "model_name"]
+        outputs: StepColumns = ["verdict"]  # model_name added, as distilabel adds it
 
         def format_input(self, input: dict[str, Any]) -> ChatType:
             a, b = input["generations"]
@@ -224,6 +224,7 @@ def test_columns_declared_in_the_class_body_or_set_in_model_post_init(server):  
 
     train = build().run()["default"]["train"]
     assert train["verdict"] == ["answer(m): b ro a :q"] and train["n"] == [1]
+    assert train["model_name"] == ["m"]
     assert server.bodies[-1]["messages"][-1]["content"] == "q: a or b"
     # pydantic warns of a field over the base's attribute; castore.distilabel does not.
     script = (

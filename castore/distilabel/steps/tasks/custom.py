@@ -88,6 +88,9 @@ class Task(_Compat):
                 "use_default_structured_output=True: castore does not choose a structured "
                 "output for a task; pass llm=OpenAILLM(..., structured_output={'schema': ...})"
             )
+        if "outputs" in type(self).model_fields:  # `outputs: StepColumns = [...]` as a field
+            outputs = _columns(f"{type(self).__name__}.outputs", self.outputs, ("model_name",))
+            object.__setattr__(self, "outputs", outputs)  # not validated again
         return self
 
     def format_input(self, input: dict[str, Any]) -> list[dict[str, Any]]:
