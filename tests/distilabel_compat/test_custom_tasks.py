@@ -32,6 +32,8 @@ def reply(req):
         return "  short summary "
     if "broken" in user:
         return "I would rather not answer in JSON."
+    if "keyless" in user:
+        return json.dumps({"label": "pos"})  # no "score": format_output's lookup fails
     return json.dumps({"label": "pos" if "good" in user else "neg", "score": 4})
 
 
@@ -86,6 +88,14 @@ def test_an_unreadable_answer_is_kept_in_the_metadata(server):  # noqa: F811
     assert meta["rate"]["usage"]  # the answer was paid for: its tokens are counted
     assert err.value.failed == [0]
     assert rows[1]["model_name"] == "judge"
+    # A key the answer lacks (a KeyError in format_output) fails that row too, not the
+    # batch: it is told apart from a column the task did not declare.
+    with pytest.raises(BatchIncomplete) as err:
+        next(rate.process([ROWS[0], {"review": "keyless", "product": "p9"}]))
+    assert err.value.failed == [1]
+    assert err.value.rows[1]["castore_metadata"]["rate"]["error"].startswith(
+        "format_output raised KeyError: 'score'"
+    )
 
 
 def test_task_columns_prompts_and_fingerprint():

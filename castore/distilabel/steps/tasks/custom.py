@@ -118,12 +118,10 @@ class Task(_Compat):
         if text is None:  # the request failed: the row fails, whatever format_output says
             return dict.fromkeys(cols)
         try:
-            got = self.format_output(text, dict(row))
-        except KeyError as e:
-            if e.args and e.args[0] not in row:
-                raise  # a column the task does not declare: the row-wise check names it
-            raise AnswerUnusable(f"format_output raised KeyError: {e}") from e
-        except Exception as e:
+            got = self.format_output(text, _Input(row))
+        except _Undeclared as e:  # a column the task does not declare: the check names it
+            raise KeyError(*e.args) from None
+        except Exception as e:  # a KeyError too: a key the answer lacks
             raise AnswerUnusable(f"format_output raised {type(e).__name__}: {e}") from e
         if not isinstance(got, dict):
             raise StepFailed(
@@ -131,6 +129,18 @@ class Task(_Compat):
                 f"{cols}, not {type(got).__name__}"
             )
         return {**dict.fromkeys(cols), **got}
+
+
+class _Undeclared(KeyError):
+    """A column `format_output` read that its input row does not have."""
+
+
+class _Input(dict[str, Any]):
+    """The row `format_output` gets: a missing column raises _Undeclared, told apart from
+    the KeyError of an answer that lacks a key it looks up."""
+
+    def __missing__(self, key: str) -> Any:
+        raise _Undeclared(key)
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
