@@ -17,9 +17,8 @@ from castore.steps.llm import _LLMTask, require_text
 _FENCED = re.compile(r"```(?:json)?\s*(\{.*\})\s*```", re.S)
 
 
-def parse_labels(text: str | None, n: int, allowed: set[str] | None) -> str | list[str] | None:
-    """The labels of an answer `{"labels": ...}` (a string for n == 1, a list of n
-    strings otherwise), or None when the answer is not that."""
+def _labels_of(text: str | None) -> Any:
+    """The `labels` of an answer `{"labels": ...}` (also in a fenced block), or None."""
     if text is None:
         return None
     fenced = _FENCED.search(text)
@@ -27,15 +26,33 @@ def parse_labels(text: str | None, n: int, allowed: set[str] | None) -> str | li
         got = json.loads(fenced.group(1) if fenced else text.strip())
     except ValueError:
         return None
-    labels = got.get("labels") if isinstance(got, dict) else None
+    return got.get("labels") if isinstance(got, dict) else None
+
+
+def parse_labels(
+    text: str | None,
+    n: int,
+    allowed: set[str] | None,
+    default: str | list[str] | None = None,
+) -> str | list[str] | None:
+    """The labels of an answer `{"labels": ...}`: a string for n == 1, a list of n
+    strings otherwise, each in `allowed` when given; the `default` label the model is
+    told to answer when it cannot classify is taken as it is (a list for n > 1). None
+    for any other answer."""
+    labels = _labels_of(text)
+    as_list = [default] if isinstance(default, str) else default
+    if as_list is not None and labels in (default, as_list):
+        return as_list if n > 1 else as_list[0]
     if n == 1 and isinstance(labels, list) and len(labels) == 1:
         labels = labels[0]
     wanted = [labels] if n == 1 else labels
-    if not isinstance(wanted, list) or len(wanted) != n:
-        return None
-    if not all(isinstance(x, str) and x.strip() for x in wanted):
-        return None
-    if allowed is not None and not set(wanted) <= allowed:
+    ok = (
+        isinstance(wanted, list)
+        and len(wanted) == n
+        and all(isinstance(x, str) and x.strip() for x in wanted)
+        and (allowed is None or set(wanted) <= allowed)
+    )
+    if not ok:
         return None
     return labels if n == 1 else list(wanted)
 
@@ -112,4 +129,4 @@ class TextClassification(_LLMTask):
         return [*messages, {"role": "user", "content": "\n\n".join(parts)}]
 
     def parse(self, row: dict[str, Any], text: str | None) -> dict[str, Any]:
-        return {"labels": parse_labels(text, self.n, self.allowed())}
+        return {"labels": parse_labels(text, self.n, self.allowed(), self.default_label)}

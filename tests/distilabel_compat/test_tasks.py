@@ -443,6 +443,10 @@ def test_parse_labels():
     assert parse_labels('{"labels": ""}', 1, None) is None
     assert parse_labels('{"label": "a"}', 1, None) is None
     assert parse_labels(None, 1, None) is None
+    # The default label, as the model is told to answer it, also for n > 1.
+    assert parse_labels('{"labels": "Unclassified"}', 3, None, "Unclassified") == ["Unclassified"]
+    assert parse_labels('{"labels": ["Unclassified"]}', 1, {"a"}, "Unclassified") == "Unclassified"
+    assert parse_labels('{"labels": "Other"}', 3, None, "Unclassified") is None
 
 
 def test_generate_sentence_pair_triplets_by_section_header(server):  # noqa: F811
