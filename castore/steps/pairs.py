@@ -25,13 +25,15 @@ _WHAT: dict[str, str] = {
 
 
 def parse_sections(text: str | None, names: list[str]) -> dict[str, str | None]:
-    """The text under each "## Name" header of `text` (up to the next header), or None
-    where the header is missing or its section empty."""
+    """The text after each "## Name" header of `text` (on its line or below, up to the
+    next header), or None where the header is missing or its section empty."""
     out: dict[str, str | None] = dict.fromkeys(names)
     if not text:
         return out
     for name in names:
-        m = re.search(rf"^\s*##\s*{name}\s*:?\s*$(.*?)(?=^\s*##|\Z)", text, re.I | re.M | re.S)
+        m = re.search(
+            rf"^[ \t]*##[ \t]*{name}\b[ \t]*:?(.*?)(?=^[ \t]*##|\Z)", text, re.I | re.M | re.S
+        )
         body = m.group(1).strip() if m else ""
         out[name] = body or None
     return out

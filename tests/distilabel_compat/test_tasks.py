@@ -493,3 +493,8 @@ def test_parse_sections():
     assert parse_sections(text, ["Positive", "Negative"]) == {"Positive": "a\nb", "Negative": None}
     assert parse_sections(None, ["Positive"]) == {"Positive": None}
     assert parse_sections("Positive: x", ["Positive"]) == {"Positive": None}
+    assert parse_sections("## Positive: x y\n## Negative: z", ["Positive", "Negative"]) == {
+        "Positive": "x y",
+        "Negative": "z",
+    }
+    assert parse_sections("## Positives\nx", ["Positive"]) == {"Positive": None}
