@@ -137,7 +137,7 @@ def test_what_castore_does_not_do_is_an_error_not_a_silent_default(server):
     with pytest.raises(ImportError, match="base_url"):
         from castore.distilabel.models import InferenceEndpointsLLM  # noqa: F401
     with pytest.raises(ImportError, match="not provided by castore"):
-        from castore.distilabel.steps.tasks import GenerateSentencePair  # noqa: F401
+        from castore.distilabel.steps.tasks import Genstruct  # noqa: F401
     with pytest.raises(ImportError, match="not provided by castore"):
         from castore.distilabel.steps import NoSuchStep  # noqa: F401
     from castore.distilabel.models import OpenAILLM
