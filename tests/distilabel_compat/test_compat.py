@@ -532,3 +532,44 @@ def test_sample_n_steps_then_group_columns_joins_the_branches_each_batch_went_to
     assert len({tuple(n) for n in train["grouped_model_name"]}) > 1
     m.pipeline.run()
     assert server.requests == 400
+
+
+@pytest.mark.slow
+def test_generations_as_rows_kill_9_then_resume_asks_each_once(tmp_path, monkeypatch):
+    """num_generations=3 as rows: 300 rows answered, 300 appended, kill -9 mid-run, resume:
+    the old rows are never asked again, the new ones three times each beyond only the
+    batches in flight, and the dataset equals a --no-cache run's."""
+    import os
+    import signal
+    import time
+
+    from castore.distiset import Distiset
+    from tests.conftest import run_cas, start_cas
+
+    server = LLMServer(latency=0.005).start()
+    try:
+        env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test"}
+        script, cache = str(HERE / "generations.py"), tmp_path / "c"
+        r = run_cas("run", script, cache_dir=cache, env={**env, "CASTORE_TEST_ROWS": "300"})
+        assert r.returncode == 0 and server.requests == 900, r
+        env["CASTORE_TEST_ROWS"] = "600"
+        proc = start_cas("run", script, cache_dir=cache, env=env)
+        deadline = time.monotonic() + 60
+        while server.requests < 900 + 180 and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+        r = run_cas("resume", "generations", cache_dir=cache, env=env)
+        assert r.returncode == 0, r
+        asked = [b["messages"][-1]["content"] for b in server.bodies[900:]]
+        assert set(asked) == {f"q{i}" for i in range(300, 600)}  # never an old row
+        assert len(asked) <= 900 + 2 * 10 * 3  # repeats only from the batches in flight
+        fresh = tmp_path / "fresh"
+        f = run_cas("run", script, "--no-cache", cache_dir=fresh, env=env)
+        assert f.returncode == 0, f
+        got = Distiset.from_run("generations", cache)["default"]["train"].to_list()
+        want = Distiset.from_run("generations", fresh)["default"]["train"].to_list()
+        assert len(got) == 1800 and got == want
+    finally:
+        server.stop()
