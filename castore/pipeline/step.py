@@ -32,6 +32,7 @@ from castore.filereads import file_parts, install
 from castore.fingerprint import code_parts, code_version, user_classes
 from castore.hashing import canonical_json, hash_json_spliced
 from castore.pipeline.inline import Gathered, Inline, field_identity
+from castore.pipeline.names import NAME_LISTS, names_list, step_columns
 from castore.pipeline.routing import sample_n_steps
 from castore.usercode import is_user_module, module_of
 
@@ -57,25 +58,6 @@ arrowfiles.install()
 CURRENT_PIPELINE: contextvars.ContextVar[Pipeline | None] = contextvars.ContextVar(
     "castore_pipeline", default=None
 )
-
-
-# Class attributes (and @step arguments) that are lists of names: a string there would
-# be read letter by letter (ignore_env="DEBUG" ignoring variables D, E, B, U, G).
-_NAME_LISTS = ("inputs", "outputs", "code_packages", "ignore_env", "code_files", "ignore_files")
-
-
-def names_list(what: str, value: Any) -> list[str]:
-    """`value` as a list of names, or a one-line PipelineError saying what to write."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        raise PipelineError(f"{what} must be a list of names: write [{value!r}], not {value!r}")
-    if not isinstance(value, (list, tuple)):
-        raise PipelineError(f"{what} must be a list of names, not {value!r}")
-    bad = [v for v in value if not isinstance(v, str)]
-    if bad:
-        raise PipelineError(f"{what} must hold names (strings), not {bad[0]!r}")
-    return list(value)
 
 
 def current_pipeline() -> Pipeline | None:
@@ -177,7 +159,7 @@ class _Step(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        for attr in _NAME_LISTS:
+        for attr in NAME_LISTS:
             value = inspect.getattr_static(cls, attr, None)
             if not isinstance(value, (property, functools.cached_property)):  # distilabel's
                 names_list(f"{cls.__qualname__}.{attr}", value)
@@ -218,8 +200,7 @@ class _Step(BaseModel):
         if name in ("inputs", "outputs") and name not in type(self).model_fields:
             if isinstance(inspect.getattr_static(type(self), name, None), property):
                 raise AttributeError(f"{type(self).__name__}.{name} is a property")
-            if not isinstance(value, dict):
-                value = names_list(f"{type(self).__name__}.{name}", value)
+            value = step_columns(f"{type(self).__name__}.{name}", value)
             object.__setattr__(self, name, value)
             return
         super().__setattr__(name, value)

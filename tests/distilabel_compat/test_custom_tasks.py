@@ -142,6 +142,17 @@ def test_task_columns_prompts_and_fingerprint():
 
     with pytest.raises(ValueError, match="missing: format_output"):
         Half(llm=llm)
+
+    class Loose(Half):
+        @property
+        def inputs(self):
+            return {"review": "yes"}
+
+        def format_output(self, output, input):
+            return {"x": output}
+
+    with pytest.raises(PipelineError, match=r"Loose.inputs must map column names to True / False"):
+        Loose(llm=llm).required_columns()
     with pytest.raises(ValueError, match="structured_output"):
         m.RateReview(llm=llm, use_default_structured_output=True)
 

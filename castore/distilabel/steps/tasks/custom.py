@@ -15,27 +15,22 @@ from pydantic import model_validator
 
 from castore.distilabel.steps.tasks._base import _Compat
 from castore.errors import PipelineError, StepFailed
+from castore.pipeline.names import step_columns
 from castore.steps.llm import AnswerUnusable
 
 _HOOKS = ("format_input", "format_output")
 
 
 def _columns(what: str, value: Any, add: tuple[str, ...] = ()) -> Any:
-    """distilabel's StepColumns checked: a list of names (plus `add`), or for inputs
-    {column: required} as given (an optional column is read when the input has it, and
-    the row keys tell whether it had it)."""
-    if isinstance(value, dict) and not add:
-        if not all(isinstance(k, str) and isinstance(v, bool) for k, v in value.items()):
-            raise PipelineError(f"{what} must map column names to True / False, not {value!r}")
-        return dict(value)
-    if isinstance(value, dict):
-        value = list(value)
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise PipelineError(f"{what} must be a list of column names, not {value!r}")
-    bad = [v for v in value if not isinstance(v, str)]
-    if bad:
-        raise PipelineError(f"{what} must hold column names (strings), not {bad[0]!r}")
-    return [*value, *(a for a in add if a not in value)]
+    """distilabel's StepColumns as `step_columns` checks them (None refused: a property
+    that forgot to return); with `add` (the outputs), a list with those names too."""
+    if value is None:
+        raise PipelineError(f"{what} must be a list of column names, not None")
+    cols = step_columns(what, value)
+    if not add:
+        return cols
+    names = list(cols)
+    return [*names, *(a for a in add if a not in names)]
 
 
 def _wrapped(cls: type, attr: str, add: tuple[str, ...]) -> None:
