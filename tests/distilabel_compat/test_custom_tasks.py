@@ -126,6 +126,16 @@ def test_task_columns_prompts_and_fingerprint():
             user_message_template: "{review}"
             ---"""
 
+    with pytest.raises(PipelineError, match="has 'temperature', which @task does not read"):
+
+        @task(inputs=["review"], outputs=["x"])
+        def Extra(output, input=None):
+            """---
+            system_prompt: Be short.
+            user_message_template: "{review}"
+            temperature: 0.2
+            ---"""
+
     with pytest.raises(PipelineError, match="docstring must hold YAML between two '---'"):
 
         @task(inputs=["review"], outputs=["x"])

@@ -210,4 +210,10 @@ def _prompts(func: Callable[..., Any]) -> tuple[str, str]:
             f"{where}: the YAML in its docstring needs system_prompt and user_message_template "
             "(text each)"
         )
+    extra = sorted(set(spec) - set(keys), key=str)
+    if extra:  # read by nobody: a typo, or a setting that belongs elsewhere
+        raise PipelineError(
+            f"{where}: its docstring's YAML has {extra[0]!r}, which @task does not read "
+            "(only system_prompt and user_message_template)"
+        )
     return spec["system_prompt"].strip(), spec["user_message_template"].strip()
