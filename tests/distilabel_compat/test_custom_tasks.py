@@ -283,6 +283,8 @@ def test_print_shows_the_conversation_a_row_sends(capsys):
         QualityScorer(llm=OpenAILLM(model="m")).print()  # its input is a list
     QualityScorer(llm=OpenAILLM(model="m")).print([{"role": "user", "content": "hi"}])
     assert capsys.readouterr().out == "--- user ---\nhi\n"
+    with pytest.raises(PipelineError, match="takes a conversation: a list of dicts"):
+        QualityScorer(llm=OpenAILLM(model="m")).print("hi")  # type: ignore[arg-type]
 
 
 def test_an_optional_input_is_read_when_there_and_keys_tell_whether_it_was(server):  # noqa: F811

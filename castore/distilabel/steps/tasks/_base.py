@@ -60,6 +60,8 @@ class _Compat(_LLMTask):
                 raise PipelineError(
                     f"{e}; {type(self).__name__}.print() needs sample_input=[...] here"
                 ) from None
+        if not isinstance(sample_input, list) or not all(isinstance(m, dict) for m in sample_input):
+            raise PipelineError("print(sample_input=...) takes a conversation: a list of dicts")
         for message in sample_input:
             builtins.print(f"--- {message.get('role', '')} ---\n{message.get('content', '')}")
 
