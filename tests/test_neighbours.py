@@ -69,6 +69,7 @@ def test_done_and_older_castores_are_not_waited_for(tmp_path):
 
 
 def test_a_lone_run_leases_its_batches_in_flight_when_one_arrives(tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "STAT_EVERY", 0.0)  # every turn looks (the throttle: below)
     store = Store(tmp_path / "c")
     lone = _run_lock(store, "lone")
     n = Neighbours(store, lone)
@@ -82,6 +83,28 @@ def test_a_lone_run_leases_its_batches_in_flight_when_one_arrives(tmp_path, monk
     arrival.release()
     # Once shared, stays shared: a newcomer may have read "shared" already.
     assert n.need_leases(lambda: taken.append("again")) is True and taken == ["in flight"]
+    lone.release()
+
+
+def test_a_lone_run_looks_for_newcomers_at_most_every_stat_every(tmp_path, monkeypatch):
+    """Not a syscall per batch submitted; a newcomer is noticed on the first turn after
+    STAT_EVERY, and computes nothing before (it waits for this run's "shared")."""
+    clock = [1000.0]
+    monkeypatch.setattr(nb.time, "monotonic", lambda: clock[0])
+    store = Store(tmp_path / "c")
+    lone = _run_lock(store, "lone")
+    n = Neighbours(store, lone)
+    arrival = _run_lock(store, "arrival")
+    newcomer = Neighbours(Store(store.root), arrival)
+    taken: list[str] = []
+    clock[0] += nb.STAT_EVERY / 2
+    assert n.need_leases(lambda: taken.append("in flight")) is False and taken == []
+    assert not newcomer.may_compute()
+    clock[0] += nb.STAT_EVERY
+    assert n.need_leases(lambda: taken.append("in flight")) is True
+    assert taken == ["in flight"] and read_lock(lone.path).detail["leases"] == nb.SHARED
+    assert newcomer.may_compute()
+    arrival.release()
     lone.release()
 
 

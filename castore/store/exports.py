@@ -42,14 +42,22 @@ class Placer:
         tmp = f"{dst}.tmp-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        method = self._clone(src, tmp) or self._link(src, tmp) or self._copy(src, tmp)
-        self.methods[method] += 1
+        self.place_new(src, tmp)
         os.replace(tmp, dst)
         # rename(2) does nothing when both names are links to one inode (dst already
         # placed by link from this object, e.g. a re-run's pipeline.yaml): the temp
         # name would stay behind in the user's folder.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+    def place_new(self, src: str, dst: str) -> str:
+        """`src` at `dst`, a name nothing has (e.g. in a folder built beside its final
+        place, which a rename then publishes whole): no temp name, one link(2) where a
+        reflink is unsupported (a run folder places a file per leaf batch, on the run's
+        critical path). Returns how: "reflink", "link" or "copy"."""
+        method = self._clone(src, dst) or self._link(src, dst) or self._copy(src, dst)
+        self.methods[method] += 1
+        return method
 
     def _clone(self, src: str, tmp: str) -> str | None:
         if not self.reflink:

@@ -81,18 +81,19 @@ class RunFolder:
         files: dict[str, list[int]] = {}
         for leaf, oids in leaves.items():
             (tmp / leaf).mkdir(parents=True, exist_ok=True)
+            folder = f"{tmp}{os.sep}{leaf}{os.sep}"  # strings: a path per leaf batch
             for i, oid in enumerate(oids, start=1):
-                rel = f"{leaf}/{i:05d}.parquet"
-                src, dst = self.store.path_of(oid), str(tmp / rel)
+                rel, dst = f"{leaf}/{i:05d}.parquet", f"{folder}{i:05d}.parquet"
                 if oid in extended:
                     data = encode_parquet(self.store.get_table(oid))
                     with open(dst, "wb") as f:
                         f.write(memoryview(data))
-                else:
-                    placer.place(src, dst)
+                    how = "write"
+                else:  # tmp is new: nothing is at dst
+                    how = placer.place_new(self.store.path_of(oid), dst)
                 # A hard link is checked by inode (freshening the object moves its mtime);
                 # a clone or copy by its own stamp.
-                files[rel] = [] if is_link_to(dst, src) else list(stamp(dst))
+                files[rel] = [] if how == "link" else list(stamp(dst))
         (tmp / L.DATA_STAMP).write_text(json.dumps({"leaves": leaves, "files": files}))
         old = self.root / f"data.old-{run_id[:8]}"
         if self.data.exists():
