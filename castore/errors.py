@@ -135,12 +135,22 @@ class RowsFailed(CastoreError):
     the next run, ask only for the rows that failed. `tokens`, `usd`, `seconds`: what the
     attempt spent, for the run's account."""
 
-    def __init__(self, message: str, tokens: int = 0, usd: float = 0.0, seconds: float = 0.0):
+    def __init__(
+        self,
+        message: str,
+        tokens: int = 0,
+        usd: float = 0.0,
+        seconds: float = 0.0,
+        stopped: bool = False,
+    ):
         super().__init__(message)
         self.tokens, self.usd, self.seconds = tokens, usd, seconds
+        # The rows failed because the run was stopping (castore.jobctx.ABANDON): the
+        # batch is not done, and neither retried nor failed.
+        self.stopped = stopped
 
     def __reduce__(self) -> Any:  # from a process or Ray worker to the driver, whole
-        return (type(self), (str(self), self.tokens, self.usd, self.seconds))
+        return (type(self), (str(self), self.tokens, self.usd, self.seconds, self.stopped))
 
 
 class RunInterrupted(CastoreError):
@@ -207,6 +217,11 @@ class LLMUnreachable(LLMUnusable):
 class LLMRefused(LLMUnusable):
     """The server refused the request for what every request shares: HTTP 401, 403 or 404
     (the API key, its permissions, the model name or base_url's path)."""
+
+
+class RequestAbandoned(LLMError):
+    """A request the run gave up before its answer came: the run was stopped (a second
+    Ctrl+C, or its grace period ran out). The row is asked again by the next run."""
 
 
 class ProblemsFound(CastoreError):

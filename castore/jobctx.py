@@ -1,14 +1,31 @@
-"""The run's store, remote and pipeline name for offline batch jobs (castore.batchjobs),
-set by the scheduler at every run's start and read by an LLM step's jobs. A module of its
-own so that a run that asks no batch job never imports the jobs' machinery (asyncio and
-the LLM client: ~20 ms of every `cas run`, replays included)."""
+"""What a run tells the LLM code running in its batches: the store, remote and pipeline
+name for offline batch jobs (castore.batchjobs), set by the scheduler at every run's start
+and read by an LLM step's jobs, and when to give up requests (ABANDON). A module of its own
+so that a run that asks no LLM never imports the jobs' machinery (asyncio and the LLM
+client: ~20 ms of every `cas run`, replays included)."""
 
 from __future__ import annotations
 
+import threading
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from castore.store import Store
+
+# Set around each batch a run computes on its threads: once the event is set (a second
+# Ctrl+C, or the stop grace period over) the batch's LLM requests still unanswered are
+# given up (castore.errors.RequestAbandoned), so the batch returns at once with the rows
+# answered so far, which a row-wise step stores as row results: a stopped run keeps
+# every answer it received, and the next run asks only for the rest.
+ABANDON: ContextVar[threading.Event | None] = ContextVar("castore_abandon", default=None)
+
+
+def stopping() -> bool:
+    """The batch being computed here belongs to a run that gave up its requests."""
+    event = ABANDON.get()
+    return event is not None and event.is_set()
+
 
 STORE: dict[str, Store] = {}  # the run's store (steps have none)
 REMOTE: dict[str, Any] = {}  # and its remote, when the run reads through one

@@ -38,7 +38,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from castore.errors import LLMError, LLMRefused, LLMUnreachable
+from castore import jobctx
+from castore.errors import LLMError, LLMRefused, LLMUnreachable, RequestAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +212,14 @@ class OpenAILLM(BaseModel):
         """Each body POSTed to `path` (retried by `_post`), concurrently up to the cap;
         one result or exception per body, in order."""
 
+        abandon = jobctx.ABANDON.get()  # read here: the loop's thread has another context
+
         async def go() -> list[Any | BaseException]:
             client, sem = _LOOP.client(self), _LOOP.semaphore(self)
-            return await asyncio.gather(
-                *(self._post(client, sem, path, b, parse) for b in bodies),
-                return_exceptions=True,
-            )
+            posts = (self._post(client, sem, path, b, parse) for b in bodies)
+            if abandon is None:
+                return await asyncio.gather(*posts, return_exceptions=True)
+            return await _until_abandoned([asyncio.ensure_future(p) for p in posts], abandon)
 
         out: list[Any | BaseException] = _LOOP.run(go())
         if out and all(isinstance(r, LLMUnreachable) for r in out):
@@ -298,6 +301,27 @@ class OpenAILLM(BaseModel):
             await asyncio.sleep(delay)
         error = LLMUnreachable if never_connected else LLMError
         raise error(f"{self.max_retries + 1} attempts failed; last: {last}")
+
+
+# How often a batch's requests look whether their run gave them up.
+_ABANDON_POLL = 0.05
+
+
+async def _until_abandoned(
+    tasks: list[asyncio.Future[Any]], abandon: threading.Event
+) -> list[Any | BaseException]:
+    """Each task's result or exception, in order, as asyncio.gather(return_exceptions=True)
+    gives them; once `abandon` is set, the tasks not done are cancelled (a request
+    waiting for its turn is never sent, one on the wire is dropped) and stand as
+    RequestAbandoned."""
+    pending: set[asyncio.Future[Any]] = set(tasks)
+    while pending and not abandon.is_set():
+        _done, pending = await asyncio.wait(pending, timeout=_ABANDON_POLL)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    gone = RequestAbandoned("not answered: the run was stopped before the answer came")
+    return [gone if t.cancelled() else (t.exception() or t.result()) for t in tasks]
 
 
 class Unusable(Exception):

@@ -548,3 +548,71 @@ def test_a_row_wise_step_sees_only_the_columns_its_rows_are_keyed_by(tmp_path):
     assert {r["label"] for r in got} == {"same t#-1"}
     with pytest.raises(StepFailed, match="reads column 'id', which is not among its inputs"):
         peeks([1], strict=True).run(cache_dir=tmp_path / "c", quiet=True)
+
+
+STOPPING_SCRIPT = """
+import os
+from castore import Pipeline
+from castore.llms import OpenAILLM
+from castore.steps import LoadDataFromDicts, TextGeneration
+
+with Pipeline(name="stopping") as pipeline:
+    LoadDataFromDicts(data=[{"instruction": f"q {i}"} for i in range(120)]) >> TextGeneration(
+        llm=OpenAILLM(
+            model="m", base_url=os.environ["TEST_LLM_URL"], max_concurrent_requests=4
+        ),
+        input_batch_size=40,
+        concurrency=2,
+    )
+"""
+
+
+@pytest.mark.parametrize("how", ["ctrl_c_twice", "grace_over"])
+def test_a_stopped_run_keeps_the_answers_of_its_batches_in_flight(tmp_path, how):
+    """Ctrl+C twice, or once with the grace period running out, while two 40-row LLM
+    batches are half answered: the run gives up their unanswered requests and stores the
+    answered rows by key, so `cas resume` asks only for the rest. Paid twice: at most the
+    requests on the wire at the stop (max_concurrent_requests); before, every answered
+    row of both batches (~30 here)."""
+    import signal
+    import time
+
+    from castore.distiset import Distiset
+    from tests.conftest import run_cas, start_cas
+    from tests.llm_server import LLMServer
+
+    server = LLMServer(latency=0.1).start()
+    try:
+        script = tmp_path / "stopping.py"
+        script.write_text(STOPPING_SCRIPT)
+        env = {"TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": "sk-test"}
+        cache = tmp_path / "c"
+        grace = ["--grace", "0.5"] if how == "grace_over" else []
+        proc = start_cas("run", str(script), *grace, cache_dir=cache, env=env)
+        deadline = time.monotonic() + 60
+        while server.requests < 30 and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        if how == "ctrl_c_twice":
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert time.monotonic() - t0 < 5  # a batch of 40 left alone takes ~4 s more
+        assert "keeping the answers that came for the batches in flight" in err
+        first = server.requests
+        assert first < 80  # stopped mid-batch: two batches of 40 were not all asked
+        r = run_cas("resume", "stopping", cache_dir=cache, env=env)
+        assert r.returncode == 0, r
+        assert server.requests - 120 <= 4, server.requests  # on the wire at the stop
+        asked = [b["messages"][-1]["content"] for b in server.bodies]
+        assert set(asked) == {f"q {i}" for i in range(120)}
+        fresh = tmp_path / "fresh"
+        assert run_cas("run", str(script), "--no-cache", cache_dir=fresh, env=env).returncode == 0
+        got = Distiset.from_run("stopping", cache)["default"]["train"].to_list()
+        want = Distiset.from_run("stopping", fresh)["default"]["train"].to_list()
+        assert got == want and len(got) == 120
+    finally:
+        server.stop()

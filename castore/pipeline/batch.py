@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from castore import jobctx
 from castore.errors import RowsFailed, StepFailed
 from castore.hashing import hash_bytes
 from castore.pipeline.calls import normalize_output, process_chunks, to_table
@@ -446,9 +447,10 @@ def execute_batch(
         tables=cache,
         base=_base(step, slices, table),
     )
-    if skipped is not None and step.on_error != "skip":
+    stopped = skipped is not None and jobctx.stopping()  # not failed: given up
+    if skipped is not None and (step.on_error != "skip" or stopped):
         msg = f"{skipped}; the rows answered are kept and not asked again"
-        raise RowsFailed(msg, res.tokens, res.cost_usd, seconds)
+        raise RowsFailed(msg, res.tokens, res.cost_usd, seconds, stopped=stopped)
     return dataclasses.replace(
         res, skipped_error=skipped, entry_written=write_entry or skipped is not None
     )

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from castore import jobctx
 from castore.pipeline import gil
 from castore.pipeline.batch import (
     BatchResult,
@@ -69,6 +70,15 @@ class BatchFailed:
 
 
 @dataclass(frozen=True)
+class BatchStopped:
+    """A batch that ended early because the run gave up its requests (jobctx.ABANDON):
+    not done, not failed; what it stored (a row-wise step's answered rows) is kept."""
+
+    task: Task
+    error: BaseException
+
+
+@dataclass(frozen=True)
 class GeneratorBatch:
     step: str
     index: int
@@ -84,11 +94,15 @@ class GeneratorEnd:
     error: BaseException | None = None
 
 
-Event = BatchDone | BatchNotStarted | BatchFailed | GeneratorBatch | GeneratorEnd
+Event = BatchDone | BatchNotStarted | BatchFailed | BatchStopped | GeneratorBatch | GeneratorEnd
 Events = queue.Queue[Event]
 
 
 class Executor(Protocol):
+    # Set when the run gives up its requests in flight; None where batches cannot be
+    # told to (process and Ray workers: their requests run to the end or die with them).
+    abandon: threading.Event | None
+
     def inflight(self, concurrency: int) -> int:
         """How many of a step's batches may be submitted and not yet computed: its
         `concurrency` where the scheduler's count is what bounds the calls."""
@@ -147,8 +161,11 @@ class ThreadExecutor:
         events: Events,
         concurrency: Iterable[int],
         stop: threading.Event,
+        *,
+        abandon: threading.Event | None = None,
     ) -> None:
         self._store, self._cache, self._events, self._stop = store, cache, events, stop
+        self.abandon = abandon  # jobctx.ABANDON of every batch computed here
         self._held = threading.Event()
         # A thread for every batch the scheduler lets be in flight: none waits for one.
         self._pool = ThreadWorkers(min(sum(map(self.inflight, concurrency)), 256))
@@ -193,6 +210,7 @@ class ThreadExecutor:
                 if self._stop.is_set() or self._held.is_set():  # queued ahead, run ending
                     self._events.put(BatchNotStarted(task))
                     return
+                jobctx.ABANDON.set(self.abandon)  # in this task's own context
                 res = execute_batch(
                     self._store,
                     task.step,
@@ -206,7 +224,8 @@ class ThreadExecutor:
                 if inline and isinstance(e, KeyboardInterrupt):
                     self._events.put(BatchNotStarted(task))  # on the driver: the run stops
                     raise
-                self._events.put(BatchFailed(task, e))
+                gave_up = self.abandon is not None and self.abandon.is_set()
+                self._events.put(BatchStopped(task, e) if gave_up else BatchFailed(task, e))
                 return
             finally:
                 if held:
@@ -232,6 +251,8 @@ class ThreadExecutor:
 
 class ProcessExecutor:
     """A process pool for CPU-bound steps; workers live and die with the driver."""
+
+    abandon: threading.Event | None = None
 
     def inflight(self, concurrency: int) -> int:
         return concurrency
@@ -323,6 +344,8 @@ class RayExecutor:
     (verified). The driver alone writes action entries when results arrive, so the
     crash-safety order (object, then entry, then manifests) holds. A thread waits on the
     task refs and reports to the same completion queue as the other executors."""
+
+    abandon: threading.Event | None = None
 
     def inflight(self, concurrency: int) -> int:
         return concurrency
@@ -531,12 +554,14 @@ def make_executor(
     concurrency: Iterable[int],
     cache: TableCache,
     stop: threading.Event,
+    abandon: threading.Event | None = None,
     ray_address: str | None = None,
     ray_remote: Any = None,
 ) -> Executor:
-    """The executor named by `kind` ('threads', 'processes' or 'ray')."""
+    """The executor named by `kind` ('threads', 'processes' or 'ray'). `abandon`: set when
+    the run gives up requests in flight (threads only: jobctx.ABANDON)."""
     if kind == "processes":
         return ProcessExecutor(store, events, os.cpu_count() or 2)
     if kind == "ray":
         return RayExecutor(store, events, address=ray_address, remote=ray_remote, cache=cache)
-    return ThreadExecutor(store, cache, events, concurrency, stop)
+    return ThreadExecutor(store, cache, events, concurrency, stop, abandon=abandon)

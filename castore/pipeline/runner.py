@@ -158,15 +158,13 @@ class Runner:
             runlog.log_earlier_run(self.store, self.info.previous)
         rcache = RemoteCache(self.store, self.remote, push=self.push) if self.remote else None
         self.sched = sched = Scheduler(
-            self.store,
-            self.planner,
-            self.recorder.steps,
-            self.recorder,
+            *(self.store, self.planner, self.recorder.steps, self.recorder),
             use_cache=self.use_cache,
             run_id=self.info.run_id,
             progress=self.progress,
             rcache=rcache,
             stop=self.stop,
+            cancel=self.cancel,
         )
         if self.use_cache:  # before any lookup: a run that finished wrote its entries first
             assert self.lock is not None
@@ -188,7 +186,7 @@ class Runner:
         last_seal = time.monotonic()
         while not self.planner.complete:
             if self.stop.is_set():
-                sched.drain(self.stop_grace, self.cancel)
+                sched.drain(self.stop_grace)
                 # Batch jobs pending: the run cannot end before they do (exit 75, waiting).
                 return "waiting" if sched.parked else "interrupted"
             sched.plan_all()

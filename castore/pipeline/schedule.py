@@ -31,6 +31,7 @@ from castore.pipeline.claims import RowClaims
 from castore.pipeline.executors import (
     BatchDone,
     BatchNotStarted,
+    BatchStopped,
     Event,
     Events,
     Executor,
@@ -42,6 +43,7 @@ from castore.pipeline.executors import (
     pickle_steps_by_value,
 )
 from castore.pipeline.generators import start_generator
+from castore.pipeline.leasing import Leasing
 from castore.pipeline.plan import PlannedBatch, Planner
 from castore.pipeline.queues import Pending, Queues
 from castore.pipeline.rows import PACK_AFTER, RowIndex, RowPlan, write_segment
@@ -55,12 +57,16 @@ if TYPE_CHECKING:
     from castore.pipeline.progress import Progress
     from castore.pipeline.record import Recorder
     from castore.pipeline.remote_cache import RemoteCache
-    from castore.store import FileLock, Store
+    from castore.store import Store
 
 log = logging.getLogger("castore.run")
 
+# Seconds a stopping run waits, once its batches gave up their LLM requests, for them to
+# store the answers that came: Parquet writes, not requests.
+GIVE_UP = 10.0
 
-class Scheduler:
+
+class Scheduler(Leasing):
     def __init__(
         self,
         store: Store,
@@ -73,10 +79,14 @@ class Scheduler:
         progress: Progress,
         rcache: RemoteCache | None,
         stop: threading.Event,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.store, self.planner, self.plans, self.steps = store, planner, planner.plans, steps
         self.recorder, self.use_cache, self.run_id = recorder, use_cache, run_id
         self.progress, self.rcache, self.stop = progress, rcache, stop
+        # Set by a second Ctrl+C, or by `drain` when the grace period is over: batches in
+        # flight give up their LLM requests (jobctx.ABANDON) and keep what was answered.
+        self.cancel = cancel if cancel is not None else threading.Event()
         self._checked: set[str] = set()  # objects verified for a hit in this run
         self.queues = {name: Queues() for name in self.plans}
         self.events: Events = Events()
@@ -313,96 +323,6 @@ class Scheduler:
             return keys
         return self.row_indexes[step].found(keys)
 
-    def _take_lease(self, p: Pending) -> bool:
-        """A lease on the action key, so two runs never pay for the same batch at once.
-        Without the cache there is nothing to share, and a run alone on its store has no
-        one to share with: no lease (neighbours.py)."""
-        if not self.use_cache:
-            return True
-        b = p.batch
-        if self.neighbours is None or self.neighbours.need_leases(self._lease_running):
-            if p.lease is None:
-                p.lease = self._lease(b)
-            if not p.lease.try_acquire():
-                return False
-            if not self._claim(p):
-                p.lease.release()
-                return False
-        tally = self.recorder.tallies[b.step]
-        if self.rcache is not None and not self.rcache.lease(b.key, tally):  # another machine's
-            self._release(p)
-            return False
-        if self.rcache is not None and not self._claim_remote(p, tally):
-            self._release(p)
-            return False
-        # The holder before us may have finished while we queued.
-        leased = p.lease is not None or (self.rcache is not None and self.rcache.leases)
-        if leased and self._lookup(b, p.rows):
-            self._release(p)
-        return True
-
-    def _claim(self, p: Pending, *, submitted: bool = False) -> bool:
-        """Claim the rows a row-wise batch computes (castore.pipeline.claims), then take
-        those stored meanwhile, unless `submitted` (its worker has its rows); False when
-        another run computes some of them now (`p.blockers`)."""
-        if p.rows is None or p.claim is not None or not (keys := p.rows.missing):
-            return True
-        got = self.claims.take(p.rows.fingerprint, keys)
-        if isinstance(got, list):
-            p.blockers = got
-            self._tell_wait(p, f"run {', '.join(self.claims.holders(got))}")
-            return False
-        p.claim = got
-        if not submitted:  # outside the claims lock: finding them may read the remote
-            self._index(p.batch.step).refresh()
-            p.rows = self._row_results(p.batch.step, p.rows)
-        return True
-
-    def _claim_remote(self, p: Pending, tally: Any) -> bool:
-        """`_claim` across machines writing through to a remote (RemoteCache.claim);
-        False when another machine computes some of the rows (`p.remote_blockers`)."""
-        assert self.rcache is not None
-        if p.rows is None or not (keys := p.rows.missing):
-            return True
-        got = self.rcache.claim(p.rows.fingerprint, keys, p.batch.key, tally)
-        if isinstance(got, list):
-            p.remote_blockers = got
-            self.queues[p.batch.step].backward |= self.rcache.outranked(got)
-            self._tell_wait(p, "another machine")
-            return False
-        if got:
-            self._index(p.batch.step).refresh()
-            p.rows = self._row_results(p.batch.step, p.rows)
-        return True
-
-    def _tell_wait(self, p: Pending, who: str) -> None:
-        b = p.batch
-        say = log.debug if b.step in self.told_waits else log.info  # once a step at info
-        self.told_waits.add(b.step)
-        say("step %s batch %d: %s computes some of its rows now; waiting", b.step, b.index, who)
-
-    def _release(self, p: Pending) -> None:
-        """Let go of a batch this run will not compute (now): others may take it."""
-        if p.lease is not None:
-            p.lease.release()
-        p.unclaim()
-        if self.rcache is not None:
-            self.rcache.release(p.batch.key)
-
-    def _lease_running(self) -> None:
-        """Another run appeared: lease every batch in flight before telling it so."""
-        for p in self.running.values():
-            if p.lease is not None:
-                continue
-            b = p.batch
-            p.lease = self._lease(b)
-            # Neither can fail: newcomers compute nothing until this run says "shared".
-            if not p.lease.try_acquire() or not self._claim(p, submitted=True):
-                log.warning("step %s batch %d: its lease is held by another run", b.step, b.index)
-
-    def _lease(self, b: PlannedBatch) -> FileLock:
-        return self.store.lease(b.key, {"run": self.run_id, "step": b.step, "batch": b.index})
-
     # -- events --------------------------------------------------------------------------
 
     def handle(self, event: Event, *, draining: bool = False) -> None:
@@ -424,6 +344,8 @@ class Scheduler:
             self.queues[p.batch.step].put_back(p)
         elif isinstance(event, BatchDone):
             self._done(event.task, event.result)
+        elif isinstance(event, BatchStopped):
+            self._stopped(event.task, event.error)
         else:
             self._failed(event.task, event.error, draining)
 
@@ -464,6 +386,18 @@ class Scheduler:
         self.recorder.record(
             b.step, b.index, b.key, res.outputs, res.rows, cached=False, result=res
         )
+
+    def _stopped(self, task: Task, error: BaseException) -> None:
+        """A batch that gave up its requests as the run stopped: not done, and neither
+        retried nor failed; the rows answered (a row-wise step's) were stored by key."""
+        p = self._settle(task)
+        self._release(p)
+        b = p.batch
+        if isinstance(error, RowsFailed):  # paid for
+            self.recorder.tallies[b.step].spend(error.tokens, error.usd, error.seconds)
+        kept = " (its answered rows are kept)" if p.rows is not None else ""
+        log.info("step %s batch %d: stopped with the run%s", b.step, b.index, kept)
+        self.queues[b.step].put_back(p)
 
     def _failed(self, task: Task, error: BaseException, draining: bool) -> None:
         """Retry with exponential backoff, then on_error: 'skip' keeps the rows with None
@@ -533,6 +467,7 @@ class Scheduler:
             self.events,
             concurrency=[s.concurrency for s in steps],
             stop=self.stop,
+            abandon=self.cancel,
             cache=self.cache,
             ray_address=ray_address,
             ray_remote=ray_remote,
@@ -564,17 +499,29 @@ class Scheduler:
             if isinstance(step, GeneratorStep):
                 start_generator(self, name)
 
-    def drain(self, grace: float, cancel: threading.Event) -> None:
-        """After Ctrl+C: no new batches; wait up to `grace` seconds for those in flight
-        (a second Ctrl+C sets `cancel` and abandons them)."""
+    def drain(self, grace: float) -> None:
+        """After Ctrl+C: no new batches; wait up to `grace` seconds for those in flight.
+        Then, or at a second Ctrl+C (which sets `cancel`), batches in flight give up their
+        LLM requests: their answered rows are stored and kept (row-wise steps), which
+        takes a moment (up to GIVE_UP seconds is waited for); other work is abandoned."""
         log.warning(
             "stopping: no new batches; waiting up to %.0fs for %d in flight (Ctrl+C again "
             "to cancel them)",
             grace,
             self.inflight,
         )
-        if not self._handle_until(lambda: not self.inflight or cancel.is_set(), grace):
-            log.warning("grace period over: abandoning in-flight batches")
+        if not self._handle_until(lambda: not self.inflight or self.cancel.is_set(), grace):
+            log.warning("grace period over: cancelling in-flight batches")
+        self.cancel.set()
+        if self.executor is None or self.executor.abandon is None:
+            return
+        if self._asking():
+            log.warning("keeping the answers that came for the batches in flight")
+            self._handle_until(lambda: not self._asking(), GIVE_UP)
+
+    def _asking(self) -> bool:
+        """An LLM step's batch is in flight (giving up its requests, once `cancel` is set)."""
+        return any(getattr(self.steps[p.batch.step], "llm", None) for p in self.running.values())
 
     def settle_storing(self, grace: float = 30.0) -> None:
         """After a failure: batches whose `process` returned are paid for, so wait (up to
