@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from castore import jobctx
+from castore.answers import Answers, request_key
 from castore.errors import LLMError, LLMRefused, LLMUnreachable, RequestAbandoned
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Generation(BaseModel):
     raw: dict[str, Any]
     usage: dict[str, Any] = Field(default_factory=dict)
     attempts: int = 1
+    # This answer's token in the run's journal of answers (castore.answers), so a step
+    # that finds it unusable can take it back.
+    request: str | None = Field(default=None, exclude=True, repr=False)
 
 
 class Prices(BaseModel):
@@ -212,11 +216,12 @@ class OpenAILLM(BaseModel):
         """Each body POSTed to `path` (retried by `_post`), concurrently up to the cap;
         one result or exception per body, in order."""
 
-        abandon = jobctx.ABANDON.get()  # read here: the loop's thread has another context
+        # Read here: the loop's thread has another context.
+        abandon, answers = jobctx.ABANDON.get(), jobctx.ANSWERS.get()
 
         async def go() -> list[Any | BaseException]:
             client, sem = _LOOP.client(self), _LOOP.semaphore(self)
-            posts = (self._post(client, sem, path, b, parse) for b in bodies)
+            posts = (self._answer(client, sem, path, b, parse, answers=answers) for b in bodies)
             if abandon is None:
                 return await asyncio.gather(*posts, return_exceptions=True)
             return await _until_abandoned([asyncio.ensure_future(p) for p in posts], abandon)
@@ -247,12 +252,57 @@ class OpenAILLM(BaseModel):
         result: Embeddings = _LOOP.run(go())
         return result
 
+    async def _answer(
+        self,
+        client: Any,
+        sem: asyncio.Semaphore,
+        path: str,
+        body: dict[str, Any],
+        parse: Any,
+        *,
+        answers: Answers | None,
+    ) -> Any:
+        """`_post` through the run's `answers` (castore.answers): an answer a killed run
+        received for this exact request is used instead of sending it again, and each
+        answer that comes is recorded as it comes."""
+        url = self.base_url.rstrip("/") + path
+        request = request_key(url, body) if answers is not None else None
+        if answers is None or request is None:
+            return await self._post(client, sem, path, body, parse)
+        kept = answers.recovered(request)
+        if kept is not None:
+            with contextlib.suppress(Unusable):
+                gen = parse(kept[0])
+                if gen is not None:
+                    gen.attempts, gen.request = 0, kept[1]  # 0: no request sent
+                    return gen
+        tokens: list[str] = []
+        got = await self._post(
+            client,
+            sem,
+            path,
+            body,
+            parse,
+            on_answer=lambda text: tokens.append(answers.record(request, text)),
+        )
+        if isinstance(got, Generation) and tokens:
+            got.request = tokens[-1]
+        return got
+
     async def _post(
-        self, client: Any, sem: asyncio.Semaphore, path: str, body: dict[str, Any], parse: Any
+        self,
+        client: Any,
+        sem: asyncio.Semaphore,
+        path: str,
+        body: dict[str, Any],
+        parse: Any,
+        *,
+        on_answer: Callable[[str], None] = lambda _text: None,
     ) -> Any:
         """POST `body` to `path` with retries (429/5xx/timeouts, Retry-After honoured, full
         jitter); `parse(text)` gives the result, or None for a malformed answer, or raises
-        Unusable for an answer to ask again at once (it broke the schema)."""
+        Unusable for an answer to ask again at once (it broke the schema). `on_answer`
+        is given the text of the answer returned."""
         import aiohttp
 
         headers = {"Content-Type": "application/json"}
@@ -286,6 +336,7 @@ class OpenAILLM(BaseModel):
                             last = f"malformed response (not {path} JSON)"
                         if gen is not None:
                             gen.attempts = attempt + 1
+                            on_answer(text)
                             return gen
                     elif status in RETRY_STATUS:
                         last = f"HTTP {status}: {text[:200]}"

@@ -616,3 +616,52 @@ def test_a_stopped_run_keeps_the_answers_of_its_batches_in_flight(tmp_path, how)
         assert got == want and len(got) == 120
     finally:
         server.stop()
+
+
+def test_kill_9_mid_llm_batches_then_resume_sends_no_answered_request_again(tmp_path):
+    """kill -9 while two 40-row LLM batches are half answered: the answers that came are
+    in the run's journal (castore.answers), so `cas resume` sends only the requests that
+    were never answered; paid twice: at most those on the wire at the kill. The journal
+    holds no API key, and goes once a run finished with its answers."""
+    import os
+    import signal
+    import time
+
+    from castore.distiset import Distiset
+    from tests.conftest import run_cas, start_cas
+    from tests.llm_server import LLMServer
+
+    server = LLMServer(latency=0.1).start()
+    try:
+        script = tmp_path / "stopping.py"
+        script.write_text(STOPPING_SCRIPT)
+        env = {"TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": "sk-test-secret"}
+        cache = tmp_path / "c"
+        proc = start_cas("run", str(script), cache_dir=cache, env=env)
+        deadline = time.monotonic() + 60
+        while server.requests < 30 and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        first = server.requests
+        assert first < 80  # killed mid-batch
+        journals = list((cache / "tmp").glob("answers-*"))
+        assert len(journals) == 1 and b"sk-test-secret" not in journals[0].read_bytes()
+        answered = journals[0].read_bytes().count(b"\n")
+        assert answered >= first - 4
+        r = run_cas("resume", "stopping", cache_dir=cache, env=env)
+        assert r.returncode == 0, r
+        assert f"{answered} LLM answers a stopped run received were used" in r.stderr
+        assert server.requests - 120 <= 4, server.requests  # on the wire at the kill
+        assert not list((cache / "tmp").glob("answers-*"))
+        fresh = tmp_path / "fresh"
+        assert run_cas("run", str(script), "--no-cache", cache_dir=fresh, env=env).returncode == 0
+        got = Distiset.from_run("stopping", cache)["default"]["train"].to_list()
+        want = Distiset.from_run("stopping", fresh)["default"]["train"].to_list()
+        strip = lambda rows: [  # noqa: E731 - attempts is 0 where no request was sent
+            {**r, "castore_metadata": None} for r in rows
+        ]
+        assert strip(got) == strip(want) and len(got) == 120
+    finally:
+        server.stop()

@@ -31,6 +31,7 @@ from castore.pipeline.plan import PlannedBatch
 from castore.pipeline.rows import RowPlan
 
 if TYPE_CHECKING:
+    from castore.answers import Answers
     from castore.pipeline.step import _Step
     from castore.store import Store
 
@@ -163,9 +164,11 @@ class ThreadExecutor:
         stop: threading.Event,
         *,
         abandon: threading.Event | None = None,
+        answers: Answers | None = None,
     ) -> None:
         self._store, self._cache, self._events, self._stop = store, cache, events, stop
-        self.abandon = abandon  # jobctx.ABANDON of every batch computed here
+        # jobctx.ABANDON and jobctx.ANSWERS of every batch computed here
+        self.abandon, self._answers = abandon, answers
         self._held = threading.Event()
         # A thread for every batch the scheduler lets be in flight: none waits for one.
         self._pool = ThreadWorkers(min(sum(map(self.inflight, concurrency)), 256))
@@ -211,6 +214,7 @@ class ThreadExecutor:
                     self._events.put(BatchNotStarted(task))
                     return
                 jobctx.ABANDON.set(self.abandon)  # in this task's own context
+                jobctx.ANSWERS.set(self._answers)
                 res = execute_batch(
                     self._store,
                     task.step,
@@ -555,13 +559,15 @@ def make_executor(
     cache: TableCache,
     stop: threading.Event,
     abandon: threading.Event | None = None,
+    answers: Answers | None = None,
     ray_address: str | None = None,
     ray_remote: Any = None,
 ) -> Executor:
     """The executor named by `kind` ('threads', 'processes' or 'ray'). `abandon`: set when
-    the run gives up requests in flight (threads only: jobctx.ABANDON)."""
+    the run gives up requests in flight; `answers`: the run's journal of LLM answers
+    (threads only: jobctx.ABANDON, jobctx.ANSWERS)."""
     if kind == "processes":
         return ProcessExecutor(store, events, os.cpu_count() or 2)
     if kind == "ray":
         return RayExecutor(store, events, address=ray_address, remote=ray_remote, cache=cache)
-    return ThreadExecutor(store, cache, events, concurrency, stop, abandon=abandon)
+    return ThreadExecutor(store, cache, events, concurrency, stop, abandon=abandon, answers=answers)

@@ -213,7 +213,7 @@ class Runner:
         sched = self.sched
         self.progress.close()
         if sched is not None:
-            sched.stop_workers(failed=status == "failed")
+            sched.stop_workers(failed=status == "failed", finished=status == "finished")
             sched.pack_indexes(finished=status == "finished")
         plans = self.planner.plans
         self.folder.materialize({x: plans[x].records() for x in self.info.leaves}, self.info.run_id)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from castore import jobctx
+from castore.answers import Answers
 from castore.errors import BatchWaiting, CastoreError, RowsFailed, StepFailed
 from castore.hashing import entry_check, generator_end_key
 from castore.pipeline.batch import (
@@ -87,6 +88,8 @@ class Scheduler(Leasing):
         # Set by a second Ctrl+C, or by `drain` when the grace period is over: batches in
         # flight give up their LLM requests (jobctx.ABANDON) and keep what was answered.
         self.cancel = cancel if cancel is not None else threading.Event()
+        # LLM answers as they come (castore.answers): --no-cache reuses none.
+        self.answers = Answers(store, run_id, recorder.info.signature) if use_cache else None
         self._checked: set[str] = set()  # objects verified for a hit in this run
         self.queues = {name: Queues() for name in self.plans}
         self.events: Events = Events()
@@ -468,18 +471,23 @@ class Scheduler(Leasing):
             concurrency=[s.concurrency for s in steps],
             stop=self.stop,
             abandon=self.cancel,
+            answers=self.answers,
             cache=self.cache,
             ray_address=ray_address,
             ray_remote=ray_remote,
         )
 
-    def stop_workers(self, *, failed: bool = False) -> None:
+    def stop_workers(self, *, failed: bool = False, finished: bool = False) -> None:
         if failed and self.executor is not None:
             self.executor.hold()  # a batch queued ahead does not start
             self.settle_storing()
         for pool in (self.gen_threads, self.executor):
             if pool is not None:
                 pool.shutdown()
+        if self.answers is not None:
+            if self.answers.reused:
+                log.info("%d LLM answers a stopped run received were used", self.answers.reused)
+            self.answers.close(finished=finished)
         for step in self.steps.values():
             step._in_run = False  # called by hand again, process sees rows as given
             if step._loaded:  # loaded in this process (threads); workers' copies die

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from pydantic import model_validator
 
+from castore import jobctx
 from castore.errors import LLMUnusable, PipelineError, StepFailed
 from castore.llms import Generation, OpenAILLM, Prices
 from castore.pipeline.step import BatchIncomplete, Step, StepInput, runtime_field
@@ -82,6 +83,9 @@ class _LLMTask(Step):
                     out.append(self._row(row, res.text, res, None))
                     continue
                 except AnswerUnusable as e:  # paid for: kept in the metadata, row failed
+                    answers = jobctx.ANSWERS.get()
+                    if answers is not None and res.request is not None:
+                        answers.retract(res.request)  # the next run asks again
                     errors.append(
                         f"{e} (the answer is kept in {METADATA_COLUMN}; on_error='skip' goes "
                         "on with None for such rows, and the next run asks for them again)"

@@ -1,0 +1,189 @@
+"""Answers of LLM requests that a run received, kept until their batch is stored: what a
+run killed by `kill -9` (or a stop that could not wait) had been paid for and not yet
+stored. The next run sends none of those requests again (docs/resume.md).
+
+- A run's journal is `tmp/answers-<run id>`, one line per answered request, appended by
+  the LLM client as each answer arrives: `<64 hex key> <response body as a JSON
+  string>\\n`. The key is the blake3 of the request (URL and body: model, messages,
+  generation parameters, response format), never of its headers (the API key stays out).
+  A torn last line, or one that does not parse, is not an answer. Durability is the page
+  cache's, as for the entry journal (castore.store.journal): kill -9 loses nothing.
+- Another run of the store reads the journals of other runs once, keys only (the bodies
+  when one is asked for), and a request whose exact key is there is answered from it:
+  the body is parsed as if the server had sent it again (attempts 0 in the row's
+  metadata: no request was sent). Each answer is used once: equal requests
+  (num_generations, equal rows) each get their own.
+- An answer a step found unusable (a row that failed with it, to be asked again) is
+  taken back: a line `<key> {"taken_back": <digest of the answer>}` cancels that
+  answer, in whichever journal holds it.
+- A run that finishes removes its own journal (every answer is in a stored batch), the
+  journals of dead runs of the same pipeline (its batches are all stored now), and
+  those of other dead runs whose answers it used; an interrupted or failed run keeps
+  its own for the next. `cas gc` removes any after the grace period, as everything else
+  in `tmp/`. The file is `tmp/answers-<pipeline signature>-<run id>`.
+- Threads only (the default executor): a process or Ray worker's requests are not
+  journaled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+import blake3
+
+from castore.store import layout as L
+from castore.store.locks import live_lock
+
+if TYPE_CHECKING:
+    from castore.store import Store
+
+PREFIX = "answers-"
+
+
+def request_key(url: str, body: dict[str, Any]) -> str | None:
+    """The key of a request; None when its body is not plain JSON (not journaled)."""
+    try:
+        text = json.dumps([url, body], sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return blake3.blake3(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _digest(body: bytes) -> str:
+    return blake3.blake3(body).hexdigest()[:32]
+
+
+def _read(path: str, start: int, size: int) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(size)
+    except OSError:
+        return None
+
+
+class Answers:
+    """This run's journal of answers, and the answers other runs' journals hold."""
+
+    def __init__(self, store: Store, run_id: str, signature: str) -> None:
+        self.store, self.run_id = store, run_id
+        self.folder = store.layout.dir(L.TMP)
+        self.mine = f"{PREFIX}{signature}-"  # this pipeline's journals
+        self.path = os.path.join(self.folder, self.mine + run_id)
+        self._fd: int | None = None  # opened by the first answer
+        self._lock = threading.Lock()
+        # key -> where its answers are (path, at, length), each used once: equal requests
+        # (num_generations, equal rows) are samples of their own, not one answer repeated.
+        self._found: dict[str, list[tuple[str, int, int]]] | None = None
+        self.used: set[str] = set()  # the other journals whose answers were used (paths)
+        self.reused = 0
+
+    def record(self, key: str, text: str) -> str:
+        """An answer that came: appended whole (one write on an O_APPEND descriptor). A
+        journal that cannot be written is not a reason to fail the request. Returns the
+        answer's token, for `retract`."""
+        body = json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self._append(key.encode() + b" " + body + b"\n")
+        return f"{key}:{_digest(body)}"
+
+    def _append(self, line: bytes) -> None:
+        view = memoryview(line)
+        with self._lock, contextlib.suppress(OSError):
+            if self._fd is None:
+                os.makedirs(self.folder, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def retract(self, token: str) -> None:
+        """Take back the answer of `token` (the row it gave failed): the next run asks
+        again instead of being given it."""
+        key, _, digest = token.partition(":")
+        self._append(f'{key} {{"taken_back":"{digest}"}}\n'.encode())
+
+    def recovered(self, key: str) -> tuple[str, str] | None:
+        """An answer another run's journal holds for `key` and its token, or None."""
+        with self._lock:
+            if self._found is None:
+                self._found = self._scan()
+            places = self._found.get(key)
+            if not places:
+                return None
+            path, start, size = places.pop(0)
+            self.used.add(path)
+        body = _read(path, start, size)
+        try:
+            text = json.loads(body) if body is not None else None
+        except ValueError:
+            return None
+        if not isinstance(text, str):
+            return None
+        self.reused += 1
+        return text, f"{key}:{_digest(body or b'')}"
+
+    def _scan(self) -> dict[str, list[tuple[str, int, int]]]:
+        found: dict[str, list[tuple[str, int, int]]] = {}
+        # Applied once every answer is read: any journal may hold the answer taken back.
+        taken_back: dict[str, list[str]] = {}
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.startswith(PREFIX))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            path = os.path.join(self.folder, name)
+            if path == self.path:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            at = 0
+            end = data.rfind(b"\n") + 1  # a torn last line is not an answer
+            while at < end:
+                nl = data.index(b"\n", at)
+                if nl - at > 66 and data[at + 64 : at + 65] == b" ":
+                    key = data[at : at + 64].decode("ascii", "replace")
+                    if data[at + 65 : at + 66] == b"{":
+                        with contextlib.suppress(ValueError, TypeError, KeyError):
+                            gone = json.loads(data[at + 65 : nl])["taken_back"]
+                            taken_back.setdefault(key, []).append(str(gone))
+                    else:
+                        found.setdefault(key, []).append((path, at + 65, nl - at - 65))
+                at = nl + 1
+        for key, digests in taken_back.items():
+            places = found.get(key, [])
+            for digest in digests:
+                for i, (path, start, size) in enumerate(places):
+                    if _digest(_read(path, start, size) or b"") == digest:
+                        del places[i]
+                        break
+        return found
+
+    def close(self, *, finished: bool) -> None:
+        """The run ends. Finished: every answer it used or received is in a stored batch,
+        and so is every answer an earlier attempt of its pipeline received that it needs:
+        those journals go (a live run's stays)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if not finished:
+                return
+            try:
+                names = [n for n in os.listdir(self.folder) if n.startswith(PREFIX)]
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                path = os.path.join(self.folder, name)
+                if path != self.path and not (name.startswith(self.mine) or path in self.used):
+                    continue
+                run_id = name[len(PREFIX) :].partition("-")[2]
+                if path != self.path and live_lock(self.store.layout.run_lock_path(run_id)):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)

@@ -1,0 +1,88 @@
+"""The journal of LLM answers (castore.answers): what a killed run was answered is found
+by the next run's exact request, each answer used once; torn lines are not answers."""
+
+from __future__ import annotations
+
+import os
+
+from castore.answers import Answers, request_key
+from castore.store import Store
+
+
+def text_of(found: tuple[str, str] | None) -> str | None:
+    return found[0] if found is not None else None
+
+
+def test_answers_of_a_dead_run_are_found_once_each_and_torn_lines_ignored(tmp_path):
+    store = Store(tmp_path / "c")
+    dead = Answers(store, "dead-run", "s" * 64)
+    k1 = request_key("http://x/v1/chat/completions", {"model": "m", "messages": ["a"]})
+    k2 = request_key("http://x/v1/chat/completions", {"model": "m", "messages": ["b"]})
+    assert k1 and k2 and k1 != k2
+    dead.record(k1, '{"first": "line\\nbreak"}')
+    dead.record(k1, '{"second": 1}')  # an equal request (num_generations): its own answer
+    dead.record(k2, "x")
+    dead.close(finished=False)  # killed: the journal stays
+    with open(dead.path, "ab") as f:  # what kill -9 mid-append leaves
+        f.write(f'{k2} "torn'.encode())
+    mine = Answers(store, "next-run", "t" * 64)
+    assert text_of(mine.recovered(k1)) == '{"first": "line\\nbreak"}'
+    assert text_of(mine.recovered(k1)) == '{"second": 1}'
+    assert mine.recovered(k1) is None  # each answer is used once
+    assert text_of(mine.recovered(k2)) == "x" and mine.recovered(k2) is None
+    assert mine.reused == 3
+    mine.record(k2, "new")
+    unused = Answers(store, "dead-other", "u" * 64)  # another pipeline's, none used
+    unused.record(k1, "kept")
+    unused.close(finished=False)
+    mine.close(finished=True)  # its answers and the dead run's are in stored batches
+    assert not os.path.exists(dead.path) and not os.path.exists(mine.path)
+    assert os.path.exists(unused.path)  # its pipeline's resume may need it
+    again = Answers(store, "resume", "u" * 64)  # that pipeline, finished: used or not
+    again.close(finished=True)
+    assert not os.path.exists(unused.path)
+
+
+def test_a_live_runs_journal_is_read_but_kept(tmp_path):
+    store = Store(tmp_path / "c")
+    lock = store.run_lock("live-run", {})
+    lock.acquire()
+    live = Answers(store, "live-run", "s" * 64)
+    key = request_key("u", {"b": 1})
+    assert key
+    live.record(key, "answer")
+    other = Answers(store, "other-run", "s" * 64)
+    assert text_of(other.recovered(key)) == "answer"
+    other.close(finished=True)
+    assert os.path.exists(live.path)  # its run still needs it
+    live.close(finished=True)
+    lock.release()
+    assert not os.path.exists(live.path)
+
+
+def test_a_request_that_is_not_plain_json_has_no_key():
+    assert request_key("u", {"x": float("nan")}) is None
+    assert request_key("u", {"x": object()}) is None
+    assert request_key("u", {"a": 1, "b": 2}) == request_key("u", {"b": 2, "a": 1})
+    assert request_key("u", {"a": 1}) != request_key("v", {"a": 1})
+
+
+def test_an_answer_taken_back_is_not_given_again_whichever_journal_holds_it(tmp_path):
+    store = Store(tmp_path / "c")
+    key = request_key("u", {"q": 1})
+    assert key
+    first = Answers(store, "a-run", "s" * 64)
+    first.record(key, "unusable")
+    first.record(key, "good")
+    first.close(finished=False)
+    second = Answers(store, "b-run", "s" * 64)
+    got = second.recovered(key)
+    assert got is not None and got[0] == "unusable"
+    second.retract(got[1])  # the row it gave failed: asked again by the next run
+    second.close(finished=False)
+    third = Answers(store, "c-run", "s" * 64)
+    assert text_of(third.recovered(key)) == "good" and third.recovered(key) is None
+    token = third.record(key, "also unusable")  # retracted in the journal it is in
+    third.retract(token)
+    third.close(finished=False)
+    assert text_of(Answers(store, "d-run", "s" * 64).recovered(key)) == "good"
