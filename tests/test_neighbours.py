@@ -140,7 +140,7 @@ def test_a_stopped_run_lets_go_of_what_its_queued_batches_hold(tmp_path):
     assert not isinstance(claim, list)
     sched = Scheduler.__new__(Scheduler)  # only what stop_workers reads
     sched.queues = {"s": Queues()}
-    sched.executor = sched.gen_threads = sched.rcache = sched.neighbours = None
+    sched.executor = sched.gen_threads = sched.rcache = sched.neighbours = sched.answers = None
     sched.steps = {}
     sched.queues["s"].pending.append(Pending(batch=None, lease=lease, claim=claim))  # type: ignore[arg-type]
     assert live_lock(lease.path) is not None and live_lock(claim.path) is not None
