@@ -53,6 +53,24 @@ def request_key(url: str, body: dict[str, Any]) -> str | None:
     return blake3.blake3(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def kept_answers(store: Store, signature: str) -> int:
+    """How many answers the journals of a pipeline's dead runs hold (`cas status`)."""
+    folder, mine = store.layout.dir(L.TMP), f"{PREFIX}{signature}-"
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(mine)]
+    except FileNotFoundError:
+        return 0
+    n = 0
+    for name in names:
+        if live_lock(store.layout.run_lock_path(name[len(mine) :])) is not None:
+            continue
+        with contextlib.suppress(OSError), open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+            lines = data[: data.rfind(b"\n") + 1].splitlines()
+            n += sum(1 if line[65:66] == b'"' else -1 for line in lines if len(line) > 66)
+    return max(n, 0)
+
+
 def _digest(body: bytes) -> str:
     return blake3.blake3(body).hexdigest()[:32]
 

@@ -89,6 +89,11 @@ def _print(report: Any, remote: bool) -> None:
             f"{s.name:{w}} {f'{s.batches_cached}/{total}':>9}{there} "
             f"{s.batches_to_compute:>8} {s.rows_by_key:>11} {rows:>10}"
         )
+    if report.answers_kept:
+        err(
+            f"{report.answers_kept} LLM answers that a stopped run of this pipeline "
+            "received are kept: a run takes them instead of asking again"
+        )
     if report.free:
         err("nothing to compute: `cas run` reuses every batch")
         return

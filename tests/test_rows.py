@@ -650,6 +650,9 @@ def test_kill_9_mid_llm_batches_then_resume_sends_no_answered_request_again(tmp_
         assert len(journals) == 1 and b"sk-test-secret" not in journals[0].read_bytes()
         answered = journals[0].read_bytes().count(b"\n")
         assert answered >= first - 4
+        status = run_cas("status", str(script), cache_dir=cache, env=env)
+        assert status.returncode == 0, status
+        assert f"{answered} LLM answers that a stopped run of this pipeline" in status.stderr
         r = run_cas("resume", "stopping", cache_dir=cache, env=env)
         assert r.returncode == 0, r
         assert f"{answered} LLM answers a stopped run received were used" in r.stderr

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from castore.answers import kept_answers
 from castore.hashing import generator_end_key, generator_key
 from castore.pipeline.batch import TableCache, read_input
 from castore.pipeline.calls import process_chunks
@@ -56,6 +57,9 @@ class PlanStatus(BaseModel):
     signature: str
     steps: list[StepStatus]
     finished_run: str | None = None  # a finished run of this exact pipeline replays whole
+    # LLM answers its stopped runs received for batches they did not store
+    # (castore.answers): a run sends none of those requests again.
+    answers_kept: int = 0
 
     @property
     def free(self) -> bool:
@@ -242,6 +246,7 @@ def plan_status(
         signature=sig,
         steps=[out[n] for n in order],
         finished_run=_finished(store, pipeline.name, sig),
+        answers_kept=kept_answers(store, sig) if store is not None else 0,
     )
 
 
