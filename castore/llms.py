@@ -33,7 +33,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -219,9 +219,18 @@ class OpenAILLM(BaseModel):
         # Read here: the loop's thread has another context.
         abandon, answers = jobctx.ABANDON.get(), jobctx.ANSWERS.get()
 
+        url = self.base_url.rstrip("/") + path
+
+        def one(client: Any, sem: asyncio.Semaphore, body: dict[str, Any]) -> Awaitable[Any]:
+            post = functools.partial(self._post, client, sem, path, body, parse)
+            request = request_key(url, body) if answers is not None else None
+            if answers is None or request is None:
+                return post()
+            return _through(answers, request, parse, post)
+
         async def go() -> list[Any | BaseException]:
             client, sem = _LOOP.client(self), _LOOP.semaphore(self)
-            posts = (self._answer(client, sem, path, b, parse, answers=answers) for b in bodies)
+            posts = (one(client, sem, b) for b in bodies)
             if abandon is None:
                 return await asyncio.gather(*posts, return_exceptions=True)
             return await _until_abandoned([asyncio.ensure_future(p) for p in posts], abandon)
@@ -251,43 +260,6 @@ class OpenAILLM(BaseModel):
 
         result: Embeddings = _LOOP.run(go())
         return result
-
-    async def _answer(
-        self,
-        client: Any,
-        sem: asyncio.Semaphore,
-        path: str,
-        body: dict[str, Any],
-        parse: Any,
-        *,
-        answers: Answers | None,
-    ) -> Any:
-        """`_post` through the run's `answers` (castore.answers): an answer a killed run
-        received for this exact request is used instead of sending it again, and each
-        answer that comes is recorded as it comes."""
-        url = self.base_url.rstrip("/") + path
-        request = request_key(url, body) if answers is not None else None
-        if answers is None or request is None:
-            return await self._post(client, sem, path, body, parse)
-        kept = answers.recovered(request)
-        if kept is not None:
-            with contextlib.suppress(Unusable):
-                gen = parse(kept[0])
-                if gen is not None:
-                    gen.attempts, gen.request = 0, kept[1]  # 0: no request sent
-                    return gen
-        tokens: list[str] = []
-        got = await self._post(
-            client,
-            sem,
-            path,
-            body,
-            parse,
-            on_answer=lambda text: tokens.append(answers.record(request, text)),
-        )
-        if isinstance(got, Generation) and tokens:
-            got.request = tokens[-1]
-        return got
 
     async def _post(
         self,
@@ -352,6 +324,26 @@ class OpenAILLM(BaseModel):
             await asyncio.sleep(delay)
         error = LLMUnreachable if never_connected else LLMError
         raise error(f"{self.max_retries + 1} attempts failed; last: {last}")
+
+
+async def _through(
+    answers: Answers, request: str, parse: Any, post: Callable[..., Awaitable[Any]]
+) -> Any:
+    """`post()` through the run's `answers` (castore.answers): an answer a killed run
+    received for this exact `request` is used instead of sending it again, and each
+    answer that comes is recorded as it comes."""
+    kept = answers.recovered(request)
+    if kept is not None:
+        with contextlib.suppress(Unusable):
+            gen = parse(kept[0])
+            if gen is not None:
+                gen.attempts, gen.request = 0, kept[1]  # 0: no request sent
+                return gen
+    tokens: list[str] = []
+    got = await post(on_answer=lambda text: tokens.append(answers.record(request, text)))
+    if isinstance(got, Generation) and tokens:
+        got.request = tokens[-1]
+    return got
 
 
 # How often a batch's requests look whether their run gave them up.

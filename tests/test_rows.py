@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -567,6 +570,54 @@ with Pipeline(name="stopping") as pipeline:
 """
 
 
+@dataclass
+class Stopping:
+    """`cas run` of STOPPING_SCRIPT (two 40-row LLM batches at once, 4 requests at a
+    time, 0.1 s each) left running until 30 requests were sent."""
+
+    proc: subprocess.Popen
+    script: Path
+    cache: Path
+    env: dict[str, str]
+    resumed: Any = None  # the `cas resume` result
+
+    @classmethod
+    def start(cls, tmp_path: Path, server: Any, *args: str) -> Stopping:
+        from tests.conftest import start_cas
+
+        script = tmp_path / "stopping.py"
+        script.write_text(STOPPING_SCRIPT)
+        env = {"TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": "sk-test-secret"}
+        cache = tmp_path / "c"
+        proc = start_cas("run", str(script), *args, cache_dir=cache, env=env)
+        deadline = time.monotonic() + 60
+        while server.requests < 30 and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        return cls(proc, script, cache, env)
+
+    def resume_equals_a_fresh_run(self, tmp_path: Path) -> None:
+        """`cas resume`, then its dataset against a --no-cache run's (the metadata aside:
+        attempts is 0 where an answer came from a journal)."""
+        from castore.distiset import Distiset
+        from tests.conftest import run_cas
+
+        r = run_cas("resume", "stopping", cache_dir=self.cache, env=self.env)
+        assert r.returncode == 0, r
+        fresh = tmp_path / "fresh"
+        f = run_cas("run", str(self.script), "--no-cache", cache_dir=fresh, env=self.env)
+        assert f.returncode == 0, f
+        got, want = (
+            [
+                {**row, "castore_metadata": None}
+                for row in Distiset.from_run("stopping", c)["default"]["train"].to_list()
+            ]
+            for c in (self.cache, fresh)
+        )
+        assert got == want and len(got) == 120
+        self.resumed = r
+
+
 @pytest.mark.parametrize("how", ["ctrl_c_twice", "grace_over"])
 def test_a_stopped_run_keeps_the_answers_of_its_batches_in_flight(tmp_path, how):
     """Ctrl+C twice, or once with the grace period running out, while two 40-row LLM
@@ -575,45 +626,26 @@ def test_a_stopped_run_keeps_the_answers_of_its_batches_in_flight(tmp_path, how)
     requests on the wire at the stop (max_concurrent_requests); before, every answered
     row of both batches (~30 here)."""
     import signal
-    import time
 
-    from castore.distiset import Distiset
-    from tests.conftest import run_cas, start_cas
     from tests.llm_server import LLMServer
 
     server = LLMServer(latency=0.1).start()
     try:
-        script = tmp_path / "stopping.py"
-        script.write_text(STOPPING_SCRIPT)
-        env = {"TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": "sk-test"}
-        cache = tmp_path / "c"
-        grace = ["--grace", "0.5"] if how == "grace_over" else []
-        proc = start_cas("run", str(script), *grace, cache_dir=cache, env=env)
-        deadline = time.monotonic() + 60
-        while server.requests < 30 and time.monotonic() < deadline:
-            assert proc.poll() is None
-            time.sleep(0.01)
+        run = Stopping.start(tmp_path, server, *(["--grace", "0.5"] if how == "grace_over" else []))
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        run.proc.send_signal(signal.SIGINT)
         if how == "ctrl_c_twice":
             time.sleep(0.1)
-            proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
+            run.proc.send_signal(signal.SIGINT)
+        _, err = run.proc.communicate(timeout=60)
+        assert run.proc.returncode == 130, err
         assert time.monotonic() - t0 < 5  # a batch of 40 left alone takes ~4 s more
         assert "keeping the answers that came for the batches in flight" in err
-        first = server.requests
-        assert first < 80  # stopped mid-batch: two batches of 40 were not all asked
-        r = run_cas("resume", "stopping", cache_dir=cache, env=env)
-        assert r.returncode == 0, r
-        assert server.requests - 120 <= 4, server.requests  # on the wire at the stop
+        assert server.requests < 80  # stopped mid-batch: two batches of 40 were not all asked
+        run.resume_equals_a_fresh_run(tmp_path)
+        assert server.requests - 2 * 120 <= 4, server.requests  # on the wire at the stop
         asked = [b["messages"][-1]["content"] for b in server.bodies]
         assert set(asked) == {f"q {i}" for i in range(120)}
-        fresh = tmp_path / "fresh"
-        assert run_cas("run", str(script), "--no-cache", cache_dir=fresh, env=env).returncode == 0
-        got = Distiset.from_run("stopping", cache)["default"]["train"].to_list()
-        want = Distiset.from_run("stopping", fresh)["default"]["train"].to_list()
-        assert got == want and len(got) == 120
     finally:
         server.stop()
 
@@ -622,49 +654,31 @@ def test_kill_9_mid_llm_batches_then_resume_sends_no_answered_request_again(tmp_
     """kill -9 while two 40-row LLM batches are half answered: the answers that came are
     in the run's journal (castore.answers), so `cas resume` sends only the requests that
     were never answered; paid twice: at most those on the wire at the kill. The journal
-    holds no API key, and goes once a run finished with its answers."""
+    holds no API key, `cas status` counts it, and it goes once a run finished with its
+    answers."""
     import os
     import signal
-    import time
 
-    from castore.distiset import Distiset
-    from tests.conftest import run_cas, start_cas
+    from tests.conftest import run_cas
     from tests.llm_server import LLMServer
 
     server = LLMServer(latency=0.1).start()
     try:
-        script = tmp_path / "stopping.py"
-        script.write_text(STOPPING_SCRIPT)
-        env = {"TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": "sk-test-secret"}
-        cache = tmp_path / "c"
-        proc = start_cas("run", str(script), cache_dir=cache, env=env)
-        deadline = time.monotonic() + 60
-        while server.requests < 30 and time.monotonic() < deadline:
-            assert proc.poll() is None
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+        run = Stopping.start(tmp_path, server)
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.proc.wait() == -signal.SIGKILL
         first = server.requests
         assert first < 80  # killed mid-batch
-        journals = list((cache / "tmp").glob("answers-*"))
+        journals = list((run.cache / "tmp").glob("answers-*"))
         assert len(journals) == 1 and b"sk-test-secret" not in journals[0].read_bytes()
         answered = journals[0].read_bytes().count(b"\n")
         assert answered >= first - 4
-        status = run_cas("status", str(script), cache_dir=cache, env=env)
+        status = run_cas("status", str(run.script), cache_dir=run.cache, env=run.env)
         assert status.returncode == 0, status
         assert f"{answered} LLM answers that a stopped run of this pipeline" in status.stderr
-        r = run_cas("resume", "stopping", cache_dir=cache, env=env)
-        assert r.returncode == 0, r
-        assert f"{answered} LLM answers a stopped run received were used" in r.stderr
-        assert server.requests - 120 <= 4, server.requests  # on the wire at the kill
-        assert not list((cache / "tmp").glob("answers-*"))
-        fresh = tmp_path / "fresh"
-        assert run_cas("run", str(script), "--no-cache", cache_dir=fresh, env=env).returncode == 0
-        got = Distiset.from_run("stopping", cache)["default"]["train"].to_list()
-        want = Distiset.from_run("stopping", fresh)["default"]["train"].to_list()
-        strip = lambda rows: [  # noqa: E731 - attempts is 0 where no request was sent
-            {**r, "castore_metadata": None} for r in rows
-        ]
-        assert strip(got) == strip(want) and len(got) == 120
+        run.resume_equals_a_fresh_run(tmp_path)
+        assert f"{answered} LLM answers a stopped run received were used" in run.resumed.stderr
+        assert server.requests - 2 * 120 <= 4, server.requests  # on the wire at the kill
+        assert not list((run.cache / "tmp").glob("answers-*"))
     finally:
         server.stop()
