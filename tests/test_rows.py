@@ -682,3 +682,35 @@ def test_kill_9_mid_llm_batches_then_resume_sends_no_answered_request_again(tmp_
         assert not list((run.cache / "tmp").glob("answers-*"))
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_llm_answers_survive_several_kills_in_a_row(tmp_path):
+    """kill -9, then a resume killed too, three times: each attempt takes the answers of
+    every earlier one (journals of dead runs are kept until a run finishes), so what is
+    paid twice stays at most the requests on the wire at each kill."""
+    import os
+    import signal
+
+    from tests.conftest import start_cas
+    from tests.llm_server import LLMServer
+
+    server = LLMServer(latency=0.1).start()
+    try:
+        run = Stopping.start(tmp_path, server)
+        for kill in range(3):
+            if kill:  # a resume, killed once it sent 20 more requests
+                before = server.requests
+                run.proc = start_cas("resume", "stopping", cache_dir=run.cache, env=run.env)
+                deadline = time.monotonic() + 60
+                while server.requests < before + 20 and time.monotonic() < deadline:
+                    assert run.proc.poll() is None
+                    time.sleep(0.01)
+            os.kill(run.proc.pid, signal.SIGKILL)
+            assert run.proc.wait() == -signal.SIGKILL
+        assert len(list((run.cache / "tmp").glob("answers-*"))) >= 2
+        run.resume_equals_a_fresh_run(tmp_path)
+        assert server.requests - 2 * 120 <= 3 * 4, server.requests  # on the wire, per kill
+        assert not list((run.cache / "tmp").glob("answers-*"))
+    finally:
+        server.stop()
