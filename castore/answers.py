@@ -2,10 +2,11 @@
 run killed by `kill -9` (or a stop that could not wait) had been paid for and not yet
 stored. The next run sends none of those requests again (docs/resume.md).
 
-- A run's journal is `tmp/answers-<run id>`, one line per answered request, appended by
-  the LLM client as each answer arrives: `<64 hex key> <response body as a JSON
-  string>\\n`. The key is the blake3 of the request (URL and body: model, messages,
-  generation parameters, response format), never of its headers (the API key stays out).
+- A run's journal is `tmp/answers-<pipeline signature>-<run id>`, one line per answered
+  request, appended by the LLM client as each answer arrives: `<64 hex key> <response
+  body as a JSON string>\\n`. The key is the blake3 of the request (URL and body: model,
+  messages, generation parameters, response format), never of its headers (the API key
+  stays out).
   A torn last line, or one that does not parse, is not an answer. Durability is the page
   cache's, as for the entry journal (castore.store.journal): kill -9 loses nothing.
 - Another run of the store reads the journals of other runs once, keys only (the bodies
@@ -20,7 +21,7 @@ stored. The next run sends none of those requests again (docs/resume.md).
   journals of dead runs of the same pipeline (its batches are all stored now), and
   those of other dead runs whose answers it used; an interrupted or failed run keeps
   its own for the next. `cas gc` removes any after the grace period, as everything else
-  in `tmp/`. The file is `tmp/answers-<pipeline signature>-<run id>`.
+  in `tmp/`.
 - Threads only (the default executor): a process or Ray worker's requests are not
   journaled.
 """

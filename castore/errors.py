@@ -135,22 +135,12 @@ class RowsFailed(CastoreError):
     the next run, ask only for the rows that failed. `tokens`, `usd`, `seconds`: what the
     attempt spent, for the run's account."""
 
-    def __init__(
-        self,
-        message: str,
-        tokens: int = 0,
-        usd: float = 0.0,
-        seconds: float = 0.0,
-        stopped: bool = False,
-    ):
+    def __init__(self, message: str, tokens: int = 0, usd: float = 0.0, seconds: float = 0.0):
         super().__init__(message)
         self.tokens, self.usd, self.seconds = tokens, usd, seconds
-        # The rows failed because the run was stopping (castore.jobctx.ABANDON): the
-        # batch is not done, and neither retried nor failed.
-        self.stopped = stopped
 
     def __reduce__(self) -> Any:  # from a process or Ray worker to the driver, whole
-        return (type(self), (str(self), self.tokens, self.usd, self.seconds, self.stopped))
+        return (type(self), (str(self), self.tokens, self.usd, self.seconds))
 
 
 class RunInterrupted(CastoreError):

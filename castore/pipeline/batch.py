@@ -447,10 +447,11 @@ def execute_batch(
         tables=cache,
         base=_base(step, slices, table),
     )
-    stopped = skipped is not None and jobctx.stopping()  # not failed: given up
-    if skipped is not None and (step.on_error != "skip" or stopped):
+    # A stopping run's batch is not done, whatever on_error says: its rows given up are
+    # asked by the next run (the executor reports it as stopped, not failed).
+    if skipped is not None and (step.on_error != "skip" or jobctx.stopping()):
         msg = f"{skipped}; the rows answered are kept and not asked again"
-        raise RowsFailed(msg, res.tokens, res.cost_usd, seconds, stopped=stopped)
+        raise RowsFailed(msg, res.tokens, res.cost_usd, seconds)
     return dataclasses.replace(
         res, skipped_error=skipped, entry_written=write_entry or skipped is not None
     )

@@ -510,8 +510,9 @@ class Scheduler(Leasing):
     def drain(self, grace: float) -> None:
         """After Ctrl+C: no new batches; wait up to `grace` seconds for those in flight.
         Then, or at a second Ctrl+C (which sets `cancel`), batches in flight give up their
-        LLM requests: their answered rows are stored and kept (row-wise steps), which
-        takes a moment (up to GIVE_UP seconds is waited for); other work is abandoned."""
+        LLM requests: their answered rows are stored by key (row-wise steps; any step's
+        answers are in the run's journal, castore.answers), which takes a moment (up to
+        GIVE_UP seconds is waited for); other work is abandoned."""
         log.warning(
             "stopping: no new batches; waiting up to %.0fs for %d in flight (Ctrl+C again "
             "to cancel them)",
