@@ -157,23 +157,23 @@ class Answers:
             if path == self.path:
                 continue
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                f = open(path, "rb")
             except (FileNotFoundError, IsADirectoryError):
                 continue
-            at = 0
-            end = data.rfind(b"\n") + 1  # a torn last line is not an answer
-            while at < end:
-                nl = data.index(b"\n", at)
-                if nl - at > 66 and data[at + 64 : at + 65] == b" ":
-                    key = data[at : at + 64].decode("ascii", "replace")
-                    if data[at + 65 : at + 66] == b"{":
-                        with contextlib.suppress(ValueError, TypeError, KeyError):
-                            gone = json.loads(data[at + 65 : nl])["taken_back"]
-                            taken_back.setdefault(key, []).append(str(gone))
-                    else:
-                        found.setdefault(key, []).append((path, at + 65, nl - at - 65))
-                at = nl + 1
+            with f:
+                at = 0
+                for line in f:  # a journal can be as large as its run's answers
+                    n = len(line)
+                    # A torn last line (no newline) is not an answer.
+                    if n > 67 and line[64:65] == b" " and line.endswith(b"\n"):
+                        key = line[:64].decode("ascii", "replace")
+                        if line[65:66] == b"{":
+                            with contextlib.suppress(ValueError, TypeError, KeyError):
+                                gone = json.loads(line[65:])["taken_back"]
+                                taken_back.setdefault(key, []).append(str(gone))
+                        else:
+                            found.setdefault(key, []).append((path, at + 65, n - 66))
+                    at += n
         for key, digests in taken_back.items():
             places = found.get(key, [])
             for digest in digests:
