@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from castore.store import Store
 
 PREFIX = "answers-"
+log = logging.getLogger("castore.run")
 
 
 def request_key(url: str, body: dict[str, Any]) -> str | None:
@@ -100,6 +102,7 @@ class Answers:
         self._found: dict[str, list[tuple[str, int, int]]] | None = None
         self.used: set[str] = set()  # the other journals whose answers were used (paths)
         self.reused = 0
+        self._told = False  # a failed write was logged
 
     def record(self, key: str, text: str) -> str:
         """An answer that came: appended whole (one write on an O_APPEND descriptor). A
@@ -111,12 +114,22 @@ class Answers:
 
     def _append(self, line: bytes) -> None:
         view = memoryview(line)
-        with self._lock, contextlib.suppress(OSError):
-            if self._fd is None:
-                os.makedirs(self.folder, exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            while view:
-                view = view[os.write(self._fd, view) :]
+        with self._lock:
+            try:
+                if self._fd is None:
+                    os.makedirs(self.folder, exist_ok=True)
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as e:
+                if not self._told:  # once: the requests go on, only the safety net is off
+                    self._told = True
+                    log.warning(
+                        "cannot write the LLM answers journal %s (%s): a kill -9 of this run "
+                        "would lose the answers of its batches in flight",
+                        self.path,
+                        e.strerror or e,
+                    )
 
     def retract(self, token: str) -> None:
         """Take back the answer of `token` (the row it gave failed): the next run asks

@@ -4,6 +4,7 @@ by the next run's exact request, each answer used once; torn lines are not answe
 from __future__ import annotations
 
 import os
+import shutil
 
 from castore.answers import Answers, request_key
 from castore.store import Store
@@ -86,3 +87,18 @@ def test_an_answer_taken_back_is_not_given_again_whichever_journal_holds_it(tmp_
     third.retract(token)
     third.close(finished=False)
     assert text_of(Answers(store, "d-run", "s" * 64).recovered(key)) == "good"
+
+
+def test_a_journal_that_cannot_be_written_is_said_once_and_fails_nothing(tmp_path, caplog):
+    store = Store(tmp_path / "c")
+    tmp = store.layout.dir("tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with open(tmp, "w") as f:  # tmp/ is a file: nothing can be created in it
+        f.write("x")
+    answers = Answers(store, "run", "s" * 64)
+    key = request_key("u", {"q": 1})
+    assert key
+    for _ in range(3):
+        answers.record(key, "answer")
+    said = [r for r in caplog.records if "cannot write the LLM answers journal" in r.message]
+    assert len(said) == 1 and "kill -9" in said[0].message
