@@ -60,7 +60,7 @@ class Generation(BaseModel):
     attempts: int = 1
     # This answer's token in the run's journal of answers (castore.answers), so a step
     # that finds it unusable can take it back.
-    request: str | None = Field(default=None, exclude=True, repr=False)
+    answer_token: str | None = Field(default=None, exclude=True, repr=False)
 
 
 class Prices(BaseModel):
@@ -337,12 +337,12 @@ async def _through(
         with contextlib.suppress(Unusable):
             gen = parse(kept[0])
             if gen is not None:
-                gen.attempts, gen.request = 0, kept[1]  # 0: no request sent
+                gen.attempts, gen.answer_token = 0, kept[1]  # 0: no request sent
                 return gen
     tokens: list[str] = []
     got = await post(on_answer=lambda text: tokens.append(answers.record(request, text)))
     if isinstance(got, Generation) and tokens:
-        got.request = tokens[-1]
+        got.answer_token = tokens[-1]
     return got
 
 

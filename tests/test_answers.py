@@ -102,3 +102,22 @@ def test_a_journal_that_cannot_be_written_is_said_once_and_fails_nothing(tmp_pat
         answers.record(key, "answer")
     said = [r for r in caplog.records if "cannot write the LLM answers journal" in r.message]
     assert len(said) == 1 and "kill -9" in said[0].message
+
+
+def test_a_damaged_answer_is_not_given(tmp_path):
+    """A journal line whose body no longer hashes to its digest (a flipped byte that
+    still parses) is skipped, and the next answer of that key is given instead."""
+    store = Store(tmp_path / "c")
+    key = request_key("u", {"q": 1})
+    assert key
+    dead = Answers(store, "dead", "s" * 64)
+    dead.record(key, "yes")
+    dead.record(key, "second")
+    dead.close(finished=False)
+    with open(dead.path, "rb") as f:
+        data = f.read()
+    with open(dead.path, "wb") as f:
+        f.write(data.replace(b'"yes"', b'"yas"', 1))
+    mine = Answers(store, "next", "s" * 64)
+    assert text_of(mine.recovered(key)) == "second" and mine.recovered(key) is None
+    assert mine.reused == 1

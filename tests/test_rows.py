@@ -603,8 +603,8 @@ class Stopping:
         stopped runs left (the server's echo: "answer(m): <prompt reversed>")."""
         out = set()
         for journal in (self.cache / "tmp").glob("answers-*"):
-            for line in journal.read_bytes().splitlines():
-                body = json.loads(json.loads(line[65:]))
+            for line in journal.read_bytes().splitlines():  # <key> <digest> <body>
+                body = json.loads(json.loads(line.split(b" ", 2)[2]))
                 out.add(body["choices"][0]["message"]["content"].split(": ", 1)[1][::-1])
         return out
 

@@ -84,8 +84,8 @@ class _LLMTask(Step):
                     continue
                 except AnswerUnusable as e:  # paid for: kept in the metadata, row failed
                     answers = jobctx.ANSWERS.get()
-                    if answers is not None and res.request is not None:
-                        answers.retract(res.request)  # the next run asks again
+                    if answers is not None and res.answer_token is not None:
+                        answers.retract(res.answer_token)  # the next run asks again
                     errors.append(
                         f"{e} (the answer is kept in {METADATA_COLUMN}; on_error='skip' goes "
                         "on with None for such rows, and the next run asks for them again)"
