@@ -17,11 +17,16 @@ stored. The next run sends none of those requests again (docs/resume.md).
 - An answer a step found unusable (a row that failed with it, to be asked again) is
   taken back: a line `<key> <its digest> !` cancels that answer, in whichever journal
   holds it.
+- A journal is written in segments (`…-<run id>`, then `…-<run id>.1`, `.2`, …) of about
+  SEGMENT_BYTES each. A batch stored whole (its action entry written) needs none of its
+  answers any more: a segment every batch of which is stored so is removed while the
+  run goes on, so `tmp/` holds about the answers of the batches in flight (and of
+  batches that failed), not the whole run's, and a resume after kill -9 reads only those.
 - A run that finishes removes its own journal (every answer is in a stored batch), the
   journals of dead runs of the same pipeline (its batches are all stored now), and
   those of other dead runs whose answers it used; an interrupted or failed run keeps
-  its own for the next. `cas gc` removes any after the grace period, as everything else
-  in `tmp/`.
+  what is left of its own for the next. `cas gc` removes the journals of runs no longer
+  alive after the grace period, as everything else in `tmp/`.
 - Threads only (the default executor): a process or Ray worker's requests are not
   journaled.
 """
@@ -45,6 +50,12 @@ if TYPE_CHECKING:
     from castore.store import Store
 
 PREFIX = "answers-"
+# About this many bytes per segment of a journal (~400 chat answers of 2 kB with their
+# JSON envelope): tmp/ then holds the segments of the batches in flight and the one being
+# written. benchmarks/bench_answers.py: 10,000 answers, 4 batches of 50 in flight, peak
+# 1.3 MB with 1 MiB segments, 8.6 MB with 8 MiB, 23.9 MB (all of them) without segments,
+# at the same speed. A new file every ~400 answers costs nothing measurable.
+SEGMENT_BYTES = 1 << 20
 log = logging.getLogger("castore.run")
 
 
@@ -67,13 +78,18 @@ def kept_answers(store: Store, signature: str) -> int:
 
 
 def _journals(store: Store, prefix: str = PREFIX) -> list[tuple[str, str]]:
-    """(path, run id) of the journals whose names start with `prefix`."""
+    """(path, run id) of the journal segments whose names start with `prefix`."""
     folder = store.layout.dir(L.TMP)
     try:
         names = sorted(n for n in os.listdir(folder) if n.startswith(prefix))
     except FileNotFoundError:
         return []
-    return [(os.path.join(folder, n), n[len(PREFIX) :].partition("-")[2]) for n in names]
+    return [(os.path.join(folder, n), run_of(n)) for n in names]
+
+
+def run_of(name: str) -> str:
+    """The run id in a journal segment's file name (`answers-<sig>-<run id>[.<n>]`)."""
+    return name[len(PREFIX) :].partition("-")[2].partition(".")[0]
 
 
 # `<64 hex key> <32 hex digest> ` before a line's body, then "\n".
@@ -123,8 +139,14 @@ class Answers:
         self.store, self.run_id = store, run_id
         self.folder = store.layout.dir(L.TMP)
         self.mine = f"{PREFIX}{signature}-"  # this pipeline's journals
-        self.path = os.path.join(self.folder, self.mine + run_id)
-        self._fd: int | None = None  # opened by the first answer
+        self.path = os.path.join(self.folder, self.mine + run_id)  # its first segment
+        self._fd: int | None = None  # opened by the segment's first answer
+        self._segment = 0  # the segment written now
+        self._written = 0  # bytes in it
+        # segment -> batches that wrote into it and are not stored yet; a segment a batch
+        # wrote into and did not store whole is kept (the next run may need its answers).
+        self._pinned: dict[int, int] = {}
+        self._kept: set[int] = set()
         self._lock = threading.Lock()
         # key -> where its answers are (path, digest, at, length), each used once: equal
         # requests (num_generations, equal rows) are samples of their own, not one answer
@@ -134,22 +156,37 @@ class Answers:
         self.reused = 0
         self._told = False  # a failed write was logged
 
-    def record(self, key: str, text: str) -> str:
+    def segment_path(self, n: int) -> str:
+        return self.path if n == 0 else f"{self.path}.{n}"
+
+    def batch(self) -> BatchAnswers:
+        """The journal as one batch uses it (jobctx.ANSWERS): `done()` says whether the
+        batch was stored whole, which frees the segments holding its answers."""
+        return BatchAnswers(self)
+
+    def record(self, key: str, text: str, batch: BatchAnswers | None = None) -> str:
         """An answer that came: appended whole (one write on an O_APPEND descriptor). A
         journal that cannot be written is not a reason to fail the request. Returns the
         answer's token, for `retract`."""
         body = json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
         digest = _digest(body)
-        self._append(f"{key} {digest} ".encode() + body + b"\n")
+        self._append(f"{key} {digest} ".encode() + body + b"\n", batch)
         return f"{key}:{digest}"
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, line: bytes, batch: BatchAnswers | None) -> None:
         view = memoryview(line)
         with self._lock:
+            n = self._segment
+            if batch is not None and n not in batch.segments:
+                batch.segments.add(n)
+                self._pinned[n] = self._pinned.get(n, 0) + 1
+            elif batch is None:
+                self._kept.add(n)  # no batch says when its answers are stored
             try:
                 if self._fd is None:
                     os.makedirs(self.folder, exist_ok=True)
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                    self._fd = os.open(self.segment_path(n), flags, 0o600)
                 while view:
                     view = view[os.write(self._fd, view) :]
             except OSError as e:
@@ -158,15 +195,40 @@ class Answers:
                     log.warning(
                         "cannot write the LLM answers journal %s (%s): a kill -9 of this run "
                         "would lose the answers of its batches in flight",
-                        self.path,
+                        self.segment_path(n),
                         e.strerror or e,
                     )
+                return
+            self._written += len(line)
+            if self._written >= SEGMENT_BYTES:  # the next answer starts a new segment
+                os.close(self._fd)
+                self._fd, self._segment, self._written = None, n + 1, 0
+                self._drop_if_done(n)
 
-    def retract(self, token: str) -> None:
+    def _drop_if_done(self, n: int) -> None:
+        """Remove segment `n` if it is written and every batch that wrote into it is
+        stored whole (under the lock)."""
+        if n != self._segment and not self._pinned.get(n) and n not in self._kept:
+            self._pinned.pop(n, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.segment_path(n))
+
+    def done(self, batch: BatchAnswers, *, stored: bool) -> None:
+        """`batch` ended; `stored`: whole, its action entry written, so none of its
+        answers is needed again."""
+        with self._lock:
+            for n in batch.segments:
+                self._pinned[n] -= 1
+                if not stored:
+                    self._kept.add(n)
+                self._drop_if_done(n)
+            batch.segments.clear()
+
+    def retract(self, token: str, batch: BatchAnswers | None = None) -> None:
         """Take back the answer of `token` (the row it gave failed): the next run asks
         again instead of being given it."""
         key, _, digest = token.partition(":")
-        self._append(f"{key} {digest} ".encode() + _TAKEN_BACK + b"\n")
+        self._append(f"{key} {digest} ".encode() + _TAKEN_BACK + b"\n", batch)
 
     def recovered(self, key: str) -> tuple[str, str] | None:
         """An answer another run's journal holds for `key` and its token, or None."""
@@ -181,7 +243,7 @@ class Answers:
                 path, digest, start, size = places.pop(0)
             body = _read(path, start, size)
             if body is None or _digest(body) != digest:
-                continue  # damaged: not the answer it was
+                continue  # damaged, or its run removed it: not the answer it was
             try:
                 text = json.loads(body)
             except ValueError:
@@ -197,8 +259,8 @@ class Answers:
         found: dict[str, list[tuple[str, str, int, int]]] = {}
         # Applied once every answer is read: any journal may hold the answer taken back.
         taken_back: list[tuple[str, str]] = []
-        for path, _run in _journals(self.store):
-            if path == self.path:
+        for path, run in _journals(self.store):
+            if run == self.run_id:
                 continue
             for key, digest, at, size, body in _entries(path):
                 if body is None:
@@ -224,11 +286,32 @@ class Answers:
             if not finished:
                 return
             for path, run_id in _journals(self.store):
-                if path != self.path and not (
+                if run_id != self.run_id and not (
                     os.path.basename(path).startswith(self.mine) or path in self.used
                 ):
                     continue
-                if path != self.path and live_lock(self.store.layout.run_lock_path(run_id)):
+                if run_id != self.run_id and live_lock(self.store.layout.run_lock_path(run_id)):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+
+class BatchAnswers:
+    """The run's journal as one batch computed on a thread uses it (jobctx.ANSWERS): the
+    segments its answers went to stay until it is stored whole."""
+
+    def __init__(self, answers: Answers) -> None:
+        self.answers = answers
+        self.segments: set[int] = set()
+
+    def record(self, key: str, text: str) -> str:
+        return self.answers.record(key, text, self)
+
+    def retract(self, token: str) -> None:
+        self.answers.retract(token, self)
+
+    def recovered(self, key: str) -> tuple[str, str] | None:
+        return self.answers.recovered(key)
+
+    def done(self, *, stored: bool) -> None:
+        self.answers.done(self, stored=stored)

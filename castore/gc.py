@@ -261,13 +261,22 @@ def _plan_packs(store: Store, plan: GcPlan, entries: dict[str, ActionEntry | Non
 
 
 def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
+    from castore import answers
+
     with contextlib.suppress(FileNotFoundError):
         for e in os.scandir(store.layout.dir(L.TMP)):
             with contextlib.suppress(FileNotFoundError):
                 st = e.stat(follow_symlinks=False)
-                if st.st_mtime <= cutoff:
-                    plan.tmp_removed.append(e.name)
-                    plan.tmp_bytes += st.st_size
+                if st.st_mtime > cutoff:
+                    continue
+                # A live run's journal segment holding the answers of a batch that failed
+                # is old without being left over: its run still counts on it.
+                if e.name.startswith(answers.PREFIX) and live_lock(
+                    store.layout.run_lock_path(answers.run_of(e.name))
+                ):
+                    continue
+                plan.tmp_removed.append(e.name)
+                plan.tmp_bytes += st.st_size
 
 
 def _orphan_run_dirs(

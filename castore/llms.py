@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from castore import jobctx
-from castore.answers import Answers, request_key
+from castore.answers import BatchAnswers, request_key
 from castore.errors import LLMError, LLMRefused, LLMUnreachable, RequestAbandoned
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ class OpenAILLM(BaseModel):
 
 
 async def _through(
-    answers: Answers, request: str, parse: Any, post: Callable[..., Awaitable[Any]]
+    answers: BatchAnswers, request: str, parse: Any, post: Callable[..., Awaitable[Any]]
 ) -> Any:
     """`post()` through the run's `answers` (castore.answers): an answer a killed run
     received for this exact `request` is used instead of sending it again, and each

@@ -121,3 +121,58 @@ def test_a_damaged_answer_is_not_given(tmp_path):
     mine = Answers(store, "next", "s" * 64)
     assert text_of(mine.recovered(key)) == "second" and mine.recovered(key) is None
     assert mine.reused == 1
+
+
+def test_a_segment_goes_once_every_batch_that_wrote_into_it_is_stored(tmp_path, monkeypatch):
+    """A journal is cut into segments; one whose batches are all stored whole is removed
+    while the run goes on, one a batch that failed wrote into stays for the next run."""
+    from castore import answers as answers_module
+    from castore.answers import kept_answers
+
+    monkeypatch.setattr(answers_module, "SEGMENT_BYTES", 200)
+    store = Store(tmp_path / "c")
+    keys = [request_key("u", {"q": i}) for i in range(4)]
+    assert all(keys)
+    run = Answers(store, "run", "s" * 64)
+    failing, stored, late = run.batch(), run.batch(), run.batch()
+    failing.record(keys[0], "a" * 150)  # fills segment 0: the next answer opens segment 1
+    stored.record(keys[1], "b" * 150)  # segment 1
+    late.record(keys[2], "c" * 150)  # segment 2
+    segments = [run.segment_path(n) for n in range(3)]
+    assert all(map(os.path.exists, segments))
+    stored.done(stored=True)
+    assert not os.path.exists(segments[1])  # its answers are in a stored batch
+    failing.done(stored=False)  # its answers may be needed: kept
+    late.record(keys[3], "d")  # segment 3, still being written
+    late.done(stored=True)
+    assert [os.path.exists(p) for p in segments] == [True, False, False]
+    run.close(finished=False)  # killed, say: what is left is what the next run can use
+    assert kept_answers(store, "s" * 64) == 1 + 1  # segment 0's and segment 3's
+    nxt = Answers(store, "next", "s" * 64)
+    assert text_of(nxt.recovered(keys[0])) == "a" * 150
+    assert nxt.recovered(keys[1]) is None and nxt.recovered(keys[2]) is None
+    assert text_of(nxt.recovered(keys[3])) == "d"
+    nxt.close(finished=True)  # the pipeline finished: every segment of the dead run goes
+    assert not list((tmp_path / "c" / "tmp").glob("answers-*"))
+
+
+def test_gc_keeps_a_live_runs_old_segments(tmp_path):
+    """A segment kept for a failed batch ages while its run goes on: gc leaves it to the
+    run (it removes a dead run's after the grace period, as any leftover in tmp/)."""
+    from castore.gc import collect
+
+    store = Store(tmp_path / "c")
+    key = request_key("u", {"q": 1})
+    assert key
+    lock = store.run_lock("live-run", {})
+    lock.acquire()
+    live = Answers(store, "live-run", "s" * 64)
+    batch = live.batch()
+    batch.record(key, "answer")
+    batch.done(stored=False)
+    os.utime(live.path, (1, 1))  # older than any grace period
+    collect(store, grace=0)
+    assert os.path.exists(live.path)
+    lock.release()
+    collect(store, grace=0)
+    assert not os.path.exists(live.path)

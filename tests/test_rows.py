@@ -584,16 +584,18 @@ class Stopping:
     resumed_from = fresh_from = 0  # the server's request counts at the resume, and after
 
     @classmethod
-    def start(cls, tmp_path: Path, server: Any, *args: str) -> Stopping:
+    def start(
+        cls, tmp_path: Path, server: Any, *args: str, source: str = STOPPING_SCRIPT, until: int = 30
+    ) -> Stopping:
         from tests.conftest import start_cas
 
         script = tmp_path / "stopping.py"
-        script.write_text(STOPPING_SCRIPT)
+        script.write_text(source)
         env = {"TEST_LLM_URL": server.base_url, "OPENAI_API_KEY": "sk-test-secret"}
         cache = tmp_path / "c"
         proc = start_cas("run", str(script), *args, cache_dir=cache, env=env)
         deadline = time.monotonic() + 60
-        while server.requests < 30 and time.monotonic() < deadline:
+        while server.requests < until and time.monotonic() < deadline:
             assert proc.poll() is None
             time.sleep(0.01)
         return cls(proc, script, cache, env, server)
@@ -706,6 +708,45 @@ def test_kill_9_mid_llm_batches_then_resume_sends_no_answered_request_again(tmp_
         run.resume_equals_a_fresh_run(tmp_path)
         assert f"{n} LLM answers a stopped run received were used" in run.resumed.stderr
         run.never_asked_twice(answered)
+        assert not list((run.cache / "tmp").glob("answers-*"))
+    finally:
+        server.stop()
+
+
+def test_a_long_run_keeps_only_the_answers_of_batches_not_stored(tmp_path):
+    """The answers journal is cut into segments, and a segment whose batches are all
+    stored goes while the run goes on: kill -9 late in a run of twelve 10-row batches
+    leaves about the answers of the batches in flight, not the run's, and the resume
+    still pays again for none but those on the wire at the kill."""
+    import os
+    import signal
+
+    from tests.llm_server import LLMServer
+
+    source = (
+        "import castore.answers\n"
+        "castore.answers.SEGMENT_BYTES = 2048  # ~5 answers a segment\n"
+        + STOPPING_SCRIPT.replace("input_batch_size=40", "input_batch_size=10")
+    )
+    server = LLMServer(latency=0.05).start()
+    try:
+        run = Stopping.start(tmp_path, server, source=source, until=90)
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.proc.wait() == -signal.SIGKILL
+        asked = [b["messages"][-1]["content"] for b in server.bodies]
+        assert len(set(asked)) >= 90
+        left = run.answered()
+        # two 10-row batches in flight, and the segments they share with stored ones
+        assert len(left) <= 40, len(left)
+        assert len(list((run.cache / "tmp").glob("answers-*"))) >= 1
+        run.resume_equals_a_fresh_run(tmp_path)
+        resumed = [b["messages"][-1]["content"] for b in server.bodies][
+            run.resumed_from : run.fresh_from
+        ]
+        assert len(resumed) == len(set(resumed))
+        assert set(asked) | set(resumed) == {f"q {i}" for i in range(120)}
+        assert not left & set(resumed)
+        assert len(set(asked) & set(resumed)) <= 4  # on the wire at the kill
         assert not list((run.cache / "tmp").glob("answers-*"))
     finally:
         server.stop()

@@ -200,6 +200,8 @@ class ThreadExecutor:
             slot.acquire()
             t0 = time.perf_counter()  # the batch's own time, not its wait for the slot
             held = True
+            answers = self._answers.batch() if self._answers is not None else None
+            stored = False  # whole, its entry written: its answers are needed no more
 
             def computed() -> None:
                 nonlocal held
@@ -214,7 +216,7 @@ class ThreadExecutor:
                     self._events.put(BatchNotStarted(task))
                     return
                 jobctx.ABANDON.set(self.abandon)  # in this task's own context
-                jobctx.ANSWERS.set(self._answers)
+                jobctx.ANSWERS.set(answers)
                 res = execute_batch(
                     self._store,
                     task.step,
@@ -224,6 +226,7 @@ class ThreadExecutor:
                     rows=task.rows,
                     computed=computed,
                 )
+                stored = res.skipped_error is None
             except BaseException as e:  # the scheduler decides: retry, skip or fail
                 if inline and isinstance(e, KeyboardInterrupt):
                     self._events.put(BatchNotStarted(task))  # on the driver: the run stops
@@ -234,6 +237,8 @@ class ThreadExecutor:
             finally:
                 if held:
                     slot.release()
+                if answers is not None:
+                    answers.done(stored=stored)
                 quick = time.perf_counter() - t0 < gil.QUICK
                 self._quick[name] = self._quick.get(name, 0) + 1 if quick else 0
             self._events.put(BatchDone(task, res))
