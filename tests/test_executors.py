@@ -279,3 +279,37 @@ def test_the_switch_interval_is_short_while_runs_are_live(store):
             assert sys.getswitchinterval() == SWITCH_INTERVAL / 2
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_pace_of_a_step_waiting_for_the_gil_keeps_it_on_the_driver():
+    """A batch is quick by its wall time, or by its thread's CPU time when its wall time
+    is under gil.WAITING (the rest was a wait for the GIL, or short I/O); a step sent back
+    to threads needs twice as many quick batches to return each time."""
+    from castore.pipeline.gil import QUICK, QUICK_AFTER, WAITING, Pace
+
+    pace = Pace()
+    for _ in range(QUICK_AFTER):
+        assert not pace.inline
+        pace.took(2 * QUICK, QUICK / 3, inline=False)  # on a thread, waiting for the GIL
+    assert pace.inline
+    pace.took(1.5 * QUICK, QUICK / 2, inline=True)  # on the driver, the loader held the GIL
+    assert pace.inline
+    pace.took(16 * QUICK, 15 * QUICK, inline=True)  # a garbage collection: back to a thread
+    assert not pace.inline
+    for _ in range(2 * QUICK_AFTER - 1):
+        pace.took(QUICK / 2, QUICK / 2, inline=False)
+    assert not pace.inline
+    pace.took(QUICK / 2, QUICK / 2, inline=False)
+    assert pace.inline
+    waiting = Pace()  # I/O for longer than WAITING: never on the driver, however idle
+    for _ in range(50):
+        waiting.took(WAITING * 1.2, QUICK / 10, inline=False)
+    assert not waiting.inline
+
+
+def test_a_step_waiting_on_io_stays_on_threads(store, where, monkeypatch):
+    monkeypatch.setattr("castore.pipeline.gil.QUICK", 0.005)
+    where.slow = set(range(20))  # each batch sleeps 0.3 s: no CPU, but long
+    traced_pipeline(n=30).run(cache_dir=store.root, quiet=True)
+    assert len(where.threads) == 6
+    assert all(t.startswith("castore-worker") for t in where.threads)

@@ -8,6 +8,7 @@ interpreter exit, which is how a second Ctrl+C ends up hanging on a stuck LLM ca
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import functools
 import os
@@ -173,7 +174,8 @@ class ThreadExecutor:
         # A thread for every batch the scheduler lets be in flight: none waits for one.
         self._pool = ThreadWorkers(min(sum(map(self.inflight, concurrency)), 256))
         self._slots: dict[str, threading.BoundedSemaphore] = {}
-        self._quick: dict[str, int] = {}  # per step: its last batches in a row under gil.QUICK
+        # per step: on the driver's thread or not
+        self._pace: collections.defaultdict[str, gil.Pace] = collections.defaultdict(gil.Pace)
         self._inline_ok = not gil.loop_running()  # made on the driver's thread
 
     def inflight(self, concurrency: int) -> int:
@@ -189,16 +191,14 @@ class ThreadExecutor:
         slot = self._slots.get(name)
         if slot is None:
             slot = self._slots[name] = threading.BoundedSemaphore(task.step.concurrency)
-        inline = (
-            self._inline_ok
-            and self._quick.get(name, 0) >= gil.QUICK_AFTER
-            and gil.may_run_inline(task.step)
-        )
+        pace = self._pace[name]
+        inline = self._inline_ok and pace.inline and gil.may_run_inline(task.step)
 
         def work() -> None:
             b = task.batch
             slot.acquire()
             t0 = time.perf_counter()  # the batch's own time, not its wait for the slot
+            c0 = time.thread_time()
             held = True
             answers = self._answers.batch() if self._answers is not None else None
             stored = False  # whole, its entry written: its answers are needed no more
@@ -239,8 +239,7 @@ class ThreadExecutor:
                     slot.release()
                 if answers is not None:
                     answers.done(stored=stored)
-                quick = time.perf_counter() - t0 < gil.QUICK
-                self._quick[name] = self._quick.get(name, 0) + 1 if quick else 0
+                pace.took(time.perf_counter() - t0, time.thread_time() - c0, inline=inline)
             self._events.put(BatchDone(task, res))
 
         if inline:  # in a copy of the context, as on a worker

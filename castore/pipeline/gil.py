@@ -19,10 +19,44 @@ if TYPE_CHECKING:
 # handing a batch to a worker and back is two GIL hand-offs and a wake-up, which for a
 # filter or a formatter costs more than its work (bench_overhead's 0-ms anchor: 1.33 ->
 # 1.19 s median, 1,200 batch-steps). A slower batch sends the step back to a thread, so the
-# driver is held up by one such batch at most. Never for LLM steps (their time is the
+# driver is held up by one such batch at a time. Never for LLM steps (their time is the
 # provider's), nor while the driver's thread runs an event loop (a notebook's: `process`
 # calling asyncio.run() there would fail).
 QUICK, QUICK_AFTER = 0.005, 3
+# Much of a batch's wall time can be its wait for the GIL: on a worker thread, for the
+# driver (the anchor's: 6-7 ms median for 1.9 ms of CPU, 60-70 % of them over QUICK); on
+# the driver, for the loader's thread (5-8 ms for 2 ms). So a batch is also quick when its
+# thread's CPU time is under QUICK and its wall time under WAITING (a step that waits on
+# I/O for longer never runs on the driver; one that waits less may, holding the driver up
+# by under WAITING a batch). Judged by wall time alone, such waits sent a step back to
+# threads again and again, in one run in three for most of it (bench_overhead's anchor:
+# 1.2-1.3 s -> 1.6-1.8 s). Each time a step is sent back (a garbage collection of 70-80
+# ms), it needs twice as many quick batches to return.
+WAITING = 3 * QUICK
+_MAX_NEED = QUICK_AFTER << 6
+
+
+class Pace:
+    """Whether one step's batches run on the driver's thread, from how its last ones went."""
+
+    __slots__ = ("need", "quick")
+
+    def __init__(self) -> None:
+        self.quick = 0  # quick batches in a row
+        self.need = QUICK_AFTER  # how many bring the step to the driver
+
+    @property
+    def inline(self) -> bool:
+        return self.quick >= self.need
+
+    def took(self, wall: float, cpu: float, *, inline: bool) -> None:
+        """A batch took `wall` seconds, `cpu` of them computing on its thread."""
+        if wall < QUICK or (cpu < QUICK and wall < WAITING):
+            self.quick += 1
+            return
+        if inline:
+            self.need = min(2 * self.need, _MAX_NEED)
+        self.quick = 0
 
 
 def may_run_inline(step: _Step) -> bool:
