@@ -89,7 +89,21 @@ def test_resume_nothing(fast, tmp_path):
             "pipeline:\n  name: x\n  steps:\n    - name: a\n      type: castore.steps:Nope\n",
             "unknown step type",
         ),
-        ("- just\n- a list\n", "pipeline YAML lacks"),
+        ("- just\n- a list\n", "pipeline YAML: the document is a list, not a mapping"),
+        # Hand-written shapes: where, and what is expected, not a Python error.
+        ("pipeline:\n  steps: []\n", "pipeline YAML: pipeline.name: Field required"),
+        ("pipeline:\n  name: x\n  steps: [1]\n", "pipeline.steps.0 is a number, not a mapping"),
+        ("pipeline:\n  name: x\n  steps:\n    - name: a\n", "steps.0.type: Field required"),
+        (
+            "pipeline:\n  name: x\n  steps:\n    - {name: a, type: 'castore.steps:KeepColumns',"
+            " params: [1]}\n",
+            "pipeline.steps.0.params is a list, not a mapping",
+        ),
+        (
+            "pipeline:\n  name: x\n  steps: []\n  connections: [x]\n",
+            "pipeline.connections.0 is a string, not a mapping",
+        ),
+        ("pipeline:\n  name: x\n  steps: []\n  connections: [{to: [a]}]\n", "connections.0.from"),
     ],
 )
 def test_bad_yaml(tmp_path, content, needle):

@@ -166,7 +166,7 @@ class Traced(Step):
         call = len(Where.threads)
         Where.threads.append(threading.current_thread().name)
         if call in Where.slow:
-            time.sleep(0.3)  # over gil.QUICK: back to a thread
+            time.sleep(0.5)  # over gil.WAITING: back to a thread
         if call in Where.fail:
             Where.fail.discard(call)
             raise SystemExit(3)  # a failed batch on a worker: so too on the driver's thread
@@ -177,6 +177,7 @@ class Traced(Step):
 def where(monkeypatch):
     # Quick by a wide margin, so a busy test machine does not make a batch "slow".
     monkeypatch.setattr("castore.pipeline.gil.QUICK", 0.2)
+    monkeypatch.setattr("castore.pipeline.gil.WAITING", 0.3)
     Where.threads, Where.slow, Where.fail = [], set(), set()
     return Where
 
@@ -307,9 +308,8 @@ def test_the_pace_of_a_step_waiting_for_the_gil_keeps_it_on_the_driver():
     assert not waiting.inline
 
 
-def test_a_step_waiting_on_io_stays_on_threads(store, where, monkeypatch):
-    monkeypatch.setattr("castore.pipeline.gil.QUICK", 0.005)
-    where.slow = set(range(20))  # each batch sleeps 0.3 s: no CPU, but long
+def test_a_step_waiting_on_io_stays_on_threads(store, where):
+    where.slow = set(range(20))  # each batch sleeps 0.5 s: no CPU, but long
     traced_pipeline(n=30).run(cache_dir=store.root, quiet=True)
     assert len(where.threads) == 6
     assert all(t.startswith("castore-worker") for t in where.threads)

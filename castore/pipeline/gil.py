@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 QUICK, QUICK_AFTER = 0.005, 3
 # Much of a batch's wall time can be its wait for the GIL: on a worker thread, for the
 # driver (the anchor's: 6-7 ms median for 1.9 ms of CPU, 60-70 % of them over QUICK); on
-# the driver, for the loader's thread (5-8 ms for 2 ms). So a batch is also quick when its
+# the driver, for the loader's thread (5-8 ms for 2 ms). So a batch is quick when its
 # thread's CPU time is under QUICK and its wall time under WAITING (a step that waits on
 # I/O for longer never runs on the driver; one that waits less may, holding the driver up
 # by under WAITING a batch). Judged by wall time alone, such waits sent a step back to
@@ -51,7 +51,7 @@ class Pace:
 
     def took(self, wall: float, cpu: float, *, inline: bool) -> None:
         """A batch took `wall` seconds, `cpu` of them computing on its thread."""
-        if wall < QUICK or (cpu < QUICK and wall < WAITING):
+        if cpu < QUICK and wall < WAITING:
             self.quick += 1
             return
         if inline:

@@ -27,6 +27,7 @@ from castore.pipeline.step import (
     GlobalStep,
     _Step,
 )
+from castore.pipeline.yamldoc import check_shape
 from castore.store.layout import validate_name
 
 if TYPE_CHECKING:
@@ -304,11 +305,9 @@ class Pipeline:
     @classmethod
     def from_dict(cls, doc: Any, store: Store | None = None) -> Pipeline:
         _refuse_distilabel_yaml(doc)
-        try:
-            p = doc["pipeline"]
-            steps, conns = p["steps"], p.get("connections") or []
-        except (TypeError, KeyError) as e:
-            raise ConfigError(f"pipeline YAML lacks {e}: expected pipeline.name/steps") from None
+        check_shape(doc)
+        p = doc["pipeline"]
+        steps, conns = p["steps"], p.get("connections") or []
         pipeline = cls(name=p["name"], description=p.get("description"))
         with pipeline:
             for s in steps:
