@@ -172,7 +172,7 @@ def run_options(f: Any) -> Any:
     )(f)
     f = click.option(
         "--grace",
-        type=float,
+        type=click.FloatRange(min=0),
         default=30.0,
         show_default=True,
         help="Seconds to wait for in-flight batches after Ctrl+C.",

@@ -114,6 +114,16 @@ def test_bad_yaml(tmp_path, content, needle):
 
 def test_bad_targets_and_params(fast, tmp_path):
     cache = tmp_path / "c"
+    r = cas_inproc("run", str(fast), "--grace", "-1", cache_dir=cache)
+    assert r.returncode == 2 and "'--grace': -1.0 is not in the range x>=0" in r.stderr
+    from castore import Pipeline
+    from castore.errors import ConfigError
+    from castore.steps import LoadDataFromDicts
+
+    with Pipeline(name="g") as p:
+        LoadDataFromDicts(data=[{"a": 1}])
+    with pytest.raises(ConfigError, match="stop_grace must be a number of seconds >= 0"):
+        p.run(cache_dir=cache, stop_grace=-1)
     one_error_line(
         cas_inproc("run", str(tmp_path / "missing.py"), cache_dir=cache), "does not exist"
     )

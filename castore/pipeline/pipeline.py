@@ -304,7 +304,6 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, doc: Any, store: Store | None = None) -> Pipeline:
-        _refuse_distilabel_yaml(doc)
         check_shape(doc)
         p = doc["pipeline"]
         steps, conns = p["steps"], p.get("connections") or []
@@ -466,7 +465,7 @@ class Pipeline:
             # A library run's stored pipeline.yaml names paths relative to where it was
             # started: resume goes back there.
             target=o.get("target") or Target(kind="api", cwd=os.getcwd()),
-            stop_grace=o.get("stop_grace", 30.0),
+            stop_grace=_grace(o.get("stop_grace", 30.0)),
             remote=remote_obj,
             push=push,
             ray_address=o.get("ray_address"),
@@ -489,22 +488,10 @@ class RunOptions(TypedDict, total=False):
     ray_storage: str  # "store" | "remote": where Ray workers write ["store"]
 
 
-def _refuse_distilabel_yaml(doc: Any) -> None:
-    """distilabel's pipeline.yaml has another shape (and names distilabel's classes):
-    say what it is and what to run instead, rather than a KeyError about its fields."""
-    if not isinstance(doc, dict):
-        return
-    pipeline, meta = doc.get("pipeline"), doc.get("distilabel")
-    info = pipeline.get("type_info") if isinstance(pipeline, dict) else None
-    module = str(info.get("module", "")) if isinstance(info, dict) else ""
-    if meta is None and not module.startswith("distilabel"):
-        return
-    version = meta.get("version", "?") if isinstance(meta, dict) else "?"
-    raise ConfigError(
-        f"this is a distilabel pipeline.yaml (distilabel {version}); castore does not "
-        "load distilabel's serialized pipelines: run the script that built it with its "
-        "imports changed to castore.distilabel (`cas run script.py`), see docs/migrating.md"
-    )
+def _grace(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"stop_grace must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def load_step_class(type_path: str, file: str | None = None) -> type[_Step]:

@@ -1,7 +1,7 @@
 """The shape of a pipeline YAML (`cas run pipeline.yaml`, a stored run's recipe), checked
 before any of it is used: a hand-written file with a step that is not a mapping, or a
 connection without `from`, gets a line naming where and what is expected, not a Python
-error about `.get`."""
+error about `.get`; distilabel's own pipeline.yaml gets a line saying what to run instead."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class Doc(_Part):
 
 def check_shape(doc: Any) -> None:
     """ConfigError in one line unless `doc` has a pipeline YAML's shape."""
+    _refuse_distilabel_yaml(doc)
     try:
         Doc.model_validate(doc)
     except ValidationError as e:
@@ -61,3 +62,21 @@ def check_shape(doc: Any) -> None:
             got = _KINDS.get(type(first["input"]), "something else")
             raise ConfigError(f"pipeline YAML: {where} is {got}, not a mapping; {SHAPE}") from None
         raise ConfigError(f"pipeline YAML: {one_line(e)}; {SHAPE}") from None
+
+
+def _refuse_distilabel_yaml(doc: Any) -> None:
+    """distilabel's pipeline.yaml has another shape (and names distilabel's classes):
+    say what it is and what to run instead, rather than a KeyError about its fields."""
+    if not isinstance(doc, dict):
+        return
+    pipeline, meta = doc.get("pipeline"), doc.get("distilabel")
+    info = pipeline.get("type_info") if isinstance(pipeline, dict) else None
+    module = str(info.get("module", "")) if isinstance(info, dict) else ""
+    if meta is None and not module.startswith("distilabel"):
+        return
+    version = meta.get("version", "?") if isinstance(meta, dict) else "?"
+    raise ConfigError(
+        f"this is a distilabel pipeline.yaml (distilabel {version}); castore does not "
+        "load distilabel's serialized pipelines: run the script that built it with its "
+        "imports changed to castore.distilabel (`cas run script.py`), see docs/migrating.md"
+    )
