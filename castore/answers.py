@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -84,12 +85,22 @@ def _journals(store: Store, prefix: str = PREFIX) -> list[tuple[str, str]]:
         names = sorted(n for n in os.listdir(folder) if n.startswith(prefix))
     except FileNotFoundError:
         return []
-    return [(os.path.join(folder, n), run_of(n)) for n in names]
+    out = []
+    for n in names:
+        run = run_of(n)
+        if run is not None:  # else a stray file, not a journal castore wrote
+            out.append((os.path.join(folder, n), run))
+    return out
 
 
-def run_of(name: str) -> str:
-    """The run id in a journal segment's file name (`answers-<sig>-<run id>[.<n>]`)."""
-    return name[len(PREFIX) :].partition("-")[2].partition(".")[0]
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def run_of(name: str) -> str | None:
+    """The run id in a journal segment's file name (`answers-<sig>-<run id>[.<n>]`), or
+    None for a name castore does not give a journal."""
+    run = name[len(PREFIX) :].partition("-")[2].partition(".")[0]
+    return run if _RUN_ID.fullmatch(run) else None
 
 
 # `<64 hex key> <32 hex digest> ` before a line's body, then "\n".

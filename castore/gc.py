@@ -271,9 +271,8 @@ def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
                     continue
                 # A live run's journal segment holding the answers of a batch that failed
                 # is old without being left over: its run still counts on it.
-                if e.name.startswith(answers.PREFIX) and live_lock(
-                    store.layout.run_lock_path(answers.run_of(e.name))
-                ):
+                run = answers.run_of(e.name) if e.name.startswith(answers.PREFIX) else None
+                if run is not None and live_lock(store.layout.run_lock_path(run)):
                     continue
                 plan.tmp_removed.append(e.name)
                 plan.tmp_bytes += st.st_size

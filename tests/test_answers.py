@@ -6,8 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 
+import blake3
+
 from castore.answers import Answers, request_key
 from castore.store import Store
+
+
+def rid(name: str) -> str:
+    """A run id as castore makes them (32 hex), named for the test."""
+    return blake3.blake3(name.encode()).hexdigest()[:32]
 
 
 def text_of(found: tuple[str, str] | None) -> str | None:
@@ -16,7 +23,7 @@ def text_of(found: tuple[str, str] | None) -> str | None:
 
 def test_answers_of_a_dead_run_are_found_once_each_and_torn_lines_ignored(tmp_path):
     store = Store(tmp_path / "c")
-    dead = Answers(store, "dead-run", "s" * 64)
+    dead = Answers(store, rid("dead-run"), "s" * 64)
     k1 = request_key("http://x/v1/chat/completions", {"model": "m", "messages": ["a"]})
     k2 = request_key("http://x/v1/chat/completions", {"model": "m", "messages": ["b"]})
     assert k1 and k2 and k1 != k2
@@ -26,33 +33,33 @@ def test_answers_of_a_dead_run_are_found_once_each_and_torn_lines_ignored(tmp_pa
     dead.close(finished=False)  # killed: the journal stays
     with open(dead.path, "ab") as f:  # what kill -9 mid-append leaves
         f.write(f'{k2} "torn'.encode())
-    mine = Answers(store, "next-run", "t" * 64)
+    mine = Answers(store, rid("next-run"), "t" * 64)
     assert text_of(mine.recovered(k1)) == '{"first": "line\\nbreak"}'
     assert text_of(mine.recovered(k1)) == '{"second": 1}'
     assert mine.recovered(k1) is None  # each answer is used once
     assert text_of(mine.recovered(k2)) == "x" and mine.recovered(k2) is None
     assert mine.reused == 3
     mine.record(k2, "new")
-    unused = Answers(store, "dead-other", "u" * 64)  # another pipeline's, none used
+    unused = Answers(store, rid("dead-other"), "u" * 64)  # another pipeline's, none used
     unused.record(k1, "kept")
     unused.close(finished=False)
     mine.close(finished=True)  # its answers and the dead run's are in stored batches
     assert not os.path.exists(dead.path) and not os.path.exists(mine.path)
     assert os.path.exists(unused.path)  # its pipeline's resume may need it
-    again = Answers(store, "resume", "u" * 64)  # that pipeline, finished: used or not
+    again = Answers(store, rid("resume"), "u" * 64)  # that pipeline, finished: used or not
     again.close(finished=True)
     assert not os.path.exists(unused.path)
 
 
 def test_a_live_runs_journal_is_read_but_kept(tmp_path):
     store = Store(tmp_path / "c")
-    lock = store.run_lock("live-run", {})
+    lock = store.run_lock(rid("live-run"), {})
     lock.acquire()
-    live = Answers(store, "live-run", "s" * 64)
+    live = Answers(store, rid("live-run"), "s" * 64)
     key = request_key("u", {"b": 1})
     assert key
     live.record(key, "answer")
-    other = Answers(store, "other-run", "s" * 64)
+    other = Answers(store, rid("other-run"), "s" * 64)
     assert text_of(other.recovered(key)) == "answer"
     other.close(finished=True)
     assert os.path.exists(live.path)  # its run still needs it
@@ -72,21 +79,21 @@ def test_an_answer_taken_back_is_not_given_again_whichever_journal_holds_it(tmp_
     store = Store(tmp_path / "c")
     key = request_key("u", {"q": 1})
     assert key
-    first = Answers(store, "a-run", "s" * 64)
+    first = Answers(store, rid("a-run"), "s" * 64)
     first.record(key, "unusable")
     first.record(key, "good")
     first.close(finished=False)
-    second = Answers(store, "b-run", "s" * 64)
+    second = Answers(store, rid("b-run"), "s" * 64)
     got = second.recovered(key)
     assert got is not None and got[0] == "unusable"
     second.retract(got[1])  # the row it gave failed: asked again by the next run
     second.close(finished=False)
-    third = Answers(store, "c-run", "s" * 64)
+    third = Answers(store, rid("c-run"), "s" * 64)
     assert text_of(third.recovered(key)) == "good" and third.recovered(key) is None
     token = third.record(key, "also unusable")  # retracted in the journal it is in
     third.retract(token)
     third.close(finished=False)
-    assert text_of(Answers(store, "d-run", "s" * 64).recovered(key)) == "good"
+    assert text_of(Answers(store, rid("d-run"), "s" * 64).recovered(key)) == "good"
 
 
 def test_a_journal_that_cannot_be_written_is_said_once_and_fails_nothing(tmp_path, caplog):
@@ -95,7 +102,7 @@ def test_a_journal_that_cannot_be_written_is_said_once_and_fails_nothing(tmp_pat
     shutil.rmtree(tmp, ignore_errors=True)
     with open(tmp, "w") as f:  # tmp/ is a file: nothing can be created in it
         f.write("x")
-    answers = Answers(store, "run", "s" * 64)
+    answers = Answers(store, rid("run"), "s" * 64)
     key = request_key("u", {"q": 1})
     assert key
     for _ in range(3):
@@ -110,7 +117,7 @@ def test_a_damaged_answer_is_not_given(tmp_path):
     store = Store(tmp_path / "c")
     key = request_key("u", {"q": 1})
     assert key
-    dead = Answers(store, "dead", "s" * 64)
+    dead = Answers(store, rid("dead"), "s" * 64)
     dead.record(key, "yes")
     dead.record(key, "second")
     dead.close(finished=False)
@@ -118,7 +125,7 @@ def test_a_damaged_answer_is_not_given(tmp_path):
         data = f.read()
     with open(dead.path, "wb") as f:
         f.write(data.replace(b'"yes"', b'"yas"', 1))
-    mine = Answers(store, "next", "s" * 64)
+    mine = Answers(store, rid("next"), "s" * 64)
     assert text_of(mine.recovered(key)) == "second" and mine.recovered(key) is None
     assert mine.reused == 1
 
@@ -133,7 +140,7 @@ def test_a_segment_goes_once_every_batch_that_wrote_into_it_is_stored(tmp_path, 
     store = Store(tmp_path / "c")
     keys = [request_key("u", {"q": i}) for i in range(4)]
     assert all(keys)
-    run = Answers(store, "run", "s" * 64)
+    run = Answers(store, rid("run"), "s" * 64)
     failing, stored, late = run.batch(), run.batch(), run.batch()
     failing.record(keys[0], "a" * 150)  # fills segment 0: the next answer opens segment 1
     stored.record(keys[1], "b" * 150)  # segment 1
@@ -148,7 +155,7 @@ def test_a_segment_goes_once_every_batch_that_wrote_into_it_is_stored(tmp_path, 
     assert [os.path.exists(p) for p in segments] == [True, False, False]
     run.close(finished=False)  # killed, say: what is left is what the next run can use
     assert kept_answers(store, "s" * 64) == 1 + 1  # segment 0's and segment 3's
-    nxt = Answers(store, "next", "s" * 64)
+    nxt = Answers(store, rid("next"), "s" * 64)
     assert text_of(nxt.recovered(keys[0])) == "a" * 150
     assert nxt.recovered(keys[1]) is None and nxt.recovered(keys[2]) is None
     assert text_of(nxt.recovered(keys[3])) == "d"
@@ -164,9 +171,9 @@ def test_gc_keeps_a_live_runs_old_segments(tmp_path):
     store = Store(tmp_path / "c")
     key = request_key("u", {"q": 1})
     assert key
-    lock = store.run_lock("live-run", {})
+    lock = store.run_lock(rid("live-run"), {})
     lock.acquire()
-    live = Answers(store, "live-run", "s" * 64)
+    live = Answers(store, rid("live-run"), "s" * 64)
     batch = live.batch()
     batch.record(key, "answer")
     batch.done(stored=False)
@@ -176,3 +183,23 @@ def test_gc_keeps_a_live_runs_old_segments(tmp_path):
     lock.release()
     collect(store, grace=0)
     assert not os.path.exists(live.path)
+
+
+def test_a_stray_file_named_like_a_journal_is_left_alone(tmp_path):
+    """A file in tmp/ castore did not write as a journal (no run id in its name) is not
+    read as one, and gc removes it as any leftover instead of failing on its name."""
+    from castore.answers import kept_answers
+    from castore.gc import collect
+
+    store = Store(tmp_path / "c")
+    tmp = tmp_path / "c" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    stray = [tmp / "answers-zzz", tmp / f"answers-{'s' * 64}-..x"]
+    for path in stray:
+        path.write_text("not a journal\n")
+        os.utime(path, (1, 1))
+    assert kept_answers(store, "s" * 64) == 0
+    Answers(store, rid("run"), "s" * 64).close(finished=True)
+    assert all(p.exists() for p in stray)  # not its journals: gc's to judge
+    collect(store, grace=0)
+    assert not any(p.exists() for p in stray)
