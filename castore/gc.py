@@ -265,6 +265,8 @@ def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
 
     with contextlib.suppress(FileNotFoundError):
         for e in os.scandir(store.layout.dir(L.TMP)):
+            if e.is_dir(follow_symlinks=False):
+                continue  # castore stages files there, never folders: not a leftover of its own
             with contextlib.suppress(FileNotFoundError):
                 st = e.stat(follow_symlinks=False)
                 if st.st_mtime > cutoff:

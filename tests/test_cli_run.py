@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 
@@ -490,3 +491,29 @@ def test_a_loader_that_cannot_read_its_file_fails_in_one_plain_line(tmp_path):
     one_error_line(r, "step load failed: cannot read", "rows.jsonl")
     line = next(x for x in r.stderr.splitlines() if x.startswith("Error"))
     assert "ConfigError" not in line and line.count("load:") == 0, line
+
+
+def test_stray_files_and_folders_in_the_store_break_no_command(fast, tmp_path):
+    """A file or folder castore did not make, in any folder of the store (a backup tool's,
+    a user's), is left alone or cleaned up, never a crash: run, re-run, gc and fsck
+    --repair go through, and fsck is clean after the repair."""
+    cache = tmp_path / "c"
+    assert cas_inproc("run", str(fast), cache_dir=cache).returncode == 0
+    for folder in [p for p in cache.rglob("*") if p.is_dir()]:
+        if len(folder.relative_to(cache).parts) <= 3:
+            (folder / "zz-stray").write_text("not castore's\n")
+            (folder / "zz-dir").mkdir()
+            os.utime(folder / "zz-stray", (1, 1))
+    for argv in (
+        ("run", str(fast)),
+        ("run", str(fast), "--no-cache"),
+        ("gc", "--grace", "0", "--cache-ttl", "0"),
+        ("ls",),
+        ("du",),
+        ("fsck", "--repair"),
+        ("fsck",),
+        ("run", str(fast)),
+    ):
+        r = cas_inproc(*argv, cache_dir=cache)
+        assert r.returncode == 0, (argv, r.stderr)
+        assert "unexpected" not in r.stderr, (argv, r.stderr)

@@ -213,8 +213,12 @@ def drop_stale(store: Store) -> int:
     """Remove the records whose first batch's entry is gone (gc: its batches went)."""
     root = store.layout.dir(APPENDS)
     dropped = 0
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name)
+    try:
+        with os.scandir(root) as found:  # a stray folder is not a record: left alone
+            paths = sorted(e.path for e in found if e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        paths = []
+    for path in paths:
         try:
             with open(path, "rb") as f:
                 fp = Base.model_validate_json(f.read()).fp

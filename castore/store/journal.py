@@ -129,9 +129,11 @@ class Journals:
 
 
 def journals_to_fold(store: Store, own: str | None) -> list[str]:
-    """Run ids of the journals to fold now: this run's, and those of runs that died."""
+    """Run ids of the journals to fold now: this run's, and those of runs that died (a
+    stray folder there is not a journal: folding would fail to remove it)."""
     try:
-        names = os.listdir(journal_dir(store))
+        with os.scandir(journal_dir(store)) as found:
+            names = [e.name for e in found if e.is_file(follow_symlinks=False)]
     except FileNotFoundError:
         return []
     out = []
