@@ -185,6 +185,21 @@ def test_cache_dir_is_a_file(tmp_path):
     assert r.stderr.startswith("Error:") or "Error" in r.stderr
 
 
+@pytest.mark.parametrize("damage", ["garbage", "", "[1, 2]", '{"layout_version": "x"}'])
+def test_a_damaged_store_marker_is_one_line(tmp_path, damage):
+    """castore-layout.json holding something castore did not write: one line that says
+    what it is and what to do (pydantic's own text spans lines and ends in a URL)."""
+    cache = tmp_path / "c"
+    Store(cache)
+    (cache / "castore-layout.json").write_text(damage)
+    for argv in (("ls",), ("gc", "--dry-run"), ("fsck",)):
+        r = cas_inproc(*argv, cache_dir=cache)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        errors = r.stderr.strip().splitlines()
+        assert len(errors) == 1 and "castore-layout.json is damaged" in errors[0], r.stderr
+        assert "use a new --cache-dir" in errors[0]
+
+
 def test_version(cas):
     r = cas("--version")
     assert r.returncode == 0 and "castore, version" in r.stdout

@@ -22,6 +22,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from castore.errors import (
     CorruptObject,
     DamagedRef,
@@ -31,6 +33,7 @@ from castore.errors import (
     StoreNotFound,
     StoreNotWritable,
     UnknownObject,
+    one_line,
 )
 from castore.hashing import Hasher, entry_check, hash_bytes, hash_file, validate_id
 from castore.store import actionpack
@@ -126,6 +129,11 @@ class Store:
     def _check_layout(self, info_path: Path) -> None:
         try:
             info = LayoutInfo.model_validate_json(info_path.read_bytes())
+        except ValidationError as e:
+            raise LayoutVersionError(
+                f"{info_path} is damaged ({one_line(e)}): it is not castore's store marker; "
+                "restore it, or move the store aside and use a new --cache-dir"
+            ) from None
         except (OSError, ValueError) as e:
             raise LayoutVersionError(f"cannot read {info_path}: {e}") from None
         if info.layout_version in L.UPGRADES_FROM:
