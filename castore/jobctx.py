@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 # answered so far, which a row-wise step stores as row results: a stopped run keeps
 # every answer it received, and the next run asks only for the rest.
 ABANDON: ContextVar[threading.Event | None] = ContextVar("castore_abandon", default=None)
-# And the run's journal of answers (castore.answers.Answers): each answer is appended as it
-# comes, and a request another run was answered (then killed) is not sent again.
+# And the run's journal of answers as this batch uses it (castore.answers.BatchAnswers):
+# each answer is appended as it comes, and a request another run was answered (then
+# killed) is not sent again.
 ANSWERS: ContextVar[Any] = ContextVar("castore_answers", default=None)
 
 
