@@ -130,10 +130,8 @@ class Store:
         try:
             info = LayoutInfo.model_validate_json(info_path.read_bytes())
         except ValidationError as e:
-            raise LayoutVersionError(
-                f"{info_path} is damaged ({one_line(e)}): it is not castore's store marker; "
-                "restore it, or move the store aside and use a new --cache-dir"
-            ) from None
+            why = f"{info_path} is damaged ({one_line(e)}): it is not castore's store marker"
+            raise LayoutVersionError(f"{why}; restore it, or use a new --cache-dir") from None
         except (OSError, ValueError) as e:
             raise LayoutVersionError(f"cannot read {info_path}: {e}") from None
         if info.layout_version in L.UPGRADES_FROM:
