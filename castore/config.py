@@ -40,7 +40,7 @@ def save_config(store: Store, config: StoreConfig) -> None:
 
 
 def add_remote(store: Store, name: str, url: str) -> None:
-    from castore.remote import check_url
+    from castore.remote_checks import check_url
 
     validate_name(name, "remote name")
     check_url(url)

@@ -12,6 +12,7 @@ holds an action entry or a ref that names a missing object. Pull is the reverse.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import logging
 import os
@@ -24,7 +25,6 @@ from typing import Any
 
 from castore.errors import (
     CastoreError,
-    ConfigError,
     CorruptObject,
     RemoteError,
     RemoteUnavailable,
@@ -35,6 +35,7 @@ from castore.hashing import (
     signing_key,
     validate_id,
 )
+from castore.remote_checks import check_url, explain_remote_error
 from castore.store import Store
 from castore.store import layout as L
 from castore.store.models import ActionEntry
@@ -174,18 +175,33 @@ class Remote:
     def write(self, path: str, data: bytes) -> None:
         """Whole-or-nothing: object stores put atomically; a folder gets tmp + rename."""
         parent = posixpath.dirname(path)
-        if self.local:
+        if not self.local:
+            self.fs.pipe_file(path, data)
+            return
+        with self._local_write(path):
             tmp = self.layout.join(self.layout.dir(L.TMP), f"up-{uuid.uuid4().hex}")
             self.fs.makedirs(self.layout.dir(L.TMP), exist_ok=True)
             self.fs.pipe_file(tmp, data)
             self.fs.makedirs(parent, exist_ok=True)
             self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+
+    @contextlib.contextmanager
+    def _local_write(self, path: str) -> Iterator[None]:
+        """A remote folder under a file, or one this user may not write: the remote's
+        problem (exit 6), in one line, not an unexpected error."""
+        try:
+            yield
+        except (NotADirectoryError, PermissionError, IsADirectoryError) as e:
+            why = "a file stands where a folder should be" if e.errno == errno.ENOTDIR else e
+            raise RemoteUnavailable(f"cannot write to remote {self.url}: {why} ({path})") from None
 
     def read(self, path: str) -> bytes:
-        """A small file in one request; FileNotFoundError when it is absent."""
-        return bytes(self.fs.cat_file(path, **self._one_get))
+        """A small file in one request; FileNotFoundError when it is absent (also when a
+        file stands where a folder of its path should be: nothing can be there)."""
+        try:
+            return bytes(self.fs.cat_file(path, **self._one_get))
+        except NotADirectoryError as e:
+            raise FileNotFoundError(e.errno, e.strerror, path) from None
 
     def delete_object(self, oid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -353,16 +369,17 @@ class Remote:
         """Write `path` only if it does not exist; False when it does. Atomic on a folder
         (hard link) and on S3 (If-None-Match); other backends check, then write."""
         if self.local:
-            tmp = self.layout.join(self.layout.dir(L.TMP), f"up-{uuid.uuid4().hex}")
-            self.fs.makedirs(self.layout.dir(L.TMP), exist_ok=True)
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            self.fs.pipe_file(tmp, data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
+            with self._local_write(path):
+                tmp = self.layout.join(self.layout.dir(L.TMP), f"up-{uuid.uuid4().hex}")
+                self.fs.makedirs(self.layout.dir(L.TMP), exist_ok=True)
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                self.fs.pipe_file(tmp, data)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
             return True
         try:
             self.fs.pipe_file(path, data, mode="create")
@@ -388,61 +405,6 @@ class Remote:
         from castore.remote_locks import writer_lock
 
         return writer_lock(self, kind, exclusive=exclusive)
-
-
-def check_url(url: str) -> str:
-    """Refuse URLs that carry credentials: they would end up in config.yaml and logs."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password or (parts.username and parts.scheme not in ("", "file")):
-        raise ConfigError(
-            f"remote URL {parts.scheme}://…@{parts.hostname} carries credentials; give "
-            "them through the environment or fsspec's configuration instead"
-        )
-    return url
-
-
-_UNREACHABLE = {
-    "EndpointConnectionError",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "ClientConnectorError",
-    "ServerDisconnectedError",
-    "ConnectionRefusedError",
-    "ConnectionResetError",
-}
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
-_DENIED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}
-
-
-def explain_remote_error(error: BaseException) -> RemoteUnavailable | None:
-    """A backend's exception (botocore, aiohttp, gcsfs...; matched by class name, so no
-    backend is imported) as one line saying what to check; None when it is not one."""
-    seen: BaseException | None = error
-    while seen is not None:
-        name = type(seen).__name__
-        code = str(getattr(seen, "response", {}).get("Error", {}).get("Code", ""))
-        text = str(seen).splitlines()[0][:200] if str(seen) else name
-        if name in _UNREACHABLE:
-            return RemoteUnavailable(
-                f"cannot reach the remote ({text}); check its endpoint (FSSPEC_S3_ENDPOINT_URL "
-                "or AWS_ENDPOINT_URL for S3-compatible servers) and the network"
-            )
-        if name in _NO_CREDENTIALS:
-            return RemoteUnavailable(
-                f"no credentials for the remote ({text}); set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or fsspec's configuration"
-            )
-        if name == "ProfileNotFound":
-            return RemoteUnavailable(f"{text}; check AWS_PROFILE and the profiles in ~/.aws/config")
-        if name in _DENIED or code in _DENIED:
-            return RemoteUnavailable(
-                f"the remote denied access ({text}); check that the credentials are the right "
-                "ones and may read and write that bucket or folder"
-            )
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 _WORKER_ENV = ("FSSPEC_", "AWS_", "GOOGLE_", "AZURE_", "HF_")

@@ -133,7 +133,7 @@ def _failed(e: CastoreError) -> int:
 
 def _unexpected(e: Exception) -> int:
     """A full disk or an unwritable folder keeps its documented code; anything else is 70."""
-    from castore.remote import explain_remote_error
+    from castore.remote_checks import explain_remote_error
 
     mapped = explain_remote_error(e) or (_store_oserror(e) if isinstance(e, OSError) else None)
     if mapped is not None:

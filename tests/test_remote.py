@@ -255,6 +255,30 @@ def test_bad_remote_url(tmp_path):
         Remote("https://user:pw@example.invalid/store")
     r = cas_inproc("pull", "nope", cache_dir=tmp_path / "c")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+    for url in ("s3://", "gs:///prefix", "s3a:///x"):  # no bucket: no key is valid there
+        with pytest.raises(ConfigError, match="names no bucket"):
+            Remote(url)
+        r = cas_inproc("remote", "add", "nobucket", url, cache_dir=tmp_path / "c")
+        assert r.returncode == 2 and "names no bucket" in r.stderr, r.stderr
+
+
+def test_a_local_remote_that_cannot_be_written_is_one_line(make_store, tmp_path):
+    """A remote path that runs through a file: push says so in one line (exit 6), pull
+    finds no remote there, and a write-through run goes on locally, saying why."""
+    from tests.conftest import cas_inproc
+
+    store = make_store("a")
+    build().run(cache_dir=store.root, quiet=True)
+    (tmp_path / "file").write_text("a file, not a folder")
+    url = str(tmp_path / "file" / "remote")
+    r = cas_inproc("push", url, cache_dir=store.root)
+    assert r.returncode == 6, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"Error: cannot write to remote {url}: a file stands where a folder should be "
+        f"({url}/castore-layout.json)"
+    ]
+    r = cas_inproc("pull", url, cache_dir=store.root)
+    assert r.returncode == 6 and f"no castore remote at {url}" in r.stderr
 
 
 def remote_problems(remote) -> list[str]:

@@ -150,7 +150,7 @@ class RemoteCache:
         except CastoreError:
             raise
         except Exception as e:
-            from castore.remote import explain_remote_error
+            from castore.remote_checks import explain_remote_error
 
             if not fut.done():
                 reason = f"no answer in {self.timeout:.0f}s"
