@@ -73,9 +73,24 @@ def kept_answers(store: Store, signature: str) -> int:
     """How many answers the journals of a pipeline's dead runs hold (`cas status`)."""
     n = 0
     for path, run_id in _journals(store, f"{PREFIX}{signature}-"):
-        if live_lock(store.layout.run_lock_path(run_id)) is None:
+        if not _alive(store, run_id):
             n += sum(-1 if body is None else 1 for *_, body in _entries(path))
     return max(n, 0)
+
+
+def live_journals(store: Store) -> set[str]:
+    """File names (in tmp/) of the journal segments of runs alive now: gc leaves them,
+    however old (a segment kept for a failed batch ages while its run goes on)."""
+    alive: dict[str, bool] = {}
+    return {
+        os.path.basename(path)
+        for path, run_id in _journals(store)
+        if alive.setdefault(run_id, _alive(store, run_id))
+    }
+
+
+def _alive(store: Store, run_id: str) -> bool:
+    return live_lock(store.layout.run_lock_path(run_id)) is not None
 
 
 def _journals(store: Store, prefix: str = PREFIX) -> list[tuple[str, str]]:
@@ -87,7 +102,7 @@ def _journals(store: Store, prefix: str = PREFIX) -> list[tuple[str, str]]:
         return []
     out = []
     for n in names:
-        run = run_of(n)
+        run = _run_of(n)
         if run is not None:  # else a stray file, not a journal castore wrote
             out.append((os.path.join(folder, n), run))
     return out
@@ -96,7 +111,7 @@ def _journals(store: Store, prefix: str = PREFIX) -> list[tuple[str, str]]:
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def run_of(name: str) -> str | None:
+def _run_of(name: str) -> str | None:
     """The run id in a journal segment's file name (`answers-<sig>-<run id>[.<n>]`), or
     None for a name castore does not give a journal."""
     run = name[len(PREFIX) :].partition("-")[2].partition(".")[0]
@@ -301,7 +316,7 @@ class Answers:
                     os.path.basename(path).startswith(self.mine) or path in self.used
                 ):
                     continue
-                if run_id != self.run_id and live_lock(self.store.layout.run_lock_path(run_id)):
+                if run_id != self.run_id and _alive(self.store, run_id):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

@@ -261,23 +261,18 @@ def _plan_packs(store: Store, plan: GcPlan, entries: dict[str, ActionEntry | Non
 
 
 def _plan_tmp(store: Store, plan: GcPlan, cutoff: float) -> None:
-    from castore import answers
+    from castore.answers import live_journals
 
+    kept = live_journals(store)  # old without being left over: their runs count on them
     with contextlib.suppress(FileNotFoundError):
         for e in os.scandir(store.layout.dir(L.TMP)):
-            if e.is_dir(follow_symlinks=False):
-                continue  # castore stages files there, never folders: not a leftover of its own
+            if e.is_dir(follow_symlinks=False) or e.name in kept:
+                continue  # folders are not castore's (it stages files); live journals are in use
             with contextlib.suppress(FileNotFoundError):
                 st = e.stat(follow_symlinks=False)
-                if st.st_mtime > cutoff:
-                    continue
-                # A live run's journal segment holding the answers of a batch that failed
-                # is old without being left over: its run still counts on it.
-                run = answers.run_of(e.name) if e.name.startswith(answers.PREFIX) else None
-                if run is not None and live_lock(store.layout.run_lock_path(run)):
-                    continue
-                plan.tmp_removed.append(e.name)
-                plan.tmp_bytes += st.st_size
+                if st.st_mtime <= cutoff:
+                    plan.tmp_removed.append(e.name)
+                    plan.tmp_bytes += st.st_size
 
 
 def _orphan_run_dirs(

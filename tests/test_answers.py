@@ -21,6 +21,16 @@ def text_of(found: tuple[str, str] | None) -> str | None:
     return found[0] if found is not None else None
 
 
+def killed(store: Store, name: str, key: str, *texts: str, sig: str = "s" * 64) -> Answers:
+    """The journal a run named `name` left after receiving `texts` for `key` and being
+    killed (a journal that stays for the next run)."""
+    run = Answers(store, rid(name), sig)
+    for text in texts:
+        run.record(key, text)
+    run.close(finished=False)
+    return run
+
+
 def test_answers_of_a_dead_run_are_found_once_each_and_torn_lines_ignored(tmp_path):
     store = Store(tmp_path / "c")
     dead = Answers(store, rid("dead-run"), "s" * 64)
@@ -40,9 +50,7 @@ def test_answers_of_a_dead_run_are_found_once_each_and_torn_lines_ignored(tmp_pa
     assert text_of(mine.recovered(k2)) == "x" and mine.recovered(k2) is None
     assert mine.reused == 3
     mine.record(k2, "new")
-    unused = Answers(store, rid("dead-other"), "u" * 64)  # another pipeline's, none used
-    unused.record(k1, "kept")
-    unused.close(finished=False)
+    unused = killed(store, "dead-other", k1, "kept", sig="u" * 64)  # another pipeline's
     mine.close(finished=True)  # its answers and the dead run's are in stored batches
     assert not os.path.exists(dead.path) and not os.path.exists(mine.path)
     assert os.path.exists(unused.path)  # its pipeline's resume may need it
@@ -79,10 +87,7 @@ def test_an_answer_taken_back_is_not_given_again_whichever_journal_holds_it(tmp_
     store = Store(tmp_path / "c")
     key = request_key("u", {"q": 1})
     assert key
-    first = Answers(store, rid("a-run"), "s" * 64)
-    first.record(key, "unusable")
-    first.record(key, "good")
-    first.close(finished=False)
+    killed(store, "a-run", key, "unusable", "good")
     second = Answers(store, rid("b-run"), "s" * 64)
     got = second.recovered(key)
     assert got is not None and got[0] == "unusable"
@@ -117,10 +122,7 @@ def test_a_damaged_answer_is_not_given(tmp_path):
     store = Store(tmp_path / "c")
     key = request_key("u", {"q": 1})
     assert key
-    dead = Answers(store, rid("dead"), "s" * 64)
-    dead.record(key, "yes")
-    dead.record(key, "second")
-    dead.close(finished=False)
+    dead = killed(store, "dead", key, "yes", "second")
     with open(dead.path, "rb") as f:
         data = f.read()
     with open(dead.path, "wb") as f:

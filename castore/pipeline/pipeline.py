@@ -304,29 +304,27 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, doc: Any, store: Store | None = None) -> Pipeline:
-        check_shape(doc)
-        p = doc["pipeline"]
-        steps, conns = p["steps"], p.get("connections") or []
-        pipeline = cls(name=p["name"], description=p.get("description"))
+        p = check_shape(doc)
+        pipeline = cls(name=p.name, description=p.description)
         with pipeline:
-            for s in steps:
-                step_cls = load_step_class(s.get("type", ""), s.get("file"))
-                params = strip_redacted(s.get("params") or {})
-                resolve_params(step_cls.inline_fields, params, store, f"step {s.get('name')}")
-                if s.get("name") and not params.get("name"):
-                    params["name"] = s["name"]  # the entry's name when params leave it out
+            for s in p.steps:
+                step_cls = load_step_class(s.type, s.file)
+                params = strip_redacted(s.params or {})
+                resolve_params(step_cls.inline_fields, params, store, f"step {s.name}")
+                if s.name and not params.get("name"):
+                    params["name"] = s.name  # the entry's name when params leave it out
                 try:
                     step_cls(**params)
                 except ValidationError as e:
-                    raise ConfigError(f"step {s.get('name')}: {one_line(e)}") from e
+                    raise ConfigError(f"step {s.name}: {one_line(e)}") from e
                 except ValueError as e:
-                    raise ConfigError(f"step {s.get('name')}: invalid params: {e}") from None
-        for c in conns:
-            for t in c.get("to") or []:
-                if c["from"] not in pipeline.steps or t not in pipeline.steps:
-                    raise ConfigError(f"connection {c['from']} -> {t} names an unknown step")
-                pipeline.connect(pipeline.steps[c["from"]], pipeline.steps[t])
-        for r in p.get("routing") or []:
+                    raise ConfigError(f"step {s.name}: invalid params: {e}") from None
+        for c in p.connections or []:
+            for t in c.to or []:
+                if c.from_ not in pipeline.steps or t not in pipeline.steps:
+                    raise ConfigError(f"connection {c.from_} -> {t} names an unknown step")
+                pipeline.connect(pipeline.steps[c.from_], pipeline.steps[t])
+        for r in p.routing or []:
             try:
                 targets = [pipeline.steps[t] for t in r["to"]]
                 pipeline.route(pipeline.steps[r["from"]], targets, int(r["sample"]))

@@ -50,11 +50,12 @@ class Doc(_Part):
     pipeline: PipelineDoc
 
 
-def check_shape(doc: Any) -> None:
-    """ConfigError in one line unless `doc` has a pipeline YAML's shape."""
+def check_shape(doc: Any) -> PipelineDoc:
+    """`doc`'s pipeline, read by the models above; ConfigError in one line unless `doc`
+    has a pipeline YAML's shape."""
     _refuse_distilabel_yaml(doc)
     try:
-        Doc.model_validate(doc)
+        return Doc.model_validate(doc).pipeline
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         if first["type"] in ("model_type", "model_attributes_type", "dict_type"):
